@@ -1,0 +1,1 @@
+"""Transports between one Supervisor and a coordinator."""

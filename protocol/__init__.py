@@ -1,0 +1,10 @@
+"""Switchboard wire protocol: message types, codec, versions, limits and job-state rules.
+
+Pure: nothing here does I/O. Both the switchboard and supervisors (in any language, see
+docs/protocol.md) speak what this package defines.
+"""
+
+from .exceptions import CloseCode, FrameError, InvalidTransition, JobError, JobErrorKind
+from .state import Phase
+
+__all__ = ["CloseCode", "FrameError", "InvalidTransition", "JobError", "JobErrorKind", "Phase"]

@@ -1,0 +1,60 @@
+"""Encoding and decoding of wire messages: JSON text, one message per WebSocket message.
+
+Encoders and decoders are built once at import. Decoding never lets a bare msgspec or
+Unicode error escape: anything wrong with a frame becomes a FrameError carrying the close
+code to answer with and a reason that names the problem (msgspec's message includes the
+JSON path of a bad field, e.g. "Expected `int`, got `str` - at `$.seq`").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from . import limits
+from .exceptions import CloseCode, FrameError
+from .messages import FromSupervisor, FromSwitchboard
+from .spec import JobSpec
+
+_encoder = msgspec.json.Encoder()
+_from_supervisor = msgspec.json.Decoder(FromSupervisor)
+_from_switchboard = msgspec.json.Decoder(FromSwitchboard)
+_job_spec = msgspec.json.Decoder(JobSpec)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Encode any wire message (or spec) to JSON bytes."""
+    return _encoder.encode(message)
+
+
+def _decode(decoder: msgspec.json.Decoder, frame: bytes | str) -> Any:
+    if len(frame) > limits.MAX_FRAME_BYTES:
+        raise FrameError(
+            CloseCode.MESSAGE_TOO_BIG,
+            f"message of {len(frame)} bytes exceeds the limit of {limits.MAX_FRAME_BYTES}",
+        )
+    try:
+        return decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise FrameError(CloseCode.INVALID_PAYLOAD, f"invalid message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise FrameError(CloseCode.INVALID_PAYLOAD, f"malformed JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise FrameError(CloseCode.INVALID_PAYLOAD, "message is not valid UTF-8") from None
+
+
+def decode_from_supervisor(frame: bytes | str) -> FromSupervisor:
+    """Decode one message a supervisor sent; raise FrameError if it isn't one."""
+    return _decode(_from_supervisor, frame)
+
+
+def decode_from_switchboard(frame: bytes | str) -> FromSwitchboard:
+    """Decode one message the switchboard sent; raise FrameError if it isn't one."""
+    return _decode(_from_switchboard, frame)
+
+
+def decode_job_spec(data: bytes | str) -> JobSpec:
+    """Decode a job spec (REST body or spec file). Raises msgspec.ValidationError /
+    DecodeError with a message naming the bad field; callers turn that into their error."""
+    return _job_spec.decode(data)

@@ -1,0 +1,56 @@
+"""Versions, sizes and identifier grammar shared by both ends of the wire.
+
+Every number here is part of the protocol: docs/protocol.md quotes them, and a peer that
+exceeds one gets a protocol error naming the limit.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Major version, carried in the WebSocket subprotocol name. A change here breaks peers.
+PROTOCOL_MAJOR = 1
+#: Highest minor version this code speaks. Minors only add optional fields and messages.
+PROTOCOL_MINOR = 0
+#: The one subprotocol a supervisor offers and the switchboard accepts.
+SUBPROTOCOL = f"switchboard.v{PROTOCOL_MAJOR}"
+
+#: Largest WebSocket message either side accepts (after reassembly), in bytes.
+MAX_FRAME_BYTES = 1024 * 1024
+#: Largest payload of one console-output event, in raw bytes (before base64).
+MAX_OUTPUT_CHUNK = 256 * 1024
+
+#: Identifiers (supervisor ids, job ids): ASCII letters, digits, `.`, `_`, `-`; 1..64 chars;
+#: the first one a letter or digit.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ID_MAX_LEN = 64
+#: Human-readable names (job names, supervisor display names).
+NAME_MAX_LEN = 128
+#: Label keys: like identifiers but may contain `/` (for prefixes such as `lab.example/board`).
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
+LABEL_VALUE_MAX_LEN = 128
+MAX_LABELS = 64
+#: Content digests of artifacts (Wasm modules, image tarballs).
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+#: Free-text fields (status messages, error descriptions) are cut to this many characters.
+MESSAGE_MAX_LEN = 4096
+
+_ID_RE = re.compile(ID_PATTERN)
+_DIGEST_RE = re.compile(DIGEST_PATTERN)
+
+
+def is_valid_id(value: str) -> bool:
+    """True if `value` follows the identifier grammar."""
+    return bool(_ID_RE.match(value))
+
+
+def is_valid_digest(value: str) -> bool:
+    """True if `value` looks like `sha256:<64 lowercase hex digits>`."""
+    return bool(_DIGEST_RE.match(value))
+
+
+def clip_message(text: str | None) -> str | None:
+    """Cut free text to MESSAGE_MAX_LEN so one chatty error can't blow the frame limit."""
+    if text is None or len(text) <= MESSAGE_MAX_LEN:
+        return text
+    return text[: MESSAGE_MAX_LEN - 1] + "…"

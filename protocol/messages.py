@@ -1,0 +1,220 @@
+"""Every message on the supervisor WebSocket, one tagged union per direction.
+
+Each message is a JSON object whose `type` field names it. Supervisor -> switchboard
+messages derive from :class:`SupervisorMessage`, switchboard -> supervisor ones from
+:class:`SwitchboardMessage`; :class:`ProtocolErrorMessage` may travel either way.
+
+Events (state transitions, errors, output, exit status) carry a `seq` that the supervisor
+assigns, increasing by one per event across reconnects. The switchboard stores an event,
+then acknowledges it cumulatively with :class:`Ack`. See docs/protocol.md.
+
+New fields always get defaults, so an older peer can ignore them; unknown fields are
+skipped on decode (unlike the hand-typed spec Structs in :mod:`protocol.spec`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from . import limits
+from .exceptions import JobErrorKind
+from .spec import BackendSpec, Id, Labels, Parameter, ResourceCounts
+from .state import Phase
+
+Seq = Annotated[int, Meta(ge=0)]
+Attempt = Annotated[int, Meta(ge=1)]
+Stream = Literal["stdout", "stderr", "console"]
+Text = Annotated[str, Meta(max_length=limits.MESSAGE_MAX_LEN)]
+
+STREAMS: tuple[Stream, ...] = ("stdout", "stderr", "console")
+
+
+class RunRef(msgspec.Struct, frozen=True):
+    """Names one run: a job and its attempt number (1 for the first run)."""
+
+    job_id: Id
+    attempt: Attempt
+
+
+class HeldRun(msgspec.Struct, frozen=True):
+    """A run a supervisor holds now, with the last phase it reported for it."""
+
+    job_id: Id
+    attempt: Attempt
+    phase: Phase
+
+
+# --- supervisor -> switchboard ---------------------------------------------------------
+
+
+class SupervisorMessage(msgspec.Struct, tag_field="type", omit_defaults=True):
+    """Base of every message a supervisor sends."""
+
+
+class Hello(SupervisorMessage, tag="hello"):
+    """First message of every connection."""
+
+    supervisor_id: Id
+    name: Annotated[str, Meta(min_length=1, max_length=limits.NAME_MAX_LEN)]
+    #: Protocol versions spoken, as "MAJOR.MINOR"; the switchboard picks one.
+    versions: Annotated[list[str], Meta(min_length=1, max_length=16)]
+    backends: Annotated[list[str], Meta(max_length=16)] = []
+    labels: Labels = {}
+    resources: ResourceCounts = {}
+    max_jobs: Annotated[int, Meta(ge=1, le=100_000)] = 1
+    runs: Annotated[list[HeldRun], Meta(max_length=100_000)] = []
+    #: Highest seq this supervisor has assigned (0 if none, e.g. after a fresh start).
+    last_seq: Seq = 0
+    software: Annotated[str, Meta(max_length=128)] = ""
+
+
+class Event(SupervisorMessage):
+    """Base of the sequenced per-run events."""
+
+    seq: Seq
+    job_id: Id
+    attempt: Attempt
+
+
+class JobStateChanged(Event, tag="state"):
+    """The run entered `phase`; `stage` refines `initializing` (e.g. "fetching", "starting")."""
+
+    phase: Phase
+    stage: Annotated[str, Meta(max_length=64)] | None = None
+    message: Text | None = None
+    #: Supervisor's clock, seconds since the Unix epoch.
+    at: float = 0.0
+
+
+class JobErrorReport(Event, tag="error"):
+    """The supervisor refused or failed the run."""
+
+    kind: JobErrorKind
+    description: Text = ""
+
+
+class Output(Event, tag="output"):
+    """Bytes the run wrote to `stream`, starting at byte `offset` of that stream."""
+
+    stream: Stream
+    offset: Annotated[int, Meta(ge=0)]
+    data: Annotated[bytes, Meta(max_length=limits.MAX_OUTPUT_CHUNK)]
+
+
+class JobExit(Event, tag="exit"):
+    """How the program ended (the task outcome), sent before the terminal state.
+
+    `reason` is one of: exited, signaled, timeout, canceled, oom, trap, out_of_fuel,
+    memory_limit, error.
+    """
+
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: Annotated[str, Meta(max_length=32)] = "exited"
+    message: Text | None = None
+
+
+class StatusReply(SupervisorMessage, tag="status"):
+    """Answer to a StatusRequest: the runs held now."""
+
+    request_id: Annotated[int, Meta(ge=0)]
+    runs: list[HeldRun] = []
+    running: Annotated[int, Meta(ge=0)] = 0
+
+
+class Heartbeat(SupervisorMessage, tag="heartbeat"):
+    """Sent every `heartbeat_interval_s` (from the Welcome) by both sides."""
+
+    at: float = 0.0
+
+
+# --- switchboard -> supervisor ---------------------------------------------------------
+
+
+class SwitchboardMessage(msgspec.Struct, tag_field="type", omit_defaults=True):
+    """Base of every message the switchboard sends."""
+
+
+class Welcome(SwitchboardMessage, tag="welcome"):
+    """Answer to Hello: the connection is established."""
+
+    version: str
+    #: Session generation: higher than that of any earlier connection of this supervisor.
+    session: Annotated[int, Meta(ge=1)]
+    #: Highest event seq from this supervisor that the switchboard has stored.
+    last_seq: Seq
+    heartbeat_interval_s: Annotated[float, Meta(gt=0)] = 5.0
+    heartbeat_timeout_s: Annotated[float, Meta(gt=0)] = 20.0
+
+
+class StartJob(SwitchboardMessage, tag="start_job"):
+    """Start one run. Repeating it for a run the supervisor holds is harmless."""
+
+    job_id: Id
+    attempt: Attempt
+    backend: BackendSpec
+    name: str = ""
+    parameters: dict[str, Parameter] = {}
+    resources: ResourceCounts = {}
+    #: Run timeout in seconds from the moment the run starts; None = no limit.
+    timeout_s: float | None = None
+
+
+class StopJob(SwitchboardMessage, tag="stop_job"):
+    """Stop one run: ask politely, wait `grace_s`, then force. Repeating it is harmless."""
+
+    job_id: Id
+    attempt: Attempt
+    reason: Literal["canceled", "timeout", "unwanted", "shutdown"] = "canceled"
+    grace_s: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+
+
+class Ack(SwitchboardMessage, tag="ack"):
+    """Every event with seq <= `seq` is stored; the supervisor may forget them."""
+
+    seq: Seq
+
+
+class StatusRequest(SwitchboardMessage, tag="status_request"):
+    request_id: Annotated[int, Meta(ge=0)]
+
+
+class ServerHeartbeat(SwitchboardMessage, tag="heartbeat"):
+    """The switchboard's heartbeat (same shape as the supervisor's)."""
+
+    at: float = 0.0
+
+
+# --- either direction ------------------------------------------------------------------
+
+
+class ProtocolErrorMessage(msgspec.Struct, tag="protocol_error", tag_field="type"):
+    """Sent just before closing a connection because of a protocol error."""
+
+    code: int
+    reason: str
+
+
+FromSupervisor = (
+    Hello
+    | JobStateChanged
+    | JobErrorReport
+    | Output
+    | JobExit
+    | StatusReply
+    | Heartbeat
+    | ProtocolErrorMessage
+)
+FromSwitchboard = (
+    Welcome
+    | StartJob
+    | StopJob
+    | Ack
+    | StatusRequest
+    | ServerHeartbeat
+    | ProtocolErrorMessage
+)
+SupervisorEvent = JobStateChanged | JobErrorReport | Output | JobExit

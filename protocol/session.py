@@ -1,0 +1,115 @@
+"""Sans-I/O pieces of a connection that both ends drive: version negotiation, the
+supervisor's backlog of unacknowledged events, and the switchboard's duplicate filter.
+
+Sequencing in one paragraph: the supervisor numbers its events 1, 2, 3, ... and never
+reuses a number, across reconnects too. It keeps every event until the switchboard
+acknowledges it. On (re)connect the switchboard's Welcome says the highest seq it has
+stored; the supervisor forgets everything up to that and resends the rest, in order. The
+switchboard stores an event only if its seq is above the highest one stored, so a resent
+event is never applied twice. A supervisor that restarted with an empty backlog continues
+numbering after the Welcome's `last_seq`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+from . import limits
+from .exceptions import CloseCode, FrameError
+
+
+def supported_versions() -> list[str]:
+    """The versions this code speaks, for a Hello."""
+    return [f"{limits.PROTOCOL_MAJOR}.{minor}" for minor in range(limits.PROTOCOL_MINOR, -1, -1)]
+
+
+def negotiate_version(offered: Iterable[str]) -> str:
+    """Pick the highest version both sides speak, or raise FrameError (4001).
+
+    Minor versions only add, so a peer offering 1.N also speaks every 1.M with M < N.
+    """
+    best: int | None = None
+    for version in offered:
+        major, _, minor = version.partition(".")
+        if not (major.isdigit() and minor.isdigit()) or int(major) != limits.PROTOCOL_MAJOR:
+            continue
+        candidate = min(int(minor), limits.PROTOCOL_MINOR)
+        if best is None or candidate > best:
+            best = candidate
+    if best is None:
+        raise FrameError(
+            CloseCode.UNSUPPORTED_VERSION,
+            f"no common protocol version (this switchboard speaks {supported_versions()})",
+        )
+    return f"{limits.PROTOCOL_MAJOR}.{best}"
+
+
+class EventBacklog:
+    """The supervisor's events not yet acknowledged, oldest first.
+
+    Items are (seq, encoded frame). The backlog only counts; waiting for room is up to
+    the I/O layer, which asks `has_room()` before adding output.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.last_seq = 0
+        self._items: deque[tuple[int, bytes]] = deque()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def has_room(self) -> bool:
+        return self._bytes < self.max_bytes
+
+    def next_seq(self) -> int:
+        """Reserve the next sequence number."""
+        self.last_seq += 1
+        return self.last_seq
+
+    def append(self, seq: int, frame: bytes) -> None:
+        if self._items and seq <= self._items[-1][0]:
+            raise ValueError(f"seq {seq} does not follow {self._items[-1][0]}")
+        self._items.append((seq, frame))
+        self._bytes += len(frame)
+
+    def acknowledge(self, seq: int) -> int:
+        """Forget every event with seq <= `seq`; return how many were dropped."""
+        dropped = 0
+        while self._items and self._items[0][0] <= seq:
+            self._bytes -= len(self._items.popleft()[1])
+            dropped += 1
+        return dropped
+
+    def resume(self, stored_seq: int) -> None:
+        """Apply a Welcome's `last_seq`: forget what is stored, continue numbering after it."""
+        self.acknowledge(stored_seq)
+        self.last_seq = max(self.last_seq, stored_seq)
+
+    def pending(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
+        """Events with seq > `after`, in order."""
+        for seq, frame in self._items:
+            if seq > after:
+                yield seq, frame
+
+
+class InboundSequence:
+    """The switchboard's view of one supervisor's event numbers."""
+
+    def __init__(self, stored_seq: int) -> None:
+        self.stored_seq = stored_seq
+
+    def is_new(self, seq: int) -> bool:
+        """True if `seq` has not been stored yet (a resent event is not)."""
+        return seq > self.stored_seq
+
+    def stored(self, seq: int) -> None:
+        """Record that every event up to `seq` is durable."""
+        if seq > self.stored_seq:
+            self.stored_seq = seq

@@ -1,0 +1,108 @@
+"""The job spec: what a user submits, and (its backend part) what a supervisor runs.
+
+People type these, so every Struct forbids unknown fields: a typo is an error naming the
+field, not a silently ignored setting. Constraints are declared with `Meta` so the same
+limits show up in the OpenAPI schema and in the error a bad spec gets.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from . import limits
+
+Id = Annotated[str, Meta(pattern=limits.ID_PATTERN, max_length=limits.ID_MAX_LEN)]
+Name = Annotated[str, Meta(min_length=1, max_length=limits.NAME_MAX_LEN)]
+Digest = Annotated[str, Meta(pattern=limits.DIGEST_PATTERN)]
+LabelKey = Annotated[str, Meta(pattern=limits.LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, Meta(max_length=limits.LABEL_VALUE_MAX_LEN)]
+Labels = Annotated[dict[LabelKey, LabelValue], Meta(max_length=limits.MAX_LABELS)]
+EnvMap = Annotated[dict[Annotated[str, Meta(min_length=1, max_length=256)], str], Meta(max_length=256)]
+ArgList = Annotated[list[str], Meta(max_length=1024)]
+Seconds = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
+DelaySeconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
+ResourceCounts = Annotated[dict[Id, Annotated[int, Meta(ge=1, le=1024)]], Meta(max_length=64)]
+
+
+class _Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of the hand-written spec Structs."""
+
+
+class WasmBackend(_Spec, tag="wasm", tag_field="kind"):
+    """A WASI module, named by the digest of an uploaded artifact."""
+
+    module: Digest
+    args: ArgList = []
+    env: EnvMap = {}
+
+
+class DockerBackend(_Spec, tag="docker", tag_field="kind"):
+    """A container from an image the engine has (or can load)."""
+
+    image: Annotated[str, Meta(min_length=1, max_length=512)]
+    command: ArgList = []
+    env: EnvMap = {}
+    workdir: str | None = None
+
+
+class NoopBackend(_Spec, tag="noop", tag_field="kind"):
+    """Runs nothing: ends after `delay_s` with `exit_code`, optionally printing `output`."""
+
+    delay_s: DelaySeconds = 0.0
+    exit_code: Annotated[int, Meta(ge=0, le=255)] = 0
+    output: Annotated[str, Meta(max_length=65536)] = ""
+
+
+BackendSpec = WasmBackend | DockerBackend | NoopBackend
+
+#: The backend kinds a supervisor can advertise.
+BACKEND_KINDS: tuple[str, ...] = ("wasm", "docker", "noop")
+
+
+class LabelExpression(_Spec):
+    """One selector term: `key` `operator` `values`."""
+
+    key: LabelKey
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: Annotated[list[LabelValue], Meta(max_length=64)] = []
+
+    def __post_init__(self) -> None:
+        needs_values = self.operator in ("In", "NotIn")
+        if needs_values and not self.values:
+            raise ValueError(f"operator {self.operator} needs at least one value")
+        if not needs_values and self.values:
+            raise ValueError(f"operator {self.operator} takes no values")
+
+
+class Selector(_Spec):
+    """Which supervisors may run a job: all of `match_labels` and every expression must hold."""
+
+    match_labels: Labels = {}
+    match_expressions: Annotated[list[LabelExpression], Meta(max_length=32)] = []
+
+
+class Parameter(_Spec):
+    """A named value handed to the job (as an environment variable). Secret ones are never
+    returned by the API, logged or shown."""
+
+    value: Annotated[str, Meta(max_length=65536)]
+    secret: bool = False
+
+
+ParameterName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+
+
+class JobSpec(_Spec):
+    """What a user submits (REST body, spec file for `supervisor run-local`)."""
+
+    name: Name
+    backend: BackendSpec
+    labels: Labels = {}
+    selector: Selector = msgspec.field(default_factory=Selector)
+    resources: ResourceCounts = {}
+    priority: Annotated[int, Meta(ge=-1000, le=1000)] = 0
+    timeout_s: Seconds | None = None
+    parameters: Annotated[dict[ParameterName, Parameter], Meta(max_length=128)] = {}

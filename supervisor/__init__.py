@@ -1,0 +1,1 @@
+"""The supervisor: runs jobs on one host and reports them through a connector."""

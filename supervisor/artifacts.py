@@ -1,0 +1,89 @@
+"""Content-addressed artifacts (Wasm modules, image tarballs) as a supervisor gets them.
+
+A job names an artifact by `sha256:<hex>`. A source fetches the bytes; the supervisor
+checks the digest before anything uses them, so a source never has to be trusted.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from pathlib import Path
+
+import httpx
+
+from protocol.exceptions import JobError, JobErrorKind
+
+
+def digest_of(data: bytes) -> str:
+    """The artifact digest of `data`."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def verify(digest: str, data: bytes) -> bytes:
+    """Return `data` if it hashes to `digest`, else raise JobError(image_invalid)."""
+    actual = digest_of(data)
+    if actual != digest:
+        raise JobError(
+            JobErrorKind.IMAGE_INVALID, f"artifact {digest} has the wrong content (got {actual})"
+        )
+    return data
+
+
+class ArtifactSource(abc.ABC):
+    @abc.abstractmethod
+    async def fetch(self, digest: str) -> bytes:
+        """The bytes of an artifact, verified. Raises JobError(image_not_found) if the
+        source doesn't have it, JobError(image_invalid) if its content doesn't match."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class HttpArtifactSource(ArtifactSource):
+    """Fetches from the switchboard's `GET /api/v1/artifacts/{digest}` with a token."""
+
+    def __init__(self, base_url: str, token: str, *, verify_tls: bool | str = True) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(30.0, connect=10.0),
+            verify=verify_tls,
+        )
+
+    async def fetch(self, digest: str) -> bytes:
+        try:
+            response = await self._client.get(f"/api/v1/artifacts/{digest}")
+        except httpx.HTTPError as exc:
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_FOUND, f"could not fetch artifact {digest}: {exc}"
+            ) from None
+        if response.status_code == 404:
+            raise JobError(JobErrorKind.IMAGE_NOT_FOUND, f"artifact {digest} does not exist")
+        if response.status_code != 200:
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_FOUND,
+                f"fetching artifact {digest} failed with HTTP {response.status_code}",
+            )
+        return verify(digest, response.content)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class FileArtifactSource(ArtifactSource):
+    """Artifacts given as local files (for `supervisor run-local`)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths: dict[str, Path] = {}
+        for path in paths:
+            self._paths[digest_of(path.read_bytes())] = path
+
+    async def fetch(self, digest: str) -> bytes:
+        path = self._paths.get(digest)
+        if path is None:
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_FOUND,
+                f"artifact {digest} is not among the files given with --artifact",
+            )
+        return verify(digest, path.read_bytes())

@@ -1,0 +1,102 @@
+"""What a backend implements, and what the supervisor hands it for each run.
+
+A backend knows how to run one kind of job (Wasm, Docker, noop). It never sees a
+connector: it reports stages, output and the outcome to the supervisor through the
+RunContext, and the supervisor's bookkeeping (supervisor.jobs) turns those into events.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+
+from protocol.messages import RunRef, StartJob, Stream
+from supervisor.output import OutputPump
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """How the program ended. `reason` as in protocol.messages.JobExit."""
+
+    exit_code: int | None
+    signal: int | None = None
+    reason: str = "exited"
+    message: str | None = None
+
+
+class RunContext:
+    """One run as a backend sees it."""
+
+    def __init__(
+        self,
+        run: RunRef,
+        start: StartJob,
+        work_dir: Path,
+        output: OutputPump,
+        report_stage: Callable[[str, str | None], Awaitable[None]],
+        report_running: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.run = run
+        self.start = start
+        self.work_dir = work_dir
+        self.output = output
+        self._report_stage = report_stage
+        self._report_running = report_running
+        #: Set (on the loop) when the run must stop; `stop_reason` and `grace_s` say why
+        #: and how long the program gets before it is forced.
+        self.stop_requested = asyncio.Event()
+        #: The same signal for code running in a worker thread.
+        self.stop_flag = threading.Event()
+        self.stop_reason: str | None = None
+        self.grace_s = 10.0
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The job's parameters as environment variables (secret ones included: the
+        program needs them; never log this mapping)."""
+        return {name: p.value for name, p in self.start.parameters.items()}
+
+    async def stage(self, stage: str, message: str | None = None) -> None:
+        """Report an initializing stage (fetching, compiling, creating, starting...)."""
+        await self._report_stage(stage, message)
+
+    async def running(self) -> None:
+        """Report that the program has started."""
+        await self._report_running()
+
+    def write(self, stream: Stream, data: bytes) -> None:
+        """Program output; safe from worker threads (may block them: backpressure)."""
+        self.output.write(stream, data)
+
+    def request_stop(self, reason: str, grace_s: float) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.grace_s = grace_s
+        self.stop_requested.set()
+        self.stop_flag.set()
+
+
+class Backend(abc.ABC):
+    """Runs jobs of one backend kind."""
+
+    #: The `kind` of backend spec this backend runs ("wasm", "docker", "noop").
+    kind: str
+
+    async def prepare(self) -> None:
+        """Check the backend works (engine reachable, ...) before the supervisor connects."""
+
+    @abc.abstractmethod
+    async def run(self, ctx: RunContext) -> Outcome:
+        """Run the program to its end and say how it ended.
+
+        Must honor `ctx.stop_requested` promptly (the supervisor also uses it for the run
+        timeout). Raises protocol.JobError for problems with the job itself (image not
+        found or invalid); any other exception is reported as an internal error.
+        """
+
+    async def close(self) -> None:
+        """Release what the backend holds (threads, engine clients)."""
