@@ -11,6 +11,7 @@ import abc
 import time
 
 from protocol.exceptions import JobErrorKind
+from protocol.limits import clip_message
 from protocol.messages import (
     JobErrorReport,
     JobExit,
@@ -20,7 +21,6 @@ from protocol.messages import (
     Stream,
     SupervisorEvent,
 )
-from protocol.limits import clip_message
 from protocol.state import Phase
 
 

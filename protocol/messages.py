@@ -209,12 +209,6 @@ FromSupervisor = (
     | ProtocolErrorMessage
 )
 FromSwitchboard = (
-    Welcome
-    | StartJob
-    | StopJob
-    | Ack
-    | StatusRequest
-    | ServerHeartbeat
-    | ProtocolErrorMessage
+    Welcome | StartJob | StopJob | Ack | StatusRequest | ServerHeartbeat | ProtocolErrorMessage
 )
 SupervisorEvent = JobStateChanged | JobErrorReport | Output | JobExit

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
+from itertools import islice
 
 from . import limits
 from .exceptions import CloseCode, FrameError
@@ -74,7 +75,8 @@ class EventBacklog:
         return self.last_seq
 
     def append(self, seq: int, frame: bytes) -> None:
-        if self._items and seq <= self._items[-1][0]:
+        # Numbers in the backlog are contiguous: frames_after() relies on it.
+        if self._items and seq != self._items[-1][0] + 1:
             raise ValueError(f"seq {seq} does not follow {self._items[-1][0]}")
         self._items.append((seq, frame))
         self._bytes += len(frame)
@@ -97,6 +99,14 @@ class EventBacklog:
         for seq, frame in self._items:
             if seq > after:
                 yield seq, frame
+
+    def frames_after(self, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to `limit` events with seq > `after`, in order (a copy: safe to send from
+        while events are added or acknowledged)."""
+        if not self._items:
+            return []
+        start = max(0, after - self._items[0][0] + 1)
+        return list(islice(self._items, start, start + limit))
 
 
 class InboundSequence:

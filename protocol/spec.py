@@ -7,7 +7,7 @@ limits show up in the OpenAPI schema and in the error a bad spec gets.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta
@@ -20,7 +20,8 @@ Digest = Annotated[str, Meta(pattern=limits.DIGEST_PATTERN)]
 LabelKey = Annotated[str, Meta(pattern=limits.LABEL_KEY_PATTERN)]
 LabelValue = Annotated[str, Meta(max_length=limits.LABEL_VALUE_MAX_LEN)]
 Labels = Annotated[dict[LabelKey, LabelValue], Meta(max_length=limits.MAX_LABELS)]
-EnvMap = Annotated[dict[Annotated[str, Meta(min_length=1, max_length=256)], str], Meta(max_length=256)]
+EnvName = Annotated[str, Meta(min_length=1, max_length=256)]
+EnvMap = Annotated[dict[EnvName, str], Meta(max_length=256)]
 ArgList = Annotated[list[str], Meta(max_length=1024)]
 Seconds = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
 DelaySeconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
@@ -34,6 +35,7 @@ class _Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 class WasmBackend(_Spec, tag="wasm", tag_field="kind"):
     """A WASI module, named by the digest of an uploaded artifact."""
 
+    kind: ClassVar[str] = "wasm"
     module: Digest
     args: ArgList = []
     env: EnvMap = {}
@@ -42,6 +44,7 @@ class WasmBackend(_Spec, tag="wasm", tag_field="kind"):
 class DockerBackend(_Spec, tag="docker", tag_field="kind"):
     """A container from an image the engine has (or can load)."""
 
+    kind: ClassVar[str] = "docker"
     image: Annotated[str, Meta(min_length=1, max_length=512)]
     command: ArgList = []
     env: EnvMap = {}
@@ -51,6 +54,7 @@ class DockerBackend(_Spec, tag="docker", tag_field="kind"):
 class NoopBackend(_Spec, tag="noop", tag_field="kind"):
     """Runs nothing: ends after `delay_s` with `exit_code`, optionally printing `output`."""
 
+    kind: ClassVar[str] = "noop"
     delay_s: DelaySeconds = 0.0
     exit_code: Annotated[int, Meta(ge=0, le=255)] = 0
     output: Annotated[str, Meta(max_length=65536)] = ""

@@ -80,9 +80,7 @@ _ENDINGS = frozenset(TERMINAL - {Phase.EXHAUSTED})
 #: current phase -> phases that may follow it (for a run; a job follows the same table).
 RUN_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.QUEUED: frozenset({Phase.ASSIGNED, Phase.CANCELED, Phase.REJECTED, Phase.TIMED_OUT}),
-    Phase.ASSIGNED: frozenset(
-        {Phase.INITIALIZING, Phase.RUNNING, Phase.TERMINATING} | _ENDINGS
-    ),
+    Phase.ASSIGNED: frozenset({Phase.INITIALIZING, Phase.RUNNING, Phase.TERMINATING} | _ENDINGS),
     Phase.INITIALIZING: frozenset(
         {Phase.INITIALIZING, Phase.RUNNING, Phase.TERMINATING} | _ENDINGS
     ),
@@ -92,9 +90,7 @@ RUN_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 }
 
 #: Terminal run phases after which a job may be queued again (restart policy permitting).
-RETRYABLE: frozenset[Phase] = frozenset(
-    {Phase.FAILED, Phase.TIMED_OUT, Phase.LOST, Phase.REJECTED}
-)
+RETRYABLE: frozenset[Phase] = frozenset({Phase.FAILED, Phase.TIMED_OUT, Phase.LOST, Phase.REJECTED})
 
 
 def is_terminal(phase: Phase | str) -> bool:

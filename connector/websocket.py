@@ -1,0 +1,289 @@
+"""The connector to a switchboard over a WebSocket, with reconnects that lose nothing.
+
+One connection at a time. Each starts with Hello -> Welcome; then a writer task sends
+every event the switchboard hasn't stored (oldest first, resending after a reconnect), a
+heartbeat task keeps both sides sure the other is alive, and the reader handles
+StartJob, StopJob, Ack and StatusRequest. Events stay in the backlog until acknowledged,
+so a dropped connection costs a resend, never an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable, Iterator
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from protocol import codec, limits
+from protocol.exceptions import CloseCode, FrameError, JobError
+from protocol.messages import (
+    Ack,
+    Heartbeat,
+    Hello,
+    JobStateChanged,
+    ProtocolErrorMessage,
+    RunRef,
+    ServerHeartbeat,
+    StartJob,
+    StatusReply,
+    StatusRequest,
+    StopJob,
+    SupervisorEvent,
+    Welcome,
+)
+from protocol.session import EventBacklog, supported_versions
+from protocol.state import Phase
+from supervisor.base import Supervisor
+
+from .backoff import Verdict, backoff, classify
+from .base import SupervisorConnector
+
+log = logging.getLogger("connector.websocket")
+
+SOFTWARE = "switchboard-supervisor/0.1"
+
+
+class ConnectorFatalError(Exception):
+    """The switchboard refused this supervisor in a way retrying won't fix."""
+
+
+class WebSocketConnector(SupervisorConnector):
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        url: str,
+        token: str,
+        *,
+        supervisor_id: str,
+        name: str | None = None,
+        max_backlog_bytes: int = 64 * 1024 * 1024,
+        backoff_factory: Callable[[], Iterator[float]] = backoff,
+        classify_error: Callable[[BaseException], Verdict] = classify,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout_s: float = 10.0,
+    ) -> None:
+        self.supervisor = supervisor
+        self.url = url
+        self.token = token
+        self.supervisor_id = supervisor_id
+        self.name = name or supervisor_id
+        self.backlog = EventBacklog(max_backlog_bytes)
+        self._backoff_factory = backoff_factory
+        self._classify = classify_error
+        self._ssl = ssl_context
+        self._handshake_timeout = handshake_timeout_s
+        self._room = asyncio.Condition()
+        self._new_event = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._sent_upto = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Set while a connection is established (after the Welcome); tests wait on it.
+        self.connected = asyncio.Event()
+        self.session: int | None = None
+        supervisor.attach(self)
+
+    # --- SupervisorConnector ---------------------------------------------------------
+
+    async def send_event(self, event: SupervisorEvent) -> None:
+        if not self.backlog.has_room():
+            async with self._room:
+                await self._room.wait_for(self.backlog.has_room)
+        event.seq = self.backlog.next_seq()
+        self.backlog.append(event.seq, codec.encode(event))
+        self._new_event.set()
+
+    async def run(self) -> int:
+        """Connect, and reconnect after every failure, until stop() or a fatal refusal."""
+        await self.supervisor.recover()
+        delays = self._backoff_factory()
+        while not self._stopping.is_set():
+            try:
+                await self._connect_once()
+                delays = self._backoff_factory()  # a session was established: start over
+            except (OSError, TimeoutError, websockets.WebSocketException, FrameError) as exc:
+                if self._classify(exc) is Verdict.FATAL:
+                    raise ConnectorFatalError(_describe(exc)) from exc
+                delay = next(delays)
+                log.warning(
+                    "connection to %s failed (%s); retrying in %.2fs",
+                    self.url,
+                    _describe(exc),
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+        return 0
+
+    def stop(self) -> None:
+        """Make run() return after closing the current connection."""
+        self._stopping.set()
+
+    # --- one connection --------------------------------------------------------------
+
+    async def _connect_once(self) -> None:
+        async with websockets.connect(
+            self.url,
+            additional_headers={"Authorization": f"Bearer {self.token}"},
+            subprotocols=[websockets.Subprotocol(limits.SUBPROTOCOL)],
+            max_size=limits.MAX_FRAME_BYTES,
+            open_timeout=self._handshake_timeout,
+            ssl=self._ssl,
+            compression=None,  # output is already chunked; deflate costs more CPU than it saves
+            ping_interval=None,  # liveness is the protocol's Heartbeat, with Welcome's settings
+        ) as ws:
+            welcome = await self._handshake(ws)
+            self.session = welcome.session
+            self._sent_upto = welcome.last_seq
+            async with self._room:
+                self._room.notify_all()
+            self.connected.set()
+            log.info(
+                "connected to %s as %s (session %d, resuming after seq %d)",
+                self.url,
+                self.supervisor_id,
+                welcome.session,
+                welcome.last_seq,
+            )
+            try:
+                await self._serve(ws, welcome)
+            finally:
+                self.connected.clear()
+
+    async def _handshake(self, ws: ClientConnection) -> Welcome:
+        caps = self.supervisor.capabilities()
+        hello = Hello(
+            supervisor_id=self.supervisor_id,
+            name=self.name,
+            versions=supported_versions(),
+            backends=caps.backends,
+            labels=caps.labels,
+            resources=caps.resources,
+            max_jobs=caps.max_jobs,
+            runs=self.supervisor.held_runs(),
+            last_seq=self.backlog.last_seq,
+            software=SOFTWARE,
+        )
+        await ws.send(codec.encode(hello), text=True)
+        raw = await asyncio.wait_for(ws.recv(decode=False), self._handshake_timeout)
+        message = codec.decode_from_switchboard(raw)
+        if isinstance(message, ProtocolErrorMessage):
+            raise FrameError(CloseCode(message.code), f"switchboard refused: {message.reason}")
+        if not isinstance(message, Welcome):
+            raise await _fail(ws, CloseCode.HANDSHAKE_FAILED, "expected welcome")
+        self.backlog.resume(message.last_seq)
+        return message
+
+    async def _serve(self, ws: ClientConnection, welcome: Welcome) -> None:
+        last_heard = [time.monotonic()]
+        writer = asyncio.create_task(self._write_loop(ws))
+        beat = asyncio.create_task(self._heartbeat_loop(ws, welcome, last_heard))
+        stopper = asyncio.create_task(self._stopping.wait())
+        reader = asyncio.create_task(self._read_loop(ws, last_heard))
+        try:
+            done, _ = await asyncio.wait(
+                {writer, beat, stopper, reader}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if stopper in done:
+                await ws.close(CloseCode.GOING_AWAY, "supervisor shutting down")
+            for task in done:
+                if task is not stopper and not task.cancelled() and task.exception():
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in (writer, beat, stopper, reader):
+                task.cancel()
+            await asyncio.gather(writer, beat, stopper, reader, return_exceptions=True)
+
+    async def _read_loop(self, ws: ClientConnection, last_heard: list[float]) -> None:
+        async for raw in ws:
+            last_heard[0] = time.monotonic()
+            try:
+                message = codec.decode_from_switchboard(raw)
+            except FrameError as exc:
+                raise await _fail(ws, exc.code, exc.reason) from None
+            match message:
+                case Ack(seq=seq):
+                    if self.backlog.acknowledge(seq):
+                        async with self._room:
+                            self._room.notify_all()
+                case StartJob():
+                    self._spawn(self._start(message))
+                case StopJob():
+                    self._spawn(self.supervisor.stop_job(message))
+                case StatusRequest(request_id=request_id):
+                    runs = self.supervisor.held_runs()
+                    reply = StatusReply(request_id=request_id, runs=runs, running=len(runs))
+                    await ws.send(codec.encode(reply), text=True)
+                case ServerHeartbeat():
+                    pass
+                case ProtocolErrorMessage(code=code, reason=reason):
+                    log.error("switchboard reported a protocol error: %s (%d)", reason, code)
+                case Welcome():
+                    raise await _fail(ws, CloseCode.UNEXPECTED_MESSAGE, "second welcome")
+
+    async def _write_loop(self, ws: ClientConnection) -> None:
+        while True:
+            batch = self.backlog.frames_after(self._sent_upto, 64)
+            if not batch:
+                self._new_event.clear()
+                await self._new_event.wait()
+                continue
+            for seq, frame in batch:
+                await ws.send(frame, text=True)
+                self._sent_upto = seq
+
+    async def _heartbeat_loop(
+        self, ws: ClientConnection, welcome: Welcome, last_heard: list[float]
+    ) -> None:
+        while True:
+            await asyncio.sleep(welcome.heartbeat_interval_s)
+            if time.monotonic() - last_heard[0] > welcome.heartbeat_timeout_s:
+                await ws.close(CloseCode.HEARTBEAT_TIMEOUT, "switchboard stopped answering")
+                raise TimeoutError("no heartbeat from the switchboard")
+            await ws.send(codec.encode(Heartbeat(at=time.time())), text=True)
+
+    async def _start(self, start: StartJob) -> None:
+        run = RunRef(start.job_id, start.attempt)
+        try:
+            await self.supervisor.start_job(start)
+        except JobError as exc:
+            # A refusal is reported as the error, then the run's end: `rejected`.
+            await self.report_job_error(run, exc.kind, exc.description)
+            await self.send_event(
+                JobStateChanged(
+                    seq=0,
+                    job_id=run.job_id,
+                    attempt=run.attempt,
+                    phase=Phase.REJECTED,
+                    message=str(exc),
+                    at=time.time(),
+                )
+            )
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request handler failed", exc_info=task.exception())
+
+
+async def _fail(ws: ClientConnection, code: CloseCode, reason: str) -> FrameError:
+    """Tell the switchboard what was wrong, close, and return the error to raise."""
+    error = FrameError(code, reason)
+    with contextlib.suppress(websockets.WebSocketException, OSError):
+        await ws.send(codec.encode(ProtocolErrorMessage(code=int(code), reason=reason)), text=True)
+        await ws.close(code, error.close_reason())
+    return error
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

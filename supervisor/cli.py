@@ -1,0 +1,164 @@
+"""The `supervisor` command: `run` connects to a switchboard, `run-local` runs one spec."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import msgspec
+import uvloop
+
+from protocol import codec, limits
+from protocol.spec import BACKEND_KINDS, JobSpec
+from supervisor.artifacts import ArtifactSource, FileArtifactSource, HttpArtifactSource
+from supervisor.backends.base import Backend
+from supervisor.jobs import BackendSupervisor
+
+log = logging.getLogger("supervisor")
+
+
+def make_backend(kind: str, artifacts: ArtifactSource) -> Backend:
+    if kind == "wasm":
+        from supervisor.backends.wasm import WasmBackend
+
+        return WasmBackend(artifacts)
+    if kind == "noop":
+        from supervisor.backends.noop import NoopBackend
+
+        return NoopBackend()
+    raise SystemExit(f"supervisor: the {kind} backend is not available in this build")
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"supervisor: --label wants KEY=VALUE, got {pair!r}")
+        labels[key] = value
+    return labels
+
+
+def _http_base(ws_url: str) -> str:
+    """The switchboard's HTTP base URL from its WebSocket URL."""
+    scheme, sep, rest = ws_url.partition("://")
+    host = rest.split("/", 1)[0]
+    return {"ws": "http", "wss": "https"}.get(scheme, scheme) + sep + host
+
+
+def _ws_url(value: str) -> str:
+    """Accept ws://HOST:PORT and fill in the protocol path."""
+    scheme, _, rest = value.partition("://")
+    return value if "/" in rest else f"{scheme}://{rest}/ws/supervisor"
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from connector.websocket import ConnectorFatalError, WebSocketConnector
+
+    name = args.name or socket.gethostname()
+    supervisor_id = args.id or name
+    if not limits.is_valid_id(supervisor_id):
+        raise SystemExit(f"supervisor: id {supervisor_id!r} must match {limits.ID_PATTERN}")
+    url = _ws_url(args.switchboard)
+    artifacts = HttpArtifactSource(_http_base(url), args.token)
+    supervisor = BackendSupervisor(
+        make_backend(args.backend, artifacts),
+        max_jobs=args.max_jobs,
+        labels=_labels(args.label),
+        work_dir=Path(args.work_dir),
+    )
+    connector = WebSocketConnector(
+        supervisor, url, args.token, supervisor_id=supervisor_id, name=name
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, connector.stop)
+    try:
+        return await connector.run()
+    except ConnectorFatalError as exc:
+        print(f"supervisor: the switchboard refused this supervisor: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await supervisor.shutdown(grace_s=10.0)
+        await artifacts.close()
+
+
+async def _run_local(args: argparse.Namespace) -> int:
+    from connector.local import LocalConnector
+
+    spec = args.job_spec
+    artifacts = FileArtifactSource([Path(p) for p in args.artifact])
+    supervisor = BackendSupervisor(
+        make_backend(spec.backend.kind, artifacts), work_dir=Path(args.work_dir)
+    )
+    return await LocalConnector(supervisor, spec).run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="supervisor", description="Run jobs on this host.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="connect to a switchboard and run its jobs")
+    run.add_argument(
+        "--switchboard",
+        default=os.environ.get("SWITCHBOARD_WS_URL"),
+        required="SWITCHBOARD_WS_URL" not in os.environ,
+        help="ws://HOST:PORT (or wss://)",
+    )
+    run.add_argument(
+        "--token",
+        default=os.environ.get("SUPERVISOR_TOKEN"),
+        required="SUPERVISOR_TOKEN" not in os.environ,
+        help="a token of role supervisor (or $SUPERVISOR_TOKEN)",
+    )
+    run.add_argument("--name", help="display name (default: the host name)")
+    run.add_argument("--id", help="stable identity (default: the name)")
+    run.add_argument("--backend", choices=BACKEND_KINDS, default="wasm")
+    run.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--max-jobs", type=int, default=4)
+    run.add_argument("--work-dir", default="supervisor-work")
+    run.set_defaults(func=_run)
+
+    local = commands.add_parser("run-local", help="run one job spec here, no switchboard")
+    local.add_argument("spec", help="job spec JSON file")
+    local.add_argument(
+        "--artifact",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file the spec names by digest (e.g. a .wasm module)",
+    )
+    local.add_argument("--work-dir", default="supervisor-work")
+    local.set_defaults(func=_run_local)
+    return parser
+
+
+def _load_spec(path: str) -> JobSpec:
+    try:
+        return codec.decode_job_spec(Path(path).read_bytes())
+    except OSError as exc:
+        raise SystemExit(f"supervisor: cannot read {path}: {exc}") from None
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:  # names the bad field
+        raise SystemExit(f"supervisor: invalid spec {path}: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run-local":
+        args.job_spec = _load_spec(args.spec)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    return uvloop.run(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

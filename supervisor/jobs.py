@@ -1,0 +1,251 @@
+"""Job bookkeeping shared by every backend: which runs are held, how many may run at once,
+which requests are refused with which error kind, and the order of the reports.
+
+For one run the reports always go: initializing (one per stage) -> running -> [terminating]
+-> output flushed -> exit status -> terminal phase. Phase changes are checked against
+protocol.state, so a backend can't report something the switchboard would refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+from protocol.exceptions import InvalidTransition, JobError, JobErrorKind
+from protocol.messages import HeldRun, RunRef, StartJob, StopJob, Stream
+from protocol.state import Phase, check_transition, is_terminal
+from supervisor.backends.base import Backend, Outcome, RunContext
+from supervisor.base import Capabilities, Supervisor
+from supervisor.output import OutputPump
+
+log = logging.getLogger("supervisor.jobs")
+
+#: Error kinds that mean "this supervisor can't run this job" rather than "it broke".
+_REJECTING_KINDS = frozenset(
+    {
+        JobErrorKind.IMAGE_NOT_FOUND,
+        JobErrorKind.IMAGE_INVALID,
+        JobErrorKind.IMAGE_NOT_COMPATIBLE,
+    }
+)
+
+#: How many ended runs are remembered, so a late repeat of their StartJob is refused
+#: instead of running the program a second time.
+REMEMBER_ENDED = 10_000
+
+
+class _Run:
+    """One held run."""
+
+    def __init__(self, ref: RunRef, start: StartJob) -> None:
+        self.ref = ref
+        self.start = start
+        self.phase = Phase.ASSIGNED
+        self.ctx: RunContext | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
+class BackendSupervisor(Supervisor):
+    """A Supervisor that runs every job on one backend."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_jobs: int = 1,
+        labels: dict[str, str] | None = None,
+        resources: dict[str, int] | None = None,
+        work_dir: Path | None = None,
+    ) -> None:
+        self.backend = backend
+        self.max_jobs = max_jobs
+        self.labels = dict(labels or {})
+        self.resources = dict(resources or {})
+        self.work_dir = work_dir or Path.cwd() / "supervisor-work"
+        self._runs: dict[RunRef, _Run] = {}
+        self._ended: OrderedDict[RunRef, Phase] = OrderedDict()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- Supervisor contract ---------------------------------------------------------
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            backends=[self.backend.kind],
+            labels=self.labels,
+            resources=self.resources,
+            max_jobs=self.max_jobs,
+        )
+
+    def held_runs(self) -> list[HeldRun]:
+        return [HeldRun(r.ref.job_id, r.ref.attempt, r.phase) for r in self._runs.values()]
+
+    async def recover(self) -> None:
+        await self.backend.prepare()
+
+    async def start_job(self, start: StartJob) -> None:
+        ref = RunRef(start.job_id, start.attempt)
+        if ref in self._runs:
+            return  # a repeat: acknowledged by doing nothing, the run goes on
+        if ref in self._ended:
+            raise JobError(
+                JobErrorKind.JOB_ALREADY_EXISTS,
+                f"run {ref.job_id}#{ref.attempt} already ended here ({self._ended[ref].value})",
+            )
+        if any(r.ref.job_id == ref.job_id for r in self._runs.values()):
+            raise JobError(
+                JobErrorKind.ALREADY_RUNNING, f"another attempt of job {ref.job_id} is running"
+            )
+        if start.backend.kind != self.backend.kind:
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_COMPATIBLE,
+                f"this supervisor runs {self.backend.kind} jobs, not {start.backend.kind}",
+            )
+        if len(self._runs) >= self.max_jobs:
+            raise JobError(
+                JobErrorKind.MAX_CONCURRENT_JOBS, f"already running {self.max_jobs} job(s)"
+            )
+        run = _Run(ref, start)
+        run.ctx = self._new_context(run)
+        self._runs[ref] = run
+        self._idle.clear()
+        run.task = asyncio.get_running_loop().create_task(self._drive(run), name=f"run {ref}")
+
+    async def stop_job(self, stop: StopJob) -> None:
+        run = self._runs.get(RunRef(stop.job_id, stop.attempt))
+        if run is None or run.ctx is None or run.ctx.stop_reason is not None:
+            return  # unknown, or a repeat: harmless
+        run.ctx.request_stop(stop.reason, stop.grace_s)
+        if run.phase in (Phase.INITIALIZING, Phase.RUNNING):
+            await self._transition(run, Phase.TERMINATING, message=f"stop: {stop.reason}")
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        for run in list(self._runs.values()):
+            if run.ctx is not None:
+                run.ctx.request_stop("shutdown", grace_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s + 5.0)
+        for run in list(self._runs.values()):
+            if run.task is not None:
+                run.task.cancel()
+        await self.backend.close()
+
+    async def wait_idle(self) -> None:
+        """Wait until no run is held."""
+        await self._idle.wait()
+
+    # --- one run ---------------------------------------------------------------------
+
+    def _new_context(self, run: _Run) -> RunContext:
+        connector = self.connector
+        assert connector is not None, "attach a connector before starting jobs"
+
+        async def send_chunk(stream: Stream, offset: int, data: bytes) -> None:
+            await connector.send_output(run.ref, stream, offset, data)
+
+        return RunContext(
+            run.ref,
+            run.start,
+            self.work_dir / "runs" / f"{run.ref.job_id}.{run.ref.attempt}",
+            OutputPump(send_chunk),
+            report_stage=lambda stage, msg: self._transition(
+                run, Phase.INITIALIZING, stage=stage, message=msg
+            ),
+            report_running=lambda: self._transition(run, Phase.RUNNING),
+        )
+
+    async def _drive(self, run: _Run) -> None:
+        connector = self.connector
+        ctx = run.ctx
+        assert connector is not None and ctx is not None
+        ref = run.ref
+        output = ctx.output
+        work_dir = ctx.work_dir
+        timer = None
+        if run.start.timeout_s is not None:
+            timer = asyncio.get_running_loop().call_later(run.start.timeout_s, self._time_out, run)
+        outcome: Outcome
+        error: JobError | None = None
+        try:
+            await self._transition(run, Phase.INITIALIZING, stage="accepted")
+            outcome = await self.backend.run(ctx)
+        except JobError as exc:
+            error = exc
+            outcome = Outcome(exit_code=None, reason="error", message=str(exc))
+        except asyncio.CancelledError:
+            output.abort()
+            raise
+        except Exception as exc:  # a backend bug must not take the supervisor down
+            log.exception("backend failed on run %s", ref)
+            error = JobError(JobErrorKind.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            outcome = Outcome(exit_code=None, reason="error", message=str(error))
+        finally:
+            if timer is not None:
+                timer.cancel()
+        try:
+            await output.close()
+            if error is not None:
+                await connector.report_job_error(ref, error.kind, error.description)
+            await connector.report_exit(
+                ref,
+                exit_code=outcome.exit_code,
+                signal=outcome.signal,
+                reason=outcome.reason,
+                message=outcome.message,
+            )
+            await self._transition(run, _final_phase(ctx, outcome, error), message=outcome.message)
+        finally:
+            self._forget(run)
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _time_out(self, run: _Run) -> None:
+        if run.ctx is not None and run.ctx.stop_reason is None:
+            run.ctx.request_stop("timeout", 0.0)
+            asyncio.get_running_loop().create_task(
+                self._transition(run, Phase.TERMINATING, message="run timeout")
+            )
+
+    async def _transition(
+        self,
+        run: _Run,
+        phase: Phase,
+        *,
+        stage: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        if is_terminal(run.phase):
+            return  # a late report (e.g. a timeout racing the program's exit)
+        try:
+            check_transition(run.phase, phase)
+        except InvalidTransition:
+            if phase == run.phase:
+                return  # a repeated report (e.g. "running" twice) is not news
+            raise
+        run.phase = phase
+        assert self.connector is not None
+        await self.connector.update_job_state(run.ref, phase, stage=stage, message=message)
+
+    def _forget(self, run: _Run) -> None:
+        self._runs.pop(run.ref, None)
+        self._ended[run.ref] = run.phase
+        while len(self._ended) > REMEMBER_ENDED:
+            self._ended.popitem(last=False)
+        if not self._runs:
+            self._idle.set()
+
+
+def _final_phase(ctx: RunContext, outcome: Outcome, error: JobError | None) -> Phase:
+    """The terminal phase of a run, from why it was stopped and how the program ended."""
+    if ctx.stop_reason == "timeout":
+        return Phase.TIMED_OUT
+    if ctx.stop_reason is not None:
+        return Phase.CANCELED
+    if error is not None:
+        return Phase.REJECTED if error.kind in _REJECTING_KINDS else Phase.FAILED
+    if outcome.reason == "exited" and outcome.exit_code == 0:
+        return Phase.SUCCEEDED
+    return Phase.FAILED

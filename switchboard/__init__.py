@@ -1,0 +1,1 @@
+"""The switchboard: supervisor sessions, scheduler, store, REST API."""

@@ -1,0 +1,82 @@
+"""API errors: one body shape for every failure, `{"error": kind, "message": text}`.
+
+Statuses: 400 invalid request or spec, 401 no or bad token, 403 role not allowed,
+404 unknown id, 409 conflict, 413 body too large, 429 too many requests, 503 not ready,
+500 anything unexpected (whose details go to the log, never to the client).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+log = logging.getLogger("switchboard.api")
+
+_KINDS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+class ErrorBody(msgspec.Struct):
+    error: str
+    message: str
+    field: str | None = None
+
+
+class ApiError(HTTPException):
+    """An error with a specific kind (e.g. `invalid_spec`) rather than the status's default."""
+
+    def __init__(self, status_code: int, kind: str, message: str, field: str | None = None):
+        super().__init__(status_code=status_code, detail=message)
+        self.kind = kind
+        self.field = field
+
+
+def _body(status: int, body: ErrorBody) -> Response[ErrorBody]:
+    return Response(body, status_code=status)
+
+
+def http_error(_: Request, exc: HTTPException) -> Response[ErrorBody]:
+    if isinstance(exc, ApiError):
+        return _body(exc.status_code, ErrorBody(exc.kind, exc.detail, exc.field))
+    if isinstance(exc, ValidationException):
+        return validation_error(_, exc)
+    kind = _KINDS.get(exc.status_code, "error")
+    if exc.status_code >= 500:
+        return _body(exc.status_code, ErrorBody(kind, "the switchboard failed to handle this"))
+    return _body(exc.status_code, ErrorBody(kind, exc.detail))
+
+
+def validation_error(_: Request, exc: ValidationException) -> Response[ErrorBody]:
+    """Name the offending field, e.g. `backend.module: Expected str matching regex ...`."""
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    if problems:
+        first = problems[0]
+        key = first.get("key") if isinstance(first, dict) else None
+        text = first.get("message", exc.detail) if isinstance(first, dict) else str(first)
+        message = f"{key}: {text}" if key else str(text)
+        return _body(400, ErrorBody("invalid_request", message, key))
+    return _body(400, ErrorBody("invalid_request", exc.detail))
+
+
+def internal_error(request: Request, exc: Exception) -> Response[ErrorBody]:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _body(500, ErrorBody("internal", "the switchboard failed to handle this"))
+
+
+EXCEPTION_HANDLERS = {
+    HTTPException: http_error,
+    ValidationException: validation_error,
+    Exception: internal_error,
+}

@@ -1,0 +1,107 @@
+"""Jobs: submit, get, output, cancel."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.params import Parameter
+
+from protocol.messages import StopJob
+from protocol.spec import JobSpec, WasmBackend
+from switchboard.api.errors import ApiError
+from switchboard.api.security import require
+from switchboard.auth import Permission
+from switchboard.jobstate import redacted
+from switchboard.models import JobView
+from switchboard.state import AppState
+
+
+class JobCreated(msgspec.Struct):
+    id: str
+
+
+class CancelAccepted(msgspec.Struct):
+    id: str
+    phase: str
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.switchboard
+
+
+async def _job_or_404(state: AppState, job_id: str) -> JobView:
+    job = await state.store.get_job(job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    return job
+
+
+class JobController(Controller):
+    path = "/api/v1/jobs"
+    tags = ["jobs"]  # noqa: RUF012 - Litestar reads it as a plain list
+
+    @post("/", guards=require(Permission.SUBMIT), status_code=201)
+    async def submit(self, request: Request, data: JobSpec) -> JobCreated:
+        """Queue a job. Wasm modules must have been uploaded as artifacts first."""
+        state = _state(request)
+        if isinstance(data.backend, WasmBackend) and not state.artifacts.exists(
+            data.backend.module
+        ):
+            raise ApiError(
+                400,
+                "invalid_spec",
+                f"backend.module: artifact {data.backend.module} has not been uploaded",
+                "backend.module",
+            )
+        job_id = secrets.token_hex(8)
+        await state.store.create_job(job_id, data)
+        state.dispatcher.wake()
+        return JobCreated(job_id)
+
+    @get("/{job_id:str}", guards=require(Permission.VIEW))
+    async def show(self, request: Request, job_id: str) -> JobView:
+        """The job with all its runs; secret parameter values are replaced."""
+        job = await _job_or_404(_state(request), job_id)
+        return msgspec.structs.replace(job, spec=redacted(job.spec))
+
+    @get(
+        "/{job_id:str}/output",
+        guards=require(Permission.VIEW),
+        media_type="application/octet-stream",
+    )
+    async def output(
+        self,
+        request: Request,
+        job_id: str,
+        stream: Literal["stdout", "stderr", "console"] = "stdout",
+        attempt: Annotated[int | None, Parameter(ge=1)] = None,
+        start: Annotated[int, Parameter(ge=0)] = 0,
+        end: Annotated[int | None, Parameter(ge=0)] = None,
+    ) -> Response[bytes]:
+        """Bytes [start, end) of a run's stream as stored so far (the latest run unless
+        `attempt` is given), exactly as the program wrote them."""
+        state = _state(request)
+        job = await _job_or_404(state, job_id)
+        if attempt is None:
+            if not job.runs:
+                return Response(b"", media_type="application/octet-stream")
+            attempt = job.runs[-1].attempt
+        elif all(r.attempt != attempt for r in job.runs):
+            raise ApiError(404, "not_found", f"job {job_id!r} has no attempt {attempt}")
+        data = await state.store.read_output(job_id, attempt, stream, start, end)
+        return Response(data, media_type="application/octet-stream")
+
+    @post("/{job_id:str}/cancel", guards=require(Permission.CANCEL), status_code=202)
+    async def cancel(self, request: Request, job_id: str) -> CancelAccepted:
+        """Cancel: a queued job ends at once, a running one is stopped (idempotent)."""
+        state = _state(request)
+        result = await state.store.request_cancel(job_id)
+        if result is None:
+            raise ApiError(404, "not_found", f"no job {job_id!r}")
+        if result.supervisor_id is not None and result.attempt is not None:
+            stop = StopJob(job_id=job_id, attempt=result.attempt, reason="canceled")
+            await state.hub.send_stop(result.supervisor_id, stop)
+        return CancelAccepted(job_id, result.phase)

@@ -1,0 +1,29 @@
+"""Route guards: every endpoint but health names the permission it needs."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
+
+from switchboard.api.errors import ApiError
+from switchboard.auth import Permission, allows, authenticate
+
+Guard = Callable[[ASGIConnection, BaseRouteHandler], Awaitable[None]]
+
+
+def require(permission: Permission) -> list[Guard]:
+    """Guards for a route needing `permission`; the token lands in `connection.state.token`."""
+
+    async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        token = await authenticate(
+            connection.app.state.switchboard.store, connection.headers.get("authorization")
+        )
+        if token is None:
+            raise ApiError(401, "unauthorized", "a valid token is required (Authorization: Bearer)")
+        if not allows(token.role, permission):
+            raise ApiError(403, "forbidden", f"role {token.role!r} may not {permission.value}")
+        connection.state.token = token
+
+    return [guard]

@@ -1,0 +1,96 @@
+"""Tokens and roles.
+
+A token is `sbt_` + 43 random URL-safe characters (256 bits). Only its SHA-256 is stored:
+with that much entropy a slow password hash adds nothing, and a lookup by hash never
+compares the secret itself byte by byte. The plaintext is shown once, at creation.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import secrets
+
+from switchboard.models import TokenView
+from switchboard.store.base import Store
+
+TOKEN_PREFIX = "sbt_"
+
+
+class Role(enum.StrEnum):
+    ADMIN = "admin"
+    OPERATOR = "operator"
+    SUBMITTER = "submitter"
+    VIEWER = "viewer"
+    SUPERVISOR = "supervisor"
+
+
+class Permission(enum.StrEnum):
+    VIEW = "view"  # read jobs, output, supervisors
+    SUBMIT = "submit"  # submit jobs, upload artifacts
+    CANCEL = "cancel"  # cancel jobs
+    OPERATE = "operate"  # drain / resume supervisors, pause dispatch
+    ADMINISTER = "administer"  # tokens
+    CONNECT = "connect"  # connect as a supervisor
+    FETCH_ARTIFACTS = "fetch_artifacts"  # download artifacts
+
+
+#: The role matrix: exactly what each role may do.
+ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
+    Role.ADMIN: frozenset(
+        {
+            Permission.VIEW,
+            Permission.SUBMIT,
+            Permission.CANCEL,
+            Permission.OPERATE,
+            Permission.ADMINISTER,
+            Permission.FETCH_ARTIFACTS,
+        }
+    ),
+    Role.OPERATOR: frozenset(
+        {
+            Permission.VIEW,
+            Permission.SUBMIT,
+            Permission.CANCEL,
+            Permission.OPERATE,
+            Permission.FETCH_ARTIFACTS,
+        }
+    ),
+    Role.SUBMITTER: frozenset(
+        {Permission.VIEW, Permission.SUBMIT, Permission.CANCEL, Permission.FETCH_ARTIFACTS}
+    ),
+    Role.VIEWER: frozenset({Permission.VIEW}),
+    Role.SUPERVISOR: frozenset({Permission.CONNECT, Permission.FETCH_ARTIFACTS}),
+}
+
+
+def allows(role: str, permission: Permission) -> bool:
+    return permission in ROLE_PERMISSIONS.get(Role(role), frozenset())
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh (token id, plaintext token)."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    return secrets.token_hex(6), token
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def create_token(store: Store, role: Role, name: str = "") -> str:
+    """Create and store a token; return its plaintext (the only time it exists)."""
+    token_id, token = new_token()
+    await store.add_token(token_id, role.value, name or role.value, token_digest(token))
+    return token
+
+
+async def authenticate(store: Store, authorization: str | None) -> TokenView | None:
+    """The token named by an `Authorization: Bearer ...` header value, if valid."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token.startswith(TOKEN_PREFIX) or len(token) > 128:
+        return None
+    return await store.find_token(token_digest(token))

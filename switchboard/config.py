@@ -1,0 +1,32 @@
+"""Every switchboard setting in one place (the CLI fills it from flags and environment)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+
+class Settings(msgspec.Struct):
+    host: str = "127.0.0.1"
+    port: int = 8765
+    data_dir: Path = Path("switchboard-data")
+    #: How often each side sends a heartbeat, and how long silence may last.
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 20.0
+    #: How long a new connection has to send its Hello.
+    hello_timeout_s: float = 10.0
+    #: Largest artifact upload (Wasm modules, image tarballs).
+    max_artifact_bytes: int = 1024 * 1024 * 1024
+    #: Largest JSON request body (job specs).
+    max_request_bytes: int = 1024 * 1024
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "switchboard.sqlite3"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"

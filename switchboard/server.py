@@ -1,0 +1,74 @@
+"""Running the switchboard: uvicorn on uvloop with the sans-I/O websockets implementation,
+on a socket we bind ourselves so `--port 0` works and the real address can be printed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+
+import uvicorn
+import uvloop
+
+from protocol.limits import MAX_FRAME_BYTES
+from switchboard.app import create_app
+from switchboard.config import Settings
+
+log = logging.getLogger("switchboard")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(settings: Settings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    config = uvicorn.Config(
+        create_app(settings),
+        loop="none",  # we run uvicorn inside our own uvloop loop
+        ws="websockets-sansio",
+        ws_max_size=MAX_FRAME_BYTES,
+        ws_ping_interval=None,  # liveness is the protocol's Heartbeat
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    sock = bind(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if settings.tls_cert else "http"
+    shown = f"[{host}]" if ":" in host else host
+
+    async def announce() -> None:
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
+            await asyncio.sleep(0.01)
+        # One line a launcher can wait for; the URLs a person needs.
+        print(f"switchboard listening on {scheme}://{shown}:{port}", flush=True)
+        print(f"  API:        {scheme}://{shown}:{port}/api/v1", flush=True)
+        print(f"  OpenAPI:    {scheme}://{shown}:{port}/schema/openapi.json", flush=True)
+        print(f"  supervisors connect to ws{scheme[4:]}://{shown}:{port}/ws/supervisor", flush=True)
+
+    announcer = asyncio.create_task(announce())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        announcer.cancel()
+
+
+def run(settings: Settings) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    uvloop.run(serve(settings))

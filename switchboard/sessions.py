@@ -1,0 +1,326 @@
+"""Supervisor connections on the switchboard: handshake, events in, commands out.
+
+One SupervisorSession per WebSocket. Its reader decodes frames and queues events; its
+applier stores whatever has gathered as one batch (one transaction) and then sends one
+cumulative Ack, so acknowledging never races ahead of durability. A newer connection of
+the same supervisor replaces an older one (the store hands out session generations).
+
+The Hub knows the live sessions of this process, so the dispatcher and the API can send
+StartJob and StopJob to the right socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import msgspec
+from litestar import WebSocket
+
+from protocol import codec, limits
+from protocol.exceptions import CloseCode, FrameError
+from protocol.messages import (
+    Ack,
+    Event,
+    Heartbeat,
+    Hello,
+    ProtocolErrorMessage,
+    ServerHeartbeat,
+    StartJob,
+    StatusReply,
+    StopJob,
+    SwitchboardMessage,
+    Welcome,
+)
+from protocol.session import negotiate_version
+from protocol.spec import JobSpec
+from switchboard import auth
+from switchboard.config import Settings
+from switchboard.models import RunKey
+from switchboard.reconcile import Action, reconcile
+from switchboard.store.base import Store
+
+log = logging.getLogger("switchboard.sessions")
+
+#: Events waiting to be stored, per connection; a full queue stops reading the socket.
+EVENT_QUEUE = 4096
+#: Events stored per transaction at most.
+MAX_BATCH = 1024
+
+
+def start_message(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
+    return StartJob(
+        job_id=job_id,
+        attempt=attempt,
+        backend=spec.backend,
+        name=spec.name,
+        parameters=spec.parameters,
+        resources=spec.resources,
+        timeout_s=spec.timeout_s,
+    )
+
+
+class SupervisorSession:
+    def __init__(self, hub: Hub, socket: WebSocket, hello: Hello, session: int) -> None:
+        self.hub = hub
+        self.socket = socket
+        self.hello = hello
+        self.id = hello.supervisor_id
+        self.session = session
+        #: True once reconciled: only then may the dispatcher give it new runs.
+        self.ready = False
+        self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE)
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+        self._last_heard = time.monotonic()
+
+    async def send(self, message: SwitchboardMessage) -> None:
+        async with self._send_lock:
+            if self._closed:
+                return
+            text = codec.encode(message).decode()
+            await self.socket.send({"type": "websocket.send", "text": text})
+
+    async def close(self, code: CloseCode, reason: str) -> None:
+        async with self._send_lock:
+            if self._closed:
+                return
+            self._closed = True
+            await _close_with_error(self.socket, FrameError(code, reason))
+
+    async def serve(self, stored_seq: int) -> None:
+        settings = self.hub.settings
+        await self.send(
+            Welcome(
+                version=negotiate_version(self.hello.versions),
+                session=self.session,
+                last_seq=stored_seq,
+                heartbeat_interval_s=settings.heartbeat_interval_s,
+                heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            )
+        )
+        if stored_seq >= self.hello.last_seq:
+            await self._reconcile()
+        tasks = [
+            asyncio.create_task(self._read_loop()),
+            asyncio.create_task(self._apply_loop()),
+            asyncio.create_task(self._heartbeat_loop()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if isinstance(exc, FrameError):
+                    log.warning("supervisor %s: %s", self.id, exc)
+                    await self.close(exc.code, exc.reason)
+                elif exc is not None:
+                    log.error("supervisor %s session failed", self.id, exc_info=exc)
+                    await self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Store what was received before the connection went away.
+            await self._drain_events()
+
+    async def _read_loop(self) -> None:
+        while True:
+            message = await self.socket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            frame = message.get("bytes") or message.get("text") or b""
+            self._last_heard = time.monotonic()
+            decoded = codec.decode_from_supervisor(frame)
+            match decoded:
+                case Event():
+                    await self._events.put(decoded)
+                case Heartbeat():
+                    pass
+                case StatusReply():
+                    pass
+                case ProtocolErrorMessage(code=code, reason=reason):
+                    log.warning(
+                        "supervisor %s reported a protocol error: %s (%d)", self.id, reason, code
+                    )
+                    return
+                case Hello():
+                    raise FrameError(CloseCode.UNEXPECTED_MESSAGE, "hello after the handshake")
+
+    async def _apply_loop(self) -> None:
+        while True:
+            batch = [await self._events.get()]
+            while len(batch) < MAX_BATCH and not self._events.empty():
+                batch.append(self._events.get_nowait())
+            await self._store_batch(batch)
+
+    async def _drain_events(self) -> None:
+        batch = []
+        while not self._events.empty():
+            batch.append(self._events.get_nowait())
+        if batch:
+            with contextlib.suppress(Exception):
+                await self._store_batch(batch)
+
+    async def _store_batch(self, batch: list[Event]) -> None:
+        hub = self.hub
+        result = await hub.store.apply_events(self.id, batch)
+        await self.send(Ack(seq=result.stored_seq))
+        for key in result.unwanted:
+            await self.send(StopJob(job_id=key.job_id, attempt=key.attempt, reason="unwanted"))
+        if result.ended:
+            hub.wake_dispatcher()
+        if not self.ready and result.stored_seq >= self.hello.last_seq:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        store = self.hub.store
+        for decision in reconcile(await store.active_runs(self.id), self.hello.runs):
+            match decision.action:
+                case Action.ADOPT:
+                    pass
+                case Action.RESEND:
+                    assert decision.run is not None
+                    await self.send(
+                        start_message(decision.job_id, decision.attempt, decision.run.spec)
+                    )
+                case Action.STOP:
+                    await self.send(
+                        StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="canceled")
+                    )
+                case Action.STOP_ZOMBIE:
+                    await self.send(
+                        StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="unwanted")
+                    )
+                case Action.FINALIZE_CANCELED | Action.FINALIZE_LOST:
+                    phase = "canceled" if decision.action is Action.FINALIZE_CANCELED else "lost"
+                    key = RunKey(decision.job_id, decision.attempt)
+                    await store.end_run(key, phase, "supervisor no longer holds it")
+        self.ready = True
+        self.hub.wake_dispatcher()
+
+    async def _heartbeat_loop(self) -> None:
+        settings = self.hub.settings
+        while True:
+            await asyncio.sleep(settings.heartbeat_interval_s)
+            if time.monotonic() - self._last_heard > settings.heartbeat_timeout_s:
+                raise FrameError(CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat from the supervisor")
+            await self.send(ServerHeartbeat(at=time.time()))
+
+
+class Hub:
+    """The live supervisor sessions of this switchboard process."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.sessions: dict[str, SupervisorSession] = {}
+        self._wake_dispatcher: Any = lambda: None
+
+    def on_capacity_change(self, callback: Any) -> None:
+        self._wake_dispatcher = callback
+
+    def wake_dispatcher(self) -> None:
+        self._wake_dispatcher()
+
+    def ready_sessions(self) -> list[SupervisorSession]:
+        return [s for s in self.sessions.values() if s.ready]
+
+    async def send_start(self, supervisor_id: str, start: StartJob) -> bool:
+        session = self.sessions.get(supervisor_id)
+        if session is None:
+            return False  # reconciliation resends it when the supervisor is back
+        await session.send(start)
+        return True
+
+    async def send_stop(self, supervisor_id: str, stop: StopJob) -> bool:
+        session = self.sessions.get(supervisor_id)
+        if session is None:
+            return False
+        await session.send(stop)
+        return True
+
+    async def close_all(self, code: CloseCode, reason: str) -> None:
+        await asyncio.gather(
+            *(s.close(code, reason) for s in list(self.sessions.values())),
+            return_exceptions=True,
+        )
+
+    async def handle(self, socket: WebSocket) -> None:
+        """Serve one supervisor WebSocket from the upgrade request to the close."""
+        token = await auth.authenticate(self.store, socket.headers.get("authorization"))
+        if token is None or not auth.allows(token.role, auth.Permission.CONNECT):
+            await _refuse(socket, 401, "unauthorized", "a valid supervisor token is required")
+            return
+        offered = socket.scope.get("subprotocols") or []
+        if limits.SUBPROTOCOL not in offered:
+            await _refuse(
+                socket,
+                400,
+                "unsupported_protocol",
+                f"the WebSocket subprotocol {limits.SUBPROTOCOL} is required",
+            )
+            return
+        await socket.accept(subprotocols=limits.SUBPROTOCOL)
+        try:
+            hello = await self._receive_hello(socket)
+        except FrameError as exc:
+            await _close_with_error(socket, exc)
+            return
+        except TimeoutError:
+            await _close_with_error(
+                socket, FrameError(CloseCode.HANDSHAKE_FAILED, "no hello within the time limit")
+            )
+            return
+        connected = await self.store.supervisor_connected(hello)
+        session = SupervisorSession(self, socket, hello, connected.session)
+        previous = self.sessions.get(session.id)
+        self.sessions[session.id] = session
+        if previous is not None:
+            await previous.close(CloseCode.REPLACED, "replaced by a newer connection")
+        log.info("supervisor %s connected (session %d)", session.id, session.session)
+        try:
+            await session.serve(connected.last_seq)
+        finally:
+            if self.sessions.get(session.id) is session:
+                del self.sessions[session.id]
+            await self.store.supervisor_disconnected(session.id, session.session)
+            log.info("supervisor %s disconnected (session %d)", session.id, session.session)
+
+    async def _receive_hello(self, socket: WebSocket) -> Hello:
+        message = await asyncio.wait_for(socket.receive(), self.settings.hello_timeout_s)
+        if message["type"] == "websocket.disconnect":
+            raise FrameError(CloseCode.HANDSHAKE_FAILED, "closed before hello")
+        decoded = codec.decode_from_supervisor(message.get("bytes") or message.get("text") or b"")
+        if not isinstance(decoded, Hello):
+            raise FrameError(CloseCode.HANDSHAKE_FAILED, "the first message must be hello")
+        negotiate_version(decoded.versions)
+        return decoded
+
+
+async def _refuse(socket: WebSocket, status: int, error: str, message: str) -> None:
+    """Answer the upgrade request with a plain HTTP error instead of accepting it."""
+    await socket.receive()  # websocket.connect
+    body = msgspec.json.encode({"error": error, "message": message})
+    await socket.send(
+        {
+            "type": "websocket.http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await socket.send({"type": "websocket.http.response.body", "body": body})
+
+
+async def _close_with_error(socket: WebSocket, error: FrameError) -> None:
+    """Say why (a ProtocolErrorMessage), then close with the code. Never raises: the peer
+    may already be gone."""
+    with contextlib.suppress(Exception):
+        text = codec.encode(ProtocolErrorMessage(code=int(error.code), reason=error.reason))
+        await socket.send({"type": "websocket.send", "text": text.decode()})
+        await socket.close(int(error.code), error.close_reason())

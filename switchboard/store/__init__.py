@@ -1,0 +1,1 @@
+"""Persistence behind one interface (store.base); SQLite is the embedded implementation."""

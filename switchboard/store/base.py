@@ -1,0 +1,133 @@
+"""The store interface: every read and write the switchboard makes goes through here.
+
+The embedded implementation is SQLite (store.sqlite); a PostgreSQL one can implement the
+same methods. Every method that changes state returns only after the change is durable,
+which is what lets the switchboard acknowledge a supervisor's events.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import msgspec
+
+from protocol.messages import Hello, Stream, SupervisorEvent
+from protocol.spec import JobSpec
+from switchboard.models import (
+    ActiveRun,
+    Assignment,
+    JobView,
+    QueuedJob,
+    RunKey,
+    SupervisorView,
+    TokenView,
+)
+
+
+class Connected(msgspec.Struct, frozen=True):
+    """What the store says when a supervisor (re)connects."""
+
+    session: int
+    last_seq: int
+
+
+class EventsApplied(msgspec.Struct, frozen=True):
+    """The result of storing a batch of events."""
+
+    #: Highest seq now stored for the supervisor (acknowledge up to here).
+    stored_seq: int
+    #: Runs that reached a terminal phase in this batch (capacity freed).
+    ended: list[RunKey] = []
+    #: Runs whose events were refused (the switchboard no longer wants them: stop them).
+    unwanted: list[RunKey] = []
+
+
+class CancelResult(msgspec.Struct, frozen=True):
+    """What a cancel request found. `supervisor_id`/`attempt` name a run to stop."""
+
+    phase: str
+    supervisor_id: str | None = None
+    attempt: int | None = None
+
+
+class Store(abc.ABC):
+    # lifecycle
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # tokens
+    @abc.abstractmethod
+    async def add_token(self, token_id: str, role: str, name: str, digest: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def find_token(self, digest: bytes) -> TokenView | None:
+        """The unrevoked token whose hash is `digest`."""
+
+    # artifacts (bytes live beside the database; the store keeps the index)
+    @abc.abstractmethod
+    async def add_artifact(self, digest: str, size: int) -> None: ...
+
+    @abc.abstractmethod
+    async def has_artifact(self, digest: str) -> bool: ...
+
+    # jobs
+    @abc.abstractmethod
+    async def create_job(self, job_id: str, spec: JobSpec) -> None: ...
+
+    @abc.abstractmethod
+    async def get_job(self, job_id: str) -> JobView | None: ...
+
+    @abc.abstractmethod
+    async def queued_jobs(self, limit: int) -> list[QueuedJob]:
+        """Queued jobs, highest priority first, oldest first within a priority."""
+
+    @abc.abstractmethod
+    async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
+        """For each (job id, supervisor id), create the job's next run on that supervisor,
+        in one transaction. Jobs no longer queued are left out of the result."""
+
+    @abc.abstractmethod
+    async def request_cancel(self, job_id: str) -> CancelResult | None:
+        """Cancel a job: a queued one ends at once; an active one is marked so its run is
+        stopped. None if there is no such job."""
+
+    @abc.abstractmethod
+    async def read_output(
+        self, job_id: str, attempt: int, stream: Stream, start: int = 0, end: int | None = None
+    ) -> bytes:
+        """Bytes [start, end) of a run's stream (as much as is stored)."""
+
+    # supervisors
+    @abc.abstractmethod
+    async def supervisor_connected(self, hello: Hello) -> Connected:
+        """Record a (re)connect: a new session generation and the stored seq."""
+
+    @abc.abstractmethod
+    async def active_runs(self, supervisor_id: str) -> list[ActiveRun]:
+        """The runs the switchboard believes a supervisor holds."""
+
+    @abc.abstractmethod
+    async def supervisor_disconnected(self, supervisor_id: str, session: int) -> None:
+        """Record a disconnect, unless a newer session has already replaced `session`."""
+
+    @abc.abstractmethod
+    async def list_supervisors(self) -> list[SupervisorView]: ...
+
+    @abc.abstractmethod
+    async def running_counts(self) -> dict[str, int]:
+        """Active runs per supervisor id."""
+
+    @abc.abstractmethod
+    async def apply_events(
+        self, supervisor_id: str, events: Sequence[SupervisorEvent]
+    ) -> EventsApplied:
+        """Store a batch of a supervisor's events in one transaction, skipping those
+        already stored (seq at or below the stored seq)."""
+
+    @abc.abstractmethod
+    async def end_run(self, key: RunKey, phase: str, message: str) -> bool:
+        """Finalize an active run from the switchboard's side (e.g. the host lost it)."""
