@@ -43,6 +43,13 @@ class ApiError(HTTPException):
         self.field = field
 
 
+def invalid_spec(exc: msgspec.ValidationError) -> ApiError:
+    """A 400 naming the field msgspec pointed at (`... - at `$.backend.module``)."""
+    text, _, where = str(exc).partition(" - at `$.")
+    field = where.rstrip("`") or None
+    return ApiError(400, "invalid_spec", f"{field}: {text}" if field else text, field)
+
+
 def _body(status: int, body: ErrorBody) -> Response[ErrorBody]:
     return Response(body, status_code=status)
 
@@ -64,6 +71,8 @@ def validation_error(_: Request, exc: ValidationException) -> Response[ErrorBody
     if problems:
         first = problems[0]
         key = first.get("key") if isinstance(first, dict) else None
+        if key == "data":  # the whole body: the message itself names the field
+            key = None
         text = first.get("message", exc.detail) if isinstance(first, dict) else str(first)
         message = f"{key}: {text}" if key else str(text)
         return _body(400, ErrorBody("invalid_request", message, key))

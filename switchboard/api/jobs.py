@@ -9,9 +9,10 @@ import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
 
+from protocol import codec
 from protocol.messages import StopJob
 from protocol.spec import JobSpec, WasmBackend
-from switchboard.api.errors import ApiError
+from switchboard.api.errors import ApiError, invalid_spec
 from switchboard.api.security import require
 from switchboard.auth import Permission
 from switchboard.jobstate import redacted
@@ -47,6 +48,12 @@ class JobController(Controller):
     async def submit(self, request: Request, data: JobSpec) -> JobCreated:
         """Queue a job. Wasm modules must have been uploaded as artifacts first."""
         state = _state(request)
+        # Litestar's own parse (which feeds `data` and the OpenAPI schema) is lenient
+        # ("5" passes for 5.0); a spec is typed by people, so check it strictly too.
+        try:
+            data = codec.decode_job_spec(await request.body())
+        except msgspec.ValidationError as exc:
+            raise invalid_spec(exc) from None
         if isinstance(data.backend, WasmBackend) and not state.artifacts.exists(
             data.backend.module
         ):

@@ -1,0 +1,173 @@
+"""Real processes for end-to-end tests: a switchboard server and supervisors, each started
+as its own Python process on loopback, plus an HTTP client holding a token."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+#: Multiplies every wait in the tests (set SWITCHBOARD_TEST_TIME_SCALE on slow machines).
+TIME_SCALE = float(os.environ.get("SWITCHBOARD_TEST_TIME_SCALE", "1"))
+
+
+def scaled(seconds: float) -> float:
+    return seconds * TIME_SCALE
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_cli(*args: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess:
+    return subprocess.run(  # type: ignore[call-overload]
+        [sys.executable, *args], capture_output=True, env=_env(), check=check, **kwargs
+    )
+
+
+class Process:
+    """A child process whose combined output is kept in a log file."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=_env(),
+        )
+
+    def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Read stdout until a line matches `pattern` (stdout is copied to the log)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + scaled(timeout)
+        regex = re.compile(pattern)
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        buffer = b""
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=0.1):
+                if self.proc.poll() is not None:
+                    break
+                continue
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            self._log.write(chunk)
+            buffer += chunk
+            for line in buffer.decode(errors="replace").splitlines():
+                if match := regex.search(line):
+                    return match
+        raise AssertionError(f"no line matching {pattern!r}; log:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(scaled(timeout))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class Switchboard:
+    """A switchboard server process with its own data dir, and tokens for it."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.process = Process(
+            ["-m", "switchboard", "serve", "--port", "0", "--data-dir", str(data_dir)],
+            data_dir.parent / f"{data_dir.name}.log",
+        )
+        match = self.process.wait_for_line(r"listening on (http://[\d.]+:(\d+))", timeout=30)
+        self.url = match.group(1)
+        self.port = int(match.group(2))
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.admin_token = self.create_token("admin")
+
+    def create_token(self, role: str) -> str:
+        done = run_cli(
+            "-m", "switchboard", "token", "create", "--role", role, "--data-dir", str(self.data_dir)
+        )
+        return done.stdout.decode().strip()
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token or self.admin_token}"},
+            timeout=30.0,
+        )
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_supervisor(
+    switchboard: Switchboard,
+    work: Path,
+    *,
+    name: str,
+    backend: str = "wasm",
+    max_jobs: int = 4,
+    labels: dict[str, str] | None = None,
+) -> Process:
+    token = switchboard.create_token("supervisor")
+    args = [
+        "-m", "supervisor", "run",
+        "--switchboard", switchboard.ws_url,
+        "--token", token,
+        "--name", name,
+        "--backend", backend,
+        "--max-jobs", str(max_jobs),
+        "--work-dir", str(work / name),
+    ]
+    for key, value in (labels or {}).items():
+        args += ["--label", f"{key}={value}"]
+    return Process(args, work / f"{name}.log")
+
+
+def wait_connected(client: httpx.Client, supervisor_id: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + scaled(timeout)
+    while time.monotonic() < deadline:
+        for sup in client.get("/api/v1/supervisors").json():
+            if sup["id"] == supervisor_id and sup["connected"]:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"supervisor {supervisor_id} did not connect")
+
+
+TERMINAL = {"succeeded", "failed", "timed_out", "canceled", "lost", "exhausted", "rejected"}
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 60.0) -> dict:
+    """Poll until the job is in a terminal phase; return it."""
+    deadline = time.monotonic() + scaled(timeout)
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["phase"] in TERMINAL:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {job}")

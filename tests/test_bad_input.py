@@ -1,0 +1,230 @@
+"""Bad input over real sockets: each gets a clear error, and the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from protocol import codec, limits
+from protocol.exceptions import CloseCode
+from protocol.messages import Hello, Welcome
+from protocol.session import supported_versions
+from tests.harness import Switchboard
+
+
+def _ws(switchboard: Switchboard, token: str | None, subprotocols=(limits.SUBPROTOCOL,)):
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return websockets.connect(
+        f"{switchboard.ws_url}/ws/supervisor",
+        additional_headers=headers,
+        subprotocols=[websockets.Subprotocol(p) for p in subprotocols],
+        max_size=None,
+    )
+
+
+async def _handshake(ws, supervisor_id: str) -> Welcome:
+    hello = Hello(supervisor_id=supervisor_id, name=supervisor_id, versions=supported_versions())
+    await ws.send(codec.encode(hello), text=True)
+    welcome = codec.decode_from_switchboard(await ws.recv(decode=False))
+    assert isinstance(welcome, Welcome)
+    return welcome
+
+
+async def _closed_with(ws) -> tuple[int, str, list[dict]]:
+    """Read until the server closes; return the close code, reason and any JSON it sent."""
+    seen = []
+    try:
+        async for frame in ws:
+            seen.append(json.loads(frame))
+    except ConnectionClosed:
+        pass
+    assert ws.close_code is not None
+    return ws.close_code, ws.close_reason or "", seen
+
+
+# --- REST ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", [None, "Bearer sbt_wrong", "Basic abc", "Bearer"])
+def test_rest_refuses_missing_or_wrong_token(switchboard: Switchboard, header: str | None):
+    import httpx
+
+    headers = {"Authorization": header} if header is not None else {}
+    response = httpx.post(f"{switchboard.url}/api/v1/jobs", headers=headers, json={})
+    assert response.status_code == 401
+    assert response.json()["error"] == "unauthorized"
+
+
+def test_rest_refuses_a_role_without_the_permission(switchboard: Switchboard):
+    viewer = switchboard.client(switchboard.create_token("viewer"))
+    response = viewer.post("/api/v1/jobs", json={"name": "x", "backend": {"kind": "noop"}})
+    assert response.status_code == 403
+    assert response.json()["error"] == "forbidden"
+    # ...but may read.
+    assert viewer.get("/api/v1/supervisors").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"name": "x", "backend": {"kind": "wasm", "module": "sha256:nothex"}}, "backend.module"),
+        ({"name": "x", "backend": {"kind": "noop"}, "timeout_s": "5"}, "timeout_s"),
+        ({"name": "x", "backend": {"kind": "noop"}, "timeout_s": -1}, "timeout_s"),
+        ({"name": "", "backend": {"kind": "noop"}}, "name"),
+        ({"name": "x", "backend": {"kind": "teleport"}}, "backend"),
+        ({"name": "x", "backend": {"kind": "noop"}, "labels": {"bad key!": "v"}}, "labels"),
+        (
+            {"name": "x", "backend": {"kind": "noop"},
+             "selector": {"match_expressions": [{"key": "a", "operator": "Exists",
+                                                 "values": ["v"]}]}},
+            "selector.match_expressions[0]",
+        ),
+    ],
+)
+def test_invalid_spec_is_400_naming_the_field(switchboard: Switchboard, spec: dict, field: str):
+    response = switchboard.client().post("/api/v1/jobs", json=spec)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["error"] in ("invalid_spec", "invalid_request")
+    assert field in body["message"]
+
+
+def test_unknown_field_in_spec_is_named(switchboard: Switchboard):
+    spec = {"name": "x", "backend": {"kind": "noop"}, "tmeout_s": 5}
+    response = switchboard.client().post("/api/v1/jobs", json=spec)
+    assert response.status_code == 400
+    assert "tmeout_s" in response.json()["message"]
+
+
+def test_malformed_json_body_is_400(switchboard: Switchboard):
+    response = switchboard.client().post(
+        "/api/v1/jobs", content=b'{"name": "x", "backend": {', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+
+
+def test_wasm_job_naming_a_missing_artifact_is_400(switchboard: Switchboard):
+    spec = {"name": "x", "backend": {"kind": "wasm", "module": "sha256:" + "0" * 64}}
+    response = switchboard.client().post("/api/v1/jobs", json=spec)
+    assert response.status_code == 400
+    assert response.json()["field"] == "backend.module"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/v1/jobs/nope", "/api/v1/jobs/nope/output", "/api/v1/artifacts/sha256:" + "1" * 64],
+)
+def test_unknown_ids_are_404(switchboard: Switchboard, path: str):
+    response = switchboard.client().get(path)
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found"
+
+
+def test_cancel_of_unknown_job_is_404(switchboard: Switchboard):
+    assert switchboard.client().post("/api/v1/jobs/nope/cancel").status_code == 404
+
+
+def test_health_needs_no_token(switchboard: Switchboard):
+    import httpx
+
+    response = httpx.get(f"{switchboard.url}/api/v1/health")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+def test_openapi_describes_the_api(switchboard: Switchboard):
+    import httpx
+
+    schema = httpx.get(f"{switchboard.url}/schema/openapi.json").json()
+    assert "/api/v1/jobs" in schema["paths"]
+    assert "JobSpec" in json.dumps(schema["components"])
+
+
+# --- WebSocket -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, "sbt_wrong"])
+async def test_websocket_upgrade_refused_without_valid_token(switchboard: Switchboard, token):
+    with pytest.raises(InvalidStatus) as refused:
+        async with _ws(switchboard, token):
+            pass
+    assert refused.value.response.status_code == 401
+    assert b"token" in refused.value.response.body
+
+
+async def test_websocket_upgrade_refused_for_api_token(switchboard: Switchboard):
+    with pytest.raises(InvalidStatus) as refused:
+        async with _ws(switchboard, switchboard.admin_token):
+            pass
+    assert refused.value.response.status_code == 401
+
+
+async def test_websocket_upgrade_refused_without_subprotocol(switchboard: Switchboard):
+    token = switchboard.create_token("supervisor")
+    with pytest.raises(InvalidStatus) as refused:
+        async with _ws(switchboard, token, subprotocols=("chat",)):
+            pass
+    assert refused.value.response.status_code == 400
+
+
+async def test_first_message_must_be_hello(switchboard: Switchboard):
+    token = switchboard.create_token("supervisor")
+    async with _ws(switchboard, token) as ws:
+        await ws.send(b'{"type":"heartbeat"}', text=True)
+        code, reason, frames = await _closed_with(ws)
+    assert code == CloseCode.HANDSHAKE_FAILED
+    assert "hello" in reason
+    assert frames and frames[-1]["type"] == "protocol_error"
+
+
+async def test_hello_with_unknown_version_is_refused(switchboard: Switchboard):
+    token = switchboard.create_token("supervisor")
+    async with _ws(switchboard, token) as ws:
+        hello = Hello(supervisor_id="future", name="future", versions=["7.0"])
+        await ws.send(codec.encode(hello), text=True)
+        code, reason, _ = await _closed_with(ws)
+    assert code == CloseCode.UNSUPPORTED_VERSION
+    assert "version" in reason
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        (b"{not json", "malformed JSON"),
+        (b'{"type":"output","seq":"one"}', "$.seq"),
+        (b'{"type":"launch_missiles"}', "type"),
+        (b"\xff\xfe", ""),
+    ],
+)
+async def test_malformed_frame_closes_only_that_connection(
+    switchboard: Switchboard, frame: bytes, expected: str
+):
+    token = switchboard.create_token("supervisor")
+    async with _ws(switchboard, token) as healthy, _ws(switchboard, token) as bad:
+        await _handshake(healthy, "healthy-peer")
+        await _handshake(bad, "bad-peer")
+        await bad.send(frame)  # binary frame: JSON is accepted in either kind
+        code, reason, frames = await _closed_with(bad)
+        assert code == CloseCode.INVALID_PAYLOAD
+        assert expected in reason
+        assert frames[-1]["type"] == "protocol_error"
+        # The other connection is untouched, and the server takes new ones.
+        await healthy.ping()
+        async with _ws(switchboard, token) as fresh:
+            await _handshake(fresh, "fresh-peer")
+
+
+async def test_oversized_frame_closes_only_that_connection(switchboard: Switchboard):
+    token = switchboard.create_token("supervisor")
+    async with _ws(switchboard, token) as healthy, _ws(switchboard, token) as bad:
+        await _handshake(healthy, "healthy-2")
+        await _handshake(bad, "big-peer")
+        await bad.send(b"x" * (limits.MAX_FRAME_BYTES + 1))
+        code, _, _ = await asyncio.wait_for(_closed_with(bad), 10)
+        assert code == CloseCode.MESSAGE_TOO_BIG
+        await healthy.ping()
+    assert switchboard.client().get("/api/v1/health").status_code == 200
