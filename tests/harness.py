@@ -96,17 +96,29 @@ class Process:
 class Switchboard:
     """A switchboard server process with its own data dir, and tokens for it."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
         self.data_dir = data_dir
+        self.starts = 0
+        self.port = port
+        self._start()
+        self.admin_token = self.create_token("admin")
+
+    def _start(self) -> None:
+        self.starts += 1
         self.process = Process(
-            ["-m", "switchboard", "serve", "--port", "0", "--data-dir", str(data_dir)],
-            data_dir.parent / f"{data_dir.name}.log",
+            ["-m", "switchboard", "serve", "--port", str(self.port), "--data-dir",
+             str(self.data_dir)],
+            self.data_dir.parent / f"{self.data_dir.name}.{self.starts}.log",
         )
         match = self.process.wait_for_line(r"listening on (http://[\d.]+:(\d+))", timeout=30)
         self.url = match.group(1)
         self.port = int(match.group(2))
         self.ws_url = f"ws://127.0.0.1:{self.port}"
-        self.admin_token = self.create_token("admin")
+
+    def kill_and_restart(self) -> None:
+        """SIGKILL the server, then start it again on the same port and data dir."""
+        self.process.kill()
+        self._start()
 
     def create_token(self, role: str) -> str:
         done = run_cli(

@@ -1,0 +1,177 @@
+"""The SQLite store on disk: events applied once, output appended only at its offset,
+everything durable across a reopen."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from protocol.exceptions import JobErrorKind
+from protocol.messages import Hello, JobErrorReport, JobExit, JobStateChanged, Output
+from protocol.spec import JobSpec, NoopBackend
+from protocol.state import Phase
+from switchboard.models import RunKey
+from switchboard.store.sqlite import SQLiteStore
+
+SPEC = JobSpec(name="t", backend=NoopBackend())
+HELLO = Hello(supervisor_id="s1", name="s1", versions=["1.0"], backends=["noop"], max_jobs=4)
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = SQLiteStore(tmp_path / "db.sqlite3")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def _assigned_job(store, job_id="j1"):
+    await store.create_job(job_id, SPEC)
+    await store.supervisor_connected(HELLO)
+    [made] = await store.assign([(job_id, "s1")])
+    return made
+
+
+def state(seq, phase, job="j1", **kw):
+    return JobStateChanged(seq=seq, job_id=job, attempt=1, phase=phase, **kw)
+
+
+def out(seq, offset, data, job="j1", stream="stdout"):
+    return Output(seq=seq, job_id=job, attempt=1, stream=stream, offset=offset, data=data)
+
+
+async def test_lifecycle_and_phases_in_order(store):
+    made = await _assigned_job(store)
+    assert made.attempt == 1
+    result = await store.apply_events("s1", [
+        state(1, Phase.INITIALIZING, stage="fetching"),
+        state(2, Phase.RUNNING),
+        out(3, 0, b"hello "),
+        out(4, 6, b"world"),
+        JobExit(seq=5, job_id="j1", attempt=1, exit_code=0),
+        state(6, Phase.SUCCEEDED),
+    ])
+    assert result.stored_seq == 6 and result.ended == [RunKey("j1", 1)]
+    job = await store.get_job("j1")
+    assert job.phase == Phase.SUCCEEDED and job.exit_code == 0
+    assert [p.phase for p in job.runs[0].phases] == [
+        "assigned", "initializing", "running", "succeeded"
+    ]
+    assert await store.read_output("j1", 1, "stdout") == b"hello world"
+    assert await store.read_output("j1", 1, "stdout", 3, 8) == b"lo wo"
+
+
+async def test_resent_events_are_applied_once(store):
+    await _assigned_job(store)
+    batch = [state(1, Phase.RUNNING), out(2, 0, b"abc")]
+    await store.apply_events("s1", batch)
+    again = await store.apply_events("s1", [*batch, out(3, 3, b"def")])
+    assert again.stored_seq == 3
+    assert await store.read_output("j1", 1, "stdout") == b"abcdef"
+    job = await store.get_job("j1")
+    assert [p.phase for p in job.runs[0].phases].count("running") == 1
+
+
+async def test_output_only_appends_at_the_expected_offset(store):
+    await _assigned_job(store)
+    await store.apply_events("s1", [
+        state(1, Phase.RUNNING),
+        out(2, 0, b"0123"),
+        out(3, 2, b"23"),      # overlap already stored: ignored
+        out(4, 10, b"gap"),    # a gap: refused
+        out(5, 4, b"45"),
+    ])
+    assert await store.read_output("j1", 1, "stdout") == b"012345"
+
+
+async def test_backward_transition_is_refused(store):
+    await _assigned_job(store)
+    await store.apply_events("s1", [state(1, Phase.RUNNING), state(2, Phase.SUCCEEDED)])
+    result = await store.apply_events("s1", [state(3, Phase.RUNNING)])
+    assert result.unwanted == [RunKey("j1", 1)]
+    assert (await store.get_job("j1")).phase == Phase.SUCCEEDED
+
+
+async def test_events_for_runs_of_other_supervisors_are_refused(store):
+    await _assigned_job(store)
+    other = Hello(supervisor_id="s2", name="s2", versions=["1.0"])
+    await store.supervisor_connected(other)
+    result = await store.apply_events("s2", [state(1, Phase.RUNNING)])
+    assert result.unwanted == [RunKey("j1", 1)]
+    assert (await store.get_job("j1")).phase == Phase.ASSIGNED
+
+
+async def test_busy_rejection_requeues_the_job(store):
+    await _assigned_job(store)
+    await store.apply_events("s1", [
+        JobErrorReport(seq=1, job_id="j1", attempt=1, kind=JobErrorKind.MAX_CONCURRENT_JOBS),
+        state(2, Phase.REJECTED),
+    ])
+    assert (await store.get_job("j1")).phase == Phase.QUEUED
+    [again] = await store.assign([("j1", "s1")])
+    assert again.attempt == 2
+
+
+async def test_image_rejection_ends_the_job(store):
+    await _assigned_job(store)
+    await store.apply_events("s1", [
+        JobErrorReport(seq=1, job_id="j1", attempt=1, kind=JobErrorKind.IMAGE_NOT_FOUND,
+                       description="gone"),
+        state(2, Phase.REJECTED),
+    ])
+    job = await store.get_job("j1")
+    assert job.phase == Phase.REJECTED and job.runs[0].error_kind == "image_not_found"
+
+
+async def test_cancel(store):
+    await store.create_job("queued", SPEC)
+    assert (await store.request_cancel("queued")).phase == "canceled"
+    assert await store.assign([("queued", "s1")]) == []
+    made = await _assigned_job(store, "busy")
+    result = await store.request_cancel("busy")
+    assert (result.supervisor_id, result.attempt) == ("s1", made.attempt)
+    assert await store.request_cancel("missing") is None
+
+
+async def test_sessions_and_seq_survive_a_reopen(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    first = SQLiteStore(path)
+    await first.open()
+    await _assigned_job(first)
+    await first.apply_events("s1", [state(1, Phase.RUNNING), out(2, 0, b"kept")])
+    await first.close()
+
+    second = SQLiteStore(path)
+    await second.open()
+    connected = await second.supervisor_connected(HELLO)
+    assert connected.session == 2 and connected.last_seq == 2
+    assert [(r.job_id, r.phase) for r in await second.active_runs("s1")] == [("j1", "running")]
+    assert await second.read_output("j1", 1, "stdout") == b"kept"
+    await second.close()
+
+
+async def test_concurrent_writes_are_grouped_and_all_durable(store):
+    jobs = [f"j{i}" for i in range(200)]
+    await asyncio.gather(*(store.create_job(j, SPEC) for j in jobs))
+    queued = await store.queued_jobs(1000)
+    assert {q.id for q in queued} == set(jobs)
+    # FIFO within a priority: the queue order is the order of insertion.
+    assert [q.seq for q in queued] == sorted(q.seq for q in queued)
+
+
+async def test_a_failing_request_does_not_undo_its_group(store):
+    await store.create_job("dup", SPEC)
+    results = await asyncio.gather(
+        store.create_job("dup", SPEC), store.create_job("fine", SPEC), return_exceptions=True
+    )
+    assert isinstance(results[0], Exception) and results[1] is None
+    assert await store.get_job("fine") is not None
+
+
+async def test_lost_run_is_finalized(store):
+    await _assigned_job(store)
+    await store.apply_events("s1", [state(1, Phase.RUNNING)])
+    assert await store.end_run(RunKey("j1", 1), "lost", "host gone")
+    assert (await store.get_job("j1")).phase == Phase.LOST
+    assert not await store.end_run(RunKey("j1", 1), "lost", "twice")
