@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install everything the tests need (venv, packages, WASI toolchain) and run the suite.
+source "$(dirname "$0")/setup-env.sh"
+apt_install clang lld wasi-libc libclang-rt-14-dev-wasm32
+python_env test
+
+.venv/bin/ruff check .
+set +e
+.venv/bin/python -m pytest "$@"
+status=$?
+set -e
+if [ "$status" = 5 ]; then
+    echo "pytest collected no tests: that is a failure, not a pass" >&2
+    exit 1
+fi
+exit "$status"
