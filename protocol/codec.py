@@ -29,19 +29,24 @@ def encode(message: msgspec.Struct) -> bytes:
 
 
 def _decode(decoder: msgspec.json.Decoder, frame: bytes | str) -> Any:
-    if len(frame) > limits.MAX_FRAME_BYTES:
-        raise FrameError(
-            CloseCode.MESSAGE_TOO_BIG,
-            f"message of {len(frame)} bytes exceeds the limit of {limits.MAX_FRAME_BYTES}",
-        )
     try:
-        return decoder.decode(frame)
+        data = frame.encode() if isinstance(frame, str) else frame
+        if len(data) > limits.MAX_FRAME_BYTES:
+            raise FrameError(
+                CloseCode.MESSAGE_TOO_BIG,
+                f"message of {len(data)} bytes exceeds the limit of {limits.MAX_FRAME_BYTES}",
+            )
+        if not data.isascii():
+            data.decode()  # msgspec checks UTF-8 only in strings it keeps
+        return decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise FrameError(CloseCode.INVALID_PAYLOAD, f"invalid message: {exc}") from None
     except msgspec.DecodeError as exc:
         raise FrameError(CloseCode.INVALID_PAYLOAD, f"malformed JSON: {exc}") from None
-    except UnicodeDecodeError:
+    except UnicodeError:
         raise FrameError(CloseCode.INVALID_PAYLOAD, "message is not valid UTF-8") from None
+    except RecursionError:
+        raise FrameError(CloseCode.INVALID_PAYLOAD, "message is nested too deeply") from None
 
 
 def decode_from_supervisor(frame: bytes | str) -> FromSupervisor:

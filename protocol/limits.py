@@ -22,16 +22,16 @@ MAX_OUTPUT_CHUNK = 256 * 1024
 
 #: Identifiers (supervisor ids, job ids): ASCII letters, digits, `.`, `_`, `-`; 1..64 chars;
 #: the first one a letter or digit.
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$(?!\n)"
 ID_MAX_LEN = 64
 #: Human-readable names (job names, supervisor display names).
 NAME_MAX_LEN = 128
 #: Label keys: like identifiers but may contain `/` (for prefixes such as `lab.example/board`).
-LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$(?!\n)"
 LABEL_VALUE_MAX_LEN = 128
 MAX_LABELS = 64
 #: Content digests of artifacts (Wasm modules, image tarballs).
-DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$(?!\n)"
 #: Free-text fields (status messages, error descriptions) are cut to this many characters.
 MESSAGE_MAX_LEN = 4096
 

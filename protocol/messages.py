@@ -21,11 +21,13 @@ from msgspec import Meta
 
 from . import limits
 from .exceptions import JobErrorKind
-from .spec import BackendSpec, Id, Labels, Parameter, ResourceCounts
+from .spec import BackendSpec, Id, Labels, Parameter, ParameterName, ResourceCounts, Seconds
 from .state import Phase
 
-Seq = Annotated[int, Meta(ge=0)]
-Attempt = Annotated[int, Meta(ge=1)]
+INT64_MAX = 2**63 - 1
+Int64 = Annotated[int, Meta(ge=-INT64_MAX - 1, le=INT64_MAX)]
+Seq = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+Attempt = Annotated[int, Meta(ge=1, le=INT64_MAX)]
 Stream = Literal["stdout", "stderr", "console"]
 Text = Annotated[str, Meta(max_length=limits.MESSAGE_MAX_LEN)]
 
@@ -100,7 +102,7 @@ class Output(Event, tag="output"):
     """Bytes the run wrote to `stream`, starting at byte `offset` of that stream."""
 
     stream: Stream
-    offset: Annotated[int, Meta(ge=0)]
+    offset: Seq
     data: Annotated[bytes, Meta(max_length=limits.MAX_OUTPUT_CHUNK)]
 
 
@@ -111,8 +113,8 @@ class JobExit(Event, tag="exit"):
     memory_limit, error.
     """
 
-    exit_code: int | None = None
-    signal: int | None = None
+    exit_code: Int64 | None = None
+    signal: Int64 | None = None
     reason: Annotated[str, Meta(max_length=32)] = "exited"
     message: Text | None = None
 
@@ -120,9 +122,9 @@ class JobExit(Event, tag="exit"):
 class StatusReply(SupervisorMessage, tag="status"):
     """Answer to a StatusRequest: the runs held now."""
 
-    request_id: Annotated[int, Meta(ge=0)]
+    request_id: Seq
     runs: list[HeldRun] = []
-    running: Annotated[int, Meta(ge=0)] = 0
+    running: Seq = 0
 
 
 class Heartbeat(SupervisorMessage, tag="heartbeat"):
@@ -143,7 +145,7 @@ class Welcome(SwitchboardMessage, tag="welcome"):
 
     version: str
     #: Session generation: higher than that of any earlier connection of this supervisor.
-    session: Annotated[int, Meta(ge=1)]
+    session: Attempt
     #: Highest event seq from this supervisor that the switchboard has stored.
     last_seq: Seq
     heartbeat_interval_s: Annotated[float, Meta(gt=0)] = 5.0
@@ -156,11 +158,11 @@ class StartJob(SwitchboardMessage, tag="start_job"):
     job_id: Id
     attempt: Attempt
     backend: BackendSpec
-    name: str = ""
-    parameters: dict[str, Parameter] = {}
+    name: Annotated[str, Meta(max_length=limits.NAME_MAX_LEN)] = ""
+    parameters: dict[ParameterName, Parameter] = {}
     resources: ResourceCounts = {}
     #: Run timeout in seconds from the moment the run starts; None = no limit.
-    timeout_s: float | None = None
+    timeout_s: Seconds | None = None
 
 
 class StopJob(SwitchboardMessage, tag="stop_job"):
@@ -179,7 +181,7 @@ class Ack(SwitchboardMessage, tag="ack"):
 
 
 class StatusRequest(SwitchboardMessage, tag="status_request"):
-    request_id: Annotated[int, Meta(ge=0)]
+    request_id: Seq
 
 
 class ServerHeartbeat(SwitchboardMessage, tag="heartbeat"):
@@ -194,7 +196,7 @@ class ServerHeartbeat(SwitchboardMessage, tag="heartbeat"):
 class ProtocolErrorMessage(msgspec.Struct, tag="protocol_error", tag_field="type"):
     """Sent just before closing a connection because of a protocol error."""
 
-    code: int
+    code: Int64
     reason: str
 
 

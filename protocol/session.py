@@ -12,12 +12,15 @@ numbering after the Welcome's `last_seq`.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import islice
 
 from . import limits
 from .exceptions import CloseCode, FrameError
+
+_VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
 
 
 def supported_versions() -> list[str]:
@@ -32,10 +35,10 @@ def negotiate_version(offered: Iterable[str]) -> str:
     """
     best: int | None = None
     for version in offered:
-        major, _, minor = version.partition(".")
-        if not (major.isdigit() and minor.isdigit()) or int(major) != limits.PROTOCOL_MAJOR:
+        match = _VERSION_RE.fullmatch(version)
+        if match is None or int(match[1]) != limits.PROTOCOL_MAJOR:
             continue
-        candidate = min(int(minor), limits.PROTOCOL_MINOR)
+        candidate = min(int(match[2]), limits.PROTOCOL_MINOR)
         if best is None or candidate > best:
             best = candidate
     if best is None:

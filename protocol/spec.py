@@ -96,7 +96,7 @@ class Parameter(_Spec):
     secret: bool = False
 
 
-ParameterName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+ParameterName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$(?!\n)")]
 
 
 class JobSpec(_Spec):

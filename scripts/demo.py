@@ -25,7 +25,7 @@ TERMINAL = {"succeeded", "failed", "timed_out", "canceled", "lost", "exhausted",
 
 def spawn(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, *args], stderr=open(log, "wb"), cwd=REPO, **kwargs  # noqa: SIM115
+        [sys.executable, *args], stderr=open(log, "wb"), cwd=REPO, **kwargs
     )
 
 
@@ -79,7 +79,7 @@ def main() -> int:
             time.sleep(0.05)
         print("supervisor   demo-host connected (backend: wasm)")
 
-        module = wasmtime.wat2wasm((REPO / "examples" / "hello.wat").read_text())
+        module = bytes(wasmtime.wat2wasm((REPO / "examples" / "hello.wat").read_text()))
         digest = api.post("/api/v1/artifacts", content=module).json()["digest"]
         print(f"artifact     examples/hello.wat -> {digest}")
         spec = {"name": "hello", "backend": {"kind": "wasm", "module": digest}, "timeout_s": 60}

@@ -41,7 +41,7 @@ class Process:
 
     def __init__(self, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, *args],
             stdout=subprocess.PIPE,
@@ -106,8 +106,15 @@ class Switchboard:
     def _start(self) -> None:
         self.starts += 1
         self.process = Process(
-            ["-m", "switchboard", "serve", "--port", str(self.port), "--data-dir",
-             str(self.data_dir)],
+            [
+                "-m",
+                "switchboard",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+            ],
             self.data_dir.parent / f"{self.data_dir.name}.{self.starts}.log",
         )
         match = self.process.wait_for_line(r"listening on (http://[\d.]+:(\d+))", timeout=30)
@@ -148,13 +155,21 @@ def start_supervisor(
 ) -> Process:
     token = switchboard.create_token("supervisor")
     args = [
-        "-m", "supervisor", "run",
-        "--switchboard", switchboard.ws_url,
-        "--token", token,
-        "--name", name,
-        "--backend", backend,
-        "--max-jobs", str(max_jobs),
-        "--work-dir", str(work / name),
+        "-m",
+        "supervisor",
+        "run",
+        "--switchboard",
+        switchboard.ws_url,
+        "--token",
+        token,
+        "--name",
+        name,
+        "--backend",
+        backend,
+        "--max-jobs",
+        str(max_jobs),
+        "--work-dir",
+        str(work / name),
     ]
     for key, value in (labels or {}).items():
         args += ["--label", f"{key}={value}"]

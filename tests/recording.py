@@ -36,8 +36,10 @@ class RecordingConnector(SupervisorConnector):
 
     def output(self, job_id: str, stream: str = "stdout", attempt: int = 1) -> bytes:
         chunks = [
-            e for e in self.events
-            if isinstance(e, Output) and (e.job_id, e.attempt, e.stream) == (job_id, attempt, stream)
+            e
+            for e in self.events
+            if isinstance(e, Output)
+            and (e.job_id, e.attempt, e.stream) == (job_id, attempt, stream)
         ]
         data = b""
         for chunk in chunks:
@@ -45,7 +47,7 @@ class RecordingConnector(SupervisorConnector):
             data += chunk.data
         return data
 
-    async def wait_ended(self, job_id: str, attempt: int = 1, timeout: float = 30.0) -> str:
+    async def wait_ended(self, job_id: str, attempt: int = 1, limit_s: float = 30.0) -> str:
         async def ended() -> str:
             while True:
                 phases = self.phases(job_id, attempt)
@@ -54,4 +56,4 @@ class RecordingConnector(SupervisorConnector):
                 self._changed.clear()
                 await self._changed.wait()
 
-        return await asyncio.wait_for(ended(), timeout)
+        return await asyncio.wait_for(ended(), limit_s)

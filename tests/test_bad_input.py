@@ -78,9 +78,13 @@ def test_rest_refuses_a_role_without_the_permission(switchboard: Switchboard):
         ({"name": "x", "backend": {"kind": "teleport"}}, "backend"),
         ({"name": "x", "backend": {"kind": "noop"}, "labels": {"bad key!": "v"}}, "labels"),
         (
-            {"name": "x", "backend": {"kind": "noop"},
-             "selector": {"match_expressions": [{"key": "a", "operator": "Exists",
-                                                 "values": ["v"]}]}},
+            {
+                "name": "x",
+                "backend": {"kind": "noop"},
+                "selector": {
+                    "match_expressions": [{"key": "a", "operator": "Exists", "values": ["v"]}]
+                },
+            },
             "selector.match_expressions[0]",
         ),
     ],
@@ -102,7 +106,9 @@ def test_unknown_field_in_spec_is_named(switchboard: Switchboard):
 
 def test_malformed_json_body_is_400(switchboard: Switchboard):
     response = switchboard.client().post(
-        "/api/v1/jobs", content=b'{"name": "x", "backend": {', headers={"content-type": "application/json"}
+        "/api/v1/jobs",
+        content=b'{"name": "x", "backend": {',
+        headers={"content-type": "application/json"},
     )
     assert response.status_code == 400
 

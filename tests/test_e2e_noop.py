@@ -18,7 +18,9 @@ def noop_supervisor(switchboard: Switchboard, work_dir):
 
 
 def submit(client, **backend) -> str:
-    response = client.post("/api/v1/jobs", json={"name": "e2e", "backend": {"kind": "noop", **backend}})
+    response = client.post(
+        "/api/v1/jobs", json={"name": "e2e", "backend": {"kind": "noop", **backend}}
+    )
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
@@ -29,7 +31,12 @@ def test_job_runs_and_its_phases_are_recorded_in_order(switchboard, noop_supervi
     assert job["phase"] == "succeeded" and job["exit_code"] == 0
     [run] = job["runs"]
     assert run["supervisor_id"] == "noop-1"
-    assert [p["phase"] for p in run["phases"]] == ["assigned", "initializing", "running", "succeeded"]
+    assert [p["phase"] for p in run["phases"]] == [
+        "assigned",
+        "initializing",
+        "running",
+        "succeeded",
+    ]
     stamps = [p["at"] for p in run["phases"]]
     assert stamps == sorted(stamps)
     assert client.get(f"/api/v1/jobs/{job['id']}/output").content == b"hello\n"
@@ -58,14 +65,19 @@ def test_cancel_stops_a_running_job(switchboard, noop_supervisor):
 
 def test_selector_places_jobs_only_on_matching_supervisors(switchboard, noop_supervisor, work_dir):
     client = switchboard.client()
-    other = start_supervisor(switchboard, work_dir, name="arm-1", backend="noop",
-                             labels={"arch": "arm"})
+    other = start_supervisor(
+        switchboard, work_dir, name="arm-1", backend="noop", labels={"arch": "arm"}
+    )
     try:
         wait_connected(client, "arm-1")
-        response = client.post("/api/v1/jobs", json={
-            "name": "arm only", "backend": {"kind": "noop"},
-            "selector": {"match_labels": {"arch": "arm"}},
-        })
+        response = client.post(
+            "/api/v1/jobs",
+            json={
+                "name": "arm only",
+                "backend": {"kind": "noop"},
+                "selector": {"match_labels": {"arch": "arm"}},
+            },
+        )
         job = wait_job(client, response.json()["id"])
         assert job["runs"][0]["supervisor_id"] == "arm-1"
     finally:

@@ -12,17 +12,24 @@ from switchboard.scheduler import Candidate, plan, selector_matches
 DIGEST = "sha256:" + "a" * 64
 
 
-def job(id: str, seq: int, *, priority: int = 0, kind: str = "noop", selector=None,
-        resources=None) -> QueuedJob:
+def job(
+    id: str, seq: int, *, priority: int = 0, kind: str = "noop", selector=None, resources=None
+) -> QueuedJob:
     backend = NoopBackend() if kind == "noop" else WasmBackend(module=DIGEST)
-    spec = JobSpec(name=id, backend=backend, selector=selector or Selector(),
-                   resources=resources or {}, priority=priority)
+    spec = JobSpec(
+        name=id,
+        backend=backend,
+        selector=selector or Selector(),
+        resources=resources or {},
+        priority=priority,
+    )
     return QueuedJob(id, seq, priority, spec)
 
 
 def sup(id: str, free: int = 1, labels=None, backends=("noop", "wasm"), resources=None):
-    return Candidate(id=id, backends=list(backends), labels=labels or {}, free=free,
-                     resources=resources or {})
+    return Candidate(
+        id=id, backends=list(backends), labels=labels or {}, free=free, resources=resources or {}
+    )
 
 
 def test_selector_operators():
@@ -73,8 +80,9 @@ def test_least_loaded_supervisor_wins():
     assert plan([job("j", 1)], [busy, idle]) == [("j", "b")]
 
 
-labels_st = st.dictionaries(st.sampled_from(["arch", "os", "board"]),
-                            st.sampled_from(["a", "b"]), max_size=3)
+labels_st = st.dictionaries(
+    st.sampled_from(["arch", "os", "board"]), st.sampled_from(["a", "b"]), max_size=3
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -93,7 +101,9 @@ def test_properties(jobs, sups):
         job(f"j{i}", i, priority=p, kind=kind, selector=Selector(match_labels=sel))
         for i, (p, sel, kind) in enumerate(jobs)
     ]
-    candidates = [sup(f"s{i}", free=f, labels=lab, backends=b) for i, (f, lab, b) in enumerate(sups)]
+    candidates = [
+        sup(f"s{i}", free=f, labels=lab, backends=b) for i, (f, lab, b) in enumerate(sups)
+    ]
     decisions = plan(queued, candidates)
     by_id = {j.id: j for j in queued}
     sup_by_id = {s.id: s for s in candidates}
@@ -122,5 +132,7 @@ def test_properties(jobs, sups):
             if other.id in placed or other.priority <= by_id[job_id].priority:
                 continue
             s = sup_by_id[sid]
-            assert not (selector_matches(other.spec.selector, s.labels)
-                        and other.spec.backend.kind in s.backends)
+            assert not (
+                selector_matches(other.spec.selector, s.labels)
+                and other.spec.backend.kind in s.backends
+            )

@@ -44,19 +44,25 @@ def out(seq, offset, data, job="j1", stream="stdout"):
 async def test_lifecycle_and_phases_in_order(store):
     made = await _assigned_job(store)
     assert made.attempt == 1
-    result = await store.apply_events("s1", [
-        state(1, Phase.INITIALIZING, stage="fetching"),
-        state(2, Phase.RUNNING),
-        out(3, 0, b"hello "),
-        out(4, 6, b"world"),
-        JobExit(seq=5, job_id="j1", attempt=1, exit_code=0),
-        state(6, Phase.SUCCEEDED),
-    ])
+    result = await store.apply_events(
+        "s1",
+        [
+            state(1, Phase.INITIALIZING, stage="fetching"),
+            state(2, Phase.RUNNING),
+            out(3, 0, b"hello "),
+            out(4, 6, b"world"),
+            JobExit(seq=5, job_id="j1", attempt=1, exit_code=0),
+            state(6, Phase.SUCCEEDED),
+        ],
+    )
     assert result.stored_seq == 6 and result.ended == [RunKey("j1", 1)]
     job = await store.get_job("j1")
     assert job.phase == Phase.SUCCEEDED and job.exit_code == 0
     assert [p.phase for p in job.runs[0].phases] == [
-        "assigned", "initializing", "running", "succeeded"
+        "assigned",
+        "initializing",
+        "running",
+        "succeeded",
     ]
     assert await store.read_output("j1", 1, "stdout") == b"hello world"
     assert await store.read_output("j1", 1, "stdout", 3, 8) == b"lo wo"
@@ -75,13 +81,16 @@ async def test_resent_events_are_applied_once(store):
 
 async def test_output_only_appends_at_the_expected_offset(store):
     await _assigned_job(store)
-    await store.apply_events("s1", [
-        state(1, Phase.RUNNING),
-        out(2, 0, b"0123"),
-        out(3, 2, b"23"),      # overlap already stored: ignored
-        out(4, 10, b"gap"),    # a gap: refused
-        out(5, 4, b"45"),
-    ])
+    await store.apply_events(
+        "s1",
+        [
+            state(1, Phase.RUNNING),
+            out(2, 0, b"0123"),
+            out(3, 2, b"23"),  # overlap already stored: ignored
+            out(4, 10, b"gap"),  # a gap: refused
+            out(5, 4, b"45"),
+        ],
+    )
     assert await store.read_output("j1", 1, "stdout") == b"012345"
 
 
@@ -104,10 +113,13 @@ async def test_events_for_runs_of_other_supervisors_are_refused(store):
 
 async def test_busy_rejection_requeues_the_job(store):
     await _assigned_job(store)
-    await store.apply_events("s1", [
-        JobErrorReport(seq=1, job_id="j1", attempt=1, kind=JobErrorKind.MAX_CONCURRENT_JOBS),
-        state(2, Phase.REJECTED),
-    ])
+    await store.apply_events(
+        "s1",
+        [
+            JobErrorReport(seq=1, job_id="j1", attempt=1, kind=JobErrorKind.MAX_CONCURRENT_JOBS),
+            state(2, Phase.REJECTED),
+        ],
+    )
     assert (await store.get_job("j1")).phase == Phase.QUEUED
     [again] = await store.assign([("j1", "s1")])
     assert again.attempt == 2
@@ -115,11 +127,15 @@ async def test_busy_rejection_requeues_the_job(store):
 
 async def test_image_rejection_ends_the_job(store):
     await _assigned_job(store)
-    await store.apply_events("s1", [
-        JobErrorReport(seq=1, job_id="j1", attempt=1, kind=JobErrorKind.IMAGE_NOT_FOUND,
-                       description="gone"),
-        state(2, Phase.REJECTED),
-    ])
+    await store.apply_events(
+        "s1",
+        [
+            JobErrorReport(
+                seq=1, job_id="j1", attempt=1, kind=JobErrorKind.IMAGE_NOT_FOUND, description="gone"
+            ),
+            state(2, Phase.REJECTED),
+        ],
+    )
     job = await store.get_job("j1")
     assert job.phase == Phase.REJECTED and job.runs[0].error_kind == "image_not_found"
 

@@ -51,7 +51,7 @@ async def test_repeated_start_is_acknowledged_not_rerun(supervisor):
 
 
 async def test_other_attempt_of_a_running_job_is_refused(supervisor):
-    sup, rec = supervisor
+    sup, _ = supervisor
     await sup.start_job(start("a", delay_s=5))
     with pytest.raises(JobError) as refused:
         await sup.start_job(start("a", attempt=2))
@@ -60,7 +60,7 @@ async def test_other_attempt_of_a_running_job_is_refused(supervisor):
 
 
 async def test_max_concurrent_jobs(supervisor):
-    sup, rec = supervisor
+    sup, _ = supervisor
     await sup.start_job(start("a", delay_s=5))
     await sup.start_job(start("b", delay_s=5))
     with pytest.raises(JobError) as refused:
@@ -73,8 +73,9 @@ async def test_max_concurrent_jobs(supervisor):
 async def test_wrong_backend_kind_is_not_compatible(supervisor):
     sup, _ = supervisor
     with pytest.raises(JobError) as refused:
-        await sup.start_job(StartJob(job_id="w", attempt=1,
-                                     backend=WasmSpec(module="sha256:" + "0" * 64)))
+        await sup.start_job(
+            StartJob(job_id="w", attempt=1, backend=WasmSpec(module="sha256:" + "0" * 64))
+        )
     assert refused.value.kind is JobErrorKind.IMAGE_NOT_COMPATIBLE
 
 
@@ -86,15 +87,16 @@ async def test_stop_cancels_and_repeats_are_harmless(supervisor):
     await sup.stop_job(stop)
     await sup.stop_job(stop)
     await sup.stop_job(StopJob(job_id="unknown", attempt=1))
-    assert await rec.wait_ended("a", timeout=5) == "canceled"
+    assert await rec.wait_ended("a", limit_s=5) == "canceled"
     assert rec.phases("a") == ["initializing", "running", "terminating", "canceled"]
 
 
 async def test_run_timeout_ends_timed_out(supervisor):
     sup, rec = supervisor
-    await sup.start_job(StartJob(job_id="t", attempt=1, backend=NoopSpec(delay_s=30),
-                                 timeout_s=0.1))
-    assert await rec.wait_ended("t", timeout=5) == "timed_out"
+    await sup.start_job(
+        StartJob(job_id="t", attempt=1, backend=NoopSpec(delay_s=30), timeout_s=0.1)
+    )
+    assert await rec.wait_ended("t", limit_s=5) == "timed_out"
 
 
 async def test_backend_failure_is_an_internal_error(tmp_path):

@@ -1,0 +1,473 @@
+"""The wasm backend: runs WASI (preview 1) command modules on Wasmtime.
+
+One Engine serves every run. Each run gets its own Store and executes `_start` in a worker
+thread (wasmtime's ctypes calls release the GIL, so the event loop keeps breathing).
+
+Stopping a guest. The engine uses epoch interruption: a ticker thread advances the epoch
+every 10 ms and every store has a deadline one tick ahead, with a callback that runs when
+the guest reaches it (at a loop back-edge or function entry). The callback either extends
+the deadline by a tick or, once the run is being stopped, returns an error, which traps the
+guest. That covers guests that compute. A guest that *sleeps* sits in a host call where no
+epoch check happens, so the backend also replaces WASI's `poll_oneoff` (what `nanosleep`,
+`sleep` and `usleep` call) with a version that waits on the run's kill flag: a stop wakes it
+at once and the guest traps at its next epoch check. `proc_exit` is replaced too, because
+wasmtime's own turns exit statuses >= 126 into traps.
+
+What a stop can't interrupt: a guest blocked writing output while the link to the
+switchboard is stalled (OutputPump backpressure has no way to be woken). For that case
+run() gives up on the thread after a bounded wait and returns the stop outcome anyway; the
+thread ends on its own once the output is closed.
+
+WASI preview 1 has no signals, so there is no polite stop: `grace_s` is not used, a stop
+always kills at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import wasmtime
+from wasmtime import _ffi as ffi
+
+from protocol.exceptions import JobError, JobErrorKind
+from protocol.limits import clip_message
+from protocol.messages import Stream
+from protocol.spec import WasmBackend as WasmSpec
+from supervisor.artifacts import ArtifactSource, verify
+from supervisor.backends.base import Backend, Outcome, RunContext
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Epoch tick; a stop takes effect within about one tick of a guest's next epoch check.
+TICK_S = 0.01
+#: After a stop, how long run() waits for the guest thread before abandoning it.
+ABANDON_AFTER_S = 5.0
+#: Worker threads: one per running guest (compiles share them). Created on demand.
+MAX_THREADS = 256
+
+_WASI = "wasi_snapshot_preview1"
+
+# wasmtime_store_epoch_deadline_callback's callback: (context, data, *delta, *kind) -> error*
+_DeadlineCallback = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.POINTER(ffi.wasmtime_context_t),
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint8),
+)
+_NO_FINALIZER = ctypes.cast(None, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+_UPDATE_DEADLINE_CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
+
+
+class WasmBackend(Backend):
+    kind = "wasm"
+
+    def __init__(self, artifacts: ArtifactSource, *, module_cache_size: int = 64) -> None:
+        if module_cache_size < 0:
+            raise ValueError("module_cache_size must be >= 0")
+        self._artifacts = artifacts
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        self._engine = wasmtime.Engine(config)
+        self._linker = _make_linker(self._engine)
+        #: Compiled, import-resolved modules by digest, least recently used first.
+        self._cache: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
+        self._cache_size = module_cache_size
+        self._pool = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="wasm")
+        self._ticker: threading.Thread | None = None
+        self._ticker_stop = threading.Event()
+        #: Guests running now, with the future of their thread.
+        self._active: dict[_Guest, asyncio.Future[Outcome]] = {}
+        self._closed = False
+
+    async def run(self, ctx: RunContext) -> Outcome:
+        spec = ctx.start.backend
+        if not isinstance(spec, WasmSpec):
+            raise TypeError(f"the wasm backend got a {type(spec).__name__} spec")
+        if self._closed:
+            raise RuntimeError("the wasm backend is closed")
+        loaded = await _unless_stopped(ctx, self._load(ctx, spec.module))
+        if loaded is None:
+            return _stopped(ctx)
+
+        await ctx.stage("starting")
+        self._start_ticker()
+        guest = _Guest(ctx)
+        argv = [ctx.start.name or "main", *spec.args]
+        env = {**spec.env, **ctx.env}  # parameters win over the spec's env
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self._pool, guest.instantiate, self._engine, loaded, argv, env
+            )
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            guest.close()
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_COMPATIBLE,
+                clip_message(f"could not instantiate the module: {exc}") or "",
+            ) from None
+        if ctx.stop_flag.is_set():
+            guest.close()
+            return _stopped(ctx)
+
+        await ctx.running()
+        if self._closed:  # close() ran meanwhile: no ticker any more, so don't start
+            guest.close()
+            return guest.stopped("shutdown")
+        future = loop.run_in_executor(self._pool, guest.call_start)
+        self._active[guest] = future
+        future.add_done_callback(lambda _: self._active.pop(guest, None))
+        return await _wait_guest(ctx, guest, future)
+
+    async def close(self) -> None:
+        self._closed = True
+        for guest in self._active:
+            guest.kill_reason = "shutdown"
+            guest.kill.set()
+        # The guests trap at their next epoch check, which needs the ticker still running.
+        if self._active:
+            await asyncio.wait(list(self._active.values()), timeout=2.0)
+        self._ticker_stop.set()
+        if self._ticker is not None:
+            await asyncio.to_thread(self._ticker.join, 1.0)
+        # One more tick puts every deadline in the past: a killed guest that was stuck in a
+        # host call traps as soon as it is back in wasm, even with no ticker.
+        self._engine.increment_epoch()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._cache.clear()
+
+    # --- modules --------------------------------------------------------------------
+
+    async def _load(self, ctx: RunContext, digest: str) -> wasmtime.InstancePre:
+        """The compiled module for `digest`, from the cache or fetched and compiled."""
+        cached = self._cache.get(digest)
+        if cached is not None:
+            # Content-addressed: the digest names exact bytes, so no need to fetch again.
+            self._cache.move_to_end(digest)
+            await ctx.stage("cached", "module compiled by an earlier run")
+            return cached
+        await ctx.stage("fetching")
+        data = await self._artifacts.fetch(digest)
+        verify(digest, data)  # the cache trusts the digest: don't trust the source for it
+        await ctx.stage("compiling")
+        started = time.monotonic()
+        loaded = await asyncio.get_running_loop().run_in_executor(self._pool, self._compile, data)
+        log.debug("compiled %s (%d bytes) in %.3f s", digest, len(data), time.monotonic() - started)
+        if self._cache_size:
+            self._cache[digest] = loaded
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return loaded
+
+    def _compile(self, data: bytes) -> wasmtime.InstancePre:
+        """Compile and check a module (worker thread). Raises JobError."""
+        if data[:4] != b"\0asm":
+            # Checked here because wasmtime-py would otherwise parse non-binary input as WAT.
+            raise JobError(
+                JobErrorKind.IMAGE_INVALID, "not a WebAssembly binary (no \\0asm header)"
+            )
+        if data[6:8] == b"\x01\x00":  # layer 1: a component, not a core module
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_COMPATIBLE,
+                "this is a WebAssembly component; only WASI preview 1 core modules can run here",
+            )
+        try:
+            module = wasmtime.Module(self._engine, data)
+        except wasmtime.WasmtimeError as exc:
+            raise JobError(
+                JobErrorKind.IMAGE_INVALID,
+                clip_message(f"not a valid WebAssembly module: {exc}") or "",
+            ) from None
+        start = next((e.type for e in module.exports if e.name == "_start"), None)
+        if not (isinstance(start, wasmtime.FuncType) and not start.params and not start.results):
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_COMPATIBLE,
+                "the module exports no `_start` function: not a WASI command",
+            )
+        try:
+            # Resolves every import now, so a non-WASI module fails before it is "running".
+            return self._linker.instantiate_pre(module)
+        except wasmtime.WasmtimeError as exc:
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_COMPATIBLE,
+                clip_message(f"the module needs imports WASI preview 1 lacks: {exc}") or "",
+            ) from None
+
+    # --- epoch ticker -----------------------------------------------------------------
+
+    def _start_ticker(self) -> None:
+        if self._ticker is None and not self._closed:
+            self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._ticker_stop.wait(TICK_S):
+            self._engine.increment_epoch()
+
+
+class _Guest:
+    """One run's Store and the state its callbacks share with the event loop."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        #: Set to make the guest trap (stop requested, run cancelled, backend closing).
+        self.kill = threading.Event()
+        self.kill_reason: str | None = None
+        #: Set by proc_exit: the guest is unwinding to report this status.
+        self.exit_code: int | None = None
+        #: Host monotonic time at which the guest's monotonic clock reads 0 (for poll_oneoff).
+        self.clock_base_ns = 0
+        self._store: wasmtime.Store | None = None
+        self._start: wasmtime.Func | None = None
+        # Must outlive the store, which calls it; the guest object holds both.
+        self._on_deadline = _DeadlineCallback(self._deadline)
+
+    def instantiate(
+        self,
+        engine: wasmtime.Engine,
+        loaded: wasmtime.InstancePre,
+        argv: list[str],
+        env: dict[str, str],
+    ) -> None:
+        """Create the store and instance (worker thread)."""
+        store = self._store = wasmtime.Store(engine)
+        ffi.wasmtime_store_epoch_deadline_callback(
+            store.ptr(), self._on_deadline, None, _NO_FINALIZER
+        )
+        store.set_epoch_deadline(1)  # a store without a deadline would trap at once
+        wasi = wasmtime.WasiConfig()  # no stdin, no preopened dirs: nothing of the host
+        wasi.argv = argv
+        wasi.env = list(env.items())
+        wasi.stdout_custom = self._writer("stdout")
+        wasi.stderr_custom = self._writer("stderr")
+        store.set_wasi(wasi)
+        # Wasmtime's WASI monotonic clock starts at 0 when set_wasi builds the context.
+        self.clock_base_ns = time.monotonic_ns()
+        _current.guest = self  # a start function may already sleep
+        try:
+            instance = loaded.instantiate(store)
+        finally:
+            _current.guest = None
+        start = instance.exports(store)["_start"]
+        assert isinstance(start, wasmtime.Func)  # checked at compile time
+        self._start = start
+
+    def call_start(self) -> Outcome:
+        """Run `_start` to its end (worker thread)."""
+        assert self._store is not None and self._start is not None
+        _current.guest = self
+        code: int | None = None
+        trap = ""
+        try:
+            self._start(self._store)
+            code = 0
+        except wasmtime.ExitTrap as exc:  # wasmtime's proc_exit (replaced, see _proc_exit)
+            code = exc.code
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            code = self.exit_code  # our proc_exit ends the guest with a trap
+            trap = str(exc)
+        finally:
+            _current.guest = None
+            self.close()
+        if self.kill.is_set():
+            # Even if it then ended by itself: a guest whose sleep a stop cut short is killed.
+            return self.stopped()
+        if code is None:
+            return Outcome(exit_code=None, reason="trap", message=clip_message(trap))
+        return Outcome(exit_code=code)
+
+    def stopped(self, kill_reason: str | None = None) -> Outcome:
+        reason = self.ctx.stop_reason or kill_reason or self.kill_reason or "canceled"
+        return Outcome(exit_code=None, reason=reason)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        self._start = None
+
+    def _deadline(self, _context: Any, _data: Any, delta: Any, kind: Any) -> int:
+        """Epoch deadline reached: trap if the run is being stopped, else one more tick.
+        Must not raise (ctypes would print and return 0 without setting `delta`)."""
+        if self.exit_code is not None:
+            error = ffi.wasmtime_error_new(b"the guest called proc_exit")
+            return ctypes.cast(error, ctypes.c_void_p).value or 0
+        if self.kill.is_set() or self.ctx.stop_flag.is_set():
+            self.kill.set()
+            error = ffi.wasmtime_error_new(b"the run was stopped")
+            return ctypes.cast(error, ctypes.c_void_p).value or 0
+        delta[0] = 1
+        kind[0] = _UPDATE_DEADLINE_CONTINUE
+        return 0
+
+    def _writer(self, stream: Stream) -> Callable[[bytes], int]:
+        def write(data: bytes) -> int:
+            try:
+                self.ctx.write(stream, data)  # may block: backpressure
+            except Exception:  # the output is closed: the run was given up
+                return -errno.EIO
+            return len(data)
+
+        return write
+
+
+async def _unless_stopped(ctx: RunContext, coro: Coroutine[Any, Any, T]) -> T | None:
+    """Await `coro` unless a stop comes first (then cancel it and return None)."""
+    task = asyncio.ensure_future(coro)
+    stop = asyncio.ensure_future(ctx.stop_requested.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()  # a compile in a worker thread finishes anyway; its result is dropped
+    return task.result() if task.done() else None
+
+
+async def _wait_guest(ctx: RunContext, guest: _Guest, future: asyncio.Future[Outcome]) -> Outcome:
+    """Wait for the guest thread to end; on a stop, kill the guest and wait (bounded)."""
+    stop = asyncio.ensure_future(ctx.stop_requested.wait())
+    try:
+        await asyncio.wait({future, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if future.done():
+            return future.result()
+        guest.kill.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), ABANDON_AFTER_S)
+        except TimeoutError:
+            log.warning("run %s: guest did not stop in %.0f s; abandoned", ctx.run, ABANDON_AFTER_S)
+            outcome = guest.stopped()
+            return Outcome(
+                exit_code=None,
+                reason=outcome.reason,
+                message=f"the guest did not stop within {ABANDON_AFTER_S:.0f} s (blocked writing "
+                "output?); its thread was abandoned",
+            )
+    except asyncio.CancelledError:
+        guest.kill.set()  # nobody waits for it any more: don't leave it running
+        raise
+    finally:
+        stop.cancel()
+
+
+def _stopped(ctx: RunContext) -> Outcome:
+    return Outcome(exit_code=None, reason=ctx.stop_reason or "canceled")
+
+
+# --- WASI functions replaced: poll_oneoff (interruptible), proc_exit (any status) -------
+
+#: The guest running on this worker thread (for the replaced WASI functions).
+_current = threading.local()
+
+_SUBSCRIPTION = 48  # sizeof(__wasi_subscription_t)
+_EVENT = struct.Struct("<QHB5xQH6x")  # __wasi_event_t: userdata, error, type, nbytes, flags
+_CLOCK = struct.Struct("<I4xQQH")  # clock id, timeout, precision, flags (at offset 16)
+_EVENTTYPE_CLOCK, _EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE = 0, 1, 2
+_CLOCK_REALTIME, _CLOCK_MONOTONIC = 0, 1
+_SUBSCRIPTION_CLOCK_ABSTIME = 1
+_ERRNO_BADF, _ERRNO_FAULT, _ERRNO_INVAL = 8, 21, 28
+_U32 = 0xFFFF_FFFF
+
+
+def _make_linker(engine: wasmtime.Engine) -> wasmtime.Linker:
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    linker.allow_shadowing = True
+    i32 = wasmtime.ValType.i32()
+    linker.define_func(
+        _WASI, "poll_oneoff", wasmtime.FuncType([i32] * 4, [i32]), _poll_oneoff, access_caller=True
+    )
+    linker.define_func(
+        _WASI, "proc_exit", wasmtime.FuncType([i32], []), _proc_exit, access_caller=True
+    )
+    return linker
+
+
+def _proc_exit(caller: wasmtime.Caller, code: int) -> None:
+    """WASI proc_exit that accepts every exit status.
+
+    Wasmtime's own refuses statuses >= 126 (a trap instead of an exit), but programs do
+    `exit(255)`. This records the status, as the low 8 bits like a POSIX parent sees it, and
+    moves the epoch deadline to now: the guest then hits the `unreachable` compilers put
+    after a noreturn call, or at the latest its next epoch check, and call_start reports the
+    exit. Not by raising: see _poll_oneoff.
+    """
+    guest: _Guest | None = getattr(_current, "guest", None)
+    if guest is not None:
+        guest.exit_code = code & 0xFF
+    ffi.wasmtime_context_set_epoch_deadline(caller._context(), 0)
+
+
+def _poll_oneoff(caller: wasmtime.Caller, subs: int, events: int, nsubs: int, nout: int) -> int:
+    """WASI poll_oneoff whose clock waits end early when the run is killed.
+
+    Never raises: wasmtime-py turns a raise into a trap through a process-wide variable
+    that another guest's thread could pick up.
+    """
+    try:
+        return _poll(caller, subs & _U32, events & _U32, nsubs & _U32, nout & _U32)
+    except Exception:
+        log.exception("poll_oneoff failed")
+        return _ERRNO_FAULT
+
+
+def _poll(caller: wasmtime.Caller, subs: int, events: int, nsubs: int, nout: int) -> int:
+    guest: _Guest | None = getattr(_current, "guest", None)
+    memory = caller.get("memory")
+    if not isinstance(memory, wasmtime.Memory):
+        return _ERRNO_FAULT
+    if nsubs == 0:
+        return _ERRNO_INVAL
+    size = memory.data_len(caller)
+    in_end, out_end = subs + nsubs * _SUBSCRIPTION, events + nsubs * _EVENT.size
+    if in_end > size or out_end > size or nout + 4 > size:
+        return _ERRNO_FAULT
+    raw = memory.read(caller, subs, in_end)
+
+    now = time.monotonic_ns()
+    ready: list[bytes] = []  # fd events: always ready (the only fds are stdio)
+    clocks: list[tuple[int, int]] = []  # (userdata, deadline in host monotonic ns)
+    for offset in range(0, len(raw), _SUBSCRIPTION):
+        userdata, tag = struct.unpack_from("<QB", raw, offset)
+        if tag == _EVENTTYPE_CLOCK:
+            clock, timeout, _precision, flags = _CLOCK.unpack_from(raw, offset + 16)
+            if clock not in (_CLOCK_REALTIME, _CLOCK_MONOTONIC):
+                return _ERRNO_INVAL  # as wasmtime does for the CPU-time clocks
+            if flags & _SUBSCRIPTION_CLOCK_ABSTIME:
+                base = guest.clock_base_ns if guest else now
+                current = time.time_ns() if clock == _CLOCK_REALTIME else now - base
+                timeout = max(0, timeout - current)
+            clocks.append((userdata, now + timeout))
+        elif tag in (_EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE):
+            (fd,) = struct.unpack_from("<I", raw, offset + 16)
+            if fd > 2:
+                return _ERRNO_BADF
+            ready.append(_EVENT.pack(userdata, 0, tag, 1, 0))  # like wasmtime: 1 byte ready
+        else:
+            return _ERRNO_INVAL
+
+    if not ready:
+        kill = guest.kill if guest else threading.Event()
+        wake = min(deadline for _, deadline in clocks)
+        while not kill.is_set() and (left := wake - time.monotonic_ns()) > 0:
+            kill.wait(min(left / 1e9, 3600.0))  # a stop ends the sleep; the epoch check traps
+        now = max(time.monotonic_ns(), wake)
+        ready = [
+            _EVENT.pack(userdata, 0, _EVENTTYPE_CLOCK, 0, 0)
+            for userdata, deadline in clocks
+            if deadline <= now
+        ]
+    memory.write(caller, b"".join(ready), events)
+    memory.write(caller, struct.pack("<I", len(ready)), nout)
+    return 0
