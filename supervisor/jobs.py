@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -147,11 +148,13 @@ class BackendSupervisor(Supervisor):
         async def send_chunk(stream: Stream, offset: int, data: bytes) -> None:
             await connector.send_output(run.ref, stream, offset, data)
 
+        stop_flag = threading.Event()
         return RunContext(
             run.ref,
             run.start,
             self.work_dir / "runs" / f"{run.ref.job_id}.{run.ref.attempt}",
-            OutputPump(send_chunk),
+            OutputPump(send_chunk, stop=stop_flag),
+            stop_flag=stop_flag,
             report_stage=lambda stage, msg: self._transition(
                 run, Phase.INITIALIZING, stage=stage, message=msg
             ),

@@ -8,8 +8,9 @@ writes pile up and go out together, so a chatty program makes few large events, 
 small ones.
 
 Backpressure: a thread that writes while more than `high_water` bytes wait to be sent
-blocks until the pump catches up; the pump itself waits whenever the connector has too
-much unacknowledged. So a slow or broken link slows the program instead of growing memory.
+blocks until the pump catches up (or the run is stopped); the pump itself waits whenever
+the connector has too much unacknowledged. So a slow or broken link slows the program
+instead of growing memory.
 """
 
 from __future__ import annotations
@@ -28,8 +29,17 @@ LINGER_S = 0.002
 
 
 class OutputPump:
-    def __init__(self, send: SendChunk, *, high_water: int = 4 * MAX_OUTPUT_CHUNK) -> None:
+    def __init__(
+        self,
+        send: SendChunk,
+        *,
+        high_water: int = 4 * MAX_OUTPUT_CHUNK,
+        stop: threading.Event | None = None,
+    ) -> None:
         self._send = send
+        #: Once set, writers no longer wait for room: a stopped run must be able to end
+        #: even while the link is stalled (its last writes are still kept).
+        self._stop = stop or threading.Event()
         self._high_water = high_water
         self._lock = threading.Condition()
         self._buffers: dict[Stream, bytearray] = {stream: bytearray() for stream in STREAMS}
@@ -59,8 +69,12 @@ class OutputPump:
             if self._closed:
                 raise RuntimeError("output is closed")
             if not on_loop:
-                while self._buffered >= self._high_water and not self._closed:
-                    self._lock.wait(0.5)
+                while (
+                    self._buffered >= self._high_water
+                    and not self._closed
+                    and not self._stop.is_set()
+                ):
+                    self._lock.wait(0.05)
             self._buffers[stream] += data
             self._buffered += len(data)
         if on_loop:

@@ -39,6 +39,7 @@ class RunContext:
         output: OutputPump,
         report_stage: Callable[[str, str | None], Awaitable[None]],
         report_running: Callable[[], Awaitable[None]],
+        stop_flag: threading.Event | None = None,
     ) -> None:
         self.run = run
         self.start = start
@@ -50,7 +51,7 @@ class RunContext:
         #: and how long the program gets before it is forced.
         self.stop_requested = asyncio.Event()
         #: The same signal for code running in a worker thread.
-        self.stop_flag = threading.Event()
+        self.stop_flag = stop_flag or threading.Event()
         self.stop_reason: str | None = None
         self.grace_s = 10.0
 
