@@ -25,7 +25,6 @@ from protocol.messages import (
     Ack,
     Heartbeat,
     Hello,
-    JobStateChanged,
     ProtocolErrorMessage,
     RunRef,
     ServerHeartbeat,
@@ -253,16 +252,7 @@ class WebSocketConnector(SupervisorConnector):
         except JobError as exc:
             # A refusal is reported as the error, then the run's end: `rejected`.
             await self.report_job_error(run, exc.kind, exc.description)
-            await self.send_event(
-                JobStateChanged(
-                    seq=0,
-                    job_id=run.job_id,
-                    attempt=run.attempt,
-                    phase=Phase.REJECTED,
-                    message=str(exc),
-                    at=time.time(),
-                )
-            )
+            await self.update_job_state(run, Phase.REJECTED, message=str(exc))
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
