@@ -24,8 +24,12 @@ apt_install() {
 python_env() {  # python_env [extra]
     local extra="${1:-}"
     if [ ! -x .venv/bin/python ]; then
+        echo "creating .venv" >&2
         python3 -m venv .venv
-        .venv/bin/python -m pip install -q --upgrade pip >&2
     fi
-    .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}" >&2
+    # pip and setuptools are chatty even when all is well: show their words only on failure.
+    if ! .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}" > .venv/pip.log 2>&1; then
+        cat .venv/pip.log >&2
+        exit 1
+    fi
 }
