@@ -33,12 +33,20 @@ class _Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class WasmBackend(_Spec, tag="wasm", tag_field="kind"):
-    """A WASI module, named by the digest of an uploaded artifact."""
+    """A WASI module, named by the digest of an uploaded artifact.
+
+    The run's wall-clock limit is the job's `timeout_s`; `fuel` bounds the instructions it
+    may execute and `memory_limit_mb` its linear memory. `stdin` (base64 in JSON) is what
+    the guest reads from standard input.
+    """
 
     kind: ClassVar[str] = "wasm"
     module: Digest
     args: ArgList = []
     env: EnvMap = {}
+    stdin: Annotated[bytes, Meta(max_length=1024 * 1024)] = b""
+    fuel: Annotated[int, Meta(ge=1, le=2**63 - 1)] | None = None
+    memory_limit_mb: Annotated[int, Meta(ge=1, le=4096)] | None = None
 
 
 class DockerBackend(_Spec, tag="docker", tag_field="kind"):
