@@ -96,8 +96,9 @@ class Process:
 class Switchboard:
     """A switchboard server process with its own data dir, and tokens for it."""
 
-    def __init__(self, data_dir: Path, port: int = 0) -> None:
+    def __init__(self, data_dir: Path, port: int = 0, extra_args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
+        self.extra_args = extra_args
         self.starts = 0
         self.port = port
         self._start()
@@ -114,6 +115,7 @@ class Switchboard:
                 str(self.port),
                 "--data-dir",
                 str(self.data_dir),
+                *self.extra_args,
             ],
             self.data_dir.parent / f"{self.data_dir.name}.{self.starts}.log",
         )
