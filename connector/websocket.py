@@ -45,6 +45,8 @@ from .base import SupervisorConnector
 log = logging.getLogger("connector.websocket")
 
 SOFTWARE = "switchboard-supervisor/0.1"
+#: Events held before the first Welcome at most; past that, reporting waits for it.
+MAX_UNNUMBERED = 4096
 
 
 class ConnectorFatalError(Exception):
@@ -80,6 +82,9 @@ class WebSocketConnector(SupervisorConnector):
         self._new_event = asyncio.Event()
         self._stopping = asyncio.Event()
         self._sent_upto = 0
+        #: Events reported before the first Welcome, in order; None once numbering is known.
+        self._unnumbered: list[SupervisorEvent] | None = []
+        self._welcomed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Set while a connection is established (after the Welcome); tests wait on it.
         self.connected = asyncio.Event()
@@ -92,6 +97,16 @@ class WebSocketConnector(SupervisorConnector):
         if not self.backlog.has_room():
             async with self._room:
                 await self._room.wait_for(self.backlog.has_room)
+        if self._unnumbered is not None and len(self._unnumbered) >= MAX_UNNUMBERED:
+            await self._welcomed.wait()
+        if self._unnumbered is not None:
+            # A fresh process doesn't know where numbering goes on until the first
+            # Welcome (recovered runs report before it): hold these until then.
+            self._unnumbered.append(event)
+            return
+        self._number(event)
+
+    def _number(self, event: SupervisorEvent) -> None:
         event.seq = self.backlog.next_seq()
         self.backlog.append(event.seq, codec.encode(event))
         self._new_event.set()
@@ -175,6 +190,11 @@ class WebSocketConnector(SupervisorConnector):
         if not isinstance(message, Welcome):
             raise await _fail(ws, CloseCode.HANDSHAKE_FAILED, "expected welcome")
         self.backlog.resume(message.last_seq)
+        if self._unnumbered is not None:
+            early, self._unnumbered = self._unnumbered, None
+            for event in early:
+                self._number(event)
+            self._welcomed.set()
         return message
 
     async def _serve(self, ws: ClientConnection, welcome: Welcome) -> None:

@@ -50,13 +50,36 @@ class WasmBackend(_Spec, tag="wasm", tag_field="kind"):
 
 
 class DockerBackend(_Spec, tag="docker", tag_field="kind"):
-    """A container from an image the engine has (or can load)."""
+    """A container. The image is a reference the engine already has (`image`), or an image
+    tarball uploaded as an artifact (`image_artifact`, loaded once per supervisor; `image`
+    then picks one of its tags, else its first image is used).
+
+    Containers never run privileged and start with every capability dropped; `cap_add`
+    asks for some back, which the supervisor grants only from its own allowlist. The
+    network is `none` unless the spec asks for more and the supervisor allows it.
+    """
 
     kind: ClassVar[str] = "docker"
-    image: Annotated[str, Meta(min_length=1, max_length=512)]
+    image: Annotated[str, Meta(min_length=1, max_length=512)] | None = None
+    image_artifact: Digest | None = None
     command: ArgList = []
     env: EnvMap = {}
-    workdir: str | None = None
+    workdir: Annotated[str, Meta(max_length=1024)] | None = None
+    user: Annotated[str, Meta(max_length=64)] | None = None
+    memory_mb: Annotated[int, Meta(ge=4, le=1024 * 1024)] | None = None
+    cpus: Annotated[float, Meta(gt=0, le=1024)] | None = None
+    pids_limit: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    network: Literal["none", "bridge", "host"] = "none"
+    read_only_rootfs: bool = False
+    cap_add: Annotated[
+        list[Annotated[str, Meta(pattern=r"^[A-Z_]{1,32}$")]], Meta(max_length=16)
+    ] = []
+    #: Seconds between SIGTERM and SIGKILL when the run is stopped (a StopJob may say more).
+    stop_grace_s: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+
+    def __post_init__(self) -> None:
+        if self.image is None and self.image_artifact is None:
+            raise ValueError("name an `image` or an `image_artifact`")
 
 
 class NoopBackend(_Spec, tag="noop", tag_field="kind"):

@@ -87,6 +87,19 @@ class BackendSupervisor(Supervisor):
 
     async def recover(self) -> None:
         await self.backend.prepare()
+        for start in await self.backend.recover():
+            ref = RunRef(start.job_id, start.attempt)
+            if ref in self._runs:
+                continue
+            run = _Run(ref, start)
+            run.phase = Phase.RUNNING  # it was running when this process went away
+            run.ctx = self._new_context(run)
+            self._runs[ref] = run
+            self._idle.clear()
+            run.task = asyncio.get_running_loop().create_task(
+                self._drive(run, resume=True), name=f"resumed run {ref}"
+            )
+            log.info("re-adopted run %s#%d", ref.job_id, ref.attempt)
 
     async def start_job(self, start: StartJob) -> None:
         ref = RunRef(start.job_id, start.attempt)
@@ -161,7 +174,7 @@ class BackendSupervisor(Supervisor):
             report_running=lambda: self._transition(run, Phase.RUNNING),
         )
 
-    async def _drive(self, run: _Run) -> None:
+    async def _drive(self, run: _Run, resume: bool = False) -> None:
         connector = self.connector
         ctx = run.ctx
         assert connector is not None and ctx is not None
@@ -174,8 +187,11 @@ class BackendSupervisor(Supervisor):
         outcome: Outcome
         error: JobError | None = None
         try:
-            await self._transition(run, Phase.INITIALIZING, stage="accepted")
-            outcome = await self.backend.run(ctx)
+            if resume:
+                outcome = await self.backend.resume(ctx)
+            else:
+                await self._transition(run, Phase.INITIALIZING, stage="accepted")
+                outcome = await self.backend.run(ctx)
         except JobError as exc:
             error = exc
             outcome = Outcome(exit_code=None, reason="error", message=str(exc))

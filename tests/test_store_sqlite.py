@@ -86,12 +86,13 @@ async def test_output_only_appends_at_the_expected_offset(store):
         [
             state(1, Phase.RUNNING),
             out(2, 0, b"0123"),
-            out(3, 2, b"23"),  # overlap already stored: ignored
+            out(3, 2, b"23"),  # already stored: ignored
             out(4, 10, b"gap"),  # a gap: refused
             out(5, 4, b"45"),
+            out(6, 0, b"012345678"),  # a replay from the start: only the new tail is kept
         ],
     )
-    assert await store.read_output("j1", 1, "stdout") == b"012345"
+    assert await store.read_output("j1", 1, "stdout") == b"012345678"
 
 
 async def test_backward_transition_is_refused(store):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 
+from protocol.exceptions import JobError, JobErrorKind
 from protocol.messages import RunRef, StartJob, Stream
 from supervisor.output import OutputPump
 
@@ -98,6 +99,17 @@ class Backend(abc.ABC):
         timeout). Raises protocol.JobError for problems with the job itself (image not
         found or invalid); any other exception is reported as an internal error.
         """
+
+    async def recover(self) -> list[StartJob]:
+        """Runs that survived a restart of this process (e.g. containers still there), each
+        as the StartJob it came from. The supervisor holds them again and calls resume()."""
+        return []
+
+    async def resume(self, ctx: RunContext) -> Outcome:
+        """Carry a recovered run to its end, like run(): its output is sent again from the
+        start of each stream (the switchboard keeps only what it lacks), and a run that
+        ended while the supervisor was down is reported with its real outcome."""
+        raise JobError(JobErrorKind.CANNOT_RESUME, f"the {self.kind} backend can't resume runs")
 
     async def close(self) -> None:
         """Release what the backend holds (threads, engine clients)."""

@@ -11,7 +11,7 @@ from litestar.params import Parameter
 
 from protocol import codec
 from protocol.messages import StopJob
-from protocol.spec import JobSpec, WasmBackend
+from protocol.spec import DockerBackend, JobSpec, WasmBackend
 from switchboard.api.errors import ApiError, invalid_spec
 from switchboard.api.security import require
 from switchboard.auth import Permission
@@ -40,6 +40,16 @@ async def _job_or_404(state: AppState, job_id: str) -> JobView:
     return job
 
 
+def _artifacts_named(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, digest) of every artifact a spec refers to."""
+    match spec.backend:
+        case WasmBackend(module=module):
+            return [("backend.module", module)]
+        case DockerBackend(image_artifact=str(digest)):
+            return [("backend.image_artifact", digest)]
+    return []
+
+
 class JobController(Controller):
     path = "/api/v1/jobs"
     tags = ["jobs"]  # noqa: RUF012 - Litestar reads it as a plain list
@@ -54,15 +64,11 @@ class JobController(Controller):
             data = codec.decode_job_spec(await request.body())
         except msgspec.ValidationError as exc:
             raise invalid_spec(exc) from None
-        if isinstance(data.backend, WasmBackend) and not state.artifacts.exists(
-            data.backend.module
-        ):
-            raise ApiError(
-                400,
-                "invalid_spec",
-                f"backend.module: artifact {data.backend.module} has not been uploaded",
-                "backend.module",
-            )
+        for field, digest in _artifacts_named(data):
+            if not state.artifacts.exists(digest):
+                raise ApiError(
+                    400, "invalid_spec", f"{field}: artifact {digest} has not been uploaded", field
+                )
         job_id = secrets.token_hex(8)
         await state.store.create_job(job_id, data)
         state.dispatcher.wake()

@@ -642,13 +642,7 @@ def _apply_event(conn: sqlite3.Connection, supervisor_id: str, event: Supervisor
                 " WHERE job_id = ? AND attempt = ? AND stream = ?",
                 (event.job_id, event.attempt, stream),
             ).fetchone()
-            if offset == length:
-                conn.execute(
-                    "INSERT INTO output (job_id, attempt, stream, offset, data)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (event.job_id, event.attempt, stream, offset, data),
-                )
-            elif offset > length:
+            if offset > length:
                 log.error(
                     "output gap on %s#%d %s: have %d bytes, got offset %d",
                     event.job_id,
@@ -656,6 +650,14 @@ def _apply_event(conn: sqlite3.Connection, supervisor_id: str, event: Supervisor
                     stream,
                     length,
                     offset,
+                )
+            elif offset + len(data) > length:
+                # Append only what is new: a chunk sent again (a recovered run replays its
+                # output from the start) may overlap what is stored.
+                conn.execute(
+                    "INSERT INTO output (job_id, attempt, stream, offset, data)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (event.job_id, event.attempt, stream, length, data[length - offset :]),
                 )
             return ""
         case JobErrorReport(kind=kind, description=description):

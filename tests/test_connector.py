@@ -1,0 +1,58 @@
+"""WebSocketConnector against a real switchboard process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from connector.websocket import ConnectorFatalError, WebSocketConnector
+from protocol import codec
+from protocol.messages import Ack, JobStateChanged, RunRef
+from protocol.state import Phase
+from supervisor.backends.noop import NoopBackend
+from supervisor.jobs import BackendSupervisor
+from tests.test_bad_input import _handshake, _ws
+
+
+def _connector(switchboard, token, supervisor_id, tmp_path) -> WebSocketConnector:
+    supervisor = BackendSupervisor(NoopBackend(), work_dir=tmp_path)
+    return WebSocketConnector(
+        supervisor, f"{switchboard.ws_url}/ws/supervisor", token, supervisor_id=supervisor_id
+    )
+
+
+async def test_wrong_token_stops_the_connector_instead_of_retrying(switchboard, tmp_path):
+    connector = _connector(switchboard, "sbt_not-a-token", "refused", tmp_path)
+    with pytest.raises(ConnectorFatalError, match="401"):
+        await asyncio.wait_for(connector.run(), 10)
+
+
+async def test_events_before_the_first_welcome_continue_the_stored_numbering(switchboard, tmp_path):
+    token = switchboard.create_token("supervisor")
+    # An earlier life of this supervisor got events 1..3 stored.
+    async with _ws(switchboard, token) as ws:
+        await _handshake(ws, "reborn")
+        for seq in (1, 2, 3):
+            event = JobStateChanged(seq=seq, job_id="gone", attempt=1, phase=Phase.RUNNING)
+            await ws.send(codec.encode(event), text=True)
+        acked = 0
+        while acked < 3:
+            message = codec.decode_from_switchboard(await ws.recv(decode=False))
+            if isinstance(message, Ack):
+                acked = message.seq
+    # A fresh process reports before it has connected (as a recovered run would).
+    connector = _connector(switchboard, token, "reborn", tmp_path)
+    await connector.update_job_state(RunRef("gone", 1), Phase.RUNNING)
+    running = asyncio.create_task(connector.run())
+    try:
+        await asyncio.wait_for(connector.connected.wait(), 10)
+        for _ in range(200):
+            if len(connector.backlog) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert len(connector.backlog) == 0  # acknowledged, so stored: not mistaken for 1..3
+        assert connector.backlog.last_seq == 4
+    finally:
+        connector.stop()
+        await asyncio.wait_for(running, 10)
