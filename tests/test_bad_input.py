@@ -113,11 +113,24 @@ def test_malformed_json_body_is_400(switchboard: Switchboard):
     assert response.status_code == 400
 
 
-def test_wasm_job_naming_a_missing_artifact_is_400(switchboard: Switchboard):
-    spec = {"name": "x", "backend": {"kind": "wasm", "module": "sha256:" + "0" * 64}}
+@pytest.mark.parametrize(
+    ("backend", "field"),
+    [
+        ({"kind": "wasm", "module": "sha256:" + "0" * 64}, "backend.module"),
+        ({"kind": "docker", "image_artifact": "sha256:" + "0" * 64}, "backend.image_artifact"),
+    ],
+)
+def test_job_naming_a_missing_artifact_is_400(switchboard: Switchboard, backend, field):
+    response = switchboard.client().post("/api/v1/jobs", json={"name": "x", "backend": backend})
+    assert response.status_code == 400
+    assert response.json()["field"] == field
+
+
+def test_docker_job_needs_an_image(switchboard: Switchboard):
+    spec = {"name": "x", "backend": {"kind": "docker", "command": ["true"]}}
     response = switchboard.client().post("/api/v1/jobs", json=spec)
     assert response.status_code == 400
-    assert response.json()["field"] == "backend.module"
+    assert "image" in response.json()["message"]
 
 
 @pytest.mark.parametrize(
