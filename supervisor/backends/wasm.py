@@ -1,9 +1,30 @@
 """The wasm backend: runs WASI (preview 1) command modules on Wasmtime.
 
-One Engine serves every run. Each run gets its own Store and executes `_start` in a worker
-thread (wasmtime's ctypes calls release the GIL, so the event loop keeps breathing).
+The sandbox. A guest sees its args (argv[0] is the job's name), the spec's env plus the
+job's parameters, the spec's stdin bytes, stdout/stderr (streamed to the switchboard) and
+one writable directory, `/scratch`, backed by `<run work dir>/scratch` on the host (the
+supervisor deletes it after the run). Nothing else of the host: no other files, no host
+environment, no network, no inherited stdio. docs/wasm.md describes it for users.
 
-Stopping a guest. The engine uses epoch interruption: a ticker thread advances the epoch
+Limits. Each ends the run with its own outcome:
+- the job's `timeout_s` (enforced by supervisor.jobs through a stop): reason "timeout";
+- `fuel` (instructions, roughly): reason "out_of_fuel". Counting fuel slows every guest, so
+  jobs with a budget run on a second Engine, created on first use, with `consume_fuel`;
+- `memory_limit_mb` (capped by the backend's `memory_limit_mb`, also its default): each
+  linear memory may grow up to it. Past it `memory.grow` fails (malloc returns NULL and the
+  guest decides what to do); a module whose *initial* memory is already larger can't be
+  instantiated: reason "memory_limit";
+- a trap: reason "trap", with the trap message and wasm backtrace.
+
+Modules. Compiled modules live in an in-memory LRU (`module_cache_size`) in front of an
+optional disk cache (`cache_dir`, supervisor.wasm_cache, at most `cache_max_bytes`) that
+holds both the module bytes (`<sha256>.wasm`) and the compiled code
+(`<sha256>.<flavour>.<wasmtime version>-<arch>.cwasm`; flavour "epoch" or "fuel"), so a
+module is fetched and compiled once per host, restarts included. Compiled code is only
+loaded from the cache after its checksum matches; a file Wasmtime still refuses (another
+version, another config) is deleted and the module compiled again.
+
+Stopping a guest. Both engines use epoch interruption: a ticker thread advances the epoch
 every 10 ms and every store has a deadline one tick ahead, with a callback that runs when
 the guest reaches it (at a loop back-edge or function entry). The callback either extends
 the deadline by a tick or, once the run is being stopped, returns an error, which traps the
@@ -25,15 +46,21 @@ always kills at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
+import importlib.metadata
 import logging
+import platform
+import re
 import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import wasmtime
@@ -43,8 +70,9 @@ from protocol.exceptions import JobError, JobErrorKind
 from protocol.limits import clip_message
 from protocol.messages import Stream
 from protocol.spec import WasmBackend as WasmSpec
-from supervisor.artifacts import ArtifactSource, verify
+from supervisor.artifacts import ArtifactSource, digest_of, verify
 from supervisor.backends.base import Backend, Outcome, RunContext
+from supervisor.wasm_cache import DiskCache
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +84,16 @@ TICK_S = 0.01
 ABANDON_AFTER_S = 5.0
 #: Worker threads: one per running guest (compiles share them). Created on demand.
 MAX_THREADS = 256
+#: Where the run's scratch directory appears inside the guest.
+SCRATCH = "/scratch"
+#: Table elements a store may hold (8 bytes of host memory each); C and Rust need a few k.
+MAX_TABLE_ELEMENTS = 1_000_000
+#: Names the compiled code in the disk cache: it only loads into the Wasmtime that made it.
+ENGINE_ID = f"wasmtime-{importlib.metadata.version('wasmtime')}-{platform.machine()}"
 
 _WASI = "wasi_snapshot_preview1"
+_MB = 1024 * 1024
+_LIMIT_ERROR = re.compile(r"exceeds (memory|table) limits")
 
 # wasmtime_store_epoch_deadline_callback's callback: (context, data, *delta, *kind) -> error*
 _DeadlineCallback = ctypes.CFUNCTYPE(
@@ -71,20 +107,60 @@ _NO_FINALIZER = ctypes.cast(None, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 _UPDATE_DEADLINE_CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
 
 
+class _Flavour:
+    """An Engine configuration, with its Linker. Compiled code only fits its own flavour."""
+
+    def __init__(self, name: str, *, fuel: bool) -> None:
+        self.name = name
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        config.consume_fuel = fuel
+        self.engine = wasmtime.Engine(config)
+        self.linker = _make_linker(self.engine)
+
+
+@dataclass(frozen=True)
+class _Sandbox:
+    """What one guest gets to see and use."""
+
+    argv: list[str]
+    env: dict[str, str]
+    stdin: bytes
+    scratch: Path  # on the host
+    memory_bytes: int
+    fuel: int | None
+
+
 class WasmBackend(Backend):
     kind = "wasm"
 
-    def __init__(self, artifacts: ArtifactSource, *, module_cache_size: int = 64) -> None:
+    def __init__(
+        self,
+        artifacts: ArtifactSource,
+        *,
+        cache_dir: Path | None = None,
+        cache_max_bytes: int = 512 * _MB,
+        module_cache_size: int = 64,
+        memory_limit_mb: int = 1024,
+    ) -> None:
         if module_cache_size < 0:
             raise ValueError("module_cache_size must be >= 0")
+        if not 1 <= memory_limit_mb <= 4096:
+            raise ValueError("memory_limit_mb must be between 1 and 4096")
         self._artifacts = artifacts
-        config = wasmtime.Config()
-        config.epoch_interruption = True
-        self._engine = wasmtime.Engine(config)
-        self._linker = _make_linker(self._engine)
-        #: Compiled, import-resolved modules by digest, least recently used first.
-        self._cache: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
+        self._flavours: dict[bool, _Flavour] = {False: _Flavour("epoch", fuel=False)}
+        #: The engines the ticker advances (replaced, never mutated: the ticker reads it).
+        self._engines: tuple[wasmtime.Engine, ...] = (self._flavours[False].engine,)
+        self._disk = DiskCache(cache_dir, cache_max_bytes) if cache_dir is not None else None
+        #: Compiled, import-resolved modules by (digest, flavour), least recently used first.
+        self._cache: OrderedDict[tuple[str, str], wasmtime.InstancePre] = OrderedDict()
         self._cache_size = module_cache_size
+        self._loading: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+        self.memory_limit_mb = memory_limit_mb
+        #: Runs whose compiled module came from a cache (memory or disk), and runs that
+        #: had to compile it.
+        self.cache_hits = 0
+        self.cache_misses = 0
         self._pool = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="wasm")
         self._ticker: threading.Thread | None = None
         self._ticker_stop = threading.Event()
@@ -98,22 +174,46 @@ class WasmBackend(Backend):
             raise TypeError(f"the wasm backend got a {type(spec).__name__} spec")
         if self._closed:
             raise RuntimeError("the wasm backend is closed")
-        loaded = await _unless_stopped(ctx, self._load(ctx, spec.module))
+        flavour = self._flavour(fuel=spec.fuel is not None)
+        loaded = await _unless_stopped(ctx, self._load(ctx, spec.module, flavour))
         if loaded is None:
             return _stopped(ctx)
 
-        await ctx.stage("starting")
+        memory_mb = min(spec.memory_limit_mb or self.memory_limit_mb, self.memory_limit_mb)
+        limits = f"memory limit {memory_mb} MB"
+        if spec.memory_limit_mb is not None and spec.memory_limit_mb > memory_mb:
+            limits += f" (the job asked for {spec.memory_limit_mb} MB; this host's maximum)"
+        if spec.fuel is not None:
+            limits += f", fuel {spec.fuel}"
+        await ctx.stage("starting", limits)
         self._start_ticker()
         guest = _Guest(ctx)
-        argv = [ctx.start.name or "main", *spec.args]
-        env = {**spec.env, **ctx.env}  # parameters win over the spec's env
+        sandbox = _Sandbox(
+            argv=[ctx.start.name or "main", *spec.args],
+            env={**spec.env, **ctx.env},  # parameters win over the spec's env
+            stdin=spec.stdin,
+            scratch=ctx.work_dir / "scratch",
+            memory_bytes=memory_mb * _MB,
+            fuel=spec.fuel,
+        )
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(
-                self._pool, guest.instantiate, self._engine, loaded, argv, env
+                self._pool, guest.instantiate, flavour.engine, loaded, sandbox
             )
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             guest.close()
+            if _LIMIT_ERROR.search(str(exc)):
+                return Outcome(
+                    exit_code=None,
+                    reason="memory_limit",
+                    message=clip_message(
+                        f"the module needs more memory than its memory limit of {memory_mb} MB "
+                        f"allows: {exc}"
+                    ),
+                )
+            if isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+                return guest.out_of_fuel()
             raise JobError(
                 JobErrorKind.IMAGE_NOT_COMPATIBLE,
                 clip_message(f"could not instantiate the module: {exc}") or "",
@@ -144,35 +244,120 @@ class WasmBackend(Backend):
             await asyncio.to_thread(self._ticker.join, 1.0)
         # One more tick puts every deadline in the past: a killed guest that was stuck in a
         # host call traps as soon as it is back in wasm, even with no ticker.
-        self._engine.increment_epoch()
+        for engine in self._engines:
+            engine.increment_epoch()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._cache.clear()
 
+    def _flavour(self, *, fuel: bool) -> _Flavour:
+        flavour = self._flavours.get(fuel)
+        if flavour is None:
+            flavour = self._flavours[fuel] = _Flavour("fuel", fuel=True)
+            self._engines = (*self._engines, flavour.engine)
+        return flavour
+
     # --- modules --------------------------------------------------------------------
 
-    async def _load(self, ctx: RunContext, digest: str) -> wasmtime.InstancePre:
-        """The compiled module for `digest`, from the cache or fetched and compiled."""
-        cached = self._cache.get(digest)
-        if cached is not None:
-            # Content-addressed: the digest names exact bytes, so no need to fetch again.
-            self._cache.move_to_end(digest)
-            await ctx.stage("cached", "module compiled by an earlier run")
-            return cached
-        await ctx.stage("fetching")
-        data = await self._artifacts.fetch(digest)
-        verify(digest, data)  # the cache trusts the digest: don't trust the source for it
-        await ctx.stage("compiling")
-        started = time.monotonic()
-        loaded = await asyncio.get_running_loop().run_in_executor(self._pool, self._compile, data)
-        log.debug("compiled %s (%d bytes) in %.3f s", digest, len(data), time.monotonic() - started)
+    async def _load(self, ctx: RunContext, digest: str, flavour: _Flavour) -> wasmtime.InstancePre:
+        """The compiled module for `digest`: from memory, from disk, or fetched and compiled.
+        Runs wanting the same module wait for each other, so it is compiled once."""
+        key = (digest, flavour.name)
+        async with self._exclusive(key):
+            cached = self._cache.get(key)
+            if cached is not None:
+                # Content-addressed: the digest names exact bytes, so no need to fetch again.
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+                await ctx.stage("cached", "module compiled by an earlier run")
+                return cached
+            loop = asyncio.get_running_loop()
+            if self._disk is not None:
+                cached = await loop.run_in_executor(self._pool, self._from_disk, digest, flavour)
+                if cached is not None:
+                    self._remember(key, cached)
+                    self.cache_hits += 1
+                    await ctx.stage("cached", "compiled module from the disk cache")
+                    return cached
+            self.cache_misses += 1
+            data = None
+            if self._disk is not None:
+                data = await loop.run_in_executor(self._pool, self._bytes_from_disk, digest)
+            if data is not None:
+                await ctx.stage("fetching", "module bytes from the disk cache")
+                store_bytes = False
+            else:
+                await ctx.stage("fetching")
+                data = await self._artifacts.fetch(digest)
+                verify(digest, data)  # the cache trusts the digest: don't trust the source
+                store_bytes = True
+            await ctx.stage("compiling")
+            started = time.monotonic()
+            loaded = await loop.run_in_executor(
+                self._pool, self._compile, digest, data, flavour, store_bytes
+            )
+            log.debug(
+                "compiled %s for %s (%d bytes) in %.3f s",
+                digest,
+                flavour.name,
+                len(data),
+                time.monotonic() - started,
+            )
+            self._remember(key, loaded)
+            return loaded
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        lock, users = self._loading.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._loading[key]
+
+    def _remember(self, key: tuple[str, str], loaded: wasmtime.InstancePre) -> None:
         if self._cache_size:
-            self._cache[digest] = loaded
+            self._cache[key] = loaded
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return loaded
 
-    def _compile(self, data: bytes) -> wasmtime.InstancePre:
-        """Compile and check a module (worker thread). Raises JobError."""
+    def _from_disk(self, digest: str, flavour: _Flavour) -> wasmtime.InstancePre | None:
+        """Compiled code from the disk cache (worker thread); None on a miss."""
+        assert self._disk is not None
+        name = _compiled_name(digest, flavour)
+        try:
+            code = self._disk.get(name)
+            if code is None:
+                return None
+            # Only checksummed bytes get here; Wasmtime checks version and config itself.
+            return flavour.linker.instantiate_pre(wasmtime.Module.deserialize(flavour.engine, code))
+        except wasmtime.WasmtimeError as exc:
+            log.warning("disk cache: %s does not load (%s); compiling again", name, exc)
+            self._disk.discard(name)
+        except OSError as exc:
+            log.warning("disk cache: %s", exc)
+        return None
+
+    def _bytes_from_disk(self, digest: str) -> bytes | None:
+        assert self._disk is not None
+        name = _bytes_name(digest)
+        try:
+            data = self._disk.get(name)
+        except OSError as exc:
+            log.warning("disk cache: %s", exc)
+            return None
+        if data is not None and digest_of(data) != digest:
+            log.warning("disk cache: %s does not hash to its name; discarded", name)
+            self._disk.discard(name)
+            return None
+        return data
+
+    def _compile(
+        self, digest: str, data: bytes, flavour: _Flavour, store_bytes: bool
+    ) -> wasmtime.InstancePre:
+        """Compile and check a module, then keep it on disk (worker thread). Raises JobError."""
         if data[:4] != b"\0asm":
             # Checked here because wasmtime-py would otherwise parse non-binary input as WAT.
             raise JobError(
@@ -184,7 +369,7 @@ class WasmBackend(Backend):
                 "this is a WebAssembly component; only WASI preview 1 core modules can run here",
             )
         try:
-            module = wasmtime.Module(self._engine, data)
+            module = wasmtime.Module(flavour.engine, data)
         except wasmtime.WasmtimeError as exc:
             raise JobError(
                 JobErrorKind.IMAGE_INVALID,
@@ -198,12 +383,20 @@ class WasmBackend(Backend):
             )
         try:
             # Resolves every import now, so a non-WASI module fails before it is "running".
-            return self._linker.instantiate_pre(module)
+            loaded = flavour.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise JobError(
                 JobErrorKind.IMAGE_NOT_COMPATIBLE,
                 clip_message(f"the module needs imports WASI preview 1 lacks: {exc}") or "",
             ) from None
+        if self._disk is not None:  # only modules that will run are worth the space
+            try:
+                if store_bytes:
+                    self._disk.put(_bytes_name(digest), data)
+                self._disk.put(_compiled_name(digest, flavour), bytes(module.serialize()))
+            except (OSError, wasmtime.WasmtimeError) as exc:
+                log.warning("disk cache: could not store %s: %s", digest, exc)
+        return loaded
 
     # --- epoch ticker -----------------------------------------------------------------
 
@@ -214,7 +407,16 @@ class WasmBackend(Backend):
 
     def _tick(self) -> None:
         while not self._ticker_stop.wait(TICK_S):
-            self._engine.increment_epoch()
+            for engine in self._engines:
+                engine.increment_epoch()
+
+
+def _bytes_name(digest: str) -> str:
+    return digest.removeprefix("sha256:") + ".wasm"
+
+
+def _compiled_name(digest: str, flavour: _Flavour) -> str:
+    return f"{digest.removeprefix('sha256:')}.{flavour.name}.{ENGINE_ID}.cwasm"
 
 
 class _Guest:
@@ -229,29 +431,34 @@ class _Guest:
         self.exit_code: int | None = None
         #: Host monotonic time at which the guest's monotonic clock reads 0 (for poll_oneoff).
         self.clock_base_ns = 0
+        self.sandbox: _Sandbox | None = None
         self._store: wasmtime.Store | None = None
         self._start: wasmtime.Func | None = None
+        self._memory: wasmtime.Memory | None = None
         # Must outlive the store, which calls it; the guest object holds both.
         self._on_deadline = _DeadlineCallback(self._deadline)
 
     def instantiate(
-        self,
-        engine: wasmtime.Engine,
-        loaded: wasmtime.InstancePre,
-        argv: list[str],
-        env: dict[str, str],
+        self, engine: wasmtime.Engine, loaded: wasmtime.InstancePre, sandbox: _Sandbox
     ) -> None:
         """Create the store and instance (worker thread)."""
+        self.sandbox = sandbox
+        sandbox.scratch.mkdir(parents=True, exist_ok=True)
         store = self._store = wasmtime.Store(engine)
         ffi.wasmtime_store_epoch_deadline_callback(
             store.ptr(), self._on_deadline, None, _NO_FINALIZER
         )
         store.set_epoch_deadline(1)  # a store without a deadline would trap at once
-        wasi = wasmtime.WasiConfig()  # no stdin, no preopened dirs: nothing of the host
-        wasi.argv = argv
-        wasi.env = list(env.items())
+        store.set_limits(memory_size=sandbox.memory_bytes, table_elements=MAX_TABLE_ELEMENTS)
+        if sandbox.fuel is not None:
+            store.set_fuel(sandbox.fuel)  # on the fuel engine, a store without fuel traps
+        wasi = wasmtime.WasiConfig()  # nothing of the host but what is configured here
+        wasi.argv = sandbox.argv
+        wasi.env = list(sandbox.env.items())
+        _set_stdin(wasi, sandbox.stdin)
         wasi.stdout_custom = self._writer("stdout")
         wasi.stderr_custom = self._writer("stderr")
+        wasi.preopen_dir(str(sandbox.scratch), SCRATCH)
         store.set_wasi(wasi)
         # Wasmtime's WASI monotonic clock starts at 0 when set_wasi builds the context.
         self.clock_base_ns = time.monotonic_ns()
@@ -260,16 +467,19 @@ class _Guest:
             instance = loaded.instantiate(store)
         finally:
             _current.guest = None
-        start = instance.exports(store)["_start"]
+        exports = instance.exports(store)
+        start = exports["_start"]
         assert isinstance(start, wasmtime.Func)  # checked at compile time
         self._start = start
+        memory = exports.get("memory")
+        self._memory = memory if isinstance(memory, wasmtime.Memory) else None
 
     def call_start(self) -> Outcome:
         """Run `_start` to its end (worker thread)."""
         assert self._store is not None and self._start is not None
         _current.guest = self
         code: int | None = None
-        trap = ""
+        trap: wasmtime.Trap | wasmtime.WasmtimeError | None = None
         try:
             self._start(self._store)
             code = 0
@@ -277,25 +487,53 @@ class _Guest:
             code = exc.code
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             code = self.exit_code  # our proc_exit ends the guest with a trap
-            trap = str(exc)
+            trap = exc
         finally:
             _current.guest = None
+            note = self._memory_note()
             self.close()
         if self.kill.is_set():
             # Even if it then ended by itself: a guest whose sleep a stop cut short is killed.
             return self.stopped()
-        if code is None:
-            return Outcome(exit_code=None, reason="trap", message=clip_message(trap))
-        return Outcome(exit_code=code)
+        if code is not None:
+            return Outcome(exit_code=code, message=note if code else None)
+        if isinstance(trap, wasmtime.Trap) and trap.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
+            return self.out_of_fuel()
+        message = f"{note}\n{trap}" if note else str(trap)
+        return Outcome(exit_code=None, reason="trap", message=clip_message(message))
 
     def stopped(self, kill_reason: str | None = None) -> Outcome:
         reason = self.ctx.stop_reason or kill_reason or self.kill_reason or "canceled"
         return Outcome(exit_code=None, reason=reason)
 
+    def out_of_fuel(self) -> Outcome:
+        fuel = self.sandbox.fuel if self.sandbox else None
+        return Outcome(
+            exit_code=None,
+            reason="out_of_fuel",
+            message=f"out of fuel: the guest used up its budget of {fuel} units",
+        )
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
-        self._start = None
+        self._start = self._memory = None
+
+    def _memory_note(self) -> str | None:
+        """A hint for a guest that failed: its memory reached (nearly) the limit."""
+        if self._memory is None or self._store is None or self.sandbox is None:
+            return None
+        try:
+            size = self._memory.data_len(self._store)
+        except wasmtime.WasmtimeError:
+            return None
+        if size < self.sandbox.memory_bytes * 0.9:
+            return None
+        limit = self.sandbox.memory_bytes // _MB
+        return (
+            f"its memory reached {size / _MB:.1f} of its {limit} MB limit: "
+            "an allocation may have failed"
+        )
 
     def _deadline(self, _context: Any, _data: Any, delta: Any, kind: Any) -> int:
         """Epoch deadline reached: trap if the run is being stopped, else one more tick.
@@ -322,6 +560,14 @@ class _Guest:
         return write
 
 
+def _set_stdin(wasi: wasmtime.WasiConfig, data: bytes) -> None:
+    """Give the guest `data` as its standard input (WasiConfig has no method for it)."""
+    vec = ffi.wasm_byte_vec_t()
+    buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), buffer)  # a copy ...
+    ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))  # ... that this takes
+
+
 async def _unless_stopped(ctx: RunContext, coro: Coroutine[Any, Any, T]) -> T | None:
     """Await `coro` unless a stop comes first (then cancel it and return None)."""
     task = asyncio.ensure_future(coro)
@@ -331,7 +577,7 @@ async def _unless_stopped(ctx: RunContext, coro: Coroutine[Any, Any, T]) -> T | 
     finally:
         stop.cancel()
         if not task.done():
-            task.cancel()  # a compile in a worker thread finishes anyway; its result is dropped
+            task.cancel()  # a compile in a worker thread finishes anyway (and is cached)
     return task.result() if task.done() else None
 
 
@@ -376,7 +622,7 @@ _CLOCK = struct.Struct("<I4xQQH")  # clock id, timeout, precision, flags (at off
 _EVENTTYPE_CLOCK, _EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE = 0, 1, 2
 _CLOCK_REALTIME, _CLOCK_MONOTONIC = 0, 1
 _SUBSCRIPTION_CLOCK_ABSTIME = 1
-_ERRNO_BADF, _ERRNO_FAULT, _ERRNO_INVAL = 8, 21, 28
+_ERRNO_FAULT, _ERRNO_INVAL = 21, 28
 _U32 = 0xFFFF_FFFF
 
 
@@ -436,7 +682,7 @@ def _poll(caller: wasmtime.Caller, subs: int, events: int, nsubs: int, nout: int
     raw = memory.read(caller, subs, in_end)
 
     now = time.monotonic_ns()
-    ready: list[bytes] = []  # fd events: always ready (the only fds are stdio)
+    ready: list[bytes] = []  # fd events: always ready
     clocks: list[tuple[int, int]] = []  # (userdata, deadline in host monotonic ns)
     for offset in range(0, len(raw), _SUBSCRIPTION):
         userdata, tag = struct.unpack_from("<QB", raw, offset)
@@ -450,9 +696,9 @@ def _poll(caller: wasmtime.Caller, subs: int, events: int, nsubs: int, nout: int
                 timeout = max(0, timeout - current)
             clocks.append((userdata, now + timeout))
         elif tag in (_EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE):
-            (fd,) = struct.unpack_from("<I", raw, offset + 16)
-            if fd > 2:
-                return _ERRNO_BADF
+            # stdin is bytes in memory, stdout/stderr are pipes to us and the rest regular
+            # files in /scratch: always ready. (An fd that isn't open is "ready" too; the
+            # read or write that follows fails with EBADF.)
             ready.append(_EVENT.pack(userdata, 0, tag, 1, 0))  # like wasmtime: 1 byte ready
         else:
             return _ERRNO_INVAL
