@@ -23,11 +23,16 @@ from supervisor.jobs import BackendSupervisor
 log = logging.getLogger("supervisor")
 
 
-def make_backend(kind: str, artifacts: ArtifactSource) -> Backend:
+def make_backend(kind: str, artifacts: ArtifactSource, args: argparse.Namespace) -> Backend:
     if kind == "wasm":
         from supervisor.backends.wasm import WasmBackend
 
-        return WasmBackend(artifacts)
+        return WasmBackend(
+            artifacts,
+            cache_dir=Path(args.wasm_cache_dir or Path(args.work_dir) / "wasm-cache"),
+            cache_max_bytes=args.wasm_cache_max_mb * 1024 * 1024,
+            memory_limit_mb=args.wasm_memory_limit_mb,
+        )
     if kind == "noop":
         from supervisor.backends.noop import NoopBackend
 
@@ -68,7 +73,7 @@ async def _run(args: argparse.Namespace) -> int:
     url = _ws_url(args.switchboard)
     artifacts = HttpArtifactSource(_http_base(url), args.token)
     supervisor = BackendSupervisor(
-        make_backend(args.backend, artifacts),
+        make_backend(args.backend, artifacts, args),
         max_jobs=args.max_jobs,
         labels=_labels(args.label),
         work_dir=Path(args.work_dir),
@@ -95,9 +100,37 @@ async def _run_local(args: argparse.Namespace) -> int:
     spec = args.job_spec
     artifacts = FileArtifactSource([Path(p) for p in args.artifact])
     supervisor = BackendSupervisor(
-        make_backend(spec.backend.kind, artifacts), work_dir=Path(args.work_dir)
+        make_backend(spec.backend.kind, artifacts, args), work_dir=Path(args.work_dir)
     )
     return await LocalConnector(supervisor, spec).run()
+
+
+def _backend_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--work-dir",
+        default="supervisor-work",
+        help="per-run scratch space and caches (default ./supervisor-work)",
+    )
+    wasm = parser.add_argument_group("wasm backend")
+    wasm.add_argument(
+        "--wasm-cache-dir",
+        metavar="DIR",
+        help="compiled-module cache (default WORK_DIR/wasm-cache)",
+    )
+    wasm.add_argument(
+        "--wasm-cache-max-mb",
+        type=int,
+        default=512,
+        metavar="MB",
+        help="size bound of that cache; least recently used entries go first",
+    )
+    wasm.add_argument(
+        "--wasm-memory-limit-mb",
+        type=int,
+        default=1024,
+        metavar="MB",
+        help="most linear memory a guest may have (a job may ask for less)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=BACKEND_KINDS, default="wasm")
     run.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--max-jobs", type=int, default=4)
-    run.add_argument("--work-dir", default="supervisor-work")
+    _backend_options(run)
     run.set_defaults(func=_run)
 
     local = commands.add_parser("run-local", help="run one job spec here, no switchboard")
@@ -134,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a file the spec names by digest (e.g. a .wasm module)",
     )
-    local.add_argument("--work-dir", default="supervisor-work")
+    _backend_options(local)
     local.set_defaults(func=_run_local)
     return parser
 

@@ -21,8 +21,9 @@ from protocol.spec import Parameter
 from protocol.spec import WasmBackend as WasmSpec
 from supervisor.artifacts import ArtifactSource, digest_of, verify
 from supervisor.backends.base import Outcome, RunContext
-from supervisor.backends.wasm import WasmBackend
+from supervisor.backends.wasm import ENGINE_ID, WasmBackend
 from supervisor.output import OutputPump
+from supervisor.wasm_cache import DiskCache
 from tests import wasi
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -137,9 +138,18 @@ async def backend(artifacts: MemoryArtifacts) -> AsyncIterator[WasmBackend]:
 def make_run(
     artifacts: MemoryArtifacts, program: Callable[..., bytes], tmp_path: Path
 ) -> Callable[..., Run]:
-    def make(source: str, args: list[str] = (), env: dict[str, str] | None = None, **kw) -> Run:
+    def make(
+        source: str,
+        args: list[str] = (),
+        env: dict[str, str] | None = None,
+        *,
+        spec: dict | None = None,
+        **kw,
+    ) -> Run:
+        """A run of tests.wasi.<source>; `spec` adds WasmSpec fields (stdin, fuel...)."""
         digest = artifacts.add(program(source))
-        return Run(WasmSpec(module=digest, args=list(args), env=env or {}), tmp_path, **kw)
+        wasm = WasmSpec(module=digest, args=list(args), env=env or {}, **(spec or {}))
+        return Run(wasm, tmp_path / "work", **kw)
 
     return make
 
@@ -224,8 +234,8 @@ async def test_streams_are_separate_and_byte_exact(backend: WasmBackend, make_ru
         stdout.decode()
 
 
-async def test_five_megabytes_of_output(backend: WasmBackend, make_run) -> None:
-    size = 5 * 1024 * 1024
+async def test_ten_megabytes_of_output(backend: WasmBackend, make_run) -> None:
+    size = 10 * 1024 * 1024
     run = make_run("WRITE_BYTES", [str(size)])
     assert await finish(backend, run) == Outcome(exit_code=0)
     data = run.data("stdout")  # checks chunk sizes and contiguous offsets
@@ -263,6 +273,46 @@ async def test_trap_reports_message_and_backtrace(backend: WasmBackend, make_run
     assert outcome.message is not None
     assert "wasm backtrace" in outcome.message and "crash_here" in outcome.message
     assert run.data("stdout") == b"about to trap\n"
+
+
+# --- the sandbox -----------------------------------------------------------------------
+
+
+async def test_scratch_directory_is_writable(backend: WasmBackend, make_run) -> None:
+    run = make_run("SCRATCH_RW", ["notes from the guest"])
+    assert await finish(backend, run) == Outcome(exit_code=0), run.data("stderr")
+    assert run.data("stdout") == b"read back: notes from the guest\n"
+    # /scratch is <work dir>/scratch on the host (supervisor.jobs deletes the work dir).
+    host_file = run.ctx.work_dir / "scratch" / "dir" / "note.txt"
+    assert host_file.read_text() == "notes from the guest"
+
+
+async def test_nothing_outside_scratch_is_reachable(backend: WasmBackend, make_run) -> None:
+    run = make_run("ESCAPE")
+    assert await finish(backend, run) == Outcome(exit_code=0)
+    lines = run.data("stdout").decode().splitlines()
+    print("\n".join(lines))
+    assert lines[0] == "control: OPENED"
+    attempts = lines[1:]
+    assert len(attempts) == 9
+    assert all(": blocked (" in line for line in attempts), attempts
+    work = run.ctx.work_dir
+    assert not (work / "escape").exists() and not (work.parent / "escape").exists()
+    assert not (work / "x").exists() and not (work.parent / "x").exists()
+
+
+async def test_stdin_bytes_reach_the_guest(backend: WasmBackend, make_run) -> None:
+    data = pattern(200_000) + b"\0end\xff"
+    run = make_run("CAT_STDIN", spec={"stdin": data})
+    assert await finish(backend, run) == Outcome(exit_code=0)
+    assert run.data("stdout") == data
+    assert run.data("stderr") == f"{len(data)} bytes\n".encode()
+
+
+async def test_no_stdin_is_an_empty_stdin(backend: WasmBackend, make_run) -> None:
+    run = make_run("CAT_STDIN")
+    assert await finish(backend, run) == Outcome(exit_code=0)
+    assert (run.data("stdout"), run.data("stderr")) == (b"", b"0 bytes\n")
 
 
 # --- stopping --------------------------------------------------------------------------
@@ -330,6 +380,117 @@ async def test_second_run_uses_the_compiled_module(
     assert first.stages == ["fetching", "compiling", "starting"]
     assert second.stages == ["cached", "starting"]
     assert artifacts.fetches == 1
+
+
+async def test_counters_and_flavours(
+    backend: WasmBackend, artifacts: MemoryArtifacts, make_run
+) -> None:
+    stages = []
+    for spec in ({}, {}, {"fuel": 10**9}, {"fuel": 5 * 10**8}):
+        run = make_run("HELLO_ARGS_ENV", spec=spec)
+        assert await finish(backend, run) == Outcome(exit_code=0)
+        stages.append(run.stages[0])
+    # Code compiled with fuel metering is another flavour: compiled (not fetched) once more.
+    assert stages == ["fetching", "cached", "fetching", "cached"]
+    assert (backend.cache_hits, backend.cache_misses) == (2, 2)
+
+
+async def test_concurrent_runs_compile_a_module_once(
+    backend: WasmBackend, artifacts: MemoryArtifacts, make_run
+) -> None:
+    runs = [make_run("HELLO_ARGS_ENV", [str(i)]) for i in range(4)]
+    outcomes = await asyncio.gather(*(finish(backend, run) for run in runs))
+    assert outcomes == [Outcome(exit_code=i) for i in range(4)]
+    assert sorted(run.stages[0] for run in runs) == ["cached"] * 3 + ["fetching"]
+    assert (backend.cache_hits, backend.cache_misses, artifacts.fetches) == (3, 1, 1)
+
+
+async def test_disk_cache_survives_a_restart(
+    artifacts: MemoryArtifacts, make_run, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    first = WasmBackend(artifacts, cache_dir=cache_dir)
+    try:
+        run = make_run("HELLO_ARGS_ENV", ["5"])
+        started = time.monotonic()
+        assert await finish(first, run) == Outcome(exit_code=5)
+        uncached = time.monotonic() - started
+        assert run.stages == ["fetching", "compiling", "starting"]
+    finally:
+        await first.close()
+    names = sorted(p.name for p in cache_dir.iterdir())
+    digest = run.ctx.start.backend.module.removeprefix("sha256:")
+    assert names == [f"{digest}.epoch.{ENGINE_ID}.cwasm", f"{digest}.wasm"]
+
+    second = WasmBackend(artifacts, cache_dir=cache_dir)  # a restarted supervisor
+    try:
+        run = make_run("HELLO_ARGS_ENV", ["6"])
+        started = time.monotonic()
+        assert await finish(second, run) == Outcome(exit_code=6)
+        cached = time.monotonic() - started
+        assert run.stages == ["cached", "starting"]  # not fetched, not compiled
+        assert (second.cache_hits, second.cache_misses, artifacts.fetches) == (1, 0, 1)
+        print(f"run, fetched+compiled: {uncached * 1e3:.1f} ms; from disk: {cached * 1e3:.1f} ms")
+        # The fuel flavour compiles again, but from the module bytes on disk: no fetch.
+        run = make_run("HELLO_ARGS_ENV", spec={"fuel": 10**9})
+        assert await finish(second, run) == Outcome(exit_code=0)
+        assert run.stages == ["fetching", "compiling", "starting"]
+        assert artifacts.fetches == 1
+    finally:
+        await second.close()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "foreign"])
+async def test_corrupt_disk_cache_file_is_compiled_again(
+    artifacts: MemoryArtifacts, make_run, tmp_path: Path, damage: str
+) -> None:
+    cache_dir = tmp_path / "cache"
+    first = WasmBackend(artifacts, cache_dir=cache_dir)
+    try:
+        assert await finish(first, make_run("HELLO_ARGS_ENV")) == Outcome(exit_code=0)
+    finally:
+        await first.close()
+    [compiled] = cache_dir.glob("*.cwasm")
+    good = compiled.read_bytes()
+    if damage == "flip":  # a bit flipped in the machine code: only a checksum sees that
+        middle = len(good) // 2
+        bad = good[:middle] + bytes([good[middle] ^ 0x10]) + good[middle + 1 :]
+    elif damage == "truncate":
+        bad = good[: len(good) // 3]
+    elif damage == "empty":
+        bad = b""
+    else:  # checksummed, but not code for this Wasmtime: Wasmtime must refuse it
+        DiskCache(cache_dir, 1 << 30).put(compiled.name, b"\x7fELF" + bytes(4096))
+        bad = compiled.read_bytes()
+    compiled.write_bytes(bad)
+
+    second = WasmBackend(artifacts, cache_dir=cache_dir)
+    try:
+        run = make_run("HELLO_ARGS_ENV", ["9"])
+        assert await finish(second, run) == Outcome(exit_code=9)
+        assert run.stages == ["fetching", "compiling", "starting"]
+        assert artifacts.fetches == 1  # the module bytes were still good
+        assert (second.cache_hits, second.cache_misses) == (0, 1)
+    finally:
+        await second.close()
+    assert compiled.read_bytes() == good  # replaced by a good copy
+
+
+async def test_module_bytes_on_disk_are_checked_against_the_digest(
+    artifacts: MemoryArtifacts, make_run, program, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    digest = artifacts.add(program("HELLO_ARGS_ENV")).removeprefix("sha256:")
+    # Well-formed cache files, wrong content: the module bytes name another module.
+    DiskCache(cache_dir, 1 << 30).put(f"{digest}.wasm", program("SPIN"))
+    backend = WasmBackend(artifacts, cache_dir=cache_dir)
+    try:
+        run = make_run("HELLO_ARGS_ENV", ["2"])
+        assert await finish(backend, run) == Outcome(exit_code=2)
+        assert run.stages == ["fetching", "compiling", "starting"]
+        assert artifacts.fetches == 1  # fetched: the cached bytes were refused
+    finally:
+        await backend.close()
 
 
 async def test_module_cache_is_bounded(artifacts: MemoryArtifacts, make_run) -> None:

@@ -142,3 +142,115 @@ int main(void) {
     return 0;
 }
 """
+
+#: `scratch TEXT`: writes TEXT to /scratch/dir/note.txt (making the directory), reads it back
+#: and prints `read back: TEXT`; exits 0 if the bytes match, 1 (with the error) otherwise.
+SCRATCH_RW = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+int main(int argc, char **argv) {
+    const char *text = argc > 1 ? argv[1] : "hello scratch";
+    if (mkdir("/scratch/dir", 0755) != 0) { perror("mkdir"); return 1; }
+    FILE *f = fopen("/scratch/dir/note.txt", "w");
+    if (!f) { perror("fopen w"); return 1; }
+    fputs(text, f);
+    fclose(f);
+    char buf[4096] = {0};
+    f = fopen("/scratch/dir/note.txt", "r");
+    if (!f) { perror("fopen r"); return 1; }
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    printf("read back: %.*s\n", (int)n, buf);
+    return strlen(text) == n && memcmp(text, buf, n) == 0 ? 0 : 1;
+}
+"""
+
+#: Tries to reach host files outside /scratch in every way it can think of and prints one
+#: line per attempt, `<what>: blocked (<error>)` or `<what>: OPENED`; one control attempt
+#: inside /scratch must open. Always exits 0: the test reads the lines.
+ESCAPE = r"""
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+static void try_open(const char *what, const char *path, int flags) {
+    int fd = open(path, flags, 0644);
+    if (fd >= 0) { printf("%s: OPENED\n", what); close(fd); }
+    else printf("%s: blocked (%s)\n", what, strerror(errno));
+}
+
+static void try_dir(const char *what, const char *path) {
+    DIR *d = opendir(path);
+    if (d) { printf("%s: OPENED\n", what); closedir(d); }
+    else printf("%s: blocked (%s)\n", what, strerror(errno));
+}
+
+int main(void) {
+    try_open("control", "/scratch/inside.txt", O_WRONLY | O_CREAT);
+    try_open("/etc/passwd", "/etc/passwd", O_RDONLY);
+    try_open("../x", "../x", O_WRONLY | O_CREAT);
+    try_open("escape", "escape", O_WRONLY | O_CREAT);
+    try_open("/scratch/../escape", "/scratch/../escape", O_WRONLY | O_CREAT);
+    try_open("/scratch/../../escape", "/scratch/../../escape", O_WRONLY | O_CREAT);
+    try_dir("opendir /", "/");
+    try_dir("opendir /scratch/..", "/scratch/..");
+    symlink("/etc/passwd", "/scratch/abs-link");  /* may itself be refused: either is fine */
+    try_open("absolute symlink", "/scratch/abs-link", O_RDONLY);
+    symlink("../escape", "/scratch/rel-link");
+    try_open("relative symlink", "/scratch/rel-link", O_WRONLY | O_CREAT);
+    return 0;
+}
+"""
+
+#: Copies standard input to standard output byte for byte, then prints `N bytes` to stderr.
+CAT_STDIN = r"""
+#include <stdio.h>
+#include <unistd.h>
+
+int main(void) {
+    static char buf[65536];
+    long long total = 0;
+    ssize_t n;
+    while ((n = read(0, buf, sizeof buf)) > 0) {
+        for (ssize_t done = 0; done < n;) {
+            ssize_t w = write(1, buf + done, (size_t)(n - done));
+            if (w <= 0) return 3;
+            done += w;
+        }
+        total += n;
+    }
+    fprintf(stderr, "%lld bytes\n", total);
+    return n < 0 ? 2 : 0;
+}
+"""
+
+#: Allocates (and touches) 1 MiB blocks until malloc returns NULL, then prints
+#: `allocated N MiB` and exits 3. Exits 0 if it somehow got 8 GiB.
+MEMORY_BOMB = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void *volatile last;  /* keeps the compiler from eliding the allocations */
+
+int main(void) {
+    int mib = 0;
+    for (; mib < 8192; mib++) {
+        char *p = malloc(1 << 20);
+        if (!p) {
+            printf("allocated %d MiB\n", mib);
+            return 3;
+        }
+        memset(p, 0xab, 1 << 20);
+        *(void **)p = last;  /* a chain of every block */
+        last = p;
+    }
+    return 0;
+}
+"""

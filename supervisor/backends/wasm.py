@@ -182,7 +182,7 @@ class WasmBackend(Backend):
         memory_mb = min(spec.memory_limit_mb or self.memory_limit_mb, self.memory_limit_mb)
         limits = f"memory limit {memory_mb} MB"
         if spec.memory_limit_mb is not None and spec.memory_limit_mb > memory_mb:
-            limits += f" (the job asked for {spec.memory_limit_mb} MB; this host's maximum)"
+            limits += f" (this host's maximum; the job asked for {spec.memory_limit_mb} MB)"
         if spec.fuel is not None:
             limits += f", fuel {spec.fuel}"
         await ctx.stage("starting", limits)
@@ -268,6 +268,8 @@ class WasmBackend(Backend):
                 # Content-addressed: the digest names exact bytes, so no need to fetch again.
                 self._cache.move_to_end(key)
                 self.cache_hits += 1
+                if self._disk is not None and not self._closed:  # in use: keep it on disk
+                    self._pool.submit(self._disk.touch, _compiled_name(digest, flavour))
                 await ctx.stage("cached", "module compiled by an earlier run")
                 return cached
             loop = asyncio.get_running_loop()
@@ -525,7 +527,7 @@ class _Guest:
             return None
         try:
             size = self._memory.data_len(self._store)
-        except wasmtime.WasmtimeError:
+        except Exception:  # only a hint: never let it spoil the outcome
             return None
         if size < self.sandbox.memory_bytes * 0.9:
             return None
