@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from litestar import Litestar, Router, WebSocket, websocket
@@ -21,15 +22,36 @@ from switchboard.config import Settings
 from switchboard.dispatcher import Dispatcher
 from switchboard.sessions import Hub
 from switchboard.state import AppState
+from switchboard.store.base import Store
 from switchboard.store.sqlite import SQLiteStore
 
 VERSION = "0.1.0"
+
+log = logging.getLogger("switchboard")
 
 
 @websocket("/ws/supervisor")
 async def supervisor_socket(socket: WebSocket) -> None:
     """The supervisor protocol endpoint (docs/protocol.md)."""
     await socket.app.state.switchboard.hub.handle(socket)
+
+
+async def watch_for_lost_runs(store: Store, settings: Settings, hub: Hub) -> None:
+    """Give up on the runs of supervisors that have been gone past the grace period."""
+    period = max(0.05, min(settings.lost_after_s / 4, 5.0))
+    while True:
+        await asyncio.sleep(period)
+        try:
+            lost = await store.lose_runs(settings.lost_after_s)
+        except Exception:  # keep watching; the next pass retries
+            log.exception("checking for lost runs failed")
+            continue
+        if lost:
+            log.warning(
+                "runs lost with their supervisor: %s",
+                ", ".join(f"{k.job_id}#{k.attempt}" for k in lost),
+            )
+            hub.wake_dispatcher()
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -46,12 +68,17 @@ def create_app(settings: Settings) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await store.open()
-        dispatching = asyncio.create_task(state.dispatcher.run(), name="dispatcher")
+        await store.forget_connections()
+        background = [
+            asyncio.create_task(state.dispatcher.run(), name="dispatcher"),
+            asyncio.create_task(watch_for_lost_runs(store, settings, hub), name="lost runs"),
+        ]
         try:
             yield
         finally:
-            dispatching.cancel()
-            await asyncio.gather(dispatching, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await hub.close_all(CloseCode.TRY_AGAIN_LATER, "switchboard shutting down")
             await store.close()
 

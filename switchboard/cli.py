@@ -27,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
             data_dir=_data_dir(args.data_dir),
             heartbeat_interval_s=args.heartbeat_interval,
             heartbeat_timeout_s=args.heartbeat_timeout,
+            lost_after_s=args.lost_after,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
         )
@@ -59,10 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=os.environ.get("SWITCHBOARD_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("SWITCHBOARD_PORT", "8765")))
     serve.add_argument("--data-dir", help="database and artifacts (default ./switchboard-data)")
-    serve.add_argument("--heartbeat-interval", type=float, default=5.0, metavar="SECONDS",
-                       help="how often each side of a supervisor connection sends a heartbeat")
-    serve.add_argument("--heartbeat-timeout", type=float, default=20.0, metavar="SECONDS",
-                       help="silence after which a connection is considered dead")
+    serve.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often each side of a supervisor connection sends a heartbeat",
+    )
+    serve.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="silence after which a connection is considered dead",
+    )
+    serve.add_argument(
+        "--lost-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a disconnected supervisor's runs wait before they are lost",
+    )
     serve.add_argument("--tls-cert", help="PEM certificate: serve https and wss")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
     serve.set_defaults(func=_serve)

@@ -14,6 +14,8 @@ class Settings(msgspec.Struct):
     #: How often each side sends a heartbeat, and how long silence may last.
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 20.0
+    #: How long a disconnected supervisor's runs are kept before they become `lost`.
+    lost_after_s: float = 60.0
     #: How long a new connection has to send its Hello.
     hello_timeout_s: float = 10.0
     #: Largest artifact upload (Wasm modules, image tarballs).

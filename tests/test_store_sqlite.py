@@ -192,3 +192,23 @@ async def test_lost_run_is_finalized(store):
     assert await store.end_run(RunKey("j1", 1), "lost", "host gone")
     assert (await store.get_job("j1")).phase == Phase.LOST
     assert not await store.end_run(RunKey("j1", 1), "lost", "twice")
+
+
+async def test_runs_of_a_supervisor_gone_past_its_grace_are_lost(store):
+    await _assigned_job(store)
+    await store.apply_events("s1", [state(1, Phase.RUNNING)])
+    assert await store.lose_runs(0.0) == []  # still connected
+    connected = await store.supervisor_connected(HELLO)
+    await store.supervisor_disconnected("s1", connected.session)
+    assert await store.lose_runs(3600.0) == []  # within its grace
+    assert await store.lose_runs(0.0) == [RunKey("j1", 1)]
+    job = await store.get_job("j1")
+    assert job.phase == Phase.LOST and "silent" in job.runs[0].message
+    assert await store.lose_runs(0.0) == []
+
+
+async def test_a_restart_forgets_connections(store):
+    await store.supervisor_connected(HELLO)
+    await store.forget_connections()
+    [sup] = await store.list_supervisors()
+    assert not sup.connected

@@ -115,6 +115,15 @@ class Store(abc.ABC):
         """Record a disconnect, unless a newer session has already replaced `session`."""
 
     @abc.abstractmethod
+    async def forget_connections(self) -> None:
+        """At startup of the (only) switchboard process: no supervisor is connected yet, and
+        every one's grace period starts now."""
+
+    @abc.abstractmethod
+    async def lose_runs(self, grace_s: float) -> list[RunKey]:
+        """End as `lost` every active run of a supervisor disconnected for over `grace_s`."""
+
+    @abc.abstractmethod
     async def list_supervisors(self) -> list[SupervisorView]: ...
 
     @abc.abstractmethod

@@ -481,6 +481,32 @@ class SQLiteStore(Store):
 
         await self._write(write)
 
+    async def forget_connections(self) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE supervisors SET connected = 0, last_seen = ? WHERE connected = 1",
+                (time.time(),),
+            )
+
+        await self._write(write)
+
+    async def lose_runs(self, grace_s: float) -> list[RunKey]:
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> list[RunKey]:
+            rows = conn.execute(
+                "SELECT r.job_id, r.attempt FROM runs r JOIN supervisors s"
+                " ON s.id = r.supervisor_id WHERE s.connected = 0 AND s.last_seen < ?"
+                f" AND r.phase IN ({_ACTIVE_SQL})",
+                (now - grace_s, *_ACTIVE_PHASES),
+            ).fetchall()
+            message = f"supervisor silent for over {grace_s:g}s"
+            for job_id, attempt in rows:
+                _set_run_phase(conn, job_id, attempt, Phase.LOST, None, message, now)
+            return [RunKey(job_id, attempt) for job_id, attempt in rows]
+
+        return await self._write(write)
+
     async def list_supervisors(self) -> list[SupervisorView]:
         def read(conn: sqlite3.Connection) -> list[SupervisorView]:
             counts = _running_counts(conn)

@@ -1,0 +1,49 @@
+"""A supervisor that vanishes (SIGKILL) doesn't hold its jobs forever: after the grace
+period its runs are lost."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
+
+GRACE = 1.0
+
+
+@pytest.fixture(scope="module")
+def switchboard(tmp_path_factory):
+    server = Switchboard(
+        tmp_path_factory.mktemp("lost") / "data",
+        extra_args=(
+            "--lost-after",
+            str(GRACE),
+            "--heartbeat-interval",
+            "0.2",
+            "--heartbeat-timeout",
+            "1",
+        ),
+    )
+    yield server
+    server.stop()
+
+
+def test_runs_of_a_killed_supervisor_become_lost(switchboard, work_dir):
+    client = switchboard.client()
+    sup = start_supervisor(switchboard, work_dir, name="doomed", backend="noop")
+    wait_connected(client, "doomed")
+    job_id = client.post(
+        "/api/v1/jobs", json={"name": "long", "backend": {"kind": "noop", "delay_s": 600}}
+    ).json()["id"]
+    deadline = time.monotonic() + 20
+    while client.get(f"/api/v1/jobs/{job_id}").json()["phase"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    sup.kill()
+    killed = time.monotonic()
+    job = wait_job(client, job_id, timeout=30)
+    detected = time.monotonic() - killed
+    assert job["phase"] == "lost"
+    assert GRACE <= detected < GRACE + 10
+    print(f"run lost {detected:.2f}s after the supervisor was killed (grace {GRACE}s)")
