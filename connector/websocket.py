@@ -89,6 +89,8 @@ class WebSocketConnector(SupervisorConnector):
         #: Set while a connection is established (after the Welcome); tests wait on it.
         self.connected = asyncio.Event()
         self.session: int | None = None
+        #: Connections established so far (a Welcome received).
+        self.sessions = 0
         supervisor.attach(self)
 
     # --- SupervisorConnector ---------------------------------------------------------
@@ -116,12 +118,16 @@ class WebSocketConnector(SupervisorConnector):
         await self.supervisor.recover()
         delays = self._backoff_factory()
         while not self._stopping.is_set():
+            sessions_before = self.sessions
             try:
                 await self._connect_once()
-                delays = self._backoff_factory()  # a session was established: start over
             except (OSError, TimeoutError, websockets.WebSocketException, FrameError) as exc:
                 if self._classify(exc) is Verdict.FATAL:
                     raise ConnectorFatalError(_describe(exc)) from exc
+                if self.sessions != sessions_before:
+                    # The link worked until it broke: back off from the start again, not
+                    # from where a run of failed attempts had left the delay.
+                    delays = self._backoff_factory()
                 delay = next(delays)
                 log.warning(
                     "connection to %s failed (%s); retrying in %.2fs",
@@ -152,6 +158,7 @@ class WebSocketConnector(SupervisorConnector):
         ) as ws:
             welcome = await self._handshake(ws)
             self.session = welcome.session
+            self.sessions += 1
             self._sent_upto = welcome.last_seq
             async with self._room:
                 self._room.notify_all()
@@ -261,7 +268,8 @@ class WebSocketConnector(SupervisorConnector):
         while True:
             await asyncio.sleep(welcome.heartbeat_interval_s)
             if time.monotonic() - last_heard[0] > welcome.heartbeat_timeout_s:
-                await ws.close(CloseCode.HEARTBEAT_TIMEOUT, "switchboard stopped answering")
+                # The link is dead or stalled: a closing handshake would only wait on it.
+                ws.transport.abort()
                 raise TimeoutError("no heartbeat from the switchboard")
             await ws.send(codec.encode(Heartbeat(at=time.time())), text=True)
 

@@ -154,14 +154,16 @@ def start_supervisor(
     backend: str = "wasm",
     max_jobs: int = 4,
     labels: dict[str, str] | None = None,
+    url: str | None = None,
 ) -> Process:
+    """Start a supervisor process; `url` overrides the switchboard's (e.g. a proxy's)."""
     token = switchboard.create_token("supervisor")
     args = [
         "-m",
         "supervisor",
         "run",
         "--switchboard",
-        switchboard.ws_url,
+        url or switchboard.ws_url,
         "--token",
         token,
         "--name",

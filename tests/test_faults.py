@@ -1,0 +1,182 @@
+"""Delivery under faults, with real processes: connections cut and stalled by a proxy,
+the switchboard SIGKILLed. Nothing acknowledged is lost, nothing is stored twice."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+
+import pytest
+
+from tests.faults import FaultyProxy
+from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
+from tests.wasi import compile_c
+
+#: `stream_out CHUNKS BYTES MS`: CHUNKS times, writes BYTES of a deterministic binary pattern
+#: to stdout, then sleeps MS milliseconds.
+STREAM_OUT = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+int main(int argc, char **argv) {
+    long chunks = atol(argv[1]), size = atol(argv[2]), ms = atol(argv[3]);
+    unsigned char *buf = malloc(size);
+    struct timespec pause = {ms / 1000, (ms % 1000) * 1000000L};
+    unsigned long long pos = 0;
+    for (long c = 0; c < chunks; c++) {
+        for (long i = 0; i < size; i++, pos++) buf[i] = (unsigned char)(pos * 31 + (pos >> 9));
+        fwrite(buf, 1, size, stdout);
+        fflush(stdout);
+        nanosleep(&pause, NULL);
+    }
+    return 0;
+}
+"""
+
+
+def pattern(n: int) -> bytes:
+    return bytes((p * 31 + (p >> 9)) & 0xFF for p in range(n))
+
+
+@pytest.fixture(scope="module")
+def switchboard(tmp_path_factory):
+    server = Switchboard(
+        tmp_path_factory.mktemp("faults") / "data",
+        extra_args=(
+            "--heartbeat-interval",
+            "0.25",
+            "--heartbeat-timeout",
+            "1.5",
+            "--lost-after",
+            "120",
+        ),
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy(switchboard):
+    faulty = FaultyProxy(switchboard.port)
+    yield faulty
+    faulty.close()
+
+
+def _phases(job: dict) -> list[str]:
+    return [p["phase"] for p in job["runs"][0]["phases"]]
+
+
+def _wait_running(client, job_id: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get(f"/api/v1/jobs/{job_id}").json()["phase"] != "running":
+        assert time.monotonic() < deadline, "job did not start"
+        time.sleep(0.05)
+
+
+def test_twenty_cuts_during_twenty_megabytes(switchboard, proxy, work_dir, tmp_path):
+    client = switchboard.client()
+    module = compile_c(STREAM_OUT, tmp_path, "stream_out").read_bytes()
+    digest = client.post("/api/v1/artifacts", content=module).json()["digest"]
+    sup = start_supervisor(switchboard, work_dir, name="cut-me", url=f"ws://127.0.0.1:{proxy.port}")
+    try:
+        wait_connected(client, "cut-me")
+        chunks, size = 100, 200 * 1024  # 20 MiB over ~10 s
+        job_id = client.post(
+            "/api/v1/jobs",
+            json={
+                "name": "20MB",
+                "backend": {
+                    "kind": "wasm",
+                    "module": digest,
+                    "args": [str(chunks), str(size), "100"],
+                },
+            },
+        ).json()["id"]
+        _wait_running(client, job_id)
+        rng = random.Random(20)
+        cuts = 0
+        started = time.monotonic()
+        while cuts < 20:
+            time.sleep(rng.uniform(0.2, 0.5))
+            cuts += 1 if proxy.cut() else 0
+        cutting = time.monotonic() - started
+        # Reconnects are prompt (the backoff starts over after every established link).
+        assert cutting < 20
+        job = wait_job(client, job_id, timeout=120)
+        assert job["phase"] == "succeeded", job
+        stdout = client.get(f"/api/v1/jobs/{job_id}/output").content
+        assert len(stdout) == chunks * size
+        assert hashlib.sha256(stdout).digest() == hashlib.sha256(pattern(chunks * size)).digest()
+        phases = _phases(job)
+        assert phases[0] == "assigned" and phases[-2:] == ["running", "succeeded"]
+        assert phases.count("running") == 1 and phases.count("succeeded") == 1
+        assert proxy.accepted > 20  # it really reconnected after each cut
+        print(f"{cuts} cuts in {cutting:.1f}s, {len(stdout)} bytes checked, "
+              f"{proxy.accepted} connections")
+    finally:
+        sup.stop()
+
+
+def test_stalled_connection_is_detected_and_replaced(switchboard, proxy, work_dir):
+    client = switchboard.client()
+    sup = start_supervisor(
+        switchboard, work_dir, name="stall-me", backend="noop", url=f"ws://127.0.0.1:{proxy.port}"
+    )
+    try:
+        wait_connected(client, "stall-me")
+        before = next(s for s in client.get("/api/v1/supervisors").json() if s["id"] == "stall-me")[
+            "session"
+        ]
+        assert proxy.stall() == 1
+        stalled_at = time.monotonic()
+        while True:
+            sup_view = next(
+                s for s in client.get("/api/v1/supervisors").json() if s["id"] == "stall-me"
+            )
+            if sup_view["connected"] and sup_view["session"] > before:
+                break
+            assert time.monotonic() - stalled_at < 20, "stall was not detected"
+            time.sleep(0.05)
+        detected = time.monotonic() - stalled_at
+        print(f"half-open link replaced after {detected:.2f}s (heartbeat timeout 1.5s)")
+        assert detected >= 1.0
+        # The fresh connection works.
+        job_id = client.post(
+            "/api/v1/jobs", json={"name": "after", "backend": {"kind": "noop", "output": "ok"}}
+        ).json()["id"]
+        assert wait_job(client, job_id)["phase"] == "succeeded"
+    finally:
+        sup.stop()
+
+
+def test_switchboard_sigkill_with_fifty_jobs_running(switchboard, work_dir):
+    client = switchboard.client()
+    sup = start_supervisor(switchboard, work_dir, name="fifty", backend="noop", max_jobs=50)
+    try:
+        wait_connected(client, "fifty")
+        jobs = [
+            client.post(
+                "/api/v1/jobs",
+                json={
+                    "name": f"j{i}",
+                    "selector": {"match_labels": {}},
+                    "backend": {"kind": "noop", "delay_s": 2.0, "output": f"job {i}\n"},
+                },
+            ).json()["id"]
+            for i in range(50)
+        ]
+        for job_id in jobs:
+            _wait_running(client, job_id)
+        switchboard.kill_and_restart()
+        client = switchboard.client()
+        for i, job_id in enumerate(jobs):
+            job = wait_job(client, job_id, timeout=60)
+            assert job["phase"] == "succeeded", job
+            assert len(job["runs"]) == 1  # never run twice
+            assert _phases(job).count("running") == 1
+            out = client.get(f"/api/v1/jobs/{job_id}/output").content
+            assert out == f"job {i}\n".encode()
+    finally:
+        sup.stop()
