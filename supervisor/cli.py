@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    # Everything imported so far lives as long as the process: keep the collector from
+    # walking it again and again (full collections were the worst start latencies).
+    gc.freeze()
     return uvloop.run(args.func(args))
 
 

@@ -206,6 +206,9 @@ class BackendSupervisor(Supervisor):
             if timer is not None:
                 timer.cancel()
         try:
+            # The program is done: its scratch space goes before its end is reported.
+            if work_dir.exists():  # one stat here; the removal goes to a thread
+                await asyncio.to_thread(shutil.rmtree, work_dir, ignore_errors=True)
             await output.close()
             if error is not None:
                 await connector.report_job_error(ref, error.kind, error.description)
@@ -219,7 +222,6 @@ class BackendSupervisor(Supervisor):
             await self._transition(run, _final_phase(ctx, outcome, error), message=outcome.message)
         finally:
             self._forget(run)
-            shutil.rmtree(work_dir, ignore_errors=True)
 
     def _time_out(self, run: _Run) -> None:
         if run.ctx is not None and run.ctx.stop_reason is None:

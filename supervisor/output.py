@@ -16,6 +16,7 @@ instead of growing memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -48,6 +49,7 @@ class OutputPump:
         self._closed = False
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
         self._task = self._loop.create_task(self._pump())
 
     @property
@@ -87,6 +89,7 @@ class OutputPump:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
+        self._closing.set()
         self._wake.set()
         await self._task
 
@@ -105,7 +108,9 @@ class OutputPump:
                 closed = self._closed
                 small = self._buffered < MAX_OUTPUT_CHUNK
             if small and not closed:
-                await asyncio.sleep(LINGER_S)
+                # Linger for company, but not past close(): the run's end waits on us.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), LINGER_S)
             with self._lock:
                 taken = [(s, bytes(buf)) for s, buf in self._buffers.items() if buf]
                 for buf in self._buffers.values():

@@ -4,6 +4,7 @@ on a socket we bind ourselves so `--port 0` works and the real address can be pr
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 import sys
@@ -71,4 +72,5 @@ def run(settings: Settings) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    gc.freeze()  # the imported code lives as long as the process; don't rescan it
     uvloop.run(serve(settings))

@@ -1,0 +1,158 @@
+"""The supervisor's own configuration file (TOML): what this host offers and allows.
+
+A lab admin writes it once per host; `supervisor run --config FILE` reads it. Every table
+forbids unknown keys, so a typo is an error that names the key, not a silently ignored
+setting. Example (docs/docker.md explains every key)::
+
+    [docker]
+    allowed_networks = ["none", "bridge"]
+    allowed_capabilities = ["NET_RAW"]
+    default_memory_mb = 2048
+    max_memory_mb = 8192
+
+    [[devices]]
+    name = "nrf52840dk-0"
+    path = "/dev/ttyACM0"
+    resource = "nrf52840dk"
+    labels = { serial = "000683012345" }
+
+Nothing here does I/O except :func:`load_config`; checks that need the host (does the device
+node exist?) happen when a device is allocated, because boards get unplugged.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from protocol.spec import Id, Labels
+
+#: Linux capabilities a job may ask for, if the host allows them (Docker's names, no CAP_).
+CAPABILITIES = frozenset(
+    """AUDIT_CONTROL AUDIT_READ AUDIT_WRITE BLOCK_SUSPEND BPF CHECKPOINT_RESTORE CHOWN
+    DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID IPC_LOCK IPC_OWNER KILL LEASE
+    LINUX_IMMUTABLE MAC_ADMIN MAC_OVERRIDE MKNOD NET_ADMIN NET_BIND_SERVICE NET_BROADCAST
+    NET_RAW PERFMON SETFCAP SETGID SETPCAP SETUID SYSLOG SYS_ADMIN SYS_BOOT SYS_CHROOT
+    SYS_MODULE SYS_NICE SYS_PACCT SYS_PTRACE SYS_RAWIO SYS_RESOURCE SYS_TIME
+    SYS_TTY_CONFIG WAKE_ALARM""".split()
+)
+
+#: How many resource classes a Hello may advertise (protocol.spec.ResourceCounts).
+MAX_RESOURCE_CLASSES = 64
+
+Network = Literal["none", "bridge", "host"]
+AbsPath = Annotated[str, Meta(pattern=r"^/", max_length=4096)]
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or wrong; the message names the file and key."""
+
+
+class _Table(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of the config tables."""
+
+
+class DeviceConfig(_Table, frozen=True):
+    """One host device that jobs can be given, exclusively, as a unit of `resource`."""
+
+    #: Unique name (shown to jobs and in logs), e.g. "nrf52840dk-0".
+    name: Id
+    #: The device node (or directory of nodes, e.g. /dev/bus/usb/001) on the host. A udev
+    #: symlink such as /dev/serial/by-id/... is fine: the engine resolves it.
+    path: AbsPath
+    #: The resource class it counts towards (what jobs ask for in `resources`).
+    resource: Id
+    #: Where the job sees it; default: the same path as on the host.
+    container_path: AbsPath | None = None
+    #: cgroup permissions inside the container: r(ead), w(rite), m(knod).
+    permissions: Annotated[str, Meta(pattern=r"^(?=.)r?w?m?$")] = "rwm"
+    #: Free-form facts about the device (serial number, probe id...), passed to the job.
+    labels: Labels = {}
+
+    @property
+    def target(self) -> str:
+        return self.container_path or self.path
+
+
+class DockerConfig(_Table):
+    """What the Docker backend allows and what it uses when a spec says nothing."""
+
+    #: Networks a spec may ask for; "none" is always allowed (and is the default).
+    allowed_networks: list[Network] = msgspec.field(default_factory=lambda: ["none"])
+    #: Capabilities a spec may add back with `cap_add` (containers start with none).
+    allowed_capabilities: list[str] = []
+    #: Limits for specs that set none (None: no memory or CPU limit).
+    default_memory_mb: Annotated[int, Meta(ge=4)] | None = None
+    default_cpus: Annotated[float, Meta(gt=0)] | None = None
+    default_pids_limit: Annotated[int, Meta(ge=1)] = 4096
+    #: The most a spec may ask for; a spec asking for more is refused (None: no maximum).
+    max_memory_mb: Annotated[int, Meta(ge=4)] | None = None
+    max_cpus: Annotated[float, Meta(gt=0)] | None = None
+    max_pids_limit: Annotated[int, Meta(ge=1)] | None = None
+    #: Size of the /scratch tmpfs of containers with a read-only root filesystem.
+    scratch_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 1024
+    #: Run Docker's init (tini) as PID 1: it forwards signals and reaps zombies.
+    init: bool = True
+    #: Most console output the engine keeps per container (per stream), for replaying a
+    #: run's output after a supervisor restart. Beyond it the oldest output is dropped.
+    log_max_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 1024
+    #: Seconds an engine request may take (waiting for a container's end has no limit).
+    engine_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 120.0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.allowed_capabilities) - CAPABILITIES)
+        if unknown:
+            raise ValueError(f"unknown capabilities {unknown} (use Docker's names, no CAP_)")
+        if self.max_memory_mb is not None and (self.default_memory_mb or 0) > self.max_memory_mb:
+            raise ValueError("default_memory_mb is larger than max_memory_mb")
+        if self.max_cpus is not None and (self.default_cpus or 0) > self.max_cpus:
+            raise ValueError("default_cpus is larger than max_cpus")
+        if self.max_pids_limit is not None and self.default_pids_limit > self.max_pids_limit:
+            raise ValueError("default_pids_limit is larger than max_pids_limit")
+
+
+class SupervisorConfig(_Table):
+    """The whole file."""
+
+    docker: DockerConfig = msgspec.field(default_factory=DockerConfig)
+    devices: Annotated[list[DeviceConfig], Meta(max_length=4096)] = []
+
+    def __post_init__(self) -> None:
+        names: set[str] = set()
+        paths: set[str] = set()
+        for device in self.devices:
+            if device.name in names:
+                raise ValueError(f"two devices are named {device.name!r}")
+            if device.path in paths:
+                raise ValueError(f"two devices use the path {device.path!r}")
+            names.add(device.name)
+            paths.add(device.path)
+        if len({d.resource for d in self.devices}) > MAX_RESOURCE_CLASSES:
+            raise ValueError(f"at most {MAX_RESOURCE_CLASSES} resource classes")
+
+
+def parse_config(text: str, source: str = "<config>") -> SupervisorConfig:
+    """Parse TOML text. Raises ConfigError naming `source` and the bad key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return msgspec.convert(raw, SupervisorConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: Path | str | None) -> SupervisorConfig:
+    """The configuration in `path`, or the defaults when `path` is None."""
+    if path is None:
+        return SupervisorConfig()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    return parse_config(text, str(path))
