@@ -80,7 +80,12 @@ async def _run(args: argparse.Namespace) -> int:
         work_dir=Path(args.work_dir),
     )
     connector = WebSocketConnector(
-        supervisor, url, args.token, supervisor_id=supervisor_id, name=name
+        supervisor,
+        url,
+        args.token,
+        supervisor_id=supervisor_id,
+        name=name,
+        max_backlog_bytes=args.max_backlog_mb * 1024 * 1024,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -156,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=BACKEND_KINDS, default="wasm")
     run.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--max-jobs", type=int, default=4)
+    run.add_argument(
+        "--max-backlog-mb",
+        type=int,
+        default=64,
+        metavar="MB",
+        help="unacknowledged events kept at most; past that, jobs' output waits (backpressure)",
+    )
     _backend_options(run)
     run.set_defaults(func=_run)
 
