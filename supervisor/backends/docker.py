@@ -212,6 +212,8 @@ class DockerBackend(Backend):
         self._loading: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         #: Runs found by recover(), waiting for resume(): run -> container id.
         self._recovered: dict[RunRef, str] = {}
+        #: Runs inside run() or resume() now.
+        self._active: set[RunRef] = set()
         self._pipes: set[_Pipe] = set()
         self._closed = False
         #: Images loaded from artifacts, and runs that found their artifact already loaded.
@@ -238,6 +240,7 @@ class DockerBackend(Backend):
         spec = _docker_spec(ctx.start)
         owner = _owner(ctx.run)
         cid: str | None = None
+        self._active.add(ctx.run)
         try:
             limits_ = self._limits(spec)
             devices: list[DeviceConfig] = []
@@ -256,12 +259,15 @@ class DockerBackend(Backend):
         finally:
             # A cancelled run (this process is going away) leaves its container running and
             # its devices held: the next supervisor process re-adopts both.
-            if not _cancelling():
-                if cid is not None:
-                    await self._remove(cid)
-                self.devices.release(owner)
-            elif cid is None:
-                self.devices.release(owner)
+            try:
+                if not _cancelling():
+                    if cid is not None:
+                        await self._remove(cid)
+                    self.devices.release(owner)
+                elif cid is None:
+                    self.devices.release(owner)
+            finally:
+                self._active.discard(ctx.run)
 
     async def recover(self) -> list[StartJob]:
         api = await self._client()
@@ -287,6 +293,8 @@ class DockerBackend(Backend):
                 )
                 continue
             ref = RunRef(start.job_id, start.attempt)
+            if ref in self._active:
+                continue  # this process runs it (recover() called twice)
             self._recovered[ref] = container["Id"]
             held = [n for n in labels.get(LABEL_DEVICES, "").split(",") if n]
             self.devices.reserve(_owner(ref), held)
@@ -317,6 +325,7 @@ class DockerBackend(Backend):
                 JobErrorKind.CANNOT_RESUME, f"container {cid[:12]} is gone (removed meanwhile)"
             ) from None
         stop_signal = (info.get("Config") or {}).get("StopSignal") or "SIGTERM"
+        self._active.add(ctx.run)
         try:
             if info["State"].get("Status") == "created":
                 # Created, never started (the supervisor went away in between): start it.
@@ -326,9 +335,12 @@ class DockerBackend(Backend):
             future = self._in_stream_thread(self._replay, ctx, cid, pipes)
             return await self._follow(ctx, cid, future, pipes, stop_signal)
         finally:
-            if not _cancelling():
-                await self._remove(cid)
-                self.devices.release(owner)
+            try:
+                if not _cancelling():
+                    await self._remove(cid)
+                    self.devices.release(owner)
+            finally:
+                self._active.discard(ctx.run)
 
     async def close(self) -> None:
         self._closed = True
@@ -360,7 +372,7 @@ class DockerBackend(Backend):
             api = docker.APIClient(
                 version="auto",
                 timeout=self.settings.engine_timeout_s,
-                max_pool_size=64,
+                max_pool_size=512,
                 **kwargs,
             )
             version = api.version()
@@ -388,12 +400,13 @@ class DockerBackend(Backend):
         return loop.run_in_executor(self._streams, functools.partial(fn, *args))
 
     async def _remove(self, cid: str) -> None:
-        api = await self._client()
+        """Remove a container (and its anonymous volumes), killing it if it still runs."""
         try:
+            api = await self._client()
             await self._call(api.remove_container, cid, v=True, force=True)
         except docker.errors.NotFound:
             pass
-        except docker.errors.DockerException as exc:
+        except (docker.errors.DockerException, RuntimeError) as exc:  # RuntimeError: closed
             log.warning("could not remove container %s: %s", cid[:12], exc)
 
     # --- policy ------------------------------------------------------------------------
@@ -457,14 +470,14 @@ class DockerBackend(Backend):
             assert spec.image is not None
             await ctx.stage("fetching", f"image {spec.image}")
             image_id = spec.image
-            described = f"image {spec.image}"
+            described = f"image {spec.image!r}"
         try:
             info = await self._call(api.inspect_image, image_id)
         except docker.errors.ImageNotFound:
             raise JobError(
                 JobErrorKind.IMAGE_NOT_FOUND,
-                f"image {spec.image!r} is not on this host's Docker engine (supervisors don't "
-                "pull: load it on the host, or submit it as an image artifact)",
+                f"{described} is not on this host's Docker engine (supervisors don't pull: "
+                "load it on the host, or submit it as an image artifact)",
             ) from None
         except docker.errors.APIError as exc:
             raise JobError(
@@ -632,7 +645,7 @@ class DockerBackend(Backend):
             LABEL_START: codec.encode(ctx.start).decode(),
             LABEL_DEVICES: ",".join(d.name for d in devices),
         }
-        name = f"sb-{self.supervisor_id}-{ctx.run.job_id}.{ctx.run.attempt}"
+        name = _container_name(self.supervisor_id, ctx.run)
         try:
             created = await self._call(
                 api.create_container,
@@ -687,6 +700,9 @@ class DockerBackend(Backend):
                     message=clip_message(f"the container could not start: {_explain(exc)}"),
                 )
             await _report_running(ctx)
+        except asyncio.CancelledError:
+            pipe.abandon()  # this process is going away: the container carries on
+            raise
         finally:
             go.set()
         return await self._follow(ctx, cid, future, [pipe], stop_signal)
@@ -809,19 +825,18 @@ class DockerBackend(Backend):
         exit_code = api.wait(cid, timeout=None)["StatusCode"]
         # The engine's follow can end a little before the end of the log: read it whole
         # once more, check it starts with what was sent, and send the rest.
-        check = {stream: hashlib.sha256() for stream in sent}
+        before = dict(sent)
         sent_digests = {stream: digests[stream].digest() for stream in sent}
+        check = {stream: hashlib.sha256() for stream in sent}
         seen: dict[Stream, int] = {"stdout": 0, "stderr": 0}
 
         def finish(stream: Stream, data: bytes) -> None:
-            old = min(len(data), max(0, sent[stream] - seen[stream]))
-            if old:
-                check[stream].update(data[:old])
+            old = min(len(data), max(0, before[stream] - seen[stream]))  # already sent
+            check[stream].update(data[:old])
             seen[stream] += len(data)
             if old < len(data):
                 emit(stream, data[old:])
 
-        before = dict(sent)
         self._read_log(cid, follow=False, skip={}, emit=finish, pipes=pipes)
         notes = []
         for stream in before:
@@ -899,6 +914,13 @@ def _docker_spec(start: StartJob) -> DockerSpec:
 
 def _owner(run: RunRef) -> str:
     return f"{run.job_id}#{run.attempt}"
+
+
+def _container_name(supervisor_id: str, run: RunRef) -> str:
+    """`sb-<supervisor>-<job>.<attempt>-<hash>`: readable, and unique although ids may
+    contain the separators (the labels, not the name, are what the backend relies on)."""
+    key = f"{supervisor_id}\0{run.job_id}\0{run.attempt}".encode()
+    return f"sb-{supervisor_id}-{run.job_id}.{run.attempt}-{hashlib.sha256(key).hexdigest()[:8]}"
 
 
 def _cancelling() -> bool:
@@ -1108,7 +1130,7 @@ def _outcome(
         limit = f" of {spec.memory_mb} MB" if spec.memory_mb else ""
         return Outcome(
             exit_code=code,
-            signal=signal.SIGKILL if code == 128 + signal.SIGKILL else None,
+            signal=int(signal.SIGKILL) if code == 128 + signal.SIGKILL else None,
             reason="oom",
             message=_with(
                 f"out of memory: the kernel killed the program at the memory limit{limit}",
