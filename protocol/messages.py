@@ -171,7 +171,9 @@ class StopJob(SwitchboardMessage, tag="stop_job"):
     job_id: Id
     attempt: Attempt
     reason: Literal["canceled", "timeout", "unwanted", "shutdown"] = "canceled"
-    grace_s: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+    #: Seconds between the polite stop and the forced one; absent: the job spec's own
+    #: stop grace (Docker's `stop_grace_s`), or the backend's default.
+    grace_s: Annotated[float, Meta(ge=0, le=3600)] | None = None
 
 
 class Ack(SwitchboardMessage, tag="ack"):

@@ -24,9 +24,7 @@ TERMINAL = {"succeeded", "failed", "timed_out", "canceled", "lost", "exhausted",
 
 
 def spawn(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, *args], stderr=open(log, "wb"), cwd=REPO, **kwargs
-    )
+    return subprocess.Popen([sys.executable, *args], stderr=open(log, "wb"), cwd=REPO, **kwargs)
 
 
 def main() -> int:
@@ -47,9 +45,17 @@ def main() -> int:
 
     try:
         server = spawn(
-            ["-m", "switchboard", "serve", "--port", str(args.port), "--data-dir",
-             str(data / "switchboard")],
-            data / "switchboard.log", stdout=subprocess.PIPE,
+            [
+                "-m",
+                "switchboard",
+                "serve",
+                "--port",
+                str(args.port),
+                "--data-dir",
+                str(data / "switchboard"),
+            ],
+            data / "switchboard.log",
+            stdout=subprocess.PIPE,
         )
         children.append(server)
         assert server.stdout is not None
@@ -61,16 +67,46 @@ def main() -> int:
         port = url.rsplit(":", 1)[1]
         print(f"switchboard  {url}  (data: {data / 'switchboard'})")
 
-        admin = cli("-m", "switchboard", "token", "create", "--role", "admin",
-                     "--data-dir", str(data / "switchboard"))
-        sup_token = cli("-m", "switchboard", "token", "create", "--role", "supervisor",
-                        "--data-dir", str(data / "switchboard"))
-        children.append(spawn(
-            ["-m", "supervisor", "run", "--switchboard", f"ws://127.0.0.1:{port}",
-             "--token", sup_token, "--name", "demo-host", "--backend", "wasm",
-             "--work-dir", str(data / "supervisor")],
-            data / "supervisor.log",
-        ))
+        admin = cli(
+            "-m",
+            "switchboard",
+            "token",
+            "create",
+            "--role",
+            "admin",
+            "--data-dir",
+            str(data / "switchboard"),
+        )
+        sup_token = cli(
+            "-m",
+            "switchboard",
+            "token",
+            "create",
+            "--role",
+            "supervisor",
+            "--data-dir",
+            str(data / "switchboard"),
+        )
+        children.append(
+            spawn(
+                [
+                    "-m",
+                    "supervisor",
+                    "run",
+                    "--switchboard",
+                    f"ws://127.0.0.1:{port}",
+                    "--token",
+                    sup_token,
+                    "--name",
+                    "demo-host",
+                    "--backend",
+                    "wasm",
+                    "--work-dir",
+                    str(data / "supervisor"),
+                ],
+                data / "supervisor.log",
+            )
+        )
         api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"})
         deadline = time.monotonic() + 30
         while not any(s["connected"] for s in api.get("/api/v1/supervisors").json()):
@@ -119,8 +155,9 @@ def follow(api: httpx.Client, job_id: str) -> dict:
             print(f"  [{p['phase']}{stage}]", flush=True)
         seen_phases = len(phases)
         for stream, out in (("stdout", sys.stdout), ("stderr", sys.stderr)):
-            data = api.get(f"/api/v1/jobs/{job_id}/output",
-                           params={"stream": stream, "start": offsets[stream]}).content
+            data = api.get(
+                f"/api/v1/jobs/{job_id}/output", params={"stream": stream, "start": offsets[stream]}
+            ).content
             if data:
                 offsets[stream] += len(data)
                 out.buffer.write(data)

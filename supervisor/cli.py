@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import uuid
 from pathlib import Path
 
 import msgspec
@@ -19,6 +20,7 @@ from protocol import codec, limits
 from protocol.spec import BACKEND_KINDS, JobSpec
 from supervisor.artifacts import ArtifactSource, FileArtifactSource, HttpArtifactSource
 from supervisor.backends.base import Backend
+from supervisor.config import ConfigError, load_config
 from supervisor.jobs import BackendSupervisor
 
 log = logging.getLogger("supervisor")
@@ -33,6 +35,16 @@ def make_backend(kind: str, artifacts: ArtifactSource, args: argparse.Namespace)
             cache_dir=Path(args.wasm_cache_dir or Path(args.work_dir) / "wasm-cache"),
             cache_max_bytes=args.wasm_cache_max_mb * 1024 * 1024,
             memory_limit_mb=args.wasm_memory_limit_mb,
+        )
+    if kind == "docker":
+        from supervisor.backends.docker import DockerBackend
+
+        return DockerBackend(
+            artifacts,
+            supervisor_id=args.supervisor_id,
+            docker_host=args.docker_host,
+            config=args.config_obj,
+            work_dir=Path(args.work_dir),
         )
     if kind == "noop":
         from supervisor.backends.noop import NoopBackend
@@ -73,10 +85,13 @@ async def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"supervisor: id {supervisor_id!r} must match {limits.ID_PATTERN}")
     url = _ws_url(args.switchboard)
     artifacts = HttpArtifactSource(_http_base(url), args.token)
+    args.supervisor_id = supervisor_id
+    backend = make_backend(args.backend, artifacts, args)
     supervisor = BackendSupervisor(
-        make_backend(args.backend, artifacts, args),
+        backend,
         max_jobs=args.max_jobs,
         labels=_labels(args.label),
+        resources=backend.resource_counts(),
         work_dir=Path(args.work_dir),
     )
     connector = WebSocketConnector(
@@ -105,6 +120,8 @@ async def _run_local(args: argparse.Namespace) -> int:
 
     spec = args.job_spec
     artifacts = FileArtifactSource([Path(p) for p in args.artifact])
+    # Unique per process: a crashed run-local's leftovers must never be taken for ours.
+    args.supervisor_id = f"local-{uuid.uuid4().hex[:12]}"
     supervisor = BackendSupervisor(
         make_backend(spec.backend.kind, artifacts, args), work_dir=Path(args.work_dir)
     )
@@ -112,6 +129,15 @@ async def _run_local(args: argparse.Namespace) -> int:
 
 
 def _backend_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="supervisor config (TOML): devices, Docker policy; see docs/docker.md",
+    )
+    docker = parser.add_argument_group("docker backend")
+    docker.add_argument(
+        "--docker-host", metavar="URL", help="the engine (default: $DOCKER_HOST, else local)"
+    )
     parser.add_argument(
         "--work-dir",
         default="supervisor-work",
@@ -198,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run-local":
         args.job_spec = _load_spec(args.spec)
+    try:
+        args.config_obj = load_config(Path(args.config) if args.config else None)
+    except ConfigError as exc:
+        raise SystemExit(f"supervisor: {exc}") from None
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,

@@ -28,6 +28,7 @@ log = logging.getLogger("supervisor.jobs")
 #: Error kinds that mean "this supervisor can't run this job" rather than "it broke".
 _REJECTING_KINDS = frozenset(
     {
+        JobErrorKind.MAX_CONCURRENT_JOBS,  # e.g. its device is busy: the job is queued again
         JobErrorKind.IMAGE_NOT_FOUND,
         JobErrorKind.IMAGE_INVALID,
         JobErrorKind.IMAGE_NOT_COMPATIBLE,
@@ -123,6 +124,7 @@ class BackendSupervisor(Supervisor):
             raise JobError(
                 JobErrorKind.MAX_CONCURRENT_JOBS, f"already running {self.max_jobs} job(s)"
             )
+        self.backend.admit(start)
         run = _Run(ref, start)
         run.ctx = self._new_context(run)
         self._runs[ref] = run
@@ -137,12 +139,12 @@ class BackendSupervisor(Supervisor):
         if run.phase in (Phase.INITIALIZING, Phase.RUNNING):
             await self._transition(run, Phase.TERMINATING, message=f"stop: {stop.reason}")
 
-    async def shutdown(self, grace_s: float = 10.0) -> None:
+    async def shutdown(self, grace_s: float | None = 10.0) -> None:
         for run in list(self._runs.values()):
             if run.ctx is not None:
                 run.ctx.request_stop("shutdown", grace_s)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), grace_s + 5.0)
+            await asyncio.wait_for(self._idle.wait(), (grace_s or 10.0) + 5.0)
         for run in list(self._runs.values()):
             if run.task is not None:
                 run.task.cancel()
@@ -243,8 +245,8 @@ class BackendSupervisor(Supervisor):
         try:
             check_transition(run.phase, phase)
         except InvalidTransition:
-            if phase == run.phase:
-                return  # a repeated report (e.g. "running" twice) is not news
+            if phase == run.phase or (phase, run.phase) == (Phase.RUNNING, Phase.TERMINATING):
+                return  # a repeat, or a start report overtaken by a stop: not news
             raise
         run.phase = phase
         assert self.connector is not None

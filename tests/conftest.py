@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.docker_engine import docker_engine_fixture  # noqa: F401 - one engine per session
 from tests.harness import Switchboard
 
 

@@ -51,7 +51,6 @@ from supervisor.jobs import BackendSupervisor
 from tests.docker_engine import (
     BUSYBOX_IMAGE,
     Engine,
-    docker_engine_fixture,  # noqa: F401  (registers the fixture)
     labeled_containers,
 )
 from tests.recording import RecordingConnector
@@ -412,23 +411,16 @@ async def test_device_passthrough_is_exclusive(
     with pytest.raises(JobError) as refused:
         host.backend.admit(second)  # what BackendSupervisor.start_job may ask first
     assert refused.value.kind == JobErrorKind.MAX_CONCURRENT_JOBS
-    try:
+    with pytest.raises(JobError) as refused:  # refused before it is held
         await host.start("flash-2", sh("echo never"), resources=board)
-    except JobError as exc:  # refused before it is held (BackendSupervisor asks admit())
-        assert exc.kind == JobErrorKind.MAX_CONCURRENT_JOBS
-    else:  # or refused when the backend runs it
-        await host.events.wait_ended("flash-2")
-        error = host.error("flash-2")
-        assert error is not None and error.kind == JobErrorKind.MAX_CONCURRENT_JOBS
-        assert "1 in use" in error.description
+    assert refused.value.kind == JobErrorKind.MAX_CONCURRENT_JOBS
     assert containers_of(docker_engine, "flash-2") == []
     assert host.backend.devices.holder("nrf52840dk-0") == "flash-1#1"
 
     # A class this host doesn't have can never run here.
-    phase = await host.run("jlink", sh("true"), resources={"jlink": 1})
-    assert phase == "rejected"
-    error = host.error("jlink")
-    assert error is not None and error.kind == JobErrorKind.IMAGE_NOT_COMPATIBLE
+    with pytest.raises(JobError) as refused:
+        await host.start("jlink", sh("true"), resources={"jlink": 1})
+    assert refused.value.kind == JobErrorKind.IMAGE_NOT_COMPATIBLE
 
     await host.stop("flash-1", grace_s=5)
     assert await host.events.wait_ended("flash-1") == "canceled"
@@ -593,10 +585,10 @@ async def test_what_the_config_does_not_allow_is_refused(
     make_host: MakeHost, docker_engine: Engine, spec: DockerSpec, words: str
 ) -> None:
     host = await make_host(config=SupervisorConfig(docker=DockerConfig(max_memory_mb=1024)))
-    assert await host.run("greedy", spec) == "rejected"
-    error = host.error("greedy")
-    assert error is not None and error.kind == JobErrorKind.IMAGE_NOT_COMPATIBLE
-    assert words in error.description
+    with pytest.raises(JobError) as refused:  # at once, before the run is held
+        await host.start("greedy", spec)
+    assert refused.value.kind == JobErrorKind.IMAGE_NOT_COMPATIBLE
+    assert words in refused.value.description
     assert containers_of(docker_engine, "greedy") == []
 
 

@@ -113,8 +113,10 @@ def test_twenty_cuts_during_twenty_megabytes(switchboard, proxy, work_dir, tmp_p
         assert phases[0] == "assigned" and phases[-2:] == ["running", "succeeded"]
         assert phases.count("running") == 1 and phases.count("succeeded") == 1
         assert proxy.accepted > 20  # it really reconnected after each cut
-        print(f"{cuts} cuts in {cutting:.1f}s, {len(stdout)} bytes checked, "
-              f"{proxy.accepted} connections")
+        print(
+            f"{cuts} cuts in {cutting:.1f}s, {len(stdout)} bytes checked, "
+            f"{proxy.accepted} connections"
+        )
     finally:
         sup.stop()
 

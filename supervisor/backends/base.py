@@ -54,7 +54,8 @@ class RunContext:
         #: The same signal for code running in a worker thread.
         self.stop_flag = stop_flag or threading.Event()
         self.stop_reason: str | None = None
-        self.grace_s = 10.0
+        #: None: the backend's own default (e.g. the spec's stop grace).
+        self.grace_s: float | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -74,7 +75,7 @@ class RunContext:
         """Program output; safe from worker threads (may block them: backpressure)."""
         self.output.write(stream, data)
 
-    def request_stop(self, reason: str, grace_s: float) -> None:
+    def request_stop(self, reason: str, grace_s: float | None) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
             self.grace_s = grace_s
@@ -90,6 +91,15 @@ class Backend(abc.ABC):
 
     async def prepare(self) -> None:
         """Check the backend works (engine reachable, ...) before the supervisor connects."""
+
+    def resource_counts(self) -> dict[str, int]:
+        """Named resources this backend offers (e.g. devices per class), for the Hello."""
+        return {}
+
+    def admit(self, start: StartJob) -> None:
+        """Refuse at once (raise JobError) what can't run here or can't run now, and reserve
+        what the run will use (devices). Synchronous and cheap: called by the supervisor
+        before it holds the run; run() and resume() release what was reserved."""
 
     @abc.abstractmethod
     async def run(self, ctx: RunContext) -> Outcome:

@@ -226,6 +226,9 @@ class DockerBackend(Backend):
         """Connect to the engine (RuntimeError with the reason if it can't be reached)."""
         await self._client()
 
+    def resource_counts(self) -> dict[str, int]:
+        return self.devices.resource_counts()
+
     def admit(self, start: StartJob) -> None:
         """Refuse at once what this supervisor can never run or can't run now (raises
         JobError), and reserve the run's devices. Cheap and synchronous: meant for
