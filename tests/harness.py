@@ -155,6 +155,7 @@ def start_supervisor(
     max_jobs: int = 4,
     labels: dict[str, str] | None = None,
     url: str | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> Process:
     """Start a supervisor process; `url` overrides the switchboard's (e.g. a proxy's)."""
     token = switchboard.create_token("supervisor")
@@ -177,7 +178,7 @@ def start_supervisor(
     ]
     for key, value in (labels or {}).items():
         args += ["--label", f"{key}={value}"]
-    return Process(args, work / f"{name}.log")
+    return Process([*args, *extra_args], work / f"{name}.log")
 
 
 def wait_connected(client: httpx.Client, supervisor_id: str, timeout: float = 20.0) -> None:
