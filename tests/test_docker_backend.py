@@ -32,13 +32,9 @@ from protocol.messages import (
 from protocol.spec import DockerBackend as DockerSpec
 from protocol.spec import Parameter
 from supervisor.artifacts import ArtifactSource, digest_of, verify
-from supervisor.backends.docker import (
-    ARTIFACT_REPOSITORY,
-    LABEL_START,
-    LABEL_SUPERVISOR,
-    DockerBackend,
-    _demux,
-)
+from supervisor.backends.docker import LABEL_START, LABEL_SUPERVISOR, DockerBackend
+from supervisor.backends.docker_images import ARTIFACT_REPOSITORY
+from supervisor.backends.docker_streams import demux as _demux
 from supervisor.config import (
     ConfigError,
     DeviceConfig,

@@ -44,6 +44,11 @@ container that was created but never started is started.
 Threads. The Docker SDK blocks, so every engine call runs in a worker thread: short calls in
 a small pool, and per running container one long-lived thread that copies its output and
 then waits for its end. Nothing blocks the event loop.
+
+Modules. This one holds the backend: the container's lifecycle (policy, create, start,
+stop, remove, re-adopt). Images and artifact tarballs are docker_images, reading output
+(attach stream, log replay) is docker_streams, and turning an ending into an Outcome is
+docker_outcome.
 """
 
 from __future__ import annotations
@@ -52,35 +57,30 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
-import signal
-import socket
-import struct
-import tarfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
 import docker.errors
 import docker.types
-import msgspec
-import requests
 
 from protocol import codec, limits
 from protocol.exceptions import FrameError, JobError, JobErrorKind
 from protocol.limits import clip_message
-from protocol.messages import RunRef, StartJob, Stream
+from protocol.messages import RunRef, StartJob
 from protocol.spec import DockerBackend as DockerSpec
-from supervisor.artifacts import ArtifactSource, verify
+from supervisor.artifacts import ArtifactSource
 from supervisor.backends.base import Backend, Outcome, RunContext
+from supervisor.backends.docker_images import Image, ImageStore, explain, normalize_arch
+from supervisor.backends.docker_outcome import Stopping, outcome, stopped_early
+from supervisor.backends.docker_streams import ContainerOutput, Ended, Pipe, socket_pipe
 from supervisor.config import DeviceConfig, SupervisorConfig
 from supervisor.devices import Devices
 
@@ -93,8 +93,6 @@ LABEL_JOB = "switchboard.job"
 LABEL_ATTEMPT = "switchboard.attempt"
 LABEL_START = "switchboard.start"
 LABEL_DEVICES = "switchboard.devices"
-#: Repository under which images loaded from artifacts are tagged.
-ARTIFACT_REPOSITORY = "switchboard-artifact"
 #: The writable tmpfs of containers with a read-only root filesystem.
 SCRATCH = "/scratch"
 #: After SIGKILL, how long to wait for the engine to report the container's end.
@@ -103,81 +101,8 @@ KILL_WAIT_S = 30.0
 CALL_THREADS = 32
 #: Threads that follow one container each (created on demand).
 STREAM_THREADS = 4096
-#: How much a stream reader asks the socket for at once.
-READ_SIZE = 256 * 1024
 
 _MB = 1024 * 1024
-_FRAME_HEADER = struct.Struct(">BxxxL")
-_FRAME_STREAMS: dict[int, Stream] = {1: "stdout", 2: "stderr"}
-
-
-@dataclass(frozen=True)
-class _Image:
-    """An image ready to run: its engine id and the signal that asks it to stop."""
-
-    id: str
-    stop_signal: str
-    description: str
-
-
-class _Artifact(msgspec.Struct):
-    """The images one artifact tarball holds once loaded: engine ids in tarball order, and
-    the tarball's own tags (normalized) -> image id."""
-
-    images: list[str]
-    tags: dict[str, str] = {}
-
-
-@dataclass
-class _Ended:
-    """What a container's reader thread saw: the exit status (None: it stopped reading
-    before the end) and notes for the outcome's message."""
-
-    exit_code: int | None
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Stopping:
-    """What the supervisor did to end a container."""
-
-    signals: list[str] = field(default_factory=list)
-    grace_s: float = 0.0
-    took_s: float = 0.0
-
-
-class _Abandoned(Exception):
-    """A reader's connection was cut on purpose: nobody wants the rest."""
-
-
-class _Pipe:
-    """A blocking connection a worker thread reads (an attach socket or a logs response),
-    which another thread may cut (the run is abandoned, or the backend closes)."""
-
-    def __init__(self, read: Callable[[int], bytes], close: Callable[[], None]) -> None:
-        self._read = read
-        self._close = close
-        self.abandoned = False
-
-    def read(self, size: int) -> bytes:
-        """Up to `size` bytes, b"" at the end; raises _Abandoned once abandoned."""
-        try:
-            data = self._read(size)
-        except Exception:
-            if self.abandoned:
-                raise _Abandoned from None
-            raise
-        if self.abandoned:
-            raise _Abandoned
-        return data
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._close()
-
-    def abandon(self) -> None:
-        self.abandoned = True
-        self.close()
 
 
 class DockerBackend(Backend):
@@ -201,24 +126,34 @@ class DockerBackend(Backend):
         self.settings = self.config.docker
         #: The host's devices and who holds them (its resource_counts() go in the Hello).
         self.devices = devices if devices is not None else Devices(self.config.devices)
-        self._artifacts = artifacts
-        self._image_dir = work_dir / "docker-images" if work_dir is not None else None
         self._api: docker.APIClient | None = None
-        self._engine_arch: str | None = None
         self._connect_lock = asyncio.Lock()
         self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="docker")
         self._streams = ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix="docker-stream")
-        self._loaded: dict[str, _Artifact] = {}
-        self._loading: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._images = ImageStore(
+            artifacts,
+            work_dir / "docker-images" if work_dir is not None else None,
+            client=self._client,
+            call=self._call,
+            engine=self._engine,
+        )
         #: Runs found by recover(), waiting for resume(): run -> container id.
         self._recovered: dict[RunRef, str] = {}
         #: Runs inside run() or resume() now.
         self._active: set[RunRef] = set()
-        self._pipes: set[_Pipe] = set()
+        self._pipes: set[Pipe] = set()
+        self._output = ContainerOutput(self._engine, self._pipes)
         self._closed = False
-        #: Images loaded from artifacts, and runs that found their artifact already loaded.
-        self.artifact_loads = 0
-        self.artifact_hits = 0
+
+    @property
+    def artifact_loads(self) -> int:
+        """Images loaded from artifacts."""
+        return self._images.artifact_loads
+
+    @property
+    def artifact_hits(self) -> int:
+        """Runs that found their artifact already loaded."""
+        return self._images.artifact_hits
 
     # --- Backend contract --------------------------------------------------------------
 
@@ -250,13 +185,13 @@ class DockerBackend(Backend):
             if ctx.start.resources:
                 devices = self.devices.allocate(owner, ctx.start.resources)
                 await ctx.stage("allocating", ", ".join(f"{d.name} ({d.path})" for d in devices))
-            image = await _unless_stopped(ctx, self._image(ctx, spec))
+            image = await _unless_stopped(ctx, self._images.resolve(ctx, spec))
             if image is None:
-                return _stopped_early(ctx)
+                return stopped_early(ctx)
             await ctx.stage("creating", image.description)
             cid = await self._create(ctx, spec, image, devices, limits_)
             if ctx.stop_flag.is_set():
-                return _stopped_early(ctx)
+                return stopped_early(ctx)
             await ctx.stage("starting")
             return await self._start_and_follow(ctx, cid, image.stop_signal)
         finally:
@@ -334,8 +269,8 @@ class DockerBackend(Backend):
                 # Created, never started (the supervisor went away in between): start it.
                 return await self._start_and_follow(ctx, cid, stop_signal)
             await _report_running(ctx)
-            pipes: list[_Pipe] = []
-            future = self._in_stream_thread(self._replay, ctx, cid, pipes)
+            pipes: list[Pipe] = []
+            future = self._in_stream_thread(self._output.replay, ctx, cid, pipes)
             return await self._follow(ctx, cid, future, pipes, stop_signal)
         finally:
             try:
@@ -382,7 +317,7 @@ class DockerBackend(Backend):
         except docker.errors.DockerException as exc:
             where = self.docker_host or os.environ.get("DOCKER_HOST") or "the default socket"
             raise RuntimeError(f"the Docker engine at {where} is not reachable: {exc}") from None
-        self._engine_arch = _normalize_arch(version.get("Arch", ""))
+        self._images.engine_arch = normalize_arch(version.get("Arch", ""))
         log.info(
             "Docker engine %s (API %s, %s) at %s",
             version.get("Version"),
@@ -391,6 +326,11 @@ class DockerBackend(Backend):
             api.base_url,
         )
         return api
+
+    def _engine(self) -> docker.APIClient:
+        """The connected client (worker threads: they start once it is connected)."""
+        assert self._api is not None
+        return self._api
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one blocking SDK call in the call pool."""
@@ -451,164 +391,13 @@ class DockerBackend(Backend):
             result["nano_cpus"] = round(cpus * 1e9)
         return result
 
-    # --- images ------------------------------------------------------------------------
-
-    async def _image(self, ctx: RunContext, spec: DockerSpec) -> _Image:
-        api = await self._client()
-        if spec.image_artifact is not None:
-            artifact = await self._artifact(ctx, spec.image_artifact)
-            if spec.image is not None:
-                image_id = artifact.tags.get(_normalize_ref(spec.image))
-                if image_id is None:
-                    has = ", ".join(sorted(artifact.tags)) or "no tags"
-                    raise JobError(
-                        JobErrorKind.IMAGE_NOT_FOUND,
-                        f"artifact {spec.image_artifact} has no image {spec.image!r} (it has: "
-                        f"{has})",
-                    )
-            else:
-                image_id = artifact.images[0]
-            described = f"image {image_id[:19]} from artifact {spec.image_artifact[:19]}"
-        else:
-            assert spec.image is not None
-            await ctx.stage("fetching", f"image {spec.image}")
-            image_id = spec.image
-            described = f"image {spec.image!r}"
-        try:
-            info = await self._call(api.inspect_image, image_id)
-        except docker.errors.ImageNotFound:
-            raise JobError(
-                JobErrorKind.IMAGE_NOT_FOUND,
-                f"{described} is not on this host's Docker engine (supervisors don't pull: "
-                "load it on the host, or submit it as an image artifact)",
-            ) from None
-        except docker.errors.APIError as exc:
-            raise JobError(
-                JobErrorKind.IMAGE_NOT_FOUND,
-                clip_message(f"image {image_id!r}: {_explain(exc)}") or "",
-            ) from None
-        self._check_platform(info.get("Os"), info.get("Architecture"), described)
-        stop_signal = (info.get("Config") or {}).get("StopSignal") or "SIGTERM"
-        return _Image(info["Id"], stop_signal, described)
-
-    def _check_platform(self, os_name: str | None, arch: str | None, what: str) -> None:
-        if os_name and os_name != "linux":
-            raise JobError(JobErrorKind.IMAGE_NOT_COMPATIBLE, f"{what} is for {os_name}, not linux")
-        if arch and self._engine_arch and _normalize_arch(arch) != self._engine_arch:
-            raise JobError(
-                JobErrorKind.IMAGE_NOT_COMPATIBLE,
-                f"{what} is built for {arch}; this host is {self._engine_arch}",
-            )
-
-    async def _artifact(self, ctx: RunContext, digest: str) -> _Artifact:
-        """The images of an artifact tarball, loaded into the engine (once per digest:
-        concurrent runs wait for one load)."""
-        api = await self._client()
-        async with self._exclusive(digest):
-            known = self._loaded.get(digest)
-            if known is None and self._image_dir is not None:
-                known = await self._call(self._read_index, digest)
-            if known is not None and await self._all_present(known):
-                self._loaded[digest] = known
-                self.artifact_hits += 1
-                await ctx.stage("fetching", f"image artifact {digest[:19]}: loaded earlier")
-                return known
-            await ctx.stage("fetching", f"image artifact {digest}")
-            data = verify(digest, await self._artifacts.fetch(digest))
-            tarball, entries = await self._call(_untagged, data)
-            del data
-            for _, config in entries:
-                self._check_platform(
-                    config.get("os"), config.get("architecture"), f"artifact {digest[:19]}"
-                )
-            await ctx.stage("loading", f"{len(tarball)} bytes into the engine")
-            await self._call(self._load, tarball)
-            del tarball
-            hex_ = digest.removeprefix("sha256:")
-            artifact = _Artifact(images=[image_id for image_id, _ in entries])
-            for n, (image_id, config) in enumerate(entries):
-                try:
-                    await self._call(api.tag, image_id, ARTIFACT_REPOSITORY, f"{hex_}-{n}")
-                except docker.errors.NotFound:
-                    raise JobError(
-                        JobErrorKind.IMAGE_INVALID,
-                        f"the engine did not keep image {image_id[:19]} of the tarball",
-                    ) from None
-                for tag in config.get("_repo_tags", []):
-                    artifact.tags.setdefault(_normalize_ref(tag), image_id)
-            self._loaded[digest] = artifact
-            self.artifact_loads += 1
-            if self._image_dir is not None:
-                await self._call(self._write_index, digest, artifact)
-            return artifact
-
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._loading.setdefault(key, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._loading[key]
-
-    async def _all_present(self, artifact: _Artifact) -> bool:
-        api = await self._client()
-        for image_id in artifact.images:
-            try:
-                await self._call(api.inspect_image, image_id)
-            except docker.errors.ImageNotFound:
-                return False
-        return True
-
-    def _load(self, tarball: bytes) -> None:
-        """`docker load` (worker thread); JobError(image_invalid) if the engine refuses."""
-        assert self._api is not None
-        try:
-            for item in self._api.load_image(tarball):
-                if isinstance(item, dict) and item.get("error"):
-                    raise JobError(
-                        JobErrorKind.IMAGE_INVALID,
-                        clip_message(f"the engine could not load the image: {item['error']}") or "",
-                    )
-        except docker.errors.APIError as exc:
-            raise JobError(
-                JobErrorKind.IMAGE_INVALID,
-                clip_message(f"the engine could not load the image: {_explain(exc)}") or "",
-            ) from None
-
-    def _index_path(self, digest: str) -> Path:
-        assert self._image_dir is not None
-        return self._image_dir / (digest.removeprefix("sha256:") + ".json")
-
-    def _read_index(self, digest: str) -> _Artifact | None:
-        try:
-            return msgspec.json.decode(self._index_path(digest).read_bytes(), type=_Artifact)
-        except FileNotFoundError:
-            return None
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("image index of %s unreadable (%s); loading again", digest, exc)
-            return None
-
-    def _write_index(self, digest: str, artifact: _Artifact) -> None:
-        path = self._index_path(digest)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(msgspec.json.encode(artifact))
-            tmp.replace(path)
-        except OSError as exc:
-            log.warning("could not store the image index of %s: %s", digest, exc)
-
     # --- containers --------------------------------------------------------------------
 
     async def _create(
         self,
         ctx: RunContext,
         spec: DockerSpec,
-        image: _Image,
+        image: Image,
         devices: list[DeviceConfig],
         limits_: dict[str, Any],
     ) -> str:
@@ -672,7 +461,7 @@ class DockerBackend(Backend):
                 raise
             raise JobError(
                 JobErrorKind.IMAGE_NOT_COMPATIBLE,
-                clip_message(f"the engine refused the container: {_explain(exc)}") or "",
+                clip_message(f"the engine refused the container: {explain(exc)}") or "",
             ) from None
         for warning in created.get("Warnings") or []:
             log.warning("run %s#%d: %s", ctx.run.job_id, ctx.run.attempt, warning)
@@ -684,11 +473,11 @@ class DockerBackend(Backend):
         sock = await self._call(
             api.attach_socket, cid, params={"stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
         )
-        pipe = _socket_pipe(sock)
+        pipe = socket_pipe(sock)
         self._pipes.add(pipe)
         # The reader waits for `go`: "running" is reported before the first output.
         go = threading.Event()
-        future = self._in_stream_thread(self._copy_attached, ctx, cid, pipe, go)
+        future = self._in_stream_thread(self._output.copy_attached, ctx, cid, pipe, go)
         try:
             try:
                 await self._call(api.start, cid)
@@ -700,7 +489,7 @@ class DockerBackend(Backend):
                 return Outcome(
                     exit_code=None,
                     reason="error",
-                    message=clip_message(f"the container could not start: {_explain(exc)}"),
+                    message=clip_message(f"the container could not start: {explain(exc)}"),
                 )
             await _report_running(ctx)
         except asyncio.CancelledError:
@@ -714,14 +503,14 @@ class DockerBackend(Backend):
         self,
         ctx: RunContext,
         cid: str,
-        future: asyncio.Future[_Ended],
-        pipes: list[_Pipe],
+        future: asyncio.Future[Ended],
+        pipes: list[Pipe],
         stop_signal: str,
     ) -> Outcome:
         """Wait for the container's end (its output is being copied by `future`); stop it
         if the run must stop. Returns how it ended."""
         stop = asyncio.ensure_future(ctx.stop_requested.wait())
-        stopping: _Stopping | None = None
+        stopping: Stopping | None = None
         try:
             await asyncio.wait({future, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not future.done():
@@ -741,17 +530,17 @@ class DockerBackend(Backend):
         if ended.exit_code != 0 and stopping is None:  # OOM? Only the container's state says
             api = await self._client()
             state = (await self._call(api.inspect_container, cid))["State"]
-        return _outcome(ctx, state, stopping, ended.notes)
+        return outcome(ctx, state, stopping, ended.notes, _docker_spec(ctx.start).memory_mb)
 
     async def _stop(
-        self, ctx: RunContext, cid: str, ended: asyncio.Future[_Ended], stop_signal: str
-    ) -> _Stopping:
+        self, ctx: RunContext, cid: str, ended: asyncio.Future[Ended], stop_signal: str
+    ) -> Stopping:
         """Ask the container to stop, wait the grace period, then kill it."""
         api = await self._client()
         grace = ctx.grace_s
         if grace is None:  # no word from the StopJob: the spec's own grace
             grace = _docker_spec(ctx.start).stop_grace_s
-        stopping = _Stopping(grace_s=grace)
+        stopping = Stopping(grace_s=grace)
         started = time.monotonic()
         if grace > 0:
             if await self._kill(api, cid, stop_signal):
@@ -782,126 +571,6 @@ class DockerBackend(Backend):
 
     # --- output (worker threads) -------------------------------------------------------
 
-    def _copy_attached(self, ctx: RunContext, cid: str, pipe: _Pipe, go: threading.Event) -> _Ended:
-        """Once `go` is set, copy the attach stream to the run's output until the program's
-        stdout and stderr close, then wait for the container to end (worker thread)."""
-        go.wait()
-        try:
-            _demux(pipe.read, ctx.write)
-        except (_Abandoned, RuntimeError, OSError):
-            if pipe.abandoned:
-                return _Ended(None)  # nobody waits for this run here (or it never started)
-            raise
-        finally:
-            pipe.close()
-        assert self._api is not None
-        return _Ended(self._api.wait(cid, timeout=None)["StatusCode"])
-
-    def _replay(self, ctx: RunContext, cid: str, pipes: list[_Pipe]) -> _Ended:
-        """Send a re-adopted container's output from the engine's log, from the first byte:
-        follow it while the container runs, then read what the follow missed (worker
-        thread). Returns notes for the outcome's message (the log disagreed)."""
-        try:
-            return self._replay_log(ctx, cid, pipes)
-        except (_Abandoned, RuntimeError):
-            if any(p.abandoned for p in pipes):
-                return _Ended(None)
-            raise
-
-    def _replay_log(self, ctx: RunContext, cid: str, pipes: list[_Pipe]) -> _Ended:
-        assert self._api is not None
-        api = self._api
-        sent: dict[Stream, int] = {"stdout": 0, "stderr": 0}
-        digests = {stream: hashlib.sha256() for stream in sent}
-
-        def emit(stream: Stream, data: bytes) -> None:
-            ctx.write(stream, data)
-            digests[stream].update(data)
-            sent[stream] += len(data)
-
-        while True:
-            running = api.inspect_container(cid)["State"].get("Running", False)
-            self._read_log(cid, follow=running, skip=dict(sent), emit=emit, pipes=pipes)
-            if not running or not api.inspect_container(cid)["State"].get("Running", False):
-                break
-            time.sleep(0.1)  # the follow ended early while the container runs: again
-        exit_code = api.wait(cid, timeout=None)["StatusCode"]
-        # The engine's follow can end a little before the end of the log: read it whole
-        # once more, check it starts with what was sent, and send the rest.
-        before = dict(sent)
-        sent_digests = {stream: digests[stream].digest() for stream in sent}
-        check = {stream: hashlib.sha256() for stream in sent}
-        seen: dict[Stream, int] = {"stdout": 0, "stderr": 0}
-
-        def finish(stream: Stream, data: bytes) -> None:
-            old = min(len(data), max(0, before[stream] - seen[stream]))  # already sent
-            check[stream].update(data[:old])
-            seen[stream] += len(data)
-            if old < len(data):
-                emit(stream, data[old:])
-
-        self._read_log(cid, follow=False, skip={}, emit=finish, pipes=pipes)
-        notes = []
-        for stream in before:
-            if seen[stream] < before[stream] or check[stream].digest() != sent_digests[stream]:
-                log.error(
-                    "run %s#%d: the engine's log of %s no longer matches what was sent "
-                    "(rotated?); the replayed output may be wrong",
-                    ctx.run.job_id,
-                    ctx.run.attempt,
-                    stream,
-                )
-                notes.append(f"the engine's log of {stream} changed while it was replayed")
-        return _Ended(exit_code, notes)
-
-    def _read_log(
-        self,
-        cid: str,
-        *,
-        follow: bool,
-        skip: dict[Stream, int],
-        emit: Callable[[Stream, bytes], None],
-        pipes: list[_Pipe],
-    ) -> None:
-        """Read a container's log (both streams) from the start, dropping the first
-        `skip[stream]` bytes of each (worker thread)."""
-        assert self._api is not None
-        api = self._api
-        url = f"{api.base_url}/v{api.api_version}/containers/{cid}/logs"
-        response = api.get(
-            url,
-            params={"stdout": 1, "stderr": 1, "follow": int(follow)},
-            stream=True,
-            timeout=None,
-        )
-        try:
-            response.raise_for_status()
-        except requests.HTTPError as exc:
-            raise docker.errors.create_api_error_from_http_exception(exc) from None
-        chunks = response.iter_content(READ_SIZE)
-        pipe = _Pipe(lambda _n: next(chunks, b""), response.close)
-        pipes.append(pipe)
-        self._pipes.add(pipe)
-        todo = dict(skip)
-
-        def write(stream: Stream, data: bytes) -> None:
-            drop = min(todo.get(stream, 0), len(data))
-            if drop:
-                todo[stream] -= drop
-                data = data[drop:]
-            if data:
-                emit(stream, data)
-
-        try:
-            _demux(pipe.read, write)
-        except (OSError, requests.RequestException):
-            if pipe.abandoned:
-                raise _Abandoned from None
-            raise
-        finally:
-            self._pipes.discard(pipe)
-            response.close()
-
 
 # --- helpers ---------------------------------------------------------------------------
 
@@ -929,92 +598,6 @@ def _container_name(supervisor_id: str, run: RunRef) -> str:
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def _explain(exc: docker.errors.APIError) -> str:
-    explanation = exc.explanation
-    if isinstance(explanation, bytes):
-        explanation = explanation.decode(errors="replace")
-    return str(explanation or exc)
-
-
-def _normalize_ref(ref: str) -> str:
-    """`busybox` -> `busybox:latest`; `docker.io/library/x:1` -> `x:1`."""
-    ref = ref.removeprefix("docker.io/").removeprefix("library/")
-    last = ref.rpartition("/")[2]
-    if "@" not in last and ":" not in last:
-        ref += ":latest"
-    return ref
-
-
-def _normalize_arch(arch: str) -> str:
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
-
-
-def _untagged(data: bytes) -> tuple[bytes, list[tuple[str, dict[str, Any]]]]:
-    """A `docker save` tarball without its tags (worker thread), and per image its engine id
-    and config (with the removed tags under `_repo_tags`). JobError(image_invalid) if it
-    isn't one."""
-    try:
-        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
-        members = archive.getmembers()
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise JobError(JobErrorKind.IMAGE_INVALID, f"not an image tarball: {exc}") from None
-    by_name = {_member_name(m.name): m for m in members}
-
-    def read(name: str) -> bytes:
-        member = by_name.get(_member_name(name))
-        extracted = archive.extractfile(member) if member is not None else None
-        if extracted is None:
-            raise JobError(JobErrorKind.IMAGE_INVALID, f"the image tarball lacks {name}")
-        return extracted.read()
-
-    try:
-        manifest = json.loads(read("manifest.json"))
-        if not isinstance(manifest, list) or not manifest:
-            raise ValueError("manifest.json lists no images")
-        entries: list[tuple[str, dict[str, Any]]] = []
-        for item in manifest:
-            config_bytes = read(item["Config"])
-            config = json.loads(config_bytes)
-            if not isinstance(config, dict):
-                raise ValueError(f"{item['Config']} is not an image config")
-            config["_repo_tags"] = [str(t) for t in item.get("RepoTags") or []]
-            item["RepoTags"] = None
-            entries.append(("sha256:" + hashlib.sha256(config_bytes).hexdigest(), config))
-        index = json.loads(read("index.json")) if "index.json" in by_name else None
-    except JobError:
-        raise
-    except (ValueError, KeyError, TypeError, tarfile.TarError, OSError) as exc:
-        raise JobError(
-            JobErrorKind.IMAGE_INVALID, clip_message(f"not a usable image tarball: {exc}") or ""
-        ) from None
-    if isinstance(index, dict):  # OCI layout: names live in annotations
-        for descriptor in index.get("manifests") or []:
-            annotations = descriptor.get("annotations") if isinstance(descriptor, dict) else None
-            if isinstance(annotations, dict):
-                annotations.pop("io.containerd.image.name", None)
-                annotations.pop("org.opencontainers.image.ref.name", None)
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as rewritten:
-        for member in members:
-            name = _member_name(member.name)
-            if name == "repositories":
-                continue
-            if name in ("manifest.json", "index.json") and member.isfile():
-                body = json.dumps(manifest if name == "manifest.json" else index).encode()
-                replaced = tarfile.TarInfo(member.name)
-                replaced.size = len(body)
-                replaced.mode = member.mode
-                replaced.mtime = member.mtime
-                rewritten.addfile(replaced, io.BytesIO(body))
-                continue
-            rewritten.addfile(member, archive.extractfile(member) if member.isfile() else None)
-    return out.getvalue(), entries
-
-
-def _member_name(name: str) -> str:
-    return name.removeprefix("./").rstrip("/")
 
 
 def _device_env(devices: list[DeviceConfig]) -> dict[str, str]:
@@ -1049,128 +632,11 @@ def _device_groups(devices: Iterable[DeviceConfig]) -> list[int]:
     return gids
 
 
-def _socket_pipe(sock: Any) -> _Pipe:
-    """A _Pipe over an attach socket (a SocketIO, or a socket), blocking reads."""
-    raw = getattr(sock, "_sock", sock)
-    with contextlib.suppress(AttributeError, OSError):
-        raw.settimeout(None)  # the client's request timeout must not end a quiet program
-    read = sock.read if hasattr(sock, "read") else raw.recv
-
-    def close() -> None:
-        with contextlib.suppress(OSError):
-            raw.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            sock.close()
-
-    return _Pipe(read, close)
-
-
-def _demux(read: Callable[[int], bytes], write: Callable[[Stream, bytes], None]) -> None:
-    """Split Docker's multiplexed stream (8-byte header: stream, 0, 0, 0, big-endian length)
-    into stdout and stderr writes until EOF. Payloads are passed on as they arrive, not a
-    frame at a time; consecutive bytes of one stream in one read are written together."""
-    header = bytearray()
-    stream: Stream | None = None
-    left = 0  # payload bytes of the current frame still to come
-    while True:
-        data = read(READ_SIZE)
-        if not data:
-            return
-        view = memoryview(data)
-        pos = 0
-        pending: dict[Stream, list[bytes]] = {}
-        while pos < len(view):
-            if left == 0:
-                need = _FRAME_HEADER.size - len(header)
-                header += view[pos : pos + need]
-                pos += min(need, len(view) - pos)
-                if len(header) < _FRAME_HEADER.size:
-                    break
-                kind, left = _FRAME_HEADER.unpack(header)
-                header.clear()
-                stream = _FRAME_STREAMS.get(kind)
-                continue
-            take = min(left, len(view) - pos)
-            if stream is not None:
-                pending.setdefault(stream, []).append(view[pos : pos + take].tobytes())
-            pos += take
-            left -= take
-        for out, parts in pending.items():
-            write(out, b"".join(parts))
-
-
-def _outcome(
-    ctx: RunContext, state: dict[str, Any], stopping: _Stopping | None, notes: list[str]
-) -> Outcome:
-    """How a container ended, from its state and what the supervisor did to it."""
-    code = state.get("ExitCode")
-    spec = _docker_spec(ctx.start)
-    if stopping is not None:
-        reason = "timeout" if ctx.stop_reason == "timeout" else "canceled"
-        why = "run timeout" if reason == "timeout" else f"stopped ({ctx.stop_reason})"
-        sig = None
-        for name in reversed(stopping.signals):
-            number = _signal_number(name)
-            if number is not None and code == 128 + number:
-                sig = number
-                break
-        if not stopping.signals:
-            text = f"{why}: the program had already ended (exit code {code})"
-        elif stopping.signals[-1] == "SIGKILL" and len(stopping.signals) > 1:
-            text = (
-                f"{why}: still running {stopping.grace_s:g} s after {stopping.signals[0]}; "
-                "killed with SIGKILL"
-            )
-        elif stopping.signals[-1] == "SIGKILL":
-            text = f"{why}: killed with SIGKILL"
-        else:
-            text = (
-                f"{why}: the program ended {stopping.took_s:.2f} s after "
-                f"{stopping.signals[-1]} (exit code {code})"
-            )
-        return Outcome(exit_code=code, signal=sig, reason=reason, message=_with(text, notes))
-    if state.get("OOMKilled") and code != 0:
-        limit = f" of {spec.memory_mb} MB" if spec.memory_mb else ""
-        return Outcome(
-            exit_code=code,
-            signal=int(signal.SIGKILL) if code == 128 + signal.SIGKILL else None,
-            reason="oom",
-            message=_with(
-                f"out of memory: the kernel killed the program at the memory limit{limit}",
-                notes,
-            ),
-        )
-    return Outcome(exit_code=code, message=_with(None, notes))
-
-
-def _with(text: str | None, notes: list[str]) -> str | None:
-    if not notes:
-        return text
-    return clip_message("; ".join([t for t in (text, *notes) if t]))
-
-
-def _signal_number(name: str) -> int | None:
-    """SIGTERM, TERM or 15 -> 15."""
-    if name.isdigit():
-        return int(name)
-    try:
-        return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
-    except KeyError:
-        return None
-
-
 async def _report_running(ctx: RunContext) -> None:
     """Report "running", unless a stop came first (the run is "terminating" then, and
     "running" may not follow that)."""
     if not ctx.stop_requested.is_set():
         await ctx.running()
-
-
-def _stopped_early(ctx: RunContext) -> Outcome:
-    reason = "timeout" if ctx.stop_reason == "timeout" else "canceled"
-    return Outcome(
-        exit_code=None, reason=reason, message=f"stopped ({ctx.stop_reason}) before it started"
-    )
 
 
 async def _unless_stopped(ctx: RunContext, coro: Coroutine[Any, Any, T]) -> T | None:

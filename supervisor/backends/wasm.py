@@ -32,7 +32,7 @@ guest. That covers guests that compute. A guest that *sleeps* sits in a host cal
 epoch check happens, so the backend also replaces WASI's `poll_oneoff` (what `nanosleep`,
 `sleep` and `usleep` call) with a version that waits on the run's kill flag: a stop wakes it
 at once and the guest traps at its next epoch check. `proc_exit` is replaced too, because
-wasmtime's own turns exit statuses >= 126 into traps.
+wasmtime's own turns exit statuses >= 126 into traps. Both replacements live in wasi_host.
 
 What a stop can't interrupt: a guest blocked writing output while the link to the
 switchboard is stalled (OutputPump backpressure has no way to be woken). For that case
@@ -46,18 +46,16 @@ always kills at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import errno
 import importlib.metadata
 import logging
 import platform
 import re
-import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +70,8 @@ from protocol.messages import Stream
 from protocol.spec import WasmBackend as WasmSpec
 from supervisor.artifacts import ArtifactSource, digest_of, verify
 from supervisor.backends.base import Backend, Outcome, RunContext
+from supervisor.backends.wasi_host import guest_of_thread, make_linker
+from supervisor.keylocks import KeyLocks
 from supervisor.wasm_cache import DiskCache
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,6 @@ MAX_TABLE_ELEMENTS = 1_000_000
 #: Names the compiled code in the disk cache: it only loads into the Wasmtime that made it.
 ENGINE_ID = f"wasmtime-{importlib.metadata.version('wasmtime')}-{platform.machine()}"
 
-_WASI = "wasi_snapshot_preview1"
 _MB = 1024 * 1024
 _LIMIT_ERROR = re.compile(r"exceeds (memory|table) limits")
 
@@ -116,7 +115,7 @@ class _Flavour:
         config.epoch_interruption = True
         config.consume_fuel = fuel
         self.engine = wasmtime.Engine(config)
-        self.linker = _make_linker(self.engine)
+        self.linker = make_linker(self.engine)
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ class WasmBackend(Backend):
         #: Compiled, import-resolved modules by (digest, flavour), least recently used first.
         self._cache: OrderedDict[tuple[str, str], wasmtime.InstancePre] = OrderedDict()
         self._cache_size = module_cache_size
-        self._loading: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+        self._loading = KeyLocks()  # one compile/load per key at a time
         self.memory_limit_mb = memory_limit_mb
         #: Runs whose compiled module came from a cache (memory or disk), and runs that
         #: had to compile it.
@@ -262,7 +261,7 @@ class WasmBackend(Backend):
         """The compiled module for `digest`: from memory, from disk, or fetched and compiled.
         Runs wanting the same module wait for each other, so it is compiled once."""
         key = (digest, flavour.name)
-        async with self._exclusive(key):
+        async with self._loading.hold(key):
             cached = self._cache.get(key)
             if cached is not None:
                 # Content-addressed: the digest names exact bytes, so no need to fetch again.
@@ -306,18 +305,6 @@ class WasmBackend(Backend):
             )
             self._remember(key, loaded)
             return loaded
-
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, key: tuple[str, str]) -> AsyncIterator[None]:
-        lock, users = self._loading.setdefault(key, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._loading[key]
 
     def _remember(self, key: tuple[str, str], loaded: wasmtime.InstancePre) -> None:
         if self._cache_size:
@@ -464,11 +451,11 @@ class _Guest:
         store.set_wasi(wasi)
         # Wasmtime's WASI monotonic clock starts at 0 when set_wasi builds the context.
         self.clock_base_ns = time.monotonic_ns()
-        _current.guest = self  # a start function may already sleep
+        guest_of_thread.guest = self  # a start function may already sleep
         try:
             instance = loaded.instantiate(store)
         finally:
-            _current.guest = None
+            guest_of_thread.guest = None
         exports = instance.exports(store)
         start = exports["_start"]
         assert isinstance(start, wasmtime.Func)  # checked at compile time
@@ -479,19 +466,19 @@ class _Guest:
     def call_start(self) -> Outcome:
         """Run `_start` to its end (worker thread)."""
         assert self._store is not None and self._start is not None
-        _current.guest = self
+        guest_of_thread.guest = self
         code: int | None = None
         trap: wasmtime.Trap | wasmtime.WasmtimeError | None = None
         try:
             self._start(self._store)
             code = 0
-        except wasmtime.ExitTrap as exc:  # wasmtime's proc_exit (replaced, see _proc_exit)
+        except wasmtime.ExitTrap as exc:  # wasmtime's proc_exit (replaced: see wasi_host)
             code = exc.code
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             code = self.exit_code  # our proc_exit ends the guest with a trap
             trap = exc
         finally:
-            _current.guest = None
+            guest_of_thread.guest = None
             note = self._memory_note()
             self.close()
         if self.kill.is_set():
@@ -611,111 +598,3 @@ async def _wait_guest(ctx: RunContext, guest: _Guest, future: asyncio.Future[Out
 
 def _stopped(ctx: RunContext) -> Outcome:
     return Outcome(exit_code=None, reason=ctx.stop_reason or "canceled")
-
-
-# --- WASI functions replaced: poll_oneoff (interruptible), proc_exit (any status) -------
-
-#: The guest running on this worker thread (for the replaced WASI functions).
-_current = threading.local()
-
-_SUBSCRIPTION = 48  # sizeof(__wasi_subscription_t)
-_EVENT = struct.Struct("<QHB5xQH6x")  # __wasi_event_t: userdata, error, type, nbytes, flags
-_CLOCK = struct.Struct("<I4xQQH")  # clock id, timeout, precision, flags (at offset 16)
-_EVENTTYPE_CLOCK, _EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE = 0, 1, 2
-_CLOCK_REALTIME, _CLOCK_MONOTONIC = 0, 1
-_SUBSCRIPTION_CLOCK_ABSTIME = 1
-_ERRNO_FAULT, _ERRNO_INVAL = 21, 28
-_U32 = 0xFFFF_FFFF
-
-
-def _make_linker(engine: wasmtime.Engine) -> wasmtime.Linker:
-    linker = wasmtime.Linker(engine)
-    linker.define_wasi()
-    linker.allow_shadowing = True
-    i32 = wasmtime.ValType.i32()
-    linker.define_func(
-        _WASI, "poll_oneoff", wasmtime.FuncType([i32] * 4, [i32]), _poll_oneoff, access_caller=True
-    )
-    linker.define_func(
-        _WASI, "proc_exit", wasmtime.FuncType([i32], []), _proc_exit, access_caller=True
-    )
-    return linker
-
-
-def _proc_exit(caller: wasmtime.Caller, code: int) -> None:
-    """WASI proc_exit that accepts every exit status.
-
-    Wasmtime's own refuses statuses >= 126 (a trap instead of an exit), but programs do
-    `exit(255)`. This records the status, as the low 8 bits like a POSIX parent sees it, and
-    moves the epoch deadline to now: the guest then hits the `unreachable` compilers put
-    after a noreturn call, or at the latest its next epoch check, and call_start reports the
-    exit. Not by raising: see _poll_oneoff.
-    """
-    guest: _Guest | None = getattr(_current, "guest", None)
-    if guest is not None:
-        guest.exit_code = code & 0xFF
-    ffi.wasmtime_context_set_epoch_deadline(caller._context(), 0)
-
-
-def _poll_oneoff(caller: wasmtime.Caller, subs: int, events: int, nsubs: int, nout: int) -> int:
-    """WASI poll_oneoff whose clock waits end early when the run is killed.
-
-    Never raises: wasmtime-py turns a raise into a trap through a process-wide variable
-    that another guest's thread could pick up.
-    """
-    try:
-        return _poll(caller, subs & _U32, events & _U32, nsubs & _U32, nout & _U32)
-    except Exception:
-        log.exception("poll_oneoff failed")
-        return _ERRNO_FAULT
-
-
-def _poll(caller: wasmtime.Caller, subs: int, events: int, nsubs: int, nout: int) -> int:
-    guest: _Guest | None = getattr(_current, "guest", None)
-    memory = caller.get("memory")
-    if not isinstance(memory, wasmtime.Memory):
-        return _ERRNO_FAULT
-    if nsubs == 0:
-        return _ERRNO_INVAL
-    size = memory.data_len(caller)
-    in_end, out_end = subs + nsubs * _SUBSCRIPTION, events + nsubs * _EVENT.size
-    if in_end > size or out_end > size or nout + 4 > size:
-        return _ERRNO_FAULT
-    raw = memory.read(caller, subs, in_end)
-
-    now = time.monotonic_ns()
-    ready: list[bytes] = []  # fd events: always ready
-    clocks: list[tuple[int, int]] = []  # (userdata, deadline in host monotonic ns)
-    for offset in range(0, len(raw), _SUBSCRIPTION):
-        userdata, tag = struct.unpack_from("<QB", raw, offset)
-        if tag == _EVENTTYPE_CLOCK:
-            clock, timeout, _precision, flags = _CLOCK.unpack_from(raw, offset + 16)
-            if clock not in (_CLOCK_REALTIME, _CLOCK_MONOTONIC):
-                return _ERRNO_INVAL  # as wasmtime does for the CPU-time clocks
-            if flags & _SUBSCRIPTION_CLOCK_ABSTIME:
-                base = guest.clock_base_ns if guest else now
-                current = time.time_ns() if clock == _CLOCK_REALTIME else now - base
-                timeout = max(0, timeout - current)
-            clocks.append((userdata, now + timeout))
-        elif tag in (_EVENTTYPE_FD_READ, _EVENTTYPE_FD_WRITE):
-            # stdin is bytes in memory, stdout/stderr are pipes to us and the rest regular
-            # files in /scratch: always ready. (An fd that isn't open is "ready" too; the
-            # read or write that follows fails with EBADF.)
-            ready.append(_EVENT.pack(userdata, 0, tag, 1, 0))  # like wasmtime: 1 byte ready
-        else:
-            return _ERRNO_INVAL
-
-    if not ready:
-        kill = guest.kill if guest else threading.Event()
-        wake = min(deadline for _, deadline in clocks)
-        while not kill.is_set() and (left := wake - time.monotonic_ns()) > 0:
-            kill.wait(min(left / 1e9, 3600.0))  # a stop ends the sleep; the epoch check traps
-        now = max(time.monotonic_ns(), wake)
-        ready = [
-            _EVENT.pack(userdata, 0, _EVENTTYPE_CLOCK, 0, 0)
-            for userdata, deadline in clocks
-            if deadline <= now
-        ]
-    memory.write(caller, b"".join(ready), events)
-    memory.write(caller, struct.pack("<I", len(ready)), nout)
-    return 0

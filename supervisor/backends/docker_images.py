@@ -1,0 +1,307 @@
+"""Docker images for the docker backend: which image a spec names, and artifact tarballs.
+
+Why a module of its own: loading an artifact is a small pipeline (fetch, verify, strip the
+tarball's tags, `docker load`, tag as `switchboard-artifact:<digest hex>-<n>`, remember the
+digest) with its own state (what is loaded, who is loading it, the on-disk index that lets a
+restarted supervisor skip the load), none of which the container lifecycle needs to see.
+Stripping the tags is what keeps an artifact from replacing an image the host has under
+some name. docker.py's docstring says what users get.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import msgspec
+
+from protocol.exceptions import JobError, JobErrorKind
+from protocol.limits import clip_message
+from protocol.spec import DockerBackend as DockerSpec
+from supervisor.artifacts import ArtifactSource, verify
+from supervisor.backends.base import RunContext
+from supervisor.keylocks import KeyLocks
+
+log = logging.getLogger(__name__)
+
+#: Repository under which images loaded from artifacts are tagged.
+ARTIFACT_REPOSITORY = "switchboard-artifact"
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image ready to run: its engine id and the signal that asks it to stop."""
+
+    id: str
+    stop_signal: str
+    description: str
+
+
+class Artifact(msgspec.Struct):
+    """The images one artifact tarball holds once loaded: engine ids in tarball order, and
+    the tarball's own tags (normalized) -> image id."""
+
+    images: list[str]
+    tags: dict[str, str] = {}
+
+
+class ImageStore:
+    """Finds the image a spec names on the engine, loading image artifacts once per digest.
+
+    Engine access comes from the backend: `client` (connects on first use), `call` (runs a
+    blocking SDK call in its pool) and `engine` (the connected client, for worker threads).
+    """
+
+    def __init__(
+        self,
+        artifacts: ArtifactSource,
+        image_dir: Path | None,
+        *,
+        client: Callable[[], Awaitable[docker.APIClient]],
+        call: Callable[..., Awaitable[Any]],
+        engine: Callable[[], docker.APIClient],
+    ) -> None:
+        self._artifacts = artifacts
+        self._image_dir = image_dir
+        self._client = client
+        self._call = call
+        self._engine = engine
+        #: The engine's architecture (normalized), set once the backend has connected.
+        self.engine_arch: str | None = None
+        self._loaded: dict[str, Artifact] = {}
+        self._loading = KeyLocks()  # one compile/load per key at a time
+        #: Images loaded from artifacts, and runs that found their artifact already loaded.
+        self.artifact_loads = 0
+        self.artifact_hits = 0
+
+    async def resolve(self, ctx: RunContext, spec: DockerSpec) -> Image:
+        api = await self._client()
+        if spec.image_artifact is not None:
+            artifact = await self._artifact(ctx, spec.image_artifact)
+            if spec.image is not None:
+                image_id = artifact.tags.get(normalize_ref(spec.image))
+                if image_id is None:
+                    has = ", ".join(sorted(artifact.tags)) or "no tags"
+                    raise JobError(
+                        JobErrorKind.IMAGE_NOT_FOUND,
+                        f"artifact {spec.image_artifact} has no image {spec.image!r} (it has: "
+                        f"{has})",
+                    )
+            else:
+                image_id = artifact.images[0]
+            described = f"image {image_id[:19]} from artifact {spec.image_artifact[:19]}"
+        else:
+            assert spec.image is not None
+            await ctx.stage("fetching", f"image {spec.image}")
+            image_id = spec.image
+            described = f"image {spec.image!r}"
+        try:
+            info = await self._call(api.inspect_image, image_id)
+        except docker.errors.ImageNotFound:
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_FOUND,
+                f"{described} is not on this host's Docker engine (supervisors don't pull: "
+                "load it on the host, or submit it as an image artifact)",
+            ) from None
+        except docker.errors.APIError as exc:
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_FOUND,
+                clip_message(f"image {image_id!r}: {explain(exc)}") or "",
+            ) from None
+        self._check_platform(info.get("Os"), info.get("Architecture"), described)
+        stop_signal = (info.get("Config") or {}).get("StopSignal") or "SIGTERM"
+        return Image(info["Id"], stop_signal, described)
+
+    def _check_platform(self, os_name: str | None, arch: str | None, what: str) -> None:
+        if os_name and os_name != "linux":
+            raise JobError(JobErrorKind.IMAGE_NOT_COMPATIBLE, f"{what} is for {os_name}, not linux")
+        if arch and self.engine_arch and normalize_arch(arch) != self.engine_arch:
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_COMPATIBLE,
+                f"{what} is built for {arch}; this host is {self.engine_arch}",
+            )
+
+    async def _artifact(self, ctx: RunContext, digest: str) -> Artifact:
+        """The images of an artifact tarball, loaded into the engine (once per digest:
+        concurrent runs wait for one load)."""
+        api = await self._client()
+        async with self._loading.hold(digest):
+            known = self._loaded.get(digest)
+            if known is None and self._image_dir is not None:
+                known = await self._call(self._read_index, digest)
+            if known is not None and await self._all_present(known):
+                self._loaded[digest] = known
+                self.artifact_hits += 1
+                await ctx.stage("fetching", f"image artifact {digest[:19]}: loaded earlier")
+                return known
+            await ctx.stage("fetching", f"image artifact {digest}")
+            data = verify(digest, await self._artifacts.fetch(digest))
+            tarball, entries = await self._call(untagged, data)
+            del data
+            for _, config in entries:
+                self._check_platform(
+                    config.get("os"), config.get("architecture"), f"artifact {digest[:19]}"
+                )
+            await ctx.stage("loading", f"{len(tarball)} bytes into the engine")
+            await self._call(self._load, tarball)
+            del tarball
+            hex_ = digest.removeprefix("sha256:")
+            artifact = Artifact(images=[image_id for image_id, _ in entries])
+            for n, (image_id, config) in enumerate(entries):
+                try:
+                    await self._call(api.tag, image_id, ARTIFACT_REPOSITORY, f"{hex_}-{n}")
+                except docker.errors.NotFound:
+                    raise JobError(
+                        JobErrorKind.IMAGE_INVALID,
+                        f"the engine did not keep image {image_id[:19]} of the tarball",
+                    ) from None
+                for tag in config.get("_repo_tags", []):
+                    artifact.tags.setdefault(normalize_ref(tag), image_id)
+            self._loaded[digest] = artifact
+            self.artifact_loads += 1
+            if self._image_dir is not None:
+                await self._call(self._write_index, digest, artifact)
+            return artifact
+
+    async def _all_present(self, artifact: Artifact) -> bool:
+        api = await self._client()
+        for image_id in artifact.images:
+            try:
+                await self._call(api.inspect_image, image_id)
+            except docker.errors.ImageNotFound:
+                return False
+        return True
+
+    def _load(self, tarball: bytes) -> None:
+        """`docker load` (worker thread); JobError(image_invalid) if the engine refuses."""
+        try:
+            for item in self._engine().load_image(tarball):
+                if isinstance(item, dict) and item.get("error"):
+                    raise JobError(
+                        JobErrorKind.IMAGE_INVALID,
+                        clip_message(f"the engine could not load the image: {item['error']}") or "",
+                    )
+        except docker.errors.APIError as exc:
+            raise JobError(
+                JobErrorKind.IMAGE_INVALID,
+                clip_message(f"the engine could not load the image: {explain(exc)}") or "",
+            ) from None
+
+    def _index_path(self, digest: str) -> Path:
+        assert self._image_dir is not None
+        return self._image_dir / (digest.removeprefix("sha256:") + ".json")
+
+    def _read_index(self, digest: str) -> Artifact | None:
+        try:
+            return msgspec.json.decode(self._index_path(digest).read_bytes(), type=Artifact)
+        except FileNotFoundError:
+            return None
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("image index of %s unreadable (%s); loading again", digest, exc)
+            return None
+
+    def _write_index(self, digest: str, artifact: Artifact) -> None:
+        path = self._index_path(digest)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(msgspec.json.encode(artifact))
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("could not store the image index of %s: %s", digest, exc)
+
+
+def explain(exc: docker.errors.APIError) -> str:
+    explanation = exc.explanation
+    if isinstance(explanation, bytes):
+        explanation = explanation.decode(errors="replace")
+    return str(explanation or exc)
+
+
+def normalize_ref(ref: str) -> str:
+    """`busybox` -> `busybox:latest`; `docker.io/library/x:1` -> `x:1`."""
+    ref = ref.removeprefix("docker.io/").removeprefix("library/")
+    last = ref.rpartition("/")[2]
+    if "@" not in last and ":" not in last:
+        ref += ":latest"
+    return ref
+
+
+def normalize_arch(arch: str) -> str:
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
+
+
+def untagged(data: bytes) -> tuple[bytes, list[tuple[str, dict[str, Any]]]]:
+    """A `docker save` tarball without its tags (worker thread), and per image its engine id
+    and config (with the removed tags under `_repo_tags`). JobError(image_invalid) if it
+    isn't one."""
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
+        members = archive.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise JobError(JobErrorKind.IMAGE_INVALID, f"not an image tarball: {exc}") from None
+    by_name = {_member_name(m.name): m for m in members}
+
+    def read(name: str) -> bytes:
+        member = by_name.get(_member_name(name))
+        extracted = archive.extractfile(member) if member is not None else None
+        if extracted is None:
+            raise JobError(JobErrorKind.IMAGE_INVALID, f"the image tarball lacks {name}")
+        return extracted.read()
+
+    try:
+        manifest = json.loads(read("manifest.json"))
+        if not isinstance(manifest, list) or not manifest:
+            raise ValueError("manifest.json lists no images")
+        entries: list[tuple[str, dict[str, Any]]] = []
+        for item in manifest:
+            config_bytes = read(item["Config"])
+            config = json.loads(config_bytes)
+            if not isinstance(config, dict):
+                raise ValueError(f"{item['Config']} is not an image config")
+            config["_repo_tags"] = [str(t) for t in item.get("RepoTags") or []]
+            item["RepoTags"] = None
+            entries.append(("sha256:" + hashlib.sha256(config_bytes).hexdigest(), config))
+        index = json.loads(read("index.json")) if "index.json" in by_name else None
+    except JobError:
+        raise
+    except (ValueError, KeyError, TypeError, tarfile.TarError, OSError) as exc:
+        raise JobError(
+            JobErrorKind.IMAGE_INVALID, clip_message(f"not a usable image tarball: {exc}") or ""
+        ) from None
+    if isinstance(index, dict):  # OCI layout: names live in annotations
+        for descriptor in index.get("manifests") or []:
+            annotations = descriptor.get("annotations") if isinstance(descriptor, dict) else None
+            if isinstance(annotations, dict):
+                annotations.pop("io.containerd.image.name", None)
+                annotations.pop("org.opencontainers.image.ref.name", None)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as rewritten:
+        for member in members:
+            name = _member_name(member.name)
+            if name == "repositories":
+                continue
+            if name in ("manifest.json", "index.json") and member.isfile():
+                body = json.dumps(manifest if name == "manifest.json" else index).encode()
+                replaced = tarfile.TarInfo(member.name)
+                replaced.size = len(body)
+                replaced.mode = member.mode
+                replaced.mtime = member.mtime
+                rewritten.addfile(replaced, io.BytesIO(body))
+                continue
+            rewritten.addfile(member, archive.extractfile(member) if member.isfile() else None)
+    return out.getvalue(), entries
+
+
+def _member_name(name: str) -> str:
+    return name.removeprefix("./").rstrip("/")
