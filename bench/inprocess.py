@@ -17,26 +17,10 @@ from protocol.exceptions import JobError, JobErrorKind
 from protocol.messages import JobStateChanged, Output, StartJob, SupervisorEvent
 from protocol.spec import WasmBackend as WasmSpec
 from protocol.state import Phase, is_terminal
-from supervisor.artifacts import ArtifactSource, digest_of
+from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
 from supervisor.backends.wasm import WasmBackend
 from supervisor.base import Supervisor
 from supervisor.jobs import BackendSupervisor
-
-
-class MemoryArtifacts(ArtifactSource):
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-
-    def add(self, data: bytes) -> str:
-        digest = digest_of(data)
-        self.blobs[digest] = data
-        return digest
-
-    async def fetch(self, digest: str) -> bytes:
-        try:
-            return self.blobs[digest]
-        except KeyError:
-            raise JobError(JobErrorKind.IMAGE_NOT_FOUND, f"no artifact {digest}") from None
 
 
 class TimingConnector(SupervisorConnector):

@@ -71,6 +71,27 @@ class HttpArtifactSource(ArtifactSource):
         await self._client.aclose()
 
 
+class MemoryArtifactSource(ArtifactSource):
+    """Artifacts held in memory (for embedding a supervisor, benchmarks and tests)."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.fetches = 0
+
+    def add(self, data: bytes) -> str:
+        """Keep `data`; return its digest."""
+        digest = digest_of(data)
+        self.blobs[digest] = data
+        return digest
+
+    async def fetch(self, digest: str) -> bytes:
+        self.fetches += 1
+        data = self.blobs.get(digest)
+        if data is None:
+            raise JobError(JobErrorKind.IMAGE_NOT_FOUND, f"artifact {digest} does not exist")
+        return verify(digest, data)
+
+
 class FileArtifactSource(ArtifactSource):
     """Artifacts given as local files (for `supervisor run-local`)."""
 

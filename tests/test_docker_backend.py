@@ -31,7 +31,8 @@ from protocol.messages import (
 )
 from protocol.spec import DockerBackend as DockerSpec
 from protocol.spec import Parameter
-from supervisor.artifacts import ArtifactSource, digest_of, verify
+from supervisor.artifacts import ArtifactSource
+from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
 from supervisor.backends.docker import LABEL_START, LABEL_SUPERVISOR, DockerBackend
 from supervisor.backends.docker_images import ARTIFACT_REPOSITORY
 from supervisor.backends.docker_streams import demux as _demux
@@ -56,26 +57,6 @@ pytestmark = [pytest.mark.timeout(120)]
 SUPERVISOR_ID = "sb-test"
 #: Generous bounds for timings on a shared machine.
 SLACK_S = 5.0
-
-
-class MemoryArtifacts(ArtifactSource):
-    """Artifacts held in a dict."""
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-        self.fetches = 0
-
-    def add(self, data: bytes) -> str:
-        digest = digest_of(data)
-        self.blobs[digest] = data
-        return digest
-
-    async def fetch(self, digest: str) -> bytes:
-        self.fetches += 1
-        data = self.blobs.get(digest)
-        if data is None:
-            raise JobError(JobErrorKind.IMAGE_NOT_FOUND, f"artifact {digest} does not exist")
-        return verify(digest, data)
 
 
 class Host:

@@ -19,7 +19,8 @@ from protocol.limits import MAX_OUTPUT_CHUNK
 from protocol.messages import RunRef, StartJob, Stream
 from protocol.spec import Parameter
 from protocol.spec import WasmBackend as WasmSpec
-from supervisor.artifacts import ArtifactSource, digest_of, verify
+from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
+from supervisor.artifacts import digest_of
 from supervisor.backends.base import Outcome, RunContext
 from supervisor.backends.wasm import ENGINE_ID, WasmBackend
 from supervisor.output import OutputPump
@@ -30,26 +31,6 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 #: Generous: the machine is shared. Measured stop latency is ~10-20 ms.
 STOP_BOUND_S = 2.0
-
-
-class MemoryArtifacts(ArtifactSource):
-    """Artifacts held in a dict (a complete ArtifactSource)."""
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-        self.fetches = 0
-
-    def add(self, data: bytes) -> str:
-        digest = digest_of(data)
-        self.blobs[digest] = data
-        return digest
-
-    async def fetch(self, digest: str) -> bytes:
-        self.fetches += 1
-        data = self.blobs.get(digest)
-        if data is None:
-            raise JobError(JobErrorKind.IMAGE_NOT_FOUND, f"artifact {digest} does not exist")
-        return verify(digest, data)
 
 
 class Run:

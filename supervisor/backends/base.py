@@ -10,14 +10,17 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 
 from protocol.exceptions import JobError, JobErrorKind
 from protocol.messages import RunRef, StartJob, Stream
 from supervisor.output import OutputPump
+
+T = TypeVar("T")
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -74,6 +77,19 @@ class RunContext:
     def write(self, stream: Stream, data: bytes) -> None:
         """Program output; safe from worker threads (may block them: backpressure)."""
         self.output.write(stream, data)
+
+    async def unless_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """Await `work` unless a stop comes first; then cancel it and return None. (Work
+        running in a worker thread finishes anyway; its result is dropped.)"""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+        return task.result() if task.done() else None
 
     def request_stop(self, reason: str, grace_s: float | None) -> None:
         if self.stop_reason is None:

@@ -62,7 +62,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -185,7 +185,7 @@ class DockerBackend(Backend):
             if ctx.start.resources:
                 devices = self.devices.allocate(owner, ctx.start.resources)
                 await ctx.stage("allocating", ", ".join(f"{d.name} ({d.path})" for d in devices))
-            image = await _unless_stopped(ctx, self._images.resolve(ctx, spec))
+            image = await ctx.unless_stopped(self._images.resolve(ctx, spec))
             if image is None:
                 return stopped_early(ctx)
             await ctx.stage("creating", image.description)
@@ -637,16 +637,3 @@ async def _report_running(ctx: RunContext) -> None:
     "running" may not follow that)."""
     if not ctx.stop_requested.is_set():
         await ctx.running()
-
-
-async def _unless_stopped(ctx: RunContext, coro: Coroutine[Any, Any, T]) -> T | None:
-    """Await `coro` unless a stop comes first (then cancel it and return None)."""
-    task = asyncio.ensure_future(coro)
-    stop = asyncio.ensure_future(ctx.stop_requested.wait())
-    try:
-        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-        if not task.done():
-            task.cancel()  # a load in a worker thread finishes anyway (and is remembered)
-    return task.result() if task.done() else None

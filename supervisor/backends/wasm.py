@@ -55,7 +55,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +174,7 @@ class WasmBackend(Backend):
         if self._closed:
             raise RuntimeError("the wasm backend is closed")
         flavour = self._flavour(fuel=spec.fuel is not None)
-        loaded = await _unless_stopped(ctx, self._load(ctx, spec.module, flavour))
+        loaded = await ctx.unless_stopped(self._load(ctx, spec.module, flavour))
         if loaded is None:
             return _stopped(ctx)
 
@@ -555,19 +555,6 @@ def _set_stdin(wasi: wasmtime.WasiConfig, data: bytes) -> None:
     buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
     ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), buffer)  # a copy ...
     ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))  # ... that this takes
-
-
-async def _unless_stopped(ctx: RunContext, coro: Coroutine[Any, Any, T]) -> T | None:
-    """Await `coro` unless a stop comes first (then cancel it and return None)."""
-    task = asyncio.ensure_future(coro)
-    stop = asyncio.ensure_future(ctx.stop_requested.wait())
-    try:
-        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-        if not task.done():
-            task.cancel()  # a compile in a worker thread finishes anyway (and is cached)
-    return task.result() if task.done() else None
 
 
 async def _wait_guest(ctx: RunContext, guest: _Guest, future: asyncio.Future[Outcome]) -> Outcome:
