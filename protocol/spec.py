@@ -127,6 +127,27 @@ class Parameter(_Spec):
     secret: bool = False
 
 
+class Backoff(_Spec):
+    """Delay before restart n (n = 1, 2, ...): ceiling = min(max_s, first_s * factor**(n-1)),
+    then jitter: none = ceiling; full = uniform(0, ceiling); equal = ceiling/2 +
+    uniform(0, ceiling/2); decorrelated = min(max_s, uniform(first_s, 3 * previous delay))."""
+
+    first_s: Annotated[float, Meta(ge=0, le=86400)] = 1.0
+    max_s: Annotated[float, Meta(ge=0, le=86400)] = 300.0
+    factor: Annotated[float, Meta(ge=1, le=100)] = 2.0
+    jitter: Literal["none", "full", "equal", "decorrelated"] = "full"
+
+
+class RestartPolicy(_Spec):
+    """When a job gets another run: never; on_failure (failed, timed_out, lost); always
+    (any ending but a cancel or a refusal). At most `max_restarts` times; a job that would
+    restart once more ends `exhausted`."""
+
+    policy: Literal["never", "on_failure", "always"] = "never"
+    max_restarts: Annotated[int, Meta(ge=0, le=1000)] = 3
+    backoff: Backoff = msgspec.field(default_factory=Backoff)
+
+
 ParameterName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$(?!\n)")]
 
 
@@ -140,4 +161,6 @@ class JobSpec(_Spec):
     resources: ResourceCounts = {}
     priority: Annotated[int, Meta(ge=-1000, le=1000)] = 0
     timeout_s: Seconds | None = None
+    #: None: never restarted.
+    restart: RestartPolicy | None = None
     parameters: Annotated[dict[ParameterName, Parameter], Meta(max_length=128)] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from switchboard.scheduler import Candidate, plan
 from switchboard.sessions import Hub, start_message
@@ -34,13 +35,19 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self) -> None:
+        pause = IDLE_PERIOD_S
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), IDLE_PERIOD_S)
+                await asyncio.wait_for(self._wake.wait(), pause)
             self._wake.clear()
             try:
                 if await self.dispatch_once():
                     self.wake()  # capacity may remain for jobs past this pass's window
+                # Wake again when the next restart backoff ends, if that comes first.
+                backoff_end = await self.store.next_backoff_end()
+                pause = IDLE_PERIOD_S
+                if backoff_end is not None:
+                    pause = min(pause, max(0.0, backoff_end - time.time()) + 0.001)
             except Exception:  # keep dispatching; the next pass retries
                 log.exception("dispatch pass failed")
 

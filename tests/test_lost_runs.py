@@ -47,3 +47,42 @@ def test_runs_of_a_killed_supervisor_become_lost(switchboard, work_dir):
     assert job["phase"] == "lost"
     assert GRACE <= detected < GRACE + 10
     print(f"run lost {detected:.2f}s after the supervisor was killed (grace {GRACE}s)")
+
+
+def test_with_on_failure_a_lost_job_runs_to_success_elsewhere(switchboard, work_dir):
+    client = switchboard.client()
+    first = start_supervisor(
+        switchboard, work_dir, name="goner", backend="noop", labels={"pool": "a"}
+    )
+    wait_connected(client, "goner")
+    job_id = client.post(
+        "/api/v1/jobs",
+        json={
+            "name": "resilient",
+            "backend": {"kind": "noop", "delay_s": 1.0, "output": "done\n"},
+            "selector": {"match_expressions": [{"key": "pool", "operator": "Exists"}]},
+            "restart": {
+                "policy": "on_failure",
+                "max_restarts": 2,
+                "backoff": {"first_s": 0.1, "jitter": "none"},
+            },
+        },
+    ).json()["id"]
+    deadline = time.monotonic() + 20
+    while client.get(f"/api/v1/jobs/{job_id}").json()["phase"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.kill()
+    second = start_supervisor(
+        switchboard, work_dir, name="survivor", backend="noop", labels={"pool": "b"}
+    )
+    try:
+        job = wait_job(client, job_id, timeout=60)
+        assert job["phase"] == "succeeded"
+        assert [(r["supervisor_id"], r["phase"]) for r in job["runs"]] == [
+            ("goner", "lost"),
+            ("survivor", "succeeded"),
+        ]
+        assert client.get(f"/api/v1/jobs/{job_id}/output").content == b"done\n"
+    finally:
+        second.stop()

@@ -33,8 +33,8 @@ async def _assigned_job(store, job_id="j1"):
     return made
 
 
-def state(seq, phase, job="j1", **kw):
-    return JobStateChanged(seq=seq, job_id=job, attempt=1, phase=phase, **kw)
+def state(seq, phase, job="j1", attempt=1, **kw):
+    return JobStateChanged(seq=seq, job_id=job, attempt=attempt, phase=phase, **kw)
 
 
 def out(seq, offset, data, job="j1", stream="stdout"):

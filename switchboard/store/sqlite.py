@@ -38,9 +38,9 @@ from protocol.messages import (
     Stream,
     SupervisorEvent,
 )
-from protocol.spec import JobSpec
+from protocol.spec import JobSpec, RestartPolicy
 from protocol.state import ACTIVE, Phase, can_transition, is_terminal
-from switchboard.jobstate import job_phase_after_run
+from switchboard.jobstate import job_after_run
 from switchboard.models import (
     ActiveRun,
     Assignment,
@@ -52,6 +52,7 @@ from switchboard.models import (
     SupervisorView,
     TokenView,
 )
+from switchboard.retry import restart_delay
 from switchboard.store.base import CancelResult, Connected, EventsApplied, Store
 
 log = logging.getLogger("switchboard.store")
@@ -98,6 +99,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     reason TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    -- a restarted job waits in the queue until then (its backoff), and the delay it got
+    not_before REAL,
+    backoff_s REAL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -336,10 +341,21 @@ class SQLiteStore(Store):
         def read(conn: sqlite3.Connection) -> list[QueuedJob]:
             rows = conn.execute(
                 "SELECT id, seq, priority, spec FROM jobs WHERE phase = 'queued'"
+                " AND (not_before IS NULL OR not_before <= ?)"
                 " ORDER BY priority DESC, seq LIMIT ?",
-                (limit,),
+                (time.time(), limit),
             ).fetchall()
             return [QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3])) for r in rows]
+
+        return await self._read(read)
+
+    async def next_backoff_end(self) -> float | None:
+        def read(conn: sqlite3.Connection) -> float | None:
+            (when,) = conn.execute(
+                "SELECT min(not_before) FROM jobs WHERE phase = 'queued' AND not_before > ?",
+                (time.time(),),
+            ).fetchone()
+            return when
 
         return await self._read(read)
 
@@ -627,20 +643,44 @@ def _set_run_phase(
     )
     _record_phase(conn, job_id, attempt, phase, stage, message, at)
     job = conn.execute(
-        "SELECT attempts, cancel_requested FROM jobs WHERE id = ?", (job_id,)
+        "SELECT attempts, cancel_requested, restarts, backoff_s, spec FROM jobs WHERE id = ?",
+        (job_id,),
     ).fetchone()
     if job is None or job[0] != attempt:
         return  # an old attempt: the job has moved on
+    _, cancel_requested, restarts, backoff_s, spec_json = job
     run = conn.execute(
         "SELECT error_kind, exit_code, error FROM runs WHERE job_id = ? AND attempt = ?",
         (job_id, attempt),
     ).fetchone()
-    job_phase = job_phase_after_run(phase, error_kind=run[0], cancel_requested=bool(job[1]))
+    policy = (_spec_decoder.decode(spec_json).restart if terminal else None) or RestartPolicy()
+    decision = job_after_run(
+        phase,
+        error_kind=run[0],
+        cancel_requested=bool(cancel_requested),
+        restart=policy,
+        restarts_done=restarts,
+    )
     reason = message or run[2] if terminal else None
+    not_before = None
+    if decision.restart:
+        restarts += 1
+        backoff_s = restart_delay(policy.backoff, restarts, backoff_s)
+        not_before = at + backoff_s
+        reason = f"restart {restarts} of {policy.max_restarts} in {backoff_s:.2f}s: {reason}"
     conn.execute(
-        "UPDATE jobs SET phase = ?, exit_code = ?, reason = coalesce(?, reason), updated_at = ?"
-        " WHERE id = ?",
-        (job_phase.value, run[1], reason, time.time(), job_id),
+        "UPDATE jobs SET phase = ?, exit_code = ?, reason = coalesce(?, reason), updated_at = ?,"
+        " restarts = ?, backoff_s = ?, not_before = ? WHERE id = ?",
+        (
+            decision.phase.value,
+            run[1],
+            reason,
+            time.time(),
+            restarts,
+            backoff_s,
+            not_before,
+            job_id,
+        ),
     )
 
 
