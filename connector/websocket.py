@@ -37,6 +37,7 @@ from protocol.messages import (
 )
 from protocol.session import EventBacklog, supported_versions
 from protocol.state import Phase
+from supervisor import metrics
 from supervisor.base import Supervisor
 
 from .backoff import Verdict, backoff, classify
@@ -82,6 +83,8 @@ class WebSocketConnector(SupervisorConnector):
         self._new_event = asyncio.Event()
         self._stopping = asyncio.Event()
         self._sent_upto = 0
+        #: Highest seq ever sent, over all connections: sending one at or below it is a resend.
+        self._highest_sent = 0
         #: Events reported before the first Welcome, in order; None once numbering is known.
         self._unnumbered: list[SupervisorEvent] | None = []
         self._welcomed = asyncio.Event()
@@ -111,6 +114,7 @@ class WebSocketConnector(SupervisorConnector):
     def _number(self, event: SupervisorEvent) -> None:
         event.seq = self.backlog.next_seq()
         self.backlog.append(event.seq, codec.encode(event))
+        metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
         self._new_event.set()
 
     async def run(self) -> int:
@@ -159,6 +163,8 @@ class WebSocketConnector(SupervisorConnector):
             welcome = await self._handshake(ws)
             self.session = welcome.session
             self.sessions += 1
+            if self.sessions > 1:
+                metrics.RECONNECTS.inc()
             self._sent_upto = welcome.last_seq
             async with self._room:
                 self._room.notify_all()
@@ -197,6 +203,7 @@ class WebSocketConnector(SupervisorConnector):
         if not isinstance(message, Welcome):
             raise await _fail(ws, CloseCode.HANDSHAKE_FAILED, "expected welcome")
         self.backlog.resume(message.last_seq)
+        metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
         if self._unnumbered is not None:
             early, self._unnumbered = self._unnumbered, None
             for event in early:
@@ -234,6 +241,7 @@ class WebSocketConnector(SupervisorConnector):
             match message:
                 case Ack(seq=seq):
                     if self.backlog.acknowledge(seq):
+                        metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
                         async with self._room:
                             self._room.notify_all()
                 case StartJob():
@@ -261,6 +269,10 @@ class WebSocketConnector(SupervisorConnector):
             for seq, frame in batch:
                 await ws.send(frame, text=True)
                 self._sent_upto = seq
+                if seq <= self._highest_sent:
+                    metrics.EVENTS_RESENT.inc()
+                else:
+                    self._highest_sent = seq
 
     async def _heartbeat_loop(
         self, ws: ClientConnection, welcome: Welcome, last_heard: list[float]

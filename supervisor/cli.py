@@ -84,6 +84,15 @@ async def _run(args: argparse.Namespace) -> int:
     if not limits.is_valid_id(supervisor_id):
         raise SystemExit(f"supervisor: id {supervisor_id!r} must match {limits.ID_PATTERN}")
     url = _ws_url(args.switchboard)
+    if args.metrics_port is not None:
+        from supervisor import metrics
+
+        try:
+            port = metrics.serve(args.metrics_port, args.metrics_host)
+        except OSError as exc:
+            where = f"{args.metrics_host}:{args.metrics_port}"
+            raise SystemExit(f"supervisor: cannot serve metrics on {where}: {exc}") from None
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
     artifacts = HttpArtifactSource(_http_base(url), args.token)
     args.supervisor_id = supervisor_id
     backend = make_backend(args.backend, artifacts, args)
@@ -193,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         metavar="MB",
         help="unacknowledged events kept at most; past that, jobs' output waits (backpressure)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (default: not served)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address for --metrics-port (default 127.0.0.1)",
     )
     _backend_options(run)
     run.set_defaults(func=_run)

@@ -21,6 +21,7 @@ from protocol.messages import HeldRun, RunRef, StartJob, StopJob, Stream
 from protocol.state import Phase, check_transition, is_terminal
 from supervisor.backends.base import Backend, Outcome, RunContext
 from supervisor.base import Capabilities, Supervisor
+from supervisor.metrics import RUNNING_JOBS
 from supervisor.output import OutputPump
 
 log = logging.getLogger("supervisor.jobs")
@@ -96,6 +97,7 @@ class BackendSupervisor(Supervisor):
             run.phase = Phase.RUNNING  # it was running when this process went away
             run.ctx = self._new_context(run)
             self._runs[ref] = run
+            RUNNING_JOBS.set(len(self._runs))
             self._idle.clear()
             run.task = asyncio.get_running_loop().create_task(
                 self._drive(run, resume=True), name=f"resumed run {ref}"
@@ -128,6 +130,7 @@ class BackendSupervisor(Supervisor):
         run = _Run(ref, start)
         run.ctx = self._new_context(run)
         self._runs[ref] = run
+        RUNNING_JOBS.set(len(self._runs))
         self._idle.clear()
         run.task = asyncio.get_running_loop().create_task(self._drive(run), name=f"run {ref}")
 
@@ -254,6 +257,7 @@ class BackendSupervisor(Supervisor):
 
     def _forget(self, run: _Run) -> None:
         self._runs.pop(run.ref, None)
+        RUNNING_JOBS.set(len(self._runs))
         self._ended[run.ref] = run.phase
         while len(self._ended) > REMEMBER_ENDED:
             self._ended.popitem(last=False)

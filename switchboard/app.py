@@ -16,10 +16,12 @@ from protocol.exceptions import CloseCode
 from switchboard.api.artifacts import ArtifactController
 from switchboard.api.errors import EXCEPTION_HANDLERS
 from switchboard.api.jobs import JobController
+from switchboard.api.metrics import metrics
 from switchboard.api.system import health, list_supervisors
 from switchboard.artifacts import ArtifactFiles
 from switchboard.config import Settings
 from switchboard.dispatcher import Dispatcher
+from switchboard.metrics import RUNS_LOST
 from switchboard.sessions import Hub
 from switchboard.state import AppState
 from switchboard.store.base import Store
@@ -47,6 +49,7 @@ async def watch_for_lost_runs(store: Store, settings: Settings, hub: Hub) -> Non
             log.exception("checking for lost runs failed")
             continue
         if lost:
+            RUNS_LOST.labels("grace_period").inc(len(lost))
             log.warning(
                 "runs lost with their supervisor: %s",
                 ", ".join(f"{k.job_id}#{k.attempt}" for k in lost),
@@ -88,7 +91,14 @@ def create_app(settings: Settings) -> Litestar:
         request_max_body_size=settings.max_artifact_bytes,
     )
     return Litestar(
-        route_handlers=[JobController, artifacts, health, list_supervisors, supervisor_socket],
+        route_handlers=[
+            JobController,
+            artifacts,
+            health,
+            list_supervisors,
+            metrics,
+            supervisor_socket,
+        ],
         lifespan=[lifespan],
         state=State({"switchboard": state}),
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ from protocol.messages import (
 )
 from protocol.session import negotiate_version
 from protocol.spec import JobSpec
-from switchboard import auth
+from switchboard import auth, metrics
 from switchboard.config import Settings
 from switchboard.models import RunKey
 from switchboard.reconcile import Action, reconcile
@@ -64,7 +64,9 @@ def start_message(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
 
 
 class SupervisorSession:
-    def __init__(self, hub: Hub, socket: WebSocket, hello: Hello, session: int) -> None:
+    def __init__(
+        self, hub: Hub, socket: WebSocket, hello: Hello, session: int, stored_seq: int = 0
+    ) -> None:
         self.hub = hub
         self.socket = socket
         self.hello = hello
@@ -76,6 +78,9 @@ class SupervisorSession:
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._last_heard = time.monotonic()
+        #: Highest seq stored for this supervisor as far as this session has been told
+        #: (Connected.last_seq, then each EventsApplied): events at or below it are resends.
+        self._stored_seq = stored_seq
 
     async def send(self, message: SwitchboardMessage) -> None:
         async with self._send_lock:
@@ -166,9 +171,25 @@ class SupervisorSession:
 
     async def _store_batch(self, batch: list[Event]) -> None:
         hub = self.hub
+        # The store skips events it has already stored without saying how many: count
+        # them the same way it decides, against the highest seq known to be stored.
+        duplicates = 0
+        highest = self._stored_seq
+        for event in batch:
+            if event.seq <= highest:
+                duplicates += 1
+            else:
+                highest = event.seq
+        started = time.perf_counter()
         result = await hub.store.apply_events(self.id, batch)
+        metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
+        self._stored_seq = max(self._stored_seq, result.stored_seq)
+        metrics.EVENTS_STORED.inc(len(batch) - duplicates)
+        if duplicates:
+            metrics.DUPLICATE_EVENTS.inc(duplicates)
         await self.send(Ack(seq=result.stored_seq))
         for key in result.unwanted:
+            metrics.ZOMBIE_RUNS_STOPPED.labels("events").inc()
             await self.send(StopJob(job_id=key.job_id, attempt=key.attempt, reason="unwanted"))
         if result.ended:
             hub.wake_dispatcher()
@@ -191,13 +212,16 @@ class SupervisorSession:
                         StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="canceled")
                     )
                 case Action.STOP_ZOMBIE:
+                    metrics.ZOMBIE_RUNS_STOPPED.labels("reconcile").inc()
                     await self.send(
                         StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="unwanted")
                     )
                 case Action.FINALIZE_CANCELED | Action.FINALIZE_LOST:
                     phase = "canceled" if decision.action is Action.FINALIZE_CANCELED else "lost"
                     key = RunKey(decision.job_id, decision.attempt)
-                    await store.end_run(key, phase, "supervisor no longer holds it")
+                    ended = await store.end_run(key, phase, "supervisor no longer holds it")
+                    if ended and decision.action is Action.FINALIZE_LOST:
+                        metrics.RUNS_LOST.labels("reconcile").inc()
         self.ready = True
         self.hub.wake_dispatcher()
 
@@ -275,10 +299,16 @@ class Hub:
             )
             return
         connected = await self.store.supervisor_connected(hello)
-        session = SupervisorSession(self, socket, hello, connected.session)
+        session = SupervisorSession(
+            self, socket, hello, connected.session, stored_seq=connected.last_seq
+        )
+        metrics.SUPERVISOR_CONNECTIONS.inc()
         previous = self.sessions.get(session.id)
         self.sessions[session.id] = session
-        if previous is not None:
+        if previous is None:
+            metrics.SUPERVISORS_CONNECTED.inc()
+        else:
+            metrics.SESSIONS_REPLACED.inc()
             await previous.close(CloseCode.REPLACED, "replaced by a newer connection")
         log.info("supervisor %s connected (session %d)", session.id, session.session)
         try:
@@ -286,6 +316,7 @@ class Hub:
         finally:
             if self.sessions.get(session.id) is session:
                 del self.sessions[session.id]
+                metrics.SUPERVISORS_CONNECTED.dec()
             await self.store.supervisor_disconnected(session.id, session.session)
             log.info("supervisor %s disconnected (session %d)", session.id, session.session)
 
