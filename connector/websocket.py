@@ -91,6 +91,8 @@ class WebSocketConnector(SupervisorConnector):
         self._tasks: set[asyncio.Task[None]] = set()
         #: Set while a connection is established (after the Welcome); tests wait on it.
         self.connected = asyncio.Event()
+        #: The last close's retry-after hint from the switchboard, if any.
+        self._retry_after: float | None = None
         self.session: int | None = None
         #: Connections established so far (a Welcome received).
         self.sessions = 0
@@ -125,22 +127,23 @@ class WebSocketConnector(SupervisorConnector):
             sessions_before = self.sessions
             try:
                 await self._connect_once()
+                why = "the connection closed"
             except (OSError, TimeoutError, websockets.WebSocketException, FrameError) as exc:
                 if self._classify(exc) is Verdict.FATAL:
                     raise ConnectorFatalError(_describe(exc)) from exc
-                if self.sessions != sessions_before:
-                    # The link worked until it broke: back off from the start again, not
-                    # from where a run of failed attempts had left the delay.
-                    delays = self._backoff_factory()
-                delay = next(delays)
-                log.warning(
-                    "connection to %s failed (%s); retrying in %.2fs",
-                    self.url,
-                    _describe(exc),
-                    delay,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                why = _describe(exc)
+            if self._stopping.is_set():
+                break
+            if self.sessions != sessions_before:
+                # The link worked until it broke: back off from the start again, not from
+                # where a run of failed attempts had left the delay.
+                delays = self._backoff_factory()
+            # The switchboard's hint (e.g. it is restarting) is a floor under the backoff.
+            delay = max(next(delays), self._retry_after or 0.0)
+            self._retry_after = None
+            log.warning("%s (%s); reconnecting in %.2fs", why, self.url, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
         return 0
 
     def stop(self) -> None:
@@ -254,8 +257,9 @@ class WebSocketConnector(SupervisorConnector):
                     await ws.send(codec.encode(reply), text=True)
                 case ServerHeartbeat():
                     pass
-                case ProtocolErrorMessage(code=code, reason=reason):
-                    log.error("switchboard reported a protocol error: %s (%d)", reason, code)
+                case ProtocolErrorMessage(code=code, reason=reason, retry_after_s=wait):
+                    log.warning("switchboard is closing the connection: %s (%d)", reason, code)
+                    self._retry_after = wait
                 case Welcome():
                     raise await _fail(ws, CloseCode.UNEXPECTED_MESSAGE, "second welcome")
 

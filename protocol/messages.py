@@ -195,11 +195,15 @@ class ServerHeartbeat(SwitchboardMessage, tag="heartbeat"):
 # --- either direction ------------------------------------------------------------------
 
 
-class ProtocolErrorMessage(msgspec.Struct, tag="protocol_error", tag_field="type"):
-    """Sent just before closing a connection because of a protocol error."""
+class ProtocolErrorMessage(
+    msgspec.Struct, tag="protocol_error", tag_field="type", omit_defaults=True
+):
+    """Sent just before closing a connection: why, and (from the switchboard, e.g. while
+    it shuts down) how long to wait at least before reconnecting."""
 
     code: Int64
     reason: str
+    retry_after_s: Annotated[float, Meta(ge=0, le=3600)] | None = None
 
 
 FromSupervisor = (

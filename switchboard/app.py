@@ -31,6 +31,10 @@ VERSION = "0.1.0"
 
 log = logging.getLogger("switchboard")
 
+#: What a stopping switchboard tells supervisors to wait before reconnecting (about the time
+#: a restart takes), so a fleet doesn't hammer the port while it is closed.
+RESTART_GRACE_S = 2.0
+
 
 @websocket("/ws/supervisor")
 async def supervisor_socket(socket: WebSocket) -> None:
@@ -82,7 +86,9 @@ def create_app(settings: Settings) -> Litestar:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await hub.close_all(CloseCode.TRY_AGAIN_LATER, "switchboard shutting down")
+            await hub.close_all(
+                CloseCode.TRY_AGAIN_LATER, "switchboard shutting down", RESTART_GRACE_S
+            )
             await store.close()
 
     artifacts = Router(

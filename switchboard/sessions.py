@@ -89,12 +89,12 @@ class SupervisorSession:
             text = codec.encode(message).decode()
             await self.socket.send({"type": "websocket.send", "text": text})
 
-    async def close(self, code: CloseCode, reason: str) -> None:
+    async def close(self, code: CloseCode, reason: str, retry_after_s: float | None = None) -> None:
         async with self._send_lock:
             if self._closed:
                 return
             self._closed = True
-            await _close_with_error(self.socket, FrameError(code, reason))
+            await _close_with_error(self.socket, FrameError(code, reason), retry_after_s)
 
     async def serve(self, stored_seq: int) -> None:
         settings = self.hub.settings
@@ -266,9 +266,11 @@ class Hub:
         await session.send(stop)
         return True
 
-    async def close_all(self, code: CloseCode, reason: str) -> None:
+    async def close_all(
+        self, code: CloseCode, reason: str, retry_after_s: float | None = None
+    ) -> None:
         await asyncio.gather(
-            *(s.close(code, reason) for s in list(self.sessions.values())),
+            *(s.close(code, reason, retry_after_s) for s in list(self.sessions.values())),
             return_exceptions=True,
         )
 
@@ -348,10 +350,15 @@ async def _refuse(socket: WebSocket, status: int, error: str, message: str) -> N
     await socket.send({"type": "websocket.http.response.body", "body": body})
 
 
-async def _close_with_error(socket: WebSocket, error: FrameError) -> None:
+async def _close_with_error(
+    socket: WebSocket, error: FrameError, retry_after_s: float | None = None
+) -> None:
     """Say why (a ProtocolErrorMessage), then close with the code. Never raises: the peer
     may already be gone."""
     with contextlib.suppress(Exception):
-        text = codec.encode(ProtocolErrorMessage(code=int(error.code), reason=error.reason))
+        message = ProtocolErrorMessage(
+            code=int(error.code), reason=error.reason, retry_after_s=retry_after_s
+        )
+        text = codec.encode(message)
         await socket.send({"type": "websocket.send", "text": text.decode()})
         await socket.close(int(error.code), error.close_reason())

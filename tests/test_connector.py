@@ -56,3 +56,49 @@ async def test_events_before_the_first_welcome_continue_the_stored_numbering(swi
     finally:
         connector.stop()
         await asyncio.wait_for(running, 10)
+
+
+async def test_retry_after_hint_delays_the_reconnect(tmp_path):
+    """A switchboard that closes with a retry-after hint is not called again sooner."""
+    import time
+
+    import websockets
+
+    from protocol import limits
+    from protocol.exceptions import CloseCode
+    from protocol.messages import ProtocolErrorMessage, Welcome
+
+    attempts: list[float] = []
+
+    async def switchboard(ws) -> None:
+        attempts.append(time.monotonic())
+        await ws.recv()
+        await ws.send(
+            codec.encode(Welcome(version="1.0", session=len(attempts), last_seq=0)), text=True
+        )
+        bye = ProtocolErrorMessage(
+            code=int(CloseCode.TRY_AGAIN_LATER), reason="restarting", retry_after_s=0.8
+        )
+        await ws.send(codec.encode(bye), text=True)
+        await ws.close(CloseCode.TRY_AGAIN_LATER, "restarting")
+
+    server = await websockets.serve(
+        switchboard, "127.0.0.1", 0, subprotocols=[websockets.Subprotocol(limits.SUBPROTOCOL)]
+    )
+    port = server.sockets[0].getsockname()[1]
+    supervisor = BackendSupervisor(NoopBackend(), work_dir=tmp_path)
+    connector = WebSocketConnector(
+        supervisor, f"ws://127.0.0.1:{port}/ws/supervisor", "sbt_x", supervisor_id="hinted"
+    )
+    running = asyncio.create_task(connector.run())
+    try:
+        for _ in range(100):
+            if len(attempts) >= 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        connector.stop()
+        await asyncio.wait_for(running, 10)
+        server.close()
+    assert len(attempts) >= 2
+    assert attempts[1] - attempts[0] >= 0.8
