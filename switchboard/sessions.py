@@ -191,6 +191,7 @@ class SupervisorSession:
         for key in result.unwanted:
             metrics.ZOMBIE_RUNS_STOPPED.labels("events").inc()
             await self.send(StopJob(job_id=key.job_id, attempt=key.attempt, reason="unwanted"))
+        hub.notify_stored()
         if result.ended:
             hub.wake_dispatcher()
         if not self.ready and result.stored_seq >= self.hello.last_seq:
@@ -242,12 +243,28 @@ class Hub:
         self.settings = settings
         self.sessions: dict[str, SupervisorSession] = {}
         self._wake_dispatcher: Any = lambda: None
+        self._stored_waiters: list[asyncio.Future[None]] = []
 
     def on_capacity_change(self, callback: Any) -> None:
         self._wake_dispatcher = callback
 
     def wake_dispatcher(self) -> None:
         self._wake_dispatcher()
+
+    def notify_stored(self) -> None:
+        """Events were stored: wake whoever follows output or phases."""
+        waiters, self._stored_waiters = self._stored_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_stored(self, timeout_s: float) -> None:
+        """Until the next batch of events is stored, or `timeout_s` (a bound, so a follower
+        also notices what another process stored)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._stored_waiters.append(waiter)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, timeout_s)
 
     def ready_sessions(self) -> list[SupervisorSession]:
         return [s for s in self.sessions.values() if s.ready]

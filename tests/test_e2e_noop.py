@@ -102,3 +102,27 @@ def test_switchboard_killed_mid_job_loses_nothing(switchboard, noop_supervisor):
     assert client.get(f"/api/v1/jobs/{job_id}/output").content == b"before the crash\n"
     # And the reconnected supervisor takes new work.
     assert wait_job(client, submit(client))["phase"] == "succeeded"
+
+
+def test_follow_streams_output_live_until_the_run_ends(switchboard, noop_supervisor):
+    client = switchboard.client()
+    job_id = submit(client, delay_s=1.0, output="first line\n")
+    received: list[tuple[float, bytes]] = []
+    with client.stream("GET", f"/api/v1/jobs/{job_id}/output/follow") as response:
+        assert response.status_code == 200
+        for chunk in response.iter_bytes():
+            received.append((time.monotonic(), chunk))
+    ended = time.monotonic()
+    assert b"".join(c for _, c in received) == b"first line\n"
+    job = client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["phase"] == "succeeded"  # the response ended with the run
+    assert ended - received[0][0] > 0.5  # the bytes came while the job still ran
+
+
+def test_follow_from_an_offset_of_an_ended_job(switchboard, noop_supervisor):
+    client = switchboard.client()
+    job_id = submit(client, output="0123456789")
+    wait_job(client, job_id)
+    response = client.get(f"/api/v1/jobs/{job_id}/output/follow", params={"start": 4})
+    assert response.content == b"456789"
+    assert client.get("/api/v1/jobs/nope/output/follow").status_code == 404

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
+from litestar.response import Stream
 
 from protocol import codec
 from protocol.messages import StopJob
+from protocol.messages import Stream as OutputStream
 from protocol.spec import DockerBackend, JobSpec, WasmBackend
+from protocol.state import is_terminal
 from switchboard.api.errors import ApiError, invalid_spec
 from switchboard.api.security import require
 from switchboard.auth import Permission
 from switchboard.jobstate import redacted
 from switchboard.models import JobView
 from switchboard.state import AppState
+
+#: A follower re-reads at least this often, even without news from this process.
+FOLLOW_POLL_S = 1.0
 
 
 class JobCreated(msgspec.Struct):
@@ -48,6 +55,31 @@ def _artifacts_named(spec: JobSpec) -> list[tuple[str, str]]:
         case DockerBackend(image_artifact=str(digest)):
             return [("backend.image_artifact", digest)]
     return []
+
+
+async def _follow(
+    state: AppState, job_id: str, stream: OutputStream, attempt: int | None, offset: int
+) -> AsyncIterator[bytes]:
+    while True:
+        job = await state.store.get_job(job_id)
+        if job is None:
+            return
+        if attempt is None and job.runs:
+            attempt = job.runs[-1].attempt
+        run = next((r for r in job.runs if r.attempt == attempt), None)
+        if run is None and is_terminal(job.phase):
+            return  # ended without (this) run: nothing will come
+        # Seen ended *before* reading: a run's output is stored before its end, so this
+        # read is the last one needed.
+        ended = run is not None and is_terminal(run.phase)
+        if attempt is not None:
+            data = await state.store.read_output(job_id, attempt, stream, offset)
+            if data:
+                offset += len(data)
+                yield data
+        if ended:
+            return
+        await state.hub.wait_stored(FOLLOW_POLL_S)
 
 
 class JobController(Controller):
@@ -106,6 +138,30 @@ class JobController(Controller):
             raise ApiError(404, "not_found", f"job {job_id!r} has no attempt {attempt}")
         data = await state.store.read_output(job_id, attempt, stream, start, end)
         return Response(data, media_type="application/octet-stream")
+
+    @get(
+        "/{job_id:str}/output/follow",
+        guards=require(Permission.VIEW),
+        media_type="application/octet-stream",
+    )
+    async def follow(
+        self,
+        request: Request,
+        job_id: str,
+        stream: Literal["stdout", "stderr", "console"] = "stdout",
+        attempt: Annotated[int | None, Parameter(ge=1)] = None,
+        start: Annotated[int, Parameter(ge=0)] = 0,
+    ) -> Stream:
+        """A run's stream from byte `start`, live: bytes are sent as they are stored, and
+        the response ends once the run has ended and everything it wrote was sent. Without
+        `attempt`, the latest run when the request arrives (waiting for one if the job is
+        still queued)."""
+        state = _state(request)
+        await _job_or_404(state, job_id)
+        return Stream(
+            _follow(state, job_id, stream, attempt, start),
+            media_type="application/octet-stream",
+        )
 
     @post("/{job_id:str}/cancel", guards=require(Permission.CANCEL), status_code=202)
     async def cancel(self, request: Request, job_id: str) -> CancelAccepted:
