@@ -10,6 +10,8 @@ from pathlib import Path
 
 from switchboard.auth import Role, create_token
 from switchboard.config import Settings
+from switchboard.jobs_cli import add_job_commands
+from switchboard.jobs_cli import run as run_job_command
 from switchboard.store.sqlite import SQLiteStore
 
 
@@ -92,11 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", help="a label to recognise the token by")
     create.add_argument("--data-dir", help="the server's data dir (default ./switchboard-data)")
     create.set_defaults(func=_token_create)
+
+    add_job_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "job":
+        return run_job_command(args)
     return args.func(args)
 
 
