@@ -24,7 +24,9 @@ from protocol.exceptions import CloseCode, FrameError, JobError
 from protocol.messages import (
     Ack,
     Heartbeat,
+    HeldRun,
     Hello,
+    JobStateChanged,
     ProtocolErrorMessage,
     RunRef,
     ServerHeartbeat,
@@ -184,6 +186,19 @@ class WebSocketConnector(SupervisorConnector):
             finally:
                 self.connected.clear()
 
+    def _runs_for_hello(self) -> list[HeldRun]:
+        """The runs held now, plus those whose reports wait for the first Welcome (a run
+        re-adopted after a restart may already have ended): the switchboard must not take
+        those for lost before their reports arrive."""
+        runs = {(r.job_id, r.attempt): r for r in self.supervisor.held_runs()}
+        for event in self._unnumbered or ():
+            key = (event.job_id, event.attempt)
+            if isinstance(event, JobStateChanged):
+                runs[key] = HeldRun(event.job_id, event.attempt, event.phase)
+            elif key not in runs:
+                runs[key] = HeldRun(event.job_id, event.attempt, Phase.RUNNING)
+        return list(runs.values())
+
     async def _handshake(self, ws: ClientConnection) -> Welcome:
         caps = self.supervisor.capabilities()
         hello = Hello(
@@ -194,7 +209,7 @@ class WebSocketConnector(SupervisorConnector):
             labels=caps.labels,
             resources=caps.resources,
             max_jobs=caps.max_jobs,
-            runs=self.supervisor.held_runs(),
+            runs=self._runs_for_hello(),
             last_seq=self.backlog.last_seq,
             software=SOFTWARE,
         )
@@ -283,11 +298,21 @@ class WebSocketConnector(SupervisorConnector):
     ) -> None:
         while True:
             await asyncio.sleep(welcome.heartbeat_interval_s)
-            if time.monotonic() - last_heard[0] > welcome.heartbeat_timeout_s:
+            silent = time.monotonic() - last_heard[0] > welcome.heartbeat_timeout_s
+            if not silent:
+                # A send queues behind output already on its way: if that doesn't drain
+                # within the timeout either, the link is stalled all the same.
+                try:
+                    heartbeat = codec.encode(Heartbeat(at=time.time()))
+                    await asyncio.wait_for(
+                        ws.send(heartbeat, text=True), welcome.heartbeat_timeout_s
+                    )
+                except TimeoutError:
+                    silent = True
+            if silent:
                 # The link is dead or stalled: a closing handshake would only wait on it.
                 ws.transport.abort()
                 raise TimeoutError("no heartbeat from the switchboard")
-            await ws.send(codec.encode(Heartbeat(at=time.time())), text=True)
 
     async def _start(self, start: StartJob) -> None:
         run = RunRef(start.job_id, start.attempt)

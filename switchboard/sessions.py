@@ -37,6 +37,7 @@ from protocol.messages import (
 )
 from protocol.session import negotiate_version
 from protocol.spec import JobSpec
+from protocol.state import Phase
 from switchboard import auth, metrics
 from switchboard.config import Settings
 from switchboard.models import RunKey
@@ -198,8 +199,11 @@ class SupervisorSession:
             await self._reconcile()
 
     async def _reconcile(self) -> None:
+        if self.hub.sessions.get(self.id) is not self:
+            return  # replaced: its Hello is out of date, the newer session reconciles
         store = self.hub.store
-        for decision in reconcile(await store.active_runs(self.id), self.hello.runs):
+        decisions = reconcile(await store.active_runs(self.id), self.hello.runs)
+        for decision in decisions:
             match decision.action:
                 case Action.ADOPT:
                     pass
@@ -224,6 +228,11 @@ class SupervisorSession:
                     if ended and decision.action is Action.FINALIZE_LOST:
                         metrics.RUNS_LOST.labels("reconcile").inc()
         self.ready = True
+        # Runs assigned while this ran were not sent (the session wasn't ready): send them.
+        known = {(d.job_id, d.attempt) for d in decisions}
+        for run in await store.active_runs(self.id):
+            if run.phase == Phase.ASSIGNED and (run.job_id, run.attempt) not in known:
+                await self.send(start_message(run.job_id, run.attempt, run.spec))
         self.hub.wake_dispatcher()
 
     async def _heartbeat_loop(self) -> None:
@@ -263,25 +272,27 @@ class Hub:
         also notices what another process stored)."""
         waiter = asyncio.get_running_loop().create_future()
         self._stored_waiters.append(waiter)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiter, timeout_s)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, timeout_s)
+        finally:
+            if not waiter.done():  # timed out: don't let idle followers pile up
+                self._stored_waiters.remove(waiter)
 
     def ready_sessions(self) -> list[SupervisorSession]:
         return [s for s in self.sessions.values() if s.ready]
 
     async def send_start(self, supervisor_id: str, start: StartJob) -> bool:
         session = self.sessions.get(supervisor_id)
-        if session is None:
-            return False  # reconciliation resends it when the supervisor is back
-        await session.send(start)
-        return True
+        if session is None or not session.ready:
+            return False  # its reconciliation (re)sends every assigned run
+        return await _send_or_log(session, start)
 
     async def send_stop(self, supervisor_id: str, stop: StopJob) -> bool:
         session = self.sessions.get(supervisor_id)
         if session is None:
-            return False
-        await session.send(stop)
-        return True
+            return False  # reconciliation stops it when the supervisor is back
+        return await _send_or_log(session, stop)
 
     async def close_all(
         self, code: CloseCode, reason: str, retry_after_s: float | None = None
@@ -348,6 +359,17 @@ class Hub:
             raise FrameError(CloseCode.HANDSHAKE_FAILED, "the first message must be hello")
         negotiate_version(decoded.versions)
         return decoded
+
+
+async def _send_or_log(session: SupervisorSession, message: SwitchboardMessage) -> bool:
+    """Send, or log why not: one dying socket must not stop a dispatch pass or a cancel
+    (what wasn't sent is settled by reconciliation when the supervisor reconnects)."""
+    try:
+        await session.send(message)
+    except Exception as exc:  # the socket went away under us
+        log.warning("could not send %s to %s: %s", type(message).__name__, session.id, exc)
+        return False
+    return True
 
 
 async def _refuse(socket: WebSocket, status: int, error: str, message: str) -> None:

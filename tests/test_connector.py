@@ -8,7 +8,7 @@ import pytest
 
 from connector.websocket import ConnectorFatalError, WebSocketConnector
 from protocol import codec
-from protocol.messages import Ack, JobStateChanged, RunRef
+from protocol.messages import Ack, Hello, JobStateChanged, RunRef, StartJob
 from protocol.state import Phase
 from supervisor.backends.noop import NoopBackend
 from supervisor.jobs import BackendSupervisor
@@ -102,3 +102,58 @@ async def test_retry_after_hint_delays_the_reconnect(tmp_path):
         server.close()
     assert len(attempts) >= 2
     assert attempts[1] - attempts[0] >= 0.8
+
+
+async def test_a_run_that_ended_while_the_supervisor_was_down_is_not_taken_for_lost(
+    switchboard, tmp_path
+):
+    """A restarted supervisor re-adopts a run that has ended meanwhile: its reports wait for
+    the first Welcome, and the Hello must still name the run, or reconciliation would
+    finalize it as lost (and its restart policy would run the program again)."""
+    token = switchboard.create_token("supervisor")
+    client = switchboard.client()
+    async with _ws(switchboard, token) as ws:  # the earlier life: the run starts
+        hello = Hello(
+            supervisor_id="reborn-2",
+            name="reborn-2",
+            versions=["1.0"],
+            backends=["noop"],
+            labels={"only": "reborn-2"},
+        )
+        await ws.send(codec.encode(hello), text=True)
+        await ws.recv(decode=False)  # welcome
+        job_id = client.post(
+            "/api/v1/jobs",
+            json={
+                "name": "x",
+                "backend": {"kind": "noop"},
+                "restart": {"policy": "on_failure", "max_restarts": 1},
+            },
+        ).json()["id"]
+        while not isinstance(codec.decode_from_switchboard(await ws.recv(decode=False)), StartJob):
+            pass
+        running = JobStateChanged(seq=1, job_id=job_id, attempt=1, phase=Phase.RUNNING)
+        await ws.send(codec.encode(running), text=True)
+        while True:
+            message = codec.decode_from_switchboard(await ws.recv(decode=False))
+            if isinstance(message, Ack) and message.seq >= 1:
+                break
+    # The new process: the re-adopted run reports its end before any connection.
+    connector = _connector(switchboard, token, "reborn-2", tmp_path)
+    run = RunRef(job_id, 1)
+    await connector.send_output(run, "stdout", 0, b"ok")
+    await connector.report_exit(run, exit_code=0)
+    await connector.update_job_state(run, Phase.SUCCEEDED)
+    task = asyncio.create_task(connector.run())
+    try:
+        await asyncio.wait_for(connector.connected.wait(), 10)
+        for _ in range(100):
+            job = client.get(f"/api/v1/jobs/{job_id}").json()
+            if job["phase"] not in ("running", "queued", "assigned"):
+                break
+            await asyncio.sleep(0.05)
+        assert [(r["attempt"], r["phase"]) for r in job["runs"]] == [(1, "succeeded")]
+        assert client.get(f"/api/v1/jobs/{job_id}/output").content == b"ok"
+    finally:
+        connector.stop()
+        await asyncio.wait_for(task, 10)

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from protocol.limits import MAX_OUTPUT_CHUNK
 from protocol.messages import (
     Hello,
     JobErrorReport,
@@ -125,6 +126,7 @@ CREATE TABLE IF NOT EXISTS runs (
     PRIMARY KEY (job_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS runs_by_supervisor ON runs (supervisor_id, phase);
+CREATE INDEX IF NOT EXISTS runs_by_phase ON runs (phase, supervisor_id);
 CREATE TABLE IF NOT EXISTS run_phases (
     id INTEGER PRIMARY KEY,
     job_id TEXT NOT NULL,
@@ -145,6 +147,9 @@ CREATE TABLE IF NOT EXISTS output (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS output_by_run ON output (job_id, attempt, stream, offset);
 """
+
+#: How long a job refused because its supervisor was busy waits before it is placed again.
+BUSY_RETRY_S = 0.5
 
 _ACTIVE_PHASES = tuple(p.value for p in ACTIVE)
 _ACTIVE_SQL = ",".join("?" * len(_ACTIVE_PHASES))
@@ -427,8 +432,9 @@ class SQLiteStore(Store):
             stop = end if end is not None else 1 << 62
             rows = conn.execute(
                 "SELECT offset, data FROM output WHERE job_id = ? AND attempt = ? AND stream = ?"
-                " AND offset < ? AND offset + length(data) > ? ORDER BY offset",
-                (job_id, attempt, stream, stop, start),
+                " AND offset < ? AND offset > ? AND offset + length(data) > ? ORDER BY offset",
+                # No stored chunk is longer than MAX_OUTPUT_CHUNK: a lower bound for the index.
+                (job_id, attempt, stream, stop, start - MAX_OUTPUT_CHUNK - 1, start),
             ).fetchall()
             parts = []
             for offset, data in rows:
@@ -663,6 +669,8 @@ def _set_run_phase(
     )
     reason = message or run[2] if terminal else None
     not_before = None
+    if decision.phase == Phase.QUEUED and not decision.restart:
+        not_before = at + BUSY_RETRY_S  # refused as busy: don't hammer the same supervisor
     if decision.restart:
         restarts += 1
         backoff_s = restart_delay(policy.backoff, restarts, backoff_s)
@@ -703,11 +711,14 @@ def _apply_event(conn: sqlite3.Connection, supervisor_id: str, event: Supervisor
     phase = Phase(row[0])
     match event:
         case Output(stream=stream, offset=offset, data=data):
-            (length,) = conn.execute(
-                "SELECT coalesce(max(offset + length(data)), 0) FROM output"
-                " WHERE job_id = ? AND attempt = ? AND stream = ?",
+            # Chunks are contiguous: the one with the highest offset ends the stream (an
+            # index lookup, where max(offset + length) would scan every chunk).
+            last = conn.execute(
+                "SELECT offset + length(data) FROM output"
+                " WHERE job_id = ? AND attempt = ? AND stream = ? ORDER BY offset DESC LIMIT 1",
                 (event.job_id, event.attempt, stream),
             ).fetchone()
+            length = last[0] if last else 0
             if offset > length:
                 log.error(
                     "output gap on %s#%d %s: have %d bytes, got offset %d",
@@ -727,6 +738,8 @@ def _apply_event(conn: sqlite3.Connection, supervisor_id: str, event: Supervisor
                 )
             return ""
         case JobErrorReport(kind=kind, description=description):
+            if is_terminal(phase):
+                return ""  # e.g. a late refusal of a repeated StartJob: the record stands
             conn.execute(
                 "UPDATE runs SET error_kind = ?, error = ? WHERE job_id = ? AND attempt = ?",
                 (kind.value, description, event.job_id, event.attempt),
