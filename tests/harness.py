@@ -191,6 +191,14 @@ def wait_connected(client: httpx.Client, supervisor_id: str, timeout: float = 20
     raise AssertionError(f"supervisor {supervisor_id} did not connect")
 
 
+def wait_running(client: httpx.Client, job_id: str, timeout: float = 30.0) -> None:
+    """Poll until the job's phase is `running`."""
+    deadline = time.monotonic() + scaled(timeout)
+    while client.get(f"/api/v1/jobs/{job_id}").json()["phase"] != "running":
+        assert time.monotonic() < deadline, f"job {job_id} did not start"
+        time.sleep(0.05)
+
+
 TERMINAL = {"succeeded", "failed", "timed_out", "canceled", "lost", "exhausted", "rejected"}
 
 

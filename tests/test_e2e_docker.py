@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from tests.docker_engine import BUSYBOX_IMAGE, Engine, labeled_containers
-from tests.harness import start_supervisor, wait_connected, wait_job
+from tests.harness import start_supervisor, wait_connected, wait_job, wait_running
 
 
 def _docker_supervisor(switchboard, work_dir, engine: Engine):
@@ -55,11 +55,8 @@ def test_supervisor_sigkill_and_restart_readopts_containers(switchboard, work_di
             _submit(client, script.format(n=40, code=3)): (40, 3),  # outlives the outage
             _submit(client, script.format(n=10, code=0)): (10, 0),  # ends during it
         }
-        deadline = time.monotonic() + 30
         for job_id in jobs:
-            while client.get(f"/api/v1/jobs/{job_id}").json()["phase"] != "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_running(client, job_id)
         time.sleep(0.3)
         sup.kill()
         time.sleep(1.5)  # the short job finishes while no supervisor watches

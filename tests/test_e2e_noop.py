@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
+from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job, wait_running
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +51,7 @@ def test_nonzero_exit_fails_the_job(switchboard, noop_supervisor):
 def test_cancel_stops_a_running_job(switchboard, noop_supervisor):
     client = switchboard.client()
     job_id = submit(client, delay_s=60)
-    deadline = time.monotonic() + 20
-    while client.get(f"/api/v1/jobs/{job_id}").json()["phase"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_running(client, job_id)
     assert client.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 202
     job = wait_job(client, job_id, timeout=20)
     assert job["phase"] == "canceled"
@@ -89,10 +86,7 @@ def test_switchboard_killed_mid_job_loses_nothing(switchboard, noop_supervisor):
     what was not acknowledged, and the job completes with its output."""
     client = switchboard.client()
     job_id = submit(client, delay_s=2.0, output="before the crash\n")
-    deadline = time.monotonic() + 20
-    while client.get(f"/api/v1/jobs/{job_id}").json()["phase"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_running(client, job_id)
     switchboard.kill_and_restart()
     client = switchboard.client()
     job = wait_job(client, job_id, timeout=40)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.faults import FaultyProxy
-from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
+from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job, wait_running
 from tests.wasi import compile_c
 
 #: `stream_out CHUNKS BYTES MS`: CHUNKS times, writes BYTES of a deterministic binary pattern
@@ -68,13 +68,6 @@ def _phases(job: dict) -> list[str]:
     return [p["phase"] for p in job["runs"][0]["phases"]]
 
 
-def _wait_running(client, job_id: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get(f"/api/v1/jobs/{job_id}").json()["phase"] != "running":
-        assert time.monotonic() < deadline, "job did not start"
-        time.sleep(0.05)
-
-
 def test_twenty_cuts_during_twenty_megabytes(switchboard, proxy, work_dir, tmp_path):
     client = switchboard.client()
     module = compile_c(STREAM_OUT, tmp_path, "stream_out").read_bytes()
@@ -94,7 +87,7 @@ def test_twenty_cuts_during_twenty_megabytes(switchboard, proxy, work_dir, tmp_p
                 },
             },
         ).json()["id"]
-        _wait_running(client, job_id)
+        wait_running(client, job_id)
         rng = random.Random(20)
         cuts = 0
         started = time.monotonic()
@@ -170,7 +163,7 @@ def test_switchboard_sigkill_with_fifty_jobs_running(switchboard, work_dir):
             for i in range(50)
         ]
         for job_id in jobs:
-            _wait_running(client, job_id)
+            wait_running(client, job_id)
         switchboard.kill_and_restart()
         client = switchboard.client()
         for i, job_id in enumerate(jobs):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
+from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job, wait_running
 
 GRACE = 1.0
 
@@ -36,10 +36,7 @@ def test_runs_of_a_killed_supervisor_become_lost(switchboard, work_dir):
     job_id = client.post(
         "/api/v1/jobs", json={"name": "long", "backend": {"kind": "noop", "delay_s": 600}}
     ).json()["id"]
-    deadline = time.monotonic() + 20
-    while client.get(f"/api/v1/jobs/{job_id}").json()["phase"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_running(client, job_id)
     sup.kill()
     killed = time.monotonic()
     job = wait_job(client, job_id, timeout=30)
@@ -68,10 +65,7 @@ def test_with_on_failure_a_lost_job_runs_to_success_elsewhere(switchboard, work_
             },
         },
     ).json()["id"]
-    deadline = time.monotonic() + 20
-    while client.get(f"/api/v1/jobs/{job_id}").json()["phase"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_running(client, job_id)
     first.kill()
     second = start_supervisor(
         switchboard, work_dir, name="survivor", backend="noop", labels={"pool": "b"}
