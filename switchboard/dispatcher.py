@@ -41,13 +41,14 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), pause)
             self._wake.clear()
             try:
+                pause = IDLE_PERIOD_S
                 if await self.dispatch_once():
                     self.wake()  # capacity may remain for jobs past this pass's window
-                # Wake again when the next restart backoff ends, if that comes first.
-                backoff_end = await self.store.next_backoff_end()
-                pause = IDLE_PERIOD_S
-                if backoff_end is not None:
-                    pause = min(pause, max(0.0, backoff_end - time.time()) + 0.001)
+                else:
+                    # Idle: wake again when the next restart backoff ends, if that is sooner.
+                    backoff_end = await self.store.next_backoff_end()
+                    if backoff_end is not None:
+                        pause = min(pause, max(0.0, backoff_end - time.time()) + 0.001)
             except Exception:  # keep dispatching; the next pass retries
                 log.exception("dispatch pass failed")
 

@@ -104,6 +104,9 @@ def test_six_megabytes_come_back_byte_identical(switchboard, wasm_supervisor, mo
     assert len(stdout) == size
     assert hashlib.sha256(stdout).digest() == hashlib.sha256(expected(size, out_pattern)).digest()
     assert output(switchboard, job["id"], "stderr") == expected(5000, err_pattern)
+    # Followed after the fact, it comes in bounded reads (4 MiB) and still whole.
+    followed = switchboard.client().get(f"/api/v1/jobs/{job['id']}/output/follow").content
+    assert followed == stdout
     # Byte ranges of the stored stream.
     part = (
         switchboard.client()

@@ -25,6 +25,8 @@ from switchboard.state import AppState
 
 #: A follower re-reads at least this often, even without news from this process.
 FOLLOW_POLL_S = 1.0
+#: A follower reads at most this much at a time (memory stays bounded for huge outputs).
+FOLLOW_READ = 4 * 1024 * 1024
 
 
 class JobCreated(msgspec.Struct):
@@ -60,23 +62,28 @@ def _artifacts_named(spec: JobSpec) -> list[tuple[str, str]]:
 async def _follow(
     state: AppState, job_id: str, stream: OutputStream, attempt: int | None, offset: int
 ) -> AsyncIterator[bytes]:
-    while True:
-        job = await state.store.get_job(job_id)
-        if job is None:
-            return
-        if attempt is None and job.runs:
+    store = state.store
+    while attempt is None:  # the latest run, once there is one
+        job = await store.get_job(job_id)
+        if job is None or (not job.runs and is_terminal(job.phase)):
+            return  # ended without a run: nothing will come
+        if job.runs:
             attempt = job.runs[-1].attempt
-        run = next((r for r in job.runs if r.attempt == attempt), None)
-        if run is None and is_terminal(job.phase):
-            return  # ended without (this) run: nothing will come
-        # Seen ended *before* reading: a run's output is stored before its end, so this
-        # read is the last one needed.
-        ended = run is not None and is_terminal(run.phase)
-        if attempt is not None:
-            data = await state.store.read_output(job_id, attempt, stream, offset)
-            if data:
-                offset += len(data)
-                yield data
+        else:
+            await state.hub.wait_stored(FOLLOW_POLL_S)
+    while True:
+        phase = await store.run_phase(job_id, attempt)
+        if phase is None:
+            return
+        # Seen ended *before* reading: a run's output is stored before its end, so the
+        # reads that follow get everything.
+        ended = is_terminal(phase)
+        data = await store.read_output(job_id, attempt, stream, offset, offset + FOLLOW_READ)
+        if data:
+            offset += len(data)
+            yield data
+        if len(data) == FOLLOW_READ:
+            continue  # more is stored already: read on before waiting
         if ended:
             return
         await state.hub.wait_stored(FOLLOW_POLL_S)

@@ -14,6 +14,7 @@ import msgspec
 
 from protocol.messages import Hello, Stream, SupervisorEvent
 from protocol.spec import JobSpec
+from protocol.state import Phase
 from switchboard.models import (
     ActiveRun,
     Assignment,
@@ -98,6 +99,10 @@ class Store(abc.ABC):
     async def request_cancel(self, job_id: str) -> CancelResult | None:
         """Cancel a job: a queued one ends at once; an active one is marked so its run is
         stopped. None if there is no such job."""
+
+    @abc.abstractmethod
+    async def run_phase(self, job_id: str, attempt: int) -> Phase | None:
+        """The phase of one run (None if there is no such run)."""
 
     @abc.abstractmethod
     async def read_output(

@@ -425,6 +425,15 @@ class SQLiteStore(Store):
 
         return await self._write(write)
 
+    async def run_phase(self, job_id: str, attempt: int) -> Phase | None:
+        def read(conn: sqlite3.Connection) -> Phase | None:
+            row = conn.execute(
+                "SELECT phase FROM runs WHERE job_id = ? AND attempt = ?", (job_id, attempt)
+            ).fetchone()
+            return Phase(row[0]) if row else None
+
+        return await self._read(read)
+
     async def read_output(
         self, job_id: str, attempt: int, stream: Stream, start: int = 0, end: int | None = None
     ) -> bytes:
