@@ -343,6 +343,23 @@ async def _fail(ws: ClientConnection, code: CloseCode, reason: str) -> FrameErro
     return error
 
 
+#: OpenSSL's verify codes for a certificate that is fine but names another host or address.
+_NAME_MISMATCH = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH
+
+
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # Retried like any failed connect (a switchboard mid-rotation may fix it), but a
+        # wrong trust anchor never fixes itself: say what to change.
+        if exc.verify_code in _NAME_MISMATCH:
+            hint = "connect by a host name or address the certificate lists"
+        else:
+            hint = "if a private CA signed it, give that CA with --ca-file or $SUPERVISOR_CA_FILE"
+        return (
+            f"the switchboard's TLS certificate could not be verified "
+            f"({exc.verify_message}); {hint}"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake with the switchboard failed ({exc}); does it serve TLS there?"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

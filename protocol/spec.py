@@ -148,6 +148,16 @@ class RestartPolicy(_Spec):
     backoff: Backoff = msgspec.field(default_factory=Backoff)
 
 
+class Concurrency(_Spec):
+    """At most one job per `key` runs at a time. `policy` says what a new job does when
+    another job with its key is queued or running: `queue` waits its turn; `drop_if_running`
+    is not run (it ends `rejected` at once, its record kept); `replace` cancels the others
+    and runs once they have stopped."""
+
+    key: Annotated[str, Meta(pattern=limits.LABEL_KEY_PATTERN)]
+    policy: Literal["queue", "drop_if_running", "replace"] = "queue"
+
+
 ParameterName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$(?!\n)")]
 
 
@@ -160,7 +170,11 @@ class JobSpec(_Spec):
     selector: Selector = msgspec.field(default_factory=Selector)
     resources: ResourceCounts = {}
     priority: Annotated[int, Meta(ge=-1000, le=1000)] = 0
+    #: Wall-clock limit of each run, from the moment it starts running.
     timeout_s: Seconds | None = None
+    #: How long the job may wait in the queue for its first run before it ends `timed_out`.
+    queue_timeout_s: Seconds | None = None
+    concurrency: Concurrency | None = None
     #: None: never restarted.
     restart: RestartPolicy | None = None
     parameters: Annotated[dict[ParameterName, Parameter], Meta(max_length=128)] = {}

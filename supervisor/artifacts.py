@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import ssl
 from pathlib import Path
 
 import httpx
@@ -41,9 +42,14 @@ class ArtifactSource(abc.ABC):
 
 
 class HttpArtifactSource(ArtifactSource):
-    """Fetches from the switchboard's `GET /api/v1/artifacts/{digest}` with a token."""
+    """Fetches from the switchboard's `GET /api/v1/artifacts/{digest}` with a token.
 
-    def __init__(self, base_url: str, token: str, *, verify_tls: bool | str = True) -> None:
+    `verify_tls` is what httpx's `verify` takes: True (the system's CAs), an SSLContext
+    (e.g. one trusting a private CA), or a CA bundle path."""
+
+    def __init__(
+        self, base_url: str, token: str, *, verify_tls: bool | str | ssl.SSLContext = True
+    ) -> None:
         self._client = httpx.AsyncClient(
             base_url=base_url,
             headers={"Authorization": f"Bearer {token}"},

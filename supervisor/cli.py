@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import uuid
 from pathlib import Path
@@ -71,9 +72,20 @@ def _http_base(ws_url: str) -> str:
 
 
 def _ws_url(value: str) -> str:
-    """Accept ws://HOST:PORT and fill in the protocol path."""
+    """Accept ws://HOST:PORT (or the http:// / https:// the switchboard prints) and fill in
+    the protocol path."""
     scheme, _, rest = value.partition("://")
-    return value if "/" in rest else f"{scheme}://{rest}/ws/supervisor"
+    scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
+    return f"{scheme}://{rest}" if "/" in rest else f"{scheme}://{rest}/ws/supervisor"
+
+
+def _tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """A client context that verifies the switchboard's certificate and host name against
+    `ca_file` (PEM), or against the system's CAs without one. Never unverified."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:  # a missing file, or one with no PEM certificate
+        raise SystemExit(f"supervisor: cannot load --ca-file {ca_file}: {exc}") from None
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -84,6 +96,17 @@ async def _run(args: argparse.Namespace) -> int:
     if not limits.is_valid_id(supervisor_id):
         raise SystemExit(f"supervisor: id {supervisor_id!r} must match {limits.ID_PATTERN}")
     url = _ws_url(args.switchboard)
+    tls: ssl.SSLContext | None = None
+    artifacts_tls: ssl.SSLContext | None = None
+    if url.startswith("wss://"):
+        # One context each: httpx sets its own ALPN protocols on the context it is given.
+        tls, artifacts_tls = _tls_context(args.ca_file), _tls_context(args.ca_file)
+        log.info(
+            "verifying the switchboard's certificate against %s",
+            args.ca_file or "the system's CAs",
+        )
+    elif args.ca_file:
+        log.warning("--ca-file %s is unused: %s is not TLS (wss://)", args.ca_file, url)
     if args.metrics_port is not None:
         from supervisor import metrics
 
@@ -93,7 +116,9 @@ async def _run(args: argparse.Namespace) -> int:
             where = f"{args.metrics_host}:{args.metrics_port}"
             raise SystemExit(f"supervisor: cannot serve metrics on {where}: {exc}") from None
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
-    artifacts = HttpArtifactSource(_http_base(url), args.token)
+    artifacts = HttpArtifactSource(
+        _http_base(url), args.token, verify_tls=artifacts_tls if artifacts_tls else True
+    )
     args.supervisor_id = supervisor_id
     backend = make_backend(args.backend, artifacts, args)
     supervisor = BackendSupervisor(
@@ -110,6 +135,7 @@ async def _run(args: argparse.Namespace) -> int:
         supervisor_id=supervisor_id,
         name=name,
         max_backlog_bytes=args.max_backlog_mb * 1024 * 1024,
+        ssl_context=tls,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -183,7 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--switchboard",
         default=os.environ.get("SWITCHBOARD_WS_URL"),
         required="SWITCHBOARD_WS_URL" not in os.environ,
-        help="ws://HOST:PORT (or wss://)",
+        help="ws://HOST:PORT, or wss://HOST:PORT for TLS (http:// and https:// work too)",
+    )
+    run.add_argument(
+        "--ca-file",
+        default=os.environ.get("SUPERVISOR_CA_FILE") or None,
+        metavar="PEM",
+        help="CA certificate(s) to verify a wss:// switchboard with, e.g. a private CA "
+        "(or $SUPERVISOR_CA_FILE; default: the system's CAs). Verification is always on",
     )
     run.add_argument(
         "--token",

@@ -13,11 +13,16 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 
 from protocol.exceptions import CloseCode
+from protocol.messages import StopJob
 from switchboard.api.artifacts import ArtifactController
+from switchboard.api.dispatch import DispatchController
 from switchboard.api.errors import EXCEPTION_HANDLERS
 from switchboard.api.jobs import JobController
 from switchboard.api.metrics import metrics
-from switchboard.api.system import health, list_supervisors
+from switchboard.api.output import OutputController
+from switchboard.api.supervisors import SupervisorController
+from switchboard.api.system import health, ready
+from switchboard.api.tokens import TokenController
 from switchboard.artifacts import ArtifactFiles
 from switchboard.config import Settings
 from switchboard.dispatcher import Dispatcher
@@ -42,15 +47,18 @@ async def supervisor_socket(socket: WebSocket) -> None:
     await socket.app.state.switchboard.hub.handle(socket)
 
 
-async def watch_for_lost_runs(store: Store, settings: Settings, hub: Hub) -> None:
-    """Give up on the runs of supervisors that have been gone past the grace period."""
-    period = max(0.05, min(settings.lost_after_s / 4, 5.0))
+async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
+    """The switchboard's clock: give up on the runs of supervisors gone past the grace
+    period, and end jobs past their queue timeout and runs past their run timeout (even
+    when their supervisor has gone silent)."""
+    period = max(0.05, min(settings.lost_after_s / 4, 0.5))
     while True:
         await asyncio.sleep(period)
         try:
             lost = await store.lose_runs(settings.lost_after_s)
+            expired = await store.expire(settings.run_timeout_grace_s)
         except Exception:  # keep watching; the next pass retries
-            log.exception("checking for lost runs failed")
+            log.exception("checking the clock failed")
             continue
         if lost:
             RUNS_LOST.labels("grace_period").inc(len(lost))
@@ -58,6 +66,14 @@ async def watch_for_lost_runs(store: Store, settings: Settings, hub: Hub) -> Non
                 "runs lost with their supervisor: %s",
                 ", ".join(f"{k.job_id}#{k.attempt}" for k in lost),
             )
+        for run in expired.runs:
+            log.warning("run %s#%d timed out without a report", run.job_id, run.attempt)
+            stop = StopJob(job_id=run.job_id, attempt=run.attempt, reason="timed out")
+            await hub.send_stop(run.supervisor_id, stop)
+        if expired.jobs:
+            log.info("jobs past their queue timeout: %s", ", ".join(expired.jobs))
+        if lost or expired.runs or expired.jobs:
+            hub.notify_stored()
             hub.wake_dispatcher()
 
 
@@ -68,7 +84,7 @@ def create_app(settings: Settings) -> Litestar:
         settings=settings,
         store=store,
         hub=hub,
-        dispatcher=Dispatcher(store, hub),
+        dispatcher=Dispatcher(store, hub, aging_s=settings.aging_s),
         artifacts=ArtifactFiles(settings.artifacts_dir),
     )
 
@@ -78,7 +94,7 @@ def create_app(settings: Settings) -> Litestar:
         await store.forget_connections()
         background = [
             asyncio.create_task(state.dispatcher.run(), name="dispatcher"),
-            asyncio.create_task(watch_for_lost_runs(store, settings, hub), name="lost runs"),
+            asyncio.create_task(keep_time(store, settings, hub), name="clock"),
         ]
         try:
             yield
@@ -99,9 +115,13 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[
             JobController,
+            OutputController,
+            SupervisorController,
+            TokenController,
+            DispatchController,
             artifacts,
             health,
-            list_supervisors,
+            ready,
             metrics,
             supervisor_socket,
         ],

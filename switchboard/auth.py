@@ -78,10 +78,14 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-async def create_token(store: Store, role: Role, name: str = "") -> str:
+async def create_token(
+    store: Store, role: Role, name: str = "", *, supervisor_id: str | None = None
+) -> str:
     """Create and store a token; return its plaintext (the only time it exists)."""
     token_id, token = new_token()
-    await store.add_token(token_id, role.value, name or role.value, token_digest(token))
+    await store.add_token(
+        token_id, role.value, name or role.value, token_digest(token), supervisor_id
+    )
     return token
 
 

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from pathlib import Path
 
-from switchboard.auth import Role, create_token
+from switchboard.admin_cli import add_admin_commands, data_dir
 from switchboard.config import Settings
 from switchboard.jobs_cli import add_job_commands
-from switchboard.jobs_cli import run as run_job_command
-from switchboard.store.sqlite import SQLiteStore
-
-
-def _data_dir(value: str | None) -> Path:
-    return Path(value or os.environ.get("SWITCHBOARD_DATA_DIR", "switchboard-data"))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,29 +19,15 @@ def _serve(args: argparse.Namespace) -> int:
         Settings(
             host=args.host,
             port=args.port,
-            data_dir=_data_dir(args.data_dir),
+            data_dir=data_dir(args.data_dir),
             heartbeat_interval_s=args.heartbeat_interval,
             heartbeat_timeout_s=args.heartbeat_timeout,
             lost_after_s=args.lost_after,
+            run_timeout_grace_s=args.run_timeout_grace,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
         )
     )
-    return 0
-
-
-def _token_create(args: argparse.Namespace) -> int:
-    settings = Settings(data_dir=_data_dir(args.data_dir))
-
-    async def make() -> str:
-        store = SQLiteStore(settings.database_path)
-        await store.open()
-        try:
-            return await create_token(store, Role(args.role), args.name or "")
-        finally:
-            await store.close()
-
-    print(asyncio.run(make()))
     return 0
 
 
@@ -83,26 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a disconnected supervisor's runs wait before they are lost",
     )
+    serve.add_argument(
+        "--run-timeout-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long past a run's timeout the switchboard ends it itself if its supervisor "
+        "has not reported the end (silent or gone)",
+    )
     serve.add_argument("--tls-cert", help="PEM certificate: serve https and wss")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
     serve.set_defaults(func=_serve)
 
-    token = commands.add_parser("token", help="manage API and supervisor tokens")
-    token_commands = token.add_subparsers(dest="token_command", required=True)
-    create = token_commands.add_parser("create", help="create a token and print it (once)")
-    create.add_argument("--role", required=True, choices=[r.value for r in Role])
-    create.add_argument("--name", help="a label to recognise the token by")
-    create.add_argument("--data-dir", help="the server's data dir (default ./switchboard-data)")
-    create.set_defaults(func=_token_create)
-
     add_job_commands(commands)
+    add_admin_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "job":
-        return run_job_command(args)
+    if hasattr(args, "run"):
+        return args.run(args)  # client commands: errors become one line and exit status 2
     return args.func(args)
 
 

@@ -1,29 +1,72 @@
-"""A small REST client for the switchboard, used by the `switchboard job ...` commands."""
+"""A small REST client for the switchboard, used by the `switchboard` CLI commands.
+
+Where it connects and with which token: `--url`/`--token`/`--ca-file`, else the
+environment (SWITCHBOARD_URL, SWITCHBOARD_TOKEN, SWITCHBOARD_CA_FILE), else the config
+file (SWITCHBOARD_CONFIG, default ~/.config/switchboard/config.toml), which may hold
+`url`, `token` and `ca_file`.
+"""
 
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8765"
 
 
 class ClientError(Exception):
     """The switchboard said no (or couldn't be reached); the message says why."""
 
 
+def config_path() -> Path:
+    default = Path.home() / ".config" / "switchboard" / "config.toml"
+    return Path(os.environ.get("SWITCHBOARD_CONFIG", default))
+
+
+def _config_file() -> dict[str, Any]:
+    path = config_path()
+    try:
+        with path.open("rb") as file:
+            config = tomllib.load(file)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ClientError(f"cannot read the config file {path}: {exc}") from None
+    unknown = set(config) - {"url", "token", "ca_file"}
+    if unknown:
+        raise ClientError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    return config
+
+
+def resolve(flag: str | None, env: str, key: str, config: dict[str, Any]) -> str | None:
+    """A setting from its flag, else the environment, else the config file."""
+    value = flag or os.environ.get(env) or config.get(key)
+    return str(value) if value else None
+
+
 class ApiClient:
-    def __init__(self, url: str | None = None, token: str | None = None) -> None:
-        url = url or os.environ.get("SWITCHBOARD_URL", "http://127.0.0.1:8765")
-        token = token or os.environ.get("SWITCHBOARD_TOKEN")
+    def __init__(
+        self, url: str | None = None, token: str | None = None, ca_file: str | None = None
+    ) -> None:
+        config = _config_file()
+        url = resolve(url, "SWITCHBOARD_URL", "url", config) or DEFAULT_URL
+        token = resolve(token, "SWITCHBOARD_TOKEN", "token", config)
+        ca_file = resolve(ca_file, "SWITCHBOARD_CA_FILE", "ca_file", config)
         if not token:
-            raise ClientError("no token: pass --token or set SWITCHBOARD_TOKEN")
+            raise ClientError(
+                f"no token: pass --token, set SWITCHBOARD_TOKEN, or put token in {config_path()}"
+            )
         self.url = url.rstrip("/")
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(30.0, read=None),  # follows wait as long as jobs run
+            verify=ca_file or True,
         )
 
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -40,15 +83,29 @@ class ApiClient:
             raise ClientError(f"{method} {path} failed with HTTP {response.status_code}: {text}")
         return response
 
-    def submit(self, spec: bytes) -> str:
+    def get(self, path: str, **params: Any) -> Any:
+        clean = {k: v for k, v in params.items() if v not in (None, [], "")}
+        return self._call("GET", path, params=clean).json()
+
+    def post(self, path: str, body: Any = None) -> Any:
+        response = self._call("POST", path, json=body)
+        return response.json() if response.content else None
+
+    def put(self, path: str, body: Any) -> Any:
+        return self._call("PUT", path, json=body).json()
+
+    def delete(self, path: str) -> None:
+        self._call("DELETE", path)
+
+    def submit(self, spec: bytes) -> dict[str, Any]:
         headers = {"content-type": "application/json"}
-        return self._call("POST", "/api/v1/jobs", content=spec, headers=headers).json()["id"]
+        return self._call("POST", "/api/v1/jobs", content=spec, headers=headers).json()
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/api/v1/jobs/{job_id}").json()
+        return self.get(f"/api/v1/jobs/{job_id}")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/api/v1/jobs/{job_id}/cancel").json()
+        return self.post(f"/api/v1/jobs/{job_id}/cancel")
 
     def output(self, job_id: str, stream: str) -> bytes:
         return self._call("GET", f"/api/v1/jobs/{job_id}/output", params={"stream": stream}).content

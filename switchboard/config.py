@@ -22,6 +22,13 @@ class Settings(msgspec.Struct):
     max_artifact_bytes: int = 1024 * 1024 * 1024
     #: Largest JSON request body (job specs).
     max_request_bytes: int = 1024 * 1024
+    #: Most jobs the queue holds; a submission beyond it gets 429.
+    max_queued_jobs: int = 100_000
+    #: Seconds of waiting that raise a queued job's priority by one (0: no aging).
+    aging_s: float = 60.0
+    #: How long after a run's timeout the switchboard ends it itself if its supervisor
+    #: has not (silent, or gone): the supervisor's own timer normally wins.
+    run_timeout_grace_s: float = 30.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
 

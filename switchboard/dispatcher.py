@@ -1,8 +1,12 @@
 """The loop that places queued jobs on connected supervisors.
 
-It wakes on events (a job submitted, a run ended, a supervisor became ready) and on a
-slow timer as a safety net; each pass asks the pure scheduler for decisions, records them
-in one transaction, then sends the StartJobs.
+It wakes on events (a job submitted, a run ended, a supervisor connected, drained or
+resumed, dispatch resumed) and on a slow timer as a safety net; each pass asks the pure
+scheduler for decisions, records them in one transaction, then sends the StartJobs.
+
+A pass also notes, for jobs it could not place, whether any registered supervisor could
+*ever* run them, so a job whose selector matches nothing says so instead of waiting
+silently. That check reruns only when the fleet changes or new jobs arrive.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import contextlib
 import logging
 import time
 
-from switchboard.scheduler import Candidate, plan
+from switchboard.models import QueuedJob, SupervisorView
+from switchboard.scheduler import Candidate, FleetMember, plan, unsatisfiable_reason
 from switchboard.sessions import Hub, start_message
 from switchboard.store.base import Store
 
@@ -25,16 +30,45 @@ IDLE_PERIOD_S = 2.0
 
 
 class Dispatcher:
-    def __init__(self, store: Store, hub: Hub) -> None:
+    def __init__(self, store: Store, hub: Hub, *, aging_s: float = 60.0) -> None:
         self.store = store
         self.hub = hub
+        self.aging_s = aging_s
+        self.paused = False
+        #: True while `run` is looping (readiness).
+        self.running = False
         self._wake = asyncio.Event()
+        #: job id -> the fleet it was last checked against (for `unschedulable`).
+        self._checked: dict[str, tuple] = {}
+        #: Jobs currently marked unschedulable (so only changes are written).
+        self._reported: set[str] = set()
+        self._last_fleet: tuple | None = None
+        self._new_jobs = False
         hub.on_capacity_change(self.wake)
 
     def wake(self) -> None:
         self._wake.set()
 
+    def jobs_submitted(self) -> None:
+        """New jobs are queued: place them, or say why they can never be placed."""
+        self._new_jobs = True
+        self._wake.set()
+
+    async def set_paused(self, paused: bool) -> None:
+        """Pause or resume placing jobs (runs already placed go on); survives restarts."""
+        await self.store.set_dispatch_paused(paused)
+        self.paused = paused
+        self.wake()
+
     async def run(self) -> None:
+        self.paused = await self.store.dispatch_paused()
+        self.running = True
+        try:
+            await self._loop()
+        finally:
+            self.running = False
+
+    async def _loop(self) -> None:
         pause = IDLE_PERIOD_S
         while True:
             with contextlib.suppress(TimeoutError):
@@ -54,27 +88,90 @@ class Dispatcher:
 
     async def dispatch_once(self) -> int:
         """One pass; returns how many runs were started."""
-        sessions = self.hub.ready_sessions()
-        if not sessions:
+        if self.paused:
             return 0
-        counts = await self.store.running_counts()
-        candidates = [
-            Candidate(
-                id=s.id,
-                backends=s.hello.backends,
-                labels=s.hello.labels,
-                free=s.hello.max_jobs - counts.get(s.id, 0),
-                resources=s.hello.resources,
-                running=counts.get(s.id, 0),
+        fleet = await self.store.list_supervisors()
+        ready = {s.id for s in self.hub.ready_sessions()}
+        candidates = await self._candidates(fleet, ready)
+        news = self._new_jobs or self._last_fleet != self._fleet_key(fleet)
+        self._new_jobs = False
+        if not any(c.free > 0 for c in candidates) and not news:
+            return 0
+        jobs = await self.store.queued_jobs(QUEUE_WINDOW)
+        decisions: list[tuple[str, str]] = []
+        if candidates:
+            decisions = plan(
+                jobs,
+                candidates,
+                now=time.time(),
+                aging_s=self.aging_s,
+                busy_keys=await self.store.busy_keys(),
             )
-            for s in sessions
-        ]
-        if all(c.free <= 0 for c in candidates):
-            return 0
-        decisions = plan(await self.store.queued_jobs(QUEUE_WINDOW), candidates)
+        placed = {job_id for job_id, _ in decisions}
+        await self._note_unschedulable([j for j in jobs if j.id not in placed], fleet)
         if not decisions:
             return 0
         for made in await self.store.assign(decisions):
             start = start_message(made.job_id, made.attempt, made.spec)
             await self.hub.send_start(made.supervisor_id, start)
         return len(decisions)
+
+    async def _candidates(self, fleet: list[SupervisorView], ready: set[str]) -> list[Candidate]:
+        """Connected, undrained supervisors with what they have free right now."""
+        usable = [s for s in fleet if s.id in ready and not s.drained]
+        in_use = await self.store.resources_in_use() if usable else {}
+        candidates = []
+        for s in usable:
+            held = in_use.get(s.id, {})
+            candidates.append(
+                Candidate(
+                    id=s.id,
+                    backends=s.backends,
+                    labels=s.labels,
+                    free=s.max_jobs - s.running,
+                    resources={k: n - held.get(k, 0) for k, n in s.resources.items()},
+                    running=s.running,
+                )
+            )
+        return candidates
+
+    def _fleet_key(self, fleet: list[SupervisorView]) -> tuple:
+        return tuple(
+            (s.id, tuple(sorted(s.labels.items())), tuple(s.backends), tuple(s.resources.items()))
+            for s in fleet
+        )
+
+    async def _note_unschedulable(
+        self, waiting: list[QueuedJob], fleet: list[SupervisorView]
+    ) -> None:
+        """Say on each waiting job whether no registered supervisor could ever run it."""
+        key = self._fleet_key(fleet)
+        self._last_fleet = key
+        members = [
+            FleetMember(
+                id=s.id,
+                backends=s.backends,
+                labels=s.labels,
+                resources=s.resources,
+                max_jobs=s.max_jobs,
+            )
+            for s in fleet
+        ]
+        reasons: dict[str, str | None] = {}
+        for job in waiting:
+            if self._checked.get(job.id) == key:
+                continue
+            self._checked[job.id] = key
+            reason = unsatisfiable_reason(job.spec, members)
+            if reason is not None or job.id in self._reported:
+                reasons[job.id] = reason
+                if reason is None:
+                    self._reported.discard(job.id)
+                else:
+                    self._reported.add(job.id)
+        if len(self._checked) > 4 * QUEUE_WINDOW:  # forget jobs that left the queue
+            waiting_ids = {j.id for j in waiting}
+            self._checked = {k: v for k, v in self._checked.items() if k in waiting_ids}
+            self._reported &= waiting_ids
+        if reasons:
+            await self.store.set_unschedulable(reasons)

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from switchboard.cli_output import add_connection_flags, client, show, table, when
+from switchboard.cli_output import run as run_client
 from switchboard.client import ApiClient, ClientError
 
 TERMINAL = {"succeeded", "failed", "timed_out", "canceled", "lost", "exhausted", "rejected"}
@@ -35,10 +37,17 @@ def _parameters(pairs: list[str]) -> dict[str, dict[str, Any]]:
     return parameters
 
 
+#: While a followed job waits in the queue, say so this often (seconds).
+PROGRESS_EVERY_S = 10.0
+
+
 def _follow(api: ApiClient, job_id: str) -> dict[str, Any]:
     """Copy each run's stdout and stderr live to ours until the job ends (a job restarted by
-    its policy has several runs); return the final job."""
+    its policy has several runs); return the final job. While it waits for a run, say so on
+    stderr now and then, and at once if no supervisor could ever take it."""
     followed = 0
+    waiting_since = time.monotonic()
+    told = ("", 0.0)
     while True:
         job = api.job(job_id)
         latest = job["runs"][-1]["attempt"] if job["runs"] else 0
@@ -47,10 +56,18 @@ def _follow(api: ApiClient, job_id: str) -> dict[str, Any]:
                 print(f"--- run {latest} ---", file=sys.stderr, flush=True)
             _copy_run(api, job_id, latest)
             followed = latest
+            waiting_since = time.monotonic()
             continue
         if job["phase"] in TERMINAL:
             return job
-        time.sleep(0.2)  # queued (or waiting out a restart backoff)
+        # queued (or waiting out a restart backoff)
+        status = job.get("unschedulable") or job.get("reason") or ""
+        waited = time.monotonic() - waiting_since
+        if status != told[0] or waited - told[1] >= PROGRESS_EVERY_S:
+            note = f": {status}" if status else ""
+            print(f"job {job_id} {job['phase']} for {waited:.0f}s{note}", file=sys.stderr)
+            told = (status, waited)
+        time.sleep(0.2)
 
 
 def _copy_run(api: ApiClient, job_id: str, attempt: int) -> None:
@@ -77,16 +94,23 @@ def _copy_run(api: ApiClient, job_id: str, attempt: int) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    api = ApiClient(args.url, args.token)
+    api = client(args)
     spec = json.loads(Path(args.spec).read_bytes())
     if args.param:
+        if not isinstance(spec, dict):
+            raise ClientError(f"{args.spec}: a job spec is a JSON object")
         spec.setdefault("parameters", {}).update(_parameters(args.param))
-    job_id = api.submit(json.dumps(spec).encode())
-    print(
-        job_id if args.quiet or not args.follow else f"job {job_id} submitted",
-        file=sys.stdout if not args.follow else sys.stderr,
-        flush=True,
-    )
+    created = api.submit(json.dumps(spec).encode())
+    job_id = created["id"]
+    if args.json and not args.follow:
+        print(json.dumps(created, indent=2))
+    elif not args.follow:
+        print(job_id)
+    else:
+        print(f"job {job_id} submitted", file=sys.stderr, flush=True)
+    if created["phase"] == "rejected":
+        print(f"job {job_id} rejected: {created.get('reason')}", file=sys.stderr)
+        return 1
     if not args.follow:
         return 0
     job = _follow(api, job_id)
@@ -94,20 +118,76 @@ def _submit(args: argparse.Namespace) -> int:
     return exit_status(job)
 
 
+def _list(args: argparse.Namespace) -> int:
+    api = client(args)
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = api.get(
+            "/api/v1/jobs",
+            phase=args.phase,
+            label=args.label,
+            supervisor=args.supervisor,
+            limit=min(args.limit - len(items), 500),
+            cursor=cursor,
+        )
+        items.extend(page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None or len(items) >= args.limit:
+            break
+    show(
+        args,
+        items,
+        lambda jobs: table(
+            [
+                (
+                    j["id"],
+                    j["name"],
+                    j["phase"],
+                    j["priority"],
+                    j["attempts"],
+                    j["supervisor_id"],
+                    j["exit_code"],
+                    when(j["created_at"]),
+                )
+                for j in jobs
+            ],
+            ("ID", "NAME", "PHASE", "PRIO", "RUNS", "SUPERVISOR", "EXIT", "CREATED"),
+        ),
+    )
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
-    job = ApiClient(args.url, args.token).job(args.job_id)
-    if args.json:
-        print(json.dumps(job, indent=2))
-        return 0
-    print(f"{job['id']}  {job['name']}  {job['phase']}  exit code {job['exit_code']}")
-    for run in job["runs"]:
-        phases = " -> ".join(p["phase"] for p in run["phases"])
-        print(f"  run {run['attempt']} on {run['supervisor_id']}: {phases}")
+    def human(job: dict[str, Any]) -> str:
+        lines = [f"{job['id']}  {job['name']}  {job['phase']}  exit code {job['exit_code']}"]
+        for note in (job.get("unschedulable"), job.get("reason")):
+            if note:
+                lines.append(f"  {note}")
+        for run in job["runs"]:
+            phases = " -> ".join(p["phase"] for p in run["phases"])
+            lines.append(f"  run {run['attempt']} on {run['supervisor_id']}: {phases}")
+        return "\n".join(lines)
+
+    show(args, client(args).job(args.job_id), human)
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    events = client(args).get(f"/api/v1/jobs/{args.job_id}/events")
+    show(
+        args,
+        events,
+        lambda evs: table(
+            [(when(e["at"]), e["kind"], e["actor"], e["message"]) for e in evs],
+            ("AT", "KIND", "BY", "WHAT"),
+        ),
+    )
     return 0
 
 
 def _logs(args: argparse.Namespace) -> int:
-    api = ApiClient(args.url, args.token)
+    api = client(args)
     if args.follow:
         return exit_status(_follow(api, args.job_id))
     sys.stdout.buffer.write(api.output(args.job_id, "stdout"))
@@ -116,21 +196,28 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    result = ApiClient(args.url, args.token).cancel(args.job_id)
-    print(f"job {result['id']}: {result['phase']}")
+    result = client(args).cancel(args.job_id)
+    show(args, result, lambda r: f"job {r['id']}: {r['phase']}")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    client(args).delete(f"/api/v1/jobs/{args.job_id}")
+    print(f"job {args.job_id} deleted")
     return 0
 
 
 def add_job_commands(commands: argparse._SubParsersAction) -> None:
-    job = commands.add_parser("job", help="submit and follow jobs (REST client)")
+    job = commands.add_parser("job", help="submit, follow and manage jobs")
     job_commands = job.add_subparsers(dest="job_command", required=True)
 
-    def common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("--url", help="switchboard URL (default $SWITCHBOARD_URL)")
-        parser.add_argument("--token", help="API token (default $SWITCHBOARD_TOKEN)")
+    def command(name: str, help: str, func: Any) -> argparse.ArgumentParser:
+        parser = job_commands.add_parser(name, help=help)
+        add_connection_flags(parser)
+        parser.set_defaults(func=func, run=run_client)
         return parser
 
-    submit = common(job_commands.add_parser("submit", help="submit a job spec (JSON file)"))
+    submit = command("submit", "submit a job spec (JSON file)", _submit)
     submit.add_argument("spec")
     submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     submit.add_argument(
@@ -138,30 +225,27 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="stream the output live and exit with the job's exit code",
     )
-    submit.add_argument("--quiet", action="store_true", help="print only the job id")
-    submit.set_defaults(func=_submit)
 
-    show = common(job_commands.add_parser("show", help="a job's phase and runs"))
-    show.add_argument("job_id")
-    show.add_argument("--json", action="store_true")
-    show.set_defaults(func=_show)
+    listing = command("list", "list jobs, newest first", _list)
+    listing.add_argument("--phase", action="append", default=[], help="repeatable")
+    listing.add_argument(
+        "--label", action="append", default=[], help="key=value, key!=value, key, !key"
+    )
+    listing.add_argument("--supervisor", help="jobs that had a run on this supervisor")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
 
-    logs = common(job_commands.add_parser("logs", help="a job's output"))
+    show_parser = command("show", "a job's phase and runs", _show)
+    show_parser.add_argument("job_id")
+
+    events = command("events", "a job's audit trail", _events)
+    events.add_argument("job_id")
+
+    logs = command("logs", "a job's output", _logs)
     logs.add_argument("job_id")
     logs.add_argument("--follow", action="store_true")
-    logs.set_defaults(func=_logs)
 
-    cancel = common(job_commands.add_parser("cancel", help="cancel a job"))
+    cancel = command("cancel", "cancel a job", _cancel)
     cancel.add_argument("job_id")
-    cancel.set_defaults(func=_cancel)
 
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        return args.func(args)
-    except ClientError as exc:
-        print(f"switchboard: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"switchboard: {exc}", file=sys.stderr)
-        return 2
+    remove = command("delete", "delete an ended job and its output", _delete)
+    remove.add_argument("job_id")

@@ -53,14 +53,55 @@ class JobView(msgspec.Struct):
     exit_code: int | None = None
     reason: str | None = None
     cancel_requested: bool = False
+    #: Set while no registered supervisor could ever run the job, saying why.
+    unschedulable: str | None = None
     runs: list[RunView] = []
 
 
+class JobSummary(msgspec.Struct):
+    """A job as a list shows it (no spec, no runs)."""
+
+    id: str
+    name: str
+    phase: Phase
+    priority: int
+    created_at: float
+    updated_at: float
+    labels: dict[str, str] = {}
+    attempts: int = 0
+    supervisor_id: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    unschedulable: str | None = None
+
+
+class JobPage(msgspec.Struct):
+    """One page of a job list; pass `next_cursor` back as `cursor` for the next one."""
+
+    items: list[JobSummary]
+    next_cursor: str | None = None
+
+
+class JobEvent(msgspec.Struct, frozen=True):
+    """One entry of a job's audit trail."""
+
+    at: float
+    kind: str
+    message: str
+    attempt: int | None = None
+    actor: str | None = None
+
+
 class SupervisorView(msgspec.Struct):
+    """A supervisor as the switchboard knows it. `labels` is what selectors match: the
+    labels it advertises, overridden by the labels an operator set (`operator_labels`)."""
+
     id: str
     name: str
     connected: bool
     labels: dict[str, str] = {}
+    operator_labels: dict[str, str] = {}
+    drained: bool = False
     backends: list[str] = []
     resources: dict[str, int] = {}
     max_jobs: int = 1
@@ -72,11 +113,15 @@ class SupervisorView(msgspec.Struct):
 
 
 class TokenView(msgspec.Struct):
+    """A token as listed (never its secret)."""
+
     id: str
     role: str
     name: str
     created_at: float
     revoked: bool = False
+    #: A supervisor token may be bound to one supervisor id.
+    supervisor_id: str | None = None
 
 
 class QueuedJob(msgspec.Struct, frozen=True):
@@ -86,6 +131,10 @@ class QueuedJob(msgspec.Struct, frozen=True):
     seq: int
     priority: int
     spec: JobSpec
+    #: When the job (last) entered the queue (epoch seconds): the base of its aging.
+    queued_at: float = 0.0
+    #: The job's concurrency key, if any: at most one job per key runs at a time.
+    concurrency_key: str | None = None
 
 
 class Assignment(msgspec.Struct, frozen=True):

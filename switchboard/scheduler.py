@@ -1,25 +1,46 @@
 """Placement decisions, kept pure: (queued jobs, this replica's supervisors) -> assignments.
 
 Rules: a job goes only to a supervisor that runs its backend kind, whose labels satisfy
-its selector, that has a free slot and the resources it asks for. Jobs are considered
-highest priority first, oldest first within a priority; a job that fits nowhere right now
-is skipped, so it never blocks the jobs behind it. Among the supervisors that fit, the
-least loaded wins (ties go to the lowest id, so decisions are reproducible).
+its selector, that has a free slot and the free resources it asks for. A job whose
+concurrency key is busy (a run with that key is active) is skipped, and at most one job
+per key is placed in a pass. A job that fits nowhere right now is skipped, so it never
+blocks the jobs behind it. Among the supervisors that fit, the least loaded wins (ties go
+to the lowest id, so decisions are reproducible).
+
+Jobs are considered in order of (-effective priority, seq), where aging lifts a job one
+priority level for every `aging_s` seconds it has waited, so nothing starves:
+
+    effective = priority + floor(max(0, now - queued_at) / aging_s)   (aging_s > 0)
+    effective = priority                                              (aging_s <= 0)
+
+(A `queued_at` in the future, from clock skew, counts as no wait rather than lowering
+the job; the aging term is capped at 10**15 levels so a degenerate `aging_s` cannot
+overflow.)
+
+`unsatisfiable_reason` answers a different question: could any registered supervisor
+*ever* run a job, ignoring current load? It says why not, so a job that can never be
+placed does not wait silently.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 import msgspec
 
-from protocol.spec import Selector
+from protocol.spec import JobSpec, Selector
 from switchboard.models import QueuedJob
+
+#: Far beyond any real wait; bounds the aging term (see the module docstring).
+_MAX_AGING_LEVELS = 1e15
 
 
 class Candidate(msgspec.Struct):
-    """A connected supervisor as the scheduler sees it; `free` and `resources` are what
-    is still available."""
+    """A connected supervisor as the scheduler sees it. `free` is its free slots and
+    `resources` its *free* resource counts (the caller subtracts what active runs hold;
+    either may be negative if a supervisor is overcommitted)."""
 
     id: str
     backends: list[str]
@@ -27,6 +48,25 @@ class Candidate(msgspec.Struct):
     free: int
     resources: dict[str, int] = {}
     running: int = 0
+
+
+class FleetMember(msgspec.Struct):
+    """A registered supervisor (connected or not) with its *total* capacity."""
+
+    id: str
+    backends: list[str]
+    labels: dict[str, str]
+    resources: dict[str, int]
+    max_jobs: int
+
+
+def effective_priority(job: QueuedJob, now: float, aging_s: float) -> int:
+    """`job.priority` plus one for every whole `aging_s` seconds the job has waited."""
+    if aging_s <= 0:
+        return job.priority
+    # min() also turns the inf a tiny aging_s produces into a finite number of levels.
+    levels = min(max(0.0, now - job.queued_at) / aging_s, _MAX_AGING_LEVELS)
+    return job.priority + math.floor(levels)
 
 
 def selector_matches(selector: Selector, labels: dict[str, str]) -> bool:
@@ -51,20 +91,42 @@ def selector_matches(selector: Selector, labels: dict[str, str]) -> bool:
     return True
 
 
+def _has_resources(have: dict[str, int], want: dict[str, int]) -> bool:
+    return all(have.get(name, 0) >= n for name, n in want.items())
+
+
 def _fits(job: QueuedJob, sup: Candidate) -> bool:
+    # Cheapest checks first: this runs for every (job, supervisor) pair in a pass.
     return (
         sup.free > 0
         and job.spec.backend.kind in sup.backends
+        and _has_resources(sup.resources, job.spec.resources)
         and selector_matches(job.spec.selector, sup.labels)
-        and all(sup.resources.get(name, 0) >= n for name, n in job.spec.resources.items())
     )
 
 
-def plan(jobs: Sequence[QueuedJob], supervisors: Sequence[Candidate]) -> list[tuple[str, str]]:
-    """Pairs (job id, supervisor id) to assign now. `jobs` must be in queue order."""
+def plan(
+    jobs: Sequence[QueuedJob],
+    supervisors: Sequence[Candidate],
+    *,
+    now: float,
+    aging_s: float = 60.0,
+    busy_keys: AbstractSet[str] = frozenset(),
+) -> list[tuple[str, str]]:
+    """Pairs (job id, supervisor id) to assign now, in the order they were decided.
+
+    `busy_keys` are the concurrency keys of runs already active anywhere. The inputs are
+    not modified.
+    """
+    # Work on copies: the pass spends slots and resources as it places jobs.
     pool = [msgspec.structs.replace(s, resources=dict(s.resources)) for s in supervisors]
+    taken = set(busy_keys)
+    ranked = sorted(jobs, key=lambda j: (-effective_priority(j, now, aging_s), j.seq))
     decisions: list[tuple[str, str]] = []
-    for job in sorted(jobs, key=lambda j: (-j.priority, j.seq)):
+    for job in ranked:
+        key = job.concurrency_key
+        if key is not None and key in taken:
+            continue
         fitting = [s for s in pool if _fits(job, s)]
         if not fitting:
             continue
@@ -72,6 +134,32 @@ def plan(jobs: Sequence[QueuedJob], supervisors: Sequence[Candidate]) -> list[tu
         best.free -= 1
         best.running += 1
         for name, n in job.spec.resources.items():
-            best.resources[name] -= n
+            best.resources[name] = best.resources.get(name, 0) - n
+        if key is not None:
+            taken.add(key)
         decisions.append((job.id, best.id))
     return decisions
+
+
+def unsatisfiable_reason(spec: JobSpec, fleet: Sequence[FleetMember]) -> str | None:
+    """None if some registered supervisor could ever run `spec` (ignoring current load),
+    else why not, naming the first unmet requirement: backend, then selector, then
+    resources."""
+    if not fleet:
+        return "no supervisor is registered"
+    # A supervisor without a single slot can never run anything (the protocol forbids
+    # max_jobs < 1; this keeps the answer consistent with `plan` regardless).
+    members = [m for m in fleet if m.max_jobs >= 1]
+    if not members:
+        return "no registered supervisor accepts jobs"
+    kind = spec.backend.kind
+    members = [m for m in members if kind in m.backends]
+    if not members:
+        return f"no registered supervisor runs backend {kind!r}"
+    members = [m for m in members if selector_matches(spec.selector, m.labels)]
+    if not members:
+        return f"no supervisor running backend {kind!r} matches the selector"
+    if not any(_has_resources(m.resources, spec.resources) for m in members):
+        wanted = ", ".join(f"{name}={n}" for name, n in sorted(spec.resources.items()))
+        return f"no supervisor matching the selector has resources {wanted}"
+    return None

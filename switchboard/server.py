@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import socket
+import ssl
 import sys
 
 import uvicorn
@@ -66,7 +67,24 @@ async def serve(settings: Settings) -> None:
         announcer.cancel()
 
 
+def check_tls(settings: Settings) -> None:
+    """Fail at once, naming the files, if --tls-cert/--tls-key can't be served (uvicorn
+    would fail later, with a traceback that names neither)."""
+    if settings.tls_key and not settings.tls_cert:
+        raise SystemExit("switchboard: --tls-key needs --tls-cert")
+    if settings.tls_cert is None:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:  # missing, unreadable, not PEM, key mismatch
+        key = f" with key {settings.tls_key}" if settings.tls_key else ""
+        raise SystemExit(
+            f"switchboard: cannot use TLS certificate {settings.tls_cert}{key}: {exc}"
+        ) from None
+
+
 def run(settings: Settings) -> None:
+    check_tls(settings)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,

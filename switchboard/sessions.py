@@ -73,6 +73,8 @@ class SupervisorSession:
         self.hello = hello
         self.id = hello.supervisor_id
         self.session = session
+        #: The token this connection authenticated with (a revoke closes the connection).
+        self.token_id = ""
         #: True once reconciled: only then may the dispatcher give it new runs.
         self.ready = False
         self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE)
@@ -302,6 +304,15 @@ class Hub:
             return_exceptions=True,
         )
 
+    async def drop_revoked_sessions(self) -> None:
+        """Close the connections whose token has been revoked."""
+        revoked = {t.id for t in await self.store.list_tokens() if t.revoked}
+        doomed = [s for s in self.sessions.values() if s.token_id in revoked]
+        await asyncio.gather(
+            *(s.close(CloseCode.UNAUTHORIZED, "token revoked") for s in doomed),
+            return_exceptions=True,
+        )
+
     async def handle(self, socket: WebSocket) -> None:
         """Serve one supervisor WebSocket from the upgrade request to the close."""
         token = await auth.authenticate(self.store, socket.headers.get("authorization"))
@@ -328,10 +339,20 @@ class Hub:
                 socket, FrameError(CloseCode.HANDSHAKE_FAILED, "no hello within the time limit")
             )
             return
+        if token.supervisor_id is not None and token.supervisor_id != hello.supervisor_id:
+            await _close_with_error(
+                socket,
+                FrameError(
+                    CloseCode.UNAUTHORIZED,
+                    f"this token belongs to supervisor {token.supervisor_id!r}",
+                ),
+            )
+            return
         connected = await self.store.supervisor_connected(hello)
         session = SupervisorSession(
             self, socket, hello, connected.session, stored_seq=connected.last_seq
         )
+        session.token_id = token.id
         metrics.SUPERVISOR_CONNECTIONS.inc()
         previous = self.sessions.get(session.id)
         self.sessions[session.id] = session

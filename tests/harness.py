@@ -7,6 +7,7 @@ import os
 import re
 import selectors
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -119,10 +120,11 @@ class Switchboard:
             ],
             self.data_dir.parent / f"{self.data_dir.name}.{self.starts}.log",
         )
-        match = self.process.wait_for_line(r"listening on (http://[\d.]+:(\d+))", timeout=30)
+        match = self.process.wait_for_line(r"listening on (https?://[\d.]+:(\d+))", timeout=30)
         self.url = match.group(1)
         self.port = int(match.group(2))
-        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        ws_scheme = "wss" if self.url.startswith("https:") else "ws"
+        self.ws_url = f"{ws_scheme}://127.0.0.1:{self.port}"
 
     def kill_and_restart(self) -> None:
         """SIGKILL the server, then start it again on the same port and data dir."""
@@ -135,11 +137,15 @@ class Switchboard:
         )
         return done.stdout.decode().strip()
 
-    def client(self, token: str | None = None) -> httpx.Client:
+    def client(
+        self, token: str | None = None, *, verify: ssl.SSLContext | bool = True
+    ) -> httpx.Client:
+        """`verify`: httpx's, e.g. an SSLContext trusting the CA of a TLS switchboard."""
         return httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token or self.admin_token}"},
             timeout=30.0,
+            verify=verify,
         )
 
     def stop(self) -> None:

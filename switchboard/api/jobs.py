@@ -1,36 +1,49 @@
-"""Jobs: submit, get, output, cancel."""
+"""Jobs: submit (one or a batch), list, show, runs, events, cancel, delete."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import secrets
-from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import Parameter
-from litestar.response import Stream
 
-from protocol import codec
+from protocol import codec, limits
 from protocol.messages import StopJob
-from protocol.messages import Stream as OutputStream
 from protocol.spec import DockerBackend, JobSpec, WasmBackend
-from protocol.state import is_terminal
+from protocol.state import Phase
 from switchboard.api.errors import ApiError, invalid_spec
-from switchboard.api.security import require
+from switchboard.api.security import actor, require
 from switchboard.auth import Permission
 from switchboard.jobstate import redacted
-from switchboard.models import JobView
+from switchboard.models import JobEvent, JobPage, JobView, RunView
 from switchboard.state import AppState
+from switchboard.store.base import JobFilter, LabelTerm, QueueFull, RunOnSupervisor, Submitted
 
-#: A follower re-reads at least this often, even without news from this process.
-FOLLOW_POLL_S = 1.0
-#: A follower reads at most this much at a time (memory stays bounded for huge outputs).
-FOLLOW_READ = 4 * 1024 * 1024
+#: Jobs per list page unless `limit` says otherwise, and the most one page may hold.
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+#: Jobs one batch may hold.
+MAX_BATCH = 1000
+
+_LABEL_TERM = re.compile(r"^(!?)([^=!]+)(?:(!?=)(.*))?$", re.DOTALL)
+_LABEL_KEY = re.compile(limits.LABEL_KEY_PATTERN)
 
 
 class JobCreated(msgspec.Struct):
+    """A submitted job: `queued`, or `rejected` when its concurrency policy dropped it."""
+
     id: str
+    phase: str
+    reason: str | None = None
+
+
+class BatchCreated(msgspec.Struct):
+    jobs: list[JobCreated]
 
 
 class CancelAccepted(msgspec.Struct):
@@ -42,7 +55,7 @@ def _state(request: Request) -> AppState:
     return request.app.state.switchboard
 
 
-async def _job_or_404(state: AppState, job_id: str) -> JobView:
+async def job_or_404(state: AppState, job_id: str) -> JobView:
     job = await state.store.get_job(job_id)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
@@ -59,34 +72,68 @@ def _artifacts_named(spec: JobSpec) -> list[tuple[str, str]]:
     return []
 
 
-async def _follow(
-    state: AppState, job_id: str, stream: OutputStream, attempt: int | None, offset: int
-) -> AsyncIterator[bytes]:
-    store = state.store
-    while attempt is None:  # the latest run, once there is one
-        job = await store.get_job(job_id)
-        if job is None or (not job.runs and is_terminal(job.phase)):
-            return  # ended without a run: nothing will come
-        if job.runs:
-            attempt = job.runs[-1].attempt
+def _check_artifacts(state: AppState, spec: JobSpec, where: str = "") -> None:
+    for field, digest in _artifacts_named(spec):
+        if not state.artifacts.exists(digest):
+            raise ApiError(
+                400,
+                "invalid_spec",
+                f"{where}{field}: artifact {digest} has not been uploaded",
+                where + field,
+            )
+
+
+async def _queue(state: AppState, specs: list[JobSpec], who: str) -> list[Submitted]:
+    """Store the jobs (all or none), stop the runs they replace, wake the dispatcher."""
+    jobs = [(secrets.token_hex(8), spec) for spec in specs]
+    try:
+        made = await state.store.create_jobs(jobs, who, state.settings.max_queued_jobs)
+    except QueueFull as exc:
+        raise ApiError(429, "queue_full", str(exc)) from None
+    await _stop_runs(state, [stop for m in made for stop in m.stops], "replaced")
+    state.dispatcher.jobs_submitted()
+    return made
+
+
+async def _stop_runs(state: AppState, runs: list[RunOnSupervisor], reason: str) -> None:
+    for run in runs:
+        stop = StopJob(job_id=run.job_id, attempt=run.attempt, reason=reason)
+        await state.hub.send_stop(run.supervisor_id, stop)
+
+
+def _label_terms(raw: list[str]) -> list[LabelTerm]:
+    """`key=value`, `key!=value`, `key` (has the label) or `!key` (has not)."""
+    terms = []
+    for text in raw:
+        match = _LABEL_TERM.match(text)
+        key = match.group(2) if match else ""
+        if match is None or not _LABEL_KEY.match(key) or (match.group(1) and match.group(3)):
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"label: {text!r} is not key=value, key!=value, key or !key",
+                "label",
+            )
+        if match.group(3):
+            terms.append(LabelTerm(key, match.group(3), match.group(4)))
         else:
-            await state.hub.wait_stored(FOLLOW_POLL_S)
-    while True:
-        phase = await store.run_phase(job_id, attempt)
-        if phase is None:
-            return
-        # Seen ended *before* reading: a run's output is stored before its end, so the
-        # reads that follow get everything.
-        ended = is_terminal(phase)
-        data = await store.read_output(job_id, attempt, stream, offset, offset + FOLLOW_READ)
-        if data:
-            offset += len(data)
-            yield data
-        if len(data) == FOLLOW_READ:
-            continue  # more is stored already: read on before waiting
-        if ended:
-            return
-        await state.hub.wait_stored(FOLLOW_POLL_S)
+            terms.append(LabelTerm(key, "!exists" if match.group(1) else "exists"))
+    return terms
+
+
+def _cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def _seq_of(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, seq = text.partition(":")
+        if kind == "seq" and seq.isdigit():
+            return int(seq)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise ApiError(400, "invalid_request", "cursor: not a cursor this API gave out", "cursor")
 
 
 class JobController(Controller):
@@ -95,7 +142,9 @@ class JobController(Controller):
 
     @post("/", guards=require(Permission.SUBMIT), status_code=201)
     async def submit(self, request: Request, data: JobSpec) -> JobCreated:
-        """Queue a job. Wasm modules must have been uploaded as artifacts first."""
+        """Queue a job. Artifacts it names (Wasm modules, image tarballs) must have been
+        uploaded first. A job whose concurrency policy is `drop_if_running` and whose key
+        is taken is recorded as `rejected` (still 201: the record exists)."""
         state = _state(request)
         # Litestar's own parse (which feeds `data` and the OpenAPI schema) is lenient
         # ("5" passes for 5.0); a spec is typed by people, so check it strictly too.
@@ -103,81 +152,96 @@ class JobController(Controller):
             data = codec.decode_job_spec(await request.body())
         except msgspec.ValidationError as exc:
             raise invalid_spec(exc) from None
-        for field, digest in _artifacts_named(data):
-            if not state.artifacts.exists(digest):
-                raise ApiError(
-                    400, "invalid_spec", f"{field}: artifact {digest} has not been uploaded", field
-                )
-        job_id = secrets.token_hex(8)
-        await state.store.create_job(job_id, data)
-        state.dispatcher.wake()
-        return JobCreated(job_id)
+        _check_artifacts(state, data)
+        (made,) = await _queue(state, [data], actor(request))
+        return JobCreated(made.id, made.phase, made.reason)
+
+    @post("/batch", guards=require(Permission.SUBMIT), status_code=201)
+    async def submit_batch(self, request: Request, data: list[JobSpec]) -> BatchCreated:
+        """Queue several jobs at once, all or none, in the given order (at most 1000)."""
+        state = _state(request)
+        try:
+            specs = msgspec.json.decode(await request.body(), type=list[JobSpec], strict=True)
+        except msgspec.ValidationError as exc:
+            raise invalid_spec(exc) from None
+        if not specs:
+            raise ApiError(400, "invalid_request", "the batch is empty")
+        if len(specs) > MAX_BATCH:
+            raise ApiError(
+                413, "too_large", f"a batch holds at most {MAX_BATCH} jobs, not {len(specs)}"
+            )
+        for index, spec in enumerate(specs):
+            _check_artifacts(state, spec, f"[{index}].")
+        made = await _queue(state, specs, actor(request))
+        return BatchCreated([JobCreated(m.id, m.phase, m.reason) for m in made])
+
+    @get("/", guards=require(Permission.VIEW))
+    async def list_jobs(
+        self,
+        request: Request,
+        phase: list[Phase] | None = None,
+        label: list[str] | None = None,
+        supervisor: Annotated[str | None, Parameter(max_length=limits.ID_MAX_LEN)] = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    ) -> JobPage:
+        """Jobs, newest first. Filters combine (all must hold): `phase` (repeatable: any
+        of them), `label` (repeatable: `key=value`, `key!=value`, `key`, `!key`),
+        `supervisor` (had a run there), `created_after`/`created_before` (epoch seconds).
+        A full page carries `next_cursor`; pass it as `cursor` for the next page."""
+        where = JobFilter(
+            phases=[p.value for p in phase or []],
+            labels=_label_terms(label or []),
+            supervisor_id=supervisor,
+            created_after=created_after,
+            created_before=created_before,
+            before_seq=_seq_of(cursor) if cursor else None,
+            limit=limit,
+        )
+        rows = await _state(request).store.list_jobs(where)
+        next_cursor = _cursor(rows[-1][0]) if len(rows) == limit else None
+        return JobPage([summary for _, summary in rows], next_cursor)
 
     @get("/{job_id:str}", guards=require(Permission.VIEW))
     async def show(self, request: Request, job_id: str) -> JobView:
         """The job with all its runs; secret parameter values are replaced."""
-        job = await _job_or_404(_state(request), job_id)
+        job = await job_or_404(_state(request), job_id)
         return msgspec.structs.replace(job, spec=redacted(job.spec))
 
-    @get(
-        "/{job_id:str}/output",
-        guards=require(Permission.VIEW),
-        media_type="application/octet-stream",
-    )
-    async def output(
-        self,
-        request: Request,
-        job_id: str,
-        stream: Literal["stdout", "stderr", "console"] = "stdout",
-        attempt: Annotated[int | None, Parameter(ge=1)] = None,
-        start: Annotated[int, Parameter(ge=0)] = 0,
-        end: Annotated[int | None, Parameter(ge=0)] = None,
-    ) -> Response[bytes]:
-        """Bytes [start, end) of a run's stream as stored so far (the latest run unless
-        `attempt` is given), exactly as the program wrote them."""
-        state = _state(request)
-        job = await _job_or_404(state, job_id)
-        if attempt is None:
-            if not job.runs:
-                return Response(b"", media_type="application/octet-stream")
-            attempt = job.runs[-1].attempt
-        elif all(r.attempt != attempt for r in job.runs):
-            raise ApiError(404, "not_found", f"job {job_id!r} has no attempt {attempt}")
-        data = await state.store.read_output(job_id, attempt, stream, start, end)
-        return Response(data, media_type="application/octet-stream")
+    @get("/{job_id:str}/runs", guards=require(Permission.VIEW))
+    async def runs(self, request: Request, job_id: str) -> list[RunView]:
+        """Every run (attempt) of the job, oldest first, each with its timing, supervisor,
+        outcome and phase history."""
+        return (await job_or_404(_state(request), job_id)).runs
 
-    @get(
-        "/{job_id:str}/output/follow",
-        guards=require(Permission.VIEW),
-        media_type="application/octet-stream",
-    )
-    async def follow(
-        self,
-        request: Request,
-        job_id: str,
-        stream: Literal["stdout", "stderr", "console"] = "stdout",
-        attempt: Annotated[int | None, Parameter(ge=1)] = None,
-        start: Annotated[int, Parameter(ge=0)] = 0,
-    ) -> Stream:
-        """A run's stream from byte `start`, live: bytes are sent as they are stored, and
-        the response ends once the run has ended and everything it wrote was sent. Without
-        `attempt`, the latest run when the request arrives (waiting for one if the job is
-        still queued)."""
-        state = _state(request)
-        await _job_or_404(state, job_id)
-        return Stream(
-            _follow(state, job_id, stream, attempt, start),
-            media_type="application/octet-stream",
-        )
+    @get("/{job_id:str}/events", guards=require(Permission.VIEW))
+    async def events(self, request: Request, job_id: str) -> list[JobEvent]:
+        """The job's audit trail: submission, cancel requests (and by whom), restarts,
+        timeouts, and every phase change of every run, in time order."""
+        events = await _state(request).store.job_events(job_id)
+        if events is None:
+            raise ApiError(404, "not_found", f"no job {job_id!r}")
+        return events
 
     @post("/{job_id:str}/cancel", guards=require(Permission.CANCEL), status_code=202)
     async def cancel(self, request: Request, job_id: str) -> CancelAccepted:
         """Cancel: a queued job ends at once, a running one is stopped (idempotent)."""
         state = _state(request)
-        result = await state.store.request_cancel(job_id)
+        result = await state.store.request_cancel(job_id, actor(request))
         if result is None:
             raise ApiError(404, "not_found", f"no job {job_id!r}")
         if result.supervisor_id is not None and result.attempt is not None:
-            stop = StopJob(job_id=job_id, attempt=result.attempt, reason="canceled")
-            await state.hub.send_stop(result.supervisor_id, stop)
+            run = RunOnSupervisor(job_id, result.attempt, result.supervisor_id)
+            await _stop_runs(state, [run], "canceled")
         return CancelAccepted(job_id, result.phase)
+
+    @delete("/{job_id:str}", guards=require(Permission.OPERATE), status_code=204)
+    async def remove(self, request: Request, job_id: str) -> Response[None]:
+        """Delete an ended job with its runs, output and events. Deleting a job that is
+        already gone succeeds too; a job still queued or running is a 409 (cancel first)."""
+        outcome = await _state(request).store.delete_job(job_id)
+        if outcome == "active":
+            raise ApiError(409, "job_active", f"job {job_id!r} has not ended: cancel it first")
+        return Response(None, status_code=204)

@@ -27,3 +27,9 @@ def require(permission: Permission) -> list[Guard]:
         connection.state.token = token
 
     return [guard]
+
+
+def actor(connection: ASGIConnection) -> str:
+    """Who made this request, for the audit trail: the token's name and id."""
+    token = connection.state.token
+    return f"{token.name} ({token.id})"

@@ -1,13 +1,11 @@
-"""Health and supervisors."""
+"""Health and readiness: the only endpoints that need no token."""
 
 from __future__ import annotations
 
 import msgspec
-from litestar import Request, get
+from litestar import Request, Response, get
 
-from switchboard.api.security import require
-from switchboard.auth import Permission
-from switchboard.models import SupervisorView
+from switchboard.state import AppState
 
 
 class Health(msgspec.Struct):
@@ -15,14 +13,28 @@ class Health(msgspec.Struct):
     supervisors_connected: int
 
 
+class Readiness(msgspec.Struct):
+    ready: bool
+    store: bool
+    dispatcher: bool
+
+
 @get("/api/v1/health", tags=["system"])
 async def health(request: Request) -> Health:
-    """Liveness; needs no token."""
+    """Liveness: the process answers."""
     hub = request.app.state.switchboard.hub
     return Health("ok", len(hub.sessions))
 
 
-@get("/api/v1/supervisors", guards=require(Permission.VIEW), tags=["supervisors"])
-async def list_supervisors(request: Request) -> list[SupervisorView]:
-    """Every supervisor that ever connected, with whether it is connected now."""
-    return await request.app.state.switchboard.store.list_supervisors()
+@get("/api/v1/ready", tags=["system"])
+async def ready(request: Request) -> Response[Readiness]:
+    """Readiness: the store answers and the dispatcher runs (503 otherwise)."""
+    state: AppState = request.app.state.switchboard
+    try:
+        await state.store.queue_length()
+        store_ok = True
+    except Exception:
+        store_ok = False
+    dispatching = state.dispatcher.running
+    ok = store_ok and dispatching
+    return Response(Readiness(ok, store_ok, dispatching), status_code=200 if ok else 503)

@@ -18,6 +18,8 @@ from protocol.state import Phase
 from switchboard.models import (
     ActiveRun,
     Assignment,
+    JobEvent,
+    JobSummary,
     JobView,
     QueuedJob,
     RunKey,
@@ -52,6 +54,53 @@ class CancelResult(msgspec.Struct, frozen=True):
     attempt: int | None = None
 
 
+class RunOnSupervisor(msgspec.Struct, frozen=True):
+    """A run to stop on a supervisor (after a cancel, a replace, a timeout)."""
+
+    job_id: str
+    attempt: int
+    supervisor_id: str
+
+
+class Submitted(msgspec.Struct, frozen=True):
+    """What became of one submitted job; `stops` are runs of the jobs it replaced."""
+
+    id: str
+    phase: str
+    reason: str | None = None
+    stops: list[RunOnSupervisor] = []
+
+
+class QueueFull(Exception):
+    """More jobs are queued than the switchboard accepts; try again later."""
+
+
+class LabelTerm(msgspec.Struct, frozen=True):
+    """One term of a job-label filter: `op` is "=", "!=", "exists" or "!exists"."""
+
+    key: str
+    op: str
+    value: str = ""
+
+
+class JobFilter(msgspec.Struct, frozen=True):
+    phases: list[str] = []
+    labels: list[LabelTerm] = []
+    supervisor_id: str | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    #: Only jobs older than this (a page's cursor: the last seq it showed).
+    before_seq: int | None = None
+    limit: int = 50
+
+
+class Expired(msgspec.Struct, frozen=True):
+    """What the clock ended: runs past their timeout and jobs past their queue timeout."""
+
+    runs: list[RunOnSupervisor] = []
+    jobs: list[str] = []
+
+
 class Store(abc.ABC):
     # lifecycle
     @abc.abstractmethod
@@ -62,11 +111,36 @@ class Store(abc.ABC):
 
     # tokens
     @abc.abstractmethod
-    async def add_token(self, token_id: str, role: str, name: str, digest: bytes) -> None: ...
+    async def add_token(
+        self,
+        token_id: str,
+        role: str,
+        name: str,
+        digest: bytes,
+        supervisor_id: str | None = None,
+        *,
+        replace_bound: bool = False,
+    ) -> None:
+        """Store a token. With `replace_bound`, every other token bound to `supervisor_id`
+        is revoked in the same transaction (a rotation)."""
 
     @abc.abstractmethod
     async def find_token(self, digest: bytes) -> TokenView | None:
         """The unrevoked token whose hash is `digest`."""
+
+    @abc.abstractmethod
+    async def list_tokens(self) -> list[TokenView]: ...
+
+    @abc.abstractmethod
+    async def revoke_token(self, token_id: str) -> bool:
+        """Revoke a token (again is fine); False if there is no such token."""
+
+    # switchboard-wide state
+    @abc.abstractmethod
+    async def dispatch_paused(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def set_dispatch_paused(self, paused: bool) -> None: ...
 
     # artifacts (bytes live beside the database; the store keeps the index)
     @abc.abstractmethod
@@ -77,10 +151,52 @@ class Store(abc.ABC):
 
     # jobs
     @abc.abstractmethod
-    async def create_job(self, job_id: str, spec: JobSpec) -> None: ...
+    async def create_jobs(
+        self, jobs: Sequence[tuple[str, JobSpec]], actor: str, max_queued: int
+    ) -> list[Submitted]:
+        """Queue jobs, all or none, applying their concurrency policies. Raises QueueFull
+        if that would put more than `max_queued` jobs in the queue."""
+
+    async def create_job(self, job_id: str, spec: JobSpec, actor: str = "") -> Submitted:
+        (made,) = await self.create_jobs([(job_id, spec)], actor, max_queued=1 << 62)
+        return made
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> JobView | None: ...
+
+    @abc.abstractmethod
+    async def list_jobs(self, where: JobFilter) -> list[tuple[int, JobSummary]]:
+        """Jobs matching `where`, newest first, each with its seq (for the cursor)."""
+
+    @abc.abstractmethod
+    async def job_events(self, job_id: str) -> list[JobEvent] | None:
+        """A job's audit trail, oldest first; None if there is no such job."""
+
+    @abc.abstractmethod
+    async def delete_job(self, job_id: str) -> str:
+        """Delete an ended job with its runs, output and events: "deleted", "absent", or
+        "active" (refused: cancel it first)."""
+
+    @abc.abstractmethod
+    async def busy_keys(self) -> set[str]:
+        """Concurrency keys held by a job with an active run."""
+
+    @abc.abstractmethod
+    async def resources_in_use(self) -> dict[str, dict[str, int]]:
+        """Per supervisor, the resources its active runs hold."""
+
+    @abc.abstractmethod
+    async def set_unschedulable(self, reasons: dict[str, str | None]) -> None:
+        """Record, per queued job, why no registered supervisor could ever run it (None:
+        some could)."""
+
+    @abc.abstractmethod
+    async def expire(self, run_grace_s: float) -> Expired:
+        """End queued jobs past their queue timeout and runs past their timeout (plus
+        `run_grace_s`, the supervisor's own chance to report it) as `timed_out`."""
+
+    @abc.abstractmethod
+    async def queue_length(self) -> int: ...
 
     @abc.abstractmethod
     async def queued_jobs(self, limit: int) -> list[QueuedJob]:
@@ -96,7 +212,7 @@ class Store(abc.ABC):
         in one transaction. Jobs no longer queued are left out of the result."""
 
     @abc.abstractmethod
-    async def request_cancel(self, job_id: str) -> CancelResult | None:
+    async def request_cancel(self, job_id: str, actor: str = "") -> CancelResult | None:
         """Cancel a job: a queued one ends at once; an active one is marked so its run is
         stopped. None if there is no such job."""
 
@@ -134,6 +250,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_supervisors(self) -> list[SupervisorView]: ...
+
+    @abc.abstractmethod
+    async def get_supervisor(self, supervisor_id: str) -> SupervisorView | None: ...
+
+    @abc.abstractmethod
+    async def set_drained(self, supervisor_id: str, drained: bool) -> bool:
+        """Drain (or resume) a supervisor; False if it is unknown."""
+
+    @abc.abstractmethod
+    async def set_operator_labels(self, supervisor_id: str, labels: dict[str, str]) -> bool:
+        """Replace a supervisor's operator labels; False if it is unknown."""
 
     @abc.abstractmethod
     async def running_counts(self) -> dict[str, int]:

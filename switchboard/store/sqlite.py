@@ -40,11 +40,13 @@ from protocol.messages import (
     SupervisorEvent,
 )
 from protocol.spec import JobSpec, RestartPolicy
-from protocol.state import ACTIVE, Phase, can_transition, is_terminal
+from protocol.state import Phase, can_transition, is_terminal
 from switchboard.jobstate import job_after_run
 from switchboard.models import (
     ActiveRun,
     Assignment,
+    JobEvent,
+    JobSummary,
     JobView,
     PhaseEntry,
     QueuedJob,
@@ -54,105 +56,36 @@ from switchboard.models import (
     TokenView,
 )
 from switchboard.retry import restart_delay
-from switchboard.store.base import CancelResult, Connected, EventsApplied, Store
+from switchboard.store.base import (
+    CancelResult,
+    Connected,
+    EventsApplied,
+    Expired,
+    JobFilter,
+    RunOnSupervisor,
+    Store,
+    Submitted,
+)
+from switchboard.store.schema import apply_schema
+from switchboard.store.sqlite_jobs import (
+    ACTIVE_PHASES,
+    ACTIVE_SQL,
+    cancel_job,
+    delete_job,
+    insert_jobs,
+    job_events,
+    list_jobs,
+    record_event,
+)
 
 log = logging.getLogger("switchboard.store")
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-    id TEXT PRIMARY KEY,
-    role TEXT NOT NULL,
-    name TEXT NOT NULL,
-    hash BLOB NOT NULL UNIQUE,
-    created_at REAL NOT NULL,
-    revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS artifacts (
-    digest TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS supervisors (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    labels TEXT NOT NULL DEFAULT '{}',
-    backends TEXT NOT NULL DEFAULT '[]',
-    resources TEXT NOT NULL DEFAULT '{}',
-    max_jobs INTEGER NOT NULL DEFAULT 1,
-    software TEXT NOT NULL DEFAULT '',
-    session INTEGER NOT NULL DEFAULT 0,
-    last_seq INTEGER NOT NULL DEFAULT 0,
-    connected INTEGER NOT NULL DEFAULT 0,
-    first_seen REAL NOT NULL,
-    connected_at REAL,
-    last_seen REAL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    name TEXT NOT NULL,
-    spec BLOB NOT NULL,
-    phase TEXT NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    exit_code INTEGER,
-    reason TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    restarts INTEGER NOT NULL DEFAULT 0,
-    -- a restarted job waits in the queue until then (its backoff), and the delay it got
-    not_before REAL,
-    backoff_s REAL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_by_phase ON jobs (phase, priority DESC, seq);
-CREATE TABLE IF NOT EXISTS runs (
-    job_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    supervisor_id TEXT,
-    phase TEXT NOT NULL,
-    stage TEXT,
-    message TEXT,
-    exit_code INTEGER,
-    signal INTEGER,
-    reason TEXT,
-    error_kind TEXT,
-    error TEXT,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    ended_at REAL,
-    PRIMARY KEY (job_id, attempt)
-);
-CREATE INDEX IF NOT EXISTS runs_by_supervisor ON runs (supervisor_id, phase);
-CREATE INDEX IF NOT EXISTS runs_by_phase ON runs (phase, supervisor_id);
-CREATE TABLE IF NOT EXISTS run_phases (
-    id INTEGER PRIMARY KEY,
-    job_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    phase TEXT NOT NULL,
-    stage TEXT,
-    message TEXT,
-    at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS run_phases_by_run ON run_phases (job_id, attempt, id);
-CREATE TABLE IF NOT EXISTS output (
-    id INTEGER PRIMARY KEY,
-    job_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    stream TEXT NOT NULL,
-    offset INTEGER NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS output_by_run ON output (job_id, attempt, stream, offset);
-"""
 
 #: How long a job refused because its supervisor was busy waits before it is placed again.
 BUSY_RETRY_S = 0.5
 
-_ACTIVE_PHASES = tuple(p.value for p in ACTIVE)
-_ACTIVE_SQL = ",".join("?" * len(_ACTIVE_PHASES))
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
 _encoder = msgspec.json.Encoder()
@@ -245,8 +178,10 @@ class SQLiteStore(Store):
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         setup = _connect(self.path, readonly=False)
-        setup.executescript(SCHEMA)
-        setup.close()
+        try:
+            apply_schema(setup)
+        finally:
+            setup.close()
         self._writer = _Writer(self.path)
         self._writer.start()
         self._read_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-read")
@@ -287,11 +222,29 @@ class SQLiteStore(Store):
 
     # --- tokens ----------------------------------------------------------------------
 
-    async def add_token(self, token_id: str, role: str, name: str, digest: bytes) -> None:
+    async def add_token(
+        self,
+        token_id: str,
+        role: str,
+        name: str,
+        digest: bytes,
+        supervisor_id: str | None = None,
+        *,
+        replace_bound: bool = False,
+    ) -> None:
+        now = time.time()
+
         def write(conn: sqlite3.Connection) -> None:
+            if replace_bound and supervisor_id is not None:
+                conn.execute(
+                    "UPDATE tokens SET revoked_at = ?"
+                    " WHERE supervisor_id = ? AND revoked_at IS NULL",
+                    (now, supervisor_id),
+                )
             conn.execute(
-                "INSERT INTO tokens (id, role, name, hash, created_at) VALUES (?, ?, ?, ?, ?)",
-                (token_id, role, name, digest, time.time()),
+                "INSERT INTO tokens (id, role, name, hash, created_at, supervisor_id)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (token_id, role, name, digest, now, supervisor_id),
             )
 
         await self._write(write)
@@ -299,13 +252,56 @@ class SQLiteStore(Store):
     async def find_token(self, digest: bytes) -> TokenView | None:
         def read(conn: sqlite3.Connection) -> TokenView | None:
             row = conn.execute(
-                "SELECT id, role, name, created_at FROM tokens"
+                "SELECT id, role, name, created_at, 0, supervisor_id FROM tokens"
                 " WHERE hash = ? AND revoked_at IS NULL",
                 (digest,),
             ).fetchone()
             return TokenView(*row) if row else None
 
         return await self._read(read)
+
+    async def list_tokens(self) -> list[TokenView]:
+        def read(conn: sqlite3.Connection) -> list[TokenView]:
+            rows = conn.execute(
+                "SELECT id, role, name, created_at, revoked_at IS NOT NULL, supervisor_id"
+                " FROM tokens ORDER BY created_at, id"
+            ).fetchall()
+            return [TokenView(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
+
+        return await self._read(read)
+
+    async def revoke_token(self, token_id: str) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM tokens WHERE id = ?", (token_id,)).fetchone() is None:
+                return False
+            conn.execute(
+                "UPDATE tokens SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
+                (time.time(), token_id),
+            )
+            return True
+
+        return await self._write(write)
+
+    # --- switchboard-wide state ------------------------------------------------------
+
+    async def dispatch_paused(self) -> bool:
+        def read(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT value FROM switchboard_state WHERE key = 'dispatch_paused'"
+            ).fetchone()
+            return row is not None and row[0] == "1"
+
+        return await self._read(read)
+
+    async def set_dispatch_paused(self, paused: bool) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO switchboard_state (key, value) VALUES ('dispatch_paused', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                ("1" if paused else "0",),
+            )
+
+        await self._write(write)
 
     # --- artifacts -------------------------------------------------------------------
 
@@ -327,17 +323,98 @@ class SQLiteStore(Store):
 
     # --- jobs ------------------------------------------------------------------------
 
-    async def create_job(self, job_id: str, spec: JobSpec) -> None:
-        now = time.time()
+    async def create_jobs(
+        self, jobs: Sequence[tuple[str, JobSpec]], actor: str, max_queued: int
+    ) -> list[Submitted]:
+        batch = list(jobs)
+        return await self._write(lambda conn: insert_jobs(conn, batch, actor, max_queued))
 
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO jobs (id, name, spec, phase, priority, created_at, updated_at)"
-                " VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-                (job_id, spec.name, _encoder.encode(spec), spec.priority, now, now),
+    async def list_jobs(self, where: JobFilter) -> list[tuple[int, JobSummary]]:
+        return await self._read(lambda conn: list_jobs(conn, where))
+
+    async def job_events(self, job_id: str) -> list[JobEvent] | None:
+        return await self._read(lambda conn: job_events(conn, job_id))
+
+    async def delete_job(self, job_id: str) -> str:
+        return await self._write(lambda conn: delete_job(conn, job_id))
+
+    async def busy_keys(self) -> set[str]:
+        def read(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute(
+                "SELECT DISTINCT concurrency_key FROM jobs WHERE concurrency_key IS NOT NULL"
+                f" AND phase IN ({ACTIVE_SQL})",
+                ACTIVE_PHASES,
             )
+            return {r[0] for r in rows}
+
+        return await self._read(read)
+
+    async def resources_in_use(self) -> dict[str, dict[str, int]]:
+        def read(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            used: dict[str, dict[str, int]] = {}
+            for supervisor_id, resources in conn.execute(
+                "SELECT r.supervisor_id, j.resources FROM runs r JOIN jobs j ON j.id = r.job_id"
+                f" WHERE r.phase IN ({ACTIVE_SQL}) AND j.resources != '{{}}'",
+                ACTIVE_PHASES,
+            ):
+                held = used.setdefault(supervisor_id, {})
+                for name, count in json.loads(resources).items():
+                    held[name] = held.get(name, 0) + count
+            return used
+
+        return await self._read(read)
+
+    async def set_unschedulable(self, reasons: dict[str, str | None]) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            for job_id, reason in reasons.items():
+                conn.execute(
+                    "UPDATE jobs SET unschedulable = ? WHERE id = ? AND phase = 'queued'",
+                    (reason, job_id),
+                )
 
         await self._write(write)
+
+    async def expire(self, run_grace_s: float) -> Expired:
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> Expired:
+            jobs = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM jobs WHERE queue_deadline <= ? AND phase = 'queued'", (now,)
+                ).fetchall()
+            ]
+            for job_id in jobs:
+                conn.execute(
+                    "UPDATE jobs SET phase = 'timed_out', queue_deadline = NULL, reason = ?,"
+                    " updated_at = ? WHERE id = ?",
+                    ("queue timeout: no supervisor took the job in time", now, job_id),
+                )
+                record_event(conn, job_id, "queue_timeout", "waited past its queue timeout")
+            # A run is due once it has been running for its timeout (or assigned for it, if
+            # it never got to running), plus the grace the supervisor has to report it.
+            rows = conn.execute(
+                "SELECT r.job_id, r.attempt, r.supervisor_id FROM runs r"
+                " JOIN jobs j ON j.id = r.job_id"
+                f" WHERE r.phase IN ({ACTIVE_SQL}) AND j.timeout_s IS NOT NULL"
+                " AND coalesce(r.started_at, r.created_at) + j.timeout_s + ? <= ?",
+                (*ACTIVE_PHASES, run_grace_s, now),
+            ).fetchall()
+            runs = []
+            for job_id, attempt, supervisor_id in rows:
+                message = "run timeout enforced by the switchboard (the supervisor did not end it)"
+                _set_run_phase(conn, job_id, attempt, Phase.TIMED_OUT, None, message, now)
+                record_event(conn, job_id, "run_timeout", message, attempt=attempt)
+                runs.append(RunOnSupervisor(job_id, attempt, supervisor_id))
+            return Expired(runs, jobs)
+
+        return await self._write(write)
+
+    async def queue_length(self) -> int:
+        def read(conn: sqlite3.Connection) -> int:
+            return conn.execute("SELECT count(*) FROM jobs WHERE phase = 'queued'").fetchone()[0]
+
+        return await self._read(read)
 
     async def get_job(self, job_id: str) -> JobView | None:
         return await self._read(lambda conn: _load_job(conn, job_id))
@@ -345,12 +422,15 @@ class SQLiteStore(Store):
     async def queued_jobs(self, limit: int) -> list[QueuedJob]:
         def read(conn: sqlite3.Connection) -> list[QueuedJob]:
             rows = conn.execute(
-                "SELECT id, seq, priority, spec FROM jobs WHERE phase = 'queued'"
+                "SELECT id, seq, priority, spec, queued_at, concurrency_key FROM jobs"
+                " WHERE phase = 'queued'"
                 " AND (not_before IS NULL OR not_before <= ?)"
                 " ORDER BY priority DESC, seq LIMIT ?",
                 (time.time(), limit),
             ).fetchall()
-            return [QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3])) for r in rows]
+            return [
+                QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3]), r[4], r[5]) for r in rows
+            ]
 
         return await self._read(read)
 
@@ -379,7 +459,8 @@ class SQLiteStore(Store):
                     continue
                 attempt = row[0] + 1
                 conn.execute(
-                    "UPDATE jobs SET phase = 'assigned', attempts = ?, updated_at = ? WHERE id = ?",
+                    "UPDATE jobs SET phase = 'assigned', attempts = ?, updated_at = ?,"
+                    " queue_deadline = NULL, unschedulable = NULL WHERE id = ?",
                     (attempt, now, job_id),
                 )
                 conn.execute(
@@ -394,36 +475,8 @@ class SQLiteStore(Store):
 
         return await self._write(write)
 
-    async def request_cancel(self, job_id: str) -> CancelResult | None:
-        now = time.time()
-
-        def write(conn: sqlite3.Connection) -> CancelResult | None:
-            row = conn.execute(
-                "SELECT phase, attempts FROM jobs WHERE id = ?", (job_id,)
-            ).fetchone()
-            if row is None:
-                return None
-            phase, attempts = Phase(row[0]), row[1]
-            if is_terminal(phase):
-                return CancelResult(phase.value)
-            if phase == Phase.QUEUED:
-                conn.execute(
-                    "UPDATE jobs SET phase = 'canceled', cancel_requested = 1, reason = ?,"
-                    " updated_at = ? WHERE id = ?",
-                    ("canceled while queued", now, job_id),
-                )
-                return CancelResult(Phase.CANCELED.value)
-            conn.execute(
-                "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
-                (now, job_id),
-            )
-            run = conn.execute(
-                "SELECT supervisor_id FROM runs WHERE job_id = ? AND attempt = ?",
-                (job_id, attempts),
-            ).fetchone()
-            return CancelResult(phase.value, run[0] if run else None, attempts)
-
-        return await self._write(write)
+    async def request_cancel(self, job_id: str, actor: str = "") -> CancelResult | None:
+        return await self._write(lambda conn: cancel_job(conn, job_id, actor))
 
     async def run_phase(self, job_id: str, attempt: int) -> Phase | None:
         def read(conn: sqlite3.Connection) -> Phase | None:
@@ -493,8 +546,8 @@ class SQLiteStore(Store):
             rows = conn.execute(
                 "SELECT r.job_id, r.attempt, r.phase, j.cancel_requested, j.spec"
                 " FROM runs r JOIN jobs j ON j.id = r.job_id"
-                f" WHERE r.supervisor_id = ? AND r.phase IN ({_ACTIVE_SQL})",
-                (supervisor_id, *_ACTIVE_PHASES),
+                f" WHERE r.supervisor_id = ? AND r.phase IN ({ACTIVE_SQL})",
+                (supervisor_id, *ACTIVE_PHASES),
             ).fetchall()
             return [
                 ActiveRun(r[0], r[1], Phase(r[2]), bool(r[3]), _spec_decoder.decode(r[4]))
@@ -528,8 +581,8 @@ class SQLiteStore(Store):
             rows = conn.execute(
                 "SELECT r.job_id, r.attempt FROM runs r JOIN supervisors s"
                 " ON s.id = r.supervisor_id WHERE s.connected = 0 AND s.last_seen < ?"
-                f" AND r.phase IN ({_ACTIVE_SQL})",
-                (now - grace_s, *_ACTIVE_PHASES),
+                f" AND r.phase IN ({ACTIVE_SQL})",
+                (now - grace_s, *ACTIVE_PHASES),
             ).fetchall()
             message = f"supervisor silent for over {grace_s:g}s"
             for job_id, attempt in rows:
@@ -539,31 +592,30 @@ class SQLiteStore(Store):
         return await self._write(write)
 
     async def list_supervisors(self) -> list[SupervisorView]:
-        def read(conn: sqlite3.Connection) -> list[SupervisorView]:
-            counts = _running_counts(conn)
-            rows = conn.execute(
-                "SELECT id, name, connected, labels, backends, resources, max_jobs, session,"
-                " software, connected_at, last_seen FROM supervisors ORDER BY id"
-            ).fetchall()
-            return [
-                SupervisorView(
-                    id=r[0],
-                    name=r[1],
-                    connected=bool(r[2]),
-                    labels=json.loads(r[3]),
-                    backends=json.loads(r[4]),
-                    resources=json.loads(r[5]),
-                    max_jobs=r[6],
-                    running=counts.get(r[0], 0),
-                    session=r[7],
-                    software=r[8],
-                    connected_at=r[9],
-                    last_seen=r[10],
-                )
-                for r in rows
-            ]
+        return await self._read(lambda conn: _load_supervisors(conn, None))
 
-        return await self._read(read)
+    async def get_supervisor(self, supervisor_id: str) -> SupervisorView | None:
+        found = await self._read(lambda conn: _load_supervisors(conn, supervisor_id))
+        return found[0] if found else None
+
+    async def set_drained(self, supervisor_id: str, drained: bool) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE supervisors SET drained = ? WHERE id = ?", (int(drained), supervisor_id)
+            )
+            return cursor.rowcount > 0
+
+        return await self._write(write)
+
+    async def set_operator_labels(self, supervisor_id: str, labels: dict[str, str]) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE supervisors SET operator_labels = ? WHERE id = ?",
+                (json.dumps(labels), supervisor_id),
+            )
+            return cursor.rowcount > 0
+
+        return await self._write(write)
 
     async def running_counts(self) -> dict[str, int]:
         return await self._read(_running_counts)
@@ -613,11 +665,46 @@ class SQLiteStore(Store):
 # --- helpers that run inside a transaction ---------------------------------------------
 
 
+def _load_supervisors(conn: sqlite3.Connection, only: str | None) -> list[SupervisorView]:
+    counts = _running_counts(conn)
+    sql = (
+        "SELECT id, name, connected, labels, backends, resources, max_jobs, session,"
+        " software, connected_at, last_seen, drained, operator_labels FROM supervisors"
+    )
+    rows = (
+        conn.execute(sql + " WHERE id = ?", (only,))
+        if only is not None
+        else conn.execute(sql + " ORDER BY id")
+    ).fetchall()
+    views = []
+    for r in rows:
+        operator_labels = json.loads(r[12])
+        views.append(
+            SupervisorView(
+                id=r[0],
+                name=r[1],
+                connected=bool(r[2]),
+                labels={**json.loads(r[3]), **operator_labels},
+                operator_labels=operator_labels,
+                drained=bool(r[11]),
+                backends=json.loads(r[4]),
+                resources=json.loads(r[5]),
+                max_jobs=r[6],
+                running=counts.get(r[0], 0),
+                session=r[7],
+                software=r[8],
+                connected_at=r[9],
+                last_seen=r[10],
+            )
+        )
+    return views
+
+
 def _running_counts(conn: sqlite3.Connection) -> dict[str, int]:
     rows = conn.execute(
-        f"SELECT supervisor_id, count(*) FROM runs WHERE phase IN ({_ACTIVE_SQL})"
+        f"SELECT supervisor_id, count(*) FROM runs WHERE phase IN ({ACTIVE_SQL})"
         " GROUP BY supervisor_id",
-        _ACTIVE_PHASES,
+        ACTIVE_PHASES,
     ).fetchall()
     return dict(rows)
 
@@ -685,6 +772,9 @@ def _set_run_phase(
         backoff_s = restart_delay(policy.backoff, restarts, backoff_s)
         not_before = at + backoff_s
         reason = f"restart {restarts} of {policy.max_restarts} in {backoff_s:.2f}s: {reason}"
+        record_event(conn, job_id, "restart_scheduled", reason, attempt=attempt, at=at)
+    elif decision.phase == Phase.EXHAUSTED:
+        record_event(conn, job_id, "exhausted", f"{restarts} restarts used up", attempt=attempt)
     conn.execute(
         "UPDATE jobs SET phase = ?, exit_code = ?, reason = coalesce(?, reason), updated_at = ?,"
         " restarts = ?, backoff_s = ?, not_before = ? WHERE id = ?",
@@ -788,7 +878,7 @@ def _apply_event(conn: sqlite3.Connection, supervisor_id: str, event: Supervisor
 def _load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
     row = conn.execute(
         "SELECT id, name, phase, spec, created_at, updated_at, priority, exit_code, reason,"
-        " cancel_requested FROM jobs WHERE id = ?",
+        " cancel_requested, unschedulable FROM jobs WHERE id = ?",
         (job_id,),
     ).fetchone()
     if row is None:
@@ -834,5 +924,6 @@ def _load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
         exit_code=row[7],
         reason=row[8],
         cancel_requested=bool(row[9]),
+        unschedulable=row[10],
         runs=runs,
     )

@@ -1,0 +1,198 @@
+"""`switchboard supervisor ...`, `switchboard token ...` and `switchboard dispatch ...`:
+the operator's commands, each one REST call."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from switchboard.auth import Role, create_token
+from switchboard.cli_output import add_connection_flags, client, show, table, when
+from switchboard.cli_output import run as run_client
+from switchboard.config import Settings
+
+
+def data_dir(value: str | None) -> Path:
+    return Path(value or os.environ.get("SWITCHBOARD_DATA_DIR", "switchboard-data"))
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+def _supervisor_rows(supervisors: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            s["id"],
+            s["name"],
+            "connected" if s["connected"] else "gone",
+            "drained" if s["drained"] else "active",
+            f"{s['running']}/{s['max_jobs']}",
+            ",".join(s["backends"]) or "-",
+            _labels(s["labels"]),
+        )
+        for s in supervisors
+    ]
+    return table(rows, ["ID", "NAME", "LINK", "STATE", "RUNS", "BACKENDS", "LABELS"])
+
+
+def _supervisor_list(args: argparse.Namespace) -> int:
+    show(args, client(args).get("/api/v1/supervisors"), _supervisor_rows)
+    return 0
+
+
+def _supervisor_show(args: argparse.Namespace) -> int:
+    supervisor = client(args).get(f"/api/v1/supervisors/{args.supervisor_id}")
+    show(args, supervisor, lambda s: _supervisor_rows([s]))
+    return 0
+
+
+def _supervisor_action(action: str) -> Any:
+    def act(args: argparse.Namespace) -> int:
+        supervisor = client(args).post(f"/api/v1/supervisors/{args.supervisor_id}/{action}")
+        show(args, supervisor, lambda s: _supervisor_rows([s]))
+        return 0
+
+    return act
+
+
+def _supervisor_label(args: argparse.Namespace) -> int:
+    labels = {}
+    for pair in args.labels:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"switchboard: a label is KEY=VALUE, got {pair!r}")
+        labels[key] = value
+    supervisor = client(args).put(
+        f"/api/v1/supervisors/{args.supervisor_id}/labels", {"labels": labels}
+    )
+    show(args, supervisor, lambda s: _supervisor_rows([s]))
+    return 0
+
+
+def _created(token: dict[str, Any]) -> str:
+    return f"{token['token']}\n(token id {token['id']}, role {token['role']}; shown only once)"
+
+
+def _supervisor_rotate(args: argparse.Namespace) -> int:
+    token = client(args).post(f"/api/v1/supervisors/{args.supervisor_id}/token")
+    show(args, token, _created)
+    return 0
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    if args.data_dir:
+        # Bootstrap: no server and no token yet, so write the first one into the database.
+        return _token_bootstrap(args)
+    body = {"role": args.role, "name": args.name or "", "supervisor_id": args.supervisor}
+    show(args, client(args).post("/api/v1/tokens", body), _created)
+    return 0
+
+
+def _token_bootstrap(args: argparse.Namespace) -> int:
+    from switchboard.store.sqlite import SQLiteStore
+
+    settings = Settings(data_dir=data_dir(args.data_dir))
+
+    async def make() -> str:
+        store = SQLiteStore(settings.database_path)
+        await store.open()
+        try:
+            return await create_token(
+                store, Role(args.role), args.name or "", supervisor_id=args.supervisor
+            )
+        finally:
+            await store.close()
+
+    print(asyncio.run(make()))
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    def human(tokens: list[dict[str, Any]]) -> str:
+        rows = [
+            (
+                t["id"],
+                t["role"],
+                t["name"] or "-",
+                t["supervisor_id"],
+                when(t["created_at"]),
+                "revoked" if t["revoked"] else "active",
+            )
+            for t in tokens
+        ]
+        return table(rows, ["ID", "ROLE", "NAME", "SUPERVISOR", "CREATED", "STATE"])
+
+    show(args, client(args).get("/api/v1/tokens"), human)
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    client(args).delete(f"/api/v1/tokens/{args.token_id}")
+    print(f"token {args.token_id} revoked")
+    return 0
+
+
+def _dispatch(path: str) -> Any:
+    def act(args: argparse.Namespace) -> int:
+        api = client(args)
+        state = api.post(f"/api/v1/dispatch/{path}") if path else api.get("/api/v1/dispatch")
+        show(
+            args,
+            state,
+            lambda s: f"dispatch {'paused' if s['paused'] else 'running'}, {s['queued']} queued",
+        )
+        return 0
+
+    return act
+
+
+def _group(commands: argparse._SubParsersAction, name: str, help: str) -> Any:
+    group = commands.add_parser(name, help=help).add_subparsers(dest=f"{name}_command")
+    group.required = True
+
+    def command(sub: str, sub_help: str, func: Any) -> argparse.ArgumentParser:
+        parser = group.add_parser(sub, help=sub_help)
+        add_connection_flags(parser)
+        parser.set_defaults(func=func, run=run_client)
+        return parser
+
+    return command
+
+
+def add_admin_commands(commands: argparse._SubParsersAction) -> None:
+    supervisor = _group(commands, "supervisor", "list, drain and label supervisors")
+    supervisor("list", "every supervisor the switchboard knows", _supervisor_list)
+    for name, help, func in [
+        ("show", "one supervisor", _supervisor_show),
+        ("drain", "finish its runs, take no new ones", _supervisor_action("drain")),
+        ("resume", "take new runs again", _supervisor_action("resume")),
+        ("rotate-token", "a new bound token; the old ones stop working", _supervisor_rotate),
+    ]:
+        supervisor(name, help, func).add_argument("supervisor_id")
+    label = supervisor(
+        "label", "set operator labels (replaces the previous set)", _supervisor_label
+    )
+    label.add_argument("supervisor_id")
+    label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+
+    token = _group(commands, "token", "create, list and revoke tokens")
+    create = token("create", "create a token and print it (shown once)", _token_create)
+    create.add_argument("--role", required=True, choices=[r.value for r in Role])
+    create.add_argument("--name", help="a label to recognise the token by")
+    create.add_argument("--supervisor", help="bind a supervisor token to this supervisor id")
+    create.add_argument(
+        "--data-dir",
+        help="write it straight into this server data dir instead (the first admin token)",
+    )
+    token("list", "every token (never the secrets)", _token_list)
+    revoke = token("revoke", "revoke a token; its connections are closed", _token_revoke)
+    revoke.add_argument("token_id")
+
+    dispatch = _group(commands, "dispatch", "pause or resume placing jobs")
+    dispatch("status", "whether dispatch runs, and how many jobs wait", _dispatch(""))
+    dispatch("pause", "place no new jobs (running ones go on)", _dispatch("pause"))
+    dispatch("resume", "place jobs again", _dispatch("resume"))

@@ -1,0 +1,146 @@
+"""The SQLite schema, and the check that a data dir was made by this schema version."""
+
+from __future__ import annotations
+
+import sqlite3
+
+#: Bumped whenever a table changes; a database of another version is refused, not guessed at.
+SCHEMA_VERSION = 2
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    name TEXT NOT NULL,
+    hash BLOB NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    -- a supervisor token may be bound to one supervisor id
+    supervisor_id TEXT
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS supervisors (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}',
+    backends TEXT NOT NULL DEFAULT '[]',
+    resources TEXT NOT NULL DEFAULT '{}',
+    max_jobs INTEGER NOT NULL DEFAULT 1,
+    software TEXT NOT NULL DEFAULT '',
+    session INTEGER NOT NULL DEFAULT 0,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    connected INTEGER NOT NULL DEFAULT 0,
+    -- set by operators: a drained supervisor takes no new runs; operator labels override
+    -- the advertised ones
+    drained INTEGER NOT NULL DEFAULT 0,
+    operator_labels TEXT NOT NULL DEFAULT '{}',
+    first_seen REAL NOT NULL,
+    connected_at REAL,
+    last_seen REAL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    spec BLOB NOT NULL,
+    phase TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    -- copied out of the spec for queries that must not decode it
+    labels TEXT NOT NULL DEFAULT '{}',
+    resources TEXT NOT NULL DEFAULT '{}',
+    concurrency_key TEXT,
+    timeout_s REAL,
+    -- when the job entered the queue (aging), and when its queue timeout ends
+    queued_at REAL NOT NULL,
+    queue_deadline REAL,
+    unschedulable TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    exit_code INTEGER,
+    reason TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    -- a restarted job waits in the queue until then (its backoff), and the delay it got
+    not_before REAL,
+    backoff_s REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_phase ON jobs (phase, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (concurrency_key, phase)
+    WHERE concurrency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_by_queue_deadline ON jobs (queue_deadline)
+    WHERE queue_deadline IS NOT NULL;
+CREATE TABLE IF NOT EXISTS job_events (
+    id INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    attempt INTEGER,
+    actor TEXT
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, id);
+CREATE TABLE IF NOT EXISTS switchboard_state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    supervisor_id TEXT,
+    phase TEXT NOT NULL,
+    stage TEXT,
+    message TEXT,
+    exit_code INTEGER,
+    signal INTEGER,
+    reason TEXT,
+    error_kind TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    PRIMARY KEY (job_id, attempt)
+);
+CREATE INDEX IF NOT EXISTS runs_by_supervisor ON runs (supervisor_id, phase);
+CREATE INDEX IF NOT EXISTS runs_by_phase ON runs (phase, supervisor_id);
+CREATE TABLE IF NOT EXISTS run_phases (
+    id INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    stage TEXT,
+    message TEXT,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_phases_by_run ON run_phases (job_id, attempt, id);
+CREATE TABLE IF NOT EXISTS output (
+    id INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS output_by_run ON output (job_id, attempt, stream, offset);
+"""
+
+
+class SchemaMismatch(RuntimeError):
+    """The database was made by another version of the switchboard."""
+
+
+def apply_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables of a new database, or check an existing one's version."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    (tables,) = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()
+    if tables and version != SCHEMA_VERSION:
+        raise SchemaMismatch(
+            f"the database has schema version {version}, this switchboard needs"
+            f" {SCHEMA_VERSION}: move the data dir aside (or start with a new --data-dir)"
+        )
+    conn.executescript(SCHEMA)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -1,0 +1,244 @@
+"""Job transactions of the SQLite store that run on the writer's or a reader's connection:
+submission with concurrency policies, cancel, listing, the audit trail, deletion.
+
+Every function takes the open connection and runs inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import msgspec
+
+from protocol.spec import JobSpec
+from protocol.state import ACTIVE, TERMINAL, Phase, is_terminal
+from switchboard.models import JobEvent, JobSummary
+from switchboard.store.base import (
+    CancelResult,
+    JobFilter,
+    QueueFull,
+    RunOnSupervisor,
+    Submitted,
+)
+
+_encoder = msgspec.json.Encoder()
+
+ACTIVE_PHASES = tuple(p.value for p in ACTIVE)
+ACTIVE_SQL = ",".join("?" * len(ACTIVE_PHASES))
+_TERMINAL_PHASES = tuple(p.value for p in TERMINAL)
+_TERMINAL_SQL = ",".join("?" * len(_TERMINAL_PHASES))
+
+
+def record_event(
+    conn: sqlite3.Connection,
+    job_id: str,
+    kind: str,
+    message: str,
+    *,
+    attempt: int | None = None,
+    actor: str | None = None,
+    at: float | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO job_events (job_id, at, kind, message, attempt, actor)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (job_id, at or time.time(), kind, message, attempt, actor or None),
+    )
+
+
+def insert_jobs(
+    conn: sqlite3.Connection, jobs: list[tuple[str, JobSpec]], actor: str, max_queued: int
+) -> list[Submitted]:
+    """Insert jobs (all or none: the caller's savepoint rolls back on QueueFull)."""
+    (queued,) = conn.execute("SELECT count(*) FROM jobs WHERE phase = 'queued'").fetchone()
+    if queued + len(jobs) > max_queued:
+        raise QueueFull(f"{queued} jobs are queued; the switchboard takes at most {max_queued}")
+    return [_insert_job(conn, job_id, spec, actor) for job_id, spec in jobs]
+
+
+def _insert_job(conn: sqlite3.Connection, job_id: str, spec: JobSpec, actor: str) -> Submitted:
+    now = time.time()
+    key = spec.concurrency.key if spec.concurrency else None
+    phase, reason, stops = Phase.QUEUED, None, []
+    if spec.concurrency is not None:
+        holders = [
+            row[0]
+            for row in conn.execute(
+                f"SELECT id FROM jobs WHERE concurrency_key = ? AND phase NOT IN ({_TERMINAL_SQL})"
+                " ORDER BY seq",
+                (key, *_TERMINAL_PHASES),
+            )
+        ]
+        if holders and spec.concurrency.policy == "drop_if_running":
+            phase = Phase.REJECTED
+            reason = f"dropped: concurrency key {key!r} is held by job {holders[0]}"
+        elif holders and spec.concurrency.policy == "replace":
+            for holder in holders:
+                result = cancel_job(conn, holder, actor, f"replaced by job {job_id}")
+                if result and result.supervisor_id is not None and result.attempt is not None:
+                    stops.append(RunOnSupervisor(holder, result.attempt, result.supervisor_id))
+    queue_deadline = now + spec.queue_timeout_s if spec.queue_timeout_s else None
+    conn.execute(
+        "INSERT INTO jobs (id, name, spec, phase, priority, labels, resources, concurrency_key,"
+        " timeout_s, queued_at, queue_deadline, reason, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            job_id,
+            spec.name,
+            _encoder.encode(spec),
+            phase.value,
+            spec.priority,
+            json.dumps(spec.labels),
+            json.dumps(spec.resources),
+            key,
+            spec.timeout_s,
+            now,
+            queue_deadline if phase == Phase.QUEUED else None,
+            reason,
+            now,
+            now,
+        ),
+    )
+    record_event(conn, job_id, "submitted", f"submitted as {spec.name!r}", actor=actor, at=now)
+    if phase == Phase.REJECTED:
+        record_event(conn, job_id, "dropped", reason or "", at=now)
+    for stop in stops:
+        record_event(conn, job_id, "replaced", f"replaces job {stop.job_id}", at=now)
+    return Submitted(job_id, phase.value, reason, stops)
+
+
+def cancel_job(
+    conn: sqlite3.Connection, job_id: str, actor: str, why: str = "canceled"
+) -> CancelResult | None:
+    """Cancel: a queued job ends at once; an active one is marked so its run is stopped."""
+    now = time.time()
+    row = conn.execute("SELECT phase, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return None
+    phase, attempts = Phase(row[0]), row[1]
+    if is_terminal(phase):
+        return CancelResult(phase.value)
+    record_event(conn, job_id, "cancel_requested", why, actor=actor, at=now)
+    if phase == Phase.QUEUED:
+        conn.execute(
+            "UPDATE jobs SET phase = 'canceled', cancel_requested = 1, reason = ?,"
+            " queue_deadline = NULL, updated_at = ? WHERE id = ?",
+            (f"{why} while queued", now, job_id),
+        )
+        return CancelResult(Phase.CANCELED.value)
+    conn.execute(
+        "UPDATE jobs SET cancel_requested = 1, reason = ?, updated_at = ? WHERE id = ?",
+        (why, now, job_id),
+    )
+    run = conn.execute(
+        "SELECT supervisor_id FROM runs WHERE job_id = ? AND attempt = ?", (job_id, attempts)
+    ).fetchone()
+    return CancelResult(phase.value, run[0] if run else None, attempts)
+
+
+def list_jobs(conn: sqlite3.Connection, where: JobFilter) -> list[tuple[int, JobSummary]]:
+    clauses: list[str] = []
+    args: list[object] = []
+    if where.phases:
+        clauses.append(f"j.phase IN ({','.join('?' * len(where.phases))})")
+        args.extend(where.phases)
+    for term in where.labels:
+        path = '$."' + term.key + '"'  # label keys never hold a double quote
+        if term.op == "=":
+            clauses.append("json_extract(j.labels, ?) = ?")
+            args.extend((path, term.value))
+        elif term.op == "!=":
+            clauses.append("coalesce(json_extract(j.labels, ?) != ?, 1)")
+            args.extend((path, term.value))
+        elif term.op == "exists":
+            clauses.append("json_type(j.labels, ?) IS NOT NULL")
+            args.append(path)
+        else:
+            clauses.append("json_type(j.labels, ?) IS NULL")
+            args.append(path)
+    if where.supervisor_id is not None:
+        clauses.append(
+            "EXISTS (SELECT 1 FROM runs r WHERE r.job_id = j.id AND r.supervisor_id = ?)"
+        )
+        args.append(where.supervisor_id)
+    if where.created_after is not None:
+        clauses.append("j.created_at >= ?")
+        args.append(where.created_after)
+    if where.created_before is not None:
+        clauses.append("j.created_at < ?")
+        args.append(where.created_before)
+    if where.before_seq is not None:
+        clauses.append("j.seq < ?")
+        args.append(where.before_seq)
+    sql = (
+        "SELECT j.seq, j.id, j.name, j.phase, j.priority, j.created_at, j.updated_at, j.labels,"
+        " j.attempts, (SELECT supervisor_id FROM runs r WHERE r.job_id = j.id"
+        "  AND r.attempt = j.attempts), j.exit_code, j.reason, j.unschedulable FROM jobs j"
+    )
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += " ORDER BY j.seq DESC LIMIT ?"
+    args.append(where.limit)
+    return [
+        (
+            r[0],
+            JobSummary(
+                id=r[1],
+                name=r[2],
+                phase=Phase(r[3]),
+                priority=r[4],
+                created_at=r[5],
+                updated_at=r[6],
+                labels=json.loads(r[7]),
+                attempts=r[8],
+                supervisor_id=r[9],
+                exit_code=r[10],
+                reason=r[11],
+                unschedulable=r[12],
+            ),
+        )
+        for r in conn.execute(sql, args)
+    ]
+
+
+def job_events(conn: sqlite3.Connection, job_id: str) -> list[JobEvent] | None:
+    """The job's own events and its runs' phase changes, in time order."""
+    if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+        return None
+    events = [
+        JobEvent(at=r[0], kind=r[1], message=r[2], attempt=r[3], actor=r[4])
+        for r in conn.execute(
+            "SELECT at, kind, message, attempt, actor FROM job_events WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        )
+    ]
+    for attempt, phase, stage, message, at in conn.execute(
+        "SELECT attempt, phase, stage, message, at FROM run_phases WHERE job_id = ? ORDER BY id",
+        (job_id,),
+    ):
+        text = f"run {attempt}: {phase}"
+        if stage:
+            text += f" ({stage})"
+        if message:
+            text += f": {message}"
+        events.append(JobEvent(at=at, kind="run_phase", message=text, attempt=attempt))
+    events.sort(key=lambda e: e.at)  # stable: same-instant entries keep their order
+    return events
+
+
+def delete_job(conn: sqlite3.Connection, job_id: str) -> str:
+    row = conn.execute("SELECT phase FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return "absent"
+    active = conn.execute(
+        f"SELECT 1 FROM runs WHERE job_id = ? AND phase IN ({ACTIVE_SQL})",
+        (job_id, *ACTIVE_PHASES),
+    ).fetchone()
+    if not is_terminal(row[0]) or active is not None:
+        return "active"
+    for table in ("output", "run_phases", "runs", "job_events"):
+        conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+    conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+    return "deleted"
