@@ -114,7 +114,9 @@ def _submit(args: argparse.Namespace) -> int:
     if not args.follow:
         return 0
     job = _follow(api, job_id)
-    print(f"job {job_id} ended {job['phase']} (exit code {job['exit_code']})", file=sys.stderr)
+    code = job["exit_code"]
+    ended = f"exit code {code}" if code is not None else "no exit code"
+    print(f"job {job_id} ended {job['phase']} ({ended})", file=sys.stderr)
     return exit_status(job)
 
 

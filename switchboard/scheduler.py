@@ -141,6 +141,22 @@ def plan(
     return decisions
 
 
+def describe_selector(selector: Selector) -> str:
+    """The selector in the CLI's label syntax, e.g. `arch=x86_64, board in (a, b), !gpu`."""
+    terms = [f"{key}={value}" for key, value in sorted(selector.match_labels.items())]
+    for expr in selector.match_expressions:
+        values = ", ".join(expr.values)
+        terms.append(
+            {
+                "In": f"{expr.key} in ({values})",
+                "NotIn": f"{expr.key} notin ({values})",
+                "Exists": expr.key,
+                "DoesNotExist": f"!{expr.key}",
+            }[expr.operator]
+        )
+    return ", ".join(terms)
+
+
 def unsatisfiable_reason(spec: JobSpec, fleet: Sequence[FleetMember]) -> str | None:
     """None if some registered supervisor could ever run `spec` (ignoring current load),
     else why not, naming the first unmet requirement: backend, then selector, then
@@ -158,7 +174,10 @@ def unsatisfiable_reason(spec: JobSpec, fleet: Sequence[FleetMember]) -> str | N
         return f"no registered supervisor runs backend {kind!r}"
     members = [m for m in members if selector_matches(spec.selector, m.labels)]
     if not members:
-        return f"no supervisor running backend {kind!r} matches the selector"
+        return (
+            f"no supervisor running backend {kind!r} matches the selector"
+            f" ({describe_selector(spec.selector)})"
+        )
     if not any(_has_resources(m.resources, spec.resources) for m in members):
         wanted = ", ".join(f"{name}={n}" for name, n in sorted(spec.resources.items()))
         return f"no supervisor matching the selector has resources {wanted}"

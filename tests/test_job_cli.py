@@ -69,3 +69,116 @@ def test_bad_spec_and_bad_token_are_clear_errors(switchboard, tmp_path):
     assert done.returncode == 2 and b"oops" in done.stderr
     refused = _cli(switchboard, "job", "show", "x", "--token", "sbt_wrong")
     assert refused.returncode == 2 and b"401" in refused.stderr
+
+
+def test_list_shows_a_table_and_json(switchboard, supervisor, tmp_path):
+    spec = tmp_path / "job.json"
+    spec.write_text('{"name": "listed", "labels": {"team": "cli"}, "backend": {"kind": "noop"}}')
+    ids = [_cli(switchboard, "job", "submit", str(spec)).stdout.decode().strip() for _ in range(3)]
+    table = _cli(switchboard, "job", "list", "--label", "team=cli")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.decode().splitlines()
+    assert lines[0].split()[:2] == ["ID", "NAME"]
+    assert [line.split()[0] for line in lines[1:]] == ids[::-1]  # newest first
+    # --limit walks pages for the caller and stops at the limit
+    two = json.loads(
+        _cli(switchboard, "job", "list", "--label", "team=cli", "--limit", "2", "--json").stdout
+    )
+    assert [job["id"] for job in two] == ids[:0:-1]
+
+
+def test_follow_says_why_a_job_waits(switchboard, supervisor, tmp_path):
+    spec = tmp_path / "job.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "name": "nowhere",
+                "selector": {"match_labels": {"board": "no-such-board"}},
+                "queue_timeout_s": 2,
+                "backend": {"kind": "noop"},
+            }
+        )
+    )
+    done = _cli(switchboard, "job", "submit", str(spec), "--follow")
+    assert done.returncode == 1
+    assert b"matches the selector (board=no-such-board)" in done.stderr, done.stderr
+    assert b"timed_out" in done.stderr
+
+
+def test_url_and_token_come_from_a_config_file(switchboard, supervisor, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'url = "{switchboard.url}"\ntoken = "{switchboard.admin_token}"\n')
+    env = dict(os.environ, SWITCHBOARD_CONFIG=str(config), PYTHONPATH=str(REPO))
+    env.pop("SWITCHBOARD_URL", None)
+    env.pop("SWITCHBOARD_TOKEN", None)
+    listed = subprocess.run(
+        [sys.executable, "-m", "switchboard", "supervisor", "list", "--json"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "cli-noop" in [s["id"] for s in json.loads(listed.stdout)]
+    # a flag beats the file
+    refused = subprocess.run(
+        [sys.executable, "-m", "switchboard", "supervisor", "list", "--token", "sbt_wrong"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and b"401" in refused.stderr
+    config.write_text('colour = "blue"\n')
+    broken = subprocess.run(
+        [sys.executable, "-m", "switchboard", "supervisor", "list"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert broken.returncode == 2 and b"colour" in broken.stderr
+
+
+def test_operator_commands(switchboard, supervisor):
+    drained = json.loads(_cli(switchboard, "supervisor", "drain", "cli-noop", "--json").stdout)
+    assert drained["drained"] is True
+    table = _cli(switchboard, "supervisor", "list").stdout.decode()
+    assert (
+        "drained"
+        in table.splitlines()[
+            1 + [line.split()[0] for line in table.splitlines()[1:]].index("cli-noop")
+        ]
+    )
+    resumed = json.loads(_cli(switchboard, "supervisor", "resume", "cli-noop", "--json").stdout)
+    assert resumed["drained"] is False
+    labelled = json.loads(
+        _cli(switchboard, "supervisor", "label", "cli-noop", "rack=7", "--json").stdout
+    )
+    assert labelled["operator_labels"] == {"rack": "7"} and labelled["labels"]["rack"] == "7"
+    _cli(switchboard, "supervisor", "label", "cli-noop")  # no labels: clears them
+
+    paused = _cli(switchboard, "dispatch", "pause")
+    assert paused.returncode == 0 and b"paused" in paused.stdout
+    assert json.loads(_cli(switchboard, "dispatch", "status", "--json").stdout)["paused"] is True
+    assert b"running" in _cli(switchboard, "dispatch", "resume").stdout
+
+    missing = _cli(switchboard, "supervisor", "drain", "no-such-supervisor")
+    assert missing.returncode == 2 and b"not_found" in missing.stderr
+
+
+def test_token_commands(switchboard):
+    created = json.loads(
+        _cli(
+            switchboard, "token", "create", "--role", "viewer", "--name", "ci-view", "--json"
+        ).stdout
+    )
+    assert created["token"].startswith("sbt_") and created["role"] == "viewer"
+    listed = _cli(switchboard, "token", "list", "--json")
+    tokens = {t["id"]: t for t in json.loads(listed.stdout)}
+    assert tokens[created["id"]]["name"] == "ci-view"
+    assert created["token"].encode() not in listed.stdout  # the secret is shown once only
+    viewer = _cli(switchboard, "job", "list", "--token", created["token"])
+    assert viewer.returncode == 0, viewer.stderr
+    assert _cli(switchboard, "token", "revoke", created["id"]).returncode == 0
+    refused = _cli(switchboard, "job", "list", "--token", created["token"])
+    assert refused.returncode == 2 and b"401" in refused.stderr
+    forbidden = _cli(switchboard, "token", "list", "--token", created["token"])
+    assert forbidden.returncode == 2

@@ -17,6 +17,7 @@ from switchboard.models import QueuedJob
 from switchboard.scheduler import (
     Candidate,
     FleetMember,
+    describe_selector,
     effective_priority,
     plan,
     selector_matches,
@@ -234,7 +235,7 @@ def test_unsatisfiable_reason_selector():
     wants_arm = spec(kind="wasm", selector=Selector(match_labels={"arch": "arm"}))
     assert (
         unsatisfiable_reason(wants_arm, fleet)
-        == "no supervisor running backend 'wasm' matches the selector"
+        == "no supervisor running backend 'wasm' matches the selector (arch=arm)"
     )
 
 
@@ -286,3 +287,18 @@ def test_unsatisfiable_reason_ignores_members_without_slots():
         "no registered supervisor accepts jobs"
     )
     assert unsatisfiable_reason(spec(), [member("a", max_jobs=0), member("b")]) is None
+
+
+def test_describe_selector_uses_the_cli_label_syntax():
+    selector = Selector(
+        match_labels={"arch": "arm", "os": "linux"},
+        match_expressions=[
+            LabelExpression(key="board", operator="In", values=["a", "b"]),
+            LabelExpression(key="zone", operator="NotIn", values=["eu"]),
+            LabelExpression(key="gpu", operator="Exists"),
+            LabelExpression(key="flaky", operator="DoesNotExist"),
+        ],
+    )
+    assert describe_selector(selector) == (
+        "arch=arm, os=linux, board in (a, b), zone notin (eu), gpu, !flaky"
+    )

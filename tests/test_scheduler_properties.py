@@ -489,7 +489,8 @@ def test_unsatisfiable_reason_names_the_first_unmet_requirement(
     elif not runs:
         assert reason == f"no registered supervisor runs backend '{kind}'"
     elif not selected:
-        assert reason == f"no supervisor running backend '{kind}' matches the selector"
+        assert reason is not None
+        assert reason.startswith(f"no supervisor running backend '{kind}' matches the selector")
     elif not any(room_for(spec, 1, m.resources) for m in selected):
         assert reason is not None
         assert reason.startswith("no supervisor matching the selector has resources ")

@@ -73,6 +73,11 @@ def validation_error(_: Request, exc: ValidationException) -> Response[ErrorBody
         key = first.get("key") if isinstance(first, dict) else None
         if key == "data":  # the whole body: the message itself names the field
             key = None
+            # Litestar drops a location starting with an index (a list body, e.g. a
+            # batch's `[1].backend.delay_s`); msgspec's own error still has it.
+            cause = str(exc.__cause__ or "")
+            if " - at `$.data[" in cause:
+                key = cause.partition(" - at `$.data")[2].rstrip("`")
         text = first.get("message", exc.detail) if isinstance(first, dict) else str(first)
         message = f"{key}: {text}" if key else str(text)
         return _body(400, ErrorBody("invalid_request", message, key))
