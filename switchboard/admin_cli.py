@@ -84,6 +84,9 @@ def _supervisor_rotate(args: argparse.Namespace) -> int:
 
 
 def _token_create(args: argparse.Namespace) -> int:
+    if args.supervisor and args.role != Role.SUPERVISOR.value:
+        # As the REST API says too: a bound admin token would die with the next rotation.
+        raise SystemExit("switchboard: --supervisor: only supervisor tokens are bound")
     if args.data_dir:
         # Bootstrap: no server and no token yet, so write the first one into the database.
         return _token_bootstrap(args)

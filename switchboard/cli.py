@@ -23,6 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
             heartbeat_interval_s=args.heartbeat_interval,
             heartbeat_timeout_s=args.heartbeat_timeout,
             lost_after_s=args.lost_after,
+            max_queued_jobs=args.max_queued,
+            aging_s=args.aging,
             run_timeout_grace_s=args.run_timeout_grace,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
@@ -61,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="SECONDS",
         help="how long a disconnected supervisor's runs wait before they are lost",
+    )
+    serve.add_argument(
+        "--max-queued",
+        type=int,
+        default=100_000,
+        metavar="JOBS",
+        help="most jobs waiting; a submission beyond it gets 429 (default 100000)",
+    )
+    serve.add_argument(
+        "--aging",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a queued job gains one priority level per this much waiting (0: never)",
     )
     serve.add_argument(
         "--run-timeout-grace",

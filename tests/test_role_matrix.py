@@ -1,0 +1,452 @@
+"""The role matrix, checked cell by cell against one real switchboard: every REST route in
+the OpenAPI document × (no token, a wrong token, each role). The table below is the spec
+(docs/auth.md shows the same table); the OpenAPI document must list exactly its routes, so a
+new route can't slip in unguarded. Refused calls must also change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from protocol import codec, limits
+from protocol.messages import Hello, Welcome
+from protocol.session import supported_versions
+from switchboard.config import Settings
+from tests.harness import Switchboard, scaled
+
+ADMIN, OPERATOR, SUBMITTER, VIEWER, SUPERVISOR = (
+    "admin",
+    "operator",
+    "submitter",
+    "viewer",
+    "supervisor",
+)
+ROLES = (ADMIN, OPERATOR, SUBMITTER, VIEWER, SUPERVISOR)
+NO_TOKEN, BOGUS_TOKEN = "no-token", "bogus-token"
+CALLERS = (NO_TOKEN, BOGUS_TOKEN, *ROLES)
+
+#: Routes anyone may call, token or not.
+PUBLIC = "public"
+
+#: (method, path template) → the roles allowed, or PUBLIC. Written out by hand on purpose:
+#: it is the spec that switchboard/auth.py ROLE_PERMISSIONS and the route guards must meet.
+EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
+    ("GET", "/api/v1/health"): PUBLIC,
+    ("GET", "/api/v1/ready"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,
+    # jobs
+    ("GET", "/api/v1/jobs"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("POST", "/api/v1/jobs"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
+    ("POST", "/api/v1/jobs/batch"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
+    ("GET", "/api/v1/jobs/{job_id}"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("DELETE", "/api/v1/jobs/{job_id}"): frozenset({ADMIN, OPERATOR}),
+    ("GET", "/api/v1/jobs/{job_id}/runs"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("GET", "/api/v1/jobs/{job_id}/events"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
+    ("GET", "/api/v1/jobs/{job_id}/output"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("GET", "/api/v1/jobs/{job_id}/output/follow"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    # supervisors
+    ("GET", "/api/v1/supervisors"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("GET", "/api/v1/supervisors/{supervisor_id}"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("POST", "/api/v1/supervisors/{supervisor_id}/drain"): frozenset({ADMIN, OPERATOR}),
+    ("POST", "/api/v1/supervisors/{supervisor_id}/resume"): frozenset({ADMIN, OPERATOR}),
+    ("PUT", "/api/v1/supervisors/{supervisor_id}/labels"): frozenset({ADMIN, OPERATOR}),
+    ("POST", "/api/v1/supervisors/{supervisor_id}/token"): frozenset({ADMIN}),
+    # tokens
+    ("GET", "/api/v1/tokens"): frozenset({ADMIN}),
+    ("POST", "/api/v1/tokens"): frozenset({ADMIN}),
+    ("DELETE", "/api/v1/tokens/{token_id}"): frozenset({ADMIN}),
+    # dispatch
+    ("GET", "/api/v1/dispatch"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("POST", "/api/v1/dispatch/pause"): frozenset({ADMIN, OPERATOR}),
+    ("POST", "/api/v1/dispatch/resume"): frozenset({ADMIN, OPERATOR}),
+    # artifacts
+    ("POST", "/api/v1/artifacts"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
+    ("GET", "/api/v1/artifacts/{digest}"): frozenset({ADMIN, OPERATOR, SUBMITTER, SUPERVISOR}),
+}
+
+#: Served by Litestar next to the document itself, so not listed in it; public too.
+SCHEMA_ROUTES = ("/schema/openapi.json", "/schema/openapi.yaml", "/schema", "/schema/swagger")
+
+#: The supervisor record the supervisor routes act on (registered by a real handshake).
+SUPERVISOR_ID = "matrix-sup"
+
+
+@dataclass
+class Call:
+    """One cell's request, and how to tell that a refused one changed nothing."""
+
+    path: str
+    json: Any = None
+    content: bytes | None = None
+    params: dict[str, str] | None = None
+    #: Read (with the admin token) before and after: an allowed call changes it, a refused
+    #: one must not.
+    state: Callable[[], object] | None = None
+    #: Run after the cell whatever happened, so later cells find the switchboard as it was.
+    cleanup: list[Callable[[], object]] = field(default_factory=list)
+
+
+@dataclass
+class World:
+    """The running switchboard, a client per caller, and the records the cells point at."""
+
+    switchboard: Switchboard
+    clients: dict[str, httpx.Client]
+    ended_job: str
+    digest: str
+
+    @property
+    def admin(self) -> httpx.Client:
+        return self.clients[ADMIN]
+
+    def submit(self, tag: str) -> str:
+        response = self.admin.post("/api/v1/jobs", json=_spec(tag))
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def ended(self, tag: str) -> str:
+        job_id = self.submit(tag)
+        assert self.admin.post(f"/api/v1/jobs/{job_id}/cancel").json()["phase"] == "canceled"
+        return job_id
+
+    def tagged_jobs(self, tag: str) -> list[str]:
+        page = self.admin.get("/api/v1/jobs", params={"label": f"matrix={tag}"}).json()
+        return [job["id"] for job in page["items"]]
+
+    def supervisor(self) -> dict[str, Any]:
+        return self.admin.get(f"/api/v1/supervisors/{SUPERVISOR_ID}").json()
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return self.admin.get("/api/v1/tokens").json()
+
+    def paused(self) -> bool:
+        return self.admin.get("/api/v1/dispatch").json()["paused"]
+
+    def call(self, method: str, template: str, tag: str) -> Call:
+        """The request for (method, template): ids of records made for this cell when the
+        call would destroy something, else of the shared ones."""
+        job = template.replace("{job_id}", self.ended_job)
+        sup = template.replace("{supervisor_id}", SUPERVISOR_ID)
+        match method, template:
+            case "POST", "/api/v1/jobs":
+                return Call(template, json=_spec(tag), state=lambda: self.tagged_jobs(tag))
+            case "POST", "/api/v1/jobs/batch":
+                return Call(template, json=[_spec(tag)], state=lambda: self.tagged_jobs(tag))
+            case "DELETE", "/api/v1/jobs/{job_id}":
+                own = self.ended(tag)
+                return Call(
+                    template.replace("{job_id}", own),
+                    state=lambda: self.admin.get(f"/api/v1/jobs/{own}").status_code,
+                )
+            case "POST", "/api/v1/jobs/{job_id}/cancel":
+                own = self.submit(tag)
+                return Call(
+                    template.replace("{job_id}", own),
+                    state=lambda: self.admin.get(f"/api/v1/jobs/{own}").json()["phase"],
+                )
+            case "GET", "/api/v1/jobs":
+                return Call(template, params={"limit": "1"})
+            case "POST", "/api/v1/supervisors/{supervisor_id}/drain":
+                return Call(
+                    sup,
+                    state=lambda: self.supervisor()["drained"],
+                    cleanup=[
+                        lambda: self.admin.post(f"/api/v1/supervisors/{SUPERVISOR_ID}/resume")
+                    ],
+                )
+            case "POST", "/api/v1/supervisors/{supervisor_id}/resume":
+                # Drained first, so that a refused resume has something to leave alone.
+                self.admin.post(f"/api/v1/supervisors/{SUPERVISOR_ID}/drain")
+                return Call(
+                    sup,
+                    state=lambda: self.supervisor()["drained"],
+                    cleanup=[
+                        lambda: self.admin.post(f"/api/v1/supervisors/{SUPERVISOR_ID}/resume")
+                    ],
+                )
+            case "PUT", "/api/v1/supervisors/{supervisor_id}/labels":
+                return Call(
+                    sup,
+                    json={"labels": {"matrix": tag}},
+                    state=lambda: self.supervisor()["operator_labels"],
+                )
+            case "POST", "/api/v1/supervisors/{supervisor_id}/token":
+                # Only tokens bound to the record are replaced; the callers' are not bound.
+                return Call(
+                    sup,
+                    state=lambda: [
+                        (t["id"], t["revoked"])
+                        for t in self.tokens()
+                        if t["supervisor_id"] == SUPERVISOR_ID
+                    ],
+                )
+            case "POST", "/api/v1/tokens":
+                return Call(
+                    template,
+                    json={"role": VIEWER, "name": tag},
+                    state=lambda: [t["id"] for t in self.tokens() if t["name"] == tag],
+                )
+            case "DELETE", "/api/v1/tokens/{token_id}":
+                made = self.admin.post("/api/v1/tokens", json={"role": VIEWER, "name": tag})
+                token_id = made.json()["id"]
+                return Call(
+                    template.replace("{token_id}", token_id),
+                    state=lambda: [t["revoked"] for t in self.tokens() if t["id"] == token_id],
+                )
+            case "POST", "/api/v1/dispatch/pause":
+                return Call(
+                    template,
+                    state=self.paused,
+                    cleanup=[lambda: self.admin.post("/api/v1/dispatch/resume")],
+                )
+            case "POST", "/api/v1/dispatch/resume":
+                self.admin.post("/api/v1/dispatch/pause")
+                return Call(
+                    template,
+                    state=self.paused,
+                    cleanup=[lambda: self.admin.post("/api/v1/dispatch/resume")],
+                )
+            case "POST", "/api/v1/artifacts":
+                content = f"matrix artifact {tag}".encode()
+                digest = "sha256:" + hashlib.sha256(content).hexdigest()
+                return Call(
+                    template,
+                    content=content,
+                    state=lambda: self.admin.get(f"/api/v1/artifacts/{digest}").status_code,
+                )
+            case "GET", "/api/v1/artifacts/{digest}":
+                return Call(template.replace("{digest}", self.digest))
+        # Everything else only reads: the shared ended job (so a follow ends at once) and
+        # the shared supervisor record.
+        return Call(sup if "{supervisor_id}" in template else job)
+
+
+def _spec(tag: str) -> dict[str, Any]:
+    return {"name": f"matrix-{tag}", "labels": {"matrix": tag}, "backend": {"kind": "noop"}}
+
+
+def _register_supervisor(switchboard: Switchboard, token: str) -> None:
+    """Make the switchboard know SUPERVISOR_ID: connect, say hello, go away."""
+
+    async def handshake() -> None:
+        async with websockets.connect(
+            f"{switchboard.ws_url}/ws/supervisor",
+            additional_headers={"Authorization": f"Bearer {token}"},
+            subprotocols=[websockets.Subprotocol(limits.SUBPROTOCOL)],
+        ) as ws:
+            hello = Hello(
+                supervisor_id=SUPERVISOR_ID, name=SUPERVISOR_ID, versions=supported_versions()
+            )
+            await ws.send(codec.encode(hello), text=True)
+            reply = codec.decode_from_switchboard(await ws.recv(decode=False))
+            assert isinstance(reply, Welcome)
+
+    asyncio.run(handshake())
+
+
+def _bogus_token() -> str:
+    # Well formed, so it gets as far as the lookup.
+    return "sbt_" + secrets.token_urlsafe(32)
+
+
+@pytest.fixture(scope="module")
+def world(switchboard: Switchboard) -> Iterator[World]:
+    timeout = scaled(30)
+    admin = switchboard.client(switchboard.admin_token)
+    tokens: dict[str, str | None] = {
+        NO_TOKEN: None,
+        BOGUS_TOKEN: _bogus_token(),
+        ADMIN: switchboard.admin_token,
+    }
+    for role in ROLES[1:]:
+        made = admin.post("/api/v1/tokens", json={"role": role, "name": f"matrix {role}"})
+        assert made.status_code == 201, made.text
+        tokens[role] = made.json()["token"]
+    clients = {
+        caller: httpx.Client(
+            base_url=switchboard.url,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            timeout=timeout,
+        )
+        for caller, token in tokens.items()
+    }
+    admin.close()
+    registrar = clients[ADMIN].post("/api/v1/tokens", json={"role": SUPERVISOR})
+    _register_supervisor(switchboard, registrar.json()["token"])
+    stored = clients[ADMIN].post("/api/v1/artifacts", content=b"matrix shared artifact")
+    assert stored.status_code == 201, stored.text
+    world = World(switchboard, clients, ended_job="", digest=stored.json()["digest"])
+    world.ended_job = world.ended("shared")
+    yield world
+    for client in clients.values():
+        client.close()
+
+
+def _cells() -> Iterator[Any]:
+    for method, template in EXPECTED:
+        for caller in CALLERS:
+            yield pytest.param(method, template, caller, id=f"{method} {template} [{caller}]")
+
+
+def test_the_table_lists_exactly_the_routes_of_the_openapi_document(switchboard: Switchboard):
+    response = httpx.get(f"{switchboard.url}/schema/openapi.json", timeout=scaled(30))
+    assert response.status_code == 200
+    documented = {
+        (method.upper(), path)
+        for path, operations in response.json()["paths"].items()
+        for method in operations
+        if method in {"get", "put", "post", "delete", "patch", "head", "options"}
+    }
+    assert documented - EXPECTED.keys() == set(), "routes missing from the role table"
+    assert EXPECTED.keys() - documented == set(), "routes in the role table that don't exist"
+
+
+@pytest.mark.parametrize(("method", "template", "caller"), list(_cells()))
+def test_cell(world: World, method: str, template: str, caller: str):
+    allowed = EXPECTED[method, template]
+    tag = secrets.token_hex(4)
+    call = world.call(method, template, tag)
+    try:
+        before = call.state() if call.state else None
+        response = world.clients[caller].request(
+            method, call.path, json=call.json, content=call.content, params=call.params
+        )
+        status, body = response.status_code, response.text[:300]
+        where = f"{method} {call.path} as {caller}: {status} {body}"
+        assert status < 500, where
+        if allowed == PUBLIC:
+            assert status not in (401, 403), where
+            return
+        if caller in (NO_TOKEN, BOGUS_TOKEN):
+            assert status == 401, where
+            assert response.json()["error"] == "unauthorized", where
+        elif caller not in allowed:
+            assert status == 403, where
+            assert response.json()["error"] == "forbidden", where
+        else:
+            assert status not in (401, 403), where
+            # Proves the probe sees the effect, so that its silence on refusals means something.
+            if call.state:
+                assert call.state() != before, f"an allowed call changed nothing: {where}"
+            return
+        if call.state:
+            assert call.state() == before, f"a refused call changed something: {where}"
+    finally:
+        for undo in call.cleanup:
+            undo()
+
+
+@pytest.mark.parametrize("path", SCHEMA_ROUTES)
+@pytest.mark.parametrize("caller", [NO_TOKEN, BOGUS_TOKEN])
+def test_the_api_description_needs_no_token(world: World, path: str, caller: str):
+    response = world.clients[caller].get(path)
+    assert response.status_code == 200, f"{path} as {caller}: {response.status_code}"
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+async def test_only_supervisor_tokens_open_the_supervisor_socket(world: World, caller: str):
+    """The WebSocket is not in the OpenAPI document; its rule is CONNECT, the supervisor
+    role's alone. Any other token, like none, is refused at the upgrade with a 401."""
+    token = world.clients[caller].headers.get("authorization")
+    connect = websockets.connect(
+        f"{world.switchboard.ws_url}/ws/supervisor",
+        additional_headers={"Authorization": token} if token else {},
+        subprotocols=[websockets.Subprotocol(limits.SUBPROTOCOL)],
+        open_timeout=scaled(10),
+    )
+    if caller == SUPERVISOR:
+        async with connect as ws:  # accepted; leaving before hello registers nothing
+            assert ws.subprotocol == limits.SUBPROTOCOL
+        return
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect:
+            pass
+    assert refused.value.response.status_code == 401
+
+
+def test_a_revoked_token_is_refused_at_once(world: World):
+    made = world.admin.post("/api/v1/tokens", json={"role": OPERATOR, "name": "short-lived"})
+    assert made.status_code == 201
+    token, token_id = made.json()["token"], made.json()["id"]
+    with httpx.Client(
+        base_url=world.switchboard.url,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=scaled(30),
+    ) as holder:
+        assert holder.get("/api/v1/dispatch").status_code == 200
+        assert world.admin.delete(f"/api/v1/tokens/{token_id}").status_code == 204
+        refused = holder.get("/api/v1/dispatch")
+        assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+        assert holder.post("/api/v1/dispatch/pause").status_code == 401
+    listed = {t["id"]: t for t in world.tokens()}
+    assert listed[token_id]["revoked"] is True
+    # Revoking again is fine; an unknown id is a 404.
+    assert world.admin.delete(f"/api/v1/tokens/{token_id}").status_code == 204
+    assert world.admin.delete("/api/v1/tokens/no-such-token").status_code == 404
+
+
+def _stored_values(database: Path) -> Iterator[tuple[str, str, Any]]:
+    """(table, column, value) of every cell of the database, read-only."""
+    conn = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            cursor = conn.execute(f'SELECT * FROM "{table}"')  # names come from sqlite_master
+            columns = [d[0] for d in cursor.description]
+            for row in cursor:
+                yield from ((table, col, value) for col, value in zip(columns, row, strict=True))
+    finally:
+        conn.close()
+
+
+def test_secrets_are_shown_once_and_stored_only_as_hashes(world: World):
+    made = world.admin.post("/api/v1/tokens", json={"role": VIEWER, "name": "shown-once"})
+    assert made.status_code == 201
+    created = made.json()
+    secret = created["token"]
+    assert secret.startswith("sbt_") and len(secret) == 4 + 43  # 32 random bytes, base64url
+    digest = hashlib.sha256(secret.encode()).digest()
+
+    listing = world.admin.get("/api/v1/tokens")
+    assert listing.status_code == 200
+    mine = [t for t in listing.json() if t["id"] == created["id"]]
+    assert len(mine) == 1 and "token" not in mine[0]
+    for shown in (secret, world.switchboard.admin_token, digest.hex()):
+        assert shown not in listing.text
+
+    # Every secret handed out so far: the bootstrap admin token (written by the CLI
+    # straight into the database), REST-made ones, and this one.
+    secrets_made = [secret, world.switchboard.admin_token]
+    secrets_made += [
+        c.headers["authorization"].removeprefix("Bearer ")
+        for caller, c in world.clients.items()
+        if caller in ROLES
+    ]
+    database = Settings(data_dir=world.switchboard.data_dir).database_path
+    assert database.exists()
+    values = list(_stored_values(database))
+    hashes = [v for table, col, v in values if table == "tokens" and col == "hash"]
+    for plain in secrets_made:
+        assert hashlib.sha256(plain.encode()).digest() in hashes
+        for table, column, value in values:
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            assert plain not in text, f"plaintext token in {table}.{column}"
+    # Nor anywhere on disk (the WAL included), nor in the server's log.
+    files = [p for p in world.switchboard.data_dir.rglob("*") if p.is_file()]
+    files.append(world.switchboard.process.log_path)
+    for path in files:
+        raw = path.read_bytes()
+        for plain in secrets_made:
+            assert plain.encode() not in raw, f"plaintext token in {path}"
