@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from protocol.exceptions import CloseCode
+from protocol.exceptions import CloseCode, FrameError
 
 
 def backoff(
@@ -50,4 +50,6 @@ def classify(exc: BaseException) -> Verdict:
         close = exc.rcvd
         if close is not None and close.code in _FATAL_CLOSE_CODES:
             return Verdict.FATAL
+    if isinstance(exc, FrameError) and exc.code in _FATAL_CLOSE_CODES:
+        return Verdict.FATAL  # the switchboard refused our Hello (e.g. a token bound elsewhere)
     return Verdict.RETRY

@@ -37,6 +37,10 @@ def _parameters(pairs: list[str]) -> dict[str, dict[str, Any]]:
     return parameters
 
 
+def _exit_code(code: int | None) -> str:
+    return f"exit code {code}" if code is not None else "no exit code"
+
+
 #: While a followed job waits in the queue, say so this often (seconds).
 PROGRESS_EVERY_S = 10.0
 
@@ -115,7 +119,7 @@ def _submit(args: argparse.Namespace) -> int:
         return 0
     job = _follow(api, job_id)
     code = job["exit_code"]
-    ended = f"exit code {code}" if code is not None else "no exit code"
+    ended = _exit_code(code)
     print(f"job {job_id} ended {job['phase']} ({ended})", file=sys.stderr)
     return exit_status(job)
 
@@ -162,7 +166,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     def human(job: dict[str, Any]) -> str:
-        lines = [f"{job['id']}  {job['name']}  {job['phase']}  exit code {job['exit_code']}"]
+        lines = [f"{job['id']}  {job['name']}  {job['phase']}  {_exit_code(job['exit_code'])}"]
         for note in (job.get("unschedulable"), job.get("reason")):
             if note:
                 lines.append(f"  {note}")

@@ -9,7 +9,7 @@ from websockets.frames import Close
 from websockets.http11 import Response
 
 from connector.backoff import Verdict, backoff, classify
-from protocol.exceptions import CloseCode
+from protocol.exceptions import CloseCode, FrameError
 
 
 def test_ceiling_grows_exponentially_to_the_cap():
@@ -37,6 +37,8 @@ def test_auth_and_version_refusals_are_fatal():
     assert classify(_status(400)) is Verdict.FATAL
     closed = ConnectionClosedError(Close(CloseCode.UNAUTHORIZED, "revoked"), None)
     assert classify(closed) is Verdict.FATAL
+    refused_hello = FrameError(CloseCode.UNAUTHORIZED, "token belongs to another supervisor")
+    assert classify(refused_hello) is Verdict.FATAL
 
 
 def test_transient_failures_are_retried():
@@ -45,3 +47,4 @@ def test_transient_failures_are_retried():
     assert classify(TimeoutError()) is Verdict.RETRY
     closed = ConnectionClosedError(Close(CloseCode.GOING_AWAY, "restart"), None)
     assert classify(closed) is Verdict.RETRY
+    assert classify(FrameError(CloseCode.PROTOCOL_ERROR, "garbled")) is Verdict.RETRY
