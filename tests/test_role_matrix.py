@@ -56,6 +56,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     ("POST", "/api/v1/jobs/{job_id}/cancel"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
     ("GET", "/api/v1/jobs/{job_id}/output"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("GET", "/api/v1/jobs/{job_id}/output/follow"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("GET", "/api/v1/jobs/{job_id}/output/events"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     # supervisors
     ("GET", "/api/v1/supervisors"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("GET", "/api/v1/supervisors/{supervisor_id}"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),

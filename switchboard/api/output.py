@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
+import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.params import Parameter
-from litestar.response import Stream
+from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 
+from protocol.messages import INT64_MAX
 from protocol.messages import Stream as OutputStream
 from protocol.state import is_terminal
-from switchboard.api.errors import ApiError
+from switchboard.api.errors import ApiError, error_responses
 from switchboard.api.jobs import job_or_404
 from switchboard.api.security import require
 from switchboard.auth import Permission
@@ -23,18 +26,23 @@ FOLLOW_POLL_S = 1.0
 FOLLOW_READ = 4 * 1024 * 1024
 
 
-async def _follow(
-    state: AppState, job_id: str, stream: OutputStream, attempt: int | None, offset: int
-) -> AsyncIterator[bytes]:
-    store = state.store
-    while attempt is None:  # the latest run, once there is one
-        job = await store.get_job(job_id)
+async def _latest_attempt(state: AppState, job_id: str) -> int | None:
+    """The job's latest run, waiting for its first if it is still queued; None if the job
+    is gone or ended without a run."""
+    while True:
+        job = await state.store.get_job(job_id)
         if job is None or (not job.runs and is_terminal(job.phase)):
-            return  # ended without a run: nothing will come
+            return None
         if job.runs:
-            attempt = job.runs[-1].attempt
-        else:
-            await state.hub.wait_stored(FOLLOW_POLL_S)
+            return job.runs[-1].attempt
+        await state.hub.wait_stored(FOLLOW_POLL_S)
+
+
+async def _follow_run(
+    state: AppState, job_id: str, attempt: int, stream: OutputStream, offset: int
+) -> AsyncIterator[bytes]:
+    """The run's stream from `offset`, live, until the run has ended and all is sent."""
+    store = state.store
     while True:
         phase = await store.run_phase(job_id, attempt)
         if phase is None:
@@ -53,6 +61,57 @@ async def _follow(
         await state.hub.wait_stored(FOLLOW_POLL_S)
 
 
+async def _follow(
+    state: AppState, job_id: str, stream: OutputStream, attempt: int | None, offset: int
+) -> AsyncIterator[bytes]:
+    attempt = attempt or await _latest_attempt(state, job_id)
+    if attempt is not None:
+        async for data in _follow_run(state, job_id, attempt, stream, offset):
+            yield data
+
+
+class OutputChunk(msgspec.Struct):
+    """One `output` event of the event stream: bytes [offset, offset + len) of the run's
+    stream, base64-encoded (output is bytes, not necessarily text)."""
+
+    attempt: int
+    offset: int
+    data: str
+
+
+class OutputEnd(msgspec.Struct):
+    """The `end` event: the run has ended and every byte of the stream was sent."""
+
+    attempt: int
+    phase: str
+
+
+def _resume_point(last_event_id: str | None) -> tuple[int, int] | None:
+    """(attempt, offset) from an EventSource's Last-Event-ID (`attempt:offset`)."""
+    attempt, sep, offset = (last_event_id or "").partition(":")
+    if sep and attempt.isdigit() and offset.isdigit() and int(attempt) >= 1:
+        return int(attempt), int(offset)
+    return None
+
+
+async def _follow_events(
+    state: AppState, job_id: str, stream: OutputStream, attempt: int | None, offset: int
+) -> AsyncIterator[ServerSentEventMessage]:
+    attempt = attempt or await _latest_attempt(state, job_id)
+    if attempt is None:
+        return
+    async for data in _follow_run(state, job_id, attempt, stream, offset):
+        chunk = OutputChunk(attempt, offset, base64.b64encode(data).decode())
+        offset += len(data)
+        # The id is where a reconnecting EventSource resumes (sent back as Last-Event-ID).
+        yield ServerSentEventMessage(
+            data=msgspec.json.encode(chunk).decode(), event="output", id=f"{attempt}:{offset}"
+        )
+    phase = await state.store.run_phase(job_id, attempt)
+    end = OutputEnd(attempt, str(phase))
+    yield ServerSentEventMessage(data=msgspec.json.encode(end).decode(), event="end")
+
+
 class OutputController(Controller):
     path = "/api/v1/jobs"
     tags = ["jobs"]  # noqa: RUF012 - Litestar reads it as a plain list
@@ -61,15 +120,16 @@ class OutputController(Controller):
         "/{job_id:str}/output",
         guards=require(Permission.VIEW),
         media_type="application/octet-stream",
+        responses=error_responses(404),
     )
     async def output(
         self,
         request: Request,
         job_id: str,
         stream: Literal["stdout", "stderr", "console"] = "stdout",
-        attempt: Annotated[int | None, Parameter(ge=1)] = None,
-        start: Annotated[int, Parameter(ge=0)] = 0,
-        end: Annotated[int | None, Parameter(ge=0)] = None,
+        attempt: Annotated[int | None, Parameter(ge=1, le=INT64_MAX)] = None,
+        start: Annotated[int, Parameter(ge=0, le=INT64_MAX)] = 0,
+        end: Annotated[int | None, Parameter(ge=0, le=INT64_MAX)] = None,
     ) -> Response[bytes]:
         """Bytes [start, end) of a run's stream as stored so far (the latest run unless
         `attempt` is given), exactly as the program wrote them."""
@@ -88,14 +148,15 @@ class OutputController(Controller):
         "/{job_id:str}/output/follow",
         guards=require(Permission.VIEW),
         media_type="application/octet-stream",
+        responses=error_responses(404),
     )
     async def follow(
         self,
         request: Request,
         job_id: str,
         stream: Literal["stdout", "stderr", "console"] = "stdout",
-        attempt: Annotated[int | None, Parameter(ge=1)] = None,
-        start: Annotated[int, Parameter(ge=0)] = 0,
+        attempt: Annotated[int | None, Parameter(ge=1, le=INT64_MAX)] = None,
+        start: Annotated[int, Parameter(ge=0, le=INT64_MAX)] = 0,
     ) -> Stream:
         """A run's stream from byte `start`, live: bytes are sent as they are stored, and
         the response ends once the run has ended and everything it wrote was sent. Without
@@ -107,3 +168,28 @@ class OutputController(Controller):
             _follow(state, job_id, stream, attempt, start),
             media_type="application/octet-stream",
         )
+
+    @get(
+        "/{job_id:str}/output/events",
+        guards=require(Permission.VIEW),
+        media_type="text/event-stream",
+        responses=error_responses(404),
+    )
+    async def follow_events(
+        self,
+        request: Request,
+        job_id: str,
+        stream: Literal["stdout", "stderr", "console"] = "stdout",
+        attempt: Annotated[int | None, Parameter(ge=1, le=INT64_MAX)] = None,
+        start: Annotated[int, Parameter(ge=0, le=INT64_MAX)] = 0,
+    ) -> ServerSentEvent:
+        """The same as `follow`, as server-sent events for browsers: `output` events
+        (OutputChunk, base64 bytes with their offset) and a final `end` event (OutputEnd).
+        Each output event's id is `attempt:offset`, so an EventSource that reconnects
+        resumes where it stopped (Last-Event-ID wins over `attempt` and `start`)."""
+        state = request.app.state.switchboard
+        await job_or_404(state, job_id)
+        resume = _resume_point(request.headers.get("last-event-id"))
+        if resume is not None:
+            attempt, start = resume
+        return ServerSentEvent(_follow_events(state, job_id, stream, attempt, start))
