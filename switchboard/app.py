@@ -19,6 +19,7 @@ from switchboard.api.dispatch import DispatchController
 from switchboard.api.errors import EXCEPTION_HANDLERS
 from switchboard.api.jobs import JobController
 from switchboard.api.metrics import metrics
+from switchboard.api.openapi import schema_plugins
 from switchboard.api.output import OutputController
 from switchboard.api.supervisors import SupervisorController
 from switchboard.api.system import health, ready
@@ -130,4 +131,5 @@ def create_app(settings: Settings) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_request_bytes,
         openapi_config=OpenAPIConfig(title="Switchboard", version=VERSION),
+        plugins=schema_plugins(),
     )

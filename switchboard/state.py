@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from switchboard.artifacts import ArtifactFiles
 from switchboard.config import Settings
 from switchboard.dispatcher import Dispatcher
 from switchboard.sessions import Hub
 from switchboard.store.base import Store
+
+if TYPE_CHECKING:
+    from litestar.connection import ASGIConnection
 
 
 @dataclass
@@ -18,3 +22,8 @@ class AppState:
     hub: Hub
     dispatcher: Dispatcher
     artifacts: ArtifactFiles
+
+
+def app_state(connection: ASGIConnection[Any, Any, Any, Any]) -> AppState:
+    """The switchboard's shared objects, from a request or a WebSocket."""
+    return connection.app.state.switchboard

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.spec import Backoff, JobSpec, NoopBackend, RestartPolicy
 from protocol.state import Phase
@@ -112,3 +114,35 @@ async def test_store_requeues_after_backoff_then_exhausts(store):  # noqa: F811
         "s1", [state(3, Phase.RUNNING, attempt=2), state(4, Phase.FAILED, attempt=2)]
     )
     assert (await store.get_job("j1")).phase == Phase.EXHAUSTED
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    first=st.floats(0, 100),
+    cap=st.floats(0, 1000),
+    factor=st.floats(1, 100),
+    jitter=st.sampled_from(["none", "full", "equal", "decorrelated"]),
+    restart=st.integers(1, 60),
+    previous=st.floats(0, 1000),
+)
+def test_every_delay_is_within_the_documented_formula(
+    first, cap, factor, jitter, restart, previous
+):
+    """docs/jobs.md: ceiling(n) = min(max_s, first_s * factor**(n-1)); none = ceiling,
+    full in [0, ceiling], equal in [ceiling/2, ceiling], decorrelated in
+    [first_s, 3 * previous] capped at max_s."""
+    b = Backoff(first_s=first, max_s=cap, factor=factor, jitter=jitter)
+    ceiling = min(cap, first * factor ** (restart - 1))
+    delay = restart_delay(b, restart, previous_s=previous)
+    eps = 1e-9 * max(1.0, ceiling, cap)
+    match jitter:
+        case "none":
+            assert delay == pytest.approx(ceiling)
+        case "full":
+            assert -eps <= delay <= ceiling + eps
+        case "equal":
+            assert ceiling / 2 - eps <= delay <= ceiling + eps
+        case "decorrelated":
+            assert delay <= cap + eps
+            assert delay >= min(cap, first) - eps
+            assert delay <= max(first, 3 * previous) + eps

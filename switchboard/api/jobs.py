@@ -9,19 +9,19 @@ import secrets
 from typing import Annotated
 
 import msgspec
-from litestar import Controller, Request, Response, delete, get, post
+from litestar import Controller, Request, delete, get, post
 from litestar.params import Parameter
 
 from protocol import codec, limits
-from protocol.messages import StopJob
+from protocol.messages import INT64_MAX, StopJob
 from protocol.spec import DockerBackend, JobSpec, WasmBackend
 from protocol.state import Phase
-from switchboard.api.errors import ApiError, invalid_spec
+from switchboard.api.errors import ApiError, error_responses, invalid_spec
 from switchboard.api.security import actor, require
 from switchboard.auth import Permission
 from switchboard.jobstate import redacted
 from switchboard.models import JobEvent, JobPage, JobView, RunView
-from switchboard.state import AppState
+from switchboard.state import AppState, app_state
 from switchboard.store.base import JobFilter, LabelTerm, QueueFull, RunOnSupervisor, Submitted
 
 #: Jobs per list page unless `limit` says otherwise, and the most one page may hold.
@@ -49,10 +49,6 @@ class BatchCreated(msgspec.Struct):
 class CancelAccepted(msgspec.Struct):
     id: str
     phase: str
-
-
-def _state(request: Request) -> AppState:
-    return request.app.state.switchboard
 
 
 async def job_or_404(state: AppState, job_id: str) -> JobView:
@@ -129,7 +125,8 @@ def _seq_of(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         kind, _, seq = text.partition(":")
-        if kind == "seq" and seq.isdigit():
+        # Bounded: SQLite can't compare with a larger int (it would be a 500).
+        if kind == "seq" and seq.isdigit() and int(seq) <= INT64_MAX:
             return int(seq)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
@@ -140,12 +137,17 @@ class JobController(Controller):
     path = "/api/v1/jobs"
     tags = ["jobs"]  # noqa: RUF012 - Litestar reads it as a plain list
 
-    @post("/", guards=require(Permission.SUBMIT), status_code=201)
+    @post(
+        "/",
+        guards=require(Permission.SUBMIT),
+        status_code=201,
+        responses=error_responses(413, 429),
+    )
     async def submit(self, request: Request, data: JobSpec) -> JobCreated:
         """Queue a job. Artifacts it names (Wasm modules, image tarballs) must have been
         uploaded first. A job whose concurrency policy is `drop_if_running` and whose key
         is taken is recorded as `rejected` (still 201: the record exists)."""
-        state = _state(request)
+        state = app_state(request)
         # Litestar's own parse (which feeds `data` and the OpenAPI schema) is lenient
         # ("5" passes for 5.0); a spec is typed by people, so check it strictly too.
         try:
@@ -156,10 +158,15 @@ class JobController(Controller):
         (made,) = await _queue(state, [data], actor(request))
         return JobCreated(made.id, made.phase, made.reason)
 
-    @post("/batch", guards=require(Permission.SUBMIT), status_code=201)
+    @post(
+        "/batch",
+        guards=require(Permission.SUBMIT),
+        status_code=201,
+        responses=error_responses(413, 429),
+    )
     async def submit_batch(self, request: Request, data: list[JobSpec]) -> BatchCreated:
         """Queue several jobs at once, all or none, in the given order (at most 1000)."""
-        state = _state(request)
+        state = app_state(request)
         try:
             specs = msgspec.json.decode(await request.body(), type=list[JobSpec], strict=True)
         except msgspec.ValidationError as exc:
@@ -175,7 +182,7 @@ class JobController(Controller):
         made = await _queue(state, specs, actor(request))
         return BatchCreated([JobCreated(m.id, m.phase, m.reason) for m in made])
 
-    @get("/", guards=require(Permission.VIEW))
+    @get("/", guards=require(Permission.VIEW), responses=error_responses())
     async def list_jobs(
         self,
         request: Request,
@@ -200,35 +207,40 @@ class JobController(Controller):
             before_seq=_seq_of(cursor) if cursor else None,
             limit=limit,
         )
-        rows = await _state(request).store.list_jobs(where)
+        rows = await app_state(request).store.list_jobs(where)
         next_cursor = _cursor(rows[-1][0]) if len(rows) == limit else None
         return JobPage([summary for _, summary in rows], next_cursor)
 
-    @get("/{job_id:str}", guards=require(Permission.VIEW))
+    @get("/{job_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
     async def show(self, request: Request, job_id: str) -> JobView:
         """The job with all its runs; secret parameter values are replaced."""
-        job = await job_or_404(_state(request), job_id)
+        job = await job_or_404(app_state(request), job_id)
         return msgspec.structs.replace(job, spec=redacted(job.spec))
 
-    @get("/{job_id:str}/runs", guards=require(Permission.VIEW))
+    @get("/{job_id:str}/runs", guards=require(Permission.VIEW), responses=error_responses(404))
     async def runs(self, request: Request, job_id: str) -> list[RunView]:
         """Every run (attempt) of the job, oldest first, each with its timing, supervisor,
         outcome and phase history."""
-        return (await job_or_404(_state(request), job_id)).runs
+        return (await job_or_404(app_state(request), job_id)).runs
 
-    @get("/{job_id:str}/events", guards=require(Permission.VIEW))
+    @get("/{job_id:str}/events", guards=require(Permission.VIEW), responses=error_responses(404))
     async def events(self, request: Request, job_id: str) -> list[JobEvent]:
         """The job's audit trail: submission, cancel requests (and by whom), restarts,
         timeouts, and every phase change of every run, in time order."""
-        events = await _state(request).store.job_events(job_id)
+        events = await app_state(request).store.job_events(job_id)
         if events is None:
             raise ApiError(404, "not_found", f"no job {job_id!r}")
         return events
 
-    @post("/{job_id:str}/cancel", guards=require(Permission.CANCEL), status_code=202)
+    @post(
+        "/{job_id:str}/cancel",
+        guards=require(Permission.CANCEL),
+        status_code=202,
+        responses=error_responses(404),
+    )
     async def cancel(self, request: Request, job_id: str) -> CancelAccepted:
         """Cancel: a queued job ends at once, a running one is stopped (idempotent)."""
-        state = _state(request)
+        state = app_state(request)
         result = await state.store.request_cancel(job_id, actor(request))
         if result is None:
             raise ApiError(404, "not_found", f"no job {job_id!r}")
@@ -237,11 +249,15 @@ class JobController(Controller):
             await _stop_runs(state, [run], "canceled")
         return CancelAccepted(job_id, result.phase)
 
-    @delete("/{job_id:str}", guards=require(Permission.OPERATE), status_code=204)
-    async def remove(self, request: Request, job_id: str) -> Response[None]:
+    @delete(
+        "/{job_id:str}",
+        guards=require(Permission.OPERATE),
+        status_code=204,
+        responses=error_responses(409),
+    )
+    async def remove(self, request: Request, job_id: str) -> None:
         """Delete an ended job with its runs, output and events. Deleting a job that is
         already gone succeeds too; a job still queued or running is a 409 (cancel first)."""
-        outcome = await _state(request).store.delete_job(job_id)
+        outcome = await app_state(request).store.delete_job(job_id)
         if outcome == "active":
             raise ApiError(409, "job_active", f"job {job_id!r} has not ended: cancel it first")
-        return Response(None, status_code=204)

@@ -3,14 +3,15 @@ counts only, never ids or job contents."""
 
 from __future__ import annotations
 
-from litestar import Response, get
+from litestar import MediaType, Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from switchboard.metrics import REGISTRY
 
 
-@get("/metrics", tags=["system"], sync_to_thread=False)
+@get("/metrics", tags=["system"], media_type=MediaType.TEXT, sync_to_thread=False)
 def metrics() -> Response[bytes]:
     """The switchboard's metrics in the Prometheus text format."""
-    # Given as a header, not media_type: Litestar would add a second charset to it.
+    # The route's media_type is for the OpenAPI document; the exact type (with the format
+    # version) is given as a header, which Litestar would otherwise add a second charset to.
     return Response(generate_latest(REGISTRY), headers={"content-type": CONTENT_TYPE_LATEST})

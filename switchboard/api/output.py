@@ -18,7 +18,7 @@ from switchboard.api.errors import ApiError, error_responses
 from switchboard.api.jobs import job_or_404
 from switchboard.api.security import require
 from switchboard.auth import Permission
-from switchboard.state import AppState
+from switchboard.state import AppState, app_state
 
 #: A follower re-reads at least this often, even without news from this process.
 FOLLOW_POLL_S = 1.0
@@ -133,7 +133,7 @@ class OutputController(Controller):
     ) -> Response[bytes]:
         """Bytes [start, end) of a run's stream as stored so far (the latest run unless
         `attempt` is given), exactly as the program wrote them."""
-        state = request.app.state.switchboard
+        state = app_state(request)
         job = await job_or_404(state, job_id)
         if attempt is None:
             if not job.runs:
@@ -162,7 +162,7 @@ class OutputController(Controller):
         the response ends once the run has ended and everything it wrote was sent. Without
         `attempt`, the latest run when the request arrives (waiting for one if the job is
         still queued)."""
-        state = request.app.state.switchboard
+        state = app_state(request)
         await job_or_404(state, job_id)
         return Stream(
             _follow(state, job_id, stream, attempt, start),
@@ -187,7 +187,7 @@ class OutputController(Controller):
         (OutputChunk, base64 bytes with their offset) and a final `end` event (OutputEnd).
         Each output event's id is `attempt:offset`, so an EventSource that reconnects
         resumes where it stopped (Last-Event-ID wins over `attempt` and `start`)."""
-        state = request.app.state.switchboard
+        state = app_state(request)
         await job_or_404(state, job_id)
         resume = _resume_point(request.headers.get("last-event-id"))
         if resume is not None:

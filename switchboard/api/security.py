@@ -9,6 +9,7 @@ from litestar.handlers import BaseRouteHandler
 
 from switchboard.api.errors import ApiError
 from switchboard.auth import Permission, allows, authenticate
+from switchboard.state import app_state
 
 Guard = Callable[[ASGIConnection, BaseRouteHandler], Awaitable[None]]
 
@@ -18,7 +19,7 @@ def require(permission: Permission) -> list[Guard]:
 
     async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         token = await authenticate(
-            connection.app.state.switchboard.store, connection.headers.get("authorization")
+            app_state(connection).store, connection.headers.get("authorization")
         )
         if token is None:
             raise ApiError(401, "unauthorized", "a valid token is required (Authorization: Bearer)")

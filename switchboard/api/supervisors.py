@@ -6,12 +6,12 @@ import msgspec
 from litestar import Controller, Request, get, post, put
 
 from protocol.spec import Labels
-from switchboard.api.errors import ApiError
+from switchboard.api.errors import ApiError, error_responses
 from switchboard.api.security import require
 from switchboard.api.tokens import TokenCreated
 from switchboard.auth import Permission, Role, new_token, token_digest
 from switchboard.models import SupervisorView
-from switchboard.state import AppState
+from switchboard.state import AppState, app_state
 
 
 class OperatorLabels(msgspec.Struct, forbid_unknown_fields=True):
@@ -19,10 +19,6 @@ class OperatorLabels(msgspec.Struct, forbid_unknown_fields=True):
     selectors (the whole set is replaced; `{}` clears it)."""
 
     labels: Labels
-
-
-def _state(request: Request) -> AppState:
-    return request.app.state.switchboard
 
 
 async def _supervisor_or_404(state: AppState, supervisor_id: str) -> SupervisorView:
@@ -36,48 +32,67 @@ class SupervisorController(Controller):
     path = "/api/v1/supervisors"
     tags = ["supervisors"]  # noqa: RUF012 - Litestar reads it as a plain list
 
-    @get("/", guards=require(Permission.VIEW))
+    @get("/", guards=require(Permission.VIEW), responses=error_responses())
     async def list_supervisors(self, request: Request) -> list[SupervisorView]:
         """Every supervisor that ever connected, with whether it is connected now."""
-        return await _state(request).store.list_supervisors()
+        return await app_state(request).store.list_supervisors()
 
-    @get("/{supervisor_id:str}", guards=require(Permission.VIEW))
+    @get("/{supervisor_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
     async def show(self, request: Request, supervisor_id: str) -> SupervisorView:
-        return await _supervisor_or_404(_state(request), supervisor_id)
+        return await _supervisor_or_404(app_state(request), supervisor_id)
 
-    @post("/{supervisor_id:str}/drain", guards=require(Permission.OPERATE), status_code=200)
+    @post(
+        "/{supervisor_id:str}/drain",
+        guards=require(Permission.OPERATE),
+        status_code=200,
+        responses=error_responses(404),
+    )
     async def drain(self, request: Request, supervisor_id: str) -> SupervisorView:
         """Take no new runs on this supervisor; its current runs finish (idempotent)."""
-        state = _state(request)
+        state = app_state(request)
         if not await state.store.set_drained(supervisor_id, True):
             raise ApiError(404, "not_found", f"no supervisor {supervisor_id!r}")
         return await _supervisor_or_404(state, supervisor_id)
 
-    @post("/{supervisor_id:str}/resume", guards=require(Permission.OPERATE), status_code=200)
+    @post(
+        "/{supervisor_id:str}/resume",
+        guards=require(Permission.OPERATE),
+        status_code=200,
+        responses=error_responses(404),
+    )
     async def resume(self, request: Request, supervisor_id: str) -> SupervisorView:
         """Let a drained supervisor take runs again (idempotent)."""
-        state = _state(request)
+        state = app_state(request)
         if not await state.store.set_drained(supervisor_id, False):
             raise ApiError(404, "not_found", f"no supervisor {supervisor_id!r}")
         state.dispatcher.wake()
         return await _supervisor_or_404(state, supervisor_id)
 
-    @put("/{supervisor_id:str}/labels", guards=require(Permission.OPERATE))
+    @put(
+        "/{supervisor_id:str}/labels",
+        guards=require(Permission.OPERATE),
+        responses=error_responses(404, 413),
+    )
     async def set_labels(
         self, request: Request, supervisor_id: str, data: OperatorLabels
     ) -> SupervisorView:
         """Replace the supervisor's operator labels."""
-        state = _state(request)
+        state = app_state(request)
         if not await state.store.set_operator_labels(supervisor_id, data.labels):
             raise ApiError(404, "not_found", f"no supervisor {supervisor_id!r}")
         state.dispatcher.wake()
         return await _supervisor_or_404(state, supervisor_id)
 
-    @post("/{supervisor_id:str}/token", guards=require(Permission.ADMINISTER), status_code=201)
+    @post(
+        "/{supervisor_id:str}/token",
+        guards=require(Permission.ADMINISTER),
+        status_code=201,
+        responses=error_responses(404),
+    )
     async def rotate_token(self, request: Request, supervisor_id: str) -> TokenCreated:
         """A new supervisor token bound to this supervisor; every token bound to it
         before is revoked (and its connection closed). The token is shown only here."""
-        state = _state(request)
+        state = app_state(request)
         await _supervisor_or_404(state, supervisor_id)
         token_id, token = new_token()
         name = f"supervisor {supervisor_id}"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import msgspec
 from litestar import Request, Response, get
+from litestar.openapi.datastructures import ResponseSpec
 
-from switchboard.state import AppState
+from switchboard.state import app_state
 
 
 class Health(msgspec.Struct):
@@ -22,14 +23,18 @@ class Readiness(msgspec.Struct):
 @get("/api/v1/health", tags=["system"])
 async def health(request: Request) -> Health:
     """Liveness: the process answers."""
-    hub = request.app.state.switchboard.hub
+    hub = app_state(request).hub
     return Health("ok", len(hub.sessions))
 
 
-@get("/api/v1/ready", tags=["system"])
+@get(
+    "/api/v1/ready",
+    tags=["system"],
+    responses={503: ResponseSpec(Readiness, description="Not ready", generate_examples=False)},
+)
 async def ready(request: Request) -> Response[Readiness]:
     """Readiness: the store answers and the dispatcher runs (503 otherwise)."""
-    state: AppState = request.app.state.switchboard
+    state = app_state(request)
     try:
         await state.store.queue_length()
         store_ok = True

@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
-from litestar import Controller, Request, Response, delete, get, post
+from litestar import Controller, Request, delete, get, post
 from msgspec import Meta
 
 from protocol import limits
 from protocol.spec import Id
-from switchboard.api.errors import ApiError
+from switchboard.api.errors import ApiError, error_responses
 from switchboard.api.security import require
 from switchboard.auth import Permission, Role, new_token, token_digest
 from switchboard.models import TokenView
-from switchboard.state import AppState
+from switchboard.state import app_state
 
 
 class TokenRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -36,15 +36,13 @@ class TokenCreated(msgspec.Struct):
     supervisor_id: str | None = None
 
 
-def _state(request: Request) -> AppState:
-    return request.app.state.switchboard
-
-
 class TokenController(Controller):
     path = "/api/v1/tokens"
     tags = ["tokens"]  # noqa: RUF012 - Litestar reads it as a plain list
 
-    @post("/", guards=require(Permission.ADMINISTER), status_code=201)
+    @post(
+        "/", guards=require(Permission.ADMINISTER), status_code=201, responses=error_responses(413)
+    )
     async def create(self, request: Request, data: TokenRequest) -> TokenCreated:
         if data.supervisor_id is not None and data.role != Role.SUPERVISOR:
             raise ApiError(
@@ -55,22 +53,26 @@ class TokenController(Controller):
             )
         token_id, token = new_token()
         name = data.name or data.role.value
-        await _state(request).store.add_token(
+        await app_state(request).store.add_token(
             token_id, data.role.value, name, token_digest(token), data.supervisor_id
         )
         return TokenCreated(token_id, token, data.role.value, name, data.supervisor_id)
 
-    @get("/", guards=require(Permission.ADMINISTER))
+    @get("/", guards=require(Permission.ADMINISTER), responses=error_responses())
     async def list_tokens(self, request: Request) -> list[TokenView]:
         """Every token, revoked ones included (never their secrets)."""
-        return await _state(request).store.list_tokens()
+        return await app_state(request).store.list_tokens()
 
-    @delete("/{token_id:str}", guards=require(Permission.ADMINISTER), status_code=204)
-    async def revoke(self, request: Request, token_id: str) -> Response[None]:
+    @delete(
+        "/{token_id:str}",
+        guards=require(Permission.ADMINISTER),
+        status_code=204,
+        responses=error_responses(404),
+    )
+    async def revoke(self, request: Request, token_id: str) -> None:
         """Revoke a token at once: requests with it are refused from now on, and a
         supervisor connected with it is disconnected. Revoking twice is fine."""
-        state = _state(request)
+        state = app_state(request)
         if not await state.store.revoke_token(token_id):
             raise ApiError(404, "not_found", f"no token {token_id!r}")
         await state.hub.drop_revoked_sessions()
-        return Response(None, status_code=204)
