@@ -11,7 +11,9 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -185,6 +187,16 @@ def start_supervisor(
     for key, value in (labels or {}).items():
         args += ["--label", f"{key}={value}"]
     return Process([*args, *extra_args], work / f"{name}.log")
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """Poll `check` until it returns something truthy; return that."""
+    deadline = time.monotonic() + scaled(timeout)
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_connected(client: httpx.Client, supervisor_id: str, timeout: float = 20.0) -> None:

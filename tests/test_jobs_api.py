@@ -5,9 +5,8 @@ real switchboard process and a noop supervisor."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,9 @@ from tests.harness import (
     Process,
     Switchboard,
     run_cli,
-    scaled,
     start_supervisor,
     wait_connected,
+    wait_for,
     wait_job,
     wait_running,
 )
@@ -60,16 +59,6 @@ def submit(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
     response = client.post("/api/v1/jobs", json=body)
     assert response.status_code == 201, response.text
     return response.json()
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    """Poll `check` until it returns something truthy; return that."""
-    deadline = time.monotonic() + scaled(timeout)
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def listed(client: httpx.Client, **params: Any) -> list[str]:

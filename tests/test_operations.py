@@ -22,6 +22,7 @@ from tests.harness import (
     scaled,
     start_supervisor,
     wait_connected,
+    wait_for,
     wait_job,
     wait_running,
 )
@@ -110,15 +111,6 @@ def exit_code(process: Process, timeout: float = 20.0) -> tuple[int, str]:
     log = process.log()
     process.stop()
     return code, log
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + scaled(timeout)
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stays(check: Callable[[], bool], seconds: float = 1.0) -> None:
