@@ -22,6 +22,7 @@ from protocol.messages import (
     SupervisorEvent,
 )
 from protocol.state import Phase
+from supervisor.metrics import BACKEND_ERRORS
 
 
 class SupervisorConnector(abc.ABC):
@@ -61,6 +62,7 @@ class SupervisorConnector(abc.ABC):
         )
 
     async def report_job_error(self, run: RunRef, kind: JobErrorKind, description: str) -> None:
+        BACKEND_ERRORS.labels(JobErrorKind(kind).value).inc()
         await self.send_event(
             JobErrorReport(
                 seq=0,

@@ -127,7 +127,7 @@ def main() -> int:
         print(f"API          {url}/api/v1   (token: {admin})")
         print(f"  this job   curl -H 'Authorization: Bearer {admin}' {url}/api/v1/jobs/{job_id}")
         print(f"OpenAPI      {url}/schema/openapi.json")
-        print(f"Dashboard    {url}/  (the live dashboard is not built yet; the API is)")
+        print(f"Dashboard    {url}/#/jobs/{job_id}   (log in with the token above)")
         if args.once:
             return job["exit_code"] if job["phase"] == "succeeded" else 1
         print("\nThe switchboard and supervisor keep running; Ctrl-C stops them.")

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import uvloop
 
-from protocol import codec, limits
+from protocol import codec, limits, logfmt
 from protocol.spec import BACKEND_KINDS, JobSpec
 from supervisor.artifacts import ArtifactSource, FileArtifactSource, HttpArtifactSource
 from supervisor.backends.base import Backend
@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="address for --metrics-port (default 127.0.0.1)",
     )
+    logfmt.add_argument(run, "SUPERVISOR_LOG_FORMAT")
     _backend_options(run)
     run.set_defaults(func=_run)
 
@@ -260,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a file the spec names by digest (e.g. a .wasm module)",
     )
+    logfmt.add_argument(local, "SUPERVISOR_LOG_FORMAT")
     _backend_options(local)
     local.set_defaults(func=_run_local)
     return parser
@@ -282,11 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config_obj = load_config(Path(args.config) if args.config else None)
     except ConfigError as exc:
         raise SystemExit(f"supervisor: {exc}") from None
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    logfmt.configure(args.log_format)
     # Everything imported so far lives as long as the process: keep the collector from
     # walking it again and again (full collections were the worst start latencies).
     gc.freeze()

@@ -21,7 +21,7 @@ from protocol.messages import HeldRun, RunRef, StartJob, StopJob, Stream
 from protocol.state import Phase, check_transition, is_terminal
 from supervisor.backends.base import Backend, Outcome, RunContext
 from supervisor.base import Capabilities, Supervisor
-from supervisor.metrics import RUNNING_JOBS
+from supervisor.metrics import RUNNING_JOBS, run_ended
 from supervisor.output import OutputPump
 
 log = logging.getLogger("supervisor.jobs")
@@ -258,6 +258,7 @@ class BackendSupervisor(Supervisor):
     def _forget(self, run: _Run) -> None:
         self._runs.pop(run.ref, None)
         RUNNING_JOBS.set(len(self._runs))
+        run_ended(run.phase)
         self._ended[run.ref] = run.phase
         while len(self._ended) > REMEMBER_ENDED:
             self._ended.popitem(last=False)

@@ -1,15 +1,32 @@
-"""Prometheus metrics of a supervisor: its link to the switchboard and its load.
+"""Prometheus metrics of a supervisor: its link to the switchboard, its load, the errors it
+reports and its caches.
 
 Module-level objects in a registry of their own; `supervisor run --metrics-port PORT`
 serves them (prometheus_client's HTTP server, on 127.0.0.1 unless --metrics-host says
-otherwise). Labels would be bounded words, never ids; none are needed yet.
+otherwise). Labels are bounded sets of words (error kinds, phases, cache names), never
+ids. docs/metrics.md lists them all.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    start_http_server,
+)
 
+from protocol.exceptions import JobErrorKind
+from protocol.state import TERMINAL, Phase
+
+# No `*_created` series: they double the exposition and nothing here reads them.
+disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+#: The caches that count hits and misses: compiled Wasm modules (memory or disk), and
+#: image artifacts already loaded into the Docker engine.
+CACHES = ("wasm_module", "docker_image")
 
 RECONNECTS = Counter(
     "supervisor_reconnects_total",
@@ -31,6 +48,45 @@ RUNNING_JOBS = Gauge(
     "Runs this supervisor holds now (started and not yet ended).",
     registry=REGISTRY,
 )
+RUNS_ENDED = Counter(
+    "supervisor_runs_ended_total",
+    "Runs this supervisor ended, by outcome (the terminal phase it reported).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+BACKEND_ERRORS = Counter(
+    "supervisor_backend_errors_total",
+    "Job errors reported to the switchboard, by kind: runs refused (e.g."
+    " max_concurrent_jobs, image_not_found) or failed inside the supervisor.",
+    ["kind"],
+    registry=REGISTRY,
+)
+CACHE_LOOKUPS = Counter(
+    "supervisor_cache_lookups_total",
+    "Runs that found what they need already prepared (hit) or had to fetch and prepare it"
+    " (miss): cache=wasm_module (a compiled module), cache=docker_image (an image"
+    " artifact loaded into the engine).",
+    ["cache", "result"],
+    registry=REGISTRY,
+)
+
+# Every label value exists from the start, so a scrape shows 0 instead of nothing.
+for _phase in sorted(TERMINAL):
+    RUNS_ENDED.labels(_phase.value)
+for _kind in JobErrorKind:
+    BACKEND_ERRORS.labels(_kind.value)
+for _cache in CACHES:
+    for _result in ("hit", "miss"):
+        CACHE_LOOKUPS.labels(_cache, _result)
+
+
+def run_ended(phase: Phase) -> None:
+    if phase in TERMINAL:  # a run dropped unfinished (shutdown) did not end
+        RUNS_ENDED.labels(phase.value).inc()
+
+
+def cache_lookup(cache: str, hit: bool) -> None:
+    CACHE_LOOKUPS.labels(cache, "hit" if hit else "miss").inc()
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:

@@ -10,14 +10,17 @@ from collections.abc import AsyncIterator
 
 from litestar import Litestar, Router, WebSocket, websocket
 from litestar.datastructures import State
+from litestar.logging.config import LoggingConfig
 from litestar.openapi import OpenAPIConfig
 
+from protocol import logfmt
 from protocol.exceptions import CloseCode
 from protocol.messages import StopJob
 from switchboard.api.artifacts import ArtifactController
 from switchboard.api.dispatch import DispatchController
 from switchboard.api.errors import EXCEPTION_HANDLERS
 from switchboard.api.jobs import JobController
+from switchboard.api.live import live, me, overview
 from switchboard.api.metrics import metrics
 from switchboard.api.openapi import schema_plugins
 from switchboard.api.output import OutputController
@@ -26,7 +29,9 @@ from switchboard.api.system import health, ready
 from switchboard.api.tokens import TokenController
 from switchboard.artifacts import ArtifactFiles
 from switchboard.config import Settings
+from switchboard.dashboard import dashboard_routes
 from switchboard.dispatcher import Dispatcher
+from switchboard.live import LiveFeed
 from switchboard.metrics import RUNS_LOST
 from switchboard.sessions import Hub
 from switchboard.state import AppState
@@ -87,6 +92,7 @@ def create_app(settings: Settings) -> Litestar:
         hub=hub,
         dispatcher=Dispatcher(store, hub, aging_s=settings.aging_s),
         artifacts=ArtifactFiles(settings.artifacts_dir),
+        live=LiveFeed(store, hub),
     )
 
     @contextlib.asynccontextmanager
@@ -96,6 +102,7 @@ def create_app(settings: Settings) -> Litestar:
         background = [
             asyncio.create_task(state.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(keep_time(store, settings, hub), name="clock"),
+            asyncio.create_task(state.live.run(), name="live feed"),
         ]
         try:
             yield
@@ -123,12 +130,20 @@ def create_app(settings: Settings) -> Litestar:
             artifacts,
             health,
             ready,
+            me,
+            overview,
+            live,
             metrics,
             supervisor_socket,
+            *dashboard_routes(),
         ],
         lifespan=[lifespan],
         state=State({"switchboard": state}),
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        # Litestar sets up logging itself (the root's handler): in our format, text or JSON.
+        logging_config=LoggingConfig(
+            formatters={"standard": logfmt.formatter_config(settings.log_format)}
+        ),
         request_max_body_size=settings.max_request_bytes,
         openapi_config=OpenAPIConfig(title="Switchboard", version=VERSION),
         plugins=schema_plugins(),

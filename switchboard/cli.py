@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from protocol import logfmt
 from switchboard.admin_cli import add_admin_commands, data_dir
 from switchboard.config import Settings
 from switchboard.jobs_cli import add_job_commands
@@ -28,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
             run_timeout_grace_s=args.run_timeout_grace,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
+            log_format=args.log_format,
         )
     )
     return 0
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--tls-cert", help="PEM certificate: serve https and wss")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    logfmt.add_argument(serve, "SWITCHBOARD_LOG_FORMAT")
     serve.set_defaults(func=_serve)
 
     add_job_commands(commands)

@@ -31,6 +31,8 @@ class Settings(msgspec.Struct):
     run_timeout_grace_s: float = 30.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: "text" or "json" (protocol.logfmt).
+    log_format: str = "text"
 
     @property
     def database_path(self) -> Path:

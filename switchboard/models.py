@@ -159,3 +159,52 @@ class ActiveRun(msgspec.Struct, frozen=True):
     phase: Phase
     cancel_requested: bool
     spec: JobSpec
+
+
+class SupervisorCounts(msgspec.Struct):
+    """Registered supervisors: connected and taking runs, gone, or connected but drained."""
+
+    online: int
+    offline: int
+    draining: int
+
+
+class QueueDepth(msgspec.Struct):
+    priority: int
+    count: int
+
+
+class FinishedMinute(msgspec.Struct):
+    """Jobs that ended in one minute (`minute`: its start, epoch seconds); `failed` counts
+    every ending but success."""
+
+    minute: float
+    succeeded: int
+    failed: int
+
+
+class Overview(msgspec.Struct):
+    """The dashboard's front page, aggregated by the server."""
+
+    supervisors: SupervisorCounts
+    queue: list[QueueDepth]
+    running: int
+    finished: list[FinishedMinute]
+    recent_failures: list[JobSummary]
+
+
+class SupervisorSession(msgspec.Struct):
+    """One connection of a supervisor: when it began, when and why it ended."""
+
+    session: int
+    connected_at: float
+    disconnected_at: float | None = None
+    reason: str | None = None
+
+
+class JobChange(msgspec.Struct, frozen=True):
+    """One entry of the change log the live feed reads (`rev` grows with every change)."""
+
+    rev: int
+    job_id: str
+    deleted: bool = False

@@ -8,11 +8,13 @@ import gc
 import logging
 import socket
 import ssl
-import sys
+from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 import uvloop
 
+from protocol import logfmt
 from protocol.limits import MAX_FRAME_BYTES
 from switchboard.app import create_app
 from switchboard.config import Settings
@@ -30,22 +32,38 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which first ends the dashboards' endless event streams when told to
+    stop (it waits for open responses to finish before shutting the app down)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        asyncio.get_running_loop().call_soon_threadsafe(self._on_exit)
+        super().handle_exit(sig, frame)
+
+
 async def serve(settings: Settings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         loop="none",  # we run uvicorn inside our own uvloop loop
         ws="websockets-sansio",
         ws_max_size=MAX_FRAME_BYTES,
         ws_ping_interval=None,  # liveness is the protocol's Heartbeat
         lifespan="on",
         log_level="warning",
+        # JSON logs: no uvicorn handlers of its own, its records go to the root's JSON one.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         access_log=False,
         ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, on_exit=app.state.switchboard.live.close)
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     scheme = "https" if settings.tls_cert else "http"
@@ -85,10 +103,6 @@ def check_tls(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     check_tls(settings)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    logfmt.configure(settings.log_format)
     gc.freeze()  # the imported code lives as long as the process; don't rescan it
     uvloop.run(serve(settings))

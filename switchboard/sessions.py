@@ -81,6 +81,10 @@ class SupervisorSession:
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._last_heard = time.monotonic()
+        #: Wall-clock time of the last frame received, for people (the dashboard).
+        self.last_heard_at = time.time()
+        #: Why the switchboard closed this session (None: the supervisor's side ended it).
+        self.closed_because: str | None = None
         #: Highest seq stored for this supervisor as far as this session has been told
         #: (Connected.last_seq, then each EventsApplied): events at or below it are resends.
         self._stored_seq = stored_seq
@@ -97,6 +101,7 @@ class SupervisorSession:
             if self._closed:
                 return
             self._closed = True
+            self.closed_because = reason
             await _close_with_error(self.socket, FrameError(code, reason), retry_after_s)
 
     async def serve(self, stored_seq: int) -> None:
@@ -141,6 +146,7 @@ class SupervisorSession:
                 return
             frame = message.get("bytes") or message.get("text") or b""
             self._last_heard = time.monotonic()
+            self.last_heard_at = time.time()
             decoded = codec.decode_from_supervisor(frame)
             match decoded:
                 case Event():
@@ -178,16 +184,19 @@ class SupervisorSession:
         # them the same way it decides, against the highest seq known to be stored.
         duplicates = 0
         highest = self._stored_seq
+        fresh = []
         for event in batch:
             if event.seq <= highest:
                 duplicates += 1
             else:
                 highest = event.seq
+                fresh.append(event)
         started = time.perf_counter()
         result = await hub.store.apply_events(self.id, batch)
-        metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
+        metrics.EVENT_BATCH_SECONDS.observe(time.perf_counter() - started)
         self._stored_seq = max(self._stored_seq, result.stored_seq)
         metrics.EVENTS_STORED.inc(len(batch) - duplicates)
+        metrics.count_output(fresh)
         if duplicates:
             metrics.DUPLICATE_EVENTS.inc(duplicates)
         await self.send(Ack(seq=result.stored_seq))
@@ -354,11 +363,11 @@ class Hub:
         )
         session.token_id = token.id
         metrics.SUPERVISOR_CONNECTIONS.inc()
+        if connected.session > 1:
+            metrics.SUPERVISOR_RECONNECTS.inc()
         previous = self.sessions.get(session.id)
         self.sessions[session.id] = session
-        if previous is None:
-            metrics.SUPERVISORS_CONNECTED.inc()
-        else:
+        if previous is not None:
             metrics.SESSIONS_REPLACED.inc()
             await previous.close(CloseCode.REPLACED, "replaced by a newer connection")
         log.info("supervisor %s connected (session %d)", session.id, session.session)
@@ -367,8 +376,9 @@ class Hub:
         finally:
             if self.sessions.get(session.id) is session:
                 del self.sessions[session.id]
-                metrics.SUPERVISORS_CONNECTED.dec()
-            await self.store.supervisor_disconnected(session.id, session.session)
+            await self.store.supervisor_disconnected(
+                session.id, session.session, session.closed_because or "closed by the supervisor"
+            )
             log.info("supervisor %s disconnected (session %d)", session.id, session.session)
 
     async def _receive_hello(self, socket: WebSocket) -> Hello:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from switchboard.artifacts import ArtifactFiles
 from switchboard.config import Settings
 from switchboard.dispatcher import Dispatcher
+from switchboard.live import LiveFeed
 from switchboard.sessions import Hub
 from switchboard.store.base import Store
 
@@ -22,6 +23,7 @@ class AppState:
     hub: Hub
     dispatcher: Dispatcher
     artifacts: ArtifactFiles
+    live: LiveFeed
 
 
 def app_state(connection: ASGIConnection[Any, Any, Any, Any]) -> AppState:

@@ -1,11 +1,13 @@
-"""Prometheus metrics of the delivery guarantees: names and types are pinned, and real
-processes count connections, stored events, duplicates and reconnects."""
+"""Prometheus metrics of the switchboard: names, types and labels are pinned, and real
+processes count jobs, runs, output, connections, duplicates and reconnects. The
+supervisor's own metrics are in test_supervisor_metrics.py; the helpers here serve both."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -13,42 +15,82 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import codec
-from protocol.messages import Ack, Output, StopJob
+from protocol.exceptions import JobErrorKind
+from protocol.messages import STREAMS, Ack, Hello, JobStateChanged, Output, StopJob
+from protocol.session import supported_versions
+from protocol.spec import BACKEND_KINDS, JobSpec, NoopBackend
+from protocol.state import TERMINAL, Phase
 from tests.faults import FaultyProxy
-from tests.harness import Switchboard, scaled, start_supervisor, wait_connected, wait_job
+from tests.harness import (
+    Switchboard,
+    start_supervisor,
+    wait_connected,
+    wait_for,
+    wait_job,
+)
 from tests.test_bad_input import _handshake, _ws
 
-#: Every metric, as it appears in the exposition: sample name -> family type.
+#: Every metric of the switchboard, as it appears in the exposition: name -> type.
 SWITCHBOARD_METRICS = {
     "switchboard_supervisor_connections_total": "counter",
+    "switchboard_supervisor_reconnects_total": "counter",
     "switchboard_sessions_replaced_total": "counter",
+    "switchboard_supervisors_connected": "gauge",
     "switchboard_events_stored_total": "counter",
     "switchboard_duplicate_events_total": "counter",
+    "switchboard_output_bytes_total": "counter",
+    "switchboard_event_batch_seconds": "histogram",
+    "switchboard_jobs": "gauge",
+    "switchboard_queue_depth": "gauge",
+    "switchboard_dispatch_latency_seconds": "histogram",
+    "switchboard_run_duration_seconds": "histogram",
     "switchboard_runs_lost_total": "counter",
     "switchboard_zombie_runs_stopped_total": "counter",
-    "switchboard_supervisors_connected": "gauge",
     "switchboard_store_commit_seconds": "histogram",
 }
+#: Every metric of a supervisor.
 SUPERVISOR_METRICS = {
     "supervisor_reconnects_total": "counter",
     "supervisor_events_resent_total": "counter",
     "supervisor_backlog_bytes": "gauge",
     "supervisor_running_jobs": "gauge",
+    "supervisor_runs_ended_total": "counter",
+    "supervisor_backend_errors_total": "counter",
+    "supervisor_cache_lookups_total": "counter",
+}
+_OUTCOMES = {p.value for p in TERMINAL}
+#: Every label a metric may carry, with every value it may take (bounded: no ids).
+LABEL_VALUES: dict[str, set[str]] = {
+    "via": {"grace_period", "reconcile", "events"},
+    "stream": set(STREAMS),
+    "phase": {p.value for p in Phase},
+    "state": {"ready", "backoff", "unschedulable", "connected", "draining"},
+    "backend": {*BACKEND_KINDS, "other"},
+    "outcome": _OUTCOMES | {"other"},
+    "kind": {k.value for k in JobErrorKind},
+    "cache": {"wasm_module", "docker_image"},
+    "result": {"hit", "miss"},
 }
 
 
 def _types(text: str) -> dict[str, str]:
-    """Sample name (counters with their _total, histograms by family) -> type. The
-    `_created` timestamps prometheus_client adds (as gauges in this format) are left out."""
+    """Metric name (counters with their _total) -> type, from an exposition."""
     found = {}
     for family in text_string_to_metric_families(text):
-        if family.name.endswith("_created"):
-            continue
-        if family.type == "counter":
-            found[family.name + "_total"] = family.type
-        else:
-            found[family.name] = family.type
+        name = family.name + "_total" if family.type == "counter" else family.name
+        found[name] = family.type
     return found
+
+
+def _labels_seen(text: str) -> dict[str, set[str]]:
+    """Label name -> the values it has in an exposition (le and quantile left out)."""
+    seen: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for name, value in sample.labels.items():
+                if name != "le":
+                    seen.setdefault(name, set()).add(value)
+    return seen
 
 
 def _value(text: str, name: str, **labels: str) -> float:
@@ -64,6 +106,14 @@ def _value(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def _maybe(text: str, name: str, **labels: str) -> float:
+    """Like _value, but 0 when there is no such sample (a histogram not yet observed)."""
+    try:
+        return _value(text, name, **labels)
+    except AssertionError:
+        return 0.0
+
+
 def _scrape(url: str) -> str:
     response = httpx.get(url, timeout=10)  # no token: metrics are open, like health
     assert response.status_code == 200, response.text
@@ -71,15 +121,26 @@ def _scrape(url: str) -> str:
     return response.text
 
 
+def _scrape_until(url: str, ok: Callable[[str], bool], what: str, timeout: float = 20.0) -> str:
+    """Scrape until `ok(text)`; return that scrape. (The switchboard's counts of stored
+    rows are refreshed at most once a second.)"""
+    last = [""]
+
+    def check() -> str | None:
+        last[0] = _scrape(url)
+        return last[0] if ok(last[0]) else None
+
+    try:
+        return wait_for(check, what, timeout)
+    except AssertionError:
+        raise AssertionError(f"timed out waiting for {what}; last scrape:\n{last[0]}") from None
+
+
 def _wait_value(url: str, name: str, at_least: float, timeout: float = 20.0) -> str:
     """Scrape until `name` reaches `at_least`; return that scrape."""
-    deadline = time.monotonic() + scaled(timeout)
-    while True:
-        text = _scrape(url)
-        if _value(text, name) >= at_least:
-            return text
-        assert time.monotonic() < deadline, f"{name} stayed below {at_least}:\n{text}"
-        time.sleep(0.05)
+    return _scrape_until(
+        url, lambda t: _maybe(t, name) >= at_least, f"{name} >= {at_least}", timeout
+    )
 
 
 def _free_port() -> int:
@@ -88,12 +149,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _noop_job(client: httpx.Client, name: str, **backend: object) -> str:
-    response = client.post(
-        "/api/v1/jobs", json={"name": name, "backend": {"kind": "noop", **backend}}
-    )
+def _noop_job(client: httpx.Client, name: str, **fields: object) -> str:
+    backend = {"kind": "noop", **fields.pop("backend", {})}  # type: ignore[dict-item]
+    response = client.post("/api/v1/jobs", json={"name": name, "backend": backend, **fields})
     assert response.status_code in (200, 201), response.text
     return response.json()["id"]
+
+
+def _metrics_supervisor(switchboard: Switchboard, work_dir, name: str, **kwargs):
+    """A noop supervisor serving its metrics; returns (process, its metrics URL)."""
+    port = _free_port()
+    extra = ("--metrics-port", str(port), *kwargs.pop("extra_args", ()))
+    sup = start_supervisor(
+        switchboard, work_dir, name=name, backend="noop", extra_args=extra, **kwargs
+    )
+    return sup, f"http://127.0.0.1:{port}/metrics"
 
 
 @pytest.fixture(scope="module")
@@ -107,56 +177,216 @@ def switchboard(tmp_path_factory):
 
 
 def test_metric_names_and_types_are_pinned():
+    from switchboard.metrics import REGISTRY
+
+    assert _types(generate_latest(REGISTRY).decode()) == SWITCHBOARD_METRICS
+
+
+def test_labels_are_bounded_words():
+    """Every label value a fresh registry shows is from a fixed set (no ids), and no
+    `*_created` series double the exposition."""
     from supervisor.metrics import REGISTRY as SUPERVISOR_REGISTRY
     from switchboard.metrics import REGISTRY as SWITCHBOARD_REGISTRY
 
-    assert _types(generate_latest(SWITCHBOARD_REGISTRY).decode()) == SWITCHBOARD_METRICS
-    assert _types(generate_latest(SUPERVISOR_REGISTRY).decode()) == SUPERVISOR_METRICS
-
-
-def test_no_label_names_an_id():
-    from supervisor.metrics import REGISTRY as SUPERVISOR_REGISTRY
-    from switchboard.metrics import REGISTRY as SWITCHBOARD_REGISTRY
-
-    allowed = {"via", "le"}
     for registry in (SWITCHBOARD_REGISTRY, SUPERVISOR_REGISTRY):
-        for family in text_string_to_metric_families(generate_latest(registry).decode()):
-            for sample in family.samples:
-                assert set(sample.labels) <= allowed, sample
+        text = generate_latest(registry).decode()
+        assert "_created" not in text
+        for name, values in _labels_seen(text).items():
+            assert name in LABEL_VALUES, name
+            assert values <= LABEL_VALUES[name], (name, values - LABEL_VALUES[name])
+
+
+async def test_run_metrics_count_once_committed(tmp_path):
+    """In-process store: what a rolled-back request staged is never observed; a run's
+    running and its end each count once, after their transaction commits."""
+    from switchboard.metrics import REGISTRY
+    from switchboard.store import sqlite
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    store = sqlite.SQLiteStore(tmp_path / "switchboard.sqlite3")
+    await store.open()
+    try:
+        hello = Hello(
+            supervisor_id="s1", name="s1", versions=supported_versions(), backends=["noop"]
+        )
+        await store.supervisor_connected(hello)
+        await store.create_job("job-1", JobSpec(name="one", backend=NoopBackend()))
+        assert [a.job_id for a in await store.assign([("job-1", "s1")])] == ["job-1"]
+        latency = "switchboard_dispatch_latency_seconds_count"
+        duration = "switchboard_run_duration_seconds_count"
+        commits = sample("switchboard_store_commit_seconds_count")
+        latency_before = sample(latency, backend="noop")
+        bucket = "switchboard_run_duration_seconds_bucket"
+        under_1s = sample(bucket, backend="noop", outcome="succeeded", le="1.0")
+        under_5s = sample(bucket, backend="noop", outcome="succeeded", le="5.0")
+
+        def running_then_fail(conn) -> None:
+            sqlite._set_run_phase(conn, "job-1", 1, Phase.RUNNING, None, None, time.time())
+            raise RuntimeError("undone")
+
+        with pytest.raises(RuntimeError):
+            await store._write(running_then_fail)
+        assert await store.run_phase("job-1", 1) == Phase.ASSIGNED
+        assert sample(latency, backend="noop") == latency_before
+
+        now = time.time()
+        events = [
+            JobStateChanged(seq=1, job_id="job-1", attempt=1, phase=Phase.RUNNING, at=now),
+            JobStateChanged(seq=2, job_id="job-1", attempt=1, phase=Phase.SUCCEEDED, at=now + 2),
+        ]
+        await store.apply_events("s1", events)
+        assert sample(latency, backend="noop") == latency_before + 1
+        ended = sample(duration, backend="noop", outcome="succeeded")
+        assert ended >= 1
+        # The duration is the supervisor's: 2 s from its running to its end.
+        assert sample(bucket, backend="noop", outcome="succeeded", le="1.0") == under_1s
+        assert sample(bucket, backend="noop", outcome="succeeded", le="5.0") == under_5s + 1
+        assert sample("switchboard_store_commit_seconds_count") >= commits + 2
+        # A resend of the same events changes nothing.
+        await store.apply_events("s1", events)
+        assert sample(duration, backend="noop", outcome="succeeded") == ended
+
+        counts = await store.counts()
+        assert counts.jobs == {"succeeded": 1}
+        assert counts.queued == {}
+        assert counts.drained == []
+    finally:
+        await store.close()
 
 
 def test_scrape_after_jobs(switchboard, work_dir):
+    """Five noop jobs exit 0 and one exits 1 on a real supervisor: both scrapes count them."""
     client = switchboard.client()
-    metrics_url = f"{switchboard.url}/metrics"
-    first = _scrape(metrics_url)
+    url = f"{switchboard.url}/metrics"
+    before = _scrape(url)
     # The switchboard's is fixed (prometheus_client's own server, the supervisor's, negotiates).
-    assert httpx.get(metrics_url).headers["content-type"] == CONTENT_TYPE_LATEST
-    assert _types(first) == SWITCHBOARD_METRICS
-    sup = start_supervisor(switchboard, work_dir, name="metrics-jobs", backend="noop")
+    assert httpx.get(url).headers["content-type"] == CONTENT_TYPE_LATEST
+    assert _types(before) == SWITCHBOARD_METRICS
+    sup, sup_url = _metrics_supervisor(switchboard, work_dir, "metrics-jobs")
     try:
         wait_connected(client, "metrics-jobs")
-        jobs = [_noop_job(client, f"m{i}", output=f"out {i}\n") for i in range(5)]
+        assert _types(_scrape(sup_url)) == SUPERVISOR_METRICS
+        jobs = [_noop_job(client, f"m{i}", backend={"output": f"out {i}\n"}) for i in range(5)]
+        failing = _noop_job(client, "m-fail", backend={"output": "bad\n", "exit_code": 1})
         events = 0
-        for job_id in jobs:
+        for job_id in [*jobs, failing]:
             job = wait_job(client, job_id)
-            assert job["phase"] == "succeeded", job
+            assert job["phase"] == ("failed" if job_id == failing else "succeeded"), job
             # Each phase but `assigned` (the switchboard's own) came as an event, and so
             # did the output chunk and the exit status.
             phases = [p["phase"] for p in job["runs"][0]["phases"]]
             events += len([p for p in phases if p != "assigned"]) + 2
-        text = _wait_value(metrics_url, "switchboard_events_stored_total", events)
-        print(f"{events} events expected, {_value(text, 'switchboard_events_stored_total')} stored")
-        assert _value(text, "switchboard_supervisor_connections_total") >= 1
-        assert _value(text, "switchboard_supervisors_connected") == 1
-        assert _value(text, "switchboard_store_commit_seconds_count") >= 1
-        assert _value(text, "switchboard_duplicate_events_total") == 0
+
+        def grew(text: str, name: str, **labels: str) -> float:
+            return _maybe(text, name, **labels) - _maybe(before, name, **labels)
+
+        def settled(text: str) -> bool:
+            return (
+                grew(text, "switchboard_events_stored_total") >= events
+                and grew(text, "switchboard_jobs", phase="succeeded") == 5
+            )
+
+        text = _scrape_until(url, settled, "the six jobs counted")
+        assert grew(text, "switchboard_events_stored_total") == events
+        assert grew(text, "switchboard_jobs", phase="failed") == 1
+        assert _value(text, "switchboard_queue_depth") == 0
+        runs = "switchboard_run_duration_seconds_count"
+        assert grew(text, runs, backend="noop", outcome="succeeded") == 5
+        assert grew(text, runs, backend="noop", outcome="failed") == 1
+        assert grew(text, runs) == 6
+        assert grew(text, "switchboard_dispatch_latency_seconds_count", backend="noop") == 6
+        assert grew(text, "switchboard_output_bytes_total", stream="stdout") == 5 * 6 + 4
+        assert grew(text, "switchboard_output_bytes_total", stream="stderr") == 0
+        assert _value(text, "switchboard_supervisors_connected", state="connected") == 1
+        assert _value(text, "switchboard_supervisors_connected", state="draining") == 0
+        assert grew(text, "switchboard_supervisor_connections_total") == 1
+        assert grew(text, "switchboard_supervisor_reconnects_total") == 0
+        assert grew(text, "switchboard_event_batch_seconds_count") >= 1
+        assert grew(text, "switchboard_store_commit_seconds_count") >= 1
+        assert grew(text, "switchboard_duplicate_events_total") == 0
         assert _value(text, "switchboard_runs_lost_total") == 0
+
+        sup_text = _scrape_until(
+            sup_url, lambda t: _value(t, "supervisor_running_jobs") == 0, "no run held"
+        )
+        assert _value(sup_text, "supervisor_runs_ended_total", outcome="succeeded") == 5
+        assert _value(sup_text, "supervisor_runs_ended_total", outcome="failed") == 1
+        assert _value(sup_text, "supervisor_runs_ended_total") == 6
+        assert _value(sup_text, "supervisor_backend_errors_total") == 0
+        assert _value(sup_text, "supervisor_cache_lookups_total") == 0  # noop has no cache
+        assert _value(sup_text, "supervisor_reconnects_total") == 0
+        assert _value(sup_text, "supervisor_events_resent_total") == 0
+
+        # A drained supervisor is still connected, as `draining`.
+        assert client.post("/api/v1/supervisors/metrics-jobs/drain").status_code == 200
+        _scrape_until(
+            url,
+            lambda t: (
+                _value(t, "switchboard_supervisors_connected", state="draining") == 1
+                and _value(t, "switchboard_supervisors_connected", state="connected") == 0
+            ),
+            "the supervisor counted as draining",
+        )
+        assert client.post("/api/v1/supervisors/metrics-jobs/resume").status_code == 200
     finally:
         sup.stop()
-    deadline = time.monotonic() + scaled(10)
-    while _value(_scrape(metrics_url), "switchboard_supervisors_connected") != 0:
-        assert time.monotonic() < deadline, "the gauge did not drop when the supervisor left"
-        time.sleep(0.05)
+    _scrape_until(
+        url,
+        lambda t: _value(t, "switchboard_supervisors_connected") == 0,
+        "the gauge to drop when the supervisor left",
+    )
+
+
+def test_queue_depth_by_state(switchboard, work_dir):
+    """Queued jobs: one waiting out a restart backoff, one no supervisor matches, one ready
+    while dispatch is paused."""
+    client = switchboard.client()
+    url = f"{switchboard.url}/metrics"
+    before = _scrape(url)
+    latency_before = _maybe(before, "switchboard_dispatch_latency_seconds_count")
+    sup, _ = _metrics_supervisor(switchboard, work_dir, "metrics-queue")
+    cancel = []
+    try:
+        wait_connected(client, "metrics-queue")
+        restart = {"policy": "on_failure", "backoff": {"first_s": 3600, "jitter": "none"}}
+        backoff = _noop_job(client, "m-backoff", backend={"exit_code": 1}, restart=restart)
+        cancel.append(backoff)
+        nowhere = _noop_job(client, "m-nowhere", selector={"match_labels": {"pool": "nowhere"}})
+        cancel.append(nowhere)
+        wait_for(
+            lambda: client.get(f"/api/v1/jobs/{nowhere}").json().get("unschedulable"),
+            "the job marked unschedulable",
+        )
+        assert client.post("/api/v1/dispatch/pause").status_code == 200
+        ready = _noop_job(client, "m-ready")
+        cancel.append(ready)
+        text = _scrape_until(
+            url,
+            lambda t: (
+                [_value(t, "switchboard_queue_depth", state=s) for s in ("ready", "backoff")]
+                == [1, 1]
+            ),
+            "one ready and one backing off",
+        )
+        assert _value(text, "switchboard_queue_depth", state="unschedulable") == 1
+        assert _value(text, "switchboard_jobs", phase="queued") == 3
+        # The backoff job ran once (and failed) before it was queued again.
+        assert _value(text, "switchboard_dispatch_latency_seconds_count") == latency_before + 1
+    finally:
+        for job_id in cancel:
+            client.post(f"/api/v1/jobs/{job_id}/cancel")
+        client.post("/api/v1/dispatch/resume")
+        sup.stop()
+    _scrape_until(
+        url,
+        lambda t: (
+            _value(t, "switchboard_queue_depth") == 0
+            and _value(t, "switchboard_jobs", phase="queued") == 0
+        ),
+        "the queue empty after the cancels",
+    )
 
 
 async def test_resends_replacements_and_zombies_are_counted(switchboard):
@@ -196,8 +426,10 @@ async def test_resends_replacements_and_zombies_are_counted(switchboard):
 
     assert grew("switchboard_events_stored_total") == 3
     assert grew("switchboard_duplicate_events_total") == 2
+    assert grew("switchboard_output_bytes_total", stream="stdout") == 3  # new events only
     assert grew("switchboard_zombie_runs_stopped_total", via="events") == 3
     assert grew("switchboard_supervisor_connections_total") == 2
+    assert grew("switchboard_supervisor_reconnects_total") == 1
     assert grew("switchboard_sessions_replaced_total") == 1
 
 
@@ -205,26 +437,19 @@ def test_reconnect_is_counted_on_both_sides(switchboard, work_dir):
     client = switchboard.client()
     switchboard_metrics = f"{switchboard.url}/metrics"
     proxy = FaultyProxy(switchboard.port)
-    port = _free_port()
-    sup = start_supervisor(
-        switchboard,
-        work_dir,
-        name="metrics-cut",
-        backend="noop",
-        url=f"ws://127.0.0.1:{proxy.port}",
-        extra_args=("--metrics-port", str(port)),
+    sup, supervisor_metrics = _metrics_supervisor(
+        switchboard, work_dir, "metrics-cut", url=f"ws://127.0.0.1:{proxy.port}"
     )
-    supervisor_metrics = f"http://127.0.0.1:{port}/metrics"
     try:
         wait_connected(client, "metrics-cut")
-        connections = _value(
-            _scrape(switchboard_metrics), "switchboard_supervisor_connections_total"
-        )
+        first = _scrape(switchboard_metrics)
         text = _scrape(supervisor_metrics)
         assert _types(text) == SUPERVISOR_METRICS
         assert _value(text, "supervisor_reconnects_total") == 0
 
-        job_id = _noop_job(client, "cut-mid-job", output="before the cut\n", delay_s=2.0)
+        job_id = _noop_job(
+            client, "cut-mid-job", backend={"output": "before the cut\n", "delay_s": 2.0}
+        )
         _wait_value(supervisor_metrics, "supervisor_running_jobs", 1)
         assert proxy.cut() == 1
         _wait_value(supervisor_metrics, "supervisor_reconnects_total", 1)
@@ -234,19 +459,21 @@ def test_reconnect_is_counted_on_both_sides(switchboard, work_dir):
         text = _scrape(supervisor_metrics)
         assert _value(text, "supervisor_reconnects_total") >= 1
         _wait_value(
-            switchboard_metrics, "switchboard_supervisor_connections_total", connections + 1
+            switchboard_metrics,
+            "switchboard_supervisor_reconnects_total",
+            _value(first, "switchboard_supervisor_reconnects_total") + 1,
         )
         # Everything sent is acknowledged in the end; nothing is held any more.
-        deadline = time.monotonic() + scaled(10)
-        while True:
-            text = _scrape(supervisor_metrics)
-            if (
-                _value(text, "supervisor_backlog_bytes") == 0
-                and _value(text, "supervisor_running_jobs") == 0
-            ):
-                break
-            assert time.monotonic() < deadline, text
-            time.sleep(0.05)
+        _scrape_until(
+            supervisor_metrics,
+            lambda t: (
+                _value(t, "supervisor_backlog_bytes") == 0
+                and _value(t, "supervisor_running_jobs") == 0
+            ),
+            "an empty backlog and no run held",
+            timeout=10,
+        )
+        assert _value(_scrape(supervisor_metrics), "supervisor_runs_ended_total") == 1
         assert proxy.accepted >= 2
     finally:
         sup.stop()

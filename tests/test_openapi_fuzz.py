@@ -164,6 +164,11 @@ def _load_schema(seeded: dict[str, Any]) -> Any:
     return schema
 
 
+#: Streams that never end by design (the dashboard's live events): a fuzzer waiting for
+#: their end would wait forever. tests/test_live_api.py checks their answers instead.
+ENDLESS = {"GET /api/v1/live"}
+
+
 def _fuzz(operation: Any, mode: Any, statuses: Counter[tuple[str, str, int]]) -> str | None:
     """Fuzz one operation in one generation mode; the failure report, if any."""
     checks = [
@@ -216,7 +221,11 @@ def test_every_operation_conforms_to_the_openapi_document(request: pytest.Fixtur
     schema = _load_schema(seeded)
     # Deletions last, so the seeded jobs are there for the other operations.
     operations = sorted(
-        (result.ok() for result in schema.get_all_operations()),
+        (
+            operation
+            for operation in (result.ok() for result in schema.get_all_operations())
+            if operation.label not in ENDLESS
+        ),
         key=lambda operation: operation.method.upper() == "DELETE",
     )
     statuses: Counter[tuple[str, str, int]] = Counter()
@@ -242,6 +251,7 @@ def test_every_operation_conforms_to_the_openapi_document(request: pytest.Fixtur
         served = client.get("/schema/openapi.json").json()["paths"]
         assert client.get("/api/v1/tokens").status_code == 200
     declared = {f"{method.upper()} {path}" for path, ops in served.items() for method in ops}
+    declared -= ENDLESS
     assert {operation.label for operation in operations} == declared
     assert {label for label, _, _ in statuses} == declared
     found = [

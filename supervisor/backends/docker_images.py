@@ -28,6 +28,7 @@ import msgspec
 from protocol.exceptions import JobError, JobErrorKind
 from protocol.limits import clip_message
 from protocol.spec import DockerBackend as DockerSpec
+from supervisor import metrics
 from supervisor.artifacts import ArtifactSource, verify
 from supervisor.backends.base import RunContext
 from supervisor.keylocks import KeyLocks
@@ -142,8 +143,10 @@ class ImageStore:
             if known is not None and await self._all_present(known):
                 self._loaded[digest] = known
                 self.artifact_hits += 1
+                metrics.cache_lookup("docker_image", hit=True)
                 await ctx.stage("fetching", f"image artifact {digest[:19]}: loaded earlier")
                 return known
+            metrics.cache_lookup("docker_image", hit=False)
             await ctx.stage("fetching", f"image artifact {digest}")
             data = verify(digest, await self._artifacts.fetch(digest))
             tarball, entries = await self._call(untagged, data)

@@ -68,6 +68,7 @@ from protocol.exceptions import JobError, JobErrorKind
 from protocol.limits import clip_message
 from protocol.messages import Stream
 from protocol.spec import WasmBackend as WasmSpec
+from supervisor import metrics
 from supervisor.artifacts import ArtifactSource, digest_of, verify
 from supervisor.backends.base import Backend, Outcome, RunContext
 from supervisor.backends.wasi_host import guest_of_thread, make_linker
@@ -267,6 +268,7 @@ class WasmBackend(Backend):
                 # Content-addressed: the digest names exact bytes, so no need to fetch again.
                 self._cache.move_to_end(key)
                 self.cache_hits += 1
+                metrics.cache_lookup("wasm_module", hit=True)
                 if self._disk is not None and not self._closed:  # in use: keep it on disk
                     self._pool.submit(self._disk.touch, _compiled_name(digest, flavour))
                 await ctx.stage("cached", "module compiled by an earlier run")
@@ -277,9 +279,11 @@ class WasmBackend(Backend):
                 if cached is not None:
                     self._remember(key, cached)
                     self.cache_hits += 1
+                    metrics.cache_lookup("wasm_module", hit=True)
                     await ctx.stage("cached", "compiled module from the disk cache")
                     return cached
             self.cache_misses += 1
+            metrics.cache_lookup("wasm_module", hit=False)
             data = None
             if self._disk is not None:
                 data = await loop.run_in_executor(self._pool, self._bytes_from_disk, digest)

@@ -191,12 +191,14 @@ class JobController(Controller):
         supervisor: Annotated[str | None, Parameter(max_length=limits.ID_MAX_LEN)] = None,
         created_after: float | None = None,
         created_before: float | None = None,
+        q: Annotated[str | None, Parameter(min_length=1, max_length=limits.NAME_MAX_LEN)] = None,
         cursor: Annotated[str | None, Parameter(max_length=64)] = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
     ) -> JobPage:
         """Jobs, newest first. Filters combine (all must hold): `phase` (repeatable: any
         of them), `label` (repeatable: `key=value`, `key!=value`, `key`, `!key`),
-        `supervisor` (had a run there), `created_after`/`created_before` (epoch seconds).
+        `supervisor` (had a run there), `created_after`/`created_before` (epoch seconds),
+        `q` (the name contains it, ignoring case, or the id starts with it).
         A full page carries `next_cursor`; pass it as `cursor` for the next page."""
         where = JobFilter(
             phases=[p.value for p in phase or []],
@@ -205,6 +207,7 @@ class JobController(Controller):
             created_after=created_after,
             created_before=created_before,
             before_seq=_seq_of(cursor) if cursor else None,
+            text=q,
             limit=limit,
         )
         rows = await app_state(request).store.list_jobs(where)

@@ -10,7 +10,8 @@ from switchboard.api.errors import ApiError, error_responses
 from switchboard.api.security import require
 from switchboard.api.tokens import TokenCreated
 from switchboard.auth import Permission, Role, new_token, token_digest
-from switchboard.models import SupervisorView
+from switchboard.live import with_session
+from switchboard.models import SupervisorSession, SupervisorView
 from switchboard.state import AppState, app_state
 
 
@@ -25,7 +26,11 @@ async def _supervisor_or_404(state: AppState, supervisor_id: str) -> SupervisorV
     view = await state.store.get_supervisor(supervisor_id)
     if view is None:
         raise ApiError(404, "not_found", f"no supervisor {supervisor_id!r}")
-    return view
+    return with_session(view, state.hub)
+
+
+#: Connections one supervisor's history shows.
+CONNECTIONS_SHOWN = 50
 
 
 class SupervisorController(Controller):
@@ -35,11 +40,24 @@ class SupervisorController(Controller):
     @get("/", guards=require(Permission.VIEW), responses=error_responses())
     async def list_supervisors(self, request: Request) -> list[SupervisorView]:
         """Every supervisor that ever connected, with whether it is connected now."""
-        return await app_state(request).store.list_supervisors()
+        state = app_state(request)
+        return [with_session(view, state.hub) for view in await state.store.list_supervisors()]
 
     @get("/{supervisor_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
     async def show(self, request: Request, supervisor_id: str) -> SupervisorView:
         return await _supervisor_or_404(app_state(request), supervisor_id)
+
+    @get(
+        "/{supervisor_id:str}/connections",
+        guards=require(Permission.VIEW),
+        responses=error_responses(404),
+    )
+    async def connections(self, request: Request, supervisor_id: str) -> list[SupervisorSession]:
+        """The supervisor's latest connections (at most 50), newest first: when each began,
+        and when and why it ended."""
+        state = app_state(request)
+        await _supervisor_or_404(state, supervisor_id)
+        return await state.store.supervisor_sessions(supervisor_id, CONNECTIONS_SHOWN)
 
     @post(
         "/{supervisor_id:str}/drain",

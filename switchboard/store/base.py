@@ -18,11 +18,14 @@ from protocol.state import Phase
 from switchboard.models import (
     ActiveRun,
     Assignment,
+    JobChange,
     JobEvent,
     JobSummary,
     JobView,
+    Overview,
     QueuedJob,
     RunKey,
+    SupervisorSession,
     SupervisorView,
     TokenView,
 )
@@ -91,6 +94,10 @@ class JobFilter(msgspec.Struct, frozen=True):
     created_before: float | None = None
     #: Only jobs older than this (a page's cursor: the last seq it showed).
     before_seq: int | None = None
+    #: Only these jobs (the live feed's changed ones).
+    ids: list[str] = []
+    #: Search: name contains it (case-insensitive) or id starts with it.
+    text: str | None = None
     limit: int = 50
 
 
@@ -99,6 +106,15 @@ class Expired(msgspec.Struct, frozen=True):
 
     runs: list[RunOnSupervisor] = []
     jobs: list[str] = []
+
+
+class Counts(msgspec.Struct, frozen=True):
+    """Counts for the metrics: jobs by phase, queued jobs by state ("ready", "backoff",
+    "unschedulable"), and the connected supervisors that are drained."""
+
+    jobs: dict[str, int]
+    queued: dict[str, int]
+    drained: list[str]
 
 
 class Store(abc.ABC):
@@ -199,6 +215,9 @@ class Store(abc.ABC):
     async def queue_length(self) -> int: ...
 
     @abc.abstractmethod
+    async def counts(self) -> Counts: ...
+
+    @abc.abstractmethod
     async def queued_jobs(self, limit: int) -> list[QueuedJob]:
         """Queued jobs, highest priority first, oldest first within a priority."""
 
@@ -236,8 +255,11 @@ class Store(abc.ABC):
         """The runs the switchboard believes a supervisor holds."""
 
     @abc.abstractmethod
-    async def supervisor_disconnected(self, supervisor_id: str, session: int) -> None:
-        """Record a disconnect, unless a newer session has already replaced `session`."""
+    async def supervisor_disconnected(
+        self, supervisor_id: str, session: int, reason: str = "disconnected"
+    ) -> None:
+        """Record a disconnect (and why, in the connection history), unless a newer session
+        has already replaced `session`."""
 
     @abc.abstractmethod
     async def forget_connections(self) -> None:
@@ -250,6 +272,28 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_supervisors(self) -> list[SupervisorView]: ...
+
+    @abc.abstractmethod
+    async def supervisor_sessions(self, supervisor_id: str, limit: int) -> list[SupervisorSession]:
+        """The supervisor's latest connections, newest first."""
+
+    # the dashboard's views
+    @abc.abstractmethod
+    async def job_changes(self, after_rev: int, limit: int) -> list[JobChange]:
+        """Changes to jobs committed after `after_rev`, oldest first."""
+
+    @abc.abstractmethod
+    async def latest_job_change(self) -> int:
+        """The rev of the newest change (0 if none): where a new follower starts."""
+
+    @abc.abstractmethod
+    async def prune_job_changes(self, keep: int) -> None:
+        """Forget all but the newest `keep` changes."""
+
+    @abc.abstractmethod
+    async def overview(self, now: float, minutes: int, failures: int) -> Overview:
+        """Counts for the dashboard: supervisors, queue by priority, running, jobs ended per
+        minute over the last `minutes`, and the latest `failures` failed jobs."""
 
     @abc.abstractmethod
     async def get_supervisor(self, supervisor_id: str) -> SupervisorView | None: ...

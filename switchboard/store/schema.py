@@ -5,7 +5,10 @@ from __future__ import annotations
 import sqlite3
 
 #: Bumped whenever a table changes; a database of another version is refused, not guessed at.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Older versions this one reaches by running SCHEMA again: their changes only added tables,
+#: indexes and triggers, which SCHEMA creates where missing.
+ADDITIVE_UPGRADES_FROM = frozenset({2})
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -126,6 +129,39 @@ CREATE TABLE IF NOT EXISTS output (
     data BLOB NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS output_by_run ON output (job_id, attempt, stream, offset);
+-- ended jobs by when they ended (a terminal job is not updated again): the dashboard's
+-- finished-per-minute and recent failures
+CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (updated_at)
+    WHERE phase IN ('succeeded', 'failed', 'timed_out', 'canceled', 'lost', 'exhausted',
+                    'rejected');
+-- Every change a job list would show, in commit order, for the live feed (pruned by it).
+CREATE TABLE IF NOT EXISTS job_changes (
+    rev INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE TRIGGER IF NOT EXISTS job_inserted AFTER INSERT ON jobs
+BEGIN
+    INSERT INTO job_changes (job_id) VALUES (NEW.id);
+END;
+CREATE TRIGGER IF NOT EXISTS job_updated
+    AFTER UPDATE OF phase, unschedulable, reason, exit_code, attempts, cancel_requested ON jobs
+BEGIN
+    INSERT INTO job_changes (job_id) VALUES (NEW.id);
+END;
+CREATE TRIGGER IF NOT EXISTS job_deleted AFTER DELETE ON jobs
+BEGIN
+    INSERT INTO job_changes (job_id, deleted) VALUES (OLD.id, 1);
+END;
+-- Each supervisor session: when it connected, when and why it ended.
+CREATE TABLE IF NOT EXISTS supervisor_sessions (
+    supervisor_id TEXT NOT NULL,
+    session INTEGER NOT NULL,
+    connected_at REAL NOT NULL,
+    disconnected_at REAL,
+    reason TEXT,
+    PRIMARY KEY (supervisor_id, session)
+);
 """
 
 
@@ -137,7 +173,7 @@ def apply_schema(conn: sqlite3.Connection) -> None:
     """Create the tables of a new database, or check an existing one's version."""
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     (tables,) = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()
-    if tables and version != SCHEMA_VERSION:
+    if tables and version != SCHEMA_VERSION and version not in ADDITIVE_UPGRADES_FROM:
         raise SchemaMismatch(
             f"the database has schema version {version}, this switchboard needs"
             f" {SCHEMA_VERSION}: move the data dir aside (or start with a new --data-dir)"

@@ -41,24 +41,30 @@ from protocol.messages import (
 )
 from protocol.spec import JobSpec, RestartPolicy
 from protocol.state import Phase, can_transition, is_terminal
+from switchboard import metrics
 from switchboard.jobstate import job_after_run
 from switchboard.models import (
     ActiveRun,
     Assignment,
+    JobChange,
     JobEvent,
     JobSummary,
     JobView,
+    Overview,
     PhaseEntry,
     QueuedJob,
     RunKey,
     RunView,
+    SupervisorSession,
     SupervisorView,
     TokenView,
 )
 from switchboard.retry import restart_delay
+from switchboard.store import sqlite_views as views
 from switchboard.store.base import (
     CancelResult,
     Connected,
+    Counts,
     EventsApplied,
     Expired,
     JobFilter,
@@ -132,13 +138,16 @@ class _Writer(threading.Thread):
 
     def _commit_group(self, group: list[Any]) -> None:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        started = time.perf_counter()
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             for fn, future in group:
                 self.conn.execute("SAVEPOINT request")
+                mark = metrics.staged_mark()
                 try:
                     value = fn(self.conn)
                 except BaseException as exc:
+                    metrics.staged_drop(mark)
                     self.conn.execute("ROLLBACK TO request")
                     self.conn.execute("RELEASE request")
                     results.append((future, None, exc))
@@ -146,7 +155,10 @@ class _Writer(threading.Thread):
                     self.conn.execute("RELEASE request")
                     results.append((future, value, None))
             self.conn.execute("COMMIT")
+            metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
+            metrics.staged_commit()
         except BaseException as exc:
+            metrics.staged_drop()
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             results = [(future, None, exc) for _, future in group]
@@ -416,6 +428,20 @@ class SQLiteStore(Store):
 
         return await self._read(read)
 
+    async def counts(self) -> Counts:
+        def read(conn: sqlite3.Connection) -> Counts:
+            jobs = dict(conn.execute("SELECT phase, count(*) FROM jobs GROUP BY phase"))
+            queued = conn.execute(
+                "SELECT CASE WHEN unschedulable IS NOT NULL THEN 'unschedulable'"
+                " WHEN not_before > ? THEN 'backoff' ELSE 'ready' END, count(*)"
+                " FROM jobs WHERE phase = 'queued' GROUP BY 1",
+                (time.time(),),
+            )
+            drained = conn.execute("SELECT id FROM supervisors WHERE connected AND drained")
+            return Counts(jobs, dict(queued), [row[0] for row in drained])
+
+        return await self._read(read)
+
     async def get_job(self, job_id: str) -> JobView | None:
         return await self._read(lambda conn: _load_job(conn, job_id))
 
@@ -537,6 +563,7 @@ class SQLiteStore(Store):
             session, last_seq = conn.execute(
                 "SELECT session, last_seq FROM supervisors WHERE id = ?", (hello.supervisor_id,)
             ).fetchone()
+            views.record_session_start(conn, hello.supervisor_id, session, now)
             return Connected(session, last_seq)
 
         return await self._write(write)
@@ -556,21 +583,27 @@ class SQLiteStore(Store):
 
         return await self._read(read)
 
-    async def supervisor_disconnected(self, supervisor_id: str, session: int) -> None:
+    async def supervisor_disconnected(
+        self, supervisor_id: str, session: int, reason: str = "disconnected"
+    ) -> None:
+        now = time.time()
+
         def write(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE supervisors SET connected = 0, last_seen = ? WHERE id = ? AND session = ?",
-                (time.time(), supervisor_id, session),
+                (now, supervisor_id, session),
             )
+            views.record_session_end(conn, supervisor_id, session, now, reason)
 
         await self._write(write)
 
     async def forget_connections(self) -> None:
         def write(conn: sqlite3.Connection) -> None:
+            now = time.time()
             conn.execute(
-                "UPDATE supervisors SET connected = 0, last_seen = ? WHERE connected = 1",
-                (time.time(),),
+                "UPDATE supervisors SET connected = 0, last_seen = ? WHERE connected = 1", (now,)
             )
+            views.record_session_end(conn, None, None, now, "the switchboard restarted")
 
         await self._write(write)
 
@@ -593,6 +626,21 @@ class SQLiteStore(Store):
 
     async def list_supervisors(self) -> list[SupervisorView]:
         return await self._read(lambda conn: _load_supervisors(conn, None))
+
+    async def supervisor_sessions(self, supervisor_id: str, limit: int) -> list[SupervisorSession]:
+        return await self._read(lambda conn: views.supervisor_sessions(conn, supervisor_id, limit))
+
+    async def job_changes(self, after_rev: int, limit: int) -> list[JobChange]:
+        return await self._read(lambda conn: views.job_changes(conn, after_rev, limit))
+
+    async def latest_job_change(self) -> int:
+        return await self._read(views.latest_job_change)
+
+    async def prune_job_changes(self, keep: int) -> None:
+        await self._write(lambda conn: views.prune_job_changes(conn, keep))
+
+    async def overview(self, now: float, minutes: int, failures: int) -> Overview:
+        return await self._read(lambda conn: views.overview(conn, now, minutes, failures))
 
     async def get_supervisor(self, supervisor_id: str) -> SupervisorView | None:
         found = await self._read(lambda conn: _load_supervisors(conn, supervisor_id))
@@ -725,6 +773,49 @@ def _record_phase(
     )
 
 
+class _BackendKind(msgspec.Struct):
+    kind: str = ""
+
+
+class _SpecBackend(msgspec.Struct):
+    backend: _BackendKind
+
+
+#: Reads only the backend kind out of a stored spec (a metric label).
+_backend_decoder = msgspec.json.Decoder(_SpecBackend)
+
+
+def _observe_run(
+    conn: sqlite3.Connection, job_id: str, attempt: int, phase: Phase, at: float
+) -> None:
+    """Stage the metrics of a run reaching running (dispatch latency) or its end (duration);
+    they count once the transaction commits."""
+    terminal = is_terminal(phase)
+    if phase != Phase.RUNNING and not terminal:
+        return
+    row = conn.execute(
+        "SELECT r.created_at, r.started_at, j.spec, j.queued_at, j.not_before,"
+        " (SELECT ended_at FROM runs p WHERE p.job_id = r.job_id AND p.attempt = r.attempt - 1)"
+        " FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = ? AND r.attempt = ?",
+        (job_id, attempt),
+    ).fetchone()
+    if row is None:
+        return
+    created_at, started_at, spec, queued_at, not_before, previous_ended = row
+    try:
+        kind = _backend_decoder.decode(spec).backend.kind
+    except msgspec.DecodeError:  # a metric label must never cost the change itself
+        kind = ""
+    if terminal:
+        metrics.run_ended(kind, phase, at - (started_at or created_at))
+    else:
+        # Queued for this attempt: when the job was submitted, or when the attempt before
+        # ended (requeued), or when its restart backoff ended, whichever is latest. The
+        # switchboard's clock: the supervisor's `at` may be skewed.
+        queued = max(queued_at, previous_ended or 0.0, not_before or 0.0)
+        metrics.run_running(kind, time.time() - queued)
+
+
 def _set_run_phase(
     conn: sqlite3.Connection,
     job_id: str,
@@ -744,6 +835,7 @@ def _set_run_phase(
         (phase.value, stage, message, phase.value, at, terminal, at, job_id, attempt),
     )
     _record_phase(conn, job_id, attempt, phase, stage, message, at)
+    _observe_run(conn, job_id, attempt, phase, at)
     job = conn.execute(
         "SELECT attempts, cancel_requested, restarts, backoff_s, spec FROM jobs WHERE id = ?",
         (job_id,),

@@ -172,6 +172,13 @@ def list_jobs(conn: sqlite3.Connection, where: JobFilter) -> list[tuple[int, Job
     if where.before_seq is not None:
         clauses.append("j.seq < ?")
         args.append(where.before_seq)
+    if where.ids:
+        clauses.append(f"j.id IN ({','.join('?' * len(where.ids))})")
+        args.extend(where.ids)
+    if where.text:
+        pattern = where.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        clauses.append("(j.name LIKE ? ESCAPE '\\' OR j.id LIKE ? ESCAPE '\\')")
+        args.extend((f"%{pattern}%", f"{pattern}%"))
     sql = (
         "SELECT j.seq, j.id, j.name, j.phase, j.priority, j.created_at, j.updated_at, j.labels,"
         " j.attempts, (SELECT supervisor_id FROM runs r WHERE r.job_id = j.id"

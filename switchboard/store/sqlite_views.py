@@ -1,0 +1,126 @@
+"""SQLite queries behind the dashboard: the overview's counts, the job change log the live
+feed follows, and supervisors' connection history."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from protocol.state import Phase
+from switchboard.models import (
+    FinishedMinute,
+    JobChange,
+    Overview,
+    QueueDepth,
+    SupervisorCounts,
+    SupervisorSession,
+)
+from switchboard.store.base import JobFilter
+from switchboard.store.sqlite_jobs import ACTIVE_PHASES, ACTIVE_SQL, list_jobs
+
+#: Endings the overview lists as failures (a cancel or a refusal is someone's decision).
+FAILURES = [Phase.FAILED, Phase.TIMED_OUT, Phase.LOST, Phase.EXHAUSTED]
+#: Written out as in the jobs_ended index, so the planner can use it.
+_ENDED = "'succeeded', 'failed', 'timed_out', 'canceled', 'lost', 'exhausted', 'rejected'"
+
+
+def job_changes(conn: sqlite3.Connection, after_rev: int, limit: int) -> list[JobChange]:
+    rows = conn.execute(
+        "SELECT rev, job_id, deleted FROM job_changes WHERE rev > ? ORDER BY rev LIMIT ?",
+        (after_rev, limit),
+    )
+    return [JobChange(rev, job_id, bool(deleted)) for rev, job_id, deleted in rows]
+
+
+def latest_job_change(conn: sqlite3.Connection) -> int:
+    (rev,) = conn.execute("SELECT coalesce(max(rev), 0) FROM job_changes").fetchone()
+    return rev
+
+
+def prune_job_changes(conn: sqlite3.Connection, keep: int) -> None:
+    conn.execute(
+        "DELETE FROM job_changes WHERE rev <= (SELECT coalesce(max(rev), 0) FROM job_changes) - ?",
+        (keep,),
+    )
+
+
+def overview(conn: sqlite3.Connection, now: float, minutes: int, failures: int) -> Overview:
+    online, offline, draining = conn.execute(
+        "SELECT coalesce(sum(connected AND NOT drained), 0), coalesce(sum(NOT connected), 0),"
+        " coalesce(sum(connected AND drained), 0) FROM supervisors"
+    ).fetchone()
+    queue = [
+        QueueDepth(priority, count)
+        for priority, count in conn.execute(
+            "SELECT priority, count(*) FROM jobs WHERE phase = 'queued'"
+            " GROUP BY priority ORDER BY priority DESC"
+        )
+    ]
+    (running,) = conn.execute(
+        f"SELECT count(*) FROM runs WHERE phase IN ({ACTIVE_SQL})", ACTIVE_PHASES
+    ).fetchone()
+    first_minute = (now // 60 - (minutes - 1)) * 60
+    ended = {
+        minute: (succeeded, failed)
+        for minute, succeeded, failed in conn.execute(
+            "SELECT (CAST(updated_at / 60 AS INTEGER)) * 60 AS minute,"
+            " sum(phase = 'succeeded'), sum(phase != 'succeeded')"
+            f" FROM jobs WHERE phase IN ({_ENDED}) AND updated_at >= ? GROUP BY minute",
+            (first_minute,),
+        )
+    }
+    finished = []
+    for i in range(minutes):
+        minute = first_minute + 60 * i
+        succeeded, failed = ended.get(int(minute), (0, 0))
+        finished.append(FinishedMinute(minute, succeeded, failed))
+    recent = list_jobs(conn, JobFilter(phases=[p.value for p in FAILURES], limit=failures))
+    return Overview(
+        supervisors=SupervisorCounts(online, offline, draining),
+        queue=queue,
+        running=running,
+        finished=finished,
+        recent_failures=[summary for _, summary in recent],
+    )
+
+
+def record_session_start(
+    conn: sqlite3.Connection, supervisor_id: str, session: int, now: float
+) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO supervisor_sessions (supervisor_id, session, connected_at)"
+        " VALUES (?, ?, ?)",
+        (supervisor_id, session, now),
+    )
+
+
+def record_session_end(
+    conn: sqlite3.Connection,
+    supervisor_id: str | None,
+    session: int | None,
+    now: float,
+    reason: str,
+) -> None:
+    """End one session, or (both None) every session still open."""
+    if supervisor_id is None:
+        conn.execute(
+            "UPDATE supervisor_sessions SET disconnected_at = ?, reason = ?"
+            " WHERE disconnected_at IS NULL",
+            (now, reason),
+        )
+        return
+    conn.execute(
+        "UPDATE supervisor_sessions SET disconnected_at = ?, reason = ?"
+        " WHERE supervisor_id = ? AND session = ? AND disconnected_at IS NULL",
+        (now, reason, supervisor_id, session),
+    )
+
+
+def supervisor_sessions(
+    conn: sqlite3.Connection, supervisor_id: str, limit: int
+) -> list[SupervisorSession]:
+    rows = conn.execute(
+        "SELECT session, connected_at, disconnected_at, reason FROM supervisor_sessions"
+        " WHERE supervisor_id = ? ORDER BY session DESC LIMIT ?",
+        (supervisor_id, limit),
+    )
+    return [SupervisorSession(*row) for row in rows]
