@@ -17,14 +17,21 @@ import logging
 import time
 
 from switchboard.models import QueuedJob, SupervisorView
-from switchboard.scheduler import Candidate, FleetMember, plan, unsatisfiable_reason
+from switchboard.scheduler import (
+    Candidate,
+    FleetMember,
+    plan,
+    remaining,
+    unsatisfiable_reason,
+)
 from switchboard.sessions import Hub, start_message
 from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.dispatcher")
 
-#: Queued jobs considered per pass.
+#: Queued jobs read at a time, and the most pages of them one pass reads.
 QUEUE_WINDOW = 1000
+MAX_WINDOWS = 20
 #: Safety-net period between passes when nothing wakes the dispatcher.
 IDLE_PERIOD_S = 2.0
 
@@ -40,8 +47,8 @@ class Dispatcher:
         self._wake = asyncio.Event()
         #: job id -> the fleet it was last checked against (for `unschedulable`).
         self._checked: dict[str, tuple] = {}
-        #: Jobs currently marked unschedulable (so only changes are written).
-        self._reported: set[str] = set()
+        #: The fleet the last pass saw: when it changes, jobs marked unschedulable are
+        #: checked again (they are left out of the queue's pages until then).
         self._last_fleet: tuple | None = None
         self._new_jobs = False
         hub.on_capacity_change(self.wake)
@@ -93,22 +100,38 @@ class Dispatcher:
         fleet = await self.store.list_supervisors()
         ready = {s.id for s in self.hub.ready_sessions()}
         candidates = await self._candidates(fleet, ready)
-        news = self._new_jobs or self._last_fleet != self._fleet_key(fleet)
+        fleet_changed = self._last_fleet != self._fleet_key(fleet)
+        news = self._new_jobs or fleet_changed
         self._new_jobs = False
         if not any(c.free > 0 for c in candidates) and not news:
             return 0
-        jobs = await self.store.queued_jobs(QUEUE_WINDOW)
+        waiting: list[QueuedJob] = []
+        if fleet_changed:
+            # Jobs nobody could run may have found a taker: look at them again.
+            waiting += await self.store.queued_jobs(QUEUE_WINDOW * MAX_WINDOWS, marked=True)
         decisions: list[tuple[str, str]] = []
-        if candidates:
-            decisions = plan(
-                jobs,
-                candidates,
-                now=time.time(),
-                aging_s=self.aging_s,
-                busy_keys=await self.store.busy_keys(),
-            )
-        placed = {job_id for job_id, _ in decisions}
-        await self._note_unschedulable([j for j in jobs if j.id not in placed], fleet)
+        busy = await self.store.busy_keys() if candidates else set()
+        after: tuple[int, int] | None = None
+        # Page through the queue while slots remain, so jobs that fit nowhere now never
+        # hide the ones behind them, however many there are (up to MAX_WINDOWS pages).
+        for _ in range(MAX_WINDOWS):
+            jobs = await self.store.queued_jobs(QUEUE_WINDOW, after=after)
+            placed = []
+            if candidates:
+                placed = plan(
+                    jobs, candidates, now=time.time(), aging_s=self.aging_s, busy_keys=busy
+                )
+            decisions += placed
+            chosen = {job_id for job_id, _ in placed}
+            waiting += [j for j in jobs if j.id not in chosen]
+            if len(jobs) < QUEUE_WINDOW:
+                break
+            candidates = remaining(candidates, jobs, placed)
+            if not any(c.free > 0 for c in candidates):
+                break
+            busy |= {j.concurrency_key for j in jobs if j.id in chosen and j.concurrency_key}
+            after = (jobs[-1].priority, jobs[-1].seq)
+        await self._note_unschedulable(waiting, fleet)
         if not decisions:
             return 0
         for made in await self.store.assign(decisions):
@@ -163,15 +186,10 @@ class Dispatcher:
                 continue
             self._checked[job.id] = key
             reason = unsatisfiable_reason(job.spec, members)
-            if reason is not None or job.id in self._reported:
+            if reason != job.unschedulable:  # written on change only (it is a job change)
                 reasons[job.id] = reason
-                if reason is None:
-                    self._reported.discard(job.id)
-                else:
-                    self._reported.add(job.id)
-        if len(self._checked) > 4 * QUEUE_WINDOW:  # forget jobs that left the queue
+        if len(self._checked) > 2 * QUEUE_WINDOW * MAX_WINDOWS:  # forget jobs that left
             waiting_ids = {j.id for j in waiting}
             self._checked = {k: v for k, v in self._checked.items() if k in waiting_ids}
-            self._reported &= waiting_ids
         if reasons:
             await self.store.set_unschedulable(reasons)

@@ -135,6 +135,8 @@ class QueuedJob(msgspec.Struct, frozen=True):
     queued_at: float = 0.0
     #: The job's concurrency key, if any: at most one job per key runs at a time.
     concurrency_key: str | None = None
+    #: Why no registered supervisor could run it, as last noted on the job (None: it could).
+    unschedulable: str | None = None
 
 
 class Assignment(msgspec.Struct, frozen=True):

@@ -131,14 +131,32 @@ def plan(
         if not fitting:
             continue
         best = min(fitting, key=lambda s: (s.running, s.id))
-        best.free -= 1
-        best.running += 1
-        for name, n in job.spec.resources.items():
-            best.resources[name] = best.resources.get(name, 0) - n
+        _spend(best, job)
         if key is not None:
             taken.add(key)
         decisions.append((job.id, best.id))
     return decisions
+
+
+def _spend(supervisor: Candidate, job: QueuedJob) -> None:
+    supervisor.free -= 1
+    supervisor.running += 1
+    for name, n in job.spec.resources.items():
+        supervisor.resources[name] = supervisor.resources.get(name, 0) - n
+
+
+def remaining(
+    supervisors: Sequence[Candidate],
+    jobs: Sequence[QueuedJob],
+    decisions: Sequence[tuple[str, str]],
+) -> list[Candidate]:
+    """Copies of `supervisors` less the slots and resources `decisions` (from `plan` over
+    `jobs`) spent: what a further `plan` over more jobs may still use."""
+    pool = {s.id: msgspec.structs.replace(s, resources=dict(s.resources)) for s in supervisors}
+    by_id = {job.id: job for job in jobs}
+    for job_id, supervisor_id in decisions:
+        _spend(pool[supervisor_id], by_id[job_id])
+    return list(pool.values())
 
 
 def describe_selector(selector: Selector) -> str:

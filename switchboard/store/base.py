@@ -218,8 +218,12 @@ class Store(abc.ABC):
     async def counts(self) -> Counts: ...
 
     @abc.abstractmethod
-    async def queued_jobs(self, limit: int) -> list[QueuedJob]:
-        """Queued jobs, highest priority first, oldest first within a priority."""
+    async def queued_jobs(
+        self, limit: int, *, after: tuple[int, int] | None = None, marked: bool = False
+    ) -> list[QueuedJob]:
+        """Queued jobs ready to run, highest priority first, oldest first within a priority;
+        `after` (priority, seq) of the last job of the previous page. Jobs marked
+        unschedulable are left out, or (`marked`) are the only ones returned."""
 
     @abc.abstractmethod
     async def next_backoff_end(self) -> float | None:

@@ -73,6 +73,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_phase ON jobs (phase, priority DESC, seq);
+-- the dispatcher's queue: what some registered supervisor could run, in placement order
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (priority DESC, seq)
+    WHERE phase = 'queued' AND unschedulable IS NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (concurrency_key, phase)
     WHERE concurrency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_queue_deadline ON jobs (queue_deadline)

@@ -445,17 +445,27 @@ class SQLiteStore(Store):
     async def get_job(self, job_id: str) -> JobView | None:
         return await self._read(lambda conn: _load_job(conn, job_id))
 
-    async def queued_jobs(self, limit: int) -> list[QueuedJob]:
+    async def queued_jobs(
+        self, limit: int, *, after: tuple[int, int] | None = None, marked: bool = False
+    ) -> list[QueuedJob]:
+        page = ""
+        args: list[object] = [time.time()]
+        if after is not None:
+            page = " AND (priority < ? OR (priority = ? AND seq > ?))"
+            args += [after[0], after[0], after[1]]
+
         def read(conn: sqlite3.Connection) -> list[QueuedJob]:
             rows = conn.execute(
-                "SELECT id, seq, priority, spec, queued_at, concurrency_key FROM jobs"
-                " WHERE phase = 'queued'"
-                " AND (not_before IS NULL OR not_before <= ?)"
+                "SELECT id, seq, priority, spec, queued_at, concurrency_key, unschedulable"
+                " FROM jobs WHERE phase = 'queued'"
+                f" AND unschedulable IS {'NOT NULL' if marked else 'NULL'}"
+                f" AND (not_before IS NULL OR not_before <= ?){page}"
                 " ORDER BY priority DESC, seq LIMIT ?",
-                (time.time(), limit),
+                (*args, limit),
             ).fetchall()
             return [
-                QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3]), r[4], r[5]) for r in rows
+                QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3]), r[4], r[5], r[6])
+                for r in rows
             ]
 
         return await self._read(read)

@@ -147,6 +147,19 @@ export function mount(root, ctx, { id }) {
     loadConnections();
   }
 
+  // The live feed leaves heartbeats out (they would be most of its traffic), so while the
+  // page is visible, this one record is refreshed now and then to keep "Last heard" true.
+  const HEARTBEAT_REFRESH_MS = 5000;
+  const heartbeat = setInterval(async () => {
+    if (!sup || !sup.connected || document.visibilityState !== "visible") return;
+    const fresh = await life.run(ctx.api.get(path, {}, life.signal));
+    if (fresh && !busy) {
+      sup = fresh;
+      renderSupervisor();
+    }
+  }, HEARTBEAT_REFRESH_MS);
+  life.onEnd(() => clearInterval(heartbeat));
+
   // A busy supervisor changes jobs many times a second: refetch its lists at most twice a second.
   const scheduleRuns = batched(loadRuns, 500);
   const scheduleConnections = batched(loadConnections, 200);
