@@ -140,9 +140,11 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         state=State({"switchboard": state}),
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        # Litestar sets up logging itself (the root's handler): in our format, text or JSON.
+        # The process sets up the root logger (protocol.logfmt, in server.py); Litestar
+        # only gives its own logger a handler, in the same format, text or JSON.
         logging_config=LoggingConfig(
-            formatters={"standard": logfmt.formatter_config(settings.log_format)}
+            configure_root_logger=False,
+            formatters={"standard": logfmt.formatter_config(settings.log_format)},
         ),
         request_max_body_size=settings.max_request_bytes,
         openapi_config=OpenAPIConfig(title="Switchboard", version=VERSION),

@@ -30,6 +30,8 @@ log = logging.getLogger("switchboard.live")
 POLL_S = 0.25
 #: How often supervisors are compared and, if anything changed, the overview recomputed.
 SUPERVISORS_EVERY_S = 1.0
+#: How often dashboards are told when each connected supervisor was last heard from.
+HEARTBEATS_EVERY_S = 5.0
 #: The overview is recomputed at least this often (minutes roll over with no change).
 OVERVIEW_EVERY_S = 10.0
 #: Changes read per pass, and the log entries kept (older ones are pruned).
@@ -44,7 +46,7 @@ OVERVIEW_FAILURES = 10
 
 
 class LiveEvent(NamedTuple):
-    kind: str  # job, job_deleted, supervisor, overview, resync
+    kind: str  # job, job_deleted, supervisor, overview, heartbeats, resync
     data: str  # JSON
 
 
@@ -126,7 +128,7 @@ class LiveFeed:
 
     async def run(self) -> None:
         self._rev = await self.store.latest_job_change()
-        next_supervisors = next_overview = next_prune = 0.0
+        next_supervisors = next_overview = next_prune = next_heartbeats = 0.0
         while True:
             await asyncio.sleep(POLL_S)
             now = time.monotonic()
@@ -144,6 +146,9 @@ class LiveFeed:
                 if now >= next_overview:
                     next_overview = now + OVERVIEW_EVERY_S
                     await self._overview_pass()
+                if now >= next_heartbeats and self.subscribers:
+                    next_heartbeats = now + HEARTBEATS_EVERY_S
+                    self._heartbeats_pass()
             except Exception:  # keep the feed alive; the next pass retries
                 log.exception("live feed pass failed")
 
@@ -175,6 +180,12 @@ class LiveFeed:
                 changed = True
                 self._publish("supervisor", msgspec.json.encode(with_session(view, self.hub)))
         return changed
+
+    def _heartbeats_pass(self) -> None:
+        # Kept out of `supervisor` events (heartbeats would be most of their traffic): one
+        # small event now and then says when each connected supervisor was last heard from.
+        heard = {sid: session.last_heard_at for sid, session in self.hub.sessions.items()}
+        self._publish("heartbeats", msgspec.json.encode({"at": time.time(), "last_heard": heard}))
 
     async def _overview_pass(self) -> None:
         if not self.subscribers:

@@ -101,6 +101,8 @@ class SupervisorView(msgspec.Struct):
     connected: bool
     labels: dict[str, str] = {}
     operator_labels: dict[str, str] = {}
+    #: What the supervisor itself advertises (operator labels win over these).
+    advertised_labels: dict[str, str] = {}
     drained: bool = False
     backends: list[str] = []
     resources: dict[str, int] = {}

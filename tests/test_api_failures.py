@@ -27,7 +27,7 @@ async def _admin_token(settings: Settings) -> str:
         await store.close()
 
 
-def test_a_failing_store_gives_503_ready_and_500_elsewhere(tmp_path, capfd):
+def test_a_failing_store_gives_503_ready_and_500_elsewhere(tmp_path, caplog):
     settings = Settings(data_dir=tmp_path)
     token = asyncio.run(_admin_token(settings))
     app = create_app(settings)
@@ -57,4 +57,8 @@ def test_a_failing_store_gives_503_ready_and_500_elsewhere(tmp_path, capfd):
         for leak in ("sqlite", "closed", "traceback", "programmingerror", str(tmp_path).lower()):
             assert leak not in text, leak
         # The operator still learns what failed: the log has it.
-        assert "Cannot operate on a closed database" in capfd.readouterr().err
+        logged = "\n".join(
+            record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+            for record in caplog.records
+        )
+        assert "Cannot operate on a closed database" in logged, logged

@@ -214,3 +214,30 @@ def test_shutdown_ends_open_event_streams(tmp_path):
         assert "timeout graceful shutdown exceeded" not in log.lower(), log
     finally:
         stream.close()
+
+
+def test_heartbeats_say_when_supervisors_were_last_heard(switchboard, supervisor):
+    stream = EventStream(switchboard)
+    try:
+        beat = stream.expect(
+            lambda kind, data: kind == "heartbeats" and "live-noop" in data["last_heard"],
+            "a heartbeats event naming the supervisor",
+        )
+        assert beat["at"] - 60 < beat["last_heard"]["live-noop"] <= beat["at"] + 1
+    finally:
+        stream.close()
+
+
+def test_a_revoked_token_ends_its_stream(switchboard):
+    client = switchboard.client()
+    made = client.post("/api/v1/tokens", json={"role": "viewer", "name": "watcher"}).json()
+    stream = EventStream(switchboard, made["token"])
+    try:
+        assert stream.status == 200
+        assert client.delete(f"/api/v1/tokens/{made['id']}").status_code == 204
+        stream._thread.join(scaled(30))
+        assert not stream._thread.is_alive(), "the stream stayed open after the revoke"
+        again = switchboard.client(made["token"]).get("/api/v1/live")
+        assert again.status_code == 401
+    finally:
+        stream.close()

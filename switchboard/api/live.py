@@ -12,13 +12,16 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from switchboard.api.errors import error_responses
 from switchboard.api.security import require
-from switchboard.auth import ROLE_PERMISSIONS, Permission, Role
+from switchboard.auth import ROLE_PERMISSIONS, Permission, Role, authenticate
 from switchboard.live import OVERVIEW_FAILURES, OVERVIEW_MINUTES, LiveFeed
 from switchboard.models import Overview
 from switchboard.state import app_state
+from switchboard.store.base import Store
 
 #: An idle event stream gets a comment this often, so proxies and browsers keep it open.
 PING_S = 15.0
+#: How often an open stream checks that its token is still valid (not revoked).
+TOKEN_CHECK_S = 5.0
 
 
 class Me(msgspec.Struct):
@@ -50,14 +53,22 @@ async def overview(request: Request) -> Overview:
     return await store.overview(time.time(), OVERVIEW_MINUTES, OVERVIEW_FAILURES)
 
 
-async def _events(feed: LiveFeed) -> AsyncIterator[ServerSentEventMessage]:
+async def _events(
+    feed: LiveFeed, store: Store, authorization: str | None
+) -> AsyncIterator[ServerSentEventMessage]:
     subscriber = feed.subscribe()
+    checked = time.monotonic()
     try:
         while True:
             try:
                 event = await subscriber.next(PING_S)
             except EOFError:  # the server is shutting down
                 return
+            if time.monotonic() - checked >= TOKEN_CHECK_S:
+                # A revoked token's stream ends; reconnecting, the dashboard gets its 401.
+                checked = time.monotonic()
+                if await authenticate(store, authorization) is None:
+                    return
             if event is None:
                 yield ServerSentEventMessage(data=None, comment="ping")  # no data: not an event
             else:
@@ -75,6 +86,10 @@ async def _events(feed: LiveFeed) -> AsyncIterator[ServerSentEventMessage]:
 )
 async def live(request: Request) -> ServerSentEvent:
     """Everything that changes, as it changes: `job` (a JobSummary), `job_deleted`
-    (`{"id"}`), `supervisor` (a SupervisorView), `overview` (an Overview) and `resync`
-    (this stream fell behind and dropped events: refetch). Comments keep it open."""
-    return ServerSentEvent(_events(app_state(request).live))
+    (`{"id"}`), `supervisor` (a SupervisorView), `overview` (an Overview), `heartbeats`
+    (every 5 s: `{"at", "last_heard": {supervisor id: epoch seconds}}` for the connected
+    ones) and `resync` (this stream fell behind and dropped events: refetch). Comments keep
+    it open; a stream whose token is revoked ends within seconds."""
+    state = app_state(request)
+    authorization = request.headers.get("authorization")
+    return ServerSentEvent(_events(state.live, state.store, authorization))

@@ -734,16 +734,17 @@ def _load_supervisors(conn: sqlite3.Connection, only: str | None) -> list[Superv
         if only is not None
         else conn.execute(sql + " ORDER BY id")
     ).fetchall()
-    views = []
+    found = []
     for r in rows:
-        operator_labels = json.loads(r[12])
-        views.append(
+        advertised, operator_labels = json.loads(r[3]), json.loads(r[12])
+        found.append(
             SupervisorView(
                 id=r[0],
                 name=r[1],
                 connected=bool(r[2]),
-                labels={**json.loads(r[3]), **operator_labels},
+                labels={**advertised, **operator_labels},
                 operator_labels=operator_labels,
+                advertised_labels=advertised,
                 drained=bool(r[11]),
                 backends=json.loads(r[4]),
                 resources=json.loads(r[5]),
@@ -755,7 +756,7 @@ def _load_supervisors(conn: sqlite3.Connection, only: str | None) -> list[Superv
                 last_seen=r[10],
             )
         )
-    return views
+    return found
 
 
 def _running_counts(conn: sqlite3.Connection) -> dict[str, int]:

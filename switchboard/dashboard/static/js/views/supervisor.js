@@ -62,7 +62,7 @@ export function mount(root, ctx, { id }) {
       ...fact("Session", String(sup.session)),
       ...fact("Software", sup.software || "—"),
     );
-    const advertised = Object.fromEntries(Object.entries(sup.labels).filter(([k]) => !(k in sup.operator_labels)));
+    const advertised = sup.advertised_labels || {};
     fill(labels,
       h("h3", {}, "Advertised"),
       labelChips(advertised),
@@ -147,19 +147,6 @@ export function mount(root, ctx, { id }) {
     loadConnections();
   }
 
-  // The live feed leaves heartbeats out (they would be most of its traffic), so while the
-  // page is visible, this one record is refreshed now and then to keep "Last heard" true.
-  const HEARTBEAT_REFRESH_MS = 5000;
-  const heartbeat = setInterval(async () => {
-    if (!sup || !sup.connected || document.visibilityState !== "visible") return;
-    const fresh = await life.run(ctx.api.get(path, {}, life.signal));
-    if (fresh && !busy) {
-      sup = fresh;
-      renderSupervisor();
-    }
-  }, HEARTBEAT_REFRESH_MS);
-  life.onEnd(() => clearInterval(heartbeat));
-
   // A busy supervisor changes jobs many times a second: refetch its lists at most twice a second.
   const scheduleRuns = batched(loadRuns, 500);
   const scheduleConnections = batched(loadConnections, 200);
@@ -180,6 +167,13 @@ export function mount(root, ctx, { id }) {
         if (reconnected) scheduleConnections();
       } else if (type === "job") {
         if (data.supervisor_id === id || current.has(data.id) || recent.has(data.id)) scheduleRuns();
+      } else if (type === "heartbeats") {
+        // Every few seconds: when each connected supervisor was last heard from.
+        const heard = data.last_heard[id];
+        if (sup && sup.connected && heard && !busy) {
+          sup = { ...sup, last_seen: heard };
+          renderSupervisor();
+        }
       } else if (type === "job_deleted") {
         current.remove(data.id);
         recent.remove(data.id);
