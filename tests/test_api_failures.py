@@ -1,12 +1,13 @@
 """When the store fails under a running switchboard: readiness says 503, liveness stays up,
 and every other route answers 500 `internal` without a word of the failure's internals
-(those go to the log). The failure is real (the store's read connections are closed under
-the app), but it is provoked from inside the process: nothing outside can break SQLite
-this way while the server keeps running."""
+(those go to the log). The store's reads are made to fail from inside the process (the
+one stand-in in this file): nothing outside can make a live SQLite database fail on
+demand, as root, without also stopping the server."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 from litestar.testing import TestClient
@@ -27,7 +28,7 @@ async def _admin_token(settings: Settings) -> str:
         await store.close()
 
 
-def test_a_failing_store_gives_503_ready_and_500_elsewhere(tmp_path, caplog):
+def test_a_failing_store_gives_503_ready_and_500_elsewhere(tmp_path, caplog, monkeypatch):
     settings = Settings(data_dir=tmp_path)
     token = asyncio.run(_admin_token(settings))
     app = create_app(settings)
@@ -41,9 +42,11 @@ def test_a_failing_store_gives_503_ready_and_500_elsewhere(tmp_path, caplog):
             time.sleep(0.02)
         assert client.get("/api/v1/jobs", headers=headers).status_code == 200
 
-        # Break every read connection the store holds: reads now raise inside the app.
-        for conn in state.store._read_conns:
-            conn.close()
+        # From now on every read of the store fails as a dying disk makes it fail.
+        async def failing_read(fn):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(state.store, "_read", failing_read)
 
         ready = client.get("/api/v1/ready")
         listed = client.get("/api/v1/jobs", headers=headers)
@@ -54,11 +57,11 @@ def test_a_failing_store_gives_503_ready_and_500_elsewhere(tmp_path, caplog):
         body = listed.json()
         assert body["error"] == "internal"
         text = listed.text.lower()
-        for leak in ("sqlite", "closed", "traceback", "programmingerror", str(tmp_path).lower()):
+        for leak in ("sqlite", "disk", "traceback", "operationalerror", str(tmp_path).lower()):
             assert leak not in text, leak
         # The operator still learns what failed: the log has it.
         logged = "\n".join(
             record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
             for record in caplog.records
         )
-        assert "Cannot operate on a closed database" in logged, logged
+        assert "disk I/O error" in logged, logged
