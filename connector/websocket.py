@@ -66,6 +66,7 @@ class WebSocketConnector(SupervisorConnector):
         supervisor_id: str,
         name: str | None = None,
         max_backlog_bytes: int = 64 * 1024 * 1024,
+        send_window_bytes: int = 4 * 1024 * 1024,
         backoff_factory: Callable[[], Iterator[float]] = backoff,
         classify_error: Callable[[BaseException], Verdict] = classify,
         ssl_context: ssl.SSLContext | None = None,
@@ -85,6 +86,12 @@ class WebSocketConnector(SupervisorConnector):
         self._new_event = asyncio.Event()
         self._stopping = asyncio.Event()
         self._sent_upto = 0
+        #: Bytes sent on this connection and not yet acknowledged, and the most allowed: the
+        #: backlog may hold much more (for a dropped link), but only a window of it travels
+        #: at once, so what a live follower sees lags what the job wrote by little.
+        self._in_flight = 0
+        self._send_window = send_window_bytes
+        self._window_open = asyncio.Event()
         #: Highest seq ever sent, over all connections: sending one at or below it is a resend.
         self._highest_sent = 0
         #: Events reported before the first Welcome, in order; None once numbering is known.
@@ -171,6 +178,7 @@ class WebSocketConnector(SupervisorConnector):
             if self.sessions > 1:
                 metrics.RECONNECTS.inc()
             self._sent_upto = welcome.last_seq
+            self._in_flight = 0
             async with self._room:
                 self._room.notify_all()
             self.connected.set()
@@ -258,8 +266,14 @@ class WebSocketConnector(SupervisorConnector):
                 raise await _fail(ws, exc.code, exc.reason) from None
             match message:
                 case Ack(seq=seq):
+                    before = self.backlog.size_bytes
                     if self.backlog.acknowledge(seq):
                         metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
+                        # Only sent events are acknowledged: all of these were in flight.
+                        self._in_flight = max(
+                            0, self._in_flight - (before - self.backlog.size_bytes)
+                        )
+                        self._window_open.set()
                         async with self._room:
                             self._room.notify_all()
                 case StartJob():
@@ -286,7 +300,11 @@ class WebSocketConnector(SupervisorConnector):
                 await self._new_event.wait()
                 continue
             for seq, frame in batch:
+                while self._in_flight > 0 and self._in_flight + len(frame) > self._send_window:
+                    self._window_open.clear()
+                    await self._window_open.wait()
                 await ws.send(frame, text=True)
+                self._in_flight += len(frame)
                 self._sent_upto = seq
                 if seq <= self._highest_sent:
                     metrics.EVENTS_RESENT.inc()

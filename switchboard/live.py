@@ -2,9 +2,10 @@
 the store into events, and every open dashboard (GET /api/v1/live) gets them.
 
 The loop reads the store's job change log (filled by triggers, so no code path that changes
-a job can forget to tell), looks at the supervisors once a second, and recomputes the
-overview when either changed. Work grows with the rate of change, not with the number of
-jobs stored or of dashboards open: each change is read once and its event encoded once.
+a job can forget to tell) soon after each write, looks at supervisors once a second, and
+recomputes the overview when either changed. Work grows with the rate of change, not with
+the number of jobs stored or of dashboards open: each change is read once and its event
+encoded once.
 
 A dashboard that reads too slowly is not allowed to grow the server's memory: past
 SUBSCRIBER_QUEUE waiting events its queue is dropped and replaced by one `resync` event,
@@ -14,6 +15,7 @@ after which the dashboard refetches what it shows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import NamedTuple
@@ -26,8 +28,10 @@ from switchboard.store.base import JobFilter, Store
 
 log = logging.getLogger("switchboard.live")
 
-#: How often the change log is read.
-POLL_S = 0.25
+#: The change log is read soon after a write (after SETTLE_S, so a burst of writes is
+#: read at once), and at least every POLL_S.
+SETTLE_S = 0.01
+POLL_S = 1.0
 #: How often supervisors are compared and, if anything changed, the overview recomputed.
 SUPERVISORS_EVERY_S = 1.0
 #: How often dashboards are told when each connected supervisor was last heard from.
@@ -104,6 +108,8 @@ class LiveFeed:
         self._supervisors: dict[str, bytes] = {}
         self._overview = b""
         self._closed = False
+        self._written = asyncio.Event()
+        store.on_write(self._written.set)
 
     def subscribe(self) -> Subscriber:
         subscriber = Subscriber()
@@ -130,7 +136,13 @@ class LiveFeed:
         self._rev = await self.store.latest_job_change()
         next_supervisors = next_overview = next_prune = next_heartbeats = 0.0
         while True:
-            await asyncio.sleep(POLL_S)
+            if self.subscribers:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._written.wait(), POLL_S)
+                await asyncio.sleep(SETTLE_S)
+            else:  # nobody to tell: no reason to wake on every write
+                await asyncio.sleep(POLL_S)
+            self._written.clear()
             now = time.monotonic()
             try:
                 if now >= next_prune:
@@ -153,12 +165,13 @@ class LiveFeed:
                 log.exception("live feed pass failed")
 
     async def _jobs(self) -> bool:
+        if not self.subscribers:
+            self._rev = await self.store.latest_job_change()
+            return False
         changes = await self.store.job_changes(self._rev, CHANGES_PER_PASS)
         if not changes:
             return False
         self._rev = changes[-1].rev
-        if not self.subscribers:
-            return True
         latest = {change.job_id: change for change in changes}  # last change per job wins
         deleted = [job_id for job_id, change in latest.items() if change.deleted]
         changed = [job_id for job_id, change in latest.items() if not change.deleted]

@@ -51,6 +51,7 @@ async def serve(settings: Settings) -> None:
     config = uvicorn.Config(
         app,
         loop="none",  # we run uvicorn inside our own uvloop loop
+        http="httptools",
         ws="websockets-sansio",
         ws_max_size=MAX_FRAME_BYTES,
         ws_ping_interval=None,  # liveness is the protocol's Heartbeat

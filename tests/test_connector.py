@@ -157,3 +157,71 @@ async def test_a_run_that_ended_while_the_supervisor_was_down_is_not_taken_for_l
     finally:
         connector.stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_only_a_window_of_the_backlog_travels_unacknowledged(tmp_path):
+    """Output piles up in the backlog while the switchboard is slow to acknowledge, but only
+    `send_window_bytes` of it is on the wire at once (so a follower's lag stays small); each
+    Ack lets more go, and everything arrives once, in order."""
+    import websockets
+
+    from protocol import limits
+    from protocol.messages import Output, Welcome
+
+    chunk = 256 * 1024
+    received: list[int] = []
+    release = asyncio.Event()
+
+    async def slow_switchboard(ws) -> None:
+        await ws.recv()
+        await ws.send(codec.encode(Welcome(version="1.0", session=1, last_seq=0)), text=True)
+
+        async def acknowledge_when_released() -> None:
+            await release.wait()
+            await ws.send(codec.encode(Ack(seq=received[-1])), text=True)
+
+        acknowledging = asyncio.create_task(acknowledge_when_released())
+        try:
+            async for raw in ws:
+                message = codec.decode_from_supervisor(raw)
+                if isinstance(message, Output):
+                    received.append(message.seq)
+                    if acknowledging.done():
+                        await ws.send(codec.encode(Ack(seq=message.seq)), text=True)
+        finally:
+            acknowledging.cancel()
+
+    server = await websockets.serve(
+        slow_switchboard,
+        "127.0.0.1",
+        0,
+        subprotocols=[websockets.Subprotocol(limits.SUBPROTOCOL)],
+        max_size=2 * 1024 * 1024,
+    )
+    port = server.sockets[0].getsockname()[1]
+    supervisor = BackendSupervisor(NoopBackend(), work_dir=tmp_path)
+    connector = WebSocketConnector(
+        supervisor,
+        f"ws://127.0.0.1:{port}/ws/supervisor",
+        "sbt_x",
+        supervisor_id="windowed",
+        send_window_bytes=4 * chunk,
+    )
+    running = asyncio.create_task(connector.run())
+    try:
+        await asyncio.wait_for(connector.connected.wait(), 10)
+        for n in range(16):
+            await connector.send_output(RunRef("j", 1), "stdout", n * chunk, b"x" * chunk)
+        await asyncio.sleep(0.5)  # time enough to send everything, were it allowed
+        assert 1 <= len(received) <= 4, received  # the window (frames are a bit over a chunk)
+        assert len(connector.backlog) == 16  # the rest waits in the backlog, not lost
+        release.set()  # what arrived is acknowledged, then each arrival at once
+        for _ in range(200):
+            if len(received) == 16:
+                break
+            await asyncio.sleep(0.02)
+        assert received == list(range(1, 17))
+    finally:
+        connector.stop()
+        await asyncio.wait_for(running, 10)
+        server.close()

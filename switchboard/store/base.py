@@ -8,7 +8,7 @@ which is what lets the switchboard acknowledge a supervisor's events.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -124,6 +124,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def on_write(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (on the event loop) after every write, committed or not."""
 
     # tokens
     @abc.abstractmethod

@@ -175,6 +175,12 @@ def _resolve(future: asyncio.Future[Any], value: Any, exc: BaseException | None)
         future.set_result(value)
 
 
+#: How long a valid token's lookup is reused, and how many are kept. Revocations through
+#: this process take effect at once; the time bounds one made by another process.
+TOKEN_CACHE_S = 10.0
+TOKEN_CACHE_SIZE = 10_000
+
+
 class SQLiteStore(Store):
     def __init__(self, path: Path, *, readers: int = 4) -> None:
         self.path = path
@@ -183,6 +189,11 @@ class SQLiteStore(Store):
         self._read_pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._read_conns: list[sqlite3.Connection] = []
+        #: Called after each write request has finished (the live feed wakes on them).
+        self._write_listeners: list[Callable[[], None]] = []
+        #: digest -> (valid token, when it was read); see find_token.
+        self._tokens: dict[bytes, tuple[TokenView, float]] = {}
+        self._token_generation = 0
         self._conns_lock = threading.Lock()
 
     # --- plumbing --------------------------------------------------------------------
@@ -215,7 +226,14 @@ class SQLiteStore(Store):
         assert self._writer is not None, "store is not open"
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._writer.requests.put((fn, future))
-        return await future
+        try:
+            return await future
+        finally:
+            for listener in self._write_listeners:
+                listener()
+
+    def on_write(self, listener: Callable[[], None]) -> None:
+        self._write_listeners.append(listener)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         assert self._read_pool is not None, "store is not open"
@@ -259,9 +277,24 @@ class SQLiteStore(Store):
                 (token_id, role, name, digest, now, supervisor_id),
             )
 
-        await self._write(write)
+        if not replace_bound:
+            await self._write(write)
+            return
+        self._forget_tokens()  # it revokes the tokens bound to the supervisor
+        try:
+            await self._write(write)
+        finally:
+            self._forget_tokens()
 
     async def find_token(self, digest: bytes) -> TokenView | None:
+        # Every request looks its token up: valid tokens are remembered for a while. Any
+        # revocation in this process forgets them all at once (and a lookup that raced
+        # with one is not remembered), so a revoked token fails on its very next request.
+        cached = self._tokens.get(digest)
+        if cached is not None and time.monotonic() - cached[1] < TOKEN_CACHE_S:
+            return cached[0]
+        generation = self._token_generation
+
         def read(conn: sqlite3.Connection) -> TokenView | None:
             row = conn.execute(
                 "SELECT id, role, name, created_at, 0, supervisor_id FROM tokens"
@@ -270,7 +303,16 @@ class SQLiteStore(Store):
             ).fetchone()
             return TokenView(*row) if row else None
 
-        return await self._read(read)
+        token = await self._read(read)
+        if token is not None and generation == self._token_generation:
+            if len(self._tokens) >= TOKEN_CACHE_SIZE:
+                self._tokens.clear()
+            self._tokens[digest] = (token, time.monotonic())
+        return token
+
+    def _forget_tokens(self) -> None:
+        self._token_generation += 1
+        self._tokens.clear()
 
     async def list_tokens(self) -> list[TokenView]:
         def read(conn: sqlite3.Connection) -> list[TokenView]:
@@ -292,7 +334,11 @@ class SQLiteStore(Store):
             )
             return True
 
-        return await self._write(write)
+        self._forget_tokens()
+        try:
+            return await self._write(write)
+        finally:
+            self._forget_tokens()
 
     # --- switchboard-wide state ------------------------------------------------------
 
