@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import tempfile
 import threading
 import time
@@ -18,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.procs import cpu_seconds
 from bench.stats import Summary
 from tests.harness import TERMINAL, Switchboard, start_supervisor, wait_connected, wait_job
 
@@ -51,7 +51,7 @@ class Api:
                 continue
             if response.status >= 300:
                 raise RuntimeError(f"{method} {path}: HTTP {response.status} {payload[:200]!r}")
-            return json.loads(payload)
+            return json.loads(payload) if payload else None
         raise AssertionError("unreachable")
 
     def _conn(self) -> http.client.HTTPConnection:
@@ -59,13 +59,6 @@ class Api:
         if conn is None:
             conn = self._local.conn = http.client.HTTPConnection("127.0.0.1", self._port)
         return conn
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure_e2e(wasm: bytes, n_jobs: int, reps: int, max_jobs: int) -> dict[str, Summary]:

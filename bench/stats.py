@@ -22,6 +22,9 @@ class Summary:
     p90: float
     min: float
     max: float
+    p25: float = math.nan
+    p75: float = math.nan
+    p99: float = math.nan
 
     @classmethod
     def of(cls, values: list[float], unit: str) -> Summary:
@@ -29,15 +32,25 @@ class Summary:
             raise ValueError("no measurements")
         ordered = sorted(values)
         median = statistics.median(ordered)
-        return cls(unit, len(ordered), median, _p90(ordered), ordered[0], ordered[-1])
+        return cls(
+            unit,
+            len(ordered),
+            median,
+            percentile(ordered, 0.9),
+            ordered[0],
+            ordered[-1],
+            percentile(ordered, 0.25),
+            percentile(ordered, 0.75),
+            percentile(ordered, 0.99),
+        )
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
 
 
-def _p90(ordered: list[float]) -> float:
-    """The 90th percentile (linear interpolation between closest ranks)."""
-    rank = 0.9 * (len(ordered) - 1)
+def percentile(ordered: list[float], q: float) -> float:
+    """The q-quantile of sorted values (linear interpolation between closest ranks)."""
+    rank = q * (len(ordered) - 1)
     low = math.floor(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
