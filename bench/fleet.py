@@ -41,6 +41,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from bench.procs import child_channels, raise_fd_limit, spawn_child, stop_child
+from connector.websocket import SEND_WINDOW_BYTES
 from protocol import codec, limits
 from protocol.exceptions import JobErrorKind
 from protocol.messages import (
@@ -68,9 +69,10 @@ from protocol.state import Phase, is_terminal
 PARAM_OUTPUT_BYTES = "BENCH_OUTPUT_BYTES"
 PARAM_HOLD = "BENCH_HOLD"
 PARAM_BACKLOG = "BENCH_BACKLOG_BYTES"
-#: Unacknowledged output a run may have in flight unless BENCH_BACKLOG_BYTES says otherwise
-#: (the reference supervisor's default, `supervisor run --max-backlog-mb 64`).
-BACKLOG_BYTES = 64 * 1024 * 1024
+#: Unacknowledged output a run may have in flight unless BENCH_BACKLOG_BYTES says otherwise:
+#: the reference supervisor's send window (its backlog may hold more, but only this much
+#: travels unacknowledged).
+BACKLOG_BYTES = SEND_WINDOW_BYTES
 #: Connections opened at once: the switchboard's listen backlog is 2048.
 WAVE = 250
 OPEN_TIMEOUT_S = 120.0

@@ -42,7 +42,7 @@ class Sizes:
     window_s: float = 10.0  # CPU window of the idle connection fleet
     heartbeat_s: float = 5.0  # the switchboard's default
     output_mb: int = 200  # bytes of stdout per output repetition, 10^6
-    backlog_mib: int = 64  # unacknowledged output the writer allows (supervisor default)
+    backlog_mib: int = 4  # unacknowledged output in flight (the supervisor's send window)
     echo_trips: int = 2000  # websockets round trips per floor repetition
     sqlite_rows: int = 20000  # job rows per SQLite floor repetition
     wasm_runs: int = 300

@@ -45,6 +45,9 @@ from supervisor.base import Supervisor
 from .backoff import Verdict, backoff, classify
 from .base import SupervisorConnector
 
+#: Unacknowledged bytes a connection may have on the wire (see WebSocketConnector).
+SEND_WINDOW_BYTES = 4 * 1024 * 1024
+
 log = logging.getLogger("connector.websocket")
 
 SOFTWARE = "switchboard-supervisor/0.1"
@@ -66,7 +69,7 @@ class WebSocketConnector(SupervisorConnector):
         supervisor_id: str,
         name: str | None = None,
         max_backlog_bytes: int = 64 * 1024 * 1024,
-        send_window_bytes: int = 4 * 1024 * 1024,
+        send_window_bytes: int = SEND_WINDOW_BYTES,
         backoff_factory: Callable[[], Iterator[float]] = backoff,
         classify_error: Callable[[BaseException], Verdict] = classify,
         ssl_context: ssl.SSLContext | None = None,

@@ -33,7 +33,7 @@ log = logging.getLogger("switchboard.dispatcher")
 QUEUE_WINDOW = 1000
 MAX_WINDOWS = 20
 #: Safety-net period between passes when nothing wakes the dispatcher.
-IDLE_PERIOD_S = 2.0
+IDLE_PERIOD_S = 5.0
 
 
 class Dispatcher:

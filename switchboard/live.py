@@ -106,6 +106,7 @@ class LiveFeed:
         self.subscribers: set[Subscriber] = set()
         self._rev = 0
         self._supervisors: dict[str, bytes] = {}
+        self._supervisor_writes = -1
         self._overview = b""
         self._closed = False
         self._written = asyncio.Event()
@@ -150,8 +151,11 @@ class LiveFeed:
                     await self.store.prune_job_changes(CHANGES_KEPT)
                 jobs_changed = await self._jobs()
                 supervisors_changed = False
-                if now >= next_supervisors:
+                # Their load changes with jobs, the rest with a write to their record.
+                touched = jobs_changed or self.store.supervisor_writes != self._supervisor_writes
+                if now >= next_supervisors and touched:
                     next_supervisors = now + SUPERVISORS_EVERY_S
+                    self._supervisor_writes = self.store.supervisor_writes
                     supervisors_changed = await self._supervisors_pass()
                 if (jobs_changed or supervisors_changed) and self.subscribers:
                     next_overview = min(next_overview, now + SUPERVISORS_EVERY_S)

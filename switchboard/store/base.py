@@ -118,6 +118,10 @@ class Counts(msgspec.Struct, frozen=True):
 
 
 class Store(abc.ABC):
+    #: Grows with every change to a supervisor's record (connect, disconnect, drain, labels):
+    #: a reader of supervisors can tell nothing changed without reading them all.
+    supervisor_writes: int = 0
+
     # lifecycle
     @abc.abstractmethod
     async def open(self) -> None: ...

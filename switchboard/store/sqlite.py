@@ -189,6 +189,8 @@ class SQLiteStore(Store):
         self._read_pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._read_conns: list[sqlite3.Connection] = []
+        #: Bumped by every write to a supervisor's record (see Store.supervisor_writes).
+        self.supervisor_writes = 0
         #: Called after each write request has finished (the live feed wakes on them).
         self._write_listeners: list[Callable[[], None]] = []
         #: digest -> (valid token, when it was read); see find_token.
@@ -622,7 +624,10 @@ class SQLiteStore(Store):
             views.record_session_start(conn, hello.supervisor_id, session, now)
             return Connected(session, last_seq)
 
-        return await self._write(write)
+        try:
+            return await self._write(write)
+        finally:
+            self.supervisor_writes += 1  # after the commit: readers see the change
 
     async def active_runs(self, supervisor_id: str) -> list[ActiveRun]:
         def read(conn: sqlite3.Connection) -> list[ActiveRun]:
@@ -651,7 +656,10 @@ class SQLiteStore(Store):
             )
             views.record_session_end(conn, supervisor_id, session, now, reason)
 
-        await self._write(write)
+        try:
+            await self._write(write)
+        finally:
+            self.supervisor_writes += 1  # after the commit: readers see the change
 
     async def forget_connections(self) -> None:
         def write(conn: sqlite3.Connection) -> None:
@@ -661,7 +669,10 @@ class SQLiteStore(Store):
             )
             views.record_session_end(conn, None, None, now, "the switchboard restarted")
 
-        await self._write(write)
+        try:
+            await self._write(write)
+        finally:
+            self.supervisor_writes += 1  # after the commit: readers see the change
 
     async def lose_runs(self, grace_s: float) -> list[RunKey]:
         now = time.time()
@@ -709,7 +720,10 @@ class SQLiteStore(Store):
             )
             return cursor.rowcount > 0
 
-        return await self._write(write)
+        try:
+            return await self._write(write)
+        finally:
+            self.supervisor_writes += 1  # after the commit: readers see the change
 
     async def set_operator_labels(self, supervisor_id: str, labels: dict[str, str]) -> bool:
         def write(conn: sqlite3.Connection) -> bool:
@@ -719,7 +733,10 @@ class SQLiteStore(Store):
             )
             return cursor.rowcount > 0
 
-        return await self._write(write)
+        try:
+            return await self._write(write)
+        finally:
+            self.supervisor_writes += 1  # after the commit: readers see the change
 
     async def running_counts(self) -> dict[str, int]:
         return await self._read(_running_counts)
