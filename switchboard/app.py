@@ -103,6 +103,7 @@ def create_app(settings: Settings) -> Litestar:
             asyncio.create_task(state.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(keep_time(store, settings, hub), name="clock"),
             asyncio.create_task(state.live.run(), name="live feed"),
+            asyncio.create_task(hub.keep_heartbeats(), name="heartbeats"),
         ]
         try:
             yield

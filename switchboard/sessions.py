@@ -117,10 +117,11 @@ class SupervisorSession:
         )
         if stored_seq >= self.hello.last_seq:
             await self._reconcile()
+        # Heartbeats both ways are kept by the hub (Hub.keep_heartbeats): one timer for all
+        # sessions instead of a task each.
         tasks = [
             asyncio.create_task(self._read_loop()),
             asyncio.create_task(self._apply_loop()),
-            asyncio.create_task(self._heartbeat_loop()),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -246,13 +247,15 @@ class SupervisorSession:
                 await self.send(start_message(run.job_id, run.attempt, run.spec))
         self.hub.wake_dispatcher()
 
-    async def _heartbeat_loop(self) -> None:
-        settings = self.hub.settings
-        while True:
-            await asyncio.sleep(settings.heartbeat_interval_s)
-            if time.monotonic() - self._last_heard > settings.heartbeat_timeout_s:
-                raise FrameError(CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat from the supervisor")
-            await self.send(ServerHeartbeat(at=time.time()))
+    async def heartbeat(self, frame: str, now: float) -> None:
+        """Send the hub's heartbeat, or end the session if the supervisor has gone silent."""
+        if now - self._last_heard > self.hub.settings.heartbeat_timeout_s:
+            log.warning("supervisor %s: no heartbeat from the supervisor", self.id)
+            await self.close(CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat from the supervisor")
+            return
+        async with self._send_lock:
+            if not self._closed:
+                await self.socket.send({"type": "websocket.send", "text": frame})
 
 
 class Hub:
@@ -289,6 +292,22 @@ class Hub:
         finally:
             if not waiter.done():  # timed out: don't let idle followers pile up
                 self._stored_waiters.remove(waiter)
+
+    async def keep_heartbeats(self) -> None:
+        """Every heartbeat interval: a heartbeat to each session (one frame, encoded once),
+        and the end of each session whose supervisor has been silent past the timeout."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            frame = codec.encode(ServerHeartbeat(at=time.time())).decode()
+            now = time.monotonic()
+            sessions = list(self.sessions.values())
+            # Concurrently, so one slow socket does not hold up the others' heartbeats.
+            results = await asyncio.gather(
+                *(session.heartbeat(frame, now) for session in sessions), return_exceptions=True
+            )
+            for session, result in zip(sessions, results, strict=True):
+                if isinstance(result, Exception):
+                    log.debug("heartbeat to %s failed: %s", session.id, result)
 
     def ready_sessions(self) -> list[SupervisorSession]:
         return [s for s in self.sessions.values() if s.ready]
