@@ -191,6 +191,8 @@ class SQLiteStore(Store):
         self._read_conns: list[sqlite3.Connection] = []
         #: Bumped by every write to a supervisor's record (see Store.supervisor_writes).
         self.supervisor_writes = 0
+        #: (supervisor_writes, the listing it was read at): see list_supervisors.
+        self._fleet: tuple[int, list[SupervisorView]] | None = None
         #: Called after each write request has finished (the live feed wakes on them).
         self._write_listeners: list[Callable[[], None]] = []
         #: digest -> (valid token, when it was read); see find_token.
@@ -692,7 +694,23 @@ class SQLiteStore(Store):
         return await self._write(write)
 
     async def list_supervisors(self) -> list[SupervisorView]:
-        return await self._read(lambda conn: _load_supervisors(conn, None))
+        # Every dispatch pass lists the fleet. Their records change only with a supervisor
+        # write (counted), their load with every run: re-read the one when it changed, and
+        # only count the other.
+        cached = self._fleet
+        if cached is not None and cached[0] == self.supervisor_writes:
+            counts = await self._read(_running_counts)
+            return [
+                view
+                if view.running == counts.get(view.id, 0)
+                else msgspec.structs.replace(view, running=counts.get(view.id, 0))
+                for view in cached[1]
+            ]
+        writes = self.supervisor_writes
+        views = await self._read(lambda conn: _load_supervisors(conn, None))
+        if writes == self.supervisor_writes:  # no write raced with the read
+            self._fleet = (writes, views)
+        return views
 
     async def supervisor_sessions(self, supervisor_id: str, limit: int) -> list[SupervisorSession]:
         return await self._read(lambda conn: views.supervisor_sessions(conn, supervisor_id, limit))
