@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from switchboard.auth import Role, create_token
+from switchboard.auth import Role, TokenError, create_token
 from switchboard.cli_output import add_connection_flags, client, show, table, when
 from switchboard.cli_output import run as run_client
 from switchboard.config import Settings
@@ -84,9 +84,6 @@ def _supervisor_rotate(args: argparse.Namespace) -> int:
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    if args.supervisor and args.role != Role.SUPERVISOR.value:
-        # As the REST API says too: a bound admin token would die with the next rotation.
-        raise SystemExit("switchboard: --supervisor: only supervisor tokens are bound")
     if args.data_dir:
         # Bootstrap: no server and no token yet, so write the first one into the database.
         return _token_bootstrap(args)
@@ -104,13 +101,17 @@ def _token_bootstrap(args: argparse.Namespace) -> int:
         store = SQLiteStore(settings.database_path)
         await store.open()
         try:
-            return await create_token(
+            made = await create_token(
                 store, Role(args.role), args.name or "", supervisor_id=args.supervisor
             )
+            return made.token
         finally:
             await store.close()
 
-    print(asyncio.run(make()))
+    try:
+        print(asyncio.run(make()))
+    except TokenError as exc:
+        raise SystemExit(f"switchboard: --supervisor: {exc}") from None
     return 0
 
 

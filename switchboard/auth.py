@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import secrets
+from typing import NamedTuple
 
 from switchboard.models import TokenView
 from switchboard.store.base import Store
@@ -78,15 +79,35 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+class TokenError(ValueError):
+    """A token that may not be made (the message says why)."""
+
+
+class NewToken(NamedTuple):
+    id: str
+    #: The plaintext: this is the only time it exists.
+    token: str
+    name: str
+
+
 async def create_token(
-    store: Store, role: Role, name: str = "", *, supervisor_id: str | None = None
-) -> str:
-    """Create and store a token; return its plaintext (the only time it exists)."""
+    store: Store,
+    role: Role,
+    name: str = "",
+    *,
+    supervisor_id: str | None = None,
+    replace_bound: bool = False,
+) -> NewToken:
+    """Create and store a token. `supervisor_id` binds a supervisor token to one
+    supervisor; `replace_bound` also revokes the tokens bound to it before (a rotation)."""
+    if supervisor_id is not None and role != Role.SUPERVISOR:
+        raise TokenError("only supervisor tokens are bound to a supervisor")
     token_id, token = new_token()
+    name = name or role.value
     await store.add_token(
-        token_id, role.value, name or role.value, token_digest(token), supervisor_id
+        token_id, role.value, name, token_digest(token), supervisor_id, replace_bound=replace_bound
     )
-    return token
+    return NewToken(token_id, token, name)
 
 
 async def authenticate(store: Store, authorization: str | None) -> TokenView | None:

@@ -23,7 +23,7 @@ async def _admin_token(settings: Settings) -> str:
     store = SQLiteStore(settings.database_path)
     await store.open()
     try:
-        return await create_token(store, Role.ADMIN, "t")
+        return (await create_token(store, Role.ADMIN, "t")).token
     finally:
         await store.close()
 

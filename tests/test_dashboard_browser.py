@@ -7,21 +7,18 @@ Screenshots (overview and job page, at 1280 px and at 375 px) go to $TEST_ARTIFA
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import secrets
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from protocol.messages import Hello
 from protocol.spec import JobSpec, NoopBackend
-from switchboard.store.sqlite import SQLiteStore
+from tests.big_store import big_switchboard as seeded
 from tests.harness import (
     REPO,
     Process,
@@ -485,48 +482,21 @@ SUPERVISORS = 500
 NEEDLE = "0ddba11c0ffee000"
 
 
-async def _seed(path: Path) -> None:
-    """A store as a big fleet leaves it: 500 supervisors (gone now) and 10,000 queued jobs."""
-    store = SQLiteStore(path)
-    await store.open()
-    try:
-        for n in range(SUPERVISORS):
-            hello = Hello(
-                supervisor_id=f"host-{n:03d}",
-                name=f"host-{n:03d}",
-                versions=["1.0"],
-                backends=["noop"],
-                labels={"rack": str(n % 20)},
-            )
-            await store.supervisor_connected(hello)
-        await store.forget_connections()
-        for batch in range(JOBS // 1000):
-            jobs = [
-                (
-                    secrets.token_hex(8),
-                    JobSpec(
-                        name=f"bulk-{batch}-{n}",
-                        labels={"batch": str(batch)},
-                        backend=NoopBackend(),
-                    ),
-                )
-                for n in range(1000)
-            ]
-            await store.create_jobs(jobs, actor="seed", max_queued=JOBS + 1)
-        needle = JobSpec(name="needle-in-the-haystack", backend=NoopBackend())
-        await store.create_jobs([(NEEDLE, needle)], actor="seed", max_queued=JOBS + 1)
-    finally:
-        await store.close()
-
-
 @pytest.fixture(scope="module")
 def big_switchboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Switchboard]:
-    data = tmp_path_factory.mktemp("big") / "data"
-    data.mkdir()
-    # In a thread of its own: Playwright's sync API keeps an event loop in this one.
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, _seed(data / "switchboard.sqlite3")).result()
-    server = Switchboard(data)
+    jobs = [
+        (
+            secrets.token_hex(8),
+            JobSpec(
+                name=f"bulk-{i // 1000}-{i % 1000}",
+                labels={"batch": str(i // 1000)},
+                backend=NoopBackend(),
+            ),
+        )
+        for i in range(JOBS)
+    ]
+    jobs.append((NEEDLE, JobSpec(name="needle-in-the-haystack", backend=NoopBackend())))
+    server = seeded(tmp_path_factory.mktemp("big") / "data", SUPERVISORS, jobs)
     yield server
     server.stop()
 

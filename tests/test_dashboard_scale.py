@@ -4,17 +4,14 @@ touches no data) measured in the same run, so a noisy machine moves both."""
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import time
 
 import httpx
 import pytest
 
-from protocol.messages import Hello
 from protocol.spec import JobSpec, NoopBackend
-from switchboard.store.sqlite import SQLiteStore
-from tests.harness import Switchboard
+from tests.big_store import big_switchboard
 
 JOBS = 10_000
 SUPERVISORS = 500
@@ -24,44 +21,21 @@ SUPERVISORS = 500
 MAX_RATIO = 60
 
 
-async def _seed(path) -> None:
-    store = SQLiteStore(path)
-    await store.open()
-    try:
-        for n in range(SUPERVISORS):
-            hello = Hello(
-                supervisor_id=f"host-{n:03d}",
-                name=f"host-{n:03d}",
-                versions=["1.0"],
-                backends=["noop"],
-                labels={"rack": str(n % 20)},
-            )
-            await store.supervisor_connected(hello)
-        await store.forget_connections()
-        for batch in range(JOBS // 1000):
-            jobs = [
-                (
-                    f"job-{batch}-{i}",
-                    JobSpec(
-                        name=f"build {batch}-{i}",
-                        labels={"team": f"t{i % 7}"},
-                        priority=i % 5,
-                        backend=NoopBackend(),
-                    ),
-                )
-                for i in range(1000)
-            ]
-            await store.create_jobs(jobs, actor="seed", max_queued=JOBS)
-    finally:
-        await store.close()
-
-
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    data = tmp_path_factory.mktemp("big") / "data"
-    data.mkdir()
-    asyncio.run(_seed(data / "switchboard.sqlite3"))
-    server = Switchboard(data)
+    jobs = [
+        (
+            f"job-{i // 1000}-{i % 1000}",
+            JobSpec(
+                name=f"build {i // 1000}-{i % 1000}",
+                labels={"team": f"t{i % 7}"},
+                priority=i % 5,
+                backend=NoopBackend(),
+            ),
+        )
+        for i in range(JOBS)
+    ]
+    server = big_switchboard(tmp_path_factory.mktemp("big") / "data", SUPERVISORS, jobs)
     yield server
     server.stop()
 

@@ -182,3 +182,14 @@ def test_token_commands(switchboard):
     assert refused.returncode == 2 and b"401" in refused.stderr
     forbidden = _cli(switchboard, "token", "list", "--token", created["token"])
     assert forbidden.returncode == 2
+
+
+def test_only_supervisor_tokens_are_bound(switchboard, tmp_path):
+    """The rule holds on both paths a token is made by: REST, and the bootstrap one."""
+    refused = _cli(switchboard, "token", "create", "--role", "admin", "--supervisor", "x")
+    assert refused.returncode == 2 and b"only supervisor tokens" in refused.stderr
+    data = str(tmp_path / "data")
+    bootstrap = ["token", "create", "--data-dir", data, "--supervisor", "x", "--role"]
+    assert _cli(switchboard, *bootstrap, "admin").returncode == 1
+    bound = _cli(switchboard, *bootstrap, "supervisor")
+    assert bound.returncode == 0 and bound.stdout.startswith(b"sbt_")

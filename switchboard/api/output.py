@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, Response, get
@@ -19,6 +19,10 @@ from switchboard.api.jobs import job_or_404
 from switchboard.api.security import require
 from switchboard.auth import Permission
 from switchboard.state import AppState, app_state
+
+#: Query parameters of the output routes: which run (default: the latest), which byte.
+Attempt = Annotated[int | None, Parameter(ge=1, le=INT64_MAX)]
+Offset = Annotated[int, Parameter(ge=0, le=INT64_MAX)]
 
 #: A follower re-reads at least this often, even without news from this process.
 FOLLOW_POLL_S = 1.0
@@ -126,10 +130,10 @@ class OutputController(Controller):
         self,
         request: Request,
         job_id: str,
-        stream: Literal["stdout", "stderr", "console"] = "stdout",
-        attempt: Annotated[int | None, Parameter(ge=1, le=INT64_MAX)] = None,
-        start: Annotated[int, Parameter(ge=0, le=INT64_MAX)] = 0,
-        end: Annotated[int | None, Parameter(ge=0, le=INT64_MAX)] = None,
+        stream: OutputStream = "stdout",
+        attempt: Attempt = None,
+        start: Offset = 0,
+        end: Offset | None = None,
     ) -> Response[bytes]:
         """Bytes [start, end) of a run's stream as stored so far (the latest run unless
         `attempt` is given), exactly as the program wrote them."""
@@ -154,9 +158,9 @@ class OutputController(Controller):
         self,
         request: Request,
         job_id: str,
-        stream: Literal["stdout", "stderr", "console"] = "stdout",
-        attempt: Annotated[int | None, Parameter(ge=1, le=INT64_MAX)] = None,
-        start: Annotated[int, Parameter(ge=0, le=INT64_MAX)] = 0,
+        stream: OutputStream = "stdout",
+        attempt: Attempt = None,
+        start: Offset = 0,
     ) -> Stream:
         """A run's stream from byte `start`, live: bytes are sent as they are stored, and
         the response ends once the run has ended and everything it wrote was sent. Without
@@ -179,9 +183,9 @@ class OutputController(Controller):
         self,
         request: Request,
         job_id: str,
-        stream: Literal["stdout", "stderr", "console"] = "stdout",
-        attempt: Annotated[int | None, Parameter(ge=1, le=INT64_MAX)] = None,
-        start: Annotated[int, Parameter(ge=0, le=INT64_MAX)] = 0,
+        stream: OutputStream = "stdout",
+        attempt: Attempt = None,
+        start: Offset = 0,
     ) -> ServerSentEvent:
         """The same as `follow`, as server-sent events for browsers: `output` events
         (OutputChunk, base64 bytes with their offset) and a final `end` event (OutputEnd).

@@ -9,7 +9,7 @@ from protocol.spec import Labels
 from switchboard.api.errors import ApiError, error_responses
 from switchboard.api.security import require
 from switchboard.api.tokens import TokenCreated
-from switchboard.auth import Permission, Role, new_token, token_digest
+from switchboard.auth import Permission, Role, create_token
 from switchboard.live import with_session
 from switchboard.models import SupervisorSession, SupervisorView
 from switchboard.state import AppState, app_state
@@ -27,6 +27,14 @@ async def _supervisor_or_404(state: AppState, supervisor_id: str) -> SupervisorV
     if view is None:
         raise ApiError(404, "not_found", f"no supervisor {supervisor_id!r}")
     return with_session(view, state.hub)
+
+
+async def _set_drained(state: AppState, supervisor_id: str, drained: bool) -> SupervisorView:
+    if not await state.store.set_drained(supervisor_id, drained):
+        raise ApiError(404, "not_found", f"no supervisor {supervisor_id!r}")
+    if not drained:
+        state.dispatcher.wake()  # it may take queued jobs now
+    return await _supervisor_or_404(state, supervisor_id)
 
 
 #: Connections one supervisor's history shows.
@@ -67,10 +75,7 @@ class SupervisorController(Controller):
     )
     async def drain(self, request: Request, supervisor_id: str) -> SupervisorView:
         """Take no new runs on this supervisor; its current runs finish (idempotent)."""
-        state = app_state(request)
-        if not await state.store.set_drained(supervisor_id, True):
-            raise ApiError(404, "not_found", f"no supervisor {supervisor_id!r}")
-        return await _supervisor_or_404(state, supervisor_id)
+        return await _set_drained(app_state(request), supervisor_id, True)
 
     @post(
         "/{supervisor_id:str}/resume",
@@ -80,11 +85,7 @@ class SupervisorController(Controller):
     )
     async def resume(self, request: Request, supervisor_id: str) -> SupervisorView:
         """Let a drained supervisor take runs again (idempotent)."""
-        state = app_state(request)
-        if not await state.store.set_drained(supervisor_id, False):
-            raise ApiError(404, "not_found", f"no supervisor {supervisor_id!r}")
-        state.dispatcher.wake()
-        return await _supervisor_or_404(state, supervisor_id)
+        return await _set_drained(app_state(request), supervisor_id, False)
 
     @put(
         "/{supervisor_id:str}/labels",
@@ -112,15 +113,12 @@ class SupervisorController(Controller):
         before is revoked (and its connection closed). The token is shown only here."""
         state = app_state(request)
         await _supervisor_or_404(state, supervisor_id)
-        token_id, token = new_token()
-        name = f"supervisor {supervisor_id}"
-        await state.store.add_token(
-            token_id,
-            Role.SUPERVISOR.value,
-            name,
-            token_digest(token),
-            supervisor_id,
+        made = await create_token(
+            state.store,
+            Role.SUPERVISOR,
+            f"supervisor {supervisor_id}",
+            supervisor_id=supervisor_id,
             replace_bound=True,
         )
         await state.hub.drop_revoked_sessions()
-        return TokenCreated(token_id, token, Role.SUPERVISOR.value, name, supervisor_id)
+        return TokenCreated(made.id, made.token, Role.SUPERVISOR.value, made.name, supervisor_id)

@@ -12,7 +12,7 @@ from protocol import limits
 from protocol.spec import Id
 from switchboard.api.errors import ApiError, error_responses
 from switchboard.api.security import require
-from switchboard.auth import Permission, Role, new_token, token_digest
+from switchboard.auth import Permission, Role, TokenError, create_token
 from switchboard.models import TokenView
 from switchboard.state import app_state
 
@@ -44,19 +44,15 @@ class TokenController(Controller):
         "/", guards=require(Permission.ADMINISTER), status_code=201, responses=error_responses(413)
     )
     async def create(self, request: Request, data: TokenRequest) -> TokenCreated:
-        if data.supervisor_id is not None and data.role != Role.SUPERVISOR:
-            raise ApiError(
-                400,
-                "invalid_request",
-                "supervisor_id: only supervisor tokens are bound to a supervisor",
-                "supervisor_id",
+        try:
+            made = await create_token(
+                app_state(request).store, data.role, data.name, supervisor_id=data.supervisor_id
             )
-        token_id, token = new_token()
-        name = data.name or data.role.value
-        await app_state(request).store.add_token(
-            token_id, data.role.value, name, token_digest(token), data.supervisor_id
-        )
-        return TokenCreated(token_id, token, data.role.value, name, data.supervisor_id)
+        except TokenError as exc:
+            raise ApiError(
+                400, "invalid_request", f"supervisor_id: {exc}", "supervisor_id"
+            ) from None
+        return TokenCreated(made.id, made.token, data.role.value, made.name, data.supervisor_id)
 
     @get("/", guards=require(Permission.ADMINISTER), responses=error_responses())
     async def list_tokens(self, request: Request) -> list[TokenView]:

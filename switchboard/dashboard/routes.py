@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from litestar import MediaType, Request, Response, Router, get
@@ -33,12 +34,17 @@ PAGE_HEADERS = {
 }
 
 
+@functools.cache
+def _page() -> bytes:
+    # Read once, not on the event loop at every request.
+    return (STATIC / "index.html").read_bytes()
+
+
 @get("/", include_in_schema=False, sync_to_thread=False)
 def dashboard_page(request: Request) -> Response[bytes]:
     """The single page; the hash (#/jobs, #/jobs/ID, ...) picks the view in the browser."""
-    # Read on each request: it is small, and an upgrade in place shows at once.
     return Response(
-        (STATIC / "index.html").read_bytes(),
+        _page(),
         media_type=MediaType.HTML,
         headers=PAGE_HEADERS,
     )

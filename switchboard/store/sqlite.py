@@ -878,22 +878,18 @@ _backend_decoder = msgspec.json.Decoder(_SpecBackend)
 
 
 def _observe_run(
-    conn: sqlite3.Connection, job_id: str, attempt: int, phase: Phase, at: float
+    phase: Phase,
+    at: float,
+    spec: bytes,
+    times: tuple[float, float | None, float, float | None, float | None],
 ) -> None:
     """Stage the metrics of a run reaching running (dispatch latency) or its end (duration);
-    they count once the transaction commits."""
+    they count once the transaction commits. `times`: the run's created_at and started_at,
+    the job's queued_at and not_before, and when the attempt before ended."""
     terminal = is_terminal(phase)
     if phase != Phase.RUNNING and not terminal:
         return
-    row = conn.execute(
-        "SELECT r.created_at, r.started_at, j.spec, j.queued_at, j.not_before,"
-        " (SELECT ended_at FROM runs p WHERE p.job_id = r.job_id AND p.attempt = r.attempt - 1)"
-        " FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = ? AND r.attempt = ?",
-        (job_id, attempt),
-    ).fetchone()
-    if row is None:
-        return
-    created_at, started_at, spec, queued_at, not_before, previous_ended = row
+    created_at, started_at, queued_at, not_before, previous_ended = times
     try:
         kind = _backend_decoder.decode(spec).backend.kind
     except msgspec.DecodeError:  # a metric label must never cost the change itself
@@ -927,18 +923,23 @@ def _set_run_phase(
         (phase.value, stage, message, phase.value, at, terminal, at, job_id, attempt),
     )
     _record_phase(conn, job_id, attempt, phase, stage, message, at)
-    _observe_run(conn, job_id, attempt, phase, at)
-    job = conn.execute(
-        "SELECT attempts, cancel_requested, restarts, backoff_s, spec FROM jobs WHERE id = ?",
-        (job_id,),
-    ).fetchone()
-    if job is None or job[0] != attempt:
-        return  # an old attempt: the job has moved on
-    _, cancel_requested, restarts, backoff_s, spec_json = job
-    run = conn.execute(
-        "SELECT error_kind, exit_code, error FROM runs WHERE job_id = ? AND attempt = ?",
+    # All this change needs of the run and its job, in one read (this is the writer's
+    # busiest path).
+    row = conn.execute(
+        "SELECT j.attempts, j.cancel_requested, j.restarts, j.backoff_s, j.spec,"
+        " r.error_kind, r.exit_code, r.error,"
+        " r.created_at, r.started_at, j.queued_at, j.not_before,"
+        " (SELECT ended_at FROM runs p WHERE p.job_id = r.job_id AND p.attempt = r.attempt - 1)"
+        " FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = ? AND r.attempt = ?",
         (job_id, attempt),
     ).fetchone()
+    if row is None:
+        return
+    current, cancel_requested, restarts, backoff_s, spec_json = row[:5]
+    run = row[5:8]
+    _observe_run(phase, at, spec_json, row[8:13])
+    if current != attempt:
+        return  # an old attempt: the job has moved on
     policy = (_spec_decoder.decode(spec_json).restart if terminal else None) or RestartPolicy()
     decision = job_after_run(
         phase,
