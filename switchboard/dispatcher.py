@@ -32,6 +32,11 @@ log = logging.getLogger("switchboard.dispatcher")
 #: Queued jobs read at a time, and the most pages of them one pass reads.
 QUEUE_WINDOW = 1000
 MAX_WINDOWS = 20
+#: A pass's first page holds this many queued jobs per free slot (at least MIN_FIRST_PAGE):
+#: most passes place a few jobs, and every job read costs a decoded spec and a place in
+#: the plan. Later pages, read only while slots remain, hold QUEUE_WINDOW.
+FIRST_PAGE_PER_SLOT = 4
+MIN_FIRST_PAGE = 32
 #: Safety-net period between passes when nothing wakes the dispatcher.
 IDLE_PERIOD_S = 5.0
 
@@ -45,12 +50,19 @@ class Dispatcher:
         #: True while `run` is looping (readiness).
         self.running = False
         self._wake = asyncio.Event()
-        #: job id -> the fleet it was last checked against (for `unschedulable`).
+        #: job id -> the fleet key it was last checked against (for `unschedulable`).
         self._checked: dict[str, tuple] = {}
         #: The fleet the last pass saw: when it changes, jobs marked unschedulable are
         #: checked again (they are left out of the queue's pages until then).
         self._last_fleet: tuple | None = None
+        #: The fleet's key and the supervisor_writes it was computed at (see _fleet_key).
+        self._key: tuple = ()
+        self._key_writes = -1
         self._new_jobs = False
+        #: Set by a pass: it stopped at MAX_WINDOWS with slots left (run another), and
+        #: when the earliest restart backoff ends.
+        self._more = False
+        self._backoff_end: float | None = None
         hub.on_capacity_change(self.wake)
 
     def wake(self) -> None:
@@ -83,39 +95,57 @@ class Dispatcher:
             self._wake.clear()
             try:
                 pause = IDLE_PERIOD_S
-                if await self.dispatch_once():
-                    self.wake()  # capacity may remain for jobs past this pass's window
-                else:
-                    # Idle: wake again when the next restart backoff ends, if that is sooner.
-                    backoff_end = await self.store.next_backoff_end()
-                    if backoff_end is not None:
-                        pause = min(pause, max(0.0, backoff_end - time.time()) + 0.001)
+                await self.dispatch_once()
+                if self._more:
+                    self.wake()  # slots remain for jobs past this pass's pages
+                elif self._backoff_end is not None:
+                    # Wake again when the next restart backoff ends, if that is sooner.
+                    pause = min(pause, max(0.0, self._backoff_end - time.time()) + 0.001)
             except Exception:  # keep dispatching; the next pass retries
                 log.exception("dispatch pass failed")
 
     async def dispatch_once(self) -> int:
         """One pass; returns how many runs were started."""
+        self._more = False
+        self._backoff_end = None
         if self.paused:
-            return 0
-        fleet = await self.store.list_supervisors()
+            return 0  # resuming wakes the dispatcher
         ready = {s.id for s in self.hub.ready_sessions()}
-        candidates = await self._candidates(fleet, ready)
-        fleet_changed = self._last_fleet != self._fleet_key(fleet)
-        news = self._new_jobs or fleet_changed
+        news = self._new_jobs
         self._new_jobs = False
-        if not any(c.free > 0 for c in candidates) and not news:
+        # Writes counted before the read are visible to it: the key computed from this
+        # snapshot's fleet is valid for them (a later write makes the next pass recompute).
+        writes = self.store.supervisor_writes
+        fleet_may_change = writes != self._key_writes
+
+        def first_page(fleet: list[SupervisorView]) -> int:
+            free = sum(
+                max(0, s.max_jobs - s.running) for s in fleet if s.id in ready and not s.drained
+            )
+            if free == 0:
+                # Nothing to place: read the queue only to say which new jobs can never run.
+                return QUEUE_WINDOW if news or fleet_may_change else 0
+            return min(QUEUE_WINDOW, max(MIN_FIRST_PAGE, FIRST_PAGE_PER_SLOT * free))
+
+        snapshot = await self.store.placement_snapshot(first_page)
+        self._backoff_end = snapshot.next_backoff_end
+        fleet = snapshot.fleet
+        key = self._fleet_key(fleet, writes)
+        fleet_changed = key is not self._last_fleet
+        candidates = _candidates(fleet, ready, snapshot.resources_in_use)
+        if not candidates and not news and not fleet_changed:
             return 0
         waiting: list[QueuedJob] = []
         if fleet_changed:
             # Jobs nobody could run may have found a taker: look at them again.
             waiting += await self.store.queued_jobs(QUEUE_WINDOW * MAX_WINDOWS, marked=True)
         decisions: list[tuple[str, str]] = []
-        busy = await self.store.busy_keys() if candidates else set()
-        after: tuple[int, int] | None = None
+        busy = set(snapshot.busy_keys)
+        jobs, limit, read = snapshot.queue, first_page(fleet), 0
         # Page through the queue while slots remain, so jobs that fit nowhere now never
-        # hide the ones behind them, however many there are (up to MAX_WINDOWS pages).
-        for _ in range(MAX_WINDOWS):
-            jobs = await self.store.queued_jobs(QUEUE_WINDOW, after=after)
+        # hide the ones behind them, however many there are (up to MAX_WINDOWS windows).
+        while True:
+            read += len(jobs)
             placed = []
             if candidates:
                 placed = plan(
@@ -124,14 +154,18 @@ class Dispatcher:
             decisions += placed
             chosen = {job_id for job_id, _ in placed}
             waiting += [j for j in jobs if j.id not in chosen]
-            if len(jobs) < QUEUE_WINDOW:
+            if len(jobs) < limit:
+                break  # the end of the queue
+            candidates = [c for c in remaining(candidates, jobs, placed) if c.free > 0]
+            if not candidates:
                 break
-            candidates = remaining(candidates, jobs, placed)
-            if not any(c.free > 0 for c in candidates):
+            if read >= QUEUE_WINDOW * MAX_WINDOWS:
+                self._more = True
                 break
             busy |= {j.concurrency_key for j in jobs if j.id in chosen and j.concurrency_key}
-            after = (jobs[-1].priority, jobs[-1].seq)
-        await self._note_unschedulable(waiting, fleet)
+            limit = QUEUE_WINDOW
+            jobs = await self.store.queued_jobs(limit, after=(jobs[-1].priority, jobs[-1].seq))
+        await self._note_unschedulable(waiting, fleet, key)
         if not decisions:
             return 0
         for made in await self.store.assign(decisions):
@@ -139,52 +173,46 @@ class Dispatcher:
             await self.hub.send_start(made.supervisor_id, start)
         return len(decisions)
 
-    async def _candidates(self, fleet: list[SupervisorView], ready: set[str]) -> list[Candidate]:
-        """Connected, undrained supervisors with what they have free right now."""
-        usable = [s for s in fleet if s.id in ready and not s.drained]
-        in_use = await self.store.resources_in_use() if usable else {}
-        candidates = []
-        for s in usable:
-            held = in_use.get(s.id, {})
-            candidates.append(
-                Candidate(
-                    id=s.id,
-                    backends=s.backends,
-                    labels=s.labels,
-                    free=s.max_jobs - s.running,
-                    resources={k: n - held.get(k, 0) for k, n in s.resources.items()},
-                    running=s.running,
+    def _fleet_key(self, fleet: list[SupervisorView], writes: int) -> tuple:
+        """What of the fleet decides whether a job could ever run, recomputed only after a
+        supervisor write; an unchanged fleet keeps the same key object (compared by `is`)."""
+        if writes != self._key_writes:
+            key = tuple(
+                (
+                    s.id,
+                    tuple(sorted(s.labels.items())),
+                    tuple(s.backends),
+                    tuple(s.resources.items()),
                 )
+                for s in fleet
             )
-        return candidates
-
-    def _fleet_key(self, fleet: list[SupervisorView]) -> tuple:
-        return tuple(
-            (s.id, tuple(sorted(s.labels.items())), tuple(s.backends), tuple(s.resources.items()))
-            for s in fleet
-        )
+            if key != self._key:
+                self._key = key
+            self._key_writes = writes
+        return self._key
 
     async def _note_unschedulable(
-        self, waiting: list[QueuedJob], fleet: list[SupervisorView]
+        self, waiting: list[QueuedJob], fleet: list[SupervisorView], key: tuple
     ) -> None:
         """Say on each waiting job whether no registered supervisor could ever run it."""
-        key = self._fleet_key(fleet)
         self._last_fleet = key
-        members = [
-            FleetMember(
-                id=s.id,
-                backends=s.backends,
-                labels=s.labels,
-                resources=s.resources,
-                max_jobs=s.max_jobs,
-            )
-            for s in fleet
-        ]
+        members: list[FleetMember] | None = None
         reasons: dict[str, str | None] = {}
         for job in waiting:
-            if self._checked.get(job.id) == key:
+            if self._checked.get(job.id) is key:
                 continue
             self._checked[job.id] = key
+            if members is None:
+                members = [
+                    FleetMember(
+                        id=s.id,
+                        backends=s.backends,
+                        labels=s.labels,
+                        resources=s.resources,
+                        max_jobs=s.max_jobs,
+                    )
+                    for s in fleet
+                ]
             reason = unsatisfiable_reason(job.spec, members)
             if reason != job.unschedulable:  # written on change only (it is a job change)
                 reasons[job.id] = reason
@@ -193,3 +221,25 @@ class Dispatcher:
             self._checked = {k: v for k, v in self._checked.items() if k in waiting_ids}
         if reasons:
             await self.store.set_unschedulable(reasons)
+
+
+def _candidates(
+    fleet: list[SupervisorView], ready: set[str], in_use: dict[str, dict[str, int]]
+) -> list[Candidate]:
+    """Connected, undrained supervisors with a free slot, and what they have free now."""
+    candidates = []
+    for s in fleet:
+        if s.id not in ready or s.drained or s.running >= s.max_jobs:
+            continue
+        held = in_use.get(s.id, {})
+        candidates.append(
+            Candidate(
+                id=s.id,
+                backends=s.backends,
+                labels=s.labels,
+                free=s.max_jobs - s.running,
+                resources={k: n - held.get(k, 0) for k, n in s.resources.items()},
+                running=s.running,
+            )
+        )
+    return candidates

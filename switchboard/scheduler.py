@@ -118,12 +118,17 @@ def plan(
     `busy_keys` are the concurrency keys of runs already active anywhere. The inputs are
     not modified.
     """
-    # Work on copies: the pass spends slots and resources as it places jobs.
-    pool = [msgspec.structs.replace(s, resources=dict(s.resources)) for s in supervisors]
+    # Work on copies: the pass spends slots and resources as it places jobs. Only
+    # supervisors with a free slot are looked at; the pass ends when none is left.
+    pool = [
+        msgspec.structs.replace(s, resources=dict(s.resources)) for s in supervisors if s.free > 0
+    ]
     taken = set(busy_keys)
     ranked = sorted(jobs, key=lambda j: (-effective_priority(j, now, aging_s), j.seq))
     decisions: list[tuple[str, str]] = []
     for job in ranked:
+        if not pool:
+            break
         key = job.concurrency_key
         if key is not None and key in taken:
             continue
@@ -132,6 +137,8 @@ def plan(
             continue
         best = min(fitting, key=lambda s: (s.running, s.id))
         _spend(best, job)
+        if best.free <= 0:
+            pool.remove(best)
         if key is not None:
             taken.add(key)
         decisions.append((job.id, best.id))

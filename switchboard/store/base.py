@@ -117,6 +117,21 @@ class Counts(msgspec.Struct, frozen=True):
     drained: list[str]
 
 
+class PlacementSnapshot(msgspec.Struct, frozen=True):
+    """What a dispatch pass starts from, in one read of the store."""
+
+    #: Every registered supervisor, `running` counting its active runs.
+    fleet: list[SupervisorView]
+    #: Per supervisor, the resources its active runs hold.
+    resources_in_use: dict[str, dict[str, int]]
+    #: Concurrency keys held by a job with an active run.
+    busy_keys: frozenset[str]
+    #: The first page of the queue (see Store.queued_jobs).
+    queue: list[QueuedJob]
+    #: When the earliest job waiting out a restart backoff may run (epoch seconds).
+    next_backoff_end: float | None
+
+
 class Store(abc.ABC):
     #: Grows with every change to a supervisor's record (connect, disconnect, drain, labels):
     #: a reader of supervisors can tell nothing changed without reading them all.
@@ -202,12 +217,12 @@ class Store(abc.ABC):
         "active" (refused: cancel it first)."""
 
     @abc.abstractmethod
-    async def busy_keys(self) -> set[str]:
-        """Concurrency keys held by a job with an active run."""
-
-    @abc.abstractmethod
-    async def resources_in_use(self) -> dict[str, dict[str, int]]:
-        """Per supervisor, the resources its active runs hold."""
+    async def placement_snapshot(
+        self, queue_limit: Callable[[list[SupervisorView]], int]
+    ) -> PlacementSnapshot:
+        """Everything one dispatch pass starts from, read at one moment. The first page
+        of the queue holds `queue_limit(fleet)` jobs (it may size the page by the free
+        slots it sees; it runs wherever the store reads, so it must only compute)."""
 
     @abc.abstractmethod
     async def set_unschedulable(self, reasons: dict[str, str | None]) -> None:

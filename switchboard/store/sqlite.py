@@ -68,6 +68,7 @@ from switchboard.store.base import (
     EventsApplied,
     Expired,
     JobFilter,
+    PlacementSnapshot,
     RunOnSupervisor,
     Store,
     Submitted,
@@ -400,29 +401,25 @@ class SQLiteStore(Store):
     async def delete_job(self, job_id: str) -> str:
         return await self._write(lambda conn: delete_job(conn, job_id))
 
-    async def busy_keys(self) -> set[str]:
-        def read(conn: sqlite3.Connection) -> set[str]:
-            rows = conn.execute(
-                "SELECT DISTINCT concurrency_key FROM jobs WHERE concurrency_key IS NOT NULL"
-                f" AND phase IN ({ACTIVE_SQL})",
-                ACTIVE_PHASES,
-            )
-            return {r[0] for r in rows}
-
-        return await self._read(read)
-
-    async def resources_in_use(self) -> dict[str, dict[str, int]]:
-        def read(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
-            used: dict[str, dict[str, int]] = {}
-            for supervisor_id, resources in conn.execute(
-                "SELECT r.supervisor_id, j.resources FROM runs r JOIN jobs j ON j.id = r.job_id"
-                f" WHERE r.phase IN ({ACTIVE_SQL}) AND j.resources != '{{}}'",
-                ACTIVE_PHASES,
-            ):
-                held = used.setdefault(supervisor_id, {})
-                for name, count in json.loads(resources).items():
-                    held[name] = held.get(name, 0) + count
-            return used
+    async def placement_snapshot(
+        self, queue_limit: Callable[[list[SupervisorView]], int]
+    ) -> PlacementSnapshot:
+        # One read (one trip to a reader thread) in one read transaction: a pass sees a
+        # single moment of the store, and idle latency pays one thread hop, not five.
+        def read(conn: sqlite3.Connection) -> PlacementSnapshot:
+            conn.execute("BEGIN")
+            try:
+                fleet = self._fleet_views(conn)
+                limit = queue_limit(fleet)
+                return PlacementSnapshot(
+                    fleet=fleet,
+                    resources_in_use=_resources_in_use(conn) if fleet else {},
+                    busy_keys=_busy_keys(conn),
+                    queue=_queued_jobs(conn, limit) if limit > 0 else [],
+                    next_backoff_end=_next_backoff_end(conn),
+                )
+            finally:
+                conn.execute("COMMIT")
 
         return await self._read(read)
 
@@ -498,37 +495,10 @@ class SQLiteStore(Store):
     async def queued_jobs(
         self, limit: int, *, after: tuple[int, int] | None = None, marked: bool = False
     ) -> list[QueuedJob]:
-        page = ""
-        args: list[object] = [time.time()]
-        if after is not None:
-            page = " AND (priority < ? OR (priority = ? AND seq > ?))"
-            args += [after[0], after[0], after[1]]
-
-        def read(conn: sqlite3.Connection) -> list[QueuedJob]:
-            rows = conn.execute(
-                "SELECT id, seq, priority, spec, queued_at, concurrency_key, unschedulable"
-                " FROM jobs WHERE phase = 'queued'"
-                f" AND unschedulable IS {'NOT NULL' if marked else 'NULL'}"
-                f" AND (not_before IS NULL OR not_before <= ?){page}"
-                " ORDER BY priority DESC, seq LIMIT ?",
-                (*args, limit),
-            ).fetchall()
-            return [
-                QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3]), r[4], r[5], r[6])
-                for r in rows
-            ]
-
-        return await self._read(read)
+        return await self._read(lambda conn: _queued_jobs(conn, limit, after, marked))
 
     async def next_backoff_end(self) -> float | None:
-        def read(conn: sqlite3.Connection) -> float | None:
-            (when,) = conn.execute(
-                "SELECT min(not_before) FROM jobs WHERE phase = 'queued' AND not_before > ?",
-                (time.time(),),
-            ).fetchone()
-            return when
-
-        return await self._read(read)
+        return await self._read(_next_backoff_end)
 
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
         now = time.time()
@@ -694,12 +664,15 @@ class SQLiteStore(Store):
         return await self._write(write)
 
     async def list_supervisors(self) -> list[SupervisorView]:
-        # Every dispatch pass lists the fleet. Their records change only with a supervisor
-        # write (counted), their load with every run: re-read the one when it changed, and
-        # only count the other.
+        return await self._read(self._fleet_views)
+
+    def _fleet_views(self, conn: sqlite3.Connection) -> list[SupervisorView]:
+        """Every supervisor. Each dispatch pass lists them; their records change only with a
+        supervisor write (counted), their load with every run: the records are re-read only
+        when one was written, the load is counted each time. Runs on a reader thread."""
+        counts = _running_counts(conn)
         cached = self._fleet
         if cached is not None and cached[0] == self.supervisor_writes:
-            counts = await self._read(_running_counts)
             return [
                 view
                 if view.running == counts.get(view.id, 0)
@@ -707,7 +680,7 @@ class SQLiteStore(Store):
                 for view in cached[1]
             ]
         writes = self.supervisor_writes
-        views = await self._read(lambda conn: _load_supervisors(conn, None))
+        views = _load_supervisors(conn, None, counts)
         if writes == self.supervisor_writes:  # no write raced with the read
             self._fleet = (writes, views)
         return views
@@ -804,8 +777,11 @@ class SQLiteStore(Store):
 # --- helpers that run inside a transaction ---------------------------------------------
 
 
-def _load_supervisors(conn: sqlite3.Connection, only: str | None) -> list[SupervisorView]:
-    counts = _running_counts(conn)
+def _load_supervisors(
+    conn: sqlite3.Connection, only: str | None, counts: dict[str, int] | None = None
+) -> list[SupervisorView]:
+    if counts is None:
+        counts = _running_counts(conn)
     sql = (
         "SELECT id, name, connected, labels, backends, resources, max_jobs, session,"
         " software, connected_at, last_seen, drained, operator_labels FROM supervisors"
@@ -847,6 +823,58 @@ def _running_counts(conn: sqlite3.Connection) -> dict[str, int]:
         ACTIVE_PHASES,
     ).fetchall()
     return dict(rows)
+
+
+def _busy_keys(conn: sqlite3.Connection) -> frozenset[str]:
+    rows = conn.execute(
+        "SELECT DISTINCT concurrency_key FROM jobs WHERE concurrency_key IS NOT NULL"
+        f" AND phase IN ({ACTIVE_SQL})",
+        ACTIVE_PHASES,
+    )
+    return frozenset(r[0] for r in rows)
+
+
+def _resources_in_use(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    used: dict[str, dict[str, int]] = {}
+    for supervisor_id, resources in conn.execute(
+        "SELECT r.supervisor_id, j.resources FROM runs r JOIN jobs j ON j.id = r.job_id"
+        f" WHERE r.phase IN ({ACTIVE_SQL}) AND j.resources != '{{}}'",
+        ACTIVE_PHASES,
+    ):
+        held = used.setdefault(supervisor_id, {})
+        for name, count in json.loads(resources).items():
+            held[name] = held.get(name, 0) + count
+    return used
+
+
+def _queued_jobs(
+    conn: sqlite3.Connection,
+    limit: int,
+    after: tuple[int, int] | None = None,
+    marked: bool = False,
+) -> list[QueuedJob]:
+    page = ""
+    args: list[object] = [time.time()]
+    if after is not None:
+        page = " AND (priority < ? OR (priority = ? AND seq > ?))"
+        args += [after[0], after[0], after[1]]
+    rows = conn.execute(
+        "SELECT id, seq, priority, spec, queued_at, concurrency_key, unschedulable"
+        " FROM jobs WHERE phase = 'queued'"
+        f" AND unschedulable IS {'NOT NULL' if marked else 'NULL'}"
+        f" AND (not_before IS NULL OR not_before <= ?){page}"
+        " ORDER BY priority DESC, seq LIMIT ?",
+        (*args, limit),
+    ).fetchall()
+    return [QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3]), r[4], r[5], r[6]) for r in rows]
+
+
+def _next_backoff_end(conn: sqlite3.Connection) -> float | None:
+    (when,) = conn.execute(
+        "SELECT min(not_before) FROM jobs WHERE phase = 'queued' AND not_before > ?",
+        (time.time(),),
+    ).fetchone()
+    return when
 
 
 def _record_phase(
