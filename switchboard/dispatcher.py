@@ -15,8 +15,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import NamedTuple
 
-from switchboard.models import QueuedJob, SupervisorView
+from protocol.spec import JobSpec
+from switchboard.models import Assignment, QueuedJob, SupervisorView
 from switchboard.scheduler import (
     Candidate,
     FleetMember,
@@ -25,7 +27,7 @@ from switchboard.scheduler import (
     unsatisfiable_reason,
 )
 from switchboard.sessions import Hub, start_message
-from switchboard.store.base import Store
+from switchboard.store.base import Store, Submitted
 
 log = logging.getLogger("switchboard.dispatcher")
 
@@ -39,6 +41,17 @@ FIRST_PAGE_PER_SLOT = 4
 MIN_FIRST_PAGE = 32
 #: Safety-net period between passes when nothing wakes the dispatcher.
 IDLE_PERIOD_S = 5.0
+
+
+class _Spare(NamedTuple):
+    """What the last placement left free: supervisors with a free slot (as Candidates)
+    and the busy concurrency keys, as of `writes` (Store.supervisor_writes). Only ever an
+    underestimate of what is free while `writes` holds: runs ending free more, and only
+    the dispatcher takes slots."""
+
+    writes: int
+    free: list[Candidate]
+    busy: frozenset[str]
 
 
 class Dispatcher:
@@ -63,6 +76,10 @@ class Dispatcher:
         #: when the earliest restart backoff ends.
         self._more = False
         self._backoff_end: float | None = None
+        #: Held while jobs are being placed (a pass, or new jobs placed at submission), so
+        #: only one placement at a time spends the free slots it saw.
+        self._placing = asyncio.Lock()
+        self._spare: _Spare | None = None
         hub.on_capacity_change(self.wake)
 
     def wake(self) -> None:
@@ -72,6 +89,56 @@ class Dispatcher:
         """New jobs are queued: place them, or say why they can never be placed."""
         self._new_jobs = True
         self._wake.set()
+
+    async def submit(
+        self, jobs: list[tuple[str, JobSpec]], actor: str, max_queued: int
+    ) -> list[Submitted]:
+        """Queue new jobs (all or none; QueueFull if the queue is full). When no other job
+        waits and the slots the last placement left free fit them, they are placed in the
+        same transaction and started at once, as the next pass would have placed them: a
+        job submitted to an idle switchboard starts without waiting for a pass."""
+        placements = self._placements_now(jobs)
+        if not placements:
+            made = await self.store.create_jobs(jobs, actor, max_queued)
+            self.jobs_submitted()
+            return made
+        async with self._placing:
+            made, assigned = await self.store.create_and_assign(jobs, actor, max_queued, placements)
+            self._spend(jobs, assigned)
+        for run in assigned:
+            await self.hub.send_start(
+                run.supervisor_id, start_message(run.job_id, run.attempt, run.spec)
+            )
+        if len(assigned) < sum(1 for m in made if m.phase == "queued"):
+            self.jobs_submitted()  # some wait: the pass places them or says why not
+        return made
+
+    def _placements_now(self, jobs: list[tuple[str, JobSpec]]) -> dict[str, str]:
+        """job id -> supervisor id for the new jobs that fit the spare slots now."""
+        spare = self._spare
+        if (
+            self.paused
+            or self._placing.locked()
+            or spare is None
+            or spare.writes != self.store.supervisor_writes
+        ):
+            return {}
+        sessions = self.hub.sessions
+        free = [c for c in spare.free if (s := sessions.get(c.id)) is not None and s.ready]
+        if not free:
+            return {}
+        now = time.time()
+        queued = [_as_queued(i, job_id, spec, now) for i, (job_id, spec) in enumerate(jobs)]
+        return dict(plan(queued, free, now=now, aging_s=self.aging_s, busy_keys=spare.busy))
+
+    def _spend(self, jobs: list[tuple[str, JobSpec]], assigned: list[Assignment]) -> None:
+        spare = self._spare
+        if spare is None or not assigned:
+            return
+        queued = [_as_queued(i, job_id, spec, 0.0) for i, (job_id, spec) in enumerate(jobs)]
+        left = remaining(spare.free, queued, [(a.job_id, a.supervisor_id) for a in assigned])
+        keys = {a.spec.concurrency.key for a in assigned if a.spec.concurrency is not None}
+        self._spare = _Spare(spare.writes, [c for c in left if c.free > 0], spare.busy | keys)
 
     async def set_paused(self, paused: bool) -> None:
         """Pause or resume placing jobs (runs already placed go on); survives restarts."""
@@ -95,7 +162,8 @@ class Dispatcher:
             self._wake.clear()
             try:
                 pause = IDLE_PERIOD_S
-                await self.dispatch_once()
+                async with self._placing:
+                    await self.dispatch_once()
                 if self._more:
                     self.wake()  # slots remain for jobs past this pass's pages
                 elif self._backoff_end is not None:
@@ -105,9 +173,10 @@ class Dispatcher:
                 log.exception("dispatch pass failed")
 
     async def dispatch_once(self) -> int:
-        """One pass; returns how many runs were started."""
+        """One pass; returns how many runs were started. The caller holds `_placing`."""
         self._more = False
         self._backoff_end = None
+        self._spare = None
         if self.paused:
             return 0  # resuming wakes the dispatcher
         ready = {s.id for s in self.hub.ready_sessions()}
@@ -134,6 +203,7 @@ class Dispatcher:
         fleet_changed = key is not self._last_fleet
         candidates = _candidates(fleet, ready, snapshot.resources_in_use)
         if not candidates and not news and not fleet_changed:
+            self._spare = _Spare(writes, [], snapshot.busy_keys)
             return 0
         waiting: list[QueuedJob] = []
         if fleet_changed:
@@ -154,17 +224,16 @@ class Dispatcher:
             decisions += placed
             chosen = {job_id for job_id, _ in placed}
             waiting += [j for j in jobs if j.id not in chosen]
-            if len(jobs) < limit:
-                break  # the end of the queue
             candidates = [c for c in remaining(candidates, jobs, placed) if c.free > 0]
-            if not candidates:
-                break
+            busy |= {j.concurrency_key for j in jobs if j.id in chosen and j.concurrency_key}
+            if len(jobs) < limit or not candidates:
+                break  # the end of the queue, or of the free slots
             if read >= QUEUE_WINDOW * MAX_WINDOWS:
                 self._more = True
                 break
-            busy |= {j.concurrency_key for j in jobs if j.id in chosen and j.concurrency_key}
             limit = QUEUE_WINDOW
             jobs = await self.store.queued_jobs(limit, after=(jobs[-1].priority, jobs[-1].seq))
+        self._spare = _Spare(writes, candidates, frozenset(busy))
         await self._note_unschedulable(waiting, fleet, key)
         if not decisions:
             return 0
@@ -243,3 +312,9 @@ def _candidates(
             )
         )
     return candidates
+
+
+def _as_queued(seq: int, job_id: str, spec: JobSpec, now: float) -> QueuedJob:
+    """A job about to be stored, as the scheduler sees a queued one."""
+    key = spec.concurrency.key if spec.concurrency is not None else None
+    return QueuedJob(job_id, seq, spec.priority, spec, now, key)

@@ -1,9 +1,13 @@
 """Supervisor connections on the switchboard: handshake, events in, commands out.
 
 One SupervisorSession per WebSocket. Its reader decodes frames and queues events; its
-applier stores whatever has gathered as one batch (one transaction) and then sends one
-cumulative Ack, so acknowledging never races ahead of durability. A newer connection of
-the same supervisor replaces an older one (the store hands out session generations).
+applier hands whatever has gathered to the store as one batch (one transaction), and its
+acknowledger sends one cumulative Ack per batch once the batch is stored, so acknowledging
+never races ahead of durability. The next batch goes to the store while the one before is
+still being committed (the store takes them in order and refuses a batch whose
+predecessor failed), so a run's events that arrive a moment apart don't wait for two
+commits one after the other. A newer connection of the same supervisor replaces an older
+one (the store hands out session generations).
 
 The Hub knows the live sessions of this process, so the dispatcher and the API can send
 StartJob and StopJob to the right socket.
@@ -15,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from litestar import WebSocket
@@ -42,7 +46,7 @@ from switchboard import auth, metrics
 from switchboard.config import Settings
 from switchboard.models import RunKey
 from switchboard.reconcile import Action, reconcile
-from switchboard.store.base import Store
+from switchboard.store.base import EventsApplied, Store
 
 log = logging.getLogger("switchboard.sessions")
 
@@ -50,6 +54,8 @@ log = logging.getLogger("switchboard.sessions")
 EVENT_QUEUE = 4096
 #: Events stored per transaction at most.
 MAX_BATCH = 1024
+#: Batches of one session handed to the store and not yet acknowledged, at most.
+WRITES_IN_FLIGHT = 2
 
 
 def start_message(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
@@ -62,6 +68,16 @@ def start_message(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
         resources=spec.resources,
         timeout_s=spec.timeout_s,
     )
+
+
+class _Write(NamedTuple):
+    """A batch of events handed to the store, waiting to be acknowledged."""
+
+    batch: list[Event]
+    #: Its events not handed over before (the rest are resends).
+    fresh: list[Event]
+    result: asyncio.Future[EventsApplied]
+    started: float
 
 
 class SupervisorSession:
@@ -86,8 +102,13 @@ class SupervisorSession:
         #: Why the switchboard closed this session (None: the supervisor's side ended it).
         self.closed_because: str | None = None
         #: Highest seq stored for this supervisor as far as this session has been told
-        #: (Connected.last_seq, then each EventsApplied): events at or below it are resends.
+        #: (Connected.last_seq, then each EventsApplied).
         self._stored_seq = stored_seq
+        #: Highest seq handed to the store: events at or below it are resends.
+        self._handed_seq = stored_seq
+        #: Batches handed to the store, in order, for the acknowledger.
+        self._writes: asyncio.Queue[_Write] = asyncio.Queue()
+        self._in_flight = asyncio.Semaphore(WRITES_IN_FLIGHT)
 
     async def send(self, message: SwitchboardMessage) -> None:
         async with self._send_lock:
@@ -122,6 +143,7 @@ class SupervisorSession:
         tasks = [
             asyncio.create_task(self._read_loop()),
             asyncio.create_task(self._apply_loop()),
+            asyncio.create_task(self._ack_loop()),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -169,7 +191,16 @@ class SupervisorSession:
             batch = [await self._events.get()]
             while len(batch) < MAX_BATCH and not self._events.empty():
                 batch.append(self._events.get_nowait())
-            await self._store_batch(batch)
+            await self._in_flight.acquire()
+            self._writes.put_nowait(self._hand_to_store(batch))
+
+    async def _ack_loop(self) -> None:
+        while True:
+            write = await self._writes.get()
+            try:
+                await self._acknowledge(write, await write.result)
+            finally:
+                self._in_flight.release()
 
     async def _drain_events(self) -> None:
         batch = []
@@ -177,29 +208,32 @@ class SupervisorSession:
             batch.append(self._events.get_nowait())
         if batch:
             with contextlib.suppress(Exception):
-                await self._store_batch(batch)
+                write = self._hand_to_store(batch)
+                await self._acknowledge(write, await write.result)
 
-    async def _store_batch(self, batch: list[Event]) -> None:
-        hub = self.hub
+    def _hand_to_store(self, batch: list[Event]) -> _Write:
         # The store skips events it has already stored without saying how many: count
-        # them the same way it decides, against the highest seq known to be stored.
-        duplicates = 0
-        highest = self._stored_seq
+        # them the same way it decides, against the highest seq handed to it.
         fresh = []
+        highest = self._handed_seq
         for event in batch:
-            if event.seq <= highest:
-                duplicates += 1
-            else:
+            if event.seq > highest:
                 highest = event.seq
                 fresh.append(event)
-        started = time.perf_counter()
-        result = await hub.store.apply_events(self.id, batch)
-        metrics.EVENT_BATCH_SECONDS.observe(time.perf_counter() - started)
+        result = asyncio.ensure_future(
+            self.hub.store.apply_events(self.id, batch, after_seq=self._handed_seq)
+        )
+        self._handed_seq = highest
+        return _Write(batch, fresh, result, time.perf_counter())
+
+    async def _acknowledge(self, write: _Write, result: EventsApplied) -> None:
+        hub = self.hub
+        metrics.EVENT_BATCH_SECONDS.observe(time.perf_counter() - write.started)
         self._stored_seq = max(self._stored_seq, result.stored_seq)
-        metrics.EVENTS_STORED.inc(len(batch) - duplicates)
-        metrics.count_output(fresh)
-        if duplicates:
-            metrics.DUPLICATE_EVENTS.inc(duplicates)
+        metrics.EVENTS_STORED.inc(len(write.fresh))
+        metrics.count_output(write.fresh)
+        if len(write.fresh) < len(write.batch):
+            metrics.DUPLICATE_EVENTS.inc(len(write.batch) - len(write.fresh))
         await self.send(Ack(seq=result.stored_seq))
         for key in result.unwanted:
             metrics.ZOMBIE_RUNS_STOPPED.labels("events").inc()

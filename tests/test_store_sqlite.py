@@ -12,6 +12,7 @@ from protocol.messages import Hello, JobErrorReport, JobExit, JobStateChanged, O
 from protocol.spec import JobSpec, NoopBackend
 from protocol.state import Phase
 from switchboard.models import RunKey
+from switchboard.store.base import BatchOutOfOrder
 from switchboard.store.sqlite import SQLiteStore
 
 SPEC = JobSpec(name="t", backend=NoopBackend())
@@ -185,6 +186,20 @@ async def test_a_failing_request_does_not_undo_its_group(store):
     assert isinstance(results[0], Exception)
     assert results[1].phase == "queued"
     assert await store.get_job("fine") is not None
+
+
+async def test_a_batch_is_refused_when_the_one_before_it_was_not_stored(store):
+    await _assigned_job(store)
+    first = [state(1, Phase.RUNNING), out(2, 0, b"abc")]
+    second = [out(3, 3, b"def")]
+    # The session handed `first` over before `second`; `first` failed (not stored):
+    with pytest.raises(BatchOutOfOrder):
+        await store.apply_events("s1", second, after_seq=2)
+    assert await store.read_output("j1", 1, "stdout") == b""
+    # Sent again in order (as a reconnecting supervisor does), both are stored.
+    await store.apply_events("s1", first)
+    assert (await store.apply_events("s1", second, after_seq=2)).stored_seq == 3
+    assert await store.read_output("j1", 1, "stdout") == b"abcdef"
 
 
 async def test_lost_run_is_finalized(store):

@@ -80,14 +80,13 @@ def _check_artifacts(state: AppState, spec: JobSpec, where: str = "") -> None:
 
 
 async def _queue(state: AppState, specs: list[JobSpec], who: str) -> list[Submitted]:
-    """Store the jobs (all or none), stop the runs they replace, wake the dispatcher."""
+    """Store the jobs (all or none) through the dispatcher, stop the runs they replace."""
     jobs = [(secrets.token_hex(8), spec) for spec in specs]
     try:
-        made = await state.store.create_jobs(jobs, who, state.settings.max_queued_jobs)
+        made = await state.dispatcher.submit(jobs, who, state.settings.max_queued_jobs)
     except QueueFull as exc:
         raise ApiError(429, "queue_full", str(exc)) from None
     await _stop_runs(state, [stop for m in made for stop in m.stops], "replaced")
-    state.dispatcher.jobs_submitted()
     return made
 
 

@@ -74,6 +74,10 @@ class Submitted(msgspec.Struct, frozen=True):
     stops: list[RunOnSupervisor] = []
 
 
+class BatchOutOfOrder(Exception):
+    """A batch of events came to be stored before the batch ahead of it was."""
+
+
 class QueueFull(Exception):
     """More jobs are queued than the switchboard accepts; try again later."""
 
@@ -195,6 +199,19 @@ class Store(abc.ABC):
     ) -> list[Submitted]:
         """Queue jobs, all or none, applying their concurrency policies. Raises QueueFull
         if that would put more than `max_queued` jobs in the queue."""
+
+    @abc.abstractmethod
+    async def create_and_assign(
+        self,
+        jobs: Sequence[tuple[str, JobSpec]],
+        actor: str,
+        max_queued: int,
+        placements: dict[str, str],
+    ) -> tuple[list[Submitted], list[Assignment]]:
+        """Queue jobs as create_jobs does and, in the same transaction, give each job of
+        `placements` (job id -> supervisor id) its first run there, provided no other job
+        was waiting ready to run (it would come first) and the job was queued (not
+        rejected by its concurrency policy). The assignments made are returned."""
 
     async def create_job(self, job_id: str, spec: JobSpec, actor: str = "") -> Submitted:
         (made,) = await self.create_jobs([(job_id, spec)], actor, max_queued=1 << 62)
@@ -339,10 +356,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def apply_events(
-        self, supervisor_id: str, events: Sequence[SupervisorEvent]
+        self, supervisor_id: str, events: Sequence[SupervisorEvent], after_seq: int = 0
     ) -> EventsApplied:
         """Store a batch of a supervisor's events in one transaction, skipping those
-        already stored (seq at or below the stored seq)."""
+        already stored (seq at or below the stored seq). `after_seq`: the highest seq of
+        the batches handed over before this one; if they are not all stored (one failed),
+        this one is refused too (BatchOutOfOrder), so no event is ever skipped."""
 
     @abc.abstractmethod
     async def end_run(self, key: RunKey, phase: str, message: str) -> bool:

@@ -62,6 +62,7 @@ from switchboard.models import (
 from switchboard.retry import restart_delay
 from switchboard.store import sqlite_views as views
 from switchboard.store.base import (
+    BatchOutOfOrder,
     CancelResult,
     Connected,
     Counts,
@@ -392,6 +393,31 @@ class SQLiteStore(Store):
         batch = list(jobs)
         return await self._write(lambda conn: insert_jobs(conn, batch, actor, max_queued))
 
+    async def create_and_assign(
+        self,
+        jobs: Sequence[tuple[str, JobSpec]],
+        actor: str,
+        max_queued: int,
+        placements: dict[str, str],
+    ) -> tuple[list[Submitted], list[Assignment]]:
+        batch = list(jobs)
+
+        def write(conn: sqlite3.Connection) -> tuple[list[Submitted], list[Assignment]]:
+            clear = _no_job_ready(conn, time.time())  # before the insert: older jobs only
+            made = insert_jobs(conn, batch, actor, max_queued)
+            assigned = []
+            if clear:
+                now = time.time()  # after the submission's own record
+                for submitted in made:
+                    supervisor_id = placements.get(submitted.id)
+                    if supervisor_id is not None and submitted.phase == Phase.QUEUED.value:
+                        run = _assign_run(conn, submitted.id, supervisor_id, now)
+                        if run is not None:
+                            assigned.append(run)
+            return made, assigned
+
+        return await self._write(write)
+
     async def list_jobs(self, where: JobFilter) -> list[tuple[int, JobSummary]]:
         return await self._read(lambda conn: list_jobs(conn, where))
 
@@ -501,33 +527,12 @@ class SQLiteStore(Store):
         return await self._read(_next_backoff_end)
 
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
-        now = time.time()
-
         def write(conn: sqlite3.Connection) -> list[Assignment]:
-            made = []
-            for job_id, supervisor_id in pairs:
-                row = conn.execute(
-                    "SELECT attempts, spec FROM jobs"
-                    " WHERE id = ? AND phase = 'queued' AND cancel_requested = 0",
-                    (job_id,),
-                ).fetchone()
-                if row is None:
-                    continue
-                attempt = row[0] + 1
-                conn.execute(
-                    "UPDATE jobs SET phase = 'assigned', attempts = ?, updated_at = ?,"
-                    " queue_deadline = NULL, unschedulable = NULL WHERE id = ?",
-                    (attempt, now, job_id),
-                )
-                conn.execute(
-                    "INSERT INTO runs (job_id, attempt, supervisor_id, phase, created_at)"
-                    " VALUES (?, ?, ?, 'assigned', ?)",
-                    (job_id, attempt, supervisor_id, now),
-                )
-                _record_phase(conn, job_id, attempt, Phase.ASSIGNED, None, None, now)
-                spec = _spec_decoder.decode(row[1])
-                made.append(Assignment(job_id, attempt, supervisor_id, spec))
-            return made
+            now = time.time()
+            made = (
+                _assign_run(conn, job_id, supervisor_id, now) for job_id, supervisor_id in pairs
+            )
+            return [run for run in made if run is not None]
 
         return await self._write(write)
 
@@ -735,12 +740,17 @@ class SQLiteStore(Store):
     # --- events ----------------------------------------------------------------------
 
     async def apply_events(
-        self, supervisor_id: str, events: Sequence[SupervisorEvent]
+        self, supervisor_id: str, events: Sequence[SupervisorEvent], after_seq: int = 0
     ) -> EventsApplied:
         def write(conn: sqlite3.Connection) -> EventsApplied:
             (stored,) = conn.execute(
                 "SELECT last_seq FROM supervisors WHERE id = ?", (supervisor_id,)
             ).fetchone()
+            if stored < after_seq:
+                raise BatchOutOfOrder(
+                    f"events of {supervisor_id} up to seq {after_seq} are not stored"
+                    f" (stored: {stored}): the batch after them is not stored either"
+                )
             ended: list[RunKey] = []
             unwanted: list[RunKey] = []
             for event in events:
@@ -823,6 +833,42 @@ def _running_counts(conn: sqlite3.Connection) -> dict[str, int]:
         ACTIVE_PHASES,
     ).fetchall()
     return dict(rows)
+
+
+def _assign_run(
+    conn: sqlite3.Connection, job_id: str, supervisor_id: str, now: float
+) -> Assignment | None:
+    """The job's next run, on that supervisor; None if the job is no longer queued."""
+    row = conn.execute(
+        "SELECT attempts, spec FROM jobs"
+        " WHERE id = ? AND phase = 'queued' AND cancel_requested = 0",
+        (job_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    attempt = row[0] + 1
+    conn.execute(
+        "UPDATE jobs SET phase = 'assigned', attempts = ?, updated_at = ?,"
+        " queue_deadline = NULL, unschedulable = NULL WHERE id = ?",
+        (attempt, now, job_id),
+    )
+    conn.execute(
+        "INSERT INTO runs (job_id, attempt, supervisor_id, phase, created_at)"
+        " VALUES (?, ?, ?, 'assigned', ?)",
+        (job_id, attempt, supervisor_id, now),
+    )
+    _record_phase(conn, job_id, attempt, Phase.ASSIGNED, None, None, now)
+    return Assignment(job_id, attempt, supervisor_id, _spec_decoder.decode(row[1]))
+
+
+def _no_job_ready(conn: sqlite3.Connection, now: float) -> bool:
+    """True if no queued job waits ready to be placed (the dispatcher's queue is empty)."""
+    row = conn.execute(
+        "SELECT 1 FROM jobs WHERE phase = 'queued' AND unschedulable IS NULL"
+        " AND (not_before IS NULL OR not_before <= ?) LIMIT 1",
+        (now,),
+    ).fetchone()
+    return row is None
 
 
 def _busy_keys(conn: sqlite3.Connection) -> frozenset[str]:
