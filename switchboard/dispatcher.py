@@ -24,6 +24,7 @@ from switchboard.scheduler import (
     FleetMember,
     plan,
     remaining,
+    spend,
     unsatisfiable_reason,
 )
 from switchboard.sessions import Hub, start_message
@@ -104,7 +105,7 @@ class Dispatcher:
             return made
         async with self._placing:
             made, assigned = await self.store.create_and_assign(jobs, actor, max_queued, placements)
-            self._spend(jobs, assigned)
+            self._spend(assigned)
         for run in assigned:
             await self.hub.send_start(
                 run.supervisor_id, start_message(run.job_id, run.attempt, run.spec)
@@ -131,14 +132,19 @@ class Dispatcher:
         queued = [_as_queued(i, job_id, spec, now) for i, (job_id, spec) in enumerate(jobs)]
         return dict(plan(queued, free, now=now, aging_s=self.aging_s, busy_keys=spare.busy))
 
-    def _spend(self, jobs: list[tuple[str, JobSpec]], assigned: list[Assignment]) -> None:
+    def _spend(self, assigned: list[Assignment]) -> None:
+        """Take what the runs just assigned hold out of the spare slots (the spare's
+        Candidates are the dispatcher's own copies: changed in place)."""
         spare = self._spare
         if spare is None or not assigned:
             return
-        queued = [_as_queued(i, job_id, spec, 0.0) for i, (job_id, spec) in enumerate(jobs)]
-        left = remaining(spare.free, queued, [(a.job_id, a.supervisor_id) for a in assigned])
+        by_id = {c.id: c for c in spare.free}
+        for run in assigned:
+            if (candidate := by_id.get(run.supervisor_id)) is not None:
+                spend(candidate, run.spec)
         keys = {a.spec.concurrency.key for a in assigned if a.spec.concurrency is not None}
-        self._spare = _Spare(spare.writes, [c for c in left if c.free > 0], spare.busy | keys)
+        free = [c for c in spare.free if c.free > 0]
+        self._spare = _Spare(spare.writes, free, spare.busy | keys)
 
     async def set_paused(self, paused: bool) -> None:
         """Pause or resume placing jobs (runs already placed go on); survives restarts."""

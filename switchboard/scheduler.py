@@ -118,11 +118,11 @@ def plan(
     `busy_keys` are the concurrency keys of runs already active anywhere. The inputs are
     not modified.
     """
-    # Work on copies: the pass spends slots and resources as it places jobs. Only
-    # supervisors with a free slot are looked at; the pass ends when none is left.
-    pool = [
-        msgspec.structs.replace(s, resources=dict(s.resources)) for s in supervisors if s.free > 0
-    ]
+    # Only supervisors with a free slot are looked at; the pass ends when none is left.
+    # One is copied when the pass first spends its slots and resources (the inputs are
+    # not modified, and a pass placing one job among many supervisors copies one).
+    pool = [s for s in supervisors if s.free > 0]
+    copied: set[str] = set()
     taken = set(busy_keys)
     ranked = sorted(jobs, key=lambda j: (-effective_priority(j, now, aging_s), j.seq))
     decisions: list[tuple[str, str]] = []
@@ -136,7 +136,11 @@ def plan(
         if not fitting:
             continue
         best = min(fitting, key=lambda s: (s.running, s.id))
-        _spend(best, job)
+        if best.id not in copied:
+            copied.add(best.id)
+            at = pool.index(best)
+            best = pool[at] = msgspec.structs.replace(best, resources=dict(best.resources))
+        spend(best, job.spec)
         if best.free <= 0:
             pool.remove(best)
         if key is not None:
@@ -145,10 +149,11 @@ def plan(
     return decisions
 
 
-def _spend(supervisor: Candidate, job: QueuedJob) -> None:
+def spend(supervisor: Candidate, spec: JobSpec) -> None:
+    """Take one slot and the resources `spec` asks for from `supervisor` (in place)."""
     supervisor.free -= 1
     supervisor.running += 1
-    for name, n in job.spec.resources.items():
+    for name, n in spec.resources.items():
         supervisor.resources[name] = supervisor.resources.get(name, 0) - n
 
 
@@ -162,7 +167,7 @@ def remaining(
     pool = {s.id: msgspec.structs.replace(s, resources=dict(s.resources)) for s in supervisors}
     by_id = {job.id: job for job in jobs}
     for job_id, supervisor_id in decisions:
-        _spend(pool[supervisor_id], by_id[job_id])
+        spend(pool[supervisor_id], by_id[job_id].spec)
     return list(pool.values())
 
 

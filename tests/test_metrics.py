@@ -200,7 +200,7 @@ async def test_run_metrics_count_once_committed(tmp_path):
     """In-process store: what a rolled-back request staged is never observed; a run's
     running and its end each count once, after their transaction commits."""
     from switchboard.metrics import REGISTRY
-    from switchboard.store import sqlite
+    from switchboard.store import sqlite, sqlite_runs
 
     def sample(name: str, **labels: str) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
@@ -223,7 +223,7 @@ async def test_run_metrics_count_once_committed(tmp_path):
         under_5s = sample(bucket, backend="noop", outcome="succeeded", le="5.0")
 
         def running_then_fail(conn) -> None:
-            sqlite._set_run_phase(conn, "job-1", 1, Phase.RUNNING, None, None, time.time())
+            sqlite_runs.set_run_phase(conn, "job-1", 1, Phase.RUNNING, None, None, time.time())
             raise RuntimeError("undone")
 
         with pytest.raises(RuntimeError):

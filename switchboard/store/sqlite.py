@@ -32,17 +32,12 @@ import msgspec
 from protocol.limits import MAX_OUTPUT_CHUNK
 from protocol.messages import (
     Hello,
-    JobErrorReport,
-    JobExit,
-    JobStateChanged,
-    Output,
     Stream,
     SupervisorEvent,
 )
-from protocol.spec import JobSpec, RestartPolicy
-from protocol.state import Phase, can_transition, is_terminal
+from protocol.spec import JobSpec
+from protocol.state import Phase, can_transition
 from switchboard import metrics
-from switchboard.jobstate import job_after_run
 from switchboard.models import (
     ActiveRun,
     Assignment,
@@ -59,7 +54,6 @@ from switchboard.models import (
     SupervisorView,
     TokenView,
 )
-from switchboard.retry import restart_delay
 from switchboard.store import sqlite_views as views
 from switchboard.store.base import (
     BatchOutOfOrder,
@@ -85,14 +79,11 @@ from switchboard.store.sqlite_jobs import (
     list_jobs,
     record_event,
 )
+from switchboard.store.sqlite_runs import EventBatch, record_phase, set_run_phase
 
 log = logging.getLogger("switchboard.store")
 
 T = TypeVar("T")
-
-
-#: How long a job refused because its supervisor was busy waits before it is placed again.
-BUSY_RETRY_S = 0.5
 
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
@@ -488,7 +479,7 @@ class SQLiteStore(Store):
             runs = []
             for job_id, attempt, supervisor_id in rows:
                 message = "run timeout enforced by the switchboard (the supervisor did not end it)"
-                _set_run_phase(conn, job_id, attempt, Phase.TIMED_OUT, None, message, now)
+                set_run_phase(conn, job_id, attempt, Phase.TIMED_OUT, None, message, now)
                 record_event(conn, job_id, "run_timeout", message, attempt=attempt)
                 runs.append(RunOnSupervisor(job_id, attempt, supervisor_id))
             return Expired(runs, jobs)
@@ -663,7 +654,7 @@ class SQLiteStore(Store):
             ).fetchall()
             message = f"supervisor silent for over {grace_s:g}s"
             for job_id, attempt in rows:
-                _set_run_phase(conn, job_id, attempt, Phase.LOST, None, message, now)
+                set_run_phase(conn, job_id, attempt, Phase.LOST, None, message, now)
             return [RunKey(job_id, attempt) for job_id, attempt in rows]
 
         return await self._write(write)
@@ -751,22 +742,18 @@ class SQLiteStore(Store):
                     f"events of {supervisor_id} up to seq {after_seq} are not stored"
                     f" (stored: {stored}): the batch after them is not stored either"
                 )
-            ended: list[RunKey] = []
-            unwanted: list[RunKey] = []
+            batch = EventBatch(conn, supervisor_id)
             for event in events:
                 if event.seq <= stored:
                     continue  # already stored: a resend after a reconnect
                 stored = event.seq
-                verdict = _apply_event(conn, supervisor_id, event)
-                if verdict == "ended":
-                    ended.append(RunKey(event.job_id, event.attempt))
-                elif verdict == "unwanted":
-                    unwanted.append(RunKey(event.job_id, event.attempt))
+                batch.apply(event)
+            batch.finish()
             conn.execute(
                 "UPDATE supervisors SET last_seq = ?, last_seen = ? WHERE id = ?",
                 (stored, time.time(), supervisor_id),
             )
-            return EventsApplied(stored, ended, unwanted)
+            return EventsApplied(stored, batch.ended, batch.unwanted)
 
         return await self._write(write)
 
@@ -778,7 +765,7 @@ class SQLiteStore(Store):
             ).fetchone()
             if row is None or not can_transition(row[0], phase):
                 return False
-            _set_run_phase(conn, key.job_id, key.attempt, Phase(phase), None, message, time.time())
+            set_run_phase(conn, key.job_id, key.attempt, Phase(phase), None, message, time.time())
             return True
 
         return await self._write(write)
@@ -857,7 +844,7 @@ def _assign_run(
         " VALUES (?, ?, ?, 'assigned', ?)",
         (job_id, attempt, supervisor_id, now),
     )
-    _record_phase(conn, job_id, attempt, Phase.ASSIGNED, None, None, now)
+    record_phase(conn, job_id, attempt, Phase.ASSIGNED, None, None, now)
     return Assignment(job_id, attempt, supervisor_id, _spec_decoder.decode(row[1]))
 
 
@@ -921,217 +908,6 @@ def _next_backoff_end(conn: sqlite3.Connection) -> float | None:
         (time.time(),),
     ).fetchone()
     return when
-
-
-def _record_phase(
-    conn: sqlite3.Connection,
-    job_id: str,
-    attempt: int,
-    phase: Phase,
-    stage: str | None,
-    message: str | None,
-    at: float,
-) -> None:
-    conn.execute(
-        "INSERT INTO run_phases (job_id, attempt, phase, stage, message, at)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (job_id, attempt, phase.value, stage, message, at),
-    )
-
-
-class _BackendKind(msgspec.Struct):
-    kind: str = ""
-
-
-class _SpecBackend(msgspec.Struct):
-    backend: _BackendKind
-
-
-#: Reads only the backend kind out of a stored spec (a metric label).
-_backend_decoder = msgspec.json.Decoder(_SpecBackend)
-
-
-def _observe_run(
-    phase: Phase,
-    at: float,
-    spec: bytes,
-    times: tuple[float, float | None, float, float | None, float | None],
-) -> None:
-    """Stage the metrics of a run reaching running (dispatch latency) or its end (duration);
-    they count once the transaction commits. `times`: the run's created_at and started_at,
-    the job's queued_at and not_before, and when the attempt before ended."""
-    terminal = is_terminal(phase)
-    if phase != Phase.RUNNING and not terminal:
-        return
-    created_at, started_at, queued_at, not_before, previous_ended = times
-    try:
-        kind = _backend_decoder.decode(spec).backend.kind
-    except msgspec.DecodeError:  # a metric label must never cost the change itself
-        kind = ""
-    if terminal:
-        metrics.run_ended(kind, phase, at - (started_at or created_at))
-    else:
-        # Queued for this attempt: when the job was submitted, or when the attempt before
-        # ended (requeued), or when its restart backoff ended, whichever is latest. The
-        # switchboard's clock: the supervisor's `at` may be skewed.
-        queued = max(queued_at, previous_ended or 0.0, not_before or 0.0)
-        metrics.run_running(kind, time.time() - queued)
-
-
-def _set_run_phase(
-    conn: sqlite3.Connection,
-    job_id: str,
-    attempt: int,
-    phase: Phase,
-    stage: str | None,
-    message: str | None,
-    at: float,
-) -> None:
-    """Move a run (already checked) and its job to `phase`."""
-    terminal = is_terminal(phase)
-    conn.execute(
-        "UPDATE runs SET phase = ?, stage = ?, message = coalesce(?, message),"
-        " started_at = CASE WHEN ? = 'running' THEN ? ELSE started_at END,"
-        " ended_at = CASE WHEN ? THEN ? ELSE ended_at END"
-        " WHERE job_id = ? AND attempt = ?",
-        (phase.value, stage, message, phase.value, at, terminal, at, job_id, attempt),
-    )
-    _record_phase(conn, job_id, attempt, phase, stage, message, at)
-    # All this change needs of the run and its job, in one read (this is the writer's
-    # busiest path).
-    row = conn.execute(
-        "SELECT j.attempts, j.cancel_requested, j.restarts, j.backoff_s, j.spec,"
-        " r.error_kind, r.exit_code, r.error,"
-        " r.created_at, r.started_at, j.queued_at, j.not_before,"
-        " (SELECT ended_at FROM runs p WHERE p.job_id = r.job_id AND p.attempt = r.attempt - 1)"
-        " FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = ? AND r.attempt = ?",
-        (job_id, attempt),
-    ).fetchone()
-    if row is None:
-        return
-    current, cancel_requested, restarts, backoff_s, spec_json = row[:5]
-    run = row[5:8]
-    _observe_run(phase, at, spec_json, row[8:13])
-    if current != attempt:
-        return  # an old attempt: the job has moved on
-    policy = (_spec_decoder.decode(spec_json).restart if terminal else None) or RestartPolicy()
-    decision = job_after_run(
-        phase,
-        error_kind=run[0],
-        cancel_requested=bool(cancel_requested),
-        restart=policy,
-        restarts_done=restarts,
-    )
-    reason = message or run[2] if terminal else None
-    not_before = None
-    if decision.phase == Phase.QUEUED and not decision.restart:
-        not_before = at + BUSY_RETRY_S  # refused as busy: don't hammer the same supervisor
-    if decision.restart:
-        restarts += 1
-        backoff_s = restart_delay(policy.backoff, restarts, backoff_s)
-        not_before = at + backoff_s
-        reason = f"restart {restarts} of {policy.max_restarts} in {backoff_s:.2f}s: {reason}"
-        record_event(conn, job_id, "restart_scheduled", reason, attempt=attempt, at=at)
-    elif decision.phase == Phase.EXHAUSTED:
-        record_event(conn, job_id, "exhausted", f"{restarts} restarts used up", attempt=attempt)
-    conn.execute(
-        "UPDATE jobs SET phase = ?, exit_code = ?, reason = coalesce(?, reason), updated_at = ?,"
-        " restarts = ?, backoff_s = ?, not_before = ? WHERE id = ?",
-        (
-            decision.phase.value,
-            run[1],
-            reason,
-            time.time(),
-            restarts,
-            backoff_s,
-            not_before,
-            job_id,
-        ),
-    )
-
-
-def _apply_event(conn: sqlite3.Connection, supervisor_id: str, event: SupervisorEvent) -> str:
-    """Apply one new event. Returns "ended" if its run ended, "unwanted" if the
-    switchboard does not (or no longer) want the run, else ""."""
-    row = conn.execute(
-        "SELECT phase, supervisor_id FROM runs WHERE job_id = ? AND attempt = ?",
-        (event.job_id, event.attempt),
-    ).fetchone()
-    if row is None or row[1] != supervisor_id:
-        log.warning(
-            "event %d from %s names run %s#%d, not assigned to it",
-            event.seq,
-            supervisor_id,
-            event.job_id,
-            event.attempt,
-        )
-        return "unwanted"
-    phase = Phase(row[0])
-    match event:
-        case Output(stream=stream, offset=offset, data=data):
-            # Chunks are contiguous: the one with the highest offset ends the stream (an
-            # index lookup, where max(offset + length) would scan every chunk).
-            last = conn.execute(
-                "SELECT offset + length(data) FROM output"
-                " WHERE job_id = ? AND attempt = ? AND stream = ? ORDER BY offset DESC LIMIT 1",
-                (event.job_id, event.attempt, stream),
-            ).fetchone()
-            length = last[0] if last else 0
-            if offset > length:
-                log.error(
-                    "output gap on %s#%d %s: have %d bytes, got offset %d",
-                    event.job_id,
-                    event.attempt,
-                    stream,
-                    length,
-                    offset,
-                )
-            elif offset + len(data) > length:
-                # Append only what is new: a chunk sent again (a recovered run replays its
-                # output from the start) may overlap what is stored.
-                conn.execute(
-                    "INSERT INTO output (job_id, attempt, stream, offset, data)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (event.job_id, event.attempt, stream, length, data[length - offset :]),
-                )
-            return ""
-        case JobErrorReport(kind=kind, description=description):
-            if is_terminal(phase):
-                return ""  # e.g. a late refusal of a repeated StartJob: the record stands
-            conn.execute(
-                "UPDATE runs SET error_kind = ?, error = ? WHERE job_id = ? AND attempt = ?",
-                (kind.value, description, event.job_id, event.attempt),
-            )
-            return ""
-        case JobExit():
-            conn.execute(
-                "UPDATE runs SET exit_code = ?, signal = ?, reason = ?,"
-                " message = coalesce(?, message) WHERE job_id = ? AND attempt = ?",
-                (
-                    event.exit_code,
-                    event.signal,
-                    event.reason,
-                    event.message,
-                    event.job_id,
-                    event.attempt,
-                ),
-            )
-            return ""
-        case JobStateChanged(phase=new, stage=stage, message=message, at=at):
-            if not can_transition(phase, new) or new in (Phase.LOST, Phase.EXHAUSTED):
-                log.warning(
-                    "run %s#%d: refused %s -> %s from %s",
-                    event.job_id,
-                    event.attempt,
-                    phase.value,
-                    new.value,
-                    supervisor_id,
-                )
-                return "unwanted" if is_terminal(phase) else ""
-            at = at or time.time()
-            _set_run_phase(conn, event.job_id, event.attempt, new, stage, message, at)
-            return "ended" if is_terminal(new) else ""
-    return ""
 
 
 def _load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:

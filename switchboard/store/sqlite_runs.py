@@ -1,0 +1,349 @@
+"""Run phase changes and supervisor events, applied inside the writer's transaction.
+
+A batch of a supervisor's events often holds several phase changes of one run (a short
+job: initializing, running, exit, succeeded). Each is recorded in the run's history as it
+comes, but the run's row and its job's row take only the last one: a phase that a later
+one in the same transaction replaces was never visible to anyone, so writing it to the
+row and the job (with the job change log behind it) would be work for nothing. The
+writer is the switchboard's busiest thread; this is most of what it does per job.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from protocol.messages import (
+    JobErrorReport,
+    JobExit,
+    JobStateChanged,
+    Output,
+    SupervisorEvent,
+)
+from protocol.spec import JobSpec, RestartPolicy
+from protocol.state import Phase, can_transition, is_terminal
+from switchboard import metrics
+from switchboard.jobstate import job_after_run
+from switchboard.models import RunKey
+from switchboard.retry import restart_delay
+from switchboard.store.sqlite_jobs import record_event
+
+log = logging.getLogger("switchboard.store")
+
+#: How long a job refused because its supervisor was busy waits before it is placed again.
+BUSY_RETRY_S = 0.5
+
+_spec_decoder = msgspec.json.Decoder(JobSpec)
+#: set_run_phase's default: the job takes the run's stored exit code.
+_FROM_RUN = object()
+
+
+def record_phase(
+    conn: sqlite3.Connection,
+    job_id: str,
+    attempt: int,
+    phase: Phase,
+    stage: str | None,
+    message: str | None,
+    at: float,
+) -> None:
+    conn.execute(
+        "INSERT INTO run_phases (job_id, attempt, phase, stage, message, at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (job_id, attempt, phase.value, stage, message, at),
+    )
+
+
+class _BackendKind(msgspec.Struct):
+    kind: str = ""
+
+
+class _SpecBackend(msgspec.Struct):
+    backend: _BackendKind
+
+
+#: Reads only the backend kind out of a stored spec (a metric label).
+_backend_decoder = msgspec.json.Decoder(_SpecBackend)
+
+
+def _observe_run(
+    phase: Phase,
+    at: float,
+    spec: bytes,
+    times: tuple[float, float | None, float, float | None, float | None],
+) -> None:
+    """Stage the metrics of a run reaching running (dispatch latency) or its end (duration);
+    they count once the transaction commits. `times`: the run's created_at and started_at,
+    the job's queued_at and not_before, and when the attempt before ended."""
+    terminal = is_terminal(phase)
+    if phase != Phase.RUNNING and not terminal:
+        return
+    created_at, started_at, queued_at, not_before, previous_ended = times
+    try:
+        kind = _backend_decoder.decode(spec).backend.kind
+    except msgspec.DecodeError:  # a metric label must never cost the change itself
+        kind = ""
+    if terminal:
+        metrics.run_ended(kind, phase, at - (started_at or created_at))
+    else:
+        # Queued for this attempt: when the job was submitted, or when the attempt before
+        # ended (requeued), or when its restart backoff ended, whichever is latest. The
+        # switchboard's clock: the supervisor's `at` may be skewed.
+        queued = max(queued_at, previous_ended or 0.0, not_before or 0.0)
+        metrics.run_running(kind, time.time() - queued)
+
+
+def set_run_phase(
+    conn: sqlite3.Connection,
+    job_id: str,
+    attempt: int,
+    phase: Phase,
+    stage: str | None,
+    message: str | None,
+    at: float,
+    *,
+    started_at: float | None = None,
+    exit_code: int | object | None = _FROM_RUN,
+    run_message: bool = True,
+) -> None:
+    """Move a run (already checked) and its job to `phase`. For a change EventBatch held
+    back: `started_at`, when the run reached running if a replaced change was that, and
+    `exit_code`, the run's exit code when the change came (the job shows it), and
+    `run_message` False: the change's message was written to the run when it came."""
+    terminal = is_terminal(phase)
+    if phase == Phase.RUNNING:
+        started_at = at
+    conn.execute(
+        "UPDATE runs SET phase = ?, stage = ?, message = coalesce(?, message),"
+        " started_at = coalesce(?, started_at),"
+        " ended_at = CASE WHEN ? THEN ? ELSE ended_at END"
+        " WHERE job_id = ? AND attempt = ?",
+        (
+            phase.value,
+            stage,
+            message if run_message else None,
+            started_at,
+            terminal,
+            at,
+            job_id,
+            attempt,
+        ),
+    )
+    record_phase(conn, job_id, attempt, phase, stage, message, at)
+    # All this change needs of the run and its job, in one read (this is the writer's
+    # busiest path).
+    row = conn.execute(
+        "SELECT j.attempts, j.cancel_requested, j.restarts, j.backoff_s, j.spec,"
+        " r.error_kind, r.exit_code, r.error,"
+        " r.created_at, r.started_at, j.queued_at, j.not_before,"
+        " (SELECT ended_at FROM runs p WHERE p.job_id = r.job_id AND p.attempt = r.attempt - 1)"
+        " FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = ? AND r.attempt = ?",
+        (job_id, attempt),
+    ).fetchone()
+    if row is None:
+        return
+    current, cancel_requested, restarts, backoff_s, spec_json = row[:5]
+    run = row[5:8]
+    if started_at is not None and phase != Phase.RUNNING:
+        _observe_run(Phase.RUNNING, started_at, spec_json, row[8:13])  # a replaced running
+    _observe_run(phase, at, spec_json, row[8:13])
+    if current != attempt:
+        return  # an old attempt: the job has moved on
+    policy = (_spec_decoder.decode(spec_json).restart if terminal else None) or RestartPolicy()
+    decision = job_after_run(
+        phase,
+        error_kind=run[0],
+        cancel_requested=bool(cancel_requested),
+        restart=policy,
+        restarts_done=restarts,
+    )
+    reason = message or run[2] if terminal else None
+    not_before = None
+    if decision.phase == Phase.QUEUED and not decision.restart:
+        not_before = at + BUSY_RETRY_S  # refused as busy: don't hammer the same supervisor
+    if decision.restart:
+        restarts += 1
+        backoff_s = restart_delay(policy.backoff, restarts, backoff_s)
+        not_before = at + backoff_s
+        reason = f"restart {restarts} of {policy.max_restarts} in {backoff_s:.2f}s: {reason}"
+        record_event(conn, job_id, "restart_scheduled", reason, attempt=attempt, at=at)
+    elif decision.phase == Phase.EXHAUSTED:
+        record_event(conn, job_id, "exhausted", f"{restarts} restarts used up", attempt=attempt)
+    conn.execute(
+        "UPDATE jobs SET phase = ?, exit_code = ?, reason = coalesce(?, reason), updated_at = ?,"
+        " restarts = ?, backoff_s = ?, not_before = ? WHERE id = ?",
+        (
+            decision.phase.value,
+            run[1] if exit_code is _FROM_RUN else exit_code,
+            reason,
+            time.time(),
+            restarts,
+            backoff_s,
+            not_before,
+            job_id,
+        ),
+    )
+
+
+@dataclass
+class _Run:
+    """A run as this batch has left it so far."""
+
+    phase: Phase
+    supervisor_id: str
+    exit_code: int | None
+
+
+@dataclass
+class _Pending:
+    """A run's latest phase change in this batch, not yet written to its row and job."""
+
+    event: JobStateChanged
+    at: float
+    #: The run's exit code when the change came.
+    exit_code: int | None
+    #: When the run reached running, if a change this one replaced was that.
+    started_at: float | None = None
+
+
+class EventBatch:
+    """Applies one supervisor's new events, in order, within the writer's transaction;
+    `finish` writes the phase changes still pending. Collects the runs that ended and
+    those the switchboard no longer wants."""
+
+    def __init__(self, conn: sqlite3.Connection, supervisor_id: str) -> None:
+        self.conn = conn
+        self.supervisor_id = supervisor_id
+        self.ended: list[RunKey] = []
+        self.unwanted: list[RunKey] = []
+        #: (job id, attempt) -> the run as of this batch; None: no such run.
+        self._runs: dict[tuple[str, int], _Run | None] = {}
+        self._pending: dict[tuple[str, int], _Pending] = {}
+
+    def apply(self, event: SupervisorEvent) -> None:
+        key = (event.job_id, event.attempt)
+        if key not in self._runs:
+            row = self.conn.execute(
+                "SELECT phase, supervisor_id, exit_code FROM runs WHERE job_id = ? AND attempt = ?",
+                key,
+            ).fetchone()
+            self._runs[key] = _Run(Phase(row[0]), row[1], row[2]) if row is not None else None
+        run = self._runs[key]
+        if run is None or run.supervisor_id != self.supervisor_id:
+            log.warning(
+                "event %d from %s names run %s#%d, not assigned to it",
+                event.seq,
+                self.supervisor_id,
+                event.job_id,
+                event.attempt,
+            )
+            self.unwanted.append(RunKey(*key))
+            return
+        phase = run.phase
+        conn = self.conn
+        match event:
+            case Output(stream=stream, offset=offset, data=data):
+                _append_output(conn, event.job_id, event.attempt, stream, offset, data)
+            case JobErrorReport(kind=kind, description=description):
+                if is_terminal(phase):
+                    return  # e.g. a late refusal of a repeated StartJob: the record stands
+                conn.execute(
+                    "UPDATE runs SET error_kind = ?, error = ? WHERE job_id = ? AND attempt = ?",
+                    (kind.value, description, *key),
+                )
+            case JobExit():
+                run.exit_code = event.exit_code
+                conn.execute(
+                    "UPDATE runs SET exit_code = ?, signal = ?, reason = ?,"
+                    " message = coalesce(?, message) WHERE job_id = ? AND attempt = ?",
+                    (event.exit_code, event.signal, event.reason, event.message, *key),
+                )
+            case JobStateChanged(phase=new):
+                if not can_transition(phase, new) or new in (Phase.LOST, Phase.EXHAUSTED):
+                    log.warning(
+                        "run %s#%d: refused %s -> %s from %s",
+                        event.job_id,
+                        event.attempt,
+                        phase.value,
+                        new.value,
+                        self.supervisor_id,
+                    )
+                    if is_terminal(phase):
+                        self.unwanted.append(RunKey(*key))
+                    return
+                run.phase = new
+                self._change(key, event, run)
+
+    def _change(self, key: tuple[str, int], event: JobStateChanged, run: _Run) -> None:
+        started_at = None
+        replaced = self._pending.pop(key, None)
+        if replaced is not None:
+            # Replaced before anyone could see it: into the history only.
+            change = replaced.event
+            record_phase(self.conn, *key, change.phase, change.stage, change.message, replaced.at)
+            started_at = replaced.at if change.phase == Phase.RUNNING else replaced.started_at
+        pending = _Pending(event, event.at or time.time(), run.exit_code, started_at)
+        if is_terminal(event.phase):
+            self._write(key, pending, run_message=True)  # nothing follows a terminal phase
+            self.ended.append(RunKey(*key))
+            return
+        if event.message is not None:
+            # The run's message keeps the order of events (an exit after this may bring
+            # its own): written now, not with the change.
+            self.conn.execute(
+                "UPDATE runs SET message = ? WHERE job_id = ? AND attempt = ?",
+                (event.message, *key),
+            )
+        self._pending[key] = pending
+
+    def finish(self) -> None:
+        for key, pending in self._pending.items():
+            self._write(key, pending, run_message=False)
+        self._pending.clear()
+
+    def _write(self, key: tuple[str, int], pending: _Pending, *, run_message: bool) -> None:
+        change = pending.event
+        set_run_phase(
+            self.conn,
+            *key,
+            change.phase,
+            change.stage,
+            change.message,
+            pending.at,
+            started_at=pending.started_at,
+            exit_code=pending.exit_code,
+            run_message=run_message,
+        )
+
+
+def _append_output(
+    conn: sqlite3.Connection, job_id: str, attempt: int, stream: str, offset: int, data: bytes
+) -> None:
+    # Chunks are contiguous: the one with the highest offset ends the stream (an index
+    # lookup, where max(offset + length) would scan every chunk).
+    last = conn.execute(
+        "SELECT offset + length(data) FROM output"
+        " WHERE job_id = ? AND attempt = ? AND stream = ? ORDER BY offset DESC LIMIT 1",
+        (job_id, attempt, stream),
+    ).fetchone()
+    length = last[0] if last else 0
+    if offset > length:
+        log.error(
+            "output gap on %s#%d %s: have %d bytes, got offset %d",
+            job_id,
+            attempt,
+            stream,
+            length,
+            offset,
+        )
+    elif offset + len(data) > length:
+        # Append only what is new: a chunk sent again (a recovered run replays its output
+        # from the start) may overlap what is stored.
+        conn.execute(
+            "INSERT INTO output (job_id, attempt, stream, offset, data) VALUES (?, ?, ?, ?, ?)",
+            (job_id, attempt, stream, length, data[length - offset :]),
+        )
