@@ -73,6 +73,14 @@ def _throughput_once(
     }
 
 
+def _requests_per_s(bed: Bed, pool: ThreadPoolExecutor, n: int) -> float:
+    """GET /api/v1/health (no token, no store) from the same client threads as the single
+    POSTs: what one request costs this server before any of the job's work."""
+    started = time.monotonic()
+    list(pool.map(lambda _: bed.api.call("GET", "/api/v1/health"), range(n)))
+    return n / (time.monotonic() - started)
+
+
 def measure_throughput(bed: Bed, n_jobs: int, reps: int, batch: int) -> dict[str, Summary]:
     """jobs/s with single POSTs from SINGLE_THREADS threads and with batches of `batch`
     from BATCH_THREADS threads, alternating, `reps` times each, after a warm-up."""
@@ -86,7 +94,9 @@ def measure_throughput(bed: Bed, n_jobs: int, reps: int, batch: int) -> dict[str
             for mode, pool, size in (("batch", batches, batch), ("single", singles, None)):
                 for key, value in _throughput_once(bed, pool, n_jobs, size).items():
                     results.setdefault(f"dispatch_{mode}_{key}", []).append(value)
-    units = {"jobs_per_s": "jobs/s", "submit_per_s": "jobs/s"}
+            rate = _requests_per_s(bed, singles, n_jobs)
+            results.setdefault("floor_http_health_per_s", []).append(rate)
+    units = {"jobs_per_s": "jobs/s", "submit_per_s": "jobs/s", "health_per_s": "req/s"}
     return {
         key: Summary.of(values, next((u for k, u in units.items() if key.endswith(k)), "ms"))
         for key, values in results.items()

@@ -24,6 +24,7 @@ import uvloop
 
 from bench import floors
 from bench.bed import Bed, testbed
+from bench.dispatch import SINGLE_THREADS
 from bench.stats import Summary, machine
 
 BENCHMARKS = ("latency", "output", "dispatch", "scale", "wasm", "docker")
@@ -244,12 +245,16 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                 Row(
                     "dispatch_single_jobs_per_s",
                     "no-op jobs end to end, single POSTs",
-                    "floor_sqlite_job_inserts_per_s",
+                    "floor_http_health_per_s",
                     (">=", 2000.0, "median"),
                 ),
                 Row("dispatch_single_submit_per_s", "  single POSTs answered alone"),
                 Row("dispatch_single_switchboard_cpu_ms_per_job", "  switchboard CPU per job"),
                 Row("floor_sqlite_job_inserts_per_s", "floor: SQLite job rows, 100 per txn"),
+                Row(
+                    "floor_http_health_per_s",
+                    f"floor: GET /api/v1/health, {SINGLE_THREADS} client threads",
+                ),
             ],
         ),
         (

@@ -49,7 +49,7 @@ SUITE_RESULTS = {
             "fleet_cpu_ms_per_job",
         )
     }
-    | {"floor_sqlite_job_inserts_per_s"},
+    | {"floor_sqlite_job_inserts_per_s", "floor_http_health_per_s"},
     "scale": {
         "scale_rss_kib_per_conn",
         "scale_cpu_pct",

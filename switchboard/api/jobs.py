@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import secrets
 from typing import Annotated
 
 import msgspec
@@ -19,6 +18,7 @@ from protocol.state import Phase
 from switchboard.api.errors import ApiError, error_responses, invalid_spec
 from switchboard.api.security import actor, require
 from switchboard.auth import Permission
+from switchboard.ids import new_job_id
 from switchboard.jobstate import redacted
 from switchboard.models import JobEvent, JobPage, JobView, RunView
 from switchboard.state import AppState, app_state
@@ -81,7 +81,7 @@ def _check_artifacts(state: AppState, spec: JobSpec, where: str = "") -> None:
 
 async def _queue(state: AppState, specs: list[JobSpec], who: str) -> list[Submitted]:
     """Store the jobs (all or none) through the dispatcher, stop the runs they replace."""
-    jobs = [(secrets.token_hex(8), spec) for spec in specs]
+    jobs = [(new_job_id(), spec) for spec in specs]
     try:
         made = await state.dispatcher.submit(jobs, who, state.settings.max_queued_jobs)
     except QueueFull as exc:
