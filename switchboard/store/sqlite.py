@@ -132,20 +132,26 @@ class _Writer(threading.Thread):
     def _commit_group(self, group: list[Any]) -> None:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         started = time.perf_counter()
+        # A request alone needs no savepoint: undoing the transaction undoes just it.
+        alone = len(group) == 1
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             for fn, future in group:
-                self.conn.execute("SAVEPOINT request")
+                if not alone:
+                    self.conn.execute("SAVEPOINT request")
                 mark = metrics.staged_mark()
                 try:
                     value = fn(self.conn)
                 except BaseException as exc:
+                    if alone:
+                        raise
                     metrics.staged_drop(mark)
                     self.conn.execute("ROLLBACK TO request")
                     self.conn.execute("RELEASE request")
                     results.append((future, None, exc))
                 else:
-                    self.conn.execute("RELEASE request")
+                    if not alone:
+                        self.conn.execute("RELEASE request")
                     results.append((future, value, None))
             self.conn.execute("COMMIT")
             metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
