@@ -22,6 +22,8 @@ from switchboard.models import Assignment, QueuedJob, SupervisorView
 from switchboard.scheduler import (
     Candidate,
     FleetMember,
+    by_load,
+    place_one,
     plan,
     remaining,
     spend,
@@ -45,10 +47,10 @@ IDLE_PERIOD_S = 5.0
 
 
 class _Spare(NamedTuple):
-    """What the last placement left free: supervisors with a free slot (as Candidates)
-    and the busy concurrency keys, as of `writes` (Store.supervisor_writes). Only ever an
-    underestimate of what is free while `writes` holds: runs ending free more, and only
-    the dispatcher takes slots."""
+    """What the last placement left free: supervisors with a free slot (as Candidates,
+    sorted by `by_load`) and the busy concurrency keys, as of `writes`
+    (Store.supervisor_writes). Only ever an underestimate of what is free while `writes`
+    holds: runs ending free more, and only the dispatcher takes slots."""
 
     writes: int
     free: list[Candidate]
@@ -125,12 +127,15 @@ class Dispatcher:
         ):
             return {}
         sessions = self.hub.sessions
-        free = [c for c in spare.free if (s := sessions.get(c.id)) is not None and s.ready]
-        if not free:
-            return {}
+        # Still connected and ready: looked at lazily, so placing one job usually looks
+        # at one supervisor however large the fleet.
+        free = (c for c in spare.free if (s := sessions.get(c.id)) is not None and s.ready)
         now = time.time()
         queued = [_as_queued(i, job_id, spec, now) for i, (job_id, spec) in enumerate(jobs)]
-        return dict(plan(queued, free, now=now, aging_s=self.aging_s, busy_keys=spare.busy))
+        if len(queued) == 1:
+            where = place_one(queued[0], free, spare.busy)
+            return {} if where is None else {queued[0].id: where}
+        return dict(plan(queued, list(free), now=now, aging_s=self.aging_s, busy_keys=spare.busy))
 
     def _spend(self, assigned: list[Assignment]) -> None:
         """Take what the runs just assigned hold out of the spare slots (the spare's
@@ -143,7 +148,7 @@ class Dispatcher:
             if (candidate := by_id.get(run.supervisor_id)) is not None:
                 spend(candidate, run.spec)
         keys = {a.spec.concurrency.key for a in assigned if a.spec.concurrency is not None}
-        free = [c for c in spare.free if c.free > 0]
+        free = sorted((c for c in spare.free if c.free > 0), key=by_load)
         self._spare = _Spare(spare.writes, free, spare.busy | keys)
 
     async def set_paused(self, paused: bool) -> None:
@@ -239,7 +244,7 @@ class Dispatcher:
                 break
             limit = QUEUE_WINDOW
             jobs = await self.store.queued_jobs(limit, after=(jobs[-1].priority, jobs[-1].seq))
-        self._spare = _Spare(writes, candidates, frozenset(busy))
+        self._spare = _Spare(writes, sorted(candidates, key=by_load), frozenset(busy))
         await self._note_unschedulable(waiting, fleet, key)
         if not decisions:
             return 0

@@ -25,7 +25,7 @@ placed does not wait silently.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
 import msgspec
@@ -135,7 +135,7 @@ def plan(
         fitting = [s for s in pool if _fits(job, s)]
         if not fitting:
             continue
-        best = min(fitting, key=lambda s: (s.running, s.id))
+        best = min(fitting, key=by_load)
         if best.id not in copied:
             copied.add(best.id)
             at = pool.index(best)
@@ -147,6 +147,23 @@ def plan(
             taken.add(key)
         decisions.append((job.id, best.id))
     return decisions
+
+
+def by_load(supervisor: Candidate) -> tuple[int, str]:
+    """The order `plan` prefers supervisors in: least loaded, then lowest id."""
+    return (supervisor.running, supervisor.id)
+
+
+def place_one(
+    job: QueuedJob,
+    supervisors: Iterable[Candidate],
+    busy_keys: AbstractSet[str] = frozenset(),
+) -> str | None:
+    """Where `plan` would place `job` alone, given `supervisors` sorted by `by_load`: the
+    first that fits (usually the first one looked at, whatever the fleet's size)."""
+    if job.concurrency_key is not None and job.concurrency_key in busy_keys:
+        return None
+    return next((s.id for s in supervisors if _fits(job, s)), None)
 
 
 def spend(supervisor: Candidate, spec: JobSpec) -> None:

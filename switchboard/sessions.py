@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any, NamedTuple
 
 import msgspec
@@ -76,7 +77,7 @@ class _Write(NamedTuple):
     batch: list[Event]
     #: Its events not handed over before (the rest are resends).
     fresh: list[Event]
-    result: asyncio.Future[EventsApplied]
+    result: Awaitable[EventsApplied]
     started: float
 
 
@@ -220,9 +221,7 @@ class SupervisorSession:
             if event.seq > highest:
                 highest = event.seq
                 fresh.append(event)
-        result = asyncio.ensure_future(
-            self.hub.store.apply_events(self.id, batch, after_seq=self._handed_seq)
-        )
+        result = self.hub.store.apply_events(self.id, batch, after_seq=self._handed_seq)
         self._handed_seq = highest
         return _Write(batch, fresh, result, time.perf_counter())
 

@@ -30,7 +30,9 @@ from switchboard.models import QueuedJob
 from switchboard.scheduler import (
     Candidate,
     FleetMember,
+    by_load,
     effective_priority,
+    place_one,
     plan,
     unsatisfiable_reason,
 )
@@ -498,3 +500,12 @@ def test_unsatisfiable_reason_names_the_first_unmet_requirement(
             assert f"{r}={n}" in reason
     else:
         assert reason is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios())
+def test_placing_one_job_alone_matches_plan(sc: Scenario) -> None:
+    job = sc.jobs[0]
+    alone = place_one(job, sorted(sc.sups, key=by_load), sc.busy_keys)
+    planned = plan([job], sc.sups, now=sc.now, aging_s=sc.aging_s, busy_keys=sc.busy_keys)
+    assert alone == (planned[0][1] if planned else None)

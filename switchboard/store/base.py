@@ -8,7 +8,7 @@ which is what lets the switchboard acknowledge a supervisor's events.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
@@ -355,13 +355,15 @@ class Store(abc.ABC):
         """Active runs per supervisor id."""
 
     @abc.abstractmethod
-    async def apply_events(
+    def apply_events(
         self, supervisor_id: str, events: Sequence[SupervisorEvent], after_seq: int = 0
-    ) -> EventsApplied:
+    ) -> Awaitable[EventsApplied]:
         """Store a batch of a supervisor's events in one transaction, skipping those
-        already stored (seq at or below the stored seq). `after_seq`: the highest seq of
-        the batches handed over before this one; if they are not all stored (one failed),
-        this one is refused too (BatchOutOfOrder), so no event is ever skipped."""
+        already stored (seq at or below the stored seq). The batch is handed over when
+        this is called, not when it is awaited: batches are stored in the order of the
+        calls. `after_seq`: the highest seq of the batches handed over before this one;
+        if they are not all stored (one failed), this one is refused too
+        (BatchOutOfOrder), so no event is ever skipped."""
 
     @abc.abstractmethod
     async def end_run(self, key: RunKey, phase: str, message: str) -> bool:

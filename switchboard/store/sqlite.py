@@ -226,14 +226,20 @@ class SQLiteStore(Store):
             self._read_conns.clear()
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._hand_to_writer(fn)
+
+    def _hand_to_writer(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue a write request now (requests are applied in the order handed over); the
+        future resolves once it is committed."""
         assert self._writer is not None, "store is not open"
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._writer.requests.put((fn, future))
-        try:
-            return await future
-        finally:
-            for listener in self._write_listeners:
-                listener()
+        future.add_done_callback(self._tell_listeners)
+        return future
+
+    def _tell_listeners(self, _: asyncio.Future[Any]) -> None:
+        for listener in self._write_listeners:
+            listener()
 
     def on_write(self, listener: Callable[[], None]) -> None:
         self._write_listeners.append(listener)
@@ -736,9 +742,9 @@ class SQLiteStore(Store):
 
     # --- events ----------------------------------------------------------------------
 
-    async def apply_events(
+    def apply_events(
         self, supervisor_id: str, events: Sequence[SupervisorEvent], after_seq: int = 0
-    ) -> EventsApplied:
+    ) -> asyncio.Future[EventsApplied]:
         def write(conn: sqlite3.Connection) -> EventsApplied:
             (stored,) = conn.execute(
                 "SELECT last_seq FROM supervisors WHERE id = ?", (supervisor_id,)
@@ -761,7 +767,7 @@ class SQLiteStore(Store):
             )
             return EventsApplied(stored, batch.ended, batch.unwanted)
 
-        return await self._write(write)
+        return self._hand_to_writer(write)
 
     async def end_run(self, key: RunKey, phase: str, message: str) -> bool:
         def write(conn: sqlite3.Connection) -> bool:
