@@ -71,6 +71,48 @@ def start_message(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
     )
 
 
+class _Inbox:
+    """Events on their way from a session's reader to its applier (one of each): a list
+    and at most one waiting side. An asyncio.Queue would do, at about 3 KiB a connection
+    (four deques and an Event) on a switchboard holding thousands of idle ones."""
+
+    __slots__ = ("_items", "_limit", "_putter", "_taker")
+
+    def __init__(self, limit: int) -> None:
+        self._items: list[Event] = []
+        self._limit = limit
+        self._taker: asyncio.Future[None] | None = None
+        self._putter: asyncio.Future[None] | None = None
+
+    async def put(self, event: Event) -> None:
+        """Add an event; while `limit` are waiting, wait (the reader stops reading)."""
+        while len(self._items) >= self._limit:
+            self._putter = asyncio.get_running_loop().create_future()
+            await self._putter
+        self._items.append(event)
+        _wake(self._taker)
+
+    async def take(self, most: int) -> list[Event]:
+        """The oldest events, at most `most`, once there is one."""
+        while not self._items:
+            self._taker = asyncio.get_running_loop().create_future()
+            await self._taker
+        batch = self._items[:most]
+        del self._items[:most]
+        _wake(self._putter)
+        return batch
+
+    def take_all(self) -> list[Event]:
+        batch, self._items = self._items, []
+        _wake(self._putter)
+        return batch
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 class _Write(NamedTuple):
     """A batch of events handed to the store, waiting to be acknowledged."""
 
@@ -94,7 +136,7 @@ class SupervisorSession:
         self.token_id = ""
         #: True once reconciled: only then may the dispatcher give it new runs.
         self.ready = False
-        self._events: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE)
+        self._events = _Inbox(EVENT_QUEUE)
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._last_heard = time.monotonic()
@@ -107,9 +149,12 @@ class SupervisorSession:
         self._stored_seq = stored_seq
         #: Highest seq handed to the store: events at or below it are resends.
         self._handed_seq = stored_seq
-        #: Batches handed to the store, in order, for the acknowledger.
-        self._writes: asyncio.Queue[_Write] = asyncio.Queue()
-        self._in_flight = asyncio.Semaphore(WRITES_IN_FLIGHT)
+        #: Batches handed to the store and not yet acknowledged, oldest first; the task
+        #: acknowledging them runs only while there are some (idle sessions are many and
+        #: each task costs memory), and the applier waits on `_room` while they are many.
+        self._writes: list[_Write] = []
+        self._acknowledger: asyncio.Task[None] | None = None
+        self._room: asyncio.Future[None] | None = None
 
     async def send(self, message: SwitchboardMessage) -> None:
         async with self._send_lock:
@@ -144,7 +189,6 @@ class SupervisorSession:
         tasks = [
             asyncio.create_task(self._read_loop()),
             asyncio.create_task(self._apply_loop()),
-            asyncio.create_task(self._ack_loop()),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -157,6 +201,8 @@ class SupervisorSession:
                     log.error("supervisor %s session failed", self.id, exc_info=exc)
                     await self.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            if self._acknowledger is not None:
+                tasks.append(self._acknowledger)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -189,27 +235,44 @@ class SupervisorSession:
 
     async def _apply_loop(self) -> None:
         while True:
-            batch = [await self._events.get()]
-            while len(batch) < MAX_BATCH and not self._events.empty():
-                batch.append(self._events.get_nowait())
-            await self._in_flight.acquire()
-            self._writes.put_nowait(self._hand_to_store(batch))
+            batch = await self._events.take(MAX_BATCH)
+            while len(self._writes) >= WRITES_IN_FLIGHT:
+                self._room = asyncio.get_running_loop().create_future()
+                await self._room
+            self._writes.append(self._hand_to_store(batch))
+            if self._acknowledger is None:
+                self._acknowledger = asyncio.create_task(self._acknowledge_writes())
 
-    async def _ack_loop(self) -> None:
-        while True:
-            write = await self._writes.get()
-            try:
-                await self._acknowledge(write, await write.result)
-            finally:
-                self._in_flight.release()
+    async def _acknowledge_writes(self) -> None:
+        """Acknowledge the batches handed to the store, in order, as each is stored. A
+        batch that could not be stored ends the session (the supervisor sends it again
+        once reconnected)."""
+        try:
+            while self._writes:
+                write = self._writes[0]
+                # Shielded: if the session ends meanwhile, _drain_events still waits for it.
+                result = await asyncio.shield(write.result)
+                self._writes.pop(0)
+                _wake(self._room)
+                await self._acknowledge(write, result)
+        except Exception as exc:
+            if self._room is not None and not self._room.done():
+                self._room.set_exception(exc)
+            log.error("supervisor %s: storing its events failed", self.id, exc_info=exc)
+            await self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self._acknowledger = None
 
     async def _drain_events(self) -> None:
-        batch = []
-        while not self._events.empty():
-            batch.append(self._events.get_nowait())
-        if batch:
-            with contextlib.suppress(Exception):
-                write = self._hand_to_store(batch)
+        """The session is over: acknowledge what is still being stored, then store and
+        acknowledge what was received and not yet handed over (the Acks may not arrive;
+        what was stored counts, and the supervisor resends the rest)."""
+        batch = self._events.take_all()
+        with contextlib.suppress(Exception):
+            if batch:
+                self._writes.append(self._hand_to_store(batch))
+            while self._writes:
+                write = self._writes.pop(0)
                 await self._acknowledge(write, await write.result)
 
     def _hand_to_store(self, batch: list[Event]) -> _Write:
