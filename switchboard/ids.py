@@ -7,7 +7,7 @@ pages all over the file; an id that grows with time adds at the end, touching a 
 
 from __future__ import annotations
 
-import secrets
+import random
 import threading
 import time
 
@@ -29,4 +29,5 @@ def new_job_id() -> str:
             _sequence += 1
             if _sequence > 0xFFFF:
                 _last_ms, _sequence = _last_ms + 1, 0
-        return f"{_last_ms:012x}{_sequence:04x}{secrets.token_hex(4)}"
+        # Not a secret (every route needs a token): the fast generator, not the OS's.
+        return f"{_last_ms:012x}{_sequence:04x}{random.getrandbits(32):08x}"
