@@ -42,6 +42,9 @@ MAX_WINDOWS = 20
 #: the plan. Later pages, read only while slots remain, hold QUEUE_WINDOW.
 FIRST_PAGE_PER_SLOT = 4
 MIN_FIRST_PAGE = 32
+#: At least this often a pass reads a whole window anyway: the queue is read in priority
+#: order, and an old low-priority job that aging has lifted must be seen to be placed.
+WIDE_PASS_EVERY_S = 1.0
 #: Safety-net period between passes when nothing wakes the dispatcher.
 IDLE_PERIOD_S = 5.0
 
@@ -83,6 +86,7 @@ class Dispatcher:
         #: only one placement at a time spends the free slots it saw.
         self._placing = asyncio.Lock()
         self._spare: _Spare | None = None
+        self._next_wide_pass = 0.0
         hub.on_capacity_change(self.wake)
 
     def wake(self) -> None:
@@ -100,12 +104,31 @@ class Dispatcher:
         waits and the slots the last placement left free fit them, they are placed in the
         same transaction and started at once, as the next pass would have placed them: a
         job submitted to an idle switchboard starts without waiting for a pass."""
-        placements = self._placements_now(jobs)
-        if not placements:
-            made = await self.store.create_jobs(jobs, actor, max_queued)
-            self.jobs_submitted()
-            return made
+        if self._may_place_now():
+            # Its own task, awaited shielded: once the jobs are stored with their runs,
+            # the runs are started even if the request goes away meanwhile.
+            placed = asyncio.ensure_future(self._store_and_start(jobs, actor, max_queued))
+            made = await asyncio.shield(placed)
+            if made is not None:
+                return made
+        made = await self.store.create_jobs(jobs, actor, max_queued)
+        self.jobs_submitted()
+        return made
+
+    def _may_place_now(self) -> bool:
+        # A pass or another placement under way: leave the jobs to the pass.
+        return not self._placing.locked() and self._may_place()
+
+    async def _store_and_start(
+        self, jobs: list[tuple[str, JobSpec]], actor: str, max_queued: int
+    ) -> list[Submitted] | None:
+        """Store the jobs with runs on the spare slots that fit them and start those runs;
+        None (nothing stored) if none fits."""
         async with self._placing:
+            # Decided holding the lock: what it left free is what the last holder left.
+            placements = self._placements_now(jobs) if self._may_place() else {}
+            if not placements:
+                return None
             made, assigned = await self.store.create_and_assign(jobs, actor, max_queued, placements)
             self._spend(assigned)
         for run in assigned:
@@ -116,16 +139,17 @@ class Dispatcher:
             self.jobs_submitted()  # some wait: the pass places them or says why not
         return made
 
-    def _placements_now(self, jobs: list[tuple[str, JobSpec]]) -> dict[str, str]:
-        """job id -> supervisor id for the new jobs that fit the spare slots now."""
+    def _may_place(self) -> bool:
+        """Placing at submission is allowed, and the spare slots are still current."""
         spare = self._spare
-        if (
-            self.paused
-            or self._placing.locked()
-            or spare is None
-            or spare.writes != self.store.supervisor_writes
-        ):
-            return {}
+        current = spare is not None and spare.writes == self.store.supervisor_writes
+        return current and not self.paused
+
+    def _placements_now(self, jobs: list[tuple[str, JobSpec]]) -> dict[str, str]:
+        """job id -> supervisor id for the new jobs that fit the spare slots now (the
+        caller holds `_placing` and has checked the spare is current)."""
+        spare = self._spare
+        assert spare is not None
         sessions = self.hub.sessions
         # Still connected and ready: looked at lazily, so placing one job usually looks
         # at one supervisor however large the fleet.
@@ -197,6 +221,7 @@ class Dispatcher:
         # snapshot's fleet is valid for them (a later write makes the next pass recompute).
         writes = self.store.supervisor_writes
         fleet_may_change = writes != self._key_writes
+        wide = time.monotonic() >= self._next_wide_pass
 
         def first_page(fleet: list[SupervisorView]) -> int:
             free = sum(
@@ -205,9 +230,13 @@ class Dispatcher:
             if free == 0:
                 # Nothing to place: read the queue only to say which new jobs can never run.
                 return QUEUE_WINDOW if news or fleet_may_change else 0
+            if wide:
+                return QUEUE_WINDOW
             return min(QUEUE_WINDOW, max(MIN_FIRST_PAGE, FIRST_PAGE_PER_SLOT * free))
 
         snapshot = await self.store.placement_snapshot(first_page)
+        if wide:
+            self._next_wide_pass = time.monotonic() + WIDE_PASS_EVERY_S
         self._backoff_end = snapshot.next_backoff_end
         fleet = snapshot.fleet
         key = self._fleet_key(fleet, writes)

@@ -144,10 +144,8 @@ class SupervisorSession:
         self.last_heard_at = time.time()
         #: Why the switchboard closed this session (None: the supervisor's side ended it).
         self.closed_because: str | None = None
-        #: Highest seq stored for this supervisor as far as this session has been told
-        #: (Connected.last_seq, then each EventsApplied).
-        self._stored_seq = stored_seq
-        #: Highest seq handed to the store: events at or below it are resends.
+        #: Highest seq handed to the store (from Connected.last_seq on): events at or
+        #: below it are resends.
         self._handed_seq = stored_seq
         #: Batches handed to the store and not yet acknowledged, oldest first; the task
         #: acknowledging them runs only while there are some (idle sessions are many and
@@ -234,11 +232,13 @@ class SupervisorSession:
                     raise FrameError(CloseCode.UNEXPECTED_MESSAGE, "hello after the handshake")
 
     async def _apply_loop(self) -> None:
-        while True:
-            batch = await self._events.take(MAX_BATCH)
+        while not self._closed:
             while len(self._writes) >= WRITES_IN_FLIGHT:
                 self._room = asyncio.get_running_loop().create_future()
                 await self._room
+            # Nothing may wait between taking events and handing them over: a session
+            # ending there would drop them (the inbox no longer holds them).
+            batch = await self._events.take(MAX_BATCH)
             self._writes.append(self._hand_to_store(batch))
             if self._acknowledger is None:
                 self._acknowledger = asyncio.create_task(self._acknowledge_writes())
@@ -268,11 +268,11 @@ class SupervisorSession:
         acknowledge what was received and not yet handed over (the Acks may not arrive;
         what was stored counts, and the supervisor resends the rest)."""
         batch = self._events.take_all()
-        with contextlib.suppress(Exception):
-            if batch:
-                self._writes.append(self._hand_to_store(batch))
-            while self._writes:
-                write = self._writes.pop(0)
+        if batch:
+            self._writes.append(self._hand_to_store(batch))
+        writes, self._writes = self._writes, []
+        for write in writes:  # each awaited, so none is left with an unseen failure
+            with contextlib.suppress(Exception):
                 await self._acknowledge(write, await write.result)
 
     def _hand_to_store(self, batch: list[Event]) -> _Write:
@@ -291,7 +291,6 @@ class SupervisorSession:
     async def _acknowledge(self, write: _Write, result: EventsApplied) -> None:
         hub = self.hub
         metrics.EVENT_BATCH_SECONDS.observe(time.perf_counter() - write.started)
-        self._stored_seq = max(self._stored_seq, result.stored_seq)
         metrics.EVENTS_STORED.inc(len(write.fresh))
         metrics.count_output(write.fresh)
         if len(write.fresh) < len(write.batch):

@@ -3,8 +3,8 @@
 One writer thread owns the only write connection. Write requests queue up while a
 transaction runs and the next transaction takes all of them at once (group commit); each
 request's future resolves only after COMMIT, so whatever a caller acknowledges on the
-strength of it is durable. Each request runs inside a SAVEPOINT, so one failing request
-doesn't undo the others of its group.
+strength of it is durable. In a group, each request runs inside a SAVEPOINT, so one
+failing request doesn't undo the others.
 
 Reads run in a small pool of threads, each with its own read-only connection (WAL lets
 them read while the writer writes).
@@ -678,19 +678,20 @@ class SQLiteStore(Store):
         """Every supervisor. Each dispatch pass lists them; their records change only with a
         supervisor write (counted), their load with every run: the records are re-read only
         when one was written, the load is counted each time. Runs on a reader thread."""
+        # Sampled before the first read: every write counted by then is in what this
+        # connection reads, so the listing may be remembered under this count.
+        writes = self.supervisor_writes
         counts = _running_counts(conn)
         cached = self._fleet
-        if cached is not None and cached[0] == self.supervisor_writes:
+        if cached is not None and cached[0] == writes:
             return [
                 view
                 if view.running == counts.get(view.id, 0)
                 else msgspec.structs.replace(view, running=counts.get(view.id, 0))
                 for view in cached[1]
             ]
-        writes = self.supervisor_writes
         views = _load_supervisors(conn, None, counts)
-        if writes == self.supervisor_writes:  # no write raced with the read
-            self._fleet = (writes, views)
+        self._fleet = (writes, views)
         return views
 
     async def supervisor_sessions(self, supervisor_id: str, limit: int) -> list[SupervisorSession]:
