@@ -18,6 +18,7 @@ import time
 from typing import NamedTuple
 
 from protocol.spec import JobSpec
+from switchboard import metrics
 from switchboard.models import Assignment, QueuedJob, SupervisorView
 from switchboard.scheduler import (
     Candidate,
@@ -49,6 +50,16 @@ WIDE_PASS_EVERY_S = 1.0
 IDLE_PERIOD_S = 5.0
 
 
+class PassDone(NamedTuple):
+    """What a dispatch pass did, and what it tells the loop."""
+
+    started: int
+    #: It stopped at MAX_WINDOWS with slots left: run another.
+    more: bool = False
+    #: When the earliest restart backoff ends (wake then, if nothing sooner).
+    backoff_end: float | None = None
+
+
 class _Spare(NamedTuple):
     """What the last placement left free: supervisors with a free slot (as Candidates,
     sorted by `by_load`) and the busy concurrency keys, as of `writes`
@@ -78,10 +89,6 @@ class Dispatcher:
         self._key: tuple = ()
         self._key_writes = -1
         self._new_jobs = False
-        #: Set by a pass: it stopped at MAX_WINDOWS with slots left (run another), and
-        #: when the earliest restart backoff ends.
-        self._more = False
-        self._backoff_end: float | None = None
         #: Held while jobs are being placed (a pass, or new jobs placed at submission), so
         #: only one placement at a time spends the free slots it saw.
         self._placing = asyncio.Lock()
@@ -131,6 +138,7 @@ class Dispatcher:
                 return None
             made, assigned = await self.store.create_and_assign(jobs, actor, max_queued, placements)
             self._spend(assigned)
+        metrics.RUNS_PLACED.labels("submission").inc(len(assigned))
         for run in assigned:
             await self.hub.send_start(
                 run.supervisor_id, start_message(run.job_id, run.attempt, run.spec)
@@ -198,22 +206,20 @@ class Dispatcher:
             try:
                 pause = IDLE_PERIOD_S
                 async with self._placing:
-                    await self.dispatch_once()
-                if self._more:
+                    done = await self.dispatch_once()
+                if done.more:
                     self.wake()  # slots remain for jobs past this pass's pages
-                elif self._backoff_end is not None:
+                elif done.backoff_end is not None:
                     # Wake again when the next restart backoff ends, if that is sooner.
-                    pause = min(pause, max(0.0, self._backoff_end - time.time()) + 0.001)
+                    pause = min(pause, max(0.0, done.backoff_end - time.time()) + 0.001)
             except Exception:  # keep dispatching; the next pass retries
                 log.exception("dispatch pass failed")
 
-    async def dispatch_once(self) -> int:
-        """One pass; returns how many runs were started. The caller holds `_placing`."""
-        self._more = False
-        self._backoff_end = None
+    async def dispatch_once(self) -> PassDone:
+        """One pass. The caller holds `_placing`."""
         self._spare = None
         if self.paused:
-            return 0  # resuming wakes the dispatcher
+            return PassDone(0)  # resuming wakes the dispatcher
         ready = {s.id for s in self.hub.ready_sessions()}
         news = self._new_jobs
         self._new_jobs = False
@@ -237,21 +243,20 @@ class Dispatcher:
         snapshot = await self.store.placement_snapshot(first_page)
         if wide:
             self._next_wide_pass = time.monotonic() + WIDE_PASS_EVERY_S
-        self._backoff_end = snapshot.next_backoff_end
         fleet = snapshot.fleet
         key = self._fleet_key(fleet, writes)
         fleet_changed = key is not self._last_fleet
         candidates = _candidates(fleet, ready, snapshot.resources_in_use)
         if not candidates and not news and not fleet_changed:
             self._spare = _Spare(writes, [], snapshot.busy_keys)
-            return 0
+            return PassDone(0, backoff_end=snapshot.next_backoff_end)
         waiting: list[QueuedJob] = []
         if fleet_changed:
             # Jobs nobody could run may have found a taker: look at them again.
             waiting += await self.store.queued_jobs(QUEUE_WINDOW * MAX_WINDOWS, marked=True)
         decisions: list[tuple[str, str]] = []
         busy = set(snapshot.busy_keys)
-        jobs, limit, read = snapshot.queue, first_page(fleet), 0
+        jobs, limit, read, more = snapshot.queue, first_page(fleet), 0, False
         # Page through the queue while slots remain, so jobs that fit nowhere now never
         # hide the ones behind them, however many there are (up to MAX_WINDOWS windows).
         while True:
@@ -269,18 +274,18 @@ class Dispatcher:
             if len(jobs) < limit or not candidates:
                 break  # the end of the queue, or of the free slots
             if read >= QUEUE_WINDOW * MAX_WINDOWS:
-                self._more = True
+                more = True
                 break
             limit = QUEUE_WINDOW
             jobs = await self.store.queued_jobs(limit, after=(jobs[-1].priority, jobs[-1].seq))
         self._spare = _Spare(writes, sorted(candidates, key=by_load), frozenset(busy))
         await self._note_unschedulable(waiting, fleet, key)
-        if not decisions:
-            return 0
-        for made in await self.store.assign(decisions):
+        started = await self.store.assign(decisions) if decisions else []
+        metrics.RUNS_PLACED.labels("pass").inc(len(started))
+        for made in started:
             start = start_message(made.job_id, made.attempt, made.spec)
             await self.hub.send_start(made.supervisor_id, start)
-        return len(decisions)
+        return PassDone(len(started), more, snapshot.next_backoff_end)
 
     def _fleet_key(self, fleet: list[SupervisorView], writes: int) -> tuple:
         """What of the fleet decides whether a job could ever run, recomputed only after a

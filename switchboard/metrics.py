@@ -147,6 +147,14 @@ ZOMBIE_RUNS_STOPPED = Counter(
     registry=REGISTRY,
 )
 
+RUNS_PLACED = Counter(
+    "switchboard_runs_placed_total",
+    "Runs given to a supervisor: with the job's submission, when nothing else waited and"
+    " a slot was known free (via=submission), or by a dispatch pass (via=pass).",
+    ["via"],
+    registry=REGISTRY,
+)
+
 # --- store ----------------------------------------------------------------------------
 
 STORE_COMMIT_SECONDS = Histogram(
@@ -162,6 +170,8 @@ for _via in ("grace_period", "reconcile"):
     RUNS_LOST.labels(_via)
 for _via in ("reconcile", "events"):
     ZOMBIE_RUNS_STOPPED.labels(_via)
+for _via in ("submission", "pass"):
+    RUNS_PLACED.labels(_via)
 for _stream in STREAMS:
     OUTPUT_BYTES.labels(_stream)
 for _phase in Phase:

@@ -5,6 +5,7 @@ never beyond a supervisor's slots, never a second job of a busy concurrency key.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from protocol.spec import Concurrency, JobSpec, NoopBackend
 from protocol.state import Phase
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
+from tests.test_metrics import _scrape, _value
 from tests.test_store_sqlite import HELLO, SPEC, store  # noqa: F401 - the fixture
 
 # --- the store's half: one transaction, and only when the queue is clear ---------------
@@ -65,16 +67,10 @@ async def test_a_job_its_concurrency_policy_rejects_gets_no_run(store):  # noqa:
 
 
 @pytest.fixture(scope="module")
-def switchboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Switchboard]:
-    server = Switchboard(tmp_path_factory.mktemp("at-submit") / "data")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(switchboard: Switchboard, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    work: Path = tmp_path_factory.mktemp("at-submit-work")
-    supervisor = start_supervisor(switchboard, work, name="two-slots", backend="noop", max_jobs=2)
+def client(switchboard: Switchboard, work_dir: Path) -> Iterator[httpx.Client]:
+    supervisor = start_supervisor(
+        switchboard, work_dir, name="two-slots", backend="noop", max_jobs=2
+    )
     with switchboard.client() as api:
         wait_connected(api, "two-slots")
         # A first job: afterwards the dispatcher knows what is free.
@@ -98,6 +94,18 @@ def _ran(client: httpx.Client, job_id: str) -> dict:
     job = wait_job(client, job_id)
     assert job["phase"] == "succeeded", job
     return job
+
+
+def test_a_job_submitted_to_an_idle_switchboard_is_placed_with_its_submission(switchboard, client):
+    url = f"{switchboard.url}/metrics"
+    before = _scrape(url)
+    for i in range(3):
+        time.sleep(0.2)  # idle: the pass after the last job's end has run
+        assert _ran(client, _post(client, _noop(f"lone{i}"))[0])["runs"][0]["attempt"] == 1
+    after = _scrape(url)
+    placed = "switchboard_runs_placed_total"
+    assert _value(after, placed, via="submission") - _value(before, placed, via="submission") == 3
+    assert _value(after, placed, via="pass") == _value(before, placed, via="pass")
 
 
 def test_more_jobs_than_free_slots_never_overfill_a_supervisor(client):

@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol.exceptions import JobErrorKind
-from protocol.messages import Hello, JobErrorReport, JobExit, JobStateChanged, Output
+from protocol.messages import JobErrorReport, JobExit, JobStateChanged, Output
 from protocol.spec import Backoff, JobSpec, NoopBackend, RestartPolicy
 from protocol.state import Phase
 from switchboard.store.sqlite import SQLiteStore
+from tests.test_store_sqlite import HELLO, store  # noqa: F401 - the fixture
 
-HELLO = Hello(supervisor_id="s1", name="s1", versions=["1.0"], backends=["noop"], max_jobs=4)
 SPECS = [
     JobSpec(name="plain", backend=NoopBackend()),
     JobSpec(
@@ -156,46 +156,41 @@ def test_batched_events_leave_the_record_one_at_a_time_leaves(spec, kinds, cuts)
     assert asyncio.run(_record(spec, batched)) == asyncio.run(_record(spec, one_by_one))
 
 
-async def test_one_event_at_a_time_each_shows_at_once(tmp_path):
+async def test_one_event_at_a_time_each_shows_at_once(store):  # noqa: F811
     """The reference the property above compares with: what each event does on its own."""
-    store = SQLiteStore(tmp_path / "db.sqlite3")
-    await store.open()
-    try:
-        await store.supervisor_connected(HELLO)
-        await store.create_job("j", SPECS[0])
-        await store.assign([("j", "s1")])
+    await store.supervisor_connected(HELLO)
+    await store.create_job("j", SPECS[0])
+    await store.assign([("j", "s1")])
 
-        async def after(event) -> tuple:
-            await store.apply_events("s1", [event])
-            job = await store.get_job("j")
-            run = job.runs[0]
-            return (job.phase, job.exit_code, run.phase, run.stage, run.message, run.exit_code)
+    async def after(event) -> tuple:
+        await store.apply_events("s1", [event])
+        job = await store.get_job("j")
+        run = job.runs[0]
+        return (job.phase, job.exit_code, run.phase, run.stage, run.message, run.exit_code)
 
-        init = JobStateChanged(
-            seq=1,
-            job_id="j",
-            attempt=1,
-            phase=Phase.INITIALIZING,
-            stage="fetching",
-            message="pulling",
-            at=10.0,
-        )
-        assert await after(init) == (
-            "initializing",
-            None,
-            "initializing",
-            "fetching",
-            "pulling",
-            None,
-        )
-        running = JobStateChanged(seq=2, job_id="j", attempt=1, phase=Phase.RUNNING, at=11.0)
-        assert await after(running) == ("running", None, "running", None, "pulling", None)
-        assert (await store.get_job("j")).runs[0].started_at == 11.0
-        exit_ = JobExit(seq=3, job_id="j", attempt=1, exit_code=0, message="done")
-        assert await after(exit_) == ("running", None, "running", None, "done", 0)
-        end = JobStateChanged(seq=4, job_id="j", attempt=1, phase=Phase.SUCCEEDED, at=12.0)
-        assert await after(end) == ("succeeded", 0, "succeeded", None, "done", 0)
-        run = (await store.get_job("j")).runs[0]
-        assert (run.started_at, run.ended_at) == (11.0, 12.0)
-    finally:
-        await store.close()
+    init = JobStateChanged(
+        seq=1,
+        job_id="j",
+        attempt=1,
+        phase=Phase.INITIALIZING,
+        stage="fetching",
+        message="pulling",
+        at=10.0,
+    )
+    assert await after(init) == (
+        "initializing",
+        None,
+        "initializing",
+        "fetching",
+        "pulling",
+        None,
+    )
+    running = JobStateChanged(seq=2, job_id="j", attempt=1, phase=Phase.RUNNING, at=11.0)
+    assert await after(running) == ("running", None, "running", None, "pulling", None)
+    assert (await store.get_job("j")).runs[0].started_at == 11.0
+    exit_ = JobExit(seq=3, job_id="j", attempt=1, exit_code=0, message="done")
+    assert await after(exit_) == ("running", None, "running", None, "done", 0)
+    end = JobStateChanged(seq=4, job_id="j", attempt=1, phase=Phase.SUCCEEDED, at=12.0)
+    assert await after(end) == ("succeeded", 0, "succeeded", None, "done", 0)
+    run = (await store.get_job("j")).runs[0]
+    assert (run.started_at, run.ended_at) == (11.0, 12.0)

@@ -46,6 +46,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_run_duration_seconds": "histogram",
     "switchboard_runs_lost_total": "counter",
     "switchboard_zombie_runs_stopped_total": "counter",
+    "switchboard_runs_placed_total": "counter",
     "switchboard_store_commit_seconds": "histogram",
 }
 #: Every metric of a supervisor.
@@ -61,7 +62,7 @@ SUPERVISOR_METRICS = {
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
 LABEL_VALUES: dict[str, set[str]] = {
-    "via": {"grace_period", "reconcile", "events"},
+    "via": {"grace_period", "reconcile", "events", "submission", "pass"},
     "stream": set(STREAMS),
     "phase": {p.value for p in Phase},
     "state": {"ready", "backoff", "unschedulable", "connected", "draining"},

@@ -103,8 +103,10 @@ async def test_store_requeues_after_backoff_then_exhausts(store):  # noqa: F811
     job = await store.get_job("j1")
     assert job.phase == Phase.QUEUED and "restart 1 of 1" in job.reason
     assert await store.queued_jobs(10) == []  # waiting out its backoff
-    backoff_end = await store.next_backoff_end()
-    assert backoff_end is not None
+    snapshot = await store.placement_snapshot(lambda fleet: 10)
+    assert (
+        snapshot.queue == [] and snapshot.next_backoff_end is not None
+    )  # the dispatcher's wake-up
 
     await asyncio.sleep(0.25)
     assert [q.id for q in await store.queued_jobs(10)] == ["j1"]

@@ -266,10 +266,6 @@ class Store(abc.ABC):
         unschedulable are left out, or (`marked`) are the only ones returned."""
 
     @abc.abstractmethod
-    async def next_backoff_end(self) -> float | None:
-        """When the earliest job waiting out a restart backoff may run (epoch seconds)."""
-
-    @abc.abstractmethod
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
         """For each (job id, supervisor id), create the job's next run on that supervisor,
         in one transaction. Jobs no longer queued are left out of the result."""

@@ -526,9 +526,6 @@ class SQLiteStore(Store):
     ) -> list[QueuedJob]:
         return await self._read(lambda conn: _queued_jobs(conn, limit, after, marked))
 
-    async def next_backoff_end(self) -> float | None:
-        return await self._read(_next_backoff_end)
-
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
         def write(conn: sqlite3.Connection) -> list[Assignment]:
             now = time.time()
