@@ -25,8 +25,9 @@ import websockets
 from protocol import codec, limits
 from protocol.messages import Hello, ServerHeartbeat, StartJob, Welcome
 from protocol.session import supported_versions
-from protocol.spec import JobSpec, NoopBackend, Parameter
+from protocol.spec import Concurrency, JobSpec, NoopBackend, Parameter
 from switchboard.config import Settings
+from switchboard.models import RunKey
 from switchboard.sealing import Keyring, SecretsUnreadable
 from switchboard.secret_keys import SecretKeyError, parse_keys
 from switchboard.store.schema import SchemaMismatch
@@ -445,6 +446,39 @@ async def test_a_version_3_database_has_its_secrets_sealed_at_upgrade(tmp_path: 
         assert assigned.spec.parameters["API_KEY"] == Parameter("s3cret-legacy-value", True)
     finally:
         await upgraded.close()
+
+
+def _sealed_ids(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {row[0] for row in conn.execute("SELECT job_id FROM job_secrets")}
+    finally:
+        conn.close()
+
+
+async def test_the_store_keeps_sealed_values_only_while_a_job_may_still_run(tmp_path: Path):
+    path = tmp_path / "data" / "switchboard.sqlite3"
+    store = SQLiteStore(path, keyring=Keyring.ephemeral())
+    await store.open()
+    try:
+        keyed = msgspec.structs.replace(SPEC, concurrency=Concurrency(key="rack", policy="queue"))
+        dropped = msgspec.structs.replace(
+            SPEC, concurrency=Concurrency(key="rack", policy="drop_if_running")
+        )
+        await store.create_job("holder", keyed)
+        await store.create_job("canceled", SPEC)
+        await store.create_job("plain", msgspec.structs.replace(SPEC, parameters={}))
+        assert (await store.create_job("dropped", dropped)).phase == "rejected"
+        assert _sealed_ids(path) == {"holder", "canceled"}  # a job dropped at once needs none
+        await store.request_cancel("canceled")
+        assert _sealed_ids(path) == {"holder"}
+        (run,) = await store.assign([("holder", "host-1")])
+        assert run.spec.parameters["API_KEY"].value == "s3cret-legacy-value"
+        assert _sealed_ids(path) == {"holder"}  # its run may need a StartJob again
+        await store.end_run(RunKey("holder", 1), "succeeded", "done")
+        assert _sealed_ids(path) == set()
+    finally:
+        await store.close()
 
 
 # --- sealing ------------------------------------------------------------------------------
