@@ -33,6 +33,7 @@ from switchboard.dashboard import dashboard_routes
 from switchboard.dispatcher import Dispatcher
 from switchboard.live import LiveFeed
 from switchboard.metrics import RUNS_LOST
+from switchboard.sealing import Keyring
 from switchboard.sessions import Hub
 from switchboard.state import AppState
 from switchboard.store.base import Store
@@ -83,8 +84,9 @@ async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
             hub.wake_dispatcher()
 
 
-def create_app(settings: Settings) -> Litestar:
-    store = SQLiteStore(settings.database_path)
+def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
+    """`keyring` seals secret parameter values (server.py loads it from the settings)."""
+    store = SQLiteStore(settings.database_path, keyring=keyring)
     hub = Hub(store, settings)
     state = AppState(
         settings=settings,

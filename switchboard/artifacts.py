@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from switchboard import datadir
+
 
 class TooLarge(Exception):
     pass
@@ -20,7 +22,8 @@ class TooLarge(Exception):
 class ArtifactFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
-        (root / "sha256").mkdir(parents=True, exist_ok=True)
+        datadir.private_dir(root)
+        datadir.private_dir(root / "sha256")  # files in it are made 0600 (mkstemp)
 
     def path(self, digest: str) -> Path:
         algorithm, _, hexdigest = digest.partition(":")

@@ -30,6 +30,10 @@ def _serve(args: argparse.Namespace) -> int:
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             log_format=args.log_format,
+            secret_key_file=Path(args.secret_key_file) if args.secret_key_file else None,
+            # The key itself only ever from the environment: a flag would show it to every
+            # local user (command lines are public).
+            secret_key=os.environ.get("SWITCHBOARD_SECRET_KEY") or None,
         )
     )
     return 0
@@ -90,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--tls-cert", help="PEM certificate: serve https and wss")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    serve.add_argument(
+        "--secret-key-file",
+        default=os.environ.get("SWITCHBOARD_SECRET_KEY_FILE"),
+        metavar="PATH",
+        help="the key that seals secret parameter values (default: DATA_DIR.key beside the"
+        " data dir, made at the first start; or the key itself in SWITCHBOARD_SECRET_KEY)",
+    )
     logfmt.add_argument(serve, "SWITCHBOARD_LOG_FORMAT")
     serve.set_defaults(func=_serve)
 

@@ -33,6 +33,11 @@ class Settings(msgspec.Struct):
     tls_key: Path | None = None
     #: "text" or "json" (protocol.logfmt).
     log_format: str = "text"
+    #: The file holding the key that seals secret parameter values (None: `<data dir>.key`,
+    #: made at the first start); see switchboard/secret_keys.py.
+    secret_key_file: Path | None = None
+    #: The key itself, from the environment only (SWITCHBOARD_SECRET_KEY), never a flag.
+    secret_key: str | None = None
 
     @property
     def database_path(self) -> Path:

@@ -155,6 +155,15 @@ RUNS_PLACED = Counter(
     registry=REGISTRY,
 )
 
+SECRETS_UNREADABLE = Counter(
+    "switchboard_secrets_unreadable_total",
+    "Jobs rejected unstarted because no key of this switchboard opens their secret"
+    " parameter values: when placed (via=placement), or when a reconnecting supervisor"
+    " needed their StartJob again (via=reconcile).",
+    ["via"],
+    registry=REGISTRY,
+)
+
 # --- store ----------------------------------------------------------------------------
 
 STORE_COMMIT_SECONDS = Histogram(
@@ -172,6 +181,8 @@ for _via in ("reconcile", "events"):
     ZOMBIE_RUNS_STOPPED.labels(_via)
 for _via in ("submission", "pass"):
     RUNS_PLACED.labels(_via)
+for _via in ("placement", "reconcile"):
+    SECRETS_UNREADABLE.labels(_via)
 for _stream in STREAMS:
     OUTPUT_BYTES.labels(_stream)
 for _phase in Phase:
@@ -229,6 +240,11 @@ def run_running(kind: str, waited_s: float) -> None:
     _staged.items.append(
         lambda: DISPATCH_LATENCY.labels(backend_label(kind)).observe(max(0.0, waited_s))
     )
+
+
+def secrets_unreadable(via: str) -> None:
+    """Stage a job rejected because its secret values can't be opened."""
+    _staged.items.append(lambda: SECRETS_UNREADABLE.labels(via).inc())
 
 
 def run_ended(kind: str, phase: Phase, duration_s: float) -> None:

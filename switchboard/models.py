@@ -147,6 +147,7 @@ class Assignment(msgspec.Struct, frozen=True):
     job_id: str
     attempt: int
     supervisor_id: str
+    #: With its secret values, for the StartJob.
     spec: JobSpec
 
 
@@ -162,7 +163,10 @@ class ActiveRun(msgspec.Struct, frozen=True):
     attempt: int
     phase: Phase
     cancel_requested: bool
+    #: With its secret values if the run is `assigned` (its StartJob may be sent again).
     spec: JobSpec
+    #: Why those values could not be opened (then `spec` holds them replaced).
+    secrets_unreadable: str | None = None
 
 
 class SupervisorCounts(msgspec.Struct):

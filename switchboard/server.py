@@ -16,8 +16,12 @@ import uvloop
 
 from protocol import logfmt
 from protocol.limits import MAX_FRAME_BYTES
+from switchboard import datadir
 from switchboard.app import create_app
 from switchboard.config import Settings
+from switchboard.datadir import DataDirError
+from switchboard.sealing import Keyring
+from switchboard.secret_keys import SecretKeyError, load_keyring
 
 log = logging.getLogger("switchboard")
 
@@ -45,9 +49,8 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-async def serve(settings: Settings) -> None:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings)
+async def serve(settings: Settings, keyring: Keyring) -> None:
+    app = create_app(settings, keyring)
     config = uvicorn.Config(
         app,
         loop="none",  # we run uvicorn inside our own uvloop loop
@@ -102,8 +105,19 @@ def check_tls(settings: Settings) -> None:
         ) from None
 
 
+def prepare_storage(settings: Settings) -> Keyring:
+    """Make the data dir private and load the key for secrets, or stop with one line
+    saying what is wrong."""
+    try:
+        datadir.prepare(settings.data_dir)
+        return load_keyring(settings)
+    except (DataDirError, SecretKeyError) as exc:
+        raise SystemExit(f"switchboard: {exc}") from None
+
+
 def run(settings: Settings) -> None:
     check_tls(settings)
     logfmt.configure(settings.log_format)
+    keyring = prepare_storage(settings)
     gc.freeze()  # the imported code lives as long as the process; don't rescan it
-    uvloop.run(serve(settings))
+    uvloop.run(serve(settings, keyring))

@@ -45,7 +45,7 @@ from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import auth, metrics
 from switchboard.config import Settings
-from switchboard.models import RunKey
+from switchboard.models import ActiveRun, RunKey
 from switchboard.reconcile import Action, reconcile
 from switchboard.store.base import EventsApplied, Store
 
@@ -316,9 +316,7 @@ class SupervisorSession:
                     pass
                 case Action.RESEND:
                     assert decision.run is not None
-                    await self.send(
-                        start_message(decision.job_id, decision.attempt, decision.run.spec)
-                    )
+                    await self._start_again(decision.run)
                 case Action.STOP:
                     await self.send(
                         StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="canceled")
@@ -339,8 +337,19 @@ class SupervisorSession:
         known = {(d.job_id, d.attempt) for d in decisions}
         for run in await store.active_runs(self.id):
             if run.phase == Phase.ASSIGNED and (run.job_id, run.attempt) not in known:
-                await self.send(start_message(run.job_id, run.attempt, run.spec))
+                await self._start_again(run)
         self.hub.wake_dispatcher()
+
+    async def _start_again(self, run: ActiveRun) -> None:
+        """Send an assigned run's StartJob; a run whose secret values this switchboard
+        can't open (started under another key) is rejected instead, never sent."""
+        if run.secrets_unreadable is None:
+            await self.send(start_message(run.job_id, run.attempt, run.spec))
+            return
+        reason = f"not started: {run.secrets_unreadable}"
+        if await self.hub.store.end_run(RunKey(run.job_id, run.attempt), "rejected", reason):
+            metrics.SECRETS_UNREADABLE.labels("reconcile").inc()
+            log.warning("run %s#%d rejected: %s", run.job_id, run.attempt, reason)
 
     async def heartbeat(self, frame: str, now: float) -> None:
         """Send the hub's heartbeat, or end the session if the supervisor has gone silent."""

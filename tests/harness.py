@@ -133,6 +133,14 @@ class Switchboard:
         self.process.kill()
         self._start()
 
+    def restart(self, extra_args: tuple[str, ...] | None = None) -> None:
+        """Stop the server (SIGTERM), then start it again on the same port and data dir,
+        with other flags if `extra_args` is given."""
+        self.process.stop()
+        if extra_args is not None:
+            self.extra_args = extra_args
+        self._start()
+
     def create_token(self, role: str) -> str:
         done = run_cli(
             "-m", "switchboard", "token", "create", "--role", role, "--data-dir", str(self.data_dir)

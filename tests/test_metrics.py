@@ -47,6 +47,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_runs_lost_total": "counter",
     "switchboard_zombie_runs_stopped_total": "counter",
     "switchboard_runs_placed_total": "counter",
+    "switchboard_secrets_unreadable_total": "counter",
     "switchboard_store_commit_seconds": "histogram",
 }
 #: Every metric of a supervisor.
@@ -62,7 +63,7 @@ SUPERVISOR_METRICS = {
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
 LABEL_VALUES: dict[str, set[str]] = {
-    "via": {"grace_period", "reconcile", "events", "submission", "pass"},
+    "via": {"grace_period", "reconcile", "events", "submission", "pass", "placement"},
     "stream": set(STREAMS),
     "phase": {p.value for p in Phase},
     "state": {"ready", "backoff", "unschedulable", "connected", "draining"},

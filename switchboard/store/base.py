@@ -198,7 +198,8 @@ class Store(abc.ABC):
         self, jobs: Sequence[tuple[str, JobSpec]], actor: str, max_queued: int
     ) -> list[Submitted]:
         """Queue jobs, all or none, applying their concurrency policies. Raises QueueFull
-        if that would put more than `max_queued` jobs in the queue."""
+        if that would put more than `max_queued` jobs in the queue. Secret parameter values
+        are stored sealed, apart from the spec, until the job ends."""
 
     @abc.abstractmethod
     async def create_and_assign(
@@ -268,7 +269,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
         """For each (job id, supervisor id), create the job's next run on that supervisor,
-        in one transaction. Jobs no longer queued are left out of the result."""
+        in one transaction. Jobs no longer queued are left out of the result. Each spec
+        comes with its secret values opened, for the StartJob; a job whose values can't be
+        opened is rejected instead (and left out)."""
 
     @abc.abstractmethod
     async def request_cancel(self, job_id: str, actor: str = "") -> CancelResult | None:
@@ -292,7 +295,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def active_runs(self, supervisor_id: str) -> list[ActiveRun]:
-        """The runs the switchboard believes a supervisor holds."""
+        """The runs the switchboard believes a supervisor holds; those still `assigned`
+        come with their secret values opened (their StartJob may be sent again)."""
 
     @abc.abstractmethod
     async def supervisor_disconnected(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 
 #: Bumped whenever a table changes; a database of another version is refused, not guessed at.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Older versions this one reaches by running SCHEMA again: their changes only added tables,
-#: indexes and triggers, which SCHEMA creates where missing.
-ADDITIVE_UPGRADES_FROM = frozenset({2})
+#: indexes and triggers, which SCHEMA creates where missing. (From 3, the store also moves
+#: secret values out of the stored specs: see sqlite_secrets.seal_legacy_secrets.)
+ADDITIVE_UPGRADES_FROM = frozenset({2, 3})
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -156,6 +158,22 @@ CREATE TRIGGER IF NOT EXISTS job_deleted AFTER DELETE ON jobs
 BEGIN
     INSERT INTO job_changes (job_id, deleted) VALUES (OLD.id, 1);
 END;
+-- The secret parameter values of a job that may still run, sealed (switchboard/sealing.py);
+-- the job's spec holds them replaced. Dropped once the job has ended: no run needs them.
+CREATE TABLE IF NOT EXISTS job_secrets (
+    job_id TEXT PRIMARY KEY,
+    sealed BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS job_secrets_dropped_at_end AFTER UPDATE OF phase ON jobs
+    WHEN NEW.phase IN ('succeeded', 'failed', 'timed_out', 'canceled', 'lost', 'exhausted',
+                       'rejected')
+BEGIN
+    DELETE FROM job_secrets WHERE job_id = NEW.id;
+END;
+CREATE TRIGGER IF NOT EXISTS job_secrets_dropped_with_job AFTER DELETE ON jobs
+BEGIN
+    DELETE FROM job_secrets WHERE job_id = OLD.id;
+END;
 -- Each supervisor session: when it connected, when and why it ended.
 CREATE TABLE IF NOT EXISTS supervisor_sessions (
     supervisor_id TEXT NOT NULL,
@@ -172,8 +190,12 @@ class SchemaMismatch(RuntimeError):
     """The database was made by another version of the switchboard."""
 
 
-def apply_schema(conn: sqlite3.Connection) -> None:
-    """Create the tables of a new database, or check an existing one's version."""
+def apply_schema(
+    conn: sqlite3.Connection, upgrade: Callable[[sqlite3.Connection, int], None] | None = None
+) -> None:
+    """Create the tables of a new database, or check an existing one's version and bring
+    it up to this one: `upgrade(conn, old_version)` moves its data, in the transaction
+    that sets the new version (so a failed upgrade is tried again at the next start)."""
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     (tables,) = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()
     if tables and version != SCHEMA_VERSION and version not in ADDITIVE_UPGRADES_FROM:
@@ -182,4 +204,14 @@ def apply_schema(conn: sqlite3.Connection) -> None:
             f" {SCHEMA_VERSION}: move the data dir aside (or start with a new --data-dir)"
         )
     conn.executescript(SCHEMA)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    if version == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if tables and upgrade is not None:
+            upgrade(conn, version)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise

@@ -37,7 +37,7 @@ from protocol.messages import (
 )
 from protocol.spec import JobSpec
 from protocol.state import Phase, can_transition
-from switchboard import metrics
+from switchboard import datadir, metrics
 from switchboard.models import (
     ActiveRun,
     Assignment,
@@ -54,6 +54,7 @@ from switchboard.models import (
     SupervisorView,
     TokenView,
 )
+from switchboard.sealing import Keyring, SecretsUnreadable, split_secrets
 from switchboard.store import sqlite_views as views
 from switchboard.store.base import (
     BatchOutOfOrder,
@@ -72,6 +73,7 @@ from switchboard.store.schema import apply_schema
 from switchboard.store.sqlite_jobs import (
     ACTIVE_PHASES,
     ACTIVE_SQL,
+    NewJob,
     cancel_job,
     delete_job,
     insert_jobs,
@@ -80,6 +82,7 @@ from switchboard.store.sqlite_jobs import (
     record_event,
 )
 from switchboard.store.sqlite_runs import EventBatch, record_phase, set_run_phase
+from switchboard.store.sqlite_secrets import reseal, seal_legacy_secrets, spec_to_start
 
 log = logging.getLogger("switchboard.store")
 
@@ -98,6 +101,10 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=30000")
     if readonly:
         conn.execute("PRAGMA query_only=ON")
+    else:
+        # What is deleted (dropped sealed secrets among it) is overwritten with zeros where
+        # that costs no extra write.
+        conn.execute("PRAGMA secure_delete=FAST")
     return conn
 
 
@@ -181,9 +188,15 @@ TOKEN_CACHE_SIZE = 10_000
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: Path, *, readers: int = 4) -> None:
+    """`keyring` seals secret parameter values (switchboard/sealing.py). Without one, the
+    store seals them with a key of its own that dies with it (tests; the token bootstrap,
+    which stores no jobs), and leaves stored secrets as they are when it opens."""
+
+    def __init__(self, path: Path, *, readers: int = 4, keyring: Keyring | None = None) -> None:
         self.path = path
         self._readers = readers
+        self._keyring = keyring or Keyring.ephemeral()
+        self._keyring_given = keyring is not None
         self._writer: _Writer | None = None
         self._read_pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -202,15 +215,60 @@ class SQLiteStore(Store):
     # --- plumbing --------------------------------------------------------------------
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Private from the start: SQLite makes the -wal and -shm files with the database
+        # file's mode, so it is created 0600 before SQLite opens it.
+        datadir.private_dir(self.path.parent)
+        datadir.private_file(self.path)
+        for suffix in ("-wal", "-shm", "-journal"):
+            datadir.tighten_if_present(self.path.with_name(self.path.name + suffix))
         setup = _connect(self.path, readonly=False)
         try:
-            apply_schema(setup)
+            self._upgrade_and_reseal(setup)
         finally:
             setup.close()
         self._writer = _Writer(self.path)
         self._writer.start()
         self._read_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-read")
+
+    def _upgrade_and_reseal(self, conn: sqlite3.Connection) -> None:
+        keyring = self._keyring if self._keyring_given else None
+        found = 0
+
+        def upgrade(conn: sqlite3.Connection, version: int) -> None:
+            nonlocal found
+            found = seal_legacy_secrets(conn, keyring)
+
+        conn.execute("PRAGMA secure_delete=ON")  # the specs rewritten lose their old values
+        apply_schema(conn, upgrade)
+        if found:
+            # Values an older version kept in clear may linger in free pages and the WAL:
+            # rewrite the file once, and empty the WAL.
+            log.warning(
+                "moved the secret values of %d jobs out of their stored specs; rewriting the"
+                " database once to leave no trace of them",
+                found,
+            )
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if keyring is None:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            resealed, unreadable = reseal(conn, keyring)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if resealed:
+            log.info("sealed the secret values of %d jobs again with the current key", resealed)
+        if unreadable:
+            log.warning(
+                "%d jobs hold secret values sealed with a key this switchboard does not have"
+                " (key ids %s): they will be rejected when placed; start the switchboard with"
+                " the key file they were sealed with to run them",
+                sum(unreadable.values()),
+                ", ".join(sorted(unreadable)),
+            )
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -390,10 +448,19 @@ class SQLiteStore(Store):
 
     # --- jobs ------------------------------------------------------------------------
 
+    def _sealed(self, jobs: Sequence[tuple[str, JobSpec]]) -> list[NewJob]:
+        """The jobs as they are written: secret values out of the specs, sealed."""
+        batch = []
+        for job_id, spec in jobs:
+            stored, values = split_secrets(spec)
+            sealed = self._keyring.seal(job_id, values) if values else None
+            batch.append(NewJob(job_id, stored, sealed))
+        return batch
+
     async def create_jobs(
         self, jobs: Sequence[tuple[str, JobSpec]], actor: str, max_queued: int
     ) -> list[Submitted]:
-        batch = list(jobs)
+        batch = self._sealed(jobs)
         return await self._write(lambda conn: insert_jobs(conn, batch, actor, max_queued))
 
     async def create_and_assign(
@@ -403,7 +470,8 @@ class SQLiteStore(Store):
         max_queued: int,
         placements: dict[str, str],
     ) -> tuple[list[Submitted], list[Assignment]]:
-        batch = list(jobs)
+        batch = self._sealed(jobs)
+        keyring = self._keyring
 
         def write(conn: sqlite3.Connection) -> tuple[list[Submitted], list[Assignment]]:
             clear = _no_job_ready(conn, time.time())  # before the insert: older jobs only
@@ -414,7 +482,7 @@ class SQLiteStore(Store):
                 for submitted in made:
                     supervisor_id = placements.get(submitted.id)
                     if supervisor_id is not None and submitted.phase == Phase.QUEUED.value:
-                        run = _assign_run(conn, submitted.id, supervisor_id, now)
+                        run = _assign_run(conn, submitted.id, supervisor_id, now, keyring)
                         if run is not None:
                             assigned.append(run)
             return made, assigned
@@ -527,10 +595,13 @@ class SQLiteStore(Store):
         return await self._read(lambda conn: _queued_jobs(conn, limit, after, marked))
 
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
+        keyring = self._keyring
+
         def write(conn: sqlite3.Connection) -> list[Assignment]:
             now = time.time()
             made = (
-                _assign_run(conn, job_id, supervisor_id, now) for job_id, supervisor_id in pairs
+                _assign_run(conn, job_id, supervisor_id, now, keyring)
+                for job_id, supervisor_id in pairs
             )
             return [run for run in made if run is not None]
 
@@ -607,17 +678,17 @@ class SQLiteStore(Store):
             self.supervisor_writes += 1  # after the commit: readers see the change
 
     async def active_runs(self, supervisor_id: str) -> list[ActiveRun]:
+        keyring = self._keyring
+
         def read(conn: sqlite3.Connection) -> list[ActiveRun]:
             rows = conn.execute(
-                "SELECT r.job_id, r.attempt, r.phase, j.cancel_requested, j.spec"
+                "SELECT r.job_id, r.attempt, r.phase, j.cancel_requested, j.spec, s.sealed"
                 " FROM runs r JOIN jobs j ON j.id = r.job_id"
+                " LEFT JOIN job_secrets s ON s.job_id = r.job_id"
                 f" WHERE r.supervisor_id = ? AND r.phase IN ({ACTIVE_SQL})",
                 (supervisor_id, *ACTIVE_PHASES),
             ).fetchall()
-            return [
-                ActiveRun(r[0], r[1], Phase(r[2]), bool(r[3]), _spec_decoder.decode(r[4]))
-                for r in rows
-            ]
+            return [_active_run(row, keyring) for row in rows]
 
         return await self._read(read)
 
@@ -832,16 +903,37 @@ def _running_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return dict(rows)
 
 
+def _active_run(row: tuple, keyring: Keyring) -> ActiveRun:
+    """A run a supervisor holds. One still `assigned` may need its StartJob again, so its
+    secret values are opened (or why they can't be is noted); the others' are left shut."""
+    job_id, attempt, phase, cancel_requested, raw, sealed = row
+    spec, unreadable = _spec_decoder.decode(raw), None
+    if phase == Phase.ASSIGNED:
+        try:
+            spec = spec_to_start(job_id, spec, sealed, keyring)
+        except SecretsUnreadable as exc:
+            unreadable = str(exc)
+    return ActiveRun(job_id, attempt, Phase(phase), bool(cancel_requested), spec, unreadable)
+
+
 def _assign_run(
-    conn: sqlite3.Connection, job_id: str, supervisor_id: str, now: float
+    conn: sqlite3.Connection, job_id: str, supervisor_id: str, now: float, keyring: Keyring
 ) -> Assignment | None:
-    """The job's next run, on that supervisor; None if the job is no longer queued."""
+    """The job's next run, on that supervisor, with its secret values opened for the
+    StartJob; None if the job is no longer queued, or if its secret values can't be
+    opened (it is rejected: it could never run with this switchboard's keys)."""
     row = conn.execute(
-        "SELECT attempts, spec FROM jobs"
-        " WHERE id = ? AND phase = 'queued' AND cancel_requested = 0",
+        "SELECT j.attempts, j.spec, s.sealed FROM jobs j"
+        " LEFT JOIN job_secrets s ON s.job_id = j.id"
+        " WHERE j.id = ? AND j.phase = 'queued' AND j.cancel_requested = 0",
         (job_id,),
     ).fetchone()
     if row is None:
+        return None
+    try:
+        spec = spec_to_start(job_id, row[1], row[2], keyring)
+    except SecretsUnreadable as exc:
+        _reject_unreadable(conn, job_id, str(exc), now)
         return None
     attempt = row[0] + 1
     conn.execute(
@@ -855,7 +947,21 @@ def _assign_run(
         (job_id, attempt, supervisor_id, now),
     )
     record_phase(conn, job_id, attempt, Phase.ASSIGNED, None, None, now)
-    return Assignment(job_id, attempt, supervisor_id, _spec_decoder.decode(row[1]))
+    return Assignment(job_id, attempt, supervisor_id, spec)
+
+
+def _reject_unreadable(conn: sqlite3.Connection, job_id: str, why: str, now: float) -> None:
+    """A queued job whose secret values can't be opened ends `rejected`, never run: nothing
+    is sent without them, nor with anything in their place."""
+    reason = f"not started: {why}"
+    conn.execute(
+        "UPDATE jobs SET phase = 'rejected', reason = ?, queue_deadline = NULL,"
+        " unschedulable = NULL, not_before = NULL, updated_at = ? WHERE id = ?",
+        (reason, now, job_id),
+    )
+    record_event(conn, job_id, "secrets_unreadable", reason, at=now)
+    metrics.secrets_unreadable("placement")
+    log.warning("job %s rejected: %s", job_id, reason)
 
 
 def _no_job_ready(conn: sqlite3.Connection, now: float) -> bool:

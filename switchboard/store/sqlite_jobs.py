@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from typing import NamedTuple
 
 import msgspec
 
@@ -22,6 +23,7 @@ from switchboard.store.base import (
     RunOnSupervisor,
     Submitted,
 )
+from switchboard.store.sqlite_secrets import store_sealed
 
 _encoder = msgspec.json.Encoder()
 
@@ -48,17 +50,27 @@ def record_event(
     )
 
 
+class NewJob(NamedTuple):
+    """A job about to be stored: its spec as stored (secret values replaced) and those
+    values, sealed (None: it has none)."""
+
+    id: str
+    spec: JobSpec
+    sealed: bytes | None
+
+
 def insert_jobs(
-    conn: sqlite3.Connection, jobs: list[tuple[str, JobSpec]], actor: str, max_queued: int
+    conn: sqlite3.Connection, jobs: list[NewJob], actor: str, max_queued: int
 ) -> list[Submitted]:
     """Insert jobs (all or none: the caller's savepoint rolls back on QueueFull)."""
     (queued,) = conn.execute("SELECT count(*) FROM jobs WHERE phase = 'queued'").fetchone()
     if queued + len(jobs) > max_queued:
         raise QueueFull(f"{queued} jobs are queued; the switchboard takes at most {max_queued}")
-    return [_insert_job(conn, job_id, spec, actor) for job_id, spec in jobs]
+    return [_insert_job(conn, job, actor) for job in jobs]
 
 
-def _insert_job(conn: sqlite3.Connection, job_id: str, spec: JobSpec, actor: str) -> Submitted:
+def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str) -> Submitted:
+    job_id, spec = job.id, job.spec
     now = time.time()
     key = spec.concurrency.key if spec.concurrency else None
     phase, reason, stops = Phase.QUEUED, None, []
@@ -101,6 +113,8 @@ def _insert_job(conn: sqlite3.Connection, job_id: str, spec: JobSpec, actor: str
             now,
         ),
     )
+    if job.sealed is not None and phase == Phase.QUEUED:  # a job dropped at once needs none
+        store_sealed(conn, job_id, job.sealed)
     record_event(conn, job_id, "submitted", f"submitted as {spec.name!r}", actor=actor, at=now)
     if phase == Phase.REJECTED:
         record_event(conn, job_id, "dropped", reason or "", at=now)
