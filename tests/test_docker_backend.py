@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
 import stat
 import tarfile
@@ -169,6 +170,11 @@ async def host(make_host: MakeHost) -> Host:
 
 def sh(script: str, **kwargs: object) -> DockerSpec:
     return DockerSpec(image=BUSYBOX_IMAGE, command=["sh", "-c", script], **kwargs)
+
+
+def files_holding(root: Path, needle: bytes) -> list[Path]:
+    """The files under `root` whose bytes contain `needle`."""
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
 def containers_of(engine: Engine, job_id: str) -> list[dict]:
@@ -616,6 +622,39 @@ async def test_a_container_that_ended_while_down_is_reported(
     assert second.events.output("quick", "stderr") == b"finished\n"
     assert second.exit("quick").exit_code == 7
     assert containers_of(docker_engine, "quick") == []
+
+
+async def test_secret_parameters_are_only_in_the_environment(
+    make_host: MakeHost, docker_engine: Engine, tmp_path: Path
+) -> None:
+    """`docker inspect` shows a secret parameter in Config.Env and nowhere else (labels
+    included), the supervisor writes it to no file, and a restarted supervisor still
+    re-adopts the container, whose program still has it."""
+    secret = "s3cret-" + os.urandom(8).hex()
+    params = {
+        "TOKEN": Parameter(value=secret, secret=True),
+        "PLAIN": Parameter(value="not-secret"),
+    }
+    script = 'echo ready; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo "$TOKEN $PLAIN"'
+    first = await make_host(supervisor_id="sb-secret")
+    await first.start("secret", sh(script), parameters=params)
+    await first.wait_output("secret", b"ready\n")
+    [container] = containers_of(docker_engine, "secret")
+    info = docker_engine.api.inspect_container(container["Id"])
+    assert f"TOKEN={secret}" in info["Config"]["Env"]
+    assert "PLAIN=not-secret" in info["Config"]["Env"]
+    assert '"PLAIN"' in info["Config"]["Labels"][LABEL_START]  # what recovery needs is kept
+    info["Config"]["Env"] = []
+    assert secret not in json.dumps(info)
+    assert files_holding(tmp_path, secret.encode()) == []
+
+    await first.crash()
+    second = await make_host(supervisor_id="sb-secret")
+    assert [r.job_id for r in second.supervisor.held_runs()] == ["secret"]
+    go = docker_engine.api.exec_create(container["Id"], ["touch", "/tmp/go"])
+    docker_engine.api.exec_start(go["Id"])
+    assert await second.events.wait_ended("secret") == "succeeded"
+    assert second.events.output("secret") == f"ready\n{secret} not-secret\n".encode()
 
 
 async def test_other_supervisors_containers_are_left_alone(

@@ -34,7 +34,8 @@ signal (SIGTERM unless the image says otherwise), waits the grace period (`ctx.g
 names it. A container whose run has ended is removed: the output lives on the switchboard.
 
 Restarts. Each container is labeled with this supervisor's id, its run, the devices it holds
-and the StartJob it came from (`switchboard.start`, as JSON). After a restart, recover()
+and the StartJob it came from (`switchboard.start`, as JSON, without its secret parameters:
+their only copy on the host is the container's environment). After a restart, recover()
 lists this supervisor's containers and returns their StartJobs; resume() replays a running
 container's output from the engine's log (from byte 0 of each stream: the switchboard keeps
 only what it lacks), follows it until the container ends, then reports its real exit
@@ -70,6 +71,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import docker.types
+import msgspec
 
 from protocol import codec, limits
 from protocol.exceptions import FrameError, JobError, JobErrorKind
@@ -434,7 +436,7 @@ class DockerBackend(Backend):
             LABEL_SUPERVISOR: self.supervisor_id,
             LABEL_JOB: ctx.run.job_id,
             LABEL_ATTEMPT: str(ctx.run.attempt),
-            LABEL_START: codec.encode(ctx.start).decode(),
+            LABEL_START: codec.encode(_without_secrets(ctx.start)).decode(),
             LABEL_DEVICES: ",".join(d.name for d in devices),
         }
         name = _container_name(self.supervisor_id, ctx.run)
@@ -582,6 +584,13 @@ def _docker_spec(start: StartJob) -> DockerSpec:
             JobErrorKind.IMAGE_NOT_COMPATIBLE, f"the docker backend got a {spec.kind} job"
         )
     return spec
+
+
+def _without_secrets(start: StartJob) -> StartJob:
+    """The StartJob as a label may hold it: anyone who may use the engine reads labels, and
+    a re-adopted container already has its environment, so secret parameters are left out."""
+    kept = {name: p for name, p in start.parameters.items() if not p.secret}
+    return msgspec.structs.replace(start, parameters=kept)
 
 
 def _owner(run: RunRef) -> str:
