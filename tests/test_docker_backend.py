@@ -181,6 +181,13 @@ def containers_of(engine: Engine, job_id: str) -> list[dict]:
     return labeled_containers(engine.api, f"switchboard.job={job_id}")
 
 
+def inspect_job(engine: Engine, job_id: str) -> tuple[dict, dict]:
+    """HostConfig and Config of the job's (only) container, as `docker inspect` shows them."""
+    [container] = containers_of(engine, job_id)
+    info = engine.api.inspect_container(container["Id"])
+    return info["HostConfig"], info["Config"]
+
+
 # --- what a program sees, how it ends -----------------------------------------------------
 
 
@@ -254,6 +261,83 @@ async def test_what_a_container_gets(make_host: MakeHost, docker_engine: Engine)
         b"65534\n/tmp\nspec param\nCapBnd:\t0000000000002000\nlo\nread-only\nscratch-ok\n"
         b"/scratch\nready\n"
     )
+
+
+async def test_host_defaults_apply_when_the_spec_says_nothing(
+    make_host: MakeHost, docker_engine: Engine
+) -> None:
+    """Without a word from the spec or the config a container still gets memory, CPU and
+    pid limits; the config can lower them, make every container read-only (with a sized
+    /scratch tmpfs) and run it as a non-root user; the spec's own values still win."""
+    engine_cpus = docker_engine.api.info()["NCPU"]
+    host = await make_host()
+    assert await host.run("plain", sh("true")) == "succeeded"  # defaults the engine accepts
+    await host.start("defaults", sh("echo ready; sleep 60"))
+    await host.wait_output("defaults", b"ready\n")
+    hc, config = inspect_job(docker_engine, "defaults")
+    assert hc["Memory"] == hc["MemorySwap"] == 2048 * 1024 * 1024
+    assert hc["NanoCpus"] == min(2, engine_cpus) * 10**9 and hc["PidsLimit"] == 4096
+    assert hc["ReadonlyRootfs"] is False and config["User"] == ""
+    await host.stop("defaults", grace_s=0)
+
+    hardened = DockerConfig(
+        default_memory_mb=64,
+        default_cpus=0.5,
+        default_pids_limit=50,
+        user="65534:65534",
+        read_only_rootfs=True,
+        scratch_mb=8,
+    )
+    host = await make_host(config=SupervisorConfig(docker=hardened))
+    script = (
+        "id -u; id -g; touch /etc/x 2>/dev/null || echo rootfs-read-only; "
+        "dd if=/dev/zero of=/scratch/fill bs=1M count=16 2>/dev/null || echo scratch-full; "
+        "echo ready; sleep 60"
+    )
+    await host.start("hardened", sh(script))
+    await host.wait_output("hardened", b"ready\n")
+    hc, config = inspect_job(docker_engine, "hardened")
+    assert hc["Memory"] == hc["MemorySwap"] == 64 * 1024 * 1024
+    assert hc["NanoCpus"] == 500_000_000 and hc["PidsLimit"] == 50
+    assert config["User"] == "65534:65534" and hc["ReadonlyRootfs"] is True
+    assert "size=8m" in hc["Tmpfs"]["/scratch"]
+    await host.stop("hardened", grace_s=0)
+    assert await host.events.wait_ended("hardened") == "canceled"
+    assert (
+        host.events.output("hardened") == b"65534\n65534\nrootfs-read-only\nscratch-full\nready\n"
+    )
+
+    spec = sh("echo ready; sleep 60", memory_mb=32, cpus=0.25, pids_limit=20, user="1000")
+    await host.start("own", spec)
+    await host.wait_output("own", b"ready\n")
+    hc, config = inspect_job(docker_engine, "own")
+    assert (hc["Memory"], hc["NanoCpus"], hc["PidsLimit"]) == (32 * 1024 * 1024, 250_000_000, 20)
+    assert config["User"] == "1000" and hc["ReadonlyRootfs"] is True
+    await host.stop("own", grace_s=0)
+
+
+async def test_run_as_non_root(make_host: MakeHost, docker_engine: Engine) -> None:
+    host = await make_host(config=SupervisorConfig(docker=DockerConfig(run_as_non_root=True)))
+    # The image has no USER: it would run as root.
+    assert await host.run("image-root", sh("id -u")) == "rejected"
+    error = host.error("image-root")
+    assert error is not None and error.kind == JobErrorKind.IMAGE_NOT_COMPATIBLE
+    assert (
+        "the image's user 'root'" in error.description and "uid other than 0" in error.description
+    )
+    assert containers_of(docker_engine, "image-root") == []
+    for user in ("0", "root", "0:1000", "nobody"):  # a name could be uid 0 in the image
+        with pytest.raises(JobError) as refused:  # at once, before the run is held
+            await host.start(f"user-{user.replace(':', '-')}", sh("id -u", user=user))
+        assert refused.value.kind == JobErrorKind.IMAGE_NOT_COMPATIBLE
+        assert f"user {user!r}" in refused.value.description
+    assert await host.run("uid-1000", sh("id -u", user="1000:1000")) == "succeeded"
+    assert host.events.output("uid-1000") == b"1000\n"
+
+    config = DockerConfig(run_as_non_root=True, user="65534")
+    host = await make_host(config=SupervisorConfig(docker=config))
+    assert await host.run("default-user", sh("id -u")) == "succeeded"
+    assert host.events.output("default-user") == b"65534\n"
 
 
 async def test_every_byte_value_both_streams(host: Host) -> None:
@@ -456,6 +540,17 @@ def test_config_file() -> None:
     assert config.docker.allowed_networks == ["none", "bridge"]
     assert Devices(config.devices).resource_counts() == {"nrf52840dk": 2}
     assert parse_config("").docker.allowed_networks == ["none"]
+    defaults = parse_config("").docker
+    assert (defaults.default_memory_mb, defaults.default_cpus) == (2048, 2.0)
+    assert (defaults.user, defaults.run_as_non_root, defaults.read_only_rootfs) == (
+        None,
+        False,
+        False,
+    )
+    lower_max = parse_config("[docker]\nmax_memory_mb = 1024\nmax_cpus = 1").docker
+    assert (lower_max.default_memory_mb, lower_max.default_cpus) == (1024, 1.0)
+    unlimited = parse_config("[docker]\ndefault_memory_mb = 0\ndefault_cpus = 0").docker
+    assert (unlimited.default_memory_mb, unlimited.default_cpus) == (0, 0)
     for text, words in [
         ("[docker]\nallowed_capabilites = []", "unknown field `allowed_capabilites`"),
         ('[docker]\nallowed_capabilities = ["CAP_SYS_ADMIN"]', "unknown capabilities"),
@@ -467,6 +562,10 @@ def test_config_file() -> None:
             "two devices are named 'a'",
         ),
         ("[docker\n", "not valid TOML"),
+        ("[docker]\ndefault_memory_mb = 4096\nmax_memory_mb = 1024", "above max_memory_mb"),
+        ("[docker]\ndefault_cpus = 0\nmax_cpus = 4", "default_cpus = 0 (no limit) is above"),
+        ('[docker]\nrun_as_non_root = true\nuser = "root"', "numeric uid other than 0"),
+        ('[docker]\nuser = "a b"', "$.docker.user"),
     ]:
         with pytest.raises(ConfigError) as bad:
             parse_config(text, "host.toml")

@@ -41,11 +41,13 @@ ARTIFACT_REPOSITORY = "switchboard-artifact"
 
 @dataclass(frozen=True)
 class Image:
-    """An image ready to run: its engine id and the signal that asks it to stop."""
+    """An image ready to run: its engine id, the signal that asks it to stop, and the user
+    it runs as ("" for root)."""
 
     id: str
     stop_signal: str
     description: str
+    user: str = ""
 
 
 class Artifact(msgspec.Struct):
@@ -120,8 +122,9 @@ class ImageStore:
                 clip_message(f"image {image_id!r}: {explain(exc)}") or "",
             ) from None
         self._check_platform(info.get("Os"), info.get("Architecture"), described)
-        stop_signal = (info.get("Config") or {}).get("StopSignal") or "SIGTERM"
-        return Image(info["Id"], stop_signal, described)
+        config = info.get("Config") or {}
+        stop_signal = config.get("StopSignal") or "SIGTERM"
+        return Image(info["Id"], stop_signal, described, config.get("User") or "")
 
     def _check_platform(self, os_name: str | None, arch: str | None, what: str) -> None:
         if os_name and os_name != "linux":
