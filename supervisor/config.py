@@ -120,6 +120,9 @@ class DockerConfig(_Table):
     #: Most console output the engine keeps per container (per stream), for replaying a
     #: run's output after a supervisor restart. Beyond it the oldest output is dropped.
     log_max_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 1024
+    #: Largest image artifact, unpacked (a compressed tarball is refused as soon as it
+    #: unpacks to more): bounds the disk a load uses under the work dir.
+    max_image_unpacked_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 8192
     #: Seconds an engine request may take (waiting for a container's end has no limit).
     engine_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 120.0
 

@@ -6,9 +6,12 @@ artifacts, refusals, and re-adoption after a supervisor restart."""
 from __future__ import annotations
 
 import asyncio
+import bz2
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import stat
 import tarfile
@@ -32,6 +35,7 @@ from protocol.messages import (
 )
 from protocol.spec import DockerBackend as DockerSpec
 from protocol.spec import Parameter
+from supervisor import metrics
 from supervisor.artifacts import ArtifactSource
 from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
 from supervisor.backends.docker import LABEL_START, LABEL_SUPERVISOR, DockerBackend
@@ -50,7 +54,9 @@ from tests.docker_engine import (
     BUSYBOX_IMAGE,
     Engine,
     labeled_containers,
+    write_image_with_zeros,
 )
+from tests.docker_engine import saved_image as save_image
 from tests.recording import RecordingConnector
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -577,11 +583,7 @@ def test_config_file() -> None:
 
 def saved_image(engine: Engine, tag: str) -> bytes:
     """`docker save` of the busybox image under a tag that only the tarball keeps."""
-    engine.api.tag(BUSYBOX_IMAGE, *tag.split(":"))
-    try:
-        return b"".join(engine.api.get_image(tag))
-    finally:
-        engine.api.remove_image(tag)
+    return save_image(engine.api, tag)
 
 
 async def test_image_from_an_artifact(
@@ -617,6 +619,56 @@ async def test_image_from_an_artifact(
     error = host.error("art-4")
     assert error is not None and error.kind == JobErrorKind.IMAGE_NOT_FOUND
     assert "sb-from-artifact:v1" in error.description
+
+
+@pytest.mark.parametrize(
+    "compress", [gzip.compress, bz2.compress, lzma.compress], ids=["gzip", "bzip2", "xz"]
+)
+async def test_compressed_image_artifact(
+    make_host: MakeHost, docker_engine: Engine, compress: Callable[[bytes], bytes]
+) -> None:
+    artifacts = MemoryArtifacts()
+    digest = artifacts.add(compress(saved_image(docker_engine, "sb-compressed:v1")))
+    host = await make_host(artifacts=artifacts)
+    spec = DockerSpec(image_artifact=digest, image="sb-compressed:v1", command=["echo", "hi"])
+    assert await host.run("compressed", spec) == "succeeded"
+    assert host.events.output("compressed") == b"hi\n"
+    docker_engine.api.remove_image(f"{ARTIFACT_REPOSITORY}:{digest.removeprefix('sha256:')}-0")
+
+
+async def test_image_bomb_is_refused(
+    make_host: MakeHost, docker_engine: Engine, tmp_path: Path
+) -> None:
+    """A gzipped image tarball of a few hundred KB that unpacks past the cap is refused,
+    counted, and leaves no file behind; its loading never held it in memory (the e2e test
+    measures that)."""
+    bomb = tmp_path / "bomb.tar.gz"
+    saved = saved_image(docker_engine, "sb-bomb:v1")
+    await asyncio.to_thread(write_image_with_zeros, saved, 64 * 1024 * 1024, bomb, "sb-bomb:v1")
+    artifacts = MemoryArtifacts()
+    digest = artifacts.add(bomb.read_bytes())
+    assert len(artifacts.blobs[digest]) < 2 * 1024 * 1024  # busybox, and the zeros
+    work_dir = tmp_path / "images"
+    config = SupervisorConfig(docker=DockerConfig(max_image_unpacked_mb=16))
+    host = await make_host(artifacts=artifacts, config=config, work_dir=work_dir)
+    exceeded = metrics.LIMITS_EXCEEDED.labels("image_unpacked")
+    before = exceeded._value.get()
+    assert await host.run("bomb", DockerSpec(image_artifact=digest)) == "rejected"
+    error = host.error("bomb")
+    assert error is not None and error.kind == JobErrorKind.IMAGE_INVALID
+    assert "unpacks to more than 16 MB" in error.description, error
+    assert exceeded._value.get() == before + 1
+    assert list((work_dir / "docker-images" / "incoming").iterdir()) == []
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_engine.api.inspect_image("sb-bomb:v1")
+
+    # Under a cap it fits, the same image loads and runs.
+    config = SupervisorConfig(docker=DockerConfig(max_image_unpacked_mb=128))
+    host = await make_host(artifacts=artifacts, config=config, work_dir=tmp_path / "roomy")
+    fits = DockerSpec(image_artifact=digest, command=["wc", "-c", "/zeros"])
+    assert await host.run("fits", fits) == "succeeded"
+    assert host.events.output("fits") == b"67108864 /zeros\n"
+    docker_engine.api.remove_image(f"{ARTIFACT_REPOSITORY}:{digest.removeprefix('sha256:')}-0")
 
 
 def tar_of(files: dict[str, bytes]) -> bytes:

@@ -16,7 +16,9 @@ signals reach the program and zombies are reaped.
 
 Images. `image` names an image the engine already has (the supervisor never pulls);
 `image_artifact` names a `docker save` tarball uploaded to the switchboard. The tarball is
-fetched, checked against its digest, loaded into the engine once and remembered by digest
+downloaded to the work dir, checked against its digest, unpacked (gzip, bzip2, xz) under the
+config's `max_image_unpacked_mb`, streamed to the engine (never held in memory: see
+image_tarball), loaded once and remembered by digest
 (in memory and, with a `work_dir`, on disk, so restarts don't load it again). Before loading,
 the tarball's own tags are stripped: an artifact can't replace an image the host has under
 some name. Its images are tagged `switchboard-artifact:<digest hex>-<n>` instead, and the
@@ -139,6 +141,7 @@ class DockerBackend(Backend):
         self._images = ImageStore(
             artifacts,
             work_dir / "docker-images" if work_dir is not None else None,
+            max_unpacked_bytes=self.settings.max_image_unpacked_mb * _MB,
             client=self._client,
             call=self._call,
             engine=self._engine,
@@ -168,6 +171,7 @@ class DockerBackend(Backend):
     async def prepare(self) -> None:
         """Connect to the engine (RuntimeError with the reason if it can't be reached)."""
         await self._client()
+        await self._images.clear_incoming()
 
     def resource_counts(self) -> dict[str, int]:
         return self.devices.resource_counts()
