@@ -106,11 +106,7 @@ class Host:
         ]
 
     async def wait_output(self, job_id: str, needle: bytes, stream: str = "stdout") -> None:
-        changed = self.events._changed
-        async with asyncio.timeout(30):
-            while needle not in self.events.output(job_id, stream):
-                changed.clear()
-                await changed.wait()
+        await self.events.wait_output(job_id, needle, stream)
 
     async def crash(self) -> None:
         """What a SIGKILL of the supervisor would leave: containers as they are, nothing
