@@ -667,6 +667,20 @@ async def test_image_bomb_is_refused(
     docker_engine.api.remove_image(f"{ARTIFACT_REPOSITORY}:{digest.removeprefix('sha256:')}-0")
 
 
+async def test_files_of_a_load_cut_short_are_removed_at_start(
+    make_host: MakeHost, tmp_path: Path
+) -> None:
+    incoming = tmp_path / "images" / "docker-images" / "incoming"
+    dead = incoming / "999999999-0123456789abcdef"  # above any pid_max: never a process
+    loading = incoming / f"{os.getpid()}-0123456789abcdef"  # a live process, loading now
+    for directory in (dead, loading):
+        directory.mkdir(parents=True)
+        (directory / "artifact").write_bytes(b"half an image")
+    await make_host(work_dir=tmp_path / "images")
+    assert not dead.exists()
+    assert (loading / "artifact").read_bytes() == b"half an image"
+
+
 def tar_of(files: dict[str, bytes]) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:

@@ -211,11 +211,12 @@ class ImageStore:
     @contextlib.asynccontextmanager
     async def _incoming(self) -> AsyncIterator[Path]:
         """A directory of its own for one artifact's files while it is loaded, removed
-        afterwards: under the work dir (`incoming/`, emptied at start), else the system's."""
+        afterwards: under the work dir (`incoming/<pid>-<random>`), else the system's."""
         if self._image_dir is None:
             directory = Path(await self._call(tempfile.mkdtemp, prefix="sb-image-"))
         else:
-            directory = self._image_dir / _INCOMING / secrets.token_hex(8)
+            name = f"{os.getpid()}-{secrets.token_hex(8)}"
+            directory = self._image_dir / _INCOMING / name
             await self._call(directory.mkdir, parents=True)
         try:
             yield directory
@@ -223,9 +224,10 @@ class ImageStore:
             await self._call(shutil.rmtree, directory, True)
 
     async def clear_incoming(self) -> None:
-        """Remove what an earlier process left while loading (it died mid-way)."""
+        """Remove what processes that died mid-load left (another process sharing the
+        work dir may be loading now: its files stay)."""
         if self._image_dir is not None:
-            await self._call(shutil.rmtree, self._image_dir / _INCOMING, True)
+            await self._call(_remove_orphans, self._image_dir / _INCOMING)
 
     def _load(self, tarball: Tarball) -> None:
         """`docker load` (worker thread), streaming the tarball without its tags;
@@ -265,6 +267,27 @@ class ImageStore:
             tmp.replace(path)
         except OSError as exc:
             log.warning("could not store the image index of %s: %s", digest, exc)
+
+
+def _remove_orphans(incoming: Path) -> None:
+    try:
+        entries = list(incoming.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name.partition("-")[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def explain(exc: docker.errors.APIError) -> str:
