@@ -513,7 +513,7 @@ class _Guest:
         if self.kill.is_set():
             # Even if it then ended by itself: a guest whose sleep a stop cut short is killed.
             return self.stopped()
-        if self.quota is not None and self.quota.check_now():  # its last writes count too
+        if self._over_scratch_quota(final=True):  # its last writes count too
             return self.stopped("scratch_limit")
         if code is not None:
             return Outcome(exit_code=code, message=note if code else None)
@@ -581,10 +581,13 @@ class _Guest:
         kind[0] = _UPDATE_DEADLINE_CONTINUE
         return 0
 
-    def _over_scratch_quota(self) -> bool:
+    def _over_scratch_quota(self, final: bool = False) -> bool:
+        """Whether /scratch holds more than the quota: measured if due (at the end, now)."""
+        if self.quota is None:
+            return False
         try:
-            return self.quota is not None and self.quota.check()
-        except Exception:  # a measurement must never break the callback
+            return self.quota.check_now() if final else self.quota.check()
+        except Exception:  # a measurement must never break the callback or the outcome
             log.exception("scratch quota check failed")
             return False
 
