@@ -110,7 +110,7 @@ class JobExit(Event, tag="exit"):
     """How the program ended (the task outcome), sent before the terminal state.
 
     `reason` is one of: exited, signaled, timeout, canceled, oom, trap, out_of_fuel,
-    memory_limit, error.
+    memory_limit, scratch_limit, error.
     """
 
     exit_code: Int64 | None = None

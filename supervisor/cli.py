@@ -36,6 +36,7 @@ def make_backend(kind: str, artifacts: ArtifactSource, args: argparse.Namespace)
             cache_dir=Path(args.wasm_cache_dir or Path(args.work_dir) / "wasm-cache"),
             cache_max_bytes=args.wasm_cache_max_mb * 1024 * 1024,
             memory_limit_mb=args.wasm_memory_limit_mb,
+            scratch_limit_mb=args.wasm_scratch_mb,
         )
     if kind == "docker":
         from supervisor.backends.docker import DockerBackend
@@ -197,6 +198,13 @@ def _backend_options(parser: argparse.ArgumentParser) -> None:
         default=1024,
         metavar="MB",
         help="most linear memory a guest may have (a job may ask for less)",
+    )
+    wasm.add_argument(
+        "--wasm-scratch-mb",
+        type=int,
+        default=1024,
+        metavar="MB",
+        help="most a run may write to its /scratch; past it the run fails (scratch_limit)",
     )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -43,6 +43,8 @@ CAPABILITIES = frozenset(
 
 #: How many resource classes a Hello may advertise (protocol.spec.ResourceCounts).
 MAX_RESOURCE_CLASSES = 64
+
+T = TypeVar("T", int, float)
 
 Network = Literal["none", "bridge", "host"]
 AbsPath = Annotated[str, Meta(pattern=r"^/", max_length=4096)]
@@ -78,6 +80,15 @@ class DeviceConfig(_Table, frozen=True):
         return self.container_path or self.path
 
 
+#: Limits of containers whose spec sets none, unless the config says otherwise (or has a
+#: lower maximum, which then is the default).
+DEFAULT_MEMORY_MB = 2048
+DEFAULT_CPUS = 2.0
+
+#: A container user: "uid", "uid:gid" or names the image knows.
+User = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$", max_length=64)]
+
+
 class DockerConfig(_Table):
     """What the Docker backend allows and what it uses when a spec says nothing."""
 
@@ -85,14 +96,23 @@ class DockerConfig(_Table):
     allowed_networks: list[Network] = msgspec.field(default_factory=lambda: ["none"])
     #: Capabilities a spec may add back with `cap_add` (containers start with none).
     allowed_capabilities: list[str] = []
-    #: Limits for specs that set none (None: no memory or CPU limit).
-    default_memory_mb: Annotated[int, Meta(ge=4)] | None = None
-    default_cpus: Annotated[float, Meta(gt=0)] | None = None
+    #: Limits for specs that set none; 0 means no limit (memory, CPUs). A CPU default above
+    #: the engine's CPU count is lowered to it.
+    default_memory_mb: Annotated[int, Meta(ge=0)] = DEFAULT_MEMORY_MB
+    default_cpus: Annotated[float, Meta(ge=0)] = DEFAULT_CPUS
     default_pids_limit: Annotated[int, Meta(ge=1)] = 4096
     #: The most a spec may ask for; a spec asking for more is refused (None: no maximum).
     max_memory_mb: Annotated[int, Meta(ge=4)] | None = None
     max_cpus: Annotated[float, Meta(gt=0)] | None = None
     max_pids_limit: Annotated[int, Meta(ge=1)] | None = None
+    #: The user of containers whose spec names none (None: the image's).
+    user: User | None = None
+    #: Refuse to run a container as root: its user (the spec's, else `user`, else the
+    #: image's) must be a numeric uid other than 0 (a name can't be checked before it runs).
+    run_as_non_root: bool = False
+    #: Give every container a read-only root filesystem and the /scratch tmpfs, whatever
+    #: its spec says (a spec can always ask for them with `read_only_rootfs`).
+    read_only_rootfs: bool = False
     #: Size of the /scratch tmpfs of containers with a read-only root filesystem.
     scratch_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 1024
     #: Run Docker's init (tini) as PID 1: it forwards signals and reaps zombies.
@@ -100,6 +120,9 @@ class DockerConfig(_Table):
     #: Most console output the engine keeps per container (per stream), for replaying a
     #: run's output after a supervisor restart. Beyond it the oldest output is dropped.
     log_max_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 1024
+    #: Largest image artifact, unpacked (a compressed tarball is refused as soon as it
+    #: unpacks to more): bounds the disk a load uses under the work dir.
+    max_image_unpacked_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 8192
     #: Seconds an engine request may take (waiting for a container's end has no limit).
     engine_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 120.0
 
@@ -107,12 +130,36 @@ class DockerConfig(_Table):
         unknown = sorted(set(self.allowed_capabilities) - CAPABILITIES)
         if unknown:
             raise ValueError(f"unknown capabilities {unknown} (use Docker's names, no CAP_)")
-        if self.max_memory_mb is not None and (self.default_memory_mb or 0) > self.max_memory_mb:
-            raise ValueError("default_memory_mb is larger than max_memory_mb")
-        if self.max_cpus is not None and (self.default_cpus or 0) > self.max_cpus:
-            raise ValueError("default_cpus is larger than max_cpus")
+        if 0 < self.default_memory_mb < 4:
+            raise ValueError("default_memory_mb must be 0 (no limit) or at least 4")
+        self.default_memory_mb = _default_under(
+            "memory_mb", self.default_memory_mb, DEFAULT_MEMORY_MB, self.max_memory_mb
+        )
+        self.default_cpus = _default_under("cpus", self.default_cpus, DEFAULT_CPUS, self.max_cpus)
         if self.max_pids_limit is not None and self.default_pids_limit > self.max_pids_limit:
             raise ValueError("default_pids_limit is larger than max_pids_limit")
+        if self.run_as_non_root and self.user is not None and not is_non_root(self.user):
+            raise ValueError(
+                f"user {self.user!r} is not a numeric uid other than 0, which run_as_non_root "
+                "requires"
+            )
+
+
+def _default_under(name: str, default: T, built_in: T, maximum: T | None) -> T:
+    """The default limit `name` under the maximum: the built-in default gives way to a
+    lower maximum; a default set in the file (or "no limit") above it is an error."""
+    if maximum is None or (default and default <= maximum):
+        return default
+    if default == built_in:
+        return maximum
+    what = f"{default:g}" if default else "0 (no limit)"
+    raise ValueError(f"default_{name} = {what} is above max_{name} = {maximum:g}")
+
+
+def is_non_root(user: str) -> bool:
+    """True if `user` ("uid" or "uid:gid") names a numeric uid other than 0."""
+    uid = user.partition(":")[0]
+    return uid.isdigit() and int(uid) != 0
 
 
 class SupervisorConfig(_Table):

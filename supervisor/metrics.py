@@ -27,6 +27,9 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 #: The caches that count hits and misses: compiled Wasm modules (memory or disk), and
 #: image artifacts already loaded into the Docker engine.
 CACHES = ("wasm_module", "docker_image")
+#: Per-run limits whose overruns are counted: an image artifact bigger (unpacked) than the
+#: Docker config allows, and a Wasm guest writing more to /scratch than its quota.
+LIMITS = ("image_unpacked", "wasm_scratch")
 
 RECONNECTS = Counter(
     "supervisor_reconnects_total",
@@ -69,6 +72,14 @@ CACHE_LOOKUPS = Counter(
     ["cache", "result"],
     registry=REGISTRY,
 )
+LIMITS_EXCEEDED = Counter(
+    "supervisor_limits_exceeded_total",
+    "Runs refused or stopped because they went past a per-run limit: limit=image_unpacked"
+    " (an image artifact larger, unpacked, than max_image_unpacked_mb; the run is rejected),"
+    " limit=wasm_scratch (a Wasm guest wrote more to /scratch than its quota; the run fails).",
+    ["limit"],
+    registry=REGISTRY,
+)
 
 # Every label value exists from the start, so a scrape shows 0 instead of nothing.
 for _phase in sorted(TERMINAL):
@@ -78,6 +89,8 @@ for _kind in JobErrorKind:
 for _cache in CACHES:
     for _result in ("hit", "miss"):
         CACHE_LOOKUPS.labels(_cache, _result)
+for _limit in LIMITS:
+    LIMITS_EXCEEDED.labels(_limit)
 
 
 def run_ended(phase: Phase) -> None:
@@ -87,6 +100,10 @@ def run_ended(phase: Phase) -> None:
 
 def cache_lookup(cache: str, hit: bool) -> None:
     CACHE_LOOKUPS.labels(cache, "hit" if hit else "miss").inc()
+
+
+def limit_exceeded(limit: str) -> None:
+    LIMITS_EXCEEDED.labels(limit).inc()
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:

@@ -20,7 +20,10 @@ Use in a test module::
 from __future__ import annotations
 
 import contextlib
+import gzip
+import hashlib
 import io
+import json
 import os
 import secrets
 import shutil
@@ -187,6 +190,69 @@ def import_busybox(api: docker.APIClient, name: str = BUSYBOX_IMAGE) -> str:
     repository, _, tag = name.partition(":")
     api.import_image_from_data(out.getvalue(), repository=repository, tag=tag or "latest")
     return api.inspect_image(name)["Id"]
+
+
+def saved_image(api: docker.APIClient, tag: str, source: str = BUSYBOX_IMAGE) -> bytes:
+    """`docker save` of `source` under a tag that only the tarball keeps."""
+    repository, _, version = tag.partition(":")
+    api.tag(source, repository, version or "latest")
+    try:
+        return b"".join(api.get_image(tag))
+    finally:
+        api.remove_image(tag)
+
+
+class _ZeroReader:
+    """`head` bytes, then zeros up to `size` bytes in all: a file object for tarfile."""
+
+    def __init__(self, head: bytes, size: int) -> None:
+        self._head = head
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        head, self._head = self._head[:n], self._head[n:]
+        self._left -= n
+        return head + bytes(n - len(head))
+
+
+def write_image_with_zeros(saved: bytes, zeros: int, out: Path, tag: str) -> None:
+    """Write to `out`, gzipped, the `docker save` tarball `saved` with one more layer: a
+    file `/zeros` of `zeros` zero bytes. A valid image whose tarball is a few hundred KB
+    compressed and `zeros` bytes bigger unpacked (a decompression bomb), built without
+    ever holding the zeros in memory."""
+    src = tarfile.open(fileobj=io.BytesIO(saved))
+    manifest = json.loads(src.extractfile("manifest.json").read())  # type: ignore[union-attr]
+    [item] = manifest
+    config = json.loads(src.extractfile(item["Config"]).read())  # type: ignore[union-attr]
+    file_info = tarfile.TarInfo("zeros")
+    file_info.size = zeros
+    file_info.mode = 0o644
+    layer_head = file_info.tobuf(tarfile.GNU_FORMAT)
+    # The layer is a tar too: its header, the zeros, padding and the end blocks (all zeros).
+    layer_size = len(layer_head) + zeros + (-zeros % 512) + 1024
+    diff_id = hashlib.sha256(layer_head)
+    reader = _ZeroReader(b"", layer_size - len(layer_head))
+    while chunk := reader.read(1 << 20):
+        diff_id.update(chunk)
+    config["rootfs"]["diff_ids"].append("sha256:" + diff_id.hexdigest())
+    config.setdefault("history", []).append({"created_by": "zeros"})
+    config_bytes = json.dumps(config).encode()
+    config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
+    skipped = {"manifest.json", "repositories", item["Config"]}
+    item.update(Config=config_name, Layers=[*item["Layers"], "zeros/layer.tar"], RepoTags=[tag])
+    with gzip.open(out, "wb", compresslevel=6) as gz, tarfile.open(fileobj=gz, mode="w|") as tar:
+        for member in src.getmembers():
+            if member.name not in skipped:
+                tar.addfile(member, src.extractfile(member) if member.isfile() else None)
+        for name, body in ((config_name, config_bytes), ("manifest.json", json.dumps(manifest))):
+            data = body if isinstance(body, bytes) else body.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        layer = tarfile.TarInfo("zeros/layer.tar")
+        layer.size = layer_size
+        tar.addfile(layer, _ZeroReader(layer_head, layer_size))  # type: ignore[arg-type]
 
 
 def labeled_containers(api: docker.APIClient, label: str) -> list[dict]:

@@ -57,3 +57,12 @@ class RecordingConnector(SupervisorConnector):
                 await self._changed.wait()
 
         return await asyncio.wait_for(ended(), limit_s)
+
+    async def wait_output(
+        self, job_id: str, needle: bytes, stream: str = "stdout", limit_s: float = 30.0
+    ) -> None:
+        """Wait until the run's output on `stream` contains `needle`."""
+        async with asyncio.timeout(limit_s):
+            while needle not in self.output(job_id, stream):
+                self._changed.clear()
+                await self._changed.wait()

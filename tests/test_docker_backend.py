@@ -6,8 +6,12 @@ artifacts, refusals, and re-adoption after a supervisor restart."""
 from __future__ import annotations
 
 import asyncio
+import bz2
+import gzip
 import hashlib
 import io
+import json
+import lzma
 import os
 import stat
 import tarfile
@@ -31,6 +35,7 @@ from protocol.messages import (
 )
 from protocol.spec import DockerBackend as DockerSpec
 from protocol.spec import Parameter
+from supervisor import metrics
 from supervisor.artifacts import ArtifactSource
 from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
 from supervisor.backends.docker import LABEL_START, LABEL_SUPERVISOR, DockerBackend
@@ -49,7 +54,9 @@ from tests.docker_engine import (
     BUSYBOX_IMAGE,
     Engine,
     labeled_containers,
+    write_image_with_zeros,
 )
+from tests.docker_engine import saved_image as save_image
 from tests.recording import RecordingConnector
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -99,11 +106,7 @@ class Host:
         ]
 
     async def wait_output(self, job_id: str, needle: bytes, stream: str = "stdout") -> None:
-        changed = self.events._changed
-        async with asyncio.timeout(30):
-            while needle not in self.events.output(job_id, stream):
-                changed.clear()
-                await changed.wait()
+        await self.events.wait_output(job_id, needle, stream)
 
     async def crash(self) -> None:
         """What a SIGKILL of the supervisor would leave: containers as they are, nothing
@@ -171,8 +174,20 @@ def sh(script: str, **kwargs: object) -> DockerSpec:
     return DockerSpec(image=BUSYBOX_IMAGE, command=["sh", "-c", script], **kwargs)
 
 
+def files_holding(root: Path, needle: bytes) -> list[Path]:
+    """The files under `root` whose bytes contain `needle`."""
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
 def containers_of(engine: Engine, job_id: str) -> list[dict]:
     return labeled_containers(engine.api, f"switchboard.job={job_id}")
+
+
+def inspect_job(engine: Engine, job_id: str) -> tuple[dict, dict]:
+    """HostConfig and Config of the job's (only) container, as `docker inspect` shows them."""
+    [container] = containers_of(engine, job_id)
+    info = engine.api.inspect_container(container["Id"])
+    return info["HostConfig"], info["Config"]
 
 
 # --- what a program sees, how it ends -----------------------------------------------------
@@ -248,6 +263,83 @@ async def test_what_a_container_gets(make_host: MakeHost, docker_engine: Engine)
         b"65534\n/tmp\nspec param\nCapBnd:\t0000000000002000\nlo\nread-only\nscratch-ok\n"
         b"/scratch\nready\n"
     )
+
+
+async def test_host_defaults_apply_when_the_spec_says_nothing(
+    make_host: MakeHost, docker_engine: Engine
+) -> None:
+    """Without a word from the spec or the config a container still gets memory, CPU and
+    pid limits; the config can lower them, make every container read-only (with a sized
+    /scratch tmpfs) and run it as a non-root user; the spec's own values still win."""
+    engine_cpus = docker_engine.api.info()["NCPU"]
+    host = await make_host()
+    assert await host.run("plain", sh("true")) == "succeeded"  # defaults the engine accepts
+    await host.start("defaults", sh("echo ready; sleep 60"))
+    await host.wait_output("defaults", b"ready\n")
+    hc, config = inspect_job(docker_engine, "defaults")
+    assert hc["Memory"] == hc["MemorySwap"] == 2048 * 1024 * 1024
+    assert hc["NanoCpus"] == min(2, engine_cpus) * 10**9 and hc["PidsLimit"] == 4096
+    assert hc["ReadonlyRootfs"] is False and config["User"] == ""
+    await host.stop("defaults", grace_s=0)
+
+    hardened = DockerConfig(
+        default_memory_mb=64,
+        default_cpus=0.5,
+        default_pids_limit=50,
+        user="65534:65534",
+        read_only_rootfs=True,
+        scratch_mb=8,
+    )
+    host = await make_host(config=SupervisorConfig(docker=hardened))
+    script = (
+        "id -u; id -g; touch /etc/x 2>/dev/null || echo rootfs-read-only; "
+        "dd if=/dev/zero of=/scratch/fill bs=1M count=16 2>/dev/null || echo scratch-full; "
+        "echo ready; sleep 60"
+    )
+    await host.start("hardened", sh(script))
+    await host.wait_output("hardened", b"ready\n")
+    hc, config = inspect_job(docker_engine, "hardened")
+    assert hc["Memory"] == hc["MemorySwap"] == 64 * 1024 * 1024
+    assert hc["NanoCpus"] == 500_000_000 and hc["PidsLimit"] == 50
+    assert config["User"] == "65534:65534" and hc["ReadonlyRootfs"] is True
+    assert "size=8m" in hc["Tmpfs"]["/scratch"]
+    await host.stop("hardened", grace_s=0)
+    assert await host.events.wait_ended("hardened") == "canceled"
+    assert (
+        host.events.output("hardened") == b"65534\n65534\nrootfs-read-only\nscratch-full\nready\n"
+    )
+
+    spec = sh("echo ready; sleep 60", memory_mb=32, cpus=0.25, pids_limit=20, user="1000")
+    await host.start("own", spec)
+    await host.wait_output("own", b"ready\n")
+    hc, config = inspect_job(docker_engine, "own")
+    assert (hc["Memory"], hc["NanoCpus"], hc["PidsLimit"]) == (32 * 1024 * 1024, 250_000_000, 20)
+    assert config["User"] == "1000" and hc["ReadonlyRootfs"] is True
+    await host.stop("own", grace_s=0)
+
+
+async def test_run_as_non_root(make_host: MakeHost, docker_engine: Engine) -> None:
+    host = await make_host(config=SupervisorConfig(docker=DockerConfig(run_as_non_root=True)))
+    # The image has no USER: it would run as root.
+    assert await host.run("image-root", sh("id -u")) == "rejected"
+    error = host.error("image-root")
+    assert error is not None and error.kind == JobErrorKind.IMAGE_NOT_COMPATIBLE
+    assert (
+        "the image's user 'root'" in error.description and "uid other than 0" in error.description
+    )
+    assert containers_of(docker_engine, "image-root") == []
+    for user in ("0", "root", "0:1000", "nobody"):  # a name could be uid 0 in the image
+        with pytest.raises(JobError) as refused:  # at once, before the run is held
+            await host.start(f"user-{user.replace(':', '-')}", sh("id -u", user=user))
+        assert refused.value.kind == JobErrorKind.IMAGE_NOT_COMPATIBLE
+        assert f"user {user!r}" in refused.value.description
+    assert await host.run("uid-1000", sh("id -u", user="1000:1000")) == "succeeded"
+    assert host.events.output("uid-1000") == b"1000\n"
+
+    config = DockerConfig(run_as_non_root=True, user="65534")
+    host = await make_host(config=SupervisorConfig(docker=config))
+    assert await host.run("default-user", sh("id -u")) == "succeeded"
+    assert host.events.output("default-user") == b"65534\n"
 
 
 async def test_every_byte_value_both_streams(host: Host) -> None:
@@ -450,6 +542,17 @@ def test_config_file() -> None:
     assert config.docker.allowed_networks == ["none", "bridge"]
     assert Devices(config.devices).resource_counts() == {"nrf52840dk": 2}
     assert parse_config("").docker.allowed_networks == ["none"]
+    defaults = parse_config("").docker
+    assert (defaults.default_memory_mb, defaults.default_cpus) == (2048, 2.0)
+    assert (defaults.user, defaults.run_as_non_root, defaults.read_only_rootfs) == (
+        None,
+        False,
+        False,
+    )
+    lower_max = parse_config("[docker]\nmax_memory_mb = 1024\nmax_cpus = 1").docker
+    assert (lower_max.default_memory_mb, lower_max.default_cpus) == (1024, 1.0)
+    unlimited = parse_config("[docker]\ndefault_memory_mb = 0\ndefault_cpus = 0").docker
+    assert (unlimited.default_memory_mb, unlimited.default_cpus) == (0, 0)
     for text, words in [
         ("[docker]\nallowed_capabilites = []", "unknown field `allowed_capabilites`"),
         ('[docker]\nallowed_capabilities = ["CAP_SYS_ADMIN"]', "unknown capabilities"),
@@ -461,6 +564,10 @@ def test_config_file() -> None:
             "two devices are named 'a'",
         ),
         ("[docker\n", "not valid TOML"),
+        ("[docker]\ndefault_memory_mb = 4096\nmax_memory_mb = 1024", "above max_memory_mb"),
+        ("[docker]\ndefault_cpus = 0\nmax_cpus = 4", "default_cpus = 0 (no limit) is above"),
+        ('[docker]\nrun_as_non_root = true\nuser = "root"', "numeric uid other than 0"),
+        ('[docker]\nuser = "a b"', "$.docker.user"),
     ]:
         with pytest.raises(ConfigError) as bad:
             parse_config(text, "host.toml")
@@ -472,11 +579,7 @@ def test_config_file() -> None:
 
 def saved_image(engine: Engine, tag: str) -> bytes:
     """`docker save` of the busybox image under a tag that only the tarball keeps."""
-    engine.api.tag(BUSYBOX_IMAGE, *tag.split(":"))
-    try:
-        return b"".join(engine.api.get_image(tag))
-    finally:
-        engine.api.remove_image(tag)
+    return save_image(engine.api, tag)
 
 
 async def test_image_from_an_artifact(
@@ -512,6 +615,70 @@ async def test_image_from_an_artifact(
     error = host.error("art-4")
     assert error is not None and error.kind == JobErrorKind.IMAGE_NOT_FOUND
     assert "sb-from-artifact:v1" in error.description
+
+
+@pytest.mark.parametrize(
+    "compress", [gzip.compress, bz2.compress, lzma.compress], ids=["gzip", "bzip2", "xz"]
+)
+async def test_compressed_image_artifact(
+    make_host: MakeHost, docker_engine: Engine, compress: Callable[[bytes], bytes]
+) -> None:
+    artifacts = MemoryArtifacts()
+    digest = artifacts.add(compress(saved_image(docker_engine, "sb-compressed:v1")))
+    host = await make_host(artifacts=artifacts)
+    spec = DockerSpec(image_artifact=digest, image="sb-compressed:v1", command=["echo", "hi"])
+    assert await host.run("compressed", spec) == "succeeded"
+    assert host.events.output("compressed") == b"hi\n"
+    docker_engine.api.remove_image(f"{ARTIFACT_REPOSITORY}:{digest.removeprefix('sha256:')}-0")
+
+
+async def test_image_bomb_is_refused(
+    make_host: MakeHost, docker_engine: Engine, tmp_path: Path
+) -> None:
+    """A gzipped image tarball of a few hundred KB that unpacks past the cap is refused,
+    counted, and leaves no file behind; its loading never held it in memory (the e2e test
+    measures that)."""
+    bomb = tmp_path / "bomb.tar.gz"
+    saved = saved_image(docker_engine, "sb-bomb:v1")
+    await asyncio.to_thread(write_image_with_zeros, saved, 64 * 1024 * 1024, bomb, "sb-bomb:v1")
+    artifacts = MemoryArtifacts()
+    digest = artifacts.add(bomb.read_bytes())
+    assert len(artifacts.blobs[digest]) < 2 * 1024 * 1024  # busybox, and the zeros
+    work_dir = tmp_path / "images"
+    config = SupervisorConfig(docker=DockerConfig(max_image_unpacked_mb=16))
+    host = await make_host(artifacts=artifacts, config=config, work_dir=work_dir)
+    exceeded = metrics.LIMITS_EXCEEDED.labels("image_unpacked")
+    before = exceeded._value.get()
+    assert await host.run("bomb", DockerSpec(image_artifact=digest)) == "rejected"
+    error = host.error("bomb")
+    assert error is not None and error.kind == JobErrorKind.IMAGE_INVALID
+    assert "unpacks to more than 16 MB" in error.description, error
+    assert exceeded._value.get() == before + 1
+    assert list((work_dir / "docker-images" / "incoming").iterdir()) == []
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_engine.api.inspect_image("sb-bomb:v1")
+
+    # Under a cap it fits, the same image loads and runs.
+    config = SupervisorConfig(docker=DockerConfig(max_image_unpacked_mb=128))
+    host = await make_host(artifacts=artifacts, config=config, work_dir=tmp_path / "roomy")
+    fits = DockerSpec(image_artifact=digest, command=["wc", "-c", "/zeros"])
+    assert await host.run("fits", fits) == "succeeded"
+    assert host.events.output("fits") == b"67108864 /zeros\n"
+    docker_engine.api.remove_image(f"{ARTIFACT_REPOSITORY}:{digest.removeprefix('sha256:')}-0")
+
+
+async def test_files_of_a_load_cut_short_are_removed_at_start(
+    make_host: MakeHost, tmp_path: Path
+) -> None:
+    incoming = tmp_path / "images" / "docker-images" / "incoming"
+    dead = incoming / "999999999-0123456789abcdef"  # above any pid_max: never a process
+    loading = incoming / f"{os.getpid()}-0123456789abcdef"  # a live process, loading now
+    for directory in (dead, loading):
+        directory.mkdir(parents=True)
+        (directory / "artifact").write_bytes(b"half an image")
+    await make_host(work_dir=tmp_path / "images")
+    assert not dead.exists()
+    assert (loading / "artifact").read_bytes() == b"half an image"
 
 
 def tar_of(files: dict[str, bytes]) -> bytes:
@@ -616,6 +783,39 @@ async def test_a_container_that_ended_while_down_is_reported(
     assert second.events.output("quick", "stderr") == b"finished\n"
     assert second.exit("quick").exit_code == 7
     assert containers_of(docker_engine, "quick") == []
+
+
+async def test_secret_parameters_are_only_in_the_environment(
+    make_host: MakeHost, docker_engine: Engine, tmp_path: Path
+) -> None:
+    """`docker inspect` shows a secret parameter in Config.Env and nowhere else (labels
+    included), the supervisor writes it to no file, and a restarted supervisor still
+    re-adopts the container, whose program still has it."""
+    secret = "s3cret-" + os.urandom(8).hex()
+    params = {
+        "TOKEN": Parameter(value=secret, secret=True),
+        "PLAIN": Parameter(value="not-secret"),
+    }
+    script = 'echo ready; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo "$TOKEN $PLAIN"'
+    first = await make_host(supervisor_id="sb-secret")
+    await first.start("secret", sh(script), parameters=params)
+    await first.wait_output("secret", b"ready\n")
+    [container] = containers_of(docker_engine, "secret")
+    info = docker_engine.api.inspect_container(container["Id"])
+    assert f"TOKEN={secret}" in info["Config"]["Env"]
+    assert "PLAIN=not-secret" in info["Config"]["Env"]
+    assert '"PLAIN"' in info["Config"]["Labels"][LABEL_START]  # what recovery needs is kept
+    info["Config"]["Env"] = []
+    assert secret not in json.dumps(info)
+    assert files_holding(tmp_path, secret.encode()) == []
+
+    await first.crash()
+    second = await make_host(supervisor_id="sb-secret")
+    assert [r.job_id for r in second.supervisor.held_runs()] == ["secret"]
+    go = docker_engine.api.exec_create(container["Id"], ["touch", "/tmp/go"])
+    docker_engine.api.exec_start(go["Id"])
+    assert await second.events.wait_ended("secret") == "succeeded"
+    assert second.events.output("secret") == f"ready\n{secret} not-secret\n".encode()
 
 
 async def test_other_supervisors_containers_are_left_alone(

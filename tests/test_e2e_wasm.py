@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
-from tests.wasi import compile_c
+from tests.wasi import STEADY_WRITER, compile_c
 
 #: Writes two distinct byte patterns, including bytes that are not valid UTF-8, to stdout
 #: and stderr (sizes from argv), then exits with argv[3].
@@ -125,3 +125,35 @@ def test_a_module_that_is_not_wasm_rejects_the_job(switchboard, wasm_supervisor)
     job = wait_job(client, response.json()["id"])
     assert job["phase"] == "rejected"
     assert job["runs"][0]["error_kind"] == "image_invalid"
+
+
+def test_scratch_quota_flag(switchboard, work_dir, tmp_path):
+    """`supervisor run --wasm-scratch-mb 4`: a job writing 8 MiB to /scratch fails with
+    `scratch_limit`, one writing 2 MiB succeeds."""
+    client = switchboard.client()
+    wasm = compile_c(STEADY_WRITER, tmp_path, "steady_writer").read_bytes()
+    digest = client.post("/api/v1/artifacts", content=wasm).json()["digest"]
+    process = start_supervisor(
+        switchboard,
+        work_dir,
+        name="wasm-quota",
+        labels={"scratch": "4mb"},
+        extra_args=("--wasm-scratch-mb", "4"),
+    )
+    try:
+        wait_connected(client, "wasm-quota")
+        jobs = {}
+        for blocks in (128, 32):  # 64 KiB each
+            spec = {
+                "name": f"write-{blocks}",
+                "backend": {"kind": "wasm", "module": digest, "args": [str(blocks), "0"]},
+                "selector": {"match_labels": {"scratch": "4mb"}},
+            }
+            response = client.post("/api/v1/jobs", json=spec)
+            jobs[blocks] = wait_job(client, response.json()["id"])
+    finally:
+        process.stop()
+    [over] = jobs[128]["runs"]
+    assert (jobs[128]["phase"], over["reason"]) == ("failed", "scratch_limit"), jobs[128]
+    assert "more than the 4 MB" in over["message"]
+    assert jobs[32]["phase"] == "succeeded"

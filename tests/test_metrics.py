@@ -59,6 +59,7 @@ SUPERVISOR_METRICS = {
     "supervisor_runs_ended_total": "counter",
     "supervisor_backend_errors_total": "counter",
     "supervisor_cache_lookups_total": "counter",
+    "supervisor_limits_exceeded_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -72,6 +73,7 @@ LABEL_VALUES: dict[str, set[str]] = {
     "kind": {k.value for k in JobErrorKind},
     "cache": {"wasm_module", "docker_image"},
     "result": {"hit", "miss"},
+    "limit": {"image_unpacked", "wasm_scratch"},
 }
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
+import shutil
+import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,10 +29,12 @@ from protocol.messages import (
     SupervisorEvent,
 )
 from protocol.spec import WasmBackend as WasmSpec
+from supervisor import metrics
 from supervisor.artifacts import digest_of
 from supervisor.backends.wasm import WasmBackend
 from supervisor.jobs import BackendSupervisor
 from supervisor.wasm_cache import MAGIC, DiskCache
+from tests.harness import scaled
 from tests.recording import RecordingConnector
 from tests.test_wasm_backend import MemoryArtifacts, Run, finish
 from tests.test_wasm_backend import program as program  # the fixture
@@ -109,11 +114,11 @@ class Lab:
 async def lab_factory(program, tmp_path: Path) -> AsyncIterator[Callable[..., Lab]]:
     backends: list[WasmBackend] = []
 
-    def make(**backend_args) -> Lab:
+    def make(work_dir: Path | None = None, **backend_args) -> Lab:
         artifacts = MemoryArtifacts()
         backend = WasmBackend(artifacts, **backend_args)
         backends.append(backend)
-        return Lab(backend, artifacts, tmp_path / f"sup{len(backends)}", program)
+        return Lab(backend, artifacts, work_dir or tmp_path / f"sup{len(backends)}", program)
 
     yield make
     for backend in backends:
@@ -264,6 +269,79 @@ async def test_sleeping_costs_no_fuel(lab: Lab) -> None:
     # Fuel counts instructions, not time: a sleeper uses almost none while it sleeps.
     _, phase, _ = await lab.run("SLEEPER", "20", "5", fuel=10**8)
     assert phase == "succeeded"
+
+
+# --- scratch quota ----------------------------------------------------------------------
+
+_MB = 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A file system of 96 MiB (a tmpfs) for the supervisor's work dir: small enough for a
+    guest to fill. Mounting needs root, like the Docker tests: fails (never skips) without."""
+    if os.geteuid() != 0:
+        pytest.fail("the scratch quota tests mount a small tmpfs: run them as root", pytrace=False)
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _scratch_held(exit_: JobExit) -> float:
+    """The MB a scratch_limit exit message says /scratch held."""
+    match = re.search(r"/scratch held ([\d.]+) MB", exit_.message or "")
+    assert match, exit_
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ("unlink",), ("files", "3500")],
+    ids=["file", "deleted-but-open-file", "many-files-first"],
+)
+async def test_scratch_quota_stops_a_guest_that_fills_it(
+    lab_factory, small_disk: Path, args: tuple[str, ...]
+) -> None:
+    """On a 96 MiB file system, with a 16 MB quota: writing to a file, to a file deleted
+    while open, and after 3500 empty files (14 MB counted, and a slow walk)."""
+    lab = lab_factory(work_dir=small_disk / "work", scratch_limit_mb=16)
+    exceeded = metrics.LIMITS_EXCEEDED.labels("wasm_scratch")
+    before = exceeded._value.get()
+    job, phase, exit_ = await lab.run("FILL_SCRATCH", *args, timeout_s=scaled(20))
+    assert (phase, exit_.exit_code, exit_.reason) == ("failed", None, "scratch_limit")
+    assert "scratch quota exceeded" in (exit_.message or "") and "16 MB" in (exit_.message or "")
+    held = _scratch_held(exit_)
+    print(f"scratch quota 16 MB ({' '.join(args) or 'write'}): stopped holding {held:.1f} MB")
+    assert 16 <= held < 64  # what it wrote in the ticks before a check caught it
+    assert exceeded._value.get() == before + 1
+    assert "scratch 16 MB" in (dict(lab.rec.stages(job))["starting"] or "")
+    assert shutil.disk_usage(small_disk).used < _MB  # all gone with the run
+
+
+async def test_scratch_quota_isolates_neighbours(lab_factory, small_disk: Path) -> None:
+    """A guest filling the work dir's file system is stopped at its quota; a neighbour
+    writing a little all the while never sees "No space left on device"."""
+    lab = lab_factory(work_dir=small_disk / "work", scratch_limit_mb=16)
+    neighbour = await lab.start("STEADY_WRITER", "40", "50")
+    await lab.rec.wait_output(neighbour, b"started\n")
+    bomb = await lab.start("FILL_SCRATCH", timeout_s=scaled(20))
+    assert await lab.rec.wait_ended(neighbour) == "succeeded", lab.rec.output(neighbour, "stderr")
+    assert lab.rec.output(neighbour) == b"started\nwrote %d bytes\n" % (40 * 65536)
+    assert await lab.rec.wait_ended(bomb) == "failed"
+    assert lab.rec.exit(bomb).reason == "scratch_limit"
+
+
+async def test_scratch_quota_counts_every_file(lab_factory) -> None:
+    lab = lab_factory(scratch_limit_mb=16)  # each file counts 4 KiB at least: 4096 fit
+    job, phase, _ = await lab.run("MANY_FILES", "1000")
+    assert (phase, lab.rec.output(job)) == ("succeeded", b"created 1000\n")
+    _, phase, exit_ = await lab.run("MANY_FILES", "10000")
+    assert (phase, exit_.reason) == ("failed", "scratch_limit")
+    assert 16 <= _scratch_held(exit_) <= 10000 * 4096 / _MB
 
 
 # --- the disk cache, through the backend ------------------------------------------------

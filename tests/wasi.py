@@ -254,3 +254,99 @@ int main(void) {
     return 0;
 }
 """
+
+#: `fill_scratch [unlink | files N]`: writes 64 KiB blocks to /scratch/fill until a write
+#: fails, then prints `full after N bytes: <error>` and sleeps (keeping what it wrote) until
+#: it is stopped. With `unlink`, the file is deleted as soon as it is open: it still takes
+#: space. With `files N`, it first creates N empty files.
+FILL_SCRATCH = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static char block[65536];
+
+int main(int argc, char **argv) {
+    memset(block, 'x', sizeof block);
+    if (argc > 2 && strcmp(argv[1], "files") == 0) {
+        char name[64];
+        for (int i = 0; i < atoi(argv[2]); i++) {
+            snprintf(name, sizeof name, "/scratch/empty%d", i);
+            int empty = open(name, O_WRONLY | O_CREAT, 0644);
+            if (empty < 0) { perror("open"); return 1; }
+            close(empty);
+        }
+    }
+    int fd = open("/scratch/fill", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) { perror("open"); return 1; }
+    if (argc > 1 && strcmp(argv[1], "unlink") == 0 && unlink("/scratch/fill") != 0) {
+        perror("unlink");
+        return 1;
+    }
+    long long total = 0;
+    for (;;) {
+        ssize_t w = write(fd, block, sizeof block);
+        if (w <= 0) break;
+        total += w;
+    }
+    printf("full after %lld bytes: %s\n", total, strerror(errno));
+    fflush(stdout);
+    struct timespec second = {1, 0};
+    for (;;) nanosleep(&second, NULL);
+}
+"""
+
+#: `steady_writer BLOCKS MS`: appends BLOCKS blocks of 64 KiB to /scratch/steady, one every
+#: MS milliseconds, printing `started` after the first; then `wrote N bytes` and exits 0.
+#: Exits 1 with the error if a write fails.
+STEADY_WRITER = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+static char block[65536];
+
+int main(int argc, char **argv) {
+    int blocks = argc > 1 ? atoi(argv[1]) : 16;
+    long ms = argc > 2 ? atol(argv[2]) : 50;
+    struct timespec pause = {ms / 1000, (ms % 1000) * 1000000L};
+    int fd = open("/scratch/steady", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) { perror("open"); return 1; }
+    for (int i = 0; i < blocks; i++) {
+        if (write(fd, block, sizeof block) != (ssize_t)sizeof block) { perror("write"); return 1; }
+        if (fsync(fd) != 0) { perror("fsync"); return 1; }
+        if (i == 0) { puts("started"); fflush(stdout); }
+        nanosleep(&pause, NULL);
+    }
+    if (close(fd) != 0) { perror("close"); return 1; }
+    printf("wrote %d bytes\n", blocks * (int)sizeof block);
+    return 0;
+}
+"""
+
+#: `many_files N`: creates N empty files in /scratch, then prints `created N` and exits 0.
+MANY_FILES = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    int n = argc > 1 ? atoi(argv[1]) : 10;
+    char name[64];
+    for (int i = 0; i < n; i++) {
+        snprintf(name, sizeof name, "/scratch/f%d", i);
+        int fd = open(name, O_WRONLY | O_CREAT, 0644);
+        if (fd < 0) { perror("open"); return 1; }
+        close(fd);
+    }
+    printf("created %d\n", n);
+    return 0;
+}
+"""

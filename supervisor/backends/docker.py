@@ -1,19 +1,24 @@
 """The docker backend: runs each job in its own container on a Docker engine.
 
 What a container gets (docs/docker.md says it for users). The spec's image, command, env (plus
-the job's parameters, which win), workdir and user. Never privileged; every capability
-dropped, then those of the spec's `cap_add` that the supervisor config allows added back
-(a spec asking for one it doesn't allow is refused); no-new-privileges. Network `none` unless
-the spec asks for another one the config allows. Memory (without swap), CPU and pid limits
-from the spec, else the config's defaults; a spec asking for more than the config's maximum
-is refused. `read_only_rootfs` makes the root filesystem read-only with a writable tmpfs at
-/scratch (TMPDIR points there). The devices the run was given (supervisor.devices), and
-nothing else of the host. Docker's init as PID 1 (config `init`), so signals reach the program
-and zombies are reaped.
+the job's parameters, which win) and workdir; its user, else the config's `user`, else the
+image's (with the config's `run_as_non_root`, one that is or may be root is refused). Never
+privileged; every capability dropped, then those of the spec's `cap_add` that the supervisor
+config allows added back (a spec asking for one it doesn't allow is refused);
+no-new-privileges. Network `none` unless the spec asks for another one the config allows.
+Memory (without swap), CPU and pid limits from the spec, else the config's defaults (which
+exist unless the config turns them off: no container is unlimited by accident); a spec asking
+for more than the config's maximum is refused. `read_only_rootfs` (the spec's, or the
+config's for every container) makes the root filesystem read-only with a writable tmpfs of
+`scratch_mb` at /scratch (TMPDIR points there). The devices the run was given
+(supervisor.devices), and nothing else of the host. Docker's init as PID 1 (config `init`), so
+signals reach the program and zombies are reaped.
 
 Images. `image` names an image the engine already has (the supervisor never pulls);
 `image_artifact` names a `docker save` tarball uploaded to the switchboard. The tarball is
-fetched, checked against its digest, loaded into the engine once and remembered by digest
+downloaded to the work dir, checked against its digest, unpacked (gzip, bzip2, xz) under the
+config's `max_image_unpacked_mb`, streamed to the engine (never held in memory: see
+image_tarball), loaded once and remembered by digest
 (in memory and, with a `work_dir`, on disk, so restarts don't load it again). Before loading,
 the tarball's own tags are stripped: an artifact can't replace an image the host has under
 some name. Its images are tagged `switchboard-artifact:<digest hex>-<n>` instead, and the
@@ -34,7 +39,8 @@ signal (SIGTERM unless the image says otherwise), waits the grace period (`ctx.g
 names it. A container whose run has ended is removed: the output lives on the switchboard.
 
 Restarts. Each container is labeled with this supervisor's id, its run, the devices it holds
-and the StartJob it came from (`switchboard.start`, as JSON). After a restart, recover()
+and the StartJob it came from (`switchboard.start`, as JSON, without its secret parameters:
+their only copy on the host is the container's environment). After a restart, recover()
 lists this supervisor's containers and returns their StartJobs; resume() replays a running
 container's output from the engine's log (from byte 0 of each stream: the switchboard keeps
 only what it lacks), follows it until the container ends, then reports its real exit
@@ -70,6 +76,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import docker.types
+import msgspec
 
 from protocol import codec, limits
 from protocol.exceptions import FrameError, JobError, JobErrorKind
@@ -81,7 +88,7 @@ from supervisor.backends.base import Backend, Outcome, RunContext
 from supervisor.backends.docker_images import Image, ImageStore, explain, normalize_arch
 from supervisor.backends.docker_outcome import Stopping, outcome, stopped_early
 from supervisor.backends.docker_streams import ContainerOutput, Ended, Pipe, socket_pipe
-from supervisor.config import DeviceConfig, SupervisorConfig
+from supervisor.config import DeviceConfig, SupervisorConfig, is_non_root
 from supervisor.devices import Devices
 
 log = logging.getLogger(__name__)
@@ -103,6 +110,7 @@ CALL_THREADS = 32
 STREAM_THREADS = 4096
 
 _MB = 1024 * 1024
+_NON_ROOT_ONLY = "this supervisor runs containers only as a numeric uid other than 0"
 
 
 class DockerBackend(Backend):
@@ -133,6 +141,7 @@ class DockerBackend(Backend):
         self._images = ImageStore(
             artifacts,
             work_dir / "docker-images" if work_dir is not None else None,
+            max_unpacked_bytes=self.settings.max_image_unpacked_mb * _MB,
             client=self._client,
             call=self._call,
             engine=self._engine,
@@ -144,6 +153,8 @@ class DockerBackend(Backend):
         self._pipes: set[Pipe] = set()
         self._output = ContainerOutput(self._engine, self._pipes)
         self._closed = False
+        #: The engine's CPU count, once connected.
+        self._engine_cpus: int | None = None
 
     @property
     def artifact_loads(self) -> int:
@@ -160,6 +171,7 @@ class DockerBackend(Backend):
     async def prepare(self) -> None:
         """Connect to the engine (RuntimeError with the reason if it can't be reached)."""
         await self._client()
+        await self._images.clear_incoming()
 
     def resource_counts(self) -> dict[str, int]:
         return self.devices.resource_counts()
@@ -188,8 +200,9 @@ class DockerBackend(Backend):
             image = await ctx.unless_stopped(self._images.resolve(ctx, spec))
             if image is None:
                 return stopped_early(ctx)
+            user = self._user(spec, image)
             await ctx.stage("creating", image.description)
-            cid = await self._create(ctx, spec, image, devices, limits_)
+            cid = await self._create(ctx, spec, image, user, devices, limits_)
             if ctx.stop_flag.is_set():
                 return stopped_early(ctx)
             await ctx.stage("starting")
@@ -314,6 +327,7 @@ class DockerBackend(Backend):
                 **kwargs,
             )
             version = api.version()
+            self._engine_cpus = api.info().get("NCPU") or None
         except docker.errors.DockerException as exc:
             where = self.docker_host or os.environ.get("DOCKER_HOST") or "the default socket"
             raise RuntimeError(f"the Docker engine at {where} is not reachable: {exc}") from None
@@ -374,22 +388,41 @@ class DockerBackend(Backend):
             refused.append(f"{spec.cpus:g} CPUs (at most {s.max_cpus:g} here)")
         if spec.pids_limit is not None and s.max_pids_limit and spec.pids_limit > s.max_pids_limit:
             refused.append(f"{spec.pids_limit} processes (at most {s.max_pids_limit} here)")
+        if s.run_as_non_root and spec.user is not None and not is_non_root(spec.user):
+            refused.append(f"user {spec.user!r} ({_NON_ROOT_ONLY})")
         if refused:
             raise JobError(
                 JobErrorKind.IMAGE_NOT_COMPATIBLE, "the job asks for " + "; ".join(refused)
             )
         memory_mb = spec.memory_mb or s.default_memory_mb
-        cpus = spec.cpus or s.default_cpus
+        cpus = spec.cpus
+        if cpus is None and s.default_cpus:
+            # The engine refuses more CPUs than it has: a default must fit any host.
+            cpus = min(s.default_cpus, self._engine_cpus or s.default_cpus)
         result: dict[str, Any] = {
             "network_mode": spec.network,
             "pids_limit": spec.pids_limit or s.default_pids_limit,
         }
-        if memory_mb is not None:
+        if memory_mb:
             # Swap limit = memory limit: the limit means memory, not memory plus swap.
             result["mem_limit"] = result["memswap_limit"] = memory_mb * _MB
-        if cpus is not None:
+        if cpus:
             result["nano_cpus"] = round(cpus * 1e9)
         return result
+
+    def _user(self, spec: DockerSpec, image: Image) -> str | None:
+        """Who the container runs as (None: the image's user); JobError if the config wants
+        no root and that would be root, or can't be told from root."""
+        user = spec.user or self.settings.user
+        runs_as = user or image.user or "root"  # an image without USER runs as root
+        if self.settings.run_as_non_root and not is_non_root(runs_as):
+            whose = "user" if user else "the image's user"
+            raise JobError(
+                JobErrorKind.IMAGE_NOT_COMPATIBLE,
+                f"{image.description} would run as {whose} {runs_as!r}: {_NON_ROOT_ONLY} "
+                '(set `user`, e.g. "1000:1000")',
+            )
+        return user
 
     # --- containers --------------------------------------------------------------------
 
@@ -398,6 +431,7 @@ class DockerBackend(Backend):
         ctx: RunContext,
         spec: DockerSpec,
         image: Image,
+        user: str | None,
         devices: list[DeviceConfig],
         limits_: dict[str, Any],
     ) -> str:
@@ -405,7 +439,8 @@ class DockerBackend(Backend):
         s = self.settings
         env = {**spec.env, **ctx.env}
         tmpfs = None
-        if spec.read_only_rootfs:
+        read_only = spec.read_only_rootfs or s.read_only_rootfs
+        if read_only:
             tmpfs = {SCRATCH: f"rw,exec,nosuid,nodev,mode=1777,size={s.scratch_mb}m"}
             env.setdefault("TMPDIR", SCRATCH)
         group_add: list[str] = []
@@ -419,7 +454,7 @@ class DockerBackend(Backend):
             cap_drop=["ALL"],
             cap_add=list(spec.cap_add) or None,
             security_opt=["no-new-privileges"],
-            read_only=spec.read_only_rootfs,
+            read_only=read_only,
             tmpfs=tmpfs,
             devices=[f"{d.path}:{d.target}:{d.permissions}" for d in devices] or None,
             group_add=group_add or None,
@@ -434,7 +469,7 @@ class DockerBackend(Backend):
             LABEL_SUPERVISOR: self.supervisor_id,
             LABEL_JOB: ctx.run.job_id,
             LABEL_ATTEMPT: str(ctx.run.attempt),
-            LABEL_START: codec.encode(ctx.start).decode(),
+            LABEL_START: codec.encode(_without_secrets(ctx.start)).decode(),
             LABEL_DEVICES: ",".join(d.name for d in devices),
         }
         name = _container_name(self.supervisor_id, ctx.run)
@@ -445,7 +480,7 @@ class DockerBackend(Backend):
                 command=list(spec.command) or None,
                 environment=env,
                 working_dir=spec.workdir,
-                user=spec.user,
+                user=user,
                 labels=labels,
                 host_config=host_config,
                 name=name,
@@ -582,6 +617,13 @@ def _docker_spec(start: StartJob) -> DockerSpec:
             JobErrorKind.IMAGE_NOT_COMPATIBLE, f"the docker backend got a {spec.kind} job"
         )
     return spec
+
+
+def _without_secrets(start: StartJob) -> StartJob:
+    """The StartJob as a label may hold it: anyone who may use the engine reads labels, and
+    a re-adopted container already has its environment, so secret parameters are left out."""
+    kept = {name: p for name, p in start.parameters.items() if not p.secret}
+    return msgspec.structs.replace(start, parameters=kept)
 
 
 def _owner(run: RunRef) -> str:

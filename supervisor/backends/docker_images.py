@@ -1,22 +1,24 @@
 """Docker images for the docker backend: which image a spec names, and artifact tarballs.
 
-Why a module of its own: loading an artifact is a small pipeline (fetch, verify, strip the
-tarball's tags, `docker load`, tag as `switchboard-artifact:<digest hex>-<n>`, remember the
-digest) with its own state (what is loaded, who is loading it, the on-disk index that lets a
-restarted supervisor skip the load), none of which the container lifecycle needs to see.
-Stripping the tags is what keeps an artifact from replacing an image the host has under
-some name. docker.py's docstring says what users get.
+Why a module of its own: loading an artifact is a small pipeline (download to disk and
+verify, unpack under a size cap, strip the tarball's tags, stream it to `docker load`, tag
+as `switchboard-artifact:<digest hex>-<n>`, remember the digest) with its own state (what
+is loaded, who is loading it, the on-disk index that lets a restarted supervisor skip the
+load), none of which the container lifecycle needs to see. Stripping the tags is what keeps
+an artifact from replacing an image the host has under some name; the size cap and the
+streaming (image_tarball) are what keep an artifact from filling the supervisor's memory.
+docker.py's docstring says what users get.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
+import contextlib
 import logging
 import os
-import tarfile
-from collections.abc import Awaitable, Callable
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,23 +31,28 @@ from protocol.exceptions import JobError, JobErrorKind
 from protocol.limits import clip_message
 from protocol.spec import DockerBackend as DockerSpec
 from supervisor import metrics
-from supervisor.artifacts import ArtifactSource, verify
+from supervisor.artifacts import ArtifactSource, ArtifactTooBig
 from supervisor.backends.base import RunContext
+from supervisor.backends.image_tarball import Tarball, UnpackedTooBig, unpack
 from supervisor.keylocks import KeyLocks
 
 log = logging.getLogger(__name__)
 
 #: Repository under which images loaded from artifacts are tagged.
 ARTIFACT_REPOSITORY = "switchboard-artifact"
+#: Under the image dir: one directory per artifact being loaded.
+_INCOMING = "incoming"
 
 
 @dataclass(frozen=True)
 class Image:
-    """An image ready to run: its engine id and the signal that asks it to stop."""
+    """An image ready to run: its engine id, the signal that asks it to stop, and the user
+    it runs as ("" for root)."""
 
     id: str
     stop_signal: str
     description: str
+    user: str = ""
 
 
 class Artifact(msgspec.Struct):
@@ -68,12 +75,14 @@ class ImageStore:
         artifacts: ArtifactSource,
         image_dir: Path | None,
         *,
+        max_unpacked_bytes: int,
         client: Callable[[], Awaitable[docker.APIClient]],
         call: Callable[..., Awaitable[Any]],
         engine: Callable[[], docker.APIClient],
     ) -> None:
         self._artifacts = artifacts
         self._image_dir = image_dir
+        self._max_unpacked = max_unpacked_bytes
         self._client = client
         self._call = call
         self._engine = engine
@@ -120,8 +129,9 @@ class ImageStore:
                 clip_message(f"image {image_id!r}: {explain(exc)}") or "",
             ) from None
         self._check_platform(info.get("Os"), info.get("Architecture"), described)
-        stop_signal = (info.get("Config") or {}).get("StopSignal") or "SIGTERM"
-        return Image(info["Id"], stop_signal, described)
+        config = info.get("Config") or {}
+        stop_signal = config.get("StopSignal") or "SIGTERM"
+        return Image(info["Id"], stop_signal, described, config.get("User") or "")
 
     def _check_platform(self, os_name: str | None, arch: str | None, what: str) -> None:
         if os_name and os_name != "linux":
@@ -147,17 +157,25 @@ class ImageStore:
                 await ctx.stage("fetching", f"image artifact {digest[:19]}: loaded earlier")
                 return known
             metrics.cache_lookup("docker_image", hit=False)
-            await ctx.stage("fetching", f"image artifact {digest}")
-            data = verify(digest, await self._artifacts.fetch(digest))
-            tarball, entries = await self._call(untagged, data)
-            del data
-            for _, config in entries:
-                self._check_platform(
-                    config.get("os"), config.get("architecture"), f"artifact {digest[:19]}"
-                )
-            await ctx.stage("loading", f"{len(tarball)} bytes into the engine")
-            await self._call(self._load, tarball)
-            del tarball
+            async with self._incoming() as incoming:
+                await ctx.stage("fetching", f"image artifact {digest}")
+                try:
+                    await self._artifacts.download(
+                        digest, incoming / "artifact", self._max_unpacked
+                    )
+                    tarball = await self._call(self._open, incoming)
+                except (ArtifactTooBig, UnpackedTooBig) as exc:
+                    metrics.limit_exceeded("image_unpacked")
+                    log.warning("run %s#%d: %s", ctx.run.job_id, ctx.run.attempt, exc)
+                    raise
+                entries = tarball.images
+                for _, config in entries:
+                    self._check_platform(
+                        config.get("os"), config.get("architecture"), f"artifact {digest[:19]}"
+                    )
+                size = await self._call(lambda: tarball.path.stat().st_size)
+                await ctx.stage("loading", f"{size} bytes into the engine")
+                await self._call(self._load, tarball)
             hex_ = digest.removeprefix("sha256:")
             artifact = Artifact(images=[image_id for image_id, _ in entries])
             for n, (image_id, config) in enumerate(entries):
@@ -185,10 +203,37 @@ class ImageStore:
                 return False
         return True
 
-    def _load(self, tarball: bytes) -> None:
-        """`docker load` (worker thread); JobError(image_invalid) if the engine refuses."""
+    def _open(self, incoming: Path) -> Tarball:
+        """The downloaded artifact, unpacked under the cap and indexed (worker thread)."""
+        path = unpack(incoming / "artifact", incoming / "unpacked.tar", self._max_unpacked)
+        return Tarball(path)
+
+    @contextlib.asynccontextmanager
+    async def _incoming(self) -> AsyncIterator[Path]:
+        """A directory of its own for one artifact's files while it is loaded, removed
+        afterwards: under the work dir (`incoming/<pid>-<random>`), else the system's."""
+        if self._image_dir is None:
+            directory = Path(await self._call(tempfile.mkdtemp, prefix="sb-image-"))
+        else:
+            name = f"{os.getpid()}-{secrets.token_hex(8)}"
+            directory = self._image_dir / _INCOMING / name
+            await self._call(directory.mkdir, parents=True)
         try:
-            for item in self._engine().load_image(tarball):
+            yield directory
+        finally:
+            await self._call(shutil.rmtree, directory, True)
+
+    async def clear_incoming(self) -> None:
+        """Remove what processes that died mid-load left (another process sharing the
+        work dir may be loading now: its files stay)."""
+        if self._image_dir is not None:
+            await self._call(_remove_orphans, self._image_dir / _INCOMING)
+
+    def _load(self, tarball: Tarball) -> None:
+        """`docker load` (worker thread), streaming the tarball without its tags;
+        JobError(image_invalid) if the engine refuses."""
+        try:
+            for item in self._engine().load_image(tarball.stream()):
                 if isinstance(item, dict) and item.get("error"):
                     raise JobError(
                         JobErrorKind.IMAGE_INVALID,
@@ -224,6 +269,27 @@ class ImageStore:
             log.warning("could not store the image index of %s: %s", digest, exc)
 
 
+def _remove_orphans(incoming: Path) -> None:
+    try:
+        entries = list(incoming.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name.partition("-")[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def explain(exc: docker.errors.APIError) -> str:
     explanation = exc.explanation
     if isinstance(explanation, bytes):
@@ -242,69 +308,3 @@ def normalize_ref(ref: str) -> str:
 
 def normalize_arch(arch: str) -> str:
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
-
-
-def untagged(data: bytes) -> tuple[bytes, list[tuple[str, dict[str, Any]]]]:
-    """A `docker save` tarball without its tags (worker thread), and per image its engine id
-    and config (with the removed tags under `_repo_tags`). JobError(image_invalid) if it
-    isn't one."""
-    try:
-        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
-        members = archive.getmembers()
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise JobError(JobErrorKind.IMAGE_INVALID, f"not an image tarball: {exc}") from None
-    by_name = {_member_name(m.name): m for m in members}
-
-    def read(name: str) -> bytes:
-        member = by_name.get(_member_name(name))
-        extracted = archive.extractfile(member) if member is not None else None
-        if extracted is None:
-            raise JobError(JobErrorKind.IMAGE_INVALID, f"the image tarball lacks {name}")
-        return extracted.read()
-
-    try:
-        manifest = json.loads(read("manifest.json"))
-        if not isinstance(manifest, list) or not manifest:
-            raise ValueError("manifest.json lists no images")
-        entries: list[tuple[str, dict[str, Any]]] = []
-        for item in manifest:
-            config_bytes = read(item["Config"])
-            config = json.loads(config_bytes)
-            if not isinstance(config, dict):
-                raise ValueError(f"{item['Config']} is not an image config")
-            config["_repo_tags"] = [str(t) for t in item.get("RepoTags") or []]
-            item["RepoTags"] = None
-            entries.append(("sha256:" + hashlib.sha256(config_bytes).hexdigest(), config))
-        index = json.loads(read("index.json")) if "index.json" in by_name else None
-    except JobError:
-        raise
-    except (ValueError, KeyError, TypeError, tarfile.TarError, OSError) as exc:
-        raise JobError(
-            JobErrorKind.IMAGE_INVALID, clip_message(f"not a usable image tarball: {exc}") or ""
-        ) from None
-    if isinstance(index, dict):  # OCI layout: names live in annotations
-        for descriptor in index.get("manifests") or []:
-            annotations = descriptor.get("annotations") if isinstance(descriptor, dict) else None
-            if isinstance(annotations, dict):
-                annotations.pop("io.containerd.image.name", None)
-                annotations.pop("org.opencontainers.image.ref.name", None)
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as rewritten:
-        for member in members:
-            name = _member_name(member.name)
-            if name == "repositories":
-                continue
-            if name in ("manifest.json", "index.json") and member.isfile():
-                body = json.dumps(manifest if name == "manifest.json" else index).encode()
-                replaced = tarfile.TarInfo(member.name)
-                replaced.size = len(body)
-                replaced.mode = member.mode
-                replaced.mtime = member.mtime
-                rewritten.addfile(replaced, io.BytesIO(body))
-                continue
-            rewritten.addfile(member, archive.extractfile(member) if member.isfile() else None)
-    return out.getvalue(), entries
-
-
-def _member_name(name: str) -> str:
-    return name.removeprefix("./").rstrip("/")

@@ -14,6 +14,9 @@ Limits. Each ends the run with its own outcome:
   linear memory may grow up to it. Past it `memory.grow` fails (malloc returns NULL and the
   guest decides what to do); a module whose *initial* memory is already larger can't be
   instantiated: reason "memory_limit";
+- the backend's `scratch_limit_mb`: once /scratch holds more, the guest is killed (and a
+  guest that ends holding more fails too): reason "scratch_limit". Measured, not enforced
+  by a file system: wasm_scratch says why and by how much a guest can overshoot;
 - a trap: reason "trap", with the trap message and wasm backtrace.
 
 Modules. Compiled modules live in an in-memory LRU (`module_cache_size`) in front of an
@@ -72,6 +75,7 @@ from supervisor import metrics
 from supervisor.artifacts import ArtifactSource, digest_of, verify
 from supervisor.backends.base import Backend, Outcome, RunContext
 from supervisor.backends.wasi_host import guest_of_thread, make_linker
+from supervisor.backends.wasm_scratch import ScratchQuota
 from supervisor.keylocks import KeyLocks
 from supervisor.wasm_cache import DiskCache
 
@@ -127,6 +131,7 @@ class _Sandbox:
     env: dict[str, str]
     stdin: bytes
     scratch: Path  # on the host
+    scratch_bytes: int
     memory_bytes: int
     fuel: int | None
 
@@ -142,11 +147,16 @@ class WasmBackend(Backend):
         cache_max_bytes: int = 512 * _MB,
         module_cache_size: int = 64,
         memory_limit_mb: int = 1024,
+        scratch_limit_mb: int = 1024,
     ) -> None:
         if module_cache_size < 0:
             raise ValueError("module_cache_size must be >= 0")
         if not 1 <= memory_limit_mb <= 4096:
             raise ValueError("memory_limit_mb must be between 1 and 4096")
+        if scratch_limit_mb < 1:
+            raise ValueError("scratch_limit_mb must be at least 1")
+        #: Most a guest's /scratch may hold (every run gets this quota).
+        self.scratch_limit_mb = scratch_limit_mb
         self._artifacts = artifacts
         self._flavours: dict[bool, _Flavour] = {False: _Flavour("epoch", fuel=False)}
         #: The engines the ticker advances (replaced, never mutated: the ticker reads it).
@@ -185,6 +195,7 @@ class WasmBackend(Backend):
             limits += f" (this host's maximum; the job asked for {spec.memory_limit_mb} MB)"
         if spec.fuel is not None:
             limits += f", fuel {spec.fuel}"
+        limits += f", scratch {self.scratch_limit_mb} MB"
         await ctx.stage("starting", limits)
         self._start_ticker()
         guest = _Guest(ctx)
@@ -193,6 +204,7 @@ class WasmBackend(Backend):
             env={**spec.env, **ctx.env},  # parameters win over the spec's env
             stdin=spec.stdin,
             scratch=ctx.work_dir / "scratch",
+            scratch_bytes=self.scratch_limit_mb * _MB,
             memory_bytes=memory_mb * _MB,
             fuel=spec.fuel,
         )
@@ -203,6 +215,8 @@ class WasmBackend(Backend):
             )
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             guest.close()
+            if guest.kill_reason == "scratch_limit":  # a start function wrote too much
+                return self._scratch_exceeded(ctx, guest.stopped())
             if _LIMIT_ERROR.search(str(exc)):
                 return Outcome(
                     exit_code=None,
@@ -229,7 +243,16 @@ class WasmBackend(Backend):
         future = loop.run_in_executor(self._pool, guest.call_start)
         self._active[guest] = future
         future.add_done_callback(lambda _: self._active.pop(guest, None))
-        return await _wait_guest(ctx, guest, future)
+        outcome = await _wait_guest(ctx, guest, future)
+        if outcome.reason == "scratch_limit":
+            return self._scratch_exceeded(ctx, outcome)
+        return outcome
+
+    @staticmethod
+    def _scratch_exceeded(ctx: RunContext, outcome: Outcome) -> Outcome:
+        metrics.limit_exceeded("wasm_scratch")
+        log.warning("run %s#%d: %s", ctx.run.job_id, ctx.run.attempt, outcome.message)
+        return outcome
 
     async def close(self) -> None:
         self._closed = True
@@ -425,6 +448,7 @@ class _Guest:
         #: Host monotonic time at which the guest's monotonic clock reads 0 (for poll_oneoff).
         self.clock_base_ns = 0
         self.sandbox: _Sandbox | None = None
+        self.quota: ScratchQuota | None = None
         self._store: wasmtime.Store | None = None
         self._start: wasmtime.Func | None = None
         self._memory: wasmtime.Memory | None = None
@@ -437,6 +461,7 @@ class _Guest:
         """Create the store and instance (worker thread)."""
         self.sandbox = sandbox
         sandbox.scratch.mkdir(parents=True, exist_ok=True)
+        self.quota = ScratchQuota(sandbox.scratch, sandbox.scratch_bytes, min_interval_s=TICK_S)
         store = self._store = wasmtime.Store(engine)
         ffi.wasmtime_store_epoch_deadline_callback(
             store.ptr(), self._on_deadline, None, _NO_FINALIZER
@@ -488,6 +513,8 @@ class _Guest:
         if self.kill.is_set():
             # Even if it then ended by itself: a guest whose sleep a stop cut short is killed.
             return self.stopped()
+        if self._over_scratch_quota(final=True):  # its last writes count too
+            return self.stopped("scratch_limit")
         if code is not None:
             return Outcome(exit_code=code, message=note if code else None)
         if isinstance(trap, wasmtime.Trap) and trap.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
@@ -497,6 +524,13 @@ class _Guest:
 
     def stopped(self, kill_reason: str | None = None) -> Outcome:
         reason = self.ctx.stop_reason or kill_reason or self.kill_reason or "canceled"
+        if reason == "scratch_limit" and self.quota is not None:
+            return Outcome(
+                exit_code=None,
+                reason=reason,
+                message=f"scratch quota exceeded: /scratch held {self.quota.used / _MB:.1f} MB, "
+                f"more than the {self.quota.limit // _MB} MB a run may write there",
+            )
         return Outcome(exit_code=None, reason=reason)
 
     def out_of_fuel(self) -> Outcome:
@@ -538,9 +572,24 @@ class _Guest:
             self.kill.set()
             error = ffi.wasmtime_error_new(b"the run was stopped")
             return ctypes.cast(error, ctypes.c_void_p).value or 0
+        if self._over_scratch_quota():
+            self.kill_reason = "scratch_limit"
+            self.kill.set()
+            error = ffi.wasmtime_error_new(b"the guest wrote more than its scratch quota")
+            return ctypes.cast(error, ctypes.c_void_p).value or 0
         delta[0] = 1
         kind[0] = _UPDATE_DEADLINE_CONTINUE
         return 0
+
+    def _over_scratch_quota(self, final: bool = False) -> bool:
+        """Whether /scratch holds more than the quota: measured if due (at the end, now)."""
+        if self.quota is None:
+            return False
+        try:
+            return self.quota.check_now() if final else self.quota.check()
+        except Exception:  # a measurement must never break the callback or the outcome
+            log.exception("scratch quota check failed")
+            return False
 
     def _writer(self, stream: Stream) -> Callable[[bytes], int]:
         def write(data: bytes) -> int:
