@@ -57,8 +57,9 @@ async def serve(settings: Settings) -> None:
         ws_ping_interval=None,  # liveness is the protocol's Heartbeat
         lifespan="on",
         log_level="warning",
-        # JSON logs: no uvicorn handlers of its own, its records go to the root's JSON one.
-        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+        # No uvicorn handlers of its own: its records go to the root's (protocol.logfmt),
+        # which makes what peers put in them safe.
+        log_config=None,
         access_log=False,
         ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
