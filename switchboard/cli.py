@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from protocol import logfmt
+from protocol.spec import MAX_TIMEOUT_S
 from switchboard.admin_cli import add_admin_commands, data_dir
 from switchboard.config import Settings
 from switchboard.jobs_cli import add_job_commands
@@ -27,12 +28,24 @@ def _serve(args: argparse.Namespace) -> int:
             max_queued_jobs=args.max_queued,
             aging_s=args.aging,
             run_timeout_grace_s=args.run_timeout_grace,
+            default_run_timeout_s=args.default_run_timeout or None,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             log_format=args.log_format,
         )
     )
     return 0
+
+
+def _run_timeout(text: str) -> float:
+    """0 (no default) or a timeout a spec could give itself (> 0, at most 7 days)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if seconds == 0 or 0 < seconds <= MAX_TIMEOUT_S:
+        return seconds
+    raise argparse.ArgumentTypeError(f"{text!r}: 0 or seconds up to {MAX_TIMEOUT_S:.0f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long past a run's timeout the switchboard ends it itself if its supervisor "
         "has not reported the end (silent or gone)",
+    )
+    serve.add_argument(
+        "--default-run-timeout",
+        type=_run_timeout,
+        default=3600.0,
+        metavar="SECONDS",
+        help="the run timeout of a job whose spec gives none (default 3600; 0: none)",
     )
     serve.add_argument("--tls-cert", help="PEM certificate: serve https and wss")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")

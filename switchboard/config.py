@@ -29,6 +29,9 @@ class Settings(msgspec.Struct):
     #: How long after a run's timeout the switchboard ends it itself if its supervisor
     #: has not (silent, or gone): the supervisor's own timer normally wins.
     run_timeout_grace_s: float = 30.0
+    #: The run timeout a submitted spec without `timeout_s` gets (None: such runs have
+    #: none), written into the spec, so a spinning job can't hold a slot forever.
+    default_run_timeout_s: float | None = 3600.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: "text" or "json" (protocol.logfmt).

@@ -82,9 +82,18 @@ def _check_artifacts(state: AppState, spec: JobSpec, where: str = "") -> None:
             )
 
 
+def _with_run_timeout(spec: JobSpec, default_s: float | None) -> JobSpec:
+    """The spec, with the switchboard's default run timeout if it names none (written into
+    the stored spec: the job shows the limit it runs under, and every run gets it)."""
+    if spec.timeout_s is not None or default_s is None:
+        return spec
+    return msgspec.structs.replace(spec, timeout_s=default_s)
+
+
 async def _queue(state: AppState, specs: list[JobSpec], who: str) -> list[Submitted]:
     """Store the jobs (all or none) through the dispatcher, stop the runs they replace."""
-    jobs = [(new_job_id(), spec) for spec in specs]
+    default_s = state.settings.default_run_timeout_s
+    jobs = [(new_job_id(), _with_run_timeout(spec, default_s)) for spec in specs]
     try:
         made = await state.dispatcher.submit(jobs, who, state.settings.max_queued_jobs)
     except QueueFull as exc:
