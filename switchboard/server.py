@@ -4,8 +4,11 @@ on a socket we bind ourselves so `--port 0` works and the real address can be pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import gc
 import logging
+import resource
 import socket
 import ssl
 from collections.abc import Callable
@@ -18,6 +21,7 @@ from protocol import logfmt
 from protocol.limits import MAX_FRAME_BYTES
 from switchboard.app import create_app
 from switchboard.config import Settings
+from switchboard.http_limits import ConnectionTable, HttpLimits, LimitedHttpProtocol
 
 log = logging.getLogger("switchboard")
 
@@ -48,10 +52,19 @@ class _Server(uvicorn.Server):
 async def serve(settings: Settings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
+    limits = HttpLimits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=settings.max_connections,
+    )
     config = uvicorn.Config(
         app,
         loop="none",  # we run uvicorn inside our own uvloop loop
-        http="httptools",
+        # httptools with the limits uvicorn lacks (header size, header and body timeouts,
+        # a connection cap).
+        http=functools.partial(LimitedHttpProtocol, table=ConnectionTable(limits)),
+        timeout_keep_alive=settings.keep_alive_s,
         ws="websockets-sansio",
         ws_max_size=MAX_FRAME_BYTES,
         ws_ping_interval=None,  # liveness is the protocol's Heartbeat
@@ -103,8 +116,27 @@ def check_tls(settings: Settings) -> None:
         ) from None
 
 
+def allow_open_files(settings: Settings) -> None:
+    """Raise the soft limit on open files to the hard one: --max-connections (and every
+    supervisor's WebSocket) needs a descriptor each, and the default soft limit is often
+    1024. Say so if even the hard limit leaves too few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < settings.max_connections + 256:
+        log.warning(
+            "only %d open files are allowed (ulimit -n): fewer connections than"
+            " --max-connections %d can be served",
+            soft,
+            settings.max_connections,
+        )
+
+
 def run(settings: Settings) -> None:
     check_tls(settings)
     logfmt.configure(settings.log_format)
+    allow_open_files(settings)
     gc.freeze()  # the imported code lives as long as the process; don't rescan it
     uvloop.run(serve(settings))

@@ -48,6 +48,8 @@ SWITCHBOARD_METRICS = {
     "switchboard_zombie_runs_stopped_total": "counter",
     "switchboard_runs_placed_total": "counter",
     "switchboard_store_commit_seconds": "histogram",
+    "switchboard_http_connections": "gauge",
+    "switchboard_http_refusals_total": "counter",
 }
 #: Every metric of a supervisor.
 SUPERVISOR_METRICS = {
@@ -71,6 +73,14 @@ LABEL_VALUES: dict[str, set[str]] = {
     "kind": {k.value for k in JobErrorKind},
     "cache": {"wasm_module", "docker_image"},
     "result": {"hit", "miss"},
+    "reason": {
+        "header_too_large",
+        "header_timeout",
+        "body_timeout",
+        "connection_cap",
+        "slow_head_evicted",
+        "bad_request",
+    },
 }
 
 
