@@ -12,8 +12,12 @@ is that protocol with the missing limits (docs/server.md):
   408 (or the connection closed, if a response has started);
 - at most `max_connections` HTTP connections are open. At the cap, a new connection takes
   the place of the one that has been sending its head the longest, if that has taken more
-  than EVICT_AFTER_S (a slow-loris holds connections exactly that way); if none has, the
-  new connection gets 503.
+  than EVICT_AFTER_S (a slow-loris holds connections exactly that way), else of the one
+  idle the longest between keep-alive requests, if that has been idle that long (a cheap
+  request now and then holds a connection too); if there is none, it gets 503. A
+  connection waiting for its response, or reading one, is never closed to make room.
+- a response sent before its request's body was read (a refusal by the API) ends the
+  connection: the rest of the body is not read and thrown away.
 
 The idle keep-alive timeout is uvicorn's own (`timeout_keep_alive`). A connection upgraded
 to a WebSocket (a supervisor) leaves all of this at the upgrade: it is no longer counted,
@@ -23,8 +27,9 @@ Theory of operation: a connection is in one phase at a time.
 
     head     a head is arriving, or is awaited on a new connection (timer, byte count)
     body     the head is in, the body is arriving (gap timer)
-    between  the request is read; its response may still be going out. Nothing runs
-             here but uvicorn's keep-alive timer; the next byte starts a head.
+    between  the request is read; its response may still be going out, and once it has,
+             the connection is idle (uvicorn's keep-alive timer). The next byte starts
+             a head.
     refused  answered with an error and half-closed (not over TLS); what arrives is
              read and dropped until the peer closes, or LINGER_S (so the peer reads the
              answer rather than a reset). Every refusal is counted by reason and logged
@@ -77,7 +82,8 @@ class Phase(enum.Enum):
 
 
 class _Refusal(msgspec.Struct, frozen=True):
-    status: int
+    #: None: the connection is closed without a response.
+    status: int | None
     kind: str
     message: str
 
@@ -105,11 +111,14 @@ def _refusals(limits: HttpLimits) -> dict[str, _Refusal]:
             "timeout",
             "closed to make room for a new connection: this request head was the slowest",
         ),
+        # Idle: closed without a word, as the keep-alive timeout does.
+        "idle_evicted": _Refusal(None, "", "closed to make room for a new connection"),
         "bad_request": _Refusal(400, "invalid_request", "invalid HTTP request"),
     }
 
 
 def _response(refusal: _Refusal, detail: str | None) -> bytes:
+    assert refusal.status is not None
     message = f"{refusal.message}: {detail}" if detail else refusal.message
     body = msgspec.json.encode(ErrorBody(refusal.kind, message))
     head = [
@@ -133,26 +142,32 @@ _PHRASES = {
 
 class ConnectionTable:
     """The HTTP connections of one server: how many are open, which are reading a head
-    (oldest first), and the refused ones being closed."""
+    and which are idle (each oldest first), and the refused ones being closed."""
 
     def __init__(self, limits: HttpLimits) -> None:
         self.limits = limits
         self.refusals = _refusals(limits)
         self.open = 0
-        #: Connections reading a head, by when it started; insertion order is age order.
+        #: Connections reading a head, by when it started, and idle connections, by when
+        #: they became idle; insertion order is age order.
         self.heads: dict[LimitedHttpProtocol, float] = {}
+        self.idle: dict[LimitedHttpProtocol, float] = {}
         #: Refused connections being closed: beyond this many, one is closed at once.
         self.lingering = 0
         self.max_lingering = max(16, limits.max_connections // 8)
         self.log = RateLimitedLog(log)
 
     def admit(self, now: float) -> bool:
-        """Take a slot for a new connection, making room if a slow head holds one."""
+        """Take a slot for a new connection, making room if a slow head or an idle
+        connection holds one."""
         if self.open >= self.limits.max_connections:
-            oldest = next(iter(self.heads.items()), None)
-            if oldest is None or now - oldest[1] < EVICT_AFTER_S:
+            for waiting, reason in ((self.heads, "slow_head_evicted"), (self.idle, "idle_evicted")):
+                oldest = next(iter(waiting.items()), None)
+                if oldest is not None and now - oldest[1] >= EVICT_AFTER_S:
+                    oldest[0].refuse(reason)
+                    break
+            else:
                 return False
-            oldest[0].refuse("slow_head_evicted")
         self.open += 1
         metrics.HTTP_CONNECTIONS.set(self.open)
         return True
@@ -237,6 +252,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.phase is Phase.REFUSED:
             return  # lingering: dropped
         if self.phase is Phase.BETWEEN:
+            self.table.idle.pop(self, None)
             self._start_head()
         if self.phase is Phase.HEAD:
             self._head_bytes += len(data)
@@ -285,6 +301,20 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._set_timer(None)
         super().on_message_complete()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.phase is Phase.REFUSED or self.transport.is_closing():
+            return
+        if not self.cycle.response_complete:
+            return  # a pipelined request is being answered now
+        if self.phase is Phase.BODY:
+            # Answered (refused, surely) before its body was read: don't read the rest.
+            self.phase = Phase.REFUSED
+            self._leave()
+            self._close_lingering()
+        elif self.phase is Phase.BETWEEN and not self.pipeline:
+            self.table.idle[self] = self.loop.time()
+
     def handle_websocket_upgrade(self) -> None:
         self.phase = Phase.UPGRADED
         self._leave()
@@ -307,13 +337,20 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             reason, "refused %s (%s): %s", client, reason, detail or refusal.message
         )
         cycle = self.cycle
-        answer = cycle is None or cycle.response_complete or not cycle.response_started
+        answer = refusal.status is not None and (
+            cycle is None or cycle.response_complete or not cycle.response_started
+        )
         if cycle is not None and not cycle.response_complete:
             # The app's receive() now says the client left, and its sends go nowhere.
             cycle.disconnected = True
             cycle.message_event.set()
         if answer:
             self.transport.write(_response(refusal, detail))
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        """Half-close, and read and drop what still comes for LINGER_S (the peer reads
+        what we sent instead of a reset), or close at once if too many linger already."""
         self.flow.resume_reading()
         if self.table.lingering < self.table.max_lingering:
             self.table.lingering += 1
@@ -328,6 +365,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         """Stop the timer and give the slot back (refused, upgraded or gone)."""
         self._set_timer(None)
         self.table.heads.pop(self, None)
+        self.table.idle.pop(self, None)
         if self._admitted:
             self._admitted = False
             self.table.release()

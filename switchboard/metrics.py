@@ -85,6 +85,7 @@ HTTP_REFUSAL_REASONS = (
     "body_timeout",
     "connection_cap",
     "slow_head_evicted",
+    "idle_evicted",
     "bad_request",
 )
 HTTP_CONNECTIONS = Gauge(
@@ -95,7 +96,7 @@ HTTP_CONNECTIONS = Gauge(
 )
 HTTP_REFUSALS = Counter(
     "switchboard_http_refusals_total",
-    "HTTP connections answered with an error and closed by a limit, by reason.",
+    "HTTP connections closed by a limit (answered with an error, but for idle_evicted), by reason.",
     ["reason"],
     registry=REGISTRY,
 )

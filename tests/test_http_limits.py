@@ -336,7 +336,9 @@ def test_connections_past_the_cap_are_refused_and_supervisors_still_get_in(cappe
     first = start_supervisor(capped, work_dir, name="cap-noop-1", backend="noop")
     stalled: list[socket.socket] = []
     lorises: list[_SlowLoris] = []
+    idle: list[socket.socket] = []
     second: Process | None = None
+    third: Process | None = None
     try:
         wait_connected(client, "cap-noop-1")
 
@@ -387,14 +389,49 @@ def test_connections_past_the_cap_are_refused_and_supervisors_still_get_in(cappe
         for loris in lorises:
             loris.step()
         assert sum(loris.closed_at is None for loris in lorises) >= CAP - 3
+
+        # Idle keep-alive connections, each kept by a cheap request now and then, hold
+        # the slots: a new supervisor takes the place of the one idle the longest.
+        for loris in lorises:
+            loris.sock.close()
+        wait_for(
+            lambda: "switchboard_http_connections 1.0" in client.get("/metrics").text,
+            "the slow heads to close",
+        )
+        for _ in range(CAP - 1):
+            sock = _open(capped)
+            sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _status(_one_response(sock)) == 200
+            idle.append(sock)
+        time.sleep(1.5)
+        third = start_supervisor(capped, work_dir, name="cap-noop-3", backend="noop")
+        wait_connected(client, "cap-noop-3")
+        assert _refusals(client, "idle_evicted") >= 1
+        job = client.post("/api/v1/jobs", json=spec).json()["id"]
+        assert wait_job(client, job)["phase"] == "succeeded"
     finally:
-        for sock in stalled:
+        for sock in stalled + idle:
             sock.close()
         for loris in lorises:
             loris.sock.close()
-        first.stop()
-        if second is not None:
-            second.stop()
+        for process in (first, second, third):
+            if process is not None:
+                process.stop()
+
+
+def test_a_body_answered_before_it_is_read_is_not_read(capped):
+    """A refusal of the API (here 401) ends the connection at once: the switchboard does
+    not read, to throw away, the rest of a body it will never use."""
+    sock = _open(capped)
+    start = time.monotonic()
+    sock.sendall(
+        b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000000000\r\n\r\n" + b"x" * 1024
+    )
+    response = _until_closed(sock, timeout=10)
+    sock.close()
+    assert _status(response) == 401
+    assert time.monotonic() - start < scaled(10)  # the timeouts here are a minute
 
 
 def test_rate_limited_log_says_how_many_lines_it_left_out(caplog):

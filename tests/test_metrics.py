@@ -79,6 +79,7 @@ LABEL_VALUES: dict[str, set[str]] = {
         "body_timeout",
         "connection_cap",
         "slow_head_evicted",
+        "idle_evicted",
         "bad_request",
     },
 }
