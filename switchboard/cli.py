@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         metavar="N",
         help="most HTTP connections open at once, not counting supervisors' WebSockets;"
-        " beyond it a new one gets 503 unless it replaces a slow request head (default 1000)",
+        " beyond it a new one gets 503 unless it replaces a slow request head or an idle"
+        " connection (default 1000)",
     )
     serve.add_argument("--tls-cert", help="PEM certificate: serve https and wss")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
