@@ -37,7 +37,8 @@ Theory of operation: a connection is in one phase at a time.
     upgraded handed to the WebSocket protocol: out of this module's hands
 
     head --headers complete--> body --message complete--> between --a byte--> head
-    any of head/body/between --a limit, or a bad request--> refused
+    any of head/body/between --a limit, a bad request, or room needed--> refused
+    body --answered before the body was read--> refused (without a word more)
     head --WebSocket upgrade--> upgraded
 """
 
@@ -46,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -62,8 +64,13 @@ log = logging.getLogger("switchboard.http")
 
 #: How long a refused connection is read (and dropped) for the peer to close first.
 LINGER_S = 2.0
-#: A head that has taken this long may be closed to make room for a new connection.
+#: A head that has taken this long, or a connection idle this long, may be closed to make
+#: room for a new connection.
 EVICT_AFTER_S = 1.0
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing a request that was refused."""
 
 
 class HttpLimits(msgspec.Struct, frozen=True):
@@ -218,7 +225,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _end_head(self) -> None:
         self.table.heads.pop(self, None)
-        self._set_timer(None)
+        self._cancel_timer()
 
     def _head_too_slow(self) -> None:
         self._timer = None
@@ -240,10 +247,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         else:
             self._set_timer(self.limits.body_timeout_s - quiet, self._body_check)
 
-    def _set_timer(self, delay: float | None, callback: Any = None) -> None:
+    def _set_timer(self, delay: float, callback: Callable[[], object]) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = None if delay is None else self.loop.call_later(delay, callback)
+            self._timer = None
 
     # --- input ----------------------------------------------------------------------
 
@@ -298,7 +309,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self.phase is Phase.BODY:
             self.phase = Phase.BETWEEN
-            self._set_timer(None)
+            self._cancel_timer()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -363,7 +374,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _leave(self) -> None:
         """Stop the timer and give the slot back (refused, upgraded or gone)."""
-        self._set_timer(None)
+        self._cancel_timer()
         self.table.heads.pop(self, None)
         self.table.idle.pop(self, None)
         if self._admitted:
@@ -382,7 +393,3 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
         else:
             super().shutdown()
-
-
-class _Stop(Exception):
-    """Raised from a parser callback to stop parsing a request that was refused."""
