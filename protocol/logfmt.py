@@ -4,6 +4,15 @@ object per line for log collectors (`--log-format json`).
 A JSON line holds `ts` (UTC, ISO 8601 with milliseconds), `level`, `logger` and `message`,
 plus `exc` (the formatted traceback) when the record carries an exception and `stack` when
 it carries a stack. Logs go to stderr either way; stdout stays for what the commands print.
+
+Messages carry text from peers (request paths, a supervisor's error reason), so both
+formats make it safe here, once for every logger: each argument is cut to MAX_ARG_CHARS
+and the message to MAX_MESSAGE_CHARS (so are the lines of a traceback). In text, control
+characters (newlines, escape sequences, Unicode line separators) are written as escapes
+(`\\n`, `\\x1b`, `\\u2028`): a record is one line, followed only by the lines of its
+traceback, each indented, so a line that starts in column 0 always starts a record and no
+input can forge one. JSON escapes control characters itself; the line separators it would
+leave raw are written as JSON escapes too, so a record stays one line for any reader.
 """
 
 from __future__ import annotations
@@ -18,6 +27,95 @@ from typing import IO, Any
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+#: The most characters one argument of a log call shows (a peer's reason, a path).
+MAX_ARG_CHARS = 2048
+#: The most characters one message shows, and one line of a traceback.
+MAX_MESSAGE_CHARS = 8192
+
+#: C0 and C1 control characters, DEL and the Unicode line and paragraph separators.
+_CONTROLS = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+_NAMED = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+_ESCAPES = {
+    code: _NAMED.get(code, f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    for code in _CONTROLS
+}
+
+
+def clip(text: str, most: int) -> str:
+    """`text`, cut to `most` characters saying how much was left out."""
+    if len(text) <= most:
+        return text
+    return f"{text[:most]}…[{len(text) - most} more characters]"
+
+
+def escape(text: str) -> str:
+    """`text` with every control character written as an escape: one line, inert."""
+    return text.translate(_ESCAPES)
+
+
+class _Clipped:
+    """An argument of a log call whose str() and repr() are cut to MAX_ARG_CHARS (numbers
+    are passed as they are, so `%d` and `%.2f` still work)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return clip(str(self.value), MAX_ARG_CHARS)
+
+    def __repr__(self) -> str:
+        return clip(repr(self.value), MAX_ARG_CHARS)
+
+
+def _clipped(value: object) -> object:
+    return value if isinstance(value, int | float) else _Clipped(value)
+
+
+def clipped_message(record: logging.LogRecord) -> str:
+    """The record's message with its arguments clipped, then clipped whole."""
+    args = record.args
+    if isinstance(args, dict):
+        record.args = {key: _clipped(value) for key, value in args.items()}
+    elif args:
+        record.args = tuple(_clipped(value) for value in args)
+    try:
+        message = record.getMessage()
+    finally:
+        record.args = args
+    return clip(message, MAX_MESSAGE_CHARS)
+
+
+def _clipped_lines(text: str) -> list[str]:
+    """A traceback's lines, each clipped."""
+    return [clip(line, MAX_MESSAGE_CHARS) for line in text.splitlines()]
+
+
+#: What json.dumps(ensure_ascii=False) leaves raw but str.splitlines() and many log
+#: readers take for a line break.
+_JSON_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, one line per record; a traceback or stack follows, indented."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = escape(clipped_message(record))
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        extra = []
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            extra.append(record.exc_text)
+        if record.stack_info:
+            extra.append(self.formatStack(record.stack_info))
+        lines = [escape(line) for part in extra for line in _clipped_lines(part)]
+        return "\n".join([text, *(f"    {line}" for line in lines)])
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,15 +128,15 @@ class JsonFormatter(logging.Formatter):
             .replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": clipped_message(record),
         }
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = "\n".join(_clipped_lines(self.formatException(record.exc_info)))
         elif record.exc_text:
-            entry["exc"] = record.exc_text
+            entry["exc"] = "\n".join(_clipped_lines(record.exc_text))
         if record.stack_info:
-            entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+            entry["stack"] = "\n".join(_clipped_lines(self.formatStack(record.stack_info)))
+        return json.dumps(entry, ensure_ascii=False, default=str).translate(_JSON_LINE_BREAKS)
 
 
 def add_argument(parser: argparse.ArgumentParser, env: str) -> None:
@@ -51,10 +149,14 @@ def add_argument(parser: argparse.ArgumentParser, env: str) -> None:
     )
 
 
+def formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
 def formatter_config(fmt: str) -> dict[str, Any]:
     """The formatter of `fmt` as a logging.config entry, for a framework that sets up
     logging itself from such a dict (Litestar's LoggingConfig)."""
-    return {"()": JsonFormatter} if fmt == "json" else {"format": TEXT_FORMAT}
+    return {"()": JsonFormatter if fmt == "json" else TextFormatter}
 
 
 def configure(fmt: str = "text", level: int = logging.INFO, stream: IO[str] | None = None) -> None:
@@ -63,7 +165,7 @@ def configure(fmt: str = "text", level: int = logging.INFO, stream: IO[str] | No
     if fmt not in FORMATS:
         raise SystemExit(f"unknown log format {fmt!r} (choose from {', '.join(FORMATS)})")
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(formatter(fmt))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -23,7 +23,9 @@ Labels = Annotated[dict[LabelKey, LabelValue], Meta(max_length=limits.MAX_LABELS
 EnvName = Annotated[str, Meta(min_length=1, max_length=256)]
 EnvMap = Annotated[dict[EnvName, str], Meta(max_length=256)]
 ArgList = Annotated[list[str], Meta(max_length=1024)]
-Seconds = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
+#: The longest run or queue timeout a spec may give: a week.
+MAX_TIMEOUT_S = 7 * 24 * 3600
+Seconds = Annotated[float, Meta(gt=0, le=MAX_TIMEOUT_S)]
 DelaySeconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
 ResourceCounts = Annotated[dict[Id, Annotated[int, Meta(ge=1, le=1024)]], Meta(max_length=64)]
 

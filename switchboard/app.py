@@ -24,6 +24,7 @@ from switchboard.api.live import live, me, overview
 from switchboard.api.metrics import metrics
 from switchboard.api.openapi import schema_plugins
 from switchboard.api.output import OutputController
+from switchboard.api.request import SwitchboardRequest
 from switchboard.api.supervisors import SupervisorController
 from switchboard.api.system import health, ready
 from switchboard.api.tokens import TokenController
@@ -143,6 +144,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         lifespan=[lifespan],
         state=State({"switchboard": state}),
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        request_class=SwitchboardRequest,
         # The process sets up the root logger (protocol.logfmt, in server.py); Litestar
         # only gives its own logger a handler, in the same format, text or JSON.
         logging_config=LoggingConfig(

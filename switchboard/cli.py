@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from protocol import logfmt
+from protocol.spec import MAX_TIMEOUT_S
 from switchboard.admin_cli import add_admin_commands, data_dir
 from switchboard.config import Settings
 from switchboard.jobs_cli import add_job_commands
@@ -27,6 +29,12 @@ def _serve(args: argparse.Namespace) -> int:
             max_queued_jobs=args.max_queued,
             aging_s=args.aging,
             run_timeout_grace_s=args.run_timeout_grace,
+            default_run_timeout_s=args.default_run_timeout or None,
+            max_header_bytes=args.max_header_bytes,
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            keep_alive_s=args.keep_alive,
+            max_connections=args.max_connections,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             log_format=args.log_format,
@@ -37,6 +45,32 @@ def _serve(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` greater than 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: a number greater than 0")
+        return value
+
+    return parse
+
+
+def _run_timeout(text: str) -> float:
+    """0 (no default) or a timeout a spec could give itself (> 0, at most 7 days)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if seconds == 0 or 0 < seconds <= MAX_TIMEOUT_S:
+        return seconds
+    raise argparse.ArgumentTypeError(f"{text!r}: 0 or seconds up to {MAX_TIMEOUT_S:.0f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +125,52 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long past a run's timeout the switchboard ends it itself if its supervisor "
         "has not reported the end (silent or gone)",
+    )
+    serve.add_argument(
+        "--default-run-timeout",
+        type=_run_timeout,
+        default=3600.0,
+        metavar="SECONDS",
+        help="the run timeout of a job whose spec gives none (default 3600; 0: none)",
+    )
+    # HTTP limits (docs/server.md).
+    serve.add_argument(
+        "--max-header-bytes",
+        type=_positive(int),
+        default=64 * 1024,
+        metavar="BYTES",
+        help="largest request head (request line and headers); larger gets 431 (default 65536)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        default=10.0,
+        metavar="SECONDS",
+        help="time a request head may take from its first byte (a new connection: from"
+        " its start); slower gets 408 (default 10)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=_positive(float),
+        default=30.0,
+        metavar="SECONDS",
+        help="longest wait for the next byte of a request body; longer gets 408 (default 30)",
+    )
+    serve.add_argument(
+        "--keep-alive",
+        type=_positive(float),
+        default=5.0,
+        metavar="SECONDS",
+        help="an idle keep-alive connection is closed after this long (default 5)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=1000,
+        metavar="N",
+        help="most HTTP connections open at once, not counting supervisors' WebSockets;"
+        " beyond it a new one gets 503 unless it replaces a slow request head or an idle"
+        " connection (default 1000)",
     )
     serve.add_argument("--tls-cert", help="PEM certificate: serve https and wss")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")

@@ -29,6 +29,18 @@ class Settings(msgspec.Struct):
     #: How long after a run's timeout the switchboard ends it itself if its supervisor
     #: has not (silent, or gone): the supervisor's own timer normally wins.
     run_timeout_grace_s: float = 30.0
+    #: The run timeout a submitted spec without `timeout_s` gets (None: such runs have
+    #: none), written into the spec, so a spinning job can't hold a slot forever.
+    default_run_timeout_s: float | None = 3600.0
+    #: HTTP limits (switchboard.http_limits, docs/server.md): the largest request head,
+    #: how long a head may take, the longest gap in a body, how long an idle keep-alive
+    #: connection stays open, and the most HTTP connections open at once (WebSockets are
+    #: not counted).
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 1000
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: "text" or "json" (protocol.logfmt).

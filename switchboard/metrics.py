@@ -76,6 +76,31 @@ SUPERVISORS_CONNECTED = Gauge(
     registry=REGISTRY,
 )
 
+# --- HTTP connections -----------------------------------------------------------------
+
+#: Why a connection was refused or closed by a limit (switchboard.http_limits).
+HTTP_REFUSAL_REASONS = (
+    "header_too_large",
+    "header_timeout",
+    "body_timeout",
+    "connection_cap",
+    "slow_head_evicted",
+    "idle_evicted",
+    "bad_request",
+)
+HTTP_CONNECTIONS = Gauge(
+    "switchboard_http_connections",
+    "Open HTTP connections, the ones --max-connections counts (not WebSockets, not"
+    " refused connections being closed).",
+    registry=REGISTRY,
+)
+HTTP_REFUSALS = Counter(
+    "switchboard_http_refusals_total",
+    "HTTP connections closed by a limit (answered with an error, but for idle_evicted), by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+
 # --- events ---------------------------------------------------------------------------
 
 EVENTS_STORED = Counter(
@@ -183,6 +208,8 @@ for _via in ("submission", "pass"):
     RUNS_PLACED.labels(_via)
 for _via in ("placement", "reconcile"):
     SECRETS_UNREADABLE.labels(_via)
+for _reason in HTTP_REFUSAL_REASONS:
+    HTTP_REFUSALS.labels(_reason)
 for _stream in STREAMS:
     OUTPUT_BYTES.labels(_stream)
 for _phase in Phase:

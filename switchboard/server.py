@@ -4,8 +4,11 @@ on a socket we bind ourselves so `--port 0` works and the real address can be pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import gc
 import logging
+import resource
 import socket
 import ssl
 from collections.abc import Callable
@@ -20,6 +23,7 @@ from switchboard import datadir
 from switchboard.app import create_app
 from switchboard.config import Settings
 from switchboard.datadir import DataDirError
+from switchboard.http_limits import ConnectionTable, HttpLimits, LimitedHttpProtocol
 from switchboard.sealing import Keyring
 from switchboard.secret_keys import SecretKeyError, load_keyring
 
@@ -51,17 +55,27 @@ class _Server(uvicorn.Server):
 
 async def serve(settings: Settings, keyring: Keyring) -> None:
     app = create_app(settings, keyring)
+    limits = HttpLimits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=settings.max_connections,
+    )
     config = uvicorn.Config(
         app,
         loop="none",  # we run uvicorn inside our own uvloop loop
-        http="httptools",
+        # httptools with the limits uvicorn lacks (header size, header and body timeouts,
+        # a connection cap).
+        http=functools.partial(LimitedHttpProtocol, table=ConnectionTable(limits)),
+        timeout_keep_alive=settings.keep_alive_s,
         ws="websockets-sansio",
         ws_max_size=MAX_FRAME_BYTES,
         ws_ping_interval=None,  # liveness is the protocol's Heartbeat
         lifespan="on",
         log_level="warning",
-        # JSON logs: no uvicorn handlers of its own, its records go to the root's JSON one.
-        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+        # No uvicorn handlers of its own: its records go to the root's (protocol.logfmt),
+        # which makes what peers put in them safe.
+        log_config=None,
         access_log=False,
         ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
@@ -115,9 +129,28 @@ def prepare_storage(settings: Settings) -> Keyring:
         raise SystemExit(f"switchboard: {exc}") from None
 
 
+def allow_open_files(settings: Settings) -> None:
+    """Raise the soft limit on open files to the hard one: --max-connections (and every
+    supervisor's WebSocket) needs a descriptor each, and the default soft limit is often
+    1024. Say so if even the hard limit leaves too few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < settings.max_connections + 256:
+        log.warning(
+            "only %d open files are allowed (ulimit -n): fewer connections than"
+            " --max-connections %d can be served",
+            soft,
+            settings.max_connections,
+        )
+
+
 def run(settings: Settings) -> None:
     check_tls(settings)
     logfmt.configure(settings.log_format)
     keyring = prepare_storage(settings)
+    allow_open_files(settings)
     gc.freeze()  # the imported code lives as long as the process; don't rescan it
     uvloop.run(serve(settings, keyring))

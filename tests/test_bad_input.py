@@ -163,6 +163,76 @@ def test_openapi_describes_the_api(switchboard: Switchboard):
     assert "JobSpec" in json.dumps(schema["components"])
 
 
+# --- input that once reached a 500 -----------------------------------------------------
+
+#: What an unhandled error leaves in the server's log.
+_FAILURE_MARKS = ("unhandled error", "Traceback", "RecursionError", "OverflowError")
+
+
+def _no_failure_logged(switchboard: Switchboard) -> None:
+    log = switchboard.process.log()
+    assert not [mark for mark in _FAILURE_MARKS if mark in log], log
+
+
+#: 500,000 levels of JSON arrays: msgspec's untyped decode recursed once per level.
+DEEP_JSON = b"[" * 500_000 + b"]" * 500_000
+
+
+@pytest.mark.parametrize("path", ["/api/v1/jobs", "/api/v1/jobs/batch", "/api/v1/tokens"])
+def test_deeply_nested_json_body_is_400(switchboard: Switchboard, path: str):
+    response = switchboard.client().post(
+        path, content=DEEP_JSON, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "error": "invalid_request",
+        "message": "the JSON body is nested too deeply",
+        "field": None,
+    }
+    _no_failure_logged(switchboard)
+
+
+def test_too_many_label_filters_is_400(switchboard: Switchboard):
+    client = switchboard.client()
+    # 1,100 terms made a query SQLite refuses ("expression tree is too large").
+    many = [("label", f"k{i}=v") for i in range(1100)]
+    response = client.get("/api/v1/jobs", params=many)
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == "label"
+    assert "at most 32 label filters" in response.json()["message"]
+    # The documented maximum works, and a term repeated counts once.
+    assert client.get("/api/v1/jobs", params=many[:32]).status_code == 200
+    assert client.get("/api/v1/jobs", params=[("label", "k=v")] * 100).status_code == 200
+    assert client.get("/api/v1/jobs", params=[("phase", "queued")] * 5000).status_code == 200
+    _no_failure_logged(switchboard)
+
+
+@pytest.mark.parametrize(
+    "last_event_id",
+    [
+        "1:99999999999999999999999",  # an offset past int64 reached the store
+        "99999999999999999999999:1",
+        "1:9223372036854775808",
+        "0:5",
+        "1:²",  # str.isdigit() says yes, int() says no
+        "1:-5",
+        "one:two",
+        "1:5:7",
+    ],
+)
+def test_bad_last_event_id_is_400(switchboard: Switchboard, last_event_id: str):
+    client = switchboard.client()
+    job = client.post("/api/v1/jobs", json={"name": "sse", "backend": {"kind": "noop"}})
+    response = client.get(
+        f"/api/v1/jobs/{job.json()['id']}/output/events",
+        headers={"Last-Event-ID": last_event_id.encode()},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == "Last-Event-ID"
+    assert "attempt:offset" in response.json()["message"]
+    _no_failure_logged(switchboard)
+
+
 # --- WebSocket -------------------------------------------------------------------------
 
 

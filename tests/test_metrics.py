@@ -49,6 +49,8 @@ SWITCHBOARD_METRICS = {
     "switchboard_runs_placed_total": "counter",
     "switchboard_secrets_unreadable_total": "counter",
     "switchboard_store_commit_seconds": "histogram",
+    "switchboard_http_connections": "gauge",
+    "switchboard_http_refusals_total": "counter",
 }
 #: Every metric of a supervisor.
 SUPERVISOR_METRICS = {
@@ -74,6 +76,15 @@ LABEL_VALUES: dict[str, set[str]] = {
     "cache": {"wasm_module", "docker_image"},
     "result": {"hit", "miss"},
     "limit": {"image_unpacked", "wasm_scratch"},
+    "reason": {
+        "header_too_large",
+        "header_timeout",
+        "body_timeout",
+        "connection_cap",
+        "slow_head_evicted",
+        "idle_evicted",
+        "bad_request",
+    },
 }
 
 

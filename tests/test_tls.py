@@ -192,6 +192,34 @@ def test_plain_http_to_the_tls_port_fails(tls_switchboard: Switchboard):
         httpx.get(f"http://127.0.0.1:{tls_switchboard.port}/api/v1/health", timeout=10)
 
 
+def test_a_huge_header_over_tls_gets_431(tls_switchboard: Switchboard, pki: Pki):
+    """The HTTP limits hold on TLS too (where a refused connection can't be half-closed)."""
+    import socket
+    import threading
+
+    raw = socket.create_connection(("127.0.0.1", tls_switchboard.port), timeout=scaled(10))
+    sock = trusting(pki.ca).wrap_socket(raw, server_hostname="127.0.0.1")
+    head = b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1024 * 1024)
+
+    def send() -> None:
+        try:
+            sock.sendall(head)
+        except OSError:
+            pass  # the server closed: it took all it needed
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    response = b""
+    try:
+        while chunk := sock.recv(65536):
+            response += chunk
+    except (OSError, ssl.SSLError):
+        pass
+    sender.join()
+    sock.close()
+    assert response.startswith(b"HTTP/1.1 431 "), response[:200]
+
+
 def test_clients_with_the_wrong_ca_are_refused(tls_switchboard: Switchboard, pki: Pki):
     for verify in (trusting(pki.wrong_ca), True):  # another CA; the system's CAs
         with tls_switchboard.client(verify=verify) as wrong:

@@ -29,6 +29,9 @@ DEFAULT_PAGE = 50
 MAX_PAGE = 500
 #: Jobs one batch may hold.
 MAX_BATCH = 1000
+#: `label` filters one listing may combine (each is a term of the store's query, and a
+#: database bounds how big a query may grow).
+MAX_LABEL_FILTERS = 32
 
 _LABEL_TERM = re.compile(r"^(!?)([^=!]+)(?:(!?=)(.*))?$", re.DOTALL)
 _LABEL_KEY = re.compile(limits.LABEL_KEY_PATTERN)
@@ -79,9 +82,18 @@ def _check_artifacts(state: AppState, spec: JobSpec, where: str = "") -> None:
             )
 
 
+def _with_run_timeout(spec: JobSpec, default_s: float | None) -> JobSpec:
+    """The spec, with the switchboard's default run timeout if it names none (written into
+    the stored spec: the job shows the limit it runs under, and every run gets it)."""
+    if spec.timeout_s is not None or default_s is None:
+        return spec
+    return msgspec.structs.replace(spec, timeout_s=default_s)
+
+
 async def _queue(state: AppState, specs: list[JobSpec], who: str) -> list[Submitted]:
     """Store the jobs (all or none) through the dispatcher, stop the runs they replace."""
-    jobs = [(new_job_id(), spec) for spec in specs]
+    default_s = state.settings.default_run_timeout_s
+    jobs = [(new_job_id(), _with_run_timeout(spec, default_s)) for spec in specs]
     try:
         made = await state.dispatcher.submit(jobs, who, state.settings.max_queued_jobs)
     except QueueFull as exc:
@@ -97,7 +109,16 @@ async def _stop_runs(state: AppState, runs: list[RunOnSupervisor], reason: str) 
 
 
 def _label_terms(raw: list[str]) -> list[LabelTerm]:
-    """`key=value`, `key!=value`, `key` (has the label) or `!key` (has not)."""
+    """`key=value`, `key!=value`, `key` (has the label) or `!key` (has not); a term given
+    twice counts once."""
+    raw = list(dict.fromkeys(raw))
+    if len(raw) > MAX_LABEL_FILTERS:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"label: at most {MAX_LABEL_FILTERS} label filters, not {len(raw)}",
+            "label",
+        )
     terms = []
     for text in raw:
         match = _LABEL_TERM.match(text)
@@ -195,12 +216,12 @@ class JobController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
     ) -> JobPage:
         """Jobs, newest first. Filters combine (all must hold): `phase` (repeatable: any
-        of them), `label` (repeatable: `key=value`, `key!=value`, `key`, `!key`),
+        of them), `label` (repeatable, at most 32: `key=value`, `key!=value`, `key`, `!key`),
         `supervisor` (had a run there), `created_after`/`created_before` (epoch seconds),
         `q` (the name contains it, ignoring case, or the id starts with it).
         A full page carries `next_cursor`; pass it as `cursor` for the next page."""
         where = JobFilter(
-            phases=[p.value for p in phase or []],
+            phases=sorted({p.value for p in phase or []}),
             labels=_label_terms(label or []),
             supervisor_id=supervisor,
             created_after=created_after,

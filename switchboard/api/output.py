@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -90,12 +91,27 @@ class OutputEnd(msgspec.Struct):
     phase: str
 
 
+#: An output event's id: `attempt:offset`, ASCII digits (at most 19: an int64).
+_EVENT_ID = re.compile(r"([0-9]{1,19}):([0-9]{1,19})", re.ASCII)
+
+
 def _resume_point(last_event_id: str | None) -> tuple[int, int] | None:
-    """(attempt, offset) from an EventSource's Last-Event-ID (`attempt:offset`)."""
-    attempt, sep, offset = (last_event_id or "").partition(":")
-    if sep and attempt.isdigit() and offset.isdigit() and int(attempt) >= 1:
-        return int(attempt), int(offset)
-    return None
+    """(attempt, offset) from an EventSource's Last-Event-ID (`attempt:offset`); None
+    without one. Anything else is a 400: only this API's own ids come back here, and a
+    number the store can't hold must not reach it."""
+    if not last_event_id:
+        return None
+    match = _EVENT_ID.fullmatch(last_event_id)
+    if match:
+        attempt, offset = int(match.group(1)), int(match.group(2))
+        if 1 <= attempt <= INT64_MAX and offset <= INT64_MAX:
+            return attempt, offset
+    raise ApiError(
+        400,
+        "invalid_request",
+        "Last-Event-ID: not an id this stream gave out (attempt:offset)",
+        "Last-Event-ID",
+    )
 
 
 async def _follow_events(
@@ -191,9 +207,9 @@ class OutputController(Controller):
         (OutputChunk, base64 bytes with their offset) and a final `end` event (OutputEnd).
         Each output event's id is `attempt:offset`, so an EventSource that reconnects
         resumes where it stopped (Last-Event-ID wins over `attempt` and `start`)."""
+        resume = _resume_point(request.headers.get("last-event-id"))
         state = app_state(request)
         await job_or_404(state, job_id)
-        resume = _resume_point(request.headers.get("last-event-id"))
         if resume is not None:
             attempt, start = resume
         return ServerSentEvent(_follow_events(state, job_id, stream, attempt, start))

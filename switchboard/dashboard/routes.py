@@ -9,6 +9,8 @@ from litestar import MediaType, Request, Response, Router, get
 from litestar.datastructures import CacheControlHeader
 from litestar.static_files import create_static_files_router
 
+from switchboard.api.errors import ApiError
+
 STATIC = Path(__file__).resolve().parent / "static"
 
 #: The page runs only its own modules and talks only to its own origin: data the API
@@ -55,6 +57,13 @@ def _nosniff(response: Response) -> Response:
     return response
 
 
+def _no_control_characters(request: Request) -> None:
+    """A path holding a control character names no asset (and a NUL byte would make the
+    file lookup fail with a 500)."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in request.url.path):
+        raise ApiError(404, "not_found", "no such file")
+
+
 def dashboard_routes() -> list[Router | object]:
     """The route handlers to register on the app."""
     assets = create_static_files_router(
@@ -64,6 +73,7 @@ def dashboard_routes() -> list[Router | object]:
         include_in_schema=False,
         # Revalidated on every load (cheap with ETags): a new version is never half-cached.
         cache_control=CacheControlHeader(no_cache=True),
+        before_request=_no_control_characters,
         after_request=_nosniff,
     )
     return [dashboard_page, assets]
