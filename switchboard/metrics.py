@@ -155,6 +155,18 @@ RUNS_PLACED = Counter(
     registry=REGISTRY,
 )
 
+# --- API streams ----------------------------------------------------------------------
+
+#: The long-lived responses (switchboard.api.streams): the dashboard's live feed, a run's
+#: output followed as bytes, and as server-sent events.
+LONG_ROUTES = ("live", "follow", "events")
+STREAMS_REVOKED = Counter(
+    "switchboard_streams_revoked_total",
+    "Long-lived responses ended because their token was revoked, by route (live, follow, events).",
+    ["route"],
+    registry=REGISTRY,
+)
+
 # --- store ----------------------------------------------------------------------------
 
 STORE_COMMIT_SECONDS = Histogram(
@@ -174,6 +186,8 @@ for _via in ("submission", "pass"):
     RUNS_PLACED.labels(_via)
 for _stream in STREAMS:
     OUTPUT_BYTES.labels(_stream)
+for _route in LONG_ROUTES:
+    STREAMS_REVOKED.labels(_route)
 for _phase in Phase:
     JOBS.labels(_phase.value)
 for _state in QUEUE_STATES:

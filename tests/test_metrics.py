@@ -48,6 +48,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_zombie_runs_stopped_total": "counter",
     "switchboard_runs_placed_total": "counter",
     "switchboard_store_commit_seconds": "histogram",
+    "switchboard_streams_revoked_total": "counter",
 }
 #: Every metric of a supervisor.
 SUPERVISOR_METRICS = {
@@ -71,6 +72,7 @@ LABEL_VALUES: dict[str, set[str]] = {
     "kind": {k.value for k in JobErrorKind},
     "cache": {"wasm_module", "docker_image"},
     "result": {"hit", "miss"},
+    "route": {"live", "follow", "events"},
 }
 
 
