@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 from typing import Annotated, NamedTuple
 
 import msgspec
-from litestar import Controller, Request, Response, get
+from litestar import Controller, Request, get
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 
@@ -26,8 +26,23 @@ from switchboard.state import AppState, app_state
 Attempt = Annotated[int | None, Parameter(ge=1, le=INT64_MAX)]
 Offset = Annotated[int, Parameter(ge=0, le=INT64_MAX)]
 
-#: A follower reads at most this much at a time (memory stays bounded for huge outputs).
-FOLLOW_READ = 4 * 1024 * 1024
+#: Output is read from the store and sent at most this much at a time, so a reader of a
+#: huge output costs the switchboard a few of these, not the output's size.
+READ_BYTES = 256 * 1024
+
+
+async def _stored(
+    state: AppState, job_id: str, attempt: int, stream: OutputStream, start: int, end: int | None
+) -> AsyncGenerator[bytes, None]:
+    """Bytes [start, end) of a run's stream as stored, in pieces of at most READ_BYTES."""
+    while end is None or start < end:
+        stop = start + READ_BYTES if end is None else min(end, start + READ_BYTES)
+        data = await state.store.read_output(job_id, attempt, stream, start, stop)
+        if data:
+            yield data
+        if len(data) < stop - start:
+            return  # the end of what is stored
+        start = stop
 
 
 class _Piece(NamedTuple):
@@ -69,11 +84,11 @@ async def _pieces(
         # Seen ended *before* reading: a run's output is stored before its end, so the
         # reads that follow get everything.
         ended = is_terminal(phase)
-        data = await store.read_output(job_id, attempt, stream, offset, offset + FOLLOW_READ)
+        data = await store.read_output(job_id, attempt, stream, offset, offset + READ_BYTES)
         if data:
             yield _Piece(attempt, offset, data)
             offset += len(data)
-        if len(data) == FOLLOW_READ:
+        if len(data) == READ_BYTES:
             continue  # more is stored already: read on before waiting
         if ended:
             yield _End(attempt, phase)
@@ -156,19 +171,22 @@ class OutputController(Controller):
         attempt: Attempt = None,
         start: Offset = 0,
         end: Offset | None = None,
-    ) -> Response[bytes]:
+    ) -> Stream:
         """Bytes [start, end) of a run's stream as stored so far (the latest run unless
-        `attempt` is given), exactly as the program wrote them."""
+        `attempt` is given), exactly as the program wrote them. Sent as they are read, a
+        piece at a time: any size costs the switchboard the same memory."""
         state = app_state(request)
         job = await job_or_404(state, job_id)
         if attempt is None:
             if not job.runs:
-                return Response(b"", media_type="application/octet-stream")
+                return Stream(iter(()), media_type="application/octet-stream")
             attempt = job.runs[-1].attempt
         elif all(r.attempt != attempt for r in job.runs):
             raise ApiError(404, "not_found", f"job {job_id!r} has no attempt {attempt}")
-        data = await state.store.read_output(job_id, attempt, stream, start, end)
-        return Response(data, media_type="application/octet-stream")
+        return Stream(
+            _stored(state, job_id, attempt, stream, start, end),
+            media_type="application/octet-stream",
+        )
 
     @get(
         "/{job_id:str}/output/follow",
