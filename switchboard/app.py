@@ -84,7 +84,9 @@ async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
 
 
 def create_app(settings: Settings) -> Litestar:
-    store = SQLiteStore(settings.database_path)
+    store = SQLiteStore(
+        settings.database_path, max_run_output=settings.max_run_output_bytes or None
+    )
     hub = Hub(store, settings)
     state = AppState(
         settings=settings,

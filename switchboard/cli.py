@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -11,6 +12,17 @@ from protocol import logfmt
 from switchboard.admin_cli import add_admin_commands, data_dir
 from switchboard.config import Settings
 from switchboard.jobs_cli import add_job_commands
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """A number of bytes, optionally with a binary unit: 1048576, 512K, 64M, 10G, 1T
+    (also written KiB, MiB, ...)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1048576, 512K, 64M, 10G)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -27,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_queued_jobs=args.max_queued,
             aging_s=args.aging,
             run_timeout_grace_s=args.run_timeout_grace,
+            max_run_output_bytes=args.max_run_output,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             log_format=args.log_format,
@@ -87,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long past a run's timeout the switchboard ends it itself if its supervisor "
         "has not reported the end (silent or gone)",
+    )
+    serve.add_argument(
+        "--max-run-output",
+        type=byte_size,
+        default=64 * 1024 * 1024,
+        metavar="BYTES",
+        help="output one run may store, all streams together (e.g. 64M, the default; 0: no "
+        "cap): the stream that crosses it ends with a note and the rest is dropped",
     )
     serve.add_argument("--tls-cert", help="PEM certificate: serve https and wss")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")

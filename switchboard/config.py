@@ -29,6 +29,9 @@ class Settings(msgspec.Struct):
     #: How long after a run's timeout the switchboard ends it itself if its supervisor
     #: has not (silent, or gone): the supervisor's own timer normally wins.
     run_timeout_grace_s: float = 30.0
+    #: Bytes of output one run may store, all streams together: the stream that crosses
+    #: it is cut there with a note saying so, the rest dropped (0: no cap).
+    max_run_output_bytes: int = 64 * 1024 * 1024
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: "text" or "json" (protocol.logfmt).

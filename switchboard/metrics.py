@@ -94,6 +94,18 @@ OUTPUT_BYTES = Counter(
     ["stream"],
     registry=REGISTRY,
 )
+OUTPUT_TRUNCATED = Counter(
+    "switchboard_output_truncated_total",
+    "Streams of a run cut at the per-run output cap (--max-run-output), by stream.",
+    ["stream"],
+    registry=REGISTRY,
+)
+OUTPUT_DROPPED_BYTES = Counter(
+    "switchboard_output_dropped_bytes_total",
+    "Bytes of new output dropped because their run had reached the output cap, by stream.",
+    ["stream"],
+    registry=REGISTRY,
+)
 EVENT_BATCH_SECONDS = Histogram(
     "switchboard_event_batch_seconds",
     "Time to store one batch of a supervisor's events (until durable, before its Ack).",
@@ -186,6 +198,8 @@ for _via in ("submission", "pass"):
     RUNS_PLACED.labels(_via)
 for _stream in STREAMS:
     OUTPUT_BYTES.labels(_stream)
+    OUTPUT_TRUNCATED.labels(_stream)
+    OUTPUT_DROPPED_BYTES.labels(_stream)
 for _route in LONG_ROUTES:
     STREAMS_REVOKED.labels(_route)
 for _phase in Phase:
@@ -251,6 +265,21 @@ def run_ended(kind: str, phase: Phase, duration_s: float) -> None:
     _staged.items.append(
         lambda: RUN_DURATION.labels(backend_label(kind), outcome).observe(max(0.0, duration_s))
     )
+
+
+def output_truncated(stream: str, dropped: int) -> None:
+    """Stage a stream cut at the output cap, and the bytes of its chunk left out."""
+
+    def observe() -> None:
+        OUTPUT_TRUNCATED.labels(stream).inc()
+        OUTPUT_DROPPED_BYTES.labels(stream).inc(dropped)
+
+    _staged.items.append(observe)
+
+
+def output_dropped(stream: str, dropped: int) -> None:
+    """Stage output dropped because its stream was cut at the output cap."""
+    _staged.items.append(lambda: OUTPUT_DROPPED_BYTES.labels(stream).inc(dropped))
 
 
 # --- gauges that count stored rows, refreshed by a scrape ------------------------------

@@ -39,6 +39,8 @@ SWITCHBOARD_METRICS = {
     "switchboard_events_stored_total": "counter",
     "switchboard_duplicate_events_total": "counter",
     "switchboard_output_bytes_total": "counter",
+    "switchboard_output_truncated_total": "counter",
+    "switchboard_output_dropped_bytes_total": "counter",
     "switchboard_event_batch_seconds": "histogram",
     "switchboard_jobs": "gauge",
     "switchboard_queue_depth": "gauge",

@@ -5,10 +5,25 @@ from __future__ import annotations
 import sqlite3
 
 #: Bumped whenever a table changes; a database of another version is refused, not guessed at.
-SCHEMA_VERSION = 3
-#: Older versions this one reaches by running SCHEMA again: their changes only added tables,
-#: indexes and triggers, which SCHEMA creates where missing.
-ADDITIVE_UPGRADES_FROM = frozenset({2})
+SCHEMA_VERSION = 4
+#: Older versions this one reaches in place: their changes only added tables, indexes and
+#: triggers, which SCHEMA creates where missing, and the columns of ADDED_COLUMNS.
+ADDITIVE_UPGRADES_FROM = frozenset({2, 3})
+
+#: Columns added to tables that older databases already have (SCHEMA holds them too, for a
+#: new database): table -> [(column, its definition, the statement that fills it in for
+#: the rows already there, or None)].
+ADDED_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
+    "runs": [
+        (
+            "output_bytes",
+            "INTEGER NOT NULL DEFAULT 0",
+            "UPDATE runs SET output_bytes = (SELECT coalesce(sum(length(o.data)), 0)"
+            " FROM output o WHERE o.job_id = runs.job_id AND o.attempt = runs.attempt)",
+        ),
+        ("output_truncated", "TEXT", None),
+    ],
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -109,6 +124,10 @@ CREATE TABLE IF NOT EXISTS runs (
     created_at REAL NOT NULL,
     started_at REAL,
     ended_at REAL,
+    -- bytes of output stored for the run (all streams), and the streams cut at the
+    -- per-run output cap (comma-separated; NULL: none)
+    output_bytes INTEGER NOT NULL DEFAULT 0,
+    output_truncated TEXT,
     PRIMARY KEY (job_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS runs_by_supervisor ON runs (supervisor_id, phase);
@@ -181,5 +200,28 @@ def apply_schema(conn: sqlite3.Connection) -> None:
             f"the database has schema version {version}, this switchboard needs"
             f" {SCHEMA_VERSION}: move the data dir aside (or start with a new --data-dir)"
         )
+    if tables:
+        _add_columns(conn)
     conn.executescript(SCHEMA)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Give an older database's tables the columns added since (each with its backfill in
+    the same transaction, so a crash leaves it before or after, never half done)."""
+    for table, columns in ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if not have:
+            continue  # a table SCHEMA is about to create, with every column
+        for column, definition, backfill in columns:
+            if column in have:
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                if backfill is not None:
+                    conn.execute(backfill)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise

@@ -181,9 +181,12 @@ TOKEN_CACHE_SIZE = 10_000
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: Path, *, readers: int = 4) -> None:
+    def __init__(self, path: Path, *, readers: int = 4, max_run_output: int | None = None) -> None:
+        """`max_run_output`: the bytes of output one run may store, all streams together
+        (None: no cap); see EventBatch."""
         self.path = path
         self._readers = readers
+        self.max_run_output = max_run_output
         self._writer: _Writer | None = None
         self._read_pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -752,7 +755,7 @@ class SQLiteStore(Store):
                     f"events of {supervisor_id} up to seq {after_seq} are not stored"
                     f" (stored: {stored}): the batch after them is not stored either"
                 )
-            batch = EventBatch(conn, supervisor_id)
+            batch = EventBatch(conn, supervisor_id, self.max_run_output)
             for event in events:
                 if event.seq <= stored:
                     continue  # already stored: a resend after a reconnect
@@ -950,11 +953,13 @@ def _load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
             started_at=r[11],
             ended_at=r[12],
             phases=phases.get(r[0], []),
+            output_bytes=r[13],
+            output_truncated=r[14].split(",") if r[14] else [],
         )
         for r in conn.execute(
             "SELECT attempt, supervisor_id, phase, created_at, stage, message, exit_code, signal,"
-            " reason, error_kind, error, started_at, ended_at FROM runs WHERE job_id = ?"
-            " ORDER BY attempt",
+            " reason, error_kind, error, started_at, ended_at, output_bytes, output_truncated"
+            " FROM runs WHERE job_id = ? ORDER BY attempt",
             (job_id,),
         )
     ]
