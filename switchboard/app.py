@@ -33,6 +33,7 @@ from switchboard.dashboard import dashboard_routes
 from switchboard.dispatcher import Dispatcher
 from switchboard.live import LiveFeed
 from switchboard.metrics import RUNS_LOST
+from switchboard.retention import Retention
 from switchboard.sessions import Hub
 from switchboard.state import AppState
 from switchboard.store.base import Store
@@ -106,6 +107,7 @@ def create_app(settings: Settings) -> Litestar:
             asyncio.create_task(keep_time(store, settings, hub), name="clock"),
             asyncio.create_task(state.live.run(), name="live feed"),
             asyncio.create_task(hub.keep_heartbeats(), name="heartbeats"),
+            asyncio.create_task(Retention(store, settings).run(), name="retention"),
         ]
         try:
             yield

@@ -25,6 +25,17 @@ def byte_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """Seconds, optionally with a unit: 90 (seconds), 90s, 15m, 12h, 30d."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90, 15m, 12h, 30d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
 def _serve(args: argparse.Namespace) -> int:
     from switchboard.server import run
 
@@ -40,6 +51,9 @@ def _serve(args: argparse.Namespace) -> int:
             aging_s=args.aging,
             run_timeout_grace_s=args.run_timeout_grace,
             max_run_output_bytes=args.max_run_output,
+            retain_jobs_s=args.retain_jobs,
+            max_output_bytes=args.max_output_bytes,
+            retention_interval_s=args.retention_interval,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             log_format=args.log_format,
@@ -108,6 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="output one run may store, all streams together (e.g. 64M, the default; 0: no "
         "cap): the stream that crosses it ends with a note and the rest is dropped",
+    )
+    serve.add_argument(
+        "--retain-jobs",
+        type=duration,
+        default=30 * 86400.0,
+        metavar="DURATION",
+        help="delete ended jobs (runs, output, events) this long after they ended, e.g. 30d "
+        "(the default), 12h, 90m, 3600 (seconds); 0: keep them",
+    )
+    serve.add_argument(
+        "--max-output-bytes",
+        type=byte_size,
+        default=10 * 1024**3,
+        metavar="BYTES",
+        help="keep all jobs' output together under this (e.g. 10G, the default; 0: no cap): "
+        "past it, the output of the jobs that ended first is removed",
+    )
+    serve.add_argument(
+        "--retention-interval",
+        type=duration,
+        default=60.0,
+        metavar="DURATION",
+        help="how often retention sweeps (default 60 seconds)",
     )
     serve.add_argument("--tls-cert", help="PEM certificate: serve https and wss")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")

@@ -167,6 +167,29 @@ RUNS_PLACED = Counter(
     registry=REGISTRY,
 )
 
+# --- retention ------------------------------------------------------------------------
+
+#: What retention removes (switchboard.retention): ended jobs, the output of ended jobs
+#: (to keep all output under its cap), artifacts.
+RETAINED = ("job", "output", "artifact")
+RETENTION_REMOVED = Counter(
+    "switchboard_retention_removed_total",
+    "What retention removed: ended jobs past --retain-jobs (what=job), the output of ended"
+    " jobs to keep all output under --max-output-bytes (what=output), artifacts no job"
+    " needs (what=artifact).",
+    ["what"],
+    registry=REGISTRY,
+)
+#: What the data dir holds, in bytes: job output (in the database), artifacts (files).
+STORED = ("output", "artifact")
+STORED_BYTES = Gauge(
+    "switchboard_stored_bytes",
+    "Bytes stored: all runs' output together (what=output), all artifacts (what=artifact);"
+    " as of the last retention sweep.",
+    ["what"],
+    registry=REGISTRY,
+)
+
 # --- API streams ----------------------------------------------------------------------
 
 #: The long-lived responses (switchboard.api.streams): the dashboard's live feed, a run's
@@ -202,6 +225,10 @@ for _stream in STREAMS:
     OUTPUT_DROPPED_BYTES.labels(_stream)
 for _route in LONG_ROUTES:
     STREAMS_REVOKED.labels(_route)
+for _what in RETAINED:
+    RETENTION_REMOVED.labels(_what)
+for _what in STORED:
+    STORED_BYTES.labels(_what)
 for _phase in Phase:
     JOBS.labels(_phase.value)
 for _state in QUEUE_STATES:

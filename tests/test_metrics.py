@@ -51,6 +51,8 @@ SWITCHBOARD_METRICS = {
     "switchboard_runs_placed_total": "counter",
     "switchboard_store_commit_seconds": "histogram",
     "switchboard_streams_revoked_total": "counter",
+    "switchboard_retention_removed_total": "counter",
+    "switchboard_stored_bytes": "gauge",
 }
 #: Every metric of a supervisor.
 SUPERVISOR_METRICS = {
@@ -75,6 +77,7 @@ LABEL_VALUES: dict[str, set[str]] = {
     "cache": {"wasm_module", "docker_image"},
     "result": {"hit", "miss"},
     "route": {"live", "follow", "events"},
+    "what": {"job", "output", "artifact"},
 }
 
 

@@ -285,6 +285,24 @@ class Store(abc.ABC):
     ) -> bytes:
         """Bytes [start, end) of a run's stream (as much as is stored)."""
 
+    # retention (the policy: switchboard.retention)
+    @abc.abstractmethod
+    async def stored_output_bytes(self) -> int:
+        """The bytes of output every run stores, together."""
+
+    @abc.abstractmethod
+    async def ended_jobs(
+        self, *, ended_before: float | None = None, with_output: bool = False, limit: int
+    ) -> list[str]:
+        """Ended jobs, the one that ended first first: those that ended before
+        `ended_before` (if given) and, `with_output`, only those that still hold output."""
+
+    @abc.abstractmethod
+    async def drop_output(self, job_id: str, max_rows: int, reason: str | None = None) -> int:
+        """Delete up to `max_rows` stored pieces of an ended job's output, in one short
+        transaction; the bytes freed (0: none was left, or the job has not ended). The call
+        that deletes the last piece records `reason` (if given) in the job's events."""
+
     # supervisors
     @abc.abstractmethod
     async def supervisor_connected(self, hello: Hello) -> Connected:

@@ -54,6 +54,7 @@ from switchboard.models import (
     SupervisorView,
     TokenView,
 )
+from switchboard.store import sqlite_retention as retention
 from switchboard.store import sqlite_views as views
 from switchboard.store.base import (
     BatchOutOfOrder,
@@ -570,6 +571,21 @@ class SQLiteStore(Store):
             return b"".join(parts)
 
         return await self._read(read)
+
+    # --- retention -------------------------------------------------------------------
+
+    async def stored_output_bytes(self) -> int:
+        return await self._read(retention.stored_output_bytes)
+
+    async def ended_jobs(
+        self, *, ended_before: float | None = None, with_output: bool = False, limit: int
+    ) -> list[str]:
+        return await self._read(
+            lambda conn: retention.ended_jobs(conn, ended_before, with_output, limit)
+        )
+
+    async def drop_output(self, job_id: str, max_rows: int, reason: str | None = None) -> int:
+        return await self._write(lambda conn: retention.drop_output(conn, job_id, max_rows, reason))
 
     # --- supervisors -----------------------------------------------------------------
 

@@ -27,8 +27,8 @@ _encoder = msgspec.json.Encoder()
 
 ACTIVE_PHASES = tuple(p.value for p in ACTIVE)
 ACTIVE_SQL = ",".join("?" * len(ACTIVE_PHASES))
-_TERMINAL_PHASES = tuple(p.value for p in TERMINAL)
-_TERMINAL_SQL = ",".join("?" * len(_TERMINAL_PHASES))
+TERMINAL_PHASES = tuple(p.value for p in TERMINAL)
+TERMINAL_SQL = ",".join("?" * len(TERMINAL_PHASES))
 
 
 def record_event(
@@ -66,9 +66,9 @@ def _insert_job(conn: sqlite3.Connection, job_id: str, spec: JobSpec, actor: str
         holders = [
             row[0]
             for row in conn.execute(
-                f"SELECT id FROM jobs WHERE concurrency_key = ? AND phase NOT IN ({_TERMINAL_SQL})"
+                f"SELECT id FROM jobs WHERE concurrency_key = ? AND phase NOT IN ({TERMINAL_SQL})"
                 " ORDER BY seq",
-                (key, *_TERMINAL_PHASES),
+                (key, *TERMINAL_PHASES),
             )
         ]
         if holders and spec.concurrency.policy == "drop_if_running":
