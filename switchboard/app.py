@@ -107,7 +107,9 @@ def create_app(settings: Settings) -> Litestar:
             asyncio.create_task(keep_time(store, settings, hub), name="clock"),
             asyncio.create_task(state.live.run(), name="live feed"),
             asyncio.create_task(hub.keep_heartbeats(), name="heartbeats"),
-            asyncio.create_task(Retention(store, settings).run(), name="retention"),
+            asyncio.create_task(
+                Retention(store, state.artifacts, settings).run(), name="retention"
+            ),
         ]
         try:
             yield

@@ -54,6 +54,8 @@ def _serve(args: argparse.Namespace) -> int:
             retain_jobs_s=args.retain_jobs,
             max_output_bytes=args.max_output_bytes,
             retention_interval_s=args.retention_interval,
+            artifacts_quota_bytes=args.artifacts_quota,
+            retain_artifacts_s=args.retain_artifacts,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             log_format=args.log_format,
@@ -138,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="keep all jobs' output together under this (e.g. 10G, the default; 0: no cap): "
         "past it, the output of the jobs that ended first is removed",
+    )
+    serve.add_argument(
+        "--artifacts-quota",
+        type=byte_size,
+        default=20 * 1024**3,
+        metavar="BYTES",
+        help="all artifacts together may take this much (e.g. 20G, the default; 0: no "
+        "quota): an upload past it gets 507",
+    )
+    serve.add_argument(
+        "--retain-artifacts",
+        type=duration,
+        default=30 * 86400.0,
+        metavar="DURATION",
+        help="delete artifacts no queued or running job names once nobody has uploaded them "
+        "or named them in a job for this long (default 30d; 0: keep them)",
     )
     serve.add_argument(
         "--retention-interval",

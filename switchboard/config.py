@@ -37,6 +37,12 @@ class Settings(msgspec.Struct):
     #: All runs' output together is kept under this: past it, the output of the ended jobs
     #: that ended first is removed (0: no cap).
     max_output_bytes: int = 10 * 1024**3
+    #: All artifacts together may take this much; an upload past it is refused (0: no
+    #: quota).
+    artifacts_quota_bytes: int = 20 * 1024**3
+    #: Artifacts no queued or running job names, not uploaded or named by a job for this
+    #: long, are deleted (0: kept).
+    retain_artifacts_s: float = 30 * 86400.0
     #: How often retention sweeps.
     retention_interval_s: float = 60.0
     tls_cert: Path | None = None

@@ -190,6 +190,19 @@ STORED_BYTES = Gauge(
     registry=REGISTRY,
 )
 
+# --- artifacts ------------------------------------------------------------------------
+
+#: Why an artifact request was refused: an upload larger than one may be (too_large) or
+#: past the artifacts quota (quota), a delete of one a job still names (in_use).
+ARTIFACT_REFUSALS = ("too_large", "quota", "in_use")
+ARTIFACTS_REFUSED = Counter(
+    "switchboard_artifact_refusals_total",
+    "Artifact requests refused: uploads too large (why=too_large) or past the artifacts"
+    " quota (why=quota), deletes of an artifact a job that has not ended names (why=in_use).",
+    ["why"],
+    registry=REGISTRY,
+)
+
 # --- API streams ----------------------------------------------------------------------
 
 #: The long-lived responses (switchboard.api.streams): the dashboard's live feed, a run's
@@ -225,6 +238,8 @@ for _stream in STREAMS:
     OUTPUT_DROPPED_BYTES.labels(_stream)
 for _route in LONG_ROUTES:
     STREAMS_REVOKED.labels(_route)
+for _why in ARTIFACT_REFUSALS:
+    ARTIFACTS_REFUSED.labels(_why)
 for _what in RETAINED:
     RETENTION_REMOVED.labels(_what)
 for _what in STORED:

@@ -6,7 +6,10 @@ Every --retention-interval, one sweep:
    --retain-jobs ago;
 2. while the output all runs store together exceeds --max-output-bytes, removes the output
    of the ended jobs that ended first, a whole job at a time (the job's record stays, and its
-   events say the output was removed). Output of runs still active is never touched.
+   events say the output was removed). Output of runs still active is never touched;
+3. deletes the artifacts (index and file) that no queued or running job names and that
+   nobody has uploaded or named in a job for --retain-artifacts, and the temporary files
+   of uploads a crash cut short.
 
 The store does the work in short write transactions (at most OUTPUT_ROWS_PER_WRITE pieces of
 output, or one job's remaining rows, each), so supervisors' events and submissions are
@@ -21,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from switchboard import metrics
+from switchboard.artifacts import ArtifactFiles
 from switchboard.config import Settings
 from switchboard.store.base import Store
 
@@ -39,11 +43,13 @@ class Swept:
     jobs: int = 0
     outputs: int = 0
     output_bytes: int = 0
+    artifacts: int = 0
 
 
 class Retention:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, files: ArtifactFiles, settings: Settings) -> None:
         self.store = store
+        self.files = files
         self.settings = settings
         #: The output cap can't be met (active runs hold more): said once, not every sweep.
         self._told_over_cap = False
@@ -64,6 +70,16 @@ class Retention:
         if self.settings.max_output_bytes > 0 and stored > self.settings.max_output_bytes:
             stored -= await self._trim_output(stored, swept)
         metrics.STORED_BYTES.labels("output").set(stored)
+        if self.settings.retain_artifacts_s > 0:
+            await self._expire_artifacts(time.time() - self.settings.retain_artifacts_s, swept)
+        self.files.remove_stale_uploads()
+        metrics.STORED_BYTES.labels("artifact").set(await self.store.stored_artifact_bytes())
+        if swept.artifacts:
+            log.info(
+                "retention: deleted %d artifacts no job named for %s",
+                swept.artifacts,
+                _days(self.settings.retain_artifacts_s),
+            )
         if swept.jobs or swept.outputs:
             log.info(
                 "retention: deleted %d jobs ended over %s ago; removed the output of %d jobs"
@@ -88,6 +104,20 @@ class Retention:
             swept.jobs += deleted
             if not deleted:
                 return  # none of these may go yet (a run still active): the next sweep
+
+    async def _expire_artifacts(self, unused_before: float, swept: Swept) -> None:
+        while digests := await self.store.unused_artifacts(unused_before, JOBS_PER_READ):
+            deleted = 0
+            for digest in digests:
+                # Checked again where submissions are stored: a job naming it since wins.
+                found = await self.store.delete_artifact(digest, unused_before=unused_before)
+                if found.outcome == "deleted":
+                    self.files.remove(digest)
+                    deleted += 1
+                    metrics.RETENTION_REMOVED.labels("artifact").inc()
+            swept.artifacts += deleted
+            if not deleted:
+                return
 
     async def _trim_output(self, stored: int, swept: Swept) -> int:
         """Remove the output of the ended jobs that ended first until what is stored fits

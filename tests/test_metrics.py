@@ -53,6 +53,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_streams_revoked_total": "counter",
     "switchboard_retention_removed_total": "counter",
     "switchboard_stored_bytes": "gauge",
+    "switchboard_artifact_refusals_total": "counter",
 }
 #: Every metric of a supervisor.
 SUPERVISOR_METRICS = {
@@ -78,6 +79,7 @@ LABEL_VALUES: dict[str, set[str]] = {
     "result": {"hit", "miss"},
     "route": {"live", "follow", "events"},
     "what": {"job", "output", "artifact"},
+    "why": {"too_large", "quota", "in_use"},
 }
 
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from protocol.state import Phase
+from switchboard.artifacts import ArtifactFiles
 from switchboard.config import Settings
 from switchboard.retention import Retention
 from switchboard.store.sqlite import SQLiteStore
@@ -74,28 +75,30 @@ async def test_an_active_jobs_output_is_never_dropped(store):
     assert await store.ended_jobs(limit=10) == []
 
 
-async def test_a_sweep_removes_the_output_of_the_jobs_that_ended_first(store):
+async def test_a_sweep_removes_the_output_of_the_jobs_that_ended_first(store, tmp_path):
     seq = 1
     for job_id in ("first", "second", "third", "fourth"):
         seq = await _ended_job(store, job_id, 3, seq)
     settings = Settings(retain_jobs_s=0, max_output_bytes=7 * CHUNK)
-    swept = await Retention(store, settings).sweep()
+    retention = Retention(store, ArtifactFiles(tmp_path / "artifacts"), settings)
+    swept = await retention.sweep()
     # 12 pieces stored, 7 allowed: the first two jobs' output goes, whole.
     assert (swept.jobs, swept.outputs, swept.output_bytes) == (0, 2, 6 * CHUNK)
     assert [_rows(store, j) for j in ("first", "second", "third", "fourth")] == [0, 0, 3, 3]
     assert await store.stored_output_bytes() == 6 * CHUNK
     assert await store.get_job("first") is not None  # the record stays
-    assert (await Retention(store, settings).sweep()).outputs == 0  # under the cap now
+    assert (await retention.sweep()).outputs == 0  # under the cap now
 
 
-async def test_a_sweep_deletes_jobs_ended_longer_ago_than_kept(store):
+async def test_a_sweep_deletes_jobs_ended_longer_ago_than_kept(store, tmp_path):
     seq = await _ended_job(store, "old", 3, 1)
     await _ended_job(store, "new", 1, seq)
     ended = {job: (await store.get_job(job)).updated_at for job in ("old", "new")}
     assert await store.ended_jobs(limit=10) == ["old", "new"]
     assert await store.ended_jobs(ended_before=ended["new"], limit=10) == ["old"]
 
-    swept = await Retention(store, Settings(retain_jobs_s=1e-9, max_output_bytes=0)).sweep()
+    settings = Settings(retain_jobs_s=1e-9, max_output_bytes=0)
+    swept = await Retention(store, ArtifactFiles(tmp_path / "artifacts"), settings).sweep()
     assert swept.jobs == 2
     assert await store.get_job("old") is None and await store.get_job("new") is None
     assert _rows(store, "old") == 0

@@ -23,6 +23,20 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
         ),
         ("output_truncated", "TEXT", None),
     ],
+    "artifacts": [("uploaded_by", "TEXT", None), ("last_used", "REAL", None)],
+}
+#: Tables added since version 2 that start with rows derived from the others: the version
+#: that added one, and the statement filling it in for a database older than that (it
+#: may run again if an upgrade was interrupted: it adds only what is missing).
+FILLED_TABLES: dict[str, tuple[int, str]] = {
+    "job_artifacts": (
+        4,
+        "INSERT OR IGNORE INTO job_artifacts (job_id, digest)"
+        " SELECT id, digest FROM (SELECT id, coalesce("
+        "json_extract(CAST(spec AS TEXT), '$.backend.module'),"
+        " json_extract(CAST(spec AS TEXT), '$.backend.image_artifact')) AS digest FROM jobs)"
+        " WHERE digest IS NOT NULL",
+    ),
 }
 
 SCHEMA = """
@@ -39,8 +53,19 @@ CREATE TABLE IF NOT EXISTS tokens (
 CREATE TABLE IF NOT EXISTS artifacts (
     digest TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    -- the id of the token that uploaded it first, and when a job last named it
+    uploaded_by TEXT,
+    last_used REAL
 );
+-- The artifacts each job names (a Wasm module, an image tarball): what a delete and
+-- retention check before an artifact goes.
+CREATE TABLE IF NOT EXISTS job_artifacts (
+    digest TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    PRIMARY KEY (digest, job_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_artifacts_by_job ON job_artifacts (job_id);
 CREATE TABLE IF NOT EXISTS supervisors (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -203,14 +228,22 @@ def apply_schema(conn: sqlite3.Connection) -> None:
     if tables:
         _add_columns(conn)
     conn.executescript(SCHEMA)
+    for since, fill in FILLED_TABLES.values():
+        if tables and version < since:
+            conn.execute(fill)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    """The columns of a table (none: no such table)."""
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
 def _add_columns(conn: sqlite3.Connection) -> None:
     """Give an older database's tables the columns added since (each with its backfill in
     the same transaction, so a crash leaves it before or after, never half done)."""
     for table, columns in ADDED_COLUMNS.items():
-        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        have = _columns(conn, table)
         if not have:
             continue  # a table SCHEMA is about to create, with every column
         for column, definition, backfill in columns:

@@ -54,9 +54,13 @@ from switchboard.models import (
     SupervisorView,
     TokenView,
 )
+from switchboard.store import sqlite_artifacts as artifacts
 from switchboard.store import sqlite_retention as retention
 from switchboard.store import sqlite_views as views
 from switchboard.store.base import (
+    ArtifactAdded,
+    ArtifactDeleted,
+    ArtifactView,
     BatchOutOfOrder,
     CancelResult,
     Connected,
@@ -376,21 +380,28 @@ class SQLiteStore(Store):
 
     # --- artifacts -------------------------------------------------------------------
 
-    async def add_artifact(self, digest: str, size: int) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR IGNORE INTO artifacts (digest, size, created_at) VALUES (?, ?, ?)",
-                (digest, size, time.time()),
-            )
+    async def add_artifact(
+        self, digest: str, size: int, uploaded_by: str | None = None, quota: int | None = None
+    ) -> ArtifactAdded:
+        return await self._write(
+            lambda conn: artifacts.add_artifact(conn, digest, size, uploaded_by, quota)
+        )
 
-        await self._write(write)
+    async def get_artifact(self, digest: str) -> ArtifactView | None:
+        return await self._read(lambda conn: artifacts.get_artifact(conn, digest))
 
-    async def has_artifact(self, digest: str) -> bool:
-        def read(conn: sqlite3.Connection) -> bool:
-            row = conn.execute("SELECT 1 FROM artifacts WHERE digest = ?", (digest,)).fetchone()
-            return row is not None
+    async def delete_artifact(
+        self, digest: str, *, unused_before: float | None = None
+    ) -> ArtifactDeleted:
+        return await self._write(
+            lambda conn: artifacts.delete_artifact(conn, digest, unused_before)
+        )
 
-        return await self._read(read)
+    async def unused_artifacts(self, unused_before: float, limit: int) -> list[str]:
+        return await self._read(lambda conn: artifacts.unused_artifacts(conn, unused_before, limit))
+
+    async def stored_artifact_bytes(self) -> int:
+        return await self._read(artifacts.stored_artifact_bytes)
 
     # --- jobs ------------------------------------------------------------------------
 
