@@ -102,8 +102,10 @@ async def _follow(
 ) -> AsyncGenerator[bytes | None, None]:
     async with contextlib.aclosing(pieces):
         async for piece in pieces:
-            if piece is None or isinstance(piece, _Piece):
-                yield piece and piece.data
+            if piece is None:
+                yield None
+            elif isinstance(piece, _Piece):
+                yield piece.data
 
 
 class OutputChunk(msgspec.Struct):
