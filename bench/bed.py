@@ -68,6 +68,9 @@ def testbed(extra_args: tuple[str, ...] = ()) -> Iterator[Bed]:
     """A switchboard (fresh data dir) and an empty fleet process; the switchboard's log
     tail goes to stderr if something fails."""
     raise_fd_limit()  # inherited by the switchboard process
+    # The output benchmark writes hundreds of MB per run: measured whole, not cut at the
+    # per-run cap.
+    extra_args = ("--max-run-output", "0", *extra_args)
     with tempfile.TemporaryDirectory(prefix="sb-bench-") as tmp:
         switchboard = Switchboard(Path(tmp) / "data", extra_args=extra_args)
         try:

@@ -34,6 +34,7 @@ from switchboard.dashboard import dashboard_routes
 from switchboard.dispatcher import Dispatcher
 from switchboard.live import LiveFeed
 from switchboard.metrics import RUNS_LOST
+from switchboard.retention import Retention
 from switchboard.sealing import Keyring
 from switchboard.sessions import Hub
 from switchboard.state import AppState
@@ -87,7 +88,11 @@ async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
 
 def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
     """`keyring` seals secret parameter values (server.py loads it from the settings)."""
-    store = SQLiteStore(settings.database_path, keyring=keyring)
+    store = SQLiteStore(
+        settings.database_path,
+        keyring=keyring,
+        max_run_output=settings.max_run_output_bytes or None,
+    )
     hub = Hub(store, settings)
     state = AppState(
         settings=settings,
@@ -107,6 +112,9 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             asyncio.create_task(keep_time(store, settings, hub), name="clock"),
             asyncio.create_task(state.live.run(), name="live feed"),
             asyncio.create_task(hub.keep_heartbeats(), name="heartbeats"),
+            asyncio.create_task(
+                Retention(store, state.artifacts, settings).run(), name="retention"
+            ),
         ]
         try:
             yield

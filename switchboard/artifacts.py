@@ -1,7 +1,10 @@
-"""Artifact bytes on disk, named by digest: `<data dir>/artifacts/sha256/<hex>`.
+"""Artifact bytes on disk, named by digest: `<data dir>/artifacts/sha256/<hex>`; and which
+artifacts a job spec names.
 
-Uploads stream to a temporary file while being hashed, then are renamed into place, so a
-half-written file never carries a valid name.
+An upload streams into a temporary file while being hashed; only once the store has taken
+it (it may refuse: the artifacts quota) is the file renamed into place, so a half-written
+file never carries a valid name and a refused one never appears. The store's artifacts
+table is the index: size, uploader, when it was uploaded and last named by a job.
 """
 
 from __future__ import annotations
@@ -9,14 +12,39 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
+from protocol.spec import DockerBackend, JobSpec, WasmBackend
 from switchboard import datadir
+
+#: Temporary upload files older than this are leftovers of a crash: retention removes them.
+STALE_UPLOAD_S = 24 * 3600.0
+_UPLOAD_PREFIX = ".upload-"
+
+
+def named_artifacts(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, digest) of every artifact a spec names."""
+    match spec.backend:
+        case WasmBackend(module=module):
+            return [("backend.module", module)]
+        case DockerBackend(image_artifact=str(digest)):
+            return [("backend.image_artifact", digest)]
+    return []
 
 
 class TooLarge(Exception):
     pass
+
+
+class Upload(NamedTuple):
+    """Bytes received, hashed, waiting in a temporary file to be kept or discarded."""
+
+    digest: str
+    size: int
+    path: Path
 
 
 class ArtifactFiles:
@@ -32,11 +60,11 @@ class ArtifactFiles:
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()
 
-    async def save(self, chunks: AsyncIterator[bytes], max_bytes: int) -> tuple[str, int]:
-        """Store an upload; return (digest, size). Raises TooLarge past `max_bytes`."""
+    async def receive(self, chunks: AsyncIterator[bytes], max_bytes: int) -> Upload:
+        """Hash an upload into a temporary file. Raises TooLarge past `max_bytes`."""
         hasher = hashlib.sha256()
         size = 0
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_UPLOAD_PREFIX)
         try:
             with os.fdopen(fd, "wb") as out:
                 async for chunk in chunks:
@@ -45,9 +73,30 @@ class ArtifactFiles:
                         raise TooLarge(f"artifact exceeds {max_bytes} bytes")
                     hasher.update(chunk)
                     out.write(chunk)
-            digest = "sha256:" + hasher.hexdigest()
-            os.replace(tmp, self.path(digest))
-            return digest, size
         except BaseException:
             Path(tmp).unlink(missing_ok=True)  # noqa: ASYNC240 - one quick unlink
             raise
+        return Upload("sha256:" + hasher.hexdigest(), size, Path(tmp))
+
+    def keep(self, upload: Upload) -> None:
+        """Give the upload its name (the same bytes again just replace the file)."""
+        os.replace(upload.path, self.path(upload.digest))
+
+    def discard(self, upload: Upload) -> None:
+        upload.path.unlink(missing_ok=True)
+
+    def remove(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)
+
+    def remove_stale_uploads(self) -> int:
+        """Remove temporary files a crash left behind; return how many."""
+        removed = 0
+        limit = time.time() - STALE_UPLOAD_S
+        for path in self.root.glob(_UPLOAD_PREFIX + "*"):
+            try:
+                if path.stat().st_mtime < limit:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed

@@ -28,9 +28,9 @@ class Role(enum.StrEnum):
 
 class Permission(enum.StrEnum):
     VIEW = "view"  # read jobs, output, supervisors
-    SUBMIT = "submit"  # submit jobs, upload artifacts
+    SUBMIT = "submit"  # submit jobs, upload artifacts (and delete the ones it uploaded)
     CANCEL = "cancel"  # cancel jobs
-    OPERATE = "operate"  # drain / resume supervisors, pause dispatch
+    OPERATE = "operate"  # drain / resume supervisors, pause dispatch, delete any artifact
     ADMINISTER = "administer"  # tokens
     CONNECT = "connect"  # connect as a supervisor
     FETCH_ARTIFACTS = "fetch_artifacts"  # download artifacts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,28 @@ from protocol.spec import MAX_TIMEOUT_S
 from switchboard.admin_cli import add_admin_commands, data_dir
 from switchboard.config import Settings
 from switchboard.jobs_cli import add_job_commands
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """A number of bytes, optionally with a binary unit: 1048576, 512K, 64M, 10G, 1T
+    (also written KiB, MiB, ...)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1048576, 512K, 64M, 10G)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """Seconds, optionally with a unit: 90 (seconds), 90s, 15m, 12h, 30d."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90, 15m, 12h, 30d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -35,6 +58,12 @@ def _serve(args: argparse.Namespace) -> int:
             body_timeout_s=args.body_timeout,
             keep_alive_s=args.keep_alive,
             max_connections=args.max_connections,
+            max_run_output_bytes=args.max_run_output,
+            retain_jobs_s=args.retain_jobs,
+            max_output_bytes=args.max_output_bytes,
+            retention_interval_s=args.retention_interval,
+            artifacts_quota_bytes=args.artifacts_quota,
+            retain_artifacts_s=args.retain_artifacts,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             log_format=args.log_format,
@@ -171,6 +200,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="most HTTP connections open at once, not counting supervisors' WebSockets;"
         " beyond it a new one gets 503 unless it replaces a slow request head or an idle"
         " connection (default 1000)",
+    )
+    serve.add_argument(
+        "--max-run-output",
+        type=byte_size,
+        default=64 * 1024 * 1024,
+        metavar="BYTES",
+        help="output one run may store, all streams together (e.g. 64M, the default; 0: no "
+        "cap): the stream that crosses it ends with a note and the rest is dropped",
+    )
+    serve.add_argument(
+        "--retain-jobs",
+        type=duration,
+        default=30 * 86400.0,
+        metavar="DURATION",
+        help="delete ended jobs (runs, output, events) this long after they ended, e.g. 30d "
+        "(the default), 12h, 90m, 3600 (seconds); 0: keep them",
+    )
+    serve.add_argument(
+        "--max-output-bytes",
+        type=byte_size,
+        default=10 * 1024**3,
+        metavar="BYTES",
+        help="keep all jobs' output together under this (e.g. 10G, the default; 0: no cap): "
+        "past it, the output of the jobs that ended first is removed",
+    )
+    serve.add_argument(
+        "--artifacts-quota",
+        type=byte_size,
+        default=20 * 1024**3,
+        metavar="BYTES",
+        help="all artifacts together may take this much (e.g. 20G, the default; 0: no "
+        "quota): an upload past it gets 507",
+    )
+    serve.add_argument(
+        "--retain-artifacts",
+        type=duration,
+        default=30 * 86400.0,
+        metavar="DURATION",
+        help="delete artifacts no queued or running job names once nobody has uploaded them "
+        "or named them in a job for this long (default 30d; 0: keep them)",
+    )
+    serve.add_argument(
+        "--retention-interval",
+        type=duration,
+        default=60.0,
+        metavar="DURATION",
+        help="how often retention sweeps (default 60 seconds)",
     )
     serve.add_argument("--tls-cert", help="PEM certificate: serve https and wss")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")

@@ -41,6 +41,22 @@ class Settings(msgspec.Struct):
     body_timeout_s: float = 30.0
     keep_alive_s: float = 5.0
     max_connections: int = 1000
+    #: Bytes of output one run may store, all streams together: the stream that crosses
+    #: it is cut there with a note saying so, the rest dropped (0: no cap).
+    max_run_output_bytes: int = 64 * 1024 * 1024
+    #: Ended jobs (runs, output, events) are deleted this long after they ended (0: kept).
+    retain_jobs_s: float = 30 * 86400.0
+    #: All runs' output together is kept under this: past it, the output of the ended jobs
+    #: that ended first is removed (0: no cap).
+    max_output_bytes: int = 10 * 1024**3
+    #: All artifacts together may take this much; an upload past it is refused (0: no
+    #: quota).
+    artifacts_quota_bytes: int = 20 * 1024**3
+    #: Artifacts no queued or running job names, not uploaded or named by a job for this
+    #: long, are deleted (0: kept).
+    retain_artifacts_s: float = 30 * 86400.0
+    #: How often retention sweeps.
+    retention_interval_s: float = 60.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: "text" or "json" (protocol.logfmt).

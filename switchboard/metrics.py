@@ -119,6 +119,18 @@ OUTPUT_BYTES = Counter(
     ["stream"],
     registry=REGISTRY,
 )
+OUTPUT_TRUNCATED = Counter(
+    "switchboard_output_truncated_total",
+    "Streams of a run cut at the per-run output cap (--max-run-output), by stream.",
+    ["stream"],
+    registry=REGISTRY,
+)
+OUTPUT_DROPPED_BYTES = Counter(
+    "switchboard_output_dropped_bytes_total",
+    "Bytes of new output dropped because their run had reached the output cap, by stream.",
+    ["stream"],
+    registry=REGISTRY,
+)
 EVENT_BATCH_SECONDS = Histogram(
     "switchboard_event_batch_seconds",
     "Time to store one batch of a supervisor's events (until durable, before its Ack).",
@@ -189,6 +201,54 @@ SECRETS_UNREADABLE = Counter(
     registry=REGISTRY,
 )
 
+# --- retention ------------------------------------------------------------------------
+
+#: What retention removes (switchboard.retention): ended jobs, the output of ended jobs
+#: (to keep all output under its cap), artifacts.
+RETAINED = ("job", "output", "artifact")
+RETENTION_REMOVED = Counter(
+    "switchboard_retention_removed_total",
+    "What retention removed: ended jobs past --retain-jobs (what=job), the output of ended"
+    " jobs to keep all output under --max-output-bytes (what=output), artifacts no job"
+    " needs (what=artifact).",
+    ["what"],
+    registry=REGISTRY,
+)
+#: What the data dir holds, in bytes: job output (in the database), artifacts (files).
+STORED = ("output", "artifact")
+STORED_BYTES = Gauge(
+    "switchboard_stored_bytes",
+    "Bytes stored: all runs' output together (what=output), all artifacts (what=artifact);"
+    " as of the last retention sweep.",
+    ["what"],
+    registry=REGISTRY,
+)
+
+# --- artifacts ------------------------------------------------------------------------
+
+#: Why an artifact request was refused: an upload larger than one may be (too_large) or
+#: past the artifacts quota (quota), a delete of one a job still names (in_use).
+ARTIFACT_REFUSALS = ("too_large", "quota", "in_use")
+ARTIFACTS_REFUSED = Counter(
+    "switchboard_artifact_refusals_total",
+    "Artifact requests refused: uploads too large (why=too_large) or past the artifacts"
+    " quota (why=quota), deletes of an artifact a job that has not ended names (why=in_use).",
+    ["why"],
+    registry=REGISTRY,
+)
+
+# --- API streams ----------------------------------------------------------------------
+
+#: The long-lived responses (switchboard.api.streams): the dashboard's live feed, a run's
+#: output followed as bytes, and as server-sent events.
+LONG_ROUTES = ("live", "follow", "events")
+STREAMS_REVOKED = Counter(
+    "switchboard_streams_revoked_total",
+    "Long-lived responses ended because their token was revoked, by route (live, follow, events).",
+    ["route"],
+    registry=REGISTRY,
+)
+
 # --- store ----------------------------------------------------------------------------
 
 STORE_COMMIT_SECONDS = Histogram(
@@ -212,6 +272,16 @@ for _reason in HTTP_REFUSAL_REASONS:
     HTTP_REFUSALS.labels(_reason)
 for _stream in STREAMS:
     OUTPUT_BYTES.labels(_stream)
+    OUTPUT_TRUNCATED.labels(_stream)
+    OUTPUT_DROPPED_BYTES.labels(_stream)
+for _route in LONG_ROUTES:
+    STREAMS_REVOKED.labels(_route)
+for _why in ARTIFACT_REFUSALS:
+    ARTIFACTS_REFUSED.labels(_why)
+for _what in RETAINED:
+    RETENTION_REMOVED.labels(_what)
+for _what in STORED:
+    STORED_BYTES.labels(_what)
 for _phase in Phase:
     JOBS.labels(_phase.value)
 for _state in QUEUE_STATES:
@@ -280,6 +350,21 @@ def run_ended(kind: str, phase: Phase, duration_s: float) -> None:
     _staged.items.append(
         lambda: RUN_DURATION.labels(backend_label(kind), outcome).observe(max(0.0, duration_s))
     )
+
+
+def output_truncated(stream: str, dropped: int) -> None:
+    """Stage a stream cut at the output cap, and the bytes of its chunk left out."""
+
+    def observe() -> None:
+        OUTPUT_TRUNCATED.labels(stream).inc()
+        OUTPUT_DROPPED_BYTES.labels(stream).inc(dropped)
+
+    _staged.items.append(observe)
+
+
+def output_dropped(stream: str, dropped: int) -> None:
+    """Stage output dropped because its stream was cut at the output cap."""
+    _staged.items.append(lambda: OUTPUT_DROPPED_BYTES.labels(stream).inc(dropped))
 
 
 # --- gauges that count stored rows, refreshed by a scrape ------------------------------

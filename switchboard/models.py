@@ -38,6 +38,12 @@ class RunView(msgspec.Struct):
     started_at: float | None = None
     ended_at: float | None = None
     phases: list[PhaseEntry] = []
+    #: Bytes of output stored for the run, all streams together (0 once retention has
+    #: removed it: the job's events say so).
+    output_bytes: int = 0
+    #: The streams cut at the switchboard's per-run output cap: each ends with a line
+    #: saying so, and what the program wrote after it was dropped.
+    output_truncated: list[str] = []
 
 
 class JobView(msgspec.Struct):

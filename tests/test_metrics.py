@@ -39,6 +39,8 @@ SWITCHBOARD_METRICS = {
     "switchboard_events_stored_total": "counter",
     "switchboard_duplicate_events_total": "counter",
     "switchboard_output_bytes_total": "counter",
+    "switchboard_output_truncated_total": "counter",
+    "switchboard_output_dropped_bytes_total": "counter",
     "switchboard_event_batch_seconds": "histogram",
     "switchboard_jobs": "gauge",
     "switchboard_queue_depth": "gauge",
@@ -51,6 +53,10 @@ SWITCHBOARD_METRICS = {
     "switchboard_store_commit_seconds": "histogram",
     "switchboard_http_connections": "gauge",
     "switchboard_http_refusals_total": "counter",
+    "switchboard_streams_revoked_total": "counter",
+    "switchboard_retention_removed_total": "counter",
+    "switchboard_stored_bytes": "gauge",
+    "switchboard_artifact_refusals_total": "counter",
 }
 #: Every metric of a supervisor.
 SUPERVISOR_METRICS = {
@@ -85,6 +91,9 @@ LABEL_VALUES: dict[str, set[str]] = {
         "idle_evicted",
         "bad_request",
     },
+    "route": {"live", "follow", "events"},
+    "what": {"job", "output", "artifact"},
+    "why": {"too_large", "quota", "in_use"},
 }
 
 

@@ -81,6 +81,8 @@ EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     # artifacts
     ("POST", "/api/v1/artifacts"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
     ("GET", "/api/v1/artifacts/{digest}"): frozenset({ADMIN, OPERATOR, SUBMITTER, SUPERVISOR}),
+    # a submitter only those its token uploaded (each cell's was, by the submitter)
+    ("DELETE", "/api/v1/artifacts/{digest}"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
 }
 
 #: Served by Litestar next to the document itself, so not listed in it; public too.
@@ -239,6 +241,15 @@ class World:
                 )
             case "GET", "/api/v1/artifacts/{digest}":
                 return Call(template.replace("{digest}", self.digest))
+            case "DELETE", "/api/v1/artifacts/{digest}":
+                made = self.clients[SUBMITTER].post(
+                    "/api/v1/artifacts", content=f"matrix doomed {tag}".encode()
+                )
+                digest = made.json()["digest"]
+                return Call(
+                    template.replace("{digest}", digest),
+                    state=lambda: self.admin.get(f"/api/v1/artifacts/{digest}").status_code,
+                )
         # Everything else only reads: the shared ended job (so a follow ends at once) and
         # the shared supervisor record.
         return Call(sup if "{supervisor_id}" in template else job)

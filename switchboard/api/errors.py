@@ -2,7 +2,8 @@
 
 Statuses: 400 invalid request or spec, 401 no or bad token, 403 role not allowed,
 404 unknown id, 409 conflict, 413 body too large, 429 too many requests, 503 not ready,
-500 anything unexpected (whose details go to the log, never to the client).
+507 a storage quota used up, 500 anything unexpected (whose details go to the log, never
+to the client).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _KINDS = {
     413: "too_large",
     429: "too_many_requests",
     503: "unavailable",
+    507: "insufficient_storage",
 }
 
 
@@ -43,6 +45,7 @@ _DESCRIPTIONS = {
     409: "Conflicts with the current state",
     413: "Body too large",
     429: "Too many requests (the queue is full)",
+    507: "The switchboard's storage quota is used up",
 }
 
 

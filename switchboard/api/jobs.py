@@ -13,7 +13,7 @@ from litestar.params import Parameter
 
 from protocol import codec, limits
 from protocol.messages import INT64_MAX, StopJob
-from protocol.spec import DockerBackend, JobSpec, WasmBackend
+from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard.api.errors import ApiError, error_responses, invalid_spec
 from switchboard.api.security import actor, require
@@ -22,7 +22,14 @@ from switchboard.ids import new_job_id
 from switchboard.jobstate import redacted
 from switchboard.models import JobEvent, JobPage, JobView, RunView
 from switchboard.state import AppState, app_state
-from switchboard.store.base import JobFilter, LabelTerm, QueueFull, RunOnSupervisor, Submitted
+from switchboard.store.base import (
+    ArtifactMissing,
+    JobFilter,
+    LabelTerm,
+    QueueFull,
+    RunOnSupervisor,
+    Submitted,
+)
 
 #: Jobs per list page unless `limit` says otherwise, and the most one page may hold.
 DEFAULT_PAGE = 50
@@ -61,27 +68,6 @@ async def job_or_404(state: AppState, job_id: str) -> JobView:
     return job
 
 
-def _artifacts_named(spec: JobSpec) -> list[tuple[str, str]]:
-    """(field, digest) of every artifact a spec refers to."""
-    match spec.backend:
-        case WasmBackend(module=module):
-            return [("backend.module", module)]
-        case DockerBackend(image_artifact=str(digest)):
-            return [("backend.image_artifact", digest)]
-    return []
-
-
-def _check_artifacts(state: AppState, spec: JobSpec, where: str = "") -> None:
-    for field, digest in _artifacts_named(spec):
-        if not state.artifacts.exists(digest):
-            raise ApiError(
-                400,
-                "invalid_spec",
-                f"{where}{field}: artifact {digest} has not been uploaded",
-                where + field,
-            )
-
-
 def _with_run_timeout(spec: JobSpec, default_s: float | None) -> JobSpec:
     """The spec, with the switchboard's default run timeout if it names none (written into
     the stored spec: the job shows the limit it runs under, and every run gets it)."""
@@ -90,14 +76,21 @@ def _with_run_timeout(spec: JobSpec, default_s: float | None) -> JobSpec:
     return msgspec.structs.replace(spec, timeout_s=default_s)
 
 
-async def _queue(state: AppState, specs: list[JobSpec], who: str) -> list[Submitted]:
-    """Store the jobs (all or none) through the dispatcher, stop the runs they replace."""
+async def _queue(
+    state: AppState, specs: list[JobSpec], who: str, *, batch: bool = False
+) -> list[Submitted]:
+    """Store the jobs (all or none) through the dispatcher, stop the runs they replace.
+    A `batch`'s errors name the spec by its index."""
     default_s = state.settings.default_run_timeout_s
     jobs = [(new_job_id(), _with_run_timeout(spec, default_s)) for spec in specs]
     try:
         made = await state.dispatcher.submit(jobs, who, state.settings.max_queued_jobs)
     except QueueFull as exc:
         raise ApiError(429, "queue_full", str(exc)) from None
+    except ArtifactMissing as exc:
+        field = f"[{exc.index}].{exc.field}" if batch else exc.field
+        message = f"{field}: artifact {exc.digest} has not been uploaded"
+        raise ApiError(400, "invalid_spec", message, field) from None
     await _stop_runs(state, [stop for m in made for stop in m.stops], "replaced")
     return made
 
@@ -174,7 +167,6 @@ class JobController(Controller):
             data = codec.decode_job_spec(await request.body())
         except msgspec.ValidationError as exc:
             raise invalid_spec(exc) from None
-        _check_artifacts(state, data)
         (made,) = await _queue(state, [data], actor(request))
         return JobCreated(made.id, made.phase, made.reason)
 
@@ -197,9 +189,7 @@ class JobController(Controller):
             raise ApiError(
                 413, "too_large", f"a batch holds at most {MAX_BATCH} jobs, not {len(specs)}"
             )
-        for index, spec in enumerate(specs):
-            _check_artifacts(state, spec, f"[{index}].")
-        made = await _queue(state, specs, actor(request))
+        made = await _queue(state, specs, actor(request), batch=True)
         return BatchCreated([JobCreated(m.id, m.phase, m.reason) for m in made])
 
     @get("/", guards=require(Permission.VIEW), responses=error_responses())

@@ -4,7 +4,7 @@ per browser (`/live`, server-sent events; see switchboard.live)."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import msgspec
 from litestar import Request, get
@@ -12,16 +12,14 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from switchboard.api.errors import error_responses
 from switchboard.api.security import require
-from switchboard.auth import ROLE_PERMISSIONS, Permission, Role, authenticate
+from switchboard.api.streams import TICK_S, revoked_event, until_revoked
+from switchboard.auth import ROLE_PERMISSIONS, Permission, Role
 from switchboard.live import OVERVIEW_FAILURES, OVERVIEW_MINUTES, LiveFeed
 from switchboard.models import Overview
 from switchboard.state import app_state
-from switchboard.store.base import Store
 
 #: An idle event stream gets a comment this often, so proxies and browsers keep it open.
 PING_S = 15.0
-#: How often an open stream checks that its token is still valid (not revoked).
-TOKEN_CHECK_S = 5.0
 
 
 class Me(msgspec.Struct):
@@ -53,26 +51,25 @@ async def overview(request: Request) -> Overview:
     return await store.overview(time.time(), OVERVIEW_MINUTES, OVERVIEW_FAILURES)
 
 
-async def _events(
-    feed: LiveFeed, store: Store, authorization: str | None
-) -> AsyncIterator[ServerSentEventMessage]:
+async def _events(feed: LiveFeed) -> AsyncGenerator[ServerSentEventMessage | None, None]:
+    """The feed's events; None (a tick, see switchboard.api.streams) after TICK_S without
+    one, and a comment after PING_S."""
     subscriber = feed.subscribe()
-    checked = time.monotonic()
+    sent = time.monotonic()
     try:
         while True:
             try:
-                event = await subscriber.next(PING_S)
+                event = await subscriber.next(TICK_S)
             except EOFError:  # the server is shutting down
                 return
-            if time.monotonic() - checked >= TOKEN_CHECK_S:
-                # A revoked token's stream ends; reconnecting, the dashboard gets its 401.
-                checked = time.monotonic()
-                if await authenticate(store, authorization) is None:
-                    return
-            if event is None:
+            if event is not None:
+                sent = time.monotonic()
+                yield ServerSentEventMessage(data=event.data, event=event.kind)
+            elif time.monotonic() - sent >= PING_S:
+                sent = time.monotonic()
                 yield ServerSentEventMessage(data=None, comment="ping")  # no data: not an event
             else:
-                yield ServerSentEventMessage(data=event.data, event=event.kind)
+                yield None
     finally:
         feed.unsubscribe(subscriber)
 
@@ -89,7 +86,7 @@ async def live(request: Request) -> ServerSentEvent:
     (`{"id"}`), `supervisor` (a SupervisorView), `overview` (an Overview), `heartbeats`
     (every 5 s: `{"at", "last_heard": {supervisor id: epoch seconds}}` for the connected
     ones) and `resync` (this stream fell behind and dropped events: refetch). Comments keep
-    it open; a stream whose token is revoked ends within seconds."""
-    state = app_state(request)
-    authorization = request.headers.get("authorization")
-    return ServerSentEvent(_events(state.live, state.store, authorization))
+    it open. A stream whose token is revoked ends within seconds, with a `revoked` event
+    (`{"error": "unauthorized", "message"}`)."""
+    events = _events(app_state(request).live)
+    return ServerSentEvent(until_revoked(request, events, "live", revoked_event))

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncGenerator
+from typing import Annotated, NamedTuple
 
 import msgspec
-from litestar import Controller, Request, Response, get
+from litestar import Controller, Request, get
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 
 from protocol.messages import INT64_MAX
 from protocol.messages import Stream as OutputStream
-from protocol.state import is_terminal
+from protocol.state import Phase, is_terminal
 from switchboard.api.errors import ApiError, error_responses
 from switchboard.api.jobs import job_or_404
 from switchboard.api.security import require
+from switchboard.api.streams import TICK_S, revoked_event, until_revoked
 from switchboard.auth import Permission
 from switchboard.state import AppState, app_state
 
@@ -25,29 +27,57 @@ from switchboard.state import AppState, app_state
 Attempt = Annotated[int | None, Parameter(ge=1, le=INT64_MAX)]
 Offset = Annotated[int, Parameter(ge=0, le=INT64_MAX)]
 
-#: A follower re-reads at least this often, even without news from this process.
-FOLLOW_POLL_S = 1.0
-#: A follower reads at most this much at a time (memory stays bounded for huge outputs).
-FOLLOW_READ = 4 * 1024 * 1024
+#: Output is read from the store and sent at most this much at a time, so a reader of a
+#: huge output costs the switchboard a few of these, not the output's size.
+READ_BYTES = 256 * 1024
 
 
-async def _latest_attempt(state: AppState, job_id: str) -> int | None:
-    """The job's latest run, waiting for its first if it is still queued; None if the job
-    is gone or ended without a run."""
-    while True:
-        job = await state.store.get_job(job_id)
-        if job is None or (not job.runs and is_terminal(job.phase)):
-            return None
-        if job.runs:
-            return job.runs[-1].attempt
-        await state.hub.wait_stored(FOLLOW_POLL_S)
+async def _stored(
+    state: AppState, job_id: str, attempt: int, stream: OutputStream, start: int, end: int | None
+) -> AsyncGenerator[bytes, None]:
+    """Bytes [start, end) of a run's stream as stored, in pieces of at most READ_BYTES."""
+    while end is None or start < end:
+        stop = start + READ_BYTES if end is None else min(end, start + READ_BYTES)
+        data = await state.store.read_output(job_id, attempt, stream, start, stop)
+        if data:
+            yield data
+        if len(data) < stop - start:
+            return  # the end of what is stored
+        start = stop
 
 
-async def _follow_run(
-    state: AppState, job_id: str, attempt: int, stream: OutputStream, offset: int
-) -> AsyncIterator[bytes]:
-    """The run's stream from `offset`, live, until the run has ended and all is sent."""
+class _Piece(NamedTuple):
+    """Bytes [offset, offset + len(data)) of a run's stream."""
+
+    attempt: int
+    offset: int
+    data: bytes
+
+
+class _End(NamedTuple):
+    """The run has ended and every byte of the stream was sent."""
+
+    attempt: int
+    phase: Phase
+
+
+async def _pieces(
+    state: AppState, job_id: str, stream: OutputStream, attempt: int | None, offset: int
+) -> AsyncGenerator[_Piece | _End | None, None]:
+    """A run's stream from `offset`, live, then its end; None (a tick, see
+    switchboard.api.streams) after each wait with nothing new. Without `attempt`, the job's
+    latest run, waiting for its first if it is still queued; nothing if the job is gone or
+    ended without a run."""
     store = state.store
+    while attempt is None:
+        job = await store.get_job(job_id)
+        if job is None or (not job.runs and is_terminal(job.phase)):
+            return
+        if job.runs:
+            attempt = job.runs[-1].attempt
+        else:
+            await state.hub.wait_stored(TICK_S)
+            yield None
     while True:
         phase = await store.run_phase(job_id, attempt)
         if phase is None:
@@ -55,24 +85,28 @@ async def _follow_run(
         # Seen ended *before* reading: a run's output is stored before its end, so the
         # reads that follow get everything.
         ended = is_terminal(phase)
-        data = await store.read_output(job_id, attempt, stream, offset, offset + FOLLOW_READ)
+        data = await store.read_output(job_id, attempt, stream, offset, offset + READ_BYTES)
         if data:
+            yield _Piece(attempt, offset, data)
             offset += len(data)
-            yield data
-        if len(data) == FOLLOW_READ:
+        if len(data) == READ_BYTES:
             continue  # more is stored already: read on before waiting
         if ended:
+            yield _End(attempt, phase)
             return
-        await state.hub.wait_stored(FOLLOW_POLL_S)
+        await state.hub.wait_stored(TICK_S)
+        yield None
 
 
 async def _follow(
-    state: AppState, job_id: str, stream: OutputStream, attempt: int | None, offset: int
-) -> AsyncIterator[bytes]:
-    attempt = attempt or await _latest_attempt(state, job_id)
-    if attempt is not None:
-        async for data in _follow_run(state, job_id, attempt, stream, offset):
-            yield data
+    pieces: AsyncGenerator[_Piece | _End | None, None],
+) -> AsyncGenerator[bytes | None, None]:
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            if piece is None:
+                yield None
+            elif isinstance(piece, _Piece):
+                yield piece.data
 
 
 class OutputChunk(msgspec.Struct):
@@ -115,21 +149,26 @@ def _resume_point(last_event_id: str | None) -> tuple[int, int] | None:
 
 
 async def _follow_events(
-    state: AppState, job_id: str, stream: OutputStream, attempt: int | None, offset: int
-) -> AsyncIterator[ServerSentEventMessage]:
-    attempt = attempt or await _latest_attempt(state, job_id)
-    if attempt is None:
-        return
-    async for data in _follow_run(state, job_id, attempt, stream, offset):
-        chunk = OutputChunk(attempt, offset, base64.b64encode(data).decode())
-        offset += len(data)
-        # The id is where a reconnecting EventSource resumes (sent back as Last-Event-ID).
-        yield ServerSentEventMessage(
-            data=msgspec.json.encode(chunk).decode(), event="output", id=f"{attempt}:{offset}"
-        )
-    phase = await state.store.run_phase(job_id, attempt)
-    end = OutputEnd(attempt, str(phase))
-    yield ServerSentEventMessage(data=msgspec.json.encode(end).decode(), event="end")
+    pieces: AsyncGenerator[_Piece | _End | None, None],
+) -> AsyncGenerator[ServerSentEventMessage | None, None]:
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            if isinstance(piece, _Piece):
+                chunk = OutputChunk(
+                    piece.attempt, piece.offset, base64.b64encode(piece.data).decode()
+                )
+                # The id is where a reconnecting EventSource resumes (sent back as
+                # Last-Event-ID).
+                yield ServerSentEventMessage(
+                    data=msgspec.json.encode(chunk).decode(),
+                    event="output",
+                    id=f"{piece.attempt}:{piece.offset + len(piece.data)}",
+                )
+            elif isinstance(piece, _End):
+                end = OutputEnd(piece.attempt, piece.phase.value)
+                yield ServerSentEventMessage(data=msgspec.json.encode(end).decode(), event="end")
+            else:
+                yield None
 
 
 class OutputController(Controller):
@@ -150,19 +189,22 @@ class OutputController(Controller):
         attempt: Attempt = None,
         start: Offset = 0,
         end: Offset | None = None,
-    ) -> Response[bytes]:
+    ) -> Stream:
         """Bytes [start, end) of a run's stream as stored so far (the latest run unless
-        `attempt` is given), exactly as the program wrote them."""
+        `attempt` is given), exactly as the program wrote them. Sent as they are read, a
+        piece at a time: any size costs the switchboard the same memory."""
         state = app_state(request)
         job = await job_or_404(state, job_id)
         if attempt is None:
             if not job.runs:
-                return Response(b"", media_type="application/octet-stream")
+                return Stream(iter(()), media_type="application/octet-stream")
             attempt = job.runs[-1].attempt
         elif all(r.attempt != attempt for r in job.runs):
             raise ApiError(404, "not_found", f"job {job_id!r} has no attempt {attempt}")
-        data = await state.store.read_output(job_id, attempt, stream, start, end)
-        return Response(data, media_type="application/octet-stream")
+        return Stream(
+            _stored(state, job_id, attempt, stream, start, end),
+            media_type="application/octet-stream",
+        )
 
     @get(
         "/{job_id:str}/output/follow",
@@ -181,11 +223,13 @@ class OutputController(Controller):
         """A run's stream from byte `start`, live: bytes are sent as they are stored, and
         the response ends once the run has ended and everything it wrote was sent. Without
         `attempt`, the latest run when the request arrives (waiting for one if the job is
-        still queued)."""
+        still queued). It also ends, within seconds, if its token is revoked: a follower
+        that wants to know how the run ended asks for the job (and then gets its 401)."""
         state = app_state(request)
         await job_or_404(state, job_id)
+        pieces = _pieces(state, job_id, stream, attempt, start)
         return Stream(
-            _follow(state, job_id, stream, attempt, start),
+            until_revoked(request, _follow(pieces), "follow"),
             media_type="application/octet-stream",
         )
 
@@ -204,7 +248,8 @@ class OutputController(Controller):
         start: Offset = 0,
     ) -> ServerSentEvent:
         """The same as `follow`, as server-sent events for browsers: `output` events
-        (OutputChunk, base64 bytes with their offset) and a final `end` event (OutputEnd).
+        (OutputChunk, base64 bytes with their offset) and a final `end` event (OutputEnd),
+        or a `revoked` event (the API's error body) if the token is revoked meanwhile.
         Each output event's id is `attempt:offset`, so an EventSource that reconnects
         resumes where it stopped (Last-Event-ID wins over `attempt` and `start`)."""
         resume = _resume_point(request.headers.get("last-event-id"))
@@ -212,4 +257,7 @@ class OutputController(Controller):
         await job_or_404(state, job_id)
         if resume is not None:
             attempt, start = resume
-        return ServerSentEvent(_follow_events(state, job_id, stream, attempt, start))
+        pieces = _pieces(state, job_id, stream, attempt, start)
+        return ServerSentEvent(
+            until_revoked(request, _follow_events(pieces), "events", revoked_event)
+        )

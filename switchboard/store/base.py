@@ -74,6 +74,45 @@ class Submitted(msgspec.Struct, frozen=True):
     stops: list[RunOnSupervisor] = []
 
 
+class ArtifactView(msgspec.Struct, frozen=True):
+    """An artifact as the store indexes it (the bytes are files: switchboard.artifacts)."""
+
+    digest: str
+    size: int
+    created_at: float
+    #: The id of the token that uploaded it first (None: not known).
+    uploaded_by: str | None = None
+    #: When a job last named it, or it was uploaded again.
+    last_used: float | None = None
+
+
+class ArtifactAdded(msgspec.Struct, frozen=True):
+    """What became of an upload: "added", "exists" (the same bytes were there), or
+    "full" (refused: past the quota); and the bytes all artifacts take now."""
+
+    outcome: str
+    stored_bytes: int
+
+
+class ArtifactDeleted(msgspec.Struct, frozen=True):
+    """What a delete found: "deleted", "absent", "in_use" (refused: `needed_by` names
+    jobs that have not ended and name it), or "used_lately" (retention's delete only)."""
+
+    outcome: str
+    needed_by: list[str] = []
+
+
+class ArtifactMissing(Exception):
+    """A submitted job names an artifact that is not stored (never uploaded, or deleted)."""
+
+    def __init__(self, index: int, field: str, digest: str) -> None:
+        super().__init__(f"{field}: artifact {digest} has not been uploaded")
+        #: The job's place in its batch, and the spec field naming the artifact.
+        self.index = index
+        self.field = field
+        self.digest = digest
+
+
 class BatchOutOfOrder(Exception):
     """A batch of events came to be stored before the batch ahead of it was."""
 
@@ -187,10 +226,32 @@ class Store(abc.ABC):
 
     # artifacts (bytes live beside the database; the store keeps the index)
     @abc.abstractmethod
-    async def add_artifact(self, digest: str, size: int) -> None: ...
+    async def add_artifact(
+        self, digest: str, size: int, uploaded_by: str | None = None, quota: int | None = None
+    ) -> ArtifactAdded:
+        """Index an upload, unless it would take all artifacts together past `quota` bytes
+        (None: no quota). The same bytes again count as a use."""
 
     @abc.abstractmethod
-    async def has_artifact(self, digest: str) -> bool: ...
+    async def get_artifact(self, digest: str) -> ArtifactView | None: ...
+
+    @abc.abstractmethod
+    async def delete_artifact(
+        self, digest: str, *, unused_before: float | None = None
+    ) -> ArtifactDeleted:
+        """Forget an artifact, unless a job that has not ended names it (checked in the
+        same transaction as submissions are, so none can slip in between). With
+        `unused_before`, only if nobody uploaded it or submitted or ended a job naming it
+        since then."""
+
+    @abc.abstractmethod
+    async def unused_artifacts(self, unused_before: float, limit: int) -> list[str]:
+        """Artifacts no job that has not ended names, and that nobody uploaded or named in
+        a job (submitted or ended) since `unused_before`; least recently used first."""
+
+    @abc.abstractmethod
+    async def stored_artifact_bytes(self) -> int:
+        """The bytes of all artifacts together."""
 
     # jobs
     @abc.abstractmethod
@@ -198,8 +259,9 @@ class Store(abc.ABC):
         self, jobs: Sequence[tuple[str, JobSpec]], actor: str, max_queued: int
     ) -> list[Submitted]:
         """Queue jobs, all or none, applying their concurrency policies. Raises QueueFull
-        if that would put more than `max_queued` jobs in the queue. Secret parameter values
-        are stored sealed, apart from the spec, until the job ends."""
+        if that would put more than `max_queued` jobs in the queue, ArtifactMissing if one
+        names an artifact that is not stored. Secret parameter values are stored sealed,
+        apart from the spec, until the job ends."""
 
     @abc.abstractmethod
     async def create_and_assign(
@@ -287,6 +349,24 @@ class Store(abc.ABC):
         self, job_id: str, attempt: int, stream: Stream, start: int = 0, end: int | None = None
     ) -> bytes:
         """Bytes [start, end) of a run's stream (as much as is stored)."""
+
+    # retention (the policy: switchboard.retention)
+    @abc.abstractmethod
+    async def stored_output_bytes(self) -> int:
+        """The bytes of output every run stores, together."""
+
+    @abc.abstractmethod
+    async def ended_jobs(
+        self, *, ended_before: float | None = None, with_output: bool = False, limit: int
+    ) -> list[str]:
+        """Ended jobs, the one that ended first first: those that ended before
+        `ended_before` (if given) and, `with_output`, only those that still hold output."""
+
+    @abc.abstractmethod
+    async def drop_output(self, job_id: str, max_rows: int, reason: str | None = None) -> int:
+        """Delete up to `max_rows` stored pieces of an ended job's output, in one short
+        transaction; the bytes freed (0: none was left, or the job has not ended). The call
+        that deletes the last piece records `reason` (if given) in the job's events."""
 
     # supervisors
     @abc.abstractmethod

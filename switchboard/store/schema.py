@@ -7,10 +7,40 @@ from collections.abc import Callable
 
 #: Bumped whenever a table changes; a database of another version is refused, not guessed at.
 SCHEMA_VERSION = 4
-#: Older versions this one reaches by running SCHEMA again: their changes only added tables,
-#: indexes and triggers, which SCHEMA creates where missing. (From 3, the store also moves
-#: secret values out of the stored specs: see sqlite_secrets.seal_legacy_secrets.)
+#: Older versions this one reaches in place: their changes only added tables, indexes and
+#: triggers, which SCHEMA creates where missing, and the columns of ADDED_COLUMNS. (From 3,
+#: the store also moves secret values out of the stored specs: see
+#: sqlite_secrets.seal_legacy_secrets.)
 ADDITIVE_UPGRADES_FROM = frozenset({2, 3})
+
+#: Columns added to tables that older databases already have (SCHEMA holds them too, for a
+#: new database): table -> [(column, its definition, the statement that fills it in for
+#: the rows already there, or None)].
+ADDED_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
+    "runs": [
+        (
+            "output_bytes",
+            "INTEGER NOT NULL DEFAULT 0",
+            "UPDATE runs SET output_bytes = (SELECT coalesce(sum(length(o.data)), 0)"
+            " FROM output o WHERE o.job_id = runs.job_id AND o.attempt = runs.attempt)",
+        ),
+        ("output_truncated", "TEXT", None),
+    ],
+    "artifacts": [("uploaded_by", "TEXT", None), ("last_used", "REAL", None)],
+}
+#: Tables added since version 2 that start with rows derived from the others: the version
+#: that added one, and the statement filling it in for a database older than that (it
+#: may run again if an upgrade was interrupted: it adds only what is missing).
+FILLED_TABLES: dict[str, tuple[int, str]] = {
+    "job_artifacts": (
+        4,
+        "INSERT OR IGNORE INTO job_artifacts (job_id, digest)"
+        " SELECT id, digest FROM (SELECT id, coalesce("
+        "json_extract(CAST(spec AS TEXT), '$.backend.module'),"
+        " json_extract(CAST(spec AS TEXT), '$.backend.image_artifact')) AS digest FROM jobs)"
+        " WHERE digest IS NOT NULL",
+    ),
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -26,8 +56,19 @@ CREATE TABLE IF NOT EXISTS tokens (
 CREATE TABLE IF NOT EXISTS artifacts (
     digest TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    -- the id of the token that uploaded it first, and when a job last named it
+    uploaded_by TEXT,
+    last_used REAL
 );
+-- The artifacts each job names (a Wasm module, an image tarball): what a delete and
+-- retention check before an artifact goes.
+CREATE TABLE IF NOT EXISTS job_artifacts (
+    digest TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    PRIMARY KEY (digest, job_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_artifacts_by_job ON job_artifacts (job_id);
 CREATE TABLE IF NOT EXISTS supervisors (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -111,6 +152,10 @@ CREATE TABLE IF NOT EXISTS runs (
     created_at REAL NOT NULL,
     started_at REAL,
     ended_at REAL,
+    -- bytes of output stored for the run (all streams), and the streams cut at the
+    -- per-run output cap (comma-separated; NULL: none)
+    output_bytes INTEGER NOT NULL DEFAULT 0,
+    output_truncated TEXT,
     PRIMARY KEY (job_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS runs_by_supervisor ON runs (supervisor_id, phase);
@@ -203,11 +248,16 @@ def apply_schema(
             f"the database has schema version {version}, this switchboard needs"
             f" {SCHEMA_VERSION}: move the data dir aside (or start with a new --data-dir)"
         )
+    if tables:
+        _add_columns(conn)
     conn.executescript(SCHEMA)
     if version == SCHEMA_VERSION:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
+        for since, fill in FILLED_TABLES.values():
+            if tables and version < since:
+                conn.execute(fill)
         if tables and upgrade is not None:
             upgrade(conn, version)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -215,3 +265,29 @@ def apply_schema(
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    """The columns of a table (none: no such table)."""
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Give an older database's tables the columns added since (each with its backfill in
+    the same transaction, so a crash leaves it before or after, never half done)."""
+    for table, columns in ADDED_COLUMNS.items():
+        have = _columns(conn, table)
+        if not have:
+            continue  # a table SCHEMA is about to create, with every column
+        for column, definition, backfill in columns:
+            if column in have:
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                if backfill is not None:
+                    conn.execute(backfill)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise

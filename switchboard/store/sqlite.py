@@ -55,8 +55,13 @@ from switchboard.models import (
     TokenView,
 )
 from switchboard.sealing import Keyring, SecretsUnreadable, split_secrets
+from switchboard.store import sqlite_artifacts as artifacts
+from switchboard.store import sqlite_retention as retention
 from switchboard.store import sqlite_views as views
 from switchboard.store.base import (
+    ArtifactAdded,
+    ArtifactDeleted,
+    ArtifactView,
     BatchOutOfOrder,
     CancelResult,
     Connected,
@@ -190,13 +195,23 @@ TOKEN_CACHE_SIZE = 10_000
 class SQLiteStore(Store):
     """`keyring` seals secret parameter values (switchboard/sealing.py). Without one, the
     store seals them with a key of its own that dies with it (tests; the token bootstrap,
-    which stores no jobs), and leaves stored secrets as they are when it opens."""
+    which stores no jobs), and leaves stored secrets as they are when it opens.
+    `max_run_output`: the bytes of output one run may store, all streams together (None:
+    no cap); see EventBatch."""
 
-    def __init__(self, path: Path, *, readers: int = 4, keyring: Keyring | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        readers: int = 4,
+        keyring: Keyring | None = None,
+        max_run_output: int | None = None,
+    ) -> None:
         self.path = path
         self._readers = readers
         self._keyring = keyring or Keyring.ephemeral()
         self._keyring_given = keyring is not None
+        self.max_run_output = max_run_output
         self._writer: _Writer | None = None
         self._read_pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -430,21 +445,28 @@ class SQLiteStore(Store):
 
     # --- artifacts -------------------------------------------------------------------
 
-    async def add_artifact(self, digest: str, size: int) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR IGNORE INTO artifacts (digest, size, created_at) VALUES (?, ?, ?)",
-                (digest, size, time.time()),
-            )
+    async def add_artifact(
+        self, digest: str, size: int, uploaded_by: str | None = None, quota: int | None = None
+    ) -> ArtifactAdded:
+        return await self._write(
+            lambda conn: artifacts.add_artifact(conn, digest, size, uploaded_by, quota)
+        )
 
-        await self._write(write)
+    async def get_artifact(self, digest: str) -> ArtifactView | None:
+        return await self._read(lambda conn: artifacts.get_artifact(conn, digest))
 
-    async def has_artifact(self, digest: str) -> bool:
-        def read(conn: sqlite3.Connection) -> bool:
-            row = conn.execute("SELECT 1 FROM artifacts WHERE digest = ?", (digest,)).fetchone()
-            return row is not None
+    async def delete_artifact(
+        self, digest: str, *, unused_before: float | None = None
+    ) -> ArtifactDeleted:
+        return await self._write(
+            lambda conn: artifacts.delete_artifact(conn, digest, unused_before)
+        )
 
-        return await self._read(read)
+    async def unused_artifacts(self, unused_before: float, limit: int) -> list[str]:
+        return await self._read(lambda conn: artifacts.unused_artifacts(conn, unused_before, limit))
+
+    async def stored_artifact_bytes(self) -> int:
+        return await self._read(artifacts.stored_artifact_bytes)
 
     # --- jobs ------------------------------------------------------------------------
 
@@ -639,6 +661,21 @@ class SQLiteStore(Store):
 
         return await self._read(read)
 
+    # --- retention -------------------------------------------------------------------
+
+    async def stored_output_bytes(self) -> int:
+        return await self._read(retention.stored_output_bytes)
+
+    async def ended_jobs(
+        self, *, ended_before: float | None = None, with_output: bool = False, limit: int
+    ) -> list[str]:
+        return await self._read(
+            lambda conn: retention.ended_jobs(conn, ended_before, with_output, limit)
+        )
+
+    async def drop_output(self, job_id: str, max_rows: int, reason: str | None = None) -> int:
+        return await self._write(lambda conn: retention.drop_output(conn, job_id, max_rows, reason))
+
     # --- supervisors -----------------------------------------------------------------
 
     async def supervisor_connected(self, hello: Hello) -> Connected:
@@ -823,7 +860,7 @@ class SQLiteStore(Store):
                     f"events of {supervisor_id} up to seq {after_seq} are not stored"
                     f" (stored: {stored}): the batch after them is not stored either"
                 )
-            batch = EventBatch(conn, supervisor_id)
+            batch = EventBatch(conn, supervisor_id, self.max_run_output)
             for event in events:
                 if event.seq <= stored:
                     continue  # already stored: a resend after a reconnect
@@ -1056,11 +1093,13 @@ def _load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
             started_at=r[11],
             ended_at=r[12],
             phases=phases.get(r[0], []),
+            output_bytes=r[13],
+            output_truncated=r[14].split(",") if r[14] else [],
         )
         for r in conn.execute(
             "SELECT attempt, supervisor_id, phase, created_at, stage, message, exit_code, signal,"
-            " reason, error_kind, error, started_at, ended_at FROM runs WHERE job_id = ?"
-            " ORDER BY attempt",
+            " reason, error_kind, error, started_at, ended_at, output_bytes, output_truncated"
+            " FROM runs WHERE job_id = ? ORDER BY attempt",
             (job_id,),
         )
     ]

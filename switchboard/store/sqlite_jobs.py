@@ -15,8 +15,10 @@ import msgspec
 
 from protocol.spec import JobSpec
 from protocol.state import ACTIVE, TERMINAL, Phase, is_terminal
+from switchboard.artifacts import named_artifacts
 from switchboard.models import JobEvent, JobSummary
 from switchboard.store.base import (
+    ArtifactMissing,
     CancelResult,
     JobFilter,
     QueueFull,
@@ -29,8 +31,8 @@ _encoder = msgspec.json.Encoder()
 
 ACTIVE_PHASES = tuple(p.value for p in ACTIVE)
 ACTIVE_SQL = ",".join("?" * len(ACTIVE_PHASES))
-_TERMINAL_PHASES = tuple(p.value for p in TERMINAL)
-_TERMINAL_SQL = ",".join("?" * len(_TERMINAL_PHASES))
+TERMINAL_PHASES = tuple(p.value for p in TERMINAL)
+TERMINAL_SQL = ",".join("?" * len(TERMINAL_PHASES))
 
 
 def record_event(
@@ -59,14 +61,34 @@ class NewJob(NamedTuple):
     sealed: bytes | None
 
 
+def _record_artifacts(conn: sqlite3.Connection, index: int, job_id: str, spec: JobSpec) -> None:
+    """Note the artifacts a job being inserted names (a use of each); ArtifactMissing if
+    one is not stored. `index`: the job's place in its batch."""
+    now = time.time()
+    for field, digest in named_artifacts(spec):
+        if not conn.execute(
+            "UPDATE artifacts SET last_used = ? WHERE digest = ?", (now, digest)
+        ).rowcount:
+            raise ArtifactMissing(index, field, digest)
+        conn.execute(
+            "INSERT OR IGNORE INTO job_artifacts (digest, job_id) VALUES (?, ?)", (digest, job_id)
+        )
+
+
 def insert_jobs(
     conn: sqlite3.Connection, jobs: list[NewJob], actor: str, max_queued: int
 ) -> list[Submitted]:
-    """Insert jobs (all or none: the caller's savepoint rolls back on QueueFull)."""
+    """Insert jobs (all or none: the caller's savepoint rolls back on QueueFull or
+    ArtifactMissing)."""
     (queued,) = conn.execute("SELECT count(*) FROM jobs WHERE phase = 'queued'").fetchone()
     if queued + len(jobs) > max_queued:
         raise QueueFull(f"{queued} jobs are queued; the switchboard takes at most {max_queued}")
-    return [_insert_job(conn, job, actor) for job in jobs]
+    made = []
+    for index, job in enumerate(jobs):
+        # In the same transaction: an artifact can't be deleted between check and insert.
+        _record_artifacts(conn, index, job.id, job.spec)
+        made.append(_insert_job(conn, job, actor))
+    return made
 
 
 def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str) -> Submitted:
@@ -78,9 +100,9 @@ def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str) -> Submitted:
         holders = [
             row[0]
             for row in conn.execute(
-                f"SELECT id FROM jobs WHERE concurrency_key = ? AND phase NOT IN ({_TERMINAL_SQL})"
+                f"SELECT id FROM jobs WHERE concurrency_key = ? AND phase NOT IN ({TERMINAL_SQL})"
                 " ORDER BY seq",
-                (key, *_TERMINAL_PHASES),
+                (key, *TERMINAL_PHASES),
             )
         ]
         if holders and spec.concurrency.policy == "drop_if_running":
@@ -259,7 +281,7 @@ def delete_job(conn: sqlite3.Connection, job_id: str) -> str:
     ).fetchone()
     if not is_terminal(row[0]) or active is not None:
         return "active"
-    for table in ("output", "run_phases", "runs", "job_events"):
+    for table in ("output", "run_phases", "runs", "job_events", "job_artifacts"):
         conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
     conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
     return "deleted"

@@ -196,6 +196,11 @@ class _Run:
     phase: Phase
     supervisor_id: str
     exit_code: int | None
+    #: Bytes of output stored, all streams; the streams cut at the cap.
+    output_bytes: int
+    truncated: list[str]
+    #: Output stored in this batch: the row's two output columns need writing.
+    output_changed: bool = False
 
 
 @dataclass
@@ -213,11 +218,20 @@ class _Pending:
 class EventBatch:
     """Applies one supervisor's new events, in order, within the writer's transaction;
     `finish` writes the phase changes still pending. Collects the runs that ended and
-    those the switchboard no longer wants."""
+    those the switchboard no longer wants.
 
-    def __init__(self, conn: sqlite3.Connection, supervisor_id: str) -> None:
+    A run stores at most `output_cap` bytes of output, all streams together (None: no
+    cap). The chunk that crosses it is cut there and the stream gets OUTPUT_CUT_NOTE; what
+    that stream sends afterwards is dropped (still acknowledged, like every stored event:
+    resending it would change nothing). The run keeps its real outcome; its
+    `output_truncated` names the streams cut."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, supervisor_id: str, output_cap: int | None = None
+    ) -> None:
         self.conn = conn
         self.supervisor_id = supervisor_id
+        self.output_cap = output_cap
         self.ended: list[RunKey] = []
         self.unwanted: list[RunKey] = []
         #: (job id, attempt) -> the run as of this batch; None: no such run.
@@ -228,10 +242,15 @@ class EventBatch:
         key = (event.job_id, event.attempt)
         if key not in self._runs:
             row = self.conn.execute(
-                "SELECT phase, supervisor_id, exit_code FROM runs WHERE job_id = ? AND attempt = ?",
+                "SELECT phase, supervisor_id, exit_code, output_bytes, output_truncated"
+                " FROM runs WHERE job_id = ? AND attempt = ?",
                 key,
             ).fetchone()
-            self._runs[key] = _Run(Phase(row[0]), row[1], row[2]) if row is not None else None
+            self._runs[key] = (
+                _Run(Phase(row[0]), row[1], row[2], row[3], row[4].split(",") if row[4] else [])
+                if row is not None
+                else None
+            )
         run = self._runs[key]
         if run is None or run.supervisor_id != self.supervisor_id:
             log.warning(
@@ -246,8 +265,8 @@ class EventBatch:
         phase = run.phase
         conn = self.conn
         match event:
-            case Output(stream=stream, offset=offset, data=data):
-                _append_output(conn, event.job_id, event.attempt, stream, offset, data)
+            case Output():
+                self._output(run, event)
             case JobErrorReport(kind=kind, description=description):
                 if is_terminal(phase):
                     return  # e.g. a late refusal of a repeated StartJob: the record stands
@@ -304,6 +323,44 @@ class EventBatch:
         for key, pending in self._pending.items():
             self._write(key, pending, run_message=False)
         self._pending.clear()
+        for key, run in self._runs.items():
+            if run is not None and run.output_changed:
+                self.conn.execute(
+                    "UPDATE runs SET output_bytes = ?, output_truncated = ?"
+                    " WHERE job_id = ? AND attempt = ?",
+                    (run.output_bytes, ",".join(run.truncated) or None, *key),
+                )
+                run.output_changed = False
+
+    def _output(self, run: _Run, event: Output) -> None:
+        stream = event.stream
+        if stream in run.truncated:
+            metrics.output_dropped(stream, len(event.data))
+            return
+        new = _new_output(self.conn, event)
+        if new is None:
+            return
+        offset, data = new
+        cap = self.output_cap
+        if cap is not None and run.output_bytes + len(data) > cap:
+            # The cap is crossed: keep what fits, then say where and why the stream stops.
+            kept = data[: max(cap - run.output_bytes, 0)]
+            metrics.output_truncated(stream, len(data) - len(kept))
+            log.warning(
+                "run %s#%d: %s cut at the output cap of %d bytes per run; the rest is dropped",
+                event.job_id,
+                event.attempt,
+                stream,
+                cap,
+            )
+            data = kept + OUTPUT_CUT_NOTE.format(cap=cap).encode()
+            run.truncated.append(stream)
+        self.conn.execute(
+            "INSERT INTO output (job_id, attempt, stream, offset, data) VALUES (?, ?, ?, ?, ?)",
+            (event.job_id, event.attempt, stream, offset, data),
+        )
+        run.output_bytes += len(data)
+        run.output_changed = True
 
     def _write(self, key: tuple[str, int], pending: _Pending, *, run_message: bool) -> None:
         change = pending.event
@@ -320,30 +377,37 @@ class EventBatch:
         )
 
 
-def _append_output(
-    conn: sqlite3.Connection, job_id: str, attempt: int, stream: str, offset: int, data: bytes
-) -> None:
+#: Ends a stream cut at the per-run output cap (the only bytes of a stream the program
+#: did not write; OUTPUT_CUT_NOTE.format(cap=...)).
+OUTPUT_CUT_NOTE = (
+    "\n[switchboard: this run reached its output cap of {cap} bytes;"
+    " the rest of this stream was dropped]\n"
+)
+
+
+def _new_output(conn: sqlite3.Connection, event: Output) -> tuple[int, bytes] | None:
+    """What of an output chunk is new: (the stream's stored length, the bytes past it);
+    None if nothing is, or if the chunk would leave a gap."""
     # Chunks are contiguous: the one with the highest offset ends the stream (an index
     # lookup, where max(offset + length) would scan every chunk).
     last = conn.execute(
         "SELECT offset + length(data) FROM output"
         " WHERE job_id = ? AND attempt = ? AND stream = ? ORDER BY offset DESC LIMIT 1",
-        (job_id, attempt, stream),
+        (event.job_id, event.attempt, event.stream),
     ).fetchone()
     length = last[0] if last else 0
-    if offset > length:
+    if event.offset > length:
         log.error(
             "output gap on %s#%d %s: have %d bytes, got offset %d",
-            job_id,
-            attempt,
-            stream,
+            event.job_id,
+            event.attempt,
+            event.stream,
             length,
-            offset,
+            event.offset,
         )
-    elif offset + len(data) > length:
-        # Append only what is new: a chunk sent again (a recovered run replays its output
-        # from the start) may overlap what is stored.
-        conn.execute(
-            "INSERT INTO output (job_id, attempt, stream, offset, data) VALUES (?, ?, ?, ?, ?)",
-            (job_id, attempt, stream, length, data[length - offset :]),
-        )
+        return None
+    if event.offset + len(event.data) <= length:
+        return None
+    # Only what is new: a chunk sent again (a recovered run replays its output from the
+    # start) may overlap what is stored.
+    return length, event.data[length - event.offset :]
