@@ -35,6 +35,8 @@ SWITCHBOARD_METRICS = {
     "switchboard_supervisor_connections_total": "counter",
     "switchboard_supervisor_reconnects_total": "counter",
     "switchboard_sessions_replaced_total": "counter",
+    "switchboard_supervisor_refusals_total": "counter",
+    "switchboard_supervisor_enrolments_total": "counter",
     "switchboard_supervisors_connected": "gauge",
     "switchboard_events_stored_total": "counter",
     "switchboard_duplicate_events_total": "counter",
@@ -71,6 +73,14 @@ LABEL_VALUES: dict[str, set[str]] = {
     "kind": {k.value for k in JobErrorKind},
     "cache": {"wasm_module", "docker_image"},
     "result": {"hit", "miss"},
+    "reason": {
+        "unauthorized",
+        "other_supervisor",
+        "no_credential_digest",
+        "enrolled",
+        "credential_taken",
+        "token_revoked",
+    },
 }
 
 
@@ -397,7 +407,7 @@ async def test_resends_replacements_and_zombies_are_counted(switchboard):
     same seqs again (duplicates), then a second connection (a replacement)."""
     metrics_url = f"{switchboard.url}/metrics"
     before = await asyncio.to_thread(_scrape, metrics_url)
-    token = switchboard.create_token("supervisor")
+    token = switchboard.create_token("supervisor", "metrics-raw")
 
     def output(seq: int) -> bytes:
         event = Output(seq=seq, job_id="nobody", attempt=1, stream="stdout", offset=0, data=b"x")

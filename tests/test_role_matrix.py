@@ -70,6 +70,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     ("POST", "/api/v1/supervisors/{supervisor_id}/resume"): frozenset({ADMIN, OPERATOR}),
     ("PUT", "/api/v1/supervisors/{supervisor_id}/labels"): frozenset({ADMIN, OPERATOR}),
     ("POST", "/api/v1/supervisors/{supervisor_id}/token"): frozenset({ADMIN}),
+    ("POST", "/api/v1/supervisors/{supervisor_id}/unenroll"): frozenset({ADMIN}),
     # tokens
     ("GET", "/api/v1/tokens"): frozenset({ADMIN}),
     ("POST", "/api/v1/tokens"): frozenset({ADMIN}),
@@ -203,6 +204,19 @@ class World:
                         if t["supervisor_id"] == SUPERVISOR_ID
                     ],
                 )
+            case "POST", "/api/v1/supervisors/{supervisor_id}/unenroll":
+                # A credential of the record's, so that an allowed unenroll has one to revoke.
+                self.admin.post(
+                    "/api/v1/tokens", json={"role": SUPERVISOR, "supervisor_id": SUPERVISOR_ID}
+                )
+                return Call(
+                    sup,
+                    state=lambda: [
+                        (t["id"], t["revoked"])
+                        for t in self.tokens()
+                        if t["supervisor_id"] == SUPERVISOR_ID
+                    ],
+                )
             case "POST", "/api/v1/tokens":
                 return Call(
                     template,
@@ -294,7 +308,9 @@ def world(switchboard: Switchboard) -> Iterator[World]:
         for caller, token in tokens.items()
     }
     admin.close()
-    registrar = clients[ADMIN].post("/api/v1/tokens", json={"role": SUPERVISOR})
+    registrar = clients[ADMIN].post(
+        "/api/v1/tokens", json={"role": SUPERVISOR, "supervisor_id": SUPERVISOR_ID}
+    )
     _register_supervisor(switchboard, registrar.json()["token"])
     stored = clients[ADMIN].post("/api/v1/artifacts", content=b"matrix shared artifact")
     assert stored.status_code == 201, stored.text

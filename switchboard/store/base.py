@@ -82,6 +82,26 @@ class QueueFull(Exception):
     """More jobs are queued than the switchboard accepts; try again later."""
 
 
+class Enrolment(msgspec.Struct, frozen=True):
+    """A credential to store for a supervisor as it connects with a registration token."""
+
+    token_id: str
+    #: SHA-256 of the credential (the supervisor made it; the switchboard never sees it).
+    digest: bytes
+    name: str
+
+
+class ConnectRefused(Exception):
+    """The store refused a supervisor connection in the step that would have accepted it.
+    `why`: "token_revoked" (the connection's token was revoked meanwhile), "enrolled" (the
+    id already has a host credential), "credential_taken" (the offered digest belongs to
+    another token)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
 class LabelTerm(msgspec.Struct, frozen=True):
     """One term of a job-label filter: `op` is "=", "!=", "exists" or "!exists"."""
 
@@ -287,8 +307,18 @@ class Store(abc.ABC):
 
     # supervisors
     @abc.abstractmethod
-    async def supervisor_connected(self, hello: Hello) -> Connected:
-        """Record a (re)connect: a new session generation and the stored seq."""
+    async def supervisor_connected(
+        self, hello: Hello, *, token_id: str | None = None, enrol: Enrolment | None = None
+    ) -> Connected:
+        """Record a (re)connect: a new session generation and the stored seq. In the same
+        transaction, when given: check that token `token_id` is still valid, and store
+        `enrol` as the supervisor's credential if it has none. Raises ConnectRefused (and
+        records nothing) otherwise."""
+
+    @abc.abstractmethod
+    async def unenroll(self, supervisor_id: str) -> list[str] | None:
+        """Revoke every token bound to the supervisor (its host credentials); the ids of
+        those revoked, or None if the id is neither a known supervisor nor bound to one."""
 
     @abc.abstractmethod
     async def active_runs(self, supervisor_id: str) -> list[ActiveRun]:

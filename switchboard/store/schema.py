@@ -21,6 +21,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     -- a supervisor token may be bound to one supervisor id
     supervisor_id TEXT
 );
+-- a supervisor's host credentials, looked up when it enrols or is unenrolled
+CREATE INDEX IF NOT EXISTS tokens_by_supervisor ON tokens (supervisor_id)
+    WHERE supervisor_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS artifacts (
     digest TEXT PRIMARY KEY,
     size INTEGER NOT NULL,

@@ -59,7 +59,9 @@ from switchboard.store.base import (
     BatchOutOfOrder,
     CancelResult,
     Connected,
+    ConnectRefused,
     Counts,
+    Enrolment,
     EventsApplied,
     Expired,
     JobFilter,
@@ -163,6 +165,31 @@ class _Writer(threading.Thread):
             results = [(future, None, exc) for _, future in group]
         for future, value, exc in results:
             future.get_loop().call_soon_threadsafe(_resolve, future, value, exc)
+
+
+def _token_valid(conn: sqlite3.Connection, token_id: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM tokens WHERE id = ? AND revoked_at IS NULL", (token_id,)
+    ).fetchone()
+    return row is not None
+
+
+def _enrol(conn: sqlite3.Connection, supervisor_id: str, enrol: Enrolment, now: float) -> None:
+    """Store `enrol` as the supervisor's credential: a supervisor token bound to it. Only
+    an id with no host credential (no valid token bound to it) may be enrolled."""
+    held = conn.execute(
+        "SELECT 1 FROM tokens WHERE supervisor_id = ? AND revoked_at IS NULL LIMIT 1",
+        (supervisor_id,),
+    ).fetchone()
+    if held is not None:
+        raise ConnectRefused("enrolled")
+    if conn.execute("SELECT 1 FROM tokens WHERE hash = ?", (enrol.digest,)).fetchone():
+        raise ConnectRefused("credential_taken")
+    conn.execute(
+        "INSERT INTO tokens (id, role, name, hash, created_at, supervisor_id)"
+        " VALUES (?, 'supervisor', ?, ?, ?, ?)",
+        (enrol.token_id, enrol.name, enrol.digest, now, supervisor_id),
+    )
 
 
 def _resolve(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
@@ -570,10 +597,16 @@ class SQLiteStore(Store):
 
     # --- supervisors -----------------------------------------------------------------
 
-    async def supervisor_connected(self, hello: Hello) -> Connected:
+    async def supervisor_connected(
+        self, hello: Hello, *, token_id: str | None = None, enrol: Enrolment | None = None
+    ) -> Connected:
         now = time.time()
 
         def write(conn: sqlite3.Connection) -> Connected:
+            if token_id is not None and not _token_valid(conn, token_id):
+                raise ConnectRefused("token_revoked")
+            if enrol is not None:
+                _enrol(conn, hello.supervisor_id, enrol, now)
             conn.execute(
                 "INSERT INTO supervisors (id, name, first_seen) VALUES (?, ?, ?)"
                 " ON CONFLICT (id) DO NOTHING",
@@ -605,6 +638,34 @@ class SQLiteStore(Store):
             return await self._write(write)
         finally:
             self.supervisor_writes += 1  # after the commit: readers see the change
+
+    async def unenroll(self, supervisor_id: str) -> list[str] | None:
+        def write(conn: sqlite3.Connection) -> list[str] | None:
+            bound = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM tokens WHERE supervisor_id = ? AND revoked_at IS NULL",
+                    (supervisor_id,),
+                )
+            ]
+            known = conn.execute(
+                "SELECT 1 FROM supervisors WHERE id = ?"
+                " UNION ALL SELECT 1 FROM tokens WHERE supervisor_id = ? LIMIT 1",
+                (supervisor_id, supervisor_id),
+            ).fetchone()
+            if known is None:
+                return None
+            conn.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE supervisor_id = ? AND revoked_at IS NULL",
+                (time.time(), supervisor_id),
+            )
+            return bound
+
+        self._forget_tokens()
+        try:
+            return await self._write(write)
+        finally:
+            self._forget_tokens()
 
     async def active_runs(self, supervisor_id: str) -> list[ActiveRun]:
         def read(conn: sqlite3.Connection) -> list[ActiveRun]:
