@@ -28,7 +28,8 @@ class Role(enum.StrEnum):
 class Permission(enum.StrEnum):
     VIEW = "view"  # read jobs, output, supervisors
     SUBMIT = "submit"  # submit jobs, upload artifacts
-    CANCEL = "cancel"  # cancel jobs
+    CANCEL = "cancel"  # cancel and delete the jobs this token submitted
+    CANCEL_ANY = "cancel_any"  # cancel and delete any job, whoever submitted it
     OPERATE = "operate"  # drain / resume supervisors, pause dispatch
     ADMINISTER = "administer"  # tokens
     CONNECT = "connect"  # connect as a supervisor
@@ -42,6 +43,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.VIEW,
             Permission.SUBMIT,
             Permission.CANCEL,
+            Permission.CANCEL_ANY,
             Permission.OPERATE,
             Permission.ADMINISTER,
             Permission.FETCH_ARTIFACTS,
@@ -52,6 +54,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.VIEW,
             Permission.SUBMIT,
             Permission.CANCEL,
+            Permission.CANCEL_ANY,
             Permission.OPERATE,
             Permission.FETCH_ARTIFACTS,
         }

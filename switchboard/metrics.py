@@ -171,6 +171,14 @@ ZOMBIE_RUNS_STOPPED = Counter(
     registry=REGISTRY,
 )
 
+SUBMISSIONS_REFUSED = Counter(
+    "switchboard_submissions_refused_total",
+    "Job submissions (a job or a batch) refused with 429: the queue holds --max-queued"
+    " jobs (reason=queue_full), or the submitting token has --max-queued-per-token queued"
+    " (reason=token_quota).",
+    ["reason"],
+    registry=REGISTRY,
+)
 RUNS_PLACED = Counter(
     "switchboard_runs_placed_total",
     "Runs given to a supervisor: with the job's submission, when nothing else waited and"
@@ -196,6 +204,8 @@ for _via in ("reconcile", "events"):
     ZOMBIE_RUNS_STOPPED.labels(_via)
 for _via in ("submission", "pass"):
     RUNS_PLACED.labels(_via)
+for _reason in ("queue_full", "token_quota"):
+    SUBMISSIONS_REFUSED.labels(_reason)
 for _stream in STREAMS:
     OUTPUT_BYTES.labels(_stream)
 for _phase in Phase:

@@ -49,6 +49,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_runs_lost_total": "counter",
     "switchboard_zombie_runs_stopped_total": "counter",
     "switchboard_runs_placed_total": "counter",
+    "switchboard_submissions_refused_total": "counter",
     "switchboard_store_commit_seconds": "histogram",
 }
 #: Every metric of a supervisor.
@@ -80,6 +81,8 @@ LABEL_VALUES: dict[str, set[str]] = {
         "enrolled",
         "credential_taken",
         "token_revoked",
+        "queue_full",
+        "token_quota",
     },
 }
 

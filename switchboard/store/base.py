@@ -82,6 +82,10 @@ class QueueFull(Exception):
     """More jobs are queued than the switchboard accepts; try again later."""
 
 
+class QueueQuotaFull(QueueFull):
+    """The submitting token has as many jobs queued as one token may have."""
+
+
 class Enrolment(msgspec.Struct, frozen=True):
     """A credential to store for a supervisor as it connects with a registration token."""
 
@@ -122,6 +126,8 @@ class JobFilter(msgspec.Struct, frozen=True):
     ids: list[str] = []
     #: Search: name contains it (case-insensitive) or id starts with it.
     text: str | None = None
+    #: Only jobs submitted by this token (its id).
+    owner: str | None = None
     limit: int = 50
 
 
@@ -215,10 +221,17 @@ class Store(abc.ABC):
     # jobs
     @abc.abstractmethod
     async def create_jobs(
-        self, jobs: Sequence[tuple[str, JobSpec]], actor: str, max_queued: int
+        self,
+        jobs: Sequence[tuple[str, JobSpec]],
+        actor: str,
+        max_queued: int,
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> list[Submitted]:
-        """Queue jobs, all or none, applying their concurrency policies. Raises QueueFull
-        if that would put more than `max_queued` jobs in the queue."""
+        """Queue jobs, all or none, applying their concurrency policies, owned by the token
+        `owner`. Raises QueueFull if that would put more than `max_queued` jobs in the
+        queue, QueueQuotaFull if more than `max_queued_per_owner` of `owner`'s."""
 
     @abc.abstractmethod
     async def create_and_assign(
@@ -227,6 +240,9 @@ class Store(abc.ABC):
         actor: str,
         max_queued: int,
         placements: dict[str, str],
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> tuple[list[Submitted], list[Assignment]]:
         """Queue jobs as create_jobs does and, in the same transaction, give each job of
         `placements` (job id -> supervisor id) its first run there, provided no other job

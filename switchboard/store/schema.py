@@ -5,10 +5,13 @@ from __future__ import annotations
 import sqlite3
 
 #: Bumped whenever a table changes; a database of another version is refused, not guessed at.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Older versions this one reaches by running SCHEMA again: their changes only added tables,
-#: indexes and triggers, which SCHEMA creates where missing.
-ADDITIVE_UPGRADES_FROM = frozenset({2})
+#: indexes and triggers, which SCHEMA creates where missing, and the ADDED_COLUMNS.
+ADDITIVE_UPGRADES_FROM = frozenset({2, 3})
+#: Columns added to existing tables since those versions: (table, column, definition),
+#: added where missing before SCHEMA runs (its indexes may use them).
+ADDED_COLUMNS = (("jobs", "owner", "TEXT"),)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -60,6 +63,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     resources TEXT NOT NULL DEFAULT '{}',
     concurrency_key TEXT,
     timeout_s REAL,
+    -- the id of the token that submitted it (NULL: submitted before jobs had owners)
+    owner TEXT,
     -- when the job entered the queue (aging), and when its queue timeout ends
     queued_at REAL NOT NULL,
     queue_deadline REAL,
@@ -83,6 +88,9 @@ CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (concurrency_key, phase)
     WHERE concurrency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_queue_deadline ON jobs (queue_deadline)
     WHERE queue_deadline IS NOT NULL;
+-- a token's queued jobs (its queue quota) and its jobs (the list's owner filter)
+CREATE INDEX IF NOT EXISTS jobs_queued_by_owner ON jobs (owner) WHERE phase = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
 CREATE TABLE IF NOT EXISTS job_events (
     id INTEGER PRIMARY KEY,
     job_id TEXT NOT NULL,
@@ -184,5 +192,9 @@ def apply_schema(conn: sqlite3.Connection) -> None:
             f"the database has schema version {version}, this switchboard needs"
             f" {SCHEMA_VERSION}: move the data dir aside (or start with a new --data-dir)"
         )
+    for table, column, definition in ADDED_COLUMNS if tables else ():
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
     conn.executescript(SCHEMA)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -418,10 +418,20 @@ class SQLiteStore(Store):
     # --- jobs ------------------------------------------------------------------------
 
     async def create_jobs(
-        self, jobs: Sequence[tuple[str, JobSpec]], actor: str, max_queued: int
+        self,
+        jobs: Sequence[tuple[str, JobSpec]],
+        actor: str,
+        max_queued: int,
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> list[Submitted]:
         batch = list(jobs)
-        return await self._write(lambda conn: insert_jobs(conn, batch, actor, max_queued))
+        return await self._write(
+            lambda conn: insert_jobs(
+                conn, batch, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
+            )
+        )
 
     async def create_and_assign(
         self,
@@ -429,12 +439,17 @@ class SQLiteStore(Store):
         actor: str,
         max_queued: int,
         placements: dict[str, str],
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> tuple[list[Submitted], list[Assignment]]:
         batch = list(jobs)
 
         def write(conn: sqlite3.Connection) -> tuple[list[Submitted], list[Assignment]]:
             clear = _no_job_ready(conn, time.time())  # before the insert: older jobs only
-            made = insert_jobs(conn, batch, actor, max_queued)
+            made = insert_jobs(
+                conn, batch, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
+            )
             assigned = []
             if clear:
                 now = time.time()  # after the submission's own record
@@ -983,8 +998,9 @@ def _next_backoff_end(conn: sqlite3.Connection) -> float | None:
 
 def _load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
     row = conn.execute(
-        "SELECT id, name, phase, spec, created_at, updated_at, priority, exit_code, reason,"
-        " cancel_requested, unschedulable FROM jobs WHERE id = ?",
+        "SELECT j.id, j.name, j.phase, j.spec, j.created_at, j.updated_at, j.priority,"
+        " j.exit_code, j.reason, j.cancel_requested, j.unschedulable, j.owner, t.name"
+        " FROM jobs j LEFT JOIN tokens t ON t.id = j.owner WHERE j.id = ?",
         (job_id,),
     ).fetchone()
     if row is None:
@@ -1031,5 +1047,7 @@ def _load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
         reason=row[8],
         cancel_requested=bool(row[9]),
         unschedulable=row[10],
+        owner=row[11],
+        owner_name=row[12],
         runs=runs,
     )
