@@ -244,6 +244,24 @@ def test_revoking_a_registration_token_leaves_its_enrolments_working(
         host.stop()
 
 
+def test_hosts_racing_to_enrol_one_id_cannot_both_win(switchboard):
+    """Enrolment is decided in the transaction that accepts the connection."""
+    token = switchboard.create_token("supervisor")
+
+    async def enrol() -> str:
+        async with _ws(switchboard, token) as ws:
+            await ws.send(codec.encode(_impostor_hello("contested", digest=True)), text=True)
+            first = codec.decode_from_switchboard(await ws.recv(decode=False))
+            return type(first).__name__
+
+    async def race() -> list[str]:
+        return await asyncio.gather(*(enrol() for _ in range(8)))
+
+    outcomes = asyncio.run(race())
+    assert sorted(outcomes) == ["ProtocolErrorMessage"] * 7 + ["Welcome"]
+    assert [t["revoked"] for t in _bound_tokens(switchboard, "contested")] == [False]
+
+
 def test_a_welcome_lost_right_after_enrolment_costs_nothing(switchboard, work_dir):
     proxy = FaultyProxy(switchboard.port)
     proxy.cut_next_reply()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import msgspec
 from litestar import Controller, Request, get, post, put
 
 from protocol.spec import Labels
 from switchboard.api.errors import ApiError, error_responses
-from switchboard.api.security import require
+from switchboard.api.security import actor, require
 from switchboard.api.tokens import TokenCreated
 from switchboard.auth import Permission, Role, create_token
 from switchboard.live import with_session
@@ -20,6 +22,9 @@ class OperatorLabels(msgspec.Struct, forbid_unknown_fields=True):
     selectors (the whole set is replaced; `{}` clears it)."""
 
     labels: Labels
+
+
+log = logging.getLogger("switchboard.api.supervisors")
 
 
 class Unenrolled(msgspec.Struct):
@@ -146,5 +151,11 @@ class SupervisorController(Controller):
         revoked = await state.store.unenroll(supervisor_id)
         if revoked is None:
             raise ApiError(404, "not_found", f"no supervisor {supervisor_id!r}")
+        log.info(
+            "supervisor %s unenrolled by %s: tokens revoked: %s",
+            supervisor_id,
+            actor(request),
+            ", ".join(revoked) or "none",
+        )
         await state.hub.drop_revoked_sessions()
         return Unenrolled(supervisor_id, revoked)
