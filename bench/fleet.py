@@ -65,6 +65,7 @@ from protocol.messages import (
 from protocol.session import supported_versions
 from protocol.spec import NoopBackend
 from protocol.state import Phase, is_terminal
+from protocol.tokens import new_token, token_sha256
 
 PARAM_OUTPUT_BYTES = "BENCH_OUTPUT_BYTES"
 PARAM_HOLD = "BENCH_HOLD"
@@ -139,6 +140,8 @@ class Member:
             runs=[HeldRun(j, a, p) for j, (a, p) in self.held.items()],
             last_seq=self.seq,
             software=SOFTWARE,
+            # Each member enrols with the fleet's registration token (it connects once).
+            credential_sha256=token_sha256(new_token()).hex(),
         )
         await ws.send(codec.encode(hello), text=True)
         raw = await asyncio.wait_for(ws.recv(decode=False), OPEN_TIMEOUT_S)

@@ -53,3 +53,13 @@ def classify(exc: BaseException) -> Verdict:
     if isinstance(exc, FrameError) and exc.code in _FATAL_CLOSE_CODES:
         return Verdict.FATAL  # the switchboard refused our Hello (e.g. a token bound elsewhere)
     return Verdict.RETRY
+
+
+def is_unauthorized(exc: BaseException) -> bool:
+    """True if the switchboard refused the token presented: HTTP 401 at the upgrade, or
+    close code 4401 (after the Hello, or later when the token is revoked)."""
+    if isinstance(exc, InvalidStatus):
+        return exc.response.status_code == 401
+    if isinstance(exc, ConnectionClosed):
+        return exc.rcvd is not None and exc.rcvd.code == CloseCode.UNAUTHORIZED
+    return isinstance(exc, FrameError) and exc.code == CloseCode.UNAUTHORIZED

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import InvalidStatus
 
 from protocol import codec, limits
 from protocol.exceptions import CloseCode, FrameError, JobError
@@ -42,8 +43,9 @@ from protocol.state import Phase
 from supervisor import metrics
 from supervisor.base import Supervisor
 
-from .backoff import Verdict, backoff, classify
+from .backoff import Verdict, backoff, classify, is_unauthorized
 from .base import SupervisorConnector
+from .credentials import Attempt, HostCredentials, NoCredential
 
 #: Unacknowledged bytes a connection may have on the wire (see WebSocketConnector).
 SEND_WINDOW_BYTES = 4 * 1024 * 1024
@@ -64,7 +66,7 @@ class WebSocketConnector(SupervisorConnector):
         self,
         supervisor: Supervisor,
         url: str,
-        token: str,
+        token: str | HostCredentials,
         *,
         supervisor_id: str,
         name: str | None = None,
@@ -77,7 +79,13 @@ class WebSocketConnector(SupervisorConnector):
     ) -> None:
         self.supervisor = supervisor
         self.url = url
-        self.token = token
+        #: What to present on each attempt (a plain token: that token, always).
+        self.credentials = (
+            token
+            if isinstance(token, HostCredentials)
+            else HostCredentials(supervisor_id, token, None)
+        )
+        self._attempt: Attempt | None = None
         self.supervisor_id = supervisor_id
         self.name = name or supervisor_id
         self.backlog = EventBacklog(max_backlog_bytes)
@@ -140,10 +148,22 @@ class WebSocketConnector(SupervisorConnector):
             try:
                 await self._connect_once()
                 why = "the connection closed"
+            except NoCredential as exc:
+                raise ConnectorFatalError(str(exc)) from exc
             except (OSError, TimeoutError, websockets.WebSocketException, FrameError) as exc:
-                if self._classify(exc) is Verdict.FATAL:
-                    raise ConnectorFatalError(_describe(exc)) from exc
                 why = _describe(exc)
+                if is_unauthorized(exc) and self._attempt is not None:
+                    # Refused: the credentials may have something else to present (an
+                    # enrolment, a credential whose enrolment was stored meanwhile).
+                    at_upgrade = isinstance(exc, InvalidStatus)
+                    if not self.credentials.refused(self._attempt, at_upgrade=at_upgrade):
+                        raise ConnectorFatalError(why) from exc
+                    why = f"the {self._attempt.presented.value} was refused: {why}"
+                    if self.sessions == sessions_before:
+                        log.warning("%s; trying again at once", why)
+                        continue  # bounded: each refusal uses up what was presented
+                elif self._classify(exc) is Verdict.FATAL:
+                    raise ConnectorFatalError(why) from exc
             if self._stopping.is_set():
                 break
             if self.sessions != sessions_before:
@@ -165,9 +185,10 @@ class WebSocketConnector(SupervisorConnector):
     # --- one connection --------------------------------------------------------------
 
     async def _connect_once(self) -> None:
+        self._attempt = attempt = self.credentials.next_attempt()
         async with websockets.connect(
             self.url,
-            additional_headers={"Authorization": f"Bearer {self.token}"},
+            additional_headers={"Authorization": f"Bearer {attempt.token}"},
             subprotocols=[websockets.Subprotocol(limits.SUBPROTOCOL)],
             max_size=limits.MAX_FRAME_BYTES,
             open_timeout=self._handshake_timeout,
@@ -175,7 +196,8 @@ class WebSocketConnector(SupervisorConnector):
             compression=None,  # output is already chunked; deflate costs more CPU than it saves
             ping_interval=None,  # liveness is the protocol's Heartbeat, with Welcome's settings
         ) as ws:
-            welcome = await self._handshake(ws)
+            welcome = await self._handshake(ws, attempt)
+            self.credentials.welcomed(attempt, welcome.enrolled)
             self.session = welcome.session
             self.sessions += 1
             if self.sessions > 1:
@@ -210,7 +232,7 @@ class WebSocketConnector(SupervisorConnector):
                 runs[key] = HeldRun(event.job_id, event.attempt, Phase.RUNNING)
         return list(runs.values())
 
-    async def _handshake(self, ws: ClientConnection) -> Welcome:
+    async def _handshake(self, ws: ClientConnection, attempt: Attempt) -> Welcome:
         caps = self.supervisor.capabilities()
         hello = Hello(
             supervisor_id=self.supervisor_id,
@@ -223,6 +245,7 @@ class WebSocketConnector(SupervisorConnector):
             runs=self._runs_for_hello(),
             last_seq=self.backlog.last_seq,
             software=SOFTWARE,
+            credential_sha256=attempt.credential_sha256,
         )
         await ws.send(codec.encode(hello), text=True)
         raw = await asyncio.wait_for(ws.recv(decode=False), self._handshake_timeout)

@@ -1,6 +1,7 @@
 """Switchboard wire protocol: message types, codec, versions, limits and job-state rules.
 
-Pure: nothing here does I/O. Both the switchboard and supervisors (in any language, see
+Pure: nothing here does I/O, except two helpers both commands share: `logfmt` (log
+output) and `secret_files` (token files). Both the switchboard and supervisors (in any language, see
 docs/protocol.md) speak what this package defines.
 """
 

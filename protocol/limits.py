@@ -11,7 +11,7 @@ import re
 #: Major version, carried in the WebSocket subprotocol name. A change here breaks peers.
 PROTOCOL_MAJOR = 1
 #: Highest minor version this code speaks. Minors only add optional fields and messages.
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1
 #: The one subprotocol a supervisor offers and the switchboard accepts.
 SUBPROTOCOL = f"switchboard.v{PROTOCOL_MAJOR}"
 
@@ -32,6 +32,8 @@ LABEL_VALUE_MAX_LEN = 128
 MAX_LABELS = 64
 #: Content digests of artifacts (Wasm modules, image tarballs).
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$(?!\n)"
+#: A bare SHA-256 in lowercase hex (the digest of a credential a supervisor enrols).
+SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$(?!\n)"
 #: Free-text fields (status messages, error descriptions) are cut to this many characters.
 MESSAGE_MAX_LEN = 4096
 

@@ -71,6 +71,9 @@ class Hello(SupervisorMessage, tag="hello"):
     #: Highest seq this supervisor has assigned (0 if none, e.g. after a fresh start).
     last_seq: Seq = 0
     software: Annotated[str, Meta(max_length=128)] = ""
+    #: (1.1) SHA-256, lowercase hex, of the credential this supervisor enrols with: read
+    #: only when the connection's token is a registration token (docs/auth.md).
+    credential_sha256: Annotated[str, Meta(pattern=limits.SHA256_HEX_PATTERN)] | None = None
 
 
 class Event(SupervisorMessage):
@@ -150,6 +153,9 @@ class Welcome(SwitchboardMessage, tag="welcome"):
     last_seq: Seq
     heartbeat_interval_s: Annotated[float, Meta(gt=0)] = 5.0
     heartbeat_timeout_s: Annotated[float, Meta(gt=0)] = 20.0
+    #: (1.1) The Hello's credential was stored as this supervisor's own: present it alone
+    #: from now on.
+    enrolled: bool = False
 
 
 class StartJob(SwitchboardMessage, tag="start_job"):

@@ -43,6 +43,13 @@ def main() -> int:
         done = subprocess.run([sys.executable, *argv], capture_output=True, check=True, cwd=REPO)
         return done.stdout.decode().strip()
 
+    def private(path: Path, text: str) -> Path:
+        """`text` in a file only its owner may read (tokens never go on a command line)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(text + "\n")
+        return path
+
     try:
         server = spawn(
             [
@@ -77,16 +84,23 @@ def main() -> int:
             "--data-dir",
             str(data / "switchboard"),
         )
-        sup_token = cli(
+        # A registration token: the supervisor enrols with it, then keeps a credential of
+        # its own in its work dir (docs/auth.md).
+        registration = cli(
             "-m",
             "switchboard",
             "token",
             "create",
             "--role",
             "supervisor",
+            "--name",
+            "demo-fleet",
             "--data-dir",
             str(data / "switchboard"),
         )
+        admin_file = private(data / "admin.token", admin)
+        header_file = private(data / "admin.header", f"Authorization: Bearer {admin}")
+        registration_file = private(data / "registration.token", registration)
         children.append(
             spawn(
                 [
@@ -95,8 +109,8 @@ def main() -> int:
                     "run",
                     "--switchboard",
                     f"ws://127.0.0.1:{port}",
-                    "--token",
-                    sup_token,
+                    "--token-file",
+                    str(registration_file),
                     "--name",
                     "demo-host",
                     "--backend",
@@ -124,10 +138,14 @@ def main() -> int:
 
         job = follow(api, job_id)
         print(f"\njob {job_id} ended {job['phase']} with exit code {job['exit_code']}\n")
-        print(f"API          {url}/api/v1   (token: {admin})")
-        print(f"  this job   curl -H 'Authorization: Bearer {admin}' {url}/api/v1/jobs/{job_id}")
+        print(f"API          {url}/api/v1   (admin token in {admin_file})")
+        print(f"  this job   curl -H @{header_file} {url}/api/v1/jobs/{job_id}")
+        print(
+            f"  CLI        SWITCHBOARD_URL={url} SWITCHBOARD_TOKEN_FILE={admin_file}"
+            f" .venv/bin/switchboard job show {job_id}"
+        )
         print(f"OpenAPI      {url}/schema/openapi.json")
-        print(f"Dashboard    {url}/#/jobs/{job_id}   (log in with the token above)")
+        print(f"Dashboard    {url}/#/jobs/{job_id}   (log in with the token in {admin_file})")
         if args.once:
             return job["exit_code"] if job["phase"] == "succeeded" else 1
         print("\nThe switchboard and supervisor keep running; Ctrl-C stops them.")

@@ -12,7 +12,7 @@ import abc
 import asyncio
 import hashlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import IO
 
@@ -76,15 +76,26 @@ class ArtifactSource(abc.ABC):
 class HttpArtifactSource(ArtifactSource):
     """Fetches from the switchboard's `GET /api/v1/artifacts/{digest}` with a token.
 
-    `verify_tls` is what httpx's `verify` takes: True (the system's CAs), an SSLContext
-    (e.g. one trusting a private CA), or a CA bundle path."""
+    `token` may be a function giving the token to use now (a supervisor that enrols
+    switches to its own credential). `verify_tls` is what httpx's `verify` takes: True
+    (the system's CAs), an SSLContext (e.g. one trusting a private CA), or a CA bundle path."""
 
     def __init__(
-        self, base_url: str, token: str, *, verify_tls: bool | str | ssl.SSLContext = True
+        self,
+        base_url: str,
+        token: str | Callable[[], str],
+        *,
+        verify_tls: bool | str | ssl.SSLContext = True,
     ) -> None:
+        current = token if callable(token) else lambda: token
+
+        def authorize(request: httpx.Request) -> httpx.Request:
+            request.headers["Authorization"] = f"Bearer {current()}"
+            return request
+
         self._client = httpx.AsyncClient(
             base_url=base_url,
-            headers={"Authorization": f"Bearer {token}"},
+            auth=authorize,
             timeout=httpx.Timeout(30.0, connect=10.0),
             verify=verify_tls,
         )

@@ -17,7 +17,9 @@ from pathlib import Path
 import msgspec
 import uvloop
 
+from connector.credentials import HostCredentials, NoCredential
 from protocol import codec, limits, logfmt
+from protocol.secret_files import SecretFileError, read_secret_file
 from protocol.spec import BACKEND_KINDS, JobSpec
 from supervisor.artifacts import ArtifactSource, FileArtifactSource, HttpArtifactSource
 from supervisor.backends.base import Backend
@@ -25,6 +27,9 @@ from supervisor.config import ConfigError, load_config
 from supervisor.jobs import BackendSupervisor
 
 log = logging.getLogger("supervisor")
+
+#: Where, under the work dir, a supervisor keeps the credential it enrolled with.
+CREDENTIALS_DIR = "credentials"
 
 
 def make_backend(kind: str, artifacts: ArtifactSource, args: argparse.Namespace) -> Backend:
@@ -89,6 +94,40 @@ def _tls_context(ca_file: str | None) -> ssl.SSLContext:
         raise SystemExit(f"supervisor: cannot load --ca-file {ca_file}: {exc}") from None
 
 
+def _configured_token(args: argparse.Namespace) -> str | None:
+    """The token from --token-file, --token, $SUPERVISOR_TOKEN_FILE or $SUPERVISOR_TOKEN."""
+    try:
+        if args.token_file:
+            return read_secret_file(args.token_file)
+        if args.token:
+            log.warning(
+                "--token puts the token on the command line, where every user of this host"
+                " can read it (ps): use --token-file or $SUPERVISOR_TOKEN"
+            )
+            return args.token
+        if os.environ.get("SUPERVISOR_TOKEN_FILE"):
+            return read_secret_file(os.environ["SUPERVISOR_TOKEN_FILE"])
+    except SecretFileError as exc:
+        raise SystemExit(f"supervisor: {exc}") from None
+    return os.environ.get("SUPERVISOR_TOKEN") or None
+
+
+def _credentials(args: argparse.Namespace, supervisor_id: str) -> HostCredentials:
+    """The token to enrol with and the credential kept in WORK_DIR/credentials."""
+    token = _configured_token(args)
+    try:
+        credentials = HostCredentials(supervisor_id, token, Path(args.work_dir) / CREDENTIALS_DIR)
+        kept = credentials.kept()
+    except NoCredential as exc:
+        raise SystemExit(f"supervisor: {exc}") from None
+    if token is None and kept is None:
+        raise SystemExit(
+            "supervisor: no token: give a supervisor token with --token-file FILE (mode 600),"
+            " $SUPERVISOR_TOKEN_FILE or $SUPERVISOR_TOKEN"
+        )
+    return credentials
+
+
 async def _run(args: argparse.Namespace) -> int:
     from connector.websocket import ConnectorFatalError, WebSocketConnector
 
@@ -96,6 +135,7 @@ async def _run(args: argparse.Namespace) -> int:
     supervisor_id = args.id or name
     if not limits.is_valid_id(supervisor_id):
         raise SystemExit(f"supervisor: id {supervisor_id!r} must match {limits.ID_PATTERN}")
+    credentials = _credentials(args, supervisor_id)
     url = _ws_url(args.switchboard)
     tls: ssl.SSLContext | None = None
     artifacts_tls: ssl.SSLContext | None = None
@@ -118,7 +158,9 @@ async def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"supervisor: cannot serve metrics on {where}: {exc}") from None
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
     artifacts = HttpArtifactSource(
-        _http_base(url), args.token, verify_tls=artifacts_tls if artifacts_tls else True
+        _http_base(url),
+        lambda: credentials.current,
+        verify_tls=artifacts_tls if artifacts_tls else True,
     )
     args.supervisor_id = supervisor_id
     backend = make_backend(args.backend, artifacts, args)
@@ -132,7 +174,7 @@ async def _run(args: argparse.Namespace) -> int:
     connector = WebSocketConnector(
         supervisor,
         url,
-        args.token,
+        credentials,
         supervisor_id=supervisor_id,
         name=name,
         max_backlog_bytes=args.max_backlog_mb * 1024 * 1024,
@@ -226,11 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="CA certificate(s) to verify a wss:// switchboard with, e.g. a private CA "
         "(or $SUPERVISOR_CA_FILE; default: the system's CAs). Verification is always on",
     )
-    run.add_argument(
+    given = run.add_mutually_exclusive_group()
+    given.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding a token of role supervisor, readable by its owner only (mode"
+        " 600): a registration token, with which this host enrols and then keeps its own"
+        " credential in WORK_DIR/credentials, or this host's own token. Else"
+        " $SUPERVISOR_TOKEN_FILE or $SUPERVISOR_TOKEN; none is needed once enrolled",
+    )
+    given.add_argument(
         "--token",
-        default=os.environ.get("SUPERVISOR_TOKEN"),
-        required="SUPERVISOR_TOKEN" not in os.environ,
-        help="a token of role supervisor (or $SUPERVISOR_TOKEN)",
+        help="the token itself; avoid: every user of the host can read a command line",
     )
     run.add_argument("--name", help="display name (default: the host name)")
     run.add_argument("--id", help="stable identity (default: the name)")

@@ -83,6 +83,20 @@ def _supervisor_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supervisor_unenroll(args: argparse.Namespace) -> int:
+    released = client(args).post(f"/api/v1/supervisors/{args.supervisor_id}/unenroll")
+
+    def human(r: dict[str, Any]) -> str:
+        revoked = ", ".join(r["revoked"]) or "none"
+        return (
+            f"supervisor {r['supervisor_id']} released (tokens revoked: {revoked}); the next"
+            " registration token that presents it enrols it"
+        )
+
+    show(args, released, human)
+    return 0
+
+
 def _token_create(args: argparse.Namespace) -> int:
     if args.data_dir:
         # Bootstrap: no server and no token yet, so write the first one into the database.
@@ -175,6 +189,11 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
         ("drain", "finish its runs, take no new ones", _supervisor_action("drain")),
         ("resume", "take new runs again", _supervisor_action("resume")),
         ("rotate-token", "a new bound token; the old ones stop working", _supervisor_rotate),
+        (
+            "unenroll",
+            "revoke its credentials, so a registration token may enrol the id again",
+            _supervisor_unenroll,
+        ),
     ]:
         supervisor(name, help, func).add_argument("supervisor_id")
     label = supervisor(

@@ -1,6 +1,7 @@
 """Tokens and roles.
 
-A token is `sbt_` + 43 random URL-safe characters (256 bits). Only its SHA-256 is stored:
+A token is `sbt_` + 43 random URL-safe characters (256 bits, protocol.tokens). Only its
+SHA-256 is stored:
 with that much entropy a slow password hash adds nothing, and a lookup by hash never
 compares the secret itself byte by byte. The plaintext is shown once, at creation.
 """
@@ -8,14 +9,12 @@ compares the secret itself byte by byte. The plaintext is shown once, at creatio
 from __future__ import annotations
 
 import enum
-import hashlib
 import secrets
 from typing import NamedTuple
 
+from protocol import tokens
 from switchboard.models import TokenView
 from switchboard.store.base import Store
-
-TOKEN_PREFIX = "sbt_"
 
 
 class Role(enum.StrEnum):
@@ -29,7 +28,8 @@ class Role(enum.StrEnum):
 class Permission(enum.StrEnum):
     VIEW = "view"  # read jobs, output, supervisors
     SUBMIT = "submit"  # submit jobs, upload artifacts (and delete the ones it uploaded)
-    CANCEL = "cancel"  # cancel jobs
+    CANCEL = "cancel"  # cancel and delete the jobs this token submitted
+    CANCEL_ANY = "cancel_any"  # cancel and delete any job, whoever submitted it
     OPERATE = "operate"  # drain / resume supervisors, pause dispatch, delete any artifact
     ADMINISTER = "administer"  # tokens
     CONNECT = "connect"  # connect as a supervisor
@@ -43,6 +43,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.VIEW,
             Permission.SUBMIT,
             Permission.CANCEL,
+            Permission.CANCEL_ANY,
             Permission.OPERATE,
             Permission.ADMINISTER,
             Permission.FETCH_ARTIFACTS,
@@ -53,6 +54,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.VIEW,
             Permission.SUBMIT,
             Permission.CANCEL,
+            Permission.CANCEL_ANY,
             Permission.OPERATE,
             Permission.FETCH_ARTIFACTS,
         }
@@ -69,14 +71,17 @@ def allows(role: str, permission: Permission) -> bool:
     return permission in ROLE_PERMISSIONS.get(Role(role), frozenset())
 
 
+def new_token_id() -> str:
+    return secrets.token_hex(6)
+
+
 def new_token() -> tuple[str, str]:
     """A fresh (token id, plaintext token)."""
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    return secrets.token_hex(6), token
+    return new_token_id(), tokens.new_token()
 
 
 def token_digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    return tokens.token_sha256(token)
 
 
 class TokenError(ValueError):
@@ -116,6 +121,6 @@ async def authenticate(store: Store, authorization: str | None) -> TokenView | N
         return None
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token.startswith(TOKEN_PREFIX) or len(token) > 128:
+    if scheme.lower() != "bearer" or not tokens.is_well_formed(token):
         return None
     return await store.find_token(token_digest(token))

@@ -50,6 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
             heartbeat_timeout_s=args.heartbeat_timeout,
             lost_after_s=args.lost_after,
             max_queued_jobs=args.max_queued,
+            max_queued_per_token=args.max_queued_per_token,
             aging_s=args.aging,
             run_timeout_grace_s=args.run_timeout_grace,
             default_run_timeout_s=args.default_run_timeout or None,
@@ -139,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=100_000,
         metavar="JOBS",
         help="most jobs waiting; a submission beyond it gets 429 (default 100000)",
+    )
+    serve.add_argument(
+        "--max-queued-per-token",
+        type=int,
+        default=10_000,
+        metavar="JOBS",
+        help="most queued jobs one token may have submitted; a submission beyond it gets 429"
+        " (default 10000)",
     )
     serve.add_argument(
         "--aging",

@@ -18,7 +18,16 @@ EXIT_ERROR = 2
 
 def add_connection_flags(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     parser.add_argument("--url", help="switchboard URL ($SWITCHBOARD_URL, config file)")
-    parser.add_argument("--token", help="API token ($SWITCHBOARD_TOKEN, config file)")
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the API token, mode 600 ($SWITCHBOARD_TOKEN_FILE, config file)",
+    )
+    given.add_argument(
+        "--token",
+        help="the API token itself ($SWITCHBOARD_TOKEN); avoid: others can read a command line",
+    )
     parser.add_argument(
         "--ca-file", help="CA certificate to trust for https ($SWITCHBOARD_CA_FILE, config file)"
     )
@@ -27,7 +36,7 @@ def add_connection_flags(parser: argparse.ArgumentParser, *, json_flag: bool = T
 
 
 def client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(args.url, args.token, args.ca_file)
+    return ApiClient(args.url, args.token, args.ca_file, args.token_file)
 
 
 def when(epoch: float | None) -> str:

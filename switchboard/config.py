@@ -24,6 +24,9 @@ class Settings(msgspec.Struct):
     max_request_bytes: int = 1024 * 1024
     #: Most jobs the queue holds; a submission beyond it gets 429.
     max_queued_jobs: int = 100_000
+    #: Most queued jobs one token may have submitted, so that one client can't fill the
+    #: queue for everyone; a submission beyond it gets 429.
+    max_queued_per_token: int = 10_000
     #: Seconds of waiting that raise a queued job's priority by one (0: no aging).
     aging_s: float = 60.0
     #: How long after a run's timeout the switchboard ends it itself if its supervisor

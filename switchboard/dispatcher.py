@@ -105,20 +105,31 @@ class Dispatcher:
         self._wake.set()
 
     async def submit(
-        self, jobs: list[tuple[str, JobSpec]], actor: str, max_queued: int
+        self,
+        jobs: list[tuple[str, JobSpec]],
+        actor: str,
+        max_queued: int,
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> list[Submitted]:
-        """Queue new jobs (all or none; QueueFull if the queue is full). When no other job
+        """Queue new jobs owned by token `owner` (all or none; QueueFull if the queue is
+        full, QueueQuotaFull if `owner` has its most queued already). When no other job
         waits and the slots the last placement left free fit them, they are placed in the
         same transaction and started at once, as the next pass would have placed them: a
         job submitted to an idle switchboard starts without waiting for a pass."""
         if self._may_place_now():
             # Its own task, awaited shielded: once the jobs are stored with their runs,
             # the runs are started even if the request goes away meanwhile.
-            placed = asyncio.ensure_future(self._store_and_start(jobs, actor, max_queued))
+            placed = asyncio.ensure_future(
+                self._store_and_start(jobs, actor, max_queued, owner, max_queued_per_owner)
+            )
             made = await asyncio.shield(placed)
             if made is not None:
                 return made
-        made = await self.store.create_jobs(jobs, actor, max_queued)
+        made = await self.store.create_jobs(
+            jobs, actor, max_queued, owner=owner, max_queued_per_owner=max_queued_per_owner
+        )
         self.jobs_submitted()
         return made
 
@@ -127,7 +138,12 @@ class Dispatcher:
         return not self._placing.locked() and self._may_place()
 
     async def _store_and_start(
-        self, jobs: list[tuple[str, JobSpec]], actor: str, max_queued: int
+        self,
+        jobs: list[tuple[str, JobSpec]],
+        actor: str,
+        max_queued: int,
+        owner: str | None,
+        max_queued_per_owner: int | None,
     ) -> list[Submitted] | None:
         """Store the jobs with runs on the spare slots that fit them and start those runs;
         None (nothing stored) if none fits."""
@@ -136,7 +152,14 @@ class Dispatcher:
             placements = self._placements_now(jobs) if self._may_place() else {}
             if not placements:
                 return None
-            made, assigned = await self.store.create_and_assign(jobs, actor, max_queued, placements)
+            made, assigned = await self.store.create_and_assign(
+                jobs,
+                actor,
+                max_queued,
+                placements,
+                owner=owner,
+                max_queued_per_owner=max_queued_per_owner,
+            )
             self._spend(assigned)
         metrics.RUNS_PLACED.labels("submission").inc(len(assigned))
         for run in assigned:

@@ -134,6 +134,7 @@ def _list(args: argparse.Namespace) -> int:
             phase=args.phase,
             label=args.label,
             supervisor=args.supervisor,
+            owner=args.owner,
             limit=min(args.limit - len(items), 500),
             cursor=cursor,
         )
@@ -167,6 +168,8 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     def human(job: dict[str, Any]) -> str:
         lines = [f"{job['id']}  {job['name']}  {job['phase']}  {_exit_code(job['exit_code'])}"]
+        if job.get("owner"):
+            lines.append(f"  submitted by token {job.get('owner_name')} ({job['owner']})")
         for note in (job.get("unschedulable"), job.get("reason")):
             if note:
                 lines.append(f"  {note}")
@@ -238,6 +241,9 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
         "--label", action="append", default=[], help="key=value, key!=value, key, !key"
     )
     listing.add_argument("--supervisor", help="jobs that had a run on this supervisor")
+    listing.add_argument(
+        "--owner", help="jobs submitted by this token (its id), or `me`: by the one used here"
+    )
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
 
     show_parser = command("show", "a job's phase and runs", _show)

@@ -41,6 +41,15 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 QUEUE_STATES = ("ready", "backoff", "unschedulable")
 #: Connected supervisors: taking jobs, or drained (finishing what they hold).
 SUPERVISOR_STATES = ("connected", "draining")
+#: Why a supervisor connection was refused (see SUPERVISOR_REFUSALS).
+SUPERVISOR_REFUSAL_REASONS = (
+    "unauthorized",
+    "other_supervisor",
+    "no_credential_digest",
+    "enrolled",
+    "credential_taken",
+    "token_revoked",
+)
 #: The label a backend kind outside the known set gets (keeps the label bounded).
 OTHER = "other"
 #: Scrapes closer together than this reuse the counts of stored rows.
@@ -66,6 +75,21 @@ SUPERVISOR_RECONNECTS = Counter(
 SESSIONS_REPLACED = Counter(
     "switchboard_sessions_replaced_total",
     "Supervisor sessions closed because the same supervisor connected again.",
+    registry=REGISTRY,
+)
+SUPERVISOR_REFUSALS = Counter(
+    "switchboard_supervisor_refusals_total",
+    "Supervisor connections refused, by reason: unauthorized (no valid supervisor token at"
+    " the upgrade), other_supervisor (a credential of another id), no_credential_digest (a"
+    " registration token without credential_sha256), enrolled (a registration token for an"
+    " id that has a credential), credential_taken, token_revoked.",
+    ["reason"],
+    registry=REGISTRY,
+)
+SUPERVISOR_ENROLMENTS = Counter(
+    "switchboard_supervisor_enrolments_total",
+    "Supervisor ids enrolled: a registration token's connection stored the supervisor's"
+    " own credential.",
     registry=REGISTRY,
 )
 SUPERVISORS_CONNECTED = Gauge(
@@ -184,6 +208,14 @@ ZOMBIE_RUNS_STOPPED = Counter(
     registry=REGISTRY,
 )
 
+SUBMISSIONS_REFUSED = Counter(
+    "switchboard_submissions_refused_total",
+    "Job submissions (a job or a batch) refused with 429: the queue holds --max-queued"
+    " jobs (reason=queue_full), or the submitting token has --max-queued-per-token queued"
+    " (reason=token_quota).",
+    ["reason"],
+    registry=REGISTRY,
+)
 RUNS_PLACED = Counter(
     "switchboard_runs_placed_total",
     "Runs given to a supervisor: with the job's submission, when nothing else waited and"
@@ -270,6 +302,8 @@ for _via in ("placement", "reconcile"):
     SECRETS_UNREADABLE.labels(_via)
 for _reason in HTTP_REFUSAL_REASONS:
     HTTP_REFUSALS.labels(_reason)
+for _reason in ("queue_full", "token_quota"):
+    SUBMISSIONS_REFUSED.labels(_reason)
 for _stream in STREAMS:
     OUTPUT_BYTES.labels(_stream)
     OUTPUT_TRUNCATED.labels(_stream)
@@ -288,6 +322,8 @@ for _state in QUEUE_STATES:
     QUEUE_DEPTH.labels(_state)
 for _state in SUPERVISOR_STATES:
     SUPERVISORS_CONNECTED.labels(_state)
+for _reason in SUPERVISOR_REFUSAL_REASONS:
+    SUPERVISOR_REFUSALS.labels(_reason)
 
 
 def backend_label(kind: str) -> str:

@@ -61,6 +61,10 @@ class JobView(msgspec.Struct):
     cancel_requested: bool = False
     #: Set while no registered supervisor could ever run the job, saying why.
     unschedulable: str | None = None
+    #: The id and name of the token that submitted it (None: submitted before jobs had
+    #: owners). Only an operator or admin may cancel or delete another token's job.
+    owner: str | None = None
+    owner_name: str | None = None
     runs: list[RunView] = []
 
 
@@ -79,6 +83,8 @@ class JobSummary(msgspec.Struct):
     exit_code: int | None = None
     reason: str | None = None
     unschedulable: str | None = None
+    #: The id of the token that submitted it.
+    owner: str | None = None
 
 
 class JobPage(msgspec.Struct):

@@ -43,11 +43,11 @@ from protocol.messages import (
 from protocol.session import negotiate_version
 from protocol.spec import JobSpec
 from protocol.state import Phase
-from switchboard import auth, metrics
+from switchboard import auth, enrolment, metrics
 from switchboard.config import Settings
 from switchboard.models import ActiveRun, RunKey
 from switchboard.reconcile import Action, reconcile
-from switchboard.store.base import EventsApplied, Store
+from switchboard.store.base import ConnectRefused, EventsApplied, Store
 
 log = logging.getLogger("switchboard.sessions")
 
@@ -132,8 +132,11 @@ class SupervisorSession:
         self.hello = hello
         self.id = hello.supervisor_id
         self.session = session
-        #: The token this connection authenticated with (a revoke closes the connection).
-        self.token_id = ""
+        #: The tokens this connection stands on (a revoke of any closes it): the one it
+        #: authenticated with, and the credential it enrolled with it, if any.
+        self.token_ids: tuple[str, ...] = ()
+        #: True if this connection enrolled its supervisor (the Welcome says so).
+        self.enrolled = False
         #: True once reconciled: only then may the dispatcher give it new runs.
         self.ready = False
         self._events = _Inbox(EVENT_QUEUE)
@@ -178,6 +181,7 @@ class SupervisorSession:
                 last_seq=stored_seq,
                 heartbeat_interval_s=settings.heartbeat_interval_s,
                 heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                enrolled=self.enrolled,
             )
         )
         if stored_seq >= self.hello.last_seq:
@@ -439,7 +443,7 @@ class Hub:
     async def drop_revoked_sessions(self) -> None:
         """Close the connections whose token has been revoked."""
         revoked = {t.id for t in await self.store.list_tokens() if t.revoked}
-        doomed = [s for s in self.sessions.values() if s.token_id in revoked]
+        doomed = [s for s in self.sessions.values() if not revoked.isdisjoint(s.token_ids)]
         await asyncio.gather(
             *(s.close(CloseCode.UNAUTHORIZED, "token revoked") for s in doomed),
             return_exceptions=True,
@@ -449,6 +453,8 @@ class Hub:
         """Serve one supervisor WebSocket from the upgrade request to the close."""
         token = await auth.authenticate(self.store, socket.headers.get("authorization"))
         if token is None or not auth.allows(token.role, auth.Permission.CONNECT):
+            metrics.SUPERVISOR_REFUSALS.labels("unauthorized").inc()
+            log.warning("supervisor connection refused: no valid supervisor token")
             await _refuse(socket, 401, "unauthorized", "a valid supervisor token is required")
             return
         offered = socket.scope.get("subprotocols") or []
@@ -471,20 +477,37 @@ class Hub:
                 socket, FrameError(CloseCode.HANDSHAKE_FAILED, "no hello within the time limit")
             )
             return
-        if token.supervisor_id is not None and token.supervisor_id != hello.supervisor_id:
-            await _close_with_error(
-                socket,
-                FrameError(
-                    CloseCode.UNAUTHORIZED,
-                    f"this token belongs to supervisor {token.supervisor_id!r}",
-                ),
+        try:
+            admission = enrolment.admit(token, hello)
+            try:
+                connected = await self.store.supervisor_connected(
+                    hello, token_id=token.id, enrol=admission.enrol
+                )
+            except ConnectRefused as exc:
+                raise enrolment.refusal(exc, hello.supervisor_id) from None
+        except enrolment.Refused as refused:
+            metrics.SUPERVISOR_REFUSALS.labels(refused.reason).inc()
+            log.warning(
+                "supervisor %s refused (token %s): %s",
+                hello.supervisor_id,
+                token.id,
+                refused.message,
             )
+            await _close_with_error(socket, FrameError(CloseCode.UNAUTHORIZED, refused.message))
             return
-        connected = await self.store.supervisor_connected(hello)
         session = SupervisorSession(
             self, socket, hello, connected.session, stored_seq=connected.last_seq
         )
-        session.token_id = token.id
+        session.token_ids = admission.token_ids
+        if admission.enrol is not None:
+            session.enrolled = True
+            metrics.SUPERVISOR_ENROLMENTS.inc()
+            log.info(
+                "supervisor %s enrolled with registration token %s (credential %s)",
+                hello.supervisor_id,
+                token.id,
+                admission.enrol.token_id,
+            )
         metrics.SUPERVISOR_CONNECTIONS.inc()
         if connected.session > 1:
             metrics.SUPERVISOR_RECONNECTS.inc()

@@ -19,6 +19,7 @@ class FaultyProxy:
         self.accepted = 0
         self._stalled: set[asyncio.StreamWriter] = set()
         self._delay_s = 0.0
+        self._cut_next_reply = False
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -39,6 +40,12 @@ class FaultyProxy:
         for pair in pairs:
             self._stalled.update(pair)
         return len(pairs)
+
+    def cut_next_reply(self) -> None:
+        """Cut the next connection (both ends, abruptly) when the server sends its second
+        piece of data, which is not forwarded: on a WebSocket, the upgrade response gets
+        through and the first message (a Welcome) is lost."""
+        self._cut_next_reply = True
 
     def slow(self, delay_s: float) -> None:
         """Delay every forwarded piece of data by `delay_s`."""
@@ -69,17 +76,37 @@ class FaultyProxy:
         self.accepted += 1
         pair = (client_w, upstream_w)
         self._pairs.add(pair)
+        forward = None
+        if self._cut_next_reply:
+            self._cut_next_reply = False
+            forward = 1
         try:
-            await asyncio.gather(self._pipe(client_r, upstream_w), self._pipe(upstream_r, client_w))
+            await asyncio.gather(
+                self._pipe(client_r, upstream_w), self._pipe(upstream_r, client_w, pair, forward)
+            )
         finally:
             self._pairs.discard(pair)
             for writer in pair:
                 self._stalled.discard(writer)
                 writer.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter] | None = None,
+        forward: int | None = None,
+    ) -> None:
+        """Copy until EOF; with `forward`, cut `pair` at the read after that many."""
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                if forward is not None and pair is not None:
+                    if forward == 0:
+                        self.cuts += 1
+                        for end in pair:
+                            end.transport.abort()
+                        return
+                    forward -= 1
                 while writer in self._stalled:  # noqa: ASYNC110 - a test tool; polling is fine
                     await asyncio.sleep(0.05)
                 if self._delay_s:

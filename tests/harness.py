@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from protocol.secret_files import write_secret_file
+
 REPO = Path(__file__).resolve().parent.parent
 #: Multiplies every wait in the tests (set SWITCHBOARD_TEST_TIME_SCALE on slow machines).
 TIME_SCALE = float(os.environ.get("SWITCHBOARD_TEST_TIME_SCALE", "1"))
@@ -141,9 +143,13 @@ class Switchboard:
             self.extra_args = extra_args
         self._start()
 
-    def create_token(self, role: str) -> str:
+    def create_token(self, role: str, supervisor_id: str | None = None) -> str:
+        """A new token; `supervisor_id` binds a supervisor token to that id (a host
+        credential; unbound, a supervisor token is a registration token)."""
+        bound = ("--supervisor", supervisor_id) if supervisor_id else ()
         done = run_cli(
-            "-m", "switchboard", "token", "create", "--role", role, "--data-dir", str(self.data_dir)
+            *("-m", "switchboard", "token", "create", "--role", role),
+            *("--data-dir", str(self.data_dir), *bound),
         )
         return done.stdout.decode().strip()
 
@@ -172,17 +178,23 @@ def start_supervisor(
     labels: dict[str, str] | None = None,
     url: str | None = None,
     extra_args: tuple[str, ...] = (),
+    token_file: Path | None = None,
 ) -> Process:
-    """Start a supervisor process; `url` overrides the switchboard's (e.g. a proxy's)."""
-    token = switchboard.create_token("supervisor")
+    """Start a supervisor process; `url` overrides the switchboard's (e.g. a proxy's).
+    Without `token_file` it gets a new registration token (in a file), so it enrols as
+    `name` on its first start and connects with the credential it keeps in its work dir
+    from then on."""
+    if token_file is None:
+        registration = switchboard.create_token("supervisor")
+        token_file = token_file_for(work / f"{name}.registration", registration)
     args = [
         "-m",
         "supervisor",
         "run",
         "--switchboard",
         url or switchboard.ws_url,
-        "--token",
-        token,
+        "--token-file",
+        str(token_file),
         "--name",
         name,
         "--backend",
@@ -195,6 +207,13 @@ def start_supervisor(
     for key, value in (labels or {}).items():
         args += ["--label", f"{key}={value}"]
     return Process([*args, *extra_args], work / f"{name}.log")
+
+
+def token_file_for(path: Path, token: str) -> Path:
+    """`token` in a file only its owner may read, as `--token-file` wants it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_secret_file(path, token)
+    return path
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 
 import pytest
 import websockets
@@ -13,6 +14,7 @@ from protocol import codec, limits
 from protocol.exceptions import CloseCode
 from protocol.messages import Hello, Welcome
 from protocol.session import supported_versions
+from protocol.tokens import new_token, token_sha256
 from tests.harness import Switchboard
 
 
@@ -26,8 +28,20 @@ def _ws(switchboard: Switchboard, token: str | None, subprotocols=(limits.SUBPRO
     )
 
 
+def _unique(prefix: str) -> str:
+    """A supervisor id no test has used (a registration token enrols an id only once)."""
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
 async def _handshake(ws, supervisor_id: str) -> Welcome:
-    hello = Hello(supervisor_id=supervisor_id, name=supervisor_id, versions=supported_versions())
+    """Hello, Welcome. The Hello offers a new credential's digest, so a registration token
+    enrols a new id (a bound token ignores it)."""
+    hello = Hello(
+        supervisor_id=supervisor_id,
+        name=supervisor_id,
+        versions=supported_versions(),
+        credential_sha256=token_sha256(new_token()).hex(),
+    )
     await ws.send(codec.encode(hello), text=True)
     welcome = codec.decode_from_switchboard(await ws.recv(decode=False))
     assert isinstance(welcome, Welcome)
@@ -294,8 +308,8 @@ async def test_malformed_frame_closes_only_that_connection(
 ):
     token = switchboard.create_token("supervisor")
     async with _ws(switchboard, token) as healthy, _ws(switchboard, token) as bad:
-        await _handshake(healthy, "healthy-peer")
-        await _handshake(bad, "bad-peer")
+        await _handshake(healthy, _unique("healthy-peer"))
+        await _handshake(bad, _unique("bad-peer"))
         await bad.send(frame)  # binary frame: JSON is accepted in either kind
         code, reason, frames = await _closed_with(bad)
         assert code == CloseCode.INVALID_PAYLOAD
@@ -304,7 +318,7 @@ async def test_malformed_frame_closes_only_that_connection(
         # The other connection is untouched, and the server takes new ones.
         await healthy.ping()
         async with _ws(switchboard, token) as fresh:
-            await _handshake(fresh, "fresh-peer")
+            await _handshake(fresh, _unique("fresh-peer"))
 
 
 async def test_oversized_frame_closes_only_that_connection(switchboard: Switchboard):

@@ -29,7 +29,7 @@ async def test_wrong_token_stops_the_connector_instead_of_retrying(switchboard, 
 
 
 async def test_events_before_the_first_welcome_continue_the_stored_numbering(switchboard, tmp_path):
-    token = switchboard.create_token("supervisor")
+    token = switchboard.create_token("supervisor", "reborn")
     # An earlier life of this supervisor got events 1..3 stored.
     async with _ws(switchboard, token) as ws:
         await _handshake(ws, "reborn")
@@ -110,7 +110,7 @@ async def test_a_run_that_ended_while_the_supervisor_was_down_is_not_taken_for_l
     """A restarted supervisor re-adopts a run that has ended meanwhile: its reports wait for
     the first Welcome, and the Hello must still name the run, or reconciliation would
     finalize it as lost (and its restart policy would run the program again)."""
-    token = switchboard.create_token("supervisor")
+    token = switchboard.create_token("supervisor", "reborn-2")
     client = switchboard.client()
     async with _ws(switchboard, token) as ws:  # the earlier life: the run starts
         hello = Hello(

@@ -386,6 +386,27 @@ def test_a_viewer_gets_no_cancel_or_drain_buttons(open_dashboard, switchboard, s
     client.post(f"/api/v1/jobs/{job_id}/cancel")
 
 
+def test_a_submitter_may_cancel_only_its_own_jobs(open_dashboard, switchboard, supervisor):
+    made = switchboard.client().post(
+        "/api/v1/tokens", json={"role": "submitter", "name": "ci-pipeline"}
+    )
+    token = made.json()["token"]
+    own = submit(switchboard.client(token), unique("own"), backend={"kind": "noop", "delay_s": 30})
+    others = submit(switchboard.client(), unique("others"), backend={"kind": "noop", "delay_s": 30})
+    tab = open_dashboard()
+    tab.sign_in(token)
+    page = tab.page
+    tab.go(f"#/jobs/{others}")
+    expect(page.locator('[data-fact="submitted by"]')).to_have_text("admin")
+    expect(page.locator('[data-fact="phase"] .badge')).not_to_have_text("")
+    expect(page.locator("#cancel-job")).to_have_count(0)
+    tab.go(f"#/jobs/{own}")
+    expect(page.locator('[data-fact="submitted by"]')).to_have_text("ci-pipeline")
+    expect(page.locator("#cancel-job")).to_be_visible()
+    for job_id in (own, others):
+        switchboard.client().post(f"/api/v1/jobs/{job_id}/cancel")
+
+
 def test_drain_and_resume_from_the_supervisor_page(open_dashboard, switchboard, supervisor, tokens):
     client = switchboard.client()
     tab = open_dashboard()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.harness import REPO, start_supervisor, wait_connected
+from tests.harness import REPO, start_supervisor, token_file_for, wait_connected
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +111,15 @@ def test_url_and_token_come_from_a_config_file(switchboard, supervisor, tmp_path
     env = dict(os.environ, SWITCHBOARD_CONFIG=str(config), PYTHONPATH=str(REPO))
     env.pop("SWITCHBOARD_URL", None)
     env.pop("SWITCHBOARD_TOKEN", None)
-    listed = subprocess.run(
-        [sys.executable, "-m", "switchboard", "supervisor", "list", "--json"],
-        capture_output=True,
-        env=env,
-        timeout=60,
-    )
+    command = [sys.executable, "-m", "switchboard", "supervisor", "list", "--json"]
+    # A config file holding a token must be private to its owner.
+    config.chmod(0o644)
+    exposed = subprocess.run(command, capture_output=True, env=env, timeout=60)
+    assert exposed.returncode == 2
+    assert f"{config} holds a token".encode() in exposed.stderr
+    assert b"chmod 600" in exposed.stderr
+    config.chmod(0o600)
+    listed = subprocess.run(command, capture_output=True, env=env, timeout=60)
     assert listed.returncode == 0, listed.stderr
     assert "cli-noop" in [s["id"] for s in json.loads(listed.stdout)]
     # a flag beats the file
@@ -135,6 +138,39 @@ def test_url_and_token_come_from_a_config_file(switchboard, supervisor, tmp_path
         timeout=60,
     )
     assert broken.returncode == 2 and b"colour" in broken.stderr
+
+
+def test_the_token_comes_from_a_private_file(switchboard, tmp_path):
+    token_file = token_file_for(tmp_path / "admin.token", switchboard.admin_token)
+    env = dict(os.environ, SWITCHBOARD_URL=switchboard.url, PYTHONPATH=str(REPO))
+    env.pop("SWITCHBOARD_TOKEN", None)
+    env["SWITCHBOARD_CONFIG"] = str(tmp_path / "none.toml")
+    command = [sys.executable, "-m", "switchboard", "dispatch", "status"]
+
+    by_flag = subprocess.run(
+        [*command, "--token-file", str(token_file)], capture_output=True, env=env, timeout=60
+    )
+    assert by_flag.returncode == 0, by_flag.stderr
+    by_env = subprocess.run(
+        command,
+        capture_output=True,
+        env=dict(env, SWITCHBOARD_TOKEN_FILE=str(token_file)),
+        timeout=60,
+    )
+    assert by_env.returncode == 0, by_env.stderr
+    token_file.chmod(0o644)
+    refused = subprocess.run(
+        [*command, "--token-file", str(token_file)], capture_output=True, env=env, timeout=60
+    )
+    assert refused.returncode == 2
+    assert f"{token_file} may be read or changed by others (mode 0644)".encode() in (refused.stderr)
+    both = subprocess.run(
+        [*command, "--token-file", str(token_file), "--token", "sbt_x"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert both.returncode == 2 and b"not allowed with" in both.stderr
 
 
 def test_operator_commands(switchboard, supervisor):

@@ -35,6 +35,8 @@ SWITCHBOARD_METRICS = {
     "switchboard_supervisor_connections_total": "counter",
     "switchboard_supervisor_reconnects_total": "counter",
     "switchboard_sessions_replaced_total": "counter",
+    "switchboard_supervisor_refusals_total": "counter",
+    "switchboard_supervisor_enrolments_total": "counter",
     "switchboard_supervisors_connected": "gauge",
     "switchboard_events_stored_total": "counter",
     "switchboard_duplicate_events_total": "counter",
@@ -50,6 +52,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_zombie_runs_stopped_total": "counter",
     "switchboard_runs_placed_total": "counter",
     "switchboard_secrets_unreadable_total": "counter",
+    "switchboard_submissions_refused_total": "counter",
     "switchboard_store_commit_seconds": "histogram",
     "switchboard_http_connections": "gauge",
     "switchboard_http_refusals_total": "counter",
@@ -90,6 +93,14 @@ LABEL_VALUES: dict[str, set[str]] = {
         "slow_head_evicted",
         "idle_evicted",
         "bad_request",
+        "unauthorized",
+        "other_supervisor",
+        "no_credential_digest",
+        "enrolled",
+        "credential_taken",
+        "token_revoked",
+        "queue_full",
+        "token_quota",
     },
     "route": {"live", "follow", "events"},
     "what": {"job", "output", "artifact"},
@@ -420,7 +431,7 @@ async def test_resends_replacements_and_zombies_are_counted(switchboard):
     same seqs again (duplicates), then a second connection (a replacement)."""
     metrics_url = f"{switchboard.url}/metrics"
     before = await asyncio.to_thread(_scrape, metrics_url)
-    token = switchboard.create_token("supervisor")
+    token = switchboard.create_token("supervisor", "metrics-raw")
 
     def output(seq: int) -> bytes:
         event = Output(seq=seq, job_id="nobody", attempt=1, stream="stdout", offset=0, data=b"x")

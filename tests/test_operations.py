@@ -21,6 +21,7 @@ from tests.harness import (
     Switchboard,
     scaled,
     start_supervisor,
+    token_file_for,
     wait_connected,
     wait_for,
     wait_job,
@@ -80,14 +81,16 @@ def start_with_token(
     switchboard: Switchboard, work: Path, supervisor_id: str, token: str
 ) -> Process:
     """A noop supervisor connecting with the given token as `supervisor_id`."""
+    number = next(_log_numbers)
+    token_file = token_file_for(work / f"{supervisor_id}.{number}.token", token)
     args = [
         "-m",
         "supervisor",
         "run",
         "--switchboard",
         switchboard.ws_url,
-        "--token",
-        token,
+        "--token-file",
+        str(token_file),
         "--id",
         supervisor_id,
         "--name",
@@ -99,7 +102,7 @@ def start_with_token(
         "--work-dir",
         str(work / supervisor_id),
     ]
-    return Process(args, work / f"{supervisor_id}.{next(_log_numbers)}.log")
+    return Process(args, work / f"{supervisor_id}.{number}.log")
 
 
 def exit_code(process: Process, timeout: float = 20.0) -> tuple[int, str]:
@@ -187,7 +190,13 @@ def test_token_requests_are_checked(client):
 
 
 def test_revoking_a_token_disconnects_its_supervisor(client, switchboard, work_dir):
-    made = client.post("/api/v1/tokens", json={"role": "supervisor", "name": "doomed"}).json()
+    # A host credential: with it revoked, the supervisor has nothing left to present. (A
+    # registration token's revocation leaves credentials enrolled with it working; see
+    # test_enrolment.py.)
+    made = client.post(
+        "/api/v1/tokens",
+        json={"role": "supervisor", "name": "doomed", "supervisor_id": "ops-revoked"},
+    ).json()
     process = start_with_token(switchboard, work_dir, "ops-revoked", made["token"])
     try:
         wait_connected(client, "ops-revoked")

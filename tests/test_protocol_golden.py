@@ -78,6 +78,20 @@ SUPERVISOR_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
         b'{"type":"hello","supervisor_id":"host-07","name":"host-07","versions":["1.0"]}',
     ),
     (
+        # 1.1: enrolling with a registration token, offering the digest of its credential.
+        Hello(
+            supervisor_id="host-07",
+            name="host-07",
+            versions=["1.1", "1.0"],
+            credential_sha256="9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        ),
+        (
+            b'{"type":"hello","supervisor_id":"host-07","name":"host-07","versions":["1.1","1.0"]'
+            b',"credential_sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00'
+            b'a08"}'
+        ),
+    ),
+    (
         JobStateChanged(
             seq=42,
             job_id="build-1842",
@@ -214,6 +228,10 @@ SWITCHBOARD_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
     (
         Welcome(version="1.0", session=7, last_seq=41),
         b'{"type":"welcome","version":"1.0","session":7,"last_seq":41}',
+    ),
+    (
+        Welcome(version="1.1", session=1, last_seq=0, enrolled=True),
+        b'{"type":"welcome","version":"1.1","session":1,"last_seq":0,"enrolled":true}',
     ),
     (
         StartJob(

@@ -41,6 +41,8 @@ PUBLIC = "public"
 
 #: (method, path template) → the roles allowed, or PUBLIC. Written out by hand on purpose:
 #: it is the spec that switchboard/auth.py ROLE_PERMISSIONS and the route guards must meet.
+#: A job route acts on a job another token (the admin's) submitted; OWN_JOB says who may
+#: act on a job of its own.
 EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     ("GET", "/api/v1/health"): PUBLIC,
     ("GET", "/api/v1/ready"): PUBLIC,
@@ -50,10 +52,10 @@ EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     ("POST", "/api/v1/jobs"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
     ("POST", "/api/v1/jobs/batch"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
     ("GET", "/api/v1/jobs/{job_id}"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
-    ("DELETE", "/api/v1/jobs/{job_id}"): frozenset({ADMIN, OPERATOR}),
+    ("DELETE", "/api/v1/jobs/{job_id}"): frozenset({ADMIN, OPERATOR}),  # own: OWN_JOB
     ("GET", "/api/v1/jobs/{job_id}/runs"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("GET", "/api/v1/jobs/{job_id}/events"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
-    ("POST", "/api/v1/jobs/{job_id}/cancel"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): frozenset({ADMIN, OPERATOR}),  # own: OWN_JOB
     ("GET", "/api/v1/jobs/{job_id}/output"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("GET", "/api/v1/jobs/{job_id}/output/follow"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("GET", "/api/v1/jobs/{job_id}/output/events"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
@@ -70,6 +72,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     ("POST", "/api/v1/supervisors/{supervisor_id}/resume"): frozenset({ADMIN, OPERATOR}),
     ("PUT", "/api/v1/supervisors/{supervisor_id}/labels"): frozenset({ADMIN, OPERATOR}),
     ("POST", "/api/v1/supervisors/{supervisor_id}/token"): frozenset({ADMIN}),
+    ("POST", "/api/v1/supervisors/{supervisor_id}/unenroll"): frozenset({ADMIN}),
     # tokens
     ("GET", "/api/v1/tokens"): frozenset({ADMIN}),
     ("POST", "/api/v1/tokens"): frozenset({ADMIN}),
@@ -83,6 +86,13 @@ EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     ("GET", "/api/v1/artifacts/{digest}"): frozenset({ADMIN, OPERATOR, SUBMITTER, SUPERVISOR}),
     # a submitter only those its token uploaded (each cell's was, by the submitter)
     ("DELETE", "/api/v1/artifacts/{digest}"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
+}
+
+#: Routes that act on one job, and the roles that may call them on a job their own token
+#: submitted (a viewer can't submit one).
+OWN_JOB: dict[tuple[str, str], frozenset[str]] = {
+    ("DELETE", "/api/v1/jobs/{job_id}"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
 }
 
 #: Served by Litestar next to the document itself, so not listed in it; public too.
@@ -124,13 +134,13 @@ class World:
     def admin(self) -> httpx.Client:
         return self.clients[ADMIN]
 
-    def submit(self, tag: str) -> str:
-        response = self.admin.post("/api/v1/jobs", json=_spec(tag))
+    def submit(self, tag: str, by: str = ADMIN) -> str:
+        response = self.clients[by].post("/api/v1/jobs", json=_spec(tag))
         assert response.status_code == 201, response.text
         return response.json()["id"]
 
-    def ended(self, tag: str) -> str:
-        job_id = self.submit(tag)
+    def ended(self, tag: str, by: str = ADMIN) -> str:
+        job_id = self.submit(tag, by)
         assert self.admin.post(f"/api/v1/jobs/{job_id}/cancel").json()["phase"] == "canceled"
         return job_id
 
@@ -158,16 +168,16 @@ class World:
             case "POST", "/api/v1/jobs/batch":
                 return Call(template, json=[_spec(tag)], state=lambda: self.tagged_jobs(tag))
             case "DELETE", "/api/v1/jobs/{job_id}":
-                own = self.ended(tag)
+                admins = self.ended(tag)
                 return Call(
-                    template.replace("{job_id}", own),
-                    state=lambda: self.admin.get(f"/api/v1/jobs/{own}").status_code,
+                    template.replace("{job_id}", admins),
+                    state=lambda: self.admin.get(f"/api/v1/jobs/{admins}").status_code,
                 )
             case "POST", "/api/v1/jobs/{job_id}/cancel":
-                own = self.submit(tag)
+                admins = self.submit(tag)
                 return Call(
-                    template.replace("{job_id}", own),
-                    state=lambda: self.admin.get(f"/api/v1/jobs/{own}").json()["phase"],
+                    template.replace("{job_id}", admins),
+                    state=lambda: self.admin.get(f"/api/v1/jobs/{admins}").json()["phase"],
                 )
             case "GET", "/api/v1/jobs":
                 return Call(template, params={"limit": "1"})
@@ -197,6 +207,19 @@ class World:
                 )
             case "POST", "/api/v1/supervisors/{supervisor_id}/token":
                 # Only tokens bound to the record are replaced; the callers' are not bound.
+                return Call(
+                    sup,
+                    state=lambda: [
+                        (t["id"], t["revoked"])
+                        for t in self.tokens()
+                        if t["supervisor_id"] == SUPERVISOR_ID
+                    ],
+                )
+            case "POST", "/api/v1/supervisors/{supervisor_id}/unenroll":
+                # A credential of the record's, so that an allowed unenroll has one to revoke.
+                self.admin.post(
+                    "/api/v1/tokens", json={"role": SUPERVISOR, "supervisor_id": SUPERVISOR_ID}
+                )
                 return Call(
                     sup,
                     state=lambda: [
@@ -305,7 +328,9 @@ def world(switchboard: Switchboard) -> Iterator[World]:
         for caller, token in tokens.items()
     }
     admin.close()
-    registrar = clients[ADMIN].post("/api/v1/tokens", json={"role": SUPERVISOR})
+    registrar = clients[ADMIN].post(
+        "/api/v1/tokens", json={"role": SUPERVISOR, "supervisor_id": SUPERVISOR_ID}
+    )
     _register_supervisor(switchboard, registrar.json()["token"])
     stored = clients[ADMIN].post("/api/v1/artifacts", content=b"matrix shared artifact")
     assert stored.status_code == 201, stored.text
@@ -376,6 +401,43 @@ def test_cell(world: World, method: str, template: str, caller: str):
     finally:
         for undo in call.cleanup:
             undo()
+
+
+def _own_cells() -> Iterator[Any]:
+    for (method, template), allowed in OWN_JOB.items():
+        for role in sorted(allowed):
+            yield pytest.param(method, template, role, id=f"{method} {template} [own {role}]")
+
+
+@pytest.mark.parametrize(("method", "template", "role"), list(_own_cells()))
+def test_own_job_cell(world: World, method: str, template: str, role: str):
+    """A job its own token submitted: a submitter may cancel and delete it, like an
+    operator (the refusals for another's job are the cells above)."""
+    tag = secrets.token_hex(4)
+    if method == "DELETE":
+        job_id = world.ended(tag, by=role)
+        response = world.clients[role].delete(template.replace("{job_id}", job_id))
+        assert response.status_code == 204, response.text
+        assert world.admin.get(f"/api/v1/jobs/{job_id}").status_code == 404
+    else:
+        job_id = world.submit(tag, by=role)
+        response = world.clients[role].post(template.replace("{job_id}", job_id))
+        assert response.status_code == 202, response.text
+        assert world.admin.get(f"/api/v1/jobs/{job_id}").json()["phase"] == "canceled"
+
+
+def test_another_tokens_job_is_refused_with_a_reason(world: World):
+    job_id = world.submit(secrets.token_hex(4))
+    refused = world.clients[SUBMITTER].post(f"/api/v1/jobs/{job_id}/cancel")
+    assert refused.status_code == 403
+    body = refused.json()
+    assert body["error"] == "forbidden"
+    assert "was submitted by token 'admin'" in body["message"]
+    assert "may cancel only the jobs its own token submitted" in body["message"]
+    # Reading it stays allowed to every viewer.
+    for caller in (SUBMITTER, VIEWER):
+        assert world.clients[caller].get(f"/api/v1/jobs/{job_id}").status_code == 200
+    world.admin.post(f"/api/v1/jobs/{job_id}/cancel")
 
 
 @pytest.mark.parametrize("path", SCHEMA_ROUTES)

@@ -8,7 +8,7 @@ from tests.test_bad_input import _closed_with, _handshake, _ws
 
 
 async def test_newer_connection_replaces_older(switchboard):
-    token = switchboard.create_token("supervisor")
+    token = switchboard.create_token("supervisor", "twin")
     async with _ws(switchboard, token) as first:
         welcome_1 = await _handshake(first, "twin")
         async with _ws(switchboard, token) as second:
@@ -22,7 +22,7 @@ async def test_newer_connection_replaces_older(switchboard):
 
 
 async def test_stored_seq_is_returned_on_reconnect(switchboard):
-    token = switchboard.create_token("supervisor")
+    token = switchboard.create_token("supervisor", "seq-check")
     async with _ws(switchboard, token) as ws:
         welcome = await _handshake(ws, "seq-check")
         assert welcome.last_seq == 0

@@ -113,6 +113,32 @@ async def test_a_version_2_database_is_upgraded_in_place(tmp_path):
     assert version == SCHEMA_VERSION
 
 
+async def test_a_version_3_database_gets_job_owners(tmp_path):
+    """Version 4 added the jobs' owner column: a version 3 file gets it, its jobs with no
+    owner, and quotas count only the jobs that have one."""
+    path = tmp_path / "db.sqlite3"
+    old = SQLiteStore(path)
+    await old.open()
+    await old.create_job("before", SPEC)
+    await old.close()
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "DROP INDEX jobs_queued_by_owner; DROP INDEX jobs_by_owner;"
+        " ALTER TABLE jobs DROP COLUMN owner; PRAGMA user_version = 3;"
+    )
+    conn.close()
+    upgraded = SQLiteStore(path)
+    await upgraded.open()
+    try:
+        assert (await upgraded.get_job("before")).owner is None
+        await upgraded.create_jobs([("after", SPEC)], "t", 10, owner="tok", max_queued_per_owner=1)
+        assert (await upgraded.get_job("after")).owner == "tok"
+    finally:
+        await upgraded.close()
+    (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
+    assert version == SCHEMA_VERSION == 4
+
+
 async def test_an_older_database_is_refused_with_a_clear_error(tmp_path):
     path = tmp_path / "db.sqlite3"
     old = SQLiteStore(path)

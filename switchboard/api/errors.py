@@ -44,7 +44,7 @@ _DESCRIPTIONS = {
     404: "No such id",
     409: "Conflicts with the current state",
     413: "Body too large",
-    429: "Too many requests (the queue is full)",
+    429: "Too many requests (the queue, or the token's share of it, is full)",
     507: "The switchboard's storage quota is used up",
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 from typing import Annotated
 
@@ -15,9 +16,10 @@ from protocol import codec, limits
 from protocol.messages import INT64_MAX, StopJob
 from protocol.spec import JobSpec
 from protocol.state import Phase
+from switchboard import metrics
 from switchboard.api.errors import ApiError, error_responses, invalid_spec
 from switchboard.api.security import actor, require
-from switchboard.auth import Permission
+from switchboard.auth import Permission, allows
 from switchboard.ids import new_job_id
 from switchboard.jobstate import redacted
 from switchboard.models import JobEvent, JobPage, JobView, RunView
@@ -27,9 +29,12 @@ from switchboard.store.base import (
     JobFilter,
     LabelTerm,
     QueueFull,
+    QueueQuotaFull,
     RunOnSupervisor,
     Submitted,
 )
+
+log = logging.getLogger("switchboard.api.jobs")
 
 #: Jobs per list page unless `limit` says otherwise, and the most one page may hold.
 DEFAULT_PAGE = 50
@@ -77,22 +82,49 @@ def _with_run_timeout(spec: JobSpec, default_s: float | None) -> JobSpec:
 
 
 async def _queue(
-    state: AppState, specs: list[JobSpec], who: str, *, batch: bool = False
+    state: AppState, specs: list[JobSpec], request: Request, *, batch: bool = False
 ) -> list[Submitted]:
-    """Store the jobs (all or none) through the dispatcher, stop the runs they replace.
-    A `batch`'s errors name the spec by its index."""
+    """Store the jobs (all or none) through the dispatcher, owned by the request's token;
+    stop the runs they replace. A `batch`'s errors name the spec by its index."""
     default_s = state.settings.default_run_timeout_s
     jobs = [(new_job_id(), _with_run_timeout(spec, default_s)) for spec in specs]
+    token = request.state.token
     try:
-        made = await state.dispatcher.submit(jobs, who, state.settings.max_queued_jobs)
+        made = await state.dispatcher.submit(
+            jobs,
+            actor(request),
+            state.settings.max_queued_jobs,
+            owner=token.id,
+            max_queued_per_owner=state.settings.max_queued_per_token,
+        )
     except QueueFull as exc:
-        raise ApiError(429, "queue_full", str(exc)) from None
+        quota = isinstance(exc, QueueQuotaFull)
+        metrics.SUBMISSIONS_REFUSED.labels("token_quota" if quota else "queue_full").inc()
+        log.warning("submission of %d job(s) by token %s refused: %s", len(jobs), token.id, exc)
+        raise ApiError(429, "queue_quota" if quota else "queue_full", str(exc)) from None
     except ArtifactMissing as exc:
         field = f"[{exc.index}].{exc.field}" if batch else exc.field
         message = f"{field}: artifact {exc.digest} has not been uploaded"
         raise ApiError(400, "invalid_spec", message, field) from None
     await _stop_runs(state, [stop for m in made for stop in m.stops], "replaced")
     return made
+
+
+async def _check_owner(request: Request, job_id: str, what: str) -> None:
+    """403 unless the request's token may `what` the job: its own, or any with cancel_any.
+    A job that doesn't exist is left to the route (cancel: 404; delete: done already)."""
+    token = request.state.token
+    if allows(token.role, Permission.CANCEL_ANY):
+        return
+    job = await app_state(request).store.get_job(job_id)
+    if job is not None and job.owner != token.id:
+        by = f"token {job.owner_name!r} ({job.owner})" if job.owner else "no known token"
+        raise ApiError(
+            403,
+            "forbidden",
+            f"job {job_id!r} was submitted by {by}: role {token.role!r} may {what} only the"
+            " jobs its own token submitted",
+        )
 
 
 async def _stop_runs(state: AppState, runs: list[RunOnSupervisor], reason: str) -> None:
@@ -167,7 +199,7 @@ class JobController(Controller):
             data = codec.decode_job_spec(await request.body())
         except msgspec.ValidationError as exc:
             raise invalid_spec(exc) from None
-        (made,) = await _queue(state, [data], actor(request))
+        (made,) = await _queue(state, [data], request)
         return JobCreated(made.id, made.phase, made.reason)
 
     @post(
@@ -189,7 +221,7 @@ class JobController(Controller):
             raise ApiError(
                 413, "too_large", f"a batch holds at most {MAX_BATCH} jobs, not {len(specs)}"
             )
-        made = await _queue(state, specs, actor(request), batch=True)
+        made = await _queue(state, specs, request, batch=True)
         return BatchCreated([JobCreated(m.id, m.phase, m.reason) for m in made])
 
     @get("/", guards=require(Permission.VIEW), responses=error_responses())
@@ -202,13 +234,15 @@ class JobController(Controller):
         created_after: float | None = None,
         created_before: float | None = None,
         q: Annotated[str | None, Parameter(min_length=1, max_length=limits.NAME_MAX_LEN)] = None,
+        owner: Annotated[str | None, Parameter(min_length=1, max_length=64)] = None,
         cursor: Annotated[str | None, Parameter(max_length=64)] = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
     ) -> JobPage:
         """Jobs, newest first. Filters combine (all must hold): `phase` (repeatable: any
         of them), `label` (repeatable, at most 32: `key=value`, `key!=value`, `key`, `!key`),
         `supervisor` (had a run there), `created_after`/`created_before` (epoch seconds),
-        `q` (the name contains it, ignoring case, or the id starts with it).
+        `q` (the name contains it, ignoring case, or the id starts with it), `owner` (the
+        id of the token that submitted it, or `me`: the calling token).
         A full page carries `next_cursor`; pass it as `cursor` for the next page."""
         where = JobFilter(
             phases=sorted({p.value for p in phase or []}),
@@ -218,6 +252,7 @@ class JobController(Controller):
             created_before=created_before,
             before_seq=_seq_of(cursor) if cursor else None,
             text=q,
+            owner=request.state.token.id if owner == "me" else owner,
             limit=limit,
         )
         rows = await app_state(request).store.list_jobs(where)
@@ -252,7 +287,9 @@ class JobController(Controller):
         responses=error_responses(404),
     )
     async def cancel(self, request: Request, job_id: str) -> CancelAccepted:
-        """Cancel: a queued job ends at once, a running one is stopped (idempotent)."""
+        """Cancel: a queued job ends at once, a running one is stopped (idempotent). A
+        submitter may cancel only the jobs its own token submitted (else 403)."""
+        await _check_owner(request, job_id, "cancel")
         state = app_state(request)
         result = await state.store.request_cancel(job_id, actor(request))
         if result is None:
@@ -264,13 +301,15 @@ class JobController(Controller):
 
     @delete(
         "/{job_id:str}",
-        guards=require(Permission.OPERATE),
+        guards=require(Permission.CANCEL),
         status_code=204,
         responses=error_responses(409),
     )
     async def remove(self, request: Request, job_id: str) -> None:
         """Delete an ended job with its runs, output and events. Deleting a job that is
-        already gone succeeds too; a job still queued or running is a 409 (cancel first)."""
+        already gone succeeds too; a job still queued or running is a 409 (cancel first).
+        A submitter may delete only the jobs its own token submitted (else 403)."""
+        await _check_owner(request, job_id, "delete")
         outcome = await app_state(request).store.delete_job(job_id)
         if outcome == "active":
             raise ApiError(409, "job_active", f"job {job_id!r} has not ended: cancel it first")

@@ -1,13 +1,15 @@
-"""Supervisors: list, show, drain and resume, operator labels, token rotation."""
+"""Supervisors: list, show, drain and resume, operator labels, token rotation, unenrol."""
 
 from __future__ import annotations
+
+import logging
 
 import msgspec
 from litestar import Controller, Request, get, post, put
 
 from protocol.spec import Labels
 from switchboard.api.errors import ApiError, error_responses
-from switchboard.api.security import require
+from switchboard.api.security import actor, require
 from switchboard.api.tokens import TokenCreated
 from switchboard.auth import Permission, Role, create_token
 from switchboard.live import with_session
@@ -20,6 +22,18 @@ class OperatorLabels(msgspec.Struct, forbid_unknown_fields=True):
     selectors (the whole set is replaced; `{}` clears it)."""
 
     labels: Labels
+
+
+log = logging.getLogger("switchboard.api.supervisors")
+
+
+class Unenrolled(msgspec.Struct):
+    """A supervisor id released: its host credentials (the tokens bound to it) are revoked,
+    so the next registration token to present it enrols it."""
+
+    supervisor_id: str
+    #: Ids of the tokens revoked now (empty if it had none).
+    revoked: list[str]
 
 
 async def _supervisor_or_404(state: AppState, supervisor_id: str) -> SupervisorView:
@@ -122,3 +136,26 @@ class SupervisorController(Controller):
         )
         await state.hub.drop_revoked_sessions()
         return TokenCreated(made.id, made.token, Role.SUPERVISOR.value, made.name, supervisor_id)
+
+    @post(
+        "/{supervisor_id:str}/unenroll",
+        guards=require(Permission.ADMINISTER),
+        status_code=200,
+        responses=error_responses(404),
+    )
+    async def unenroll(self, request: Request, supervisor_id: str) -> Unenrolled:
+        """Release the supervisor id: revoke every token bound to it (its enrolled credential
+        and any rotated token) and close its connection, so the next registration token that
+        presents the id may enrol it. Its jobs and history stay. Idempotent."""
+        state = app_state(request)
+        revoked = await state.store.unenroll(supervisor_id)
+        if revoked is None:
+            raise ApiError(404, "not_found", f"no supervisor {supervisor_id!r}")
+        log.info(
+            "supervisor %s unenrolled by %s: tokens revoked: %s",
+            supervisor_id,
+            actor(request),
+            ", ".join(revoked) or "none",
+        )
+        await state.hub.drop_revoked_sessions()
+        return Unenrolled(supervisor_id, revoked)

@@ -121,6 +121,30 @@ class QueueFull(Exception):
     """More jobs are queued than the switchboard accepts; try again later."""
 
 
+class QueueQuotaFull(QueueFull):
+    """The submitting token has as many jobs queued as one token may have."""
+
+
+class Enrolment(msgspec.Struct, frozen=True):
+    """A credential to store for a supervisor as it connects with a registration token."""
+
+    token_id: str
+    #: SHA-256 of the credential (the supervisor made it; the switchboard never sees it).
+    digest: bytes
+    name: str
+
+
+class ConnectRefused(Exception):
+    """The store refused a supervisor connection in the step that would have accepted it.
+    `why`: "token_revoked" (the connection's token was revoked meanwhile), "enrolled" (the
+    id already has a host credential), "credential_taken" (the offered digest belongs to
+    another token)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
 class LabelTerm(msgspec.Struct, frozen=True):
     """One term of a job-label filter: `op` is "=", "!=", "exists" or "!exists"."""
 
@@ -141,6 +165,8 @@ class JobFilter(msgspec.Struct, frozen=True):
     ids: list[str] = []
     #: Search: name contains it (case-insensitive) or id starts with it.
     text: str | None = None
+    #: Only jobs submitted by this token (its id).
+    owner: str | None = None
     limit: int = 50
 
 
@@ -256,12 +282,19 @@ class Store(abc.ABC):
     # jobs
     @abc.abstractmethod
     async def create_jobs(
-        self, jobs: Sequence[tuple[str, JobSpec]], actor: str, max_queued: int
+        self,
+        jobs: Sequence[tuple[str, JobSpec]],
+        actor: str,
+        max_queued: int,
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> list[Submitted]:
-        """Queue jobs, all or none, applying their concurrency policies. Raises QueueFull
-        if that would put more than `max_queued` jobs in the queue, ArtifactMissing if one
-        names an artifact that is not stored. Secret parameter values are stored sealed,
-        apart from the spec, until the job ends."""
+        """Queue jobs, all or none, applying their concurrency policies, owned by the token
+        `owner`. Raises QueueFull if that would put more than `max_queued` jobs in the
+        queue, QueueQuotaFull if more than `max_queued_per_owner` of `owner`'s,
+        ArtifactMissing if one names an artifact that is not stored. Secret parameter
+        values are stored sealed, apart from the spec, until the job ends."""
 
     @abc.abstractmethod
     async def create_and_assign(
@@ -270,6 +303,9 @@ class Store(abc.ABC):
         actor: str,
         max_queued: int,
         placements: dict[str, str],
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> tuple[list[Submitted], list[Assignment]]:
         """Queue jobs as create_jobs does and, in the same transaction, give each job of
         `placements` (job id -> supervisor id) its first run there, provided no other job
@@ -370,8 +406,18 @@ class Store(abc.ABC):
 
     # supervisors
     @abc.abstractmethod
-    async def supervisor_connected(self, hello: Hello) -> Connected:
-        """Record a (re)connect: a new session generation and the stored seq."""
+    async def supervisor_connected(
+        self, hello: Hello, *, token_id: str | None = None, enrol: Enrolment | None = None
+    ) -> Connected:
+        """Record a (re)connect: a new session generation and the stored seq. In the same
+        transaction, when given: check that token `token_id` is still valid, and store
+        `enrol` as the supervisor's credential if it has none. Raises ConnectRefused (and
+        records nothing) otherwise."""
+
+    @abc.abstractmethod
+    async def unenroll(self, supervisor_id: str) -> list[str] | None:
+        """Revoke every token bound to the supervisor (its host credentials); the ids of
+        those revoked, or None if the id is neither a known supervisor nor bound to one."""
 
     @abc.abstractmethod
     async def active_runs(self, supervisor_id: str) -> list[ActiveRun]:

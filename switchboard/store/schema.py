@@ -27,6 +27,7 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
         ("output_truncated", "TEXT", None),
     ],
     "artifacts": [("uploaded_by", "TEXT", None), ("last_used", "REAL", None)],
+    "jobs": [("owner", "TEXT", None)],
 }
 #: Tables added since version 2 that start with rows derived from the others: the version
 #: that added one, and the statement filling it in for a database older than that (it
@@ -53,6 +54,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     -- a supervisor token may be bound to one supervisor id
     supervisor_id TEXT
 );
+-- a supervisor's host credentials, looked up when it enrols or is unenrolled
+CREATE INDEX IF NOT EXISTS tokens_by_supervisor ON tokens (supervisor_id)
+    WHERE supervisor_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS artifacts (
     digest TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -100,6 +104,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     resources TEXT NOT NULL DEFAULT '{}',
     concurrency_key TEXT,
     timeout_s REAL,
+    -- the id of the token that submitted it (NULL: submitted before jobs had owners)
+    owner TEXT,
     -- when the job entered the queue (aging), and when its queue timeout ends
     queued_at REAL NOT NULL,
     queue_deadline REAL,
@@ -123,6 +129,9 @@ CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (concurrency_key, phase)
     WHERE concurrency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_queue_deadline ON jobs (queue_deadline)
     WHERE queue_deadline IS NOT NULL;
+-- a token's queued jobs (its queue quota) and its jobs (the list's owner filter)
+CREATE INDEX IF NOT EXISTS jobs_queued_by_owner ON jobs (owner) WHERE phase = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
 CREATE TABLE IF NOT EXISTS job_events (
     id INTEGER PRIMARY KEY,
     job_id TEXT NOT NULL,

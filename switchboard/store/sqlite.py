@@ -65,7 +65,9 @@ from switchboard.store.base import (
     BatchOutOfOrder,
     CancelResult,
     Connected,
+    ConnectRefused,
     Counts,
+    Enrolment,
     EventsApplied,
     Expired,
     JobFilter,
@@ -175,6 +177,31 @@ class _Writer(threading.Thread):
             results = [(future, None, exc) for _, future in group]
         for future, value, exc in results:
             future.get_loop().call_soon_threadsafe(_resolve, future, value, exc)
+
+
+def _token_valid(conn: sqlite3.Connection, token_id: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM tokens WHERE id = ? AND revoked_at IS NULL", (token_id,)
+    ).fetchone()
+    return row is not None
+
+
+def _enrol(conn: sqlite3.Connection, supervisor_id: str, enrol: Enrolment, now: float) -> None:
+    """Store `enrol` as the supervisor's credential: a supervisor token bound to it. Only
+    an id with no host credential (no valid token bound to it) may be enrolled."""
+    held = conn.execute(
+        "SELECT 1 FROM tokens WHERE supervisor_id = ? AND revoked_at IS NULL LIMIT 1",
+        (supervisor_id,),
+    ).fetchone()
+    if held is not None:
+        raise ConnectRefused("enrolled")
+    if conn.execute("SELECT 1 FROM tokens WHERE hash = ?", (enrol.digest,)).fetchone():
+        raise ConnectRefused("credential_taken")
+    conn.execute(
+        "INSERT INTO tokens (id, role, name, hash, created_at, supervisor_id)"
+        " VALUES (?, 'supervisor', ?, ?, ?, ?)",
+        (enrol.token_id, enrol.name, enrol.digest, now, supervisor_id),
+    )
 
 
 def _resolve(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
@@ -480,10 +507,20 @@ class SQLiteStore(Store):
         return batch
 
     async def create_jobs(
-        self, jobs: Sequence[tuple[str, JobSpec]], actor: str, max_queued: int
+        self,
+        jobs: Sequence[tuple[str, JobSpec]],
+        actor: str,
+        max_queued: int,
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> list[Submitted]:
         batch = self._sealed(jobs)
-        return await self._write(lambda conn: insert_jobs(conn, batch, actor, max_queued))
+        return await self._write(
+            lambda conn: insert_jobs(
+                conn, batch, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
+            )
+        )
 
     async def create_and_assign(
         self,
@@ -491,13 +528,18 @@ class SQLiteStore(Store):
         actor: str,
         max_queued: int,
         placements: dict[str, str],
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> tuple[list[Submitted], list[Assignment]]:
         batch = self._sealed(jobs)
         keyring = self._keyring
 
         def write(conn: sqlite3.Connection) -> tuple[list[Submitted], list[Assignment]]:
             clear = _no_job_ready(conn, time.time())  # before the insert: older jobs only
-            made = insert_jobs(conn, batch, actor, max_queued)
+            made = insert_jobs(
+                conn, batch, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
+            )
             assigned = []
             if clear:
                 now = time.time()  # after the submission's own record
@@ -678,10 +720,16 @@ class SQLiteStore(Store):
 
     # --- supervisors -----------------------------------------------------------------
 
-    async def supervisor_connected(self, hello: Hello) -> Connected:
+    async def supervisor_connected(
+        self, hello: Hello, *, token_id: str | None = None, enrol: Enrolment | None = None
+    ) -> Connected:
         now = time.time()
 
         def write(conn: sqlite3.Connection) -> Connected:
+            if token_id is not None and not _token_valid(conn, token_id):
+                raise ConnectRefused("token_revoked")
+            if enrol is not None:
+                _enrol(conn, hello.supervisor_id, enrol, now)
             conn.execute(
                 "INSERT INTO supervisors (id, name, first_seen) VALUES (?, ?, ?)"
                 " ON CONFLICT (id) DO NOTHING",
@@ -713,6 +761,34 @@ class SQLiteStore(Store):
             return await self._write(write)
         finally:
             self.supervisor_writes += 1  # after the commit: readers see the change
+
+    async def unenroll(self, supervisor_id: str) -> list[str] | None:
+        def write(conn: sqlite3.Connection) -> list[str] | None:
+            bound = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM tokens WHERE supervisor_id = ? AND revoked_at IS NULL",
+                    (supervisor_id,),
+                )
+            ]
+            known = conn.execute(
+                "SELECT 1 FROM supervisors WHERE id = ?"
+                " UNION ALL SELECT 1 FROM tokens WHERE supervisor_id = ? LIMIT 1",
+                (supervisor_id, supervisor_id),
+            ).fetchone()
+            if known is None:
+                return None
+            conn.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE supervisor_id = ? AND revoked_at IS NULL",
+                (time.time(), supervisor_id),
+            )
+            return bound
+
+        self._forget_tokens()
+        try:
+            return await self._write(write)
+        finally:
+            self._forget_tokens()
 
     async def active_runs(self, supervisor_id: str) -> list[ActiveRun]:
         keyring = self._keyring
@@ -1065,8 +1141,9 @@ def _next_backoff_end(conn: sqlite3.Connection) -> float | None:
 
 def _load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
     row = conn.execute(
-        "SELECT id, name, phase, spec, created_at, updated_at, priority, exit_code, reason,"
-        " cancel_requested, unschedulable FROM jobs WHERE id = ?",
+        "SELECT j.id, j.name, j.phase, j.spec, j.created_at, j.updated_at, j.priority,"
+        " j.exit_code, j.reason, j.cancel_requested, j.unschedulable, j.owner, t.name"
+        " FROM jobs j LEFT JOIN tokens t ON t.id = j.owner WHERE j.id = ?",
         (job_id,),
     ).fetchone()
     if row is None:
@@ -1115,5 +1192,7 @@ def _load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
         reason=row[8],
         cancel_requested=bool(row[9]),
         unschedulable=row[10],
+        owner=row[11],
+        owner_name=row[12],
         runs=runs,
     )

@@ -22,6 +22,7 @@ from switchboard.store.base import (
     CancelResult,
     JobFilter,
     QueueFull,
+    QueueQuotaFull,
     RunOnSupervisor,
     Submitted,
 )
@@ -76,22 +77,37 @@ def _record_artifacts(conn: sqlite3.Connection, index: int, job_id: str, spec: J
 
 
 def insert_jobs(
-    conn: sqlite3.Connection, jobs: list[NewJob], actor: str, max_queued: int
+    conn: sqlite3.Connection,
+    jobs: list[NewJob],
+    actor: str,
+    max_queued: int,
+    *,
+    owner: str | None = None,
+    max_per_owner: int | None = None,
 ) -> list[Submitted]:
-    """Insert jobs (all or none: the caller's savepoint rolls back on QueueFull or
-    ArtifactMissing)."""
+    """Insert jobs owned by token `owner` (all or none: the caller's savepoint rolls back
+    on QueueFull or ArtifactMissing)."""
     (queued,) = conn.execute("SELECT count(*) FROM jobs WHERE phase = 'queued'").fetchone()
     if queued + len(jobs) > max_queued:
         raise QueueFull(f"{queued} jobs are queued; the switchboard takes at most {max_queued}")
+    if owner is not None and max_per_owner is not None:
+        (mine,) = conn.execute(
+            "SELECT count(*) FROM jobs WHERE owner = ? AND phase = 'queued'", (owner,)
+        ).fetchone()
+        if mine + len(jobs) > max_per_owner:
+            raise QueueQuotaFull(
+                f"this token has {mine} jobs queued; one token may have at most"
+                f" {max_per_owner} (the switchboard's --max-queued-per-token)"
+            )
     made = []
     for index, job in enumerate(jobs):
         # In the same transaction: an artifact can't be deleted between check and insert.
         _record_artifacts(conn, index, job.id, job.spec)
-        made.append(_insert_job(conn, job, actor))
+        made.append(_insert_job(conn, job, actor, owner))
     return made
 
 
-def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str) -> Submitted:
+def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str, owner: str | None) -> Submitted:
     job_id, spec = job.id, job.spec
     now = time.time()
     key = spec.concurrency.key if spec.concurrency else None
@@ -116,8 +132,8 @@ def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str) -> Submitted:
     queue_deadline = now + spec.queue_timeout_s if spec.queue_timeout_s else None
     conn.execute(
         "INSERT INTO jobs (id, name, spec, phase, priority, labels, resources, concurrency_key,"
-        " timeout_s, queued_at, queue_deadline, reason, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " timeout_s, queued_at, queue_deadline, reason, created_at, updated_at, owner)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             job_id,
             spec.name,
@@ -133,6 +149,7 @@ def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str) -> Submitted:
             reason,
             now,
             now,
+            owner,
         ),
     )
     if job.sealed is not None and phase == Phase.QUEUED:  # a job dropped at once needs none
@@ -211,6 +228,9 @@ def list_jobs(conn: sqlite3.Connection, where: JobFilter) -> list[tuple[int, Job
     if where.ids:
         clauses.append(f"j.id IN ({','.join('?' * len(where.ids))})")
         args.extend(where.ids)
+    if where.owner is not None:
+        clauses.append("j.owner = ?")
+        args.append(where.owner)
     if where.text:
         pattern = where.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         clauses.append("(j.name LIKE ? ESCAPE '\\' OR j.id LIKE ? ESCAPE '\\')")
@@ -218,7 +238,8 @@ def list_jobs(conn: sqlite3.Connection, where: JobFilter) -> list[tuple[int, Job
     sql = (
         "SELECT j.seq, j.id, j.name, j.phase, j.priority, j.created_at, j.updated_at, j.labels,"
         " j.attempts, (SELECT supervisor_id FROM runs r WHERE r.job_id = j.id"
-        "  AND r.attempt = j.attempts), j.exit_code, j.reason, j.unschedulable FROM jobs j"
+        "  AND r.attempt = j.attempts), j.exit_code, j.reason, j.unschedulable, j.owner"
+        " FROM jobs j"
     )
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
@@ -240,6 +261,7 @@ def list_jobs(conn: sqlite3.Connection, where: JobFilter) -> list[tuple[int, Job
                 exit_code=r[10],
                 reason=r[11],
                 unschedulable=r[12],
+                owner=r[13],
             ),
         )
         for r in conn.execute(sql, args)

@@ -125,7 +125,9 @@ export function mount(root, ctx, { id }) {
   // ---- the job ---------------------------------------------------------------------------
   function renderActions() {
     const buttons = [];
-    if (ctx.can("cancel") && job && !TERMINAL.has(job.phase)) {
+    // A submitter may cancel only what its own token submitted; an operator anything.
+    const mayCancel = ctx.can("cancel_any") || (ctx.can("cancel") && job && job.owner === ctx.me.id);
+    if (mayCancel && job && !TERMINAL.has(job.phase)) {
       if (job.cancel_requested || cancelStep === "sending") {
         buttons.push(h("button", { type: "button", class: "button danger", id: "cancel-job", disabled: true }, "Canceling…"));
       } else if (cancelStep === "confirm") {
@@ -165,6 +167,7 @@ export function mount(root, ctx, { id }) {
       ...fact("Id", h("code", {}, job.id)),
       ...fact("Priority", String(job.priority)),
       ...fact("Submitted", relTime(job.created_at), h("span", { class: "muted" }, ` · ${absTime(job.created_at)}`)),
+      ...fact("Submitted by", job.owner ? h("span", { title: `token ${job.owner}` }, job.owner_name || job.owner) : "—"),
       ...fact("Updated", relTime(job.updated_at)),
       ...fact("Supervisor", supervisorLink(last ? last.supervisor_id : null)),
       ...fact("Exit code", job.exit_code === null || job.exit_code === undefined ? "—" : String(job.exit_code)),
