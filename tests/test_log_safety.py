@@ -50,7 +50,7 @@ def test_request_path_with_newline_forges_no_log_line(switchboard: Switchboard):
 
 
 async def _report_protocol_error(switchboard: Switchboard, name: str, reason: str) -> None:
-    token = switchboard.create_token("supervisor")
+    token = switchboard.create_token("supervisor", supervisor_id=name)
     async with websockets.connect(
         f"{switchboard.ws_url}/ws/supervisor",
         additional_headers={"Authorization": f"Bearer {token}"},

@@ -312,7 +312,9 @@ def test_a_start_sent_again_after_a_restart_carries_the_secret_through_a_key_rot
     server = Switchboard(tmp_path / "data", extra_args=("--secret-key-file", str(key_file)))
     try:
         client = server.client()
-        scripted = _ScriptedSupervisor(server, server.create_token("supervisor"))
+        scripted = _ScriptedSupervisor(
+            server, server.create_token("supervisor", supervisor_id="scripted")
+        )
         secret = _secret()
         job_id = None
 
