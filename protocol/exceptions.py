@@ -43,6 +43,8 @@ class CloseCode(enum.IntEnum):
     REPLACED = 4003
     #: The peer stopped answering heartbeats.
     HEARTBEAT_TIMEOUT = 4004
+    #: The peer did not take the messages sent to it in time (it stopped reading).
+    TOO_SLOW = 4005
     #: The token is not (or no longer) valid for this supervisor.
     UNAUTHORIZED = 4401
 

@@ -75,7 +75,7 @@ async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
         for run in expired.runs:
             log.warning("run %s#%d timed out without a report", run.job_id, run.attempt)
             stop = StopJob(job_id=run.job_id, attempt=run.attempt, reason="timed out")
-            await hub.send_stop(run.supervisor_id, stop)
+            hub.send_stop(run.supervisor_id, stop)
         if expired.jobs:
             log.info("jobs past their queue timeout: %s", ", ".join(expired.jobs))
         if lost or expired.runs or expired.jobs:
@@ -104,6 +104,7 @@ def create_app(settings: Settings) -> Litestar:
             asyncio.create_task(keep_time(store, settings, hub), name="clock"),
             asyncio.create_task(state.live.run(), name="live feed"),
             asyncio.create_task(hub.keep_heartbeats(), name="heartbeats"),
+            asyncio.create_task(hub.keep_send_deadlines(), name="send deadlines"),
         ]
         try:
             yield

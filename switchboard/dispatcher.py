@@ -140,9 +140,7 @@ class Dispatcher:
             self._spend(assigned)
         metrics.RUNS_PLACED.labels("submission").inc(len(assigned))
         for run in assigned:
-            await self.hub.send_start(
-                run.supervisor_id, start_message(run.job_id, run.attempt, run.spec)
-            )
+            self.hub.send_start(run.supervisor_id, start_message(run.job_id, run.attempt, run.spec))
         if len(assigned) < sum(1 for m in made if m.phase == "queued"):
             self.jobs_submitted()  # some wait: the pass places them or says why not
         return made
@@ -284,7 +282,7 @@ class Dispatcher:
         metrics.RUNS_PLACED.labels("pass").inc(len(started))
         for made in started:
             start = start_message(made.job_id, made.attempt, made.spec)
-            await self.hub.send_start(made.supervisor_id, start)
+            self.hub.send_start(made.supervisor_id, start)
         return PassDone(len(started), more, snapshot.next_backoff_end)
 
     def _fleet_key(self, fleet: list[SupervisorView], writes: int) -> tuple:

@@ -41,6 +41,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 QUEUE_STATES = ("ready", "backoff", "unschedulable")
 #: Connected supervisors: taking jobs, or drained (finishing what they hold).
 SUPERVISOR_STATES = ("connected", "draining")
+#: Why the switchboard cuts a supervisor's session short.
+CUT_REASONS = ("heartbeat_timeout", "send_timeout", "outbox_full")
 #: The label a backend kind outside the known set gets (keeps the label bounded).
 OTHER = "other"
 #: Scrapes closer together than this reuse the counts of stored rows.
@@ -66,6 +68,15 @@ SUPERVISOR_RECONNECTS = Counter(
 SESSIONS_REPLACED = Counter(
     "switchboard_sessions_replaced_total",
     "Supervisor sessions closed because the same supervisor connected again.",
+    registry=REGISTRY,
+)
+SESSIONS_CUT = Counter(
+    "switchboard_sessions_cut_total",
+    "Supervisor sessions the switchboard ended because the supervisor went silent past"
+    " the heartbeat timeout (reason=heartbeat_timeout), let a message wait on its socket"
+    " past the send timeout (send_timeout), or let more wait than its outbox holds"
+    " (outbox_full).",
+    ["reason"],
     registry=REGISTRY,
 )
 SUPERVISORS_CONNECTED = Gauge(
@@ -172,6 +183,8 @@ for _via in ("reconcile", "events"):
     ZOMBIE_RUNS_STOPPED.labels(_via)
 for _via in ("submission", "pass"):
     RUNS_PLACED.labels(_via)
+for _reason in CUT_REASONS:
+    SESSIONS_CUT.labels(_reason)
 for _stream in STREAMS:
     OUTPUT_BYTES.labels(_stream)
 for _phase in Phase:

@@ -18,6 +18,7 @@ from protocol import logfmt
 from protocol.limits import MAX_FRAME_BYTES
 from switchboard.app import create_app
 from switchboard.config import Settings
+from switchboard.wsprotocol import AbortableWebSocketProtocol
 
 log = logging.getLogger("switchboard")
 
@@ -52,7 +53,7 @@ async def serve(settings: Settings) -> None:
         app,
         loop="none",  # we run uvicorn inside our own uvloop loop
         http="httptools",
-        ws="websockets-sansio",
+        ws=AbortableWebSocketProtocol,  # uvicorn's websockets-sansio, which can abort
         ws_max_size=MAX_FRAME_BYTES,
         ws_ping_interval=None,  # liveness is the protocol's Heartbeat
         lifespan="on",

@@ -35,6 +35,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_supervisor_connections_total": "counter",
     "switchboard_supervisor_reconnects_total": "counter",
     "switchboard_sessions_replaced_total": "counter",
+    "switchboard_sessions_cut_total": "counter",
     "switchboard_supervisors_connected": "gauge",
     "switchboard_events_stored_total": "counter",
     "switchboard_duplicate_events_total": "counter",
@@ -71,6 +72,7 @@ LABEL_VALUES: dict[str, set[str]] = {
     "kind": {k.value for k in JobErrorKind},
     "cache": {"wasm_module", "docker_image"},
     "result": {"hit", "miss"},
+    "reason": {"heartbeat_timeout", "send_timeout", "outbox_full"},
 }
 
 

@@ -93,7 +93,7 @@ async def _queue(state: AppState, specs: list[JobSpec], who: str) -> list[Submit
 async def _stop_runs(state: AppState, runs: list[RunOnSupervisor], reason: str) -> None:
     for run in runs:
         stop = StopJob(job_id=run.job_id, attempt=run.attempt, reason=reason)
-        await state.hub.send_stop(run.supervisor_id, stop)
+        state.hub.send_stop(run.supervisor_id, stop)
 
 
 def _label_terms(raw: list[str]) -> list[LabelTerm]:
