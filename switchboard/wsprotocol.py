@@ -43,8 +43,10 @@ class AbortableWebSocketProtocol(WebSocketsSansIOProtocol):
             self.close_timer.cancel()
             self.close_timer = self.loop.call_later(self.close_timeout, self.abort)
 
-    async def run_asgi(self) -> None:
-        await super().run_asgi()
+    def on_task_complete(self, task: Any) -> None:
+        # (A callback rather than an override of run_asgi: a coroutine frame more for
+        # every connection would cost memory on a switchboard holding thousands.)
+        super().on_task_complete(task)
         if self.close_timer is None and not self.disconnected:
             # The application returned without a closing handshake: uvicorn has called
             # transport.close(), which completes only once the peer reads what is buffered.
