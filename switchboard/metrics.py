@@ -158,6 +158,19 @@ ZOMBIE_RUNS_STOPPED = Counter(
     registry=REGISTRY,
 )
 
+RUNS_UNDELIVERABLE = Counter(
+    "switchboard_runs_undeliverable_total",
+    "Runs never sent because their StartJob would be larger than the protocol's message"
+    " limit (a job stored before its size was checked); each ends rejected.",
+    registry=REGISTRY,
+)
+SPECS_TOO_LARGE = Counter(
+    "switchboard_specs_too_large_total",
+    "Job specs refused at submission (400) because the StartJob they make would be larger"
+    " than the protocol's message limit.",
+    registry=REGISTRY,
+)
+
 RUNS_PLACED = Counter(
     "switchboard_runs_placed_total",
     "Runs given to a supervisor: with the job's submission, when nothing else waited and"

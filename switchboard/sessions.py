@@ -29,14 +29,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any, NamedTuple
 
 import msgspec
 from litestar import WebSocket
 
 from protocol import codec, limits
-from protocol.exceptions import CloseCode, FrameError
+from protocol.exceptions import CloseCode, FrameError, MessageTooBig
 from protocol.messages import (
     Ack,
     Event,
@@ -44,7 +44,6 @@ from protocol.messages import (
     Hello,
     ProtocolErrorMessage,
     ServerHeartbeat,
-    StartJob,
     StatusReply,
     StopJob,
     SwitchboardMessage,
@@ -55,7 +54,7 @@ from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import auth, metrics
 from switchboard.config import Settings
-from switchboard.models import RunKey
+from switchboard.models import Assignment, RunKey
 from switchboard.reconcile import Action, reconcile
 from switchboard.store.base import EventsApplied, Store
 from switchboard.wsprotocol import ABORT_EXTENSION
@@ -68,18 +67,6 @@ EVENT_QUEUE = 4096
 MAX_BATCH = 1024
 #: Batches of one session handed to the store and not yet acknowledged, at most.
 WRITES_IN_FLIGHT = 2
-
-
-def start_message(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
-    return StartJob(
-        job_id=job_id,
-        attempt=attempt,
-        backend=spec.backend,
-        name=spec.name,
-        parameters=spec.parameters,
-        resources=spec.resources,
-        timeout_s=spec.timeout_s,
-    )
 
 
 class _Inbox:
@@ -186,7 +173,9 @@ class SupervisorSession:
         """Queue a message once the outbox has room for it. Only the session's own tasks
         may wait so (a reconnect can resend more runs than the outbox holds at once); a
         session whose socket is stuck is cut by the send timeout, which ends the wait."""
-        frame = codec.encode(message)
+        await self._queue_paced(codec.encode(message))
+
+    async def _queue_paced(self, frame: bytes) -> None:
         while not self._closed and self._outbox and self._is_full(len(frame)):
             self._outbox_room = asyncio.get_running_loop().create_future()
             await self._outbox_room
@@ -198,6 +187,10 @@ class SupervisorSession:
             len(self._outbox) >= settings.outbox_max_messages
             or self._outbox_bytes + size > settings.outbox_max_bytes
         )
+
+    def send_frame(self, frame: bytes) -> None:
+        """`send` for a message already encoded."""
+        self._queue(frame)
 
     def _queue(self, frame: bytes) -> None:
         if self._closed:
@@ -465,9 +458,7 @@ class SupervisorSession:
                     pass
                 case Action.RESEND:
                     assert decision.run is not None
-                    await self.send_paced(
-                        start_message(decision.job_id, decision.attempt, decision.run.spec)
-                    )
+                    await self._resend(decision.job_id, decision.attempt, decision.run.spec)
                 case Action.STOP:
                     await self.send_paced(
                         StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="canceled")
@@ -488,8 +479,17 @@ class SupervisorSession:
         known = {(d.job_id, d.attempt) for d in decisions}
         for run in await store.active_runs(self.id):
             if run.phase == Phase.ASSIGNED and (run.job_id, run.attempt) not in known:
-                await self.send_paced(start_message(run.job_id, run.attempt, run.spec))
+                await self._resend(run.job_id, run.attempt, run.spec)
         self.hub.wake_dispatcher()
+
+    async def _resend(self, job_id: str, attempt: int, spec: JobSpec) -> None:
+        """(Re)send a run's StartJob, paced; a run it cannot be sent for is ended."""
+        try:
+            frame = codec.encode_start_job(job_id, attempt, spec)
+        except MessageTooBig as exc:
+            await self.hub.undeliverable(RunKey(job_id, attempt), exc)
+            return
+        await self._queue_paced(frame)
 
     def heartbeat(self, frame: bytes, now: float) -> None:
         """Queue the hub's heartbeat, or end the session if the supervisor has gone silent."""
@@ -568,12 +568,29 @@ class Hub:
     def ready_sessions(self) -> list[SupervisorSession]:
         return [s for s in self.sessions.values() if s.ready]
 
-    def send_start(self, supervisor_id: str, start: StartJob) -> None:
-        """Queue a StartJob for the supervisor; never waits on its socket."""
-        session = self.sessions.get(supervisor_id)
-        if session is not None and session.ready:
-            session.send(start)
-        # Otherwise its reconciliation (re)sends every assigned run.
+    async def start_runs(self, runs: Iterable[Assignment]) -> None:
+        """Queue the StartJob of each run just assigned for its supervisor (never waiting
+        on a socket; a supervisor not connected and ready gets it when it reconciles). A
+        run whose StartJob no supervisor could take is not sent but ended."""
+        for run in runs:
+            try:
+                frame = codec.encode_start_job(run.job_id, run.attempt, run.spec)
+            except MessageTooBig as exc:
+                await self.undeliverable(RunKey(run.job_id, run.attempt), exc)
+                continue
+            session = self.sessions.get(run.supervisor_id)
+            if session is not None and session.ready:
+                session.send_frame(frame)
+
+    async def undeliverable(self, key: RunKey, error: MessageTooBig) -> None:
+        """End a run whose StartJob is over the frame limit (its job got into the store
+        around the check at submission): `rejected`, with the reason, so that its job is
+        neither resent nor restarted for ever, and no connection is cut for it."""
+        metrics.RUNS_UNDELIVERABLE.inc()
+        log.error("run %s#%d cannot be sent: %s", key.job_id, key.attempt, error)
+        if await self.store.end_run(key, Phase.REJECTED.value, f"not sent: {error}"):
+            self.notify_stored()
+            self.wake_dispatcher()
 
     def send_stop(self, supervisor_id: str, stop: StopJob) -> None:
         """Queue a StopJob for the supervisor; never waits on its socket."""

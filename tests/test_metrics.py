@@ -48,6 +48,8 @@ SWITCHBOARD_METRICS = {
     "switchboard_runs_lost_total": "counter",
     "switchboard_zombie_runs_stopped_total": "counter",
     "switchboard_runs_placed_total": "counter",
+    "switchboard_runs_undeliverable_total": "counter",
+    "switchboard_specs_too_large_total": "counter",
     "switchboard_store_commit_seconds": "histogram",
 }
 #: Every metric of a supervisor.

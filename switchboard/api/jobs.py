@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 from typing import Annotated
 
@@ -12,9 +13,11 @@ from litestar import Controller, Request, delete, get, post
 from litestar.params import Parameter
 
 from protocol import codec, limits
+from protocol.exceptions import MessageTooBig
 from protocol.messages import INT64_MAX, StopJob
 from protocol.spec import DockerBackend, JobSpec, WasmBackend
 from protocol.state import Phase
+from switchboard import metrics
 from switchboard.api.errors import ApiError, error_responses, invalid_spec
 from switchboard.api.security import actor, require
 from switchboard.auth import Permission
@@ -23,6 +26,8 @@ from switchboard.jobstate import redacted
 from switchboard.models import JobEvent, JobPage, JobView, RunView
 from switchboard.state import AppState, app_state
 from switchboard.store.base import JobFilter, LabelTerm, QueueFull, RunOnSupervisor, Submitted
+
+log = logging.getLogger("switchboard.api")
 
 #: Jobs per list page unless `limit` says otherwise, and the most one page may hold.
 DEFAULT_PAGE = 50
@@ -77,6 +82,21 @@ def _check_artifacts(state: AppState, spec: JobSpec, where: str = "") -> None:
                 f"{where}{field}: artifact {digest} has not been uploaded",
                 where + field,
             )
+
+
+def _check_size(spec: JobSpec, where: str = "") -> None:
+    """A spec whose StartJob would be over the frame limit could never be sent to a
+    supervisor: refuse it now, naming the limit."""
+    try:
+        codec.check_start_job_fits(spec)
+    except MessageTooBig as exc:
+        metrics.SPECS_TOO_LARGE.inc()
+        log.info("refused a job spec: %s", exc)
+        message = (
+            f"{where}{exc}: make its parameters, env, args, command or stdin smaller "
+            "(large inputs belong in an artifact)"
+        )
+        raise ApiError(400, "invalid_spec", message, where.rstrip(".") or None) from None
 
 
 async def _queue(state: AppState, specs: list[JobSpec], who: str) -> list[Submitted]:
@@ -153,6 +173,7 @@ class JobController(Controller):
             data = codec.decode_job_spec(await request.body())
         except msgspec.ValidationError as exc:
             raise invalid_spec(exc) from None
+        _check_size(data)
         _check_artifacts(state, data)
         (made,) = await _queue(state, [data], actor(request))
         return JobCreated(made.id, made.phase, made.reason)
@@ -177,6 +198,7 @@ class JobController(Controller):
                 413, "too_large", f"a batch holds at most {MAX_BATCH} jobs, not {len(specs)}"
             )
         for index, spec in enumerate(specs):
+            _check_size(spec, f"[{index}].")
             _check_artifacts(state, spec, f"[{index}].")
         made = await _queue(state, specs, actor(request))
         return BatchCreated([JobCreated(m.id, m.phase, m.reason) for m in made])
