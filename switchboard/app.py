@@ -74,7 +74,7 @@ async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
             )
         for run in expired.runs:
             log.warning("run %s#%d timed out without a report", run.job_id, run.attempt)
-            stop = StopJob(job_id=run.job_id, attempt=run.attempt, reason="timed out")
+            stop = StopJob(job_id=run.job_id, attempt=run.attempt, reason="timeout")
             hub.send_stop(run.supervisor_id, stop)
         if expired.jobs:
             log.info("jobs past their queue timeout: %s", ", ".join(expired.jobs))
