@@ -146,6 +146,8 @@ def switchboard(tmp_path_factory):
             str(INTERVAL),
             "--heartbeat-timeout",
             str(TIMEOUT),
+            "--send-timeout",
+            str(3 * TIMEOUT),
             "--lost-after",
             "120",
         ),
@@ -155,8 +157,8 @@ def switchboard(tmp_path_factory):
 
 
 def test_a_frozen_supervisor_stalls_no_one(switchboard, work_dir: Path):
-    """The send timeout (10 s) is longer than the heartbeat timeout here: the heartbeat
-    timeout must be able to cut a session whose socket is stuck."""
+    """The send timeout is longer than the heartbeat timeout here: the heartbeat timeout
+    must be able to cut a session whose socket is stuck."""
     client = switchboard.client()
     fast = [
         start_supervisor(
