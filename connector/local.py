@@ -18,9 +18,9 @@ from protocol.messages import (
     JobExit,
     JobStateChanged,
     Output,
-    StartJob,
     StopJob,
     SupervisorEvent,
+    start_job,
 )
 from protocol.spec import JobSpec
 from protocol.state import Phase, is_terminal
@@ -81,15 +81,7 @@ class LocalConnector(SupervisorConnector):
 
     async def run(self) -> int:
         await self.supervisor.recover()
-        start = StartJob(
-            job_id=LOCAL_JOB_ID,
-            attempt=1,
-            backend=self.spec.backend,
-            name=self.spec.name,
-            parameters=self.spec.parameters,
-            resources=self.spec.resources,
-            timeout_s=self.spec.timeout_s,
-        )
+        start = start_job(LOCAL_JOB_ID, 1, self.spec)
         loop = asyncio.get_running_loop()
         stop = StopJob(job_id=LOCAL_JOB_ID, attempt=1, reason="canceled", grace_s=5.0)
         loop.add_signal_handler(

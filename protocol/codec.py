@@ -13,8 +13,8 @@ from typing import Any
 import msgspec
 
 from . import limits
-from .exceptions import CloseCode, FrameError
-from .messages import FromSupervisor, FromSwitchboard
+from .exceptions import CloseCode, FrameError, MessageTooBig
+from .messages import INT64_MAX, FromSupervisor, FromSwitchboard, start_job
 from .spec import JobSpec
 
 _encoder = msgspec.json.Encoder()
@@ -63,3 +63,18 @@ def decode_job_spec(data: bytes | str) -> JobSpec:
     """Decode a job spec (REST body or spec file). Raises msgspec.ValidationError /
     DecodeError with a message naming the bad field; callers turn that into their error."""
     return _job_spec.decode(data)
+
+
+def encode_start_job(job_id: str, attempt: int, spec: JobSpec) -> bytes:
+    """The encoded StartJob of a run; MessageTooBig if it is over the frame limit (no
+    supervisor would take it: it must never be sent)."""
+    frame = encode(start_job(job_id, attempt, spec))
+    if len(frame) > limits.MAX_FRAME_BYTES:
+        raise MessageTooBig("the job's start_job message", len(frame), limits.MAX_FRAME_BYTES)
+    return frame
+
+
+def check_start_job_fits(spec: JobSpec) -> None:
+    """MessageTooBig if some run of a job with this spec could not be sent: its StartJob
+    is measured with the longest job id and attempt number the protocol allows."""
+    encode_start_job("x" * limits.ID_MAX_LEN, INT64_MAX, spec)

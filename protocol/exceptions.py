@@ -4,6 +4,8 @@
     ├── FrameError                a peer sent something that is not a valid message
     │                             (malformed JSON, unknown type, bad field, too big);
     │                             carries the close code and reason to send back
+    ├── MessageTooBig             a message this side would send is over the frame
+    │                             limit (the peer would refuse it with close 1009)
     ├── InvalidTransition         a phase change the rules in `state` refuse
     └── JobError                  a supervisor refuses or fails a job; carries one of the
                                   JobErrorKind values, reported to the switchboard as is
@@ -43,6 +45,8 @@ class CloseCode(enum.IntEnum):
     REPLACED = 4003
     #: The peer stopped answering heartbeats.
     HEARTBEAT_TIMEOUT = 4004
+    #: The peer did not take the messages sent to it in time (it stopped reading).
+    TOO_SLOW = 4005
     #: The token is not (or no longer) valid for this supervisor.
     UNAUTHORIZED = 4401
 
@@ -72,6 +76,25 @@ class FrameError(SwitchboardProtocolError):
         if len(data) <= 123:
             return self.reason
         return data[:120].decode(errors="ignore") + "..."
+
+
+class MessageTooBig(SwitchboardProtocolError):
+    """A message that must not be sent: encoded, it is larger than the frame limit.
+
+    `what` names it for people ("the job's start_job message"); `size` is its size in
+    bytes and `limit` the limit."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(what, size, limit)
+        self.what = what
+        self.size = size
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return (
+            f"{self.what} would be {self.size} bytes, over the protocol's limit of "
+            f"{self.limit} bytes per message"
+        )
 
 
 class InvalidTransition(SwitchboardProtocolError):

@@ -21,7 +21,16 @@ from msgspec import Meta
 
 from . import limits
 from .exceptions import JobErrorKind
-from .spec import BackendSpec, Id, Labels, Parameter, ParameterName, ResourceCounts, Seconds
+from .spec import (
+    BackendSpec,
+    Id,
+    JobSpec,
+    Labels,
+    Parameter,
+    ParameterName,
+    ResourceCounts,
+    Seconds,
+)
 from .state import Phase
 
 INT64_MAX = 2**63 - 1
@@ -169,6 +178,20 @@ class StartJob(SwitchboardMessage, tag="start_job"):
     resources: ResourceCounts = {}
     #: Run timeout in seconds from the moment the run starts; None = no limit.
     timeout_s: Seconds | None = None
+
+
+def start_job(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
+    """The StartJob of run (`job_id`, `attempt`) of a job with this spec: what of the spec
+    a supervisor needs."""
+    return StartJob(
+        job_id=job_id,
+        attempt=attempt,
+        backend=spec.backend,
+        name=spec.name,
+        parameters=spec.parameters,
+        resources=spec.resources,
+        timeout_s=spec.timeout_s,
+    )
 
 
 class StopJob(SwitchboardMessage, tag="stop_job"):

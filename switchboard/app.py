@@ -77,8 +77,8 @@ async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
             )
         for run in expired.runs:
             log.warning("run %s#%d timed out without a report", run.job_id, run.attempt)
-            stop = StopJob(job_id=run.job_id, attempt=run.attempt, reason="timed out")
-            await hub.send_stop(run.supervisor_id, stop)
+            stop = StopJob(job_id=run.job_id, attempt=run.attempt, reason="timeout")
+            hub.send_stop(run.supervisor_id, stop)
         if expired.jobs:
             log.info("jobs past their queue timeout: %s", ", ".join(expired.jobs))
         if lost or expired.runs or expired.jobs:
@@ -115,6 +115,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             asyncio.create_task(
                 Retention(store, state.artifacts, settings).run(), name="retention"
             ),
+            asyncio.create_task(hub.keep_send_deadlines(), name="send deadlines"),
         ]
         try:
             yield

@@ -48,6 +48,9 @@ def _serve(args: argparse.Namespace) -> int:
             data_dir=data_dir(args.data_dir),
             heartbeat_interval_s=args.heartbeat_interval,
             heartbeat_timeout_s=args.heartbeat_timeout,
+            send_timeout_s=args.send_timeout,
+            outbox_max_bytes=args.outbox_max_bytes,
+            outbox_max_messages=args.outbox_max_messages,
             lost_after_s=args.lost_after,
             max_queued_jobs=args.max_queued,
             max_queued_per_token=args.max_queued_per_token,
@@ -126,6 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         metavar="SECONDS",
         help="silence after which a connection is considered dead",
+    )
+    serve.add_argument(
+        "--send-timeout",
+        type=_positive(float),
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a message to a supervisor may wait for its socket to take it before "
+        "the connection is cut (default 10)",
+    )
+    serve.add_argument(
+        "--outbox-max-bytes",
+        type=_positive(int),
+        default=16 * 1024 * 1024,
+        metavar="BYTES",
+        help="most bytes waiting to be sent to one supervisor; more cuts its connection "
+        "(default 16 MiB)",
+    )
+    serve.add_argument(
+        "--outbox-max-messages",
+        type=_positive(int),
+        default=10_000,
+        metavar="N",
+        help="most messages waiting to be sent to one supervisor; more cuts its connection "
+        "(default 10000)",
     )
     serve.add_argument(
         "--lost-after",

@@ -14,6 +14,13 @@ class Settings(msgspec.Struct):
     #: How often each side sends a heartbeat, and how long silence may last.
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 20.0
+    #: How long one message to a supervisor may wait for its socket to take it; past it,
+    #: the connection is cut (a supervisor that stopped reading).
+    send_timeout_s: float = 10.0
+    #: What may wait to be sent to one supervisor, in bytes and in messages; more, and
+    #: the connection is cut.
+    outbox_max_bytes: int = 16 * 1024 * 1024
+    outbox_max_messages: int = 10_000
     #: How long a disconnected supervisor's runs are kept before they become `lost`.
     lost_after_s: float = 60.0
     #: How long a new connection has to send its Hello.

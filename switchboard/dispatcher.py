@@ -30,7 +30,7 @@ from switchboard.scheduler import (
     spend,
     unsatisfiable_reason,
 )
-from switchboard.sessions import Hub, start_message
+from switchboard.sessions import Hub
 from switchboard.store.base import Store, Submitted
 
 log = logging.getLogger("switchboard.dispatcher")
@@ -162,10 +162,7 @@ class Dispatcher:
             )
             self._spend(assigned)
         metrics.RUNS_PLACED.labels("submission").inc(len(assigned))
-        for run in assigned:
-            await self.hub.send_start(
-                run.supervisor_id, start_message(run.job_id, run.attempt, run.spec)
-            )
+        await self.hub.start_runs(assigned)
         if len(assigned) < sum(1 for m in made if m.phase == "queued"):
             self.jobs_submitted()  # some wait: the pass places them or says why not
         return made
@@ -305,9 +302,7 @@ class Dispatcher:
         await self._note_unschedulable(waiting, fleet, key)
         started = await self.store.assign(decisions) if decisions else []
         metrics.RUNS_PLACED.labels("pass").inc(len(started))
-        for made in started:
-            start = start_message(made.job_id, made.attempt, made.spec)
-            await self.hub.send_start(made.supervisor_id, start)
+        await self.hub.start_runs(started)
         return PassDone(len(started), more, snapshot.next_backoff_end)
 
     def _fleet_key(self, fleet: list[SupervisorView], writes: int) -> tuple:

@@ -50,6 +50,8 @@ SUPERVISOR_REFUSAL_REASONS = (
     "credential_taken",
     "token_revoked",
 )
+#: Why the switchboard cuts a supervisor's session short.
+CUT_REASONS = ("heartbeat_timeout", "send_timeout", "outbox_full")
 #: The label a backend kind outside the known set gets (keeps the label bounded).
 OTHER = "other"
 #: Scrapes closer together than this reuse the counts of stored rows.
@@ -90,6 +92,15 @@ SUPERVISOR_ENROLMENTS = Counter(
     "switchboard_supervisor_enrolments_total",
     "Supervisor ids enrolled: a registration token's connection stored the supervisor's"
     " own credential.",
+    registry=REGISTRY,
+)
+SESSIONS_CUT = Counter(
+    "switchboard_sessions_cut_total",
+    "Supervisor sessions the switchboard ended because the supervisor went silent past"
+    " the heartbeat timeout (reason=heartbeat_timeout), let a message wait on its socket"
+    " past the send timeout (send_timeout), or let more wait than its outbox holds"
+    " (outbox_full).",
+    ["reason"],
     registry=REGISTRY,
 )
 SUPERVISORS_CONNECTED = Gauge(
@@ -216,6 +227,19 @@ SUBMISSIONS_REFUSED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+RUNS_UNDELIVERABLE = Counter(
+    "switchboard_runs_undeliverable_total",
+    "Runs never sent because their StartJob would be larger than the protocol's message"
+    " limit (a job stored before its size was checked); each ends rejected.",
+    registry=REGISTRY,
+)
+SPECS_TOO_LARGE = Counter(
+    "switchboard_specs_too_large_total",
+    "Job specs refused at submission (400) because the StartJob they make would be larger"
+    " than the protocol's message limit.",
+    registry=REGISTRY,
+)
+
 RUNS_PLACED = Counter(
     "switchboard_runs_placed_total",
     "Runs given to a supervisor: with the job's submission, when nothing else waited and"
@@ -304,6 +328,8 @@ for _reason in HTTP_REFUSAL_REASONS:
     HTTP_REFUSALS.labels(_reason)
 for _reason in ("queue_full", "token_quota"):
     SUBMISSIONS_REFUSED.labels(_reason)
+for _reason in CUT_REASONS:
+    SESSIONS_CUT.labels(_reason)
 for _stream in STREAMS:
     OUTPUT_BYTES.labels(_stream)
     OUTPUT_TRUNCATED.labels(_stream)

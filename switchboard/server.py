@@ -26,6 +26,7 @@ from switchboard.datadir import DataDirError
 from switchboard.http_limits import ConnectionTable, HttpLimits, LimitedHttpProtocol
 from switchboard.sealing import Keyring
 from switchboard.secret_keys import SecretKeyError, load_keyring
+from switchboard.wsprotocol import AbortableWebSocketProtocol
 
 log = logging.getLogger("switchboard")
 
@@ -68,7 +69,7 @@ async def serve(settings: Settings, keyring: Keyring) -> None:
         # a connection cap).
         http=functools.partial(LimitedHttpProtocol, table=ConnectionTable(limits)),
         timeout_keep_alive=settings.keep_alive_s,
-        ws="websockets-sansio",
+        ws=AbortableWebSocketProtocol,  # uvicorn's websockets-sansio, which can abort
         ws_max_size=MAX_FRAME_BYTES,
         ws_ping_interval=None,  # liveness is the protocol's Heartbeat
         lifespan="on",

@@ -9,6 +9,16 @@ predecessor failed), so a run's events that arrive a moment apart don't wait for
 commits one after the other. A newer connection of the same supervisor replaces an older
 one (the store hands out session generations).
 
+Nothing that serves everyone waits on one supervisor's socket: sending only queues the
+encoded message in the session's outbox (bounded in bytes and messages) and returns; one
+writer task per session, alive only while the outbox holds something, sends it. A send
+that waits on the socket past the send timeout, an outbox that overflows, or a supervisor
+silent past the heartbeat timeout ends the session: with a protocol_error and the close
+handshake when the socket can take them, else by aborting the connection (which the
+socket's close would wait on for ever). Either way the session then ends as any other
+does (the store marks the supervisor disconnected; its runs wait out the lost-after grace
+or are reconciled when it is back).
+
 The Hub knows the live sessions of this process, so the dispatcher and the API can send
 StartJob and StopJob to the right socket.
 """
@@ -19,14 +29,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any, NamedTuple
 
 import msgspec
 from litestar import WebSocket
 
 from protocol import codec, limits
-from protocol.exceptions import CloseCode, FrameError
+from protocol.exceptions import CloseCode, FrameError, MessageTooBig
 from protocol.messages import (
     Ack,
     Event,
@@ -34,20 +44,19 @@ from protocol.messages import (
     Hello,
     ProtocolErrorMessage,
     ServerHeartbeat,
-    StartJob,
     StatusReply,
     StopJob,
     SwitchboardMessage,
     Welcome,
 )
 from protocol.session import negotiate_version
-from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import auth, enrolment, metrics
 from switchboard.config import Settings
-from switchboard.models import ActiveRun, RunKey
+from switchboard.models import ActiveRun, Assignment, RunKey
 from switchboard.reconcile import Action, reconcile
 from switchboard.store.base import ConnectRefused, EventsApplied, Store
+from switchboard.wsprotocol import ABORT_EXTENSION
 
 log = logging.getLogger("switchboard.sessions")
 
@@ -57,18 +66,6 @@ EVENT_QUEUE = 4096
 MAX_BATCH = 1024
 #: Batches of one session handed to the store and not yet acknowledged, at most.
 WRITES_IN_FLIGHT = 2
-
-
-def start_message(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
-    return StartJob(
-        job_id=job_id,
-        attempt=attempt,
-        backend=spec.backend,
-        name=spec.name,
-        parameters=spec.parameters,
-        resources=spec.resources,
-        timeout_s=spec.timeout_s,
-    )
 
 
 class _Inbox:
@@ -140,7 +137,17 @@ class SupervisorSession:
         #: True once reconciled: only then may the dispatcher give it new runs.
         self.ready = False
         self._events = _Inbox(EVENT_QUEUE)
-        self._send_lock = asyncio.Lock()
+        #: Encoded messages waiting for the writer, oldest first; last, once closing, the
+        #: close handshake (an ASGI message). The writer task runs only while it holds
+        #: something (idle sessions are many, and each task costs memory).
+        self._outbox: list[bytes | dict[str, Any]] = []
+        self._outbox_bytes = 0
+        self._writer: asyncio.Task[None] | None = None
+        #: When the send under way began to wait on the socket (None: none waits).
+        self._send_since: float | None = None
+        #: Set by the writer as the outbox empties, for a sender pacing itself.
+        self._outbox_room: asyncio.Future[None] | None = None
+        #: Closing or closed: nothing more is queued.
         self._closed = False
         self._last_heard = time.monotonic()
         #: Wall-clock time of the last frame received, for people (the dashboard).
@@ -157,24 +164,154 @@ class SupervisorSession:
         self._acknowledger: asyncio.Task[None] | None = None
         self._room: asyncio.Future[None] | None = None
 
-    async def send(self, message: SwitchboardMessage) -> None:
-        async with self._send_lock:
-            if self._closed:
-                return
-            text = codec.encode(message).decode()
-            await self.socket.send({"type": "websocket.send", "text": text})
+    # --- sending: an outbox and its writer -------------------------------------------
 
-    async def close(self, code: CloseCode, reason: str, retry_after_s: float | None = None) -> None:
-        async with self._send_lock:
-            if self._closed:
-                return
+    def send(self, message: SwitchboardMessage) -> None:
+        """Queue a message for the supervisor; never waits (the session's writer sends
+        it). A closing session drops it; an outbox too full to take it cuts the session."""
+        self._queue(codec.encode(message))
+
+    async def send_paced(self, message: SwitchboardMessage) -> None:
+        """Queue a message once the outbox has room for it. Only the session's own tasks
+        may wait so (a reconnect can resend more runs than the outbox holds at once); a
+        session whose socket is stuck is cut by the send timeout, which ends the wait."""
+        await self._queue_paced(codec.encode(message))
+
+    async def _queue_paced(self, frame: bytes) -> None:
+        while not self._closed and self._outbox and self._is_full(len(frame)):
+            self._outbox_room = asyncio.get_running_loop().create_future()
+            await self._outbox_room
+        self._queue(frame)
+
+    def _is_full(self, size: int) -> bool:
+        settings = self.hub.settings
+        return (
+            len(self._outbox) >= settings.outbox_max_messages
+            or self._outbox_bytes + size > settings.outbox_max_bytes
+        )
+
+    def send_frame(self, frame: bytes) -> None:
+        """`send` for a message already encoded."""
+        self._queue(frame)
+
+    def _queue(self, frame: bytes) -> None:
+        if self._closed:
+            return  # what was not sent is settled when the supervisor reconnects
+        # An empty outbox takes any one message (up to the frame limit).
+        if self._outbox and self._is_full(len(frame)):
+            self.cut(
+                "outbox_full",
+                f"{len(self._outbox)} messages ({self._outbox_bytes} bytes) already wait to "
+                "be sent to it",
+            )
+            return
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
+            self.hub.writing.add(self)
+
+    async def _write(self) -> None:
+        """Send the outbox, oldest first, until it is empty. Only the socket's send may
+        wait (uvicorn's waits while the transport's buffer is full): `_send_since` tells
+        the hub's deadline watch how long it has."""
+        outbox = self._outbox
+        try:
+            while outbox:
+                item = outbox[0]
+                if isinstance(item, bytes):
+                    message: Any = {"type": "websocket.send", "text": item.decode()}
+                else:
+                    message = item  # the close handshake
+                self._send_since = time.monotonic()
+                await self.socket.send(message)
+                self._send_since = None
+                del outbox[0]
+                if isinstance(item, bytes):
+                    self._outbox_bytes -= len(item)
+                _wake(self._outbox_room)
+        except Exception as exc:  # the connection is gone: nothing more can be sent
+            log.debug("supervisor %s: sending failed: %r", self.id, exc)
             self._closed = True
-            self.closed_because = reason
-            await _close_with_error(self.socket, FrameError(code, reason), retry_after_s)
+            outbox.clear()
+            self._outbox_bytes = 0
+        finally:
+            self._send_since = None
+            self._writer = None
+            self.hub.writing.discard(self)
+            _wake(self._outbox_room)
+
+    def check_send_deadline(self, now: float) -> None:
+        """Cut the session if the send under way has waited on the socket too long."""
+        since = self._send_since
+        if since is not None and now - since > self.hub.settings.send_timeout_s:
+            self.cut("send_timeout", f"a message waited {now - since:.1f}s for it to read")
+
+    def cut(self, reason: str, detail: str) -> None:
+        """End a session whose supervisor does not keep up or has gone silent (`reason`:
+        one of metrics.CUT_REASONS), counted and logged once."""
+        if self._closed:
+            if reason == "send_timeout":
+                self._abort()  # not even its goodbye could be sent
+            return
+        metrics.SESSIONS_CUT.labels(reason).inc()
+        stuck = self._send_since is not None
+        log.warning(
+            "supervisor %s: %s; %s the connection",
+            self.id,
+            detail,
+            "aborting" if stuck else "closing",
+        )
+        code = CloseCode.HEARTBEAT_TIMEOUT if reason == "heartbeat_timeout" else CloseCode.TOO_SLOW
+        self.close(code, detail)
+
+    def close(self, code: CloseCode, reason: str, retry_after_s: float | None = None) -> None:
+        """End the session; never waits. When the socket can take it, what is still queued
+        is dropped (the supervisor's reconnect settles it) and a protocol_error and the
+        close handshake are sent; when a send already waits on the socket, the connection
+        is aborted."""
+        if self._closed:
+            return
+        self._closed = True
+        self.closed_because = reason
+        _wake(self._outbox_room)
+        if self._send_since is not None:
+            self._abort()
+            return
+        error = FrameError(code, reason)
+        goodbye = codec.encode(
+            ProtocolErrorMessage(code=int(code), reason=reason, retry_after_s=retry_after_s)
+        )
+        handshake = {"type": "websocket.close", "code": int(code), "reason": error.close_reason()}
+        self._outbox[:] = [goodbye, handshake]
+        self._outbox_bytes = len(goodbye)
+        self._start_writer()
+
+    def _abort(self) -> None:
+        """Drop the connection at once."""
+        if not _abort(self.socket) and self._writer is not None:
+            self._writer.cancel()  # another server: at least stop waiting on the socket
+
+    async def finish_writing(self, grace_s: float) -> None:
+        """Wait until the writer has sent (or failed to send) the outbox, at most
+        `grace_s`; then abort the connection if it still waits."""
+        writer = self._writer
+        if writer is None:
+            return
+        try:
+            await asyncio.wait([writer], timeout=grace_s)
+        finally:
+            if self._writer is not None:
+                self._abort()
+
+    # --- receiving ------------------------------------------------------------------
 
     async def serve(self, stored_seq: int) -> None:
         settings = self.hub.settings
-        await self.send(
+        self.send(
             Welcome(
                 version=negotiate_version(self.hello.versions),
                 session=self.session,
@@ -198,10 +335,10 @@ class SupervisorSession:
                 exc = task.exception()
                 if isinstance(exc, FrameError):
                     log.warning("supervisor %s: %s", self.id, exc)
-                    await self.close(exc.code, exc.reason)
+                    self.close(exc.code, exc.reason)
                 elif exc is not None:
                     log.error("supervisor %s session failed", self.id, exc_info=exc)
-                    await self.close(CloseCode.INTERNAL_ERROR, "internal error")
+                    self.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             if self._acknowledger is not None:
                 tasks.append(self._acknowledger)
@@ -210,6 +347,10 @@ class SupervisorSession:
             await asyncio.gather(*tasks, return_exceptions=True)
             # Store what was received before the connection went away.
             await self._drain_events()
+            # The goodbye, if the switchboard ended the session; otherwise the socket is
+            # gone and the writer stops at its next send.
+            self._closed = True
+            await self.finish_writing(settings.send_timeout_s)
 
     async def _read_loop(self) -> None:
         while True:
@@ -263,7 +404,7 @@ class SupervisorSession:
             if self._room is not None and not self._room.done():
                 self._room.set_exception(exc)
             log.error("supervisor %s: storing its events failed", self.id, exc_info=exc)
-            await self.close(CloseCode.INTERNAL_ERROR, "internal error")
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             self._acknowledger = None
 
@@ -299,10 +440,10 @@ class SupervisorSession:
         metrics.count_output(write.fresh)
         if len(write.fresh) < len(write.batch):
             metrics.DUPLICATE_EVENTS.inc(len(write.batch) - len(write.fresh))
-        await self.send(Ack(seq=result.stored_seq))
+        self.send(Ack(seq=result.stored_seq))
         for key in result.unwanted:
             metrics.ZOMBIE_RUNS_STOPPED.labels("events").inc()
-            await self.send(StopJob(job_id=key.job_id, attempt=key.attempt, reason="unwanted"))
+            self.send(StopJob(job_id=key.job_id, attempt=key.attempt, reason="unwanted"))
         hub.notify_stored()
         if result.ended:
             hub.wake_dispatcher()
@@ -320,14 +461,14 @@ class SupervisorSession:
                     pass
                 case Action.RESEND:
                     assert decision.run is not None
-                    await self._start_again(decision.run)
+                    await self._resend(decision.run)
                 case Action.STOP:
-                    await self.send(
+                    await self.send_paced(
                         StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="canceled")
                     )
                 case Action.STOP_ZOMBIE:
                     metrics.ZOMBIE_RUNS_STOPPED.labels("reconcile").inc()
-                    await self.send(
+                    await self.send_paced(
                         StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="unwanted")
                     )
                 case Action.FINALIZE_CANCELED | Action.FINALIZE_LOST:
@@ -341,29 +482,33 @@ class SupervisorSession:
         known = {(d.job_id, d.attempt) for d in decisions}
         for run in await store.active_runs(self.id):
             if run.phase == Phase.ASSIGNED and (run.job_id, run.attempt) not in known:
-                await self._start_again(run)
+                await self._resend(run)
         self.hub.wake_dispatcher()
 
-    async def _start_again(self, run: ActiveRun) -> None:
-        """Send an assigned run's StartJob; a run whose secret values this switchboard
-        can't open (started under another key) is rejected instead, never sent."""
-        if run.secrets_unreadable is None:
-            await self.send(start_message(run.job_id, run.attempt, run.spec))
+    async def _resend(self, run: ActiveRun) -> None:
+        """(Re)send an assigned run's StartJob, paced. A run it cannot be sent for is
+        ended instead: one whose secret values this switchboard can't open (sealed under
+        another key), or one whose StartJob is over the frame limit."""
+        key = RunKey(run.job_id, run.attempt)
+        if run.secrets_unreadable is not None:
+            reason = f"not started: {run.secrets_unreadable}"
+            if await self.hub.store.end_run(key, Phase.REJECTED.value, reason):
+                metrics.SECRETS_UNREADABLE.labels("reconcile").inc()
+                log.warning("run %s#%d rejected: %s", run.job_id, run.attempt, reason)
             return
-        reason = f"not started: {run.secrets_unreadable}"
-        if await self.hub.store.end_run(RunKey(run.job_id, run.attempt), "rejected", reason):
-            metrics.SECRETS_UNREADABLE.labels("reconcile").inc()
-            log.warning("run %s#%d rejected: %s", run.job_id, run.attempt, reason)
+        try:
+            frame = codec.encode_start_job(run.job_id, run.attempt, run.spec)
+        except MessageTooBig as exc:
+            await self.hub.undeliverable(key, exc)
+            return
+        await self._queue_paced(frame)
 
-    async def heartbeat(self, frame: str, now: float) -> None:
-        """Send the hub's heartbeat, or end the session if the supervisor has gone silent."""
+    def heartbeat(self, frame: bytes, now: float) -> None:
+        """Queue the hub's heartbeat, or end the session if the supervisor has gone silent."""
         if now - self._last_heard > self.hub.settings.heartbeat_timeout_s:
-            log.warning("supervisor %s: no heartbeat from the supervisor", self.id)
-            await self.close(CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat from the supervisor")
+            self.cut("heartbeat_timeout", "no heartbeat from the supervisor")
             return
-        async with self._send_lock:
-            if not self._closed:
-                await self.socket.send({"type": "websocket.send", "text": frame})
+        self._queue(frame)
 
 
 class Hub:
@@ -373,6 +518,8 @@ class Hub:
         self.store = store
         self.settings = settings
         self.sessions: dict[str, SupervisorSession] = {}
+        #: Sessions whose writer is running: the only ones the send deadline watch visits.
+        self.writing: set[SupervisorSession] = set()
         self._wake_dispatcher: Any = lambda: None
         self._stored_waiters: list[asyncio.Future[None]] = []
 
@@ -402,60 +549,96 @@ class Hub:
                 self._stored_waiters.remove(waiter)
 
     async def keep_heartbeats(self) -> None:
-        """Every heartbeat interval: a heartbeat to each session (one frame, encoded once),
-        and the end of each session whose supervisor has been silent past the timeout."""
+        """Every heartbeat interval: a heartbeat queued for each session (one frame,
+        encoded once), and the end of each session whose supervisor has been silent past
+        the timeout."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
-            frame = codec.encode(ServerHeartbeat(at=time.time())).decode()
+            frame = codec.encode(ServerHeartbeat(at=time.time()))
             now = time.monotonic()
-            sessions = list(self.sessions.values())
-            # Concurrently, so one slow socket does not hold up the others' heartbeats.
-            results = await asyncio.gather(
-                *(session.heartbeat(frame, now) for session in sessions), return_exceptions=True
-            )
-            for session, result in zip(sessions, results, strict=True):
-                if isinstance(result, Exception):
-                    log.debug("heartbeat to %s failed: %s", session.id, result)
+            for session in list(self.sessions.values()):
+                try:
+                    session.heartbeat(frame, now)
+                except Exception:  # one session's trouble must not stop the others' beats
+                    log.exception("heartbeat to %s failed", session.id)
+
+    async def keep_send_deadlines(self) -> None:
+        """Cut each session whose send has waited on its socket past the send timeout: one
+        timer for all (a timer per send would cost more than the send), visiting only the
+        sessions that have something to send. A send's deadline is met within a quarter of
+        the timeout (at most a second) after it passes."""
+        timeout = self.settings.send_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for session in list(self.writing):
+                try:
+                    session.check_send_deadline(now)
+                except Exception:
+                    log.exception("checking the send deadline of %s failed", session.id)
 
     def ready_sessions(self) -> list[SupervisorSession]:
         return [s for s in self.sessions.values() if s.ready]
 
-    async def send_start(self, supervisor_id: str, start: StartJob) -> bool:
-        session = self.sessions.get(supervisor_id)
-        if session is None or not session.ready:
-            return False  # its reconciliation (re)sends every assigned run
-        return await _send_or_log(session, start)
+    async def start_runs(self, runs: Iterable[Assignment]) -> None:
+        """Queue the StartJob of each run just assigned for its supervisor (never waiting
+        on a socket; a supervisor not connected and ready gets it when it reconciles). A
+        run whose StartJob no supervisor could take is not sent but ended."""
+        for run in runs:
+            try:
+                frame = codec.encode_start_job(run.job_id, run.attempt, run.spec)
+            except MessageTooBig as exc:
+                await self.undeliverable(RunKey(run.job_id, run.attempt), exc)
+                continue
+            session = self.sessions.get(run.supervisor_id)
+            if session is not None and session.ready:
+                session.send_frame(frame)
 
-    async def send_stop(self, supervisor_id: str, stop: StopJob) -> bool:
+    async def undeliverable(self, key: RunKey, error: MessageTooBig) -> None:
+        """End a run whose StartJob is over the frame limit (its job got into the store
+        around the check at submission): `rejected`, with the reason, so that its job is
+        neither resent nor restarted for ever, and no connection is cut for it."""
+        metrics.RUNS_UNDELIVERABLE.inc()
+        log.error("run %s#%d cannot be sent: %s", key.job_id, key.attempt, error)
+        if await self.store.end_run(key, Phase.REJECTED.value, f"not sent: {error}"):
+            self.notify_stored()
+            self.wake_dispatcher()
+
+    def send_stop(self, supervisor_id: str, stop: StopJob) -> None:
+        """Queue a StopJob for the supervisor; never waits on its socket."""
         session = self.sessions.get(supervisor_id)
-        if session is None:
-            return False  # reconciliation stops it when the supervisor is back
-        return await _send_or_log(session, stop)
+        if session is not None:
+            session.send(stop)
+        # Otherwise reconciliation stops it when the supervisor is back.
 
     async def close_all(
         self, code: CloseCode, reason: str, retry_after_s: float | None = None
     ) -> None:
+        """Close every session, waiting at most the send timeout for the goodbyes."""
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            session.close(code, reason, retry_after_s)
         await asyncio.gather(
-            *(s.close(code, reason, retry_after_s) for s in list(self.sessions.values())),
+            *(s.finish_writing(self.settings.send_timeout_s) for s in sessions),
             return_exceptions=True,
         )
 
     async def drop_revoked_sessions(self) -> None:
         """Close the connections whose token has been revoked."""
         revoked = {t.id for t in await self.store.list_tokens() if t.revoked}
-        doomed = [s for s in self.sessions.values() if not revoked.isdisjoint(s.token_ids)]
-        await asyncio.gather(
-            *(s.close(CloseCode.UNAUTHORIZED, "token revoked") for s in doomed),
-            return_exceptions=True,
-        )
+        for session in [s for s in self.sessions.values() if not revoked.isdisjoint(s.token_ids)]:
+            session.close(CloseCode.UNAUTHORIZED, "token revoked")
 
     async def handle(self, socket: WebSocket) -> None:
         """Serve one supervisor WebSocket from the upgrade request to the close."""
+        timeout = self.settings.send_timeout_s
         token = await auth.authenticate(self.store, socket.headers.get("authorization"))
         if token is None or not auth.allows(token.role, auth.Permission.CONNECT):
             metrics.SUPERVISOR_REFUSALS.labels("unauthorized").inc()
             log.warning("supervisor connection refused: no valid supervisor token")
-            await _refuse(socket, 401, "unauthorized", "a valid supervisor token is required")
+            await _refuse(
+                socket, 401, "unauthorized", "a valid supervisor token is required", timeout
+            )
             return
         offered = socket.scope.get("subprotocols") or []
         if limits.SUBPROTOCOL not in offered:
@@ -464,17 +647,21 @@ class Hub:
                 400,
                 "unsupported_protocol",
                 f"the WebSocket subprotocol {limits.SUBPROTOCOL} is required",
+                timeout,
             )
             return
-        await socket.accept(subprotocols=limits.SUBPROTOCOL)
+        async with _deadline(socket, timeout):
+            await socket.accept(subprotocols=limits.SUBPROTOCOL)
         try:
             hello = await self._receive_hello(socket)
         except FrameError as exc:
-            await _close_with_error(socket, exc)
+            await _close_with_error(socket, exc, timeout)
             return
         except TimeoutError:
             await _close_with_error(
-                socket, FrameError(CloseCode.HANDSHAKE_FAILED, "no hello within the time limit")
+                socket,
+                FrameError(CloseCode.HANDSHAKE_FAILED, "no hello within the time limit"),
+                timeout,
             )
             return
         try:
@@ -493,7 +680,9 @@ class Hub:
                 token.id,
                 refused.message,
             )
-            await _close_with_error(socket, FrameError(CloseCode.UNAUTHORIZED, refused.message))
+            await _close_with_error(
+                socket, FrameError(CloseCode.UNAUTHORIZED, refused.message), timeout
+            )
             return
         session = SupervisorSession(
             self, socket, hello, connected.session, stored_seq=connected.last_seq
@@ -515,7 +704,7 @@ class Hub:
         self.sessions[session.id] = session
         if previous is not None:
             metrics.SESSIONS_REPLACED.inc()
-            await previous.close(CloseCode.REPLACED, "replaced by a newer connection")
+            previous.close(CloseCode.REPLACED, "replaced by a newer connection")
         log.info("supervisor %s connected (session %d)", session.id, session.session)
         try:
             await session.serve(connected.last_seq)
@@ -538,43 +727,52 @@ class Hub:
         return decoded
 
 
-async def _send_or_log(session: SupervisorSession, message: SwitchboardMessage) -> bool:
-    """Send, or log why not: one dying socket must not stop a dispatch pass or a cancel
-    (what wasn't sent is settled by reconciliation when the supervisor reconnects)."""
-    try:
-        await session.send(message)
-    except Exception as exc:  # the socket went away under us
-        log.warning("could not send %s to %s: %s", type(message).__name__, session.id, exc)
+def _abort(socket: WebSocket) -> bool:
+    """Drop the connection at once, if the server offers it (switchboard.wsprotocol)."""
+    abort = socket.scope.get("extensions", {}).get(ABORT_EXTENSION)
+    if abort is None:
         return False
+    abort()
     return True
 
 
-async def _refuse(socket: WebSocket, status: int, error: str, message: str) -> None:
+@contextlib.asynccontextmanager
+async def _deadline(socket: WebSocket, seconds: float) -> AsyncIterator[None]:
+    """Sends before the session exists (refusals, a failed handshake) get the send
+    timeout too: past it, the connection is aborted."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        _abort(socket)
+
+
+async def _refuse(
+    socket: WebSocket, status: int, error: str, message: str, send_timeout_s: float
+) -> None:
     """Answer the upgrade request with a plain HTTP error instead of accepting it."""
     await socket.receive()  # websocket.connect
     body = msgspec.json.encode({"error": error, "message": message})
-    await socket.send(
-        {
-            "type": "websocket.http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await socket.send({"type": "websocket.http.response.body", "body": body})
+    async with _deadline(socket, send_timeout_s):
+        await socket.send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await socket.send({"type": "websocket.http.response.body", "body": body})
 
 
-async def _close_with_error(
-    socket: WebSocket, error: FrameError, retry_after_s: float | None = None
-) -> None:
+async def _close_with_error(socket: WebSocket, error: FrameError, send_timeout_s: float) -> None:
     """Say why (a ProtocolErrorMessage), then close with the code. Never raises: the peer
     may already be gone."""
     with contextlib.suppress(Exception):
-        message = ProtocolErrorMessage(
-            code=int(error.code), reason=error.reason, retry_after_s=retry_after_s
-        )
+        message = ProtocolErrorMessage(code=int(error.code), reason=error.reason)
         text = codec.encode(message)
-        await socket.send({"type": "websocket.send", "text": text.decode()})
-        await socket.close(int(error.code), error.close_reason())
+        async with _deadline(socket, send_timeout_s):
+            await socket.send({"type": "websocket.send", "text": text.decode()})
+            await socket.close(int(error.code), error.close_reason())

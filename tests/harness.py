@@ -130,6 +130,10 @@ class Switchboard:
         ws_scheme = "wss" if self.url.startswith("https:") else "ws"
         self.ws_url = f"{ws_scheme}://127.0.0.1:{self.port}"
 
+    def start(self) -> None:
+        """Start it again after `stop`, on the same port and data dir."""
+        self._start()
+
     def kill_and_restart(self) -> None:
         """SIGKILL the server, then start it again on the same port and data dir."""
         self.process.kill()

@@ -401,6 +401,7 @@ def test_run_timeout_is_enforced_when_the_supervisor_goes_silent(client, switchb
             client, "frozen", selector=on("f"), timeout_s=timeout_s, backend={"delay_s": 60}
         )
         wait_running(client, job_id)
+        session = supervisor(client, "ops-frozen")["session"]
         # Frozen, the supervisor can neither end the run itself nor report anything.
         os.kill(process.proc.pid, signal.SIGSTOP)
         try:
@@ -418,9 +419,11 @@ def test_run_timeout_is_enforced_when_the_supervisor_goes_silent(client, switchb
         events = client.get(f"/api/v1/jobs/{job_id}/events").json()
         assert [e["attempt"] for e in events if e["kind"] == "run_timeout"] == [1]
 
-        # Thawed, the supervisor's late report changes nothing, and it works on.
+        # Thawed, the supervisor's late report changes nothing, and it works on, on the
+        # same connection (the StopJob the switchboard sent it is a valid message).
         after = submit(client, "after-thaw", selector=on("f"))
         assert wait_job(client, after)["phase"] == "succeeded"
+        assert supervisor(client, "ops-frozen")["session"] == session
         final = client.get(f"/api/v1/jobs/{job_id}").json()
         assert final["phase"] == "timed_out"
         assert final["runs"][0]["message"] == run["message"]

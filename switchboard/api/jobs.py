@@ -13,6 +13,7 @@ from litestar import Controller, Request, delete, get, post
 from litestar.params import Parameter
 
 from protocol import codec, limits
+from protocol.exceptions import MessageTooBig
 from protocol.messages import INT64_MAX, StopJob
 from protocol.spec import JobSpec
 from protocol.state import Phase
@@ -35,6 +36,8 @@ from switchboard.store.base import (
 )
 
 log = logging.getLogger("switchboard.api.jobs")
+
+log = logging.getLogger("switchboard.api")
 
 #: Jobs per list page unless `limit` says otherwise, and the most one page may hold.
 DEFAULT_PAGE = 50
@@ -81,6 +84,21 @@ def _with_run_timeout(spec: JobSpec, default_s: float | None) -> JobSpec:
     return msgspec.structs.replace(spec, timeout_s=default_s)
 
 
+def _check_size(spec: JobSpec, where: str = "") -> None:
+    """A spec whose StartJob would be over the frame limit could never be sent to a
+    supervisor: refuse it now, naming the limit."""
+    try:
+        codec.check_start_job_fits(spec)
+    except MessageTooBig as exc:
+        metrics.SPECS_TOO_LARGE.inc()
+        log.info("refused a job spec: %s", exc)
+        message = (
+            f"{where}{exc}: make its parameters, env, args, command or stdin smaller "
+            "(large inputs belong in an artifact)"
+        )
+        raise ApiError(400, "invalid_spec", message, where.rstrip(".") or None) from None
+
+
 async def _queue(
     state: AppState, specs: list[JobSpec], request: Request, *, batch: bool = False
 ) -> list[Submitted]:
@@ -88,6 +106,8 @@ async def _queue(
     stop the runs they replace. A `batch`'s errors name the spec by its index."""
     default_s = state.settings.default_run_timeout_s
     jobs = [(new_job_id(), _with_run_timeout(spec, default_s)) for spec in specs]
+    for index, (_, spec) in enumerate(jobs):
+        _check_size(spec, f"[{index}]." if batch else "")
     token = request.state.token
     try:
         made = await state.dispatcher.submit(
@@ -130,7 +150,7 @@ async def _check_owner(request: Request, job_id: str, what: str) -> None:
 async def _stop_runs(state: AppState, runs: list[RunOnSupervisor], reason: str) -> None:
     for run in runs:
         stop = StopJob(job_id=run.job_id, attempt=run.attempt, reason=reason)
-        await state.hub.send_stop(run.supervisor_id, stop)
+        state.hub.send_stop(run.supervisor_id, stop)
 
 
 def _label_terms(raw: list[str]) -> list[LabelTerm]:
