@@ -28,9 +28,10 @@ def _compact(value: object) -> bytes:
 
 def _spec_of_size(size: int) -> dict:
     """A no-op job spec whose compact JSON is exactly `size` bytes, nearly all of it in
-    parameters (which its StartJob carries as they are)."""
+    parameters (which its StartJob carries as they are). It names its own timeout, so
+    the switchboard's default (written into specs that name none) adds nothing."""
     params = {f"P{i:02d}": {"value": "a" * 65536} for i in range(15)}
-    spec = {"name": "p", "backend": {"kind": "noop"}, "parameters": params}
+    spec = {"name": "p", "backend": {"kind": "noop"}, "timeout_s": 60.0, "parameters": params}
     params["P15"] = {"value": ""}
     params["P15"]["value"] = "a" * (size - len(_compact(spec)))
     assert len(_compact(spec)) == size
