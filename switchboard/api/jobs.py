@@ -35,8 +35,6 @@ from switchboard.store.base import (
     Submitted,
 )
 
-log = logging.getLogger("switchboard.api.jobs")
-
 log = logging.getLogger("switchboard.api")
 
 #: Jobs per list page unless `limit` says otherwise, and the most one page may hold.

@@ -16,15 +16,14 @@ from switchboard.live import with_session
 from switchboard.models import SupervisorSession, SupervisorView
 from switchboard.state import AppState, app_state
 
+log = logging.getLogger("switchboard.api.supervisors")
+
 
 class OperatorLabels(msgspec.Struct, forbid_unknown_fields=True):
     """Labels an operator sets on a supervisor; they override the ones it advertises for
     selectors (the whole set is replaced; `{}` clears it)."""
 
     labels: Labels
-
-
-log = logging.getLogger("switchboard.api.supervisors")
 
 
 class Unenrolled(msgspec.Struct):
