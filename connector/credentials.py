@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -118,7 +117,7 @@ class HostCredentials:
             pending = tokens.new_token()
             assert self.pending_path is not None
             write_secret_file(self.pending_path, pending)
-        digest = hashlib.sha256(pending.encode()).hexdigest()
+        digest = tokens.token_sha256(pending).hex()
         return Attempt(Presented.CONFIGURED, self._configured, digest)
 
     def welcomed(self, attempt: Attempt, enrolled: bool) -> None:
