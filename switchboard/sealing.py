@@ -83,9 +83,6 @@ class Keyring:
         except (InvalidTag, msgspec.DecodeError):
             raise SecretsUnreadable("its sealed secret values do not decrypt (damaged)") from None
 
-    def knows(self, blob: bytes) -> bool:
-        return blob_key_id(blob) in self._ciphers
-
 
 def blob_key_id(blob: bytes) -> bytes:
     return blob[len(_VERSION) : len(_VERSION) + _KEY_ID_BYTES]
