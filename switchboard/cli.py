@@ -38,6 +38,14 @@ def duration(text: str) -> float:
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
+def _interval(text: str) -> float:
+    """A duration greater than 0 (how often something repeats: 0 would spin)."""
+    seconds = duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration greater than 0")
+    return seconds
+
+
 def _serve(args: argparse.Namespace) -> int:
     from switchboard.server import run
 
@@ -279,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--retention-interval",
-        type=duration,
+        type=_interval,
         default=60.0,
         metavar="DURATION",
         help="how often retention sweeps (default 60 seconds)",

@@ -187,3 +187,7 @@ def test_retention_flags_take_units():
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--retain-jobs", "a week"])
+    # 0 keeps jobs for ever; but sweeping every 0 s would sweep without a pause.
+    assert build_parser().parse_args(["serve", "--retain-jobs", "0"]).retain_jobs == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--retention-interval", "0"])
