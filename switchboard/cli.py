@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-queued-per-token",
-        type=int,
+        type=_positive(int),
         default=10_000,
         metavar="JOBS",
         help="most queued jobs one token may have submitted; a submission beyond it gets 429"

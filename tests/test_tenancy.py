@@ -150,3 +150,11 @@ def test_the_cli_lists_my_jobs(switchboard, tmp_path):
     )
     assert listed.returncode == 0, listed.stderr
     assert [j["id"] for j in json.loads(listed.stdout)] == [mine]
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_quota_that_would_refuse_every_submission_is_refused_at_start(value: str):
+    from switchboard.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-queued-per-token", value])
