@@ -53,6 +53,7 @@ from protocol.session import negotiate_version
 from protocol.state import Phase
 from switchboard import auth, enrolment, metrics
 from switchboard.config import Settings
+from switchboard.lograte import RateLimitedLog
 from switchboard.models import ActiveRun, Assignment, RunKey
 from switchboard.reconcile import Action, reconcile
 from switchboard.store.base import ConnectRefused, EventsApplied, Store
@@ -522,6 +523,9 @@ class Hub:
         self.writing: set[SupervisorSession] = set()
         self._wake_dispatcher: Any = lambda: None
         self._stored_waiters: list[asyncio.Future[None]] = []
+        #: Refusals anyone who reaches the port can cause, one per attempt: logged once
+        #: per interval (the metric counts each).
+        self._refusals_log = RateLimitedLog(log)
 
     def on_capacity_change(self, callback: Any) -> None:
         self._wake_dispatcher = callback
@@ -635,7 +639,9 @@ class Hub:
         token = await auth.authenticate(self.store, socket.headers.get("authorization"))
         if token is None or not auth.allows(token.role, auth.Permission.CONNECT):
             metrics.SUPERVISOR_REFUSALS.labels("unauthorized").inc()
-            log.warning("supervisor connection refused: no valid supervisor token")
+            self._refusals_log.warning(
+                "unauthorized", "supervisor connection refused: no valid supervisor token"
+            )
             await _refuse(
                 socket, 401, "unauthorized", "a valid supervisor token is required", timeout
             )

@@ -445,3 +445,26 @@ def test_the_token_is_not_on_the_command_line(switchboard, work_dir):
         assert b"sbt_" not in cmdline
     finally:
         host.stop()
+
+
+def test_a_flood_of_bad_supervisor_tokens_is_logged_once(tmp_path):
+    # Anyone who reaches the port can try tokens: each refusal is counted, but the log
+    # says it once per interval, not once per attempt.
+    server = Switchboard(tmp_path / "data")
+    attempts = 20
+
+    async def knock() -> None:
+        for _ in range(attempts):
+            with pytest.raises(InvalidStatus) as refused:
+                async with _ws(server, new_token()):
+                    pass
+            assert refused.value.response.status_code == 401
+
+    try:
+        before = _metric(server, REFUSED, reason="unauthorized")
+        asyncio.run(knock())
+        assert _metric(server, REFUSED, reason="unauthorized") == before + attempts
+        log = server.process.log_path.read_text()
+        assert log.count("supervisor connection refused: no valid supervisor token") == 1
+    finally:
+        server.stop()
