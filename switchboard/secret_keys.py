@@ -36,7 +36,7 @@ class SecretKeyError(Exception):
 def parse_keys(text: str, where: str) -> list[bytes]:
     """The keys in `text` (key file or variable contents), the current one first."""
     keys = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         for word in re.split(r"[\s,]+", line.split("#", 1)[0].strip()):
             if not word:
                 continue
@@ -45,9 +45,10 @@ def parse_keys(text: str, where: str) -> list[bytes]:
             except (binascii.Error, ValueError):
                 key = b""
             if len(key) != KEY_BYTES:
+                # Named by place, not shown: a mistyped key is still mostly the key.
                 raise SecretKeyError(
-                    f"{where}: {word[:4]}… is not a key ({KEY_BYTES} random bytes in base64;"
-                    " make one with: python -c 'import os, base64;"
+                    f"{where}: key {len(keys) + 1} (line {number}) is not a key ({KEY_BYTES}"
+                    " random bytes in base64; make one with: python -c 'import os, base64;"
                     " print(base64.urlsafe_b64encode(os.urandom(32)).decode())')"
                 )
             keys.append(key)

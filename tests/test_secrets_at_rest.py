@@ -380,10 +380,13 @@ def test_the_key_can_come_from_the_environment_and_bad_keys_stop_the_start(
     data_dir = tmp_path / "data"
     serve = ("-m", "switchboard", "serve", "--port", "0", "--data-dir", str(data_dir))
     bad = tmp_path / "bad.key"
-    bad.write_text("not-a-key\n")
+    # A key cut short by one character: the message names where it is, and shows none of it.
+    almost = "Zq9Z" + _key_line()[4:-1]
+    bad.write_text(f"# keys\n{_key_line()}\n{almost}\n")
     done = run_cli(*serve, "--secret-key-file", str(bad), check=False, timeout=60)
     assert done.returncode != 0
-    assert f"switchboard: {bad}: not-… is not a key" in done.stderr.decode()
+    assert f"switchboard: {bad}: key 2 (line 3) is not a key" in done.stderr.decode()
+    assert "Zq9Z" not in done.stderr.decode()
 
     monkeypatch.setenv("SWITCHBOARD_SECRET_KEY", _key_line())
     done = run_cli(*serve, "--secret-key-file", str(bad), check=False, timeout=60)
