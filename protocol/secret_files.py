@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 #: A token file is one line; anything much larger is not one.
@@ -54,8 +55,9 @@ def read_secret_file(path: Path | str) -> str:
 def write_secret_file(path: Path, secret: str) -> None:
     """Write `secret` to `path` with mode 0600, atomically and durably: a crash leaves the
     old file or the new one, never a torn or readable one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # A name of its own (mkstemp: created exclusively, mode 0600): one a crash left behind
+    # never blocks the next write.
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(secret.encode() + b"\n")

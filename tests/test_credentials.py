@@ -5,6 +5,7 @@ end-to-end runs are in test_enrolment.py)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 
 import pytest
@@ -146,3 +147,16 @@ def test_a_credential_file_others_may_read_is_refused(tmp_path):
     (tmp_path / "credentials").chmod(0o755)
     with pytest.raises(NoCredential, match="chmod 700"):
         credentials.next_attempt()
+
+
+def test_a_write_cut_short_by_a_crash_does_not_block_the_next(tmp_path):
+    # A crash between creating the temporary file and renaming it leaves the file behind;
+    # in a container the restarted supervisor often has the same pid again.
+    credentials = _credentials(tmp_path)
+    assert credentials.pending_path is not None
+    directory = credentials.pending_path.parent
+    directory.mkdir(mode=0o700)
+    (directory / f".{credentials.pending_path.name}.{os.getpid()}.tmp").write_bytes(b"sbt_")
+    first = credentials.next_attempt()
+    assert first.credential_sha256 == hashlib.sha256(_pending(credentials).encode()).hexdigest()
+    assert stat.S_IMODE(credentials.pending_path.stat().st_mode) == 0o600
