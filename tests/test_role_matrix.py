@@ -100,6 +100,9 @@ SCHEMA_ROUTES = ("/schema/openapi.json", "/schema/openapi.yaml", "/schema", "/sc
 
 #: The supervisor record the supervisor routes act on (registered by a real handshake).
 SUPERVISOR_ID = "matrix-sup"
+#: The id the `supervisor` caller's token is bound to (another one: the cells that rotate
+#: and unenroll SUPERVISOR_ID revoke its tokens).
+CREDENTIAL_ID = "matrix-host"
 
 
 #: Routes whose 200 answer never ends by design.
@@ -316,7 +319,12 @@ def world(switchboard: Switchboard) -> Iterator[World]:
         ADMIN: switchboard.admin_token,
     }
     for role in ROLES[1:]:
-        made = admin.post("/api/v1/tokens", json={"role": role, "name": f"matrix {role}"})
+        body = {"role": role, "name": f"matrix {role}"}
+        if role == SUPERVISOR:
+            # A host's credential (a registration token enrols only:
+            # test_a_registration_token_fetches_no_artifact).
+            body["supervisor_id"] = CREDENTIAL_ID
+        made = admin.post("/api/v1/tokens", json=body)
         assert made.status_code == 201, made.text
         tokens[role] = made.json()["token"]
     clients = {
@@ -466,6 +474,23 @@ async def test_only_supervisor_tokens_open_the_supervisor_socket(world: World, c
         async with connect:
             pass
     assert refused.value.response.status_code == 401
+
+
+def test_a_registration_token_fetches_no_artifact(world: World):
+    """A registration token may be shared by a whole fleet: it enrols, and nothing else. The
+    artifacts a host fetches take its own credential (the `supervisor` column above)."""
+    made = world.admin.post("/api/v1/tokens", json={"role": SUPERVISOR, "name": "fleet"})
+    assert made.status_code == 201 and made.json()["supervisor_id"] is None
+    path = f"/api/v1/artifacts/{world.digest}"
+    refused = httpx.get(
+        world.switchboard.url + path,
+        headers={"Authorization": f"Bearer {made.json()['token']}"},
+        timeout=scaled(30),
+    )
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"] == "forbidden"
+    assert "a registration token only enrols supervisors" in refused.json()["message"]
+    assert world.clients[SUPERVISOR].get(path).content == b"matrix shared artifact"
 
 
 def test_a_revoked_token_is_refused_at_once(world: World):

@@ -8,7 +8,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
 from switchboard.api.errors import ApiError
-from switchboard.auth import Permission, allows, authenticate
+from switchboard.auth import Permission, Role, allows, authenticate
 from switchboard.state import app_state
 
 Guard = Callable[[ASGIConnection, BaseRouteHandler], Awaitable[None]]
@@ -25,6 +25,14 @@ def require(permission: Permission) -> list[Guard]:
             raise ApiError(401, "unauthorized", "a valid token is required (Authorization: Bearer)")
         if not allows(token.role, permission):
             raise ApiError(403, "forbidden", f"role {token.role!r} may not {permission.value}")
+        if token.role == Role.SUPERVISOR and token.supervisor_id is None:
+            # A registration token is shared by a fleet: it only enrols (the WebSocket).
+            raise ApiError(
+                403,
+                "forbidden",
+                f"a registration token only enrols supervisors: {permission.value} takes a"
+                " host's own credential",
+            )
         connection.state.token = token
 
     return [guard]
