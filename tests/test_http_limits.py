@@ -299,6 +299,9 @@ def test_the_supervisor_connected_all_along_and_still_runs_jobs(server, supervis
     its first session, and it runs a job."""
     client = server.client()
     metrics = client.get("/metrics").text
+    # The limits did fire (this test means nothing run on its own: it runs after them).
+    for reason in ("header_too_large", "header_timeout", "body_timeout", "bad_request"):
+        assert _value(metrics, "switchboard_http_refusals_total", reason=reason) > 0, reason
     assert _value(metrics, "switchboard_supervisor_reconnects_total") == 0
     assert _value(metrics, "switchboard_supervisor_connections_total") == 1
     job_id = client.post("/api/v1/jobs", json={"name": "after", "backend": {"kind": "noop"}})
