@@ -146,8 +146,8 @@ class SupervisorSession:
         self._writer: asyncio.Task[None] | None = None
         #: When the send under way began to wait on the socket (None: none waits).
         self._send_since: float | None = None
-        #: Set by the writer as the outbox empties, for a sender pacing itself.
-        self._outbox_room: asyncio.Future[None] | None = None
+        #: StartJobs waiting for room in the outbox, by run, oldest first (see `start`).
+        self._starts: dict[RunKey, bytes] = {}
         #: Closing or closed: nothing more is queued.
         self._closed = False
         self._last_heard = time.monotonic()
@@ -172,17 +172,37 @@ class SupervisorSession:
         it). A closing session drops it; an outbox too full to take it cuts the session."""
         self._queue(codec.encode(message))
 
-    async def send_paced(self, message: SwitchboardMessage) -> None:
-        """Queue a message once the outbox has room for it. Only the session's own tasks
-        may wait so (a reconnect can resend more runs than the outbox holds at once); a
-        session whose socket is stuck is cut by the send timeout, which ends the wait."""
-        await self._queue_paced(codec.encode(message))
+    def start(self, key: RunKey, frame: bytes) -> None:
+        """Queue a run's StartJob (`frame`, encoded). StartJobs wait apart from the outbox
+        and move into it while it is at most half full: a dispatch pass or a reconnect can
+        give a supervisor more large StartJobs than its outbox holds, but no more than it
+        has slots (the store assigns no more), so they are bounded without cutting a
+        healthy supervisor, and the other half of the outbox stays for acks, stops and
+        heartbeats."""
+        if self._closed:
+            return
+        self._starts[key] = frame
+        self._move_starts()
 
-    async def _queue_paced(self, frame: bytes) -> None:
-        while not self._closed and self._outbox and self._is_full(len(frame)):
-            self._outbox_room = asyncio.get_running_loop().create_future()
-            await self._outbox_room
-        self._queue(frame)
+    def stop(self, stop: StopJob) -> None:
+        """Queue a StopJob, after its run's StartJob if that still waits (the supervisor
+        must not hear of the stop first: it would ignore it, then start the run)."""
+        frame = self._starts.pop(RunKey(stop.job_id, stop.attempt), None)
+        if frame is not None:
+            self._append(frame)  # bounded by the supervisor's slots like every StartJob
+        self.send(stop)
+
+    def _move_starts(self) -> None:
+        settings = self.hub.settings
+        while self._starts and not self._closed:
+            key, frame = next(iter(self._starts.items()))
+            if self._outbox and (
+                2 * len(self._outbox) >= settings.outbox_max_messages
+                or 2 * (self._outbox_bytes + len(frame)) > settings.outbox_max_bytes
+            ):
+                return  # the writer moves more as it sends
+            del self._starts[key]
+            self._append(frame)
 
     def _is_full(self, size: int) -> bool:
         settings = self.hub.settings
@@ -190,10 +210,6 @@ class SupervisorSession:
             len(self._outbox) >= settings.outbox_max_messages
             or self._outbox_bytes + size > settings.outbox_max_bytes
         )
-
-    def send_frame(self, frame: bytes) -> None:
-        """`send` for a message already encoded."""
-        self._queue(frame)
 
     def _queue(self, frame: bytes) -> None:
         if self._closed:
@@ -206,6 +222,9 @@ class SupervisorSession:
                 "be sent to it",
             )
             return
+        self._append(frame)
+
+    def _append(self, frame: bytes) -> None:
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
         self._start_writer()
@@ -233,17 +252,18 @@ class SupervisorSession:
                 del outbox[0]
                 if isinstance(item, bytes):
                     self._outbox_bytes -= len(item)
-                _wake(self._outbox_room)
+                if self._starts:
+                    self._move_starts()
         except Exception as exc:  # the connection is gone: nothing more can be sent
             log.debug("supervisor %s: sending failed: %r", self.id, exc)
             self._closed = True
             outbox.clear()
             self._outbox_bytes = 0
+            self._starts.clear()
         finally:
             self._send_since = None
             self._writer = None
             self.hub.writing.discard(self)
-            _wake(self._outbox_room)
 
     def check_send_deadline(self, now: float) -> None:
         """Cut the session if the send under way has waited on the socket too long."""
@@ -278,7 +298,7 @@ class SupervisorSession:
             return
         self._closed = True
         self.closed_because = reason
-        _wake(self._outbox_room)
+        self._starts.clear()  # settled when the supervisor reconnects
         if self._send_since is not None:
             self._abort()
             return
@@ -444,7 +464,7 @@ class SupervisorSession:
         self.send(Ack(seq=result.stored_seq))
         for key in result.unwanted:
             metrics.ZOMBIE_RUNS_STOPPED.labels("events").inc()
-            self.send(StopJob(job_id=key.job_id, attempt=key.attempt, reason="unwanted"))
+            self.stop(StopJob(job_id=key.job_id, attempt=key.attempt, reason="unwanted"))
         hub.notify_stored()
         if result.ended:
             hub.wake_dispatcher()
@@ -464,12 +484,12 @@ class SupervisorSession:
                     assert decision.run is not None
                     await self._resend(decision.run)
                 case Action.STOP:
-                    await self.send_paced(
+                    self.stop(
                         StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="canceled")
                     )
                 case Action.STOP_ZOMBIE:
                     metrics.ZOMBIE_RUNS_STOPPED.labels("reconcile").inc()
-                    await self.send_paced(
+                    self.stop(
                         StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="unwanted")
                     )
                 case Action.FINALIZE_CANCELED | Action.FINALIZE_LOST:
@@ -487,9 +507,10 @@ class SupervisorSession:
         self.hub.wake_dispatcher()
 
     async def _resend(self, run: ActiveRun) -> None:
-        """(Re)send an assigned run's StartJob, paced. A run it cannot be sent for is
-        ended instead: one whose secret values this switchboard can't open (sealed under
-        another key), or one whose StartJob is over the frame limit."""
+        """(Re)send an assigned run's StartJob (queued: never waiting on the socket). A
+        run it cannot be sent for is ended instead: one whose secret values this
+        switchboard can't open (sealed under another key), or one whose StartJob is over
+        the frame limit."""
         key = RunKey(run.job_id, run.attempt)
         if run.secrets_unreadable is not None:
             reason = f"not started: {run.secrets_unreadable}"
@@ -502,7 +523,7 @@ class SupervisorSession:
         except MessageTooBig as exc:
             await self.hub.undeliverable(key, exc)
             return
-        await self._queue_paced(frame)
+        self.start(key, frame)
 
     def heartbeat(self, frame: bytes, now: float) -> None:
         """Queue the hub's heartbeat, or end the session if the supervisor has gone silent."""
@@ -596,7 +617,7 @@ class Hub:
                 continue
             session = self.sessions.get(run.supervisor_id)
             if session is not None and session.ready:
-                session.send_frame(frame)
+                session.start(RunKey(run.job_id, run.attempt), frame)
 
     async def undeliverable(self, key: RunKey, error: MessageTooBig) -> None:
         """End a run whose StartJob is over the frame limit (its job got into the store
@@ -612,7 +633,7 @@ class Hub:
         """Queue a StopJob for the supervisor; never waits on its socket."""
         session = self.sessions.get(supervisor_id)
         if session is not None:
-            session.send(stop)
+            session.stop(stop)
         # Otherwise reconciliation stops it when the supervisor is back.
 
     async def close_all(

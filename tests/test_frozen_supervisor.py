@@ -245,7 +245,8 @@ def test_a_frozen_supervisor_stalls_no_one(switchboard, work_dir: Path):
     [
         # The heartbeat timeout is long: the send deadline cuts it.
         ("send_timeout", ("--heartbeat-timeout", "120", "--send-timeout", "2")),
-        # Both timeouts are long: the outbox (2 MB) overflows once the socket is full.
+        # Both timeouts are long: the outbox overflows once the socket is full. StartJobs
+        # take at most half of it (one, here); the heartbeats fill the rest.
         (
             "outbox_full",
             (
@@ -255,6 +256,8 @@ def test_a_frozen_supervisor_stalls_no_one(switchboard, work_dir: Path):
                 "120",
                 "--outbox-max-bytes",
                 "2000000",
+                "--outbox-max-messages",
+                "4",
             ),
         ),
     ],
@@ -290,11 +293,38 @@ def test_a_supervisor_that_does_not_read_is_cut(tmp_path, reason: str, flags: tu
             assert "waited" in cut["reason"]
         else:
             assert "already wait" in cut["reason"]
-        # Thawed, it reconnects; the resent StartJobs are paced to its outbox, so even
-        # when they are more than it holds it is not cut again.
+        # Thawed, it reconnects; the StartJobs sent again wait their turn for its outbox,
+        # so even when they are more than it holds it is not cut again.
         phases = _after_thaw(client, "stuck", session, big)
         assert phases == ["succeeded"] * FROZEN_SLOTS
         assert _cuts(server, reason) == 1
+    finally:
+        sup.stop()
+        server.stop()
+
+
+def test_one_pass_of_large_starts_does_not_cut_a_healthy_supervisor(tmp_path):
+    """A pass that gives a supervisor more large StartJobs than its outbox holds (8 of
+    about 1 MB, with a 2 MB outbox) sends them as the outbox drains: the supervisor is
+    not cut, and runs them all."""
+    server = Switchboard(
+        tmp_path / "data",
+        extra_args=("--heartbeat-interval", str(INTERVAL), "--outbox-max-bytes", "2000000"),
+    )
+    client = server.client()
+    sup = start_supervisor(
+        server, tmp_path, name="busy", backend="noop", max_jobs=FROZEN_SLOTS, labels={"pool": "b"}
+    )
+    try:
+        wait_connected(client, "busy")
+        session = _supervisor(client, "busy")["session"]
+        # Held back, then placed by one pass.
+        assert client.post("/api/v1/dispatch/pause").status_code in (200, 204)
+        ids = [_timed_post(client, "/api/v1/jobs", _big_job("b"))[0]["id"] for _ in range(8)]
+        assert client.post("/api/v1/dispatch/resume").status_code in (200, 204)
+        assert [wait_job(client, i, timeout=60)["phase"] for i in ids] == ["succeeded"] * 8
+        assert _cuts(server, "outbox_full") == 0
+        assert _supervisor(client, "busy")["session"] == session
     finally:
         sup.stop()
         server.stop()
