@@ -23,6 +23,7 @@ import re
 import stat
 from pathlib import Path
 
+from protocol.secret_files import sync_directory
 from switchboard.config import Settings
 from switchboard.sealing import KEY_BYTES, Keyring
 
@@ -86,7 +87,27 @@ def _create(path: Path) -> bool:
         out.write(new_key_text())
         out.flush()
         os.fsync(out.fileno())
+    sync_directory(path.parent)  # the file's name survives a crash too
     return True
+
+
+def _read_private(path: Path) -> str:
+    """The key file's text. Refused if other users may read or change it, as token files
+    are (the key opens every secret the store keeps): checked on the file opened, not on
+    whatever the path names a moment later."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if mode & 0o077:
+                raise SecretKeyError(
+                    f"the secret key file {path} may be read or changed by other users (mode"
+                    f" {stat.S_IMODE(mode):04o}): chmod 600 {path}"
+                )
+            return file.read()
+    except OSError as exc:
+        raise SecretKeyError(f"cannot read the secret key file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SecretKeyError(f"the secret key file {path} is not UTF-8 text") from None
 
 
 def load_keyring(settings: Settings) -> Keyring:
@@ -113,17 +134,7 @@ def load_keyring(settings: Settings) -> Keyring:
                 " apart from backups of the data dir, and back it up on its own",
                 path,
             )
-    try:
-        text = path.read_text()
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError as exc:
-        raise SecretKeyError(f"cannot read the secret key file {path}: {exc.strerror}") from None
-    if mode & 0o077:
-        log.warning(
-            "the secret key file %s can be read by other users (mode %03o): chmod 600 it",
-            path,
-            mode,
-        )
+    text = _read_private(path)
     data_dir = settings.data_dir.resolve()
     if path.resolve().is_relative_to(data_dir):
         log.warning(

@@ -76,6 +76,12 @@ def _key_line() -> str:
     return base64.urlsafe_b64encode(os.urandom(32)).decode()
 
 
+def _write_key(path: Path, text: str) -> None:
+    """A key file as the switchboard accepts one: private to its owner."""
+    path.write_text(text)
+    path.chmod(0o600)
+
+
 def _holding(switchboard: Switchboard, needle: str) -> list[str]:
     """Every file of the data dir (the database, its WAL and shared memory included) and
     the server's logs that hold `needle`."""
@@ -224,8 +230,8 @@ def test_the_token_bootstrap_makes_a_private_data_dir(tmp_path: Path):
 
 def test_a_job_sealed_with_another_key_is_rejected_when_placed(tmp_path: Path):
     first, second = tmp_path / "first.key", tmp_path / "second.key"
-    first.write_text(_key_line() + "\n")
-    second.write_text(_key_line() + "\n")
+    _write_key(first, _key_line() + "\n")
+    _write_key(second, _key_line() + "\n")
     server = Switchboard(tmp_path / "data", extra_args=("--secret-key-file", str(first)))
     supervisor = None
     try:
@@ -308,7 +314,7 @@ def test_a_start_sent_again_after_a_restart_carries_the_secret_through_a_key_rot
 ):
     key_file = tmp_path / "secret.key"
     old, new, wrong = _key_line(), _key_line(), _key_line()
-    key_file.write_text(old + "\n")
+    _write_key(key_file, old + "\n")
     server = Switchboard(tmp_path / "data", extra_args=("--secret-key-file", str(key_file)))
     try:
         client = server.client()
@@ -345,20 +351,20 @@ def test_a_start_sent_again_after_a_restart_carries_the_secret_through_a_key_rot
 
         # Rotation: the new key first, the old one after it. The stored values are
         # sealed again with the new key at start, and the StartJob sent again has them.
-        key_file.write_text(f"{new}\n{old}\n")
+        _write_key(key_file, f"{new}\n{old}\n")
         server.restart()
         assert "sealed the secret values of 1 jobs again with the current key" in (
             server.process.log()
         )
         assert_started_with_secret(starts())
         # The old key retired: nothing needs it any more.
-        key_file.write_text(new + "\n")
+        _write_key(key_file, new + "\n")
         server.restart()
         assert_started_with_secret(starts())
         assert _holding(server, secret) == []
 
         # The wrong key: nothing is sent, the run is rejected with the reason.
-        key_file.write_text(wrong + "\n")
+        _write_key(key_file, wrong + "\n")
         server.restart()
         before = _scrape(f"{server.url}/metrics")
         assert starts() == []
@@ -382,11 +388,21 @@ def test_the_key_can_come_from_the_environment_and_bad_keys_stop_the_start(
     bad = tmp_path / "bad.key"
     # A key cut short by one character: the message names where it is, and shows none of it.
     almost = "Zq9Z" + _key_line()[4:-1]
-    bad.write_text(f"# keys\n{_key_line()}\n{almost}\n")
+    _write_key(bad, f"# keys\n{_key_line()}\n{almost}\n")
     done = run_cli(*serve, "--secret-key-file", str(bad), check=False, timeout=60)
     assert done.returncode != 0
     assert f"switchboard: {bad}: key 2 (line 3) is not a key" in done.stderr.decode()
     assert "Zq9Z" not in done.stderr.decode()
+
+    # A key file other users may read is refused, as token files are.
+    loose = tmp_path / "loose.key"
+    loose.write_text(_key_line() + "\n")
+    loose.chmod(0o644)
+    done = run_cli(*serve, "--secret-key-file", str(loose), check=False, timeout=60)
+    assert done.returncode != 0
+    assert f"may be read or changed by other users (mode 0644): chmod 600 {loose}" in (
+        done.stderr.decode()
+    )
 
     monkeypatch.setenv("SWITCHBOARD_SECRET_KEY", _key_line())
     done = run_cli(*serve, "--secret-key-file", str(bad), check=False, timeout=60)
