@@ -76,6 +76,10 @@ def _record_artifacts(conn: sqlite3.Connection, index: int, job_id: str, spec: J
         )
 
 
+#: How many jobs a token has queued (its queue quota), from the covering index alone.
+QUEUED_BY_OWNER = "SELECT count(*) FROM jobs WHERE owner = ? AND phase = 'queued'"
+
+
 def insert_jobs(
     conn: sqlite3.Connection,
     jobs: list[NewJob],
@@ -91,9 +95,7 @@ def insert_jobs(
     if queued + len(jobs) > max_queued:
         raise QueueFull(f"{queued} jobs are queued; the switchboard takes at most {max_queued}")
     if owner is not None and max_per_owner is not None:
-        (mine,) = conn.execute(
-            "SELECT count(*) FROM jobs WHERE owner = ? AND phase = 'queued'", (owner,)
-        ).fetchone()
+        (mine,) = conn.execute(QUEUED_BY_OWNER, (owner,)).fetchone()
         if mine + len(jobs) > max_per_owner:
             raise QueueQuotaFull(
                 f"this token has {mine} jobs queued; one token may have at most"
