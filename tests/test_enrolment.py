@@ -278,8 +278,10 @@ def test_a_welcome_lost_right_after_enrolment_costs_nothing(switchboard, work_di
         # The first session is seen connected until the cut is noticed: wait for the
         # second one, through the proxy's second connection.
         wait_for(
-            lambda: (sup := _supervisor(switchboard, "cut-early")).get("session") == 2
-            and sup.get("connected"),
+            lambda: (
+                (sup := _supervisor(switchboard, "cut-early")).get("session") == 2
+                and sup.get("connected")
+            ),
             "the supervisor's second session",
         )
         assert proxy.cuts == 1 and proxy.accepted == 2  # the enrolment, then one more

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,8 +13,6 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from switchboard.store.schema import SCHEMA
-from switchboard.store.sqlite_jobs import QUEUED_BY_OWNER
 from tests.harness import REPO, Switchboard
 from tests.test_metrics import _scrape, _value
 
@@ -161,15 +158,3 @@ def test_a_quota_that_would_refuse_every_submission_is_refused_at_start(value: s
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-queued-per-token", value])
-
-
-def test_counting_a_tokens_queued_jobs_reads_only_the_covering_index():
-    """Each submission counts its token's queued jobs: from an index holding just those,
-    never by reading every job the token ever submitted (that cost grew with the token's
-    history and halved single-POST throughput)."""
-    conn = sqlite3.connect(":memory:")
-    conn.executescript(SCHEMA)
-    plan = " ".join(
-        row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + QUEUED_BY_OWNER, ("t",))
-    )
-    assert "COVERING INDEX jobs_queued_by_owner" in plan, plan

@@ -1096,13 +1096,17 @@ def _busy_keys(conn: sqlite3.Connection) -> frozenset[str]:
     return frozenset(r[0] for r in rows)
 
 
+#: The resources each active run holds, from the covering index alone (see the schema).
+RESOURCES_IN_USE = (
+    "SELECT r.supervisor_id, j.resources FROM runs r"
+    " JOIN jobs j INDEXED BY jobs_resources ON j.id = r.job_id"
+    f" WHERE r.phase IN ({ACTIVE_SQL}) AND j.resources != '{{}}'"
+)
+
+
 def _resources_in_use(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     used: dict[str, dict[str, int]] = {}
-    for supervisor_id, resources in conn.execute(
-        "SELECT r.supervisor_id, j.resources FROM runs r JOIN jobs j ON j.id = r.job_id"
-        f" WHERE r.phase IN ({ACTIVE_SQL}) AND j.resources != '{{}}'",
-        ACTIVE_PHASES,
-    ):
+    for supervisor_id, resources in conn.execute(RESOURCES_IN_USE, ACTIVE_PHASES):
         held = used.setdefault(supervisor_id, {})
         for name, count in json.loads(resources).items():
             held[name] = held.get(name, 0) + count
