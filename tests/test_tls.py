@@ -288,7 +288,7 @@ async def test_artifact_fetch_verifies_with_the_ca_file(
     tls_switchboard: Switchboard, pki: Pki, artifact: str
 ):
     digest = artifact
-    token = tls_switchboard.create_token("supervisor")
+    token = tls_switchboard.create_token("supervisor", supervisor_id="tls-fetcher")
     for ca, works in ((pki.ca, True), (pki.wrong_ca, False)):
         source = HttpArtifactSource(tls_switchboard.url, token, verify_tls=_tls_context(str(ca)))
         try:
