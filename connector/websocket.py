@@ -1,10 +1,12 @@
 """The connector to a switchboard over a WebSocket, with reconnects that lose nothing.
 
-One connection at a time. Each starts with Hello -> Welcome; then a writer task sends
-every event the switchboard hasn't stored (oldest first, resending after a reconnect), a
-heartbeat task keeps both sides sure the other is alive, and the reader handles
-StartJob, StopJob, Ack and StatusRequest. Events stay in the backlog until acknowledged,
-so a dropped connection costs a resend, never an event.
+One connection at a time, each a pump between the socket and a protocol.connection
+Connection (which decides what may come when, and what is resent). Each starts with
+Hello -> Welcome; then a writer task sends every event the switchboard hasn't stored
+(oldest first, resending after a reconnect), a heartbeat task keeps both sides sure the
+other is alive, and the reader hands StartJob and StopJob to the supervisor and answers
+StatusRequest. Events stay in the backlog until acknowledged, so a dropped connection
+costs a resend, never an event.
 """
 
 from __future__ import annotations
@@ -20,19 +22,17 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
-from protocol import codec, limits
+from protocol import limits
+from protocol.connection import Acknowledged, Connection, Goodbye, Role
 from protocol.exceptions import CloseCode, FrameError, JobError
 from protocol.messages import (
-    Ack,
     Heartbeat,
     HeldRun,
     Hello,
     JobStateChanged,
     ProtocolErrorMessage,
     RunRef,
-    ServerHeartbeat,
     StartJob,
-    StatusReply,
     StatusRequest,
     StopJob,
     SupervisorEvent,
@@ -96,17 +96,12 @@ class WebSocketConnector(SupervisorConnector):
         self._room = asyncio.Condition()
         self._new_event = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._sent_upto = 0
         #: Bytes sent on this connection and not yet acknowledged, and the most allowed: the
         #: backlog may hold much more (for a dropped link), but only a window of it travels
         #: at once, so what a live follower sees lags what the job wrote by little.
         self._in_flight = 0
         self._send_window = send_window_bytes
         self._window_open = asyncio.Event()
-        #: Highest seq ever sent, over all connections: sending one at or below it is a resend.
-        self._highest_sent = 0
-        #: Events reported before the first Welcome, in order; None once numbering is known.
-        self._unnumbered: list[SupervisorEvent] | None = []
         self._welcomed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Set while a connection is established (after the Welcome); tests wait on it.
@@ -124,18 +119,9 @@ class WebSocketConnector(SupervisorConnector):
         if not self.backlog.has_room():
             async with self._room:
                 await self._room.wait_for(self.backlog.has_room)
-        if self._unnumbered is not None and len(self._unnumbered) >= MAX_UNNUMBERED:
+        if len(self.backlog.held) >= MAX_UNNUMBERED:
             await self._welcomed.wait()
-        if self._unnumbered is not None:
-            # A fresh process doesn't know where numbering goes on until the first
-            # Welcome (recovered runs report before it): hold these until then.
-            self._unnumbered.append(event)
-            return
-        self._number(event)
-
-    def _number(self, event: SupervisorEvent) -> None:
-        event.seq = self.backlog.next_seq()
-        self.backlog.append(event.seq, codec.encode(event))
+        self.backlog.report(event)
         metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
         self._new_event.set()
 
@@ -196,13 +182,13 @@ class WebSocketConnector(SupervisorConnector):
             compression=None,  # output is already chunked; deflate costs more CPU than it saves
             ping_interval=None,  # liveness is the protocol's Heartbeat, with Welcome's settings
         ) as ws:
-            welcome = await self._handshake(ws, attempt)
+            connection = Connection(Role.SUPERVISOR, backlog=self.backlog)
+            welcome = await self._handshake(ws, connection, attempt)
             self.credentials.welcomed(attempt, welcome.enrolled)
             self.session = welcome.session
             self.sessions += 1
             if self.sessions > 1:
                 metrics.RECONNECTS.inc()
-            self._sent_upto = welcome.last_seq
             self._in_flight = 0
             async with self._room:
                 self._room.notify_all()
@@ -215,7 +201,7 @@ class WebSocketConnector(SupervisorConnector):
                 welcome.last_seq,
             )
             try:
-                await self._serve(ws, welcome)
+                await self._serve(ws, connection, welcome)
             finally:
                 self.connected.clear()
 
@@ -224,7 +210,7 @@ class WebSocketConnector(SupervisorConnector):
         re-adopted after a restart may already have ended): the switchboard must not take
         those for lost before their reports arrive."""
         runs = {(r.job_id, r.attempt): r for r in self.supervisor.held_runs()}
-        for event in self._unnumbered or ():
+        for event in self.backlog.held:
             key = (event.job_id, event.attempt)
             if isinstance(event, JobStateChanged):
                 runs[key] = HeldRun(event.job_id, event.attempt, event.phase)
@@ -232,7 +218,9 @@ class WebSocketConnector(SupervisorConnector):
                 runs[key] = HeldRun(event.job_id, event.attempt, Phase.RUNNING)
         return list(runs.values())
 
-    async def _handshake(self, ws: ClientConnection, attempt: Attempt) -> Welcome:
+    async def _handshake(
+        self, ws: ClientConnection, connection: Connection, attempt: Attempt
+    ) -> Welcome:
         caps = self.supervisor.capabilities()
         hello = Hello(
             supervisor_id=self.supervisor_id,
@@ -247,28 +235,26 @@ class WebSocketConnector(SupervisorConnector):
             software=SOFTWARE,
             credential_sha256=attempt.credential_sha256,
         )
-        await ws.send(codec.encode(hello), text=True)
+        await ws.send(connection.send(hello), text=True)  # type: ignore[arg-type]
         raw = await asyncio.wait_for(ws.recv(decode=False), self._handshake_timeout)
-        message = codec.decode_from_switchboard(raw)
-        if isinstance(message, ProtocolErrorMessage):
-            raise FrameError(CloseCode(message.code), f"switchboard refused: {message.reason}")
-        if not isinstance(message, Welcome):
-            raise await _fail(ws, CloseCode.HANDSHAKE_FAILED, "expected welcome")
-        self.backlog.resume(message.last_seq)
-        metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
-        if self._unnumbered is not None:
-            early, self._unnumbered = self._unnumbered, None
-            for event in early:
-                self._number(event)
-            self._welcomed.set()
-        return message
+        match connection.receive(raw):
+            case Goodbye() as goodbye:
+                raise await _say_goodbye(ws, goodbye)
+            case ProtocolErrorMessage(code=code, reason=reason):
+                raise FrameError(CloseCode(code), f"switchboard refused: {reason}")
+            case Welcome() as welcome:
+                # The backlog has taken it: what it holds above welcome.last_seq is sent.
+                metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
+                self._welcomed.set()
+                return welcome
+        raise AssertionError("the connection lets nothing else through")
 
-    async def _serve(self, ws: ClientConnection, welcome: Welcome) -> None:
+    async def _serve(self, ws: ClientConnection, connection: Connection, welcome: Welcome) -> None:
         last_heard = [time.monotonic()]
-        writer = asyncio.create_task(self._write_loop(ws))
-        beat = asyncio.create_task(self._heartbeat_loop(ws, welcome, last_heard))
+        writer = asyncio.create_task(self._write_loop(ws, connection))
+        beat = asyncio.create_task(self._heartbeat_loop(ws, connection, welcome, last_heard))
         stopper = asyncio.create_task(self._stopping.wait())
-        reader = asyncio.create_task(self._read_loop(ws, last_heard))
+        reader = asyncio.create_task(self._read_loop(ws, connection, last_heard))
         try:
             done, _ = await asyncio.wait(
                 {writer, beat, stopper, reader}, return_when=asyncio.FIRST_COMPLETED
@@ -283,62 +269,58 @@ class WebSocketConnector(SupervisorConnector):
                 task.cancel()
             await asyncio.gather(writer, beat, stopper, reader, return_exceptions=True)
 
-    async def _read_loop(self, ws: ClientConnection, last_heard: list[float]) -> None:
+    async def _read_loop(
+        self, ws: ClientConnection, connection: Connection, last_heard: list[float]
+    ) -> None:
         async for raw in ws:
             last_heard[0] = time.monotonic()
-            try:
-                message = codec.decode_from_switchboard(raw)
-            except FrameError as exc:
-                raise await _fail(ws, exc.code, exc.reason) from None
-            match message:
-                case Ack(seq=seq):
-                    before = self.backlog.size_bytes
-                    if self.backlog.acknowledge(seq):
-                        metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
-                        # Only sent events are acknowledged: all of these were in flight.
-                        self._in_flight = max(
-                            0, self._in_flight - (before - self.backlog.size_bytes)
-                        )
-                        self._window_open.set()
-                        async with self._room:
-                            self._room.notify_all()
-                case StartJob():
-                    self._spawn(self._start(message))
-                case StopJob():
-                    self._spawn(self.supervisor.stop_job(message))
-                case StatusRequest(request_id=request_id):
-                    runs = self.supervisor.held_runs()
-                    reply = StatusReply(request_id=request_id, runs=runs, running=len(runs))
-                    await ws.send(codec.encode(reply), text=True)
-                case ServerHeartbeat():
-                    pass
+            match connection.receive(raw):
+                case Goodbye() as goodbye:
+                    raise await _say_goodbye(ws, goodbye)
+                case Acknowledged(dropped=dropped, freed_bytes=freed) if dropped:
+                    metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
+                    # Only sent events are acknowledged: all of these were in flight.
+                    self._in_flight = max(0, self._in_flight - freed)
+                    self._window_open.set()
+                    async with self._room:
+                        self._room.notify_all()
+                case StartJob() as start:
+                    self._spawn(self._start(start))
+                case StopJob() as stop:
+                    self._spawn(self.supervisor.stop_job(stop))
+                case StatusRequest() as request:
+                    # Queued behind the events reported so far (the writer sends it).
+                    connection.status_reply(request, self.supervisor.held_runs())
+                    self._new_event.set()
                 case ProtocolErrorMessage(code=code, reason=reason, retry_after_s=wait):
                     log.warning("switchboard is closing the connection: %s (%d)", reason, code)
                     self._retry_after = wait
-                case Welcome():
-                    raise await _fail(ws, CloseCode.UNEXPECTED_MESSAGE, "second welcome")
 
-    async def _write_loop(self, ws: ClientConnection) -> None:
+    async def _write_loop(self, ws: ClientConnection, connection: Connection) -> None:
         while True:
-            batch = self.backlog.frames_after(self._sent_upto, 64)
+            batch = connection.outgoing(64)
             if not batch:
                 self._new_event.clear()
                 await self._new_event.wait()
                 continue
             for seq, frame in batch:
+                if seq is None:  # a StatusReply: not an event, not in the send window
+                    await ws.send(frame, text=True)
+                    continue
                 while self._in_flight > 0 and self._in_flight + len(frame) > self._send_window:
                     self._window_open.clear()
                     await self._window_open.wait()
                 await ws.send(frame, text=True)
                 self._in_flight += len(frame)
-                self._sent_upto = seq
-                if seq <= self._highest_sent:
+                if connection.sent(seq):
                     metrics.EVENTS_RESENT.inc()
-                else:
-                    self._highest_sent = seq
 
     async def _heartbeat_loop(
-        self, ws: ClientConnection, welcome: Welcome, last_heard: list[float]
+        self,
+        ws: ClientConnection,
+        connection: Connection,
+        welcome: Welcome,
+        last_heard: list[float],
     ) -> None:
         while True:
             await asyncio.sleep(welcome.heartbeat_interval_s)
@@ -347,10 +329,11 @@ class WebSocketConnector(SupervisorConnector):
                 # A send queues behind output already on its way: if that doesn't drain
                 # within the timeout either, the link is stalled all the same.
                 try:
-                    heartbeat = codec.encode(Heartbeat(at=time.time()))
-                    await asyncio.wait_for(
-                        ws.send(heartbeat, text=True), welcome.heartbeat_timeout_s
-                    )
+                    heartbeat = connection.send(Heartbeat(at=time.time()))
+                    if heartbeat is not None:
+                        await asyncio.wait_for(
+                            ws.send(heartbeat, text=True), welcome.heartbeat_timeout_s
+                        )
                 except TimeoutError:
                     silent = True
             if silent:
@@ -378,13 +361,13 @@ class WebSocketConnector(SupervisorConnector):
             log.error("request handler failed", exc_info=task.exception())
 
 
-async def _fail(ws: ClientConnection, code: CloseCode, reason: str) -> FrameError:
-    """Tell the switchboard what was wrong, close, and return the error to raise."""
-    error = FrameError(code, reason)
+async def _say_goodbye(ws: ClientConnection, goodbye: Goodbye) -> FrameError:
+    """Send the connection's goodbye (a protocol_error, then the close), and return the
+    error to raise."""
     with contextlib.suppress(websockets.WebSocketException, OSError):
-        await ws.send(codec.encode(ProtocolErrorMessage(code=int(code), reason=reason)), text=True)
-        await ws.close(code, error.close_reason())
-    return error
+        await ws.send(goodbye.frame, text=True)
+        await ws.close(goodbye.code, goodbye.close_reason)
+    return FrameError(goodbye.code, goodbye.reason)
 
 
 #: OpenSSL's verify codes for a certificate that is fine but names another host or address.

@@ -1,5 +1,6 @@
-"""Sans-I/O pieces of a connection that both ends drive: version negotiation, the
-supervisor's backlog of unacknowledged events, and the switchboard's duplicate filter.
+"""Sans-I/O pieces of a connection that both ends drive (protocol.connection uses them):
+version negotiation, the supervisor's backlog of unacknowledged events, and the
+switchboard's duplicate filter.
 
 Sequencing in one paragraph: the supervisor numbers its events 1, 2, 3, ... and never
 reuses a number, across reconnects too. It keeps every event until the switchboard
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 
-from . import limits
+from . import codec, limits
 from .exceptions import CloseCode, FrameError
+from .messages import Event
 
 _VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
 
@@ -61,6 +63,10 @@ class EventBacklog:
         self.last_seq = 0
         self._items: deque[tuple[int, bytes]] = deque()
         self._bytes = 0
+        #: Events reported before the first Welcome, in order; None once numbering is known.
+        self._held: list[Event] | None = []
+        #: Highest seq ever sent, over all connections: sending one at or below it is a resend.
+        self.highest_sent = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -76,6 +82,33 @@ class EventBacklog:
         """Reserve the next sequence number."""
         self.last_seq += 1
         return self.last_seq
+
+    def report(self, event: Event) -> None:
+        """Number an event and keep it until acknowledged. Before the first Welcome it is
+        held unnumbered instead: a fresh process doesn't know where numbering goes on (its
+        recovered runs report before the Welcome says what is stored)."""
+        if self._held is not None:
+            self._held.append(event)
+            return
+        event.seq = self.next_seq()
+        self.append(event.seq, codec.encode(event))
+
+    @property
+    def holding(self) -> bool:
+        """True until the first Welcome: reported events wait unnumbered."""
+        return self._held is not None
+
+    @property
+    def held(self) -> Sequence[Event]:
+        """The events held unnumbered until the first Welcome, in order."""
+        return self._held or ()
+
+    def sent(self, seq: int) -> bool:
+        """Event `seq` went out; True if it had gone out before (a resend)."""
+        if seq <= self.highest_sent:
+            return True
+        self.highest_sent = seq
+        return False
 
     def append(self, seq: int, frame: bytes) -> None:
         # Numbers in the backlog are contiguous: frames_after() relies on it.
@@ -93,9 +126,13 @@ class EventBacklog:
         return dropped
 
     def resume(self, stored_seq: int) -> None:
-        """Apply a Welcome's `last_seq`: forget what is stored, continue numbering after it."""
+        """Apply a Welcome's `last_seq`: forget what is stored, continue numbering after it
+        (the events held until the first Welcome are numbered now, in order)."""
         self.acknowledge(stored_seq)
         self.last_seq = max(self.last_seq, stored_seq)
+        held, self._held = self._held, None
+        for event in held or ():
+            self.report(event)
 
     def pending(self, after: int = 0) -> Iterator[tuple[int, bytes]]:
         """Events with seq > `after`, in order."""

@@ -29,14 +29,15 @@ from switchboard.api.supervisors import SupervisorController
 from switchboard.api.system import health, ready
 from switchboard.api.tokens import TokenController
 from switchboard.artifacts import ArtifactFiles
+from switchboard.changes import Changes
 from switchboard.config import Settings
 from switchboard.dashboard import dashboard_routes
 from switchboard.dispatcher import Dispatcher
+from switchboard.hub import Hub
 from switchboard.live import LiveFeed
 from switchboard.metrics import RUNS_LOST
 from switchboard.retention import Retention
 from switchboard.sealing import Keyring
-from switchboard.sessions import Hub
 from switchboard.state import AppState
 from switchboard.store.base import Store
 from switchboard.store.sqlite import SQLiteStore
@@ -82,7 +83,6 @@ async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
         if expired.jobs:
             log.info("jobs past their queue timeout: %s", ", ".join(expired.jobs))
         if lost or expired.runs or expired.jobs:
-            hub.notify_stored()
             hub.wake_dispatcher()
 
 
@@ -94,13 +94,15 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         max_run_output=settings.max_run_output_bytes or None,
     )
     hub = Hub(store, settings)
+    changes = Changes(store)
     state = AppState(
         settings=settings,
         store=store,
         hub=hub,
         dispatcher=Dispatcher(store, hub, aging_s=settings.aging_s),
         artifacts=ArtifactFiles(settings.artifacts_dir),
-        live=LiveFeed(store, hub),
+        live=LiveFeed(store, hub, changes),
+        changes=changes,
     )
 
     @contextlib.asynccontextmanager

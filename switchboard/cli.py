@@ -56,6 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
             data_dir=data_dir(args.data_dir),
             heartbeat_interval_s=args.heartbeat_interval,
             heartbeat_timeout_s=args.heartbeat_timeout,
+            status_every_heartbeats=args.status_every,
             send_timeout_s=args.send_timeout,
             outbox_max_bytes=args.outbox_max_bytes,
             outbox_max_messages=args.outbox_max_messages,
@@ -86,6 +87,17 @@ def _serve(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _count(text: str) -> int:
+    """An argparse type: an integer 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    return value
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
@@ -137,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         metavar="SECONDS",
         help="silence after which a connection is considered dead",
+    )
+    serve.add_argument(
+        "--status-every",
+        type=_count,
+        default=_count(os.environ.get("SWITCHBOARD_STATUS_EVERY", "6")),
+        metavar="HEARTBEATS",
+        help="ask each supervisor which runs it holds every this many heartbeats, and repair "
+        "what drifted from the store (0: never; default 6, with the default interval every "
+        "30 s; env SWITCHBOARD_STATUS_EVERY)",
     )
     serve.add_argument(
         "--send-timeout",

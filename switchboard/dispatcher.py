@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from protocol.spec import JobSpec
 from switchboard import metrics
+from switchboard.hub import Hub
 from switchboard.models import Assignment, QueuedJob, SupervisorView
 from switchboard.scheduler import (
     Candidate,
@@ -30,7 +31,6 @@ from switchboard.scheduler import (
     spend,
     unsatisfiable_reason,
 )
-from switchboard.sessions import Hub
 from switchboard.store.base import Store, Submitted
 
 log = logging.getLogger("switchboard.dispatcher")
@@ -178,10 +178,10 @@ class Dispatcher:
         caller holds `_placing` and has checked the spare is current)."""
         spare = self._spare
         assert spare is not None
-        sessions = self.hub.sessions
+        is_ready = self.hub.is_ready
         # Still connected and ready: looked at lazily, so placing one job usually looks
         # at one supervisor however large the fleet.
-        free = (c for c in spare.free if (s := sessions.get(c.id)) is not None and s.ready)
+        free = (c for c in spare.free if is_ready(c.id))
         now = time.time()
         queued = [_as_queued(i, job_id, spec, now) for i, (job_id, spec) in enumerate(jobs)]
         if len(queued) == 1:
@@ -240,7 +240,7 @@ class Dispatcher:
         self._spare = None
         if self.paused:
             return PassDone(0)  # resuming wakes the dispatcher
-        ready = {s.id for s in self.hub.ready_sessions()}
+        ready = self.hub.ready_ids()
         news = self._new_jobs
         self._new_jobs = False
         # Writes counted before the read are visible to it: the key computed from this

@@ -15,15 +15,15 @@ after which the dashboard refetches what it shows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import NamedTuple
 
 import msgspec
 
+from switchboard.changes import Changes
+from switchboard.hub import Hub
 from switchboard.models import SupervisorView
-from switchboard.sessions import Hub
 from switchboard.store.base import JobFilter, Store
 
 log = logging.getLogger("switchboard.live")
@@ -91,26 +91,25 @@ class Subscriber:
         self._queue.put_nowait(_CLOSED)
 
 
-def with_session(view: SupervisorView, hub: Hub) -> SupervisorView:
+def with_last_heard(view: SupervisorView, hub: Hub) -> SupervisorView:
     """The stored view, with when the supervisor was last heard from if it is connected."""
-    session = hub.sessions.get(view.id)
-    if session is None:
+    heard = hub.last_heard_at(view.id)
+    if heard is None:
         return view
-    return msgspec.structs.replace(view, last_seen=session.last_heard_at)
+    return msgspec.structs.replace(view, last_seen=heard)
 
 
 class LiveFeed:
-    def __init__(self, store: Store, hub: Hub) -> None:
+    def __init__(self, store: Store, hub: Hub, changes: Changes) -> None:
         self.store = store
         self.hub = hub
+        self.changes = changes
         self.subscribers: set[Subscriber] = set()
         self._rev = 0
         self._supervisors: dict[str, bytes] = {}
         self._supervisor_writes = -1
         self._overview = b""
         self._closed = False
-        self._written = asyncio.Event()
-        store.on_write(self._written.set)
 
     def subscribe(self) -> Subscriber:
         subscriber = Subscriber()
@@ -136,14 +135,14 @@ class LiveFeed:
     async def run(self) -> None:
         self._rev = await self.store.latest_job_change()
         next_supervisors = next_overview = next_prune = next_heartbeats = 0.0
+        seen = self.changes.count
         while True:
             if self.subscribers:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._written.wait(), POLL_S)
+                await self.changes.wait(seen, POLL_S)
                 await asyncio.sleep(SETTLE_S)
             else:  # nobody to tell: no reason to wake on every write
                 await asyncio.sleep(POLL_S)
-            self._written.clear()
+            seen = self.changes.count
             now = time.monotonic()
             try:
                 if now >= next_prune:
@@ -195,13 +194,13 @@ class LiveFeed:
             if self._supervisors.get(view.id) != encoded:
                 self._supervisors[view.id] = encoded
                 changed = True
-                self._publish("supervisor", msgspec.json.encode(with_session(view, self.hub)))
+                self._publish("supervisor", msgspec.json.encode(with_last_heard(view, self.hub)))
         return changed
 
     def _heartbeats_pass(self) -> None:
         # Kept out of `supervisor` events (heartbeats would be most of their traffic): one
         # small event now and then says when each connected supervisor was last heard from.
-        heard = {sid: session.last_heard_at for sid, session in self.hub.sessions.items()}
+        heard = self.hub.last_heard()
         self._publish("heartbeats", msgspec.json.encode({"at": time.time(), "last_heard": heard}))
 
     async def _overview_pass(self) -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -27,8 +27,16 @@ from protocol.spec import BACKEND_KINDS
 from protocol.state import TERMINAL, Phase
 
 if TYPE_CHECKING:
-    from switchboard.sessions import Hub
     from switchboard.store.base import Store
+
+
+class Connected(Protocol):
+    """What the gauges need of the hub (switchboard.hub.Hub), which counts here itself."""
+
+    def connected_count(self) -> int: ...
+
+    def connected_ids(self) -> Iterator[str]: ...
+
 
 log = logging.getLogger("switchboard.metrics")
 
@@ -207,14 +215,16 @@ RUN_DURATION = Histogram(
 RUNS_LOST = Counter(
     "switchboard_runs_lost_total",
     "Runs given up as lost: their supervisor stayed away past the grace period"
-    " (via=grace_period) or came back without them (via=reconcile).",
+    " (via=grace_period), came back without them (via=reconcile), or no longer listed"
+    " them in a StatusReply (via=status).",
     ["via"],
     registry=REGISTRY,
 )
 ZOMBIE_RUNS_STOPPED = Counter(
     "switchboard_zombie_runs_stopped_total",
     "StopJob sent for runs the switchboard no longer wants: found when a supervisor"
-    " reconnects (via=reconcile) or when their events arrive (via=events).",
+    " reconnects (via=reconcile), when their events arrive (via=events), or in a"
+    " StatusReply (via=status).",
     ["via"],
     registry=REGISTRY,
 )
@@ -316,9 +326,9 @@ STORE_COMMIT_SECONDS = Histogram(
 
 # Every label value of a counter or gauge exists from the start, so a scrape shows 0
 # instead of nothing. (Histograms get theirs when first observed.)
-for _via in ("grace_period", "reconcile"):
+for _via in ("grace_period", "reconcile", "status"):
     RUNS_LOST.labels(_via)
-for _via in ("reconcile", "events"):
+for _via in ("reconcile", "events", "status"):
     ZOMBIE_RUNS_STOPPED.labels(_via)
 for _via in ("submission", "pass"):
     RUNS_PLACED.labels(_via)
@@ -435,7 +445,7 @@ _refreshed_at = float("-inf")
 _drained: frozenset[str] = frozenset()
 
 
-async def refresh(store: Store, hub: Hub) -> None:
+async def refresh(store: Store, hub: Connected) -> None:
     """Bring the gauges that count stored rows (jobs, queue) up to date with one store
     read, at most once per REFRESH_MIN_S however often /metrics is scraped; the connected
     supervisors are counted on every scrape. A failing store leaves the last values (and
@@ -454,6 +464,6 @@ async def refresh(store: Store, hub: Hub) -> None:
             for state in QUEUE_STATES:
                 QUEUE_DEPTH.labels(state).set(counts.queued.get(state, 0))
             _drained = frozenset(counts.drained)
-    draining = sum(1 for s in hub.sessions if s in _drained)
-    SUPERVISORS_CONNECTED.labels("connected").set(len(hub.sessions) - draining)
+    draining = sum(1 for i in hub.connected_ids() if i in _drained)
+    SUPERVISORS_CONNECTED.labels("connected").set(hub.connected_count() - draining)
     SUPERVISORS_CONNECTED.labels("draining").set(draining)

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from switchboard.artifacts import ArtifactFiles
+from switchboard.changes import Changes
 from switchboard.config import Settings
 from switchboard.dispatcher import Dispatcher
+from switchboard.hub import Hub
 from switchboard.live import LiveFeed
-from switchboard.sessions import Hub
 from switchboard.store.base import Store
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ class AppState:
     dispatcher: Dispatcher
     artifacts: ArtifactFiles
     live: LiveFeed
+    changes: Changes
 
 
 def app_state(connection: ASGIConnection[Any, Any, Any, Any]) -> AppState:

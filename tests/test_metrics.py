@@ -78,7 +78,7 @@ SUPERVISOR_METRICS = {
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
 LABEL_VALUES: dict[str, set[str]] = {
-    "via": {"grace_period", "reconcile", "events", "submission", "pass", "placement"},
+    "via": {"grace_period", "reconcile", "events", "submission", "pass", "placement", "status"},
     "stream": set(STREAMS),
     "phase": {p.value for p in Phase},
     "state": {"ready", "backoff", "unschedulable", "connected", "draining"},

@@ -8,7 +8,7 @@ from protocol.messages import HeldRun
 from protocol.spec import JobSpec, NoopBackend
 from protocol.state import Phase
 from switchboard.models import ActiveRun
-from switchboard.reconcile import Action, decide, reconcile
+from switchboard.reconcile import Action, decide, drift, reconcile
 
 SPEC = JobSpec(name="t", backend=NoopBackend())
 
@@ -63,3 +63,19 @@ def test_a_different_attempt_is_a_different_run():
     held = [HeldRun("a", 1, Phase.RUNNING)]
     decisions = {(d.job_id, d.attempt): d.action for d in reconcile(assigned, held)}
     assert decisions == {("a", 1): Action.STOP_ZOMBIE, ("a", 2): Action.FINALIZE_LOST}
+
+
+def test_drift_takes_only_what_a_live_connection_cannot_explain():
+    """On a live connection a StatusReply acts like a Hello for started runs and zombies,
+    but leaves assigned runs (a StartJob may be on its way), canceled runs being stopped,
+    and runs with events after the reply alone."""
+    assigned = [
+        ActiveRun("started", 1, Phase.RUNNING, False, SPEC),
+        ActiveRun("sent", 1, Phase.ASSIGNED, False, SPEC),
+        ActiveRun("sent-canceled", 1, Phase.ASSIGNED, True, SPEC),
+        ActiveRun("stopping", 1, Phase.RUNNING, True, SPEC),
+        ActiveRun("newer", 1, Phase.RUNNING, False, SPEC),
+    ]
+    held = [HeldRun("stopping", 1, Phase.TERMINATING), HeldRun("zombie", 1, Phase.RUNNING)]
+    decisions = {(d.job_id, d.attempt): d.action for d in drift(assigned, held, {("newer", 1)})}
+    assert decisions == {("started", 1): Action.FINALIZE_LOST, ("zombie", 1): Action.STOP_ZOMBIE}

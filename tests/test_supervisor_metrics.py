@@ -139,7 +139,7 @@ def test_wasm_supervisor_counts_cache_errors_and_outcomes(switchboard, work_dir)
     assert any(e["message"].startswith("metrics on http://") for e in supervisor_log)
     switchboard_log = _json_lines(switchboard.process.log_path, skip=_ANNOUNCED)
     assert any(
-        e["logger"] == "switchboard.sessions" and "wasm-metrics connected" in e["message"]
+        e["logger"] == "switchboard.hub" and "wasm-metrics connected" in e["message"]
         for e in switchboard_log
     ), switchboard_log
     assert {e["level"] for e in switchboard_log} <= {"DEBUG", "INFO", "WARNING", "ERROR"}

@@ -69,16 +69,19 @@ async def _pieces(
     latest run, waiting for its first if it is still queued; nothing if the job is gone or
     ended without a run."""
     store = state.store
+    changes = state.changes
     while attempt is None:
+        seen = changes.count
         job = await store.get_job(job_id)
         if job is None or (not job.runs and is_terminal(job.phase)):
             return
         if job.runs:
             attempt = job.runs[-1].attempt
         else:
-            await state.hub.wait_stored(TICK_S)
+            await changes.wait(seen, TICK_S)
             yield None
     while True:
+        seen = changes.count
         phase = await store.run_phase(job_id, attempt)
         if phase is None:
             return
@@ -94,7 +97,7 @@ async def _pieces(
         if ended:
             yield _End(attempt, phase)
             return
-        await state.hub.wait_stored(TICK_S)
+        await changes.wait(seen, TICK_S)
         yield None
 
 

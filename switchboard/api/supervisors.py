@@ -12,7 +12,7 @@ from switchboard.api.errors import ApiError, error_responses
 from switchboard.api.security import actor, require
 from switchboard.api.tokens import TokenCreated
 from switchboard.auth import Permission, Role, create_token
-from switchboard.live import with_session
+from switchboard.live import with_last_heard
 from switchboard.models import SupervisorSession, SupervisorView
 from switchboard.state import AppState, app_state
 
@@ -39,7 +39,7 @@ async def _supervisor_or_404(state: AppState, supervisor_id: str) -> SupervisorV
     view = await state.store.get_supervisor(supervisor_id)
     if view is None:
         raise ApiError(404, "not_found", f"no supervisor {supervisor_id!r}")
-    return with_session(view, state.hub)
+    return with_last_heard(view, state.hub)
 
 
 async def _set_drained(state: AppState, supervisor_id: str, drained: bool) -> SupervisorView:
@@ -62,7 +62,7 @@ class SupervisorController(Controller):
     async def list_supervisors(self, request: Request) -> list[SupervisorView]:
         """Every supervisor that ever connected, with whether it is connected now."""
         state = app_state(request)
-        return [with_session(view, state.hub) for view in await state.store.list_supervisors()]
+        return [with_last_heard(view, state.hub) for view in await state.store.list_supervisors()]
 
     @get("/{supervisor_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
     async def show(self, request: Request, supervisor_id: str) -> SupervisorView:
@@ -133,7 +133,7 @@ class SupervisorController(Controller):
             supervisor_id=supervisor_id,
             replace_bound=True,
         )
-        await state.hub.drop_revoked_sessions()
+        await state.hub.drop_revoked_connections()
         return TokenCreated(made.id, made.token, Role.SUPERVISOR.value, made.name, supervisor_id)
 
     @post(
@@ -156,5 +156,5 @@ class SupervisorController(Controller):
             actor(request),
             ", ".join(revoked) or "none",
         )
-        await state.hub.drop_revoked_sessions()
+        await state.hub.drop_revoked_connections()
         return Unenrolled(supervisor_id, revoked)

@@ -24,7 +24,7 @@ class Readiness(msgspec.Struct):
 async def health(request: Request) -> Health:
     """Liveness: the process answers."""
     hub = app_state(request).hub
-    return Health("ok", len(hub.sessions))
+    return Health("ok", hub.connected_count())
 
 
 @get(

@@ -71,4 +71,4 @@ class TokenController(Controller):
         state = app_state(request)
         if not await state.store.revoke_token(token_id):
             raise ApiError(404, "not_found", f"no token {token_id!r}")
-        await state.hub.drop_revoked_sessions()
+        await state.hub.drop_revoked_connections()

@@ -1,0 +1,202 @@
+"""The live supervisor connections of this switchboard process.
+
+The Hub admits each supervisor WebSocket (switchboard.handshake), serves it as a
+SupervisorConnection until it ends, and lets a newer connection of the same supervisor
+replace an older one (the store hands out session generations). The dispatcher, the API,
+the metrics and the live feed ask it narrow questions (is this supervisor connected and
+ready, when was it last heard from) and have it queue StartJob and StopJob; nothing here
+waits on a socket to send. One timer for all connections keeps the heartbeats (and asks
+for a StatusRequest every few of them) and one watches the send deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from litestar import WebSocket
+
+from protocol import codec
+from protocol.exceptions import CloseCode, MessageTooBig
+from protocol.messages import RunRef, ServerHeartbeat, StopJob
+from protocol.spec import JobSpec
+from protocol.state import Phase
+from switchboard import handshake, metrics
+from switchboard.config import Settings
+from switchboard.lograte import RateLimitedLog
+from switchboard.models import Assignment, RunKey
+from switchboard.outbox import Outbox
+from switchboard.store.base import Store
+from switchboard.supervisor_connection import SupervisorConnection
+
+log = logging.getLogger("switchboard.hub")
+
+#: Told when capacity may have changed (a supervisor ready, a run ended): the dispatcher.
+CapacityListener = Callable[[], None]
+
+
+class Hub:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._connections: dict[str, SupervisorConnection] = {}
+        #: Outboxes whose writer is running: the only ones the send deadline watch visits.
+        self.writing: set[Outbox] = set()
+        self._capacity_listener: CapacityListener = lambda: None
+        #: Refusals anyone who reaches the port can cause, one per attempt: logged once
+        #: per interval (the metric counts each).
+        self._refusals_log = RateLimitedLog(log)
+
+    # --- what others may ask ------------------------------------------------------------
+
+    def connected_count(self) -> int:
+        return len(self._connections)
+
+    def connected_ids(self) -> Iterator[str]:
+        return iter(self._connections)
+
+    def is_ready(self, supervisor_id: str) -> bool:
+        """Connected, and reconciled: it may be given new runs."""
+        connection = self._connections.get(supervisor_id)
+        return connection is not None and connection.ready
+
+    def ready_ids(self) -> set[str]:
+        return {i for i, c in self._connections.items() if c.ready}
+
+    def last_heard_at(self, supervisor_id: str) -> float | None:
+        """Wall-clock time the supervisor was last heard from; None if not connected."""
+        connection = self._connections.get(supervisor_id)
+        return None if connection is None else connection.last_heard_at
+
+    def last_heard(self) -> dict[str, float]:
+        """supervisor id -> last heard from (wall clock), for every connected one."""
+        return {i: c.last_heard_at for i, c in self._connections.items()}
+
+    def is_current(self, connection: SupervisorConnection) -> bool:
+        """True while `connection` is its supervisor's live one (not replaced)."""
+        return self._connections.get(connection.id) is connection
+
+    # --- capacity and runs -----------------------------------------------------------
+
+    def on_capacity_change(self, listener: CapacityListener) -> None:
+        self._capacity_listener = listener
+
+    def wake_dispatcher(self) -> None:
+        self._capacity_listener()
+
+    async def start_frame(self, job_id: str, attempt: int, spec: JobSpec) -> bytes | None:
+        """A run's encoded StartJob (protocol.codec builds and measures it); None for a
+        run whose StartJob is over the frame limit, which is ended instead (its job got
+        into the store around the check at submission): `rejected`, with the reason, so
+        that its job is neither resent nor restarted for ever, and no connection is cut
+        for it."""
+        try:
+            return codec.encode_start_job(job_id, attempt, spec)
+        except MessageTooBig as error:
+            metrics.RUNS_UNDELIVERABLE.inc()
+            log.error("run %s#%d cannot be sent: %s", job_id, attempt, error)
+            key = RunKey(job_id, attempt)
+            if await self.store.end_run(key, Phase.REJECTED.value, f"not sent: {error}"):
+                self.wake_dispatcher()
+            return None
+
+    async def start_runs(self, runs: Iterable[Assignment]) -> None:
+        """Queue the StartJob of each run just assigned for its supervisor (never waiting
+        on a socket; a supervisor not connected and ready gets it when it reconciles)."""
+        for run in runs:
+            frame = await self.start_frame(run.job_id, run.attempt, run.spec)
+            connection = self._connections.get(run.supervisor_id)
+            if frame is not None and connection is not None and connection.ready:
+                connection.start(RunRef(run.job_id, run.attempt), frame)
+
+    def send_stop(self, supervisor_id: str, stop: StopJob) -> None:
+        """Queue a StopJob for the supervisor; never waits on its socket."""
+        connection = self._connections.get(supervisor_id)
+        if connection is not None:
+            connection.stop(stop)
+        # Otherwise reconciliation stops it when the supervisor is back.
+
+    # --- timers for all connections ------------------------------------------------------
+
+    async def keep_heartbeats(self) -> None:
+        """Every heartbeat interval: a heartbeat queued for each connection (one frame,
+        encoded once), a StatusRequest for those due one, and the end of each connection
+        whose supervisor has been silent past the timeout."""
+        status_every = self.settings.status_every_heartbeats
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            frame = codec.encode(ServerHeartbeat(at=time.time()))
+            now = time.monotonic()
+            for connection in list(self._connections.values()):
+                try:
+                    connection.heartbeat(frame, now, status_every)
+                except Exception:  # one connection's trouble must not stop the others' beats
+                    log.exception("heartbeat to %s failed", connection.id)
+
+    async def keep_send_deadlines(self) -> None:
+        """Cut each connection whose send has waited on its socket past the send timeout:
+        one timer for all (a timer per send would cost more than the send), visiting only
+        the outboxes that have something to send. A send's deadline is met within a
+        quarter of the timeout (at most a second) after it passes."""
+        timeout = self.settings.send_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for outbox in list(self.writing):
+                try:
+                    outbox.check_send_deadline(now)
+                except Exception:
+                    log.exception("checking the send deadline of %s failed", outbox.name)
+
+    # --- closing ----------------------------------------------------------------------
+
+    async def close_all(
+        self, code: CloseCode, reason: str, retry_after_s: float | None = None
+    ) -> None:
+        """Close every connection, waiting at most the send timeout for the goodbyes."""
+        connections = list(self._connections.values())
+        for connection in connections:
+            connection.close(code, reason, retry_after_s)
+        await asyncio.gather(
+            *(c.outbox.finish(self.settings.send_timeout_s) for c in connections),
+            return_exceptions=True,
+        )
+
+    async def drop_revoked_connections(self) -> None:
+        """Close the connections whose token has been revoked."""
+        revoked = {t.id for t in await self.store.list_tokens() if t.revoked}
+        for connection in list(self._connections.values()):
+            if not revoked.isdisjoint(connection.token_ids):
+                connection.close(CloseCode.UNAUTHORIZED, "token revoked")
+
+    # --- one WebSocket ------------------------------------------------------------------
+
+    async def handle(self, socket: WebSocket) -> None:
+        """Serve one supervisor WebSocket from the upgrade request to the close."""
+        admitted = await handshake.admit(socket, self.store, self.settings, self._refusals_log)
+        if admitted is None:
+            return
+        session = admitted.connected.session
+        connection = SupervisorConnection(self, socket, admitted.protocol, admitted.hello, session)
+        connection.token_ids = admitted.token_ids
+        connection.enrolled = admitted.enrolled
+        metrics.SUPERVISOR_CONNECTIONS.inc()
+        if session > 1:
+            metrics.SUPERVISOR_RECONNECTS.inc()
+        previous = self._connections.get(connection.id)
+        self._connections[connection.id] = connection
+        if previous is not None:
+            metrics.SESSIONS_REPLACED.inc()
+            previous.close(CloseCode.REPLACED, "replaced by a newer connection")
+        log.info("supervisor %s connected (session %d)", connection.id, session)
+        try:
+            await connection.serve(admitted.connected.last_seq)
+        finally:
+            if self.is_current(connection):
+                del self._connections[connection.id]
+            await self.store.supervisor_disconnected(
+                connection.id, session, connection.closed_because or "closed by the supervisor"
+            )
+            log.info("supervisor %s disconnected (session %d)", connection.id, session)

@@ -1,0 +1,428 @@
+"""One supervisor's live WebSocket on the switchboard: a pump between the socket, the
+protocol's Connection (protocol.connection: which message may come when, duplicates,
+acks, when to reconcile) and the store.
+
+Its reader hands frames to the Connection and queues the events it lets through; its
+applier hands whatever has gathered to the store as one batch (one transaction), and its
+acknowledger sends one cumulative Ack per batch once the batch is stored, so
+acknowledging never races ahead of durability. The next batch goes to the store while the
+one before is still being committed (the store takes them in order and refuses a batch
+whose predecessor failed), so a run's events that arrive a moment apart don't wait for two
+commits one after the other. Everything sent goes through the connection's Outbox
+(switchboard.outbox): nothing here waits on the socket to send.
+
+A connection that ends, however it ends, ends as any other does: the store marks the
+supervisor disconnected; its runs wait out the lost-after grace or are reconciled when it
+is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from typing import NamedTuple, Protocol
+
+from litestar import WebSocket
+
+from protocol.connection import Connection, Goodbye, StatusDue
+from protocol.exceptions import CloseCode
+from protocol.messages import (
+    Event,
+    Hello,
+    ProtocolErrorMessage,
+    RunRef,
+    StatusReply,
+    StopJob,
+    SwitchboardMessage,
+)
+from protocol.spec import JobSpec
+from protocol.state import Phase
+from switchboard import metrics
+from switchboard.config import Settings
+from switchboard.models import ActiveRun, RunKey
+from switchboard.outbox import Outbox
+from switchboard.reconcile import Action, Decision, drift, reconcile
+from switchboard.store.base import EventsApplied, Store
+
+log = logging.getLogger("switchboard.connections")
+
+#: Events waiting to be stored, per connection; a full queue stops reading the socket.
+EVENT_QUEUE = 4096
+#: Events stored per transaction at most.
+MAX_BATCH = 1024
+#: Batches of one connection handed to the store and not yet acknowledged, at most.
+WRITES_IN_FLIGHT = 2
+
+
+class Fleet(Protocol):
+    """What a connection needs of the hub that holds it."""
+
+    store: Store
+    settings: Settings
+    #: Outboxes whose writer is running: the only ones the send deadline watch visits.
+    writing: set[Outbox]
+
+    def is_current(self, connection: SupervisorConnection) -> bool: ...
+
+    def wake_dispatcher(self) -> None: ...
+
+    async def start_frame(self, job_id: str, attempt: int, spec: JobSpec) -> bytes | None: ...
+
+
+class _Inbox:
+    """Events on their way from a connection's reader to its applier (one of each): a list
+    and at most one waiting side. An asyncio.Queue would do, at about 3 KiB a connection
+    (four deques and an Event) on a switchboard holding thousands of idle ones."""
+
+    __slots__ = ("_items", "_limit", "_putter", "_taker")
+
+    def __init__(self, limit: int) -> None:
+        self._items: list[Event] = []
+        self._limit = limit
+        self._taker: asyncio.Future[None] | None = None
+        self._putter: asyncio.Future[None] | None = None
+
+    async def put(self, event: Event) -> None:
+        """Add an event; while `limit` are waiting, wait (the reader stops reading)."""
+        while len(self._items) >= self._limit:
+            self._putter = asyncio.get_running_loop().create_future()
+            await self._putter
+        self._items.append(event)
+        _wake(self._taker)
+
+    async def take(self, most: int) -> list[Event]:
+        """The oldest events, at most `most`, once there is one."""
+        while not self._items:
+            self._taker = asyncio.get_running_loop().create_future()
+            await self._taker
+        batch = self._items[:most]
+        del self._items[:most]
+        _wake(self._putter)
+        return batch
+
+    def take_all(self) -> list[Event]:
+        batch, self._items = self._items, []
+        _wake(self._putter)
+        return batch
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+class _Write(NamedTuple):
+    """A batch of events handed to the store, waiting to be acknowledged."""
+
+    batch: list[Event]
+    #: Its events not handed over before (the rest are resends).
+    fresh: list[Event]
+    result: Awaitable[EventsApplied]
+    started: float
+
+
+class SupervisorConnection:
+    def __init__(
+        self,
+        fleet: Fleet,
+        socket: WebSocket,
+        protocol: Connection,
+        hello: Hello,
+        session: int,
+    ) -> None:
+        self.fleet = fleet
+        self.protocol = protocol
+        self.hello = hello
+        self.id = hello.supervisor_id
+        #: The session generation the store handed out for this connection.
+        self.session = session
+        #: The tokens this connection stands on (a revoke of any closes it): the one it
+        #: authenticated with, and the credential it enrolled with it, if any.
+        self.token_ids: tuple[str, ...] = ()
+        #: True if this connection enrolled its supervisor (the Welcome says so).
+        self.enrolled = False
+        #: True once reconciled: only then may the dispatcher give it new runs.
+        self.ready = False
+        self.outbox = Outbox(socket, fleet.settings, self.id, fleet.writing, self.cut)
+        self._events = _Inbox(EVENT_QUEUE)
+        self._beats = 0
+        self._last_heard = time.monotonic()
+        #: Wall-clock time of the last frame received, for people (the dashboard).
+        self.last_heard_at = time.time()
+        #: Why the switchboard closed this connection (None: the supervisor's side ended it).
+        self.closed_because: str | None = None
+        #: Batches handed to the store and not yet acknowledged, oldest first; the task
+        #: acknowledging them runs only while there are some (idle connections are many
+        #: and each task costs memory), and the applier waits on `_room` while they are many.
+        self._writes: list[_Write] = []
+        self._acknowledger: asyncio.Task[None] | None = None
+        self._room: asyncio.Future[None] | None = None
+
+    # --- sending (never waits: see switchboard.outbox) ---------------------------------
+
+    def send(self, message: SwitchboardMessage) -> None:
+        self.outbox.send(self.protocol.send(message))
+
+    def send_frame(self, kind: str, frame: bytes) -> None:
+        """Queue a message encoded once for many connections (a heartbeat)."""
+        if self.protocol.may_send(kind):
+            self.outbox.send(frame)
+
+    def start(self, run: RunRef, frame: bytes) -> None:
+        """Queue a run's encoded StartJob (see Outbox.start)."""
+        if self.protocol.may_send("start_job"):
+            self.outbox.start(run, frame)
+
+    def stop(self, stop: StopJob) -> None:
+        self.outbox.stop(RunRef(stop.job_id, stop.attempt), self.protocol.send(stop))
+
+    def request_status(self) -> None:
+        """Ask the supervisor which runs it holds (the reply is reconciled when it comes)."""
+        self.outbox.send(self.protocol.status_request())
+
+    def cut(self, reason: str, detail: str) -> None:
+        """End a connection whose supervisor does not keep up or has gone silent (`reason`:
+        one of metrics.CUT_REASONS), counted and logged once."""
+        if self.outbox.closed:
+            if reason == "send_timeout":
+                self.outbox.abort()  # not even its goodbye could be sent
+            return
+        metrics.SESSIONS_CUT.labels(reason).inc()
+        log.warning(
+            "supervisor %s: %s; %s the connection",
+            self.id,
+            detail,
+            "aborting" if self.outbox.stuck else "closing",
+        )
+        code = CloseCode.HEARTBEAT_TIMEOUT if reason == "heartbeat_timeout" else CloseCode.TOO_SLOW
+        self.close(code, detail)
+
+    def close(self, code: CloseCode, reason: str, retry_after_s: float | None = None) -> None:
+        """End the connection with a protocol_error and the close (see Outbox.close)."""
+        if self.outbox.closed:
+            return
+        self.closed_because = reason
+        self.outbox.close(self.protocol.fail(code, reason, retry_after_s))
+
+    def heartbeat(self, frame: bytes, now: float, status_every: int = 0) -> None:
+        """Queue the hub's heartbeat (and, every `status_every` of them once ready, a
+        StatusRequest), or end the connection if the supervisor went silent."""
+        if now - self._last_heard > self.fleet.settings.heartbeat_timeout_s:
+            self.cut("heartbeat_timeout", "no heartbeat from the supervisor")
+            return
+        self.send_frame("heartbeat", frame)
+        self._beats += 1
+        # Counted per connection, so a fleet's requests spread over the interval.
+        if status_every > 0 and self.ready and self._beats % status_every == 0:
+            self.request_status()
+
+    # --- serving --------------------------------------------------------------------
+
+    async def serve(self, stored_seq: int) -> None:
+        settings = self.fleet.settings
+        self.outbox.send(
+            self.protocol.welcome(
+                session=self.session,
+                stored_seq=stored_seq,
+                heartbeat_interval_s=settings.heartbeat_interval_s,
+                heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                enrolled=self.enrolled,
+            )
+        )
+        if self.protocol.reconcile_due():
+            await self._reconcile()
+        # Heartbeats both ways are kept by the hub (Hub.keep_heartbeats): one timer for all
+        # connections instead of a task each.
+        tasks = [
+            asyncio.create_task(self._read_loop()),
+            asyncio.create_task(self._apply_loop()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is not None:
+                    log.error("supervisor %s connection failed", self.id, exc_info=exc)
+                    self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            if self._acknowledger is not None:
+                tasks.append(self._acknowledger)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Store what was received before the connection went away.
+            await self._drain_events()
+            # The goodbye, if the switchboard ended the connection; otherwise the socket
+            # is gone and the writer stops at its next send.
+            await self.outbox.finish(settings.send_timeout_s)
+            self.protocol.lost()
+
+    async def _read_loop(self) -> None:
+        receive = self.outbox.socket.receive
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            self._last_heard = time.monotonic()
+            self.last_heard_at = time.time()
+            match self.protocol.receive(message.get("bytes") or message.get("text") or b""):
+                case Event() as event:
+                    await self._events.put(event)
+                case StatusReply():
+                    await self._status_due()
+                case Goodbye() as goodbye:
+                    log.warning("supervisor %s: %s (%d)", self.id, goodbye.reason, goodbye.code)
+                    self.closed_because = goodbye.reason
+                    self.outbox.close(goodbye)
+                    return
+                case ProtocolErrorMessage(code=code, reason=reason):
+                    log.warning(
+                        "supervisor %s reported a protocol error: %s (%d)", self.id, reason, code
+                    )
+                    return
+
+    async def _apply_loop(self) -> None:
+        while not self.outbox.closed:
+            while len(self._writes) >= WRITES_IN_FLIGHT:
+                self._room = asyncio.get_running_loop().create_future()
+                await self._room
+            # Nothing may wait between taking events and handing them over: a connection
+            # ending there would drop them (the inbox no longer holds them).
+            batch = await self._events.take(MAX_BATCH)
+            self._writes.append(self._hand_to_store(batch))
+            if self._acknowledger is None:
+                self._acknowledger = asyncio.create_task(self._acknowledge_writes())
+
+    async def _acknowledge_writes(self) -> None:
+        """Acknowledge the batches handed to the store, in order, as each is stored. A
+        batch that could not be stored ends the connection (the supervisor sends it again
+        once reconnected)."""
+        try:
+            while self._writes:
+                write = self._writes[0]
+                # Shielded: if the connection ends meanwhile, _drain_events still waits.
+                result = await asyncio.shield(write.result)
+                self._writes.pop(0)
+                _wake(self._room)
+                await self._acknowledge(write, result)
+        except Exception as exc:
+            if self._room is not None and not self._room.done():
+                self._room.set_exception(exc)
+            log.error("supervisor %s: storing its events failed", self.id, exc_info=exc)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self._acknowledger = None
+
+    async def _drain_events(self) -> None:
+        """The connection is over: acknowledge what is still being stored, then store and
+        acknowledge what was received and not yet handed over (the Acks may not arrive;
+        what was stored counts, and the supervisor resends the rest)."""
+        batch = self._events.take_all()
+        if batch:
+            self._writes.append(self._hand_to_store(batch))
+        writes, self._writes = self._writes, []
+        for write in writes:  # each awaited, so none is left with an unseen failure
+            with contextlib.suppress(Exception):
+                await self._acknowledge(write, await write.result)
+
+    def _hand_to_store(self, batch: list[Event]) -> _Write:
+        fresh, after = self.protocol.hand_over(batch)
+        result = self.fleet.store.apply_events(self.id, batch, after_seq=after)
+        return _Write(batch, fresh, result, time.perf_counter())
+
+    async def _acknowledge(self, write: _Write, result: EventsApplied) -> None:
+        metrics.EVENT_BATCH_SECONDS.observe(time.perf_counter() - write.started)
+        metrics.EVENTS_STORED.inc(len(write.fresh))
+        metrics.count_output(write.fresh)
+        if len(write.fresh) < len(write.batch):
+            metrics.DUPLICATE_EVENTS.inc(len(write.batch) - len(write.fresh))
+        self.outbox.send(self.protocol.acknowledge(result.stored_seq))
+        for key in result.unwanted:
+            metrics.ZOMBIE_RUNS_STOPPED.labels("events").inc()
+            self.stop(StopJob(job_id=key.job_id, attempt=key.attempt, reason="unwanted"))
+        if result.ended:
+            self.fleet.wake_dispatcher()
+        if self.protocol.reconcile_due():
+            await self._reconcile()
+        await self._status_due()
+
+    # --- reconciling ------------------------------------------------------------------
+
+    async def _reconcile(self) -> None:
+        """Settle every run with the Hello's list (switchboard.reconcile), then take runs."""
+        if not self.fleet.is_current(self):
+            return  # replaced: its Hello is out of date, the newer connection reconciles
+        store = self.fleet.store
+        decisions = reconcile(await store.active_runs(self.id), self.hello.runs)
+        await self._carry_out(decisions, "reconcile")
+        self.ready = True
+        # Runs assigned while this ran were not sent (it wasn't ready): send them.
+        known = {(d.job_id, d.attempt) for d in decisions}
+        for run in await store.active_runs(self.id):
+            if run.phase == Phase.ASSIGNED and (run.job_id, run.attempt) not in known:
+                await self._resend(run)
+        self.fleet.wake_dispatcher()
+
+    async def _status_due(self) -> None:
+        """Repair what drifted since the last StatusReply, once its events are stored."""
+        due: StatusDue | None = self.protocol.status_due()
+        if due is None or not self.ready or not self.fleet.is_current(self):
+            return
+        store = self.fleet.store
+        # The common case, nothing drifted, costs a count (the full list holds the specs).
+        # A lost run and a zombie at once would balance out here: the reconnect catches those.
+        counted = (await store.running_counts()).get(self.id, 0)
+        if counted == len(due.reply.runs) and not due.newer:
+            return
+        decisions = drift(await store.active_runs(self.id), due.reply.runs, due.newer)
+        if decisions:
+            log.warning(
+                "supervisor %s: its runs drifted from what is stored: %s",
+                self.id,
+                ", ".join(f"{d.job_id}#{d.attempt} {d.action}" for d in decisions),
+            )
+            await self._carry_out(decisions, "status")
+            self.fleet.wake_dispatcher()
+
+    async def _carry_out(self, decisions: Sequence[Decision], via: str) -> None:
+        store = self.fleet.store
+        for decision in decisions:
+            match decision.action:
+                case Action.ADOPT:
+                    pass
+                case Action.RESEND:
+                    assert decision.run is not None
+                    await self._resend(decision.run)
+                case Action.STOP:
+                    self.stop(
+                        StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="canceled")
+                    )
+                case Action.STOP_ZOMBIE:
+                    metrics.ZOMBIE_RUNS_STOPPED.labels(via).inc()
+                    self.stop(
+                        StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="unwanted")
+                    )
+                case Action.FINALIZE_CANCELED | Action.FINALIZE_LOST:
+                    phase = "canceled" if decision.action is Action.FINALIZE_CANCELED else "lost"
+                    key = RunKey(decision.job_id, decision.attempt)
+                    ended = await store.end_run(key, phase, "supervisor no longer holds it")
+                    if ended and decision.action is Action.FINALIZE_LOST:
+                        metrics.RUNS_LOST.labels(via).inc()
+
+    async def _resend(self, run: ActiveRun) -> None:
+        """(Re)send an assigned run's StartJob (queued: never waiting on the socket). A
+        run whose secret values this switchboard can't open (sealed under another key) is
+        ended instead."""
+        if run.secrets_unreadable is not None:
+            reason = f"not started: {run.secrets_unreadable}"
+            key = RunKey(run.job_id, run.attempt)
+            if await self.fleet.store.end_run(key, Phase.REJECTED.value, reason):
+                metrics.SECRETS_UNREADABLE.labels("reconcile").inc()
+                log.warning("run %s#%d rejected: %s", run.job_id, run.attempt, reason)
+            return
+        frame = await self.fleet.start_frame(run.job_id, run.attempt, run.spec)
+        if frame is not None:
+            self.start(RunRef(run.job_id, run.attempt), frame)
