@@ -17,9 +17,10 @@ from pathlib import Path
 import msgspec
 import uvloop
 
+from common import logfmt
+from common.secret_files import SecretFileError, read_secret_file
 from connector.credentials import HostCredentials, NoCredential
-from protocol import codec, limits, logfmt
-from protocol.secret_files import SecretFileError, read_secret_file
+from protocol import codec, limits
 from protocol.spec import BACKEND_KINDS, JobSpec
 from supervisor.artifacts import ArtifactSource, FileArtifactSource, HttpArtifactSource
 from supervisor.backends.base import Backend

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from protocol.secret_files import SecretFileError, read_secret_file
+from common.secret_files import SecretFileError, read_secret_file
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 

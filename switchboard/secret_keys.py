@@ -23,7 +23,7 @@ import re
 import stat
 from pathlib import Path
 
-from protocol.secret_files import sync_directory
+from common.secret_files import sync_directory
 from switchboard.config import Settings
 from switchboard.sealing import KEY_BYTES, Keyring
 

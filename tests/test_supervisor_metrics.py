@@ -17,7 +17,7 @@ import pytest
 import wasmtime
 from prometheus_client import generate_latest
 
-from protocol import logfmt
+from common import logfmt
 from tests.harness import REPO, Switchboard, start_supervisor, wait_connected, wait_job
 from tests.test_metrics import (
     SUPERVISOR_METRICS,
