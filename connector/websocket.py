@@ -40,11 +40,10 @@ from protocol.messages import (
 )
 from protocol.session import EventBacklog, supported_versions
 from protocol.state import Phase
-from supervisor import metrics
-from supervisor.base import Supervisor
 
+from . import metrics
 from .backoff import Verdict, backoff, classify, is_unauthorized
-from .base import SupervisorConnector
+from .base import Supervisor, SupervisorConnector
 from .credentials import Attempt, HostCredentials, NoCredential
 
 #: Unacknowledged bytes a connection may have on the wire (see WebSocketConnector).

@@ -5,7 +5,7 @@ switchboard and supervisors (in any language, see docs/protocol.md) speak what t
 defines.
 """
 
-from .exceptions import CloseCode, FrameError, InvalidTransition, JobError, JobErrorKind
-from .state import Phase
+from .exceptions import CloseCode, FrameError, JobError, JobErrorKind
+from .state import InvalidTransition, Phase
 
 __all__ = ["CloseCode", "FrameError", "InvalidTransition", "JobError", "JobErrorKind", "Phase"]

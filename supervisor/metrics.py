@@ -1,5 +1,5 @@
-"""Prometheus metrics of a supervisor: its link to the switchboard, its load, the errors it
-reports and its caches.
+"""Prometheus metrics of a supervisor: its load, the errors it reports and its caches, and
+(registered here from connector.metrics) its link to the switchboard.
 
 Module-level objects in a registry of their own; `supervisor run --metrics-port PORT`
 serves them (prometheus_client's HTTP server, on 127.0.0.1 unless --metrics-host says
@@ -17,6 +17,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from connector import metrics as connector_metrics
 from protocol.exceptions import JobErrorKind
 from protocol.state import TERMINAL, Phase
 
@@ -31,21 +32,10 @@ CACHES = ("wasm_module", "docker_image")
 #: Docker config allows, and a Wasm guest writing more to /scratch than its quota.
 LIMITS = ("image_unpacked", "wasm_scratch")
 
-RECONNECTS = Counter(
-    "supervisor_reconnects_total",
-    "Connections to the switchboard established again after the first one.",
-    registry=REGISTRY,
-)
-EVENTS_RESENT = Counter(
-    "supervisor_events_resent_total",
-    "Events sent again after a reconnect (sent before, never acknowledged).",
-    registry=REGISTRY,
-)
-BACKLOG_BYTES = Gauge(
-    "supervisor_backlog_bytes",
-    "Encoded size of the events not yet acknowledged by the switchboard.",
-    registry=REGISTRY,
-)
+# The connector's metrics are this process's too: one scrape shows both.
+for _collector in connector_metrics.COLLECTORS:
+    REGISTRY.register(_collector)
+
 RUNNING_JOBS = Gauge(
     "supervisor_running_jobs",
     "Runs this supervisor holds now (started and not yet ended).",
@@ -96,6 +86,11 @@ for _limit in LIMITS:
 def run_ended(phase: Phase) -> None:
     if phase in TERMINAL:  # a run dropped unfinished (shutdown) did not end
         RUNS_ENDED.labels(phase.value).inc()
+
+
+def job_error(kind: JobErrorKind) -> None:
+    """Count a run refused or failed with `kind` (once: where the supervisor decides it)."""
+    BACKEND_ERRORS.labels(JobErrorKind(kind).value).inc()
 
 
 def cache_lookup(cache: str, hit: bool) -> None:

@@ -4,8 +4,8 @@ the store.
 Module-level objects in a registry of their own (not prometheus_client's global one), so
 that nothing else imported into the process adds to or collides with them. Labels are
 bounded sets of words, never ids: a label per supervisor or job would grow without end.
-Served as Prometheus text by GET /metrics (switchboard.api.metrics), which first calls
-`refresh` for the gauges that are counts of stored rows. docs/metrics.md lists them all.
+Served as Prometheus text by GET /metrics (switchboard.api.metrics), which first brings
+the gauges that are counts of stored rows up to date. docs/metrics.md lists them all.
 
 Run observations (dispatch latency, run duration) are made inside the store's write
 transaction, where the run's times are at hand, but only *staged* there: they reach the
@@ -16,19 +16,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from protocol.messages import STREAMS, Output
 from protocol.spec import BACKEND_KINDS
 from protocol.state import TERMINAL, Phase
-
-if TYPE_CHECKING:
-    from switchboard.sessions import Hub
-    from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.metrics")
 
@@ -54,8 +48,6 @@ SUPERVISOR_REFUSAL_REASONS = (
 CUT_REASONS = ("heartbeat_timeout", "send_timeout", "outbox_full")
 #: The label a backend kind outside the known set gets (keeps the label bounded).
 OTHER = "other"
-#: Scrapes closer together than this reuse the counts of stored rows.
-REFRESH_MIN_S = 1.0
 
 _SECONDS_SHORT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SECONDS_WAIT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -427,33 +419,3 @@ def output_truncated(stream: str, dropped: int) -> None:
 def output_dropped(stream: str, dropped: int) -> None:
     """Stage output dropped because its stream was cut at the output cap."""
     _staged.items.append(lambda: OUTPUT_DROPPED_BYTES.labels(stream).inc(dropped))
-
-
-# --- gauges that count stored rows, refreshed by a scrape ------------------------------
-
-_refreshed_at = float("-inf")
-_drained: frozenset[str] = frozenset()
-
-
-async def refresh(store: Store, hub: Hub) -> None:
-    """Bring the gauges that count stored rows (jobs, queue) up to date with one store
-    read, at most once per REFRESH_MIN_S however often /metrics is scraped; the connected
-    supervisors are counted on every scrape. A failing store leaves the last values (and
-    says so in the log): the rest is still served."""
-    global _refreshed_at, _drained
-    now = time.monotonic()
-    if now - _refreshed_at >= REFRESH_MIN_S:
-        _refreshed_at = now  # also holds off scrapes arriving while this one reads
-        try:
-            counts = await store.counts()
-        except Exception:
-            log.exception("metrics: reading the counts from the store failed")
-        else:
-            for phase in Phase:
-                JOBS.labels(phase.value).set(counts.jobs.get(phase.value, 0))
-            for state in QUEUE_STATES:
-                QUEUE_DEPTH.labels(state).set(counts.queued.get(state, 0))
-            _drained = frozenset(counts.drained)
-    draining = sum(1 for s in hub.sessions if s in _drained)
-    SUPERVISORS_CONNECTED.labels("connected").set(len(hub.sessions) - draining)
-    SUPERVISORS_CONNECTED.labels("draining").set(draining)

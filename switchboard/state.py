@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from litestar.connection import ASGIConnection
 
 from switchboard.artifacts import ArtifactFiles
 from switchboard.config import Settings
@@ -11,9 +13,6 @@ from switchboard.dispatcher import Dispatcher
 from switchboard.live import LiveFeed
 from switchboard.sessions import Hub
 from switchboard.store.base import Store
-
-if TYPE_CHECKING:
-    from litestar.connection import ASGIConnection
 
 
 @dataclass
