@@ -20,8 +20,8 @@ Limits. Each ends the run with its own outcome:
 - a trap: reason "trap", with the trap message and wasm backtrace.
 
 Modules. Compiled modules live in an in-memory LRU (`module_cache_size`) in front of an
-optional disk cache (`cache_dir`, supervisor.wasm_cache, at most `cache_max_bytes`) that
-holds both the module bytes (`<sha256>.wasm`) and the compiled code
+optional disk cache (`cache_dir`, wasm_cache.py, at most `cache_max_bytes`) that holds
+both the module bytes (`<sha256>.wasm`) and the compiled code
 (`<sha256>.<flavour>.<wasmtime version>-<arch>.cwasm`; flavour "epoch" or "fuel"), so a
 module is fetched and compiled once per host, restarts included. Compiled code is only
 loaded from the cache after its checksum matches; a file Wasmtime still refuses (another
@@ -74,10 +74,10 @@ from protocol.spec import WasmBackend as WasmSpec
 from supervisor import metrics
 from supervisor.artifacts import ArtifactSource, digest_of, verify
 from supervisor.backends.base import Backend, Outcome, RunContext
+from supervisor.backends.keylocks import KeyLocks
 from supervisor.backends.wasi_host import guest_of_thread, make_linker
+from supervisor.backends.wasm_cache import DiskCache
 from supervisor.backends.wasm_scratch import ScratchQuota
-from supervisor.keylocks import KeyLocks
-from supervisor.wasm_cache import DiskCache
 
 log = logging.getLogger(__name__)
 
