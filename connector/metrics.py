@@ -2,7 +2,7 @@
 again, and the backlog not yet acknowledged.
 
 They are named `supervisor_*` because the `supervisor` process serves them, next to its own
-(supervisor.metrics registers these in the registry it serves); docs/metrics.md lists them.
+(supervisor.metrics.serve); docs/metrics.md lists them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 
 # No `*_created` series: they double the exposition and nothing here reads them.
 disable_created_metrics()
-#: The connector's metrics alone; a process serving them adds COLLECTORS to its registry.
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 RECONNECTS = Counter(
@@ -29,5 +28,3 @@ BACKLOG_BYTES = Gauge(
     "Encoded size of the events not yet acknowledged by the switchboard.",
     registry=REGISTRY,
 )
-
-COLLECTORS = (RECONNECTS, EVENTS_RESENT, BACKLOG_BYTES)

@@ -14,7 +14,8 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -366,8 +367,8 @@ class WebSocketConnector(SupervisorConnector):
             await self.report_job_error(run, exc.kind, exc.description)
             await self.update_job_state(run, Phase.REJECTED, message=str(exc))
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 

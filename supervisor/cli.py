@@ -19,6 +19,7 @@ import uvloop
 
 from common import logfmt
 from common.secret_files import SecretFileError, read_secret_file
+from connector import metrics as connector_metrics
 from connector.credentials import HostCredentials, NoCredential
 from connector.local import LocalConnector
 from protocol import codec, limits
@@ -117,7 +118,7 @@ def _configured_token(args: argparse.Namespace) -> str | None:
                 "--token puts the token on the command line, where every user of this host"
                 " can read it (ps): use --token-file or $SUPERVISOR_TOKEN"
             )
-            return args.token
+            return str(args.token)
         if os.environ.get("SUPERVISOR_TOKEN_FILE"):
             return read_secret_file(os.environ["SUPERVISOR_TOKEN_FILE"])
     except SecretFileError as exc:
@@ -164,7 +165,9 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
         log.warning("--ca-file %s is unused: %s is not TLS (wss://)", link.ca_file, url)
     if settings.metrics_port is not None:
         try:
-            port = metrics.serve(settings.metrics_port, settings.metrics_host)
+            port = metrics.serve(
+                settings.metrics_port, settings.metrics_host, also=[connector_metrics.REGISTRY]
+            )
         except OSError as exc:
             where = f"{settings.metrics_host}:{settings.metrics_port}"
             raise SystemExit(f"supervisor: cannot serve metrics on {where}: {exc}") from None

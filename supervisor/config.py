@@ -58,7 +58,7 @@ class _Table(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Base of the config tables."""
 
 
-class DeviceConfig(_Table, frozen=True):
+class DeviceConfig(_Table, frozen=True):  # type: ignore[misc]  # msgspec allows this
     """One host device that jobs can be given, exclusively, as a unit of `resource`."""
 
     #: Unique name (shown to jobs and in logs), e.g. "nrf52840dk-0".

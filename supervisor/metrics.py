@@ -1,13 +1,15 @@
-"""Prometheus metrics of a supervisor: its load, the errors it reports and its caches, and
-(registered here from connector.metrics) its link to the switchboard.
+"""Prometheus metrics of a supervisor: its load, the errors it reports and its caches.
 
 Module-level objects in a registry of their own; `supervisor run --metrics-port PORT`
-serves them (prometheus_client's HTTP server, on 127.0.0.1 unless --metrics-host says
-otherwise). Labels are bounded sets of words (error kinds, phases, cache names), never
-ids. docs/metrics.md lists them all.
+serves them, with the connector's (connector.metrics: its link to the switchboard), from
+prometheus_client's HTTP server, on 127.0.0.1 unless --metrics-host says otherwise.
+Labels are bounded sets of words (error kinds, phases, cache names), never ids.
+docs/metrics.md lists them all.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,7 +19,6 @@ from prometheus_client import (
     start_http_server,
 )
 
-from connector import metrics as connector_metrics
 from protocol.exceptions import JobErrorKind
 from protocol.state import TERMINAL, Phase
 
@@ -31,10 +32,6 @@ CACHES = ("wasm_module", "docker_image")
 #: Per-run limits whose overruns are counted: an image artifact bigger (unpacked) than the
 #: Docker config allows, and a Wasm guest writing more to /scratch than its quota.
 LIMITS = ("image_unpacked", "wasm_scratch")
-
-# The connector's metrics are this process's too: one scrape shows both.
-for _collector in connector_metrics.COLLECTORS:
-    REGISTRY.register(_collector)
 
 RUNNING_JOBS = Gauge(
     "supervisor_running_jobs",
@@ -101,7 +98,11 @@ def limit_exceeded(limit: str) -> None:
     LIMITS_EXCEEDED.labels(limit).inc()
 
 
-def serve(port: int, host: str = "127.0.0.1") -> int:
-    """Serve the metrics over HTTP from a daemon thread; return the port (useful for 0)."""
-    server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+def serve(port: int, host: str = "127.0.0.1", also: Iterable[CollectorRegistry] = ()) -> int:
+    """Serve these metrics and those in `also` (the connector's) over HTTP from a daemon
+    thread, as one exposition; return the port (useful for 0)."""
+    served = CollectorRegistry(auto_describe=True)
+    for registry in (*also, REGISTRY):
+        served.register(registry)  # a registry is a collector too
+    server, _ = start_http_server(port, addr=host, registry=served)
     return int(server.server_port)

@@ -146,7 +146,7 @@ class ApiClient:
     def follow(self, job_id: str, stream: str, attempt: int) -> Iterator[bytes]:
         """A run's stream, its bytes as they are stored, until the run ends."""
         path = f"/api/v1/jobs/{job_id}/output/follow"
-        params = {"stream": stream, "attempt": attempt}
+        params: dict[str, str | int] = {"stream": stream, "attempt": attempt}
         try:
             with self._http.stream("GET", path, params=params) as response:
                 if response.status_code >= 400:

@@ -36,7 +36,7 @@ class SecretKeyError(Exception):
 
 def parse_keys(text: str, where: str) -> list[bytes]:
     """The keys in `text` (key file or variable contents), the current one first."""
-    keys = []
+    keys: list[bytes] = []
     for number, line in enumerate(text.splitlines(), 1):
         for word in re.split(r"[\s,]+", line.split("#", 1)[0].strip()):
             if not word:

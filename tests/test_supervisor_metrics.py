@@ -18,6 +18,7 @@ import wasmtime
 from prometheus_client import generate_latest
 
 from common import logfmt
+from connector import metrics as connector_metrics
 from protocol.exceptions import JobError, JobErrorKind
 from protocol.messages import RunRef, StartJob
 from protocol.spec import NoopBackend as NoopSpec
@@ -75,7 +76,11 @@ def _json_lines(path: Path, skip: tuple[str, ...] = ()) -> list[dict]:
 
 
 def test_metric_names_and_types_are_pinned():
-    assert _types(generate_latest(metrics.REGISTRY).decode()) == SUPERVISOR_METRICS
+    """The supervisor's own and its connector's: what `--metrics-port` serves together."""
+    own = _types(generate_latest(metrics.REGISTRY).decode())
+    link = _types(generate_latest(connector_metrics.REGISTRY).decode())
+    assert not own.keys() & link.keys()
+    assert own | link == SUPERVISOR_METRICS
 
 
 def _errors() -> dict[str, float]:

@@ -500,7 +500,7 @@ class DockerBackend(Backend):
             ) from None
         for warning in created.get("Warnings") or []:
             log.warning("run %s#%d: %s", ctx.run.job_id, ctx.run.attempt, warning)
-        return created["Id"]
+        return str(created["Id"])
 
     async def _start_and_follow(self, ctx: RunContext, cid: str, stop_signal: str) -> Outcome:
         """Attach to the container, start it, copy its output until it ends."""
@@ -547,7 +547,8 @@ class DockerBackend(Backend):
         stop = asyncio.ensure_future(ctx.stop_requested.wait())
         stopping: Stopping | None = None
         try:
-            await asyncio.wait({future, stop}, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {future, stop}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if not future.done():
                 stopping = await self._stop(ctx, cid, future, stop_signal)
             ended = await future

@@ -107,7 +107,8 @@ _DeadlineCallback = ctypes.CFUNCTYPE(
     ctypes.POINTER(ctypes.c_uint64),
     ctypes.POINTER(ctypes.c_uint8),
 )
-_NO_FINALIZER = ctypes.cast(None, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+# A NULL function pointer (ctypes takes None for NULL; typeshed doesn't say so).
+_NO_FINALIZER = ctypes.cast(None, ctypes.CFUNCTYPE(None, ctypes.c_void_p))  # type: ignore[arg-type]
 _UPDATE_DEADLINE_CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
 
 
@@ -614,7 +615,8 @@ async def _wait_guest(ctx: RunContext, guest: _Guest, future: asyncio.Future[Out
     """Wait for the guest thread to end; on a stop, kill the guest and wait (bounded)."""
     stop = asyncio.ensure_future(ctx.stop_requested.wait())
     try:
-        await asyncio.wait({future, stop}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {future, stop}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if future.done():
             return future.result()
         guest.kill.set()
