@@ -12,14 +12,13 @@ from pathlib import Path
 
 import wasmtime
 
-from connector.base import SupervisorConnector
+from connector.base import Supervisor, SupervisorConnector
 from protocol.exceptions import JobError, JobErrorKind
 from protocol.messages import JobStateChanged, Output, StartJob, SupervisorEvent
 from protocol.spec import WasmBackend as WasmSpec
 from protocol.state import Phase, is_terminal
 from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
 from supervisor.backends.wasm import WasmBackend
-from supervisor.base import Supervisor
 from supervisor.jobs import BackendSupervisor
 
 

@@ -1,8 +1,11 @@
-"""The contract between one Supervisor and whatever coordinates it.
+"""The two contracts of a supervisor process: `Supervisor` (what one host can do for a
+coordinator) and `SupervisorConnector` (how it talks to that coordinator).
 
 A connector delivers StartJob / StopJob to its supervisor and carries the supervisor's
 reports back. The supervisor only ever calls the report methods below; it never knows
 whether a switchboard, a terminal (LocalConnector) or a test sits on the other side.
+Both live here, next to each other, so that neither package has to import the other's
+contract: `supervisor` implements Supervisor, `connector` implements SupervisorConnector.
 """
 
 from __future__ import annotations
@@ -10,19 +13,71 @@ from __future__ import annotations
 import abc
 import time
 
+import msgspec
+
 from protocol.exceptions import JobErrorKind
 from protocol.limits import clip_message
 from protocol.messages import (
+    HeldRun,
     JobErrorReport,
     JobExit,
     JobStateChanged,
     Output,
     RunRef,
+    StartJob,
+    StopJob,
     Stream,
     SupervisorEvent,
 )
 from protocol.state import Phase
-from supervisor.metrics import BACKEND_ERRORS
+
+
+class Capabilities(msgspec.Struct, frozen=True):
+    """What a supervisor advertises in its Hello."""
+
+    backends: list[str]
+    labels: dict[str, str] = {}
+    resources: dict[str, int] = {}
+    max_jobs: int = 1
+
+
+class Supervisor(abc.ABC):
+    """A host that runs jobs.
+
+    `start_job` and `stop_job` return quickly: they either refuse at once by raising
+    protocol.JobError, or accept and report every later step through the connector.
+    """
+
+    connector: SupervisorConnector | None = None
+
+    def attach(self, connector: SupervisorConnector) -> None:
+        """Called by the connector that will deliver this supervisor's requests."""
+        self.connector = connector
+
+    @abc.abstractmethod
+    async def start_job(self, start: StartJob) -> None:
+        """Start a run. Repeating it for a run already held is acknowledged, not run again.
+        Raises JobError to refuse."""
+
+    @abc.abstractmethod
+    async def stop_job(self, stop: StopJob) -> None:
+        """Stop a run (idempotent; a stop for an unknown run is harmless)."""
+
+    @abc.abstractmethod
+    def held_runs(self) -> list[HeldRun]:
+        """The runs held now and the last phase reported for each (for reconciliation)."""
+
+    @abc.abstractmethod
+    async def recover(self) -> None:
+        """Re-adopt work that survived a restart of this process (before connecting)."""
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """Backends, labels, resources and the concurrency limit."""
+
+    @abc.abstractmethod
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop every run (each gets `grace_s`) and release resources."""
 
 
 class SupervisorConnector(abc.ABC):
@@ -62,7 +117,6 @@ class SupervisorConnector(abc.ABC):
         )
 
     async def report_job_error(self, run: RunRef, kind: JobErrorKind, description: str) -> None:
-        BACKEND_ERRORS.labels(JobErrorKind(kind).value).inc()
         await self.send_event(
             JobErrorReport(
                 seq=0,

@@ -34,14 +34,14 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from protocol import tokens
-from protocol.secret_files import (
+from common.secret_files import (
     SecretFileError,
     private_directory,
     read_secret_file,
     sync_directory,
     write_secret_file,
 )
+from protocol import tokens
 
 log = logging.getLogger("connector.credentials")
 

@@ -24,9 +24,8 @@ from protocol.messages import (
 )
 from protocol.spec import JobSpec
 from protocol.state import Phase, is_terminal
-from supervisor.base import Supervisor
 
-from .base import SupervisorConnector
+from .base import Supervisor, SupervisorConnector
 
 LOCAL_JOB_ID = "local"
 

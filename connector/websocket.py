@@ -16,7 +16,8 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -40,11 +41,10 @@ from protocol.messages import (
 )
 from protocol.session import EventBacklog, supported_versions
 from protocol.state import Phase
-from supervisor import metrics
-from supervisor.base import Supervisor
 
+from . import metrics
 from .backoff import Verdict, backoff, classify, is_unauthorized
-from .base import SupervisorConnector
+from .base import Supervisor, SupervisorConnector
 from .credentials import Attempt, HostCredentials, NoCredential
 
 #: Unacknowledged bytes a connection may have on the wire (see WebSocketConnector).
@@ -350,8 +350,8 @@ class WebSocketConnector(SupervisorConnector):
             await self.report_job_error(run, exc.kind, exc.description)
             await self.update_job_state(run, Phase.REJECTED, message=str(exc))
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 

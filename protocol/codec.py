@@ -8,7 +8,7 @@ JSON path of a bad field, e.g. "Expected `int`, got `str` - at `$.seq`").
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeVar
 
 import msgspec
 
@@ -16,6 +16,8 @@ from . import limits
 from .exceptions import CloseCode, FrameError, MessageTooBig
 from .messages import INT64_MAX, FromSupervisor, FromSwitchboard, start_job
 from .spec import JobSpec
+
+T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
 _from_supervisor = msgspec.json.Decoder(FromSupervisor)
@@ -28,7 +30,7 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def _decode(decoder: msgspec.json.Decoder, frame: bytes | str) -> Any:
+def _decode(decoder: msgspec.json.Decoder[T], frame: bytes | str) -> T:
     try:
         data = frame.encode() if isinstance(frame, str) else frame
         if len(data) > limits.MAX_FRAME_BYTES:

@@ -83,7 +83,8 @@ Rule = Allow | Refuse | Drop
 
 
 def _tag(cls: type) -> str:
-    return cls.__struct_config__.tag  # type: ignore[attr-defined]
+    tag: str = cls.__struct_config__.tag  # type: ignore[attr-defined]
+    return tag
 
 
 #: Message kinds (the wire's `type` tags) each side sends, from the unions in messages.py.

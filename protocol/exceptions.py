@@ -1,4 +1,5 @@
-"""Every exception the protocol package raises.
+"""Every exception the protocol package raises (InvalidTransition is defined in `state`,
+beside the phases it names and the rules that raise it).
 
     SwitchboardProtocolError      base of everything here
     ├── FrameError                a peer sent something that is not a valid message
@@ -17,10 +18,6 @@ caller knows which); JobError is an expected outcome, not a bug.
 from __future__ import annotations
 
 import enum
-import typing
-
-if typing.TYPE_CHECKING:
-    from .state import Phase
 
 
 class CloseCode(enum.IntEnum):
@@ -95,18 +92,6 @@ class MessageTooBig(SwitchboardProtocolError):
             f"{self.what} would be {self.size} bytes, over the protocol's limit of "
             f"{self.limit} bytes per message"
         )
-
-
-class InvalidTransition(SwitchboardProtocolError):
-    """A phase change that the job-state rules do not allow."""
-
-    def __init__(self, current: Phase, new: Phase) -> None:
-        super().__init__(current, new)
-        self.current = current
-        self.new = new
-
-    def __str__(self) -> str:
-        return f"phase {self.new.value!r} may not follow {self.current.value!r}"
 
 
 class JobErrorKind(enum.StrEnum):

@@ -194,12 +194,16 @@ def start_job(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
     )
 
 
+#: Why a run is stopped (a supervisor refuses any other word as an invalid message).
+StopReason = Literal["canceled", "timeout", "unwanted", "shutdown"]
+
+
 class StopJob(SwitchboardMessage, tag="stop_job"):
     """Stop one run: ask politely, wait `grace_s`, then force. Repeating it is harmless."""
 
     job_id: Id
     attempt: Attempt
-    reason: Literal["canceled", "timeout", "unwanted", "shutdown"] = "canceled"
+    reason: StopReason = "canceled"
     #: Seconds between the polite stop and the forced one; absent: the job spec's own
     #: stop grace (Docker's `stop_grace_s`), or the backend's default.
     grace_s: Annotated[float, Meta(ge=0, le=3600)] | None = None

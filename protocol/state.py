@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 
-from .exceptions import InvalidTransition
+from .exceptions import SwitchboardProtocolError
 
 
 class Phase(enum.StrEnum):
@@ -96,6 +96,18 @@ RETRYABLE: frozenset[Phase] = frozenset({Phase.FAILED, Phase.TIMED_OUT, Phase.LO
 def is_terminal(phase: Phase | str) -> bool:
     """True if nothing may follow `phase`."""
     return Phase(phase) in TERMINAL
+
+
+class InvalidTransition(SwitchboardProtocolError):
+    """A phase change that the job-state rules do not allow."""
+
+    def __init__(self, current: Phase, new: Phase) -> None:
+        super().__init__(current, new)
+        self.current = current
+        self.new = new
+
+    def __str__(self) -> str:
+        return f"phase {self.new.value!r} may not follow {self.current.value!r}"
 
 
 def can_transition(current: Phase | str, new: Phase | str) -> bool:

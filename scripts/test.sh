@@ -6,6 +6,8 @@ apt_install clang lld wasi-libc libclang-rt-14-dev-wasm32 docker.io busybox-stat
 python_env test
 
 .venv/bin/ruff check .
+.venv/bin/lint-imports  # the package arrows: pyproject.toml [tool.importlinter]
+.venv/bin/mypy  # the type check: pyproject.toml [tool.mypy]
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

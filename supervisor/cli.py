@@ -17,13 +17,24 @@ from pathlib import Path
 import msgspec
 import uvloop
 
+from common import logfmt
+from common.secret_files import SecretFileError, read_secret_file
+from connector import metrics as connector_metrics
 from connector.credentials import HostCredentials, NoCredential
-from protocol import codec, limits, logfmt
-from protocol.secret_files import SecretFileError, read_secret_file
+from connector.local import LocalConnector
+from protocol import codec, limits
 from protocol.spec import BACKEND_KINDS, JobSpec
+from supervisor import metrics
 from supervisor.artifacts import ArtifactSource, FileArtifactSource, HttpArtifactSource
 from supervisor.backends.base import Backend
-from supervisor.config import ConfigError, load_config
+from supervisor.config import (
+    ConfigError,
+    LinkSettings,
+    SupervisorSettings,
+    WasmSettings,
+    default_of,
+    load_config,
+)
 from supervisor.jobs import BackendSupervisor
 
 log = logging.getLogger("supervisor")
@@ -32,26 +43,29 @@ log = logging.getLogger("supervisor")
 CREDENTIALS_DIR = "credentials"
 
 
-def make_backend(kind: str, artifacts: ArtifactSource, args: argparse.Namespace) -> Backend:
+def make_backend(kind: str, artifacts: ArtifactSource, settings: SupervisorSettings) -> Backend:
+    # Imported here, not above: not a cycle, but a host runs one backend and each pulls in
+    # a heavy library (wasmtime, the Docker SDK) the others don't need.
     if kind == "wasm":
         from supervisor.backends.wasm import WasmBackend
 
+        wasm = settings.wasm
         return WasmBackend(
             artifacts,
-            cache_dir=Path(args.wasm_cache_dir or Path(args.work_dir) / "wasm-cache"),
-            cache_max_bytes=args.wasm_cache_max_mb * 1024 * 1024,
-            memory_limit_mb=args.wasm_memory_limit_mb,
-            scratch_limit_mb=args.wasm_scratch_mb,
+            cache_dir=wasm.cache_dir,
+            cache_max_bytes=wasm.cache_max_mb * 1024 * 1024,
+            memory_limit_mb=wasm.memory_limit_mb,
+            scratch_limit_mb=wasm.scratch_mb,
         )
     if kind == "docker":
         from supervisor.backends.docker import DockerBackend
 
         return DockerBackend(
             artifacts,
-            supervisor_id=args.supervisor_id,
-            docker_host=args.docker_host,
-            config=args.config_obj,
-            work_dir=Path(args.work_dir),
+            supervisor_id=settings.supervisor_id,
+            docker_host=settings.docker_host,
+            config=settings.config,
+            work_dir=settings.work_dir,
         )
     if kind == "noop":
         from supervisor.backends.noop import NoopBackend
@@ -104,7 +118,7 @@ def _configured_token(args: argparse.Namespace) -> str | None:
                 "--token puts the token on the command line, where every user of this host"
                 " can read it (ps): use --token-file or $SUPERVISOR_TOKEN"
             )
-            return args.token
+            return str(args.token)
         if os.environ.get("SUPERVISOR_TOKEN_FILE"):
             return read_secret_file(os.environ["SUPERVISOR_TOKEN_FILE"])
     except SecretFileError as exc:
@@ -112,11 +126,13 @@ def _configured_token(args: argparse.Namespace) -> str | None:
     return os.environ.get("SUPERVISOR_TOKEN") or None
 
 
-def _credentials(args: argparse.Namespace, supervisor_id: str) -> HostCredentials:
+def _credentials(args: argparse.Namespace, settings: SupervisorSettings) -> HostCredentials:
     """The token to enrol with and the credential kept in WORK_DIR/credentials."""
     token = _configured_token(args)
     try:
-        credentials = HostCredentials(supervisor_id, token, Path(args.work_dir) / CREDENTIALS_DIR)
+        credentials = HostCredentials(
+            settings.supervisor_id, token, settings.work_dir / CREDENTIALS_DIR
+        )
         kept = credentials.kept()
     except NoCredential as exc:
         raise SystemExit(f"supervisor: {exc}") from None
@@ -128,56 +144,54 @@ def _credentials(args: argparse.Namespace, supervisor_id: str) -> HostCredential
     return credentials
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> int:
+    # Imported here, not above: not a cycle, but `websockets` takes a fifth of a second to
+    # import, which every `run-local` would pay for nothing.
     from connector.websocket import ConnectorFatalError, WebSocketConnector
 
-    name = args.name or socket.gethostname()
-    supervisor_id = args.id or name
-    if not limits.is_valid_id(supervisor_id):
-        raise SystemExit(f"supervisor: id {supervisor_id!r} must match {limits.ID_PATTERN}")
-    credentials = _credentials(args, supervisor_id)
-    url = _ws_url(args.switchboard)
+    link = settings.link
+    assert link is not None, "supervisor run has a switchboard to reach"
+    url = link.url
     tls: ssl.SSLContext | None = None
     artifacts_tls: ssl.SSLContext | None = None
     if url.startswith("wss://"):
         # One context each: httpx sets its own ALPN protocols on the context it is given.
-        tls, artifacts_tls = _tls_context(args.ca_file), _tls_context(args.ca_file)
+        tls, artifacts_tls = _tls_context(link.ca_file), _tls_context(link.ca_file)
         log.info(
             "verifying the switchboard's certificate against %s",
-            args.ca_file or "the system's CAs",
+            link.ca_file or "the system's CAs",
         )
-    elif args.ca_file:
-        log.warning("--ca-file %s is unused: %s is not TLS (wss://)", args.ca_file, url)
-    if args.metrics_port is not None:
-        from supervisor import metrics
-
+    elif link.ca_file:
+        log.warning("--ca-file %s is unused: %s is not TLS (wss://)", link.ca_file, url)
+    if settings.metrics_port is not None:
         try:
-            port = metrics.serve(args.metrics_port, args.metrics_host)
+            port = metrics.serve(
+                settings.metrics_port, settings.metrics_host, also=[connector_metrics.REGISTRY]
+            )
         except OSError as exc:
-            where = f"{args.metrics_host}:{args.metrics_port}"
+            where = f"{settings.metrics_host}:{settings.metrics_port}"
             raise SystemExit(f"supervisor: cannot serve metrics on {where}: {exc}") from None
-        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
     artifacts = HttpArtifactSource(
         _http_base(url),
         lambda: credentials.current,
         verify_tls=artifacts_tls if artifacts_tls else True,
     )
-    args.supervisor_id = supervisor_id
-    backend = make_backend(args.backend, artifacts, args)
+    backend = make_backend(settings.backend, artifacts, settings)
     supervisor = BackendSupervisor(
         backend,
-        max_jobs=args.max_jobs,
-        labels=_labels(args.label),
+        max_jobs=settings.max_jobs,
+        labels=settings.labels,
         resources=backend.resource_counts(),
-        work_dir=Path(args.work_dir),
+        work_dir=settings.work_dir,
     )
     connector = WebSocketConnector(
         supervisor,
         url,
         credentials,
-        supervisor_id=supervisor_id,
-        name=name,
-        max_backlog_bytes=args.max_backlog_mb * 1024 * 1024,
+        supervisor_id=settings.supervisor_id,
+        name=settings.name,
+        max_backlog_bytes=link.max_backlog_mb * 1024 * 1024,
         ssl_context=tls,
     )
     loop = asyncio.get_running_loop()
@@ -193,17 +207,57 @@ async def _run(args: argparse.Namespace) -> int:
         await artifacts.close()
 
 
-async def _run_local(args: argparse.Namespace) -> int:
-    from connector.local import LocalConnector
-
-    spec = args.job_spec
-    artifacts = FileArtifactSource([Path(p) for p in args.artifact])
-    # Unique per process: a crashed run-local's leftovers must never be taken for ours.
-    args.supervisor_id = f"local-{uuid.uuid4().hex[:12]}"
+async def _run_local(settings: SupervisorSettings, spec: JobSpec, artifacts: list[Path]) -> int:
+    source = FileArtifactSource(artifacts)
     supervisor = BackendSupervisor(
-        make_backend(spec.backend.kind, artifacts, args), work_dir=Path(args.work_dir)
+        make_backend(spec.backend.kind, source, settings), work_dir=settings.work_dir
     )
     return await LocalConnector(supervisor, spec).run()
+
+
+def build_settings(args: argparse.Namespace) -> SupervisorSettings:
+    """The process's settings from its parsed flags (their defaults read the environment)
+    and the config file they name. Exits with a message on a bad value."""
+    try:
+        config = load_config(Path(args.config) if args.config else None)
+    except ConfigError as exc:
+        raise SystemExit(f"supervisor: {exc}") from None
+    work_dir = Path(args.work_dir)
+    wasm = WasmSettings(
+        cache_dir=Path(args.wasm_cache_dir) if args.wasm_cache_dir else work_dir / "wasm-cache",
+        cache_max_mb=args.wasm_cache_max_mb,
+        memory_limit_mb=args.wasm_memory_limit_mb,
+        scratch_mb=args.wasm_scratch_mb,
+    )
+    common = {
+        "work_dir": work_dir,
+        "wasm": wasm,
+        "config": config,
+        "docker_host": args.docker_host,
+        "log_format": args.log_format,
+    }
+    if args.command == "run-local":
+        # Unique per process: a crashed run-local's leftovers must never be taken for ours.
+        return SupervisorSettings(supervisor_id=f"local-{uuid.uuid4().hex[:12]}", **common)
+    name = args.name or socket.gethostname()
+    supervisor_id = args.id or name
+    if not limits.is_valid_id(supervisor_id):
+        raise SystemExit(f"supervisor: id {supervisor_id!r} must match {limits.ID_PATTERN}")
+    return SupervisorSettings(
+        supervisor_id=supervisor_id,
+        name=name,
+        backend=args.backend,
+        labels=_labels(args.label),
+        max_jobs=args.max_jobs,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        link=LinkSettings(
+            url=_ws_url(args.switchboard),
+            ca_file=args.ca_file,
+            max_backlog_mb=args.max_backlog_mb,
+        ),
+        **common,
+    )
 
 
 def _backend_options(parser: argparse.ArgumentParser) -> None:
@@ -230,21 +284,21 @@ def _backend_options(parser: argparse.ArgumentParser) -> None:
     wasm.add_argument(
         "--wasm-cache-max-mb",
         type=int,
-        default=512,
+        default=default_of(WasmSettings, "cache_max_mb"),
         metavar="MB",
         help="size bound of that cache; least recently used entries go first",
     )
     wasm.add_argument(
         "--wasm-memory-limit-mb",
         type=int,
-        default=1024,
+        default=default_of(WasmSettings, "memory_limit_mb"),
         metavar="MB",
         help="most linear memory a guest may have (a job may ask for less)",
     )
     wasm.add_argument(
         "--wasm-scratch-mb",
         type=int,
-        default=1024,
+        default=default_of(WasmSettings, "scratch_mb"),
         metavar="MB",
         help="most a run may write to its /scratch; past it the run fails (scratch_limit)",
     )
@@ -283,13 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--name", help="display name (default: the host name)")
     run.add_argument("--id", help="stable identity (default: the name)")
-    run.add_argument("--backend", choices=BACKEND_KINDS, default="wasm")
+    run.add_argument(
+        "--backend", choices=BACKEND_KINDS, default=default_of(SupervisorSettings, "backend")
+    )
     run.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    run.add_argument("--max-jobs", type=int, default=4)
+    run.add_argument("--max-jobs", type=int, default=default_of(SupervisorSettings, "max_jobs"))
     run.add_argument(
         "--max-backlog-mb",
         type=int,
-        default=64,
+        default=default_of(LinkSettings, "max_backlog_mb"),
         metavar="MB",
         help="unacknowledged events kept at most; past that, jobs' output waits (backpressure)",
     )
@@ -301,13 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--metrics-host",
-        default="127.0.0.1",
+        default=default_of(SupervisorSettings, "metrics_host"),
         metavar="ADDR",
         help="address for --metrics-port (default 127.0.0.1)",
     )
     logfmt.add_argument(run, "SUPERVISOR_LOG_FORMAT")
     _backend_options(run)
-    run.set_defaults(func=_run)
 
     local = commands.add_parser("run-local", help="run one job spec here, no switchboard")
     local.add_argument("spec", help="job spec JSON file")
@@ -320,7 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     logfmt.add_argument(local, "SUPERVISOR_LOG_FORMAT")
     _backend_options(local)
-    local.set_defaults(func=_run_local)
     return parser
 
 
@@ -335,17 +389,17 @@ def _load_spec(path: str) -> JobSpec:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run-local":
-        args.job_spec = _load_spec(args.spec)
-    try:
-        args.config_obj = load_config(Path(args.config) if args.config else None)
-    except ConfigError as exc:
-        raise SystemExit(f"supervisor: {exc}") from None
-    logfmt.configure(args.log_format)
+    spec = _load_spec(args.spec) if args.command == "run-local" else None
+    settings = build_settings(args)
+    logfmt.configure(settings.log_format)
+    if spec is None:
+        work = _run(settings, _credentials(args, settings))
+    else:
+        work = _run_local(settings, spec, [Path(p) for p in args.artifact])
     # Everything imported so far lives as long as the process: keep the collector from
     # walking it again and again (full collections were the worst start latencies).
     gc.freeze()
-    return uvloop.run(args.func(args))
+    return uvloop.run(work)
 
 
 if __name__ == "__main__":

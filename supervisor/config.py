@@ -58,7 +58,7 @@ class _Table(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Base of the config tables."""
 
 
-class DeviceConfig(_Table, frozen=True):
+class DeviceConfig(_Table, frozen=True):  # type: ignore[misc]  # msgspec allows this
     """One host device that jobs can be given, exclusively, as a unit of `resource`."""
 
     #: Unique name (shown to jobs and in logs), e.g. "nrf52840dk-0".
@@ -203,3 +203,68 @@ def load_config(path: Path | str | None) -> SupervisorConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     return parse_config(text, str(path))
+
+
+# --- the settings of one supervisor process --------------------------------------------
+
+
+class WasmSettings(msgspec.Struct, frozen=True):
+    """What the Wasm backend is given (`--wasm-*`)."""
+
+    #: Compiled-module cache (the command's default: WORK_DIR/wasm-cache).
+    cache_dir: Path
+    #: Size bound of that cache; least recently used entries go first.
+    cache_max_mb: int = 512
+    #: Most linear memory a guest may have (a job may ask for less).
+    memory_limit_mb: int = 1024
+    #: Most a run may write to its /scratch; past it the run fails (scratch_limit).
+    scratch_mb: int = 1024
+
+
+class LinkSettings(msgspec.Struct, frozen=True):
+    """How `supervisor run` reaches its switchboard (run-local has none). The token is not
+    here: it is read once into the connector's credentials, so that no repr or log of the
+    settings can show it."""
+
+    #: ws:// or wss:// URL of the supervisor endpoint.
+    url: str
+    #: CA certificate(s) (PEM) to verify a wss:// switchboard with (None: the system's).
+    ca_file: str | None = None
+    #: Unacknowledged events kept at most; past that, jobs' output waits (backpressure).
+    max_backlog_mb: int = 64
+
+
+class SupervisorSettings(msgspec.Struct, frozen=True):
+    """Everything one `supervisor` process runs with, built once at start from its flags,
+    the environment and the config file; backends and the connector get the parts they
+    need from it."""
+
+    #: Stable identity towards the switchboard (and the owner label of its containers).
+    supervisor_id: str
+    #: Per-run scratch space and caches.
+    work_dir: Path
+    wasm: WasmSettings
+    #: The config file (--config): Docker policy and devices.
+    config: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    #: Display name (`supervisor run`; default the host name).
+    name: str = ""
+    #: The backend kind jobs run on (run-local: the spec's).
+    backend: str = "wasm"
+    labels: dict[str, str] = {}
+    max_jobs: int = 4
+    #: The Docker engine (None: $DOCKER_HOST, else local).
+    docker_host: str | None = None
+    #: Serve Prometheus metrics on this port (None: not served), on `metrics_host`.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    #: "text" or "json" (common.logfmt).
+    log_format: str = "text"
+    link: LinkSettings | None = None
+
+
+def default_of(struct: type[msgspec.Struct], name: str) -> object:
+    """The default of field `name` of `struct`, so the command's flags share it."""
+    for field in msgspec.structs.fields(struct):
+        if field.name == name:
+            return field.default
+    raise KeyError(name)

@@ -16,12 +16,12 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from protocol.exceptions import InvalidTransition, JobError, JobErrorKind
+from connector.base import Capabilities, Supervisor
+from protocol.exceptions import JobError, JobErrorKind
 from protocol.messages import HeldRun, RunRef, StartJob, StopJob, Stream
-from protocol.state import Phase, check_transition, is_terminal
+from protocol.state import InvalidTransition, Phase, check_transition, is_terminal
 from supervisor.backends.base import Backend, Outcome, RunContext
-from supervisor.base import Capabilities, Supervisor
-from supervisor.metrics import RUNNING_JOBS, run_ended
+from supervisor.metrics import RUNNING_JOBS, job_error, run_ended
 from supervisor.output import OutputPump
 
 log = logging.getLogger("supervisor.jobs")
@@ -108,6 +108,20 @@ class BackendSupervisor(Supervisor):
         ref = RunRef(start.job_id, start.attempt)
         if ref in self._runs:
             return  # a repeat: acknowledged by doing nothing, the run goes on
+        try:
+            self._admit(ref, start)
+        except JobError as exc:
+            job_error(exc.kind)  # the connector reports the refusal; it is counted here
+            raise
+        run = _Run(ref, start)
+        run.ctx = self._new_context(run)
+        self._runs[ref] = run
+        RUNNING_JOBS.set(len(self._runs))
+        self._idle.clear()
+        run.task = asyncio.get_running_loop().create_task(self._drive(run), name=f"run {ref}")
+
+    def _admit(self, ref: RunRef, start: StartJob) -> None:
+        """Raise JobError if this run may not start here now; else reserve what it uses."""
         if ref in self._ended:
             raise JobError(
                 JobErrorKind.JOB_ALREADY_EXISTS,
@@ -127,12 +141,6 @@ class BackendSupervisor(Supervisor):
                 JobErrorKind.MAX_CONCURRENT_JOBS, f"already running {self.max_jobs} job(s)"
             )
         self.backend.admit(start)
-        run = _Run(ref, start)
-        run.ctx = self._new_context(run)
-        self._runs[ref] = run
-        RUNNING_JOBS.set(len(self._runs))
-        self._idle.clear()
-        run.task = asyncio.get_running_loop().create_task(self._drive(run), name=f"run {ref}")
 
     async def stop_job(self, stop: StopJob) -> None:
         run = self._runs.get(RunRef(stop.job_id, stop.attempt))
@@ -216,6 +224,7 @@ class BackendSupervisor(Supervisor):
                 await asyncio.to_thread(shutil.rmtree, work_dir, ignore_errors=True)
             await output.close()
             if error is not None:
+                job_error(error.kind)
                 await connector.report_job_error(ref, error.kind, error.description)
             await connector.report_exit(
                 ref,

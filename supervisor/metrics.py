@@ -1,13 +1,15 @@
-"""Prometheus metrics of a supervisor: its link to the switchboard, its load, the errors it
-reports and its caches.
+"""Prometheus metrics of a supervisor: its load, the errors it reports and its caches.
 
 Module-level objects in a registry of their own; `supervisor run --metrics-port PORT`
-serves them (prometheus_client's HTTP server, on 127.0.0.1 unless --metrics-host says
-otherwise). Labels are bounded sets of words (error kinds, phases, cache names), never
-ids. docs/metrics.md lists them all.
+serves them, with the connector's (connector.metrics: its link to the switchboard), from
+prometheus_client's HTTP server, on 127.0.0.1 unless --metrics-host says otherwise.
+Labels are bounded sets of words (error kinds, phases, cache names), never ids.
+docs/metrics.md lists them all.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,21 +33,6 @@ CACHES = ("wasm_module", "docker_image")
 #: Docker config allows, and a Wasm guest writing more to /scratch than its quota.
 LIMITS = ("image_unpacked", "wasm_scratch")
 
-RECONNECTS = Counter(
-    "supervisor_reconnects_total",
-    "Connections to the switchboard established again after the first one.",
-    registry=REGISTRY,
-)
-EVENTS_RESENT = Counter(
-    "supervisor_events_resent_total",
-    "Events sent again after a reconnect (sent before, never acknowledged).",
-    registry=REGISTRY,
-)
-BACKLOG_BYTES = Gauge(
-    "supervisor_backlog_bytes",
-    "Encoded size of the events not yet acknowledged by the switchboard.",
-    registry=REGISTRY,
-)
 RUNNING_JOBS = Gauge(
     "supervisor_running_jobs",
     "Runs this supervisor holds now (started and not yet ended).",
@@ -98,6 +85,11 @@ def run_ended(phase: Phase) -> None:
         RUNS_ENDED.labels(phase.value).inc()
 
 
+def job_error(kind: JobErrorKind) -> None:
+    """Count a run refused or failed with `kind` (once: where the supervisor decides it)."""
+    BACKEND_ERRORS.labels(JobErrorKind(kind).value).inc()
+
+
 def cache_lookup(cache: str, hit: bool) -> None:
     CACHE_LOOKUPS.labels(cache, "hit" if hit else "miss").inc()
 
@@ -106,7 +98,11 @@ def limit_exceeded(limit: str) -> None:
     LIMITS_EXCEEDED.labels(limit).inc()
 
 
-def serve(port: int, host: str = "127.0.0.1") -> int:
-    """Serve the metrics over HTTP from a daemon thread; return the port (useful for 0)."""
-    server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+def serve(port: int, host: str = "127.0.0.1", also: Iterable[CollectorRegistry] = ()) -> int:
+    """Serve these metrics and those in `also` (the connector's) over HTTP from a daemon
+    thread, as one exposition; return the port (useful for 0)."""
+    served = CollectorRegistry(auto_describe=True)
+    for registry in (*also, REGISTRY):
+        served.register(registry)  # a registry is a collector too
+    server, _ = start_http_server(port, addr=host, registry=served)
     return int(server.server_port)

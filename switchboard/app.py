@@ -13,7 +13,7 @@ from litestar.datastructures import State
 from litestar.logging.config import LoggingConfig
 from litestar.openapi import OpenAPIConfig
 
-from protocol import logfmt
+from common import logfmt
 from protocol.exceptions import CloseCode
 from protocol.messages import StopJob
 from switchboard.api.artifacts import ArtifactController
@@ -156,7 +156,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         state=State({"switchboard": state}),
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_class=SwitchboardRequest,
-        # The process sets up the root logger (protocol.logfmt, in server.py); Litestar
+        # The process sets up the root logger (common.logfmt, in server.py); Litestar
         # only gives its own logger a handler, in the same format, text or JSON.
         logging_config=LoggingConfig(
             configure_root_logger=False,

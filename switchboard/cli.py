@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from protocol import logfmt
+from common import logfmt
 from protocol.spec import MAX_TIMEOUT_S
 from switchboard.admin_cli import add_admin_commands, data_dir
 from switchboard.config import Settings

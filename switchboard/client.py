@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from protocol.secret_files import SecretFileError, read_secret_file
+from common.secret_files import SecretFileError, read_secret_file
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 
@@ -146,7 +146,7 @@ class ApiClient:
     def follow(self, job_id: str, stream: str, attempt: int) -> Iterator[bytes]:
         """A run's stream, its bytes as they are stored, until the run ends."""
         path = f"/api/v1/jobs/{job_id}/output/follow"
-        params = {"stream": stream, "attempt": attempt}
+        params: dict[str, str | int] = {"stream": stream, "attempt": attempt}
         try:
             with self._http.stream("GET", path, params=params) as response:
                 if response.status_code >= 400:

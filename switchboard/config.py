@@ -73,7 +73,7 @@ class Settings(msgspec.Struct):
     retention_interval_s: float = 60.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    #: "text" or "json" (protocol.logfmt).
+    #: "text" or "json" (common.logfmt).
     log_format: str = "text"
     #: The file holding the key that seals secret parameter values (None: `<data dir>.key`,
     #: made at the first start); see switchboard/secret_keys.py.

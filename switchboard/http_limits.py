@@ -277,7 +277,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         except httptools.HttpParserError as exc:
-            if self.phase is not Phase.REFUSED:  # else a callback refused, and said so
+            # Unless a callback refused, and said so (a parser callback changes the phase,
+            # which the type checker can't see).
+            if self.phase is not Phase.REFUSED:  # type: ignore[comparison-overlap]
                 self.refuse("bad_request", str(exc))
             return
         # Checked per read: an unfinished head holds at most the limit plus one read.

@@ -4,8 +4,8 @@ the store.
 Module-level objects in a registry of their own (not prometheus_client's global one), so
 that nothing else imported into the process adds to or collides with them. Labels are
 bounded sets of words, never ids: a label per supervisor or job would grow without end.
-Served as Prometheus text by GET /metrics (switchboard.api.metrics), which first calls
-`refresh` for the gauges that are counts of stored rows. docs/metrics.md lists them all.
+Served as Prometheus text by GET /metrics (switchboard.api.metrics), which first brings
+the gauges that are counts of stored rows up to date. docs/metrics.md lists them all.
 
 Run observations (dispatch latency, run duration) are made inside the store's write
 transaction, where the run's times are at hand, but only *staged* there: they reach the
@@ -16,27 +16,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from protocol.messages import STREAMS, Output
 from protocol.spec import BACKEND_KINDS
 from protocol.state import TERMINAL, Phase
-
-if TYPE_CHECKING:
-    from switchboard.store.base import Store
-
-
-class Connected(Protocol):
-    """What the gauges need of the hub (switchboard.hub.Hub), which counts here itself."""
-
-    def connected_count(self) -> int: ...
-
-    def connected_ids(self) -> Iterator[str]: ...
-
 
 log = logging.getLogger("switchboard.metrics")
 
@@ -62,8 +48,6 @@ SUPERVISOR_REFUSAL_REASONS = (
 CUT_REASONS = ("heartbeat_timeout", "send_timeout", "outbox_full")
 #: The label a backend kind outside the known set gets (keeps the label bounded).
 OTHER = "other"
-#: Scrapes closer together than this reuse the counts of stored rows.
-REFRESH_MIN_S = 1.0
 
 _SECONDS_SHORT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SECONDS_WAIT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -215,16 +199,14 @@ RUN_DURATION = Histogram(
 RUNS_LOST = Counter(
     "switchboard_runs_lost_total",
     "Runs given up as lost: their supervisor stayed away past the grace period"
-    " (via=grace_period), came back without them (via=reconcile), or no longer listed"
-    " them in a StatusReply (via=status).",
+    " (via=grace_period) or came back without them (via=reconcile).",
     ["via"],
     registry=REGISTRY,
 )
 ZOMBIE_RUNS_STOPPED = Counter(
     "switchboard_zombie_runs_stopped_total",
     "StopJob sent for runs the switchboard no longer wants: found when a supervisor"
-    " reconnects (via=reconcile), when their events arrive (via=events), or in a"
-    " StatusReply (via=status).",
+    " reconnects (via=reconcile) or when their events arrive (via=events).",
     ["via"],
     registry=REGISTRY,
 )
@@ -326,9 +308,9 @@ STORE_COMMIT_SECONDS = Histogram(
 
 # Every label value of a counter or gauge exists from the start, so a scrape shows 0
 # instead of nothing. (Histograms get theirs when first observed.)
-for _via in ("grace_period", "reconcile", "status"):
+for _via in ("grace_period", "reconcile"):
     RUNS_LOST.labels(_via)
-for _via in ("reconcile", "events", "status"):
+for _via in ("reconcile", "events"):
     ZOMBIE_RUNS_STOPPED.labels(_via)
 for _via in ("submission", "pass"):
     RUNS_PLACED.labels(_via)
@@ -437,33 +419,3 @@ def output_truncated(stream: str, dropped: int) -> None:
 def output_dropped(stream: str, dropped: int) -> None:
     """Stage output dropped because its stream was cut at the output cap."""
     _staged.items.append(lambda: OUTPUT_DROPPED_BYTES.labels(stream).inc(dropped))
-
-
-# --- gauges that count stored rows, refreshed by a scrape ------------------------------
-
-_refreshed_at = float("-inf")
-_drained: frozenset[str] = frozenset()
-
-
-async def refresh(store: Store, hub: Connected) -> None:
-    """Bring the gauges that count stored rows (jobs, queue) up to date with one store
-    read, at most once per REFRESH_MIN_S however often /metrics is scraped; the connected
-    supervisors are counted on every scrape. A failing store leaves the last values (and
-    says so in the log): the rest is still served."""
-    global _refreshed_at, _drained
-    now = time.monotonic()
-    if now - _refreshed_at >= REFRESH_MIN_S:
-        _refreshed_at = now  # also holds off scrapes arriving while this one reads
-        try:
-            counts = await store.counts()
-        except Exception:
-            log.exception("metrics: reading the counts from the store failed")
-        else:
-            for phase in Phase:
-                JOBS.labels(phase.value).set(counts.jobs.get(phase.value, 0))
-            for state in QUEUE_STATES:
-                QUEUE_DEPTH.labels(state).set(counts.queued.get(state, 0))
-            _drained = frozenset(counts.drained)
-    draining = sum(1 for i in hub.connected_ids() if i in _drained)
-    SUPERVISORS_CONNECTED.labels("connected").set(hub.connected_count() - draining)
-    SUPERVISORS_CONNECTED.labels("draining").set(draining)

@@ -23,7 +23,7 @@ import re
 import stat
 from pathlib import Path
 
-from protocol.secret_files import sync_directory
+from common.secret_files import sync_directory
 from switchboard.config import Settings
 from switchboard.sealing import KEY_BYTES, Keyring
 
@@ -36,7 +36,7 @@ class SecretKeyError(Exception):
 
 def parse_keys(text: str, where: str) -> list[bytes]:
     """The keys in `text` (key file or variable contents), the current one first."""
-    keys = []
+    keys: list[bytes] = []
     for number, line in enumerate(text.splitlines(), 1):
         for word in re.split(r"[\s,]+", line.split("#", 1)[0].strip()):
             if not word:

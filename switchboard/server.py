@@ -17,7 +17,7 @@ from types import FrameType
 import uvicorn
 import uvloop
 
-from protocol import logfmt
+from common import logfmt
 from protocol.limits import MAX_FRAME_BYTES
 from switchboard import datadir
 from switchboard.app import create_app
@@ -74,7 +74,7 @@ async def serve(settings: Settings, keyring: Keyring) -> None:
         ws_ping_interval=None,  # liveness is the protocol's Heartbeat
         lifespan="on",
         log_level="warning",
-        # No uvicorn handlers of its own: its records go to the root's (protocol.logfmt),
+        # No uvicorn handlers of its own: its records go to the root's (common.logfmt),
         # which makes what peers put in them safe.
         log_config=None,
         access_log=False,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from litestar.connection import ASGIConnection
 
 from switchboard.artifacts import ArtifactFiles
 from switchboard.changes import Changes
@@ -12,9 +14,6 @@ from switchboard.dispatcher import Dispatcher
 from switchboard.hub import Hub
 from switchboard.live import LiveFeed
 from switchboard.store.base import Store
-
-if TYPE_CHECKING:
-    from litestar.connection import ASGIConnection
 
 
 @dataclass

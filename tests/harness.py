@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from protocol.secret_files import write_secret_file
+from common.secret_files import write_secret_file
 
 REPO = Path(__file__).resolve().parent.parent
 #: Multiplies every wait in the tests (set SWITCHBOARD_TEST_TIME_SCALE on slow machines).

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from connector.base import SupervisorConnector
+from connector.base import Supervisor, SupervisorConnector
 from protocol.messages import JobStateChanged, Output, SupervisorEvent
 from protocol.state import is_terminal
-from supervisor.base import Supervisor
 
 
 class RecordingConnector(SupervisorConnector):

@@ -38,6 +38,7 @@ from protocol.spec import Parameter
 from supervisor import metrics
 from supervisor.artifacts import ArtifactSource
 from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
+from supervisor.backends.devices import Devices
 from supervisor.backends.docker import LABEL_START, LABEL_SUPERVISOR, DockerBackend
 from supervisor.backends.docker_images import ARTIFACT_REPOSITORY
 from supervisor.backends.docker_streams import demux as _demux
@@ -48,7 +49,6 @@ from supervisor.config import (
     SupervisorConfig,
     parse_config,
 )
-from supervisor.devices import Devices
 from supervisor.jobs import BackendSupervisor
 from tests.docker_engine import (
     BUSYBOX_IMAGE,

@@ -1,5 +1,5 @@
 """Text from peers can't forge or flood log lines: free text is cut and, in text logs,
-control characters are escaped, in the formatter (protocol.logfmt), so every logger of a
+control characters are escaped, in the formatter (common.logfmt), so every logger of a
 real switchboard process is covered."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import httpx
 import pytest
 import websockets
 
-from protocol import codec, limits, logfmt
+from common import logfmt
+from protocol import codec, limits
 from protocol.messages import Hello, ProtocolErrorMessage
 from protocol.session import supported_versions
 from tests.harness import Switchboard, scaled

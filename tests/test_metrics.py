@@ -226,10 +226,11 @@ def test_metric_names_and_types_are_pinned():
 def test_labels_are_bounded_words():
     """Every label value a fresh registry shows is from a fixed set (no ids), and no
     `*_created` series double the exposition."""
+    from connector.metrics import REGISTRY as CONNECTOR_REGISTRY
     from supervisor.metrics import REGISTRY as SUPERVISOR_REGISTRY
     from switchboard.metrics import REGISTRY as SWITCHBOARD_REGISTRY
 
-    for registry in (SWITCHBOARD_REGISTRY, SUPERVISOR_REGISTRY):
+    for registry in (SWITCHBOARD_REGISTRY, SUPERVISOR_REGISTRY, CONNECTOR_REGISTRY):
         text = generate_latest(registry).decode()
         assert "_created" not in text
         for name, values in _labels_seen(text).items():

@@ -11,7 +11,6 @@ import itertools
 
 import pytest
 
-from protocol.exceptions import InvalidTransition
 from protocol.state import (
     ACTIVE,
     RETRYABLE,
@@ -19,6 +18,7 @@ from protocol.state import (
     SUPERVISOR_REPORTABLE,
     SUPERVISOR_TERMINAL,
     TERMINAL,
+    InvalidTransition,
     Phase,
     can_transition,
     check_transition,

@@ -17,8 +17,17 @@ import pytest
 import wasmtime
 from prometheus_client import generate_latest
 
-from protocol import logfmt
+from common import logfmt
+from connector import metrics as connector_metrics
+from protocol.exceptions import JobError, JobErrorKind
+from protocol.messages import RunRef, StartJob
+from protocol.spec import NoopBackend as NoopSpec
+from protocol.spec import WasmBackend as WasmSpec
+from supervisor import metrics
+from supervisor.backends.noop import NoopBackend
+from supervisor.jobs import BackendSupervisor
 from tests.harness import REPO, Switchboard, start_supervisor, wait_connected, wait_job
+from tests.recording import RecordingConnector
 from tests.test_metrics import (
     SUPERVISOR_METRICS,
     _free_port,
@@ -67,9 +76,42 @@ def _json_lines(path: Path, skip: tuple[str, ...] = ()) -> list[dict]:
 
 
 def test_metric_names_and_types_are_pinned():
-    from supervisor.metrics import REGISTRY
+    """The supervisor's own and its connector's: what `--metrics-port` serves together."""
+    own = _types(generate_latest(metrics.REGISTRY).decode())
+    link = _types(generate_latest(connector_metrics.REGISTRY).decode())
+    assert not own.keys() & link.keys()
+    assert own | link == SUPERVISOR_METRICS
 
-    assert _types(generate_latest(REGISTRY).decode()) == SUPERVISOR_METRICS
+
+def _errors() -> dict[str, float]:
+    text = generate_latest(metrics.REGISTRY).decode()
+    return {
+        kind.value: _value(text, "supervisor_backend_errors_total", kind=kind.value)
+        for kind in JobErrorKind
+    }
+
+
+async def test_each_job_error_is_counted_once_by_the_supervisor(tmp_path):
+    """A refusal (start_job raises) and a failure (the backend raises) count once each,
+    where the supervisor decides them; the connector that reports them counts nothing."""
+
+    class Missing(NoopBackend):
+        async def run(self, ctx):
+            raise JobError(JobErrorKind.IMAGE_NOT_FOUND, "no such image")
+
+    sup = BackendSupervisor(Missing(), max_jobs=1, work_dir=tmp_path)
+    rec = RecordingConnector(sup)
+    before = _errors()
+    await sup.start_job(StartJob(job_id="a", attempt=1, backend=NoopSpec()))
+    assert await rec.wait_ended("a") == "rejected"
+    wrong = StartJob(job_id="b", attempt=1, backend=WasmSpec(module="sha256:" + "0" * 64))
+    with pytest.raises(JobError) as refused:
+        await sup.start_job(wrong)
+    # What the WebSocket connector does with a refusal: report it (not counted again).
+    await rec.report_job_error(RunRef("b", 1), refused.value.kind, refused.value.description)
+    after = _errors()
+    grown = {kind: after[kind] - before[kind] for kind in after if after[kind] != before[kind]}
+    assert grown == {"image_not_found": 1, "image_not_compatible": 1}
 
 
 def test_wasm_supervisor_counts_cache_errors_and_outcomes(switchboard, work_dir):

@@ -23,8 +23,8 @@ from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
 from supervisor.artifacts import digest_of
 from supervisor.backends.base import Outcome, RunContext
 from supervisor.backends.wasm import ENGINE_ID, WasmBackend
+from supervisor.backends.wasm_cache import DiskCache
 from supervisor.output import OutputPump
-from supervisor.wasm_cache import DiskCache
 from tests import wasi
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]

@@ -2,7 +2,7 @@
 
 Limits are driven through a BackendSupervisor and a RecordingConnector, because what
 matters is the phase a run ends in and the exit report the switchboard gets. The disk
-cache (supervisor.wasm_cache) is tested on its own too: it is plain file logic.
+cache (supervisor.backends.wasm_cache) is tested on its own too: it is plain file logic.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from protocol.spec import WasmBackend as WasmSpec
 from supervisor import metrics
 from supervisor.artifacts import digest_of
 from supervisor.backends.wasm import WasmBackend
+from supervisor.backends.wasm_cache import MAGIC, DiskCache
 from supervisor.jobs import BackendSupervisor
-from supervisor.wasm_cache import MAGIC, DiskCache
 from tests.harness import scaled
 from tests.recording import RecordingConnector
 from tests.test_wasm_backend import MemoryArtifacts, Run, finish

@@ -10,9 +10,9 @@ Memory (without swap), CPU and pid limits from the spec, else the config's defau
 exist unless the config turns them off: no container is unlimited by accident); a spec asking
 for more than the config's maximum is refused. `read_only_rootfs` (the spec's, or the
 config's for every container) makes the root filesystem read-only with a writable tmpfs of
-`scratch_mb` at /scratch (TMPDIR points there). The devices the run was given
-(supervisor.devices), and nothing else of the host. Docker's init as PID 1 (config `init`), so
-signals reach the program and zombies are reaped.
+`scratch_mb` at /scratch (TMPDIR points there). The devices the run was given (devices.py),
+and nothing else of the host. Docker's init as PID 1 (config `init`), so signals reach the
+program and zombies are reaped.
 
 Images. `image` names an image the engine already has (the supervisor never pulls);
 `image_artifact` names a `docker save` tarball uploaded to the switchboard. The tarball is
@@ -85,11 +85,11 @@ from protocol.messages import RunRef, StartJob
 from protocol.spec import DockerBackend as DockerSpec
 from supervisor.artifacts import ArtifactSource
 from supervisor.backends.base import Backend, Outcome, RunContext
+from supervisor.backends.devices import Devices
 from supervisor.backends.docker_images import Image, ImageStore, explain, normalize_arch
 from supervisor.backends.docker_outcome import Stopping, outcome, stopped_early
 from supervisor.backends.docker_streams import ContainerOutput, Ended, Pipe, socket_pipe
 from supervisor.config import DeviceConfig, SupervisorConfig, is_non_root
-from supervisor.devices import Devices
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +500,7 @@ class DockerBackend(Backend):
             ) from None
         for warning in created.get("Warnings") or []:
             log.warning("run %s#%d: %s", ctx.run.job_id, ctx.run.attempt, warning)
-        return created["Id"]
+        return str(created["Id"])
 
     async def _start_and_follow(self, ctx: RunContext, cid: str, stop_signal: str) -> Outcome:
         """Attach to the container, start it, copy its output until it ends."""
@@ -547,7 +547,8 @@ class DockerBackend(Backend):
         stop = asyncio.ensure_future(ctx.stop_requested.wait())
         stopping: Stopping | None = None
         try:
-            await asyncio.wait({future, stop}, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {future, stop}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if not future.done():
                 stopping = await self._stop(ctx, cid, future, stop_signal)
             ended = await future

@@ -34,7 +34,7 @@ from supervisor import metrics
 from supervisor.artifacts import ArtifactSource, ArtifactTooBig
 from supervisor.backends.base import RunContext
 from supervisor.backends.image_tarball import Tarball, UnpackedTooBig, unpack
-from supervisor.keylocks import KeyLocks
+from supervisor.backends.keylocks import KeyLocks
 
 log = logging.getLogger(__name__)
 

@@ -194,7 +194,7 @@ def _members(path: Path) -> Iterator[tarfile.TarInfo]:
     try:
         with tarfile.open(path, mode="r:") as archive:
             while (member := archive.next()) is not None:
-                archive.members.clear()
+                archive.members.clear()  # type: ignore[attr-defined]  # not in typeshed
                 yield member
     except tarfile.TarError as exc:
         raise JobError(

@@ -20,8 +20,8 @@ Limits. Each ends the run with its own outcome:
 - a trap: reason "trap", with the trap message and wasm backtrace.
 
 Modules. Compiled modules live in an in-memory LRU (`module_cache_size`) in front of an
-optional disk cache (`cache_dir`, supervisor.wasm_cache, at most `cache_max_bytes`) that
-holds both the module bytes (`<sha256>.wasm`) and the compiled code
+optional disk cache (`cache_dir`, wasm_cache.py, at most `cache_max_bytes`) that holds
+both the module bytes (`<sha256>.wasm`) and the compiled code
 (`<sha256>.<flavour>.<wasmtime version>-<arch>.cwasm`; flavour "epoch" or "fuel"), so a
 module is fetched and compiled once per host, restarts included. Compiled code is only
 loaded from the cache after its checksum matches; a file Wasmtime still refuses (another
@@ -74,10 +74,10 @@ from protocol.spec import WasmBackend as WasmSpec
 from supervisor import metrics
 from supervisor.artifacts import ArtifactSource, digest_of, verify
 from supervisor.backends.base import Backend, Outcome, RunContext
+from supervisor.backends.keylocks import KeyLocks
 from supervisor.backends.wasi_host import guest_of_thread, make_linker
+from supervisor.backends.wasm_cache import DiskCache
 from supervisor.backends.wasm_scratch import ScratchQuota
-from supervisor.keylocks import KeyLocks
-from supervisor.wasm_cache import DiskCache
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ _DeadlineCallback = ctypes.CFUNCTYPE(
     ctypes.POINTER(ctypes.c_uint64),
     ctypes.POINTER(ctypes.c_uint8),
 )
-_NO_FINALIZER = ctypes.cast(None, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+# A NULL function pointer (ctypes takes None for NULL; typeshed doesn't say so).
+_NO_FINALIZER = ctypes.cast(None, ctypes.CFUNCTYPE(None, ctypes.c_void_p))  # type: ignore[arg-type]
 _UPDATE_DEADLINE_CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
 
 
@@ -614,7 +615,8 @@ async def _wait_guest(ctx: RunContext, guest: _Guest, future: asyncio.Future[Out
     """Wait for the guest thread to end; on a stop, kill the guest and wait (bounded)."""
     stop = asyncio.ensure_future(ctx.stop_requested.wait())
     try:
-        await asyncio.wait({future, stop}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {future, stop}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if future.done():
             return future.result()
         guest.kill.set()

@@ -14,7 +14,7 @@ from litestar.params import Parameter
 
 from protocol import codec, limits
 from protocol.exceptions import MessageTooBig
-from protocol.messages import INT64_MAX, StopJob
+from protocol.messages import INT64_MAX, StopJob, StopReason
 from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import metrics
@@ -124,7 +124,8 @@ async def _queue(
         field = f"[{exc.index}].{exc.field}" if batch else exc.field
         message = f"{field}: artifact {exc.digest} has not been uploaded"
         raise ApiError(400, "invalid_spec", message, field) from None
-    await _stop_runs(state, [stop for m in made for stop in m.stops], "replaced")
+    # The jobs these replace end canceled, and their runs' stops say so.
+    await _stop_runs(state, [stop for m in made for stop in m.stops], "canceled")
     return made
 
 
@@ -145,7 +146,7 @@ async def _check_owner(request: Request, job_id: str, what: str) -> None:
         )
 
 
-async def _stop_runs(state: AppState, runs: list[RunOnSupervisor], reason: str) -> None:
+async def _stop_runs(state: AppState, runs: list[RunOnSupervisor], reason: StopReason) -> None:
     for run in runs:
         stop = StopJob(job_id=run.job_id, attempt=run.attempt, reason=reason)
         state.hub.send_stop(run.supervisor_id, stop)

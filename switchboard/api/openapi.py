@@ -15,6 +15,8 @@ try:
 except ImportError:  # pragma: no cover - only with a Litestar that moved it
     StructSchemaPlugin = None  # type: ignore[assignment,misc]
 
+# Type-only names, not a cycle: at run time these private Litestar modules are not needed,
+# and importing them would make a Litestar that moved them fail to start (see above).
 if TYPE_CHECKING:
     from litestar._openapi.schema_generation import SchemaCreator
     from litestar.openapi.spec import Schema
