@@ -199,14 +199,16 @@ RUN_DURATION = Histogram(
 RUNS_LOST = Counter(
     "switchboard_runs_lost_total",
     "Runs given up as lost: their supervisor stayed away past the grace period"
-    " (via=grace_period) or came back without them (via=reconcile).",
+    " (via=grace_period), came back without them (via=reconcile), or no longer listed"
+    " them in a StatusReply (via=status).",
     ["via"],
     registry=REGISTRY,
 )
 ZOMBIE_RUNS_STOPPED = Counter(
     "switchboard_zombie_runs_stopped_total",
     "StopJob sent for runs the switchboard no longer wants: found when a supervisor"
-    " reconnects (via=reconcile) or when their events arrive (via=events).",
+    " reconnects (via=reconcile), when their events arrive (via=events), or in a"
+    " StatusReply (via=status).",
     ["via"],
     registry=REGISTRY,
 )
@@ -308,9 +310,9 @@ STORE_COMMIT_SECONDS = Histogram(
 
 # Every label value of a counter or gauge exists from the start, so a scrape shows 0
 # instead of nothing. (Histograms get theirs when first observed.)
-for _via in ("grace_period", "reconcile"):
+for _via in ("grace_period", "reconcile", "status"):
     RUNS_LOST.labels(_via)
-for _via in ("reconcile", "events"):
+for _via in ("reconcile", "events", "status"):
     ZOMBIE_RUNS_STOPPED.labels(_via)
 for _via in ("submission", "pass"):
     RUNS_PLACED.labels(_via)
