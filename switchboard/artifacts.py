@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from protocol.spec import DockerBackend, JobSpec, WasmBackend
 from switchboard import datadir
@@ -59,6 +59,15 @@ class ArtifactFiles:
 
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()
+
+    def open(self, digest: str) -> BinaryIO | None:
+        """The artifact opened for reading, or None if there is none. A download reads
+        from this open file, so retention or a DELETE unlinking the name meanwhile cannot
+        cut the response short."""
+        try:
+            return self.path(digest).open("rb")
+        except (FileNotFoundError, IsADirectoryError):
+            return None
 
     async def receive(self, chunks: AsyncIterator[bytes], max_bytes: int) -> Upload:
         """Hash an upload into a temporary file. Raises TooLarge past `max_bytes`."""

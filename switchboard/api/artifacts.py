@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import msgspec
 from litestar import Controller, Request, delete, get, post
@@ -16,7 +20,7 @@ from litestar.openapi.spec import (
     RequestBody,
     Schema,
 )
-from litestar.response import File
+from litestar.response import Stream
 
 from protocol.limits import is_valid_digest
 from switchboard import metrics
@@ -96,13 +100,18 @@ class ArtifactController(Controller):
         media_type="application/octet-stream",
         responses=error_responses(404),
     )
-    async def fetch(self, request: Request, digest: str) -> File:
+    async def fetch(self, request: Request, digest: str) -> Stream:
         """The artifact's bytes."""
         _check_digest(digest)
-        state = app_state(request)
-        if not state.artifacts.exists(digest):
+        file = app_state(request).artifacts.open(digest)
+        if file is None:
             raise ApiError(404, "not_found", f"no artifact {digest}")
-        return File(state.artifacts.path(digest), media_type="application/octet-stream")
+        size = os.fstat(file.fileno()).st_size
+        return Stream(
+            _read_closing(file),
+            media_type="application/octet-stream",
+            headers={"content-length": str(size)},
+        )
 
     @delete(
         "/{digest:str}",
@@ -145,3 +154,15 @@ def _check_digest(digest: str) -> None:
 def _refused(why: str, message: str) -> None:
     metrics.ARTIFACTS_REFUSED.labels(why).inc()
     log.info("artifacts: %s", message)
+
+
+#: A download is read in pieces of this size, so memory does not grow with the artifact.
+_READ_PIECE = 256 * 1024
+
+
+async def _read_closing(file: BinaryIO) -> AsyncIterator[bytes]:
+    """The open file's bytes in pieces, read in a thread (the loop serves everyone), then
+    closed."""
+    with file:
+        while piece := await asyncio.to_thread(file.read, _READ_PIECE):
+            yield piece
