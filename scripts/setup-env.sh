@@ -21,14 +21,18 @@ apt_install() {
     fi
 }
 
-python_env() {  # python_env [extra]
+python_env() {  # python_env [extra]: the versions of requirements[-extra].lock
     local extra="${1:-}"
+    local lock="requirements${extra:+-$extra}.lock"
     if [ ! -x .venv/bin/python ]; then
         echo "creating .venv" >&2
         python3 -m venv .venv
     fi
-    # pip and setuptools are chatty even when all is well: show their words only on failure.
-    if ! .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}" > .venv/pip.log 2>&1; then
+    # The lock pins every package with its hashes; the project itself comes on top, without
+    # dependencies of its own choosing. pip and setuptools are chatty even when all is well:
+    # show their words only on failure.
+    if ! { .venv/bin/python -m pip install -q --require-hashes -r "$lock" &&
+        .venv/bin/python -m pip install -q --no-deps -e .; } > .venv/pip.log 2>&1; then
         cat .venv/pip.log >&2
         exit 1
     fi

@@ -7,6 +7,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -260,3 +261,10 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 60.0) -> dict:
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for a process told to listen on it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

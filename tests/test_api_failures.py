@@ -10,6 +10,7 @@ import asyncio
 import sqlite3
 import time
 
+import pytest
 from litestar.testing import TestClient
 
 from switchboard.app import create_app
@@ -17,6 +18,8 @@ from switchboard.auth import Role, create_token
 from switchboard.config import Settings
 from switchboard.store.sqlite import SQLiteStore
 from tests.harness import scaled
+
+pytestmark = pytest.mark.unit
 
 
 async def _admin_token(settings: Settings) -> str:

@@ -16,7 +16,7 @@ from protocol.spec import DockerBackend, JobSpec, WasmBackend
 from switchboard.store.base import ArtifactMissing
 from switchboard.store.sqlite import SQLiteStore
 from tests.harness import Switchboard, wait_for
-from tests.test_metrics import _scrape, _value
+from tests.scrape import sample_value, scrape
 
 
 def _digest(content: bytes) -> str:
@@ -27,14 +27,7 @@ def _wasm(digest: str, name: str = "w") -> JobSpec:
     return JobSpec(name=name, backend=WasmBackend(module=digest))
 
 
-@pytest.fixture
-async def store(tmp_path):
-    s = SQLiteStore(tmp_path / "db.sqlite3")
-    await s.open()
-    yield s
-    await s.close()
-
-
+@pytest.mark.unit
 async def test_the_quota_refuses_new_bytes_but_not_the_same_again(store):
     a, b = _digest(b"a"), _digest(b"b")
     assert (await store.add_artifact(a, 600, "t1", quota=1000)).outcome == "added"
@@ -46,6 +39,7 @@ async def test_the_quota_refuses_new_bytes_but_not_the_same_again(store):
     assert await store.stored_artifact_bytes() == 600
 
 
+@pytest.mark.unit
 async def test_a_job_naming_a_missing_artifact_is_refused_with_its_batch(store):
     there = _digest(b"there")
     await store.add_artifact(there, 5)
@@ -56,6 +50,7 @@ async def test_a_job_naming_a_missing_artifact_is_refused_with_its_batch(store):
     assert await store.get_job("j1") is None  # all or none
 
 
+@pytest.mark.unit
 async def test_an_artifact_a_job_needs_is_not_deleted(store):
     module, image = _digest(b"module"), _digest(b"image")
     for digest in (module, image):
@@ -73,6 +68,7 @@ async def test_an_artifact_a_job_needs_is_not_deleted(store):
         await store.create_job("again", _wasm(module))
 
 
+@pytest.mark.unit
 async def test_unused_means_not_uploaded_nor_named_by_a_job_since(store):
     old, named = _digest(b"old"), _digest(b"named")
     await store.add_artifact(old, 1)
@@ -89,6 +85,7 @@ async def test_unused_means_not_uploaded_nor_named_by_a_job_since(store):
     assert (await store.delete_artifact(named, unused_before=later)).outcome == "deleted"
 
 
+@pytest.mark.unit
 async def test_an_older_database_learns_which_jobs_name_which_artifacts(tmp_path):
     path = tmp_path / "db.sqlite3"
     old = SQLiteStore(path)
@@ -135,9 +132,12 @@ def _token(server: Switchboard, role: str) -> httpx.Client:
 
 
 def _refusals(server: Switchboard, why: str) -> float:
-    return _value(_scrape(f"{server.url}/metrics"), "switchboard_artifact_refusals_total", why=why)
+    return sample_value(
+        scrape(f"{server.url}/metrics"), "switchboard_artifact_refusals_total", why=why
+    )
 
 
+@pytest.mark.process
 def test_uploads_past_the_quota_get_507_and_the_same_bytes_still_pass(quota_switchboard):
     server = quota_switchboard
     client = _token(server, "submitter")
@@ -157,6 +157,7 @@ def test_uploads_past_the_quota_get_507_and_the_same_bytes_still_pass(quota_swit
     client.delete(f"/api/v1/artifacts/{small.json()['digest']}")
 
 
+@pytest.mark.process
 def test_an_upload_larger_than_one_may_be_gets_413_and_is_counted(quota_switchboard):
     server = quota_switchboard
     before = _refusals(server, "too_large")
@@ -176,6 +177,7 @@ def test_an_upload_larger_than_one_may_be_gets_413_and_is_counted(quota_switchbo
     assert _refusals(server, "too_large") == before + 1
 
 
+@pytest.mark.process
 def test_delete_waits_for_the_jobs_naming_it_and_is_the_uploaders(quota_switchboard):
     server = quota_switchboard
     owner, other = _token(server, "submitter"), _token(server, "submitter")
@@ -209,6 +211,7 @@ def test_delete_waits_for_the_jobs_naming_it_and_is_the_uploaders(quota_switchbo
     assert operator.delete("/api/v1/artifacts/sha256:nothex").status_code == 400
 
 
+@pytest.mark.process
 def test_artifacts_no_job_needs_are_forgotten_after_their_time(tmp_path):
     server = Switchboard(
         tmp_path / "data", extra_args=("--retain-artifacts", "2s", "--retention-interval", "0.3")
@@ -225,9 +228,9 @@ def test_artifacts_no_job_needs_are_forgotten_after_their_time(tmp_path):
 
         wait_for(lambda: gone(unused), "the unused artifact to go")
         assert not gone(needed["digest"])  # its job is queued: it stays
-        scrape = _scrape(f"{server.url}/metrics")
-        assert _value(scrape, "switchboard_retention_removed_total", what="artifact") == 1
-        stored = _value(scrape, "switchboard_stored_bytes", what="artifact")
+        text = scrape(f"{server.url}/metrics")
+        assert sample_value(text, "switchboard_retention_removed_total", what="artifact") == 1
+        stored = sample_value(text, "switchboard_stored_bytes", what="artifact")
         assert stored == needed["size"]
 
         client.post(f"/api/v1/jobs/{job_id}/cancel")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from itertools import islice
 
+import pytest
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.frames import Close
 from websockets.http11 import Response
 
 from connector.backoff import Verdict, backoff, classify
 from protocol.exceptions import CloseCode, FrameError
+
+pytestmark = pytest.mark.unit
 
 
 def test_ceiling_grows_exponentially_to_the_cap():

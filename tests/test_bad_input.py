@@ -7,57 +7,18 @@ import json
 import secrets
 
 import pytest
-import websockets
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from protocol import codec, limits
 from protocol.exceptions import CloseCode
-from protocol.messages import Hello, Welcome
-from protocol.session import supported_versions
-from protocol.tokens import new_token, token_sha256
+from protocol.messages import Hello
 from tests.harness import Switchboard
-
-
-def _ws(switchboard: Switchboard, token: str | None, subprotocols=(limits.SUBPROTOCOL,)):
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    return websockets.connect(
-        f"{switchboard.ws_url}/ws/supervisor",
-        additional_headers=headers,
-        subprotocols=[websockets.Subprotocol(p) for p in subprotocols],
-        max_size=None,
-    )
+from tests.supervisor_ws import closed_with, connect_ws, handshake
 
 
 def _unique(prefix: str) -> str:
     """A supervisor id no test has used (a registration token enrols an id only once)."""
     return f"{prefix}-{secrets.token_hex(3)}"
-
-
-async def _handshake(ws, supervisor_id: str) -> Welcome:
-    """Hello, Welcome. The Hello offers a new credential's digest, so a registration token
-    enrols a new id (a bound token ignores it)."""
-    hello = Hello(
-        supervisor_id=supervisor_id,
-        name=supervisor_id,
-        versions=supported_versions(),
-        credential_sha256=token_sha256(new_token()).hex(),
-    )
-    await ws.send(codec.encode(hello), text=True)
-    welcome = codec.decode_from_switchboard(await ws.recv(decode=False))
-    assert isinstance(welcome, Welcome)
-    return welcome
-
-
-async def _closed_with(ws) -> tuple[int, str, list[dict]]:
-    """Read until the server closes; return the close code, reason and any JSON it sent."""
-    seen = []
-    try:
-        async for frame in ws:
-            seen.append(json.loads(frame))
-    except ConnectionClosed:
-        pass
-    assert ws.close_code is not None
-    return ws.close_code, ws.close_reason or "", seen
 
 
 # --- REST ------------------------------------------------------------------------------
@@ -253,7 +214,7 @@ def test_bad_last_event_id_is_400(switchboard: Switchboard, last_event_id: str):
 @pytest.mark.parametrize("token", [None, "sbt_wrong"])
 async def test_websocket_upgrade_refused_without_valid_token(switchboard: Switchboard, token):
     with pytest.raises(InvalidStatus) as refused:
-        async with _ws(switchboard, token):
+        async with connect_ws(switchboard, token):
             pass
     assert refused.value.response.status_code == 401
     assert b"token" in refused.value.response.body
@@ -261,7 +222,7 @@ async def test_websocket_upgrade_refused_without_valid_token(switchboard: Switch
 
 async def test_websocket_upgrade_refused_for_api_token(switchboard: Switchboard):
     with pytest.raises(InvalidStatus) as refused:
-        async with _ws(switchboard, switchboard.admin_token):
+        async with connect_ws(switchboard, switchboard.admin_token):
             pass
     assert refused.value.response.status_code == 401
 
@@ -269,16 +230,16 @@ async def test_websocket_upgrade_refused_for_api_token(switchboard: Switchboard)
 async def test_websocket_upgrade_refused_without_subprotocol(switchboard: Switchboard):
     token = switchboard.create_token("supervisor")
     with pytest.raises(InvalidStatus) as refused:
-        async with _ws(switchboard, token, subprotocols=("chat",)):
+        async with connect_ws(switchboard, token, subprotocols=("chat",)):
             pass
     assert refused.value.response.status_code == 400
 
 
 async def test_first_message_must_be_hello(switchboard: Switchboard):
     token = switchboard.create_token("supervisor")
-    async with _ws(switchboard, token) as ws:
+    async with connect_ws(switchboard, token) as ws:
         await ws.send(b'{"type":"heartbeat"}', text=True)
-        code, reason, frames = await _closed_with(ws)
+        code, reason, frames = await closed_with(ws)
     assert code == CloseCode.HANDSHAKE_FAILED
     assert "hello" in reason
     assert frames and frames[-1]["type"] == "protocol_error"
@@ -286,10 +247,10 @@ async def test_first_message_must_be_hello(switchboard: Switchboard):
 
 async def test_hello_with_unknown_version_is_refused(switchboard: Switchboard):
     token = switchboard.create_token("supervisor")
-    async with _ws(switchboard, token) as ws:
+    async with connect_ws(switchboard, token) as ws:
         hello = Hello(supervisor_id="future", name="future", versions=["7.0"])
         await ws.send(codec.encode(hello), text=True)
-        code, reason, _ = await _closed_with(ws)
+        code, reason, _ = await closed_with(ws)
     assert code == CloseCode.UNSUPPORTED_VERSION
     assert "version" in reason
 
@@ -307,27 +268,27 @@ async def test_malformed_frame_closes_only_that_connection(
     switchboard: Switchboard, frame: bytes, expected: str
 ):
     token = switchboard.create_token("supervisor")
-    async with _ws(switchboard, token) as healthy, _ws(switchboard, token) as bad:
-        await _handshake(healthy, _unique("healthy-peer"))
-        await _handshake(bad, _unique("bad-peer"))
+    async with connect_ws(switchboard, token) as healthy, connect_ws(switchboard, token) as bad:
+        await handshake(healthy, _unique("healthy-peer"))
+        await handshake(bad, _unique("bad-peer"))
         await bad.send(frame)  # binary frame: JSON is accepted in either kind
-        code, reason, frames = await _closed_with(bad)
+        code, reason, frames = await closed_with(bad)
         assert code == CloseCode.INVALID_PAYLOAD
         assert expected in reason
         assert frames[-1]["type"] == "protocol_error"
         # The other connection is untouched, and the server takes new ones.
         await healthy.ping()
-        async with _ws(switchboard, token) as fresh:
-            await _handshake(fresh, _unique("fresh-peer"))
+        async with connect_ws(switchboard, token) as fresh:
+            await handshake(fresh, _unique("fresh-peer"))
 
 
 async def test_oversized_frame_closes_only_that_connection(switchboard: Switchboard):
     token = switchboard.create_token("supervisor")
-    async with _ws(switchboard, token) as healthy, _ws(switchboard, token) as bad:
-        await _handshake(healthy, "healthy-2")
-        await _handshake(bad, "big-peer")
+    async with connect_ws(switchboard, token) as healthy, connect_ws(switchboard, token) as bad:
+        await handshake(healthy, "healthy-2")
+        await handshake(bad, "big-peer")
         await bad.send(b"x" * (limits.MAX_FRAME_BYTES + 1))
-        code, _, _ = await asyncio.wait_for(_closed_with(bad), 10)
+        code, _, _ = await asyncio.wait_for(closed_with(bad), 10)
         assert code == CloseCode.MESSAGE_TOO_BIG
         await healthy.ping()
     assert switchboard.client().get("/api/v1/health").status_code == 200

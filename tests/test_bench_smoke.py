@@ -13,7 +13,13 @@ import pytest
 
 from tests.harness import run_cli, scaled
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [
+    pytest.mark.bench,
+    pytest.mark.process,
+    pytest.mark.docker,
+    pytest.mark.wasm,
+    pytest.mark.timeout(300),
+]
 
 #: What each benchmark of `python -m bench` reports, its floors included.
 SUITE_RESULTS = {

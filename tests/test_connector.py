@@ -12,7 +12,7 @@ from protocol.messages import Ack, Hello, JobStateChanged, RunRef, StartJob
 from protocol.state import Phase
 from supervisor.backends.noop import NoopBackend
 from supervisor.jobs import BackendSupervisor
-from tests.test_bad_input import _handshake, _ws
+from tests.supervisor_ws import connect_ws, handshake
 
 
 def _connector(switchboard, token, supervisor_id, tmp_path) -> WebSocketConnector:
@@ -31,8 +31,8 @@ async def test_wrong_token_stops_the_connector_instead_of_retrying(switchboard, 
 async def test_events_before_the_first_welcome_continue_the_stored_numbering(switchboard, tmp_path):
     token = switchboard.create_token("supervisor", "reborn")
     # An earlier life of this supervisor got events 1..3 stored.
-    async with _ws(switchboard, token) as ws:
-        await _handshake(ws, "reborn")
+    async with connect_ws(switchboard, token) as ws:
+        await handshake(ws, "reborn")
         for seq in (1, 2, 3):
             event = JobStateChanged(seq=seq, job_id="gone", attempt=1, phase=Phase.RUNNING)
             await ws.send(codec.encode(event), text=True)
@@ -58,6 +58,7 @@ async def test_events_before_the_first_welcome_continue_the_stored_numbering(swi
         await asyncio.wait_for(running, 10)
 
 
+@pytest.mark.unit
 async def test_retry_after_hint_delays_the_reconnect(tmp_path):
     """A switchboard that closes with a retry-after hint is not called again sooner."""
     import time
@@ -112,7 +113,7 @@ async def test_a_run_that_ended_while_the_supervisor_was_down_is_not_taken_for_l
     finalize it as lost (and its restart policy would run the program again)."""
     token = switchboard.create_token("supervisor", "reborn-2")
     client = switchboard.client()
-    async with _ws(switchboard, token) as ws:  # the earlier life: the run starts
+    async with connect_ws(switchboard, token) as ws:  # the earlier life: the run starts
         hello = Hello(
             supervisor_id="reborn-2",
             name="reborn-2",
@@ -159,6 +160,7 @@ async def test_a_run_that_ended_while_the_supervisor_was_down_is_not_taken_for_l
         await asyncio.wait_for(task, 10)
 
 
+@pytest.mark.unit
 async def test_only_a_window_of_the_backlog_travels_unacknowledged(tmp_path):
     """Output piles up in the backlog while the switchboard is slow to acknowledge, but only
     `send_window_bytes` of it is on the wire at once (so a follower's lag stays small); each

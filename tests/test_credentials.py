@@ -13,6 +13,8 @@ import pytest
 from connector.credentials import Attempt, HostCredentials, NoCredential, Presented
 from protocol.tokens import TOKEN_PREFIX
 
+pytestmark = pytest.mark.unit
+
 REGISTRATION = TOKEN_PREFIX + "registration"
 
 

@@ -31,6 +31,8 @@ from tests.harness import (
     wait_running,
 )
 
+pytestmark = pytest.mark.browser
+
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
 

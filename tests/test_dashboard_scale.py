@@ -13,6 +13,8 @@ import pytest
 from protocol.spec import JobSpec, NoopBackend
 from tests.big_store import big_switchboard
 
+pytestmark = pytest.mark.process
+
 JOBS = 10_000
 SUPERVISORS = 500
 #: How many times the floor a dashboard read may take. The reads do real work (an index

@@ -9,6 +9,8 @@ import pytest
 from switchboard.dispatcher import QUEUE_WINDOW
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_for, wait_job
 
+pytestmark = pytest.mark.process
+
 STUCK = 3 * QUEUE_WINDOW + 500
 
 

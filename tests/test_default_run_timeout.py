@@ -11,6 +11,8 @@ import pytest
 
 from tests.harness import Switchboard, run_cli, start_supervisor, wait_connected, wait_job
 
+pytestmark = pytest.mark.process
+
 DEFAULT_S = 1.0
 
 

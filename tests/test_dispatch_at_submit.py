@@ -15,13 +15,14 @@ import pytest
 from protocol.spec import Concurrency, JobSpec, NoopBackend
 from protocol.state import Phase
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
-from tests.test_metrics import _scrape, _value
-from tests.test_store_sqlite import HELLO, SPEC, store  # noqa: F401 - the fixture
+from tests.scrape import sample_value, scrape
+from tests.store_setup import HELLO, SPEC
 
 # --- the store's half: one transaction, and only when the queue is clear ---------------
 
 
-async def test_a_job_is_stored_and_assigned_in_one_step(store):  # noqa: F811
+@pytest.mark.unit
+async def test_a_job_is_stored_and_assigned_in_one_step(store):
     await store.supervisor_connected(HELLO)
     made, runs = await store.create_and_assign([("new", SPEC)], "tester", 100, {"new": "s1"})
     assert [m.phase for m in made] == ["queued"]
@@ -33,7 +34,8 @@ async def test_a_job_is_stored_and_assigned_in_one_step(store):  # noqa: F811
     assert events[1].message == "run 1: assigned"
 
 
-async def test_an_older_ready_job_keeps_its_turn(store):  # noqa: F811
+@pytest.mark.unit
+async def test_an_older_ready_job_keeps_its_turn(store):
     await store.supervisor_connected(HELLO)
     await store.create_job("older", SPEC)
     made, runs = await store.create_and_assign([("newer", SPEC)], "tester", 100, {"newer": "s1"})
@@ -42,7 +44,8 @@ async def test_an_older_ready_job_keeps_its_turn(store):  # noqa: F811
     assert (await store.get_job("older")).phase == Phase.QUEUED
 
 
-async def test_jobs_no_pass_would_place_do_not_count_as_waiting(store):  # noqa: F811
+@pytest.mark.unit
+async def test_jobs_no_pass_would_place_do_not_count_as_waiting(store):
     await store.supervisor_connected(HELLO)
     await store.create_job("nobody-can", SPEC)
     await store.set_unschedulable({"nobody-can": "no supervisor matches"})
@@ -50,7 +53,8 @@ async def test_jobs_no_pass_would_place_do_not_count_as_waiting(store):  # noqa:
     assert [r.job_id for r in runs] == ["new"]
 
 
-async def test_a_job_its_concurrency_policy_rejects_gets_no_run(store):  # noqa: F811
+@pytest.mark.unit
+async def test_a_job_its_concurrency_policy_rejects_gets_no_run(store):
     await store.supervisor_connected(HELLO)
     keyed = JobSpec(
         name="k",
@@ -98,14 +102,18 @@ def _ran(client: httpx.Client, job_id: str) -> dict:
 
 def test_a_job_submitted_to_an_idle_switchboard_is_placed_with_its_submission(switchboard, client):
     url = f"{switchboard.url}/metrics"
-    before = _scrape(url)
+    before = scrape(url)
     for i in range(3):
         time.sleep(0.2)  # idle: the pass after the last job's end has run
         assert _ran(client, _post(client, _noop(f"lone{i}"))[0])["runs"][0]["attempt"] == 1
-    after = _scrape(url)
+    after = scrape(url)
     placed = "switchboard_runs_placed_total"
-    assert _value(after, placed, via="submission") - _value(before, placed, via="submission") == 3
-    assert _value(after, placed, via="pass") == _value(before, placed, via="pass")
+    assert (
+        sample_value(after, placed, via="submission")
+        - sample_value(before, placed, via="submission")
+        == 3
+    )
+    assert sample_value(after, placed, via="pass") == sample_value(before, placed, via="pass")
 
 
 def test_more_jobs_than_free_slots_never_overfill_a_supervisor(client):

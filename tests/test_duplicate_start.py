@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
 import websockets
 
 from connector.websocket import WebSocketConnector
@@ -15,6 +16,8 @@ from protocol.messages import Ack, Event, Hello, JobExit, Output, StartJob, Welc
 from protocol.spec import NoopBackend as NoopSpec
 from supervisor.backends.noop import NoopBackend
 from supervisor.jobs import BackendSupervisor
+
+pytestmark = pytest.mark.unit
 
 START = StartJob(job_id="once", attempt=1, backend=NoopSpec(delay_s=0.5, output="side effect\n"))
 

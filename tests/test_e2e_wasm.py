@@ -10,6 +10,8 @@ import pytest
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
 from tests.wasi import STEADY_WRITER, compile_c
 
+pytestmark = pytest.mark.wasm
+
 #: Writes two distinct byte patterns, including bytes that are not valid UTF-8, to stdout
 #: and stderr (sizes from argv), then exits with argv[3].
 STREAMS = r"""

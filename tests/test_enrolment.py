@@ -31,8 +31,10 @@ from tests.harness import (
     wait_job,
     wait_running,
 )
-from tests.test_bad_input import _closed_with, _ws
-from tests.test_metrics import _scrape, _value
+from tests.scrape import sample_value, scrape
+from tests.supervisor_ws import closed_with, connect_ws
+
+pytestmark = pytest.mark.process
 
 ENROLLED = "switchboard_supervisor_enrolments_total"
 REFUSED = "switchboard_supervisor_refusals_total"
@@ -52,14 +54,14 @@ def _bound_tokens(switchboard: Switchboard, supervisor_id: str) -> list[dict]:
 
 
 def _metric(switchboard: Switchboard, name: str, **labels: str) -> float:
-    return _value(_scrape(f"{switchboard.url}/metrics"), name, **labels)
+    return sample_value(scrape(f"{switchboard.url}/metrics"), name, **labels)
 
 
 async def _hello_as(switchboard: Switchboard, token: str, hello: Hello):
     """Connect with `token`, say `hello`; the close code, reason and every frame received."""
-    async with _ws(switchboard, token) as ws:
+    async with connect_ws(switchboard, token) as ws:
         await ws.send(codec.encode(hello), text=True)
-        return await asyncio.wait_for(_closed_with(ws), scaled(10))
+        return await asyncio.wait_for(closed_with(ws), scaled(10))
 
 
 def _impostor_hello(supervisor_id: str, *, digest: bool) -> Hello:
@@ -249,7 +251,7 @@ def test_hosts_racing_to_enrol_one_id_cannot_both_win(switchboard):
     token = switchboard.create_token("supervisor")
 
     async def enrol() -> str:
-        async with _ws(switchboard, token) as ws:
+        async with connect_ws(switchboard, token) as ws:
             await ws.send(codec.encode(_impostor_hello("contested", digest=True)), text=True)
             first = codec.decode_from_switchboard(await ws.recv(decode=False))
             return type(first).__name__
@@ -458,7 +460,7 @@ def test_a_flood_of_bad_supervisor_tokens_is_logged_once(tmp_path):
     async def knock() -> None:
         for _ in range(attempts):
             with pytest.raises(InvalidStatus) as refused:
-                async with _ws(server, new_token()):
+                async with connect_ws(server, new_token()):
                     pass
             assert refused.value.response.status_code == 401
 

@@ -14,6 +14,7 @@ import itertools
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +23,9 @@ from protocol.messages import JobErrorReport, JobExit, JobStateChanged, Output
 from protocol.spec import Backoff, JobSpec, NoopBackend, RestartPolicy
 from protocol.state import Phase
 from switchboard.store.sqlite import SQLiteStore
-from tests.test_store_sqlite import HELLO, store  # noqa: F401 - the fixture
+from tests.store_setup import HELLO
+
+pytestmark = pytest.mark.slow
 
 SPECS = [
     JobSpec(name="plain", backend=NoopBackend()),
@@ -156,7 +159,7 @@ def test_batched_events_leave_the_record_one_at_a_time_leaves(spec, kinds, cuts)
     assert asyncio.run(_record(spec, batched)) == asyncio.run(_record(spec, one_by_one))
 
 
-async def test_one_event_at_a_time_each_shows_at_once(store):  # noqa: F811
+async def test_one_event_at_a_time_each_shows_at_once(store):
     """The reference the property above compares with: what each event does on its own."""
     await store.supervisor_connected(HELLO)
     await store.create_job("j", SPECS[0])

@@ -13,6 +13,8 @@ from tests.faults import FaultyProxy
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job, wait_running
 from tests.wasi import compile_c
 
+pytestmark = pytest.mark.wasm
+
 #: `stream_out CHUNKS BYTES MS`: CHUNKS times, writes BYTES of a deterministic binary pattern
 #: to stdout, then sleeps MS milliseconds.
 STREAM_OUT = r"""

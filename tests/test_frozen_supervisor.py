@@ -25,7 +25,9 @@ from tests.harness import (
     wait_for,
     wait_job,
 )
-from tests.test_metrics import _scrape, _value
+from tests.scrape import sample_value, scrape
+
+pytestmark = pytest.mark.process
 
 INTERVAL, TIMEOUT = 0.5, 10.0
 #: Runs the frozen supervisor takes, each a StartJob of about 1 MB: far more than the
@@ -93,8 +95,8 @@ def _last_connection(client: httpx.Client, supervisor_id: str) -> dict:
 
 
 def _cuts(switchboard: Switchboard, reason: str) -> float:
-    return _value(
-        _scrape(f"{switchboard.url}/metrics"), "switchboard_sessions_cut_total", reason=reason
+    return sample_value(
+        scrape(f"{switchboard.url}/metrics"), "switchboard_sessions_cut_total", reason=reason
     )
 
 

@@ -10,8 +10,10 @@ import pytest
 
 from protocol.exceptions import CloseCode
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
-from tests.test_bad_input import _closed_with, _handshake, _ws
+from tests.supervisor_ws import closed_with, connect_ws, handshake
 from tests.wasi import SLEEPER, SPIN, compile_c
+
+pytestmark = pytest.mark.wasm
 
 INTERVAL, TIMEOUT = 0.2, 1.0
 
@@ -28,11 +30,11 @@ def switchboard(tmp_path_factory):
 
 async def test_silent_supervisor_is_cut_off(switchboard):
     token = switchboard.create_token("supervisor")
-    async with _ws(switchboard, token) as ws:
-        welcome = await _handshake(ws, "silent")
+    async with connect_ws(switchboard, token) as ws:
+        welcome = await handshake(ws, "silent")
         assert welcome.heartbeat_interval_s == INTERVAL
         started = time.monotonic()
-        code, reason, frames = await asyncio.wait_for(_closed_with(ws), 10)
+        code, reason, frames = await asyncio.wait_for(closed_with(ws), 10)
         waited = time.monotonic() - started
     assert code == CloseCode.HEARTBEAT_TIMEOUT and "heartbeat" in reason
     assert TIMEOUT <= waited < TIMEOUT + 5

@@ -27,7 +27,9 @@ from tests.harness import (
     wait_for,
     wait_job,
 )
-from tests.test_metrics import _value
+from tests.scrape import sample_value
+
+pytestmark = pytest.mark.process
 
 HEADER_TIMEOUT = scaled(1.0)
 BODY_TIMEOUT = scaled(1.0)
@@ -93,7 +95,9 @@ def _rss_mb(process: Process) -> float:
 
 
 def _refusals(client: httpx.Client, reason: str) -> float:
-    return _value(client.get("/metrics").text, "switchboard_http_refusals_total", reason=reason)
+    return sample_value(
+        client.get("/metrics").text, "switchboard_http_refusals_total", reason=reason
+    )
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
@@ -301,9 +305,9 @@ def test_the_supervisor_connected_all_along_and_still_runs_jobs(server, supervis
     metrics = client.get("/metrics").text
     # The limits did fire (this test means nothing run on its own: it runs after them).
     for reason in ("header_too_large", "header_timeout", "body_timeout", "bad_request"):
-        assert _value(metrics, "switchboard_http_refusals_total", reason=reason) > 0, reason
-    assert _value(metrics, "switchboard_supervisor_reconnects_total") == 0
-    assert _value(metrics, "switchboard_supervisor_connections_total") == 1
+        assert sample_value(metrics, "switchboard_http_refusals_total", reason=reason) > 0, reason
+    assert sample_value(metrics, "switchboard_supervisor_reconnects_total") == 0
+    assert sample_value(metrics, "switchboard_supervisor_connections_total") == 1
     job_id = client.post("/api/v1/jobs", json={"name": "after", "backend": {"kind": "noop"}})
     assert wait_job(client, job_id.json()["id"])["phase"] == "succeeded"
 

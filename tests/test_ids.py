@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from protocol.limits import ID_PATTERN
 from switchboard.ids import new_job_id
+
+pytestmark = pytest.mark.unit
 
 
 def test_ids_are_unique_valid_and_in_the_order_made():

@@ -20,6 +20,8 @@ from supervisor.artifacts import ArtifactTooBig, MemoryArtifactSource, digest_of
 from supervisor.backends import image_tarball
 from supervisor.backends.image_tarball import Tarball, UnpackedTooBig, unpack
 
+pytestmark = pytest.mark.unit
+
 _MB = 1024 * 1024
 CONFIG = json.dumps({"os": "linux", "architecture": "amd64"}).encode()
 MANIFEST = [{"Config": "c.json", "RepoTags": ["shadow:latest"], "Layers": ["l/layer.tar"]}]

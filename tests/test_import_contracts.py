@@ -13,6 +13,9 @@ import pytest
 
 from tests.harness import REPO
 
+#: Each case runs lint-imports as a child process on a copy of the tree.
+pytestmark = pytest.mark.process
+
 PACKAGES = ("protocol", "common", "connector", "supervisor", "switchboard", "tests", "bench")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 

@@ -20,6 +20,8 @@ from tests.harness import (
     wait_job,
 )
 
+pytestmark = pytest.mark.process
+
 
 class EventStream:
     """GET /api/v1/live read on a thread; events land in a queue as dicts."""

@@ -106,6 +106,7 @@ def _raised(message: str) -> BaseException:
         return exc
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_formatter_escapes_and_cuts_every_part(fmt: str):
     path = "/x\n" + FORGED + "\u2028"

@@ -5,9 +5,7 @@ supervisor's own metrics are in test_supervisor_metrics.py; the helpers here ser
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from collections.abc import Callable
 
 import httpx
 import pytest
@@ -23,12 +21,15 @@ from protocol.state import TERMINAL, Phase
 from tests.faults import FaultyProxy
 from tests.harness import (
     Switchboard,
+    free_port,
     start_supervisor,
     wait_connected,
     wait_for,
     wait_job,
 )
-from tests.test_bad_input import _handshake, _ws
+from tests.metric_names import SUPERVISOR_METRICS
+from tests.scrape import metric_types, sample_value, sample_value_or_zero, scrape, scrape_until
+from tests.supervisor_ws import connect_ws, handshake
 
 #: Every metric of the switchboard, as it appears in the exposition: name -> type.
 SWITCHBOARD_METRICS = {
@@ -63,17 +64,6 @@ SWITCHBOARD_METRICS = {
     "switchboard_retention_removed_total": "counter",
     "switchboard_stored_bytes": "gauge",
     "switchboard_artifact_refusals_total": "counter",
-}
-#: Every metric of a supervisor.
-SUPERVISOR_METRICS = {
-    "supervisor_reconnects_total": "counter",
-    "supervisor_events_resent_total": "counter",
-    "supervisor_backlog_bytes": "gauge",
-    "supervisor_running_jobs": "gauge",
-    "supervisor_runs_ended_total": "counter",
-    "supervisor_backend_errors_total": "counter",
-    "supervisor_cache_lookups_total": "counter",
-    "supervisor_limits_exceeded_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -114,15 +104,6 @@ LABEL_VALUES: dict[str, set[str]] = {
 }
 
 
-def _types(text: str) -> dict[str, str]:
-    """Metric name (counters with their _total) -> type, from an exposition."""
-    found = {}
-    for family in text_string_to_metric_families(text):
-        name = family.name + "_total" if family.type == "counter" else family.name
-        found[name] = family.type
-    return found
-
-
 def _labels_seen(text: str) -> dict[str, set[str]]:
     """Label name -> the values it has in an exposition (le and quantile left out)."""
     seen: dict[str, set[str]] = {}
@@ -134,60 +115,11 @@ def _labels_seen(text: str) -> dict[str, set[str]]:
     return seen
 
 
-def _value(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples called `name` whose labels include `labels`."""
-    total = 0.0
-    seen = False
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                total += sample.value
-                seen = True
-    assert seen, f"no sample {name} {labels} in:\n{text}"
-    return total
-
-
-def _maybe(text: str, name: str, **labels: str) -> float:
-    """Like _value, but 0 when there is no such sample (a histogram not yet observed)."""
-    try:
-        return _value(text, name, **labels)
-    except AssertionError:
-        return 0.0
-
-
-def _scrape(url: str) -> str:
-    response = httpx.get(url, timeout=10)  # no token: metrics are open, like health
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain; version=")
-    return response.text
-
-
-def _scrape_until(url: str, ok: Callable[[str], bool], what: str, timeout: float = 20.0) -> str:
-    """Scrape until `ok(text)`; return that scrape. (The switchboard's counts of stored
-    rows are refreshed at most once a second.)"""
-    last = [""]
-
-    def check() -> str | None:
-        last[0] = _scrape(url)
-        return last[0] if ok(last[0]) else None
-
-    try:
-        return wait_for(check, what, timeout)
-    except AssertionError:
-        raise AssertionError(f"timed out waiting for {what}; last scrape:\n{last[0]}") from None
-
-
 def _wait_value(url: str, name: str, at_least: float, timeout: float = 20.0) -> str:
     """Scrape until `name` reaches `at_least`; return that scrape."""
-    return _scrape_until(
-        url, lambda t: _maybe(t, name) >= at_least, f"{name} >= {at_least}", timeout
+    return scrape_until(
+        url, lambda t: sample_value_or_zero(t, name) >= at_least, f"{name} >= {at_least}", timeout
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _noop_job(client: httpx.Client, name: str, **fields: object) -> str:
@@ -199,7 +131,7 @@ def _noop_job(client: httpx.Client, name: str, **fields: object) -> str:
 
 def _metrics_supervisor(switchboard: Switchboard, work_dir, name: str, **kwargs):
     """A noop supervisor serving its metrics; returns (process, its metrics URL)."""
-    port = _free_port()
+    port = free_port()
     extra = ("--metrics-port", str(port), *kwargs.pop("extra_args", ()))
     sup = start_supervisor(
         switchboard, work_dir, name=name, backend="noop", extra_args=extra, **kwargs
@@ -217,12 +149,14 @@ def switchboard(tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.unit
 def test_metric_names_and_types_are_pinned():
     from switchboard.metrics import REGISTRY
 
-    assert _types(generate_latest(REGISTRY).decode()) == SWITCHBOARD_METRICS
+    assert metric_types(generate_latest(REGISTRY).decode()) == SWITCHBOARD_METRICS
 
 
+@pytest.mark.unit
 def test_labels_are_bounded_words():
     """Every label value a fresh registry shows is from a fixed set (no ids), and no
     `*_created` series double the exposition."""
@@ -238,6 +172,7 @@ def test_labels_are_bounded_words():
             assert values <= LABEL_VALUES[name], (name, values - LABEL_VALUES[name])
 
 
+@pytest.mark.unit
 async def test_run_metrics_count_once_committed(tmp_path):
     """In-process store: what a rolled-back request staged is never observed; a run's
     running and its end each count once, after their transaction commits."""
@@ -304,14 +239,14 @@ def test_scrape_after_jobs(switchboard, work_dir):
     """Five noop jobs exit 0 and one exits 1 on a real supervisor: both scrapes count them."""
     client = switchboard.client()
     url = f"{switchboard.url}/metrics"
-    before = _scrape(url)
+    before = scrape(url)
     # The switchboard's is fixed (prometheus_client's own server, the supervisor's, negotiates).
     assert httpx.get(url).headers["content-type"] == CONTENT_TYPE_LATEST
-    assert _types(before) == SWITCHBOARD_METRICS
+    assert metric_types(before) == SWITCHBOARD_METRICS
     sup, sup_url = _metrics_supervisor(switchboard, work_dir, "metrics-jobs")
     try:
         wait_connected(client, "metrics-jobs")
-        assert _types(_scrape(sup_url)) == SUPERVISOR_METRICS
+        assert metric_types(scrape(sup_url)) == SUPERVISOR_METRICS
         jobs = [_noop_job(client, f"m{i}", backend={"output": f"out {i}\n"}) for i in range(5)]
         failing = _noop_job(client, "m-fail", backend={"output": "bad\n", "exit_code": 1})
         events = 0
@@ -324,7 +259,9 @@ def test_scrape_after_jobs(switchboard, work_dir):
             events += len([p for p in phases if p != "assigned"]) + 2
 
         def grew(text: str, name: str, **labels: str) -> float:
-            return _maybe(text, name, **labels) - _maybe(before, name, **labels)
+            return sample_value_or_zero(text, name, **labels) - sample_value_or_zero(
+                before, name, **labels
+            )
 
         def settled(text: str) -> bool:
             return (
@@ -332,10 +269,10 @@ def test_scrape_after_jobs(switchboard, work_dir):
                 and grew(text, "switchboard_jobs", phase="succeeded") == 5
             )
 
-        text = _scrape_until(url, settled, "the six jobs counted")
+        text = scrape_until(url, settled, "the six jobs counted")
         assert grew(text, "switchboard_events_stored_total") == events
         assert grew(text, "switchboard_jobs", phase="failed") == 1
-        assert _value(text, "switchboard_queue_depth") == 0
+        assert sample_value(text, "switchboard_queue_depth") == 0
         runs = "switchboard_run_duration_seconds_count"
         assert grew(text, runs, backend="noop", outcome="succeeded") == 5
         assert grew(text, runs, backend="noop", outcome="failed") == 1
@@ -343,42 +280,42 @@ def test_scrape_after_jobs(switchboard, work_dir):
         assert grew(text, "switchboard_dispatch_latency_seconds_count", backend="noop") == 6
         assert grew(text, "switchboard_output_bytes_total", stream="stdout") == 5 * 6 + 4
         assert grew(text, "switchboard_output_bytes_total", stream="stderr") == 0
-        assert _value(text, "switchboard_supervisors_connected", state="connected") == 1
-        assert _value(text, "switchboard_supervisors_connected", state="draining") == 0
+        assert sample_value(text, "switchboard_supervisors_connected", state="connected") == 1
+        assert sample_value(text, "switchboard_supervisors_connected", state="draining") == 0
         assert grew(text, "switchboard_supervisor_connections_total") == 1
         assert grew(text, "switchboard_supervisor_reconnects_total") == 0
         assert grew(text, "switchboard_event_batch_seconds_count") >= 1
         assert grew(text, "switchboard_store_commit_seconds_count") >= 1
         assert grew(text, "switchboard_duplicate_events_total") == 0
-        assert _value(text, "switchboard_runs_lost_total") == 0
+        assert sample_value(text, "switchboard_runs_lost_total") == 0
 
-        sup_text = _scrape_until(
-            sup_url, lambda t: _value(t, "supervisor_running_jobs") == 0, "no run held"
+        sup_text = scrape_until(
+            sup_url, lambda t: sample_value(t, "supervisor_running_jobs") == 0, "no run held"
         )
-        assert _value(sup_text, "supervisor_runs_ended_total", outcome="succeeded") == 5
-        assert _value(sup_text, "supervisor_runs_ended_total", outcome="failed") == 1
-        assert _value(sup_text, "supervisor_runs_ended_total") == 6
-        assert _value(sup_text, "supervisor_backend_errors_total") == 0
-        assert _value(sup_text, "supervisor_cache_lookups_total") == 0  # noop has no cache
-        assert _value(sup_text, "supervisor_reconnects_total") == 0
-        assert _value(sup_text, "supervisor_events_resent_total") == 0
+        assert sample_value(sup_text, "supervisor_runs_ended_total", outcome="succeeded") == 5
+        assert sample_value(sup_text, "supervisor_runs_ended_total", outcome="failed") == 1
+        assert sample_value(sup_text, "supervisor_runs_ended_total") == 6
+        assert sample_value(sup_text, "supervisor_backend_errors_total") == 0
+        assert sample_value(sup_text, "supervisor_cache_lookups_total") == 0  # noop has no cache
+        assert sample_value(sup_text, "supervisor_reconnects_total") == 0
+        assert sample_value(sup_text, "supervisor_events_resent_total") == 0
 
         # A drained supervisor is still connected, as `draining`.
         assert client.post("/api/v1/supervisors/metrics-jobs/drain").status_code == 200
-        _scrape_until(
+        scrape_until(
             url,
             lambda t: (
-                _value(t, "switchboard_supervisors_connected", state="draining") == 1
-                and _value(t, "switchboard_supervisors_connected", state="connected") == 0
+                sample_value(t, "switchboard_supervisors_connected", state="draining") == 1
+                and sample_value(t, "switchboard_supervisors_connected", state="connected") == 0
             ),
             "the supervisor counted as draining",
         )
         assert client.post("/api/v1/supervisors/metrics-jobs/resume").status_code == 200
     finally:
         sup.stop()
-    _scrape_until(
+    scrape_until(
         url,
-        lambda t: _value(t, "switchboard_supervisors_connected") == 0,
+        lambda t: sample_value(t, "switchboard_supervisors_connected") == 0,
         "the gauge to drop when the supervisor left",
     )
 
@@ -388,8 +325,8 @@ def test_queue_depth_by_state(switchboard, work_dir):
     while dispatch is paused."""
     client = switchboard.client()
     url = f"{switchboard.url}/metrics"
-    before = _scrape(url)
-    latency_before = _maybe(before, "switchboard_dispatch_latency_seconds_count")
+    before = scrape(url)
+    latency_before = sample_value_or_zero(before, "switchboard_dispatch_latency_seconds_count")
     sup, _ = _metrics_supervisor(switchboard, work_dir, "metrics-queue")
     cancel = []
     try:
@@ -406,28 +343,30 @@ def test_queue_depth_by_state(switchboard, work_dir):
         assert client.post("/api/v1/dispatch/pause").status_code == 200
         ready = _noop_job(client, "m-ready")
         cancel.append(ready)
-        text = _scrape_until(
+        text = scrape_until(
             url,
             lambda t: (
-                [_value(t, "switchboard_queue_depth", state=s) for s in ("ready", "backoff")]
+                [sample_value(t, "switchboard_queue_depth", state=s) for s in ("ready", "backoff")]
                 == [1, 1]
             ),
             "one ready and one backing off",
         )
-        assert _value(text, "switchboard_queue_depth", state="unschedulable") == 1
-        assert _value(text, "switchboard_jobs", phase="queued") == 3
+        assert sample_value(text, "switchboard_queue_depth", state="unschedulable") == 1
+        assert sample_value(text, "switchboard_jobs", phase="queued") == 3
         # The backoff job ran once (and failed) before it was queued again.
-        assert _value(text, "switchboard_dispatch_latency_seconds_count") == latency_before + 1
+        assert (
+            sample_value(text, "switchboard_dispatch_latency_seconds_count") == latency_before + 1
+        )
     finally:
         for job_id in cancel:
             client.post(f"/api/v1/jobs/{job_id}/cancel")
         client.post("/api/v1/dispatch/resume")
         sup.stop()
-    _scrape_until(
+    scrape_until(
         url,
         lambda t: (
-            _value(t, "switchboard_queue_depth") == 0
-            and _value(t, "switchboard_jobs", phase="queued") == 0
+            sample_value(t, "switchboard_queue_depth") == 0
+            and sample_value(t, "switchboard_jobs", phase="queued") == 0
         ),
         "the queue empty after the cancels",
     )
@@ -437,7 +376,7 @@ async def test_resends_replacements_and_zombies_are_counted(switchboard):
     """Raw protocol: events for a run nobody assigned (each refused: a StopJob), then the
     same seqs again (duplicates), then a second connection (a replacement)."""
     metrics_url = f"{switchboard.url}/metrics"
-    before = await asyncio.to_thread(_scrape, metrics_url)
+    before = await asyncio.to_thread(scrape, metrics_url)
     token = switchboard.create_token("supervisor", "metrics-raw")
 
     def output(seq: int) -> bytes:
@@ -452,21 +391,21 @@ async def test_resends_replacements_and_zombies_are_counted(switchboard):
             if isinstance(message, Ack) and message.seq >= seq:
                 return stops
 
-    async with _ws(switchboard, token) as ws:
-        await _handshake(ws, "metrics-raw")
+    async with connect_ws(switchboard, token) as ws:
+        await handshake(ws, "metrics-raw")
         for seq in (1, 2):
             await ws.send(output(seq), text=True)
         await until_ack(ws, 2)
         for seq in (1, 2, 3):  # a resend of 1 and 2, and one new event
             await ws.send(output(seq), text=True)
         await until_ack(ws, 3)
-        async with _ws(switchboard, token) as newer:
-            welcome = await _handshake(newer, "metrics-raw")
+        async with connect_ws(switchboard, token) as newer:
+            welcome = await handshake(newer, "metrics-raw")
             assert welcome.last_seq == 3
-    after = await asyncio.to_thread(_scrape, metrics_url)
+    after = await asyncio.to_thread(scrape, metrics_url)
 
     def grew(name: str, **labels: str) -> float:
-        return _value(after, name, **labels) - _value(before, name, **labels)
+        return sample_value(after, name, **labels) - sample_value(before, name, **labels)
 
     assert grew("switchboard_events_stored_total") == 3
     assert grew("switchboard_duplicate_events_total") == 2
@@ -486,10 +425,10 @@ def test_reconnect_is_counted_on_both_sides(switchboard, work_dir):
     )
     try:
         wait_connected(client, "metrics-cut")
-        first = _scrape(switchboard_metrics)
-        text = _scrape(supervisor_metrics)
-        assert _types(text) == SUPERVISOR_METRICS
-        assert _value(text, "supervisor_reconnects_total") == 0
+        first = scrape(switchboard_metrics)
+        text = scrape(supervisor_metrics)
+        assert metric_types(text) == SUPERVISOR_METRICS
+        assert sample_value(text, "supervisor_reconnects_total") == 0
 
         job_id = _noop_job(
             client, "cut-mid-job", backend={"output": "before the cut\n", "delay_s": 2.0}
@@ -500,24 +439,24 @@ def test_reconnect_is_counted_on_both_sides(switchboard, work_dir):
         job = wait_job(client, job_id)
         assert job["phase"] == "succeeded", job
 
-        text = _scrape(supervisor_metrics)
-        assert _value(text, "supervisor_reconnects_total") >= 1
+        text = scrape(supervisor_metrics)
+        assert sample_value(text, "supervisor_reconnects_total") >= 1
         _wait_value(
             switchboard_metrics,
             "switchboard_supervisor_reconnects_total",
-            _value(first, "switchboard_supervisor_reconnects_total") + 1,
+            sample_value(first, "switchboard_supervisor_reconnects_total") + 1,
         )
         # Everything sent is acknowledged in the end; nothing is held any more.
-        _scrape_until(
+        scrape_until(
             supervisor_metrics,
             lambda t: (
-                _value(t, "supervisor_backlog_bytes") == 0
-                and _value(t, "supervisor_running_jobs") == 0
+                sample_value(t, "supervisor_backlog_bytes") == 0
+                and sample_value(t, "supervisor_running_jobs") == 0
             ),
             "an empty backlog and no run held",
             timeout=10,
         )
-        assert _value(_scrape(supervisor_metrics), "supervisor_runs_ended_total") == 1
+        assert sample_value(scrape(supervisor_metrics), "supervisor_runs_ended_total") == 1
         assert proxy.accepted >= 2
     finally:
         sup.stop()

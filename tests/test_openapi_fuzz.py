@@ -22,6 +22,8 @@ import pytest
 
 from tests.harness import Switchboard, scaled, start_supervisor, wait_connected, wait_job
 
+pytestmark = pytest.mark.process
+
 try:
     import hypothesis
     import hypothesis.errors

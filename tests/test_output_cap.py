@@ -17,8 +17,8 @@ from switchboard.store.schema import SCHEMA_VERSION
 from switchboard.store.sqlite import SQLiteStore
 from switchboard.store.sqlite_runs import OUTPUT_CUT_NOTE
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
-from tests.test_metrics import _scrape, _value
-from tests.test_store_sqlite import _assigned_job, out, state
+from tests.scrape import sample_value, scrape
+from tests.store_setup import assigned_job, out, state
 
 CAP = 1000
 NOTE = OUTPUT_CUT_NOTE.format(cap=CAP).encode()
@@ -33,11 +33,12 @@ async def store(tmp_path):
 
 
 def _metric(name: str, stream: str) -> float:
-    return _value(generate_latest(REGISTRY).decode(), name, stream=stream)
+    return sample_value(generate_latest(REGISTRY).decode(), name, stream=stream)
 
 
+@pytest.mark.unit
 async def test_the_stream_crossing_the_cap_is_cut_with_a_note(store):
-    await _assigned_job(store)
+    await assigned_job(store)
     truncated_before = _metric("switchboard_output_truncated_total", "stdout")
     dropped_before = _metric("switchboard_output_dropped_bytes_total", "stdout")
     applied = await store.apply_events(
@@ -70,8 +71,9 @@ async def test_the_stream_crossing_the_cap_is_cut_with_a_note(store):
     assert await store.read_output("j1", 1, "stdout") == stdout
 
 
+@pytest.mark.unit
 async def test_output_under_the_cap_is_kept_whole_across_batches(store):
-    await _assigned_job(store)
+    await assigned_job(store)
     await store.apply_events("s1", [state(1, Phase.RUNNING), out(2, 0, b"x" * 500)])
     await store.apply_events("s1", [out(3, 500, b"y" * 500)])  # exactly the cap
     job = await store.get_job("j1")
@@ -81,22 +83,24 @@ async def test_output_under_the_cap_is_kept_whole_across_batches(store):
     assert await store.read_output("j1", 1, "stdout") == b"x" * 500 + b"y" * 500 + NOTE
 
 
+@pytest.mark.unit
 async def test_without_a_cap_nothing_is_cut(tmp_path):
     uncapped = SQLiteStore(tmp_path / "db.sqlite3")
     await uncapped.open()
     try:
-        await _assigned_job(uncapped)
+        await assigned_job(uncapped)
         await uncapped.apply_events("s1", [out(1, 0, b"x" * 5000)])
         assert len(await uncapped.read_output("j1", 1, "stdout")) == 5000
     finally:
         await uncapped.close()
 
 
+@pytest.mark.unit
 async def test_a_version_3_database_gets_the_output_columns_filled_in(tmp_path):
     path = tmp_path / "db.sqlite3"
     old = SQLiteStore(path)
     await old.open()
-    await _assigned_job(old)
+    await assigned_job(old)
     await old.apply_events("s1", [out(1, 0, b"x" * 700), out(2, 0, b"y" * 20, stream="stderr")])
     await old.close()
     conn = sqlite3.connect(path)
@@ -117,13 +121,14 @@ async def test_a_version_3_database_gets_the_output_columns_filled_in(tmp_path):
     assert version == SCHEMA_VERSION
 
 
+@pytest.mark.process
 def test_a_capped_job_ends_as_it_did_with_its_output_cut(tmp_path):
     server = Switchboard(tmp_path / "data", extra_args=("--max-run-output", str(CAP)))
     supervisor = start_supervisor(server, tmp_path, name="cap-noop", backend="noop")
     try:
         client = server.client()
         wait_connected(client, "cap-noop")
-        before = _value(_scrape(f"{server.url}/metrics"), "switchboard_output_truncated_total")
+        before = sample_value(scrape(f"{server.url}/metrics"), "switchboard_output_truncated_total")
         written = "".join(f"line {n:04d}\n" for n in range(500))  # 5000 bytes
         spec = {"name": "chatty", "backend": {"kind": "noop", "exit_code": 3, "output": written}}
         job_id = client.post("/api/v1/jobs", json=spec).json()["id"]
@@ -134,7 +139,7 @@ def test_a_capped_job_ends_as_it_did_with_its_output_cut(tmp_path):
         assert stored == written.encode()[:CAP] + NOTE
         followed = client.get(f"/api/v1/jobs/{job_id}/output/follow").content
         assert followed == stored
-        after = _value(_scrape(f"{server.url}/metrics"), "switchboard_output_truncated_total")
+        after = sample_value(scrape(f"{server.url}/metrics"), "switchboard_output_truncated_total")
         assert after == before + 1
         assert "cut at the output cap" in server.process.log()
     finally:

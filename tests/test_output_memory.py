@@ -20,6 +20,8 @@ from switchboard.config import Settings
 from switchboard.store.sqlite import SQLiteStore
 from tests.harness import Switchboard, scaled
 
+pytestmark = pytest.mark.process
+
 OUTPUT_BYTES = 100 * 1024 * 1024
 VIEWERS = 4
 JOB_ID = "talkative"

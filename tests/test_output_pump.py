@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
+
 from protocol.limits import MAX_OUTPUT_CHUNK
 from supervisor.output import OutputPump
+
+pytestmark = pytest.mark.unit
 
 
 async def test_chunks_are_bounded_contiguous_and_complete():

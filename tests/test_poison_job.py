@@ -8,11 +8,15 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from protocol import limits
 from protocol.spec import JobSpec, NoopBackend, Parameter
 from switchboard.store.sqlite import SQLiteStore
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
-from tests.test_metrics import _scrape, _value
+from tests.scrape import sample_value, scrape
+
+pytestmark = pytest.mark.process
 
 LIMIT = limits.MAX_FRAME_BYTES
 #: What a StartJob adds to the spec fields it carries (name, backend, parameters), with
@@ -43,7 +47,7 @@ def _post(client, path: str, body: object):
 
 
 def _too_large(switchboard: Switchboard) -> float:
-    return _value(_scrape(f"{switchboard.url}/metrics"), "switchboard_specs_too_large_total")
+    return sample_value(scrape(f"{switchboard.url}/metrics"), "switchboard_specs_too_large_total")
 
 
 def test_a_spec_too_large_for_one_message_is_400_naming_the_limit(switchboard, work_dir):
@@ -122,8 +126,8 @@ def test_an_oversized_job_in_the_store_ends_rejected_and_cuts_no_one(tmp_path):
             message = job["runs"][0]["message"]
             assert "not sent" in message and f"{LIMIT} bytes" in message, message
         assert wait_job(client, "fine")["phase"] == "succeeded"
-        text = _scrape(f"{server.url}/metrics")
-        assert _value(text, "switchboard_runs_undeliverable_total") == 2
+        text = scrape(f"{server.url}/metrics")
+        assert sample_value(text, "switchboard_runs_undeliverable_total") == 2
         # The supervisor's connection was never cut: the session it opened after the
         # restart is still open, and it runs the next job.
         connections = client.get("/api/v1/supervisors/poisoned/connections").json()

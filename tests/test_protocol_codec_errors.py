@@ -15,6 +15,8 @@ from protocol.exceptions import CloseCode, FrameError
 from protocol.messages import Output
 from protocol.session import negotiate_version
 
+pytestmark = pytest.mark.unit
+
 
 def _state(**fields: object) -> bytes:
     base: dict[str, object] = {

@@ -52,7 +52,7 @@ from protocol.session import EventBacklog
 from protocol.spec import NoopBackend
 from protocol.state import Phase
 
-pytestmark = pytest.mark.fast
+pytestmark = pytest.mark.unit
 
 SUP, SB = Role.SUPERVISOR, Role.SWITCHBOARD
 HELLO_, WELCOME_, EST, CLOSED = (

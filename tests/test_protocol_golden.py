@@ -50,6 +50,8 @@ from protocol.spec import (
 )
 from protocol.state import Phase
 
+pytestmark = pytest.mark.unit
+
 DIGEST = "sha256:" + "ab" * 32
 
 SUPERVISOR_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [

@@ -51,6 +51,8 @@ from protocol.spec import (
 )
 from protocol.state import Phase
 
+pytestmark = pytest.mark.slow
+
 #: No example database: these tests must not leave a .hypothesis/ directory in the checkout.
 FAST = settings(
     max_examples=60,

@@ -26,6 +26,8 @@ from protocol.state import (
     job_may_requeue,
 )
 
+pytestmark = pytest.mark.unit
+
 Q, A, I, R, T = "queued", "assigned", "initializing", "running", "terminating"  # noqa: E741
 ENDINGS = {"succeeded", "failed", "timed_out", "canceled", "lost", "rejected"}
 

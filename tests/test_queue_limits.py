@@ -7,6 +7,8 @@ import pytest
 
 from tests.harness import Switchboard
 
+pytestmark = pytest.mark.process
+
 NOOP = {"name": "waits", "backend": {"kind": "noop"}}
 
 

@@ -10,6 +10,8 @@ from protocol.state import Phase
 from switchboard.models import ActiveRun
 from switchboard.reconcile import Action, decide, drift, reconcile
 
+pytestmark = pytest.mark.unit
+
 SPEC = JobSpec(name="t", backend=NoopBackend())
 
 

@@ -12,7 +12,9 @@ from protocol.spec import Backoff, JobSpec, NoopBackend, RestartPolicy
 from protocol.state import Phase
 from switchboard.jobstate import JobDecision, job_after_run
 from switchboard.retry import restart_delay
-from tests.test_store_sqlite import HELLO, state, store  # noqa: F401 - the fixture
+from tests.store_setup import HELLO, state
+
+pytestmark = pytest.mark.unit
 
 HIGH = lambda lo, hi: hi  # noqa: E731 - a "random" that always picks the top
 LOW = lambda lo, hi: lo  # noqa: E731
@@ -87,7 +89,7 @@ def test_busy_refusal_requeues_without_counting():
     assert decision == JobDecision(Phase.QUEUED)
 
 
-async def test_store_requeues_after_backoff_then_exhausts(store):  # noqa: F811
+async def test_store_requeues_after_backoff_then_exhausts(store):
     spec = JobSpec(
         name="flaky",
         backend=NoopBackend(),

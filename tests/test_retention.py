@@ -16,23 +16,15 @@ from switchboard.config import Settings
 from switchboard.retention import Retention
 from switchboard.store.sqlite import SQLiteStore
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_for, wait_job
-from tests.test_metrics import _scrape, _value
-from tests.test_store_sqlite import _assigned_job, out, state
+from tests.scrape import sample_value, scrape
+from tests.store_setup import assigned_job, out, state
 
 CHUNK = 1000
 
 
-@pytest.fixture
-async def store(tmp_path):
-    s = SQLiteStore(tmp_path / "db.sqlite3")
-    await s.open()
-    yield s
-    await s.close()
-
-
 async def _ended_job(store: SQLiteStore, job_id: str, chunks: int, seq: int) -> int:
     """A job that wrote `chunks` pieces of CHUNK bytes and succeeded; returns the next seq."""
-    await _assigned_job(store, job_id)
+    await assigned_job(store, job_id)
     events = [state(seq, Phase.RUNNING, job=job_id)]
     for n in range(chunks):
         events.append(out(seq + 1 + n, n * CHUNK, bytes([65 + n % 26]) * CHUNK, job=job_id))
@@ -49,6 +41,7 @@ def _rows(store: SQLiteStore, job_id: str) -> int:
         conn.close()
 
 
+@pytest.mark.unit
 async def test_output_is_dropped_a_bounded_batch_at_a_time(store):
     await _ended_job(store, "big", 10, 1)
     assert await store.stored_output_bytes() == 10 * CHUNK
@@ -65,8 +58,9 @@ async def test_output_is_dropped_a_bounded_batch_at_a_time(store):
     assert job.phase == Phase.SUCCEEDED and job.runs[0].output_bytes == 0
 
 
+@pytest.mark.unit
 async def test_an_active_jobs_output_is_never_dropped(store):
-    await _assigned_job(store, "live")
+    await assigned_job(store, "live")
     await store.apply_events(
         "s1", [state(1, Phase.RUNNING, job="live"), out(2, 0, b"x" * 10, job="live")]
     )
@@ -75,6 +69,7 @@ async def test_an_active_jobs_output_is_never_dropped(store):
     assert await store.ended_jobs(limit=10) == []
 
 
+@pytest.mark.unit
 async def test_a_sweep_removes_the_output_of_the_jobs_that_ended_first(store, tmp_path):
     seq = 1
     for job_id in ("first", "second", "third", "fourth"):
@@ -90,6 +85,7 @@ async def test_a_sweep_removes_the_output_of_the_jobs_that_ended_first(store, tm
     assert (await retention.sweep()).outputs == 0  # under the cap now
 
 
+@pytest.mark.unit
 async def test_a_sweep_deletes_jobs_ended_longer_ago_than_kept(store, tmp_path):
     seq = await _ended_job(store, "old", 3, 1)
     await _ended_job(store, "new", 1, seq)
@@ -114,6 +110,7 @@ def _noop(client: httpx.Client, name: str, output: str, delay_s: float = 0.0) ->
     return response.json()["id"]
 
 
+@pytest.mark.process
 def test_all_output_is_kept_under_its_cap(tmp_path):
     server = Switchboard(
         tmp_path / "data",
@@ -138,14 +135,15 @@ def test_all_output_is_kept_under_its_cap(tmp_path):
             job = client.get(f"/api/v1/jobs/{job_id}").json()
             assert job["phase"] == "succeeded" and job["runs"][0]["output_bytes"] == 0
         assert client.get(f"/api/v1/jobs/{jobs[3]}/output").content == b"3" * 2500
-        scrape = _scrape(f"{server.url}/metrics")
-        assert _value(scrape, "switchboard_retention_removed_total", what="output") == 2
-        assert _value(scrape, "switchboard_stored_bytes", what="output") == 5000
+        text = scrape(f"{server.url}/metrics")
+        assert sample_value(text, "switchboard_retention_removed_total", what="output") == 2
+        assert sample_value(text, "switchboard_stored_bytes", what="output") == 5000
     finally:
         supervisor.stop()
         server.stop()
 
 
+@pytest.mark.process
 def test_ended_jobs_are_deleted_after_their_time_and_running_ones_kept(tmp_path):
     server = Switchboard(
         tmp_path / "data", extra_args=("--retain-jobs", "2s", "--retention-interval", "0.3")
@@ -165,8 +163,8 @@ def test_ended_jobs_are_deleted_after_their_time_and_running_ones_kept(tmp_path)
         job = client.get(f"/api/v1/jobs/{running}").json()
         assert job["phase"] in ("assigned", "initializing", "running"), job
         assert client.get(f"/api/v1/jobs/{running}/output").content == b"still here\n"
-        scrape = _scrape(f"{server.url}/metrics")
-        assert _value(scrape, "switchboard_retention_removed_total", what="job") == 1
+        text = scrape(f"{server.url}/metrics")
+        assert sample_value(text, "switchboard_retention_removed_total", what="job") == 1
         assert "retention: deleted 1 jobs" in server.process.log()
         client.post(f"/api/v1/jobs/{running}/cancel")
     finally:
@@ -174,6 +172,7 @@ def test_ended_jobs_are_deleted_after_their_time_and_running_ones_kept(tmp_path)
         server.stop()
 
 
+@pytest.mark.unit
 def test_retention_flags_take_units():
     from switchboard.cli import build_parser
 

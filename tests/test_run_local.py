@@ -6,8 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from tests.harness import run_cli
 from tests.wasi import compile_c
+
+pytestmark = pytest.mark.process
 
 PROGRAM = r"""
 #include <stdio.h>
@@ -20,6 +24,7 @@ int main(int argc, char **argv) {
 """
 
 
+@pytest.mark.wasm
 def test_runs_a_wasm_spec_and_exits_with_its_code(tmp_path):
     wasm = compile_c(PROGRAM, tmp_path, "local")
     digest = "sha256:" + hashlib.sha256(wasm.read_bytes()).hexdigest()

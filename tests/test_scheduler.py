@@ -24,6 +24,8 @@ from switchboard.scheduler import (
     unsatisfiable_reason,
 )
 
+pytestmark = pytest.mark.unit
+
 DIGEST = "sha256:" + "a" * 64
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +37,8 @@ from switchboard.scheduler import (
     plan,
     unsatisfiable_reason,
 )
+
+pytestmark = pytest.mark.slow
 
 LABEL_KEYS = ("arch", "os", "zone")
 LABEL_VALUES = ("a", "b", "c")

@@ -41,8 +41,10 @@ from tests.harness import (
     wait_for,
     wait_job,
 )
-from tests.test_metrics import _scrape, _value
+from tests.scrape import sample_value, scrape
 from tests.wasi import compile_c
+
+pytestmark = [pytest.mark.process, pytest.mark.wasm]
 
 #: Prints the API_KEY variable hex-encoded (so the output, which the store keeps, never
 #: holds the value itself), sleeps argv[1] seconds, and fails (exit 1).
@@ -247,7 +249,7 @@ def test_a_job_sealed_with_another_key_is_rejected_when_placed(tmp_path: Path):
         server.restart(("--secret-key-file", str(second)))
         log = server.process.log()
         assert "1 jobs hold secret values sealed with a key this switchboard does not have" in log
-        before = _scrape(f"{server.url}/metrics")
+        before = scrape(f"{server.url}/metrics")
 
         supervisor = start_supervisor(server, tmp_path, name="noop-1", backend="noop")
         job = wait_job(client, job_id)
@@ -257,9 +259,12 @@ def test_a_job_sealed_with_another_key_is_rejected_when_placed(tmp_path: Path):
         assert "does not have" in job["reason"]
         events = client.get(f"/api/v1/jobs/{job_id}/events").json()
         assert "secrets_unreadable" in [e["kind"] for e in events]
-        after = _scrape(f"{server.url}/metrics")
+        after = scrape(f"{server.url}/metrics")
         name = "switchboard_secrets_unreadable_total"
-        assert _value(after, name, via="placement") - _value(before, name, via="placement") == 1
+        assert (
+            sample_value(after, name, via="placement") - sample_value(before, name, via="placement")
+            == 1
+        )
         assert server.process.log().count(f"job {job_id} rejected") == 1
 
         # A job submitted under the key in use runs.
@@ -366,15 +371,18 @@ def test_a_start_sent_again_after_a_restart_carries_the_secret_through_a_key_rot
         # The wrong key: nothing is sent, the run is rejected with the reason.
         _write_key(key_file, wrong + "\n")
         server.restart()
-        before = _scrape(f"{server.url}/metrics")
+        before = scrape(f"{server.url}/metrics")
         assert starts() == []
         job = wait_job(client, job_id)
         assert job["phase"] == "rejected", job
         assert job["runs"][0]["phase"] == "rejected"
         assert "not started: its secret values were sealed with key" in job["reason"]
-        after = _scrape(f"{server.url}/metrics")
+        after = scrape(f"{server.url}/metrics")
         name = "switchboard_secrets_unreadable_total"
-        assert _value(after, name, via="reconcile") - _value(before, name, via="reconcile") == 1
+        assert (
+            sample_value(after, name, via="reconcile") - sample_value(before, name, via="reconcile")
+            == 1
+        )
         assert _sealed_rows(server, job_id) == 0
     finally:
         server.stop()

@@ -27,8 +27,8 @@ from protocol.messages import (
 from protocol.session import supported_versions
 from protocol.state import Phase
 from tests.harness import Switchboard, scaled
-from tests.test_bad_input import _ws
-from tests.test_metrics import _value
+from tests.scrape import sample_value
+from tests.supervisor_ws import connect_ws
 
 EVERY = 2  # heartbeats between two StatusRequests
 INTERVAL = 0.2
@@ -67,7 +67,7 @@ async def _first_run_ends(client, job_id: str) -> dict:
 
 def _metric(switchboard: Switchboard, name: str, **labels: str) -> float:
     text = switchboard.client().get("/metrics").text
-    return _value(text, name, **labels)
+    return sample_value(text, name, **labels)
 
 
 async def test_a_status_reply_repairs_drift_as_a_reconnect_would(switchboard):
@@ -75,7 +75,7 @@ async def test_a_status_reply_repairs_drift_as_a_reconnect_would(switchboard):
     token = switchboard.create_token("supervisor", "drifty")
     lost_before = _metric(switchboard, "switchboard_runs_lost_total", via="status")
     stopped_before = _metric(switchboard, "switchboard_zombie_runs_stopped_total", via="status")
-    async with _ws(switchboard, token) as ws:
+    async with connect_ws(switchboard, token) as ws:
         hello = Hello(
             supervisor_id="drifty",
             name="drifty",
@@ -126,7 +126,7 @@ async def test_requests_come_every_few_heartbeats(switchboard):
     """The cadence: about EVERY heartbeat intervals apart (measured against the floor the
     setting gives, with a generous ceiling for a loaded machine)."""
     token = switchboard.create_token("supervisor", "steady")
-    async with _ws(switchboard, token) as ws:
+    async with connect_ws(switchboard, token) as ws:
         hello = Hello(
             supervisor_id="steady", name="steady", versions=supported_versions(), backends=["noop"]
         )

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from switchboard.store.schema import SCHEMA
 from switchboard.store.sqlite import ACTIVE_PHASES, RESOURCES_IN_USE
 from switchboard.store.sqlite_jobs import QUEUED_BY_OWNER
+
+pytestmark = pytest.mark.unit
 
 
 def _plan(query: str, args: tuple) -> str:

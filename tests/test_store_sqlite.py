@@ -8,42 +8,18 @@ import asyncio
 import pytest
 
 from protocol.exceptions import JobErrorKind
-from protocol.messages import Hello, JobErrorReport, JobExit, JobStateChanged, Output
-from protocol.spec import JobSpec, NoopBackend
+from protocol.messages import Hello, JobErrorReport, JobExit
 from protocol.state import Phase
 from switchboard.models import RunKey
 from switchboard.store.base import BatchOutOfOrder
 from switchboard.store.sqlite import SQLiteStore
+from tests.store_setup import HELLO, SPEC, assigned_job, out, state
 
-SPEC = JobSpec(name="t", backend=NoopBackend())
-HELLO = Hello(supervisor_id="s1", name="s1", versions=["1.0"], backends=["noop"], max_jobs=4)
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = SQLiteStore(tmp_path / "db.sqlite3")
-    await s.open()
-    yield s
-    await s.close()
-
-
-async def _assigned_job(store, job_id="j1"):
-    await store.create_job(job_id, SPEC)
-    await store.supervisor_connected(HELLO)
-    [made] = await store.assign([(job_id, "s1")])
-    return made
-
-
-def state(seq, phase, job="j1", attempt=1, **kw):
-    return JobStateChanged(seq=seq, job_id=job, attempt=attempt, phase=phase, **kw)
-
-
-def out(seq, offset, data, job="j1", stream="stdout"):
-    return Output(seq=seq, job_id=job, attempt=1, stream=stream, offset=offset, data=data)
+pytestmark = pytest.mark.unit
 
 
 async def test_lifecycle_and_phases_in_order(store):
-    made = await _assigned_job(store)
+    made = await assigned_job(store)
     assert made.attempt == 1
     result = await store.apply_events(
         "s1",
@@ -70,7 +46,7 @@ async def test_lifecycle_and_phases_in_order(store):
 
 
 async def test_resent_events_are_applied_once(store):
-    await _assigned_job(store)
+    await assigned_job(store)
     batch = [state(1, Phase.RUNNING), out(2, 0, b"abc")]
     await store.apply_events("s1", batch)
     again = await store.apply_events("s1", [*batch, out(3, 3, b"def")])
@@ -81,7 +57,7 @@ async def test_resent_events_are_applied_once(store):
 
 
 async def test_output_only_appends_at_the_expected_offset(store):
-    await _assigned_job(store)
+    await assigned_job(store)
     await store.apply_events(
         "s1",
         [
@@ -97,7 +73,7 @@ async def test_output_only_appends_at_the_expected_offset(store):
 
 
 async def test_backward_transition_is_refused(store):
-    await _assigned_job(store)
+    await assigned_job(store)
     await store.apply_events("s1", [state(1, Phase.RUNNING), state(2, Phase.SUCCEEDED)])
     result = await store.apply_events("s1", [state(3, Phase.RUNNING)])
     assert result.unwanted == [RunKey("j1", 1)]
@@ -105,7 +81,7 @@ async def test_backward_transition_is_refused(store):
 
 
 async def test_events_for_runs_of_other_supervisors_are_refused(store):
-    await _assigned_job(store)
+    await assigned_job(store)
     other = Hello(supervisor_id="s2", name="s2", versions=["1.0"])
     await store.supervisor_connected(other)
     result = await store.apply_events("s2", [state(1, Phase.RUNNING)])
@@ -114,7 +90,7 @@ async def test_events_for_runs_of_other_supervisors_are_refused(store):
 
 
 async def test_busy_rejection_requeues_the_job(store):
-    await _assigned_job(store)
+    await assigned_job(store)
     await store.apply_events(
         "s1",
         [
@@ -128,7 +104,7 @@ async def test_busy_rejection_requeues_the_job(store):
 
 
 async def test_image_rejection_ends_the_job(store):
-    await _assigned_job(store)
+    await assigned_job(store)
     await store.apply_events(
         "s1",
         [
@@ -146,7 +122,7 @@ async def test_cancel(store):
     await store.create_job("queued", SPEC)
     assert (await store.request_cancel("queued")).phase == "canceled"
     assert await store.assign([("queued", "s1")]) == []
-    made = await _assigned_job(store, "busy")
+    made = await assigned_job(store, "busy")
     result = await store.request_cancel("busy")
     assert (result.supervisor_id, result.attempt) == ("s1", made.attempt)
     assert await store.request_cancel("missing") is None
@@ -156,7 +132,7 @@ async def test_sessions_and_seq_survive_a_reopen(tmp_path):
     path = tmp_path / "db.sqlite3"
     first = SQLiteStore(path)
     await first.open()
-    await _assigned_job(first)
+    await assigned_job(first)
     await first.apply_events("s1", [state(1, Phase.RUNNING), out(2, 0, b"kept")])
     await first.close()
 
@@ -189,7 +165,7 @@ async def test_a_failing_request_does_not_undo_its_group(store):
 
 
 async def test_a_batch_is_refused_when_the_one_before_it_was_not_stored(store):
-    await _assigned_job(store)
+    await assigned_job(store)
     first = [state(1, Phase.RUNNING), out(2, 0, b"abc")]
     second = [out(3, 3, b"def")]
     # The session handed `first` over before `second`; `first` failed (not stored):
@@ -203,7 +179,7 @@ async def test_a_batch_is_refused_when_the_one_before_it_was_not_stored(store):
 
 
 async def test_lost_run_is_finalized(store):
-    await _assigned_job(store)
+    await assigned_job(store)
     await store.apply_events("s1", [state(1, Phase.RUNNING)])
     assert await store.end_run(RunKey("j1", 1), "lost", "host gone")
     assert (await store.get_job("j1")).phase == Phase.LOST
@@ -211,7 +187,7 @@ async def test_lost_run_is_finalized(store):
 
 
 async def test_runs_of_a_supervisor_gone_past_its_grace_are_lost(store):
-    await _assigned_job(store)
+    await assigned_job(store)
     await store.apply_events("s1", [state(1, Phase.RUNNING)])
     assert await store.lose_runs(0.0) == []  # still connected
     connected = await store.supervisor_connected(HELLO)

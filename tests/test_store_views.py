@@ -12,10 +12,12 @@ import pytest
 from protocol.state import Phase
 from switchboard.store.schema import SCHEMA_VERSION, SchemaMismatch
 from switchboard.store.sqlite import SQLiteStore
-from tests.test_store_sqlite import HELLO, SPEC, state, store  # noqa: F401 - the fixture
+from tests.store_setup import HELLO, SPEC, state
+
+pytestmark = pytest.mark.unit
 
 
-async def test_every_job_change_is_logged_in_order(store):  # noqa: F811
+async def test_every_job_change_is_logged_in_order(store):
     start = await store.latest_job_change()
     await store.create_job("a", SPEC)
     await store.create_job("b", SPEC)
@@ -39,7 +41,7 @@ async def test_every_job_change_is_logged_in_order(store):  # noqa: F811
     assert [c.rev for c in await store.job_changes(0, 100)] == [c.rev for c in changes[-2:]]
 
 
-async def test_overview_counts_by_minute_and_lists_failures(store):  # noqa: F811
+async def test_overview_counts_by_minute_and_lists_failures(store):
     await store.supervisor_connected(HELLO)
     for job_id in ("ok", "bad", "waits"):
         await store.create_job(job_id, SPEC)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.harness import Switchboard, scaled, start_supervisor, wait_connected, wait_running
-from tests.test_metrics import _scrape, _value
+from tests.scrape import sample_value, scrape
 
 
 class OpenStream:
@@ -89,7 +89,9 @@ def test_revoking_a_token_ends_its_streams_and_no_others(switchboard, running_jo
     doomed, kept = _viewer(admin, "doomed"), _viewer(admin, "kept")
     metrics = f"{switchboard.url}/metrics"
     revoked = "switchboard_streams_revoked_total"
-    before = {r: _value(_scrape(metrics), revoked, route=r) for r in ("live", "follow", "events")}
+    before = {
+        r: sample_value(scrape(metrics), revoked, route=r) for r in ("live", "follow", "events")
+    }
     mine = _streams(switchboard, doomed["token"], running_job)
     others = _streams(switchboard, kept["token"], running_job)
     try:
@@ -112,9 +114,9 @@ def test_revoking_a_token_ends_its_streams_and_no_others(switchboard, running_jo
             assert "event: revoked" in text, text[-500:]
             assert '"error":"unauthorized"' in text
         assert "event: end" not in mine["events"].body.decode()
-        after = _scrape(metrics)
+        after = scrape(metrics)
         for route, count in before.items():
-            assert _value(after, revoked, route=route) == count + 1, route
+            assert sample_value(after, revoked, route=route) == count + 1, route
         again = switchboard.client(doomed["token"]).get(f"/api/v1/jobs/{running_job}")
         assert again.status_code == 401
     finally:

@@ -14,6 +14,8 @@ from supervisor.backends.noop import NoopBackend
 from supervisor.jobs import BackendSupervisor
 from tests.recording import RecordingConnector
 
+pytestmark = pytest.mark.unit
+
 
 def start(job_id: str, attempt: int = 1, **spec) -> StartJob:
     return StartJob(job_id=job_id, attempt=attempt, backend=NoopSpec(**spec))

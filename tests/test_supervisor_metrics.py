@@ -26,17 +26,10 @@ from protocol.spec import WasmBackend as WasmSpec
 from supervisor import metrics
 from supervisor.backends.noop import NoopBackend
 from supervisor.jobs import BackendSupervisor
-from tests.harness import REPO, Switchboard, start_supervisor, wait_connected, wait_job
+from tests.harness import REPO, Switchboard, free_port, start_supervisor, wait_connected, wait_job
+from tests.metric_names import SUPERVISOR_METRICS
 from tests.recording import RecordingConnector
-from tests.test_metrics import (
-    SUPERVISOR_METRICS,
-    _free_port,
-    _maybe,
-    _scrape,
-    _scrape_until,
-    _types,
-    _value,
-)
+from tests.scrape import metric_types, sample_value, sample_value_or_zero, scrape, scrape_until
 
 #: A WASI command that does nothing and exits 0.
 EMPTY_COMMAND = '(module (func (export "_start")))'
@@ -75,10 +68,11 @@ def _json_lines(path: Path, skip: tuple[str, ...] = ()) -> list[dict]:
     return entries
 
 
+@pytest.mark.unit
 def test_metric_names_and_types_are_pinned():
     """The supervisor's own and its connector's: what `--metrics-port` serves together."""
-    own = _types(generate_latest(metrics.REGISTRY).decode())
-    link = _types(generate_latest(connector_metrics.REGISTRY).decode())
+    own = metric_types(generate_latest(metrics.REGISTRY).decode())
+    link = metric_types(generate_latest(connector_metrics.REGISTRY).decode())
     assert not own.keys() & link.keys()
     assert own | link == SUPERVISOR_METRICS
 
@@ -86,11 +80,12 @@ def test_metric_names_and_types_are_pinned():
 def _errors() -> dict[str, float]:
     text = generate_latest(metrics.REGISTRY).decode()
     return {
-        kind.value: _value(text, "supervisor_backend_errors_total", kind=kind.value)
+        kind.value: sample_value(text, "supervisor_backend_errors_total", kind=kind.value)
         for kind in JobErrorKind
     }
 
 
+@pytest.mark.unit
 async def test_each_job_error_is_counted_once_by_the_supervisor(tmp_path):
     """A refusal (start_job raises) and a failure (the backend raises) count once each,
     where the supervisor decides them; the connector that reports them counts nothing."""
@@ -118,7 +113,7 @@ def test_wasm_supervisor_counts_cache_errors_and_outcomes(switchboard, work_dir)
     client = switchboard.client()
     empty = _upload(switchboard, bytes(wasmtime.wat2wasm(EMPTY_COMMAND)))
     broken = _upload(switchboard, b"this is not a wasm module")
-    port = _free_port()
+    port = free_port()
     sup = start_supervisor(
         switchboard,
         work_dir,
@@ -130,9 +125,9 @@ def test_wasm_supervisor_counts_cache_errors_and_outcomes(switchboard, work_dir)
     sb_url = f"{switchboard.url}/metrics"
     try:
         wait_connected(client, "wasm-metrics")
-        first = _scrape(sup_url)
-        assert _types(first) == SUPERVISOR_METRICS
-        assert _value(first, "supervisor_cache_lookups_total") == 0
+        first = scrape(sup_url)
+        assert metric_types(first) == SUPERVISOR_METRICS
+        assert sample_value(first, "supervisor_cache_lookups_total") == 0
 
         def submit(name: str, module: str) -> str:
             body = {"name": name, "backend": {"kind": "wasm", "module": module}}
@@ -148,31 +143,34 @@ def test_wasm_supervisor_counts_cache_errors_and_outcomes(switchboard, work_dir)
         assert job["phase"] == "rejected", job
         assert job["runs"][0]["error_kind"] == "image_invalid", job
 
-        text = _scrape_until(
-            sup_url, lambda t: _value(t, "supervisor_running_jobs") == 0, "no run held"
+        text = scrape_until(
+            sup_url, lambda t: sample_value(t, "supervisor_running_jobs") == 0, "no run held"
         )
         lookups = "supervisor_cache_lookups_total"
-        assert _value(text, lookups, cache="wasm_module", result="miss") == 2
-        assert _value(text, lookups, cache="wasm_module", result="hit") == 1
-        assert _value(text, lookups, cache="docker_image") == 0
-        assert _value(text, "supervisor_backend_errors_total", kind="image_invalid") == 1
-        assert _value(text, "supervisor_backend_errors_total") == 1
-        assert _value(text, "supervisor_runs_ended_total", outcome="succeeded") == 2
-        assert _value(text, "supervisor_runs_ended_total", outcome="rejected") == 1
-        assert _value(text, "supervisor_runs_ended_total") == 3
+        assert sample_value(text, lookups, cache="wasm_module", result="miss") == 2
+        assert sample_value(text, lookups, cache="wasm_module", result="hit") == 1
+        assert sample_value(text, lookups, cache="docker_image") == 0
+        assert sample_value(text, "supervisor_backend_errors_total", kind="image_invalid") == 1
+        assert sample_value(text, "supervisor_backend_errors_total") == 1
+        assert sample_value(text, "supervisor_runs_ended_total", outcome="succeeded") == 2
+        assert sample_value(text, "supervisor_runs_ended_total", outcome="rejected") == 1
+        assert sample_value(text, "supervisor_runs_ended_total") == 3
 
         # The switchboard's view of the same runs, by backend kind and outcome.
-        sb = _scrape_until(
+        sb = scrape_until(
             sb_url,
-            lambda t: _value(t, "switchboard_jobs", phase="rejected") == 1,
+            lambda t: sample_value(t, "switchboard_jobs", phase="rejected") == 1,
             "the rejected job counted",
         )
         runs = "switchboard_run_duration_seconds_count"
-        assert _value(sb, runs, backend="wasm", outcome="succeeded") == 2
-        assert _value(sb, runs, backend="wasm", outcome="rejected") == 1
+        assert sample_value(sb, runs, backend="wasm", outcome="succeeded") == 2
+        assert sample_value(sb, runs, backend="wasm", outcome="rejected") == 1
         # The rejected run never ran: only the two others reached running.
-        assert _value(sb, "switchboard_dispatch_latency_seconds_count", backend="wasm") == 2
-        assert _maybe(sb, "switchboard_dispatch_latency_seconds_count", backend="noop") == 0
+        assert sample_value(sb, "switchboard_dispatch_latency_seconds_count", backend="wasm") == 2
+        assert (
+            sample_value_or_zero(sb, "switchboard_dispatch_latency_seconds_count", backend="noop")
+            == 0
+        )
     finally:
         sup.stop()
 
@@ -187,6 +185,7 @@ def test_wasm_supervisor_counts_cache_errors_and_outcomes(switchboard, work_dir)
     assert {e["level"] for e in switchboard_log} <= {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
+@pytest.mark.unit
 def test_json_formatter_keeps_one_line_per_record_with_the_traceback():
     stream = StringIO()
     root = logging.getLogger()
@@ -212,6 +211,7 @@ def test_json_formatter_keeps_one_line_per_record_with_the_traceback():
     assert second["exc"].startswith("Traceback") and "ValueError: boom" in second["exc"]
 
 
+@pytest.mark.process
 def test_an_unknown_log_format_is_refused(tmp_path):
     """From the environment (argparse checks the flag itself): one line, exit status 1."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "SUPERVISOR_LOG_FORMAT": "yaml"}

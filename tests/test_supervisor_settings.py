@@ -11,6 +11,8 @@ import pytest
 from supervisor.cli import build_parser, build_settings
 from supervisor.config import LinkSettings, SupervisorSettings, WasmSettings
 
+pytestmark = pytest.mark.unit
+
 
 def settings(*argv: str) -> SupervisorSettings:
     return build_settings(build_parser().parse_args(list(argv)))

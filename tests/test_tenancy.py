@@ -14,7 +14,9 @@ import httpx
 import pytest
 
 from tests.harness import REPO, Switchboard
-from tests.test_metrics import _scrape, _value
+from tests.scrape import sample_value, scrape
+
+pytestmark = pytest.mark.process
 
 PER_TOKEN, GLOBAL = 3, 5
 REFUSED = "switchboard_submissions_refused_total"
@@ -41,7 +43,7 @@ def _submit(client: httpx.Client, name: str = "t") -> httpx.Response:
 
 
 def _refusals(switchboard: Switchboard, reason: str) -> float:
-    return _value(_scrape(f"{switchboard.url}/metrics"), REFUSED, reason=reason)
+    return sample_value(scrape(f"{switchboard.url}/metrics"), REFUSED, reason=reason)
 
 
 def _clear_queue(switchboard: Switchboard) -> None:

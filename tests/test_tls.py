@@ -29,6 +29,8 @@ from tests.harness import (
     wait_job,
 )
 
+pytestmark = pytest.mark.process
+
 OPENSSL = shutil.which("openssl")
 #: The supervisor's log line when it cannot verify the switchboard's certificate.
 CANNOT_VERIFY = "TLS certificate could not be verified"

@@ -16,91 +16,18 @@ import wasmtime
 
 from protocol.exceptions import JobError, JobErrorKind
 from protocol.limits import MAX_OUTPUT_CHUNK
-from protocol.messages import RunRef, StartJob, Stream
-from protocol.spec import Parameter
 from protocol.spec import WasmBackend as WasmSpec
 from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
 from supervisor.artifacts import digest_of
-from supervisor.backends.base import Outcome, RunContext
+from supervisor.backends.base import Outcome
 from supervisor.backends.wasm import ENGINE_ID, WasmBackend
 from supervisor.backends.wasm_cache import DiskCache
-from supervisor.output import OutputPump
-from tests import wasi
+from tests.wasm_run import Run, finish
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.wasm, pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 #: Generous: the machine is shared. Measured stop latency is ~10-20 ms.
 STOP_BOUND_S = 2.0
-
-
-class Run:
-    """A RunContext whose stages, running report and output chunks are recorded."""
-
-    def __init__(
-        self,
-        spec: WasmSpec,
-        work_dir: Path,
-        *,
-        name: str = "job",
-        params: dict[str, str] | None = None,
-    ) -> None:
-        self.stages: list[str] = []
-        self.running = asyncio.Event()
-        self.chunks: list[tuple[Stream, int, bytes]] = []
-        self._more_output = asyncio.Event()
-        self.output = OutputPump(self._send)
-        start = StartJob(
-            job_id="job-1",
-            attempt=1,
-            backend=spec,
-            name=name,
-            parameters={k: Parameter(value=v, secret=True) for k, v in (params or {}).items()},
-        )
-        self.ctx = RunContext(
-            RunRef("job-1", 1), start, work_dir, self.output, self._stage, self._running
-        )
-
-    async def _send(self, stream: Stream, offset: int, data: bytes) -> None:
-        self.chunks.append((stream, offset, data))
-        self._more_output.set()
-
-    async def _stage(self, stage: str, message: str | None) -> None:
-        self.stages.append(stage)
-
-    async def _running(self) -> None:
-        self.running.set()
-
-    def data(self, stream: Stream) -> bytes:
-        """The stream's bytes, checking that chunks are in order and contiguous."""
-        out = b""
-        for s, offset, chunk in self.chunks:
-            if s == stream:
-                assert offset == len(out), "chunks must be contiguous"
-                assert 0 < len(chunk) <= MAX_OUTPUT_CHUNK
-                out += chunk
-        return out
-
-    async def wait_for_output(self, needle: bytes) -> None:
-        async with asyncio.timeout(10):
-            while needle not in self.data("stdout"):
-                self._more_output.clear()
-                await self._more_output.wait()
-
-
-@pytest.fixture(scope="session")
-def program(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Callable[..., bytes]:
-    """Compiled module bytes for a tests.wasi source constant name (cached across runs
-    in .pytest_cache when the cache plugin is on)."""
-    cache = getattr(request.config, "cache", None)
-    out_dir = Path(cache.mkdir("wasi")) if cache else tmp_path_factory.mktemp("wasi")
-
-    def build(name: str, source: str | None = None) -> bytes:
-        source = getattr(wasi, name) if source is None else source
-        return wasi.compile_c(source, out_dir, name.lower()).read_bytes()
-
-    return build
 
 
 @pytest.fixture
@@ -133,12 +60,6 @@ def make_run(
         return Run(wasm, tmp_path / "work", **kw)
 
     return make
-
-
-async def finish(backend: WasmBackend, run: Run) -> Outcome:
-    outcome = await asyncio.wait_for(backend.run(run.ctx), 20)
-    await run.output.close()
-    return outcome
 
 
 def pattern(n: int, *, reverse: bool = False) -> bytes:

@@ -30,16 +30,16 @@ from protocol.messages import (
 )
 from protocol.spec import WasmBackend as WasmSpec
 from supervisor import metrics
+from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
 from supervisor.artifacts import digest_of
 from supervisor.backends.wasm import WasmBackend
 from supervisor.backends.wasm_cache import MAGIC, DiskCache
 from supervisor.jobs import BackendSupervisor
 from tests.harness import scaled
 from tests.recording import RecordingConnector
-from tests.test_wasm_backend import MemoryArtifacts, Run, finish
-from tests.test_wasm_backend import program as program  # the fixture
+from tests.wasm_run import Run, finish
 
-pytestmark = [pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.wasm, pytest.mark.timeout(60)]
 
 #: The guest must stop within 100 ms of its deadline; asserted loosely (a shared, noisy
 #: machine), the measured value is printed.
