@@ -22,8 +22,8 @@ from switchboard.api.errors import ApiError, error_responses, invalid_spec
 from switchboard.api.security import actor, require
 from switchboard.auth import Permission, allows
 from switchboard.ids import new_job_id
-from switchboard.jobstate import redacted
 from switchboard.models import JobEvent, JobPage, JobView, RunView
+from switchboard.sealing import redacted
 from switchboard.state import AppState, app_state
 from switchboard.store.base import (
     ArtifactMissing,

@@ -477,10 +477,6 @@ class Store(abc.ABC):
         """Replace a supervisor's operator labels; False if it is unknown."""
 
     @abc.abstractmethod
-    async def running_counts(self) -> dict[str, int]:
-        """Active runs per supervisor id."""
-
-    @abc.abstractmethod
     def apply_events(
         self, supervisor_id: str, events: Sequence[SupervisorEvent], after_seq: int = 0
     ) -> Awaitable[EventsApplied]:

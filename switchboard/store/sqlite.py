@@ -37,7 +37,7 @@ from protocol.messages import (
 )
 from protocol.spec import JobSpec
 from protocol.state import Phase, can_transition
-from switchboard import datadir, metrics
+from switchboard import datadir, lifecycle, metrics
 from switchboard.models import (
     ActiveRun,
     Assignment,
@@ -76,17 +76,16 @@ from switchboard.store.base import (
     Store,
     Submitted,
 )
-from switchboard.store.schema import apply_schema
+from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, apply_schema
 from switchboard.store.sqlite_jobs import (
-    ACTIVE_PHASES,
-    ACTIVE_SQL,
     NewJob,
     cancel_job,
     delete_job,
+    end_queued_job,
     insert_jobs,
     job_events,
     list_jobs,
-    record_event,
+    record_events,
 )
 from switchboard.store.sqlite_runs import EventBatch, record_phase, set_run_phase
 from switchboard.store.sqlite_secrets import reseal, seal_legacy_secrets, spec_to_start
@@ -605,12 +604,7 @@ class SQLiteStore(Store):
                 ).fetchall()
             ]
             for job_id in jobs:
-                conn.execute(
-                    "UPDATE jobs SET phase = 'timed_out', queue_deadline = NULL, reason = ?,"
-                    " updated_at = ? WHERE id = ?",
-                    ("queue timeout: no supervisor took the job in time", now, job_id),
-                )
-                record_event(conn, job_id, "queue_timeout", "waited past its queue timeout")
+                end_queued_job(conn, job_id, lifecycle.queue_timed_out(now))
             # A run is due once it has been running for its timeout (or assigned for it, if
             # it never got to running), plus the grace the supervisor has to report it.
             rows = conn.execute(
@@ -622,9 +616,9 @@ class SQLiteStore(Store):
             ).fetchall()
             runs = []
             for job_id, attempt, supervisor_id in rows:
-                message = "run timeout enforced by the switchboard (the supervisor did not end it)"
-                set_run_phase(conn, job_id, attempt, Phase.TIMED_OUT, None, message, now)
-                record_event(conn, job_id, "run_timeout", message, attempt=attempt)
+                event = lifecycle.run_timed_out(attempt, now)
+                set_run_phase(conn, job_id, attempt, Phase.TIMED_OUT, None, event.message, now)
+                record_events(conn, job_id, [event])
                 runs.append(RunOnSupervisor(job_id, attempt, supervisor_id))
             return Expired(runs, jobs)
 
@@ -845,7 +839,7 @@ class SQLiteStore(Store):
                 f" AND r.phase IN ({ACTIVE_SQL})",
                 (now - grace_s, *ACTIVE_PHASES),
             ).fetchall()
-            message = f"supervisor silent for over {grace_s:g}s"
+            message = lifecycle.lost_message(grace_s)
             for job_id, attempt in rows:
                 set_run_phase(conn, job_id, attempt, Phase.LOST, None, message, now)
             return [RunKey(job_id, attempt) for job_id, attempt in rows]
@@ -918,9 +912,6 @@ class SQLiteStore(Store):
             return await self._write(write)
         finally:
             self.supervisor_writes += 1  # after the commit: readers see the change
-
-    async def running_counts(self) -> dict[str, int]:
-        return await self._read(_running_counts)
 
     # --- events ----------------------------------------------------------------------
 
@@ -1064,17 +1055,10 @@ def _assign_run(
 
 
 def _reject_unreadable(conn: sqlite3.Connection, job_id: str, why: str, now: float) -> None:
-    """A queued job whose secret values can't be opened ends `rejected`, never run: nothing
-    is sent without them, nor with anything in their place."""
-    reason = f"not started: {why}"
-    conn.execute(
-        "UPDATE jobs SET phase = 'rejected', reason = ?, queue_deadline = NULL,"
-        " unschedulable = NULL, not_before = NULL, updated_at = ? WHERE id = ?",
-        (reason, now, job_id),
-    )
-    record_event(conn, job_id, "secrets_unreadable", reason, at=now)
+    end = lifecycle.secrets_unreadable(why, now)
+    end_queued_job(conn, job_id, end)
     metrics.secrets_unreadable("placement")
-    log.warning("job %s rejected: %s", job_id, reason)
+    log.warning("job %s rejected: %s", job_id, end.reason)
 
 
 def _no_job_ready(conn: sqlite3.Connection, now: float) -> bool:

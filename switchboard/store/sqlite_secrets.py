@@ -13,7 +13,7 @@ from collections import Counter
 import msgspec
 
 from protocol.spec import JobSpec
-from protocol.state import TERMINAL
+from protocol.state import is_terminal
 from switchboard.sealing import (
     Keyring,
     SecretsUnreadable,
@@ -28,7 +28,6 @@ log = logging.getLogger("switchboard.store")
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
 _encoder = msgspec.json.Encoder()
-_TERMINAL = frozenset(p.value for p in TERMINAL)
 #: Rows read at a time when re-sealing.
 _PAGE = 1000
 
@@ -92,7 +91,7 @@ def seal_legacy_secrets(conn: sqlite3.Connection, keyring: Keyring | None) -> in
         if not values:
             continue
         found += 1
-        if phase not in _TERMINAL:
+        if not is_terminal(phase):
             if keyring is None:
                 raise SchemaMismatch(
                     "the database was made by an older switchboard and holds the secret"

@@ -15,12 +15,11 @@ from switchboard.models import (
     SupervisorSession,
 )
 from switchboard.store.base import JobFilter
-from switchboard.store.sqlite_jobs import ACTIVE_PHASES, ACTIVE_SQL, list_jobs
+from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_LITERALS
+from switchboard.store.sqlite_jobs import list_jobs
 
 #: Endings the overview lists as failures (a cancel or a refusal is someone's decision).
 FAILURES = [Phase.FAILED, Phase.TIMED_OUT, Phase.LOST, Phase.EXHAUSTED]
-#: Written out as in the jobs_ended index, so the planner can use it.
-_ENDED = "'succeeded', 'failed', 'timed_out', 'canceled', 'lost', 'exhausted', 'rejected'"
 
 
 def job_changes(conn: sqlite3.Connection, after_rev: int, limit: int) -> list[JobChange]:
@@ -64,7 +63,7 @@ def overview(conn: sqlite3.Connection, now: float, minutes: int, failures: int) 
         for minute, succeeded, failed in conn.execute(
             "SELECT (CAST(updated_at / 60 AS INTEGER)) * 60 AS minute,"
             " sum(phase = 'succeeded'), sum(phase != 'succeeded')"
-            f" FROM jobs WHERE phase IN ({_ENDED}) AND updated_at >= ? GROUP BY minute",
+            f" FROM jobs WHERE phase IN ({TERMINAL_LITERALS}) AND updated_at >= ? GROUP BY minute",
             (first_minute,),
         )
     }
