@@ -22,9 +22,9 @@ from typing import NamedTuple
 
 import msgspec
 
-from switchboard.models import SupervisorView
+from switchboard.models import JobFilter, SupervisorView
 from switchboard.sessions import Hub
-from switchboard.store.base import JobFilter, Store
+from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.live")
 

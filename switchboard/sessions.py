@@ -54,9 +54,10 @@ from protocol.state import Phase
 from switchboard import auth, enrolment, metrics
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
-from switchboard.models import ActiveRun, Assignment, RunKey
+from switchboard.models import ActiveRun, Assignment, EventsApplied, RunKey
 from switchboard.reconcile import Action, reconcile
-from switchboard.store.base import ConnectRefused, EventsApplied, Store
+from switchboard.store.base import Store
+from switchboard.store.errors import ConnectRefused
 from switchboard.wsprotocol import ABORT_EXTENSION
 
 log = logging.getLogger("switchboard.sessions")

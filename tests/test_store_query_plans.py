@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sqlite3
 
-from switchboard.store.schema import SCHEMA
-from switchboard.store.sqlite import ACTIVE_PHASES, RESOURCES_IN_USE
+from switchboard.store.schema import ACTIVE_PHASES, SCHEMA
 from switchboard.store.sqlite_jobs import QUEUED_BY_OWNER
+from switchboard.store.sqlite_placement import RESOURCES_IN_USE
 
 
 def _plan(query: str, args: tuple) -> str:

@@ -12,7 +12,7 @@ from protocol.messages import Hello, JobErrorReport, JobExit, JobStateChanged, O
 from protocol.spec import JobSpec, NoopBackend
 from protocol.state import Phase
 from switchboard.models import RunKey
-from switchboard.store.base import BatchOutOfOrder
+from switchboard.store.errors import BatchOutOfOrder
 from switchboard.store.sqlite import SQLiteStore
 
 SPEC = JobSpec(name="t", backend=NoopBackend())

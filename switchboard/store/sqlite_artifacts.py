@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from switchboard.store.base import ArtifactAdded, ArtifactDeleted, ArtifactView
+from switchboard.models import ArtifactAdded, ArtifactDeleted, ArtifactView
 from switchboard.store.schema import TERMINAL_LITERALS, TERMINAL_PHASES, TERMINAL_SQL
 
 #: Jobs named in a refusal to delete an artifact a job still needs.

@@ -19,20 +19,23 @@ from protocol.state import Phase, is_terminal
 from switchboard import lifecycle
 from switchboard.artifacts import named_artifacts
 from switchboard.lifecycle import AuditEntry
-from switchboard.models import JobEvent, JobSummary
-from switchboard.store.base import (
-    ArtifactMissing,
+from switchboard.models import (
     CancelResult,
+    JobEvent,
     JobFilter,
-    QueueFull,
-    QueueQuotaFull,
+    JobSummary,
+    JobView,
+    PhaseEntry,
     RunOnSupervisor,
+    RunView,
     Submitted,
 )
+from switchboard.store.errors import ArtifactMissing, QueueFull, QueueQuotaFull
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_PHASES, TERMINAL_SQL
 from switchboard.store.sqlite_secrets import store_sealed
 
 _encoder = msgspec.json.Encoder()
+_spec_decoder = msgspec.json.Decoder(JobSpec)
 
 
 def record_event(
@@ -306,6 +309,78 @@ def job_events(conn: sqlite3.Connection, job_id: str) -> list[JobEvent] | None:
         events.append(JobEvent(at=at, kind="run_phase", message=text, attempt=attempt))
     events.sort(key=lambda e: e.at)  # stable: same-instant entries keep their order
     return events
+
+
+def expire_queued(conn: sqlite3.Connection, now: float) -> list[str]:
+    """End every queued job past its queue deadline, as the lifecycle says."""
+    jobs = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM jobs WHERE queue_deadline <= ? AND phase = 'queued'", (now,)
+        ).fetchall()
+    ]
+    for job_id in jobs:
+        end_queued_job(conn, job_id, lifecycle.queue_timed_out(now))
+    return jobs
+
+
+def load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
+    row = conn.execute(
+        "SELECT j.id, j.name, j.phase, j.spec, j.created_at, j.updated_at, j.priority,"
+        " j.exit_code, j.reason, j.cancel_requested, j.unschedulable, j.owner, t.name"
+        " FROM jobs j LEFT JOIN tokens t ON t.id = j.owner WHERE j.id = ?",
+        (job_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    phases: dict[int, list[PhaseEntry]] = {}
+    for attempt, phase, stage, message, at in conn.execute(
+        "SELECT attempt, phase, stage, message, at FROM run_phases WHERE job_id = ? ORDER BY id",
+        (job_id,),
+    ):
+        phases.setdefault(attempt, []).append(PhaseEntry(Phase(phase), at, stage, message))
+    runs = [
+        RunView(
+            attempt=r[0],
+            supervisor_id=r[1],
+            phase=Phase(r[2]),
+            created_at=r[3],
+            stage=r[4],
+            message=r[5],
+            exit_code=r[6],
+            signal=r[7],
+            reason=r[8],
+            error_kind=r[9],
+            error=r[10],
+            started_at=r[11],
+            ended_at=r[12],
+            phases=phases.get(r[0], []),
+            output_bytes=r[13],
+            output_truncated=r[14].split(",") if r[14] else [],
+        )
+        for r in conn.execute(
+            "SELECT attempt, supervisor_id, phase, created_at, stage, message, exit_code, signal,"
+            " reason, error_kind, error, started_at, ended_at, output_bytes, output_truncated"
+            " FROM runs WHERE job_id = ? ORDER BY attempt",
+            (job_id,),
+        )
+    ]
+    return JobView(
+        id=row[0],
+        name=row[1],
+        phase=Phase(row[2]),
+        spec=_spec_decoder.decode(row[3]),
+        created_at=row[4],
+        updated_at=row[5],
+        priority=row[6],
+        exit_code=row[7],
+        reason=row[8],
+        cancel_requested=bool(row[9]),
+        unschedulable=row[10],
+        owner=row[11],
+        owner_name=row[12],
+        runs=runs,
+    )
 
 
 def delete_job(conn: sqlite3.Connection, job_id: str) -> str:

@@ -27,8 +27,10 @@ from protocol.messages import (
 from protocol.spec import RestartPolicy
 from protocol.state import SUPERVISOR_REPORTABLE, Phase, can_transition, is_terminal
 from switchboard import lifecycle, metrics
-from switchboard.models import RunKey
+from switchboard.models import RunKey, RunOnSupervisor
+from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
 from switchboard.store.sqlite_jobs import record_events
+from switchboard.store.sqlite_output import OUTPUT_CUT_NOTE, new_output
 
 log = logging.getLogger("switchboard.store")
 
@@ -324,7 +326,7 @@ class EventBatch:
         if stream in run.truncated:
             metrics.output_dropped(stream, len(event.data))
             return
-        new = _new_output(self.conn, event)
+        new = new_output(self.conn, event)
         if new is None:
             return
         offset, data = new
@@ -364,37 +366,50 @@ class EventBatch:
         )
 
 
-#: Ends a stream cut at the per-run output cap (the only bytes of a stream the program
-#: did not write; OUTPUT_CUT_NOTE.format(cap=...)).
-OUTPUT_CUT_NOTE = (
-    "\n[switchboard: this run reached its output cap of {cap} bytes;"
-    " the rest of this stream was dropped]\n"
-)
+def lose_runs(conn: sqlite3.Connection, grace_s: float, now: float) -> list[RunKey]:
+    """End as `lost` every active run of a supervisor disconnected for over `grace_s`."""
+    rows = conn.execute(
+        "SELECT r.job_id, r.attempt FROM runs r JOIN supervisors s"
+        " ON s.id = r.supervisor_id WHERE s.connected = 0 AND s.last_seen < ?"
+        f" AND r.phase IN ({ACTIVE_SQL})",
+        (now - grace_s, *ACTIVE_PHASES),
+    ).fetchall()
+    message = lifecycle.lost_message(grace_s)
+    for job_id, attempt in rows:
+        set_run_phase(conn, job_id, attempt, Phase.LOST, None, message, now)
+    return [RunKey(job_id, attempt) for job_id, attempt in rows]
 
 
-def _new_output(conn: sqlite3.Connection, event: Output) -> tuple[int, bytes] | None:
-    """What of an output chunk is new: (the stream's stored length, the bytes past it);
-    None if nothing is, or if the chunk would leave a gap."""
-    # Chunks are contiguous: the one with the highest offset ends the stream (an index
-    # lookup, where max(offset + length) would scan every chunk).
-    last = conn.execute(
-        "SELECT offset + length(data) FROM output"
-        " WHERE job_id = ? AND attempt = ? AND stream = ? ORDER BY offset DESC LIMIT 1",
-        (event.job_id, event.attempt, event.stream),
+def expire_runs(conn: sqlite3.Connection, grace_s: float, now: float) -> list[RunOnSupervisor]:
+    """End as `timed_out` every run active for its timeout plus `grace_s` (the supervisor's
+    chance to report it): running for it, or assigned for it if it never got to running."""
+    rows = conn.execute(
+        "SELECT r.job_id, r.attempt, r.supervisor_id FROM runs r"
+        " JOIN jobs j ON j.id = r.job_id"
+        f" WHERE r.phase IN ({ACTIVE_SQL}) AND j.timeout_s IS NOT NULL"
+        " AND coalesce(r.started_at, r.created_at) + j.timeout_s + ? <= ?",
+        (*ACTIVE_PHASES, grace_s, now),
+    ).fetchall()
+    runs = []
+    for job_id, attempt, supervisor_id in rows:
+        event = lifecycle.run_timed_out(attempt, now)
+        set_run_phase(conn, job_id, attempt, Phase.TIMED_OUT, None, event.message, now)
+        record_events(conn, job_id, [event])
+        runs.append(RunOnSupervisor(job_id, attempt, supervisor_id))
+    return runs
+
+
+def end_run(conn: sqlite3.Connection, key: RunKey, phase: Phase, message: str) -> bool:
+    """End an active run from the switchboard's side; False if it may not end so."""
+    current = run_phase(conn, key.job_id, key.attempt)
+    if current is None or not can_transition(current, phase):
+        return False
+    set_run_phase(conn, key.job_id, key.attempt, phase, None, message, time.time())
+    return True
+
+
+def run_phase(conn: sqlite3.Connection, job_id: str, attempt: int) -> Phase | None:
+    row = conn.execute(
+        "SELECT phase FROM runs WHERE job_id = ? AND attempt = ?", (job_id, attempt)
     ).fetchone()
-    length = last[0] if last else 0
-    if event.offset > length:
-        log.error(
-            "output gap on %s#%d %s: have %d bytes, got offset %d",
-            event.job_id,
-            event.attempt,
-            event.stream,
-            length,
-            event.offset,
-        )
-        return None
-    if event.offset + len(event.data) <= length:
-        return None
-    # Only what is new: a chunk sent again (a recovered run replays its output from the
-    # start) may overlap what is stored.
-    return length, event.data[length - event.offset :]
+    return Phase(row[0]) if row else None

@@ -22,7 +22,7 @@ from switchboard.sealing import (
     split_secrets,
     with_secrets,
 )
-from switchboard.store.schema import SchemaMismatch
+from switchboard.store.schema import SchemaMismatch, apply_schema
 
 log = logging.getLogger("switchboard.store")
 
@@ -101,3 +101,46 @@ def seal_legacy_secrets(conn: sqlite3.Connection, keyring: Keyring | None) -> in
             store_sealed(conn, job_id, keyring.seal(job_id, values))
         conn.execute("UPDATE jobs SET spec = ? WHERE id = ?", (_encoder.encode(stored), job_id))
     return found
+
+
+def upgrade_and_reseal(conn: sqlite3.Connection, keyring: Keyring | None) -> None:
+    """At open: bring the schema up to date (moving secret values an older version kept in
+    the specs out of them), then seal again with the current key what an older one sealed.
+    Without a keyring, stored secrets are left as they are."""
+    found = 0
+
+    def upgrade(conn: sqlite3.Connection, version: int) -> None:
+        nonlocal found
+        found = seal_legacy_secrets(conn, keyring)
+
+    conn.execute("PRAGMA secure_delete=ON")  # the specs rewritten lose their old values
+    apply_schema(conn, upgrade)
+    if found:
+        # Values an older version kept in clear may linger in free pages and the WAL:
+        # rewrite the file once, and empty the WAL.
+        log.warning(
+            "moved the secret values of %d jobs out of their stored specs; rewriting the"
+            " database once to leave no trace of them",
+            found,
+        )
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    if keyring is None:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        resealed, unreadable = reseal(conn, keyring)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if resealed:
+        log.info("sealed the secret values of %d jobs again with the current key", resealed)
+    if unreadable:
+        log.warning(
+            "%d jobs hold secret values sealed with a key this switchboard does not have"
+            " (key ids %s): they will be rejected when placed; start the switchboard with"
+            " the key file they were sealed with to run them",
+            sum(unreadable.values()),
+            ", ".join(sorted(unreadable)),
+        )
