@@ -18,8 +18,8 @@ vanished) and ``exhausted`` (a job whose restarts are used up).
 Transitions only move forward. ``initializing -> initializing`` is allowed so a supervisor
 can report a new stage; every other self-transition is refused. Nothing leaves a terminal
 phase. A job that is retried gets a *new* run: the old run stays terminal, and the job goes
-back to ``queued`` through :func:`job_may_requeue`, the only backward step and one the
-switchboard takes, never a supervisor.
+back to ``queued`` (the only backward step, and one the switchboard takes, never a
+supervisor: when, is decided by its lifecycle rules, switchboard/lifecycle.py).
 
 The table :data:`RUN_TRANSITIONS` is the single source of these rules; docs/protocol.md is
 written from it and tests walk every cell of it.
@@ -89,9 +89,6 @@ RUN_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     **{phase: frozenset() for phase in TERMINAL},
 }
 
-#: Terminal run phases after which a job may be queued again (restart policy permitting).
-RETRYABLE: frozenset[Phase] = frozenset({Phase.FAILED, Phase.TIMED_OUT, Phase.LOST, Phase.REJECTED})
-
 
 def is_terminal(phase: Phase | str) -> bool:
     """True if nothing may follow `phase`."""
@@ -120,8 +117,3 @@ def check_transition(current: Phase | str, new: Phase | str) -> Phase:
     if not can_transition(current, new):
         raise InvalidTransition(Phase(current), Phase(new))
     return Phase(new)
-
-
-def job_may_requeue(run_phase: Phase | str) -> bool:
-    """True if a job whose latest run ended in `run_phase` may get another run."""
-    return Phase(run_phase) in RETRYABLE

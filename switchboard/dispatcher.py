@@ -20,7 +20,7 @@ from typing import NamedTuple
 from protocol.spec import JobSpec
 from switchboard import metrics
 from switchboard.hub import Hub
-from switchboard.models import Assignment, QueuedJob, SupervisorView
+from switchboard.models import Assignment, QueuedJob, Submitted, SupervisorView
 from switchboard.scheduler import (
     Candidate,
     FleetMember,
@@ -31,7 +31,7 @@ from switchboard.scheduler import (
     spend,
     unsatisfiable_reason,
 )
-from switchboard.store.base import Store, Submitted
+from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.dispatcher")
 

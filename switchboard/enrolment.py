@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 from protocol.messages import Hello
 from switchboard.auth import new_token_id
-from switchboard.models import TokenView
-from switchboard.store.base import ConnectRefused, Enrolment
+from switchboard.models import Enrolment, TokenView
+from switchboard.store.errors import ConnectRefused
 
 
 class Refused(Exception):

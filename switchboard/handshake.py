@@ -24,8 +24,10 @@ from protocol.messages import Hello
 from switchboard import auth, enrolment, metrics
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
+from switchboard.models import Connected
 from switchboard.outbox import deadline
-from switchboard.store.base import Connected, ConnectRefused, Store
+from switchboard.store.base import Store
+from switchboard.store.errors import ConnectRefused
 
 log = logging.getLogger("switchboard.handshake")
 

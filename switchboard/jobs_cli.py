@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from protocol.state import TERMINAL
 from switchboard.cli_output import add_connection_flags, client, show, table, when
 from switchboard.cli_output import run as run_client
 from switchboard.client import ApiClient, ClientError
-
-TERMINAL = {"succeeded", "failed", "timed_out", "canceled", "lost", "exhausted", "rejected"}
 
 
 def exit_status(job: dict[str, Any]) -> int:

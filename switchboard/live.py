@@ -23,8 +23,8 @@ import msgspec
 
 from switchboard.changes import Changes
 from switchboard.hub import Hub
-from switchboard.models import SupervisorView
-from switchboard.store.base import JobFilter, Store
+from switchboard.models import JobFilter, SupervisorView
+from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.live")
 

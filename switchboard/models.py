@@ -1,7 +1,9 @@
-"""Records the switchboard keeps and shows: jobs, runs, supervisors, tokens.
+"""Records the switchboard keeps and shows: jobs, runs, supervisors, tokens, and what the
+store returns and takes besides them (results of its writes, filters).
 
 These Structs are both what the store returns and what the REST API sends, so the
-OpenAPI schema is generated from the same definitions the code uses.
+OpenAPI schema is generated from the same definitions the code uses. The store's
+interface is switchboard/store/base.py; its refusals, switchboard/store/errors.py.
 """
 
 from __future__ import annotations
@@ -213,8 +215,9 @@ class Overview(msgspec.Struct):
     recent_failures: list[JobSummary]
 
 
-class SupervisorSession(msgspec.Struct):
-    """One connection of a supervisor: when it began, when and why it ended."""
+class ConnectionRecord(msgspec.Struct):
+    """One past or present connection of a supervisor: its session generation, when it
+    began, when and why it ended."""
 
     session: int
     connected_at: float
@@ -228,3 +231,142 @@ class JobChange(msgspec.Struct, frozen=True):
     rev: int
     job_id: str
     deleted: bool = False
+
+
+# --- what the store returns and takes besides the records above ---------------------
+
+
+class Connected(msgspec.Struct, frozen=True):
+    """What the store says when a supervisor (re)connects."""
+
+    session: int
+    last_seq: int
+
+
+class EventsApplied(msgspec.Struct, frozen=True):
+    """The result of storing a batch of events."""
+
+    #: Highest seq now stored for the supervisor (acknowledge up to here).
+    stored_seq: int
+    #: Runs that reached a terminal phase in this batch (capacity freed).
+    ended: list[RunKey] = []
+    #: Runs whose events were refused (the switchboard no longer wants them: stop them).
+    unwanted: list[RunKey] = []
+
+
+class CancelResult(msgspec.Struct, frozen=True):
+    """What a cancel request found. `supervisor_id`/`attempt` name a run to stop."""
+
+    phase: str
+    supervisor_id: str | None = None
+    attempt: int | None = None
+
+
+class RunOnSupervisor(msgspec.Struct, frozen=True):
+    """A run to stop on a supervisor (after a cancel, a replace, a timeout)."""
+
+    job_id: str
+    attempt: int
+    supervisor_id: str
+
+
+class Submitted(msgspec.Struct, frozen=True):
+    """What became of one submitted job; `stops` are runs of the jobs it replaced."""
+
+    id: str
+    phase: str
+    reason: str | None = None
+    stops: list[RunOnSupervisor] = []
+
+
+class ArtifactView(msgspec.Struct, frozen=True):
+    """An artifact as the store indexes it (the bytes are files: switchboard.artifacts)."""
+
+    digest: str
+    size: int
+    created_at: float
+    #: The id of the token that uploaded it first (None: not known).
+    uploaded_by: str | None = None
+    #: When a job last named it, or it was uploaded again.
+    last_used: float | None = None
+
+
+class ArtifactAdded(msgspec.Struct, frozen=True):
+    """What became of an upload: "added", "exists" (the same bytes were there), or
+    "full" (refused: past the quota); and the bytes all artifacts take now."""
+
+    outcome: str
+    stored_bytes: int
+
+
+class ArtifactDeleted(msgspec.Struct, frozen=True):
+    """What a delete found: "deleted", "absent", "in_use" (refused: `needed_by` names
+    jobs that have not ended and name it), or "used_lately" (retention's delete only)."""
+
+    outcome: str
+    needed_by: list[str] = []
+
+
+class Enrolment(msgspec.Struct, frozen=True):
+    """A credential to store for a supervisor as it connects with a registration token."""
+
+    token_id: str
+    #: SHA-256 of the credential (the supervisor made it; the switchboard never sees it).
+    digest: bytes
+    name: str
+
+
+class LabelTerm(msgspec.Struct, frozen=True):
+    """One term of a job-label filter: `op` is "=", "!=", "exists" or "!exists"."""
+
+    key: str
+    op: str
+    value: str = ""
+
+
+class JobFilter(msgspec.Struct, frozen=True):
+    phases: list[str] = []
+    labels: list[LabelTerm] = []
+    supervisor_id: str | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    #: Only jobs older than this (a page's cursor: the last seq it showed).
+    before_seq: int | None = None
+    #: Only these jobs (the live feed's changed ones).
+    ids: list[str] = []
+    #: Search: name contains it (case-insensitive) or id starts with it.
+    text: str | None = None
+    #: Only jobs submitted by this token (its id).
+    owner: str | None = None
+    limit: int = 50
+
+
+class Expired(msgspec.Struct, frozen=True):
+    """What the clock ended: runs past their timeout and jobs past their queue timeout."""
+
+    runs: list[RunOnSupervisor] = []
+    jobs: list[str] = []
+
+
+class Counts(msgspec.Struct, frozen=True):
+    """Counts for the metrics: jobs by phase, queued jobs by state ("ready", "backoff",
+    "unschedulable"), and the connected supervisors that are drained."""
+
+    jobs: dict[str, int]
+    queued: dict[str, int]
+    drained: list[str]
+
+
+class PlacementSnapshot(msgspec.Struct, frozen=True):
+    """What a dispatch pass starts from, in one read of the store."""
+
+    #: Every registered supervisor, `running` counting its active runs.
+    fleet: list[SupervisorView]
+    #: Per supervisor, the resources its active runs hold.
+    resources_in_use: dict[str, dict[str, int]]
+    #: Concurrency keys held by a job with an active run.
+    busy_keys: frozenset[str]
+    #: The first page of the queue (see Store.queued_jobs).
+    queue: list[QueuedJob]
+    #: When the earliest job waiting out a restart backoff may run (epoch seconds).
+    next_backoff_end: float | None

@@ -22,7 +22,6 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from protocol.spec import JobSpec, Parameter
-from switchboard.jobstate import redacted
 
 KEY_BYTES = 32
 _VERSION = b"\x01"
@@ -32,6 +31,9 @@ _HEADER = len(_VERSION) + _KEY_ID_BYTES + _NONCE_BYTES
 _AAD = b"switchboard job secrets\x00"
 
 _values_decoder = msgspec.json.Decoder(dict[str, str])
+
+#: What a secret parameter's value shows as, wherever a spec is stored or shown.
+REDACTED = "********"
 
 
 class SecretsUnreadable(Exception):
@@ -90,6 +92,17 @@ def blob_key_id(blob: bytes) -> bytes:
 
 def _aad(job_id: str) -> bytes:
     return _AAD + job_id.encode()
+
+
+def redacted(spec: JobSpec) -> JobSpec:
+    """The spec with every secret parameter's value replaced, for showing."""
+    if not any(p.secret for p in spec.parameters.values()):
+        return spec
+    parameters = {
+        name: Parameter(value=REDACTED, secret=True) if p.secret else p
+        for name, p in spec.parameters.items()
+    }
+    return msgspec.structs.replace(spec, parameters=parameters)
 
 
 def split_secrets(spec: JobSpec) -> tuple[JobSpec, dict[str, str]]:

@@ -42,10 +42,10 @@ from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import metrics
 from switchboard.config import Settings
-from switchboard.models import ActiveRun, RunKey
+from switchboard.models import ActiveRun, EventsApplied, RunKey
 from switchboard.outbox import Outbox
 from switchboard.reconcile import Action, Decision, drift, reconcile
-from switchboard.store.base import EventsApplied, Store
+from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.connections")
 
@@ -372,10 +372,10 @@ class SupervisorConnection:
         if due is None or not self.ready or not self.fleet.is_current(self):
             return
         store = self.fleet.store
-        # The common case, nothing drifted, costs a count (the full list holds the specs).
-        # A lost run and a zombie at once would balance out here: the reconnect catches those.
-        counted = (await store.running_counts()).get(self.id, 0)
-        if counted == len(due.reply.runs) and not due.newer:
+        # The common case, nothing drifted, costs a read of run identities (the full list
+        # holds the specs and opens secrets).
+        held = {RunRef(run.job_id, run.attempt) for run in due.reply.runs}
+        if held == await store.active_run_refs(self.id) and not due.newer:
             return
         decisions = drift(await store.active_runs(self.id), due.reply.runs, due.newer)
         if decisions:

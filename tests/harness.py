@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from common.secret_files import write_secret_file
+from protocol.state import TERMINAL
 
 REPO = Path(__file__).resolve().parent.parent
 #: Multiplies every wait in the tests (set SWITCHBOARD_TEST_TIME_SCALE on slow machines).
@@ -247,9 +248,6 @@ def wait_running(client: httpx.Client, job_id: str, timeout: float = 30.0) -> No
     while client.get(f"/api/v1/jobs/{job_id}").json()["phase"] != "running":
         assert time.monotonic() < deadline, f"job {job_id} did not start"
         time.sleep(0.05)
-
-
-TERMINAL = {"succeeded", "failed", "timed_out", "canceled", "lost", "exhausted", "rejected"}
 
 
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 60.0) -> dict:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from protocol.spec import DockerBackend, JobSpec, WasmBackend
-from switchboard.store.base import ArtifactMissing
+from switchboard.store.errors import ArtifactMissing
 from switchboard.store.sqlite import SQLiteStore
 from tests.harness import Switchboard, wait_for
 from tests.scrape import sample_value, scrape

@@ -15,7 +15,7 @@ from protocol.state import Phase
 from switchboard.metrics import REGISTRY
 from switchboard.store.schema import SCHEMA_VERSION
 from switchboard.store.sqlite import SQLiteStore
-from switchboard.store.sqlite_runs import OUTPUT_CUT_NOTE
+from switchboard.store.sqlite_output import OUTPUT_CUT_NOTE
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job
 from tests.scrape import sample_value, scrape
 from tests.store_setup import assigned_job, out, state

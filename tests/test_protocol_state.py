@@ -13,7 +13,6 @@ import pytest
 
 from protocol.state import (
     ACTIVE,
-    RETRYABLE,
     RUN_TRANSITIONS,
     SUPERVISOR_REPORTABLE,
     SUPERVISOR_TERMINAL,
@@ -23,7 +22,6 @@ from protocol.state import (
     can_transition,
     check_transition,
     is_terminal,
-    job_may_requeue,
 )
 
 pytestmark = pytest.mark.unit
@@ -131,15 +129,6 @@ def test_every_supervisor_terminal_phase_is_reachable_from_each_active_phase() -
 
 def test_active_phases() -> None:
     assert {p.value for p in ACTIVE} == {A, I, R, T}
-
-
-def test_requeue_after() -> None:
-    assert {p.value for p in RETRYABLE} == {"failed", "timed_out", "lost", "rejected"}
-    for phase in Phase:
-        assert job_may_requeue(phase) is (phase in RETRYABLE)
-        assert job_may_requeue(phase.value) is (phase in RETRYABLE)
-    assert not job_may_requeue(Phase.SUCCEEDED)
-    assert not job_may_requeue(Phase.CANCELED)
 
 
 def test_unknown_phase_names_are_refused() -> None:

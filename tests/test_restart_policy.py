@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 from protocol.spec import Backoff, JobSpec, NoopBackend, RestartPolicy
 from protocol.state import Phase
-from switchboard.jobstate import JobDecision, job_after_run
-from switchboard.retry import restart_delay
+from switchboard.lifecycle import JobDecision, job_after_run, restart_delay
 from tests.store_setup import HELLO, state
 
 pytestmark = pytest.mark.unit

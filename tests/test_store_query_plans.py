@@ -7,9 +7,9 @@ import sqlite3
 
 import pytest
 
-from switchboard.store.schema import SCHEMA
-from switchboard.store.sqlite import ACTIVE_PHASES, RESOURCES_IN_USE
+from switchboard.store.schema import ACTIVE_PHASES, SCHEMA
 from switchboard.store.sqlite_jobs import QUEUED_BY_OWNER
+from switchboard.store.sqlite_placement import RESOURCES_IN_USE
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ from protocol.exceptions import JobErrorKind
 from protocol.messages import Hello, JobErrorReport, JobExit
 from protocol.state import Phase
 from switchboard.models import RunKey
-from switchboard.store.base import BatchOutOfOrder
+from switchboard.store.errors import BatchOutOfOrder
 from switchboard.store.sqlite import SQLiteStore
 from tests.store_setup import HELLO, SPEC, assigned_job, out, state
 

@@ -76,7 +76,7 @@ async def test_connection_history_survives_a_restart(tmp_path):
     await second.open()
     try:
         await second.forget_connections()  # what a starting switchboard does
-        history = await second.supervisor_sessions("s1", 10)
+        history = await second.connection_records("s1", 10)
     finally:
         await second.close()
     assert [(h.session, h.reason) for h in history] == [

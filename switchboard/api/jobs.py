@@ -22,18 +22,19 @@ from switchboard.api.errors import ApiError, error_responses, invalid_spec
 from switchboard.api.security import actor, require
 from switchboard.auth import Permission, allows
 from switchboard.ids import new_job_id
-from switchboard.jobstate import redacted
-from switchboard.models import JobEvent, JobPage, JobView, RunView
-from switchboard.state import AppState, app_state
-from switchboard.store.base import (
-    ArtifactMissing,
+from switchboard.models import (
+    JobEvent,
     JobFilter,
+    JobPage,
+    JobView,
     LabelTerm,
-    QueueFull,
-    QueueQuotaFull,
     RunOnSupervisor,
+    RunView,
     Submitted,
 )
+from switchboard.sealing import redacted
+from switchboard.state import AppState, app_state
+from switchboard.store.errors import ArtifactMissing, QueueFull, QueueQuotaFull
 
 log = logging.getLogger("switchboard.api")
 

@@ -13,7 +13,7 @@ from switchboard.api.security import actor, require
 from switchboard.api.tokens import TokenCreated
 from switchboard.auth import Permission, Role, create_token
 from switchboard.live import with_last_heard
-from switchboard.models import SupervisorSession, SupervisorView
+from switchboard.models import ConnectionRecord, SupervisorView
 from switchboard.state import AppState, app_state
 
 log = logging.getLogger("switchboard.api.supervisors")
@@ -73,12 +73,12 @@ class SupervisorController(Controller):
         guards=require(Permission.VIEW),
         responses=error_responses(404),
     )
-    async def connections(self, request: Request, supervisor_id: str) -> list[SupervisorSession]:
+    async def connections(self, request: Request, supervisor_id: str) -> list[ConnectionRecord]:
         """The supervisor's latest connections (at most 50), newest first: when each began,
         and when and why it ended."""
         state = app_state(request)
         await _supervisor_or_404(state, supervisor_id)
-        return await state.store.supervisor_sessions(supervisor_id, CONNECTIONS_SHOWN)
+        return await state.store.connection_records(supervisor_id, CONNECTIONS_SHOWN)
 
     @post(
         "/{supervisor_id:str}/drain",

@@ -1,8 +1,12 @@
 """The store interface: every read and write the switchboard makes goes through here.
 
 The embedded implementation is SQLite (store.sqlite); a PostgreSQL one can implement the
-same methods. Every method that changes state returns only after the change is durable,
-which is what lets the switchboard acknowledge a supervisor's events.
+same methods, and must pass the same contract tests (tests/test_store_contract.py). No
+policy lives behind this interface: what a job becomes is decided by switchboard.lifecycle
+and placement by switchboard.scheduler; a store reads the facts they need and writes what
+they decide. Its refusals are the exceptions of store.errors; what it returns besides the
+records, switchboard.models. Every method that changes state returns only after the
+change is durable, which is what lets the switchboard acknowledge a supervisor's events.
 """
 
 from __future__ import annotations
@@ -10,195 +14,35 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Sequence
 
-import msgspec
-
-from protocol.messages import Hello, Stream, SupervisorEvent
+from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard.models import (
     ActiveRun,
+    ArtifactAdded,
+    ArtifactDeleted,
+    ArtifactView,
     Assignment,
+    CancelResult,
+    Connected,
+    ConnectionRecord,
+    Counts,
+    Enrolment,
+    EventsApplied,
+    Expired,
     JobChange,
     JobEvent,
+    JobFilter,
     JobSummary,
     JobView,
     Overview,
+    PlacementSnapshot,
     QueuedJob,
     RunKey,
-    SupervisorSession,
+    Submitted,
     SupervisorView,
     TokenView,
 )
-
-
-class Connected(msgspec.Struct, frozen=True):
-    """What the store says when a supervisor (re)connects."""
-
-    session: int
-    last_seq: int
-
-
-class EventsApplied(msgspec.Struct, frozen=True):
-    """The result of storing a batch of events."""
-
-    #: Highest seq now stored for the supervisor (acknowledge up to here).
-    stored_seq: int
-    #: Runs that reached a terminal phase in this batch (capacity freed).
-    ended: list[RunKey] = []
-    #: Runs whose events were refused (the switchboard no longer wants them: stop them).
-    unwanted: list[RunKey] = []
-
-
-class CancelResult(msgspec.Struct, frozen=True):
-    """What a cancel request found. `supervisor_id`/`attempt` name a run to stop."""
-
-    phase: str
-    supervisor_id: str | None = None
-    attempt: int | None = None
-
-
-class RunOnSupervisor(msgspec.Struct, frozen=True):
-    """A run to stop on a supervisor (after a cancel, a replace, a timeout)."""
-
-    job_id: str
-    attempt: int
-    supervisor_id: str
-
-
-class Submitted(msgspec.Struct, frozen=True):
-    """What became of one submitted job; `stops` are runs of the jobs it replaced."""
-
-    id: str
-    phase: str
-    reason: str | None = None
-    stops: list[RunOnSupervisor] = []
-
-
-class ArtifactView(msgspec.Struct, frozen=True):
-    """An artifact as the store indexes it (the bytes are files: switchboard.artifacts)."""
-
-    digest: str
-    size: int
-    created_at: float
-    #: The id of the token that uploaded it first (None: not known).
-    uploaded_by: str | None = None
-    #: When a job last named it, or it was uploaded again.
-    last_used: float | None = None
-
-
-class ArtifactAdded(msgspec.Struct, frozen=True):
-    """What became of an upload: "added", "exists" (the same bytes were there), or
-    "full" (refused: past the quota); and the bytes all artifacts take now."""
-
-    outcome: str
-    stored_bytes: int
-
-
-class ArtifactDeleted(msgspec.Struct, frozen=True):
-    """What a delete found: "deleted", "absent", "in_use" (refused: `needed_by` names
-    jobs that have not ended and name it), or "used_lately" (retention's delete only)."""
-
-    outcome: str
-    needed_by: list[str] = []
-
-
-class ArtifactMissing(Exception):
-    """A submitted job names an artifact that is not stored (never uploaded, or deleted)."""
-
-    def __init__(self, index: int, field: str, digest: str) -> None:
-        super().__init__(f"{field}: artifact {digest} has not been uploaded")
-        #: The job's place in its batch, and the spec field naming the artifact.
-        self.index = index
-        self.field = field
-        self.digest = digest
-
-
-class BatchOutOfOrder(Exception):
-    """A batch of events came to be stored before the batch ahead of it was."""
-
-
-class QueueFull(Exception):
-    """More jobs are queued than the switchboard accepts; try again later."""
-
-
-class QueueQuotaFull(QueueFull):
-    """The submitting token has as many jobs queued as one token may have."""
-
-
-class Enrolment(msgspec.Struct, frozen=True):
-    """A credential to store for a supervisor as it connects with a registration token."""
-
-    token_id: str
-    #: SHA-256 of the credential (the supervisor made it; the switchboard never sees it).
-    digest: bytes
-    name: str
-
-
-class ConnectRefused(Exception):
-    """The store refused a supervisor connection in the step that would have accepted it.
-    `why`: "token_revoked" (the connection's token was revoked meanwhile), "enrolled" (the
-    id already has a host credential), "credential_taken" (the offered digest belongs to
-    another token)."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(why)
-        self.why = why
-
-
-class LabelTerm(msgspec.Struct, frozen=True):
-    """One term of a job-label filter: `op` is "=", "!=", "exists" or "!exists"."""
-
-    key: str
-    op: str
-    value: str = ""
-
-
-class JobFilter(msgspec.Struct, frozen=True):
-    phases: list[str] = []
-    labels: list[LabelTerm] = []
-    supervisor_id: str | None = None
-    created_after: float | None = None
-    created_before: float | None = None
-    #: Only jobs older than this (a page's cursor: the last seq it showed).
-    before_seq: int | None = None
-    #: Only these jobs (the live feed's changed ones).
-    ids: list[str] = []
-    #: Search: name contains it (case-insensitive) or id starts with it.
-    text: str | None = None
-    #: Only jobs submitted by this token (its id).
-    owner: str | None = None
-    limit: int = 50
-
-
-class Expired(msgspec.Struct, frozen=True):
-    """What the clock ended: runs past their timeout and jobs past their queue timeout."""
-
-    runs: list[RunOnSupervisor] = []
-    jobs: list[str] = []
-
-
-class Counts(msgspec.Struct, frozen=True):
-    """Counts for the metrics: jobs by phase, queued jobs by state ("ready", "backoff",
-    "unschedulable"), and the connected supervisors that are drained."""
-
-    jobs: dict[str, int]
-    queued: dict[str, int]
-    drained: list[str]
-
-
-class PlacementSnapshot(msgspec.Struct, frozen=True):
-    """What a dispatch pass starts from, in one read of the store."""
-
-    #: Every registered supervisor, `running` counting its active runs.
-    fleet: list[SupervisorView]
-    #: Per supervisor, the resources its active runs hold.
-    resources_in_use: dict[str, dict[str, int]]
-    #: Concurrency keys held by a job with an active run.
-    busy_keys: frozenset[str]
-    #: The first page of the queue (see Store.queued_jobs).
-    queue: list[QueuedJob]
-    #: When the earliest job waiting out a restart backoff may run (epoch seconds).
-    next_backoff_end: float | None
 
 
 class Store(abc.ABC):
@@ -425,6 +269,11 @@ class Store(abc.ABC):
         come with their secret values opened (their StartJob may be sent again)."""
 
     @abc.abstractmethod
+    async def active_run_refs(self, supervisor_id: str) -> set[RunRef]:
+        """Which runs the switchboard believes a supervisor holds, by identity only (a
+        cheap read: no specs, no secrets)."""
+
+    @abc.abstractmethod
     async def supervisor_disconnected(
         self, supervisor_id: str, session: int, reason: str = "disconnected"
     ) -> None:
@@ -444,7 +293,7 @@ class Store(abc.ABC):
     async def list_supervisors(self) -> list[SupervisorView]: ...
 
     @abc.abstractmethod
-    async def supervisor_sessions(self, supervisor_id: str, limit: int) -> list[SupervisorSession]:
+    async def connection_records(self, supervisor_id: str, limit: int) -> list[ConnectionRecord]:
         """The supervisor's latest connections, newest first."""
 
     # the dashboard's views
@@ -475,10 +324,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_operator_labels(self, supervisor_id: str, labels: dict[str, str]) -> bool:
         """Replace a supervisor's operator labels; False if it is unknown."""
-
-    @abc.abstractmethod
-    async def running_counts(self) -> dict[str, int]:
-        """Active runs per supervisor id."""
 
     @abc.abstractmethod
     def apply_events(

@@ -3,7 +3,25 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+
+from protocol.state import ACTIVE, TERMINAL, Phase
+
+
+def sql_literals(phases: Collection[Phase]) -> str:
+    """The phases as an SQL list of literals, in the order Phase defines them: a partial
+    index and the queries meant to use it must spell the same list."""
+    return ", ".join(f"'{phase.value}'" for phase in Phase if phase in phases)
+
+
+#: Every ending (protocol.state.TERMINAL), written out for the schema and the queries that
+#: use its partial index.
+TERMINAL_LITERALS = sql_literals(TERMINAL)
+#: The same lists as query parameters: ("?, ?, ...", the values).
+TERMINAL_PHASES = tuple(p.value for p in Phase if p in TERMINAL)
+TERMINAL_SQL = ",".join("?" * len(TERMINAL_PHASES))
+ACTIVE_PHASES = tuple(p.value for p in Phase if p in ACTIVE)
+ACTIVE_SQL = ",".join("?" * len(ACTIVE_PHASES))
 
 #: Bumped whenever a table changes; a database of another version is refused, not guessed at.
 SCHEMA_VERSION = 4
@@ -43,7 +61,7 @@ FILLED_TABLES: dict[str, tuple[int, str]] = {
     ),
 }
 
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
     role TEXT NOT NULL,
@@ -76,9 +94,9 @@ CREATE INDEX IF NOT EXISTS job_artifacts_by_job ON job_artifacts (job_id);
 CREATE TABLE IF NOT EXISTS supervisors (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
-    labels TEXT NOT NULL DEFAULT '{}',
+    labels TEXT NOT NULL DEFAULT '{{}}',
     backends TEXT NOT NULL DEFAULT '[]',
-    resources TEXT NOT NULL DEFAULT '{}',
+    resources TEXT NOT NULL DEFAULT '{{}}',
     max_jobs INTEGER NOT NULL DEFAULT 1,
     software TEXT NOT NULL DEFAULT '',
     session INTEGER NOT NULL DEFAULT 0,
@@ -87,7 +105,7 @@ CREATE TABLE IF NOT EXISTS supervisors (
     -- set by operators: a drained supervisor takes no new runs; operator labels override
     -- the advertised ones
     drained INTEGER NOT NULL DEFAULT 0,
-    operator_labels TEXT NOT NULL DEFAULT '{}',
+    operator_labels TEXT NOT NULL DEFAULT '{{}}',
     first_seen REAL NOT NULL,
     connected_at REAL,
     last_seen REAL
@@ -100,8 +118,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     phase TEXT NOT NULL,
     priority INTEGER NOT NULL DEFAULT 0,
     -- copied out of the spec for queries that must not decode it
-    labels TEXT NOT NULL DEFAULT '{}',
-    resources TEXT NOT NULL DEFAULT '{}',
+    labels TEXT NOT NULL DEFAULT '{{}}',
+    resources TEXT NOT NULL DEFAULT '{{}}',
     concurrency_key TEXT,
     timeout_s REAL,
     -- the id of the token that submitted it (NULL: submitted before jobs had owners)
@@ -137,7 +155,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
 -- the resources of the jobs that hold some: a dispatch pass reads those of every active run
 -- from here, never from the job's row, where they lie after the spec (up to 1 MiB: reading
 -- them there walks the spec's overflow pages, and a few large jobs slowed every pass)
-CREATE INDEX IF NOT EXISTS jobs_resources ON jobs (id, resources) WHERE resources != '{}';
+CREATE INDEX IF NOT EXISTS jobs_resources ON jobs (id, resources) WHERE resources != '{{}}';
 CREATE TABLE IF NOT EXISTS job_events (
     id INTEGER PRIMARY KEY,
     job_id TEXT NOT NULL,
@@ -197,8 +215,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS output_by_run ON output (job_id, attempt, stre
 -- ended jobs by when they ended (a terminal job is not updated again): the dashboard's
 -- finished-per-minute and recent failures
 CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (updated_at)
-    WHERE phase IN ('succeeded', 'failed', 'timed_out', 'canceled', 'lost', 'exhausted',
-                    'rejected');
+    WHERE phase IN ({TERMINAL_LITERALS});
 -- Every change a job list would show, in commit order, for the live feed (pruned by it).
 CREATE TABLE IF NOT EXISTS job_changes (
     rev INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -225,8 +242,7 @@ CREATE TABLE IF NOT EXISTS job_secrets (
     sealed BLOB NOT NULL
 );
 CREATE TRIGGER IF NOT EXISTS job_secrets_dropped_at_end AFTER UPDATE OF phase ON jobs
-    WHEN NEW.phase IN ('succeeded', 'failed', 'timed_out', 'canceled', 'lost', 'exhausted',
-                       'rejected')
+    WHEN NEW.phase IN ({TERMINAL_LITERALS})
 BEGIN
     DELETE FROM job_secrets WHERE job_id = NEW.id;
 END;

@@ -1,222 +1,69 @@
-"""The embedded store: one SQLite file in WAL mode.
+"""The embedded store: one SQLite file in WAL mode (the engine: sqlite_engine.py).
 
-One writer thread owns the only write connection. Write requests queue up while a
-transaction runs and the next transaction takes all of them at once (group commit); each
-request's future resolves only after COMMIT, so whatever a caller acknowledges on the
-strength of it is durable. In a group, each request runs inside a SAVEPOINT, so one
-failing request doesn't undo the others.
-
-Reads run in a small pool of threads, each with its own read-only connection (WAL lets
-them read while the writer writes).
-
-`synchronous=NORMAL` in WAL mode survives the process being killed at any moment (the WAL
-is in the OS's hands once written); only a power cut can take the last transactions.
+This class is the Store interface over the engine: each method hands a function of the
+record family's module (sqlite_jobs, sqlite_runs, sqlite_placement, sqlite_supervisors,
+sqlite_tokens, sqlite_artifacts, sqlite_output, sqlite_retention, sqlite_views) to the
+writer or to a reader, and keeps what lives in this process: the token cache and the
+fleet listing remembered between supervisor writes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 
-from protocol.limits import MAX_OUTPUT_CHUNK
-from protocol.messages import (
-    Hello,
-    Stream,
-    SupervisorEvent,
-)
+from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
-from protocol.state import Phase, can_transition
-from switchboard import datadir, metrics
+from protocol.state import Phase
 from switchboard.models import (
     ActiveRun,
-    Assignment,
-    JobChange,
-    JobEvent,
-    JobSummary,
-    JobView,
-    Overview,
-    PhaseEntry,
-    QueuedJob,
-    RunKey,
-    RunView,
-    SupervisorSession,
-    SupervisorView,
-    TokenView,
-)
-from switchboard.sealing import Keyring, SecretsUnreadable, split_secrets
-from switchboard.store import sqlite_artifacts as artifacts
-from switchboard.store import sqlite_retention as retention
-from switchboard.store import sqlite_views as views
-from switchboard.store.base import (
     ArtifactAdded,
     ArtifactDeleted,
     ArtifactView,
-    BatchOutOfOrder,
+    Assignment,
     CancelResult,
     Connected,
-    ConnectRefused,
+    ConnectionRecord,
     Counts,
     Enrolment,
     EventsApplied,
     Expired,
+    JobChange,
+    JobEvent,
     JobFilter,
+    JobSummary,
+    JobView,
+    Overview,
     PlacementSnapshot,
-    RunOnSupervisor,
-    Store,
+    QueuedJob,
+    RunKey,
     Submitted,
+    SupervisorView,
+    TokenView,
 )
-from switchboard.store.schema import apply_schema
-from switchboard.store.sqlite_jobs import (
-    ACTIVE_PHASES,
-    ACTIVE_SQL,
-    NewJob,
-    cancel_job,
-    delete_job,
-    insert_jobs,
-    job_events,
-    list_jobs,
-    record_event,
-)
-from switchboard.store.sqlite_runs import EventBatch, record_phase, set_run_phase
-from switchboard.store.sqlite_secrets import reseal, seal_legacy_secrets, spec_to_start
-
-log = logging.getLogger("switchboard.store")
+from switchboard.sealing import Keyring, split_secrets
+from switchboard.store import sqlite_artifacts as artifacts
+from switchboard.store import sqlite_jobs
+from switchboard.store import sqlite_output as output
+from switchboard.store import sqlite_placement as placement
+from switchboard.store import sqlite_retention as retention
+from switchboard.store import sqlite_runs as runs
+from switchboard.store import sqlite_supervisors as supervisors
+from switchboard.store import sqlite_tokens as tokens
+from switchboard.store import sqlite_views as views
+from switchboard.store.base import Store
+from switchboard.store.errors import BatchOutOfOrder
+from switchboard.store.sqlite_engine import SQLiteEngine
+from switchboard.store.sqlite_secrets import upgrade_and_reseal
+from switchboard.store.token_cache import TokenCache
 
 T = TypeVar("T")
-
-
-_spec_decoder = msgspec.json.Decoder(JobSpec)
-_encoder = msgspec.json.Encoder()
-
-
-def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
-    if readonly:
-        conn.execute("PRAGMA query_only=ON")
-    else:
-        # What is deleted (dropped sealed secrets among it) is overwritten with zeros where
-        # that costs no extra write.
-        conn.execute("PRAGMA secure_delete=FAST")
-    return conn
-
-
-class _Writer(threading.Thread):
-    """The one thread that writes; commits whatever requests have gathered as one group."""
-
-    MAX_GROUP = 512
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(name="sqlite-writer", daemon=True)
-        self.conn = _connect(path, readonly=False)
-        self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-    def run(self) -> None:
-        while True:
-            first = self.requests.get()
-            if first is None:
-                break
-            group = [first]
-            while len(group) < self.MAX_GROUP:
-                try:
-                    item = self.requests.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self.requests.put(None)  # finish this group, then stop
-                    break
-                group.append(item)
-            self._commit_group(group)
-        self.conn.close()
-
-    def _commit_group(self, group: list[Any]) -> None:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        started = time.perf_counter()
-        # A request alone needs no savepoint: undoing the transaction undoes just it.
-        alone = len(group) == 1
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            for fn, future in group:
-                if not alone:
-                    self.conn.execute("SAVEPOINT request")
-                mark = metrics.staged_mark()
-                try:
-                    value = fn(self.conn)
-                except BaseException as exc:
-                    if alone:
-                        raise
-                    metrics.staged_drop(mark)
-                    self.conn.execute("ROLLBACK TO request")
-                    self.conn.execute("RELEASE request")
-                    results.append((future, None, exc))
-                else:
-                    if not alone:
-                        self.conn.execute("RELEASE request")
-                    results.append((future, value, None))
-            self.conn.execute("COMMIT")
-            metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
-            metrics.staged_commit()
-        except BaseException as exc:
-            metrics.staged_drop()
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            results = [(future, None, exc) for _, future in group]
-        for future, value, exc in results:
-            future.get_loop().call_soon_threadsafe(_resolve, future, value, exc)
-
-
-def _token_valid(conn: sqlite3.Connection, token_id: str) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM tokens WHERE id = ? AND revoked_at IS NULL", (token_id,)
-    ).fetchone()
-    return row is not None
-
-
-def _enrol(conn: sqlite3.Connection, supervisor_id: str, enrol: Enrolment, now: float) -> None:
-    """Store `enrol` as the supervisor's credential: a supervisor token bound to it. Only
-    an id with no host credential (no valid token bound to it) may be enrolled."""
-    held = conn.execute(
-        "SELECT 1 FROM tokens WHERE supervisor_id = ? AND revoked_at IS NULL LIMIT 1",
-        (supervisor_id,),
-    ).fetchone()
-    if held is not None:
-        raise ConnectRefused("enrolled")
-    if conn.execute("SELECT 1 FROM tokens WHERE hash = ?", (enrol.digest,)).fetchone():
-        raise ConnectRefused("credential_taken")
-    conn.execute(
-        "INSERT INTO tokens (id, role, name, hash, created_at, supervisor_id)"
-        " VALUES (?, 'supervisor', ?, ?, ?, ?)",
-        (enrol.token_id, enrol.name, enrol.digest, now, supervisor_id),
-    )
-
-
-def _resolve(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(value)
-
-
-#: How long a valid token's lookup is reused, and how many are kept. Revocations through
-#: this process take effect at once; the time bounds one made by another process.
-TOKEN_CACHE_S = 10.0
-TOKEN_CACHE_SIZE = 10_000
 
 
 class SQLiteStore(Store):
@@ -235,129 +82,48 @@ class SQLiteStore(Store):
         max_run_output: int | None = None,
     ) -> None:
         self.path = path
-        self._readers = readers
+        self._engine = SQLiteEngine(path, readers)
         self._keyring = keyring or Keyring.ephemeral()
         self._keyring_given = keyring is not None
         self.max_run_output = max_run_output
-        self._writer: _Writer | None = None
-        self._read_pool: ThreadPoolExecutor | None = None
-        self._local = threading.local()
-        self._read_conns: list[sqlite3.Connection] = []
         #: Bumped by every write to a supervisor's record (see Store.supervisor_writes).
         self.supervisor_writes = 0
         #: (supervisor_writes, the listing it was read at): see list_supervisors.
         self._fleet: tuple[int, list[SupervisorView]] | None = None
-        #: Called after each write request has finished (the live feed wakes on them).
-        self._write_listeners: list[Callable[[], None]] = []
-        #: digest -> (valid token, when it was read); see find_token.
-        self._tokens: dict[bytes, tuple[TokenView, float]] = {}
-        self._token_generation = 0
-        self._conns_lock = threading.Lock()
+        self._tokens = TokenCache()
 
     # --- plumbing --------------------------------------------------------------------
 
     async def open(self) -> None:
-        # Private from the start: SQLite makes the -wal and -shm files with the database
-        # file's mode, so it is created 0600 before SQLite opens it.
-        datadir.private_dir(self.path.parent)
-        datadir.private_file(self.path)
-        for suffix in ("-wal", "-shm", "-journal"):
-            datadir.tighten_if_present(self.path.with_name(self.path.name + suffix))
-        setup = _connect(self.path, readonly=False)
-        try:
-            self._upgrade_and_reseal(setup)
-        finally:
-            setup.close()
-        self._writer = _Writer(self.path)
-        self._writer.start()
-        self._read_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-read")
-
-    def _upgrade_and_reseal(self, conn: sqlite3.Connection) -> None:
         keyring = self._keyring if self._keyring_given else None
-        found = 0
-
-        def upgrade(conn: sqlite3.Connection, version: int) -> None:
-            nonlocal found
-            found = seal_legacy_secrets(conn, keyring)
-
-        conn.execute("PRAGMA secure_delete=ON")  # the specs rewritten lose their old values
-        apply_schema(conn, upgrade)
-        if found:
-            # Values an older version kept in clear may linger in free pages and the WAL:
-            # rewrite the file once, and empty the WAL.
-            log.warning(
-                "moved the secret values of %d jobs out of their stored specs; rewriting the"
-                " database once to leave no trace of them",
-                found,
-            )
-            conn.execute("VACUUM")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        if keyring is None:
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            resealed, unreadable = reseal(conn, keyring)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        if resealed:
-            log.info("sealed the secret values of %d jobs again with the current key", resealed)
-        if unreadable:
-            log.warning(
-                "%d jobs hold secret values sealed with a key this switchboard does not have"
-                " (key ids %s): they will be rejected when placed; start the switchboard with"
-                " the key file they were sealed with to run them",
-                sum(unreadable.values()),
-                ", ".join(sorted(unreadable)),
-            )
+        self._engine.open(lambda conn: upgrade_and_reseal(conn, keyring))
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.requests.put(None)
-            await asyncio.to_thread(self._writer.join)
-            self._writer = None
-        if self._read_pool is not None:
-            self._read_pool.shutdown(wait=True)
-            self._read_pool = None
-        with self._conns_lock:
-            for conn in self._read_conns:
-                conn.close()
-            self._read_conns.clear()
+        await self._engine.close()
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._hand_to_writer(fn)
-
-    def _hand_to_writer(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue a write request now (requests are applied in the order handed over); the
-        future resolves once it is committed."""
-        assert self._writer is not None, "store is not open"
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._writer.requests.put((fn, future))
-        future.add_done_callback(self._tell_listeners)
-        return future
-
-    def _tell_listeners(self, _: asyncio.Future[Any]) -> None:
-        for listener in self._write_listeners:
-            listener()
-
-    def on_write(self, listener: Callable[[], None]) -> None:
-        self._write_listeners.append(listener)
+        return await self._engine.write(fn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        assert self._read_pool is not None, "store is not open"
-        return await asyncio.get_running_loop().run_in_executor(
-            self._read_pool, self._with_read_conn, fn
-        )
+        return await self._engine.read(fn)
 
-    def _with_read_conn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = _connect(self.path, readonly=True)
-            self._local.conn = conn
-            with self._conns_lock:
-                self._read_conns.append(conn)
-        return fn(conn)
+    def on_write(self, listener: Callable[[], None]) -> None:
+        self._engine.on_write(listener)
+
+    async def _write_supervisor(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A write to a supervisor's record: counted once committed (readers see it)."""
+        try:
+            return await self._write(fn)
+        finally:
+            self.supervisor_writes += 1
+
+    async def _write_credentials(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A write that may revoke tokens: the cache forgets them before and after it."""
+        self._tokens.forget()
+        try:
+            return await self._write(fn)
+        finally:
+            self._tokens.forget()
 
     # --- tokens ----------------------------------------------------------------------
 
@@ -374,101 +140,35 @@ class SQLiteStore(Store):
         now = time.time()
 
         def write(conn: sqlite3.Connection) -> None:
-            if replace_bound and supervisor_id is not None:
-                conn.execute(
-                    "UPDATE tokens SET revoked_at = ?"
-                    " WHERE supervisor_id = ? AND revoked_at IS NULL",
-                    (now, supervisor_id),
-                )
-            conn.execute(
-                "INSERT INTO tokens (id, role, name, hash, created_at, supervisor_id)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (token_id, role, name, digest, now, supervisor_id),
-            )
+            tokens.add_token(conn, token_id, role, name, digest, supervisor_id, replace_bound, now)
 
-        if not replace_bound:
-            await self._write(write)
-            return
-        self._forget_tokens()  # it revokes the tokens bound to the supervisor
-        try:
-            await self._write(write)
-        finally:
-            self._forget_tokens()
+        # A rotation revokes the tokens bound to the supervisor.
+        await (self._write_credentials if replace_bound else self._write)(write)
 
     async def find_token(self, digest: bytes) -> TokenView | None:
-        # Every request looks its token up: valid tokens are remembered for a while. Any
-        # revocation in this process forgets them all at once (and a lookup that raced
-        # with one is not remembered), so a revoked token fails on its very next request.
         cached = self._tokens.get(digest)
-        if cached is not None and time.monotonic() - cached[1] < TOKEN_CACHE_S:
-            return cached[0]
-        generation = self._token_generation
-
-        def read(conn: sqlite3.Connection) -> TokenView | None:
-            row = conn.execute(
-                "SELECT id, role, name, created_at, 0, supervisor_id FROM tokens"
-                " WHERE hash = ? AND revoked_at IS NULL",
-                (digest,),
-            ).fetchone()
-            return TokenView(*row) if row else None
-
-        token = await self._read(read)
-        if token is not None and generation == self._token_generation:
-            if len(self._tokens) >= TOKEN_CACHE_SIZE:
-                self._tokens.clear()
-            self._tokens[digest] = (token, time.monotonic())
+        if cached is not None:
+            return cached
+        generation = self._tokens.generation
+        token = await self._read(lambda conn: tokens.find_token(conn, digest))
+        if token is not None:
+            self._tokens.put(digest, token, generation)
         return token
 
-    def _forget_tokens(self) -> None:
-        self._token_generation += 1
-        self._tokens.clear()
-
     async def list_tokens(self) -> list[TokenView]:
-        def read(conn: sqlite3.Connection) -> list[TokenView]:
-            rows = conn.execute(
-                "SELECT id, role, name, created_at, revoked_at IS NOT NULL, supervisor_id"
-                " FROM tokens ORDER BY created_at, id"
-            ).fetchall()
-            return [TokenView(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
-
-        return await self._read(read)
+        return await self._read(tokens.list_tokens)
 
     async def revoke_token(self, token_id: str) -> bool:
-        def write(conn: sqlite3.Connection) -> bool:
-            if conn.execute("SELECT 1 FROM tokens WHERE id = ?", (token_id,)).fetchone() is None:
-                return False
-            conn.execute(
-                "UPDATE tokens SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
-                (time.time(), token_id),
-            )
-            return True
-
-        self._forget_tokens()
-        try:
-            return await self._write(write)
-        finally:
-            self._forget_tokens()
+        now = time.time()
+        return await self._write_credentials(lambda conn: tokens.revoke_token(conn, token_id, now))
 
     # --- switchboard-wide state ------------------------------------------------------
 
     async def dispatch_paused(self) -> bool:
-        def read(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT value FROM switchboard_state WHERE key = 'dispatch_paused'"
-            ).fetchone()
-            return row is not None and row[0] == "1"
-
-        return await self._read(read)
+        return await self._read(views.dispatch_paused)
 
     async def set_dispatch_paused(self, paused: bool) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO switchboard_state (key, value) VALUES ('dispatch_paused', ?)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                ("1" if paused else "0",),
-            )
-
-        await self._write(write)
+        await self._write(lambda conn: views.set_dispatch_paused(conn, paused))
 
     # --- artifacts -------------------------------------------------------------------
 
@@ -497,14 +197,14 @@ class SQLiteStore(Store):
 
     # --- jobs ------------------------------------------------------------------------
 
-    def _sealed(self, jobs: Sequence[tuple[str, JobSpec]]) -> list[NewJob]:
+    def _sealed(self, batch: Sequence[tuple[str, JobSpec]]) -> list[sqlite_jobs.NewJob]:
         """The jobs as they are written: secret values out of the specs, sealed."""
-        batch = []
-        for job_id, spec in jobs:
+        made = []
+        for job_id, spec in batch:
             stored, values = split_secrets(spec)
             sealed = self._keyring.seal(job_id, values) if values else None
-            batch.append(NewJob(job_id, stored, sealed))
-        return batch
+            made.append(sqlite_jobs.NewJob(job_id, stored, sealed))
+        return made
 
     async def create_jobs(
         self,
@@ -517,7 +217,7 @@ class SQLiteStore(Store):
     ) -> list[Submitted]:
         batch = self._sealed(jobs)
         return await self._write(
-            lambda conn: insert_jobs(
+            lambda conn: sqlite_jobs.insert_jobs(
                 conn, batch, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
             )
         )
@@ -536,8 +236,8 @@ class SQLiteStore(Store):
         keyring = self._keyring
 
         def write(conn: sqlite3.Connection) -> tuple[list[Submitted], list[Assignment]]:
-            clear = _no_job_ready(conn, time.time())  # before the insert: older jobs only
-            made = insert_jobs(
+            clear = placement.no_job_ready(conn, time.time())  # before the insert: older jobs
+            made = sqlite_jobs.insert_jobs(
                 conn, batch, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
             )
             assigned = []
@@ -546,21 +246,38 @@ class SQLiteStore(Store):
                 for submitted in made:
                     supervisor_id = placements.get(submitted.id)
                     if supervisor_id is not None and submitted.phase == Phase.QUEUED.value:
-                        run = _assign_run(conn, submitted.id, supervisor_id, now, keyring)
+                        run = placement.assign_run(conn, submitted.id, supervisor_id, now, keyring)
                         if run is not None:
                             assigned.append(run)
             return made, assigned
 
         return await self._write(write)
 
+    async def get_job(self, job_id: str) -> JobView | None:
+        return await self._read(lambda conn: sqlite_jobs.load_job(conn, job_id))
+
     async def list_jobs(self, where: JobFilter) -> list[tuple[int, JobSummary]]:
-        return await self._read(lambda conn: list_jobs(conn, where))
+        return await self._read(lambda conn: sqlite_jobs.list_jobs(conn, where))
 
     async def job_events(self, job_id: str) -> list[JobEvent] | None:
-        return await self._read(lambda conn: job_events(conn, job_id))
+        return await self._read(lambda conn: sqlite_jobs.job_events(conn, job_id))
 
     async def delete_job(self, job_id: str) -> str:
-        return await self._write(lambda conn: delete_job(conn, job_id))
+        return await self._write(lambda conn: sqlite_jobs.delete_job(conn, job_id))
+
+    async def request_cancel(self, job_id: str, actor: str = "") -> CancelResult | None:
+        return await self._write(lambda conn: sqlite_jobs.cancel_job(conn, job_id, actor))
+
+    async def expire(self, run_grace_s: float) -> Expired:
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> Expired:
+            ended = sqlite_jobs.expire_queued(conn, now)
+            return Expired(runs.expire_runs(conn, run_grace_s, now), ended)
+
+        return await self._write(write)
+
+    # --- placement -------------------------------------------------------------------
 
     async def placement_snapshot(
         self, queue_limit: Callable[[list[SupervisorView]], int]
@@ -574,10 +291,10 @@ class SQLiteStore(Store):
                 limit = queue_limit(fleet)
                 return PlacementSnapshot(
                     fleet=fleet,
-                    resources_in_use=_resources_in_use(conn) if fleet else {},
-                    busy_keys=_busy_keys(conn),
-                    queue=_queued_jobs(conn, limit) if limit > 0 else [],
-                    next_backoff_end=_next_backoff_end(conn),
+                    resources_in_use=placement.resources_in_use(conn) if fleet else {},
+                    busy_keys=placement.busy_keys(conn),
+                    queue=placement.queued_jobs(conn, limit) if limit > 0 else [],
+                    next_backoff_end=placement.next_backoff_end(conn),
                 )
             finally:
                 conn.execute("COMMIT")
@@ -585,78 +302,18 @@ class SQLiteStore(Store):
         return await self._read(read)
 
     async def set_unschedulable(self, reasons: dict[str, str | None]) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            for job_id, reason in reasons.items():
-                conn.execute(
-                    "UPDATE jobs SET unschedulable = ? WHERE id = ? AND phase = 'queued'",
-                    (reason, job_id),
-                )
-
-        await self._write(write)
-
-    async def expire(self, run_grace_s: float) -> Expired:
-        now = time.time()
-
-        def write(conn: sqlite3.Connection) -> Expired:
-            jobs = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT id FROM jobs WHERE queue_deadline <= ? AND phase = 'queued'", (now,)
-                ).fetchall()
-            ]
-            for job_id in jobs:
-                conn.execute(
-                    "UPDATE jobs SET phase = 'timed_out', queue_deadline = NULL, reason = ?,"
-                    " updated_at = ? WHERE id = ?",
-                    ("queue timeout: no supervisor took the job in time", now, job_id),
-                )
-                record_event(conn, job_id, "queue_timeout", "waited past its queue timeout")
-            # A run is due once it has been running for its timeout (or assigned for it, if
-            # it never got to running), plus the grace the supervisor has to report it.
-            rows = conn.execute(
-                "SELECT r.job_id, r.attempt, r.supervisor_id FROM runs r"
-                " JOIN jobs j ON j.id = r.job_id"
-                f" WHERE r.phase IN ({ACTIVE_SQL}) AND j.timeout_s IS NOT NULL"
-                " AND coalesce(r.started_at, r.created_at) + j.timeout_s + ? <= ?",
-                (*ACTIVE_PHASES, run_grace_s, now),
-            ).fetchall()
-            runs = []
-            for job_id, attempt, supervisor_id in rows:
-                message = "run timeout enforced by the switchboard (the supervisor did not end it)"
-                set_run_phase(conn, job_id, attempt, Phase.TIMED_OUT, None, message, now)
-                record_event(conn, job_id, "run_timeout", message, attempt=attempt)
-                runs.append(RunOnSupervisor(job_id, attempt, supervisor_id))
-            return Expired(runs, jobs)
-
-        return await self._write(write)
+        await self._write(lambda conn: placement.set_unschedulable(conn, reasons))
 
     async def queue_length(self) -> int:
-        def read(conn: sqlite3.Connection) -> int:
-            return conn.execute("SELECT count(*) FROM jobs WHERE phase = 'queued'").fetchone()[0]
-
-        return await self._read(read)
+        return await self._read(placement.queue_length)
 
     async def counts(self) -> Counts:
-        def read(conn: sqlite3.Connection) -> Counts:
-            jobs = dict(conn.execute("SELECT phase, count(*) FROM jobs GROUP BY phase"))
-            queued = conn.execute(
-                "SELECT CASE WHEN unschedulable IS NOT NULL THEN 'unschedulable'"
-                " WHEN not_before > ? THEN 'backoff' ELSE 'ready' END, count(*)"
-                " FROM jobs WHERE phase = 'queued' GROUP BY 1",
-                (time.time(),),
-            )
-            drained = conn.execute("SELECT id FROM supervisors WHERE connected AND drained")
-            return Counts(jobs, dict(queued), [row[0] for row in drained])
-
-        return await self._read(read)
-
-    async def get_job(self, job_id: str) -> JobView | None:
-        return await self._read(lambda conn: _load_job(conn, job_id))
+        return await self._read(placement.counts)
 
     async def queued_jobs(
         self, limit: int, *, after: tuple[int, int] | None = None, marked: bool = False
     ) -> list[QueuedJob]:
-        return await self._read(lambda conn: _queued_jobs(conn, limit, after, marked))
+        return await self._read(lambda conn: placement.queued_jobs(conn, limit, after, marked))
 
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
         keyring = self._keyring
@@ -664,44 +321,58 @@ class SQLiteStore(Store):
         def write(conn: sqlite3.Connection) -> list[Assignment]:
             now = time.time()
             made = (
-                _assign_run(conn, job_id, supervisor_id, now, keyring)
+                placement.assign_run(conn, job_id, supervisor_id, now, keyring)
                 for job_id, supervisor_id in pairs
             )
             return [run for run in made if run is not None]
 
         return await self._write(write)
 
-    async def request_cancel(self, job_id: str, actor: str = "") -> CancelResult | None:
-        return await self._write(lambda conn: cancel_job(conn, job_id, actor))
+    # --- runs and their output -------------------------------------------------------
 
     async def run_phase(self, job_id: str, attempt: int) -> Phase | None:
-        def read(conn: sqlite3.Connection) -> Phase | None:
-            row = conn.execute(
-                "SELECT phase FROM runs WHERE job_id = ? AND attempt = ?", (job_id, attempt)
-            ).fetchone()
-            return Phase(row[0]) if row else None
-
-        return await self._read(read)
+        return await self._read(lambda conn: runs.run_phase(conn, job_id, attempt))
 
     async def read_output(
         self, job_id: str, attempt: int, stream: Stream, start: int = 0, end: int | None = None
     ) -> bytes:
-        def read(conn: sqlite3.Connection) -> bytes:
-            stop = end if end is not None else 1 << 62
-            rows = conn.execute(
-                "SELECT offset, data FROM output WHERE job_id = ? AND attempt = ? AND stream = ?"
-                " AND offset < ? AND offset > ? AND offset + length(data) > ? ORDER BY offset",
-                # No stored chunk is longer than MAX_OUTPUT_CHUNK: a lower bound for the index.
-                (job_id, attempt, stream, stop, start - MAX_OUTPUT_CHUNK - 1, start),
-            ).fetchall()
-            parts = []
-            for offset, data in rows:
-                lo = max(start - offset, 0)
-                hi = min(stop - offset, len(data))
-                parts.append(data[lo:hi])
-            return b"".join(parts)
+        return await self._read(
+            lambda conn: output.read_output(conn, job_id, attempt, stream, start, end)
+        )
 
-        return await self._read(read)
+    def apply_events(
+        self, supervisor_id: str, events: Sequence[SupervisorEvent], after_seq: int = 0
+    ) -> asyncio.Future[EventsApplied]:
+        def write(conn: sqlite3.Connection) -> EventsApplied:
+            (stored,) = conn.execute(
+                "SELECT last_seq FROM supervisors WHERE id = ?", (supervisor_id,)
+            ).fetchone()
+            if stored < after_seq:
+                raise BatchOutOfOrder(
+                    f"events of {supervisor_id} up to seq {after_seq} are not stored"
+                    f" (stored: {stored}): the batch after them is not stored either"
+                )
+            batch = runs.EventBatch(conn, supervisor_id, self.max_run_output)
+            for event in events:
+                if event.seq <= stored:
+                    continue  # already stored: a resend after a reconnect
+                stored = event.seq
+                batch.apply(event)
+            batch.finish()
+            conn.execute(
+                "UPDATE supervisors SET last_seq = ?, last_seen = ? WHERE id = ?",
+                (stored, time.time(), supervisor_id),
+            )
+            return EventsApplied(stored, batch.ended, batch.unwanted)
+
+        return self._engine.write(write)
+
+    async def end_run(self, key: RunKey, phase: str, message: str) -> bool:
+        return await self._write(lambda conn: runs.end_run(conn, key, Phase(phase), message))
+
+    async def lose_runs(self, grace_s: float) -> list[RunKey]:
+        now = time.time()
+        return await self._write(lambda conn: runs.lose_runs(conn, grace_s, now))
 
     # --- retention -------------------------------------------------------------------
 
@@ -724,133 +395,32 @@ class SQLiteStore(Store):
         self, hello: Hello, *, token_id: str | None = None, enrol: Enrolment | None = None
     ) -> Connected:
         now = time.time()
-
-        def write(conn: sqlite3.Connection) -> Connected:
-            if token_id is not None and not _token_valid(conn, token_id):
-                raise ConnectRefused("token_revoked")
-            if enrol is not None:
-                _enrol(conn, hello.supervisor_id, enrol, now)
-            conn.execute(
-                "INSERT INTO supervisors (id, name, first_seen) VALUES (?, ?, ?)"
-                " ON CONFLICT (id) DO NOTHING",
-                (hello.supervisor_id, hello.name, now),
-            )
-            conn.execute(
-                "UPDATE supervisors SET name = ?, labels = ?, backends = ?, resources = ?,"
-                " max_jobs = ?, software = ?, session = session + 1, connected = 1,"
-                " connected_at = ?, last_seen = ? WHERE id = ?",
-                (
-                    hello.name,
-                    json.dumps(hello.labels),
-                    json.dumps(hello.backends),
-                    json.dumps(hello.resources),
-                    hello.max_jobs,
-                    hello.software,
-                    now,
-                    now,
-                    hello.supervisor_id,
-                ),
-            )
-            session, last_seq = conn.execute(
-                "SELECT session, last_seq FROM supervisors WHERE id = ?", (hello.supervisor_id,)
-            ).fetchone()
-            views.record_session_start(conn, hello.supervisor_id, session, now)
-            return Connected(session, last_seq)
-
-        try:
-            return await self._write(write)
-        finally:
-            self.supervisor_writes += 1  # after the commit: readers see the change
+        return await self._write_supervisor(
+            lambda conn: supervisors.connected(conn, hello, token_id, enrol, now)
+        )
 
     async def unenroll(self, supervisor_id: str) -> list[str] | None:
-        def write(conn: sqlite3.Connection) -> list[str] | None:
-            bound = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT id FROM tokens WHERE supervisor_id = ? AND revoked_at IS NULL",
-                    (supervisor_id,),
-                )
-            ]
-            known = conn.execute(
-                "SELECT 1 FROM supervisors WHERE id = ?"
-                " UNION ALL SELECT 1 FROM tokens WHERE supervisor_id = ? LIMIT 1",
-                (supervisor_id, supervisor_id),
-            ).fetchone()
-            if known is None:
-                return None
-            conn.execute(
-                "UPDATE tokens SET revoked_at = ? WHERE supervisor_id = ? AND revoked_at IS NULL",
-                (time.time(), supervisor_id),
-            )
-            return bound
-
-        self._forget_tokens()
-        try:
-            return await self._write(write)
-        finally:
-            self._forget_tokens()
+        now = time.time()
+        return await self._write_credentials(lambda conn: tokens.unenroll(conn, supervisor_id, now))
 
     async def active_runs(self, supervisor_id: str) -> list[ActiveRun]:
         keyring = self._keyring
+        return await self._read(lambda conn: placement.active_runs(conn, supervisor_id, keyring))
 
-        def read(conn: sqlite3.Connection) -> list[ActiveRun]:
-            rows = conn.execute(
-                "SELECT r.job_id, r.attempt, r.phase, j.cancel_requested, j.spec, s.sealed"
-                " FROM runs r JOIN jobs j ON j.id = r.job_id"
-                " LEFT JOIN job_secrets s ON s.job_id = r.job_id"
-                f" WHERE r.supervisor_id = ? AND r.phase IN ({ACTIVE_SQL})",
-                (supervisor_id, *ACTIVE_PHASES),
-            ).fetchall()
-            return [_active_run(row, keyring) for row in rows]
-
-        return await self._read(read)
+    async def active_run_refs(self, supervisor_id: str) -> set[RunRef]:
+        return await self._read(lambda conn: placement.active_run_refs(conn, supervisor_id))
 
     async def supervisor_disconnected(
         self, supervisor_id: str, session: int, reason: str = "disconnected"
     ) -> None:
         now = time.time()
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE supervisors SET connected = 0, last_seen = ? WHERE id = ? AND session = ?",
-                (now, supervisor_id, session),
-            )
-            views.record_session_end(conn, supervisor_id, session, now, reason)
-
-        try:
-            await self._write(write)
-        finally:
-            self.supervisor_writes += 1  # after the commit: readers see the change
+        await self._write_supervisor(
+            lambda conn: supervisors.disconnected(conn, supervisor_id, session, now, reason)
+        )
 
     async def forget_connections(self) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            now = time.time()
-            conn.execute(
-                "UPDATE supervisors SET connected = 0, last_seen = ? WHERE connected = 1", (now,)
-            )
-            views.record_session_end(conn, None, None, now, "the switchboard restarted")
-
-        try:
-            await self._write(write)
-        finally:
-            self.supervisor_writes += 1  # after the commit: readers see the change
-
-    async def lose_runs(self, grace_s: float) -> list[RunKey]:
         now = time.time()
-
-        def write(conn: sqlite3.Connection) -> list[RunKey]:
-            rows = conn.execute(
-                "SELECT r.job_id, r.attempt FROM runs r JOIN supervisors s"
-                " ON s.id = r.supervisor_id WHERE s.connected = 0 AND s.last_seen < ?"
-                f" AND r.phase IN ({ACTIVE_SQL})",
-                (now - grace_s, *ACTIVE_PHASES),
-            ).fetchall()
-            message = f"supervisor silent for over {grace_s:g}s"
-            for job_id, attempt in rows:
-                set_run_phase(conn, job_id, attempt, Phase.LOST, None, message, now)
-            return [RunKey(job_id, attempt) for job_id, attempt in rows]
-
-        return await self._write(write)
+        await self._write_supervisor(lambda conn: supervisors.forget_connections(conn, now))
 
     async def list_supervisors(self) -> list[SupervisorView]:
         return await self._read(self._fleet_views)
@@ -862,7 +432,7 @@ class SQLiteStore(Store):
         # Sampled before the first read: every write counted by then is in what this
         # connection reads, so the listing may be remembered under this count.
         writes = self.supervisor_writes
-        counts = _running_counts(conn)
+        counts = supervisors.running_counts(conn)
         cached = self._fleet
         if cached is not None and cached[0] == writes:
             return [
@@ -871,12 +441,30 @@ class SQLiteStore(Store):
                 else msgspec.structs.replace(view, running=counts.get(view.id, 0))
                 for view in cached[1]
             ]
-        views = _load_supervisors(conn, None, counts)
-        self._fleet = (writes, views)
-        return views
+        fleet = supervisors.load_supervisors(conn, None, counts)
+        self._fleet = (writes, fleet)
+        return fleet
 
-    async def supervisor_sessions(self, supervisor_id: str, limit: int) -> list[SupervisorSession]:
-        return await self._read(lambda conn: views.supervisor_sessions(conn, supervisor_id, limit))
+    async def get_supervisor(self, supervisor_id: str) -> SupervisorView | None:
+        found = await self._read(lambda conn: supervisors.load_supervisors(conn, supervisor_id))
+        return found[0] if found else None
+
+    async def connection_records(self, supervisor_id: str, limit: int) -> list[ConnectionRecord]:
+        return await self._read(
+            lambda conn: supervisors.connection_records(conn, supervisor_id, limit)
+        )
+
+    async def set_drained(self, supervisor_id: str, drained: bool) -> bool:
+        return await self._write_supervisor(
+            lambda conn: supervisors.set_drained(conn, supervisor_id, drained)
+        )
+
+    async def set_operator_labels(self, supervisor_id: str, labels: dict[str, str]) -> bool:
+        return await self._write_supervisor(
+            lambda conn: supervisors.set_operator_labels(conn, supervisor_id, labels)
+        )
+
+    # --- the dashboard's views -------------------------------------------------------
 
     async def job_changes(self, after_rev: int, limit: int) -> list[JobChange]:
         return await self._read(lambda conn: views.job_changes(conn, after_rev, limit))
@@ -889,314 +477,3 @@ class SQLiteStore(Store):
 
     async def overview(self, now: float, minutes: int, failures: int) -> Overview:
         return await self._read(lambda conn: views.overview(conn, now, minutes, failures))
-
-    async def get_supervisor(self, supervisor_id: str) -> SupervisorView | None:
-        found = await self._read(lambda conn: _load_supervisors(conn, supervisor_id))
-        return found[0] if found else None
-
-    async def set_drained(self, supervisor_id: str, drained: bool) -> bool:
-        def write(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
-                "UPDATE supervisors SET drained = ? WHERE id = ?", (int(drained), supervisor_id)
-            )
-            return cursor.rowcount > 0
-
-        try:
-            return await self._write(write)
-        finally:
-            self.supervisor_writes += 1  # after the commit: readers see the change
-
-    async def set_operator_labels(self, supervisor_id: str, labels: dict[str, str]) -> bool:
-        def write(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
-                "UPDATE supervisors SET operator_labels = ? WHERE id = ?",
-                (json.dumps(labels), supervisor_id),
-            )
-            return cursor.rowcount > 0
-
-        try:
-            return await self._write(write)
-        finally:
-            self.supervisor_writes += 1  # after the commit: readers see the change
-
-    async def running_counts(self) -> dict[str, int]:
-        return await self._read(_running_counts)
-
-    # --- events ----------------------------------------------------------------------
-
-    def apply_events(
-        self, supervisor_id: str, events: Sequence[SupervisorEvent], after_seq: int = 0
-    ) -> asyncio.Future[EventsApplied]:
-        def write(conn: sqlite3.Connection) -> EventsApplied:
-            (stored,) = conn.execute(
-                "SELECT last_seq FROM supervisors WHERE id = ?", (supervisor_id,)
-            ).fetchone()
-            if stored < after_seq:
-                raise BatchOutOfOrder(
-                    f"events of {supervisor_id} up to seq {after_seq} are not stored"
-                    f" (stored: {stored}): the batch after them is not stored either"
-                )
-            batch = EventBatch(conn, supervisor_id, self.max_run_output)
-            for event in events:
-                if event.seq <= stored:
-                    continue  # already stored: a resend after a reconnect
-                stored = event.seq
-                batch.apply(event)
-            batch.finish()
-            conn.execute(
-                "UPDATE supervisors SET last_seq = ?, last_seen = ? WHERE id = ?",
-                (stored, time.time(), supervisor_id),
-            )
-            return EventsApplied(stored, batch.ended, batch.unwanted)
-
-        return self._hand_to_writer(write)
-
-    async def end_run(self, key: RunKey, phase: str, message: str) -> bool:
-        def write(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT phase FROM runs WHERE job_id = ? AND attempt = ?",
-                (key.job_id, key.attempt),
-            ).fetchone()
-            if row is None or not can_transition(row[0], phase):
-                return False
-            set_run_phase(conn, key.job_id, key.attempt, Phase(phase), None, message, time.time())
-            return True
-
-        return await self._write(write)
-
-
-# --- helpers that run inside a transaction ---------------------------------------------
-
-
-def _load_supervisors(
-    conn: sqlite3.Connection, only: str | None, counts: dict[str, int] | None = None
-) -> list[SupervisorView]:
-    if counts is None:
-        counts = _running_counts(conn)
-    sql = (
-        "SELECT id, name, connected, labels, backends, resources, max_jobs, session,"
-        " software, connected_at, last_seen, drained, operator_labels FROM supervisors"
-    )
-    rows = (
-        conn.execute(sql + " WHERE id = ?", (only,))
-        if only is not None
-        else conn.execute(sql + " ORDER BY id")
-    ).fetchall()
-    found = []
-    for r in rows:
-        advertised, operator_labels = json.loads(r[3]), json.loads(r[12])
-        found.append(
-            SupervisorView(
-                id=r[0],
-                name=r[1],
-                connected=bool(r[2]),
-                labels={**advertised, **operator_labels},
-                operator_labels=operator_labels,
-                advertised_labels=advertised,
-                drained=bool(r[11]),
-                backends=json.loads(r[4]),
-                resources=json.loads(r[5]),
-                max_jobs=r[6],
-                running=counts.get(r[0], 0),
-                session=r[7],
-                software=r[8],
-                connected_at=r[9],
-                last_seen=r[10],
-            )
-        )
-    return found
-
-
-def _running_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    rows = conn.execute(
-        f"SELECT supervisor_id, count(*) FROM runs WHERE phase IN ({ACTIVE_SQL})"
-        " GROUP BY supervisor_id",
-        ACTIVE_PHASES,
-    ).fetchall()
-    return dict(rows)
-
-
-def _active_run(row: tuple, keyring: Keyring) -> ActiveRun:
-    """A run a supervisor holds. One still `assigned` may need its StartJob again, so its
-    secret values are opened (or why they can't be is noted); the others' are left shut."""
-    job_id, attempt, phase, cancel_requested, raw, sealed = row
-    spec, unreadable = _spec_decoder.decode(raw), None
-    if phase == Phase.ASSIGNED:
-        try:
-            spec = spec_to_start(job_id, spec, sealed, keyring)
-        except SecretsUnreadable as exc:
-            unreadable = str(exc)
-    return ActiveRun(job_id, attempt, Phase(phase), bool(cancel_requested), spec, unreadable)
-
-
-def _assign_run(
-    conn: sqlite3.Connection, job_id: str, supervisor_id: str, now: float, keyring: Keyring
-) -> Assignment | None:
-    """The job's next run, on that supervisor, with its secret values opened for the
-    StartJob; None if the job is no longer queued, or if its secret values can't be
-    opened (it is rejected: it could never run with this switchboard's keys)."""
-    row = conn.execute(
-        "SELECT j.attempts, j.spec, s.sealed FROM jobs j"
-        " LEFT JOIN job_secrets s ON s.job_id = j.id"
-        " WHERE j.id = ? AND j.phase = 'queued' AND j.cancel_requested = 0",
-        (job_id,),
-    ).fetchone()
-    if row is None:
-        return None
-    try:
-        spec = spec_to_start(job_id, row[1], row[2], keyring)
-    except SecretsUnreadable as exc:
-        _reject_unreadable(conn, job_id, str(exc), now)
-        return None
-    attempt = row[0] + 1
-    conn.execute(
-        "UPDATE jobs SET phase = 'assigned', attempts = ?, updated_at = ?,"
-        " queue_deadline = NULL, unschedulable = NULL WHERE id = ?",
-        (attempt, now, job_id),
-    )
-    conn.execute(
-        "INSERT INTO runs (job_id, attempt, supervisor_id, phase, created_at)"
-        " VALUES (?, ?, ?, 'assigned', ?)",
-        (job_id, attempt, supervisor_id, now),
-    )
-    record_phase(conn, job_id, attempt, Phase.ASSIGNED, None, None, now)
-    return Assignment(job_id, attempt, supervisor_id, spec)
-
-
-def _reject_unreadable(conn: sqlite3.Connection, job_id: str, why: str, now: float) -> None:
-    """A queued job whose secret values can't be opened ends `rejected`, never run: nothing
-    is sent without them, nor with anything in their place."""
-    reason = f"not started: {why}"
-    conn.execute(
-        "UPDATE jobs SET phase = 'rejected', reason = ?, queue_deadline = NULL,"
-        " unschedulable = NULL, not_before = NULL, updated_at = ? WHERE id = ?",
-        (reason, now, job_id),
-    )
-    record_event(conn, job_id, "secrets_unreadable", reason, at=now)
-    metrics.secrets_unreadable("placement")
-    log.warning("job %s rejected: %s", job_id, reason)
-
-
-def _no_job_ready(conn: sqlite3.Connection, now: float) -> bool:
-    """True if no queued job waits ready to be placed (the dispatcher's queue is empty)."""
-    row = conn.execute(
-        "SELECT 1 FROM jobs WHERE phase = 'queued' AND unschedulable IS NULL"
-        " AND (not_before IS NULL OR not_before <= ?) LIMIT 1",
-        (now,),
-    ).fetchone()
-    return row is None
-
-
-def _busy_keys(conn: sqlite3.Connection) -> frozenset[str]:
-    rows = conn.execute(
-        "SELECT DISTINCT concurrency_key FROM jobs WHERE concurrency_key IS NOT NULL"
-        f" AND phase IN ({ACTIVE_SQL})",
-        ACTIVE_PHASES,
-    )
-    return frozenset(r[0] for r in rows)
-
-
-#: The resources each active run holds, from the covering index alone (see the schema).
-RESOURCES_IN_USE = (
-    "SELECT r.supervisor_id, j.resources FROM runs r"
-    " JOIN jobs j INDEXED BY jobs_resources ON j.id = r.job_id"
-    f" WHERE r.phase IN ({ACTIVE_SQL}) AND j.resources != '{{}}'"
-)
-
-
-def _resources_in_use(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
-    used: dict[str, dict[str, int]] = {}
-    for supervisor_id, resources in conn.execute(RESOURCES_IN_USE, ACTIVE_PHASES):
-        held = used.setdefault(supervisor_id, {})
-        for name, count in json.loads(resources).items():
-            held[name] = held.get(name, 0) + count
-    return used
-
-
-def _queued_jobs(
-    conn: sqlite3.Connection,
-    limit: int,
-    after: tuple[int, int] | None = None,
-    marked: bool = False,
-) -> list[QueuedJob]:
-    page = ""
-    args: list[object] = [time.time()]
-    if after is not None:
-        page = " AND (priority < ? OR (priority = ? AND seq > ?))"
-        args += [after[0], after[0], after[1]]
-    rows = conn.execute(
-        "SELECT id, seq, priority, spec, queued_at, concurrency_key, unschedulable"
-        " FROM jobs WHERE phase = 'queued'"
-        f" AND unschedulable IS {'NOT NULL' if marked else 'NULL'}"
-        f" AND (not_before IS NULL OR not_before <= ?){page}"
-        " ORDER BY priority DESC, seq LIMIT ?",
-        (*args, limit),
-    ).fetchall()
-    return [QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3]), r[4], r[5], r[6]) for r in rows]
-
-
-def _next_backoff_end(conn: sqlite3.Connection) -> float | None:
-    (when,) = conn.execute(
-        "SELECT min(not_before) FROM jobs WHERE phase = 'queued' AND not_before > ?",
-        (time.time(),),
-    ).fetchone()
-    return when
-
-
-def _load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
-    row = conn.execute(
-        "SELECT j.id, j.name, j.phase, j.spec, j.created_at, j.updated_at, j.priority,"
-        " j.exit_code, j.reason, j.cancel_requested, j.unschedulable, j.owner, t.name"
-        " FROM jobs j LEFT JOIN tokens t ON t.id = j.owner WHERE j.id = ?",
-        (job_id,),
-    ).fetchone()
-    if row is None:
-        return None
-    phases: dict[int, list[PhaseEntry]] = {}
-    for attempt, phase, stage, message, at in conn.execute(
-        "SELECT attempt, phase, stage, message, at FROM run_phases WHERE job_id = ? ORDER BY id",
-        (job_id,),
-    ):
-        phases.setdefault(attempt, []).append(PhaseEntry(Phase(phase), at, stage, message))
-    runs = [
-        RunView(
-            attempt=r[0],
-            supervisor_id=r[1],
-            phase=Phase(r[2]),
-            created_at=r[3],
-            stage=r[4],
-            message=r[5],
-            exit_code=r[6],
-            signal=r[7],
-            reason=r[8],
-            error_kind=r[9],
-            error=r[10],
-            started_at=r[11],
-            ended_at=r[12],
-            phases=phases.get(r[0], []),
-            output_bytes=r[13],
-            output_truncated=r[14].split(",") if r[14] else [],
-        )
-        for r in conn.execute(
-            "SELECT attempt, supervisor_id, phase, created_at, stage, message, exit_code, signal,"
-            " reason, error_kind, error, started_at, ended_at, output_bytes, output_truncated"
-            " FROM runs WHERE job_id = ? ORDER BY attempt",
-            (job_id,),
-        )
-    ]
-    return JobView(
-        id=row[0],
-        name=row[1],
-        phase=Phase(row[2]),
-        spec=_spec_decoder.decode(row[3]),
-        created_at=row[4],
-        updated_at=row[5],
-        priority=row[6],
-        exit_code=row[7],
-        reason=row[8],
-        cancel_requested=bool(row[9]),
-        unschedulable=row[10],
-        owner=row[11],
-        owner_name=row[12],
-        runs=runs,
-    )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from switchboard.store.base import ArtifactAdded, ArtifactDeleted, ArtifactView
-from switchboard.store.sqlite_jobs import TERMINAL_PHASES, TERMINAL_SQL
+from switchboard.models import ArtifactAdded, ArtifactDeleted, ArtifactView
+from switchboard.store.schema import TERMINAL_LITERALS, TERMINAL_PHASES, TERMINAL_SQL
 
 #: Jobs named in a refusal to delete an artifact a job still needs.
 NEEDED_BY_SHOWN = 5
@@ -61,7 +61,7 @@ def _needed_by(conn: sqlite3.Connection, digest: str) -> list[str]:
 _UNUSED_SINCE = (
     "max(a.created_at, coalesce(a.last_used, 0)) < :since AND NOT EXISTS (SELECT 1"
     " FROM job_artifacts ja JOIN jobs j ON j.id = ja.job_id WHERE ja.digest = a.digest"
-    f" AND (j.phase NOT IN ({', '.join(repr(p) for p in TERMINAL_PHASES)})"
+    f" AND (j.phase NOT IN ({TERMINAL_LITERALS})"
     " OR j.updated_at >= :since))"
 )
 

@@ -9,31 +9,33 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import msgspec
 
 from protocol.spec import JobSpec
-from protocol.state import ACTIVE, TERMINAL, Phase, is_terminal
+from protocol.state import Phase, is_terminal
+from switchboard import lifecycle
 from switchboard.artifacts import named_artifacts
-from switchboard.models import JobEvent, JobSummary
-from switchboard.store.base import (
-    ArtifactMissing,
+from switchboard.lifecycle import AuditEntry
+from switchboard.models import (
     CancelResult,
+    JobEvent,
     JobFilter,
-    QueueFull,
-    QueueQuotaFull,
+    JobSummary,
+    JobView,
+    PhaseEntry,
     RunOnSupervisor,
+    RunView,
     Submitted,
 )
+from switchboard.store.errors import ArtifactMissing, QueueFull, QueueQuotaFull
+from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_PHASES, TERMINAL_SQL
 from switchboard.store.sqlite_secrets import store_sealed
 
 _encoder = msgspec.json.Encoder()
-
-ACTIVE_PHASES = tuple(p.value for p in ACTIVE)
-ACTIVE_SQL = ",".join("?" * len(ACTIVE_PHASES))
-TERMINAL_PHASES = tuple(p.value for p in TERMINAL)
-TERMINAL_SQL = ",".join("?" * len(TERMINAL_PHASES))
+_spec_decoder = msgspec.json.Decoder(JobSpec)
 
 
 def record_event(
@@ -51,6 +53,16 @@ def record_event(
         " VALUES (?, ?, ?, ?, ?, ?)",
         (job_id, at or time.time(), kind, message, attempt, actor or None),
     )
+
+
+def record_events(conn: sqlite3.Connection, job_id: str, events: Sequence[AuditEntry]) -> None:
+    """Write the audit entries a lifecycle decision came with."""
+    for e in events:
+        conn.execute(
+            "INSERT INTO job_events (job_id, at, kind, message, attempt, actor)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, e.at, e.kind, e.message, e.attempt, e.actor or None),
+        )
 
 
 class NewJob(NamedTuple):
@@ -113,9 +125,8 @@ def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str, owner: str | 
     job_id, spec = job.id, job.spec
     now = time.time()
     key = spec.concurrency.key if spec.concurrency else None
-    phase, reason, stops = Phase.QUEUED, None, []
-    if spec.concurrency is not None:
-        holders = [
+    holders = (
+        [
             row[0]
             for row in conn.execute(
                 f"SELECT id FROM jobs WHERE concurrency_key = ? AND phase NOT IN ({TERMINAL_SQL})"
@@ -123,15 +134,17 @@ def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str, owner: str | 
                 (key, *TERMINAL_PHASES),
             )
         ]
-        if holders and spec.concurrency.policy == "drop_if_running":
-            phase = Phase.REJECTED
-            reason = f"dropped: concurrency key {key!r} is held by job {holders[0]}"
-        elif holders and spec.concurrency.policy == "replace":
-            for holder in holders:
-                result = cancel_job(conn, holder, actor, f"replaced by job {job_id}")
-                if result and result.supervisor_id is not None and result.attempt is not None:
-                    stops.append(RunOnSupervisor(holder, result.attempt, result.supervisor_id))
-    queue_deadline = now + spec.queue_timeout_s if spec.queue_timeout_s else None
+        if key is not None
+        else []
+    )
+    start = lifecycle.on_submit(
+        spec.name, spec.concurrency, holders, spec.queue_timeout_s, actor, now
+    )
+    stops = []
+    for holder in start.replaces:
+        result = cancel_job(conn, holder, actor, lifecycle.replaced_by(job_id))
+        if result and result.supervisor_id is not None and result.attempt is not None:
+            stops.append(RunOnSupervisor(holder, result.attempt, result.supervisor_id))
     conn.execute(
         "INSERT INTO jobs (id, name, spec, phase, priority, labels, resources, concurrency_key,"
         " timeout_s, queued_at, queue_deadline, reason, created_at, updated_at, owner)"
@@ -140,57 +153,60 @@ def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str, owner: str | 
             job_id,
             spec.name,
             _encoder.encode(spec),
-            phase.value,
+            start.phase.value,
             spec.priority,
             json.dumps(spec.labels),
             json.dumps(spec.resources),
             key,
             spec.timeout_s,
             now,
-            queue_deadline if phase == Phase.QUEUED else None,
-            reason,
+            start.queue_deadline,
+            start.reason,
             now,
             now,
             owner,
         ),
     )
-    if job.sealed is not None and phase == Phase.QUEUED:  # a job dropped at once needs none
+    if job.sealed is not None and start.keep_secrets:
         store_sealed(conn, job_id, job.sealed)
-    record_event(conn, job_id, "submitted", f"submitted as {spec.name!r}", actor=actor, at=now)
-    if phase == Phase.REJECTED:
-        record_event(conn, job_id, "dropped", reason or "", at=now)
-    for stop in stops:
-        record_event(conn, job_id, "replaced", f"replaces job {stop.job_id}", at=now)
-    return Submitted(job_id, phase.value, reason, stops)
+    record_events(conn, job_id, start.events)
+    return Submitted(job_id, start.phase.value, start.reason, stops)
 
 
 def cancel_job(
     conn: sqlite3.Connection, job_id: str, actor: str, why: str = "canceled"
 ) -> CancelResult | None:
-    """Cancel: a queued job ends at once; an active one is marked so its run is stopped."""
-    now = time.time()
+    """Cancel as switchboard.lifecycle.on_cancel decides; names the run to stop, if any."""
     row = conn.execute("SELECT phase, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
         return None
     phase, attempts = Phase(row[0]), row[1]
-    if is_terminal(phase):
+    now = time.time()
+    cancel = lifecycle.on_cancel(phase, why, actor, now)
+    if cancel is None:
         return CancelResult(phase.value)
-    record_event(conn, job_id, "cancel_requested", why, actor=actor, at=now)
-    if phase == Phase.QUEUED:
-        conn.execute(
-            "UPDATE jobs SET phase = 'canceled', cancel_requested = 1, reason = ?,"
-            " queue_deadline = NULL, updated_at = ? WHERE id = ?",
-            (f"{why} while queued", now, job_id),
-        )
-        return CancelResult(Phase.CANCELED.value)
+    record_events(conn, job_id, [cancel.event])
     conn.execute(
-        "UPDATE jobs SET cancel_requested = 1, reason = ?, updated_at = ? WHERE id = ?",
-        (why, now, job_id),
+        "UPDATE jobs SET phase = ?, cancel_requested = 1, reason = ?, updated_at = ?,"
+        " queue_deadline = NULL WHERE id = ?",
+        (cancel.phase.value, cancel.reason, now, job_id),
     )
+    if not cancel.stop_run:
+        return CancelResult(cancel.phase.value)
     run = conn.execute(
         "SELECT supervisor_id FROM runs WHERE job_id = ? AND attempt = ?", (job_id, attempts)
     ).fetchone()
     return CancelResult(phase.value, run[0] if run else None, attempts)
+
+
+def end_queued_job(conn: sqlite3.Connection, job_id: str, end: lifecycle.JobEnd) -> None:
+    """End a queued job before any run, as the lifecycle decided."""
+    conn.execute(
+        "UPDATE jobs SET phase = ?, reason = ?, queue_deadline = NULL, unschedulable = NULL,"
+        " not_before = NULL, updated_at = ? WHERE id = ?",
+        (end.phase.value, end.reason, end.event.at, job_id),
+    )
+    record_events(conn, job_id, [end.event])
 
 
 def list_jobs(conn: sqlite3.Connection, where: JobFilter) -> list[tuple[int, JobSummary]]:
@@ -293,6 +309,78 @@ def job_events(conn: sqlite3.Connection, job_id: str) -> list[JobEvent] | None:
         events.append(JobEvent(at=at, kind="run_phase", message=text, attempt=attempt))
     events.sort(key=lambda e: e.at)  # stable: same-instant entries keep their order
     return events
+
+
+def expire_queued(conn: sqlite3.Connection, now: float) -> list[str]:
+    """End every queued job past its queue deadline, as the lifecycle says."""
+    jobs = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM jobs WHERE queue_deadline <= ? AND phase = 'queued'", (now,)
+        ).fetchall()
+    ]
+    for job_id in jobs:
+        end_queued_job(conn, job_id, lifecycle.queue_timed_out(now))
+    return jobs
+
+
+def load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
+    row = conn.execute(
+        "SELECT j.id, j.name, j.phase, j.spec, j.created_at, j.updated_at, j.priority,"
+        " j.exit_code, j.reason, j.cancel_requested, j.unschedulable, j.owner, t.name"
+        " FROM jobs j LEFT JOIN tokens t ON t.id = j.owner WHERE j.id = ?",
+        (job_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    phases: dict[int, list[PhaseEntry]] = {}
+    for attempt, phase, stage, message, at in conn.execute(
+        "SELECT attempt, phase, stage, message, at FROM run_phases WHERE job_id = ? ORDER BY id",
+        (job_id,),
+    ):
+        phases.setdefault(attempt, []).append(PhaseEntry(Phase(phase), at, stage, message))
+    runs = [
+        RunView(
+            attempt=r[0],
+            supervisor_id=r[1],
+            phase=Phase(r[2]),
+            created_at=r[3],
+            stage=r[4],
+            message=r[5],
+            exit_code=r[6],
+            signal=r[7],
+            reason=r[8],
+            error_kind=r[9],
+            error=r[10],
+            started_at=r[11],
+            ended_at=r[12],
+            phases=phases.get(r[0], []),
+            output_bytes=r[13],
+            output_truncated=r[14].split(",") if r[14] else [],
+        )
+        for r in conn.execute(
+            "SELECT attempt, supervisor_id, phase, created_at, stage, message, exit_code, signal,"
+            " reason, error_kind, error, started_at, ended_at, output_bytes, output_truncated"
+            " FROM runs WHERE job_id = ? ORDER BY attempt",
+            (job_id,),
+        )
+    ]
+    return JobView(
+        id=row[0],
+        name=row[1],
+        phase=Phase(row[2]),
+        spec=_spec_decoder.decode(row[3]),
+        created_at=row[4],
+        updated_at=row[5],
+        priority=row[6],
+        exit_code=row[7],
+        reason=row[8],
+        cancel_requested=bool(row[9]),
+        unschedulable=row[10],
+        owner=row[11],
+        owner_name=row[12],
+        runs=runs,
+    )
 
 
 def delete_job(conn: sqlite3.Connection, job_id: str) -> str:

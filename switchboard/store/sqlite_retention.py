@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from switchboard.store.sqlite_jobs import (
-    ACTIVE_PHASES,
-    ACTIVE_SQL,
-    TERMINAL_PHASES,
-    TERMINAL_SQL,
-    record_event,
-)
+from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_PHASES, TERMINAL_SQL
+from switchboard.store.sqlite_jobs import record_event
 
 
 def stored_output_bytes(conn: sqlite3.Connection) -> int:

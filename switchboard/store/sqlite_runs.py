@@ -24,20 +24,16 @@ from protocol.messages import (
     Output,
     SupervisorEvent,
 )
-from protocol.spec import JobSpec, RestartPolicy
-from protocol.state import Phase, can_transition, is_terminal
-from switchboard import metrics
-from switchboard.jobstate import job_after_run
-from switchboard.models import RunKey
-from switchboard.retry import restart_delay
-from switchboard.store.sqlite_jobs import record_event
+from protocol.spec import RestartPolicy
+from protocol.state import SUPERVISOR_REPORTABLE, Phase, can_transition, is_terminal
+from switchboard import lifecycle, metrics
+from switchboard.models import RunKey, RunOnSupervisor
+from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
+from switchboard.store.sqlite_jobs import record_events
+from switchboard.store.sqlite_output import OUTPUT_CUT_NOTE, new_output
 
 log = logging.getLogger("switchboard.store")
 
-#: How long a job refused because its supervisor was busy waits before it is placed again.
-BUSY_RETRY_S = 0.5
-
-_spec_decoder = msgspec.json.Decoder(JobSpec)
 #: set_run_phase's default: the job takes the run's stored exit code.
 _FROM_RUN = object()
 
@@ -62,12 +58,15 @@ class _BackendKind(msgspec.Struct):
     kind: str = ""
 
 
-class _SpecBackend(msgspec.Struct):
-    backend: _BackendKind
+class _SpecFacts(msgspec.Struct):
+    """What a phase change reads of a stored spec: the backend kind (a metric label) and
+    the restart policy (the lifecycle's); the rest is skipped, not decoded."""
+
+    backend: _BackendKind = msgspec.field(default_factory=_BackendKind)
+    restart: RestartPolicy | None = None
 
 
-#: Reads only the backend kind out of a stored spec (a metric label).
-_backend_decoder = msgspec.json.Decoder(_SpecBackend)
+_facts_decoder = msgspec.json.Decoder(_SpecFacts)
 
 
 def _observe_run(
@@ -75,26 +74,31 @@ def _observe_run(
     at: float,
     spec: bytes,
     times: tuple[float, float | None, float, float | None, float | None],
-) -> None:
+    started_at: float | None,
+) -> _SpecFacts | None:
     """Stage the metrics of a run reaching running (dispatch latency) or its end (duration);
     they count once the transaction commits. `times`: the run's created_at and started_at,
-    the job's queued_at and not_before, and when the attempt before ended."""
+    the job's queued_at and not_before, and when the attempt before ended; `started_at`:
+    when a replaced change reached running. Returns what the spec says for them (None: the
+    change needs nothing of it: it neither starts nor ends the run)."""
     terminal = is_terminal(phase)
-    if phase != Phase.RUNNING and not terminal:
-        return
-    created_at, started_at, queued_at, not_before, previous_ended = times
+    if phase != Phase.RUNNING and not terminal and started_at is None:
+        return None
     try:
-        kind = _backend_decoder.decode(spec).backend.kind
+        facts = _facts_decoder.decode(spec)
     except msgspec.DecodeError:  # a metric label must never cost the change itself
-        kind = ""
-    if terminal:
-        metrics.run_ended(kind, phase, at - (started_at or created_at))
-    else:
+        facts = _SpecFacts()
+    kind = facts.backend.kind
+    created_at, run_started_at, queued_at, not_before, previous_ended = times
+    if phase == Phase.RUNNING or started_at is not None:
         # Queued for this attempt: when the job was submitted, or when the attempt before
         # ended (requeued), or when its restart backoff ended, whichever is latest. The
         # switchboard's clock: the supervisor's `at` may be skewed.
         queued = max(queued_at, previous_ended or 0.0, not_before or 0.0)
         metrics.run_running(kind, time.time() - queued)
+    if terminal:
+        metrics.run_ended(kind, phase, at - (run_started_at or created_at))
+    return facts
 
 
 def set_run_phase(
@@ -110,11 +114,11 @@ def set_run_phase(
     exit_code: int | object | None = _FROM_RUN,
     run_message: bool = True,
 ) -> None:
-    """Move a run (already checked) and its job to `phase`. For a change EventBatch held
-    back: `started_at`, when the run reached running if a replaced change was that, and
-    `exit_code`, the run's exit code when the change came (the job shows it), and
-    `run_message` False: the change's message was written to the run when it came."""
-    terminal = is_terminal(phase)
+    """Move a run (already checked) to `phase`, and its job to what switchboard.lifecycle
+    decides. For a change EventBatch held back: `started_at`, when the run reached
+    running if a replaced change was that, and `exit_code`, the run's exit code when the
+    change came (the job shows it), and `run_message` False: the change's message was
+    written to the run when it came."""
     if phase == Phase.RUNNING:
         started_at = at
     conn.execute(
@@ -127,7 +131,7 @@ def set_run_phase(
             stage,
             message if run_message else None,
             started_at,
-            terminal,
+            is_terminal(phase),
             at,
             job_id,
             attempt,
@@ -146,44 +150,29 @@ def set_run_phase(
     ).fetchone()
     if row is None:
         return
-    current, cancel_requested, restarts, backoff_s, spec_json = row[:5]
-    run = row[5:8]
-    if started_at is not None and phase != Phase.RUNNING:
-        _observe_run(Phase.RUNNING, started_at, spec_json, row[8:13])  # a replaced running
-    _observe_run(phase, at, spec_json, row[8:13])
-    if current != attempt:
-        return  # an old attempt: the job has moved on
-    policy = (_spec_decoder.decode(spec_json).restart if terminal else None) or RestartPolicy()
-    decision = job_after_run(
-        phase,
-        error_kind=run[0],
-        cancel_requested=bool(cancel_requested),
-        restart=policy,
-        restarts_done=restarts,
+    attempts, cancel_requested, restarts, backoff_s, spec_json = row[:5]
+    error_kind, run_exit_code, error = row[5:8]
+    spec = _observe_run(phase, at, spec_json, row[8:13], started_at)
+    update = lifecycle.after_run_change(
+        lifecycle.RunChange(attempt, phase, at, message, error_kind, error),
+        lifecycle.JobAtRunChange(
+            attempts, bool(cancel_requested), restarts, backoff_s, spec.restart if spec else None
+        ),
     )
-    reason = message or run[2] if terminal else None
-    not_before = None
-    if decision.phase == Phase.QUEUED and not decision.restart:
-        not_before = at + BUSY_RETRY_S  # refused as busy: don't hammer the same supervisor
-    if decision.restart:
-        restarts += 1
-        backoff_s = restart_delay(policy.backoff, restarts, backoff_s)
-        not_before = at + backoff_s
-        reason = f"restart {restarts} of {policy.max_restarts} in {backoff_s:.2f}s: {reason}"
-        record_event(conn, job_id, "restart_scheduled", reason, attempt=attempt, at=at)
-    elif decision.phase == Phase.EXHAUSTED:
-        record_event(conn, job_id, "exhausted", f"{restarts} restarts used up", attempt=attempt)
+    if update is None:
+        return
+    record_events(conn, job_id, update.events)
     conn.execute(
         "UPDATE jobs SET phase = ?, exit_code = ?, reason = coalesce(?, reason), updated_at = ?,"
         " restarts = ?, backoff_s = ?, not_before = ? WHERE id = ?",
         (
-            decision.phase.value,
-            run[1] if exit_code is _FROM_RUN else exit_code,
-            reason,
+            update.phase.value,
+            run_exit_code if exit_code is _FROM_RUN else exit_code,
+            update.reason,
             time.time(),
-            restarts,
-            backoff_s,
-            not_before,
+            update.restarts,
+            update.backoff_s,
+            update.not_before,
             job_id,
         ),
     )
@@ -282,7 +271,7 @@ class EventBatch:
                     (event.exit_code, event.signal, event.reason, event.message, *key),
                 )
             case JobStateChanged(phase=new):
-                if not can_transition(phase, new) or new in (Phase.LOST, Phase.EXHAUSTED):
+                if new not in SUPERVISOR_REPORTABLE or not can_transition(phase, new):
                     log.warning(
                         "run %s#%d: refused %s -> %s from %s",
                         event.job_id,
@@ -337,7 +326,7 @@ class EventBatch:
         if stream in run.truncated:
             metrics.output_dropped(stream, len(event.data))
             return
-        new = _new_output(self.conn, event)
+        new = new_output(self.conn, event)
         if new is None:
             return
         offset, data = new
@@ -377,37 +366,50 @@ class EventBatch:
         )
 
 
-#: Ends a stream cut at the per-run output cap (the only bytes of a stream the program
-#: did not write; OUTPUT_CUT_NOTE.format(cap=...)).
-OUTPUT_CUT_NOTE = (
-    "\n[switchboard: this run reached its output cap of {cap} bytes;"
-    " the rest of this stream was dropped]\n"
-)
+def lose_runs(conn: sqlite3.Connection, grace_s: float, now: float) -> list[RunKey]:
+    """End as `lost` every active run of a supervisor disconnected for over `grace_s`."""
+    rows = conn.execute(
+        "SELECT r.job_id, r.attempt FROM runs r JOIN supervisors s"
+        " ON s.id = r.supervisor_id WHERE s.connected = 0 AND s.last_seen < ?"
+        f" AND r.phase IN ({ACTIVE_SQL})",
+        (now - grace_s, *ACTIVE_PHASES),
+    ).fetchall()
+    message = lifecycle.lost_message(grace_s)
+    for job_id, attempt in rows:
+        set_run_phase(conn, job_id, attempt, Phase.LOST, None, message, now)
+    return [RunKey(job_id, attempt) for job_id, attempt in rows]
 
 
-def _new_output(conn: sqlite3.Connection, event: Output) -> tuple[int, bytes] | None:
-    """What of an output chunk is new: (the stream's stored length, the bytes past it);
-    None if nothing is, or if the chunk would leave a gap."""
-    # Chunks are contiguous: the one with the highest offset ends the stream (an index
-    # lookup, where max(offset + length) would scan every chunk).
-    last = conn.execute(
-        "SELECT offset + length(data) FROM output"
-        " WHERE job_id = ? AND attempt = ? AND stream = ? ORDER BY offset DESC LIMIT 1",
-        (event.job_id, event.attempt, event.stream),
+def expire_runs(conn: sqlite3.Connection, grace_s: float, now: float) -> list[RunOnSupervisor]:
+    """End as `timed_out` every run active for its timeout plus `grace_s` (the supervisor's
+    chance to report it): running for it, or assigned for it if it never got to running."""
+    rows = conn.execute(
+        "SELECT r.job_id, r.attempt, r.supervisor_id FROM runs r"
+        " JOIN jobs j ON j.id = r.job_id"
+        f" WHERE r.phase IN ({ACTIVE_SQL}) AND j.timeout_s IS NOT NULL"
+        " AND coalesce(r.started_at, r.created_at) + j.timeout_s + ? <= ?",
+        (*ACTIVE_PHASES, grace_s, now),
+    ).fetchall()
+    runs = []
+    for job_id, attempt, supervisor_id in rows:
+        event = lifecycle.run_timed_out(attempt, now)
+        set_run_phase(conn, job_id, attempt, Phase.TIMED_OUT, None, event.message, now)
+        record_events(conn, job_id, [event])
+        runs.append(RunOnSupervisor(job_id, attempt, supervisor_id))
+    return runs
+
+
+def end_run(conn: sqlite3.Connection, key: RunKey, phase: Phase, message: str) -> bool:
+    """End an active run from the switchboard's side; False if it may not end so."""
+    current = run_phase(conn, key.job_id, key.attempt)
+    if current is None or not can_transition(current, phase):
+        return False
+    set_run_phase(conn, key.job_id, key.attempt, phase, None, message, time.time())
+    return True
+
+
+def run_phase(conn: sqlite3.Connection, job_id: str, attempt: int) -> Phase | None:
+    row = conn.execute(
+        "SELECT phase FROM runs WHERE job_id = ? AND attempt = ?", (job_id, attempt)
     ).fetchone()
-    length = last[0] if last else 0
-    if event.offset > length:
-        log.error(
-            "output gap on %s#%d %s: have %d bytes, got offset %d",
-            event.job_id,
-            event.attempt,
-            event.stream,
-            length,
-            event.offset,
-        )
-        return None
-    if event.offset + len(event.data) <= length:
-        return None
-    # Only what is new: a chunk sent again (a recovered run replays its output from the
-    # start) may overlap what is stored.
-    return length, event.data[length - event.offset :]
+    return Phase(row[0]) if row else None

@@ -13,7 +13,7 @@ from collections import Counter
 import msgspec
 
 from protocol.spec import JobSpec
-from protocol.state import TERMINAL
+from protocol.state import is_terminal
 from switchboard.sealing import (
     Keyring,
     SecretsUnreadable,
@@ -22,13 +22,12 @@ from switchboard.sealing import (
     split_secrets,
     with_secrets,
 )
-from switchboard.store.schema import SchemaMismatch
+from switchboard.store.schema import SchemaMismatch, apply_schema
 
 log = logging.getLogger("switchboard.store")
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
 _encoder = msgspec.json.Encoder()
-_TERMINAL = frozenset(p.value for p in TERMINAL)
 #: Rows read at a time when re-sealing.
 _PAGE = 1000
 
@@ -92,7 +91,7 @@ def seal_legacy_secrets(conn: sqlite3.Connection, keyring: Keyring | None) -> in
         if not values:
             continue
         found += 1
-        if phase not in _TERMINAL:
+        if not is_terminal(phase):
             if keyring is None:
                 raise SchemaMismatch(
                     "the database was made by an older switchboard and holds the secret"
@@ -102,3 +101,46 @@ def seal_legacy_secrets(conn: sqlite3.Connection, keyring: Keyring | None) -> in
             store_sealed(conn, job_id, keyring.seal(job_id, values))
         conn.execute("UPDATE jobs SET spec = ? WHERE id = ?", (_encoder.encode(stored), job_id))
     return found
+
+
+def upgrade_and_reseal(conn: sqlite3.Connection, keyring: Keyring | None) -> None:
+    """At open: bring the schema up to date (moving secret values an older version kept in
+    the specs out of them), then seal again with the current key what an older one sealed.
+    Without a keyring, stored secrets are left as they are."""
+    found = 0
+
+    def upgrade(conn: sqlite3.Connection, version: int) -> None:
+        nonlocal found
+        found = seal_legacy_secrets(conn, keyring)
+
+    conn.execute("PRAGMA secure_delete=ON")  # the specs rewritten lose their old values
+    apply_schema(conn, upgrade)
+    if found:
+        # Values an older version kept in clear may linger in free pages and the WAL:
+        # rewrite the file once, and empty the WAL.
+        log.warning(
+            "moved the secret values of %d jobs out of their stored specs; rewriting the"
+            " database once to leave no trace of them",
+            found,
+        )
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    if keyring is None:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        resealed, unreadable = reseal(conn, keyring)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if resealed:
+        log.info("sealed the secret values of %d jobs again with the current key", resealed)
+    if unreadable:
+        log.warning(
+            "%d jobs hold secret values sealed with a key this switchboard does not have"
+            " (key ids %s): they will be rejected when placed; start the switchboard with"
+            " the key file they were sealed with to run them",
+            sum(unreadable.values()),
+            ", ".join(sorted(unreadable)),
+        )

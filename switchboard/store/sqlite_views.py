@@ -1,5 +1,5 @@
-"""SQLite queries behind the dashboard: the overview's counts, the job change log the live
-feed follows, and supervisors' connection history."""
+"""SQLite queries behind the dashboard and the admin API: the overview's counts, the job
+change log the live feed follows, and the switchboard-wide state (dispatch paused)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,16 @@ from protocol.state import Phase
 from switchboard.models import (
     FinishedMinute,
     JobChange,
+    JobFilter,
     Overview,
     QueueDepth,
     SupervisorCounts,
-    SupervisorSession,
 )
-from switchboard.store.base import JobFilter
-from switchboard.store.sqlite_jobs import ACTIVE_PHASES, ACTIVE_SQL, list_jobs
+from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_LITERALS
+from switchboard.store.sqlite_jobs import list_jobs
 
 #: Endings the overview lists as failures (a cancel or a refusal is someone's decision).
 FAILURES = [Phase.FAILED, Phase.TIMED_OUT, Phase.LOST, Phase.EXHAUSTED]
-#: Written out as in the jobs_ended index, so the planner can use it.
-_ENDED = "'succeeded', 'failed', 'timed_out', 'canceled', 'lost', 'exhausted', 'rejected'"
 
 
 def job_changes(conn: sqlite3.Connection, after_rev: int, limit: int) -> list[JobChange]:
@@ -64,7 +62,7 @@ def overview(conn: sqlite3.Connection, now: float, minutes: int, failures: int) 
         for minute, succeeded, failed in conn.execute(
             "SELECT (CAST(updated_at / 60 AS INTEGER)) * 60 AS minute,"
             " sum(phase = 'succeeded'), sum(phase != 'succeeded')"
-            f" FROM jobs WHERE phase IN ({_ENDED}) AND updated_at >= ? GROUP BY minute",
+            f" FROM jobs WHERE phase IN ({TERMINAL_LITERALS}) AND updated_at >= ? GROUP BY minute",
             (first_minute,),
         )
     }
@@ -83,44 +81,16 @@ def overview(conn: sqlite3.Connection, now: float, minutes: int, failures: int) 
     )
 
 
-def record_session_start(
-    conn: sqlite3.Connection, supervisor_id: str, session: int, now: float
-) -> None:
+def dispatch_paused(conn: sqlite3.Connection) -> bool:
+    row = conn.execute(
+        "SELECT value FROM switchboard_state WHERE key = 'dispatch_paused'"
+    ).fetchone()
+    return row is not None and row[0] == "1"
+
+
+def set_dispatch_paused(conn: sqlite3.Connection, paused: bool) -> None:
     conn.execute(
-        "INSERT OR REPLACE INTO supervisor_sessions (supervisor_id, session, connected_at)"
-        " VALUES (?, ?, ?)",
-        (supervisor_id, session, now),
+        "INSERT INTO switchboard_state (key, value) VALUES ('dispatch_paused', ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        ("1" if paused else "0",),
     )
-
-
-def record_session_end(
-    conn: sqlite3.Connection,
-    supervisor_id: str | None,
-    session: int | None,
-    now: float,
-    reason: str,
-) -> None:
-    """End one session, or (both None) every session still open."""
-    if supervisor_id is None:
-        conn.execute(
-            "UPDATE supervisor_sessions SET disconnected_at = ?, reason = ?"
-            " WHERE disconnected_at IS NULL",
-            (now, reason),
-        )
-        return
-    conn.execute(
-        "UPDATE supervisor_sessions SET disconnected_at = ?, reason = ?"
-        " WHERE supervisor_id = ? AND session = ? AND disconnected_at IS NULL",
-        (now, reason, supervisor_id, session),
-    )
-
-
-def supervisor_sessions(
-    conn: sqlite3.Connection, supervisor_id: str, limit: int
-) -> list[SupervisorSession]:
-    rows = conn.execute(
-        "SELECT session, connected_at, disconnected_at, reason FROM supervisor_sessions"
-        " WHERE supervisor_id = ? ORDER BY session DESC LIMIT ?",
-        (supervisor_id, limit),
-    )
-    return [SupervisorSession(*row) for row in rows]

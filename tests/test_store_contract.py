@@ -1,0 +1,390 @@
+"""The store contract: what every implementation of switchboard.store.base.Store must do.
+
+Each test runs against every store in STORES (SQLite today; a PostgreSQL store joins the
+list and must pass the same tests). The tests speak only the Store interface: no SQL, no
+private method, nothing of how a store keeps its rows. The rules they see applied are
+switchboard.lifecycle's (restarts, busy retries, cancels, concurrency): a store must write
+what those rules decide, not decide anything itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from protocol.exceptions import JobErrorKind
+from protocol.messages import Hello, JobErrorReport, JobExit, JobStateChanged, Output, RunRef
+from protocol.spec import (
+    Backoff,
+    Concurrency,
+    JobSpec,
+    NoopBackend,
+    Parameter,
+    RestartPolicy,
+    WasmBackend,
+)
+from protocol.state import Phase
+from switchboard.lifecycle import BUSY_RETRY_S
+from switchboard.models import Enrolment, JobFilter, RunKey
+from switchboard.sealing import REDACTED
+from switchboard.store.base import Store
+from switchboard.store.errors import ArtifactMissing, ConnectRefused, QueueFull
+from switchboard.store.sqlite import SQLiteStore
+
+pytestmark = pytest.mark.unit
+
+#: Every store implementation: a name, and how to make one over a fresh directory.
+STORES: dict[str, Callable[[Path], Store]] = {
+    "sqlite": lambda tmp: SQLiteStore(tmp / "db.sqlite3"),
+}
+
+SPEC = JobSpec(name="t", backend=NoopBackend())
+DIGEST = "sha256:" + "ab" * 32
+
+
+def hello(supervisor_id: str = "s1", **kw) -> Hello:
+    return Hello(
+        supervisor_id=supervisor_id,
+        name=supervisor_id,
+        versions=["1.0"],
+        backends=["noop", "wasm"],
+        max_jobs=4,
+        **kw,
+    )
+
+
+def state(seq: int, phase: Phase, job: str = "j1", attempt: int = 1, **kw) -> JobStateChanged:
+    return JobStateChanged(seq=seq, job_id=job, attempt=attempt, phase=phase, **kw)
+
+
+@pytest.fixture(params=sorted(STORES))
+async def store(request, tmp_path):
+    made = STORES[request.param](tmp_path)
+    await made.open()
+    yield made
+    await made.close()
+
+
+async def _running(store: Store, job_id: str = "j1", spec: JobSpec = SPEC, seq: int = 1):
+    await store.create_job(job_id, spec)
+    await store.supervisor_connected(hello())
+    [run] = await store.assign([(job_id, "s1")])
+    await store.apply_events("s1", [state(seq, Phase.RUNNING, job_id, run.attempt)])
+    return run
+
+
+# --- jobs: submit, place, claim ------------------------------------------------------------
+
+
+async def test_submit_then_place_then_claim(store):
+    [made] = await store.create_jobs([("j1", SPEC)], "alice", max_queued=10, owner="tok")
+    assert made.phase == "queued" and made.stops == []
+    job = await store.get_job("j1")
+    assert job.phase == Phase.QUEUED and job.owner == "tok" and job.runs == []
+    await store.supervisor_connected(hello())
+    snapshot = await store.placement_snapshot(lambda fleet: 10)
+    assert [s.id for s in snapshot.fleet] == ["s1"]
+    assert [q.id for q in snapshot.queue] == ["j1"] and snapshot.next_backoff_end is None
+    [run] = await store.assign([("j1", "s1")])
+    assert (run.job_id, run.attempt, run.supervisor_id) == ("j1", 1, "s1")
+    assert await store.assign([("j1", "s1")]) == []  # claimed once only
+    assert await store.run_phase("j1", 1) == Phase.ASSIGNED
+    assert [r.job_id for r in await store.active_runs("s1")] == ["j1"]
+    assert (await store.get_supervisor("s1")).running == 1
+    assert await store.queue_length() == 0
+
+
+async def test_submit_and_assign_in_one_step_only_when_nothing_waits(store):
+    await store.supervisor_connected(hello())
+    made, runs = await store.create_and_assign([("j1", SPEC)], "a", 10, {"j1": "s1"})
+    assert [r.job_id for r in runs] == ["j1"] and made[0].phase == "queued"
+    await store.create_job("waiting", SPEC)
+    _, runs = await store.create_and_assign([("j2", SPEC)], "a", 10, {"j2": "s1"})
+    assert runs == []  # an older job waits ready: it comes first
+
+
+async def test_queue_limits_refuse_all_or_nothing(store):
+    await store.create_job("j0", SPEC)
+    with pytest.raises(QueueFull):
+        await store.create_jobs([("j1", SPEC), ("j2", SPEC)], "a", max_queued=2)
+    assert await store.get_job("j1") is None and await store.queue_length() == 1
+    with pytest.raises(QueueFull):
+        await store.create_jobs([("j1", SPEC)], "a", 100, owner="t", max_queued_per_owner=0)
+
+
+async def test_list_filter_and_delete(store):
+    for n in range(3):
+        await store.create_job(f"j{n}", SPEC)
+    listed = await store.list_jobs(JobFilter(limit=2))
+    assert [s.id for _, s in listed] == ["j2", "j1"]
+    rest = await store.list_jobs(JobFilter(before_seq=listed[-1][0]))
+    assert [s.id for _, s in rest] == ["j0"]
+    assert await store.delete_job("j0") == "active"  # not ended
+    await store.request_cancel("j0")
+    assert await store.delete_job("j0") == "deleted"
+    assert await store.delete_job("j0") == "absent"
+    assert await store.get_job("j0") is None
+
+
+# --- runs: phases written from the lifecycle's decisions -------------------------------------
+
+
+async def test_a_run_and_its_history(store):
+    await _running(store)
+    await store.apply_events(
+        "s1",
+        [
+            Output(seq=2, job_id="j1", attempt=1, stream="stdout", offset=0, data=b"hi"),
+            JobExit(seq=3, job_id="j1", attempt=1, exit_code=3),
+            state(4, Phase.FAILED, message="exit 3"),
+        ],
+    )
+    job = await store.get_job("j1")
+    assert job.phase == Phase.FAILED and job.exit_code == 3 and job.reason == "exit 3"
+    assert [p.phase for p in job.runs[0].phases] == ["assigned", "running", "failed"]
+    events = await store.job_events("j1")
+    assert events[0].kind == "submitted"
+    assert [e.message for e in events if e.kind == "run_phase"][-1] == "run 1: failed: exit 3"
+    assert await store.read_output("j1", 1, "stdout") == b"hi"
+    assert await store.job_events("nope") is None
+
+
+async def test_active_run_refs_name_what_a_supervisor_holds(store):
+    assert await store.active_run_refs("s1") == set()
+    await _running(store)
+    await store.create_job("j2", SPEC)
+    await store.assign([("j2", "s1")])  # assigned, not yet running: held too
+    assert await store.active_run_refs("s1") == {RunRef("j1", 1), RunRef("j2", 1)}
+    assert await store.active_run_refs("other") == set()
+    await store.apply_events("s1", [state(2, Phase.SUCCEEDED)])
+    assert await store.active_run_refs("s1") == {RunRef("j2", 1)}
+
+
+async def test_a_restart_is_written_with_its_backoff(store):
+    policy = RestartPolicy(
+        policy="on_failure", max_restarts=1, backoff=Backoff(first_s=30, jitter="none")
+    )
+    spec = JobSpec(name="r", backend=NoopBackend(), restart=policy)
+    await _running(store, spec=spec)
+    before = time.time()
+    await store.apply_events("s1", [state(2, Phase.FAILED)])
+    job = await store.get_job("j1")
+    assert job.phase == Phase.QUEUED and "restart 1 of 1 in 30.00s" in job.reason
+    assert "restart_scheduled" in [e.kind for e in await store.job_events("j1")]
+    snapshot = await store.placement_snapshot(lambda fleet: 10)
+    assert snapshot.queue == [] and snapshot.next_backoff_end >= before + 30
+    assert (await store.counts()).queued == {"backoff": 1}
+
+
+async def test_a_busy_refusal_is_retried_not_restarted(store):
+    await store.create_job("j1", SPEC)
+    await store.supervisor_connected(hello())
+    await store.assign([("j1", "s1")])
+    at = time.time()
+    await store.apply_events(
+        "s1",
+        [
+            JobErrorReport(
+                seq=1,
+                job_id="j1",
+                attempt=1,
+                kind=JobErrorKind.MAX_CONCURRENT_JOBS,
+                description="full",
+            ),
+            state(2, Phase.REJECTED, at=at),
+        ],
+    )
+    job = await store.get_job("j1")
+    assert job.phase == Phase.QUEUED and "restart" not in (job.reason or "")
+    snapshot = await store.placement_snapshot(lambda fleet: 10)
+    assert snapshot.next_backoff_end == pytest.approx(at + BUSY_RETRY_S)
+
+
+async def test_cancel_queued_and_active(store):
+    await store.create_job("q", SPEC)
+    assert (await store.request_cancel("q", "bob")).phase == "canceled"
+    assert (await store.get_job("q")).phase == Phase.CANCELED
+    assert (await store.request_cancel("q")).phase == "canceled"  # again: nothing changes
+    await _running(store, "a", seq=1)
+    result = await store.request_cancel("a", "bob")
+    assert (result.phase, result.supervisor_id, result.attempt) == ("running", "s1", 1)
+    await store.apply_events("s1", [state(2, Phase.FAILED, job="a")])
+    assert (await store.get_job("a")).phase == Phase.CANCELED  # a cancel beats the ending
+    assert await store.request_cancel("missing") is None
+
+
+@pytest.mark.parametrize("policy", ["queue", "drop_if_running", "replace"])
+async def test_concurrency_policies(store, policy):
+    keyed = JobSpec(name="k", backend=NoopBackend(), concurrency=Concurrency(key="deploy"))
+    await _running(store, "holder", spec=keyed)
+    spec = JobSpec(name="n", backend=NoopBackend(), concurrency=Concurrency("deploy", policy))
+    [made] = await store.create_jobs([("new", spec)], "a", 10)
+    holder = await store.get_job("holder")
+    if policy == "drop_if_running":
+        assert made.phase == "rejected" and "holder" in made.reason
+        assert holder.cancel_requested is False
+    elif policy == "replace":
+        assert made.phase == "queued"
+        assert [(s.job_id, s.supervisor_id) for s in made.stops] == [("holder", "s1")]
+        assert holder.cancel_requested is True
+    else:
+        assert made.phase == "queued" and made.stops == [] and not holder.cancel_requested
+    snapshot = await store.placement_snapshot(lambda fleet: 10)
+    assert snapshot.busy_keys == frozenset({"deploy"})
+
+
+async def test_switchboard_endings(store):
+    await _running(store)
+    await store.supervisor_disconnected("s1", 1)
+    await asyncio.sleep(0.05)
+    assert await store.lose_runs(grace_s=0.0) == [RunKey("j1", 1)]
+    assert (await store.get_job("j1")).phase == Phase.LOST
+    queued = JobSpec(name="q", backend=NoopBackend(), queue_timeout_s=0.01)
+    await store.create_job("q", queued)
+    await asyncio.sleep(0.05)
+    expired = await store.expire(run_grace_s=0.0)
+    assert expired.jobs == ["q"] and (await store.get_job("q")).phase == Phase.TIMED_OUT
+    assert await store.end_run(RunKey("j1", 1), "failed", "late") is False  # already ended
+
+
+async def test_events_are_stored_once_and_in_order(store):
+    await _running(store)
+    again = await store.apply_events("s1", [state(1, Phase.RUNNING), state(2, Phase.SUCCEEDED)])
+    assert again.stored_seq == 2 and again.ended == [RunKey("j1", 1)]
+    assert (await store.supervisor_connected(hello())).last_seq == 2
+    assert [p.phase for p in (await store.get_job("j1")).runs[0].phases].count("running") == 1
+
+
+# --- tokens, supervisors, connections ----------------------------------------------------------
+
+
+async def test_tokens(store):
+    digest = hashlib.sha256(b"secret").digest()
+    await store.add_token("t1", "admin", "me", digest)
+    assert (await store.find_token(digest)).id == "t1"
+    assert [t.id for t in await store.list_tokens()] == ["t1"]
+    assert await store.revoke_token("t1") is True
+    assert await store.find_token(digest) is None  # at once, whatever a store remembers
+    assert (await store.list_tokens())[0].revoked is True
+    assert await store.revoke_token("nope") is False
+
+
+async def test_enrolment_and_rotation(store):
+    enrol = Enrolment("host-1", hashlib.sha256(b"cred").digest(), "host one")
+    await store.supervisor_connected(hello(), enrol=enrol)
+    assert (await store.find_token(enrol.digest)).supervisor_id == "s1"
+    with pytest.raises(ConnectRefused) as refused:
+        await store.supervisor_connected(hello(), enrol=Enrolment("x", b"y" * 32, "x"))
+    assert refused.value.why == "enrolled"
+    rotated = hashlib.sha256(b"new").digest()
+    await store.add_token("host-2", "supervisor", "r", rotated, "s1", replace_bound=True)
+    assert await store.find_token(enrol.digest) is None
+    assert await store.unenroll("s1") == ["host-2"]
+    assert await store.find_token(rotated) is None
+    assert await store.unenroll("unknown") is None
+    with pytest.raises(ConnectRefused):
+        await store.supervisor_connected(hello("s2"), token_id="host-2")
+
+
+async def test_supervisor_records_and_connections(store):
+    first = await store.supervisor_connected(hello(labels={"os": "linux"}))
+    second = await store.supervisor_connected(hello())
+    assert second.session == first.session + 1
+    await store.supervisor_disconnected("s1", first.session)  # superseded: nothing changes
+    assert (await store.get_supervisor("s1")).connected is True
+    await store.supervisor_disconnected("s1", second.session, "bye")
+    records = await store.connection_records("s1", 10)
+    assert [r.session for r in records] == [second.session, first.session]
+    assert records[0].reason == "bye" and records[0].disconnected_at is not None
+    writes = store.supervisor_writes
+    assert await store.set_drained("s1", True) is True
+    assert await store.set_operator_labels("s1", {"rack": "a"}) is True
+    assert store.supervisor_writes > writes
+    view = await store.get_supervisor("s1")
+    assert view.drained and view.labels == {"rack": "a"} and not view.connected
+    assert await store.set_drained("nope", True) is False
+    await store.forget_connections()
+    assert (await store.list_supervisors())[0].connected is False
+
+
+async def test_dispatch_pause(store):
+    assert await store.dispatch_paused() is False
+    await store.set_dispatch_paused(True)
+    assert await store.dispatch_paused() is True
+
+
+# --- artifacts, secrets, retention, views ------------------------------------------------------
+
+
+async def test_artifacts(store):
+    assert (await store.add_artifact(DIGEST, 10, "t1", quota=5)).outcome == "full"
+    assert (await store.add_artifact(DIGEST, 10, "t1")).outcome == "added"
+    assert (await store.add_artifact(DIGEST, 10, "t2")).outcome == "exists"
+    artifact = await store.get_artifact(DIGEST)
+    assert (artifact.size, artifact.uploaded_by) == (10, "t1")
+    assert await store.stored_artifact_bytes() == 10
+    missing = JobSpec(name="w", backend=WasmBackend(module="sha256:" + "cd" * 32))
+    with pytest.raises(ArtifactMissing):
+        await store.create_job("w0", missing)
+    await store.create_job("w1", JobSpec(name="w", backend=WasmBackend(module=DIGEST)))
+    deleted = await store.delete_artifact(DIGEST)
+    assert (deleted.outcome, deleted.needed_by) == ("in_use", ["w1"])
+    await store.request_cancel("w1")
+    assert await store.delete_artifact(DIGEST, unused_before=0.0) == type(deleted)("used_lately")
+    assert await store.unused_artifacts(time.time() + 1, 10) == [DIGEST]
+    assert (await store.delete_artifact(DIGEST)).outcome == "deleted"
+    assert (await store.delete_artifact(DIGEST)).outcome == "absent"
+
+
+async def test_secret_values_are_opened_only_for_the_start(store):
+    spec = JobSpec(
+        name="s", backend=NoopBackend(), parameters={"TOKEN": Parameter("hunter2", secret=True)}
+    )
+    await store.create_job("j1", spec)
+    assert (await store.get_job("j1")).spec.parameters["TOKEN"].value == REDACTED
+    await store.supervisor_connected(hello())
+    [run] = await store.assign([("j1", "s1")])
+    assert run.spec.parameters["TOKEN"].value == "hunter2"
+    [active] = await store.active_runs("s1")
+    assert active.spec.parameters["TOKEN"].value == "hunter2"  # still assigned: resendable
+
+
+async def test_retention_reads_and_drops_output(store):
+    await _running(store)
+    chunks = [
+        Output(seq=2 + n, job_id="j1", attempt=1, stream="stdout", offset=n, data=b"x")
+        for n in range(5)
+    ]
+    await store.apply_events("s1", chunks)
+    assert await store.ended_jobs(limit=10) == []
+    assert await store.drop_output("j1", 10) == 0  # not ended: kept
+    await store.apply_events("s1", [state(20, Phase.SUCCEEDED)])
+    assert await store.stored_output_bytes() == 5
+    assert await store.ended_jobs(with_output=True, limit=10) == ["j1"]
+    assert await store.drop_output("j1", 2) == 2
+    assert await store.drop_output("j1", 10, reason="old") == 3
+    assert await store.stored_output_bytes() == 0
+    assert await store.ended_jobs(with_output=True, limit=10) == []
+    assert "output_removed" in [e.kind for e in await store.job_events("j1")]
+
+
+async def test_views(store):
+    seen = []
+    store.on_write(lambda: seen.append(1))
+    start = await store.latest_job_change()
+    await store.create_job("j1", SPEC)
+    assert seen
+    changes = await store.job_changes(start, 10)
+    assert [c.job_id for c in changes] == ["j1"]
+    await store.prune_job_changes(0)
+    overview = await store.overview(time.time(), 5, 5)
+    assert sum(q.count for q in overview.queue) == 1 and len(overview.finished) == 5
+    await store.set_unschedulable({"j1": "no such host"})
+    assert (await store.get_job("j1")).unschedulable == "no such host"
+    assert await store.queued_jobs(10) == []
+    assert [q.id for q in await store.queued_jobs(10, marked=True)] == ["j1"]
