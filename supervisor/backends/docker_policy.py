@@ -16,8 +16,8 @@ program and zombies are reaped.
 
 Why a module of its own: these are the host's rules for a container, pure functions of the
 spec, the config and the image (refusals are JobErrors), with no engine call; the backend
-(docker.py) applies them when it admits, creates and re-adopts containers. The labels are
-here too: they are written at creation and are what recovery reads back.
+(docker.py) applies them when it admits a run and creates its container. The labels are
+here too: they are written at creation, and recovery reads them back.
 """
 
 from __future__ import annotations

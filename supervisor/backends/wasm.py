@@ -109,7 +109,7 @@ class WasmBackend(Backend):
             self._pool,
             cache_dir=cache_dir,
             cache_max_bytes=cache_max_bytes,
-            memory_size=module_cache_size,
+            module_cache_size=module_cache_size,
         )
         self._ticker: threading.Thread | None = None
         self._ticker_stop = threading.Event()

@@ -65,14 +65,14 @@ class ModuleStore:
         *,
         cache_dir: Path | None,
         cache_max_bytes: int,
-        memory_size: int,
+        module_cache_size: int,
     ) -> None:
         self._artifacts = artifacts
         self._pool = pool
         self._disk = DiskCache(cache_dir, cache_max_bytes) if cache_dir is not None else None
         #: Compiled, import-resolved modules by (digest, flavour), least recently used first.
-        self._memory: OrderedDict[tuple[str, str], wasmtime.InstancePre] = OrderedDict()
-        self._memory_size = memory_size
+        self._compiled: OrderedDict[tuple[str, str], wasmtime.InstancePre] = OrderedDict()
+        self._compiled_size = module_cache_size
         self._loading = KeyLocks()  # one compile/load per key at a time
         #: Runs whose compiled module came from a cache (memory or disk), and runs that
         #: had to compile it.
@@ -83,17 +83,17 @@ class ModuleStore:
     def close(self) -> None:
         """Forget the compiled modules (the pool is shut down: touch no disk entry now)."""
         self._closed = True
-        self._memory.clear()
+        self._compiled.clear()
 
     async def load(self, ctx: RunContext, digest: str, flavour: Flavour) -> wasmtime.InstancePre:
         """The compiled module for `digest`: from memory, from disk, or fetched and compiled.
         Runs wanting the same module wait for each other, so it is compiled once."""
         key = (digest, flavour.name)
         async with self._loading.hold(key):
-            cached = self._memory.get(key)
+            cached = self._compiled.get(key)
             if cached is not None:
                 # Content-addressed: the digest names exact bytes, so no need to fetch again.
-                self._memory.move_to_end(key)
+                self._compiled.move_to_end(key)
                 self.cache_hits += 1
                 metrics.cache_lookup("wasm_module", hit=True)
                 if self._disk is not None and not self._closed:  # in use: keep it on disk
@@ -138,10 +138,10 @@ class ModuleStore:
             return loaded
 
     def _remember(self, key: tuple[str, str], loaded: wasmtime.InstancePre) -> None:
-        if self._memory_size:
-            self._memory[key] = loaded
-            while len(self._memory) > self._memory_size:
-                self._memory.popitem(last=False)
+        if self._compiled_size:
+            self._compiled[key] = loaded
+            while len(self._compiled) > self._compiled_size:
+                self._compiled.popitem(last=False)
 
     def _from_disk(self, digest: str, flavour: Flavour) -> wasmtime.InstancePre | None:
         """Compiled code from the disk cache (worker thread); None on a miss."""
