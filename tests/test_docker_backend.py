@@ -39,8 +39,9 @@ from supervisor import metrics
 from supervisor.artifacts import ArtifactSource
 from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
 from supervisor.backends.devices import Devices
-from supervisor.backends.docker import LABEL_START, LABEL_SUPERVISOR, DockerBackend
+from supervisor.backends.docker import DockerBackend
 from supervisor.backends.docker_images import ARTIFACT_REPOSITORY
+from supervisor.backends.docker_policy import LABEL_START, LABEL_SUPERVISOR
 from supervisor.backends.docker_streams import demux as _demux
 from supervisor.config import (
     ConfigError,

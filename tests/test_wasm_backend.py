@@ -20,8 +20,9 @@ from protocol.spec import WasmBackend as WasmSpec
 from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
 from supervisor.artifacts import digest_of
 from supervisor.backends.base import Outcome
-from supervisor.backends.wasm import ENGINE_ID, WasmBackend
+from supervisor.backends.wasm import WasmBackend
 from supervisor.backends.wasm_cache import DiskCache
+from supervisor.backends.wasm_modules import ENGINE_ID
 from tests.wasm_run import Run, finish
 
 pytestmark = [pytest.mark.wasm, pytest.mark.asyncio, pytest.mark.timeout(60)]

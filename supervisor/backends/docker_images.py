@@ -18,10 +18,9 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import docker
 import docker.errors
@@ -33,6 +32,7 @@ from protocol.spec import DockerBackend as DockerSpec
 from supervisor import metrics
 from supervisor.artifacts import ArtifactSource, ArtifactTooBig
 from supervisor.backends.base import RunContext
+from supervisor.backends.docker_client import EngineClient, explain, normalize_arch
 from supervisor.backends.image_tarball import Tarball, UnpackedTooBig, unpack
 from supervisor.backends.keylocks import KeyLocks
 
@@ -66,8 +66,7 @@ class Artifact(msgspec.Struct):
 class ImageStore:
     """Finds the image a spec names on the engine, loading image artifacts once per digest.
 
-    Engine access comes from the backend: `client` (connects on first use), `call` (runs a
-    blocking SDK call in its pool) and `engine` (the connected client, for worker threads).
+    Engine access is the backend's EngineClient, shared with the container lifecycle.
     """
 
     def __init__(
@@ -76,18 +75,12 @@ class ImageStore:
         image_dir: Path | None,
         *,
         max_unpacked_bytes: int,
-        client: Callable[[], Awaitable[docker.APIClient]],
-        call: Callable[..., Awaitable[Any]],
-        engine: Callable[[], docker.APIClient],
+        engine: EngineClient,
     ) -> None:
         self._artifacts = artifacts
         self._image_dir = image_dir
         self._max_unpacked = max_unpacked_bytes
-        self._client = client
-        self._call = call
         self._engine = engine
-        #: The engine's architecture (normalized), set once the backend has connected.
-        self.engine_arch: str | None = None
         self._loaded: dict[str, Artifact] = {}
         self._loading = KeyLocks()  # one compile/load per key at a time
         #: Images loaded from artifacts, and runs that found their artifact already loaded.
@@ -95,7 +88,7 @@ class ImageStore:
         self.artifact_hits = 0
 
     async def resolve(self, ctx: RunContext, spec: DockerSpec) -> Image:
-        api = await self._client()
+        api = await self._engine.client()
         if spec.image_artifact is not None:
             artifact = await self._artifact(ctx, spec.image_artifact)
             if spec.image is not None:
@@ -116,7 +109,7 @@ class ImageStore:
             image_id = spec.image
             described = f"image {spec.image!r}"
         try:
-            info = await self._call(api.inspect_image, image_id)
+            info = await self._engine.call(api.inspect_image, image_id)
         except docker.errors.ImageNotFound:
             raise JobError(
                 JobErrorKind.IMAGE_NOT_FOUND,
@@ -136,20 +129,21 @@ class ImageStore:
     def _check_platform(self, os_name: str | None, arch: str | None, what: str) -> None:
         if os_name and os_name != "linux":
             raise JobError(JobErrorKind.IMAGE_NOT_COMPATIBLE, f"{what} is for {os_name}, not linux")
-        if arch and self.engine_arch and normalize_arch(arch) != self.engine_arch:
+        engine_arch = self._engine.arch
+        if arch and engine_arch and normalize_arch(arch) != engine_arch:
             raise JobError(
                 JobErrorKind.IMAGE_NOT_COMPATIBLE,
-                f"{what} is built for {arch}; this host is {self.engine_arch}",
+                f"{what} is built for {arch}; this host is {engine_arch}",
             )
 
     async def _artifact(self, ctx: RunContext, digest: str) -> Artifact:
         """The images of an artifact tarball, loaded into the engine (once per digest:
         concurrent runs wait for one load)."""
-        api = await self._client()
+        api = await self._engine.client()
         async with self._loading.hold(digest):
             known = self._loaded.get(digest)
             if known is None and self._image_dir is not None:
-                known = await self._call(self._read_index, digest)
+                known = await self._engine.call(self._read_index, digest)
             if known is not None and await self._all_present(known):
                 self._loaded[digest] = known
                 self.artifact_hits += 1
@@ -163,7 +157,7 @@ class ImageStore:
                     await self._artifacts.download(
                         digest, incoming / "artifact", self._max_unpacked
                     )
-                    tarball = await self._call(self._open, incoming)
+                    tarball = await self._engine.call(self._open, incoming)
                 except (ArtifactTooBig, UnpackedTooBig) as exc:
                     metrics.limit_exceeded("image_unpacked")
                     log.warning("run %s#%d: %s", ctx.run.job_id, ctx.run.attempt, exc)
@@ -173,14 +167,14 @@ class ImageStore:
                     self._check_platform(
                         config.get("os"), config.get("architecture"), f"artifact {digest[:19]}"
                     )
-                size = await self._call(lambda: tarball.path.stat().st_size)
+                size = await self._engine.call(lambda: tarball.path.stat().st_size)
                 await ctx.stage("loading", f"{size} bytes into the engine")
-                await self._call(self._load, tarball)
+                await self._engine.call(self._load, tarball)
             hex_ = digest.removeprefix("sha256:")
             artifact = Artifact(images=[image_id for image_id, _ in entries])
             for n, (image_id, config) in enumerate(entries):
                 try:
-                    await self._call(api.tag, image_id, ARTIFACT_REPOSITORY, f"{hex_}-{n}")
+                    await self._engine.call(api.tag, image_id, ARTIFACT_REPOSITORY, f"{hex_}-{n}")
                 except docker.errors.NotFound:
                     raise JobError(
                         JobErrorKind.IMAGE_INVALID,
@@ -191,14 +185,14 @@ class ImageStore:
             self._loaded[digest] = artifact
             self.artifact_loads += 1
             if self._image_dir is not None:
-                await self._call(self._write_index, digest, artifact)
+                await self._engine.call(self._write_index, digest, artifact)
             return artifact
 
     async def _all_present(self, artifact: Artifact) -> bool:
-        api = await self._client()
+        api = await self._engine.client()
         for image_id in artifact.images:
             try:
-                await self._call(api.inspect_image, image_id)
+                await self._engine.call(api.inspect_image, image_id)
             except docker.errors.ImageNotFound:
                 return False
         return True
@@ -213,27 +207,27 @@ class ImageStore:
         """A directory of its own for one artifact's files while it is loaded, removed
         afterwards: under the work dir (`incoming/<pid>-<random>`), else the system's."""
         if self._image_dir is None:
-            directory = Path(await self._call(tempfile.mkdtemp, prefix="sb-image-"))
+            directory = Path(await self._engine.call(tempfile.mkdtemp, prefix="sb-image-"))
         else:
             name = f"{os.getpid()}-{secrets.token_hex(8)}"
             directory = self._image_dir / _INCOMING / name
-            await self._call(directory.mkdir, parents=True)
+            await self._engine.call(directory.mkdir, parents=True)
         try:
             yield directory
         finally:
-            await self._call(shutil.rmtree, directory, True)
+            await self._engine.call(shutil.rmtree, directory, True)
 
     async def clear_incoming(self) -> None:
         """Remove what processes that died mid-load left (another process sharing the
         work dir may be loading now: its files stay)."""
         if self._image_dir is not None:
-            await self._call(_remove_orphans, self._image_dir / _INCOMING)
+            await self._engine.call(_remove_orphans, self._image_dir / _INCOMING)
 
     def _load(self, tarball: Tarball) -> None:
         """`docker load` (worker thread), streaming the tarball without its tags;
         JobError(image_invalid) if the engine refuses."""
         try:
-            for item in self._engine().load_image(tarball.stream()):
+            for item in self._engine.connected().load_image(tarball.stream()):
                 if isinstance(item, dict) and item.get("error"):
                     raise JobError(
                         JobErrorKind.IMAGE_INVALID,
@@ -290,13 +284,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def explain(exc: docker.errors.APIError) -> str:
-    explanation = exc.explanation
-    if isinstance(explanation, bytes):
-        explanation = explanation.decode(errors="replace")
-    return str(explanation or exc)
-
-
 def normalize_ref(ref: str) -> str:
     """`busybox` -> `busybox:latest`; `docker.io/library/x:1` -> `x:1`."""
     ref = ref.removeprefix("docker.io/").removeprefix("library/")
@@ -304,7 +291,3 @@ def normalize_ref(ref: str) -> str:
     if "@" not in last and ":" not in last:
         ref += ":latest"
     return ref
-
-
-def normalize_arch(arch: str) -> str:
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)

@@ -24,7 +24,7 @@ _WASI = "wasi_snapshot_preview1"
 
 
 class HostGuest(Protocol):
-    """What the replaced functions need of the running guest (wasm._Guest)."""
+    """What the replaced functions need of the running guest (wasm_guest.Guest)."""
 
     #: Set to make the guest trap; ends a sleep at once.
     kill: threading.Event

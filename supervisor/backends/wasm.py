@@ -19,13 +19,8 @@ Limits. Each ends the run with its own outcome:
   by a file system: wasm_scratch says why and by how much a guest can overshoot;
 - a trap: reason "trap", with the trap message and wasm backtrace.
 
-Modules. Compiled modules live in an in-memory LRU (`module_cache_size`) in front of an
-optional disk cache (`cache_dir`, wasm_cache.py, at most `cache_max_bytes`) that holds
-both the module bytes (`<sha256>.wasm`) and the compiled code
-(`<sha256>.<flavour>.<wasmtime version>-<arch>.cwasm`; flavour "epoch" or "fuel"), so a
-module is fetched and compiled once per host, restarts included. Compiled code is only
-loaded from the cache after its checksum matches; a file Wasmtime still refuses (another
-version, another config) is deleted and the module compiled again.
+Modules. A module is fetched and compiled once per host, restarts included: compiled
+modules are kept in memory and on disk, and checked before they are used (wasm_modules).
 
 Stopping a guest. Both engines use epoch interruption: a ticker thread advances the epoch
 every 10 ms and every store has a deadline one tick ahead, with a callback that runs when
@@ -44,97 +39,43 @@ thread ends on its own once the output is closed.
 
 WASI preview 1 has no signals, so there is no polite stop: `grace_s` is not used, a stop
 always kills at once.
+
+This module holds the backend: its engines and their epoch ticker, and each run from
+instantiating its guest to its outcome. One guest's Store and sandbox are wasm_guest,
+loading and caching modules is wasm_modules, the replaced WASI functions are wasi_host and
+the scratch quota is wasm_scratch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import errno
-import importlib.metadata
 import logging
-import platform
 import re
 import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import wasmtime
-from wasmtime import _ffi as ffi
 
 from protocol.exceptions import JobError, JobErrorKind
 from protocol.limits import clip_message
-from protocol.messages import Stream
 from protocol.spec import WasmBackend as WasmSpec
 from supervisor import metrics
-from supervisor.artifacts import ArtifactSource, digest_of, verify
+from supervisor.artifacts import ArtifactSource
 from supervisor.backends.base import Backend, Outcome, RunContext
-from supervisor.backends.keylocks import KeyLocks
-from supervisor.backends.wasi_host import guest_of_thread, make_linker
-from supervisor.backends.wasm_cache import DiskCache
-from supervisor.backends.wasm_scratch import ScratchQuota
+from supervisor.backends.wasm_guest import TICK_S, Guest, Sandbox
+from supervisor.backends.wasm_modules import Flavour, ModuleStore
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-#: Epoch tick; a stop takes effect within about one tick of a guest's next epoch check.
-TICK_S = 0.01
 #: After a stop, how long run() waits for the guest thread before abandoning it.
 ABANDON_AFTER_S = 5.0
 #: Worker threads: one per running guest (compiles share them). Created on demand.
 MAX_THREADS = 256
-#: Where the run's scratch directory appears inside the guest.
-SCRATCH = "/scratch"
-#: Table elements a store may hold (8 bytes of host memory each); C and Rust need a few k.
-MAX_TABLE_ELEMENTS = 1_000_000
-#: Names the compiled code in the disk cache: it only loads into the Wasmtime that made it.
-ENGINE_ID = f"wasmtime-{importlib.metadata.version('wasmtime')}-{platform.machine()}"
 
 _MB = 1024 * 1024
 _LIMIT_ERROR = re.compile(r"exceeds (memory|table) limits")
-
-# wasmtime_store_epoch_deadline_callback's callback: (context, data, *delta, *kind) -> error*
-_DeadlineCallback = ctypes.CFUNCTYPE(
-    ctypes.c_size_t,
-    ctypes.POINTER(ffi.wasmtime_context_t),
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_uint64),
-    ctypes.POINTER(ctypes.c_uint8),
-)
-# A NULL function pointer (ctypes takes None for NULL; typeshed doesn't say so).
-_NO_FINALIZER = ctypes.cast(None, ctypes.CFUNCTYPE(None, ctypes.c_void_p))  # type: ignore[arg-type]
-_UPDATE_DEADLINE_CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
-
-
-class _Flavour:
-    """An Engine configuration, with its Linker. Compiled code only fits its own flavour."""
-
-    def __init__(self, name: str, *, fuel: bool) -> None:
-        self.name = name
-        config = wasmtime.Config()
-        config.epoch_interruption = True
-        config.consume_fuel = fuel
-        self.engine = wasmtime.Engine(config)
-        self.linker = make_linker(self.engine)
-
-
-@dataclass(frozen=True)
-class _Sandbox:
-    """What one guest gets to see and use."""
-
-    argv: list[str]
-    env: dict[str, str]
-    stdin: bytes
-    scratch: Path  # on the host
-    scratch_bytes: int
-    memory_bytes: int
-    fuel: int | None
 
 
 class WasmBackend(Backend):
@@ -158,26 +99,33 @@ class WasmBackend(Backend):
             raise ValueError("scratch_limit_mb must be at least 1")
         #: Most a guest's /scratch may hold (every run gets this quota).
         self.scratch_limit_mb = scratch_limit_mb
-        self._artifacts = artifacts
-        self._flavours: dict[bool, _Flavour] = {False: _Flavour("epoch", fuel=False)}
+        self._flavours: dict[bool, Flavour] = {False: Flavour("epoch", fuel=False)}
         #: The engines the ticker advances (replaced, never mutated: the ticker reads it).
         self._engines: tuple[wasmtime.Engine, ...] = (self._flavours[False].engine,)
-        self._disk = DiskCache(cache_dir, cache_max_bytes) if cache_dir is not None else None
-        #: Compiled, import-resolved modules by (digest, flavour), least recently used first.
-        self._cache: OrderedDict[tuple[str, str], wasmtime.InstancePre] = OrderedDict()
-        self._cache_size = module_cache_size
-        self._loading = KeyLocks()  # one compile/load per key at a time
         self.memory_limit_mb = memory_limit_mb
-        #: Runs whose compiled module came from a cache (memory or disk), and runs that
-        #: had to compile it.
-        self.cache_hits = 0
-        self.cache_misses = 0
         self._pool = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix="wasm")
+        self._modules = ModuleStore(
+            artifacts,
+            self._pool,
+            cache_dir=cache_dir,
+            cache_max_bytes=cache_max_bytes,
+            module_cache_size=module_cache_size,
+        )
         self._ticker: threading.Thread | None = None
         self._ticker_stop = threading.Event()
         #: Guests running now, with the future of their thread.
-        self._active: dict[_Guest, asyncio.Future[Outcome]] = {}
+        self._active: dict[Guest, asyncio.Future[Outcome]] = {}
         self._closed = False
+
+    @property
+    def cache_hits(self) -> int:
+        """Runs whose compiled module came from a cache (memory or disk)."""
+        return self._modules.cache_hits
+
+    @property
+    def cache_misses(self) -> int:
+        """Runs that had to compile their module."""
+        return self._modules.cache_misses
 
     async def run(self, ctx: RunContext) -> Outcome:
         spec = ctx.start.backend
@@ -186,7 +134,7 @@ class WasmBackend(Backend):
         if self._closed:
             raise RuntimeError("the wasm backend is closed")
         flavour = self._flavour(fuel=spec.fuel is not None)
-        loaded = await ctx.unless_stopped(self._load(ctx, spec.module, flavour))
+        loaded = await ctx.unless_stopped(self._modules.load(ctx, spec.module, flavour))
         if loaded is None:
             return _stopped(ctx)
 
@@ -199,8 +147,8 @@ class WasmBackend(Backend):
         limits += f", scratch {self.scratch_limit_mb} MB"
         await ctx.stage("starting", limits)
         self._start_ticker()
-        guest = _Guest(ctx)
-        sandbox = _Sandbox(
+        guest = Guest(ctx)
+        sandbox = Sandbox(
             argv=[ctx.start.name or "main", *spec.args],
             env={**spec.env, **ctx.env},  # parameters win over the spec's env
             stdin=spec.stdin,
@@ -271,149 +219,14 @@ class WasmBackend(Backend):
         for engine in self._engines:
             engine.increment_epoch()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._cache.clear()
+        self._modules.close()
 
-    def _flavour(self, *, fuel: bool) -> _Flavour:
+    def _flavour(self, *, fuel: bool) -> Flavour:
         flavour = self._flavours.get(fuel)
         if flavour is None:
-            flavour = self._flavours[fuel] = _Flavour("fuel", fuel=True)
+            flavour = self._flavours[fuel] = Flavour("fuel", fuel=True)
             self._engines = (*self._engines, flavour.engine)
         return flavour
-
-    # --- modules --------------------------------------------------------------------
-
-    async def _load(self, ctx: RunContext, digest: str, flavour: _Flavour) -> wasmtime.InstancePre:
-        """The compiled module for `digest`: from memory, from disk, or fetched and compiled.
-        Runs wanting the same module wait for each other, so it is compiled once."""
-        key = (digest, flavour.name)
-        async with self._loading.hold(key):
-            cached = self._cache.get(key)
-            if cached is not None:
-                # Content-addressed: the digest names exact bytes, so no need to fetch again.
-                self._cache.move_to_end(key)
-                self.cache_hits += 1
-                metrics.cache_lookup("wasm_module", hit=True)
-                if self._disk is not None and not self._closed:  # in use: keep it on disk
-                    self._pool.submit(self._disk.touch, _compiled_name(digest, flavour))
-                await ctx.stage("cached", "module compiled by an earlier run")
-                return cached
-            loop = asyncio.get_running_loop()
-            if self._disk is not None:
-                cached = await loop.run_in_executor(self._pool, self._from_disk, digest, flavour)
-                if cached is not None:
-                    self._remember(key, cached)
-                    self.cache_hits += 1
-                    metrics.cache_lookup("wasm_module", hit=True)
-                    await ctx.stage("cached", "compiled module from the disk cache")
-                    return cached
-            self.cache_misses += 1
-            metrics.cache_lookup("wasm_module", hit=False)
-            data = None
-            if self._disk is not None:
-                data = await loop.run_in_executor(self._pool, self._bytes_from_disk, digest)
-            if data is not None:
-                await ctx.stage("fetching", "module bytes from the disk cache")
-                store_bytes = False
-            else:
-                await ctx.stage("fetching")
-                data = await self._artifacts.fetch(digest)
-                verify(digest, data)  # the cache trusts the digest: don't trust the source
-                store_bytes = True
-            await ctx.stage("compiling")
-            started = time.monotonic()
-            loaded = await loop.run_in_executor(
-                self._pool, self._compile, digest, data, flavour, store_bytes
-            )
-            log.debug(
-                "compiled %s for %s (%d bytes) in %.3f s",
-                digest,
-                flavour.name,
-                len(data),
-                time.monotonic() - started,
-            )
-            self._remember(key, loaded)
-            return loaded
-
-    def _remember(self, key: tuple[str, str], loaded: wasmtime.InstancePre) -> None:
-        if self._cache_size:
-            self._cache[key] = loaded
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-
-    def _from_disk(self, digest: str, flavour: _Flavour) -> wasmtime.InstancePre | None:
-        """Compiled code from the disk cache (worker thread); None on a miss."""
-        assert self._disk is not None
-        name = _compiled_name(digest, flavour)
-        try:
-            code = self._disk.get(name)
-            if code is None:
-                return None
-            # Only checksummed bytes get here; Wasmtime checks version and config itself.
-            return flavour.linker.instantiate_pre(wasmtime.Module.deserialize(flavour.engine, code))
-        except wasmtime.WasmtimeError as exc:
-            log.warning("disk cache: %s does not load (%s); compiling again", name, exc)
-            self._disk.discard(name)
-        except OSError as exc:
-            log.warning("disk cache: %s", exc)
-        return None
-
-    def _bytes_from_disk(self, digest: str) -> bytes | None:
-        assert self._disk is not None
-        name = _bytes_name(digest)
-        try:
-            data = self._disk.get(name)
-        except OSError as exc:
-            log.warning("disk cache: %s", exc)
-            return None
-        if data is not None and digest_of(data) != digest:
-            log.warning("disk cache: %s does not hash to its name; discarded", name)
-            self._disk.discard(name)
-            return None
-        return data
-
-    def _compile(
-        self, digest: str, data: bytes, flavour: _Flavour, store_bytes: bool
-    ) -> wasmtime.InstancePre:
-        """Compile and check a module, then keep it on disk (worker thread). Raises JobError."""
-        if data[:4] != b"\0asm":
-            # Checked here because wasmtime-py would otherwise parse non-binary input as WAT.
-            raise JobError(
-                JobErrorKind.IMAGE_INVALID, "not a WebAssembly binary (no \\0asm header)"
-            )
-        if data[6:8] == b"\x01\x00":  # layer 1: a component, not a core module
-            raise JobError(
-                JobErrorKind.IMAGE_NOT_COMPATIBLE,
-                "this is a WebAssembly component; only WASI preview 1 core modules can run here",
-            )
-        try:
-            module = wasmtime.Module(flavour.engine, data)
-        except wasmtime.WasmtimeError as exc:
-            raise JobError(
-                JobErrorKind.IMAGE_INVALID,
-                clip_message(f"not a valid WebAssembly module: {exc}") or "",
-            ) from None
-        start = next((e.type for e in module.exports if e.name == "_start"), None)
-        if not (isinstance(start, wasmtime.FuncType) and not start.params and not start.results):
-            raise JobError(
-                JobErrorKind.IMAGE_NOT_COMPATIBLE,
-                "the module exports no `_start` function: not a WASI command",
-            )
-        try:
-            # Resolves every import now, so a non-WASI module fails before it is "running".
-            loaded = flavour.linker.instantiate_pre(module)
-        except wasmtime.WasmtimeError as exc:
-            raise JobError(
-                JobErrorKind.IMAGE_NOT_COMPATIBLE,
-                clip_message(f"the module needs imports WASI preview 1 lacks: {exc}") or "",
-            ) from None
-        if self._disk is not None:  # only modules that will run are worth the space
-            try:
-                if store_bytes:
-                    self._disk.put(_bytes_name(digest), data)
-                self._disk.put(_compiled_name(digest, flavour), bytes(module.serialize()))
-            except (OSError, wasmtime.WasmtimeError) as exc:
-                log.warning("disk cache: could not store %s: %s", digest, exc)
-        return loaded
 
     # --- epoch ticker -----------------------------------------------------------------
 
@@ -428,190 +241,7 @@ class WasmBackend(Backend):
                 engine.increment_epoch()
 
 
-def _bytes_name(digest: str) -> str:
-    return digest.removeprefix("sha256:") + ".wasm"
-
-
-def _compiled_name(digest: str, flavour: _Flavour) -> str:
-    return f"{digest.removeprefix('sha256:')}.{flavour.name}.{ENGINE_ID}.cwasm"
-
-
-class _Guest:
-    """One run's Store and the state its callbacks share with the event loop."""
-
-    def __init__(self, ctx: RunContext) -> None:
-        self.ctx = ctx
-        #: Set to make the guest trap (stop requested, run cancelled, backend closing).
-        self.kill = threading.Event()
-        self.kill_reason: str | None = None
-        #: Set by proc_exit: the guest is unwinding to report this status.
-        self.exit_code: int | None = None
-        #: Host monotonic time at which the guest's monotonic clock reads 0 (for poll_oneoff).
-        self.clock_base_ns = 0
-        self.sandbox: _Sandbox | None = None
-        self.quota: ScratchQuota | None = None
-        self._store: wasmtime.Store | None = None
-        self._start: wasmtime.Func | None = None
-        self._memory: wasmtime.Memory | None = None
-        # Must outlive the store, which calls it; the guest object holds both.
-        self._on_deadline = _DeadlineCallback(self._deadline)
-
-    def instantiate(
-        self, engine: wasmtime.Engine, loaded: wasmtime.InstancePre, sandbox: _Sandbox
-    ) -> None:
-        """Create the store and instance (worker thread)."""
-        self.sandbox = sandbox
-        sandbox.scratch.mkdir(parents=True, exist_ok=True)
-        self.quota = ScratchQuota(sandbox.scratch, sandbox.scratch_bytes, min_interval_s=TICK_S)
-        store = self._store = wasmtime.Store(engine)
-        ffi.wasmtime_store_epoch_deadline_callback(
-            store.ptr(), self._on_deadline, None, _NO_FINALIZER
-        )
-        store.set_epoch_deadline(1)  # a store without a deadline would trap at once
-        store.set_limits(memory_size=sandbox.memory_bytes, table_elements=MAX_TABLE_ELEMENTS)
-        if sandbox.fuel is not None:
-            store.set_fuel(sandbox.fuel)  # on the fuel engine, a store without fuel traps
-        wasi = wasmtime.WasiConfig()  # nothing of the host but what is configured here
-        wasi.argv = sandbox.argv
-        wasi.env = list(sandbox.env.items())
-        _set_stdin(wasi, sandbox.stdin)
-        wasi.stdout_custom = self._writer("stdout")
-        wasi.stderr_custom = self._writer("stderr")
-        wasi.preopen_dir(str(sandbox.scratch), SCRATCH)
-        store.set_wasi(wasi)
-        # Wasmtime's WASI monotonic clock starts at 0 when set_wasi builds the context.
-        self.clock_base_ns = time.monotonic_ns()
-        guest_of_thread.guest = self  # a start function may already sleep
-        try:
-            instance = loaded.instantiate(store)
-        finally:
-            guest_of_thread.guest = None
-        exports = instance.exports(store)
-        start = exports["_start"]
-        assert isinstance(start, wasmtime.Func)  # checked at compile time
-        self._start = start
-        memory = exports.get("memory")
-        self._memory = memory if isinstance(memory, wasmtime.Memory) else None
-
-    def call_start(self) -> Outcome:
-        """Run `_start` to its end (worker thread)."""
-        assert self._store is not None and self._start is not None
-        guest_of_thread.guest = self
-        code: int | None = None
-        trap: wasmtime.Trap | wasmtime.WasmtimeError | None = None
-        try:
-            self._start(self._store)
-            code = 0
-        except wasmtime.ExitTrap as exc:  # wasmtime's proc_exit (replaced: see wasi_host)
-            code = exc.code
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            code = self.exit_code  # our proc_exit ends the guest with a trap
-            trap = exc
-        finally:
-            guest_of_thread.guest = None
-            note = self._memory_note()
-            self.close()
-        if self.kill.is_set():
-            # Even if it then ended by itself: a guest whose sleep a stop cut short is killed.
-            return self.stopped()
-        if self._over_scratch_quota(final=True):  # its last writes count too
-            return self.stopped("scratch_limit")
-        if code is not None:
-            return Outcome(exit_code=code, message=note if code else None)
-        if isinstance(trap, wasmtime.Trap) and trap.trap_code == wasmtime.TrapCode.OUT_OF_FUEL:
-            return self.out_of_fuel()
-        message = f"{note}\n{trap}" if note else str(trap)
-        return Outcome(exit_code=None, reason="trap", message=clip_message(message))
-
-    def stopped(self, kill_reason: str | None = None) -> Outcome:
-        reason = self.ctx.stop_reason or kill_reason or self.kill_reason or "canceled"
-        if reason == "scratch_limit" and self.quota is not None:
-            return Outcome(
-                exit_code=None,
-                reason=reason,
-                message=f"scratch quota exceeded: /scratch held {self.quota.used / _MB:.1f} MB, "
-                f"more than the {self.quota.limit // _MB} MB a run may write there",
-            )
-        return Outcome(exit_code=None, reason=reason)
-
-    def out_of_fuel(self) -> Outcome:
-        fuel = self.sandbox.fuel if self.sandbox else None
-        return Outcome(
-            exit_code=None,
-            reason="out_of_fuel",
-            message=f"out of fuel: the guest used up its budget of {fuel} units",
-        )
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-        self._start = self._memory = None
-
-    def _memory_note(self) -> str | None:
-        """A hint for a guest that failed: its memory reached (nearly) the limit."""
-        if self._memory is None or self._store is None or self.sandbox is None:
-            return None
-        try:
-            size = self._memory.data_len(self._store)
-        except Exception:  # only a hint: never let it spoil the outcome
-            return None
-        if size < self.sandbox.memory_bytes * 0.9:
-            return None
-        limit = self.sandbox.memory_bytes // _MB
-        return (
-            f"its memory reached {size / _MB:.1f} of its {limit} MB limit: "
-            "an allocation may have failed"
-        )
-
-    def _deadline(self, _context: Any, _data: Any, delta: Any, kind: Any) -> int:
-        """Epoch deadline reached: trap if the run is being stopped, else one more tick.
-        Must not raise (ctypes would print and return 0 without setting `delta`)."""
-        if self.exit_code is not None:
-            error = ffi.wasmtime_error_new(b"the guest called proc_exit")
-            return ctypes.cast(error, ctypes.c_void_p).value or 0
-        if self.kill.is_set() or self.ctx.stop_flag.is_set():
-            self.kill.set()
-            error = ffi.wasmtime_error_new(b"the run was stopped")
-            return ctypes.cast(error, ctypes.c_void_p).value or 0
-        if self._over_scratch_quota():
-            self.kill_reason = "scratch_limit"
-            self.kill.set()
-            error = ffi.wasmtime_error_new(b"the guest wrote more than its scratch quota")
-            return ctypes.cast(error, ctypes.c_void_p).value or 0
-        delta[0] = 1
-        kind[0] = _UPDATE_DEADLINE_CONTINUE
-        return 0
-
-    def _over_scratch_quota(self, final: bool = False) -> bool:
-        """Whether /scratch holds more than the quota: measured if due (at the end, now)."""
-        if self.quota is None:
-            return False
-        try:
-            return self.quota.check_now() if final else self.quota.check()
-        except Exception:  # a measurement must never break the callback or the outcome
-            log.exception("scratch quota check failed")
-            return False
-
-    def _writer(self, stream: Stream) -> Callable[[bytes], int]:
-        def write(data: bytes) -> int:
-            try:
-                self.ctx.write(stream, data)  # may block: backpressure
-            except Exception:  # the output is closed: the run was given up
-                return -errno.EIO
-            return len(data)
-
-        return write
-
-
-def _set_stdin(wasi: wasmtime.WasiConfig, data: bytes) -> None:
-    """Give the guest `data` as its standard input (WasiConfig has no method for it)."""
-    vec = ffi.wasm_byte_vec_t()
-    buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-    ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), buffer)  # a copy ...
-    ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))  # ... that this takes
-
-
-async def _wait_guest(ctx: RunContext, guest: _Guest, future: asyncio.Future[Outcome]) -> Outcome:
+async def _wait_guest(ctx: RunContext, guest: Guest, future: asyncio.Future[Outcome]) -> Outcome:
     """Wait for the guest thread to end; on a stop, kill the guest and wait (bounded)."""
     stop = asyncio.ensure_future(ctx.stop_requested.wait())
     try:
