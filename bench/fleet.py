@@ -62,10 +62,10 @@ from protocol.messages import (
     StopJob,
     Welcome,
 )
-from protocol.session import supported_versions
 from protocol.spec import NoopBackend
 from protocol.state import Phase, is_terminal
 from protocol.tokens import new_token, token_sha256
+from protocol.versions import supported_versions
 
 PARAM_OUTPUT_BYTES = "BENCH_OUTPUT_BYTES"
 PARAM_HOLD = "BENCH_HOLD"

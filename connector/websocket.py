@@ -39,8 +39,9 @@ from protocol.messages import (
     SupervisorEvent,
     Welcome,
 )
-from protocol.session import EventBacklog, supported_versions
+from protocol.sequencing import EventBacklog
 from protocol.state import Phase
+from protocol.versions import supported_versions
 
 from . import metrics
 from .backoff import Verdict, backoff, classify, is_unauthorized

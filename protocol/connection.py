@@ -7,7 +7,7 @@ reads to `receive` and sends only frames the Connection gave it (`send`, `welcom
 in one place, the table `TABLE`: connection state x sending side x message kind -> what
 happens. A message the table refuses ends the connection the one way every refusal does
 (`fail`: a protocol_error naming the problem, then the close with its code). The
-sequencing rules of events live here too (with the parts in protocol.session): the
+sequencing rules of events live here too (with the parts in protocol.sequencing): the
 supervisor resends what the Welcome says is not stored, the switchboard filters
 duplicates, acknowledges what is stored, and reconciles once it has stored everything the
 supervisor had sent before its Hello.
@@ -45,7 +45,8 @@ from .messages import (
     StatusRequest,
     Welcome,
 )
-from .session import EventBacklog, InboundSequence, negotiate_version
+from .sequencing import EventBacklog, InboundSequence
+from .versions import negotiate_version
 
 
 class Role(enum.StrEnum):

@@ -26,7 +26,7 @@ from protocol.state import Phase
 from switchboard import handshake, metrics
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
-from switchboard.models import Assignment, RunKey
+from switchboard.models import Assignment
 from switchboard.outbox import Outbox
 from switchboard.store.base import Store
 from switchboard.supervisor_connection import SupervisorConnection
@@ -97,7 +97,7 @@ class Hub:
         except MessageTooBig as error:
             metrics.RUNS_UNDELIVERABLE.inc()
             log.error("run %s#%d cannot be sent: %s", job_id, attempt, error)
-            key = RunKey(job_id, attempt)
+            key = RunRef(job_id, attempt)
             if await self.store.end_run(key, Phase.REJECTED.value, f"not sent: {error}"):
                 self.wake_dispatcher()
             return None

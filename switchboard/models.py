@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
+from protocol.messages import RunRef
 from protocol.spec import JobSpec
 from protocol.state import Phase
 
@@ -165,11 +166,6 @@ class Assignment(msgspec.Struct, frozen=True):
     spec: JobSpec
 
 
-class RunKey(msgspec.Struct, frozen=True):
-    job_id: str
-    attempt: int
-
-
 class ActiveRun(msgspec.Struct, frozen=True):
     """A run the switchboard believes a supervisor holds."""
 
@@ -249,9 +245,9 @@ class EventsApplied(msgspec.Struct, frozen=True):
     #: Highest seq now stored for the supervisor (acknowledge up to here).
     stored_seq: int
     #: Runs that reached a terminal phase in this batch (capacity freed).
-    ended: list[RunKey] = []
+    ended: list[RunRef] = []
     #: Runs whose events were refused (the switchboard no longer wants them: stop them).
-    unwanted: list[RunKey] = []
+    unwanted: list[RunRef] = []
 
 
 class CancelResult(msgspec.Struct, frozen=True):

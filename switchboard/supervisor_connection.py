@@ -42,7 +42,7 @@ from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import metrics
 from switchboard.config import Settings
-from switchboard.models import ActiveRun, EventsApplied, RunKey
+from switchboard.models import ActiveRun, EventsApplied
 from switchboard.outbox import Outbox
 from switchboard.reconcile import Action, Decision, drift, reconcile
 from switchboard.store.base import Store
@@ -407,7 +407,7 @@ class SupervisorConnection:
                     )
                 case Action.FINALIZE_CANCELED | Action.FINALIZE_LOST:
                     phase = "canceled" if decision.action is Action.FINALIZE_CANCELED else "lost"
-                    key = RunKey(decision.job_id, decision.attempt)
+                    key = RunRef(decision.job_id, decision.attempt)
                     ended = await store.end_run(key, phase, "supervisor no longer holds it")
                     if ended and decision.action is Action.FINALIZE_LOST:
                         metrics.RUNS_LOST.labels(via).inc()
@@ -418,7 +418,7 @@ class SupervisorConnection:
         ended instead."""
         if run.secrets_unreadable is not None:
             reason = f"not started: {run.secrets_unreadable}"
-            key = RunKey(run.job_id, run.attempt)
+            key = RunRef(run.job_id, run.attempt)
             if await self.fleet.store.end_run(key, Phase.REJECTED.value, reason):
                 metrics.SECRETS_UNREADABLE.labels("reconcile").inc()
                 log.warning("run %s#%d rejected: %s", run.job_id, run.attempt, reason)

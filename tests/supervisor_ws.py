@@ -9,8 +9,8 @@ from websockets.exceptions import ConnectionClosed
 
 from protocol import codec, limits
 from protocol.messages import Hello, Welcome
-from protocol.session import supported_versions
 from protocol.tokens import new_token, token_sha256
+from protocol.versions import supported_versions
 from tests.harness import Switchboard
 
 

@@ -17,8 +17,8 @@ from websockets.exceptions import InvalidStatus
 from protocol import codec
 from protocol.exceptions import CloseCode
 from protocol.messages import Hello
-from protocol.session import supported_versions
 from protocol.tokens import new_token, token_sha256
+from protocol.versions import supported_versions
 from tests.faults import FaultyProxy
 from tests.harness import (
     Switchboard,

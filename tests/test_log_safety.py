@@ -17,7 +17,7 @@ import websockets
 from common import logfmt
 from protocol import codec, limits
 from protocol.messages import Hello, ProtocolErrorMessage
-from protocol.session import supported_versions
+from protocol.versions import supported_versions
 from tests.harness import Switchboard, scaled
 
 #: A line a forger would like the log to show.

@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from protocol import codec
 from protocol.exceptions import JobErrorKind
 from protocol.messages import STREAMS, Ack, Hello, JobStateChanged, Output, StopJob
-from protocol.session import supported_versions
 from protocol.spec import BACKEND_KINDS, JobSpec, NoopBackend
 from protocol.state import TERMINAL, Phase
+from protocol.versions import supported_versions
 from tests.faults import FaultyProxy
 from tests.harness import (
     Switchboard,

@@ -13,7 +13,7 @@ import pytest
 from protocol import codec, limits
 from protocol.exceptions import CloseCode, FrameError
 from protocol.messages import Output
-from protocol.session import negotiate_version
+from protocol.versions import negotiate_version
 
 pytestmark = pytest.mark.unit
 

@@ -48,7 +48,7 @@ from protocol.messages import (
     StopJob,
     Welcome,
 )
-from protocol.session import EventBacklog
+from protocol.sequencing import EventBacklog
 from protocol.spec import NoopBackend
 from protocol.state import Phase
 

@@ -39,7 +39,7 @@ from protocol.messages import (
     StopJob,
     Welcome,
 )
-from protocol.session import EventBacklog, InboundSequence, negotiate_version, supported_versions
+from protocol.sequencing import EventBacklog, InboundSequence
 from protocol.spec import (
     DockerBackend,
     JobSpec,
@@ -50,6 +50,7 @@ from protocol.spec import (
     WasmBackend,
 )
 from protocol.state import Phase
+from protocol.versions import negotiate_version, supported_versions
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidStatus
 
 from protocol import codec, limits
 from protocol.messages import Hello, Welcome
-from protocol.session import supported_versions
+from protocol.versions import supported_versions
 from switchboard.config import Settings
 from tests.harness import Switchboard, scaled
 

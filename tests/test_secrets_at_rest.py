@@ -23,11 +23,10 @@ import pytest
 import websockets
 
 from protocol import codec, limits
-from protocol.messages import Hello, ServerHeartbeat, StartJob, Welcome
-from protocol.session import supported_versions
+from protocol.messages import Hello, RunRef, ServerHeartbeat, StartJob, Welcome
 from protocol.spec import Concurrency, JobSpec, NoopBackend, Parameter
+from protocol.versions import supported_versions
 from switchboard.config import Settings
-from switchboard.models import RunKey
 from switchboard.sealing import Keyring, SecretsUnreadable
 from switchboard.secret_keys import SecretKeyError, parse_keys
 from switchboard.store.schema import SchemaMismatch
@@ -504,7 +503,7 @@ async def test_the_store_keeps_sealed_values_only_while_a_job_may_still_run(tmp_
         (run,) = await store.assign([("holder", "host-1")])
         assert run.spec.parameters["API_KEY"].value == "s3cret-legacy-value"
         assert _sealed_ids(path) == {"holder"}  # its run may need a StartJob again
-        await store.end_run(RunKey("holder", 1), "succeeded", "done")
+        await store.end_run(RunRef("holder", 1), "succeeded", "done")
         assert _sealed_ids(path) == set()
     finally:
         await store.close()

@@ -24,8 +24,8 @@ from protocol.messages import (
     StopJob,
     Welcome,
 )
-from protocol.session import supported_versions
 from protocol.state import Phase
+from protocol.versions import supported_versions
 from tests.harness import Switchboard, scaled
 from tests.scrape import sample_value
 from tests.supervisor_ws import connect_ws

@@ -30,7 +30,7 @@ from protocol.spec import (
 )
 from protocol.state import Phase
 from switchboard.lifecycle import BUSY_RETRY_S
-from switchboard.models import Enrolment, JobFilter, RunKey
+from switchboard.models import Enrolment, JobFilter
 from switchboard.sealing import REDACTED
 from switchboard.store.base import Store
 from switchboard.store.errors import ArtifactMissing, ConnectRefused, QueueFull
@@ -242,20 +242,20 @@ async def test_switchboard_endings(store):
     await _running(store)
     await store.supervisor_disconnected("s1", 1)
     await asyncio.sleep(0.05)
-    assert await store.lose_runs(grace_s=0.0) == [RunKey("j1", 1)]
+    assert await store.lose_runs(grace_s=0.0) == [RunRef("j1", 1)]
     assert (await store.get_job("j1")).phase == Phase.LOST
     queued = JobSpec(name="q", backend=NoopBackend(), queue_timeout_s=0.01)
     await store.create_job("q", queued)
     await asyncio.sleep(0.05)
     expired = await store.expire(run_grace_s=0.0)
     assert expired.jobs == ["q"] and (await store.get_job("q")).phase == Phase.TIMED_OUT
-    assert await store.end_run(RunKey("j1", 1), "failed", "late") is False  # already ended
+    assert await store.end_run(RunRef("j1", 1), "failed", "late") is False  # already ended
 
 
 async def test_events_are_stored_once_and_in_order(store):
     await _running(store)
     again = await store.apply_events("s1", [state(1, Phase.RUNNING), state(2, Phase.SUCCEEDED)])
-    assert again.stored_seq == 2 and again.ended == [RunKey("j1", 1)]
+    assert again.stored_seq == 2 and again.ended == [RunRef("j1", 1)]
     assert (await store.supervisor_connected(hello())).last_seq == 2
     assert [p.phase for p in (await store.get_job("j1")).runs[0].phases].count("running") == 1
 

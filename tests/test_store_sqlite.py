@@ -8,9 +8,8 @@ import asyncio
 import pytest
 
 from protocol.exceptions import JobErrorKind
-from protocol.messages import Hello, JobErrorReport, JobExit
+from protocol.messages import Hello, JobErrorReport, JobExit, RunRef
 from protocol.state import Phase
-from switchboard.models import RunKey
 from switchboard.store.errors import BatchOutOfOrder
 from switchboard.store.sqlite import SQLiteStore
 from tests.store_setup import HELLO, SPEC, assigned_job, out, state
@@ -32,7 +31,7 @@ async def test_lifecycle_and_phases_in_order(store):
             state(6, Phase.SUCCEEDED),
         ],
     )
-    assert result.stored_seq == 6 and result.ended == [RunKey("j1", 1)]
+    assert result.stored_seq == 6 and result.ended == [RunRef("j1", 1)]
     job = await store.get_job("j1")
     assert job.phase == Phase.SUCCEEDED and job.exit_code == 0
     assert [p.phase for p in job.runs[0].phases] == [
@@ -76,7 +75,7 @@ async def test_backward_transition_is_refused(store):
     await assigned_job(store)
     await store.apply_events("s1", [state(1, Phase.RUNNING), state(2, Phase.SUCCEEDED)])
     result = await store.apply_events("s1", [state(3, Phase.RUNNING)])
-    assert result.unwanted == [RunKey("j1", 1)]
+    assert result.unwanted == [RunRef("j1", 1)]
     assert (await store.get_job("j1")).phase == Phase.SUCCEEDED
 
 
@@ -85,7 +84,7 @@ async def test_events_for_runs_of_other_supervisors_are_refused(store):
     other = Hello(supervisor_id="s2", name="s2", versions=["1.0"])
     await store.supervisor_connected(other)
     result = await store.apply_events("s2", [state(1, Phase.RUNNING)])
-    assert result.unwanted == [RunKey("j1", 1)]
+    assert result.unwanted == [RunRef("j1", 1)]
     assert (await store.get_job("j1")).phase == Phase.ASSIGNED
 
 
@@ -181,9 +180,9 @@ async def test_a_batch_is_refused_when_the_one_before_it_was_not_stored(store):
 async def test_lost_run_is_finalized(store):
     await assigned_job(store)
     await store.apply_events("s1", [state(1, Phase.RUNNING)])
-    assert await store.end_run(RunKey("j1", 1), "lost", "host gone")
+    assert await store.end_run(RunRef("j1", 1), "lost", "host gone")
     assert (await store.get_job("j1")).phase == Phase.LOST
-    assert not await store.end_run(RunKey("j1", 1), "lost", "twice")
+    assert not await store.end_run(RunRef("j1", 1), "lost", "twice")
 
 
 async def test_runs_of_a_supervisor_gone_past_its_grace_are_lost(store):
@@ -193,7 +192,7 @@ async def test_runs_of_a_supervisor_gone_past_its_grace_are_lost(store):
     connected = await store.supervisor_connected(HELLO)
     await store.supervisor_disconnected("s1", connected.session)
     assert await store.lose_runs(3600.0) == []  # within its grace
-    assert await store.lose_runs(0.0) == [RunKey("j1", 1)]
+    assert await store.lose_runs(0.0) == [RunRef("j1", 1)]
     job = await store.get_job("j1")
     assert job.phase == Phase.LOST and "silent" in job.runs[0].message
     assert await store.lose_runs(0.0) == []

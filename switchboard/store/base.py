@@ -38,7 +38,6 @@ from switchboard.models import (
     Overview,
     PlacementSnapshot,
     QueuedJob,
-    RunKey,
     Submitted,
     SupervisorView,
     TokenView,
@@ -286,7 +285,7 @@ class Store(abc.ABC):
         every one's grace period starts now."""
 
     @abc.abstractmethod
-    async def lose_runs(self, grace_s: float) -> list[RunKey]:
+    async def lose_runs(self, grace_s: float) -> list[RunRef]:
         """End as `lost` every active run of a supervisor disconnected for over `grace_s`."""
 
     @abc.abstractmethod
@@ -337,5 +336,5 @@ class Store(abc.ABC):
         (BatchOutOfOrder), so no event is ever skipped."""
 
     @abc.abstractmethod
-    async def end_run(self, key: RunKey, phase: str, message: str) -> bool:
+    async def end_run(self, key: RunRef, phase: str, message: str) -> bool:
         """Finalize an active run from the switchboard's side (e.g. the host lost it)."""

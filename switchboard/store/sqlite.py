@@ -42,7 +42,6 @@ from switchboard.models import (
     Overview,
     PlacementSnapshot,
     QueuedJob,
-    RunKey,
     Submitted,
     SupervisorView,
     TokenView,
@@ -367,10 +366,10 @@ class SQLiteStore(Store):
 
         return self._engine.write(write)
 
-    async def end_run(self, key: RunKey, phase: str, message: str) -> bool:
+    async def end_run(self, key: RunRef, phase: str, message: str) -> bool:
         return await self._write(lambda conn: runs.end_run(conn, key, Phase(phase), message))
 
-    async def lose_runs(self, grace_s: float) -> list[RunKey]:
+    async def lose_runs(self, grace_s: float) -> list[RunRef]:
         now = time.time()
         return await self._write(lambda conn: runs.lose_runs(conn, grace_s, now))
 

@@ -22,12 +22,13 @@ from protocol.messages import (
     JobExit,
     JobStateChanged,
     Output,
+    RunRef,
     SupervisorEvent,
 )
 from protocol.spec import RestartPolicy
 from protocol.state import SUPERVISOR_REPORTABLE, Phase, can_transition, is_terminal
 from switchboard import lifecycle, metrics
-from switchboard.models import RunKey, RunOnSupervisor
+from switchboard.models import RunOnSupervisor
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
 from switchboard.store.sqlite_jobs import record_events
 from switchboard.store.sqlite_output import OUTPUT_CUT_NOTE, new_output
@@ -221,8 +222,8 @@ class EventBatch:
         self.conn = conn
         self.supervisor_id = supervisor_id
         self.output_cap = output_cap
-        self.ended: list[RunKey] = []
-        self.unwanted: list[RunKey] = []
+        self.ended: list[RunRef] = []
+        self.unwanted: list[RunRef] = []
         #: (job id, attempt) -> the run as of this batch; None: no such run.
         self._runs: dict[tuple[str, int], _Run | None] = {}
         self._pending: dict[tuple[str, int], _Pending] = {}
@@ -249,7 +250,7 @@ class EventBatch:
                 event.job_id,
                 event.attempt,
             )
-            self.unwanted.append(RunKey(*key))
+            self.unwanted.append(RunRef(*key))
             return
         phase = run.phase
         conn = self.conn
@@ -281,7 +282,7 @@ class EventBatch:
                         self.supervisor_id,
                     )
                     if is_terminal(phase):
-                        self.unwanted.append(RunKey(*key))
+                        self.unwanted.append(RunRef(*key))
                     return
                 run.phase = new
                 self._change(key, event, run)
@@ -297,7 +298,7 @@ class EventBatch:
         pending = _Pending(event, event.at or time.time(), run.exit_code, started_at)
         if is_terminal(event.phase):
             self._write(key, pending, run_message=True)  # nothing follows a terminal phase
-            self.ended.append(RunKey(*key))
+            self.ended.append(RunRef(*key))
             return
         if event.message is not None:
             # The run's message keeps the order of events (an exit after this may bring
@@ -366,7 +367,7 @@ class EventBatch:
         )
 
 
-def lose_runs(conn: sqlite3.Connection, grace_s: float, now: float) -> list[RunKey]:
+def lose_runs(conn: sqlite3.Connection, grace_s: float, now: float) -> list[RunRef]:
     """End as `lost` every active run of a supervisor disconnected for over `grace_s`."""
     rows = conn.execute(
         "SELECT r.job_id, r.attempt FROM runs r JOIN supervisors s"
@@ -377,7 +378,7 @@ def lose_runs(conn: sqlite3.Connection, grace_s: float, now: float) -> list[RunK
     message = lifecycle.lost_message(grace_s)
     for job_id, attempt in rows:
         set_run_phase(conn, job_id, attempt, Phase.LOST, None, message, now)
-    return [RunKey(job_id, attempt) for job_id, attempt in rows]
+    return [RunRef(job_id, attempt) for job_id, attempt in rows]
 
 
 def expire_runs(conn: sqlite3.Connection, grace_s: float, now: float) -> list[RunOnSupervisor]:
@@ -399,7 +400,7 @@ def expire_runs(conn: sqlite3.Connection, grace_s: float, now: float) -> list[Ru
     return runs
 
 
-def end_run(conn: sqlite3.Connection, key: RunKey, phase: Phase, message: str) -> bool:
+def end_run(conn: sqlite3.Connection, key: RunRef, phase: Phase, message: str) -> bool:
     """End an active run from the switchboard's side; False if it may not end so."""
     current = run_phase(conn, key.job_id, key.attempt)
     if current is None or not can_transition(current, phase):

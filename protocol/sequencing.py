@@ -1,6 +1,5 @@
-"""Sans-I/O pieces of a connection that both ends drive (protocol.connection uses them):
-version negotiation, the supervisor's backlog of unacknowledged events, and the
-switchboard's duplicate filter.
+"""Event sequencing, the sans-I/O part protocol.connection drives on each side: the
+supervisor's backlog of unacknowledged events, and the switchboard's duplicate filter.
 
 Sequencing in one paragraph: the supervisor numbers its events 1, 2, 3, ... and never
 reuses a number, across reconnects too. It keeps every event until the switchboard
@@ -13,42 +12,12 @@ numbering after the Welcome's `last_seq`.
 
 from __future__ import annotations
 
-import re
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from itertools import islice
 
-from . import codec, limits
-from .exceptions import CloseCode, FrameError
+from . import codec
 from .messages import Event
-
-_VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
-
-
-def supported_versions() -> list[str]:
-    """The versions this code speaks, for a Hello."""
-    return [f"{limits.PROTOCOL_MAJOR}.{minor}" for minor in range(limits.PROTOCOL_MINOR, -1, -1)]
-
-
-def negotiate_version(offered: Iterable[str]) -> str:
-    """Pick the highest version both sides speak, or raise FrameError (4001).
-
-    Minor versions only add, so a peer offering 1.N also speaks every 1.M with M < N.
-    """
-    best: int | None = None
-    for version in offered:
-        match = _VERSION_RE.fullmatch(version)
-        if match is None or int(match[1]) != limits.PROTOCOL_MAJOR:
-            continue
-        candidate = min(int(match[2]), limits.PROTOCOL_MINOR)
-        if best is None or candidate > best:
-            best = candidate
-    if best is None:
-        raise FrameError(
-            CloseCode.UNSUPPORTED_VERSION,
-            f"no common protocol version (this switchboard speaks {supported_versions()})",
-        )
-    return f"{limits.PROTOCOL_MAJOR}.{best}"
 
 
 class EventBacklog:

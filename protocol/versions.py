@@ -1,0 +1,40 @@
+"""Protocol versions: which ones this code speaks, and the one two peers agree on.
+
+Minor versions only add, so a peer offering 1.N also speaks every 1.M with M < N.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from . import limits
+from .exceptions import CloseCode, FrameError
+
+_VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
+
+
+def supported_versions() -> list[str]:
+    """The versions this code speaks, for a Hello."""
+    return [f"{limits.PROTOCOL_MAJOR}.{minor}" for minor in range(limits.PROTOCOL_MINOR, -1, -1)]
+
+
+def negotiate_version(offered: Iterable[str]) -> str:
+    """Pick the highest version both sides speak, or raise FrameError (4001).
+
+    Minor versions only add, so a peer offering 1.N also speaks every 1.M with M < N.
+    """
+    best: int | None = None
+    for version in offered:
+        match = _VERSION_RE.fullmatch(version)
+        if match is None or int(match[1]) != limits.PROTOCOL_MAJOR:
+            continue
+        candidate = min(int(match[2]), limits.PROTOCOL_MINOR)
+        if best is None or candidate > best:
+            best = candidate
+    if best is None:
+        raise FrameError(
+            CloseCode.UNSUPPORTED_VERSION,
+            f"no common protocol version (this switchboard speaks {supported_versions()})",
+        )
+    return f"{limits.PROTOCOL_MAJOR}.{best}"
