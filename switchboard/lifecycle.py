@@ -249,6 +249,12 @@ def on_cancel(phase: Phase, why: str, actor: str, now: float) -> CancelDecision 
     return CancelDecision(phase, why, True, event)
 
 
+def may_delete(phase: Phase, has_active_run: bool) -> bool:
+    """A job may be deleted (with its runs, output and history) once it has ended and no
+    run of it is still held: deleting earlier would forget a run a supervisor still has."""
+    return is_terminal(phase) and not has_active_run
+
+
 # --- submission ------------------------------------------------------------------------------
 
 

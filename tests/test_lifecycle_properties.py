@@ -22,6 +22,7 @@ from switchboard.lifecycle import (
     JobAtRunChange,
     RunChange,
     after_run_change,
+    may_delete,
     on_cancel,
     on_submit,
     restart_delay,
@@ -225,3 +226,9 @@ def test_the_switchboard_endings():
     end = lifecycle.secrets_unreadable("no key", 3.0)
     assert end.phase == Phase.REJECTED and "no key" in end.reason
     assert lifecycle.run_timed_out(2, 3.0).attempt == 2
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_only_an_ended_job_with_no_held_run_may_be_deleted(phase):
+    assert may_delete(phase, has_active_run=False) == (phase in TERMINAL)
+    assert not may_delete(phase, has_active_run=True)

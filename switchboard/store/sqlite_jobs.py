@@ -15,7 +15,7 @@ from typing import NamedTuple
 import msgspec
 
 from protocol.spec import JobSpec
-from protocol.state import Phase, is_terminal
+from protocol.state import Phase
 from switchboard import lifecycle
 from switchboard.artifacts import named_artifacts
 from switchboard.lifecycle import AuditEntry
@@ -391,7 +391,7 @@ def delete_job(conn: sqlite3.Connection, job_id: str) -> str:
         f"SELECT 1 FROM runs WHERE job_id = ? AND phase IN ({ACTIVE_SQL})",
         (job_id, *ACTIVE_PHASES),
     ).fetchone()
-    if not is_terminal(row[0]) or active is not None:
+    if not lifecycle.may_delete(Phase(row[0]), active is not None):
         return "active"
     for table in ("output", "run_phases", "runs", "job_events", "job_artifacts"):
         conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
