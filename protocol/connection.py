@@ -172,14 +172,6 @@ class Goodbye(NamedTuple):
     close_reason: str
 
 
-class StatusDue(NamedTuple):
-    """A StatusReply to reconcile now; `newer`: runs (job_id, attempt) whose events came
-    after it (leave them be)."""
-
-    reply: StatusReply
-    newer: frozenset[tuple[str, int]]
-
-
 class Acknowledged(NamedTuple):
     """An Ack arrived (supervisor side): `dropped` events and `freed_bytes` of the backlog
     are forgotten."""
@@ -218,9 +210,10 @@ class Connection:
         #: StatusReplies waiting for the events numbered before them to go out first.
         self._replies: deque[tuple[int, bytes]] = deque()
         # switchboard side: the duplicate filter, the highest seq stored and received,
-        # whether reconciliation was due yet, the StatusRequest waiting for its reply, and
-        # a reply waiting for the events before it to be stored (with the runs that had
-        # events after it: the reply is out of date for them).
+        # whether reconciliation was due yet, the StatusRequest waiting for its reply, a
+        # reply waiting for the events before it to be stored (with the runs that had
+        # events after it: the reply is out of date for them), and the same for the reply
+        # being checked (None: none is).
         self._inbound = InboundSequence(0)
         self._stored_seq = 0
         self._received_seq = 0
@@ -230,6 +223,7 @@ class Connection:
         self._reply: StatusReply | None = None
         self._reply_upto = 0
         self._touched: set[tuple[str, int]] = set()
+        self._checking: set[tuple[str, int]] | None = None
 
     # --- the table ---------------------------------------------------------------------
 
@@ -258,8 +252,11 @@ class Connection:
             case Event(seq=seq):
                 if seq > self._received_seq:
                     self._received_seq = seq
+                run = (message.job_id, message.attempt)
                 if self._reply is not None:
-                    self._touched.add((message.job_id, message.attempt))
+                    self._touched.add(run)
+                if self._checking is not None:
+                    self._checking.add(run)
             case Hello():
                 return self._hello(message)
             case Welcome():
@@ -376,15 +373,30 @@ class Connection:
         self._reconciled = True
         return True
 
-    def status_due(self) -> StatusDue | None:
-        """The latest StatusReply, once every event received before it is stored (then the
-        store's view of the supervisor's runs is as of the reply, except for the runs with
-        events since: `newer`, for which the reply is out of date). Given once."""
+    def status_due(self) -> StatusReply | None:
+        """The latest StatusReply, once every event received before it is stored: the
+        store's view of the supervisor's runs is then as of the reply, except for the runs
+        with events since (`status_newer`). Given once, and not while another is being
+        checked: from now until `status_checked`, this reply is being checked."""
+        if self._checking is not None:
+            return None
         if self._reply is None or self._stored_seq < self._reply_upto:
             return None
-        due = StatusDue(self._reply, frozenset(self._touched))
+        reply, self._checking = self._reply, self._touched
         self._reply, self._touched = None, set()
-        return due
+        return reply
+
+    def status_newer(self) -> frozenset[tuple[str, int]]:
+        """The runs (job_id, attempt) with events received since the reply being checked:
+        the reply is out of date for them (leave them be). Ask after reading the store,
+        not before: events keep arriving and being stored while it is read, and each was
+        received before it could be stored."""
+        assert self._checking is not None, "no StatusReply is being checked"
+        return frozenset(self._checking)
+
+    def status_checked(self) -> None:
+        """The reply `status_due` gave is settled: the next one may be given."""
+        self._checking = None
 
     def status_request(self) -> bytes | None:
         """A StatusRequest; its reply supersedes any earlier one's (which is then ignored)."""

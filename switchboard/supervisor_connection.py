@@ -27,7 +27,7 @@ from typing import NamedTuple, Protocol
 
 from litestar import WebSocket
 
-from protocol.connection import Connection, Goodbye, StatusDue
+from protocol.connection import Connection, Goodbye
 from protocol.exceptions import CloseCode
 from protocol.messages import (
     Event,
@@ -367,17 +367,30 @@ class SupervisorConnection:
         self.fleet.wake_dispatcher()
 
     async def _status_due(self) -> None:
-        """Repair what drifted since the last StatusReply, once its events are stored."""
-        due: StatusDue | None = self.protocol.status_due()
-        if due is None or not self.ready or not self.fleet.is_current(self):
+        """Repair what drifted by each StatusReply whose events are stored, one at a time."""
+        while (reply := self.protocol.status_due()) is not None:
+            try:
+                await self._check_status(reply)
+            finally:
+                self.protocol.status_checked()
+
+    async def _check_status(self, reply: StatusReply) -> None:
+        if not self.ready or not self.fleet.is_current(self):
             return
         store = self.fleet.store
         # The common case, nothing drifted, costs a read of run identities (the full list
-        # holds the specs and opens secrets).
-        held = {RunRef(run.job_id, run.attempt) for run in due.reply.runs}
-        if held == await store.active_run_refs(self.id) and not due.newer:
+        # holds the specs and opens secrets). Equal sets: no row of `drift` applies.
+        held = {RunRef(run.job_id, run.attempt) for run in reply.runs}
+        if held == await store.active_run_refs(self.id):
             return
-        decisions = drift(await store.active_runs(self.id), due.reply.runs, due.newer)
+        runs = await store.active_runs(self.id)
+        # Which runs had events since the reply is asked only now: the reader kept reading
+        # and the store kept storing while it was read, and a run whose events after the
+        # reply were stored by then looks started (or ended) there, not as in the reply.
+        newer = self.protocol.status_newer()
+        if not self.fleet.is_current(self):
+            return  # replaced while reading: the newer connection reconciles
+        decisions = drift(runs, reply.runs, newer)
         if decisions:
             log.warning(
                 "supervisor %s: its runs drifted from what is stored: %s",

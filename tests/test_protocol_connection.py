@@ -284,9 +284,49 @@ def test_a_status_reply_waits_for_the_events_before_it() -> None:
     conn.receive(codec.encode(_event(6, "after")))
     assert conn.status_due() is None  # seq 5 is not stored yet
     conn.acknowledge(5)
-    due = conn.status_due()
-    assert due is not None and due.reply == reply and due.newer == {("after", 1)}
+    assert conn.status_due() == reply
+    assert conn.status_newer() == {("after", 1)}
     assert conn.status_due() is None  # once
+
+
+def test_events_received_while_a_reply_is_checked_are_newer_than_it() -> None:
+    """The store is read after the reply is given, and the events that arrive meanwhile
+    are stored meanwhile: a run whose first events came then looks started in what is
+    read, though the reply (rightly) did not list it. It must count as newer."""
+    conn = _established()
+    request = codec.decode_from_switchboard(conn.status_request() or b"")
+    assert isinstance(request, StatusRequest)
+    reply = StatusReply(request_id=request.request_id)
+    conn.receive(codec.encode(reply))
+    assert conn.status_due() == reply
+    conn.receive(codec.encode(_event(1, "started-since")))
+    conn.acknowledge(1)
+    assert conn.status_newer() == {("started-since", 1)}
+    conn.status_checked()
+    conn.receive(codec.encode(_event(2, "later")))
+    request = codec.decode_from_switchboard(conn.status_request() or b"")
+    assert isinstance(request, StatusRequest)
+    conn.receive(codec.encode(StatusReply(request_id=request.request_id)))
+    conn.acknowledge(2)
+    assert conn.status_due() is not None
+    assert conn.status_newer() == frozenset()  # each reply counts from its own arrival
+
+
+def test_one_reply_is_checked_at_a_time() -> None:
+    """A reply due while another is being checked waits for that check to end, and
+    counts its own newer runs meanwhile."""
+    conn = _established()
+    conn.status_request()
+    conn.receive(codec.encode(StatusReply(request_id=1)))
+    assert conn.status_due() is not None
+    conn.status_request()
+    conn.receive(codec.encode(StatusReply(request_id=2)))
+    conn.receive(codec.encode(_event(1, "during")))
+    conn.acknowledge(1)
+    assert conn.status_due() is None  # the first is still being checked
+    conn.status_checked()
+    assert conn.status_due() == StatusReply(request_id=2)
+    assert conn.status_newer() == {("during", 1)}
 
 
 def test_a_status_reply_to_an_older_request_is_ignored() -> None:
