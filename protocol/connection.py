@@ -189,6 +189,29 @@ Received = FromSupervisor | FromSwitchboard | Acknowledged | Goodbye | None
 class Connection:
     """One side of one supervisor connection. See the module docstring."""
 
+    # A switchboard holds one per connected supervisor: no per-instance dict.
+    __slots__ = (
+        "_checking",
+        "_decode",
+        "_inbound",
+        "_received_seq",
+        "_reconciled",
+        "_replies",
+        "_reply",
+        "_reply_upto",
+        "_request_id",
+        "_sent_upto",
+        "_status_pending",
+        "_stored_seq",
+        "_touched",
+        "backlog",
+        "hello",
+        "peer",
+        "role",
+        "state",
+        "version",
+    )
+
     def __init__(self, role: Role, *, backlog: EventBacklog | None = None) -> None:
         if (role is Role.SUPERVISOR) != (backlog is not None):
             raise ValueError("a supervisor's connection needs its backlog, and only it")
@@ -208,7 +231,8 @@ class Connection:
         self.backlog = backlog
         self._sent_upto = 0
         #: StatusReplies waiting for the events numbered before them to go out first.
-        self._replies: deque[tuple[int, bytes]] = deque()
+        #: (None until the first: most connections never hold one, and a deque is large.)
+        self._replies: deque[tuple[int, bytes]] | None = None
         # switchboard side: the duplicate filter, the highest seq stored and received,
         # whether reconciliation was due yet, the StatusRequest waiting for its reply, a
         # reply waiting for the events before it to be stored (with the runs that had
@@ -222,7 +246,7 @@ class Connection:
         self._status_pending: int | None = None
         self._reply: StatusReply | None = None
         self._reply_upto = 0
-        self._touched: set[tuple[str, int]] = set()
+        self._touched: set[tuple[str, int]] | None = None
         self._checking: set[tuple[str, int]] | None = None
 
     # --- the table ---------------------------------------------------------------------
@@ -253,7 +277,7 @@ class Connection:
                 if seq > self._received_seq:
                     self._received_seq = seq
                 run = (message.job_id, message.attempt)
-                if self._reply is not None:
+                if self._touched is not None:
                     self._touched.add(run)
                 if self._checking is not None:
                     self._checking.add(run)
@@ -382,8 +406,8 @@ class Connection:
             return None
         if self._reply is None or self._stored_seq < self._reply_upto:
             return None
-        reply, self._checking = self._reply, self._touched
-        self._reply, self._touched = None, set()
+        reply, self._checking = self._reply, self._touched or set()
+        self._reply, self._touched = None, None
         return reply
 
     def status_newer(self) -> frozenset[tuple[str, int]]:
@@ -418,7 +442,7 @@ class Connection:
             return []  # events may not go out (yet, or any more)
         events = self.backlog.frames_after(self._sent_upto, limit)
         replies = self._replies
-        if not replies:
+        if not replies:  # None or empty
             return events  # type: ignore[return-value]
         out: list[tuple[int | None, bytes]] = []
         for seq, frame in events:
@@ -443,6 +467,8 @@ class Connection:
         held = list(runs)
         frame = self.send(StatusReply(request_id=request.request_id, runs=held, running=len(held)))
         if frame is not None:
+            if self._replies is None:
+                self._replies = deque()
             self._replies.append((self.backlog.last_seq, frame))
 
 

@@ -24,6 +24,7 @@ from protocol.messages import RunRef, ServerHeartbeat, StopJob
 from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import handshake, metrics
+from switchboard.coalesce import CoalescedRead
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
 from switchboard.models import Assignment
@@ -48,6 +49,9 @@ class Hub:
         #: Refusals anyone who reaches the port can cause, one per attempt: logged once
         #: per interval (the metric counts each).
         self._refusals_log = RateLimitedLog(log)
+        #: What the store believes each supervisor holds, for status checks: one read per
+        #: burst of them, not one per supervisor.
+        self._stored_runs = CoalescedRead(store.active_run_refs)
 
     # --- what others may ask ------------------------------------------------------------
 
@@ -82,6 +86,10 @@ class Hub:
 
     def on_capacity_change(self, listener: CapacityListener) -> None:
         self._capacity_listener = listener
+
+    async def stored_run_refs(self, supervisor_id: str) -> set[RunRef]:
+        """The runs the store believes `supervisor_id` holds (identities only)."""
+        return await self._stored_runs.get(supervisor_id)
 
     def wake_dispatcher(self) -> None:
         self._capacity_listener()

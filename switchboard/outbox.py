@@ -32,6 +32,21 @@ Cut = Callable[[str, str], None]
 
 
 class Outbox:
+    # One per connected supervisor, thousands at once: no per-instance dict.
+    __slots__ = (
+        "_bytes",
+        "_cut",
+        "_items",
+        "_send_since",
+        "_starts",
+        "_writer",
+        "_writing",
+        "closed",
+        "name",
+        "settings",
+        "socket",
+    )
+
     def __init__(
         self, socket: WebSocket, settings: Settings, name: str, writing: set[Outbox], cut: Cut
     ) -> None:

@@ -69,6 +69,8 @@ class Fleet(Protocol):
 
     def wake_dispatcher(self) -> None: ...
 
+    async def stored_run_refs(self, supervisor_id: str) -> set[RunRef]: ...
+
     async def start_frame(self, job_id: str, attempt: int, spec: JobSpec) -> bytes | None: ...
 
 
@@ -125,6 +127,27 @@ class _Write(NamedTuple):
 
 
 class SupervisorConnection:
+    # One per connected supervisor, thousands at once: no per-instance dict.
+    __slots__ = (
+        "_acknowledger",
+        "_beats",
+        "_events",
+        "_last_heard",
+        "_room",
+        "_writes",
+        "closed_because",
+        "enrolled",
+        "fleet",
+        "hello",
+        "id",
+        "last_heard_at",
+        "outbox",
+        "protocol",
+        "ready",
+        "session",
+        "token_ids",
+    )
+
     def __init__(
         self,
         fleet: Fleet,
@@ -381,7 +404,7 @@ class SupervisorConnection:
         # The common case, nothing drifted, costs a read of run identities (the full list
         # holds the specs and opens secrets). Equal sets: no row of `drift` applies.
         held = {RunRef(run.job_id, run.attempt) for run in reply.runs}
-        if held == await store.active_run_refs(self.id):
+        if held == await self.fleet.stored_run_refs(self.id):
             return
         runs = await store.active_runs(self.id)
         # Which runs had events since the reply is asked only now: the reader kept reading

@@ -14,7 +14,7 @@ import pytest
 
 from protocol import codec
 from protocol.connection import Connection, Role
-from protocol.messages import Event, HeldRun, StatusReply, StatusRequest
+from protocol.messages import Event, HeldRun, RunRef, StatusReply, StatusRequest
 from protocol.state import Phase
 from switchboard.config import Settings
 from switchboard.outbox import Outbox
@@ -38,6 +38,9 @@ class _Fleet:
 
     def wake_dispatcher(self) -> None:
         pass
+
+    async def stored_run_refs(self, supervisor_id: str) -> set[RunRef]:
+        return (await self.store.active_run_refs([supervisor_id]))[supervisor_id]
 
     async def start_frame(self, job_id: str, attempt: int, spec: Any) -> bytes | None:
         raise AssertionError("no StartJob is sent here")
@@ -83,11 +86,11 @@ def _during_first_read(store: Any, act: Callable[[], Awaitable[None]]) -> None:
     read = store.active_run_refs
     done = []
 
-    async def active_run_refs(supervisor_id: str) -> Any:
+    async def active_run_refs(supervisor_ids: Any) -> Any:
         if not done:
             done.append(True)
             await act()
-        return await read(supervisor_id)
+        return await read(supervisor_ids)
 
     store.active_run_refs = active_run_refs
 

@@ -154,15 +154,19 @@ async def test_a_run_and_its_history(store):
     assert await store.job_events("nope") is None
 
 
-async def test_active_run_refs_name_what_a_supervisor_holds(store):
-    assert await store.active_run_refs("s1") == set()
+async def test_active_run_refs_name_what_each_supervisor_holds(store):
+    assert await store.active_run_refs([]) == {}
+    assert await store.active_run_refs(["s1"]) == {"s1": set()}
     await _running(store)
     await store.create_job("j2", SPEC)
     await store.assign([("j2", "s1")])  # assigned, not yet running: held too
-    assert await store.active_run_refs("s1") == {RunRef("j1", 1), RunRef("j2", 1)}
-    assert await store.active_run_refs("other") == set()
+    both = await store.active_run_refs(["s1", "other"])
+    assert both == {"s1": {RunRef("j1", 1), RunRef("j2", 1)}, "other": set()}
     await store.apply_events("s1", [state(2, Phase.SUCCEEDED)])
-    assert await store.active_run_refs("s1") == {RunRef("j2", 1)}
+    assert await store.active_run_refs(["s1"]) == {"s1": {RunRef("j2", 1)}}
+    many = [f"x{i}" for i in range(1200)] + ["s1"]  # more than one query's worth of ids
+    refs = await store.active_run_refs(many)
+    assert len(refs) == 1201 and refs["s1"] == {RunRef("j2", 1)}
 
 
 async def test_a_restart_is_written_with_its_backoff(store):

@@ -12,7 +12,7 @@ change is durable, which is what lets the switchboard acknowledge a supervisor's
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
@@ -268,9 +268,10 @@ class Store(abc.ABC):
         come with their secret values opened (their StartJob may be sent again)."""
 
     @abc.abstractmethod
-    async def active_run_refs(self, supervisor_id: str) -> set[RunRef]:
-        """Which runs the switchboard believes a supervisor holds, by identity only (a
-        cheap read: no specs, no secrets)."""
+    async def active_run_refs(self, supervisor_ids: Collection[str]) -> dict[str, set[RunRef]]:
+        """Which runs the switchboard believes each of these supervisors holds, by identity
+        only (a cheap read: no specs, no secrets); every id asked for is a key. Many at
+        once, for the status checks of a fleet (switchboard.coalesce)."""
 
     @abc.abstractmethod
     async def supervisor_disconnected(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -406,8 +406,9 @@ class SQLiteStore(Store):
         keyring = self._keyring
         return await self._read(lambda conn: placement.active_runs(conn, supervisor_id, keyring))
 
-    async def active_run_refs(self, supervisor_id: str) -> set[RunRef]:
-        return await self._read(lambda conn: placement.active_run_refs(conn, supervisor_id))
+    async def active_run_refs(self, supervisor_ids: Collection[str]) -> dict[str, set[RunRef]]:
+        ids = list(supervisor_ids)
+        return await self._read(lambda conn: placement.active_run_refs(conn, ids))
 
     async def supervisor_disconnected(
         self, supervisor_id: str, session: int, reason: str = "disconnected"

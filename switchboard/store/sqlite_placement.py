@@ -11,6 +11,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Collection
 
 import msgspec
 
@@ -161,12 +162,26 @@ def active_runs(conn: sqlite3.Connection, supervisor_id: str, keyring: Keyring) 
     return [active_run(row, keyring) for row in rows]
 
 
-def active_run_refs(conn: sqlite3.Connection, supervisor_id: str) -> set[RunRef]:
-    rows = conn.execute(
-        f"SELECT job_id, attempt FROM runs WHERE supervisor_id = ? AND phase IN ({ACTIVE_SQL})",
-        (supervisor_id, *ACTIVE_PHASES),
-    )
-    return {RunRef(job_id, attempt) for job_id, attempt in rows}
+def active_run_refs(
+    conn: sqlite3.Connection, supervisor_ids: Collection[str]
+) -> dict[str, set[RunRef]]:
+    refs: dict[str, set[RunRef]] = {i: set() for i in supervisor_ids}
+    ids = list(refs)
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        chunk = ids[start : start + _IDS_PER_QUERY]
+        rows = conn.execute(
+            "SELECT supervisor_id, job_id, attempt FROM runs"
+            f" WHERE supervisor_id IN ({', '.join('?' * len(chunk))})"
+            f" AND phase IN ({ACTIVE_SQL})",
+            (*chunk, *ACTIVE_PHASES),
+        )
+        for supervisor_id, job_id, attempt in rows:
+            refs[supervisor_id].add(RunRef(job_id, attempt))
+    return refs
+
+
+#: Ids per query of a batched read (well under SQLite's limit on bound values).
+_IDS_PER_QUERY = 500
 
 
 def set_unschedulable(conn: sqlite3.Connection, reasons: dict[str, str | None]) -> None:
