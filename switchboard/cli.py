@@ -18,6 +18,10 @@ from switchboard.jobs_cli import add_job_commands
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
+#: Every flag of `serve` defaults to its setting's default (one home: config.Settings).
+DEFAULTS = Settings()
+
+
 def byte_size(text: str) -> int:
     """A number of bytes, optionally with a binary unit: 1048576, 512K, 64M, 10G, 1T
     (also written KiB, MiB, ...)."""
@@ -133,36 +137,40 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the switchboard server")
-    serve.add_argument("--host", default=os.environ.get("SWITCHBOARD_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(os.environ.get("SWITCHBOARD_PORT", "8765")))
+    serve.add_argument("--host", default=os.environ.get("SWITCHBOARD_HOST", DEFAULTS.host))
+    serve.add_argument(
+        "--port", type=int, default=int(os.environ.get("SWITCHBOARD_PORT", DEFAULTS.port))
+    )
     serve.add_argument("--data-dir", help="database and artifacts (default ./switchboard-data)")
     serve.add_argument(
         "--heartbeat-interval",
         type=float,
-        default=5.0,
+        default=DEFAULTS.heartbeat_interval_s,
         metavar="SECONDS",
         help="how often each side of a supervisor connection sends a heartbeat",
     )
     serve.add_argument(
         "--heartbeat-timeout",
         type=float,
-        default=20.0,
+        default=DEFAULTS.heartbeat_timeout_s,
         metavar="SECONDS",
         help="silence after which a connection is considered dead",
     )
     serve.add_argument(
         "--status-every",
         type=_count,
-        default=_count(os.environ.get("SWITCHBOARD_STATUS_EVERY", "6")),
+        default=_count(
+            os.environ.get("SWITCHBOARD_STATUS_EVERY", str(DEFAULTS.status_every_heartbeats))
+        ),
         metavar="HEARTBEATS",
         help="ask each supervisor which runs it holds every this many heartbeats, and repair "
-        "what drifted from the store (0: never; default 6, with the default interval every "
-        "30 s; env SWITCHBOARD_STATUS_EVERY)",
+        "what drifted from the store (0: never; default %(default)s, with the default "
+        "interval every 2 minutes; env SWITCHBOARD_STATUS_EVERY)",
     )
     serve.add_argument(
         "--send-timeout",
         type=_positive(float),
-        default=10.0,
+        default=DEFAULTS.send_timeout_s,
         metavar="SECONDS",
         help="how long a message to a supervisor may wait for its socket to take it before "
         "the connection is cut (default 10)",
@@ -170,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--outbox-max-bytes",
         type=_positive(int),
-        default=16 * 1024 * 1024,
+        default=DEFAULTS.outbox_max_bytes,
         metavar="BYTES",
         help="most bytes waiting to be sent to one supervisor; more cuts its connection "
         "(default 16 MiB)",
@@ -178,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--outbox-max-messages",
         type=_positive(int),
-        default=10_000,
+        default=DEFAULTS.outbox_max_messages,
         metavar="N",
         help="most messages waiting to be sent to one supervisor; more cuts its connection "
         "(default 10000)",
@@ -186,21 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--lost-after",
         type=float,
-        default=60.0,
+        default=DEFAULTS.lost_after_s,
         metavar="SECONDS",
         help="how long a disconnected supervisor's runs wait before they are lost",
     )
     serve.add_argument(
         "--max-queued",
         type=int,
-        default=100_000,
+        default=DEFAULTS.max_queued_jobs,
         metavar="JOBS",
         help="most jobs waiting; a submission beyond it gets 429 (default 100000)",
     )
     serve.add_argument(
         "--max-queued-per-token",
         type=_positive(int),
-        default=10_000,
+        default=DEFAULTS.max_queued_per_token,
         metavar="JOBS",
         help="most queued jobs one token may have submitted; a submission beyond it gets 429"
         " (default 10000)",
@@ -208,14 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--aging",
         type=float,
-        default=60.0,
+        default=DEFAULTS.aging_s,
         metavar="SECONDS",
         help="a queued job gains one priority level per this much waiting (0: never)",
     )
     serve.add_argument(
         "--run-timeout-grace",
         type=float,
-        default=30.0,
+        default=DEFAULTS.run_timeout_grace_s,
         metavar="SECONDS",
         help="how long past a run's timeout the switchboard ends it itself if its supervisor "
         "has not reported the end (silent or gone)",
@@ -223,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--default-run-timeout",
         type=_run_timeout,
-        default=3600.0,
+        default=DEFAULTS.default_run_timeout_s,
         metavar="SECONDS",
         help="the run timeout of a job whose spec gives none (default 3600; 0: none)",
     )
@@ -231,14 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-header-bytes",
         type=_positive(int),
-        default=64 * 1024,
+        default=DEFAULTS.max_header_bytes,
         metavar="BYTES",
         help="largest request head (request line and headers); larger gets 431 (default 65536)",
     )
     serve.add_argument(
         "--header-timeout",
         type=_positive(float),
-        default=10.0,
+        default=DEFAULTS.header_timeout_s,
         metavar="SECONDS",
         help="time a request head may take from its first byte (a new connection: from"
         " its start); slower gets 408 (default 10)",
@@ -246,21 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--body-timeout",
         type=_positive(float),
-        default=30.0,
+        default=DEFAULTS.body_timeout_s,
         metavar="SECONDS",
         help="longest wait for the next byte of a request body; longer gets 408 (default 30)",
     )
     serve.add_argument(
         "--keep-alive",
         type=_positive(float),
-        default=5.0,
+        default=DEFAULTS.keep_alive_s,
         metavar="SECONDS",
         help="an idle keep-alive connection is closed after this long (default 5)",
     )
     serve.add_argument(
         "--max-connections",
         type=_positive(int),
-        default=1000,
+        default=DEFAULTS.max_connections,
         metavar="N",
         help="most HTTP connections open at once, not counting supervisors' WebSockets;"
         " beyond it a new one gets 503 unless it replaces a slow request head or an idle"
@@ -269,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-run-output",
         type=byte_size,
-        default=64 * 1024 * 1024,
+        default=DEFAULTS.max_run_output_bytes,
         metavar="BYTES",
         help="output one run may store, all streams together (e.g. 64M, the default; 0: no "
         "cap): the stream that crosses it ends with a note and the rest is dropped",
@@ -277,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--retain-jobs",
         type=duration,
-        default=30 * 86400.0,
+        default=DEFAULTS.retain_jobs_s,
         metavar="DURATION",
         help="delete ended jobs (runs, output, events) this long after they ended, e.g. 30d "
         "(the default), 12h, 90m, 3600 (seconds); 0: keep them",
@@ -285,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-output-bytes",
         type=byte_size,
-        default=10 * 1024**3,
+        default=DEFAULTS.max_output_bytes,
         metavar="BYTES",
         help="keep all jobs' output together under this (e.g. 10G, the default; 0: no cap): "
         "past it, the output of the jobs that ended first is removed",
@@ -293,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--artifacts-quota",
         type=byte_size,
-        default=20 * 1024**3,
+        default=DEFAULTS.artifacts_quota_bytes,
         metavar="BYTES",
         help="all artifacts together may take this much (e.g. 20G, the default; 0: no "
         "quota): an upload past it gets 507",
@@ -301,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--retain-artifacts",
         type=duration,
-        default=30 * 86400.0,
+        default=DEFAULTS.retain_artifacts_s,
         metavar="DURATION",
         help="delete artifacts no queued or running job names once nobody has uploaded them "
         "or named them in a job for this long (default 30d; 0: keep them)",
@@ -309,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--retention-interval",
         type=_interval,
-        default=60.0,
+        default=DEFAULTS.retention_interval_s,
         metavar="DURATION",
         help="how often retention sweeps (default 60 seconds)",
     )

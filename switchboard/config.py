@@ -16,8 +16,8 @@ class Settings(msgspec.Struct):
     heartbeat_timeout_s: float = 20.0
     #: Every this many heartbeats, each ready supervisor is asked which runs it holds
     #: (StatusRequest) and drift from the store is repaired (0: never). With the default
-    #: interval, every 30 s.
-    status_every_heartbeats: int = 6
+    #: interval, every 2 minutes: drift is rare, and each check costs a message each way.
+    status_every_heartbeats: int = 24
     #: How long one message to a supervisor may wait for its socket to take it; past it,
     #: the connection is cut (a supervisor that stopped reading).
     send_timeout_s: float = 10.0
