@@ -9,7 +9,8 @@ import pytest
 from tests.harness import REPO
 
 pytest_plugins = ("pytester",)
-pytestmark = pytest.mark.unit
+# Slow, not unit: each case runs a whole throwaway session (about 1.5 s).
+pytestmark = pytest.mark.slow
 
 CONFTEST = """
 import pytest
