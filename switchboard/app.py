@@ -51,6 +51,13 @@ log = logging.getLogger("switchboard")
 RESTART_GRACE_S = 2.0
 
 
+async def goodbye_to_supervisors(hub: Hub) -> None:
+    """Tell every connected supervisor the switchboard is stopping and when to come back
+    (protocol_error 1013 with retry_after_s), then close: before the server closes
+    connections itself, and again as the app shuts down."""
+    await hub.close_all(CloseCode.TRY_AGAIN_LATER, "switchboard shutting down", RESTART_GRACE_S)
+
+
 @websocket("/ws/supervisor")
 async def supervisor_socket(socket: WebSocket) -> None:
     """The supervisor protocol endpoint (docs/protocol.md)."""
@@ -125,9 +132,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await hub.close_all(
-                CloseCode.TRY_AGAIN_LATER, "switchboard shutting down", RESTART_GRACE_S
-            )
+            await goodbye_to_supervisors(hub)  # a backstop: any connected since the first
             await store.close()
 
     artifacts = Router(
