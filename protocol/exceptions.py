@@ -94,6 +94,27 @@ class MessageTooBig(SwitchboardProtocolError):
         )
 
 
+class ProblemCode(enum.StrEnum):
+    """What the switchboard did with an acknowledged event it could not take as sent
+    (docs/protocol.md §6.5). Every one is acknowledged: resending would change nothing."""
+
+    #: Stored, but its seq skipped numbers: the events in between never arrived.
+    SEQ_GAP = "seq_gap"
+    #: Dropped: a phase only the switchboard decides (queued, assigned, lost, exhausted).
+    PHASE_NOT_REPORTABLE = "phase_not_reportable"
+    #: Dropped: a phase change the run's phase does not allow (§7.1), e.g. running twice.
+    INVALID_TRANSITION = "invalid_transition"
+    #: Dropped: the run had already ended (nothing about a run follows its terminal state).
+    RUN_ENDED = "run_ended"
+    #: Dropped: the run is not assigned to this supervisor (or does not exist); a stop_job
+    #: with reason `unwanted` follows.
+    UNKNOWN_RUN = "unknown_run"
+    #: Dropped: output starting past the stream's stored length (bytes in between missing).
+    OUTPUT_GAP = "output_gap"
+    #: Stored in part or not at all: the run reached the switchboard's output cap.
+    OUTPUT_CAPPED = "output_capped"
+
+
 class JobErrorKind(enum.StrEnum):
     """Why a supervisor refused or failed a job."""
 

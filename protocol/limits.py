@@ -11,7 +11,7 @@ import re
 #: Major version, carried in the WebSocket subprotocol name. A change here breaks peers.
 PROTOCOL_MAJOR = 1
 #: Highest minor version this code speaks. Minors only add optional fields and messages.
-PROTOCOL_MINOR = 1
+PROTOCOL_MINOR = 2
 #: The one subprotocol a supervisor offers and the switchboard accepts.
 SUBPROTOCOL = f"switchboard.v{PROTOCOL_MAJOR}"
 

@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Meta
 
 from . import limits
-from .exceptions import JobErrorKind
+from .exceptions import JobErrorKind, ProblemCode
 from .spec import (
     BackendSpec,
     Id,
@@ -36,6 +36,8 @@ from .state import Phase
 INT64_MAX = 2**63 - 1
 Int64 = Annotated[int, Meta(ge=-INT64_MAX - 1, le=INT64_MAX)]
 Seq = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+#: An event's own number: the first event a supervisor ever numbers is 1.
+EventSeq = Annotated[int, Meta(ge=1, le=INT64_MAX)]
 Attempt = Annotated[int, Meta(ge=1, le=INT64_MAX)]
 Stream = Literal["stdout", "stderr", "console"]
 Text = Annotated[str, Meta(max_length=limits.MESSAGE_MAX_LEN)]
@@ -88,7 +90,7 @@ class Hello(SupervisorMessage, tag="hello"):
 class Event(SupervisorMessage):
     """Base of the sequenced per-run events."""
 
-    seq: Seq
+    seq: EventSeq
     job_id: Id
     attempt: Attempt
 
@@ -209,10 +211,22 @@ class StopJob(SwitchboardMessage, tag="stop_job"):
     grace_s: Annotated[float, Meta(ge=0, le=3600)] | None = None
 
 
+class EventProblem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """(1.2) Something wrong with one acknowledged event: what the switchboard did with it
+    (`code`, see ProblemCode) and why, for people (`reason`)."""
+
+    seq: EventSeq
+    code: ProblemCode
+    reason: Annotated[str, Meta(max_length=limits.MESSAGE_MAX_LEN)] = ""
+
+
 class Ack(SwitchboardMessage, tag="ack"):
-    """Every event with seq <= `seq` is stored; the supervisor may forget them."""
+    """Every event with seq <= `seq` is stored, or settled for good (`problems` names the
+    ones that were not applied as sent); the supervisor may forget them."""
 
     seq: Seq
+    #: (1.2) The events of this batch the switchboard refused or stored only in part.
+    problems: Annotated[list[EventProblem], Meta(max_length=100_000)] = []
 
 
 class StatusRequest(SwitchboardMessage, tag="status_request"):

@@ -214,7 +214,13 @@ def test_fail_once_and_the_close_reason_fits_a_close_frame() -> None:
 
 @pytest.mark.parametrize(
     ("offered", "agreed"),
-    [(["1.0"], "1.0"), (["1.1", "1.0"], "1.1"), (["1.9", "junk"], "1.1"), (["2.0"], None)],
+    [
+        (["1.0"], "1.0"),
+        (["1.1", "1.0"], "1.1"),
+        (["1.2"], "1.2"),
+        (["1.9", "junk"], "1.2"),
+        (["2.0"], None),
+    ],
 )
 def test_version_negotiation(offered: list[str], agreed: str | None) -> None:
     conn = Connection(SB)
