@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
+from protocol.exceptions import ProblemCode
+
 # No `*_created` series: they double the exposition and nothing here reads them.
 disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -23,6 +25,15 @@ EVENTS_RESENT = Counter(
     "Events sent again after a reconnect (sent before, never acknowledged).",
     registry=REGISTRY,
 )
+EVENT_PROBLEMS = Counter(
+    "supervisor_event_problems_total",
+    "Events the switchboard acknowledged with a problem (protocol 1.2 ack.problems), by"
+    " code: a bug in this supervisor or a run the switchboard gave up on.",
+    ["code"],
+    registry=REGISTRY,
+)
+for _code in ProblemCode:
+    EVENT_PROBLEMS.labels(_code.value)
 BACKLOG_BYTES = Gauge(
     "supervisor_backlog_bytes",
     "Encoded size of the events not yet acknowledged by the switchboard.",

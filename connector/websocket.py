@@ -278,7 +278,18 @@ class WebSocketConnector(SupervisorConnector):
             match connection.receive(raw):
                 case Goodbye() as goodbye:
                     raise await _say_goodbye(ws, goodbye)
-                case Acknowledged(dropped=dropped, freed_bytes=freed) if dropped:
+                case Acknowledged(dropped=dropped, freed_bytes=freed, problems=problems):
+                    for problem in problems:
+                        # The switchboard's word on an event of ours: a bug to fix here.
+                        metrics.EVENT_PROBLEMS.labels(problem.code.value).inc()
+                        log.warning(
+                            "switchboard: event %d: %s: %s",
+                            problem.seq,
+                            problem.code.value,
+                            problem.reason,
+                        )
+                    if not dropped:
+                        continue
                     metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
                     # Only sent events are acknowledged: all of these were in flight.
                     self._in_flight = max(0, self._in_flight - freed)

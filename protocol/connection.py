@@ -36,6 +36,7 @@ from .exceptions import CloseCode, FrameError, SwitchboardProtocolError
 from .messages import (
     Ack,
     Event,
+    EventProblem,
     FromSupervisor,
     FromSwitchboard,
     HeldRun,
@@ -46,7 +47,7 @@ from .messages import (
     Welcome,
 )
 from .sequencing import EventBacklog, InboundSequence
-from .versions import negotiate_version
+from .versions import ACK_PROBLEMS_MINOR, minor_of, negotiate_version
 
 
 class Role(enum.StrEnum):
@@ -174,11 +175,12 @@ class Goodbye(NamedTuple):
 
 class Acknowledged(NamedTuple):
     """An Ack arrived (supervisor side): `dropped` events and `freed_bytes` of the backlog
-    are forgotten."""
+    are forgotten; `problems`: what the switchboard did not take as sent."""
 
     seq: int
     dropped: int
     freed_bytes: int
+    problems: list[EventProblem]
 
 
 #: What `receive` gives the pump: a message to act on, an Ack applied, a Goodbye to send
@@ -292,7 +294,8 @@ class Connection:
                 assert self.backlog is not None
                 before = self.backlog.size_bytes
                 dropped = self.backlog.acknowledge(seq)
-                return Acknowledged(seq, dropped, before - self.backlog.size_bytes)
+                freed = before - self.backlog.size_bytes
+                return Acknowledged(seq, dropped, freed, message.problems)
             case StatusReply(request_id=request_id):
                 if request_id != self._status_pending:
                     return None  # an answer to a request superseded since: out of date
@@ -383,10 +386,16 @@ class Connection:
                 fresh.append(event)
         return fresh, after
 
-    def acknowledge(self, stored_seq: int) -> bytes | None:
-        """The Ack for everything up to `stored_seq`, now durable."""
+    def acknowledge(self, stored_seq: int, problems: Sequence[EventProblem] = ()) -> bytes | None:
+        """The Ack for everything up to `stored_seq`, now durable, naming the `problems`
+        with those events to a peer whose version has the field (older ones are not told:
+        the switchboard's log and metric still are)."""
         self._stored_seq = max(self._stored_seq, stored_seq)
-        return self.send(Ack(seq=stored_seq))
+        told = list(problems) if problems and self._speaks(ACK_PROBLEMS_MINOR) else []
+        return self.send(Ack(seq=stored_seq, problems=told))
+
+    def _speaks(self, minor: int) -> bool:
+        return self.version is not None and minor_of(self.version) >= minor
 
     def reconcile_due(self) -> bool:
         """True once, when every event the supervisor had sent before its Hello is stored:

@@ -38,3 +38,12 @@ def negotiate_version(offered: Iterable[str]) -> str:
             f"no common protocol version (this switchboard speaks {supported_versions()})",
         )
     return f"{limits.PROTOCOL_MAJOR}.{best}"
+
+
+#: The minor version that added `ack.problems` (docs/protocol.md §6.5).
+ACK_PROBLEMS_MINOR = 2
+
+
+def minor_of(version: str) -> int:
+    """The minor number of a negotiated version ("1.2" -> 2)."""
+    return int(version.partition(".")[2])

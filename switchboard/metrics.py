@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from protocol.exceptions import ProblemCode
 from protocol.messages import STREAMS, Output
 from protocol.spec import BACKEND_KINDS
 from protocol.state import TERMINAL, Phase
@@ -204,6 +205,21 @@ RUNS_LOST = Counter(
     ["via"],
     registry=REGISTRY,
 )
+EVENT_PROBLEMS = Counter(
+    "switchboard_event_problems_total",
+    "Supervisor events acknowledged with a problem (docs/protocol.md §6.5), by code:"
+    " stored in part or with a seq gap (seq_gap, output_capped), or dropped (the others).",
+    ["code"],
+    registry=REGISTRY,
+)
+SEQ_RESYNCS = Counter(
+    "switchboard_seq_resyncs_total",
+    "Reconnects of a supervisor that had numbered events the store does not have and could"
+    " not send again (the store restored from an older copy, or wiped): reconciled from its"
+    " status reply instead of waiting for them.",
+    registry=REGISTRY,
+)
+
 ZOMBIE_RUNS_STOPPED = Counter(
     "switchboard_zombie_runs_stopped_total",
     "StopJob sent for runs the switchboard no longer wants: found when a supervisor"
@@ -324,6 +340,8 @@ for _reason in ("queue_full", "token_quota"):
     SUBMISSIONS_REFUSED.labels(_reason)
 for _reason in CUT_REASONS:
     SESSIONS_CUT.labels(_reason)
+for _code in ProblemCode:
+    EVENT_PROBLEMS.labels(_code.value)
 for _stream in STREAMS:
     OUTPUT_BYTES.labels(_stream)
     OUTPUT_TRUNCATED.labels(_stream)

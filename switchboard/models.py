@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-from protocol.messages import RunRef
+from protocol.messages import EventProblem, RunRef
 from protocol.spec import JobSpec
 from protocol.state import Phase
 
@@ -248,6 +248,8 @@ class EventsApplied(msgspec.Struct, frozen=True):
     ended: list[RunRef] = []
     #: Runs whose events were refused (the switchboard no longer wants them: stop them).
     unwanted: list[RunRef] = []
+    #: What went wrong with events of the batch (told in its Ack, counted, logged).
+    problems: list[EventProblem] = []
 
 
 class CancelResult(msgspec.Struct, frozen=True):

@@ -42,12 +42,16 @@ from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import metrics
 from switchboard.config import Settings
+from switchboard.lograte import RateLimitedLog
 from switchboard.models import ActiveRun, EventsApplied
 from switchboard.outbox import Outbox
 from switchboard.reconcile import Action, Decision, drift, reconcile
 from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.connections")
+#: A supervisor that keeps sending bad events (a bug) would fill the log: one line per
+#: supervisor and problem per interval, the metric counting each.
+_problem_log = RateLimitedLog(log)
 
 #: Events waiting to be stored, per connection; a full queue stops reading the socket.
 EVENT_QUEUE = 4096
@@ -362,7 +366,17 @@ class SupervisorConnection:
         metrics.count_output(write.fresh)
         if len(write.fresh) < len(write.batch):
             metrics.DUPLICATE_EVENTS.inc(len(write.batch) - len(write.fresh))
-        self.outbox.send(self.protocol.acknowledge(result.stored_seq))
+        self.outbox.send(self.protocol.acknowledge(result.stored_seq, result.problems))
+        for problem in result.problems:
+            metrics.EVENT_PROBLEMS.labels(problem.code.value).inc()
+            _problem_log.warning(
+                f"{self.id}:{problem.code.value}",
+                "supervisor %s: event %d: %s: %s",
+                self.id,
+                problem.seq,
+                problem.code.value,
+                problem.reason,
+            )
         for key in result.unwanted:
             metrics.ZOMBIE_RUNS_STOPPED.labels("events").inc()
             self.stop(StopJob(job_id=key.job_id, attempt=key.attempt, reason="unwanted"))

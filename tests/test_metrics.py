@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import codec
-from protocol.exceptions import JobErrorKind
+from protocol.exceptions import JobErrorKind, ProblemCode
 from protocol.messages import STREAMS, Ack, Hello, JobStateChanged, Output, StopJob
 from protocol.spec import BACKEND_KINDS, JobSpec, NoopBackend
 from protocol.state import TERMINAL, Phase
@@ -39,6 +39,8 @@ SWITCHBOARD_METRICS = {
     "switchboard_supervisor_refusals_total": "counter",
     "switchboard_supervisor_enrolments_total": "counter",
     "switchboard_sessions_cut_total": "counter",
+    "switchboard_event_problems_total": "counter",
+    "switchboard_seq_resyncs_total": "counter",
     "switchboard_supervisors_connected": "gauge",
     "switchboard_events_stored_total": "counter",
     "switchboard_duplicate_events_total": "counter",
@@ -101,6 +103,7 @@ LABEL_VALUES: dict[str, set[str]] = {
     "route": {"live", "follow", "events"},
     "what": {"job", "output", "artifact"},
     "why": {"too_large", "quota", "in_use"},
+    "code": {c.value for c in ProblemCode},
 }
 
 

@@ -21,6 +21,7 @@ import msgspec
 from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import Phase
+from switchboard.event_checks import seq_gap
 from switchboard.models import (
     ActiveRun,
     ArtifactAdded,
@@ -355,6 +356,9 @@ class SQLiteStore(Store):
             for event in events:
                 if event.seq <= stored:
                     continue  # already stored: a resend after a reconnect
+                gap = seq_gap(stored, event.seq)
+                if gap is not None:
+                    batch.problems.append(gap)
                 stored = event.seq
                 batch.apply(event)
             batch.finish()
@@ -362,7 +366,7 @@ class SQLiteStore(Store):
                 "UPDATE supervisors SET last_seq = ?, last_seen = ? WHERE id = ?",
                 (stored, time.time(), supervisor_id),
             )
-            return EventsApplied(stored, batch.ended, batch.unwanted)
+            return EventsApplied(stored, batch.ended, batch.unwanted, batch.problems)
 
         return self._engine.write(write)
 

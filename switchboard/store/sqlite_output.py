@@ -5,14 +5,10 @@ caller's transaction (the per-run cap is applied by EventBatch, sqlite_runs.py).
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 
 from protocol.limits import MAX_OUTPUT_CHUNK
 from protocol.messages import Output, Stream
-
-log = logging.getLogger("switchboard.store")
-
 
 #: Ends a stream cut at the per-run output cap (the only bytes of a stream the program
 #: did not write; OUTPUT_CUT_NOTE.format(cap=...)).
@@ -22,9 +18,8 @@ OUTPUT_CUT_NOTE = (
 )
 
 
-def new_output(conn: sqlite3.Connection, event: Output) -> tuple[int, bytes] | None:
-    """What of an output chunk is new: (the stream's stored length, the bytes past it);
-    None if nothing is, or if the chunk would leave a gap."""
+def stored_length(conn: sqlite3.Connection, event: Output) -> int:
+    """How many bytes the stream `event` continues has stored."""
     # Chunks are contiguous: the one with the highest offset ends the stream (an index
     # lookup, where max(offset + length) would scan every chunk).
     last = conn.execute(
@@ -32,22 +27,7 @@ def new_output(conn: sqlite3.Connection, event: Output) -> tuple[int, bytes] | N
         " WHERE job_id = ? AND attempt = ? AND stream = ? ORDER BY offset DESC LIMIT 1",
         (event.job_id, event.attempt, event.stream),
     ).fetchone()
-    length = last[0] if last else 0
-    if event.offset > length:
-        log.error(
-            "output gap on %s#%d %s: have %d bytes, got offset %d",
-            event.job_id,
-            event.attempt,
-            event.stream,
-            length,
-            event.offset,
-        )
-        return None
-    if event.offset + len(event.data) <= length:
-        return None
-    # Only what is new: a chunk sent again (a recovered run replays its output from the
-    # start) may overlap what is stored.
-    return length, event.data[length - event.offset :]
+    return int(last[0]) if last else 0
 
 
 def read_output(

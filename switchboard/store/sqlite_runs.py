@@ -10,7 +10,6 @@ writer is the switchboard's busiest thread; this is most of what it does per job
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 import msgspec
 
 from protocol.messages import (
+    EventProblem,
     JobErrorReport,
     JobExit,
     JobStateChanged,
@@ -26,14 +26,13 @@ from protocol.messages import (
     SupervisorEvent,
 )
 from protocol.spec import RestartPolicy
-from protocol.state import SUPERVISOR_REPORTABLE, Phase, can_transition, is_terminal
+from protocol.state import Phase, can_transition, is_terminal
+from switchboard import event_checks as checks
 from switchboard import lifecycle, metrics
 from switchboard.models import RunOnSupervisor
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
 from switchboard.store.sqlite_jobs import record_events
-from switchboard.store.sqlite_output import OUTPUT_CUT_NOTE, new_output
-
-log = logging.getLogger("switchboard.store")
+from switchboard.store.sqlite_output import OUTPUT_CUT_NOTE, stored_length
 
 #: set_run_phase's default: the job takes the run's stored exit code.
 _FROM_RUN = object()
@@ -224,6 +223,8 @@ class EventBatch:
         self.output_cap = output_cap
         self.ended: list[RunRef] = []
         self.unwanted: list[RunRef] = []
+        #: What went wrong with events of this batch (switchboard.event_checks).
+        self.problems: list[EventProblem] = []
         #: (job id, attempt) -> the run as of this batch; None: no such run.
         self._runs: dict[tuple[str, int], _Run | None] = {}
         self._pending: dict[tuple[str, int], _Pending] = {}
@@ -243,23 +244,24 @@ class EventBatch:
             )
         run = self._runs[key]
         if run is None or run.supervisor_id != self.supervisor_id:
-            log.warning(
-                "event %d from %s names run %s#%d, not assigned to it",
-                event.seq,
-                self.supervisor_id,
-                event.job_id,
-                event.attempt,
-            )
+            self.problems.append(checks.unknown_run(event, exists=run is not None))
             self.unwanted.append(RunRef(*key))
             return
         phase = run.phase
+        if is_terminal(phase):
+            if checks.is_repeat_refusal(event):
+                return  # the answer to a StartJob repeated after the end: the record stands
+            problem = checks.after_end(event, phase)
+            if problem is not None:
+                # A supervisor still reporting on it may still hold it: stop it there.
+                self.problems.append(problem)
+                self.unwanted.append(RunRef(*key))
+                return
         conn = self.conn
         match event:
             case Output():
                 self._output(run, event)
             case JobErrorReport(kind=kind, description=description):
-                if is_terminal(phase):
-                    return  # e.g. a late refusal of a repeated StartJob: the record stands
                 conn.execute(
                     "UPDATE runs SET error_kind = ?, error = ? WHERE job_id = ? AND attempt = ?",
                     (kind.value, description, *key),
@@ -271,20 +273,12 @@ class EventBatch:
                     " message = coalesce(?, message) WHERE job_id = ? AND attempt = ?",
                     (event.exit_code, event.signal, event.reason, event.message, *key),
                 )
-            case JobStateChanged(phase=new):
-                if new not in SUPERVISOR_REPORTABLE or not can_transition(phase, new):
-                    log.warning(
-                        "run %s#%d: refused %s -> %s from %s",
-                        event.job_id,
-                        event.attempt,
-                        phase.value,
-                        new.value,
-                        self.supervisor_id,
-                    )
-                    if is_terminal(phase):
-                        self.unwanted.append(RunRef(*key))
+            case JobStateChanged():
+                problem = checks.phase_change(event, phase)
+                if problem is not None:
+                    self.problems.append(problem)
                     return
-                run.phase = new
+                run.phase = event.phase
                 self._change(key, event, run)
 
     def _change(self, key: tuple[str, int], event: JobStateChanged, run: _Run) -> None:
@@ -324,25 +318,25 @@ class EventBatch:
 
     def _output(self, run: _Run, event: Output) -> None:
         stream = event.stream
-        if stream in run.truncated:
-            metrics.output_dropped(stream, len(event.data))
-            return
-        new = new_output(self.conn, event)
-        if new is None:
-            return
-        offset, data = new
         cap = self.output_cap
+        if stream in run.truncated:
+            assert cap is not None
+            metrics.output_dropped(stream, len(event.data))
+            self.problems.append(checks.output_capped(event.seq, cap, 0, len(event.data)))
+            return
+        length = stored_length(self.conn, event)
+        if event.offset > length:
+            self.problems.append(checks.output_gap(event.seq, length, event.offset))
+            return
+        if event.offset + len(event.data) <= length:
+            return  # sent again (a re-adopted run replays its output from the start)
+        # Only what is new: a chunk sent again may overlap what is stored.
+        offset, data = length, event.data[length - event.offset :]
         if cap is not None and run.output_bytes + len(data) > cap:
             # The cap is crossed: keep what fits, then say where and why the stream stops.
             kept = data[: max(cap - run.output_bytes, 0)]
             metrics.output_truncated(stream, len(data) - len(kept))
-            log.warning(
-                "run %s#%d: %s cut at the output cap of %d bytes per run; the rest is dropped",
-                event.job_id,
-                event.attempt,
-                stream,
-                cap,
-            )
+            self.problems.append(checks.output_capped(event.seq, cap, len(kept), len(data)))
             data = kept + OUTPUT_CUT_NOTE.format(cap=cap).encode()
             run.truncated.append(stream)
         self.conn.execute(
