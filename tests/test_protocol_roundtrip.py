@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from protocol import codec, limits
-from protocol.exceptions import CloseCode, FrameError, JobErrorKind
+from protocol.exceptions import CloseCode, FrameError, JobErrorKind, ProblemCode
 from protocol.messages import (
     STREAMS,
     Ack,
+    EventProblem,
     FromSupervisor,
     FromSwitchboard,
     Heartbeat,
@@ -81,6 +82,7 @@ label_values = st.text(max_size=limits.LABEL_VALUE_MAX_LEN)
 labels = st.dictionaries(label_keys, label_values, max_size=6)
 resources = st.dictionaries(ids, st.integers(1, 1024), max_size=6)
 seqs = st.integers(0, INT64_MAX)
+event_seqs = st.integers(1, INT64_MAX)  # an event's seq starts at 1 (protocol 1.2)
 attempts = st.integers(1, INT64_MAX)
 names = st.text(min_size=1, max_size=limits.NAME_MAX_LEN)
 texts = st.one_of(
@@ -134,7 +136,7 @@ SUPERVISOR_MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
     ),
     JobStateChanged: st.builds(
         JobStateChanged,
-        seq=seqs,
+        seq=event_seqs,
         job_id=ids,
         attempt=attempts,
         phase=phases,
@@ -144,7 +146,7 @@ SUPERVISOR_MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
     ),
     JobErrorReport: st.builds(
         JobErrorReport,
-        seq=seqs,
+        seq=event_seqs,
         job_id=ids,
         attempt=attempts,
         kind=st.sampled_from(list(JobErrorKind)),
@@ -152,7 +154,7 @@ SUPERVISOR_MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
     ),
     Output: st.builds(
         Output,
-        seq=seqs,
+        seq=event_seqs,
         job_id=ids,
         attempt=attempts,
         stream=st.sampled_from(STREAMS),
@@ -161,7 +163,7 @@ SUPERVISOR_MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
     ),
     JobExit: st.builds(
         JobExit,
-        seq=seqs,
+        seq=event_seqs,
         job_id=ids,
         attempt=attempts,
         exit_code=st.none() | st.integers(0, 255),
@@ -221,7 +223,19 @@ SWITCHBOARD_MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
         reason=st.sampled_from(["canceled", "timeout", "unwanted", "shutdown"]),
         grace_s=st.floats(min_value=0, max_value=3600),
     ),
-    Ack: st.builds(Ack, seq=seqs),
+    Ack: st.builds(
+        Ack,
+        seq=seqs,
+        problems=st.lists(
+            st.builds(
+                EventProblem,
+                seq=event_seqs,
+                code=st.sampled_from(list(ProblemCode)),
+                reason=st.text(max_size=64),
+            ),
+            max_size=4,
+        ),
+    ),
     StatusRequest: st.builds(StatusRequest, request_id=st.integers(0, INT64_MAX)),
     ServerHeartbeat: st.builds(ServerHeartbeat, at=finite),
     ProtocolErrorMessage: SUPERVISOR_MESSAGES[ProtocolErrorMessage],
