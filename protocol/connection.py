@@ -406,6 +406,28 @@ class Connection:
         self._reconciled = True
         return True
 
+    @property
+    def stored_seq(self) -> int:
+        """The highest seq of the supervisor's events known to be stored."""
+        return self._stored_seq
+
+    def behind_hello(self) -> bool:
+        """True while less is stored than the Hello says the supervisor numbered: either
+        the rest is on its way (resent), or the store lost it (restored from an older copy)
+        and it never comes. A StatusReply tells them apart (`reconcile_by_status`)."""
+        assert self.hello is not None
+        return self._stored_seq < self.hello.last_seq
+
+    def reconcile_by_status(self) -> bool:
+        """A StatusReply is due (`status_due`) before reconciliation was: True once, then
+        reconcile with the reply's runs instead of the Hello's. The supervisor sent the
+        reply after every event it had, so whatever of the Hello's `last_seq` is still not
+        stored never will be (docs/protocol.md §6.6)."""
+        if self._reconciled:
+            return False
+        self._reconciled = True
+        return True
+
     def status_due(self) -> StatusReply | None:
         """The latest StatusReply, once every event received before it is stored: the
         store's view of the supervisor's runs is then as of the reply, except for the runs
@@ -458,8 +480,12 @@ class Connection:
             while replies and replies[0][0] < seq:
                 out.append((None, replies.popleft()[1]))
             out.append((seq, frame))
+        # A reply waits only for events still held: those numbered before it and no longer
+        # held were acknowledged (stored) on an earlier connection, even if this switchboard
+        # has lost them since (restored from an older copy, docs/protocol.md §6.6).
+        every_event_out = len(events) < limit
         last = events[-1][0] if events else self._sent_upto
-        while replies and replies[0][0] <= last:
+        while replies and (every_event_out or replies[0][0] <= last):
             out.append((None, replies.popleft()[1]))
         return out
 

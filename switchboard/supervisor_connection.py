@@ -31,6 +31,7 @@ from protocol.connection import Connection, Goodbye
 from protocol.exceptions import CloseCode
 from protocol.messages import (
     Event,
+    HeldRun,
     Hello,
     ProtocolErrorMessage,
     RunRef,
@@ -260,7 +261,11 @@ class SupervisorConnection:
             )
         )
         if self.protocol.reconcile_due():
-            await self._reconcile()
+            await self._reconcile(self.hello.runs)
+        elif self.protocol.behind_hello():
+            # Resent events will close the gap, unless the store lost them (restored from
+            # an older copy): the StatusReply, sent after them all, settles which.
+            self.request_status()
         # Heartbeats both ways are kept by the hub (Hub.keep_heartbeats): one timer for all
         # connections instead of a task each.
         tasks = [
@@ -383,17 +388,18 @@ class SupervisorConnection:
         if result.ended:
             self.fleet.wake_dispatcher()
         if self.protocol.reconcile_due():
-            await self._reconcile()
+            await self._reconcile(self.hello.runs)
         await self._status_due()
 
     # --- reconciling ------------------------------------------------------------------
 
-    async def _reconcile(self) -> None:
-        """Settle every run with the Hello's list (switchboard.reconcile), then take runs."""
+    async def _reconcile(self, held: Sequence[HeldRun]) -> None:
+        """Settle every run with the supervisor's list of `held` runs (its Hello's, or a
+        StatusReply's: switchboard.reconcile), then take runs."""
         if not self.fleet.is_current(self):
             return  # replaced: its Hello is out of date, the newer connection reconciles
         store = self.fleet.store
-        decisions = reconcile(await store.active_runs(self.id), self.hello.runs)
+        decisions = reconcile(await store.active_runs(self.id), held)
         await self._carry_out(decisions, "reconcile")
         self.ready = True
         # Runs assigned while this ran were not sent (it wasn't ready): send them.
@@ -407,9 +413,27 @@ class SupervisorConnection:
         """Repair what drifted by each StatusReply whose events are stored, one at a time."""
         while (reply := self.protocol.status_due()) is not None:
             try:
-                await self._check_status(reply)
+                if self.protocol.reconcile_by_status():
+                    await self._resynchronise(reply)
+                else:
+                    await self._check_status(reply)
             finally:
                 self.protocol.status_checked()
+
+    async def _resynchronise(self, reply: StatusReply) -> None:
+        """Reconcile with a StatusReply that came before the events up to the Hello's
+        last_seq were stored: those are lost (docs/protocol.md §6.6)."""
+        if self.protocol.behind_hello():
+            metrics.SEQ_RESYNCS.inc()
+            log.warning(
+                "supervisor %s numbered events up to %d but the store has only up to %d and"
+                " it has no more to send (the store restored from an older copy?): the"
+                " events in between are lost; reconciling with its status instead",
+                self.id,
+                self.hello.last_seq,
+                self.protocol.stored_seq,
+            )
+        await self._reconcile(reply.runs)
 
     async def _check_status(self, reply: StatusReply) -> None:
         if not self.ready or not self.fleet.is_current(self):

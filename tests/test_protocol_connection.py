@@ -411,6 +411,41 @@ def test_a_status_reply_with_nothing_pending_goes_out_at_once() -> None:
     assert [seq for seq, _ in conn.outgoing(10)] == [None]
 
 
+def test_a_status_reply_does_not_wait_for_events_acknowledged_on_an_earlier_connection() -> None:
+    """A switchboard restored from an older copy welcomes with a last_seq below events it
+    acknowledged before: those are not held any more and never go out again, so the
+    reply must not wait for them (docs/protocol.md §6.6)."""
+    backlog = EventBacklog()
+    first = _welcomed(backlog, 0)
+    for job in "abc":
+        backlog.report(_event(0, job))
+    for seq in (1, 2, 3):
+        first.sent(seq)
+    first.receive(codec.encode(Ack(seq=3)))
+    restored = _welcomed(backlog, 1)  # it has stored only seq 1
+    restored.status_reply(StatusRequest(request_id=1), [])
+    assert [seq for seq, _ in restored.outgoing(10)] == [None]
+    backlog.report(_event(0, "d"))
+    assert [seq for seq, _ in restored.outgoing(10)] == [4]  # numbering goes on
+
+
+def test_a_hello_ahead_of_the_store_is_settled_by_a_status_reply() -> None:
+    """Events the Hello counts but the store lacks may still come (resent) or never (the
+    store restored from an older copy): the first reply settles it, once."""
+    conn = _established(hello_last_seq=10, stored_seq=4)
+    assert conn.behind_hello() and not conn.reconcile_due()
+    request = codec.decode_from_switchboard(conn.status_request() or b"")
+    assert isinstance(request, StatusRequest)
+    reply = StatusReply(request_id=request.request_id, runs=[])
+    conn.receive(codec.encode(reply))
+    assert conn.status_due() == reply
+    assert conn.reconcile_by_status()
+    assert not conn.reconcile_by_status()  # once
+    conn.status_checked()
+    conn.acknowledge(11)
+    assert not conn.reconcile_due()  # settled by the reply already
+
+
 # --- the contract --------------------------------------------------------------------------
 
 

@@ -58,6 +58,7 @@ async def _connected(store: Any) -> SupervisorConnection:
     protocol.welcome(
         session=1, stored_seq=0, heartbeat_interval_s=5, heartbeat_timeout_s=20, enrolled=False
     )
+    assert protocol.reconcile_due()  # reconciled with the Hello, as serve() does
     connection = SupervisorConnection(_Fleet(store), None, protocol, HELLO, 1)  # type: ignore[arg-type]
     connection.ready = True
     await _arrive(connection, [state(1, Phase.RUNNING, "held"), state(2, Phase.RUNNING, "gone")])
