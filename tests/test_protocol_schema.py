@@ -13,6 +13,7 @@ the wrong type or out of range is still refused. The REST API's job spec decoder
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import typing
@@ -22,11 +23,22 @@ from typing import Any
 import jsonschema_rs
 import msgspec
 import pytest
+import websockets
 
-from protocol import codec, jsonschema
+from connector.websocket import WebSocketConnector
+from protocol import codec, jsonschema, limits
 from protocol.exceptions import FrameError
-from protocol.messages import FromSupervisor, FromSwitchboard, LenientFromSwitchboard, StartJob
+from protocol.messages import (
+    FromSupervisor,
+    FromSwitchboard,
+    JobStateChanged,
+    LenientFromSwitchboard,
+    Output,
+    StartJob,
+)
 from protocol.spec import DockerBackend, JobSpec, NoopBackend, Parameter, WasmBackend
+from supervisor.backends.noop import NoopBackend as NoopRunner
+from supervisor.jobs import BackendSupervisor
 from tests.test_protocol_golden import SPEC_GOLDENS, SUPERVISOR_GOLDENS, SWITCHBOARD_GOLDENS
 
 pytestmark = pytest.mark.unit
@@ -305,3 +317,56 @@ def test_schema_refuses_what_the_decoders_refuse(direction: str, frame: dict) ->
     )
     with pytest.raises(FrameError):
         decode(_frame(frame))
+
+
+# --- a real supervisor under a newer switchboard -----------------------------------------
+
+
+async def test_a_supervisor_runs_a_start_job_with_fields_it_does_not_know(tmp_path: Path) -> None:
+    """The reference supervisor (connector, job table, noop backend) on a real socket, fed
+    what a later 1.x switchboard might send: every frame has fields this version lacks."""
+    events: list[msgspec.Struct] = []
+    finished = asyncio.Event()
+
+    async def newer_switchboard(ws: Any) -> None:
+        await ws.recv()  # hello
+        welcome = {"type": "welcome", "version": "1.2", "session": 1, "last_seq": 0, "x": 1}
+        await ws.send(json.dumps(welcome))
+        start = _start_job(
+            {"kind": "noop", "output": "hi\n", "gpu_share": 0.5},
+            job_id="future-1",
+            parameters={"A": {"value": "v", "rotate_after_s": 60}},
+            placement={"zone": "b"},
+        )
+        await ws.send(json.dumps(start))
+        async for frame in ws:
+            event = codec.decode_from_supervisor(frame)
+            events.append(event)
+            if isinstance(event, JobStateChanged | Output):
+                ack = {"type": "ack", "seq": event.seq, "batch_id": "later"}
+                await ws.send(json.dumps(ack))
+            if isinstance(event, JobStateChanged) and event.phase.value == "succeeded":
+                finished.set()
+
+    server = await websockets.serve(
+        newer_switchboard,
+        "127.0.0.1",
+        0,
+        subprotocols=[websockets.Subprotocol(limits.SUBPROTOCOL)],
+    )
+    port = server.sockets[0].getsockname()[1]
+    connector = WebSocketConnector(
+        BackendSupervisor(NoopRunner(), work_dir=tmp_path),
+        f"ws://127.0.0.1:{port}/ws/supervisor",
+        "sbt_x",
+        supervisor_id="older",
+    )
+    running = asyncio.create_task(connector.run())
+    try:
+        await asyncio.wait_for(finished.wait(), 10)
+    finally:
+        connector.stop()
+        await asyncio.wait_for(running, 10)
+        server.close()
+    assert not any(getattr(e, "kind", None) for e in events), events  # no error event
+    assert b"".join(e.data for e in events if isinstance(e, Output)) == b"hi\n"
