@@ -1,9 +1,14 @@
 """Encoding and decoding of wire messages: JSON text, one message per WebSocket message.
 
-Encoders and decoders are built once at import. Decoding never lets a bare msgspec or
-Unicode error escape: anything wrong with a frame becomes a FrameError carrying the close
-code to answer with and a reason that names the problem (msgspec's message includes the
-JSON path of a bad field, e.g. "Expected `int`, got `str` - at `$.seq`").
+Encoders and decoders are built once at import. Receivers are lenient within major
+version 1: a field they do not know is skipped, on both sides and in every nested object,
+so a newer peer's added optional field never breaks an older one. The job spec stays
+strict where people type it (`decode_job_spec`: REST bodies, spec files).
+
+Decoding never lets a bare msgspec or Unicode error escape: anything wrong with a frame
+becomes a FrameError carrying the close code to answer with and a reason that names the
+problem (msgspec's message includes the JSON path of a bad field, e.g. "Expected `int`,
+got `str` - at `$.seq`").
 """
 
 from __future__ import annotations
@@ -14,14 +19,21 @@ import msgspec
 
 from . import limits
 from .exceptions import CloseCode, FrameError, MessageTooBig
-from .messages import INT64_MAX, FromSupervisor, FromSwitchboard, start_job
+from .messages import (
+    INT64_MAX,
+    FromSupervisor,
+    FromSwitchboard,
+    LenientFromSwitchboard,
+    StartJob,
+    start_job,
+)
 from .spec import JobSpec
 
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
 _from_supervisor = msgspec.json.Decoder(FromSupervisor)
-_from_switchboard = msgspec.json.Decoder(FromSwitchboard)
+_from_switchboard = msgspec.json.Decoder(LenientFromSwitchboard)
 _job_spec = msgspec.json.Decoder(JobSpec)
 
 
@@ -57,8 +69,14 @@ def decode_from_supervisor(frame: bytes | str) -> FromSupervisor:
 
 
 def decode_from_switchboard(frame: bytes | str) -> FromSwitchboard:
-    """Decode one message the switchboard sent; raise FrameError if it isn't one."""
-    return _decode(_from_switchboard, frame)
+    """Decode one message the switchboard sent; raise FrameError if it isn't one. Fields
+    this version does not know are skipped, in the backend and parameters of a `start_job`
+    too (what comes back is a plain StartJob with plain spec Structs)."""
+    message = _decode(_from_switchboard, frame)
+    if isinstance(message, StartJob) and type(message) is not StartJob:
+        # The lenient twin: same fields, already checked; hand on the real types.
+        return msgspec.convert(message, StartJob, from_attributes=True)
+    return message
 
 
 def decode_job_spec(data: bytes | str) -> JobSpec:

@@ -8,8 +8,12 @@ Events (state transitions, errors, output, exit status) carry a `seq` that the s
 assigns, increasing by one per event across reconnects. The switchboard stores an event,
 then acknowledges it cumulatively with :class:`Ack`. See docs/protocol.md.
 
-New fields always get defaults, so an older peer can ignore them; unknown fields are
-skipped on decode (unlike the hand-typed spec Structs in :mod:`protocol.spec`).
+New fields always get defaults, so an older peer can ignore them: within major version 1 a
+receiver skips the fields it does not know, in every message and nested object. The job
+spec Structs of :mod:`protocol.spec` forbid unknown fields (people type them, and a typo
+must be an error), so a supervisor decodes `start_job` through lenient twins of them
+(:data:`LenientFromSwitchboard`): a newer switchboard's added backend field does not
+break an older supervisor.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ from . import limits
 from .exceptions import JobErrorKind, ProblemCode
 from .spec import (
     BackendSpec,
+    DockerBackend,
     Id,
     JobSpec,
     Labels,
+    NoopBackend,
     Parameter,
     ParameterName,
     ResourceCounts,
     Seconds,
+    WasmBackend,
 )
 from .state import Phase
 
@@ -267,3 +274,43 @@ FromSwitchboard = (
     Welcome | StartJob | StopJob | Ack | StatusRequest | ServerHeartbeat | ProtocolErrorMessage
 )
 SupervisorEvent = JobStateChanged | JobErrorReport | Output | JobExit
+
+
+# --- what a supervisor decodes: lenient twins of the spec Structs -----------------------
+# Same fields, tags and checks (they are subclasses); only unknown fields are skipped. A
+# decoded _LenientStartJob is turned into a plain StartJob at once (codec), so no twin
+# travels further than the decoder.
+
+
+class _LenientWasmBackend(WasmBackend, forbid_unknown_fields=False):
+    pass
+
+
+class _LenientDockerBackend(DockerBackend, forbid_unknown_fields=False):
+    pass
+
+
+class _LenientNoopBackend(NoopBackend, forbid_unknown_fields=False):
+    pass
+
+
+class _LenientParameter(Parameter, forbid_unknown_fields=False):
+    pass
+
+
+class _LenientStartJob(StartJob):
+    backend: _LenientWasmBackend | _LenientDockerBackend | _LenientNoopBackend
+    parameters: dict[ParameterName, _LenientParameter] = {}  # type: ignore[assignment]
+
+
+#: The messages a supervisor decodes: FromSwitchboard, with unknown fields skipped in the
+#: job spec parts of `start_job` too.
+LenientFromSwitchboard = (
+    Welcome
+    | _LenientStartJob
+    | StopJob
+    | Ack
+    | StatusRequest
+    | ServerHeartbeat
+    | ProtocolErrorMessage
+)
