@@ -81,14 +81,17 @@ class SupervisorProcess:
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self._starts}: {shlex.join(argv)}\n".encode())
             log.flush()
-            # A session of its own: the stop reaches whatever the command started.
-            self._process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
+            try:
+                # A session of its own: the stop reaches whatever the command started.
+                self._process = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise CommandError(f"cannot start {argv[0]}: {exc.strerror}") from None
 
     def exit_code(self) -> int | None:
         """None while it runs (or was never started)."""
