@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scenario",
         action="append",
         choices=[s.name for s in SCENARIOS],
-        help="run only this scenario (repeatable); default: all",
+        metavar="NAME",
+        help="run only this scenario (repeatable; default: all): "
+        + ", ".join(s.name for s in SCENARIOS),
     )
 
 

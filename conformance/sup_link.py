@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from protocol.exceptions import FrameError
 from protocol.messages import (
@@ -72,17 +73,13 @@ class Ledger:
         self.highest = max(self.highest, seq)
 
 
-def is_event(message: object) -> bool:
+def is_event(message: object) -> TypeGuard[SupervisorEvent]:
     return isinstance(message, EVENT_TYPES)
 
 
 def of_run(job_id: str, attempt: int = 1) -> Callable[[FromSupervisor], bool]:
     def match(message: FromSupervisor) -> bool:
-        return (
-            is_event(message)
-            and message.job_id == job_id  # type: ignore[union-attr]
-            and message.attempt == attempt  # type: ignore[union-attr]
-        )
+        return is_event(message) and (message.job_id, message.attempt) == (job_id, attempt)
 
     return match
 
@@ -127,8 +124,8 @@ class Link:
         if isinstance(message, Heartbeat):
             self.heartbeats.append(time.monotonic())
         elif is_event(message):
-            self.ledger.record(message, self.welcome.last_seq)  # type: ignore[arg-type]
-            self.events.append(message)  # type: ignore[arg-type]
+            self.ledger.record(message, self.welcome.last_seq)
+            self.events.append(message)
             if self.auto_ack:
                 await self.ack_all()
 
@@ -198,7 +195,8 @@ class Link:
             event = await self.expect(
                 of_run(job_id, attempt), left, f"the end of run {job_id}#{attempt}"
             )
-            events.append(event)  # type: ignore[arg-type]
+            assert is_event(event)
+            events.append(event)
             if isinstance(event, JobStateChanged) and is_terminal(event.phase):
                 return events
 
@@ -213,7 +211,8 @@ class Link:
             event = await self.expect(
                 of_run(job_id, attempt), left, f"state {phase} of run {job_id}#{attempt}"
             )
-            events.append(event)  # type: ignore[arg-type]
+            assert is_event(event)
+            events.append(event)
             if isinstance(event, JobStateChanged):
                 if event.phase == phase:
                     return events

@@ -17,6 +17,7 @@ from protocol import codec, limits
 from protocol.exceptions import CloseCode, ProblemCode
 from protocol.messages import (
     EventProblem,
+    HeldRun,
     JobErrorReport,
     JobExit,
     Output,
@@ -70,8 +71,9 @@ def stop(job_id: str, reason: StopReason = "canceled") -> StopJob:
     return StopJob(job_id=job_id, attempt=1, reason=reason, grace_s=GRACE_S)
 
 
-def held(runs: object) -> dict[tuple[str, int], str]:
-    return {(r.job_id, r.attempt): r.phase.value for r in runs}  # type: ignore[attr-defined]
+def held(runs: Sequence[HeldRun]) -> dict[tuple[str, int], str]:
+    """A hello's or status's runs: (job_id, attempt) -> phase."""
+    return {(r.job_id, r.attempt): r.phase.value for r in runs}
 
 
 def exits(events: Sequence[object]) -> list[JobExit]:
