@@ -18,6 +18,7 @@ from protocol.exceptions import CloseCode, ProblemCode
 from protocol.messages import (
     EventProblem,
     HeldRun,
+    Hello,
     JobErrorReport,
     JobExit,
     Output,
@@ -31,8 +32,8 @@ from protocol.versions import negotiate_version
 
 from . import sup_rules as rules
 from .sup_kit import Checks, Kit
-from .sup_link import HEARTBEAT_INTERVAL_S, KitFailure, of_run, read_hello
-from .sup_server import PATH
+from .sup_link import HEARTBEAT_INTERVAL_S, KitFailure, Link, of_run, read_hello
+from .sup_server import PATH, Peer
 
 #: Longest a short noop run may take from start_job to its terminal state.
 RUN_TIMEOUT_S = 5.0
@@ -352,20 +353,16 @@ async def cut(kit: Kit, checks: Checks) -> None:
     )
     # The kit says it stored one event more than it acknowledged: the one after is the
     # first to come again.
-    link = await kit.establish(peer, hello, last_seq=acked + 1)
-    link.auto_ack = False
     want = list(range(acked + 2, last + 1))
-    deadline = time.monotonic() + 5
-    while len(link.events) < len(want) and time.monotonic() < deadline:
-        await link.idle(0.1)
-    got = [e.seq for e in link.events[: len(want)]]
-    problems = [] if got == want else [f"resent seqs {got}, expected {want}"]
-    problems += [
-        f"seq {e.seq} came back changed"
-        for e in link.events[: len(want)]
-        if ledger.events.get(e.seq) != e
-    ]
+    link, problems = await _resent(kit, peer, hello, acked + 1, want)
     checks.require("cut.resend", problems, f"seqs {want[0]}..{want[-1]} resent as they were")
+    # Still not acknowledged: after another cut they must come again (§6.1: kept until an
+    # ack covers them).
+    link.peer.abort()
+    kit.link = None
+    peer, hello = await kit.accept_hello(10)
+    link, problems = await _resent(kit, peer, hello, acked + 1, want)
+    checks.require("cut.resend_again", problems, "after a second cut, resent again unchanged")
     link.take(of_run("cf-cut"))
     mine = [ledger.events[s] for s in sorted(ledger.events) if of_run("cf-cut")(ledger.events[s])]
     data, problems = rules.stream(mine, "stdout")
@@ -390,6 +387,26 @@ async def cut(kit: Kit, checks: Checks) -> None:
     if ("cf-cut", 1) in runs:
         problems.append(f"status still lists {runs}")
     checks.require("reconcile.unwanted", problems, f"stop_job unwanted: {rules.describe(events)}")
+
+
+async def _resent(
+    kit: Kit, peer: Peer, hello: Hello, stored: int, want: list[int]
+) -> tuple[Link, list[str]]:
+    """Welcome with `stored` as last_seq, acknowledge nothing, and see whether the events
+    `want`ed come first, in order, unchanged."""
+    link = await kit.establish(peer, hello, last_seq=stored)
+    link.auto_ack = False
+    deadline = time.monotonic() + 5
+    while len(link.events) < len(want) and time.monotonic() < deadline:
+        await link.idle(0.1)
+    got = link.events[: len(want)]
+    problems = (
+        []
+        if [e.seq for e in got] == want
+        else [f"resent seqs {[e.seq for e in got]}, expected {want}"]
+    )
+    problems += [f"seq {e.seq} came back changed" for e in got if kit.ledger.events.get(e.seq) != e]
+    return link, problems
 
 
 #: (row, message, close code §10 gives for it); None: a second welcome.
@@ -537,6 +554,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             "cut.hello_last_seq",
             "cut.hello_runs",
             "cut.resend",
+            "cut.resend_again",
             "cut.output",
             "reconcile.status",
             "reconcile.unwanted",
