@@ -76,7 +76,7 @@ class Supervisor:
         self.seq = 0  # the last seq numbered (§6.1)
         self.backlog = []  # events not yet acknowledged, oldest first
         self.runs = {}  # (job_id, attempt) -> {"phase", "stop": Event, "reason"}
-        self.ended = set()  # runs that ended here: a repeated start_job is refused
+        self.ended = {}  # the last 10 000 runs that ended here (ordered): repeats are refused
         self.outbox = None  # the connection's queue of messages to send, when connected
         self.retry_after = 0.0
         self.welcomed = False
@@ -145,7 +145,9 @@ class Supervisor:
             phase = "timed_out" if timed_out else "canceled"
         self.event("state", key, phase=phase, at=time.time())
         del self.runs[key]  # listed in status until its end is numbered (§5.2)
-        self.ended.add(key)
+        self.ended[key] = None
+        if len(self.ended) > 10_000:
+            del self.ended[next(iter(self.ended))]
 
     def hello(self):
         runs = [{"job_id": j, "attempt": a, "phase": r["phase"]} for (j, a), r in self.runs.items()]
