@@ -91,6 +91,12 @@ class RunContext:
                 task.cancel()
         return task.result() if task.done() else None
 
+    @property
+    def stopped_reason(self) -> str:
+        """The exit reason of a run ended by a stop (docs/protocol.md §5.1 `exit`): a
+        stop_job's `unwanted` or `shutdown` is no exit reason, the program was canceled."""
+        return "timeout" if self.stop_reason == "timeout" else "canceled"
+
     def request_stop(self, reason: str, grace_s: float | None) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason

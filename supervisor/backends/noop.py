@@ -26,5 +26,5 @@ class NoopBackend(Backend):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.stop_requested.wait(), spec.delay_s)
         if ctx.stop_requested.is_set():
-            return Outcome(exit_code=None, reason=ctx.stop_reason or "canceled")
+            return Outcome(exit_code=None, reason=ctx.stopped_reason)
         return Outcome(exit_code=spec.exit_code)

@@ -269,4 +269,4 @@ async def _wait_guest(ctx: RunContext, guest: Guest, future: asyncio.Future[Outc
 
 
 def _stopped(ctx: RunContext) -> Outcome:
-    return Outcome(exit_code=None, reason=ctx.stop_reason or "canceled")
+    return Outcome(exit_code=None, reason=ctx.stopped_reason)

@@ -157,7 +157,8 @@ class Guest:
         return Outcome(exit_code=None, reason="trap", message=clip_message(message))
 
     def stopped(self, kill_reason: str | None = None) -> Outcome:
-        reason = self.ctx.stop_reason or kill_reason or self.kill_reason or "canceled"
+        stopped = self.ctx.stopped_reason if self.ctx.stop_reason else None
+        reason = stopped or kill_reason or self.kill_reason or "canceled"
         if reason == "scratch_limit" and self.quota is not None:
             return Outcome(
                 exit_code=None,
