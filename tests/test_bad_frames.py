@@ -11,6 +11,7 @@ supervisor is a real `supervisor run` process, spoken to by a scripted `websocke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import struct
@@ -56,11 +57,18 @@ async def _send_huge_header(ws) -> None:
     ws.transport.write(head + (secrets.token_bytes(4) if masked else b""))
 
 
+async def _send_in_fragments(ws) -> None:
+    """A text message in two fragments, each under the limit, together over it."""
+    half = secrets.token_hex(limits.MAX_FRAME_BYTES // 3)  # 2/3 MiB of ASCII each
+    await ws.send([half, half])
+
+
 #: case -> (how to send it, the close code, words the reason has)
 CASES: dict[str, tuple[Callable[..., Awaitable[None]], int, str]] = {
     "binary": (_send_binary, CloseCode.UNSUPPORTED_DATA, BINARY),
     "not_utf8": (_send_not_utf8, CloseCode.INVALID_PAYLOAD, "not valid UTF-8"),
     "too_big": (_send_huge_header, CloseCode.MESSAGE_TOO_BIG, "message too big"),
+    "too_big_in_fragments": (_send_in_fragments, CloseCode.MESSAGE_TOO_BIG, "message too big"),
 }
 
 
@@ -130,6 +138,23 @@ async def test_an_oversized_frame_is_refused_on_its_header(switchboard: Switchbo
     assert code == CloseCode.MESSAGE_TOO_BIG
     assert frames[-1]["code"] == CloseCode.MESSAGE_TOO_BIG
     assert str(limits.MAX_FRAME_BYTES) in frames[-1]["reason"]
+
+
+async def test_text_that_is_utf8_but_not_ascii_is_taken(switchboard: Switchboard):
+    async with connect_ws(switchboard, switchboard.create_token("supervisor")) as ws:
+        await handshake(ws, f"frames-utf8-{secrets.token_hex(3)}")
+        note = json.dumps(
+            {"type": "heartbeat", "at": 1.0, "note": "é ü — 日本"}, ensure_ascii=False
+        )
+        await ws.send(note.encode(), text=True)
+        heard = []  # (a heartbeat may come meanwhile)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                async for frame in ws:
+                    heard.append(json.loads(frame)["type"])
+        assert "protocol_error" not in heard
+        assert ws.close_code is None
+        await ws.ping()
 
 
 # --- the supervisor refuses -----------------------------------------------------------
