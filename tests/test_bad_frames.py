@@ -38,6 +38,7 @@ from tests.supervisor_ws import closed_with, connect_ws, handshake
 
 pytestmark = pytest.mark.process
 
+#: Pinned here as docs/protocol.md §10 gives it (not taken from the code under test).
 BINARY = "binary frames are not part of the protocol; send JSON as text frames"
 
 
