@@ -34,6 +34,17 @@ EVENT_PROBLEMS = Counter(
 )
 for _code in ProblemCode:
     EVENT_PROBLEMS.labels(_code.value)
+PROTOCOL_ERRORS = Counter(
+    "supervisor_protocol_errors_total",
+    "Connections to the switchboard this supervisor closed for what the switchboard sent,"
+    " by the close code it was told in a protocol_error (docs/protocol.md §10): 1003 a"
+    " binary message, 1007 an invalid one (not UTF-8, not JSON, a bad field), 1009 one over"
+    " 1 MiB, 4000 no welcome first, 4002 a message not allowed then.",
+    ["code"],
+    registry=REGISTRY,
+)
+for _close in (1003, 1007, 1009, 4000, 4002):
+    PROTOCOL_ERRORS.labels(str(_close))
 BACKLOG_BYTES = Gauge(
     "supervisor_backlog_bytes",
     "Encoded size of the events not yet acknowledged by the switchboard.",

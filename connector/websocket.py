@@ -6,7 +6,9 @@ Hello -> Welcome; then a writer task sends every event the switchboard hasn't st
 (oldest first, resending after a reconnect), a heartbeat task keeps both sides sure the
 other is alive, and the reader hands StartJob and StopJob to the supervisor and answers
 StatusRequest. Events stay in the backlog until acknowledged, so a dropped connection
-costs a resend, never an event.
+costs a resend, never an event. What the switchboard sends that the protocol refuses,
+down to a binary, non-UTF-8 or oversized WebSocket message (protocol.frames), ends the
+connection with a protocol_error first, counted.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import InvalidStatus
+from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
+from websockets.frames import Close
+from websockets.protocol import State
 
-from protocol import limits
+from protocol import frames, limits
 from protocol.connection import Acknowledged, Connection, Goodbye, Role
 from protocol.exceptions import CloseCode, FrameError, JobError
 from protocol.messages import (
@@ -182,6 +187,7 @@ class WebSocketConnector(SupervisorConnector):
             ssl=self._ssl,
             compression=None,  # output is already chunked; deflate costs more CPU than it saves
             ping_interval=None,  # liveness is the protocol's Heartbeat, with Welcome's settings
+            create_connection=_SayingConnection,
         ) as ws:
             connection = Connection(Role.SUPERVISOR, backlog=self.backlog)
             welcome = await self._handshake(ws, connection, attempt)
@@ -237,8 +243,8 @@ class WebSocketConnector(SupervisorConnector):
             credential_sha256=attempt.credential_sha256,
         )
         await ws.send(connection.send(hello), text=True)  # type: ignore[arg-type]
-        raw = await asyncio.wait_for(ws.recv(decode=False), self._handshake_timeout)
-        match connection.receive(raw):
+        raw = await asyncio.wait_for(_receive(ws), self._handshake_timeout)
+        match frames.receive(connection, raw):
             case Goodbye() as goodbye:
                 raise await _say_goodbye(ws, goodbye)
             case ProtocolErrorMessage(code=code, reason=reason):
@@ -273,9 +279,13 @@ class WebSocketConnector(SupervisorConnector):
     async def _read_loop(
         self, ws: ClientConnection, connection: Connection, last_heard: list[float]
     ) -> None:
-        async for raw in ws:
+        while True:
+            try:
+                raw = await _receive(ws)
+            except ConnectionClosedOK:
+                return
             last_heard[0] = time.monotonic()
-            match connection.receive(raw):
+            match frames.receive(connection, raw):
                 case Goodbye() as goodbye:
                     raise await _say_goodbye(ws, goodbye)
                 case Acknowledged(dropped=dropped, freed_bytes=freed, problems=problems):
@@ -373,9 +383,49 @@ class WebSocketConnector(SupervisorConnector):
             log.error("request handler failed", exc_info=task.exception())
 
 
+class _SayingProtocol(ClientProtocol):
+    """websockets' client side, which sends a protocol_error before it fails a connection
+    for what the switchboard sent: a message over the size limit (1009; the frame is never
+    read whole), a text message that is not valid UTF-8 (1007). protocol.frames says what."""
+
+    #: The close sent after a protocol_error (None: not failed that way).
+    refused: Close | None = None
+
+    def fail(self, code: int, reason: str = "") -> None:
+        said = frames.before_failing(code, reason) if self.state is State.OPEN else None
+        if said is not None:
+            reason, frame = said
+            self.send_text(frame)
+            self.refused = Close(code, reason)
+        super().fail(code, reason)
+
+
+class _SayingConnection(ClientConnection):
+    def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
+        # websockets.connect builds the ClientProtocol, with no way to name another class:
+        # make it ours (a method more, and a field set only on refusing), keeping every
+        # argument it was given.
+        protocol.__class__ = _SayingProtocol
+        super().__init__(protocol, **kwargs)
+
+
+async def _receive(ws: ClientConnection) -> str | bytes:
+    """The next message (str: text, bytes: binary). A message the WebSocket layer refused
+    (the switchboard was told) raises FrameError, counted; ConnectionClosed otherwise."""
+    try:
+        return await ws.recv()
+    except ConnectionClosedError:
+        refused = getattr(ws.protocol, "refused", None)
+        if refused is None:
+            raise
+        metrics.PROTOCOL_ERRORS.labels(str(refused.code)).inc()
+        raise FrameError(CloseCode(refused.code), refused.reason) from None
+
+
 async def _say_goodbye(ws: ClientConnection, goodbye: Goodbye) -> FrameError:
     """Send the connection's goodbye (a protocol_error, then the close), and return the
-    error to raise."""
+    error to raise (counted: the switchboard sent what the protocol refuses)."""
+    metrics.PROTOCOL_ERRORS.labels(str(int(goodbye.code))).inc()
     with contextlib.suppress(websockets.WebSocketException, OSError):
         await ws.send(goodbye.frame, text=True)
         await ws.close(goodbye.code, goodbye.close_reason)

@@ -4,7 +4,9 @@ The upgrade is refused with a plain HTTP error for a missing or wrong token (401
 subprotocol (400). Once accepted, the first message goes to the protocol's Connection
 (which refuses anything but a Hello, and a Hello with no version in common); then the
 Hello's claim is checked against the token (switchboard.enrolment) and the store. Every
-refusal after the upgrade is the Connection's goodbye: a protocol_error, then the close.
+refusal after the upgrade is the Connection's goodbye: a protocol_error, then the close (or
+the same from the WebSocket layer, switchboard.wsprotocol, for a message too big or not
+UTF-8); each is counted and logged once.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from typing import NamedTuple
 import msgspec
 from litestar import WebSocket
 
-from protocol import limits
+from protocol import frames, limits
 from protocol.connection import Connection, Goodbye, Role
 from protocol.exceptions import CloseCode
 from protocol.messages import Hello
-from switchboard import auth, enrolment, metrics
+from switchboard import auth, enrolment, metrics, wsprotocol
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
 from switchboard.models import Connected
@@ -68,6 +70,8 @@ async def admit(
     protocol = Connection(Role.SWITCHBOARD)
     hello = await _first_message(socket, protocol, settings.hello_timeout_s)
     if not isinstance(hello, Hello):
+        if hello is not None:
+            _protocol_error(hello.code, hello.reason)
         await say_goodbye(socket, hello, timeout)
         return None
     try:
@@ -104,10 +108,19 @@ async def _first_message(
     except TimeoutError:
         return protocol.fail(CloseCode.HANDSHAKE_FAILED, "no hello within the time limit")
     if message["type"] == "websocket.disconnect":
-        return protocol.fail(CloseCode.HANDSHAKE_FAILED, "closed before hello")
-    received = protocol.receive(message.get("bytes") or message.get("text") or b"")
+        protocol.lost()
+        if (refused := wsprotocol.refusal(message)) is not None:
+            _protocol_error(*refused)  # refused by the WebSocket layer, which told the peer
+        return None  # gone: nothing to say
+    received = frames.receive(protocol, wsprotocol.message_data(message))
     assert isinstance(received, Hello | Goodbye), "the table lets nothing else through"
     return received
+
+
+def _protocol_error(code: int, reason: str) -> None:
+    """The first message was refused (the peer was told): counted, and logged once."""
+    metrics.PROTOCOL_ERRORS.labels(str(code)).inc()
+    log.warning("supervisor connection refused before its hello: %s (%d)", reason, code)
 
 
 async def say_goodbye(socket: WebSocket, goodbye: Goodbye | None, send_timeout_s: float) -> None:

@@ -96,6 +96,19 @@ SESSIONS_CUT = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+#: Close codes of the protocol errors a supervisor's messages can cause (PROTOCOL_ERRORS):
+#: binary message, invalid message (JSON, UTF-8, a field), too big, no hello first, no
+#: version in common, a message not allowed at that point.
+PROTOCOL_ERROR_CODES = (1003, 1007, 1009, 4000, 4001, 4002)
+PROTOCOL_ERRORS = Counter(
+    "switchboard_protocol_errors_total",
+    "Supervisor connections the switchboard closed for what the supervisor sent, by the"
+    " close code it was told in a protocol_error (docs/protocol.md §10): 1003 a binary"
+    " message, 1007 an invalid one (not UTF-8, not JSON, a bad field), 1009 one over 1 MiB,"
+    " 4000 no hello first, 4001 no version in common, 4002 a message not allowed then.",
+    ["code"],
+    registry=REGISTRY,
+)
 SUPERVISORS_CONNECTED = Gauge(
     "switchboard_supervisors_connected",
     "Supervisors connected to this switchboard process, by state (draining: drained by"
@@ -340,6 +353,8 @@ for _reason in ("queue_full", "token_quota"):
     SUBMISSIONS_REFUSED.labels(_reason)
 for _reason in CUT_REASONS:
     SESSIONS_CUT.labels(_reason)
+for _close in PROTOCOL_ERROR_CODES:
+    PROTOCOL_ERRORS.labels(str(_close))
 for _code in ProblemCode:
     EVENT_PROBLEMS.labels(_code.value)
 for _stream in STREAMS:

@@ -27,6 +27,7 @@ from typing import NamedTuple, Protocol
 
 from litestar import WebSocket
 
+from protocol import frames
 from protocol.connection import Connection, Goodbye
 from protocol.exceptions import CloseCode
 from protocol.messages import (
@@ -41,7 +42,7 @@ from protocol.messages import (
 )
 from protocol.spec import JobSpec
 from protocol.state import Phase
-from switchboard import metrics
+from switchboard import metrics, wsprotocol
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
 from switchboard.models import ActiveRun, EventsApplied
@@ -297,17 +298,20 @@ class SupervisorConnection:
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
+                if (refused := wsprotocol.refusal(message)) is not None:
+                    # Refused by the WebSocket layer (too big, not UTF-8): the supervisor
+                    # has been told, as for any goodbye.
+                    self._protocol_error(*refused)
                 return
             self._last_heard = time.monotonic()
             self.last_heard_at = time.time()
-            match self.protocol.receive(message.get("bytes") or message.get("text") or b""):
+            match frames.receive(self.protocol, wsprotocol.message_data(message)):
                 case Event() as event:
                     await self._events.put(event)
                 case StatusReply():
                     await self._status_due()
                 case Goodbye() as goodbye:
-                    log.warning("supervisor %s: %s (%d)", self.id, goodbye.reason, goodbye.code)
-                    self.closed_because = goodbye.reason
+                    self._protocol_error(goodbye.code, goodbye.reason)
                     self.outbox.close(goodbye)
                     return
                 case ProtocolErrorMessage(code=code, reason=reason):
@@ -315,6 +319,12 @@ class SupervisorConnection:
                         "supervisor %s reported a protocol error: %s (%d)", self.id, reason, code
                     )
                     return
+
+    def _protocol_error(self, code: int, reason: str) -> None:
+        """The supervisor sent what the protocol refuses: counted, and logged once."""
+        metrics.PROTOCOL_ERRORS.labels(str(code)).inc()
+        log.warning("supervisor %s: %s (%d)", self.id, reason, code)
+        self.closed_because = reason
 
     async def _apply_loop(self) -> None:
         while not self.outbox.closed:

@@ -11,19 +11,83 @@ operation in the ASGI scope, `scope["extensions"][ABORT_EXTENSION]()`: abort the
 (`websocket.disconnect`, and any send blocked on the buffer fails). It also turns the
 closing handshake's own timer into an abort, so a close the peer never answers or never
 reads does not leave the socket open.
+
+It also refuses, as the protocol says (docs/protocol.md §10), the messages websockets and
+uvicorn would otherwise end the connection for without a word: one over the size limit
+(close 1009: websockets reads the frame's header, never the frame) and a text message that
+is not valid UTF-8 (close 1007; uvicorn logged a traceback). Each gets a protocol_error
+first (protocol.frames), and the application gets a `websocket.disconnect` carrying the
+code, the reason and REFUSED, so that it logs and counts the refusal once. (A binary
+message is handed to the application, whose Connection refuses it with 1003.)
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Mapping
+from typing import Any, cast
 
+from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+from websockets.frames import Close
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from protocol import frames
+from protocol.exceptions import CloseCode
 
 #: The scope extension holding the connection's abort (a callable taking no argument).
 ABORT_EXTENSION = "switchboard.abort"
+#: Set (True) in the `websocket.disconnect` of a connection this layer closed because of
+#: what the peer sent; its `code` and `reason` say why, as the peer was told.
+REFUSED = "switchboard.refused"
+
+
+def refusal(message: Mapping[str, Any]) -> tuple[int, str] | None:
+    """The close code and reason of a `websocket.disconnect` this layer caused by refusing
+    the peer's message; None for any other ASGI message."""
+    if not message.get(REFUSED):
+        return None
+    return int(message["code"]), str(message.get("reason", ""))
+
+
+def message_data(message: Mapping[str, Any]) -> str | bytes:
+    """A `websocket.receive`'s message: str for a text one, bytes for a binary one."""
+    text = message.get("text")
+    return text if text is not None else message.get("bytes") or b""
+
+
+class _SayingServerProtocol(ServerProtocol):
+    """websockets' server side, which sends a protocol_error before it fails a connection
+    for what the peer sent (protocol.frames.before_failing)."""
+
+    #: The close sent after a protocol_error (None: not failed that way).
+    refused: Close | None = None
+
+    def fail(self, code: int, reason: str = "") -> None:
+        said = frames.before_failing(code, reason) if self.state is State.OPEN else None
+        if said is not None:
+            reason, frame = said
+            self.send_text(frame)
+            self.refused = Close(code, reason)
+        super().fail(code, reason)
 
 
 class AbortableWebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        # uvicorn builds its ServerProtocol here, with no way to name another class: make
+        # it ours (a method more, and a field set only on refusing), keeping every argument
+        # uvicorn gave it.
+        self.conn.__class__ = _SayingServerProtocol
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
@@ -42,6 +106,39 @@ class AbortableWebSocketProtocol(WebSocketsSansIOProtocol):
             # does not read: abort instead when the closing handshake runs out of time.
             self.close_timer.cancel()
             self.close_timer = self.loop.call_later(self.close_timeout, self.abort)
+
+    def send_receive_event_to_app(self) -> None:
+        # uvicorn decodes text itself and, on invalid UTF-8, logs a traceback and closes
+        # 1007 without a word: check first, and refuse as the protocol says.
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+            if not data.isascii():  # the common case, JSON in ASCII, costs one scan
+                try:
+                    data.decode()
+                except UnicodeDecodeError as error:
+                    self.frames = []
+                    self.conn.fail(CloseCode.INVALID_PAYLOAD, frames.not_utf8(error))
+                    self.handle_parser_exception()
+                    return
+        super().send_receive_event_to_app()
+
+    def handle_parser_exception(self) -> None:
+        refused = getattr(self.conn, "refused", None)
+        if refused is None:  # a broken frame (1002), a connection lost: uvicorn's way
+            super().handle_parser_exception()
+            return
+        # As uvicorn's, with REFUSED in the event (a key ASGI's type does not name): the
+        # application logs and counts it.
+        event = {
+            "type": "websocket.disconnect",
+            "code": refused.code,
+            "reason": refused.reason,
+            REFUSED: True,
+        }
+        self.queue.put_nowait(cast(Any, event))
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.transport.close()
 
     def on_task_complete(self, task: Any) -> None:
         # (A callback rather than an override of run_asgi: a coroutine frame more for

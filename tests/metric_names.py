@@ -5,6 +5,7 @@ SUPERVISOR_METRICS = {
     "supervisor_reconnects_total": "counter",
     "supervisor_events_resent_total": "counter",
     "supervisor_event_problems_total": "counter",
+    "supervisor_protocol_errors_total": "counter",
     "supervisor_backlog_bytes": "gauge",
     "supervisor_running_jobs": "gauge",
     "supervisor_runs_ended_total": "counter",

@@ -288,7 +288,7 @@ async def test_malformed_frame_closes_only_that_connection(
     async with connect_ws(switchboard, token) as healthy, connect_ws(switchboard, token) as bad:
         await handshake(healthy, _unique("healthy-peer"))
         await handshake(bad, _unique("bad-peer"))
-        await bad.send(frame)  # binary frame: JSON is accepted in either kind
+        await bad.send(frame, text=True)  # (a binary frame is refused as such: test_bad_frames)
         code, reason, frames = await closed_with(bad)
         assert code == CloseCode.INVALID_PAYLOAD
         assert expected in reason

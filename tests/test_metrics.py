@@ -39,6 +39,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_supervisor_refusals_total": "counter",
     "switchboard_supervisor_enrolments_total": "counter",
     "switchboard_sessions_cut_total": "counter",
+    "switchboard_protocol_errors_total": "counter",
     "switchboard_event_problems_total": "counter",
     "switchboard_seq_resyncs_total": "counter",
     "switchboard_supervisors_connected": "gauge",
@@ -103,7 +104,8 @@ LABEL_VALUES: dict[str, set[str]] = {
     "route": {"live", "follow", "events"},
     "what": {"job", "output", "artifact"},
     "why": {"too_large", "quota", "in_use"},
-    "code": {c.value for c in ProblemCode},
+    # Event problems by name; protocol errors by close code.
+    "code": {c.value for c in ProblemCode} | {"1003", "1007", "1009", "4000", "4001", "4002"},
 }
 
 
