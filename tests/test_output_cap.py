@@ -141,7 +141,14 @@ def test_a_capped_job_ends_as_it_did_with_its_output_cut(tmp_path):
         assert followed == stored
         after = sample_value(scrape(f"{server.url}/metrics"), "switchboard_output_truncated_total")
         assert after == before + 1
-        assert "cut at the output cap" in server.process.log()
+        # Said once in the log, and to the supervisor as an ack problem (docs/protocol.md §6.5).
+        assert server.process.log().count("the run reached its output cap") == 1
+        problems = sample_value(
+            scrape(f"{server.url}/metrics"),
+            "switchboard_event_problems_total",
+            code="output_capped",
+        )
+        assert problems >= 1
     finally:
         supervisor.stop()
         server.stop()
