@@ -188,36 +188,36 @@ class Link:
         self, job_id: str, timeout_s: float, attempt: int = 1
     ) -> list[SupervisorEvent]:
         """The run's events from now (and those kept) up to its terminal state."""
-        deadline = time.monotonic() + timeout_s
-        events: list[SupervisorEvent] = []
-        while True:
-            left = max(0.0, deadline - time.monotonic())
-            event = await self.expect(
-                of_run(job_id, attempt), left, f"the end of run {job_id}#{attempt}"
-            )
-            assert is_event(event)
-            events.append(event)
-            if isinstance(event, JobStateChanged) and is_terminal(event.phase):
-                return events
+        return await self._run_events(job_id, attempt, None, timeout_s)
 
     async def until_phase(
         self, job_id: str, phase: str, timeout_s: float, attempt: int = 1
     ) -> list[SupervisorEvent]:
         """The run's events up to the state `phase` (KitFailure if it ends first)."""
+        return await self._run_events(job_id, attempt, phase, timeout_s)
+
+    async def _run_events(
+        self, job_id: str, attempt: int, phase: str | None, timeout_s: float
+    ) -> list[SupervisorEvent]:
+        """The run's events up to the state `phase`, or (None) to its terminal state."""
+        wanted = f"state {phase}" if phase is not None else "the end"
         deadline = time.monotonic() + timeout_s
         events: list[SupervisorEvent] = []
         while True:
             left = max(0.0, deadline - time.monotonic())
             event = await self.expect(
-                of_run(job_id, attempt), left, f"state {phase} of run {job_id}#{attempt}"
+                of_run(job_id, attempt), left, f"{wanted} of run {job_id}#{attempt}"
             )
             assert is_event(event)
             events.append(event)
-            if isinstance(event, JobStateChanged):
-                if event.phase == phase:
+            if not isinstance(event, JobStateChanged):
+                continue
+            if event.phase == phase:
+                return events
+            if is_terminal(event.phase):
+                if phase is None:
                     return events
-                if is_terminal(event.phase):
-                    raise KitFailure(f"run {job_id}#{attempt} ended {event.phase} before {phase}")
+                raise KitFailure(f"run {job_id}#{attempt} ended {event.phase} before {phase}")
 
     async def status(self, request_id: int, timeout_s: float = 3.0) -> StatusReply:
         await self.peer.send(StatusRequest(request_id=request_id))

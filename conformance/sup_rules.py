@@ -5,24 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from protocol.messages import JobErrorReport, JobExit, JobStateChanged, Output, SupervisorEvent
-from protocol.state import SUPERVISOR_REPORTABLE, Phase, can_transition, is_terminal
-
-#: §5.1 `exit.reason`: every word a supervisor may use.
-EXIT_REASONS = frozenset(
-    {
-        "exited",
-        "signaled",
-        "timeout",
-        "canceled",
-        "oom",
-        "trap",
-        "out_of_fuel",
-        "memory_limit",
-        "scratch_limit",
-        "error",
-    }
+from protocol.messages import (
+    EXIT_REASONS,
+    JobErrorReport,
+    JobExit,
+    JobStateChanged,
+    Output,
+    SupervisorEvent,
 )
+from protocol.state import SUPERVISOR_REPORTABLE, Phase, can_transition, is_terminal
 
 
 def phases(events: Sequence[SupervisorEvent]) -> list[str]:

@@ -25,8 +25,6 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
-from websockets.frames import Close
-from websockets.protocol import State
 
 from protocol import frames, limits
 from protocol.connection import Acknowledged, Connection, Goodbye, Role
@@ -383,21 +381,10 @@ class WebSocketConnector(SupervisorConnector):
             log.error("request handler failed", exc_info=task.exception())
 
 
-class _SayingProtocol(ClientProtocol):
+class _SayingProtocol(frames.SaysBeforeFailing, ClientProtocol):
     """websockets' client side, which sends a protocol_error before it fails a connection
     for what the switchboard sent: a message over the size limit (1009; the frame is never
     read whole), a text message that is not valid UTF-8 (1007). protocol.frames says what."""
-
-    #: The close sent after a protocol_error (None: not failed that way).
-    refused: Close | None = None
-
-    def fail(self, code: int, reason: str = "") -> None:
-        said = frames.before_failing(code, reason) if self.state is State.OPEN else None
-        if said is not None:
-            reason, frame = said
-            self.send_text(frame)
-            self.refused = Close(code, reason)
-        super().fail(code, reason)
 
 
 class _SayingConnection(ClientConnection):

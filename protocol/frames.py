@@ -11,6 +11,11 @@ the library sends (`before_failing`).
 
 from __future__ import annotations
 
+from typing import Any
+
+from websockets.frames import Close
+from websockets.protocol import State
+
 from . import codec, limits
 from .connection import Connection, Received
 from .exceptions import CloseCode
@@ -46,6 +51,24 @@ def before_failing(code: int, reason: str) -> tuple[str, bytes] | None:
         reason = f"text message is not valid UTF-8: {reason}"
     reason = _fit(reason)
     return reason, refusal_frame(CloseCode(code), reason)
+
+
+class SaysBeforeFailing:
+    """Mixin for a websockets sans-I/O protocol, client or server side (listed before it
+    in the bases): it sends the protocol_error `before_failing` gives just before the
+    library fails the connection, and keeps the close it sent in `refused` (None: not
+    failed that way)."""
+
+    refused: Close | None = None
+
+    def fail(self, code: int, reason: str = "") -> None:
+        ws: Any = self  # a websockets Protocol: state, send_text, and the fail it overrides
+        said = before_failing(code, reason) if ws.state is State.OPEN else None
+        if said is not None:
+            reason, frame = said
+            ws.send_text(frame)
+            self.refused = Close(code, reason)
+        super().fail(code, reason)  # type: ignore[misc]
 
 
 def not_utf8(error: UnicodeDecodeError) -> str:

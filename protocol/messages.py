@@ -127,12 +127,27 @@ class Output(Event, tag="output"):
     data: Annotated[bytes, Meta(max_length=limits.MAX_OUTPUT_CHUNK)]
 
 
-class JobExit(Event, tag="exit"):
-    """How the program ended (the task outcome), sent before the terminal state.
+#: Every word an `exit` may give as its `reason` (docs/protocol.md §5.1). The field is a
+#: plain string on the wire, so a newer supervisor's word still decodes.
+EXIT_REASONS = frozenset(
+    {
+        "exited",
+        "signaled",
+        "timeout",
+        "canceled",
+        "oom",
+        "trap",
+        "out_of_fuel",
+        "memory_limit",
+        "scratch_limit",
+        "error",
+    }
+)
 
-    `reason` is one of: exited, signaled, timeout, canceled, oom, trap, out_of_fuel,
-    memory_limit, scratch_limit, error.
-    """
+
+class JobExit(Event, tag="exit"):
+    """How the program ended (the task outcome), sent before the terminal state; `reason`
+    is one of EXIT_REASONS."""
 
     exit_code: Int64 | None = None
     signal: Int64 | None = None

@@ -30,8 +30,6 @@ from typing import Any, cast
 from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
-from websockets.frames import Close
-from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from protocol import frames
@@ -58,20 +56,9 @@ def message_data(message: Mapping[str, Any]) -> str | bytes:
     return text if text is not None else message.get("bytes") or b""
 
 
-class _SayingServerProtocol(ServerProtocol):
+class _SayingServerProtocol(frames.SaysBeforeFailing, ServerProtocol):
     """websockets' server side, which sends a protocol_error before it fails a connection
     for what the peer sent (protocol.frames.before_failing)."""
-
-    #: The close sent after a protocol_error (None: not failed that way).
-    refused: Close | None = None
-
-    def fail(self, code: int, reason: str = "") -> None:
-        said = frames.before_failing(code, reason) if self.state is State.OPEN else None
-        if said is not None:
-            reason, frame = said
-            self.send_text(frame)
-            self.refused = Close(code, reason)
-        super().fail(code, reason)
 
 
 class AbortableWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -123,6 +110,8 @@ class AbortableWebSocketProtocol(WebSocketsSansIOProtocol):
         super().send_receive_event_to_app()
 
     def handle_parser_exception(self) -> None:
+        if self.close_sent:
+            return  # refused already: what still comes is read and discarded (below)
         refused = getattr(self.conn, "refused", None)
         if refused is None:  # a broken frame (1002), a connection lost: uvicorn's way
             super().handle_parser_exception()
@@ -138,7 +127,16 @@ class AbortableWebSocketProtocol(WebSocketsSansIOProtocol):
         self.queue.put_nowait(cast(Any, event))
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
-        self.transport.close()
+        # Half-close, not close: a peer still sending (the rest of an oversized message)
+        # would get a reset for the unread bytes, and a reset may destroy the
+        # protocol_error and close frame before the peer reads them. The connection now
+        # reads and discards (websockets' parser does) until the peer's EOF, for at most
+        # close_timeout.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.close_timer = self.loop.call_later(self.close_timeout, self.abort)
+        else:
+            self.transport.close()
 
     def on_task_complete(self, task: Any) -> None:
         # (A callback rather than an override of run_asgi: a coroutine frame more for

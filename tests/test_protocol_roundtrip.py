@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from protocol import codec, limits
 from protocol.exceptions import CloseCode, FrameError, JobErrorKind, ProblemCode
 from protocol.messages import (
+    EXIT_REASONS,
     STREAMS,
     Ack,
     EventProblem,
@@ -168,19 +169,7 @@ SUPERVISOR_MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
         attempt=attempts,
         exit_code=st.none() | st.integers(0, 255),
         signal=st.none() | st.integers(1, 64),
-        reason=st.sampled_from(
-            [
-                "exited",
-                "signaled",
-                "timeout",
-                "canceled",
-                "oom",
-                "trap",
-                "out_of_fuel",
-                "memory_limit",
-                "error",
-            ]
-        ),
+        reason=st.sampled_from(sorted(EXIT_REASONS)),
         message=st.none() | texts,
     ),
     StatusReply: st.builds(
