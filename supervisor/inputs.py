@@ -32,6 +32,7 @@ from protocol.exceptions import JobError, JobErrorKind
 from protocol.limits import clip_message
 from protocol.messages import InputFile
 from protocol.spec import input_overlap
+from supervisor import metrics
 from supervisor.artifacts import CHUNK, ArtifactSource
 
 #: The run's input directory, under its work dir; the program sees it as GUEST_PATH.
@@ -74,7 +75,9 @@ class InputCache:
         path = self.root / digest.replace(":", "-")
         if await asyncio.to_thread(_intact, path, digest):
             self.hits += 1
+            metrics.cache_lookup("input", hit=True)
             return path
+        metrics.cache_lookup("input", hit=False)
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".download-")
         os.close(fd)
@@ -141,6 +144,8 @@ async def place_inputs(
             else:
                 await asyncio.to_thread(_link, cached, root / where, budget)
         except JobError as exc:
+            if isinstance(exc, _TooMuch):
+                metrics.limit_exceeded("inputs")
             raise _input_error(item, exc.description) from None
         except (OSError, tarfile.TarError, EOFError) as exc:  # EOFError: a cut-off archive
             raise _input_error(item, f"{type(exc).__name__}: {exc}") from None
@@ -153,6 +158,10 @@ def _input_error(item: InputFile, why: str) -> JobError:
     return JobError(JobErrorKind.INPUT_INVALID, clip_message(f"{what}: {why}") or "")
 
 
+class _TooMuch(JobError):
+    """A run's inputs are over its budget."""
+
+
 class _Budget:
     """What a run's inputs may still take, in bytes."""
 
@@ -163,7 +172,7 @@ class _Budget:
     def take(self, size: int) -> None:
         self.left -= size
         if self.left < 0:
-            raise JobError(
+            raise _TooMuch(
                 JobErrorKind.INPUT_INVALID,
                 f"the run's inputs take more than {self.max_bytes // _MB} MB, this"
                 " supervisor's limit",

@@ -255,9 +255,13 @@ class BackendSupervisor(Supervisor):
                 JobErrorKind.INPUT_INVALID, "this supervisor has no artifact source for inputs"
             )
         await ctx.stage("fetching", f"{len(inputs)} input(s)")
-        placed = await ctx.unless_stopped(
-            place_inputs(inputs, ctx.work_dir, self.inputs, self.inputs_max_bytes)
-        )
+        try:
+            placed = await ctx.unless_stopped(
+                place_inputs(inputs, ctx.work_dir, self.inputs, self.inputs_max_bytes)
+            )
+        except JobError as exc:
+            log.warning("run %s#%d: %s", ctx.run.job_id, ctx.run.attempt, exc.description)
+            raise
         return placed is not None
 
     def _time_out(self, run: _Run) -> None:

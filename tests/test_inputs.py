@@ -17,6 +17,7 @@ from protocol import codec
 from protocol.exceptions import JobError, JobErrorKind
 from protocol.messages import InputFile, StartJob, minor_needed, start_job
 from protocol.spec import JobSpec, NoopBackend
+from supervisor import metrics
 from supervisor.artifacts import MemoryArtifactSource
 from supervisor.inputs import InputCache, place_inputs, remove_run_dir
 from switchboard.artifacts import named_artifacts
@@ -245,6 +246,8 @@ async def test_inputs_over_the_limit_fail_the_run(tmp_path: Path) -> None:
     big = _tar([_file("zeros")], {"zeros": bytes(300_000)}, mode="w:gz")
     cache, (small, packed) = _cache(tmp_path, b"x" * 100_000, big)
     limit = 200_000
+    exceeded = metrics.LIMITS_EXCEEDED.labels("inputs")
+    before = exceeded._value.get()
     await place_inputs([InputFile("a", small)], tmp_path / "r1", cache, limit)
     with pytest.raises(JobError, match="more than") as caught:  # unpacks to more
         await place_inputs([InputFile("t", packed, unpack=True)], tmp_path / "r2", cache, limit)
@@ -252,6 +255,7 @@ async def test_inputs_over_the_limit_fail_the_run(tmp_path: Path) -> None:
     with pytest.raises(JobError, match="more than"):  # together more
         files = [InputFile("a", small), InputFile("b", small), InputFile("c", small)]
         await place_inputs(files, tmp_path / "r3", cache, limit)
+    assert exceeded._value.get() == before + 2  # counted
 
 
 async def test_an_unknown_artifact_fails_the_run(tmp_path: Path) -> None:
