@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE",
-        help="a file the spec names by digest (e.g. a .wasm module)",
+        help="a file the spec names by digest (a .wasm module, an image tarball, an input)",
     )
     logfmt.add_argument(local, "SUPERVISOR_LOG_FORMAT")
     _backend_options(local)

@@ -2,7 +2,8 @@
 from C reads its inputs (a file, a member of an unpacked archive) from /in and cannot write
 there; a job naming an input that was never uploaded is refused at submission; a hostile
 archive fails its run; a supervisor that speaks only protocol 1.2 is never sent a job with
-inputs (it would ignore them), and the job says why it waits."""
+inputs (it would ignore them), the job says why it waits, and its input can't be deleted
+meanwhile."""
 
 from __future__ import annotations
 
@@ -212,3 +213,7 @@ async def _old_supervisor(switchboard: Switchboard) -> None:
         )
         assert job["phase"] == "queued", job
         assert "1.3" in job["unschedulable"] and "1.2" in job["unschedulable"], job
+        # The switchboard keeps the input while the queued job names it.
+        deleted = client.delete(f"/api/v1/artifacts/{digest}")
+        assert deleted.status_code == 409, deleted.text
+        assert with_inputs in deleted.text, deleted.text
