@@ -3,7 +3,8 @@ from C reads its inputs (a file, a member of an unpacked archive) from /in and c
 there; a job naming an input that was never uploaded is refused at submission; a hostile
 archive fails its run; a supervisor that speaks only protocol 1.2 is never sent a job with
 inputs (it would ignore them), the job says why it waits, and its input can't be deleted
-meanwhile."""
+meanwhile; a run placed on a 1.3 supervisor that comes back speaking 1.2 is not sent again
+but ends rejected, saying why."""
 
 from __future__ import annotations
 
@@ -217,3 +218,61 @@ async def _old_supervisor(switchboard: Switchboard) -> None:
         deleted = client.delete(f"/api/v1/artifacts/{digest}")
         assert deleted.status_code == 409, deleted.text
         assert with_inputs in deleted.text, deleted.text
+
+
+def test_a_run_is_not_resent_to_its_supervisor_come_back_speaking_1_2(tmp_path):
+    switchboard = Switchboard(tmp_path / "data")
+    try:
+        asyncio.run(_downgraded_supervisor(switchboard))
+    finally:
+        switchboard.stop()
+
+
+async def _downgraded_supervisor(switchboard: Switchboard) -> None:
+    """A 1.3 supervisor is sent a run with inputs and goes away before it reports anything;
+    it comes back offering only 1.2. The run is not sent again (the supervisor would run it
+    without its inputs): it ends rejected, saying why."""
+    client = switchboard.client()
+    digest = upload(switchboard, b"firmware")
+    registration = switchboard.create_token("supervisor")
+    credential = new_token()
+
+    def hello(versions: list[str], enrol: bool) -> bytes:
+        return codec.encode(
+            Hello(
+                supervisor_id="flip-1",
+                name="flip-1",
+                versions=versions,
+                backends=["noop"],
+                credential_sha256=token_sha256(credential).hex() if enrol else None,
+            )
+        )
+
+    async with connect_ws(switchboard, registration) as ws:
+        await ws.send(hello(["1.3", "1.2"], enrol=True), text=True)
+        welcome = codec.decode_from_switchboard(await ws.recv(decode=False))
+        assert isinstance(welcome, Welcome) and welcome.version == "1.3"
+        job_id = submit(
+            switchboard, {"name": "in", "backend": {"kind": "noop"}, "inputs": {"fw": digest}}
+        )
+        while True:
+            message = codec.decode_from_switchboard(await asyncio.wait_for(ws.recv(), 10))
+            if isinstance(message, StartJob):
+                assert message.job_id == job_id and message.inputs[0].digest == digest
+                break
+    async with connect_ws(switchboard, credential) as ws:
+        await ws.send(hello(["1.2"], enrol=False), text=True)
+        welcome = codec.decode_from_switchboard(await ws.recv(decode=False))
+        assert isinstance(welcome, Welcome) and welcome.version == "1.2"
+        # Reconciling finds it assigned and not held: resend it, which is refused.
+        job = await asyncio.to_thread(wait_job, client, job_id, 20)
+        assert job["phase"] == "rejected", job
+        assert job["reason"] == (
+            "not sent: its supervisor now speaks protocol 1.2; the job's inputs need 1.3"
+        ), job
+        while True:  # nothing but heartbeats and status requests came meanwhile
+            try:
+                message = codec.decode_from_switchboard(await asyncio.wait_for(ws.recv(), 0.5))
+            except TimeoutError:
+                break
+            assert not isinstance(message, StartJob), message
