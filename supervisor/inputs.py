@@ -26,6 +26,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 
 from protocol.exceptions import JobError, JobErrorKind
@@ -126,10 +127,15 @@ def _intact(path: Path, digest: str) -> bool:
 
 
 async def place_inputs(
-    inputs: list[InputFile], work_dir: Path, cache: InputCache, max_bytes: int
+    inputs: list[InputFile],
+    work_dir: Path,
+    cache: InputCache,
+    max_bytes: int,
+    stop: threading.Event | None = None,
 ) -> Path:
     """Fetch every input and place it under `work_dir/in`; return that directory. Raises
-    JobError(input_invalid) naming the input that could not be placed."""
+    JobError(input_invalid) naming the input that could not be placed. Setting `stop`
+    (the run is being stopped) ends an unpacking thread at its next member."""
     if (overlap := input_overlap(i.path for i in inputs)) is not None:
         raise JobError(JobErrorKind.INPUT_INVALID, overlap)
     root = work_dir / IN_DIR
@@ -140,7 +146,7 @@ async def place_inputs(
         try:
             cached = await cache.get(item.digest, budget.max_bytes)
             if item.unpack:
-                await asyncio.to_thread(_unpack, cached, root / where, budget)
+                await asyncio.to_thread(_unpack, cached, root / where, budget, stop)
             else:
                 await asyncio.to_thread(_link, cached, root / where, budget)
         except JobError as exc:
@@ -190,12 +196,14 @@ def _link(cached: Path, dest: Path, budget: _Budget) -> None:
         os.chmod(dest, 0o444)
 
 
-def _unpack(archive: Path, dest: Path, budget: _Budget) -> None:
+def _unpack(archive: Path, dest: Path, budget: _Budget, stop: threading.Event | None) -> None:
     """Unpack a tar archive into the new directory `dest`, member by member through the
     `data` filter, counting unpacked bytes against the budget before each is written."""
     dest.mkdir(parents=True)
     with tarfile.open(archive, "r:*") as tar:
         for count, member in enumerate(tar, start=1):
+            if stop is not None and stop.is_set():
+                raise JobError(JobErrorKind.INPUT_INVALID, "stopped while unpacking")
             if count > MAX_MEMBERS:
                 raise JobError(
                     JobErrorKind.INPUT_INVALID, f"the archive has more than {MAX_MEMBERS} members"

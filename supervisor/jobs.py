@@ -257,7 +257,9 @@ class BackendSupervisor(Supervisor):
         await ctx.stage("fetching", f"{len(inputs)} input(s)")
         try:
             placed = await ctx.unless_stopped(
-                place_inputs(inputs, ctx.work_dir, self.inputs, self.inputs_max_bytes)
+                place_inputs(
+                    inputs, ctx.work_dir, self.inputs, self.inputs_max_bytes, ctx.stop_flag
+                )
             )
         except JobError as exc:
             log.warning("run %s#%d: %s", ctx.run.job_id, ctx.run.attempt, exc.description)

@@ -212,6 +212,14 @@ async def test_files_and_an_unpacked_archive_are_placed_read_only(tmp_path: Path
     assert not work.exists()
 
 
+async def test_links_inside_an_archive_are_kept(tmp_path: Path) -> None:
+    members = [_file("a.txt"), _link("s", "a.txt"), _link("h", "a.txt", tarfile.LNKTYPE)]
+    cache, (digest,) = _cache(tmp_path, _tar(members, {"a.txt": b"linked"}))
+    root = await place_inputs([InputFile("t", digest, unpack=True)], tmp_path / "r", cache, 1 << 20)
+    assert (root / "t/s").is_symlink() and (root / "t/s").read_bytes() == b"linked"
+    assert (root / "t/h").read_bytes() == b"linked"
+
+
 @pytest.mark.parametrize(
     ("members", "why"),
     [
