@@ -136,6 +136,10 @@ class JobErrorKind(enum.StrEnum):
     IMAGE_INVALID = "image_invalid"
     #: The image or module is valid but this supervisor can't run it.
     IMAGE_NOT_COMPATIBLE = "image_not_compatible"
+    #: (1.3) An input could not be placed: not found or fetched, wrong content, too large,
+    #: or a tar archive that is not one or has members that would land outside its
+    #: directory (absolute paths, `..`, links pointing out, devices).
+    INPUT_INVALID = "input_invalid"
     #: Anything else that went wrong inside the supervisor.
     INTERNAL_ERROR = "internal_error"
 

@@ -11,7 +11,7 @@ import re
 #: Major version, carried in the WebSocket subprotocol name. A change here breaks peers.
 PROTOCOL_MAJOR = 1
 #: Highest minor version this code speaks. Minors only add optional fields and messages.
-PROTOCOL_MINOR = 2
+PROTOCOL_MINOR = 3
 #: The one subprotocol a supervisor offers and the switchboard accepts.
 SUBPROTOCOL = f"switchboard.v{PROTOCOL_MAJOR}"
 
@@ -32,6 +32,15 @@ LABEL_VALUE_MAX_LEN = 128
 MAX_LABELS = 64
 #: Content digests of artifacts (Wasm modules, image tarballs).
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$(?!\n)"
+#: Where a job's input goes, relative to its input directory (`/in`): letters, digits and
+#: `._+-` in components separated by single `/`; no `.` or `..` component, no leading `/`,
+#: at most 256 characters. A trailing `/` (in a job spec) names a directory to unpack a tar
+#: archive into.
+INPUT_PATH_PATTERN = (
+    r"^(?!(?:.*/)?\.{1,2}(?![^/]))(?!.*//)[A-Za-z0-9._+-][A-Za-z0-9._+/-]{0,255}$(?!\n)"
+)
+#: Most inputs one job may name.
+MAX_INPUTS = 64
 #: A bare SHA-256 in lowercase hex (the digest of a credential a supervisor enrols).
 SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$(?!\n)"
 #: Free-text fields (status messages, error descriptions) are cut to this many characters.
@@ -39,6 +48,7 @@ MESSAGE_MAX_LEN = 4096
 
 _ID_RE = re.compile(ID_PATTERN)
 _DIGEST_RE = re.compile(DIGEST_PATTERN)
+_INPUT_PATH_RE = re.compile(INPUT_PATH_PATTERN)
 
 
 def is_valid_id(value: str) -> bool:
@@ -49,6 +59,11 @@ def is_valid_id(value: str) -> bool:
 def is_valid_digest(value: str) -> bool:
     """True if `value` looks like `sha256:<64 lowercase hex digits>`."""
     return bool(_DIGEST_RE.match(value))
+
+
+def is_valid_input_path(value: str) -> bool:
+    """True if `value` follows the input path grammar (INPUT_PATH_PATTERN)."""
+    return bool(_INPUT_PATH_RE.match(value))
 
 
 def clip_message(text: str | None) -> str | None:

@@ -27,8 +27,10 @@ from . import limits
 from .exceptions import JobErrorKind, ProblemCode
 from .spec import (
     BackendSpec,
+    Digest,
     DockerBackend,
     Id,
+    InputPath,
     JobSpec,
     Labels,
     NoopBackend,
@@ -39,6 +41,7 @@ from .spec import (
     WasmBackend,
 )
 from .state import Phase
+from .versions import INPUTS_MINOR
 
 INT64_MAX = 2**63 - 1
 Int64 = Annotated[int, Meta(ge=-INT64_MAX - 1, le=INT64_MAX)]
@@ -191,6 +194,16 @@ class Welcome(SwitchboardMessage, tag="welcome"):
     enrolled: bool = False
 
 
+class InputFile(msgspec.Struct, frozen=True, omit_defaults=True):
+    """(1.3) An artifact to place read-only in the run's input directory before the
+    program starts: at `path` (relative to that directory), or, with `unpack`, a tar
+    archive unpacked into the directory `path`."""
+
+    path: InputPath
+    digest: Digest
+    unpack: bool = False
+
+
 class StartJob(SwitchboardMessage, tag="start_job"):
     """Start one run. Repeating it for a run the supervisor holds is harmless."""
 
@@ -202,11 +215,14 @@ class StartJob(SwitchboardMessage, tag="start_job"):
     resources: ResourceCounts = {}
     #: Run timeout in seconds from the moment the run starts; None = no limit.
     timeout_s: Seconds | None = None
+    #: (1.3) Files to place in the run's input directory before the program starts.
+    inputs: Annotated[list[InputFile], Meta(max_length=limits.MAX_INPUTS)] = []
 
 
 def start_job(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
     """The StartJob of run (`job_id`, `attempt`) of a job with this spec: what of the spec
-    a supervisor needs."""
+    a supervisor needs. (The one place a spec becomes a StartJob: `minor_needed` says
+    which supervisors may be sent it.)"""
     return StartJob(
         job_id=job_id,
         attempt=attempt,
@@ -215,7 +231,17 @@ def start_job(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
         parameters=spec.parameters,
         resources=spec.resources,
         timeout_s=spec.timeout_s,
+        inputs=[
+            InputFile(path=path.rstrip("/"), digest=digest, unpack=path.endswith("/"))
+            for path, digest in spec.inputs.items()
+        ],
     )
+
+
+def minor_needed(spec: JobSpec) -> int:
+    """The lowest protocol minor a supervisor must speak to run this spec as written: an
+    older one would ignore the fields it does not know and run something else."""
+    return INPUTS_MINOR if spec.inputs else 0
 
 
 #: Why a run is stopped (a supervisor refuses any other word as an invalid message).

@@ -7,6 +7,8 @@ limits show up in the OpenAPI schema and in the error a bad spec gets.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from typing import Annotated, ClassVar, Literal
 
 import msgspec
@@ -28,6 +30,9 @@ MAX_TIMEOUT_S = 7 * 24 * 3600
 Seconds = Annotated[float, Meta(gt=0, le=MAX_TIMEOUT_S)]
 DelaySeconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
 ResourceCounts = Annotated[dict[Id, Annotated[int, Meta(ge=1, le=1024)]], Meta(max_length=64)]
+#: Where an input goes under the job's input directory (limits.INPUT_PATH_PATTERN).
+InputPath = Annotated[str, Meta(pattern=limits.INPUT_PATH_PATTERN)]
+Inputs = Annotated[dict[InputPath, Digest], Meta(max_length=limits.MAX_INPUTS)]
 
 
 class _Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -160,6 +165,17 @@ class Concurrency(_Spec):
     policy: Literal["queue", "drop_if_running", "replace"] = "queue"
 
 
+def input_overlap(paths: Iterable[str]) -> str | None:
+    """Why inputs at these paths can't all be placed (one inside another, or two at the
+    same place: `a` and `a/b`, `t/` and `t/x`, `a` and `a/`), or None if they can. A trailing
+    `/` (a directory to unpack into) is ignored."""
+    names = sorted(p.rstrip("/") for p in paths)
+    for before, after in itertools.pairwise(names):
+        if after == before or after.startswith(before + "/"):
+            return f"inputs {before!r} and {after!r} overlap: one would be placed inside the other"
+    return None
+
+
 ParameterName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$(?!\n)")]
 
 
@@ -180,3 +196,11 @@ class JobSpec(_Spec):
     #: None: never restarted.
     restart: RestartPolicy | None = None
     parameters: Annotated[dict[ParameterName, Parameter], Meta(max_length=128)] = {}
+    #: Files placed read-only under the job's input directory (`/in`) before it starts:
+    #: path -> digest of an uploaded artifact. A path ending in `/` names a directory the
+    #: artifact (a tar archive) is unpacked into.
+    inputs: Inputs = {}
+
+    def __post_init__(self) -> None:
+        if (overlap := input_overlap(self.inputs)) is not None:
+            raise ValueError(overlap)

@@ -42,8 +42,10 @@ def negotiate_version(offered: Iterable[str]) -> str:
 
 #: The minor version that added `ack.problems` (docs/protocol.md §6.5).
 ACK_PROBLEMS_MINOR = 2
+#: The minor version that added `start_job.inputs` (docs/protocol.md §5.2).
+INPUTS_MINOR = 3
 
 
 def minor_of(version: str) -> int:
-    """The minor number of a negotiated version ("1.2" -> 2)."""
-    return int(version.partition(".")[2])
+    """The minor number of a negotiated version ("1.2" -> 2; "" -> 0: not known)."""
+    return int(version.partition(".")[2] or 0)

@@ -13,6 +13,7 @@ import ssl
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import uvloop
@@ -29,12 +30,14 @@ from supervisor.artifacts import ArtifactSource, FileArtifactSource, HttpArtifac
 from supervisor.backends.base import Backend
 from supervisor.config import (
     ConfigError,
+    InputSettings,
     LinkSettings,
     SupervisorSettings,
     WasmSettings,
     default_of,
     load_config,
 )
+from supervisor.inputs import InputCache
 from supervisor.jobs import BackendSupervisor
 
 log = logging.getLogger("supervisor")
@@ -184,6 +187,7 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
         labels=settings.labels,
         resources=backend.resource_counts(),
         work_dir=settings.work_dir,
+        **_inputs(artifacts, settings),
     )
     connector = WebSocketConnector(
         supervisor,
@@ -210,9 +214,21 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
 async def _run_local(settings: SupervisorSettings, spec: JobSpec, artifacts: list[Path]) -> int:
     source = FileArtifactSource(artifacts)
     supervisor = BackendSupervisor(
-        make_backend(spec.backend.kind, source, settings), work_dir=settings.work_dir
+        make_backend(spec.backend.kind, source, settings),
+        work_dir=settings.work_dir,
+        **_inputs(source, settings),
     )
     return await LocalConnector(supervisor, spec).run()
+
+
+def _inputs(artifacts: ArtifactSource, settings: SupervisorSettings) -> dict[str, Any]:
+    """BackendSupervisor's arguments for runs' inputs."""
+    mb = 1024 * 1024
+    root = settings.work_dir / "input-cache"
+    return {
+        "inputs": InputCache(artifacts, root, settings.inputs.cache_max_mb * mb),
+        "inputs_max_bytes": settings.inputs.max_mb * mb,
+    }
 
 
 def build_settings(args: argparse.Namespace) -> SupervisorSettings:
@@ -232,6 +248,7 @@ def build_settings(args: argparse.Namespace) -> SupervisorSettings:
     common = {
         "work_dir": work_dir,
         "wasm": wasm,
+        "inputs": InputSettings(max_mb=args.inputs_max_mb, cache_max_mb=args.input_cache_max_mb),
         "config": config,
         "docker_host": args.docker_host,
         "log_format": args.log_format,
@@ -274,6 +291,21 @@ def _backend_options(parser: argparse.ArgumentParser) -> None:
         "--work-dir",
         default="supervisor-work",
         help="per-run scratch space and caches (default ./supervisor-work)",
+    )
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument(
+        "--inputs-max-mb",
+        type=int,
+        default=default_of(InputSettings, "max_mb"),
+        metavar="MB",
+        help="most all inputs of one run may take, files and unpacked archives together",
+    )
+    inputs.add_argument(
+        "--input-cache-max-mb",
+        type=int,
+        default=default_of(InputSettings, "cache_max_mb"),
+        metavar="MB",
+        help="size bound of the input cache (WORK_DIR/input-cache); least recently used go first",
     )
     wasm = parser.add_argument_group("wasm backend")
     wasm.add_argument(
@@ -371,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE",
-        help="a file the spec names by digest (e.g. a .wasm module)",
+        help="a file the spec names by digest (a .wasm module, an image tarball, an input)",
     )
     logfmt.add_argument(local, "SUPERVISOR_LOG_FORMAT")
     _backend_options(local)

@@ -221,6 +221,15 @@ class WasmSettings(msgspec.Struct, frozen=True):
     scratch_mb: int = 1024
 
 
+class InputSettings(msgspec.Struct, frozen=True):
+    """What runs' inputs may take (`--inputs-*`; supervisor.inputs)."""
+
+    #: Most all inputs of one run may take together, files and unpacked archives.
+    max_mb: int = 4096
+    #: Size bound of the input cache (WORK_DIR/input-cache); least recently used go first.
+    cache_max_mb: int = 4096
+
+
 class LinkSettings(msgspec.Struct, frozen=True):
     """How `supervisor run` reaches its switchboard (run-local has none). The token is not
     here: it is read once into the connector's credentials, so that no repr or log of the
@@ -244,6 +253,7 @@ class SupervisorSettings(msgspec.Struct, frozen=True):
     #: Per-run scratch space and caches.
     work_dir: Path
     wasm: WasmSettings
+    inputs: InputSettings = msgspec.field(default_factory=InputSettings)
     #: The config file (--config): Docker policy and devices.
     config: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     #: Display name (`supervisor run`; default the host name).

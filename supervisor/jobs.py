@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,6 +20,7 @@ from protocol.exceptions import JobError, JobErrorKind
 from protocol.messages import HeldRun, RunRef, StartJob, StopJob, Stream
 from protocol.state import InvalidTransition, Phase, check_transition, is_terminal
 from supervisor.backends.base import Backend, Outcome, RunContext
+from supervisor.inputs import InputCache, place_inputs, remove_run_dir
 from supervisor.metrics import RUNNING_JOBS, job_error, run_ended
 from supervisor.output import OutputPump
 
@@ -33,6 +33,7 @@ _REJECTING_KINDS = frozenset(
         JobErrorKind.IMAGE_NOT_FOUND,
         JobErrorKind.IMAGE_INVALID,
         JobErrorKind.IMAGE_NOT_COMPATIBLE,
+        JobErrorKind.INPUT_INVALID,
     }
 )
 
@@ -63,8 +64,13 @@ class BackendSupervisor(Supervisor):
         labels: dict[str, str] | None = None,
         resources: dict[str, int] | None = None,
         work_dir: Path | None = None,
+        inputs: InputCache | None = None,
+        inputs_max_bytes: int = 4096 * 1024 * 1024,
     ) -> None:
         self.backend = backend
+        #: Where runs' inputs come from (None: this supervisor refuses runs with inputs).
+        self.inputs = inputs
+        self.inputs_max_bytes = inputs_max_bytes
         self.max_jobs = max_jobs
         self.labels = dict(labels or {})
         self.resources = dict(resources or {})
@@ -204,7 +210,10 @@ class BackendSupervisor(Supervisor):
                 outcome = await self.backend.resume(ctx)
             else:
                 await self._transition(run, Phase.INITIALIZING, stage="accepted")
-                outcome = await self.backend.run(ctx)
+                if run.start.inputs and not await self._place_inputs(ctx):
+                    outcome = Outcome(exit_code=None, reason=ctx.stopped_reason)
+                else:
+                    outcome = await self.backend.run(ctx)
         except JobError as exc:
             error = exc
             outcome = Outcome(exit_code=None, reason="error", message=str(exc))
@@ -221,7 +230,7 @@ class BackendSupervisor(Supervisor):
         try:
             # The program is done: its scratch space goes before its end is reported.
             if work_dir.exists():  # one stat here; the removal goes to a thread
-                await asyncio.to_thread(shutil.rmtree, work_dir, ignore_errors=True)
+                await asyncio.to_thread(remove_run_dir, work_dir)
             await output.close()
             if error is not None:
                 job_error(error.kind)
@@ -236,6 +245,26 @@ class BackendSupervisor(Supervisor):
             await self._transition(run, _final_phase(ctx, outcome, error), message=outcome.message)
         finally:
             self._forget(run)
+
+    async def _place_inputs(self, ctx: RunContext) -> bool:
+        """Place the run's inputs in its input directory (stage `fetching`); False if a
+        stop came first. Raises JobError(input_invalid) if one can't be placed."""
+        inputs = ctx.start.inputs
+        if self.inputs is None:
+            raise JobError(
+                JobErrorKind.INPUT_INVALID, "this supervisor has no artifact source for inputs"
+            )
+        await ctx.stage("fetching", f"{len(inputs)} input(s)")
+        try:
+            placed = await ctx.unless_stopped(
+                place_inputs(
+                    inputs, ctx.work_dir, self.inputs, self.inputs_max_bytes, ctx.stop_flag
+                )
+            )
+        except JobError as exc:
+            log.warning("run %s#%d: %s", ctx.run.job_id, ctx.run.attempt, exc.description)
+            raise
+        return placed is not None
 
     def _time_out(self, run: _Run) -> None:
         if run.ctx is not None and run.ctx.stop_reason is None:

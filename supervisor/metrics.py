@@ -28,10 +28,11 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 #: The caches that count hits and misses: compiled Wasm modules (memory or disk), and
 #: image artifacts already loaded into the Docker engine.
-CACHES = ("wasm_module", "docker_image")
+CACHES = ("wasm_module", "docker_image", "input")
 #: Per-run limits whose overruns are counted: an image artifact bigger (unpacked) than the
-#: Docker config allows, and a Wasm guest writing more to /scratch than its quota.
-LIMITS = ("image_unpacked", "wasm_scratch")
+#: Docker config allows, a Wasm guest writing more to /scratch than its quota, and a run's
+#: inputs taking more than --inputs-max-mb.
+LIMITS = ("image_unpacked", "wasm_scratch", "inputs")
 
 RUNNING_JOBS = Gauge(
     "supervisor_running_jobs",
@@ -55,7 +56,7 @@ CACHE_LOOKUPS = Counter(
     "supervisor_cache_lookups_total",
     "Runs that found what they need already prepared (hit) or had to fetch and prepare it"
     " (miss): cache=wasm_module (a compiled module), cache=docker_image (an image"
-    " artifact loaded into the engine).",
+    " artifact loaded into the engine), cache=input (an input artifact, per input).",
     ["cache", "result"],
     registry=REGISTRY,
 )
@@ -63,7 +64,8 @@ LIMITS_EXCEEDED = Counter(
     "supervisor_limits_exceeded_total",
     "Runs refused or stopped because they went past a per-run limit: limit=image_unpacked"
     " (an image artifact larger, unpacked, than max_image_unpacked_mb; the run is rejected),"
-    " limit=wasm_scratch (a Wasm guest wrote more to /scratch than its quota; the run fails).",
+    " limit=wasm_scratch (a Wasm guest wrote more to /scratch than its quota; the run fails),"
+    " limit=inputs (a run's inputs took more than --inputs-max-mb; the run is rejected).",
     ["limit"],
     registry=REGISTRY,
 )

@@ -26,13 +26,15 @@ _UPLOAD_PREFIX = ".upload-"
 
 
 def named_artifacts(spec: JobSpec) -> list[tuple[str, str]]:
-    """(field, digest) of every artifact a spec names."""
+    """(field, digest) of every artifact a spec names: its backend's, then its inputs'."""
+    named: list[tuple[str, str]] = []
     match spec.backend:
         case WasmBackend(module=module):
-            return [("backend.module", module)]
+            named.append(("backend.module", module))
         case DockerBackend(image_artifact=str(digest)):
-            return [("backend.image_artifact", digest)]
-    return []
+            named.append(("backend.image_artifact", digest))
+    named += [(f"inputs[{path!r}]", digest) for path, digest in spec.inputs.items()]
+    return named
 
 
 class TooLarge(Exception):

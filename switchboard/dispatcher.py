@@ -18,6 +18,7 @@ import time
 from typing import NamedTuple
 
 from protocol.spec import JobSpec
+from protocol.versions import minor_of
 from switchboard import metrics
 from switchboard.hub import Hub
 from switchboard.models import Assignment, QueuedJob, Submitted, SupervisorView
@@ -315,6 +316,7 @@ class Dispatcher:
                     tuple(sorted(s.labels.items())),
                     tuple(s.backends),
                     tuple(s.resources.items()),
+                    s.protocol,
                 )
                 for s in fleet
             )
@@ -342,6 +344,7 @@ class Dispatcher:
                         labels=s.labels,
                         resources=s.resources,
                         max_jobs=s.max_jobs,
+                        minor=minor_of(s.protocol),
                     )
                     for s in fleet
                 ]
@@ -372,6 +375,7 @@ def _candidates(
                 free=s.max_jobs - s.running,
                 resources={k: n - held.get(k, 0) for k, n in s.resources.items()},
                 running=s.running,
+                minor=minor_of(s.protocol),
             )
         )
     return candidates

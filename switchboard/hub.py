@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 from litestar import WebSocket
 
-from protocol import codec
+from protocol import codec, limits
 from protocol.exceptions import CloseCode, MessageTooBig
-from protocol.messages import RunRef, ServerHeartbeat, StopJob
+from protocol.messages import RunRef, ServerHeartbeat, StopJob, minor_needed
 from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import handshake, metrics
@@ -94,15 +94,25 @@ class Hub:
     def wake_dispatcher(self) -> None:
         self._capacity_listener()
 
-    async def start_frame(self, job_id: str, attempt: int, spec: JobSpec) -> bytes | None:
-        """A run's encoded StartJob (protocol.codec builds and measures it); None for a
-        run whose StartJob is over the frame limit, which is ended instead (its job got
-        into the store around the check at submission): `rejected`, with the reason, so
-        that its job is neither resent nor restarted for ever, and no connection is cut
-        for it."""
+    async def start_frame(
+        self, job_id: str, attempt: int, spec: JobSpec, minor: int | None = None
+    ) -> bytes | None:
+        """A run's encoded StartJob (protocol.codec builds and measures it) for a
+        connection that negotiated protocol 1.`minor` (None: not connected, not checked).
+        None for a run that can't be sent, which is ended instead: its StartJob is over
+        the frame limit (its job got into the store around the check at submission), or
+        the supervisor reconnected with a version too old for what the job asks for since
+        the run was placed. It ends `rejected`, with the reason, so that its job is neither
+        resent nor restarted for ever, and no connection is cut for it."""
+        needed = minor_needed(spec)
         try:
+            if minor is not None and minor < needed:
+                raise ValueError(
+                    f"its supervisor now speaks protocol {limits.PROTOCOL_MAJOR}.{minor}; the"
+                    f" job's inputs need {limits.PROTOCOL_MAJOR}.{needed}"
+                )
             return codec.encode_start_job(job_id, attempt, spec)
-        except MessageTooBig as error:
+        except (MessageTooBig, ValueError) as error:
             metrics.RUNS_UNDELIVERABLE.inc()
             log.error("run %s#%d cannot be sent: %s", job_id, attempt, error)
             key = RunRef(job_id, attempt)
@@ -114,8 +124,9 @@ class Hub:
         """Queue the StartJob of each run just assigned for its supervisor (never waiting
         on a socket; a supervisor not connected and ready gets it when it reconciles)."""
         for run in runs:
-            frame = await self.start_frame(run.job_id, run.attempt, run.spec)
             connection = self._connections.get(run.supervisor_id)
+            minor = connection.minor if connection is not None else None
+            frame = await self.start_frame(run.job_id, run.attempt, run.spec, minor)
             if frame is not None and connection is not None and connection.ready:
                 connection.start(RunRef(run.job_id, run.attempt), frame)
 

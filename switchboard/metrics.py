@@ -253,7 +253,9 @@ SUBMISSIONS_REFUSED = Counter(
 RUNS_UNDELIVERABLE = Counter(
     "switchboard_runs_undeliverable_total",
     "Runs never sent because their StartJob would be larger than the protocol's message"
-    " limit (a job stored before its size was checked); each ends rejected.",
+    " limit (a job stored before its size was checked), or their supervisor reconnected"
+    " speaking a protocol version too old for the job since it was placed; each ends"
+    " rejected.",
     registry=REGISTRY,
 )
 SPECS_TOO_LARGE = Counter(

@@ -127,6 +127,8 @@ class SupervisorView(msgspec.Struct):
     software: str = ""
     connected_at: float | None = None
     last_seen: float | None = None
+    #: The protocol version of its last connection, "MAJOR.MINOR" ("": not known).
+    protocol: str = ""
 
 
 class TokenView(msgspec.Struct):

@@ -1,6 +1,8 @@
 """Placement decisions, kept pure: (queued jobs, this replica's supervisors) -> assignments.
 
-Rules: a job goes only to a supervisor that runs its backend kind, whose labels satisfy
+Rules: a job goes only to a supervisor that runs its backend kind, speaks a protocol
+version that carries everything its spec asks for (protocol.messages.minor_needed: e.g.
+inputs need 1.3, which an older supervisor would silently ignore), whose labels satisfy
 its selector, that has a free slot and the free resources it asks for. A job whose
 concurrency key is busy (a run with that key is active) is skipped, and at most one job
 per key is placed in a pass. A job that fits nowhere right now is skipped, so it never
@@ -30,6 +32,8 @@ from collections.abc import Set as AbstractSet
 
 import msgspec
 
+from protocol import limits
+from protocol.messages import minor_needed
 from protocol.spec import JobSpec, Selector
 from switchboard.models import QueuedJob
 
@@ -48,6 +52,8 @@ class Candidate(msgspec.Struct):
     free: int
     resources: dict[str, int] = {}
     running: int = 0
+    #: The minor of the protocol version its connection negotiated.
+    minor: int = limits.PROTOCOL_MINOR
 
 
 class FleetMember(msgspec.Struct):
@@ -58,6 +64,8 @@ class FleetMember(msgspec.Struct):
     labels: dict[str, str]
     resources: dict[str, int]
     max_jobs: int
+    #: The minor of the protocol version it last connected with (0: not known).
+    minor: int = limits.PROTOCOL_MINOR
 
 
 def effective_priority(job: QueuedJob, now: float, aging_s: float) -> int:
@@ -100,6 +108,7 @@ def _fits(job: QueuedJob, sup: Candidate) -> bool:
     return (
         sup.free > 0
         and job.spec.backend.kind in sup.backends
+        and minor_needed(job.spec) <= sup.minor
         and _has_resources(sup.resources, job.spec.resources)
         and selector_matches(job.spec.selector, sup.labels)
     )
@@ -207,7 +216,7 @@ def describe_selector(selector: Selector) -> str:
 def unsatisfiable_reason(spec: JobSpec, fleet: Sequence[FleetMember]) -> str | None:
     """None if some registered supervisor could ever run `spec` (ignoring current load),
     else why not, naming the first unmet requirement: backend, then selector, then
-    resources."""
+    resources, then protocol version."""
     if not fleet:
         return "no supervisor is registered"
     # A supervisor without a single slot can never run anything (the protocol forbids
@@ -225,7 +234,15 @@ def unsatisfiable_reason(spec: JobSpec, fleet: Sequence[FleetMember]) -> str | N
             f"no supervisor running backend {kind!r} matches the selector"
             f" ({describe_selector(spec.selector)})"
         )
-    if not any(_has_resources(m.resources, spec.resources) for m in members):
+    members = [m for m in members if _has_resources(m.resources, spec.resources)]
+    if not members:
         wanted = ", ".join(f"{name}={n}" for name, n in sorted(spec.resources.items()))
         return f"no supervisor matching the selector has resources {wanted}"
+    needed = minor_needed(spec)
+    if not any(m.minor >= needed for m in members):
+        best = max(m.minor for m in members)
+        return (
+            f"the job's inputs need protocol {limits.PROTOCOL_MAJOR}.{needed}; the supervisors"
+            f" that could run it speak at most {limits.PROTOCOL_MAJOR}.{best}"
+        )
     return None

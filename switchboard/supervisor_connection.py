@@ -42,6 +42,7 @@ from protocol.messages import (
 )
 from protocol.spec import JobSpec
 from protocol.state import Phase
+from protocol.versions import minor_of
 from switchboard import metrics, wsprotocol
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
@@ -77,7 +78,9 @@ class Fleet(Protocol):
 
     async def stored_run_refs(self, supervisor_id: str) -> set[RunRef]: ...
 
-    async def start_frame(self, job_id: str, attempt: int, spec: JobSpec) -> bytes | None: ...
+    async def start_frame(
+        self, job_id: str, attempt: int, spec: JobSpec, minor: int | None = None
+    ) -> bytes | None: ...
 
 
 class _Inbox:
@@ -189,6 +192,11 @@ class SupervisorConnection:
         self._writes: list[_Write] = []
         self._acknowledger: asyncio.Task[None] | None = None
         self._room: asyncio.Future[None] | None = None
+
+    @property
+    def minor(self) -> int:
+        """The minor of the protocol version this connection negotiated."""
+        return minor_of(self.protocol.version or "")
 
     # --- sending (never waits: see switchboard.outbox) ---------------------------------
 
@@ -507,6 +515,6 @@ class SupervisorConnection:
                 metrics.SECRETS_UNREADABLE.labels("reconcile").inc()
                 log.warning("run %s#%d rejected: %s", run.job_id, run.attempt, reason)
             return
-        frame = await self.fleet.start_frame(run.job_id, run.attempt, run.spec)
+        frame = await self.fleet.start_frame(run.job_id, run.attempt, run.spec, self.minor)
         if frame is not None:
             self.start(RunRef(run.job_id, run.attempt), frame)

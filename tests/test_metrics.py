@@ -78,9 +78,9 @@ LABEL_VALUES: dict[str, set[str]] = {
     "backend": {*BACKEND_KINDS, "other"},
     "outcome": _OUTCOMES | {"other"},
     "kind": {k.value for k in JobErrorKind},
-    "cache": {"wasm_module", "docker_image"},
+    "cache": {"wasm_module", "docker_image", "input"},
     "result": {"hit", "miss"},
-    "limit": {"image_unpacked", "wasm_scratch"},
+    "limit": {"image_unpacked", "wasm_scratch", "inputs"},
     "reason": {
         "header_too_large",
         "header_timeout",

@@ -26,6 +26,7 @@ from protocol.messages import (
     Heartbeat,
     HeldRun,
     Hello,
+    InputFile,
     JobErrorReport,
     JobExit,
     JobStateChanged,
@@ -272,6 +273,24 @@ SWITCHBOARD_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
             b'{"type":"start_job","job_id":"wasm-job","attempt":1,"backend":{"kind":"wasm","module"'
             b':"sha256:abababababababababababababababababababababababababababababababab","args":["-'
             b'-size","10"]},"parameters":{"MODE":{"value":"fast"}}}'
+        ),
+    ),
+    (
+        # (1.3) inputs: a file, and a tar archive to unpack (docs/protocol.md §5.2).
+        StartJob(
+            job_id="flash-7",
+            attempt=1,
+            backend=DockerBackend(image="flasher:1"),
+            inputs=[
+                InputFile(path="zephyr.bin", digest=DIGEST),
+                InputFile(path="tests", digest="sha256:" + "cd" * 32, unpack=True),
+            ],
+        ),
+        (
+            b'{"type":"start_job","job_id":"flash-7","attempt":1,"backend":{"kind":"docker","image":'
+            b'"flasher:1"},"inputs":[{"path":"zephyr.bin","digest":"sha256:ababababababababababababa'
+            b'bababababababababababababababababababab"},{"path":"tests","digest":"sha256:cdcdcdcdcdc'
+            b'dcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd","unpack":true}]}'
         ),
     ),
     (

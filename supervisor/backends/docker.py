@@ -85,6 +85,7 @@ from supervisor.backends.docker_policy import (
 )
 from supervisor.backends.docker_streams import ContainerOutput, Ended, Pipe, socket_pipe
 from supervisor.config import DeviceConfig, SupervisorConfig
+from supervisor.inputs import IN_DIR
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,8 @@ class DockerBackend(Backend):
     ) -> str:
         api = await self._engine.client()
         gids = await self._engine.call(device_groups, devices) if devices else []
-        options = container_options(spec, self.settings, ctx.env, devices, gids, limits)
+        inputs = ctx.work_dir / IN_DIR if ctx.start.inputs else None
+        options = container_options(spec, self.settings, ctx.env, devices, gids, limits, inputs)
         host_config = api.create_host_config(**options.host_config)
         labels = labels_for(self.supervisor_id, ctx.run, ctx.start, devices)
         name = container_name(self.supervisor_id, ctx.run)

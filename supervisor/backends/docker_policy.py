@@ -11,7 +11,8 @@ exist unless the config turns them off: no container is unlimited by accident); 
 for more than the config's maximum is refused. `read_only_rootfs` (the spec's, or the
 config's for every container) makes the root filesystem read-only with a writable tmpfs of
 `scratch_mb` at /scratch (TMPDIR points there). The devices the run was given (devices.py),
-and nothing else of the host. Docker's init as PID 1 (config `init`), so signals reach the
+the run's inputs as a read-only bind mount at /in (supervisor.inputs placed them), and
+nothing else of the host. Docker's init as PID 1 (config `init`), so signals reach the
 program and zombies are reaped.
 
 Why a module of its own: these are the host's rules for a container, pure functions of the
@@ -27,6 +28,7 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import docker.types
@@ -46,6 +48,8 @@ LABEL_START = "switchboard.start"
 LABEL_DEVICES = "switchboard.devices"
 #: The writable tmpfs of containers with a read-only root filesystem.
 SCRATCH = "/scratch"
+#: Where a run's inputs appear in its container (a read-only bind mount).
+INPUTS = "/in"
 
 _MB = 1024 * 1024
 _NON_ROOT_ONLY = "this supervisor runs containers only as a numeric uid other than 0"
@@ -131,9 +135,11 @@ def container_options(
     devices: list[DeviceConfig],
     device_gids: list[int],
     limits: dict[str, Any],
+    inputs: Path | None = None,
 ) -> ContainerOptions:
     """The container's environment and host config: `job_env` is the job's parameters,
-    `device_gids` the groups owning the `devices` (device_groups), `limits` limits_for's."""
+    `device_gids` the groups owning the `devices` (device_groups), `limits` limits_for's,
+    `inputs` the run's input directory on the host (bind-mounted read-only at INPUTS)."""
     env = {**spec.env, **job_env}
     tmpfs = None
     read_only = spec.read_only_rootfs or s.read_only_rootfs
@@ -154,6 +160,7 @@ def container_options(
         tmpfs=tmpfs,
         devices=[f"{d.path}:{d.target}:{d.permissions}" for d in devices] or None,
         group_add=group_add or None,
+        mounts=[_inputs_mount(inputs)] if inputs is not None else None,
         init=s.init,
         log_config=docker.types.LogConfig(
             type="local",
@@ -162,6 +169,11 @@ def container_options(
         **limits,
     )
     return ContainerOptions(env=env, host_config=host_config)
+
+
+def _inputs_mount(inputs: Path) -> docker.types.Mount:
+    """The run's input directory, read-only at INPUTS (the engine wants an absolute path)."""
+    return docker.types.Mount(INPUTS, str(inputs.resolve()), type="bind", read_only=True)
 
 
 def labels_for(

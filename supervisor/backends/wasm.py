@@ -3,8 +3,10 @@
 The sandbox. A guest sees its args (argv[0] is the job's name), the spec's env plus the
 job's parameters, the spec's stdin bytes, stdout/stderr (streamed to the switchboard) and
 one writable directory, `/scratch`, backed by `<run work dir>/scratch` on the host (the
-supervisor deletes it after the run). Nothing else of the host: no other files, no host
-environment, no network, no inherited stdio. docs/wasm.md describes it for users.
+supervisor deletes it after the run), and, for a job with inputs, the read-only directory
+`/in` (`<run work dir>/in`, placed by supervisor.inputs). Nothing else of the host: no
+other files, no host environment, no network, no inherited stdio. docs/wasm.md describes
+it for users.
 
 Limits. Each ends the run with its own outcome:
 - the job's `timeout_s` (enforced by supervisor.jobs through a stop): reason "timeout";
@@ -66,6 +68,7 @@ from supervisor.artifacts import ArtifactSource
 from supervisor.backends.base import Backend, Outcome, RunContext
 from supervisor.backends.wasm_guest import TICK_S, Guest, Sandbox
 from supervisor.backends.wasm_modules import Flavour, ModuleStore
+from supervisor.inputs import IN_DIR
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,7 @@ class WasmBackend(Backend):
             scratch_bytes=self.scratch_limit_mb * _MB,
             memory_bytes=memory_mb * _MB,
             fuel=spec.fuel,
+            inputs=ctx.work_dir / IN_DIR if ctx.start.inputs else None,
         )
         loop = asyncio.get_running_loop()
         try:

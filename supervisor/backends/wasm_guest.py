@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 TICK_S = 0.01
 #: Where the run's scratch directory appears inside the guest.
 SCRATCH = "/scratch"
+#: Where the run's inputs appear inside the guest (read-only).
+INPUTS = "/in"
 #: Table elements a store may hold (8 bytes of host memory each); C and Rust need a few k.
 MAX_TABLE_ELEMENTS = 1_000_000
 
@@ -67,6 +69,8 @@ class Sandbox:
     scratch_bytes: int
     memory_bytes: int
     fuel: int | None
+    #: The run's input directory on the host, shown read-only at INPUTS (None: no inputs).
+    inputs: Path | None = None
 
 
 class Guest:
@@ -111,6 +115,9 @@ class Guest:
         wasi.stdout_custom = self._writer("stdout")
         wasi.stderr_custom = self._writer("stderr")
         wasi.preopen_dir(str(sandbox.scratch), SCRATCH)
+        if sandbox.inputs is not None:
+            # Read-only: neither the directory nor a file in it may be changed.
+            wasi.preopen_dir(str(sandbox.inputs), INPUTS, fs_mutable=False)
         store.set_wasi(wasi)
         # Wasmtime's WASI monotonic clock starts at 0 when set_wasi builds the context.
         self.clock_base_ns = time.monotonic_ns()

@@ -46,6 +46,7 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
     ],
     "artifacts": [("uploaded_by", "TEXT", None), ("last_used", "REAL", None)],
     "jobs": [("owner", "TEXT", None)],
+    "supervisors": [("protocol", "TEXT NOT NULL DEFAULT ''", None)],
 }
 #: Tables added since version 2 that start with rows derived from the others: the version
 #: that added one, and the statement filling it in for a database older than that (it
@@ -108,7 +109,9 @@ CREATE TABLE IF NOT EXISTS supervisors (
     operator_labels TEXT NOT NULL DEFAULT '{{}}',
     first_seen REAL NOT NULL,
     connected_at REAL,
-    last_seen REAL
+    last_seen REAL,
+    -- the protocol version its last connection negotiated ('': not known)
+    protocol TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -10,6 +10,7 @@ import json
 import sqlite3
 
 from protocol.messages import Hello
+from protocol.versions import negotiate_version
 from switchboard.models import Connected, ConnectionRecord, Enrolment, SupervisorView
 from switchboard.store.errors import ConnectRefused
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
@@ -35,7 +36,7 @@ def connected(
     )
     conn.execute(
         "UPDATE supervisors SET name = ?, labels = ?, backends = ?, resources = ?,"
-        " max_jobs = ?, software = ?, session = session + 1, connected = 1,"
+        " max_jobs = ?, software = ?, protocol = ?, session = session + 1, connected = 1,"
         " connected_at = ?, last_seen = ? WHERE id = ?",
         (
             hello.name,
@@ -44,6 +45,8 @@ def connected(
             json.dumps(hello.resources),
             hello.max_jobs,
             hello.software,
+            # What the handshake negotiated (the same function, the same answer).
+            negotiate_version(hello.versions),
             now,
             now,
             hello.supervisor_id,
@@ -127,7 +130,7 @@ def load_supervisors(
         counts = running_counts(conn)
     sql = (
         "SELECT id, name, connected, labels, backends, resources, max_jobs, session,"
-        " software, connected_at, last_seen, drained, operator_labels FROM supervisors"
+        " software, connected_at, last_seen, drained, operator_labels, protocol FROM supervisors"
     )
     rows = (
         conn.execute(sql + " WHERE id = ?", (only,))
@@ -154,6 +157,7 @@ def load_supervisors(
                 software=r[8],
                 connected_at=r[9],
                 last_seen=r[10],
+                protocol=r[13],
             )
         )
     return found
