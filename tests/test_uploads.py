@@ -19,7 +19,7 @@ import pytest
 from supervisor.artifacts import switchboard_client
 from supervisor.uploads import UploadError, upload_file
 from tests.faults import FaultyProxy
-from tests.harness import Switchboard, scaled, wait_for
+from tests.harness import Switchboard, free_port, scaled, wait_for
 from tests.scrape import sample_value, scrape
 
 pytestmark = pytest.mark.process
@@ -337,3 +337,15 @@ async def test_a_second_piece_while_one_is_written_gets_409(server: Switchboard)
         )
         assert done.status_code == 201, done.text
     assert server.client().get(f"/api/v1/artifacts/{digest}").content == data
+
+
+async def test_a_link_that_never_works_is_given_up_after_bounded_attempts(tmp_path: Path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"bytes")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(UploadError) as failed:
+        await _upload(url, "sbt_unused", path, attempts=3, backoff_s=0.01)
+    assert "failed 3 times in a row" in str(failed.value)
+    assert failed.value.status is None
+    assert time.monotonic() - started < scaled(10)
