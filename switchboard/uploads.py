@@ -87,9 +87,13 @@ class PartialUploads:
         owner = "" if token_id is None else f"{_owner(token_id)}-"
         return self.files.root.glob(f"{_PARTIAL_PREFIX}{owner}*")
 
-    def count(self, token_id: str) -> int:
-        """Partial uploads this token has open."""
-        return sum(1 for _ in self._partials(token_id))
+    def count(self, token_id: str, besides: Path) -> int:
+        """Partial uploads this token has open other than `besides` (on disk, or having
+        their first piece written: two new uploads at once must not both slip under the
+        cap)."""
+        owner = f"{_PARTIAL_PREFIX}{_owner(token_id)}-"
+        writing = {path for path in self._writing if path.name.startswith(owner)}
+        return len(writing.union(self._partials(token_id)) - {besides})
 
     def bytes_on_disk(self) -> int:
         """Bytes all partial files hold together."""

@@ -192,7 +192,7 @@ async def _check_room(
         message = f"the piece starts at byte {piece.start}, but {held} bytes are held: resume there"
         return _refuse("offset_mismatch", 409, message, held)
     if held == 0:  # a new upload
-        open_now = partials.count(token_id)
+        open_now = partials.count(token_id, besides=partials.path(token_id, digest))
         if open_now >= settings.max_partial_uploads_per_token:
             message = (
                 f"this token has {open_now} unfinished uploads, the most it may: finish"
