@@ -73,12 +73,34 @@ class ArtifactSource(abc.ABC):
         """Release connections."""
 
 
-class HttpArtifactSource(ArtifactSource):
-    """Fetches from the switchboard's `GET /api/v1/artifacts/{digest}` with a token.
+def switchboard_client(
+    base_url: str,
+    token: str | Callable[[], str],
+    *,
+    verify_tls: bool | str | ssl.SSLContext = True,
+) -> httpx.AsyncClient:
+    """An HTTP client for the switchboard's REST API, as a supervisor calls it: every
+    request carries the token (`token` may be a function giving the one to use now: a
+    supervisor that enrols switches to its own credential). `verify_tls` is what httpx's
+    `verify` takes: True (the system's CAs), an SSLContext (e.g. one trusting a private
+    CA), or a CA bundle path."""
+    current = token if callable(token) else lambda: token
 
-    `token` may be a function giving the token to use now (a supervisor that enrols
-    switches to its own credential). `verify_tls` is what httpx's `verify` takes: True
-    (the system's CAs), an SSLContext (e.g. one trusting a private CA), or a CA bundle path."""
+    def authorize(request: httpx.Request) -> httpx.Request:
+        request.headers["Authorization"] = f"Bearer {current()}"
+        return request
+
+    return httpx.AsyncClient(
+        base_url=base_url,
+        auth=authorize,
+        timeout=httpx.Timeout(30.0, connect=10.0),
+        verify=verify_tls,
+    )
+
+
+class HttpArtifactSource(ArtifactSource):
+    """Fetches from the switchboard's `GET /api/v1/artifacts/{digest}` with a token (see
+    switchboard_client for `token` and `verify_tls`)."""
 
     def __init__(
         self,
@@ -87,18 +109,7 @@ class HttpArtifactSource(ArtifactSource):
         *,
         verify_tls: bool | str | ssl.SSLContext = True,
     ) -> None:
-        current = token if callable(token) else lambda: token
-
-        def authorize(request: httpx.Request) -> httpx.Request:
-            request.headers["Authorization"] = f"Bearer {current()}"
-            return request
-
-        self._client = httpx.AsyncClient(
-            base_url=base_url,
-            auth=authorize,
-            timeout=httpx.Timeout(30.0, connect=10.0),
-            verify=verify_tls,
-        )
+        self._client = switchboard_client(base_url, token, verify_tls=verify_tls)
 
     async def fetch(self, digest: str) -> bytes:
         try:

@@ -28,6 +28,7 @@ from switchboard.api.request import SwitchboardRequest
 from switchboard.api.supervisors import SupervisorController
 from switchboard.api.system import health, ready
 from switchboard.api.tokens import TokenController
+from switchboard.api.uploads import UploadController
 from switchboard.artifacts import ArtifactFiles
 from switchboard.changes import Changes
 from switchboard.config import Settings
@@ -148,6 +149,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             TokenController,
             DispatchController,
             artifacts,
+            UploadController,
             health,
             ready,
             me,

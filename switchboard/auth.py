@@ -34,6 +34,7 @@ class Permission(enum.StrEnum):
     ADMINISTER = "administer"  # tokens
     CONNECT = "connect"  # connect as a supervisor
     FETCH_ARTIFACTS = "fetch_artifacts"  # download artifacts
+    UPLOAD = "upload"  # resumable uploads of artifacts (a supervisor's job outputs too)
 
 
 #: The role matrix: exactly what each role may do.
@@ -47,6 +48,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.OPERATE,
             Permission.ADMINISTER,
             Permission.FETCH_ARTIFACTS,
+            Permission.UPLOAD,
         }
     ),
     Role.OPERATOR: frozenset(
@@ -57,13 +59,20 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.CANCEL_ANY,
             Permission.OPERATE,
             Permission.FETCH_ARTIFACTS,
+            Permission.UPLOAD,
         }
     ),
     Role.SUBMITTER: frozenset(
-        {Permission.VIEW, Permission.SUBMIT, Permission.CANCEL, Permission.FETCH_ARTIFACTS}
+        {
+            Permission.VIEW,
+            Permission.SUBMIT,
+            Permission.CANCEL,
+            Permission.FETCH_ARTIFACTS,
+            Permission.UPLOAD,
+        }
     ),
     Role.VIEWER: frozenset({Permission.VIEW}),
-    Role.SUPERVISOR: frozenset({Permission.CONNECT, Permission.FETCH_ARTIFACTS}),
+    Role.SUPERVISOR: frozenset({Permission.CONNECT, Permission.FETCH_ARTIFACTS, Permission.UPLOAD}),
 }
 
 

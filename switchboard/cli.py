@@ -80,6 +80,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_output_bytes=args.max_output_bytes,
             retention_interval_s=args.retention_interval,
             artifacts_quota_bytes=args.artifacts_quota,
+            max_partial_uploads_per_token=args.max_partial_uploads,
+            max_partial_upload_bytes=args.max_partial_upload_bytes,
             retain_artifacts_s=args.retain_artifacts,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
@@ -305,6 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="all artifacts together may take this much (e.g. 20G, the default; 0: no "
         "quota): an upload past it gets 507",
+    )
+    serve.add_argument(
+        "--max-partial-uploads",
+        type=_positive(int),
+        default=DEFAULTS.max_partial_uploads_per_token,
+        metavar="N",
+        help="resumable uploads one token may have unfinished at once (default 16): one more"
+        " gets 429",
+    )
+    serve.add_argument(
+        "--max-partial-upload-bytes",
+        type=byte_size,
+        default=DEFAULTS.max_partial_upload_bytes,
+        metavar="BYTES",
+        help="bytes all unfinished resumable uploads together may hold on disk (e.g. 8G, the"
+        " default): a piece past it gets 507",
     )
     serve.add_argument(
         "--retain-artifacts",

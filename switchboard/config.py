@@ -31,6 +31,10 @@ class Settings(msgspec.Struct):
     hello_timeout_s: float = 10.0
     #: Largest artifact upload (Wasm modules, image tarballs).
     max_artifact_bytes: int = 1024 * 1024 * 1024
+    #: Resumable uploads (PUT /api/v1/uploads/{digest}): the partial uploads one token may
+    #: have open at once, and the bytes all partial uploads together may hold on disk.
+    max_partial_uploads_per_token: int = 16
+    max_partial_upload_bytes: int = 8 * 1024**3
     #: Largest JSON request body (job specs).
     max_request_bytes: int = 1024 * 1024
     #: Most jobs the queue holds; a submission beyond it gets 429.

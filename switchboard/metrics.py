@@ -318,6 +318,23 @@ ARTIFACTS_REFUSED = Counter(
     registry=REGISTRY,
 )
 
+UPLOAD_REFUSAL_REASONS = (
+    "invalid_request",
+    "too_large",
+    "too_many_uploads",
+    "partial_space",
+    "quota",
+    "offset_mismatch",
+    "busy",
+    "digest_mismatch",
+)
+UPLOAD_REFUSALS = Counter(
+    "switchboard_upload_refusals_total",
+    "Pieces of resumable uploads (PUT /api/v1/uploads/{digest}) refused, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+
 # --- API streams ----------------------------------------------------------------------
 
 #: The long-lived responses (switchboard.api.streams): the dashboard's live feed, a run's
@@ -367,6 +384,8 @@ for _route in LONG_ROUTES:
     STREAMS_REVOKED.labels(_route)
 for _why in ARTIFACT_REFUSALS:
     ARTIFACTS_REFUSED.labels(_why)
+for _reason in UPLOAD_REFUSAL_REASONS:
+    UPLOAD_REFUSALS.labels(_reason)
 for _what in RETAINED:
     RETENTION_REMOVED.labels(_what)
 for _what in STORED:

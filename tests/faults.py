@@ -20,6 +20,8 @@ class FaultyProxy:
         self._stalled: set[asyncio.StreamWriter] = set()
         self._delay_s = 0.0
         self._cut_next_reply = False
+        #: Bytes clients may still send before their connection is cut (None: no limit).
+        self._send_budget: int | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -46,6 +48,12 @@ class FaultyProxy:
         piece of data, which is not forwarded: on a WebSocket, the upgrade response gets
         through and the first message (a Welcome) is lost."""
         self._cut_next_reply = True
+
+    def cut_after_sent(self, n_bytes: int) -> None:
+        """Cut the connection that carries the client's `n_bytes`-th byte from now (both
+        ends, abruptly), having forwarded at most that many: a link lost mid-request.
+        Once: later bytes flow normally."""
+        self._send_budget = n_bytes
 
     def slow(self, delay_s: float) -> None:
         """Delay every forwarded piece of data by `delay_s`."""
@@ -82,7 +90,8 @@ class FaultyProxy:
             forward = 1
         try:
             await asyncio.gather(
-                self._pipe(client_r, upstream_w), self._pipe(upstream_r, client_w, pair, forward)
+                self._pipe(client_r, upstream_w, pair, sending=True),
+                self._pipe(upstream_r, client_w, pair, forward),
             )
         finally:
             self._pairs.discard(pair)
@@ -96,10 +105,23 @@ class FaultyProxy:
         writer: asyncio.StreamWriter,
         pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter] | None = None,
         forward: int | None = None,
+        *,
+        sending: bool = False,
     ) -> None:
-        """Copy until EOF; with `forward`, cut `pair` at the read after that many."""
+        """Copy until EOF; with `forward`, cut `pair` at the read after that many; when
+        `sending` (client to server), within the send budget."""
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                if sending and self._send_budget is not None and pair is not None:
+                    if len(data) >= self._send_budget:
+                        writer.write(data[: self._send_budget])
+                        await writer.drain()
+                        self._send_budget = None
+                        self.cuts += 1
+                        for end in pair:
+                            end.transport.abort()
+                        return
+                    self._send_budget -= len(data)
                 if forward is not None and pair is not None:
                     if forward == 0:
                         self.cuts += 1

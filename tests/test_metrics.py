@@ -67,6 +67,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_retention_removed_total": "counter",
     "switchboard_stored_bytes": "gauge",
     "switchboard_artifact_refusals_total": "counter",
+    "switchboard_upload_refusals_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -100,6 +101,14 @@ LABEL_VALUES: dict[str, set[str]] = {
         "heartbeat_timeout",
         "send_timeout",
         "outbox_full",
+        "invalid_request",
+        "too_large",
+        "too_many_uploads",
+        "partial_space",
+        "quota",
+        "offset_mismatch",
+        "busy",
+        "digest_mismatch",
     },
     "route": {"live", "follow", "events"},
     "what": {"job", "output", "artifact"},
