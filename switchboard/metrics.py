@@ -335,6 +335,26 @@ UPLOAD_REFUSALS = Counter(
     registry=REGISTRY,
 )
 
+# --- test reports ---------------------------------------------------------------------
+
+#: A test case's result in a JUnit report (switchboard.models.TEST_RESULTS).
+TEST_RESULTS = ("passed", "failed", "error", "skipped")
+TEST_CASES = Counter(
+    "switchboard_test_cases_total",
+    "Test cases stored from runs' JUnit reports, by result (passed, failed, error, skipped).",
+    ["result"],
+    registry=REGISTRY,
+)
+#: Why a report was refused unparsed or unstored (switchboard.reports.junit.REFUSAL_KINDS).
+REPORT_REFUSALS = ("too_large", "too_many_cases", "too_deep", "dtd", "not_xml", "not_junit")
+REPORTS_REFUSED = Counter(
+    "switchboard_reports_refused_total",
+    "JUnit reports refused: over the size or test-case cap, nested too deep, declaring a"
+    " DTD or entities, not well-formed XML, or not JUnit.",
+    ["why"],
+    registry=REGISTRY,
+)
+
 # --- API streams ----------------------------------------------------------------------
 
 #: The long-lived responses (switchboard.api.streams): the dashboard's live feed, a run's
@@ -388,6 +408,10 @@ for _reason in UPLOAD_REFUSAL_REASONS:
     UPLOAD_REFUSALS.labels(_reason)
 for _what in RETAINED:
     RETENTION_REMOVED.labels(_what)
+for _result in TEST_RESULTS:
+    TEST_CASES.labels(_result)
+for _why in REPORT_REFUSALS:
+    REPORTS_REFUSED.labels(_why)
 for _what in STORED:
     STORED_BYTES.labels(_what)
 for _phase in Phase:

@@ -8,6 +8,8 @@ interface is switchboard/store/base.py; its refusals, switchboard/store/errors.p
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 from protocol.messages import EventProblem, RunRef
@@ -69,6 +71,70 @@ class JobView(msgspec.Struct):
     owner: str | None = None
     owner_name: str | None = None
     runs: list[RunView] = []
+    #: The test cases of its latest run with a JUnit report, counted by result (None: no
+    #: run has one). GET /api/v1/jobs/{id}/tests lists them.
+    tests: TestCounts | None = None
+
+
+#: What one test case came to, as its JUnit report says.
+TestResult = Literal["passed", "failed", "error", "skipped"]
+#: Every result, in the order counts are shown.
+TEST_RESULTS: tuple[TestResult, ...] = ("passed", "failed", "error", "skipped")
+
+
+class TestCase(msgspec.Struct, frozen=True):
+    """One test case of a JUnit report (switchboard.reports.junit parses them)."""
+
+    __test__ = False  # not a pytest class, whatever its name
+
+    #: The innermost <testsuite> holding it ("" if none has a name).
+    suite: str
+    classname: str
+    name: str
+    result: TestResult
+    #: Seconds, as the report says (None: it doesn't, or not as a number).
+    duration_s: float | None = None
+    #: Why it failed, erred or was skipped: the element's message and text, clipped.
+    message: str | None = None
+
+
+class TestCounts(msgspec.Struct, frozen=True):
+    """Test cases by result; `total` is all of them."""
+
+    __test__ = False
+
+    passed: int = 0
+    failed: int = 0
+    error: int = 0
+    skipped: int = 0
+    total: int = 0
+
+
+class StoredTestCase(msgspec.Struct, frozen=True):
+    """A test case as stored for a run: which run and report it came from, and the case.
+    `id` orders a run's cases (report order) and pages a listing (`after`)."""
+
+    id: int
+    attempt: int
+    report: str
+    suite: str
+    classname: str
+    name: str
+    result: TestResult
+    duration_s: float | None = None
+    message: str | None = None
+
+
+class TestCasePage(msgspec.Struct):
+    """One page of a run's test cases, in report order. `attempt`: the run listed (None:
+    no run of the job has a report). A full page carries `next_after`: pass it as `after`
+    for the next one."""
+
+    __test__ = False
+
+    attempt: int | None
+    items: list[StoredTestCase]
+    next_after: int | None = None
 
 
 class JobSummary(msgspec.Struct):

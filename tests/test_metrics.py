@@ -68,6 +68,8 @@ SWITCHBOARD_METRICS = {
     "switchboard_stored_bytes": "gauge",
     "switchboard_artifact_refusals_total": "counter",
     "switchboard_upload_refusals_total": "counter",
+    "switchboard_test_cases_total": "counter",
+    "switchboard_reports_refused_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -80,7 +82,7 @@ LABEL_VALUES: dict[str, set[str]] = {
     "outcome": _OUTCOMES | {"other"},
     "kind": {k.value for k in JobErrorKind},
     "cache": {"wasm_module", "docker_image", "input"},
-    "result": {"hit", "miss"},
+    "result": {"hit", "miss", "passed", "failed", "error", "skipped"},
     "limit": {"image_unpacked", "wasm_scratch", "inputs"},
     "reason": {
         "header_too_large",
@@ -112,7 +114,16 @@ LABEL_VALUES: dict[str, set[str]] = {
     },
     "route": {"live", "follow", "events"},
     "what": {"job", "output", "artifact"},
-    "why": {"too_large", "quota", "in_use"},
+    "why": {
+        "too_large",
+        "quota",
+        "in_use",
+        "too_many_cases",
+        "too_deep",
+        "dtd",
+        "not_xml",
+        "not_junit",
+    },
     # Event problems by name; protocol errors by close code.
     "code": {c.value for c in ProblemCode} | {"1003", "1007", "1009", "4000", "4001", "4002"},
 }

@@ -30,7 +30,7 @@ from protocol.spec import (
 )
 from protocol.state import Phase
 from switchboard.lifecycle import BUSY_RETRY_S
-from switchboard.models import Enrolment, JobFilter
+from switchboard.models import Enrolment, JobFilter, TestCase, TestCounts
 from switchboard.sealing import REDACTED
 from switchboard.store.base import Store
 from switchboard.store.errors import ArtifactMissing, ConnectRefused, QueueFull
@@ -392,3 +392,93 @@ async def test_views(store):
     assert (await store.get_job("j1")).unschedulable == "no such host"
     assert await store.queued_jobs(10) == []
     assert [q.id for q in await store.queued_jobs(10, marked=True)] == ["j1"]
+
+
+# --- test reports ------------------------------------------------------------------------
+
+
+def _case(name: str, result: str = "passed", message: str | None = None) -> TestCase:
+    return TestCase(suite="s", classname="c", name=name, result=result, message=message)
+
+
+async def test_test_cases_are_stored_per_report_and_listed_in_pages(store):
+    assert not await store.add_test_cases("j1", 1, "out/a.xml", [_case("x")])  # no such run
+    await _running(store)
+    assert await store.test_summary("j1") is None
+    empty = await store.test_cases("j1")
+    assert empty is not None and empty.attempt is None and empty.items == []
+    assert await store.test_cases("nope") is None
+    cases = [_case(f"t{n}", "failed" if n % 3 == 0 else "passed", f"m{n}") for n in range(10)]
+    assert await store.add_test_cases("j1", 1, "out/a.xml", cases)
+    assert await store.add_test_cases("j1", 1, "out/b.xml", [_case("s", "skipped")])
+    assert await store.add_test_cases("j1", 1, "out/c.xml", [])  # a report with no case
+    assert await store.test_summary("j1") == TestCounts(
+        passed=6, failed=4, error=0, skipped=1, total=11
+    )
+    first = await store.test_cases("j1", limit=4)
+    assert first.attempt == 1 and [c.name for c in first.items] == ["t0", "t1", "t2", "t3"]
+    assert first.items[0].report == "out/a.xml" and first.items[0].message == "m0"
+    assert first.next_after == first.items[-1].id
+    names, after = [], None
+    while True:
+        page = await store.test_cases("j1", limit=4, after=after)
+        names += [c.name for c in page.items]
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert names == [*(f"t{n}" for n in range(10)), "s"]
+    failed = await store.test_cases("j1", result="failed", limit=3)
+    assert [c.name for c in failed.items] == ["t0", "t3", "t6"]
+    rest = await store.test_cases("j1", result="failed", limit=3, after=failed.next_after)
+    assert [c.name for c in rest.items] == ["t9"] and rest.next_after is None
+    assert all(c.result == "failed" for c in failed.items + rest.items)
+    # The same report stored again replaces its cases: none counted twice.
+    assert await store.add_test_cases("j1", 1, "out/a.xml", [_case("again", "error")])
+    assert await store.test_summary("j1") == TestCounts(
+        passed=0, failed=0, error=1, skipped=1, total=2
+    )
+
+
+async def test_the_summary_is_of_the_latest_run_with_a_report(store):
+    policy = RestartPolicy(
+        policy="on_failure", max_restarts=2, backoff=Backoff(first_s=0, jitter="none")
+    )
+    await _running(store, spec=JobSpec(name="r", backend=NoopBackend(), restart=policy))
+    await store.add_test_cases("j1", 1, "r.xml", [_case("a", "failed")])
+    await store.apply_events("s1", [state(2, Phase.FAILED)])
+    [second] = await store.assign([("j1", "s1")])
+    assert second.attempt == 2
+    # The second run has no report (yet): the first one's counts stand.
+    assert await store.test_summary("j1") == TestCounts(failed=1, total=1)
+    await store.add_test_cases("j1", 2, "r.xml", [_case("a"), _case("b")])
+    assert await store.test_summary("j1") == TestCounts(passed=2, total=2)
+    assert [c.name for c in (await store.test_cases("j1")).items] == ["a", "b"]
+    older = await store.test_cases("j1", attempt=1)
+    assert older.attempt == 1 and [(c.name, c.result) for c in older.items] == [("a", "failed")]
+
+
+async def test_deleting_a_job_deletes_its_test_cases(store):
+    await _running(store)
+    await store.add_test_cases("j1", 1, "r.xml", [_case("a")])
+    await store.apply_events("s1", [state(2, Phase.SUCCEEDED)])
+    assert await store.delete_job("j1") == "deleted"
+    assert await store.test_summary("j1") is None
+    # A new job under the same id starts with none of the old one's cases.
+    await _running(store, seq=3)
+    assert await store.test_summary("j1") is None
+    assert (await store.test_cases("j1")).items == []
+
+
+async def test_a_large_report_is_stored_whole_and_replaced_whole(store):
+    await _running(store)
+    many = [_case(f"t{n}", "failed" if n % 1000 == 0 else "passed") for n in range(5001)]
+    assert await store.add_test_cases("j1", 1, "big.xml", many)
+    assert (await store.test_summary("j1")).total == 5001
+    failed = await store.test_cases("j1", result="failed", limit=10)
+    assert [c.name for c in failed.items] == [f"t{n}" for n in range(0, 5001, 1000)]
+    first = await store.test_cases("j1")  # 100 by default
+    page = await store.test_cases("j1", limit=1000, after=first.next_after)
+    assert page.items[0].name == "t100" and len(page.items) == 1000
+    assert await store.add_test_cases("j1", 1, "big.xml", many[:3])
+    assert (await store.test_summary("j1")).total == 3
+    assert [c.name for c in (await store.test_cases("j1", limit=10)).items] == ["t0", "t1", "t2"]

@@ -1,4 +1,4 @@
-"""Jobs: submit (one or a batch), list, show, runs, events, cancel, delete."""
+"""Jobs: submit (one or a batch), list, show, runs, events, test cases, cancel, delete."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from switchboard.models import (
     RunOnSupervisor,
     RunView,
     Submitted,
+    TestCasePage,
+    TestResult,
 )
 from switchboard.sealing import redacted
 from switchboard.state import AppState, app_state
@@ -41,6 +43,9 @@ log = logging.getLogger("switchboard.api")
 #: Jobs per list page unless `limit` says otherwise, and the most one page may hold.
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
+#: Test cases per page unless `limit` says otherwise, and the most one page may hold.
+DEFAULT_TEST_PAGE = 100
+MAX_TEST_PAGE = 1000
 #: Jobs one batch may hold.
 MAX_BATCH = 1000
 #: `label` filters one listing may combine (each is a term of the store's query, and a
@@ -282,14 +287,37 @@ class JobController(Controller):
     @get("/{job_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
     async def show(self, request: Request, job_id: str) -> JobView:
         """The job with all its runs; secret parameter values are replaced."""
-        job = await job_or_404(app_state(request), job_id)
-        return msgspec.structs.replace(job, spec=redacted(job.spec))
+        state = app_state(request)
+        job = await job_or_404(state, job_id)
+        tests = await state.store.test_summary(job_id)
+        return msgspec.structs.replace(job, spec=redacted(job.spec), tests=tests)
 
     @get("/{job_id:str}/runs", guards=require(Permission.VIEW), responses=error_responses(404))
     async def runs(self, request: Request, job_id: str) -> list[RunView]:
         """Every run (attempt) of the job, oldest first, each with its timing, supervisor,
         outcome and phase history."""
         return (await job_or_404(app_state(request), job_id)).runs
+
+    @get("/{job_id:str}/tests", guards=require(Permission.VIEW), responses=error_responses(404))
+    async def tests(
+        self,
+        request: Request,
+        job_id: str,
+        result: TestResult | None = None,
+        attempt: Annotated[int | None, Parameter(ge=1, le=INT64_MAX)] = None,
+        after: Annotated[int | None, Parameter(ge=0, le=INT64_MAX)] = None,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_TEST_PAGE)] = DEFAULT_TEST_PAGE,
+    ) -> TestCasePage:
+        """The test cases of one run's JUnit reports, in report order: the job's latest
+        run that has a report, or run `attempt`; only those whose `result` is given
+        (passed, failed, error, skipped). A full page carries `next_after`: pass it as
+        `after` for the next one. `attempt` is null when no run has a report."""
+        page = await app_state(request).store.test_cases(
+            job_id, result=result, attempt=attempt, limit=limit, after=after
+        )
+        if page is None:
+            raise ApiError(404, "not_found", f"no job {job_id!r}")
+        return page
 
     @get("/{job_id:str}/events", guards=require(Permission.VIEW), responses=error_responses(404))
     async def events(self, request: Request, job_id: str) -> list[JobEvent]:

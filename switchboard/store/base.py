@@ -40,6 +40,10 @@ from switchboard.models import (
     QueuedJob,
     Submitted,
     SupervisorView,
+    TestCase,
+    TestCasePage,
+    TestCounts,
+    TestResult,
     TokenView,
 )
 
@@ -172,7 +176,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_job(self, job_id: str) -> str:
-        """Delete an ended job with its runs, output and events: "deleted", "absent", or
+        """Delete an ended job with its runs, output, test cases and events: "deleted",
+        "absent", or
         "active" (refused: cancel it first)."""
 
     @abc.abstractmethod
@@ -228,6 +233,36 @@ class Store(abc.ABC):
         self, job_id: str, attempt: int, stream: Stream, start: int = 0, end: int | None = None
     ) -> bytes:
         """Bytes [start, end) of a run's stream (as much as is stored)."""
+
+    # test reports (parsed by switchboard.reports)
+    @abc.abstractmethod
+    async def add_test_cases(
+        self, job_id: str, attempt: int, report_path: str, cases: Sequence[TestCase]
+    ) -> bool:
+        """Store the test cases of one report of a run (`report_path`: the output file it
+        was), replacing those the same report stored before. A report of 100,000 cases may
+        be written in several short transactions (the writer is never held long), but
+        readers see its cases, and its counts, all at once. False, storing nothing, if
+        there is no such run (or its job is deleted meanwhile)."""
+
+    @abc.abstractmethod
+    async def test_cases(
+        self,
+        job_id: str,
+        *,
+        result: TestResult | None = None,
+        attempt: int | None = None,
+        limit: int = 100,
+        after: int | None = None,
+    ) -> TestCasePage | None:
+        """A page of one run's test cases in report order (`attempt`, or the latest run
+        with a report), only those with `result` if given, after the case whose id is
+        `after`. None if there is no such job."""
+
+    @abc.abstractmethod
+    async def test_summary(self, job_id: str) -> TestCounts | None:
+        """The test cases of the job's latest run that has a report, counted by result
+        (None: no run of the job has one)."""
 
     # retention (the policy: switchboard.retention)
     @abc.abstractmethod

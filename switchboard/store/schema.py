@@ -24,12 +24,12 @@ ACTIVE_PHASES = tuple(p.value for p in Phase if p in ACTIVE)
 ACTIVE_SQL = ",".join("?" * len(ACTIVE_PHASES))
 
 #: Bumped whenever a table changes; a database of another version is refused, not guessed at.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Older versions this one reaches in place: their changes only added tables, indexes and
 #: triggers, which SCHEMA creates where missing, and the columns of ADDED_COLUMNS. (From 3,
 #: the store also moves secret values out of the stored specs: see
-#: sqlite_secrets.seal_legacy_secrets.)
-ADDITIVE_UPGRADES_FROM = frozenset({2, 3})
+#: sqlite_secrets.seal_legacy_secrets.) Version 5 added test_reports and test_cases.
+ADDITIVE_UPGRADES_FROM = frozenset({2, 3, 4})
 
 #: Columns added to tables that older databases already have (SCHEMA holds them too, for a
 #: new database): table -> [(column, its definition, the statement that fills it in for
@@ -262,6 +262,41 @@ CREATE TABLE IF NOT EXISTS supervisor_sessions (
     reason TEXT,
     PRIMARY KEY (supervisor_id, session)
 );
+-- The JUnit reports of each run (switchboard/reports), with their cases counted by result:
+-- a job's summary reads these few rows, never its cases. A report's cases are written in
+-- several short transactions; they count (are listed) once its row is `complete`, and a
+-- report stored again replaces the older row in that same transaction.
+CREATE TABLE IF NOT EXISTS test_reports (
+    id INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    report TEXT NOT NULL,
+    passed INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    error INTEGER NOT NULL,
+    skipped INTEGER NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS test_reports_by_run ON test_reports (job_id, attempt, report);
+-- Their test cases, in report order (id); `report_id`: the test_reports row they belong to.
+CREATE TABLE IF NOT EXISTS test_cases (
+    id INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    report TEXT NOT NULL,
+    report_id INTEGER NOT NULL,
+    suite TEXT NOT NULL,
+    classname TEXT NOT NULL,
+    name TEXT NOT NULL,
+    result TEXT NOT NULL,
+    duration_s REAL,
+    message TEXT
+);
+-- a run's cases in order, and those of one result (a listing filtered by result); a
+-- replaced report's, to delete
+CREATE INDEX IF NOT EXISTS test_cases_by_run ON test_cases (job_id, attempt);
+CREATE INDEX IF NOT EXISTS test_cases_by_result ON test_cases (job_id, attempt, result);
+CREATE INDEX IF NOT EXISTS test_cases_by_report ON test_cases (report_id);
 """
 
 

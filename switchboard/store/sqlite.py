@@ -2,9 +2,9 @@
 
 This class is the Store interface over the engine: each method hands a function of the
 record family's module (sqlite_jobs, sqlite_runs, sqlite_placement, sqlite_supervisors,
-sqlite_tokens, sqlite_artifacts, sqlite_output, sqlite_retention, sqlite_views) to the
-writer or to a reader, and keeps what lives in this process: the token cache and the
-fleet listing remembered between supervisor writes.
+sqlite_tokens, sqlite_artifacts, sqlite_output, sqlite_retention, sqlite_tests,
+sqlite_views) to the writer or to a reader, and keeps what lives in this process: the
+token cache and the fleet listing remembered between supervisor writes.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ from switchboard.models import (
     QueuedJob,
     Submitted,
     SupervisorView,
+    TestCase,
+    TestCasePage,
+    TestCounts,
+    TestResult,
     TokenView,
 )
 from switchboard.sealing import Keyring, split_secrets
@@ -55,6 +59,7 @@ from switchboard.store import sqlite_placement as placement
 from switchboard.store import sqlite_retention as retention
 from switchboard.store import sqlite_runs as runs
 from switchboard.store import sqlite_supervisors as supervisors
+from switchboard.store import sqlite_tests as tests
 from switchboard.store import sqlite_tokens as tokens
 from switchboard.store import sqlite_views as views
 from switchboard.store.base import Store
@@ -376,6 +381,53 @@ class SQLiteStore(Store):
     async def lose_runs(self, grace_s: float) -> list[RunRef]:
         now = time.time()
         return await self._write(lambda conn: runs.lose_runs(conn, grace_s, now))
+
+    # --- test reports ----------------------------------------------------------------
+
+    async def add_test_cases(
+        self, job_id: str, attempt: int, report_path: str, cases: Sequence[TestCase]
+    ) -> bool:
+        # In short transactions (sqlite_tests.py): the cases are listed, and counted, once
+        # the last one has marked the report complete.
+        report_id = await self._write(
+            lambda conn: tests.begin_report(conn, job_id, attempt, report_path, cases)
+        )
+        if report_id is None:
+            return False
+        step = tests.CASES_PER_WRITE
+        for start in range(0, len(cases), step):
+            chunk = cases[start : start + step]
+
+            def add(conn: sqlite3.Connection, chunk: Sequence[TestCase] = chunk) -> None:
+                tests.add_cases(conn, job_id, attempt, report_path, report_id, chunk)
+
+            await self._write(add)
+        replaced = await self._write(lambda conn: tests.finish_report(conn, report_id))
+        # A job deleted meanwhile: drop what this call stored. Else the older copy's cases.
+        for gone in [report_id] if replaced is None else replaced:
+
+            def drop(conn: sqlite3.Connection, gone: int = gone) -> int:
+                return tests.drop_replaced(conn, gone, step)
+
+            while await self._write(drop):
+                pass
+        return replaced is not None
+
+    async def test_cases(
+        self,
+        job_id: str,
+        *,
+        result: TestResult | None = None,
+        attempt: int | None = None,
+        limit: int = 100,
+        after: int | None = None,
+    ) -> TestCasePage | None:
+        return await self._read(
+            lambda conn: tests.test_cases(conn, job_id, result, attempt, limit, after)
+        )
+
+    async def test_summary(self, job_id: str) -> TestCounts | None:
+        return await self._read(lambda conn: tests.test_summary(conn, job_id))
 
     # --- retention -------------------------------------------------------------------
 

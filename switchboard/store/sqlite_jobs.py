@@ -393,7 +393,15 @@ def delete_job(conn: sqlite3.Connection, job_id: str) -> str:
     ).fetchone()
     if not lifecycle.may_delete(Phase(row[0]), active is not None):
         return "active"
-    for table in ("output", "run_phases", "runs", "job_events", "job_artifacts"):
+    for table in (
+        "output",
+        "run_phases",
+        "runs",
+        "job_events",
+        "job_artifacts",
+        "test_cases",
+        "test_reports",
+    ):
         conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
     conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
     return "deleted"
