@@ -346,11 +346,19 @@ TEST_CASES = Counter(
     registry=REGISTRY,
 )
 #: Why a report was refused unparsed or unstored (switchboard.reports.junit.REFUSAL_KINDS).
-REPORT_REFUSALS = ("too_large", "too_many_cases", "too_deep", "dtd", "not_xml", "not_junit")
+REPORT_REFUSALS = (
+    "too_large",
+    "too_many_cases",
+    "too_deep",
+    "dtd",
+    "not_xml",
+    "not_junit",
+    "crashed",
+)
 REPORTS_REFUSED = Counter(
     "switchboard_reports_refused_total",
     "JUnit reports refused: over the size or test-case cap, nested too deep, declaring a"
-    " DTD or entities, not well-formed XML, or not JUnit.",
+    " DTD or entities, not well-formed XML, not JUnit, or the parser process died.",
     ["why"],
     registry=REGISTRY,
 )

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from switchboard.models import TestCounts
 from switchboard.reports import junit
-from switchboard.reports.junit import ReportRefused, parse_junit, parse_report
+from switchboard.reports.junit import ReportRefused, parse_junit
 
 pytestmark = pytest.mark.unit
 
@@ -277,12 +277,6 @@ def test_a_100_mib_report_is_refused_by_size_before_parsing():
     assert f"{len(data)} bytes" in reason and str(junit.MAX_REPORT_BYTES) in reason
 
 
-async def test_parse_report_refuses_by_size_too():
-    with pytest.raises(ReportRefused) as caught:
-        await parse_report(b"<testsuite/>" + b" " * 100, max_bytes=100)
-    assert caught.value.kind == "too_large"
-
-
 def test_a_deep_nesting_bomb_is_refused_as_it_is_read():
     data = b"<testsuites>" + b"<testsuite>" * 1_000_000  # 11 MB, never closed
     reason = _bounded(data, "too_deep", max_seconds=1.0, max_bytes=2 * MiB)
@@ -331,11 +325,6 @@ def test_a_big_valid_report_is_read_in_bounded_memory():
         tracemalloc.stop()
     assert report.counts.total == 800
     assert peak < 1 * MiB, peak
-
-
-async def test_parse_report_parses_in_a_worker_thread():
-    report = await parse_report(GO)
-    assert report.counts == TestCounts(passed=1, failed=1, error=0, skipped=1, total=3)
 
 
 @pytest.mark.parametrize("encoding", ["shift_jis", "utf-7", "latin-1", "utf-16"])

@@ -21,7 +21,7 @@ from switchboard.store.sqlite_tests import CASES_PAGE, CASES_PAGE_OF_RESULT
 from tests.store_setup import HELLO, assigned_job, state
 from tests.test_junit import GO
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.process  # reports parse in a child process
 
 
 def _sample(name: str, **labels: str) -> float:

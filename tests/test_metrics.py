@@ -123,6 +123,7 @@ LABEL_VALUES: dict[str, set[str]] = {
         "dtd",
         "not_xml",
         "not_junit",
+        "crashed",
     },
     # Event problems by name; protocol errors by close code.
     "code": {c.value for c in ProblemCode} | {"1003", "1007", "1009", "4000", "4001", "4002"},

@@ -1,4 +1,4 @@
-"""A run's JUnit report, from bytes to stored test cases: parsed off the event loop, stored
+"""A run's JUnit report, from bytes to stored test cases: parsed in a child process, stored
 in one transaction, counted. A refused report is counted, logged once, and its reason
 returned for the caller to show with the run's files; it never raises.
 """
@@ -16,8 +16,8 @@ from switchboard.reports.junit import (
     MAX_REPORT_BYTES,
     MAX_TEST_CASES,
     ReportRefused,
-    parse_report,
 )
+from switchboard.reports.worker import parse_report
 from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.reports")

@@ -18,12 +18,11 @@ suites nested in suites, <testcase classname= name= time=> holding <failure>, <e
 <properties> and anything else are skipped. A case's suite is its innermost <testsuite>.
 
 Parsing is CPU work (seconds for a report near the size cap): on the event loop, await
-parse_report, which runs it in a worker thread (asyncio.to_thread).
+switchboard.reports.worker.parse_report, which runs it in a child process.
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import math
 from xml.etree.ElementTree import Element, ParseError
@@ -64,7 +63,15 @@ class ReportRefused(Exception):
 
 
 #: Every kind of refusal (metrics count each).
-REFUSAL_KINDS = ("too_large", "too_many_cases", "too_deep", "dtd", "not_xml", "not_junit")
+REFUSAL_KINDS = (
+    "too_large",
+    "too_many_cases",
+    "too_deep",
+    "dtd",
+    "not_xml",
+    "not_junit",
+    "crashed",
+)
 
 
 class Report(msgspec.Struct, frozen=True):
@@ -218,18 +225,3 @@ def _parse(data: bytes, max_cases: int, max_message: int) -> Report:
             # earlier sibling is gone: it is at the front, and removing it is cheap.
             path[-1].remove(elem)
     return Report(cases, counts_of(cases), duration)
-
-
-async def parse_report(
-    data: bytes,
-    *,
-    max_bytes: int = MAX_REPORT_BYTES,
-    max_cases: int = MAX_TEST_CASES,
-    max_message: int = MAX_MESSAGE_CHARS,
-) -> Report:
-    """parse_junit in a worker thread: the event loop serves requests meanwhile."""
-    if len(data) > max_bytes:  # refused at once: no thread for what is not parsed
-        return parse_junit(data, max_bytes=max_bytes)
-    return await asyncio.to_thread(
-        parse_junit, data, max_bytes=max_bytes, max_cases=max_cases, max_message=max_message
-    )
