@@ -199,6 +199,13 @@ def _link(cached: Path, dest: Path, budget: _Budget) -> None:
 def _unpack(archive: Path, dest: Path, budget: _Budget, stop: threading.Event | None) -> None:
     """Unpack a tar archive into the new directory `dest`, member by member through the
     `data` filter, counting unpacked bytes against the budget before each is written."""
+    if not hasattr(tarfile, "data_filter"):
+        # Python before 3.11.4 has no extraction filter: refuse rather than unpack unsafely.
+        raise JobError(
+            JobErrorKind.INPUT_INVALID,
+            "this supervisor's Python has no safe tar extraction (tarfile.data_filter, 3.11.4"
+            " and later): archive inputs are refused here",
+        )
     dest.mkdir(parents=True)
     with tarfile.open(archive, "r:*") as tar:
         for count, member in enumerate(tar, start=1):
