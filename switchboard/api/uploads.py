@@ -290,7 +290,11 @@ def _refuse(
     """Tell the client why (the offset to resume from, if any, in the body and a header),
     count it, log it once."""
     _count(reason, message)
-    headers = {OFFSET_HEADER: str(offset)} if offset is not None else {}
+    # The piece's body may be unread: the connection ends with the answer (said, so the
+    # client does not send its next request on a connection the server then closes).
+    headers = {"Connection": "close"}
+    if offset is not None:
+        headers[OFFSET_HEADER] = str(offset)
     body = UploadRefused(_KINDS[reason], message, offset)
     return Response(body, status_code=status, headers=headers)
 
