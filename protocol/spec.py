@@ -90,12 +90,21 @@ class DockerBackend(_Spec, tag="docker", tag_field="kind"):
 
 
 class NoopBackend(_Spec, tag="noop", tag_field="kind"):
-    """Runs nothing: ends after `delay_s` with `exit_code`, optionally printing `output`."""
+    """Runs nothing: ends after `delay_s` with `exit_code`, optionally printing `output`
+    and writing `files` (relative path -> text) into its output directory (`/out`), so
+    that collecting outputs can be exercised without a real program."""
 
     kind: ClassVar[str] = "noop"
     delay_s: DelaySeconds = 0.0
     exit_code: Annotated[int, Meta(ge=0, le=255)] = 0
     output: Annotated[str, Meta(max_length=65536)] = ""
+    files: Annotated[
+        dict[
+            InputPath,
+            Annotated[str, Meta(max_length=65536)],
+        ],
+        Meta(max_length=64),
+    ] = {}
 
 
 BackendSpec = WasmBackend | DockerBackend | NoopBackend

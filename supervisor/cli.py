@@ -26,7 +26,12 @@ from connector.local import LocalConnector
 from protocol import codec, limits
 from protocol.spec import BACKEND_KINDS, JobSpec
 from supervisor import metrics
-from supervisor.artifacts import ArtifactSource, FileArtifactSource, HttpArtifactSource
+from supervisor.artifacts import (
+    ArtifactSource,
+    FileArtifactSource,
+    HttpArtifactSource,
+    switchboard_client,
+)
 from supervisor.backends.base import Backend
 from supervisor.config import (
     ConfigError,
@@ -39,6 +44,7 @@ from supervisor.config import (
 )
 from supervisor.inputs import InputCache
 from supervisor.jobs import BackendSupervisor
+from supervisor.outputs import DirectorySink, ListingSink, OutputSink, SwitchboardSink
 
 log = logging.getLogger("supervisor")
 
@@ -157,9 +163,11 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
     url = link.url
     tls: ssl.SSLContext | None = None
     artifacts_tls: ssl.SSLContext | None = None
+    uploads_tls: ssl.SSLContext | None = None
     if url.startswith("wss://"):
         # One context each: httpx sets its own ALPN protocols on the context it is given.
         tls, artifacts_tls = _tls_context(link.ca_file), _tls_context(link.ca_file)
+        uploads_tls = _tls_context(link.ca_file)
         log.info(
             "verifying the switchboard's certificate against %s",
             link.ca_file or "the system's CAs",
@@ -180,6 +188,16 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
         lambda: credentials.current,
         verify_tls=artifacts_tls if artifacts_tls else True,
     )
+    # Output files go up over HTTP with the same credential, never over the WebSocket:
+    # no run's console output waits behind another's upload.
+    uploads = SwitchboardSink(
+        switchboard_client(
+            _http_base(url),
+            lambda: credentials.current,
+            verify_tls=uploads_tls if uploads_tls else True,
+        ),
+        _http_base(url),
+    )
     backend = make_backend(settings.backend, artifacts, settings)
     supervisor = BackendSupervisor(
         backend,
@@ -187,6 +205,7 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
         labels=settings.labels,
         resources=backend.resource_counts(),
         work_dir=settings.work_dir,
+        outputs=uploads,
         **_inputs(artifacts, settings),
     )
     connector = WebSocketConnector(
@@ -209,13 +228,19 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
     finally:
         await supervisor.shutdown(grace_s=10.0)
         await artifacts.close()
+        await uploads.close()
 
 
-async def _run_local(settings: SupervisorSettings, spec: JobSpec, artifacts: list[Path]) -> int:
+async def _run_local(
+    settings: SupervisorSettings, spec: JobSpec, artifacts: list[Path], outputs_dir: Path | None
+) -> int:
     source = FileArtifactSource(artifacts)
+    # No switchboard to upload to: kept files are copied to --outputs-dir, or only listed.
+    sink: OutputSink = DirectorySink(outputs_dir) if outputs_dir else ListingSink()
     supervisor = BackendSupervisor(
         make_backend(spec.backend.kind, source, settings),
         work_dir=settings.work_dir,
+        outputs=sink,
         **_inputs(source, settings),
     )
     return await LocalConnector(supervisor, spec).run()
@@ -405,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a file the spec names by digest (a .wasm module, an image tarball, an input)",
     )
+    local.add_argument(
+        "--outputs-dir",
+        metavar="DIR",
+        help="copy the files the spec's outputs and reports keep here, under their paths"
+        " in /out (default: only list them, with their sizes and digests)",
+    )
     logfmt.add_argument(local, "SUPERVISOR_LOG_FORMAT")
     _backend_options(local)
     return parser
@@ -427,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     if spec is None:
         work = _run(settings, _credentials(args, settings))
     else:
-        work = _run_local(settings, spec, [Path(p) for p in args.artifact])
+        outputs_dir = Path(args.outputs_dir) if args.outputs_dir else None
+        work = _run_local(settings, spec, [Path(p) for p in args.artifact], outputs_dir)
     # Everything imported so far lives as long as the process: keep the collector from
     # walking it again and again (full collections were the worst start latencies).
     gc.freeze()

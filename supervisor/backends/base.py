@@ -59,6 +59,9 @@ class RunContext:
         self.stop_reason: str | None = None
         #: None: the backend's own default (e.g. the spec's stop grace).
         self.grace_s: float | None = None
+        #: Set once the program has started (`running` reported, or a re-adopted run):
+        #: only then are its output files collected.
+        self.program_started = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -72,6 +75,7 @@ class RunContext:
 
     async def running(self) -> None:
         """Report that the program has started."""
+        self.program_started = True
         await self._report_running()
 
     def write(self, stream: Stream, data: bytes) -> None:
