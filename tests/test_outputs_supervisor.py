@@ -13,6 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 import websockets
 
@@ -30,6 +31,7 @@ from protocol.messages import (
     OutputFile,
     RefusedFile,
     StartJob,
+    StopJob,
     Welcome,
 )
 from protocol.spec import NoopBackend as NoopSpec
@@ -37,7 +39,7 @@ from protocol.state import Phase, is_terminal
 from supervisor.backends.noop import NoopBackend
 from supervisor.collect import Caps
 from supervisor.jobs import BackendSupervisor
-from supervisor.outputs import DirectorySink, keep_outputs, rules_for
+from supervisor.outputs import DirectorySink, SwitchboardSink, caps_for, keep_outputs, rules_for
 
 pytestmark = pytest.mark.unit
 
@@ -49,9 +51,11 @@ def sha(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-async def run_on_scripted_switchboard(start: StartJob, kept_dir: Path, work: Path) -> list[Event]:
-    """Run `start` on a noop supervisor linked to a scripted switchboard; return the
-    run's events in the order they came."""
+async def run_on_scripted_switchboard(
+    start: StartJob, kept_dir: Path, work: Path, stop: bool = False
+) -> list[Event]:
+    """Run `start` on a noop supervisor linked to a scripted switchboard (which stops the
+    run once it runs, with `stop`); return the run's events in the order they came."""
     events: list[Event] = []
     done = asyncio.Event()
 
@@ -65,6 +69,9 @@ async def run_on_scripted_switchboard(start: StartJob, kept_dir: Path, work: Pat
             if isinstance(event, Event):
                 events.append(event)
                 await ws.send(codec.encode(Ack(seq=event.seq)), text=True)
+                if stop and isinstance(event, JobStateChanged) and event.phase == Phase.RUNNING:
+                    stop_job = StopJob(job_id=start.job_id, attempt=start.attempt, grace_s=1.0)
+                    await ws.send(codec.encode(stop_job), text=True)
                 if isinstance(event, JobStateChanged) and is_terminal(event.phase):
                     done.set()
 
@@ -196,9 +203,54 @@ async def test_a_symlink_out_of_the_directory_is_refused_never_copied(tmp_path):
     assert sorted(p.name for p in (tmp_path / "kept").rglob("*")) == ["a.log", "logs"]
 
 
+async def test_a_canceled_run_keeps_its_on_failure_files_while_terminating(tmp_path):
+    start = StartJob(
+        job_id="j6",
+        attempt=1,
+        backend=NoopSpec(delay_s=30, files={"logs/a.log": LOG, "ok.txt": "fine"}),
+        collect=[CollectRule("logs/*.log", "on_failure"), CollectRule("ok.txt", "on_success")],
+    )
+    events = await run_on_scripted_switchboard(
+        start, tmp_path / "kept", tmp_path / "work", stop=True
+    )
+    assert kinds(events)[-5:] == ["running", "terminating", "JobFiles", "JobExit", "canceled"]
+    files = events[-3]
+    assert isinstance(files, JobFiles)
+    assert [f.path for f in files.files] == ["logs/a.log"]
+
+
 def test_when_decides_by_the_ending():
     rules = [CollectRule("a"), CollectRule("s", "on_success"), CollectRule("f", "on_failure")]
     assert rules_for(rules, "exited", 0) == ["a", "s"]
     assert rules_for(rules, "exited", 3) == ["a", "f"]
     assert rules_for(rules, "timeout", None) == ["a", "f"]
     assert rules_for(rules, "canceled", None) == ["a", "f"]
+
+
+async def test_a_file_whose_upload_is_refused_is_listed_with_the_reason(tmp_path):
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"error":"forbidden","message":"the token may not upload"}'
+        writer.write(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.log").write_text(LOG)
+    (out / "empty.log").write_text("")
+    sink = SwitchboardSink(httpx.AsyncClient(), f"http://127.0.0.1:{port}")
+    try:
+        kept = await keep_outputs(out, ["*.log"], caps_for(None), sink)
+    finally:
+        await sink.close()
+        server.close()
+    assert kept.files == []
+    assert [r.path for r in kept.refused] == ["a.log", "empty.log"]
+    assert "refused (403)" in kept.refused[0].reason, kept.refused
+    assert kept.refused[1].reason == "not kept: empty: an artifact has at least one byte"

@@ -7,12 +7,21 @@ connection cut mid-upload is resumed and the file stored once; a busybox contain
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
 from tests.docker_engine import BUSYBOX_IMAGE
 from tests.faults import FaultyProxy
-from tests.harness import Switchboard, start_supervisor, wait_connected, wait_for, wait_job
+from tests.harness import (
+    Switchboard,
+    run_cli,
+    start_supervisor,
+    wait_connected,
+    wait_for,
+    wait_job,
+    wait_running,
+)
 from tests.wasi import compile_c
 
 pytestmark = pytest.mark.process
@@ -174,5 +183,74 @@ def test_a_container_writes_out_and_a_link_there_is_refused(switchboard, work_di
             lambda: "1 refused (first: logs/passwd.log: a symbolic link" in sup.log(),
             "the refusal logged",
         )
+    finally:
+        sup.stop()
+
+
+def test_run_local_lists_the_kept_files_or_copies_them(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "name": "local-outputs",
+                "backend": {
+                    "kind": "noop",
+                    "exit_code": 2,
+                    "files": {"reports/junit.xml": JUNIT.decode(), "logs/a.log": LOG.decode()},
+                },
+                "outputs": {"paths": ["logs/*.log"], "when": "on_success"},
+                "reports": {"junit": ["reports/*.xml"]},
+            }
+        )
+    )
+    listed = run_cli("-m", "supervisor", "run-local", str(spec), check=False, cwd=tmp_path)
+    status = listed.stderr.decode()
+    assert listed.returncode == 2, status
+    line = f"[job] output reports/junit.xml: {len(JUNIT)} bytes, {digest(JUNIT)}"
+    assert line in status, status
+    assert "logs/a.log" not in status  # on_success only, and the run failed
+    kept = tmp_path / "kept"
+    copied = run_cli(
+        "-m", "supervisor", "run-local", str(spec), "--outputs-dir", str(kept), check=False
+    )
+    assert copied.returncode == 2, copied.stderr.decode()
+    assert (kept / "reports" / "junit.xml").read_bytes() == JUNIT
+    assert sorted(p.name for p in kept.rglob("*")) == ["junit.xml", "reports"]
+
+
+def test_a_readopted_containers_outputs_are_kept_when_it_ends(switchboard, work_dir, docker_engine):
+    """The supervisor is killed while the container runs; restarted, it re-adopts the run,
+    and once the container ends the files it wrote before and after are uploaded."""
+    client = switchboard.client()
+
+    def supervisor():
+        return start_supervisor(
+            switchboard,
+            work_dir,
+            name="dock-readopt",
+            backend="docker",
+            extra_args=("--docker-host", docker_engine.host),
+        )
+
+    sup = supervisor()
+    try:
+        wait_connected(client, "dock-readopt")
+        script = (
+            "echo before > /out/before.log; echo started;"
+            " sleep 3; echo after-restart > /out/after.log"
+        )
+        spec = {
+            "name": "readopted",
+            "backend": {"kind": "docker", "image": BUSYBOX_IMAGE, "command": ["sh", "-c", script]},
+            "outputs": {"paths": ["*.log"]},
+        }
+        job_id = submit(switchboard, spec)
+        wait_running(client, job_id)
+        sup.kill()
+        sup = supervisor()
+        job = wait_job(client, job_id, timeout=60)
+        assert job["phase"] == "succeeded", (job, sup.log())
+        assert stored(switchboard, b"before\n") and stored(switchboard, b"after-restart\n")
+        assert not list((work_dir / "dock-readopt" / "runs").glob(f"{job_id}.*"))
     finally:
         sup.stop()

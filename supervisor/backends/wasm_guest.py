@@ -193,7 +193,7 @@ class Guest:
                 exit_code=None,
                 reason=reason,
                 message=f"scratch quota exceeded: {where} held {quota.used / _MB:.1f} MB, "
-                f"more than the {quota.limit / _MB:.1f} MB a run may write there",
+                f"more than the {_amount(quota.limit)} a run may write there",
             )
         return Outcome(exit_code=None, reason=reason)
 
@@ -268,6 +268,11 @@ class Guest:
             return len(data)
 
         return write
+
+
+def _amount(limit: int) -> str:
+    """A quota for people: whole megabytes, or bytes (/out's is the run's byte cap)."""
+    return f"{limit // _MB} MB" if limit % _MB == 0 else f"{limit} bytes"
 
 
 def _set_stdin(wasi: wasmtime.WasiConfig, data: bytes) -> None:
