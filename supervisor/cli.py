@@ -24,6 +24,7 @@ from connector import metrics as connector_metrics
 from connector.credentials import HostCredentials, NoCredential
 from connector.local import LocalConnector
 from protocol import codec, limits
+from protocol.messages import CollectLimits
 from protocol.spec import BACKEND_KINDS, JobSpec
 from supervisor import metrics
 from supervisor.artifacts import (
@@ -37,6 +38,7 @@ from supervisor.config import (
     ConfigError,
     InputSettings,
     LinkSettings,
+    OutputSettings,
     SupervisorSettings,
     WasmSettings,
     default_of,
@@ -206,6 +208,7 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
         resources=backend.resource_counts(),
         work_dir=settings.work_dir,
         outputs=uploads,
+        outputs_limits=_output_limits(settings),
         **_inputs(artifacts, settings),
     )
     connector = WebSocketConnector(
@@ -241,6 +244,7 @@ async def _run_local(
         make_backend(spec.backend.kind, source, settings),
         work_dir=settings.work_dir,
         outputs=sink,
+        outputs_limits=_output_limits(settings),
         **_inputs(source, settings),
     )
     return await LocalConnector(supervisor, spec).run()
@@ -254,6 +258,17 @@ def _inputs(artifacts: ArtifactSource, settings: SupervisorSettings) -> dict[str
         "inputs": InputCache(artifacts, root, settings.inputs.cache_max_mb * mb),
         "inputs_max_bytes": settings.inputs.max_mb * mb,
     }
+
+
+def _output_limits(settings: SupervisorSettings) -> CollectLimits:
+    """This supervisor's own caps on what a run keeps."""
+    mb = 1024 * 1024
+    own = settings.outputs
+    return CollectLimits(
+        max_files=own.max_files,
+        max_file_bytes=own.max_file_mb * mb,
+        max_total_bytes=own.max_total_mb * mb,
+    )
 
 
 def build_settings(args: argparse.Namespace) -> SupervisorSettings:
@@ -274,6 +289,7 @@ def build_settings(args: argparse.Namespace) -> SupervisorSettings:
         "work_dir": work_dir,
         "wasm": wasm,
         "inputs": InputSettings(max_mb=args.inputs_max_mb, cache_max_mb=args.input_cache_max_mb),
+        "outputs": _output_settings(args),
         "config": config,
         "docker_host": args.docker_host,
         "log_format": args.log_format,
@@ -299,6 +315,18 @@ def build_settings(args: argparse.Namespace) -> SupervisorSettings:
             max_backlog_mb=args.max_backlog_mb,
         ),
         **common,
+    )
+
+
+def _output_settings(args: argparse.Namespace) -> OutputSettings:
+    for name in ("outputs_max_files", "outputs_max_file_mb", "outputs_max_total_mb"):
+        if not 1 <= getattr(args, name) <= 100_000_000:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"supervisor: {flag} must be between 1 and 100000000")
+    return OutputSettings(
+        max_files=args.outputs_max_files,
+        max_file_mb=args.outputs_max_file_mb,
+        max_total_mb=args.outputs_max_total_mb,
     )
 
 
@@ -331,6 +359,28 @@ def _backend_options(parser: argparse.ArgumentParser) -> None:
         default=default_of(InputSettings, "cache_max_mb"),
         metavar="MB",
         help="size bound of the input cache (WORK_DIR/input-cache); least recently used go first",
+    )
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument(
+        "--outputs-max-files",
+        type=int,
+        default=default_of(OutputSettings, "max_files"),
+        metavar="N",
+        help="most output files one run keeps (the switchboard's limit applies too)",
+    )
+    outputs.add_argument(
+        "--outputs-max-file-mb",
+        type=int,
+        default=default_of(OutputSettings, "max_file_mb"),
+        metavar="MB",
+        help="most bytes of one kept output file",
+    )
+    outputs.add_argument(
+        "--outputs-max-total-mb",
+        type=int,
+        default=default_of(OutputSettings, "max_total_mb"),
+        metavar="MB",
+        help="most bytes of all a run's kept output files (also a Wasm guest's /out quota)",
     )
     wasm = parser.add_argument_group("wasm backend")
     wasm.add_argument(

@@ -198,7 +198,7 @@ class BackendSupervisor(Supervisor):
             await connector.send_output(run.ref, stream, offset, data)
 
         stop_flag = threading.Event()
-        return RunContext(
+        ctx = RunContext(
             run.ref,
             run.start,
             self.work_dir / "runs" / f"{run.ref.job_id}.{run.ref.attempt}",
@@ -209,6 +209,8 @@ class BackendSupervisor(Supervisor):
             ),
             report_running=lambda: self._transition(run, Phase.RUNNING),
         )
+        ctx.out_max_bytes = caps_for(run.start.collect_limits, self.outputs_limits).max_total_bytes
+        return ctx
 
     async def _drive(self, run: _Run, resume: bool = False) -> None:
         connector = self.connector
@@ -252,7 +254,13 @@ class BackendSupervisor(Supervisor):
                 job_error(error.kind)
                 await connector.report_job_error(ref, error.kind, error.description)
             if run.start.collect and ctx.program_started:
-                kept = await self._keep_outputs(run, outcome)
+                try:
+                    kept = await self._keep_outputs(run, outcome)
+                except Exception as exc:  # a bug here must not keep the run from ending
+                    log.exception("collecting the outputs of run %s failed", ref)
+                    output_files(kept=0, refused=1)
+                    why = f"the supervisor failed collecting outputs: {type(exc).__name__}"
+                    kept = Kept([], [RefusedFile(".", why)], 0)
                 await connector.report_files(ref, kept.files, kept.refused, kept.refused_unlisted)
             # The program is done: its scratch space goes before its end is reported.
             if work_dir.exists():  # one stat here; the removal goes to a thread

@@ -254,3 +254,24 @@ def test_a_readopted_containers_outputs_are_kept_when_it_ends(switchboard, work_
         assert not list((work_dir / "dock-readopt" / "runs").glob(f"{job_id}.*"))
     finally:
         sup.stop()
+
+
+def test_the_supervisors_own_cap_holds_runs_to_less(tmp_path):
+    spec = tmp_path / "spec.json"
+    files = {"a.log": "a\n", "b.log": "b\n"}
+    spec.write_text(
+        json.dumps(
+            {
+                "name": "capped",
+                "backend": {"kind": "noop", "files": files},
+                "outputs": {"paths": ["*.log"]},
+            }
+        )
+    )
+    done = run_cli(
+        "-m", "supervisor", "run-local", str(spec), "--outputs-max-files", "1", check=False
+    )
+    status = done.stderr.decode()
+    assert done.returncode == 0, status
+    assert "[job] output a.log: 2 bytes" in status, status
+    assert "[job] output b.log not kept: over the cap of 1 files" in status, status

@@ -32,6 +32,7 @@ async def test_out_is_writable_within_the_runs_total_cap(tmp_path, limit):
         collect=[CollectRule("**")],
         collect_limits=CollectLimits(max_total_bytes=limit),
     )
+    run.ctx.out_max_bytes = caps_for(run.ctx.start.collect_limits).max_total_bytes  # as jobs does
     make_out_dir(run.ctx.work_dir)
     try:
         outcome = await finish(backend, run)

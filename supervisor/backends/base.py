@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from protocol.exceptions import JobError, JobErrorKind
-from protocol.messages import RunRef, StartJob, Stream
+from protocol.messages import CollectLimits, RunRef, StartJob, Stream
 from supervisor.output import OutputPump
 
 T = TypeVar("T")
@@ -62,6 +62,9 @@ class RunContext:
         #: Set once the program has started (`running` reported, or a re-adopted run):
         #: only then are its output files collected.
         self.program_started = False
+        #: The most the run's output directory may hold (its total output cap, the
+        #: supervisor's own included: supervisor.jobs sets it).
+        self.out_max_bytes = (start.collect_limits or CollectLimits()).max_total_bytes
 
     @property
     def env(self) -> dict[str, str]:

@@ -71,7 +71,7 @@ from supervisor.backends.base import Backend, Outcome, RunContext
 from supervisor.backends.wasm_guest import TICK_S, Guest, Sandbox
 from supervisor.backends.wasm_modules import Flavour, ModuleStore
 from supervisor.inputs import IN_DIR
-from supervisor.outputs import OUT_DIR, caps_for
+from supervisor.outputs import OUT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class WasmBackend(Backend):
             fuel=spec.fuel,
             inputs=ctx.work_dir / IN_DIR if ctx.start.inputs else None,
             outputs=ctx.work_dir / OUT_DIR if ctx.start.collect else None,
-            outputs_bytes=caps_for(ctx.start.collect_limits).max_total_bytes,
+            outputs_bytes=ctx.out_max_bytes,
         )
         loop = asyncio.get_running_loop()
         try:
