@@ -42,8 +42,10 @@ def make_out_dir(work_dir: Path) -> Path:
     Mode 0777: a container may run as any user (a name the host can't resolve, too), and
     must be able to write there; nothing but the run's own directory leads to it."""
     out = work_dir / OUT_DIR
-    if out.is_symlink() or out.exists():
-        shutil.rmtree(out, ignore_errors=True)
+    if out.is_symlink() or not out.is_dir():
+        out.unlink(missing_ok=True)
+    else:  # left by a crashed earlier try of the run
+        shutil.rmtree(out)
     out.mkdir(parents=True)
     os.chmod(out, 0o777)
     return out

@@ -39,7 +39,14 @@ from protocol.state import Phase, is_terminal
 from supervisor.backends.noop import NoopBackend
 from supervisor.collect import Caps
 from supervisor.jobs import BackendSupervisor
-from supervisor.outputs import DirectorySink, SwitchboardSink, caps_for, keep_outputs, rules_for
+from supervisor.outputs import (
+    DirectorySink,
+    SwitchboardSink,
+    caps_for,
+    keep_outputs,
+    make_out_dir,
+    rules_for,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -254,3 +261,16 @@ async def test_a_file_whose_upload_is_refused_is_listed_with_the_reason(tmp_path
     assert [r.path for r in kept.refused] == ["a.log", "empty.log"]
     assert "refused (403)" in kept.refused[0].reason, kept.refused
     assert kept.refused[1].reason == "not kept: empty: an artifact has at least one byte"
+
+
+def test_the_output_directory_starts_empty_and_writable_for_anyone(tmp_path):
+    stale = tmp_path / "run" / "out"
+    (stale / "deep").mkdir(parents=True)
+    (stale / "deep" / "old.log").write_text("from a crashed try")
+    out = make_out_dir(tmp_path / "run")
+    assert out == stale and list(out.iterdir()) == []
+    assert out.stat().st_mode & 0o777 == 0o777
+    out.rmdir()
+    os.symlink("/etc", out)  # never followed, never emptied
+    assert make_out_dir(tmp_path / "run") == out and not out.is_symlink()
+    assert Path("/etc/passwd").exists()
