@@ -61,6 +61,9 @@ class _Run:
         self.phase = Phase.ASSIGNED
         self.ctx: RunContext | None = None
         self.task: asyncio.Task[None] | None = None
+        #: Set once the program has ended: a stop then comes too late (the run is only
+        #: keeping its files and reporting its end, and ends as the program did).
+        self.program_ended = False
 
 
 class BackendSupervisor(Supervisor):
@@ -169,6 +172,8 @@ class BackendSupervisor(Supervisor):
         run = self._runs.get(RunRef(stop.job_id, stop.attempt))
         if run is None or run.ctx is None or run.ctx.stop_reason is not None:
             return  # unknown, or a repeat: harmless
+        if run.program_ended:
+            return  # too late: the program has ended, its files are being kept
         run.ctx.request_stop(stop.reason, stop.grace_s)
         if run.phase in (Phase.INITIALIZING, Phase.RUNNING):
             await self._transition(run, Phase.TERMINATING, message=f"stop: {stop.reason}")
@@ -248,6 +253,7 @@ class BackendSupervisor(Supervisor):
         finally:
             if timer is not None:
                 timer.cancel()
+            run.program_ended = True
         try:
             await output.close()
             if error is not None:

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import pytest
@@ -37,10 +39,11 @@ from protocol.messages import (
 from protocol.spec import NoopBackend as NoopSpec
 from protocol.state import Phase, is_terminal
 from supervisor.backends.noop import NoopBackend
-from supervisor.collect import Caps
+from supervisor.collect import Caps, Collected
 from supervisor.jobs import BackendSupervisor
 from supervisor.outputs import (
     DirectorySink,
+    OutputSink,
     SwitchboardSink,
     caps_for,
     keep_outputs,
@@ -59,7 +62,7 @@ def sha(text: str) -> str:
 
 
 async def run_on_scripted_switchboard(
-    start: StartJob, kept_dir: Path, work: Path, stop: bool = False
+    start: StartJob, kept_dir: Path, work: Path, stop: bool = False, sink: OutputSink | None = None
 ) -> list[Event]:
     """Run `start` on a noop supervisor linked to a scripted switchboard (which stops the
     run once it runs, with `stop`); return the run's events in the order they came."""
@@ -86,7 +89,10 @@ async def run_on_scripted_switchboard(
         switchboard, "127.0.0.1", 0, subprotocols=[websockets.Subprotocol(limits.SUBPROTOCOL)]
     )
     port = server.sockets[0].getsockname()[1]
-    supervisor = BackendSupervisor(NoopBackend(), work_dir=work, outputs=DirectorySink(kept_dir))
+    sink = sink or DirectorySink(kept_dir)
+    if isinstance(sink, StoppingSink):
+        sink.stop = lambda: supervisor.stop_job(StopJob(job_id=start.job_id, attempt=1))
+    supervisor = BackendSupervisor(NoopBackend(), work_dir=work, outputs=sink)
     connector = WebSocketConnector(
         supervisor, f"ws://127.0.0.1:{port}/ws/supervisor", "sbt_test", supervisor_id="outs"
     )
@@ -224,6 +230,28 @@ async def test_a_canceled_run_keeps_its_on_failure_files_while_terminating(tmp_p
     files = events[-3]
     assert isinstance(files, JobFiles)
     assert [f.path for f in files.files] == ["logs/a.log"]
+
+
+class StoppingSink(DirectorySink):
+    """Copies like run-local, but has the run stopped while it keeps the first file."""
+
+    stop: Callable[[], Awaitable[None]]
+
+    async def keep(self, file: BinaryIO, found: Collected) -> str:
+        await self.stop()
+        return await super().keep(file, found)
+
+
+async def test_a_stop_after_the_program_ended_changes_nothing(tmp_path):
+    start = StartJob(
+        job_id="j7", attempt=1, backend=NoopSpec(files={"a.log": "a"}), collect=[CollectRule("*")]
+    )
+    sink = StoppingSink(tmp_path / "kept")
+    events = await run_on_scripted_switchboard(
+        start, tmp_path / "kept", tmp_path / "work", sink=sink
+    )
+    assert kinds(events)[-3:] == ["JobFiles", "JobExit", "succeeded"], kinds(events)
+    assert "terminating" not in kinds(events)
 
 
 def test_when_decides_by_the_ending():
