@@ -16,13 +16,16 @@ import time
 import msgspec
 
 from protocol.exceptions import JobErrorKind
-from protocol.limits import clip_message
+from protocol.limits import MAX_FILES_PER_EVENT, clip_message
 from protocol.messages import (
     HeldRun,
     JobErrorReport,
     JobExit,
+    JobFiles,
     JobStateChanged,
     Output,
+    OutputFile,
+    RefusedFile,
     RunRef,
     StartJob,
     StopJob,
@@ -159,3 +162,26 @@ class SupervisorConnector(abc.ABC):
                 message=clip_message(message),
             )
         )
+
+    async def report_files(
+        self,
+        run: RunRef,
+        files: list[OutputFile],
+        refused: list[RefusedFile],
+        refused_unlisted: int = 0,
+    ) -> None:
+        """The run's kept and refused output files, in as many `files` events as it takes
+        (at most MAX_FILES_PER_EVENT of each per event; at least one)."""
+        step = MAX_FILES_PER_EVENT
+        starts = range(0, max(len(files), len(refused), 1), step)
+        for start in starts:
+            await self.send_event(
+                JobFiles(
+                    seq=0,
+                    job_id=run.job_id,
+                    attempt=run.attempt,
+                    files=files[start : start + step],
+                    refused=refused[start : start + step],
+                    refused_unlisted=refused_unlisted if start == starts[-1] else 0,
+                )
+            )

@@ -1,8 +1,10 @@
 """Run one job from a spec file on a local supervisor, with no switchboard.
 
 State changes go to stderr as they happen, the job's stdout and stderr to ours, byte for
-byte; the process exits with the job's exit code (or a conventional code when the job
-did not exit by itself: 124 timed out, 130 canceled, 125 refused or failed to start).
+byte, and the output files the spec keeps are named there too (the supervisor copied them
+to `--outputs-dir`, or only listed them); the process exits with the job's exit code (or a
+conventional code when the job did not exit by itself: 124 timed out, 130 canceled, 125
+refused or failed to start).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from protocol.exceptions import JobError
 from protocol.messages import (
     JobErrorReport,
     JobExit,
+    JobFiles,
     JobStateChanged,
     Output,
     StopJob,
@@ -71,6 +74,15 @@ class LocalConnector(SupervisorConnector):
                     self._done.set()
             case JobErrorReport(kind=kind, description=description):
                 self._say(f"error {kind.value}: {description}")
+            case JobFiles(files=files, refused=refused, refused_unlisted=unlisted):
+                # No switchboard to upload to: the supervisor copied them (--outputs-dir)
+                # or only looked at them; either way they are named here.
+                for kept in files:
+                    self._say(f"output {kept.path}: {kept.size} bytes, {kept.digest}")
+                for not_kept in refused:
+                    self._say(f"output {not_kept.path} not kept: {not_kept.reason}")
+                if unlisted:
+                    self._say(f"{unlisted} more output file(s) not kept")
             case JobExit():
                 self._exit = event
 

@@ -41,6 +41,16 @@ INPUT_PATH_PATTERN = (
 )
 #: Most inputs one job may name.
 MAX_INPUTS = 64
+#: Output globs (relative to the run's output directory): components of letters, digits,
+#: `._+-` and the glob characters `*?[]!`, separated by single `/`; `**` alone matches any
+#: number of directories. No leading `/`, no `.` or `..` component.
+OUTPUT_GLOB_PATTERN = r"^(?!(?:.*/)?\.{1,2}(?![^/]))(?!.*//)[A-Za-z0-9._+*?\[\]!-][A-Za-z0-9._+*?\[\]!/-]{0,255}$(?!\n)"
+#: Most output globs one job may give (outputs and reports together).
+MAX_OUTPUT_GLOBS = 48
+#: A collected file's path relative to the output directory.
+OUTPUT_PATH_MAX_LEN = 1024
+#: Most files (kept or refused) one `files` event lists: a run with more sends several.
+MAX_FILES_PER_EVENT = 500
 #: A bare SHA-256 in lowercase hex (the digest of a credential a supervisor enrols).
 SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$(?!\n)"
 #: Free-text fields (status messages, error descriptions) are cut to this many characters.

@@ -27,6 +27,7 @@ from . import limits
 from .exceptions import JobErrorKind, ProblemCode
 from .spec import (
     BackendSpec,
+    CollectWhen,
     Digest,
     DockerBackend,
     Id,
@@ -34,6 +35,7 @@ from .spec import (
     JobSpec,
     Labels,
     NoopBackend,
+    OutputGlob,
     Parameter,
     ParameterName,
     ResourceCounts,
@@ -41,7 +43,7 @@ from .spec import (
     WasmBackend,
 )
 from .state import Phase
-from .versions import INPUTS_MINOR
+from .versions import FILES_MINOR
 
 INT64_MAX = 2**63 - 1
 Int64 = Annotated[int, Meta(ge=-INT64_MAX - 1, le=INT64_MAX)]
@@ -158,6 +160,34 @@ class JobExit(Event, tag="exit"):
     message: Text | None = None
 
 
+class OutputFile(msgspec.Struct, frozen=True, omit_defaults=True):
+    """(1.3) A kept output file, uploaded: its path relative to the output directory, its
+    size in bytes, the digest it was uploaded under, and its media type."""
+
+    path: Annotated[str, Meta(min_length=1, max_length=limits.OUTPUT_PATH_MAX_LEN)]
+    size: Seq
+    digest: Digest
+    media_type: Annotated[str, Meta(max_length=128)] = "application/octet-stream"
+
+
+class RefusedFile(msgspec.Struct, frozen=True):
+    """(1.3) An output file that matched a collect rule and was not kept, and why."""
+
+    path: Annotated[str, Meta(min_length=1, max_length=limits.OUTPUT_PATH_MAX_LEN)]
+    reason: Text
+
+
+class JobFiles(Event, tag="files"):
+    """(1.3) The run's output files, each uploaded (and so stored) before it is listed
+    here, and those refused; sent after the program ended and before `exit`, in one or
+    more events of at most MAX_FILES_PER_EVENT entries each."""
+
+    files: Annotated[list[OutputFile], Meta(max_length=limits.MAX_FILES_PER_EVENT)] = []
+    refused: Annotated[list[RefusedFile], Meta(max_length=limits.MAX_FILES_PER_EVENT)] = []
+    #: Refused files beyond those listed, counted only.
+    refused_unlisted: Seq = 0
+
+
 class StatusReply(SupervisorMessage, tag="status"):
     """Answer to a StatusRequest: the runs held now."""
 
@@ -204,6 +234,23 @@ class InputFile(msgspec.Struct, frozen=True, omit_defaults=True):
     unpack: bool = False
 
 
+class CollectRule(msgspec.Struct, frozen=True, omit_defaults=True):
+    """(1.3) Output files to keep once the program has ended: those matching `pattern`
+    (relative to the run's output directory), if the run ended as `when` says."""
+
+    pattern: OutputGlob
+    when: CollectWhen = "always"
+
+
+class CollectLimits(msgspec.Struct, frozen=True, omit_defaults=True):
+    """(1.3) The most a run may keep: files, bytes of one file, bytes of all. A file past
+    a limit is not uploaded; the `files` event names it as refused, with the limit."""
+
+    max_files: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    max_file_bytes: Annotated[int, Meta(ge=1, le=INT64_MAX)] = 1024**3
+    max_total_bytes: Annotated[int, Meta(ge=1, le=INT64_MAX)] = 4 * 1024**3
+
+
 class StartJob(SwitchboardMessage, tag="start_job"):
     """Start one run. Repeating it for a run the supervisor holds is harmless."""
 
@@ -217,12 +264,31 @@ class StartJob(SwitchboardMessage, tag="start_job"):
     timeout_s: Seconds | None = None
     #: (1.3) Files to place in the run's input directory before the program starts.
     inputs: Annotated[list[InputFile], Meta(max_length=limits.MAX_INPUTS)] = []
+    #: (1.3) Output files to keep once the program has ended (none: nothing is collected).
+    collect: Annotated[list[CollectRule], Meta(max_length=limits.MAX_OUTPUT_GLOBS)] = []
+    #: (1.3) The most the run may keep; absent: CollectLimits' defaults.
+    collect_limits: CollectLimits | None = None
 
 
-def start_job(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
+def collect_rules(spec: JobSpec) -> list[CollectRule]:
+    """What of a run's output directory to keep: the spec's outputs when its `when` says,
+    and its test reports always (a failed run's report is the one most wanted)."""
+    rules = []
+    if spec.outputs is not None:
+        rules += [CollectRule(pattern, spec.outputs.when) for pattern in spec.outputs.paths]
+    if spec.reports is not None:
+        rules += [CollectRule(pattern) for pattern in spec.reports.junit_globs]
+    return rules
+
+
+def start_job(
+    job_id: str, attempt: int, spec: JobSpec, collect_limits: CollectLimits | None = None
+) -> StartJob:
     """The StartJob of run (`job_id`, `attempt`) of a job with this spec: what of the spec
-    a supervisor needs. (The one place a spec becomes a StartJob: `minor_needed` says
-    which supervisors may be sent it.)"""
+    a supervisor needs, with the switchboard's `collect_limits` for a run that keeps
+    files. (The one place a spec becomes a StartJob: `minor_needed` says which
+    supervisors may be sent it.)"""
+    collect = collect_rules(spec)
     return StartJob(
         job_id=job_id,
         attempt=attempt,
@@ -235,13 +301,16 @@ def start_job(job_id: str, attempt: int, spec: JobSpec) -> StartJob:
             InputFile(path=path.rstrip("/"), digest=digest, unpack=path.endswith("/"))
             for path, digest in spec.inputs.items()
         ],
+        collect=collect,
+        collect_limits=collect_limits if collect else None,
     )
 
 
 def minor_needed(spec: JobSpec) -> int:
     """The lowest protocol minor a supervisor must speak to run this spec as written: an
     older one would ignore the fields it does not know and run something else."""
-    return INPUTS_MINOR if spec.inputs else 0
+    keeps_files = spec.outputs is not None or spec.reports is not None
+    return FILES_MINOR if spec.inputs or keeps_files else 0
 
 
 #: Why a run is stopped (a supervisor refuses any other word as an invalid message).
@@ -307,6 +376,7 @@ FromSupervisor = (
     | JobErrorReport
     | Output
     | JobExit
+    | JobFiles
     | StatusReply
     | Heartbeat
     | ProtocolErrorMessage
@@ -314,7 +384,7 @@ FromSupervisor = (
 FromSwitchboard = (
     Welcome | StartJob | StopJob | Ack | StatusRequest | ServerHeartbeat | ProtocolErrorMessage
 )
-SupervisorEvent = JobStateChanged | JobErrorReport | Output | JobExit
+SupervisorEvent = JobStateChanged | JobErrorReport | Output | JobExit | JobFiles
 
 
 # --- what a supervisor decodes: lenient twins of the spec Structs -----------------------

@@ -90,12 +90,21 @@ class DockerBackend(_Spec, tag="docker", tag_field="kind"):
 
 
 class NoopBackend(_Spec, tag="noop", tag_field="kind"):
-    """Runs nothing: ends after `delay_s` with `exit_code`, optionally printing `output`."""
+    """Runs nothing: ends after `delay_s` with `exit_code`, optionally printing `output`
+    and writing `files` (relative path -> text) into its output directory (`/out`), so
+    that collecting outputs can be exercised without a real program."""
 
     kind: ClassVar[str] = "noop"
     delay_s: DelaySeconds = 0.0
     exit_code: Annotated[int, Meta(ge=0, le=255)] = 0
     output: Annotated[str, Meta(max_length=65536)] = ""
+    files: Annotated[
+        dict[
+            InputPath,
+            Annotated[str, Meta(max_length=65536)],
+        ],
+        Meta(max_length=64),
+    ] = {}
 
 
 BackendSpec = WasmBackend | DockerBackend | NoopBackend
@@ -178,6 +187,30 @@ def input_overlap(paths: Iterable[str]) -> str | None:
 
 ParameterName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$(?!\n)")]
 
+OutputGlob = Annotated[str, Meta(pattern=limits.OUTPUT_GLOB_PATTERN, max_length=256)]
+#: When a run's output files are kept: whatever its ending, or only if it succeeded, or
+#: only if it did not.
+CollectWhen = Literal["always", "on_success", "on_failure"]
+
+
+class Outputs(_Spec):
+    """The files of the output directory (`/out`) to keep once the program has ended:
+    globs relative to it (`*`, `?`, `[...]`, and `**` for any number of directories)."""
+
+    paths: Annotated[list[OutputGlob], Meta(min_length=1, max_length=32)]
+    when: CollectWhen = "always"
+
+
+class Reports(_Spec):
+    """Test reports among the output files, parsed by the switchboard: `junit` globs
+    (relative to `/out`), kept whatever the run's ending."""
+
+    junit: Annotated[list[OutputGlob], Meta(max_length=16)] | OutputGlob = []
+
+    @property
+    def junit_globs(self) -> list[str]:
+        return [self.junit] if isinstance(self.junit, str) else list(self.junit)
+
 
 class JobSpec(_Spec):
     """What a user submits (REST body, spec file for `supervisor run-local`)."""
@@ -200,6 +233,10 @@ class JobSpec(_Spec):
     #: path -> digest of an uploaded artifact. A path ending in `/` names a directory the
     #: artifact (a tar archive) is unpacked into.
     inputs: Inputs = {}
+    #: Files of the output directory (`/out`) kept after the program ends.
+    outputs: Outputs | None = None
+    #: Test reports among the output files.
+    reports: Reports | None = None
 
     def __post_init__(self) -> None:
         if (overlap := input_overlap(self.inputs)) is not None:

@@ -42,8 +42,9 @@ def negotiate_version(offered: Iterable[str]) -> str:
 
 #: The minor version that added `ack.problems` (docs/protocol.md §6.5).
 ACK_PROBLEMS_MINOR = 2
-#: The minor version that added `start_job.inputs` (docs/protocol.md §5.2).
-INPUTS_MINOR = 3
+#: The minor version that added files: `start_job.inputs`, `start_job.collect` and the
+#: `files` event (docs/protocol.md §5).
+FILES_MINOR = 3
 
 
 def minor_of(version: str) -> int:

@@ -24,14 +24,21 @@ from connector import metrics as connector_metrics
 from connector.credentials import HostCredentials, NoCredential
 from connector.local import LocalConnector
 from protocol import codec, limits
+from protocol.messages import CollectLimits
 from protocol.spec import BACKEND_KINDS, JobSpec
 from supervisor import metrics
-from supervisor.artifacts import ArtifactSource, FileArtifactSource, HttpArtifactSource
+from supervisor.artifacts import (
+    ArtifactSource,
+    FileArtifactSource,
+    HttpArtifactSource,
+    switchboard_client,
+)
 from supervisor.backends.base import Backend
 from supervisor.config import (
     ConfigError,
     InputSettings,
     LinkSettings,
+    OutputSettings,
     SupervisorSettings,
     WasmSettings,
     default_of,
@@ -39,6 +46,7 @@ from supervisor.config import (
 )
 from supervisor.inputs import InputCache
 from supervisor.jobs import BackendSupervisor
+from supervisor.outputs import DirectorySink, ListingSink, OutputSink, SwitchboardSink
 
 log = logging.getLogger("supervisor")
 
@@ -157,9 +165,11 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
     url = link.url
     tls: ssl.SSLContext | None = None
     artifacts_tls: ssl.SSLContext | None = None
+    uploads_tls: ssl.SSLContext | None = None
     if url.startswith("wss://"):
         # One context each: httpx sets its own ALPN protocols on the context it is given.
         tls, artifacts_tls = _tls_context(link.ca_file), _tls_context(link.ca_file)
+        uploads_tls = _tls_context(link.ca_file)
         log.info(
             "verifying the switchboard's certificate against %s",
             link.ca_file or "the system's CAs",
@@ -180,6 +190,16 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
         lambda: credentials.current,
         verify_tls=artifacts_tls if artifacts_tls else True,
     )
+    # Output files go up over HTTP with the same credential, never over the WebSocket:
+    # no run's console output waits behind another's upload.
+    uploads = SwitchboardSink(
+        switchboard_client(
+            _http_base(url),
+            lambda: credentials.current,
+            verify_tls=uploads_tls if uploads_tls else True,
+        ),
+        _http_base(url),
+    )
     backend = make_backend(settings.backend, artifacts, settings)
     supervisor = BackendSupervisor(
         backend,
@@ -187,6 +207,8 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
         labels=settings.labels,
         resources=backend.resource_counts(),
         work_dir=settings.work_dir,
+        outputs=uploads,
+        outputs_limits=_output_limits(settings),
         **_inputs(artifacts, settings),
     )
     connector = WebSocketConnector(
@@ -209,13 +231,20 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
     finally:
         await supervisor.shutdown(grace_s=10.0)
         await artifacts.close()
+        await uploads.close()
 
 
-async def _run_local(settings: SupervisorSettings, spec: JobSpec, artifacts: list[Path]) -> int:
+async def _run_local(
+    settings: SupervisorSettings, spec: JobSpec, artifacts: list[Path], outputs_dir: Path | None
+) -> int:
     source = FileArtifactSource(artifacts)
+    # No switchboard to upload to: kept files are copied to --outputs-dir, or only listed.
+    sink: OutputSink = DirectorySink(outputs_dir) if outputs_dir else ListingSink()
     supervisor = BackendSupervisor(
         make_backend(spec.backend.kind, source, settings),
         work_dir=settings.work_dir,
+        outputs=sink,
+        outputs_limits=_output_limits(settings),
         **_inputs(source, settings),
     )
     return await LocalConnector(supervisor, spec).run()
@@ -229,6 +258,17 @@ def _inputs(artifacts: ArtifactSource, settings: SupervisorSettings) -> dict[str
         "inputs": InputCache(artifacts, root, settings.inputs.cache_max_mb * mb),
         "inputs_max_bytes": settings.inputs.max_mb * mb,
     }
+
+
+def _output_limits(settings: SupervisorSettings) -> CollectLimits:
+    """This supervisor's own caps on what a run keeps."""
+    mb = 1024 * 1024
+    own = settings.outputs
+    return CollectLimits(
+        max_files=own.max_files,
+        max_file_bytes=own.max_file_mb * mb,
+        max_total_bytes=own.max_total_mb * mb,
+    )
 
 
 def build_settings(args: argparse.Namespace) -> SupervisorSettings:
@@ -249,6 +289,7 @@ def build_settings(args: argparse.Namespace) -> SupervisorSettings:
         "work_dir": work_dir,
         "wasm": wasm,
         "inputs": InputSettings(max_mb=args.inputs_max_mb, cache_max_mb=args.input_cache_max_mb),
+        "outputs": _output_settings(args),
         "config": config,
         "docker_host": args.docker_host,
         "log_format": args.log_format,
@@ -274,6 +315,18 @@ def build_settings(args: argparse.Namespace) -> SupervisorSettings:
             max_backlog_mb=args.max_backlog_mb,
         ),
         **common,
+    )
+
+
+def _output_settings(args: argparse.Namespace) -> OutputSettings:
+    for name in ("outputs_max_files", "outputs_max_file_mb", "outputs_max_total_mb"):
+        if not 1 <= getattr(args, name) <= 100_000_000:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"supervisor: {flag} must be between 1 and 100000000")
+    return OutputSettings(
+        max_files=args.outputs_max_files,
+        max_file_mb=args.outputs_max_file_mb,
+        max_total_mb=args.outputs_max_total_mb,
     )
 
 
@@ -306,6 +359,28 @@ def _backend_options(parser: argparse.ArgumentParser) -> None:
         default=default_of(InputSettings, "cache_max_mb"),
         metavar="MB",
         help="size bound of the input cache (WORK_DIR/input-cache); least recently used go first",
+    )
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument(
+        "--outputs-max-files",
+        type=int,
+        default=default_of(OutputSettings, "max_files"),
+        metavar="N",
+        help="most output files one run keeps (the switchboard's limit applies too)",
+    )
+    outputs.add_argument(
+        "--outputs-max-file-mb",
+        type=int,
+        default=default_of(OutputSettings, "max_file_mb"),
+        metavar="MB",
+        help="most bytes of one kept output file",
+    )
+    outputs.add_argument(
+        "--outputs-max-total-mb",
+        type=int,
+        default=default_of(OutputSettings, "max_total_mb"),
+        metavar="MB",
+        help="most bytes of all a run's kept output files (also a Wasm guest's /out quota)",
     )
     wasm = parser.add_argument_group("wasm backend")
     wasm.add_argument(
@@ -405,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a file the spec names by digest (a .wasm module, an image tarball, an input)",
     )
+    local.add_argument(
+        "--outputs-dir",
+        metavar="DIR",
+        help="copy the files the spec's outputs and reports keep here, under their paths"
+        " in /out (default: only list them, with their sizes and digests)",
+    )
     logfmt.add_argument(local, "SUPERVISOR_LOG_FORMAT")
     _backend_options(local)
     return parser
@@ -427,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     if spec is None:
         work = _run(settings, _credentials(args, settings))
     else:
-        work = _run_local(settings, spec, [Path(p) for p in args.artifact])
+        outputs_dir = Path(args.outputs_dir) if args.outputs_dir else None
+        work = _run_local(settings, spec, [Path(p) for p in args.artifact], outputs_dir)
     # Everything imported so far lives as long as the process: keep the collector from
     # walking it again and again (full collections were the worst start latencies).
     gc.freeze()

@@ -230,6 +230,16 @@ class InputSettings(msgspec.Struct, frozen=True):
     cache_max_mb: int = 4096
 
 
+class OutputSettings(msgspec.Struct, frozen=True):
+    """This supervisor's own caps on what one run keeps of its output files (`--outputs-*`;
+    supervisor.outputs): each holds the switchboard's `collect_limits` to at most this."""
+
+    max_files: int = 1000
+    max_file_mb: int = 1024
+    #: Also the quota of a Wasm guest's /out.
+    max_total_mb: int = 4096
+
+
 class LinkSettings(msgspec.Struct, frozen=True):
     """How `supervisor run` reaches its switchboard (run-local has none). The token is not
     here: it is read once into the connector's credentials, so that no repr or log of the
@@ -254,6 +264,7 @@ class SupervisorSettings(msgspec.Struct, frozen=True):
     work_dir: Path
     wasm: WasmSettings
     inputs: InputSettings = msgspec.field(default_factory=InputSettings)
+    outputs: OutputSettings = msgspec.field(default_factory=OutputSettings)
     #: The config file (--config): Docker policy and devices.
     config: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     #: Display name (`supervisor run`; default the host name).

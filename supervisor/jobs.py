@@ -2,8 +2,9 @@
 which requests are refused with which error kind, and the order of the reports.
 
 For one run the reports always go: initializing (one per stage) -> running -> [terminating]
--> output flushed -> exit status -> terminal phase. Phase changes are checked against
-protocol.state, so a backend can't report something the switchboard would refuse.
+-> output flushed -> [error] -> [the kept output files] -> exit status -> terminal phase.
+Phase changes are checked against protocol.state, so a backend can't report something the
+switchboard would refuse.
 """
 
 from __future__ import annotations
@@ -17,12 +18,21 @@ from pathlib import Path
 
 from connector.base import Capabilities, Supervisor
 from protocol.exceptions import JobError, JobErrorKind
-from protocol.messages import HeldRun, RunRef, StartJob, StopJob, Stream
+from protocol.messages import CollectLimits, HeldRun, RefusedFile, RunRef, StartJob, StopJob, Stream
 from protocol.state import InvalidTransition, Phase, check_transition, is_terminal
 from supervisor.backends.base import Backend, Outcome, RunContext
 from supervisor.inputs import InputCache, place_inputs, remove_run_dir
-from supervisor.metrics import RUNNING_JOBS, job_error, run_ended
+from supervisor.metrics import RUNNING_JOBS, job_error, output_files, run_ended
 from supervisor.output import OutputPump
+from supervisor.outputs import (
+    OUT_DIR,
+    Kept,
+    OutputSink,
+    caps_for,
+    keep_outputs,
+    make_out_dir,
+    rules_for,
+)
 
 log = logging.getLogger("supervisor.jobs")
 
@@ -51,6 +61,9 @@ class _Run:
         self.phase = Phase.ASSIGNED
         self.ctx: RunContext | None = None
         self.task: asyncio.Task[None] | None = None
+        #: Set once the program has ended: a stop then comes too late (the run is only
+        #: keeping its files and reporting its end, and ends as the program did).
+        self.program_ended = False
 
 
 class BackendSupervisor(Supervisor):
@@ -66,11 +79,17 @@ class BackendSupervisor(Supervisor):
         work_dir: Path | None = None,
         inputs: InputCache | None = None,
         inputs_max_bytes: int = 4096 * 1024 * 1024,
+        outputs: OutputSink | None = None,
+        outputs_limits: CollectLimits | None = None,
     ) -> None:
         self.backend = backend
         #: Where runs' inputs come from (None: this supervisor refuses runs with inputs).
         self.inputs = inputs
         self.inputs_max_bytes = inputs_max_bytes
+        #: Where runs' kept output files go (None: every one is refused, with the reason).
+        self.outputs = outputs
+        #: This supervisor's own caps on what a run keeps (None: the StartJob's only).
+        self.outputs_limits = outputs_limits
         self.max_jobs = max_jobs
         self.labels = dict(labels or {})
         self.resources = dict(resources or {})
@@ -102,6 +121,7 @@ class BackendSupervisor(Supervisor):
             run = _Run(ref, start)
             run.phase = Phase.RUNNING  # it was running when this process went away
             run.ctx = self._new_context(run)
+            run.ctx.program_started = True
             self._runs[ref] = run
             RUNNING_JOBS.set(len(self._runs))
             self._idle.clear()
@@ -152,6 +172,8 @@ class BackendSupervisor(Supervisor):
         run = self._runs.get(RunRef(stop.job_id, stop.attempt))
         if run is None or run.ctx is None or run.ctx.stop_reason is not None:
             return  # unknown, or a repeat: harmless
+        if run.program_ended:
+            return  # too late: the program has ended, its files are being kept
         run.ctx.request_stop(stop.reason, stop.grace_s)
         if run.phase in (Phase.INITIALIZING, Phase.RUNNING):
             await self._transition(run, Phase.TERMINATING, message=f"stop: {stop.reason}")
@@ -181,7 +203,7 @@ class BackendSupervisor(Supervisor):
             await connector.send_output(run.ref, stream, offset, data)
 
         stop_flag = threading.Event()
-        return RunContext(
+        ctx = RunContext(
             run.ref,
             run.start,
             self.work_dir / "runs" / f"{run.ref.job_id}.{run.ref.attempt}",
@@ -192,6 +214,8 @@ class BackendSupervisor(Supervisor):
             ),
             report_running=lambda: self._transition(run, Phase.RUNNING),
         )
+        ctx.out_max_bytes = caps_for(run.start.collect_limits, self.outputs_limits).max_total_bytes
+        return ctx
 
     async def _drive(self, run: _Run, resume: bool = False) -> None:
         connector = self.connector
@@ -213,6 +237,8 @@ class BackendSupervisor(Supervisor):
                 if run.start.inputs and not await self._place_inputs(ctx):
                     outcome = Outcome(exit_code=None, reason=ctx.stopped_reason)
                 else:
+                    if run.start.collect:
+                        await asyncio.to_thread(make_out_dir, work_dir)
                     outcome = await self.backend.run(ctx)
         except JobError as exc:
             error = exc
@@ -227,14 +253,24 @@ class BackendSupervisor(Supervisor):
         finally:
             if timer is not None:
                 timer.cancel()
+            run.program_ended = True
         try:
-            # The program is done: its scratch space goes before its end is reported.
-            if work_dir.exists():  # one stat here; the removal goes to a thread
-                await asyncio.to_thread(remove_run_dir, work_dir)
             await output.close()
             if error is not None:
                 job_error(error.kind)
                 await connector.report_job_error(ref, error.kind, error.description)
+            if run.start.collect and ctx.program_started:
+                try:
+                    kept = await self._keep_outputs(run, outcome)
+                except Exception as exc:  # a bug here must not keep the run from ending
+                    log.exception("collecting the outputs of run %s failed", ref)
+                    output_files(kept=0, refused=1)
+                    why = f"the supervisor failed collecting outputs: {type(exc).__name__}"
+                    kept = Kept([], [RefusedFile(".", why)], 0)
+                await connector.report_files(ref, kept.files, kept.refused, kept.refused_unlisted)
+            # The program is done: its scratch space goes before its end is reported.
+            if work_dir.exists():  # one stat here; the removal goes to a thread
+                await asyncio.to_thread(remove_run_dir, work_dir)
             await connector.report_exit(
                 ref,
                 exit_code=outcome.exit_code,
@@ -265,6 +301,23 @@ class BackendSupervisor(Supervisor):
             log.warning("run %s#%d: %s", ctx.run.job_id, ctx.run.attempt, exc.description)
             raise
         return placed is not None
+
+    async def _keep_outputs(self, run: _Run, outcome: Outcome) -> Kept:
+        """Collect and keep the run's output files that its rules name for this ending.
+        The run stays in its phase meanwhile (running or terminating)."""
+        assert run.ctx is not None
+        root = run.ctx.work_dir / OUT_DIR
+        patterns = rules_for(run.start.collect, outcome.reason, outcome.exit_code)
+        if self.outputs is None:
+            if not patterns:
+                return Kept([], [], 0)
+            why = "this supervisor has nowhere to keep output files"
+            log.warning("run %s#%d: %s", run.ref.job_id, run.ref.attempt, why)
+            output_files(kept=0, refused=len(patterns))
+            return Kept([], [RefusedFile(p, why) for p in patterns], 0)
+        caps = caps_for(run.start.collect_limits, self.outputs_limits)
+        name = f"{run.ref.job_id}#{run.ref.attempt}"
+        return await keep_outputs(root, patterns, caps, self.outputs, name)
 
     def _time_out(self, run: _Run) -> None:
         if run.ctx is not None and run.ctx.stop_reason is None:

@@ -70,6 +70,16 @@ LIMITS_EXCEEDED = Counter(
     registry=REGISTRY,
 )
 
+OUTPUT_FILES = Counter(
+    "supervisor_output_files_total",
+    "Output files of ended runs that matched a collect rule: kept (uploaded, or copied by"
+    " run-local) or refused (over a cap, a link, not a regular file, unreadable, or the"
+    " upload failed; docs/jobs.md Outputs).",
+    ["result"],
+    registry=REGISTRY,
+)
+
+
 # Every label value exists from the start, so a scrape shows 0 instead of nothing.
 for _phase in sorted(TERMINAL):
     RUNS_ENDED.labels(_phase.value)
@@ -80,6 +90,8 @@ for _cache in CACHES:
         CACHE_LOOKUPS.labels(_cache, _result)
 for _limit in LIMITS:
     LIMITS_EXCEEDED.labels(_limit)
+for _result in ("kept", "refused"):
+    OUTPUT_FILES.labels(_result)
 
 
 def run_ended(phase: Phase) -> None:
@@ -98,6 +110,14 @@ def cache_lookup(cache: str, hit: bool) -> None:
 
 def limit_exceeded(limit: str) -> None:
     LIMITS_EXCEEDED.labels(limit).inc()
+
+
+def output_files(*, kept: int, refused: int) -> None:
+    """Count one run's output files."""
+    if kept:
+        OUTPUT_FILES.labels("kept").inc(kept)
+    if refused:
+        OUTPUT_FILES.labels("refused").inc(refused)
 
 
 def serve(port: int, host: str = "127.0.0.1", also: Iterable[CollectorRegistry] = ()) -> int:

@@ -44,10 +44,11 @@ async def upload_file(
     client: httpx.AsyncClient,
     base_url: str,
     token: str | Callable[[], str] | None,
-    path: Path,
+    path: Path | BinaryIO,
     digest: str | None = None,
     chunk: int = CHUNK,
     *,
+    size: int | None = None,
     attempts: int = ATTEMPTS,
     backoff_s: float = BACKOFF_S,
 ) -> str:
@@ -56,31 +57,54 @@ async def upload_file(
     `client` is one made by supervisor.artifacts.switchboard_client (its TLS settings and
     token), or any httpx client: `token`, if given, is sent with every request too.
     `digest`, if known, saves hashing the file first (the switchboard checks it anyway: a
-    wrong one fails with status 422). Raises UploadError."""
+    wrong one fails with status 422). `path` may be a file already open for reading (left
+    open): e.g. one opened without following links. `size`, if given, uploads only the
+    file's first `size` bytes (UploadError if it has fewer). Raises UploadError."""
     if chunk <= 0:
         raise ValueError("chunk must be at least 1 byte")
-    with path.open("rb") as file:  # reads go to threads (pread)
+    if isinstance(path, Path):
+        with path.open("rb") as file:
+            return await _upload(
+                client, base_url, token, file, digest, chunk, size, attempts, backoff_s
+            )
+    return await _upload(client, base_url, token, path, digest, chunk, size, attempts, backoff_s)
+
+
+async def _upload(
+    client: httpx.AsyncClient,
+    base_url: str,
+    token: str | Callable[[], str] | None,
+    file: BinaryIO,
+    digest: str | None,
+    chunk: int,
+    size: int | None,
+    attempts: int,
+    backoff_s: float,
+) -> str:
+    # Reads go to threads (pread). A file opened from a descriptor is named by its number.
+    path = file.name if isinstance(file.name, str) else "the file"
+    if size is None:
         size = os.fstat(file.fileno()).st_size
-        if size == 0:
-            raise UploadError(f"{path} is empty: an artifact has at least one byte")
-        if digest is None:
-            digest = await asyncio.to_thread(_hash_prefix, file, size)
-        url = f"{base_url.rstrip('/')}/api/v1/uploads/{digest}"
-        upload = _Upload(client, url, token, file, size)
-        failures = 0
-        while True:
-            try:
-                await upload.run(chunk)
-                return digest
-            except (httpx.TransportError, _Retry) as exc:
-                failures = 0 if upload.progressed else failures + 1
-                upload.progressed = False
-                if failures >= attempts:
-                    raise UploadError(
-                        f"upload of {path} ({digest}) failed {failures} times in a row, last:"
-                        f" {exc or type(exc).__name__}"
-                    ) from None
-                await asyncio.sleep(min(backoff_s * 2 ** max(failures - 1, 0), MAX_BACKOFF_S))
+    if size == 0:
+        raise UploadError(f"{path} is empty: an artifact has at least one byte")
+    if digest is None:
+        digest = await asyncio.to_thread(_hash_prefix, file, size)
+    url = f"{base_url.rstrip('/')}/api/v1/uploads/{digest}"
+    upload = _Upload(client, url, token, file, size)
+    failures = 0
+    while True:
+        try:
+            await upload.run(chunk)
+            return digest
+        except (httpx.TransportError, _Retry) as exc:
+            failures = 0 if upload.progressed else failures + 1
+            upload.progressed = False
+            if failures >= attempts:
+                raise UploadError(
+                    f"upload of {path} ({digest}) failed {failures} times in a row, last:"
+                    f" {exc or type(exc).__name__}"
+                ) from None
+            await asyncio.sleep(min(backoff_s * 2 ** max(failures - 1, 0), MAX_BACKOFF_S))
 
 
 class _Upload:

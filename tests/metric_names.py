@@ -12,4 +12,5 @@ SUPERVISOR_METRICS = {
     "supervisor_backend_errors_total": "counter",
     "supervisor_cache_lookups_total": "counter",
     "supervisor_limits_exceeded_total": "counter",
+    "supervisor_output_files_total": "counter",
 }

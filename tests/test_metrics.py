@@ -82,7 +82,7 @@ LABEL_VALUES: dict[str, set[str]] = {
     "outcome": _OUTCOMES | {"other"},
     "kind": {k.value for k in JobErrorKind},
     "cache": {"wasm_module", "docker_image", "input"},
-    "result": {"hit", "miss", "passed", "failed", "error", "skipped"},
+    "result": {"hit", "miss", "passed", "failed", "error", "skipped", "kept", "refused"},
     "limit": {"image_unpacked", "wasm_scratch", "inputs"},
     "reason": {
         "header_too_large",

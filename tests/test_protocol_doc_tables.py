@@ -39,6 +39,7 @@ NAMED_STRINGS = {
     (limits.LABEL_KEY_PATTERN, None, None): "label-key",
     (limits.DIGEST_PATTERN, None, None): "digest",
     (limits.INPUT_PATH_PATTERN, None, None): "input-path",
+    (limits.OUTPUT_GLOB_PATTERN, None, 256): "output-glob",
     (limits.SHA256_HEX_PATTERN, None, None): "sha256-hex",
     (mi.type_info(ParameterName).pattern, None, None): "param-name",  # type: ignore[attr-defined]
     (r"^[A-Z_]{1,32}$", None, None): "capability",

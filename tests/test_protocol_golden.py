@@ -21,6 +21,8 @@ from protocol import codec
 from protocol.exceptions import JobErrorKind
 from protocol.messages import (
     Ack,
+    CollectLimits,
+    CollectRule,
     FromSupervisor,
     FromSwitchboard,
     Heartbeat,
@@ -29,9 +31,12 @@ from protocol.messages import (
     InputFile,
     JobErrorReport,
     JobExit,
+    JobFiles,
     JobStateChanged,
     Output,
+    OutputFile,
     ProtocolErrorMessage,
+    RefusedFile,
     ServerHeartbeat,
     StartJob,
     StatusReply,
@@ -185,6 +190,29 @@ SUPERVISOR_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
         b'{"type":"exit","seq":5,"job_id":"j","attempt":1}',
     ),
     (
+        # (1.3) the run's kept output files, uploaded, and one refused (docs/protocol.md §5.1).
+        JobFiles(
+            seq=47,
+            job_id="test-9",
+            attempt=1,
+            files=[
+                OutputFile(
+                    path="reports/junit.xml",
+                    size=18231,
+                    digest=DIGEST,
+                    media_type="application/xml",
+                )
+            ],
+            refused=[RefusedFile(path="core", reason="larger than the 1073741824-byte limit")],
+        ),
+        (
+            b'{"type":"files","seq":47,"job_id":"test-9","attempt":1,"files":[{"path":"reports/juni'
+            b't.xml","size":18231,"digest":"sha256:abababababababababababababababababababababababab'
+            b'abababababababab","media_type":"application/xml"}],"refused":[{"path":"core","reason":'
+            b'"larger than the 1073741824-byte limit"}]}'
+        ),
+    ),
+    (
         StatusReply(
             request_id=3,
             runs=[HeldRun("build-1842", 1, Phase.TERMINATING)],
@@ -273,6 +301,21 @@ SWITCHBOARD_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
             b'{"type":"start_job","job_id":"wasm-job","attempt":1,"backend":{"kind":"wasm","module"'
             b':"sha256:abababababababababababababababababababababababababababababababab","args":["-'
             b'-size","10"]},"parameters":{"MODE":{"value":"fast"}}}'
+        ),
+    ),
+    (
+        # (1.3) output files to keep (docs/protocol.md §5.2).
+        StartJob(
+            job_id="test-9",
+            attempt=1,
+            backend=DockerBackend(image="tester:1"),
+            collect=[CollectRule("logs/**/*.log", "on_failure"), CollectRule("reports/*.xml")],
+            collect_limits=CollectLimits(max_files=100),
+        ),
+        (
+            b'{"type":"start_job","job_id":"test-9","attempt":1,"backend":{"kind":"docker","image":'
+            b'"tester:1"},"collect":[{"pattern":"logs/**/*.log","when":"on_failure"},{"pattern":"rep'
+            b'orts/*.xml"}],"collect_limits":{"max_files":100}}'
         ),
     ),
     (

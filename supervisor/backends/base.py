@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from protocol.exceptions import JobError, JobErrorKind
-from protocol.messages import RunRef, StartJob, Stream
+from protocol.messages import CollectLimits, RunRef, StartJob, Stream
 from supervisor.output import OutputPump
 
 T = TypeVar("T")
@@ -59,6 +59,12 @@ class RunContext:
         self.stop_reason: str | None = None
         #: None: the backend's own default (e.g. the spec's stop grace).
         self.grace_s: float | None = None
+        #: Set once the program has started (`running` reported, or a re-adopted run):
+        #: only then are its output files collected.
+        self.program_started = False
+        #: The most the run's output directory may hold (its total output cap, the
+        #: supervisor's own included: supervisor.jobs sets it).
+        self.out_max_bytes = (start.collect_limits or CollectLimits()).max_total_bytes
 
     @property
     def env(self) -> dict[str, str]:
@@ -72,6 +78,7 @@ class RunContext:
 
     async def running(self) -> None:
         """Report that the program has started."""
+        self.program_started = True
         await self._report_running()
 
     def write(self, stream: Stream, data: bytes) -> None:

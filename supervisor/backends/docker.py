@@ -86,6 +86,7 @@ from supervisor.backends.docker_policy import (
 from supervisor.backends.docker_streams import ContainerOutput, Ended, Pipe, socket_pipe
 from supervisor.config import DeviceConfig, SupervisorConfig
 from supervisor.inputs import IN_DIR
+from supervisor.outputs import OUT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,10 @@ class DockerBackend(Backend):
         api = await self._engine.client()
         gids = await self._engine.call(device_groups, devices) if devices else []
         inputs = ctx.work_dir / IN_DIR if ctx.start.inputs else None
-        options = container_options(spec, self.settings, ctx.env, devices, gids, limits, inputs)
+        outputs = ctx.work_dir / OUT_DIR if ctx.start.collect else None
+        options = container_options(
+            spec, self.settings, ctx.env, devices, gids, limits, inputs, outputs
+        )
         host_config = api.create_host_config(**options.host_config)
         labels = labels_for(self.supervisor_id, ctx.run, ctx.start, devices)
         name = container_name(self.supervisor_id, ctx.run)

@@ -11,7 +11,9 @@ exist unless the config turns them off: no container is unlimited by accident); 
 for more than the config's maximum is refused. `read_only_rootfs` (the spec's, or the
 config's for every container) makes the root filesystem read-only with a writable tmpfs of
 `scratch_mb` at /scratch (TMPDIR points there). The devices the run was given (devices.py),
-the run's inputs as a read-only bind mount at /in (supervisor.inputs placed them), and
+the run's inputs as a read-only bind mount at /in (supervisor.inputs placed them), for a
+run that keeps files its output directory as a writable bind mount at /out
+(supervisor.outputs made it, mode 0777 for whatever user the container runs as), and
 nothing else of the host. Docker's init as PID 1 (config `init`), so signals reach the
 program and zombies are reaped.
 
@@ -50,6 +52,9 @@ LABEL_DEVICES = "switchboard.devices"
 SCRATCH = "/scratch"
 #: Where a run's inputs appear in its container (a read-only bind mount).
 INPUTS = "/in"
+#: Where a run's output directory appears in its container (a writable bind mount, mode
+#: 0777 on the host so that any container user may write there).
+OUTPUTS = "/out"
 
 _MB = 1024 * 1024
 _NON_ROOT_ONLY = "this supervisor runs containers only as a numeric uid other than 0"
@@ -136,10 +141,12 @@ def container_options(
     device_gids: list[int],
     limits: dict[str, Any],
     inputs: Path | None = None,
+    outputs: Path | None = None,
 ) -> ContainerOptions:
     """The container's environment and host config: `job_env` is the job's parameters,
     `device_gids` the groups owning the `devices` (device_groups), `limits` limits_for's,
-    `inputs` the run's input directory on the host (bind-mounted read-only at INPUTS)."""
+    `inputs` the run's input directory on the host (bind-mounted read-only at INPUTS),
+    `outputs` its output directory (bind-mounted writable at OUTPUTS)."""
     env = {**spec.env, **job_env}
     tmpfs = None
     read_only = spec.read_only_rootfs or s.read_only_rootfs
@@ -160,7 +167,7 @@ def container_options(
         tmpfs=tmpfs,
         devices=[f"{d.path}:{d.target}:{d.permissions}" for d in devices] or None,
         group_add=group_add or None,
-        mounts=[_inputs_mount(inputs)] if inputs is not None else None,
+        mounts=_mounts(inputs, outputs),
         init=s.init,
         log_config=docker.types.LogConfig(
             type="local",
@@ -171,9 +178,19 @@ def container_options(
     return ContainerOptions(env=env, host_config=host_config)
 
 
-def _inputs_mount(inputs: Path) -> docker.types.Mount:
-    """The run's input directory, read-only at INPUTS (the engine wants an absolute path)."""
-    return docker.types.Mount(INPUTS, str(inputs.resolve()), type="bind", read_only=True)
+def _mounts(inputs: Path | None, outputs: Path | None) -> list[docker.types.Mount] | None:
+    """The run's input directory, read-only at INPUTS, and its output directory, writable
+    at OUTPUTS (the engine wants absolute paths)."""
+    mounts = []
+    if inputs is not None:
+        mounts.append(
+            docker.types.Mount(INPUTS, str(inputs.resolve()), type="bind", read_only=True)
+        )
+    if outputs is not None:
+        mounts.append(
+            docker.types.Mount(OUTPUTS, str(outputs.resolve()), type="bind", read_only=False)
+        )
+    return mounts or None
 
 
 def labels_for(

@@ -3,8 +3,10 @@
 The sandbox. A guest sees its args (argv[0] is the job's name), the spec's env plus the
 job's parameters, the spec's stdin bytes, stdout/stderr (streamed to the switchboard) and
 one writable directory, `/scratch`, backed by `<run work dir>/scratch` on the host (the
-supervisor deletes it after the run), and, for a job with inputs, the read-only directory
-`/in` (`<run work dir>/in`, placed by supervisor.inputs). Nothing else of the host: no
+supervisor deletes it after the run), for a job with inputs the read-only directory `/in`
+(`<run work dir>/in`, placed by supervisor.inputs), and for a job that keeps files the
+writable directory `/out` (`<run work dir>/out`, supervisor.outputs; its quota is the run's
+collect_limits.max_total_bytes, measured like /scratch's). Nothing else of the host: no
 other files, no host environment, no network, no inherited stdio. docs/wasm.md describes
 it for users.
 
@@ -69,6 +71,7 @@ from supervisor.backends.base import Backend, Outcome, RunContext
 from supervisor.backends.wasm_guest import TICK_S, Guest, Sandbox
 from supervisor.backends.wasm_modules import Flavour, ModuleStore
 from supervisor.inputs import IN_DIR
+from supervisor.outputs import OUT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +163,8 @@ class WasmBackend(Backend):
             memory_bytes=memory_mb * _MB,
             fuel=spec.fuel,
             inputs=ctx.work_dir / IN_DIR if ctx.start.inputs else None,
+            outputs=ctx.work_dir / OUT_DIR if ctx.start.collect else None,
+            outputs_bytes=ctx.out_max_bytes,
         )
         loop = asyncio.get_running_loop()
         try:

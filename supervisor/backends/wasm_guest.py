@@ -2,10 +2,13 @@
 
 A Guest is created per run. On a worker thread it builds the Store (memory and table
 limits, fuel, the epoch deadline and its callback) and the WASI context (argv, env, stdin,
-stdout/stderr written to the run, /scratch preopened and nothing else of the host), then
+stdout/stderr written to the run, /scratch preopened, /in read-only and /out for a run
+that has them, and nothing else of the host), then
 runs `_start` to its end and turns the ending (exit status, trap, a kill, fuel or scratch
 quota used up) into an Outcome. The event loop kills it through `kill`; the epoch callback
-is where a kill, a proc_exit and the scratch quota take effect.
+is where a kill, a proc_exit and the scratch quota take effect. /out has a quota of its own
+(the run's collect_limits.max_total_bytes: more could never be kept), measured and
+enforced the same way, with the same outcome (scratch_limit).
 
 Why a module of its own: this is everything that touches one Store, on the guest's own
 thread, apart from the backend's engines, module cache and run bookkeeping (wasm.py).
@@ -40,6 +43,8 @@ TICK_S = 0.01
 SCRATCH = "/scratch"
 #: Where the run's inputs appear inside the guest (read-only).
 INPUTS = "/in"
+#: Where the run's output directory appears inside the guest (writable).
+OUTPUTS = "/out"
 #: Table elements a store may hold (8 bytes of host memory each); C and Rust need a few k.
 MAX_TABLE_ELEMENTS = 1_000_000
 
@@ -71,6 +76,10 @@ class Sandbox:
     fuel: int | None
     #: The run's input directory on the host, shown read-only at INPUTS (None: no inputs).
     inputs: Path | None = None
+    #: The run's output directory on the host, shown writable at OUTPUTS (None: the run
+    #: keeps no files), and the most it may hold.
+    outputs: Path | None = None
+    outputs_bytes: int = 0
 
 
 class Guest:
@@ -87,6 +96,10 @@ class Guest:
         self.clock_base_ns = 0
         self.sandbox: Sandbox | None = None
         self.quota: ScratchQuota | None = None
+        #: The quotas measured: /scratch's, and /out's for a run that has one.
+        self.quotas: list[tuple[str, ScratchQuota]] = []
+        #: The one the guest went over.
+        self.over: tuple[str, ScratchQuota] | None = None
         self._store: wasmtime.Store | None = None
         self._start: wasmtime.Func | None = None
         self._memory: wasmtime.Memory | None = None
@@ -100,6 +113,11 @@ class Guest:
         self.sandbox = sandbox
         sandbox.scratch.mkdir(parents=True, exist_ok=True)
         self.quota = ScratchQuota(sandbox.scratch, sandbox.scratch_bytes, min_interval_s=TICK_S)
+        self.quotas = [(SCRATCH, self.quota)]
+        if sandbox.outputs is not None:
+            sandbox.outputs.mkdir(parents=True, exist_ok=True)
+            out = ScratchQuota(sandbox.outputs, sandbox.outputs_bytes, min_interval_s=TICK_S)
+            self.quotas.append((OUTPUTS, out))
         store = self._store = wasmtime.Store(engine)
         ffi.wasmtime_store_epoch_deadline_callback(
             store.ptr(), self._on_deadline, None, _NO_FINALIZER
@@ -118,6 +136,8 @@ class Guest:
         if sandbox.inputs is not None:
             # Read-only: neither the directory nor a file in it may be changed.
             wasi.preopen_dir(str(sandbox.inputs), INPUTS, fs_mutable=False)
+        if sandbox.outputs is not None:
+            wasi.preopen_dir(str(sandbox.outputs), OUTPUTS)
         store.set_wasi(wasi)
         # Wasmtime's WASI monotonic clock starts at 0 when set_wasi builds the context.
         self.clock_base_ns = time.monotonic_ns()
@@ -166,12 +186,14 @@ class Guest:
     def stopped(self, kill_reason: str | None = None) -> Outcome:
         stopped = self.ctx.stopped_reason if self.ctx.stop_reason else None
         reason = stopped or kill_reason or self.kill_reason or "canceled"
-        if reason == "scratch_limit" and self.quota is not None:
+        over = self.over or (self.quotas[0] if self.quotas else None)
+        if reason == "scratch_limit" and over is not None:
+            where, quota = over
             return Outcome(
                 exit_code=None,
                 reason=reason,
-                message=f"scratch quota exceeded: /scratch held {self.quota.used / _MB:.1f} MB, "
-                f"more than the {self.quota.limit // _MB} MB a run may write there",
+                message=f"scratch quota exceeded: {where} held {quota.used / _MB:.1f} MB, "
+                f"more than the {_amount(quota.limit)} a run may write there",
             )
         return Outcome(exit_code=None, reason=reason)
 
@@ -224,14 +246,18 @@ class Guest:
         return 0
 
     def _over_scratch_quota(self, final: bool = False) -> bool:
-        """Whether /scratch holds more than the quota: measured if due (at the end, now)."""
-        if self.quota is None:
-            return False
-        try:
-            return self.quota.check_now() if final else self.quota.check()
-        except Exception:  # a measurement must never break the callback or the outcome
-            log.exception("scratch quota check failed")
-            return False
+        """Whether /scratch (or /out) holds more than its quota: measured if due (at the
+        end, now)."""
+        for where, quota in self.quotas:
+            try:
+                over = quota.check_now() if final else quota.check()
+            except Exception:  # a measurement must never break the callback or the outcome
+                log.exception("%s quota check failed", where)
+                continue
+            if over:
+                self.over = (where, quota)
+                return True
+        return False
 
     def _writer(self, stream: Stream) -> Callable[[bytes], int]:
         def write(data: bytes) -> int:
@@ -242,6 +268,11 @@ class Guest:
             return len(data)
 
         return write
+
+
+def _amount(limit: int) -> str:
+    """A quota for people: whole megabytes, or bytes (/out's is the run's byte cap)."""
+    return f"{limit // _MB} MB" if limit % _MB == 0 else f"{limit} bytes"
 
 
 def _set_stdin(wasi: wasmtime.WasiConfig, data: bytes) -> None:
