@@ -335,6 +335,17 @@ UPLOAD_REFUSALS = Counter(
     registry=REGISTRY,
 )
 
+#: What became of a file a run's `files` event listed: kept (linked to the run), refused
+#: by the supervisor, or listed under a digest never uploaded (refused here).
+OUTPUT_FILE_OUTCOMES = ("kept", "refused", "not_uploaded")
+OUTPUT_FILES = Counter(
+    "switchboard_output_files_total",
+    "Output files runs listed in their files events: kept, refused by the supervisor (a"
+    " limit, a link, ...), or refused here as listed under a digest never uploaded.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+
 # --- test reports ---------------------------------------------------------------------
 
 #: A test case's result in a JUnit report (switchboard.models.TEST_RESULTS).
@@ -420,6 +431,8 @@ for _result in TEST_RESULTS:
     TEST_CASES.labels(_result)
 for _why in REPORT_REFUSALS:
     REPORTS_REFUSED.labels(_why)
+for _outcome in OUTPUT_FILE_OUTCOMES:
+    OUTPUT_FILES.labels(_outcome)
 for _what in STORED:
     STORED_BYTES.labels(_what)
 for _phase in Phase:
