@@ -122,6 +122,8 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await store.open()
         await store.forget_connections()
+        # Reports stored before a stop and not parsed then: parse them now.
+        reports.submit(await store.pending_reports())
         background = [
             asyncio.create_task(state.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(keep_time(store, settings, hub), name="clock"),

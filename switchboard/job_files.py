@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from pathlib import Path, PurePosixPath
+import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -45,11 +46,28 @@ def tests_line(tests: dict[str, Any] | None) -> str | None:
     )
 
 
+#: How long an ended job's reports may take to parse before its summary is shown anyway.
+REPORTS_WAIT_S = 60.0
+
+
+def reports_parsed(api: ApiClient, job_id: str) -> dict[str, Any]:
+    """The files of an ended job's latest run, once none of its reports is still waiting
+    to be parsed (they are parsed after the run's files are stored), or after
+    REPORTS_WAIT_S."""
+    deadline = time.monotonic() + REPORTS_WAIT_S
+    while True:
+        listing = api.get(f"/api/v1/jobs/{job_id}/files")
+        pending = any(f["report"] == "pending" for f in listing["files"])
+        if not pending or time.monotonic() > deadline:
+            return listing
+        time.sleep(0.2)
+
+
 def target(into: Path, path: str) -> Path:
     """Where file `path` (as the switchboard names it) goes under `into`; ClientError for a
     path that would land outside it (absolute, `..`, or through a link in `into`)."""
-    parts = PurePosixPath(path).parts
-    if not parts or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
         raise ClientError(f"refusing to write output file {path!r}: not a relative path")
     where = into.joinpath(*parts)
     where.parent.mkdir(parents=True, exist_ok=True)

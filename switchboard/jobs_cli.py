@@ -15,7 +15,7 @@ from protocol.state import TERMINAL
 from switchboard.cli_output import add_connection_flags, client, show, table, when
 from switchboard.cli_output import run as run_client
 from switchboard.client import ApiClient, ClientError
-from switchboard.job_files import download, files_table, tests_line
+from switchboard.job_files import download, files_table, reports_parsed, tests_line
 
 
 def exit_status(job: dict[str, Any]) -> int:
@@ -121,12 +121,12 @@ def _submit(args: argparse.Namespace) -> int:
     code = job["exit_code"]
     ended = _exit_code(code)
     print(f"job {job_id} ended {job['phase']} ({ended})", file=sys.stderr)
-    job = api.job(job_id)  # its files and tests, as stored once it ended
+    listing = reports_parsed(api, job_id)
+    job = api.job(job_id)  # its tests, once its reports are parsed
     summary = tests_line(job.get("tests"))
     if summary is not None:
         print(summary, file=sys.stderr)
     if args.download is not None:
-        listing = api.get(f"/api/v1/jobs/{job_id}/files")
         count = download(api, job_id, listing, Path(args.download))
         print(f"{count} output file(s) written under {args.download}", file=sys.stderr)
     return exit_status(job)

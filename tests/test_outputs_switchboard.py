@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from protocol.messages import (
 from protocol.state import Phase
 from protocol.tokens import new_token, token_sha256
 from protocol.versions import supported_versions
-from tests.harness import Switchboard, run_cli, wait_for, wait_job
+from tests.harness import Switchboard, _env, run_cli, wait_for, wait_job
 from tests.scrape import sample_value, scrape
 from tests.supervisor_ws import connect_ws
 
@@ -377,3 +379,45 @@ async def _old_supervisor(switchboard: Switchboard) -> None:
             )
             assert job["phase"] == "queued", job
             assert "outputs and reports need protocol 1.3" in job["unschedulable"], job
+
+
+def test_submit_follow_ends_with_the_tests_and_downloads_the_files(switchboard, tmp_path):
+    asyncio.run(_follow_and_download(switchboard, tmp_path))
+
+
+async def _follow_and_download(switchboard: Switchboard, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(SPEC))
+    out = tmp_path / "files"
+    files = {"reports/junit.xml": JUNIT, "out.bin": os.urandom(1000)}
+    connection = ("--url", switchboard.url, "--token", switchboard.admin_token)
+    async with ScriptedSupervisor(switchboard, "files-3") as sup:
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "switchboard", "job", "submit", str(spec), "--follow"),
+            *("--download", str(out), *connection),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=_env(),
+        )
+        start = await sup.next_start()
+        # The report parses in the background, maybe after the job ended: the CLI waits.
+        key = {"job_id": start.job_id, "attempt": start.attempt}
+        await sup.send(lambda s: JobStateChanged(seq=s, phase=Phase.RUNNING, **key))
+        listed = [
+            OutputFile(path=p, size=len(d), digest=await sup.upload(d)) for p, d in files.items()
+        ]
+        await sup.send(lambda s: JobFiles(seq=s, files=listed, **key))
+        await sup.send(lambda s: JobExit(seq=s, exit_code=0, **key))
+        await sup.acked(
+            await sup.send(lambda s: JobStateChanged(seq=s, phase=Phase.SUCCEEDED, **key))
+        )
+        _, stderr = await asyncio.wait_for(cli.communicate(), 30)
+    assert cli.returncode == 0, stderr.decode()
+    said = stderr.decode()
+    assert "tests: 3 (1 passed, 1 failed, 0 errors, 1 skipped)" in said, said
+    for path, data in files.items():
+        assert (out / path).read_bytes() == data
+    shown = run_cli(*("-m", "switchboard", "job", "show", start.job_id, *connection))
+    text = shown.stdout.decode()
+    assert "files of run 1: 2 kept" in text and "tests: 3" in text, text

@@ -16,6 +16,8 @@ from protocol.exceptions import ProblemCode
 from protocol.messages import JobFiles, OutputFile, RefusedFile
 from protocol.spec import JobSpec, NoopBackend, Reports
 from protocol.state import Phase
+from switchboard.client import ClientError
+from switchboard.job_files import target
 from switchboard.store.schema import SCHEMA_VERSION
 from switchboard.store.sqlite import SQLiteStore
 from tests.store_setup import HELLO, state
@@ -59,6 +61,7 @@ async def test_files_are_linked_refused_and_hold_their_artifacts(store):
     )
     assert applied.problems == []
     assert [(r.path, r.digest) for r in applied.reports] == [("reports/x/a.xml", A)]
+    assert await store.pending_reports() == applied.reports  # a restart takes them up
     listing = await store.run_files("j1")
     assert listing is not None and listing.attempt == 1
     assert [(f.path, f.report) for f in listing.files] == [
@@ -75,6 +78,7 @@ async def test_files_are_linked_refused_and_hold_their_artifacts(store):
     await store.set_report_status("j1", 1, "reports/x/a.xml", "refused", "not JUnit")
     found = await store.run_file("j1", "reports/x/a.xml")
     assert found is not None and found[1].report_error == "not JUnit"
+    assert await store.pending_reports() == []
 
     # Held while the job exists (it has ended), by deletion and by retention alike.
     assert (await store.delete_artifact(A)).outcome == "in_use"
@@ -115,6 +119,18 @@ async def test_a_version_5_data_dir_opens_and_takes_files(tmp_path):
         await upgraded.close()
     (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
     assert version == SCHEMA_VERSION == 6
+
+
+def test_the_cli_never_writes_outside_its_directory(tmp_path):
+    into = tmp_path / "into"
+    into.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (into / "link").symlink_to(tmp_path / "elsewhere")
+    assert target(into, "a/b.txt") == into / "a" / "b.txt"
+    for bad in ("../x", "/etc/passwd", "a/../../x", "a//b", "./a", "link/x"):
+        with pytest.raises(ClientError):
+            target(into, bad)
+    assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 @pytest.mark.parametrize(

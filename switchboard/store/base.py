@@ -37,6 +37,7 @@ from switchboard.models import (
     JobSummary,
     JobView,
     Overview,
+    PendingReport,
     PlacementSnapshot,
     QueuedJob,
     ReportStatus,
@@ -286,6 +287,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def files_summary(self, job_id: str) -> FilesSummary | None:
         """The files of the job's latest run that has any, counted (None: none has)."""
+
+    @abc.abstractmethod
+    async def pending_reports(self, limit: int = 10_000) -> list[PendingReport]:
+        """Output files named as reports and not parsed yet (a restart came first)."""
 
     @abc.abstractmethod
     async def set_report_status(

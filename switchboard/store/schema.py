@@ -316,6 +316,8 @@ CREATE TABLE IF NOT EXISTS run_files (
     PRIMARY KEY (job_id, attempt, path)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS run_files_by_digest ON run_files (digest);
+-- reports still to parse (a restart takes them up again)
+CREATE INDEX IF NOT EXISTS run_files_pending ON run_files (job_id) WHERE report = 'pending';
 -- The output files a run did not keep, and why (the supervisor's refusals, and files
 -- listed under a digest never uploaded).
 CREATE TABLE IF NOT EXISTS run_files_refused (

@@ -42,6 +42,7 @@ from switchboard.models import (
     JobSummary,
     JobView,
     Overview,
+    PendingReport,
     PlacementSnapshot,
     QueuedJob,
     ReportStatus,
@@ -446,6 +447,9 @@ class SQLiteStore(Store):
 
     async def files_summary(self, job_id: str) -> FilesSummary | None:
         return await self._read(lambda conn: files.files_summary(conn, job_id))
+
+    async def pending_reports(self, limit: int = 10_000) -> list[PendingReport]:
+        return await self._read(lambda conn: files.pending_reports(conn, limit))
 
     async def set_report_status(
         self, job_id: str, attempt: int, path: str, status: ReportStatus, error: str | None

@@ -125,6 +125,15 @@ def set_report(
     )
 
 
+def pending_reports(conn: sqlite3.Connection, limit: int) -> list[PendingReport]:
+    """Reports stored and not parsed yet (the switchboard stopped meanwhile)."""
+    rows = conn.execute(
+        "SELECT job_id, attempt, path, digest FROM run_files WHERE report = 'pending' LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [PendingReport(*row) for row in rows]
+
+
 def _latest_attempt(conn: sqlite3.Connection, job_id: str) -> int | None:
     """The job's latest run that kept or refused files."""
     (attempt,) = conn.execute(
