@@ -13,6 +13,12 @@ import fnmatch
 from functools import lru_cache
 
 
+def is_relative_path(path: str) -> bool:
+    """A file's path as a `files` event names it, staying in its directory: no empty, `.`
+    or `..` part (so no leading `/` either)."""
+    return not any(part in ("", ".", "..") for part in path.split("/"))
+
+
 def split(path: str) -> tuple[str, ...]:
     """A relative path or glob as its components."""
     return tuple(path.split("/"))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from protocol.globs import is_relative_path
 from switchboard.cli_output import table
 from switchboard.client import ApiClient, ClientError
 
@@ -66,10 +67,9 @@ def reports_parsed(api: ApiClient, job_id: str) -> dict[str, Any]:
 def target(into: Path, path: str) -> Path:
     """Where file `path` (as the switchboard names it) goes under `into`; ClientError for a
     path that would land outside it (absolute, `..`, or through a link in `into`)."""
-    parts = path.split("/")
-    if any(part in ("", ".", "..") for part in parts):
+    if not is_relative_path(path):
         raise ClientError(f"refusing to write output file {path!r}: not a relative path")
-    where = into.joinpath(*parts)
+    where = into.joinpath(*path.split("/"))
     where.parent.mkdir(parents=True, exist_ok=True)
     if not where.parent.resolve().is_relative_to(into.resolve()):
         raise ClientError(f"refusing to write output file {path!r}: it leads out of {into}")

@@ -336,12 +336,14 @@ UPLOAD_REFUSALS = Counter(
 )
 
 #: What became of a file a run's `files` event listed: kept (linked to the run), refused
-#: by the supervisor, or listed under a digest never uploaded (refused here).
-OUTPUT_FILE_OUTCOMES = ("kept", "refused", "not_uploaded")
+#: by the supervisor, or refused here: listed under a digest never uploaded (or of another
+#: size), or under a path that is not relative.
+OUTPUT_FILE_OUTCOMES = ("kept", "refused", "not_uploaded", "invalid_path")
 OUTPUT_FILES = Counter(
     "switchboard_output_files_total",
     "Output files runs listed in their files events: kept, refused by the supervisor (a"
-    " limit, a link, ...), or refused here as listed under a digest never uploaded.",
+    " limit, a link, ...), or refused here: listed under a digest never uploaded, or under"
+    " a path that is not relative.",
     ["outcome"],
     registry=REGISTRY,
 )

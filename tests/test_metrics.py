@@ -80,7 +80,7 @@ LABEL_VALUES: dict[str, set[str]] = {
     "phase": {p.value for p in Phase},
     "state": {"ready", "backoff", "unschedulable", "connected", "draining"},
     "backend": {*BACKEND_KINDS, "other"},
-    "outcome": _OUTCOMES | {"other", "kept", "refused", "not_uploaded"},
+    "outcome": _OUTCOMES | {"other", "kept", "refused", "not_uploaded", "invalid_path"},
     "kind": {k.value for k in JobErrorKind},
     "cache": {"wasm_module", "docker_image", "input"},
     "result": {"hit", "miss", "passed", "failed", "error", "skipped"},

@@ -53,6 +53,8 @@ async def test_files_are_linked_refused_and_hold_their_artifacts(store):
                 OutputFile(path="b.bin", size=20, digest=B),
                 OutputFile(path="ghost.bin", size=5, digest="sha256:" + "c" * 64),
                 OutputFile(path="short.bin", size=3, digest=A),
+                OutputFile(path="../up.bin", size=10, digest=A),
+                OutputFile(path="a//b.bin", size=10, digest=A),
                 refused=[RefusedFile(path="core", reason="too big")],
                 refused_unlisted=2,
             ),
@@ -69,12 +71,13 @@ async def test_files_are_linked_refused_and_hold_their_artifacts(store):
         ("reports/x/a.xml", "pending"),
     ]
     refused = {r.path: r.reason for r in listing.refused}
-    assert set(refused) == {"core", "ghost.bin", "short.bin"}
+    assert set(refused) == {"core", "ghost.bin", "short.bin", "../up.bin", "a//b.bin"}
+    assert "not a relative path" in refused["../up.bin"]
     assert "never uploaded" in refused["ghost.bin"]
     assert "3 bytes" in refused["short.bin"]
     assert listing.refused_unlisted == 2
     summary = await store.files_summary("j1")
-    assert summary is not None and (summary.count, summary.bytes, summary.refused) == (2, 30, 5)
+    assert summary is not None and (summary.count, summary.bytes, summary.refused) == (2, 30, 7)
     await store.set_report_status("j1", 1, "reports/x/a.xml", "refused", "not JUnit")
     found = await store.run_file("j1", "reports/x/a.xml")
     assert found is not None and found[1].report_error == "not JUnit"

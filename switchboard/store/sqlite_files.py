@@ -50,12 +50,13 @@ def report_globs(conn: sqlite3.Connection, job_id: str) -> list[str]:
 
 class FilesStored(msgspec.Struct):
     """What storing one `files` event did: files kept, refused by the supervisor, refused
-    here (listed under a digest not stored, or with the wrong size), and the reports to
-    parse."""
+    here (listed under a digest not stored, or with the wrong size; or under a path that is
+    not relative), and the reports to parse."""
 
     kept: int = 0
     refused: int = 0
     not_uploaded: list[str] = []
+    invalid: list[str] = []
     reports: list[PendingReport] = []
 
 
@@ -66,6 +67,12 @@ def store_files(conn: sqlite3.Connection, event: JobFiles, junit: list[str]) -> 
     key = (event.job_id, event.attempt)
     result = FilesStored(refused=len(event.refused) + event.refused_unlisted)
     for file in event.files:
+        if not globs.is_relative_path(file.path):
+            # The wire gives it only a length: one that could lead out of a directory it is
+            # downloaded into is never kept.
+            result.invalid.append(file.path)
+            _refuse(conn, key, file.path, "not a relative path (empty, `.` or `..` parts)")
+            continue
         row = conn.execute("SELECT size FROM artifacts WHERE digest = ?", (file.digest,)).fetchone()
         reason = None
         if row is None:

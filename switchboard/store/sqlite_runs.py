@@ -331,6 +331,17 @@ class EventBatch:
         self.reports += stored.reports
         metrics.OUTPUT_FILES.labels("kept").inc(stored.kept)
         metrics.OUTPUT_FILES.labels("refused").inc(stored.refused)
+        if stored.invalid:
+            metrics.OUTPUT_FILES.labels("invalid_path").inc(len(stored.invalid))
+            log.warning(
+                "run %s#%d of supervisor %s listed %d output file(s) under a path that is"
+                " not relative, not kept: %r",
+                event.job_id,
+                event.attempt,
+                self.supervisor_id,
+                len(stored.invalid),
+                stored.invalid[:5],
+            )
         if stored.not_uploaded:
             # Not a wire problem (no code says it): the run shows it with its files.
             metrics.OUTPUT_FILES.labels("not_uploaded").inc(len(stored.not_uploaded))
