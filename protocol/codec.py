@@ -21,6 +21,7 @@ from . import limits
 from .exceptions import CloseCode, FrameError, MessageTooBig
 from .messages import (
     INT64_MAX,
+    CollectLimits,
     FromSupervisor,
     FromSwitchboard,
     LenientFromSwitchboard,
@@ -30,6 +31,11 @@ from .messages import (
 from .spec import JobSpec
 
 T = TypeVar("T")
+
+#: The longest collect_limits a switchboard may send (measuring a StartJob's worst case).
+_LONGEST_LIMITS = CollectLimits(
+    max_files=99_999, max_file_bytes=INT64_MAX, max_total_bytes=INT64_MAX
+)
 
 _encoder = msgspec.json.Encoder()
 _from_supervisor = msgspec.json.Decoder(FromSupervisor)
@@ -85,10 +91,13 @@ def decode_job_spec(data: bytes | str) -> JobSpec:
     return _job_spec.decode(data)
 
 
-def encode_start_job(job_id: str, attempt: int, spec: JobSpec) -> bytes:
-    """The encoded StartJob of a run; MessageTooBig if it is over the frame limit (no
-    supervisor would take it: it must never be sent)."""
-    frame = encode(start_job(job_id, attempt, spec))
+def encode_start_job(
+    job_id: str, attempt: int, spec: JobSpec, collect_limits: CollectLimits | None = None
+) -> bytes:
+    """The encoded StartJob of a run (with `collect_limits` if it keeps files);
+    MessageTooBig if it is over the frame limit (no supervisor would take it: it must
+    never be sent)."""
+    frame = encode(start_job(job_id, attempt, spec, collect_limits))
     if len(frame) > limits.MAX_FRAME_BYTES:
         raise MessageTooBig("the job's start_job message", len(frame), limits.MAX_FRAME_BYTES)
     return frame
@@ -97,4 +106,4 @@ def encode_start_job(job_id: str, attempt: int, spec: JobSpec) -> bytes:
 def check_start_job_fits(spec: JobSpec) -> None:
     """MessageTooBig if some run of a job with this spec could not be sent: its StartJob
     is measured with the longest job id and attempt number the protocol allows."""
-    encode_start_job("x" * limits.ID_MAX_LEN, INT64_MAX, spec)
+    encode_start_job("x" * limits.ID_MAX_LEN, INT64_MAX, spec, _LONGEST_LIMITS)

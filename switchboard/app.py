@@ -19,6 +19,7 @@ from protocol.messages import StopJob
 from switchboard.api.artifacts import ArtifactController
 from switchboard.api.dispatch import DispatchController
 from switchboard.api.errors import EXCEPTION_HANDLERS
+from switchboard.api.files import FilesController
 from switchboard.api.jobs import JobController
 from switchboard.api.live import live, me, overview
 from switchboard.api.metrics import metrics
@@ -37,6 +38,7 @@ from switchboard.dispatcher import Dispatcher
 from switchboard.hub import Hub
 from switchboard.live import LiveFeed
 from switchboard.metrics import RUNS_LOST
+from switchboard.reports.queue import ReportQueue
 from switchboard.retention import Retention
 from switchboard.sealing import Keyring
 from switchboard.state import AppState
@@ -103,12 +105,15 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
     )
     hub = Hub(store, settings)
     changes = Changes(store)
+    artifact_files = ArtifactFiles(settings.artifacts_dir)
+    reports = ReportQueue(store, artifact_files)
+    hub.on_reports(reports.submit)
     state = AppState(
         settings=settings,
         store=store,
         hub=hub,
         dispatcher=Dispatcher(store, hub, aging_s=settings.aging_s),
-        artifacts=ArtifactFiles(settings.artifacts_dir),
+        artifacts=artifact_files,
         live=LiveFeed(store, hub, changes),
         changes=changes,
     )
@@ -117,6 +122,8 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await store.open()
         await store.forget_connections()
+        # Reports stored before a stop and not parsed then: parse them now.
+        reports.submit(await store.pending_reports())
         background = [
             asyncio.create_task(state.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(keep_time(store, settings, hub), name="clock"),
@@ -133,6 +140,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            reports.stop()
             await goodbye_to_supervisors(hub)  # a backstop: any connected since the first
             await store.close()
 
@@ -145,6 +153,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         route_handlers=[
             JobController,
             OutputController,
+            FilesController,
             SupervisorController,
             TokenController,
             DispatchController,

@@ -76,6 +76,9 @@ def _serve(args: argparse.Namespace) -> int:
             keep_alive_s=args.keep_alive,
             max_connections=args.max_connections,
             max_run_output_bytes=args.max_run_output,
+            max_run_files=args.max_run_files,
+            max_run_file_bytes=args.max_run_file_bytes,
+            max_run_files_bytes=args.max_run_files_bytes,
             retain_jobs_s=args.retain_jobs,
             max_output_bytes=args.max_output_bytes,
             retention_interval_s=args.retention_interval,
@@ -103,6 +106,22 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    return value
+
+
+def _files_count(text: str) -> int:
+    """An argparse type: how many output files one run may keep (CollectLimits' range)."""
+    value = _count(text)
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 to 100000")
+    return value
+
+
+def _positive_size(text: str) -> int:
+    """An argparse type: a byte size greater than 0."""
+    value = byte_size(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 bytes")
     return value
 
 
@@ -283,6 +302,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="output one run may store, all streams together (e.g. 64M, the default; 0: no "
         "cap): the stream that crosses it ends with a note and the rest is dropped",
+    )
+    serve.add_argument(
+        "--max-run-files",
+        type=_files_count,
+        default=DEFAULTS.max_run_files,
+        metavar="N",
+        help="output files one run may keep (1 to 100000; default 1000): the supervisor"
+        " refuses the files past it, and the run lists them as refused",
+    )
+    serve.add_argument(
+        "--max-run-file-bytes",
+        type=_positive_size,
+        default=DEFAULTS.max_run_file_bytes,
+        metavar="BYTES",
+        help="bytes of one output file a run may keep (default 1G)",
+    )
+    serve.add_argument(
+        "--max-run-files-bytes",
+        type=_positive_size,
+        default=DEFAULTS.max_run_files_bytes,
+        metavar="BYTES",
+        help="bytes of all the output files one run keeps together (default 4G)",
     )
     serve.add_argument(
         "--retain-jobs",

@@ -15,7 +15,7 @@ import stat
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -142,6 +142,18 @@ class ApiClient:
 
     def output(self, job_id: str, stream: str) -> bytes:
         return self._call("GET", f"/api/v1/jobs/{job_id}/output", params={"stream": stream}).content
+
+    def download(self, path: str, into: BinaryIO) -> None:
+        """Write the body of GET `path` into the open file, as it arrives."""
+        try:
+            with self._http.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ClientError(f"GET {path} failed with HTTP {response.status_code}")
+                for chunk in response.iter_bytes():
+                    into.write(chunk)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"lost the switchboard while downloading {path}: {exc}") from None
 
     def follow(self, job_id: str, stream: str, attempt: int) -> Iterator[bytes]:
         """A run's stream, its bytes as they are stored, until the run ends."""

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import msgspec
 
+from protocol.messages import CollectLimits
+
 
 class Settings(msgspec.Struct):
     host: str = "127.0.0.1"
@@ -62,6 +64,12 @@ class Settings(msgspec.Struct):
     #: Bytes of output one run may store, all streams together: the stream that crosses
     #: it is cut there with a note saying so, the rest dropped (0: no cap).
     max_run_output_bytes: int = 64 * 1024 * 1024
+    #: What one run may keep of its output directory (StartJob.collect_limits): files,
+    #: bytes of one file, bytes of all its files together. A file past one is refused by
+    #: the supervisor and listed as refused with the run's files.
+    max_run_files: int = 1000
+    max_run_file_bytes: int = 1024**3
+    max_run_files_bytes: int = 4 * 1024**3
     #: Ended jobs (runs, output, events) are deleted this long after they ended (0: kept).
     retain_jobs_s: float = 30 * 86400.0
     #: All runs' output together is kept under this: past it, the output of the ended jobs
@@ -84,6 +92,15 @@ class Settings(msgspec.Struct):
     secret_key_file: Path | None = None
     #: The key itself, from the environment only (SWITCHBOARD_SECRET_KEY), never a flag.
     secret_key: str | None = None
+
+    @property
+    def collect_limits(self) -> CollectLimits:
+        """The limits sent with the StartJob of a run that keeps files."""
+        return CollectLimits(
+            max_files=self.max_run_files,
+            max_file_bytes=self.max_run_file_bytes,
+            max_total_bytes=self.max_run_files_bytes,
+        )
 
     @property
     def database_path(self) -> Path:

@@ -27,8 +27,9 @@ from switchboard import handshake, metrics
 from switchboard.coalesce import CoalescedRead
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
-from switchboard.models import Assignment
+from switchboard.models import Assignment, PendingReport
 from switchboard.outbox import Outbox
+from switchboard.scheduler import files_asked
 from switchboard.store.base import Store
 from switchboard.supervisor_connection import SupervisorConnection
 
@@ -36,6 +37,8 @@ log = logging.getLogger("switchboard.hub")
 
 #: Told when capacity may have changed (a supervisor ready, a run ended): the dispatcher.
 CapacityListener = Callable[[], None]
+#: Given the test reports among output files just stored, to parse (switchboard.reports).
+ReportListener = Callable[[list[PendingReport]], None]
 
 
 class Hub:
@@ -46,6 +49,7 @@ class Hub:
         #: Outboxes whose writer is running: the only ones the send deadline watch visits.
         self.writing: set[Outbox] = set()
         self._capacity_listener: CapacityListener = lambda: None
+        self._report_listener: ReportListener = lambda reports: None
         #: Refusals anyone who reaches the port can cause, one per attempt: logged once
         #: per interval (the metric counts each).
         self._refusals_log = RateLimitedLog(log)
@@ -87,6 +91,13 @@ class Hub:
     def on_capacity_change(self, listener: CapacityListener) -> None:
         self._capacity_listener = listener
 
+    def on_reports(self, listener: ReportListener) -> None:
+        self._report_listener = listener
+
+    def reports_stored(self, reports: list[PendingReport]) -> None:
+        """Test reports among output files just stored: parse them (in the background)."""
+        self._report_listener(reports)
+
     async def stored_run_refs(self, supervisor_id: str) -> set[RunRef]:
         """The runs the store believes `supervisor_id` holds (identities only)."""
         return await self._stored_runs.get(supervisor_id)
@@ -109,9 +120,9 @@ class Hub:
             if minor is not None and minor < needed:
                 raise ValueError(
                     f"its supervisor now speaks protocol {limits.PROTOCOL_MAJOR}.{minor}; the"
-                    f" job's inputs need {limits.PROTOCOL_MAJOR}.{needed}"
+                    f" job's {files_asked(spec)} need {limits.PROTOCOL_MAJOR}.{needed}"
                 )
-            return codec.encode_start_job(job_id, attempt, spec)
+            return codec.encode_start_job(job_id, attempt, spec, self.settings.collect_limits)
         except (MessageTooBig, ValueError) as error:
             metrics.RUNS_UNDELIVERABLE.inc()
             log.error("run %s#%d cannot be sent: %s", job_id, attempt, error)

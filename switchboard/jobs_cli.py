@@ -15,6 +15,7 @@ from protocol.state import TERMINAL
 from switchboard.cli_output import add_connection_flags, client, show, table, when
 from switchboard.cli_output import run as run_client
 from switchboard.client import ApiClient, ClientError
+from switchboard.job_files import download, files_table, reports_parsed, tests_line
 
 
 def exit_status(job: dict[str, Any]) -> int:
@@ -120,6 +121,14 @@ def _submit(args: argparse.Namespace) -> int:
     code = job["exit_code"]
     ended = _exit_code(code)
     print(f"job {job_id} ended {job['phase']} ({ended})", file=sys.stderr)
+    listing = reports_parsed(api, job_id)
+    job = api.job(job_id)  # its tests, once its reports are parsed
+    summary = tests_line(job.get("tests"))
+    if summary is not None:
+        print(summary, file=sys.stderr)
+    if args.download is not None:
+        count = download(api, job_id, listing, Path(args.download))
+        print(f"{count} output file(s) written under {args.download}", file=sys.stderr)
     return exit_status(job)
 
 
@@ -175,6 +184,15 @@ def _show(args: argparse.Namespace) -> int:
         for run in job["runs"]:
             phases = " -> ".join(p["phase"] for p in run["phases"])
             lines.append(f"  run {run['attempt']} on {run['supervisor_id']}: {phases}")
+        files = job.get("files")
+        if files:
+            lines.append(
+                f"  files of run {files['attempt']}: {files['count']} kept,"
+                f" {files['bytes']} bytes, {files['refused']} not kept"
+            )
+        summary = tests_line(job.get("tests"))
+        if summary is not None:
+            lines.append(f"  {summary}")
         return "\n".join(lines)
 
     show(args, client(args).job(args.job_id), human)
@@ -209,6 +227,16 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _files(args: argparse.Namespace) -> int:
+    api = client(args)
+    listing = api.get(f"/api/v1/jobs/{args.job_id}/files", attempt=args.attempt)
+    show(args, listing, files_table)
+    if args.download is not None:
+        count = download(api, args.job_id, listing, Path(args.download))
+        print(f"{count} file(s) written under {args.download}", file=sys.stderr)
+    return 0
+
+
 def _delete(args: argparse.Namespace) -> int:
     client(args).delete(f"/api/v1/jobs/{args.job_id}")
     print(f"job {args.job_id} deleted")
@@ -233,6 +261,11 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="stream the output live and exit with the job's exit code",
     )
+    submit.add_argument(
+        "--download",
+        metavar="DIR",
+        help="with --follow: once the job ends, write its output files under DIR",
+    )
 
     listing = command("list", "list jobs, newest first", _list)
     listing.add_argument("--phase", action="append", default=[], help="repeatable")
@@ -254,6 +287,15 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
     logs = command("logs", "a job's output", _logs)
     logs.add_argument("job_id")
     logs.add_argument("--follow", action="store_true")
+
+    files = command("files", "a job's output files (its latest run's), and download them", _files)
+    files.add_argument("job_id")
+    files.add_argument("--attempt", type=int, help="this run's files, not the latest's")
+    files.add_argument(
+        "--download",
+        metavar="DIR",
+        help="write every kept file under DIR, byte-exact, paths kept (never outside DIR)",
+    )
 
     cancel = command("cancel", "cancel a job", _cancel)
     cancel.add_argument("job_id")

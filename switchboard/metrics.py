@@ -335,6 +335,19 @@ UPLOAD_REFUSALS = Counter(
     registry=REGISTRY,
 )
 
+#: What became of a file a run's `files` event listed: kept (linked to the run), refused
+#: by the supervisor, or refused here: listed under a digest never uploaded (or of another
+#: size), or under a path that is not relative.
+OUTPUT_FILE_OUTCOMES = ("kept", "refused", "not_uploaded", "invalid_path")
+OUTPUT_FILES = Counter(
+    "switchboard_output_files_total",
+    "Output files runs listed in their files events: kept, refused by the supervisor (a"
+    " limit, a link, ...), or refused here: listed under a digest never uploaded, or under"
+    " a path that is not relative.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+
 # --- test reports ---------------------------------------------------------------------
 
 #: A test case's result in a JUnit report (switchboard.models.TEST_RESULTS).
@@ -420,6 +433,8 @@ for _result in TEST_RESULTS:
     TEST_CASES.labels(_result)
 for _why in REPORT_REFUSALS:
     REPORTS_REFUSED.labels(_why)
+for _outcome in OUTPUT_FILE_OUTCOMES:
+    OUTPUT_FILES.labels(_outcome)
 for _what in STORED:
     STORED_BYTES.labels(_what)
 for _phase in Phase:

@@ -74,6 +74,61 @@ class JobView(msgspec.Struct):
     #: The test cases of its latest run with a JUnit report, counted by result (None: no
     #: run has one). GET /api/v1/jobs/{id}/tests lists them.
     tests: TestCounts | None = None
+    #: The output files of its latest run that kept any (None: no run has).
+    #: GET /api/v1/jobs/{id}/files lists them.
+    files: FilesSummary | None = None
+
+
+class FilesSummary(msgspec.Struct, frozen=True):
+    """A run's output files counted: kept, their bytes, and refused."""
+
+    attempt: int
+    count: int
+    bytes: int
+    refused: int
+
+
+#: What became of an output file the spec names as a JUnit report: waiting to be parsed,
+#: its cases stored, or refused (`report_error` says why).
+ReportStatus = Literal["pending", "stored", "refused"]
+
+
+class RunFile(msgspec.Struct, frozen=True):
+    """One output file a run kept (an artifact)."""
+
+    path: str
+    size: int
+    digest: str
+    media_type: str
+    #: Set for a file the spec names as a JUnit report.
+    report: ReportStatus | None = None
+    report_error: str | None = None
+
+
+class RunFileRefused(msgspec.Struct, frozen=True):
+    """One output file a run did not keep, and why."""
+
+    path: str
+    reason: str
+
+
+class RunFiles(msgspec.Struct, frozen=True):
+    """The output files of one run: kept, in path order, and refused. `attempt` is null
+    when no run has files; `refused_unlisted` counts refusals the supervisor did not list."""
+
+    attempt: int | None
+    files: list[RunFile] = []
+    refused: list[RunFileRefused] = []
+    refused_unlisted: int = 0
+
+
+class PendingReport(msgspec.Struct, frozen=True):
+    """A kept output file the spec names as a JUnit report, to parse once stored."""
+
+    job_id: str
+    attempt: int
+    path: str
+    digest: str
 
 
 #: What one test case came to, as its JUnit report says.
@@ -318,6 +373,8 @@ class EventsApplied(msgspec.Struct, frozen=True):
     unwanted: list[RunRef] = []
     #: What went wrong with events of the batch (told in its Ack, counted, logged).
     problems: list[EventProblem] = []
+    #: Test reports among the output files kept by this batch, to parse.
+    reports: list[PendingReport] = []
 
 
 class CancelResult(msgspec.Struct, frozen=True):

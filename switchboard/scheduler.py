@@ -213,6 +213,11 @@ def describe_selector(selector: Selector) -> str:
     return ", ".join(terms)
 
 
+def files_asked(spec: JobSpec) -> str:
+    """What of a spec needs a newer protocol (its files), for people."""
+    return "inputs" if spec.inputs else "outputs and reports"
+
+
 def unsatisfiable_reason(spec: JobSpec, fleet: Sequence[FleetMember]) -> str | None:
     """None if some registered supervisor could ever run `spec` (ignoring current load),
     else why not, naming the first unmet requirement: backend, then selector, then
@@ -242,7 +247,8 @@ def unsatisfiable_reason(spec: JobSpec, fleet: Sequence[FleetMember]) -> str | N
     if not any(m.minor >= needed for m in members):
         best = max(m.minor for m in members)
         return (
-            f"the job's inputs need protocol {limits.PROTOCOL_MAJOR}.{needed}; the supervisors"
+            f"the job's {files_asked(spec)} need protocol {limits.PROTOCOL_MAJOR}.{needed};"
+            " the supervisors"
             f" that could run it speak at most {limits.PROTOCOL_MAJOR}.{best}"
         )
     return None

@@ -46,7 +46,7 @@ from protocol.versions import minor_of
 from switchboard import metrics, wsprotocol
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
-from switchboard.models import ActiveRun, EventsApplied
+from switchboard.models import ActiveRun, EventsApplied, PendingReport
 from switchboard.outbox import Outbox
 from switchboard.reconcile import Action, Decision, drift, reconcile
 from switchboard.store.base import Store
@@ -75,6 +75,8 @@ class Fleet(Protocol):
     def is_current(self, connection: SupervisorConnection) -> bool: ...
 
     def wake_dispatcher(self) -> None: ...
+
+    def reports_stored(self, reports: list[PendingReport]) -> None: ...
 
     async def stored_run_refs(self, supervisor_id: str) -> set[RunRef]: ...
 
@@ -403,6 +405,8 @@ class SupervisorConnection:
         for key in result.unwanted:
             metrics.ZOMBIE_RUNS_STOPPED.labels("events").inc()
             self.stop(StopJob(job_id=key.job_id, attempt=key.attempt, reason="unwanted"))
+        if result.reports:
+            self.fleet.reports_stored(result.reports)
         if result.ended:
             self.fleet.wake_dispatcher()
         if self.protocol.reconcile_due():

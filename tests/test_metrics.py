@@ -70,6 +70,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_upload_refusals_total": "counter",
     "switchboard_test_cases_total": "counter",
     "switchboard_reports_refused_total": "counter",
+    "switchboard_output_files_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -79,7 +80,7 @@ LABEL_VALUES: dict[str, set[str]] = {
     "phase": {p.value for p in Phase},
     "state": {"ready", "backoff", "unschedulable", "connected", "draining"},
     "backend": {*BACKEND_KINDS, "other"},
-    "outcome": _OUTCOMES | {"other"},
+    "outcome": _OUTCOMES | {"other", "kept", "refused", "not_uploaded", "invalid_path"},
     "kind": {k.value for k in JobErrorKind},
     "cache": {"wasm_module", "docker_image", "input"},
     "result": {"hit", "miss", "passed", "failed", "error", "skipped", "kept", "refused"},

@@ -151,7 +151,11 @@ def _load_schema(seeded: dict[str, Any]) -> Any:
             if f"{{{name}}}" in ctx.operation.path:
                 if ctx.operation.label in only_ended:
                     ids = ended
-                return st.one_of(strategy, st.fixed_dictionaries({name: st.sampled_from(ids)}))
+                # The route's other path parameters (a file's path) stay generated.
+                known_id = st.tuples(strategy, st.sampled_from(ids)).map(
+                    lambda pair, name=name: {**pair[0], name: pair[1]}
+                )
+                return st.one_of(strategy, known_id)
         return strategy
 
     @schema.hook

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import BinaryIO
+from urllib.parse import quote
 
 import msgspec
 from litestar import Controller, Request, delete, get, post
@@ -98,20 +100,16 @@ class ArtifactController(Controller):
         "/{digest:str}",
         guards=require(Permission.FETCH_ARTIFACTS),
         media_type="application/octet-stream",
-        responses=error_responses(404),
+        responses=error_responses(404, 416),
     )
     async def fetch(self, request: Request, digest: str) -> Stream:
-        """The artifact's bytes."""
+        """The artifact's bytes; a `Range: bytes=START-END` asks for a part (206), one
+        starting past the end gets 416."""
         _check_digest(digest)
         file = app_state(request).artifacts.open(digest)
         if file is None:
             raise ApiError(404, "not_found", f"no artifact {digest}")
-        size = os.fstat(file.fileno()).st_size
-        return Stream(
-            _read_closing(file),
-            media_type="application/octet-stream",
-            headers={"content-length": str(size)},
-        )
+        return download(file, request.headers.get("range"), "application/octet-stream")
 
     @delete(
         "/{digest:str}",
@@ -122,7 +120,8 @@ class ArtifactController(Controller):
     async def remove(self, request: Request, digest: str) -> None:
         """Delete an artifact. Operators and admins may delete any; a submitter only those
         its own token uploaded. 409 while a job that has not ended names it (cancel the job
-        or let it end first). Deleting an artifact that is already gone succeeds too."""
+        or let it end first), or while a job that kept it as an output file exists.
+        Deleting an artifact that is already gone succeeds too."""
         _check_digest(digest)
         state = app_state(request)
         token = request.state.token
@@ -139,7 +138,10 @@ class ArtifactController(Controller):
         deleted = await state.store.delete_artifact(digest)
         if deleted.outcome == "in_use":
             jobs = ", ".join(deleted.needed_by)
-            message = f"artifact {digest} is named by jobs that have not ended: {jobs}"
+            message = (
+                f"artifact {digest} is held by jobs (named by one that has not ended, or"
+                f" kept as a run's output file until the job is deleted): {jobs}"
+            )
             _refused("in_use", f"delete refused: {message}")
             raise ApiError(409, "artifact_in_use", message)
         state.artifacts.remove(digest)
@@ -160,9 +162,75 @@ def _refused(why: str, message: str) -> None:
 _READ_PIECE = 256 * 1024
 
 
-async def _read_closing(file: BinaryIO) -> AsyncIterator[bytes]:
-    """The open file's bytes in pieces, read in a thread (the loop serves everyone), then
-    closed."""
+async def _read_closing(file: BinaryIO, start: int, end: int) -> AsyncIterator[bytes]:
+    """Bytes [start, end) of the open file in pieces, read in a thread (the loop serves
+    everyone), then closed."""
     with file:
-        while piece := await asyncio.to_thread(file.read, _READ_PIECE):
+        file.seek(start)
+        left = end - start
+        while left > 0 and (piece := await asyncio.to_thread(file.read, min(_READ_PIECE, left))):
+            left -= len(piece)
             yield piece
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The span [start, end) a `Range` header asks of `size` bytes (None: all of them:
+    no header, or one this does not serve, such as several ranges, which HTTP allows a
+    server to ignore); RangeNotSatisfiable if it starts past the end."""
+    match = _RANGE.fullmatch(header.strip()) if header else None
+    if match is None or not (match.group(1) or match.group(2)):
+        return None
+    first, last = match.groups()
+    if not first:  # the last N bytes
+        start, end = max(size - int(last), 0), size
+        if int(last) == 0:
+            raise RangeNotSatisfiable(size)
+    else:
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
+        if last and int(last) < start:
+            return None  # not a valid range: ignored, as HTTP says
+    if start >= size:
+        raise RangeNotSatisfiable(size)
+    return start, end
+
+
+class RangeNotSatisfiable(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def download(
+    file: BinaryIO, range_header: str | None, media_type: str, filename: str | None = None
+) -> Stream:
+    """The response streaming an open stored file (an artifact, a run's output file): all
+    of it, or the part a `Range` header asks for (206); 416 for a range past its end.
+    `filename`: the name a browser should save it under."""
+    size = os.fstat(file.fileno()).st_size
+    headers = {"accept-ranges": "bytes"}
+    if filename is not None:
+        headers["content-disposition"] = f"attachment; filename*=UTF-8''{quote(filename)}"
+    try:
+        span = byte_range(range_header, size)
+    except RangeNotSatisfiable:
+        file.close()
+        raise ApiError(
+            416,
+            "range_not_satisfiable",
+            f"the range {range_header!r} starts past the end of the {size} bytes",
+            headers={"content-range": f"bytes */{size}"},
+        ) from None
+    start, end = span if span is not None else (0, size)
+    headers["content-length"] = str(end - start)
+    if span is not None:
+        headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
+    return Stream(
+        _read_closing(file, start, end),
+        media_type=media_type,
+        headers=headers,
+        status_code=206 if span is not None else 200,
+    )

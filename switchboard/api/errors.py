@@ -25,6 +25,7 @@ _KINDS = {
     405: "method_not_allowed",
     409: "conflict",
     413: "too_large",
+    416: "range_not_satisfiable",
     429: "too_many_requests",
     503: "unavailable",
     507: "insufficient_storage",
@@ -44,6 +45,7 @@ _DESCRIPTIONS = {
     404: "No such id",
     409: "Conflicts with the current state",
     413: "Body too large",
+    416: "The Range asked for starts past the end",
     429: "Too many requests (the queue, or the token's share of it, is full)",
     507: "The switchboard's storage quota is used up",
 }
@@ -62,8 +64,15 @@ def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
 class ApiError(HTTPException):
     """An error with a specific kind (e.g. `invalid_spec`) rather than the status's default."""
 
-    def __init__(self, status_code: int, kind: str, message: str, field: str | None = None):
-        super().__init__(status_code=status_code, detail=message)
+    def __init__(
+        self,
+        status_code: int,
+        kind: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(status_code=status_code, detail=message, headers=headers)
         self.kind = kind
         self.field = field
 
@@ -75,13 +84,15 @@ def invalid_spec(exc: msgspec.ValidationError) -> ApiError:
     return ApiError(400, "invalid_spec", f"{field}: {text}" if field else text, field)
 
 
-def _body(status: int, body: ErrorBody) -> Response[ErrorBody]:
-    return Response(body, status_code=status)
+def _body(
+    status: int, body: ErrorBody, headers: dict[str, str] | None = None
+) -> Response[ErrorBody]:
+    return Response(body, status_code=status, headers=headers)
 
 
 def http_error(_: Request, exc: HTTPException) -> Response[ErrorBody]:
     if isinstance(exc, ApiError):
-        return _body(exc.status_code, ErrorBody(exc.kind, exc.detail, exc.field))
+        return _body(exc.status_code, ErrorBody(exc.kind, exc.detail, exc.field), exc.headers)
     if isinstance(exc, ValidationException):
         return validation_error(_, exc)
     kind = _KINDS.get(exc.status_code, "error")

@@ -290,7 +290,8 @@ class JobController(Controller):
         state = app_state(request)
         job = await job_or_404(state, job_id)
         tests = await state.store.test_summary(job_id)
-        return msgspec.structs.replace(job, spec=redacted(job.spec), tests=tests)
+        files = await state.store.files_summary(job_id)
+        return msgspec.structs.replace(job, spec=redacted(job.spec), tests=tests, files=files)
 
     @get("/{job_id:str}/runs", guards=require(Permission.VIEW), responses=error_responses(404))
     async def runs(self, request: Request, job_id: str) -> list[RunView]:

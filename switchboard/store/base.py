@@ -30,14 +30,19 @@ from switchboard.models import (
     Enrolment,
     EventsApplied,
     Expired,
+    FilesSummary,
     JobChange,
     JobEvent,
     JobFilter,
     JobSummary,
     JobView,
     Overview,
+    PendingReport,
     PlacementSnapshot,
     QueuedJob,
+    ReportStatus,
+    RunFile,
+    RunFiles,
     Submitted,
     SupervisorView,
     TestCase,
@@ -112,15 +117,17 @@ class Store(abc.ABC):
     async def delete_artifact(
         self, digest: str, *, unused_before: float | None = None
     ) -> ArtifactDeleted:
-        """Forget an artifact, unless a job that has not ended names it (checked in the
+        """Forget an artifact, unless a job that has not ended names it, or a job that
+        exists kept it as a run's output file (checked in the
         same transaction as submissions are, so none can slip in between). With
         `unused_before`, only if nobody uploaded it or submitted or ended a job naming it
         since then."""
 
     @abc.abstractmethod
     async def unused_artifacts(self, unused_before: float, limit: int) -> list[str]:
-        """Artifacts no job that has not ended names, and that nobody uploaded or named in
-        a job (submitted or ended) since `unused_before`; least recently used first."""
+        """Artifacts no job that has not ended names, no existing job kept as an output
+        file, and that nobody uploaded or named in a job (submitted or ended) since
+        `unused_before`; least recently used first."""
 
     @abc.abstractmethod
     async def stored_artifact_bytes(self) -> int:
@@ -263,6 +270,33 @@ class Store(abc.ABC):
     async def test_summary(self, job_id: str) -> TestCounts | None:
         """The test cases of the job's latest run that has a report, counted by result
         (None: no run of the job has one)."""
+
+    # output files (stored by apply_events, from `files` events)
+    @abc.abstractmethod
+    async def run_files(self, job_id: str, attempt: int | None = None) -> RunFiles | None:
+        """The output files of run `attempt` (None: the latest run that has any), kept
+        and refused. None if there is no such job or run."""
+
+    @abc.abstractmethod
+    async def run_file(
+        self, job_id: str, path: str, attempt: int | None = None
+    ) -> tuple[int, RunFile] | None:
+        """One kept file of run `attempt` (None: the latest run with files), with the
+        attempt it belongs to; None if there is none."""
+
+    @abc.abstractmethod
+    async def files_summary(self, job_id: str) -> FilesSummary | None:
+        """The files of the job's latest run that has any, counted (None: none has)."""
+
+    @abc.abstractmethod
+    async def pending_reports(self, limit: int = 10_000) -> list[PendingReport]:
+        """Output files named as reports and not parsed yet (a restart came first)."""
+
+    @abc.abstractmethod
+    async def set_report_status(
+        self, job_id: str, attempt: int, path: str, status: ReportStatus, error: str | None
+    ) -> None:
+        """Record what became of an output file the spec names as a JUnit report."""
 
     # retention (the policy: switchboard.retention)
     @abc.abstractmethod

@@ -24,12 +24,13 @@ ACTIVE_PHASES = tuple(p.value for p in Phase if p in ACTIVE)
 ACTIVE_SQL = ",".join("?" * len(ACTIVE_PHASES))
 
 #: Bumped whenever a table changes; a database of another version is refused, not guessed at.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: Older versions this one reaches in place: their changes only added tables, indexes and
 #: triggers, which SCHEMA creates where missing, and the columns of ADDED_COLUMNS. (From 3,
 #: the store also moves secret values out of the stored specs: see
-#: sqlite_secrets.seal_legacy_secrets.) Version 5 added test_reports and test_cases.
-ADDITIVE_UPGRADES_FROM = frozenset({2, 3, 4})
+#: sqlite_secrets.seal_legacy_secrets.) Version 5 added test_reports and test_cases; 6
+#: added run_files, run_files_refused and runs.files_refused_unlisted.
+ADDITIVE_UPGRADES_FROM = frozenset({2, 3, 4, 5})
 
 #: Columns added to tables that older databases already have (SCHEMA holds them too, for a
 #: new database): table -> [(column, its definition, the statement that fills it in for
@@ -43,6 +44,7 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
             " FROM output o WHERE o.job_id = runs.job_id AND o.attempt = runs.attempt)",
         ),
         ("output_truncated", "TEXT", None),
+        ("files_refused_unlisted", "INTEGER NOT NULL DEFAULT 0", None),
     ],
     "artifacts": [("uploaded_by", "TEXT", None), ("last_used", "REAL", None)],
     "jobs": [("owner", "TEXT", None)],
@@ -192,6 +194,8 @@ CREATE TABLE IF NOT EXISTS runs (
     -- per-run output cap (comma-separated; NULL: none)
     output_bytes INTEGER NOT NULL DEFAULT 0,
     output_truncated TEXT,
+    -- output files the supervisor refused beyond those it listed (run_files_refused)
+    files_refused_unlisted INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS runs_by_supervisor ON runs (supervisor_id, phase);
@@ -297,6 +301,32 @@ CREATE TABLE IF NOT EXISTS test_cases (
 CREATE INDEX IF NOT EXISTS test_cases_by_run ON test_cases (job_id, attempt);
 CREATE INDEX IF NOT EXISTS test_cases_by_result ON test_cases (job_id, attempt, result);
 CREATE INDEX IF NOT EXISTS test_cases_by_report ON test_cases (report_id);
+-- The output files each run kept (its `files` events), each an artifact: a link keeps the
+-- artifact from retention and deletion while the job exists. `report`: for a file the
+-- spec names as a JUnit report, 'pending', 'stored' or 'refused' (`report_error` why).
+CREATE TABLE IF NOT EXISTS run_files (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    media_type TEXT NOT NULL,
+    report TEXT,
+    report_error TEXT,
+    PRIMARY KEY (job_id, attempt, path)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS run_files_by_digest ON run_files (digest);
+-- reports still to parse (a restart takes them up again)
+CREATE INDEX IF NOT EXISTS run_files_pending ON run_files (job_id) WHERE report = 'pending';
+-- The output files a run did not keep, and why (the supervisor's refusals, and files
+-- listed under a digest never uploaded).
+CREATE TABLE IF NOT EXISTS run_files_refused (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (job_id, attempt, path)
+) WITHOUT ROWID;
 """
 
 

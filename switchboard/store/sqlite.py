@@ -35,14 +35,19 @@ from switchboard.models import (
     Enrolment,
     EventsApplied,
     Expired,
+    FilesSummary,
     JobChange,
     JobEvent,
     JobFilter,
     JobSummary,
     JobView,
     Overview,
+    PendingReport,
     PlacementSnapshot,
     QueuedJob,
+    ReportStatus,
+    RunFile,
+    RunFiles,
     Submitted,
     SupervisorView,
     TestCase,
@@ -53,6 +58,7 @@ from switchboard.models import (
 )
 from switchboard.sealing import Keyring, split_secrets
 from switchboard.store import sqlite_artifacts as artifacts
+from switchboard.store import sqlite_files as files
 from switchboard.store import sqlite_jobs
 from switchboard.store import sqlite_output as output
 from switchboard.store import sqlite_placement as placement
@@ -371,7 +377,7 @@ class SQLiteStore(Store):
                 "UPDATE supervisors SET last_seq = ?, last_seen = ? WHERE id = ?",
                 (stored, time.time(), supervisor_id),
             )
-            return EventsApplied(stored, batch.ended, batch.unwanted, batch.problems)
+            return EventsApplied(stored, batch.ended, batch.unwanted, batch.problems, batch.reports)
 
         return self._engine.write(write)
 
@@ -428,6 +434,27 @@ class SQLiteStore(Store):
 
     async def test_summary(self, job_id: str) -> TestCounts | None:
         return await self._read(lambda conn: tests.test_summary(conn, job_id))
+
+    # --- output files ----------------------------------------------------------------
+
+    async def run_files(self, job_id: str, attempt: int | None = None) -> RunFiles | None:
+        return await self._read(lambda conn: files.run_files(conn, job_id, attempt))
+
+    async def run_file(
+        self, job_id: str, path: str, attempt: int | None = None
+    ) -> tuple[int, RunFile] | None:
+        return await self._read(lambda conn: files.run_file(conn, job_id, attempt, path))
+
+    async def files_summary(self, job_id: str) -> FilesSummary | None:
+        return await self._read(lambda conn: files.files_summary(conn, job_id))
+
+    async def pending_reports(self, limit: int = 10_000) -> list[PendingReport]:
+        return await self._read(lambda conn: files.pending_reports(conn, limit))
+
+    async def set_report_status(
+        self, job_id: str, attempt: int, path: str, status: ReportStatus, error: str | None
+    ) -> None:
+        await self._write(lambda conn: files.set_report(conn, job_id, attempt, path, status, error))
 
     # --- retention -------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """The artifacts index of the SQLite store: what is stored, who uploaded it, which jobs name
 it. Every function takes the open connection and runs inside the caller's transaction.
 
-An artifact is *needed* while a job naming it has not ended, and *used lately* if it was
-uploaded, named by a submitted job, or named by a job that ended, after a given time.
+An artifact is *needed* while a job naming it has not ended, or while a job that kept it
+as an output file of one of its runs exists (run_files: deleting the job, by hand or by
+retention, drops the link); it is *used lately* if it was uploaded, named by a submitted
+job, or named by a job that ended, after a given time.
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ def get_artifact(conn: sqlite3.Connection, digest: str) -> ArtifactView | None:
 
 
 def _needed_by(conn: sqlite3.Connection, digest: str) -> list[str]:
+    """The jobs that hold the artifact: naming it and not ended, or keeping it as a file."""
     rows = conn.execute(
-        "SELECT j.id FROM job_artifacts ja JOIN jobs j ON j.id = ja.job_id"
-        f" WHERE ja.digest = ? AND j.phase NOT IN ({TERMINAL_SQL}) ORDER BY j.seq LIMIT ?",
-        (digest, *TERMINAL_PHASES, NEEDED_BY_SHOWN),
+        "SELECT j.id FROM jobs j WHERE j.id IN (SELECT ja.job_id FROM job_artifacts ja"
+        f" WHERE ja.digest = ?) AND j.phase NOT IN ({TERMINAL_SQL})"
+        " UNION SELECT DISTINCT rf.job_id FROM run_files rf WHERE rf.digest = ? LIMIT ?",
+        (digest, *TERMINAL_PHASES, digest, NEEDED_BY_SHOWN),
     ).fetchall()
-    return [row[0] for row in rows]
+    return sorted(row[0] for row in rows)
 
 
 #: True for an artifact (`a`) no job needs and nobody used at or after the parameter.
@@ -63,6 +67,7 @@ _UNUSED_SINCE = (
     " FROM job_artifacts ja JOIN jobs j ON j.id = ja.job_id WHERE ja.digest = a.digest"
     f" AND (j.phase NOT IN ({TERMINAL_LITERALS})"
     " OR j.updated_at >= :since))"
+    " AND NOT EXISTS (SELECT 1 FROM run_files rf WHERE rf.digest = a.digest)"
 )
 
 

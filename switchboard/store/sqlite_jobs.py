@@ -401,6 +401,9 @@ def delete_job(conn: sqlite3.Connection, job_id: str) -> str:
         "job_artifacts",
         "test_cases",
         "test_reports",
+        # the links keeping its output files' artifacts (retention takes them after)
+        "run_files",
+        "run_files_refused",
     ):
         conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
     conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))

@@ -10,6 +10,7 @@ writer is the switchboard's busiest thread; this is most of what it does per job
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from protocol.messages import (
     EventProblem,
     JobErrorReport,
     JobExit,
+    JobFiles,
     JobStateChanged,
     Output,
     RunRef,
@@ -29,10 +31,13 @@ from protocol.spec import RestartPolicy
 from protocol.state import Phase, can_transition, is_terminal
 from switchboard import event_checks as checks
 from switchboard import lifecycle, metrics
-from switchboard.models import RunOnSupervisor
+from switchboard.models import PendingReport, RunOnSupervisor
+from switchboard.store import sqlite_files
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
 from switchboard.store.sqlite_jobs import record_events
 from switchboard.store.sqlite_output import OUTPUT_CUT_NOTE, stored_length
+
+log = logging.getLogger("switchboard.store")
 
 #: set_run_phase's default: the job takes the run's stored exit code.
 _FROM_RUN = object()
@@ -228,6 +233,8 @@ class EventBatch:
         #: (job id, attempt) -> the run as of this batch; None: no such run.
         self._runs: dict[tuple[str, int], _Run | None] = {}
         self._pending: dict[tuple[str, int], _Pending] = {}
+        #: Test reports among the files this batch kept, to parse once it is stored.
+        self.reports: list[PendingReport] = []
 
     def apply(self, event: SupervisorEvent) -> None:
         key = (event.job_id, event.attempt)
@@ -273,6 +280,8 @@ class EventBatch:
                     " message = coalesce(?, message) WHERE job_id = ? AND attempt = ?",
                     (event.exit_code, event.signal, event.reason, event.message, *key),
                 )
+            case JobFiles():
+                self._files(event)
             case JobStateChanged():
                 problem = checks.phase_change(event, phase)
                 if problem is not None:
@@ -315,6 +324,35 @@ class EventBatch:
                     (run.output_bytes, ",".join(run.truncated) or None, *key),
                 )
                 run.output_changed = False
+
+    def _files(self, event: JobFiles) -> None:
+        junit = sqlite_files.report_globs(self.conn, event.job_id)
+        stored = sqlite_files.store_files(self.conn, event, junit)
+        self.reports += stored.reports
+        metrics.OUTPUT_FILES.labels("kept").inc(stored.kept)
+        metrics.OUTPUT_FILES.labels("refused").inc(stored.refused)
+        if stored.invalid:
+            metrics.OUTPUT_FILES.labels("invalid_path").inc(len(stored.invalid))
+            log.warning(
+                "run %s#%d of supervisor %s listed %d output file(s) under a path that is"
+                " not relative, not kept: %r",
+                event.job_id,
+                event.attempt,
+                self.supervisor_id,
+                len(stored.invalid),
+                stored.invalid[:5],
+            )
+        if stored.not_uploaded:
+            # Not a wire problem (no code says it): the run shows it with its files.
+            metrics.OUTPUT_FILES.labels("not_uploaded").inc(len(stored.not_uploaded))
+            log.warning(
+                "run %s#%d of supervisor %s listed %d output file(s) never uploaded, not kept: %s",
+                event.job_id,
+                event.attempt,
+                self.supervisor_id,
+                len(stored.not_uploaded),
+                ", ".join(stored.not_uploaded[:5]),
+            )
 
     def _output(self, run: _Run, event: Output) -> None:
         stream = event.stream

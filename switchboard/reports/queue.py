@@ -1,0 +1,84 @@
+"""Test reports among runs' output files, parsed after the batch of events that listed them
+is stored (never inside its transaction: the writer serves every supervisor), a few at a
+time. Each report's status (pending, stored, refused with the reason) is kept with the
+run's files, so a refused report is visible where the file is listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from switchboard.artifacts import ArtifactFiles
+from switchboard.models import PendingReport, ReportStatus
+from switchboard.reports.ingest import store_report
+from switchboard.reports.junit import MAX_REPORT_BYTES
+from switchboard.store.base import Store
+
+log = logging.getLogger("switchboard.reports")
+
+#: Reports read and handed to the parser at once (it parses one at a time; this bounds
+#: the report bytes held in memory while they wait).
+CONCURRENCY = 2
+
+
+class ReportQueue:
+    def __init__(
+        self, store: Store, artifacts: ArtifactFiles, max_bytes: int = MAX_REPORT_BYTES
+    ) -> None:
+        self.store = store
+        self.artifacts = artifacts
+        self.max_bytes = max_bytes
+        self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, reports: Iterable[PendingReport]) -> None:
+        """Parse and store these reports in the background."""
+        for report in reports:
+            task = asyncio.create_task(self._ingest(report), name="report")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for every report submitted so far (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _ingest(self, report: PendingReport) -> None:
+        async with self._slots:
+            try:
+                data = await asyncio.to_thread(self._read, report.digest)
+                status: ReportStatus = "refused"
+                error: str | None = "its artifact is no longer stored"
+                if data is not None:
+                    outcome = await store_report(
+                        self.store,
+                        report.job_id,
+                        report.attempt,
+                        report.path,
+                        data,
+                        max_bytes=self.max_bytes,
+                    )
+                    if outcome.refused is None:
+                        status, error = "stored", None
+                    else:
+                        error = outcome.refused
+                await self.store.set_report_status(
+                    report.job_id, report.attempt, report.path, status, error
+                )
+            except Exception:  # one report must never stop the others
+                log.exception("JUnit report %r of job %s failed", report.path, report.job_id)
+
+    def _read(self, digest: str) -> bytes | None:
+        """The artifact's bytes, at most one past the cap (enough for the parser to refuse
+        it as too large without holding a huge file in memory)."""
+        file = self.artifacts.open(digest)
+        if file is None:
+            return None
+        with file:
+            return file.read(self.max_bytes + 1)
