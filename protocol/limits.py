@@ -44,7 +44,10 @@ MAX_INPUTS = 64
 #: Output globs (relative to the run's output directory): components of letters, digits,
 #: `._+-` and the glob characters `*?[]!`, separated by single `/`; `**` alone matches any
 #: number of directories. No leading `/`, no `.` or `..` component.
-OUTPUT_GLOB_PATTERN = r"^(?!(?:.*/)?\.{1,2}(?![^/]))(?!.*//)[A-Za-z0-9._+*?\[\]!-][A-Za-z0-9._+*?\[\]!/-]{0,255}$(?!\n)"
+OUTPUT_GLOB_PATTERN = (
+    r"^(?!(?:.*/)?\.{1,2}(?![^/]))(?!.*//)"
+    r"[A-Za-z0-9._+*?\[\]!-][A-Za-z0-9._+*?\[\]!/-]{0,255}$(?!\n)"
+)
 #: Most output globs one job may give (outputs and reports together).
 MAX_OUTPUT_GLOBS = 48
 #: A collected file's path relative to the output directory.

@@ -9,22 +9,21 @@ non-blocking and checked with fstat before it counts (a FIFO would block a plain
 size is taken once, there. A file still growing is kept with that size: the uploader sends
 that many bytes, and their digest is what counts.
 
-Rules are relative globs: `*` and `?` within one path component (dotfiles included),
-`[...]` a character class, `**` as a whole component any number of directories (none
-included): `out/**/*.xml` matches `out/a.xml` and `out/x/y/a.xml`.
+Rules are output globs, matched by protocol.globs (the switchboard picks a run's test
+reports with the same matcher).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import mimetypes
 import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
+
+from protocol import globs
 
 #: Directories deeper than this are not walked (each level holds a descriptor open).
 MAX_DEPTH = 32
@@ -223,28 +222,9 @@ def _kind(mode: int) -> str:
 
 
 def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
-    return _match(parts, pattern, prefix_only=False)
+    return globs.match_parts(parts, pattern, prefix_only=False)
 
 
 def _could_contain(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
     """Whether something below the directory `parts` may match `pattern`."""
-    return _match(parts, pattern, prefix_only=True)
-
-
-@lru_cache(maxsize=4096)
-def _match(parts: tuple[str, ...], pattern: tuple[str, ...], *, prefix_only: bool) -> bool:
-    """`parts` matched against `pattern` component by component; with `prefix_only`,
-    whether `parts` can be the start of a match (more components to come)."""
-    if not parts:
-        return bool(pattern) if prefix_only else all(p == "**" for p in pattern)
-    if not pattern:
-        return False
-    head, *rest = pattern
-    if head == "**":
-        # None of the parts, or one more of them.
-        return _match(parts, tuple(rest), prefix_only=prefix_only) or _match(
-            parts[1:], pattern, prefix_only=prefix_only
-        )
-    return fnmatch.fnmatchcase(parts[0], head) and _match(
-        parts[1:], tuple(rest), prefix_only=prefix_only
-    )
+    return globs.match_parts(parts, pattern, prefix_only=True)

@@ -110,6 +110,29 @@ def test_a_failed_wasm_runs_report_and_log_are_uploaded(switchboard, work_dir, m
         assert stored(switchboard, JUNIT) and stored(switchboard, LOG)
         assert not stored(switchboard, b"no rule names me\n")
         assert not list((work_dir / "wasm-out" / "runs").glob(f"{job['id']}.*"))
+        # The switchboard links them to the run and parses the report (in the background).
+        files_url = f"/api/v1/jobs/{job['id']}/files"
+        listed = wait_for(
+            lambda: (
+                (got := client.get(files_url).json())["files"]
+                and all(f["report"] != "pending" for f in got["files"])
+                and got
+            ),
+            "the run's files listed and its report parsed",
+        )
+        by_path = {f["path"]: f for f in listed["files"]}
+        assert set(by_path) == {"logs/a.log", "reports/junit.xml"}, listed
+        assert by_path["reports/junit.xml"]["report"] == "stored", listed
+        assert by_path["logs/a.log"]["digest"] == digest(LOG)
+        assert client.get(f"{files_url}/logs/a.log").content == LOG
+        cases = client.get(f"/api/v1/jobs/{job['id']}/tests").json()
+        assert [(c["name"], c["result"]) for c in cases["items"]] == [("t", "passed")], cases
+        assert client.get(f"/api/v1/jobs/{job['id']}").json()["tests"]["passed"] == 1
+        connection = ("--url", switchboard.url, "--token", switchboard.admin_token)
+        shown = run_cli("-m", "switchboard", "job", "show", job["id"], *connection)
+        text = shown.stdout.decode()
+        assert "tests: 1 (1 passed, 0 failed, 0 errors, 0 skipped)" in text, text
+        assert "files of run 1: 2 kept" in text, text
     finally:
         sup.stop()
 
