@@ -561,6 +561,41 @@ def test_job_page_shows_the_test_report_and_the_files_with_downloads(
     page.set_viewport_size(DESKTOP)
 
 
+def test_more_failed_cases_than_a_page_come_on_demand(open_dashboard, switchboard, supervisor):
+    failures = "".join(
+        f'<testcase name="case_{n:03}"><failure message="broke {n}"/></testcase>' for n in range(60)
+    )
+    junit = (
+        f'<testsuite name="many">{failures}'
+        '<testcase name="crashed"><error message="boom"/></testcase></testsuite>'
+    )
+    client = switchboard.client()
+    job_id = submit(
+        client,
+        unique("many-failures"),
+        backend={"kind": "noop", "exit_code": 1, "files": {"junit.xml": junit}},
+        reports={"junit": "*.xml"},
+    )
+    wait_job(client, job_id)
+    tab = open_dashboard()
+    tab.sign_in(switchboard.admin_token)
+    page = tab.page
+    tab.go(f"#/jobs/{job_id}")
+    expect(page.locator('#tests-counts [data-result="failed"]')).to_have_text(
+        "60 failed", timeout=ms(20)
+    )
+    cases = page.locator("#tests-failed li.test-case")
+    # A page of failed cases (50), then the erred one; the rest on demand, in report order.
+    expect(cases).to_have_count(51)
+    page.click("#tests-more")
+    expect(cases).to_have_count(61)
+    expect(page.locator("#tests-more")).to_be_hidden()
+    names = cases.locator(".case-name").all_inner_texts()
+    assert names == [f"case_{n:03}" for n in range(60)] + ["crashed"]
+    expect(cases.last).to_have_attribute("data-result", "error")
+    expect(cases.last.locator("pre.case-message")).to_have_text("boom")
+
+
 def test_the_dashboard_reconnects_and_catches_up_after_a_server_restart(
     open_dashboard, switchboard, supervisor
 ):
