@@ -482,6 +482,120 @@ def test_multibyte_output_shows_and_downloads_exactly(open_dashboard, switchboar
     assert shown.rstrip("\n") == text.rstrip("\n")
 
 
+JUNIT = """<?xml version="1.0" encoding="UTF-8"?>
+<testsuites>
+  <testsuite name="unit">
+    <testcase classname="tests.test_math" name="test_adds" time="0.01"/>
+    <testcase classname="tests.test_math" name="test_divides" time="0.25">
+      <failure message="&lt;script&gt;alert(1)&lt;/script&gt; expected 2">assert 1 == 2</failure>
+    </testcase>
+  </testsuite>
+</testsuites>
+"""
+
+
+def test_job_page_shows_the_test_report_and_the_files_with_downloads(
+    open_dashboard, switchboard, supervisor
+):
+    client = switchboard.client()
+    log = "line one \u2603\n" * 300
+    job_id = submit(
+        client,
+        unique("results"),
+        backend={
+            "kind": "noop",
+            "delay_s": scaled(3),
+            "exit_code": 1,
+            "files": {"reports/junit.xml": JUNIT, "logs/run.log": log},
+        },
+        outputs={"paths": ["logs/*.log"]},
+        reports={"junit": "reports/*.xml"},
+    )
+    tab = open_dashboard()
+    dialogs: list[str] = []
+    tab.page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    tab.sign_in(switchboard.admin_token)
+    page = tab.page
+    tab.go(f"#/jobs/{job_id}")
+    expect(page.locator('[data-fact="phase"] .badge')).to_have_text("running")
+    # Nothing to show while it runs: the sections come with the results.
+    expect(page.locator("#job-tests")).to_be_hidden()
+    expect(page.locator("#job-files")).to_be_hidden()
+
+    # The end comes over the live feed; the report is parsed after that (the page asks again).
+    counts = page.locator("#tests-counts")
+    expect(counts.locator('[data-result="total"]')).to_have_text("2 tests", timeout=ms(20))
+    expect(counts.locator('[data-result="passed"]')).to_have_text("1 passed")
+    expect(counts.locator('[data-result="failed"]')).to_have_text("1 failed")
+    expect(counts.locator('[data-result="error"]')).to_have_text("0 error")
+    cases = page.locator("#tests-failed li.test-case")
+    expect(cases).to_have_count(1)
+    expect(cases.first).to_have_attribute("data-result", "failed")
+    expect(cases.first).to_contain_text("unit")
+    expect(cases.first.locator(".case-name")).to_have_text("tests.test_math › test_divides")
+    # The job's message is text: shown as written, never run or turned into elements.
+    message = cases.first.locator("pre.case-message")
+    expect(message).to_contain_text("<script>alert(1)</script> expected 2")
+    expect(page.locator("#job-tests script")).to_have_count(0)
+    expect(page.locator("#tests-more")).to_be_hidden()
+    assert dialogs == []
+
+    rows = page.locator("#job-files tbody tr")
+    expect(rows).to_have_count(2)
+    report = page.locator('#job-files tr[data-path="reports/junit.xml"]')
+    logfile = page.locator('#job-files tr[data-path="logs/run.log"]')
+    expect(report.locator(".file-size")).to_have_attribute("title", f"{len(JUNIT.encode())} bytes")
+    expect(report.locator(".file-report")).to_have_text("stored")
+    expect(logfile.locator(".file-size")).to_have_text("3.8 KiB")
+    expect(logfile).to_contain_text("text/plain")
+    expect(page.locator("#files-summary")).to_contain_text("Run 1: 2 files")
+
+    for row, content, name in ((logfile, log, "run.log"), (report, JUNIT, "junit.xml")):
+        with page.expect_download() as download:
+            row.locator("button.file-download").click()
+        assert Path(download.value.path()).read_bytes() == content.encode()
+        assert download.value.suggested_filename == name
+    tab.screenshot("job-results-1280.png")
+    page.set_viewport_size(PHONE)
+    assert not tab.overflows()
+    page.set_viewport_size(DESKTOP)
+
+
+def test_more_failed_cases_than_a_page_come_on_demand(open_dashboard, switchboard, supervisor):
+    failures = "".join(
+        f'<testcase name="case_{n:03}"><failure message="broke {n}"/></testcase>' for n in range(60)
+    )
+    junit = (
+        f'<testsuite name="many">{failures}'
+        '<testcase name="crashed"><error message="boom"/></testcase></testsuite>'
+    )
+    client = switchboard.client()
+    job_id = submit(
+        client,
+        unique("many-failures"),
+        backend={"kind": "noop", "exit_code": 1, "files": {"junit.xml": junit}},
+        reports={"junit": "*.xml"},
+    )
+    wait_job(client, job_id)
+    tab = open_dashboard()
+    tab.sign_in(switchboard.admin_token)
+    page = tab.page
+    tab.go(f"#/jobs/{job_id}")
+    expect(page.locator('#tests-counts [data-result="failed"]')).to_have_text(
+        "60 failed", timeout=ms(20)
+    )
+    cases = page.locator("#tests-failed li.test-case")
+    # A page of failed cases (50), then the erred one; the rest on demand, in report order.
+    expect(cases).to_have_count(51)
+    page.click("#tests-more")
+    expect(cases).to_have_count(61)
+    expect(page.locator("#tests-more")).to_be_hidden()
+    names = cases.locator(".case-name").all_inner_texts()
+    assert names == [f"case_{n:03}" for n in range(60)] + ["crashed"]
+    expect(cases.last).to_have_attribute("data-result", "error")
+    expect(cases.last.locator("pre.case-message")).to_have_text("boom")
+
+
 def test_the_dashboard_reconnects_and_catches_up_after_a_server_restart(
     open_dashboard, switchboard, supervisor
 ):

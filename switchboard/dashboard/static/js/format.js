@@ -110,3 +110,15 @@ export function labelChips(labels, marked = {}) {
 export function shortId(id) {
   return id.length > 10 ? id.slice(0, 8) + "…" : id;
 }
+
+/** A byte count for people: "512 B", "1.5 KiB", "2.0 MiB". */
+export function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = n;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return unit === 0 ? `${n} B` : `${value.toFixed(1)} ${units[unit]}`;
+}

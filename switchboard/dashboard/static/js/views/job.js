@@ -1,9 +1,11 @@
 // One job: what it is (spec, with secrets already redacted by the API), its runs as a
-// timeline, its console live per stream, download of the full output, and cancel.
+// timeline, its console live per stream, download of the full output, its test report
+// and output files, and cancel.
 import { fill, h } from "../dom.js";
 import { TERMINAL, absTime, clockTime, duration, labelChips, phaseBadge, relTime } from "../format.js";
 import { ViewLife, batched, errorBanner, section, supervisorLink } from "./common.js";
 import { StreamConsole } from "./output.js";
+import { JobResults } from "./results.js";
 
 const STREAMS = ["stdout", "stderr"];
 
@@ -31,6 +33,7 @@ export function mount(root, ctx, { id }) {
   const consoleBox = h("div", { class: "console-box" });
   const status = h("span", { class: "muted small", id: "output-status" });
   const download = h("button", { type: "button", class: "button", id: "output-download" }, "Download");
+  const results = new JobResults(ctx.api, life, id); // tests and files: shown once the job has them
 
   root.append(
     h("p", { class: "crumbs" }, h("a", { href: "#/jobs" }, "Jobs"), " / ", h("span", { class: "id" }, id)),
@@ -43,6 +46,7 @@ export function mount(root, ctx, { id }) {
       h("div", { class: "output-head" }, h("h2", {}, "Output"), attemptSelect, tabs, status, download),
       consoleBox,
     ),
+    ...results.elements,
     section("Runs", runs),
     h("div", { class: "grid-2" }, section("Spec", spec), section("History", history)),
   );
@@ -253,6 +257,7 @@ export function mount(root, ctx, { id }) {
       if (latest !== null && shown !== null && latest > shown) makeConsoles(latest); // a new run began
     }
     renderOutputHead();
+    results.update(job);
   }
 
   async function reload() {
