@@ -72,7 +72,9 @@ export class JobResults {
     this.renderTests(job.tests, failed, erred);
     this.renderFiles(files);
     const pending = files && files.files.some((f) => f.report === "pending");
-    if (pending) this.pollTimer = setTimeout(() => this.poll(), PENDING_POLL_MS);
+    // The job was read before its files: a report stored in between is not counted in it.
+    const behind = files && !job.tests && files.files.some((f) => f.report === "stored");
+    if (pending || behind) this.pollTimer = setTimeout(() => this.poll(), PENDING_POLL_MS);
   }
 
   async poll() {
