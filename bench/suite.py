@@ -281,6 +281,8 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                     f"upload: one {sizes.upload_mb} MB output file, as a supervisor",
                     "floor_local_copy_mb_s",
                 ),
+                Row("upload_switchboard_cpu_ms_per_mb", "  switchboard CPU per MB"),
+                Row("upload_host_cpu_ms_per_mb", "  uploading process CPU per MB"),
                 Row("upload_output_alone_mb_s", "  console output of a run alone, stored"),
                 Row(
                     "upload_output_during_mb_s",

@@ -8,7 +8,8 @@ upload sends a fresh file (its first bytes changed), so the switchboard stores e
 
 Measured:
 - upload MB/s: file size / the `upload_file` call (hashing included, as the supervisor
-  calls it: without a digest);
+  calls it: without a digest); CPU time per MB of the switchboard and of the uploading
+  process meanwhile;
 - floor: a local copy of the same bytes: read in the same pieces, sha256'd, written to a
   new file on the same file system. The least work any content-addressed copy of the file
   on this host does (the upload hashes twice and crosses loopback HTTP besides);
@@ -43,7 +44,7 @@ import uvloop
 from bench.bed import Bed
 from bench.fleet import BACKLOG_BYTES, CHUNK
 from bench.output import _output_once
-from bench.procs import child_channels, spawn_child, stop_child
+from bench.procs import child_channels, cpu_seconds, spawn_child, stop_child
 from bench.stats import Summary
 from supervisor.artifacts import switchboard_client
 from supervisor.uploads import CHUNK as UPLOAD_PIECE
@@ -221,8 +222,13 @@ def measure_upload(
             _forget(bed, [uploader.once("upload")])  # warm-up: connection, code paths
             _output_once(bed, min(output_size, 4 * len(CHUNK)), backlog)
             for _ in range(reps):
+                cpu = cpu_seconds(bed.pid), cpu_seconds(uploader.process.pid)
                 one = uploader.once("upload")
                 note("upload_mb_s", _rate(size, one))
+                mb = size / 1e6
+                note("upload_switchboard_cpu_ms_per_mb", (cpu_seconds(bed.pid) - cpu[0]) / mb * 1e3)
+                host_cpu = cpu_seconds(uploader.process.pid) - cpu[1]
+                note("upload_host_cpu_ms_per_mb", host_cpu / mb * 1e3)
                 _forget(bed, [one])
                 note("floor_local_copy_mb_s", _rate(size, uploader.once("copy")))
             for _ in range(reps):
@@ -236,7 +242,7 @@ def measure_upload(
                 note("upload_output_during_copy_mb_s", copying)
         finally:
             uploader.close()
-    return {k: Summary.of(v, "MB/s") for k, v in values.items()}
+    return {k: Summary.of(v, "ms" if "cpu" in k else "MB/s") for k, v in values.items()}
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ SUITE_RESULTS = {
     | {"floor_sqlite_job_inserts_per_s", "floor_http_health_per_s"},
     "upload": {
         "upload_mb_s",
+        "upload_switchboard_cpu_ms_per_mb",
+        "upload_host_cpu_ms_per_mb",
         "upload_output_alone_mb_s",
         "upload_output_during_mb_s",
         "upload_during_output_mb_s",
