@@ -45,7 +45,7 @@ class Sizes:
     output_mb: int = 200  # bytes of stdout per output repetition, 10^6
     backlog_mib: int = 4  # unacknowledged output in flight (the supervisor's send window)
     upload_mb: int = 100  # the uploaded output file, 10^6 bytes
-    upload_reps: int = 5  # of the upload and of console output alone / while uploading
+    upload_reps: int = 7  # of the upload and of console output alone / while uploading
     echo_trips: int = 2000  # websockets round trips per floor repetition
     sqlite_rows: int = 20000  # job rows per SQLite floor repetition
     wasm_runs: int = 300
