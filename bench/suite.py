@@ -27,7 +27,7 @@ from bench.bed import Bed, testbed
 from bench.dispatch import SINGLE_THREADS
 from bench.stats import Summary, machine
 
-BENCHMARKS = ("latency", "output", "dispatch", "scale", "wasm", "docker")
+BENCHMARKS = ("latency", "output", "dispatch", "upload", "scale", "wasm", "docker")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class Sizes:
     heartbeat_s: float = 5.0  # the switchboard's default
     output_mb: int = 200  # bytes of stdout per output repetition, 10^6
     backlog_mib: int = 4  # unacknowledged output in flight (the supervisor's send window)
+    upload_mb: int = 100  # the uploaded output file, 10^6 bytes
+    upload_reps: int = 7  # of the upload and of console output alone / while uploading
     echo_trips: int = 2000  # websockets round trips per floor repetition
     sqlite_rows: int = 20000  # job rows per SQLite floor repetition
     wasm_runs: int = 300
@@ -61,6 +63,8 @@ QUICK = Sizes(
     window_s=1.0,
     heartbeat_s=0.05,
     output_mb=4,
+    upload_mb=4,
+    upload_reps=2,
     echo_trips=200,
     sqlite_rows=1000,
     wasm_runs=20,
@@ -118,6 +122,18 @@ def run_dispatch(bed: Bed, sizes: Sizes) -> dict[str, Summary]:
     inserts = [floors.sqlite_job_inserts(sizes.sqlite_rows) for _ in range(sizes.reps)]
     results["floor_sqlite_job_inserts_per_s"] = Summary.of(inserts, "rows/s")
     return results
+
+
+def run_upload(bed: Bed, sizes: Sizes) -> dict[str, Summary]:
+    from bench.upload import measure_upload
+
+    return measure_upload(
+        bed,
+        sizes.upload_mb * 1_000_000,
+        sizes.output_mb * 1_000_000,
+        sizes.upload_reps,
+        sizes.backlog_mib * 1024 * 1024,
+    )
 
 
 def run_scale(sizes: Sizes) -> dict[str, Summary]:
@@ -255,6 +271,32 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                     "floor_http_health_per_s",
                     f"floor: GET /api/v1/health, {SINGLE_THREADS} client threads",
                 ),
+            ],
+        ),
+        (
+            "upload",
+            [
+                Row(
+                    "upload_mb_s",
+                    f"upload: one {sizes.upload_mb} MB output file, as a supervisor",
+                    "floor_local_copy_mb_s",
+                ),
+                Row("upload_switchboard_cpu_ms_per_mb", "  switchboard CPU per MB"),
+                Row("upload_host_cpu_ms_per_mb", "  uploading process CPU per MB"),
+                Row("upload_output_alone_mb_s", "  console output of a run alone, stored"),
+                Row(
+                    "upload_output_during_mb_s",
+                    "  the same while the host uploads",
+                    "upload_output_alone_mb_s",
+                    (">=", 0.9, "ratio"),
+                ),
+                Row("upload_during_output_mb_s", "  the uploads meanwhile"),
+                Row(
+                    "upload_output_during_copy_mb_s",
+                    "  console output while the host copies locally",
+                    "upload_output_alone_mb_s",
+                ),
+                Row("floor_local_copy_mb_s", "floor: local copy of the file, sha256'd"),
             ],
         ),
         (
@@ -450,6 +492,7 @@ def run(
             "latency": lambda: run_latency(bed(), sizes),
             "output": lambda: run_output(bed(), sizes),
             "dispatch": lambda: run_dispatch(bed(), sizes),
+            "upload": lambda: run_upload(bed(), sizes),
             "scale": lambda: run_scale(sizes),
             "wasm": lambda: run_wasm(sizes),
             "docker": lambda: run_docker(sizes, docker_host),
@@ -508,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also save the table here")
     parser.add_argument("--docker-host", help="an engine to use (default: start a private one)")
     parser.add_argument(
-        "--supervisors", type=int, help="simulated fleet for latency, output, dispatch"
+        "--supervisors", type=int, help="simulated fleet for latency, output, dispatch, upload"
     )
     parser.add_argument("--max-jobs", type=int, help="slots per simulated supervisor")
     parser.add_argument(

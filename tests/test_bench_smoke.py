@@ -56,6 +56,16 @@ SUITE_RESULTS = {
         )
     }
     | {"floor_sqlite_job_inserts_per_s", "floor_http_health_per_s"},
+    "upload": {
+        "upload_mb_s",
+        "upload_switchboard_cpu_ms_per_mb",
+        "upload_host_cpu_ms_per_mb",
+        "upload_output_alone_mb_s",
+        "upload_output_during_mb_s",
+        "upload_during_output_mb_s",
+        "upload_output_during_copy_mb_s",
+        "floor_local_copy_mb_s",
+    },
     "scale": {
         "scale_rss_kib_per_conn",
         "scale_cpu_pct",
@@ -81,6 +91,7 @@ GOALS = {
     "output_lag_p99_ms",
     "dispatch_batch_jobs_per_s",
     "dispatch_single_jobs_per_s",
+    "upload_output_during_mb_s",
     "scale_rss_kib_per_conn",
     "wasm_start_cached_ms",
     "docker_job_ms",
