@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from switchboard.models import TestCounts
 from switchboard.reports import junit
 from switchboard.reports.junit import ReportRefused, parse_junit
+from tests.hostile_xml import BILLION_LAUGHS
 
 pytestmark = pytest.mark.unit
 
@@ -31,7 +32,7 @@ message="assert 0.5 == 2">def test_div():
 E       assert 0.5 == 2
 
 tests/test_math.py:9: AssertionError</failure></testcase><testcase \
-classname="tests.test_math" name="test_skip" time="0.000"><skipped type="pytest.skip" \
+classname="tests.test_math" name="test_skip" time="0.000"><skipped type="pytest&#46;skip" \
 message="needs a board">/src/tests/test_math.py:12: needs a board</skipped></testcase>\
 <testcase classname="tests.test_math" name="test_fixture" time="0.003"><error \
 message="failed on setup with &quot;OSError: no device&quot;">@pytest.fixture
@@ -226,24 +227,6 @@ def _bounded(data: bytes, kind: str, max_seconds: float, max_bytes: int) -> str:
     assert took < max_seconds, took
     assert peak < max_bytes, peak
     return reason
-
-
-BILLION_LAUGHS = b"""<?xml version="1.0"?>
-<!DOCTYPE testsuite [
- <!ENTITY lol "lol">
- <!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
- <!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;">
- <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
- <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
- <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
- <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
- <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
- <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
- <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
-]>
-<testsuite name="lol"><testcase name="&lol9;"><failure message="&lol9;">&lol9;</failure>\
-</testcase></testsuite>
-"""
 
 
 def test_billion_laughs_is_refused_fast_in_bounded_memory():
