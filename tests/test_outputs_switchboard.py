@@ -37,6 +37,7 @@ from protocol.state import Phase
 from protocol.tokens import new_token, token_sha256
 from protocol.versions import supported_versions
 from tests.harness import Switchboard, _env, run_cli, wait_for, wait_job
+from tests.hostile_xml import BILLION_LAUGHS
 from tests.scrape import sample_value, scrape
 from tests.supervisor_ws import connect_ws
 
@@ -52,21 +53,6 @@ JUNIT = b"""<?xml version="1.0"?>
 </testsuite>
 """
 
-BILLION_LAUGHS = b"""<?xml version="1.0"?>
-<!DOCTYPE testsuite [
- <!ENTITY lol "lol">
- <!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
- <!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;">
- <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
- <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
- <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
- <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
- <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
- <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
- <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
-]>
-<testsuite name="lol"><testcase name="&lol9;"/></testsuite>
-"""
 
 SPEC = {
     "name": "outs",
