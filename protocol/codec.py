@@ -103,7 +103,15 @@ def encode_start_job(
     return frame
 
 
+#: Stands for the digest a chained input is given once resolved (they are all this long).
+_ANY_DIGEST = "sha256:" + "0" * 64
+
+
 def check_start_job_fits(spec: JobSpec) -> None:
     """MessageTooBig if some run of a job with this spec could not be sent: its StartJob
-    is measured with the longest job id and attempt number the protocol allows."""
+    is measured with the longest job id and attempt number the protocol allows (and a
+    digest in place of each input an earlier job's output will fill)."""
+    if chained := spec.chained_inputs():
+        resolved = {**spec.inputs, **dict.fromkeys(chained, _ANY_DIGEST)}
+        spec = msgspec.structs.replace(spec, inputs=resolved)
     encode_start_job("x" * limits.ID_MAX_LEN, INT64_MAX, spec, _LONGEST_LIMITS)

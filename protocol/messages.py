@@ -288,6 +288,12 @@ def start_job(
     a supervisor needs, with the switchboard's `collect_limits` for a run that keeps
     files. (The one place a spec becomes a StartJob: `minor_needed` says which
     supervisors may be sent it.)"""
+    if chained := spec.chained_inputs():
+        path = next(iter(chained))
+        raise ValueError(
+            f"inputs[{path!r}] names job {chained[path].from_job!r}'s output:"
+            " only a switchboard resolves that, once the job has ended"
+        )
     collect = collect_rules(spec)
     return StartJob(
         job_id=job_id,
@@ -299,7 +305,7 @@ def start_job(
         timeout_s=spec.timeout_s,
         inputs=[
             InputFile(path=path.rstrip("/"), digest=digest, unpack=path.endswith("/"))
-            for path, digest in spec.inputs.items()
+            for path, digest in spec.input_digests().items()
         ],
         collect=collect,
         collect_limits=collect_limits if collect else None,

@@ -32,11 +32,25 @@ DelaySeconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
 ResourceCounts = Annotated[dict[Id, Annotated[int, Meta(ge=1, le=1024)]], Meta(max_length=64)]
 #: Where an input goes under the job's input directory (limits.INPUT_PATH_PATTERN).
 InputPath = Annotated[str, Meta(pattern=limits.INPUT_PATH_PATTERN)]
-Inputs = Annotated[dict[InputPath, Digest], Meta(max_length=limits.MAX_INPUTS)]
+#: A file an earlier job kept, by its path relative to that job's output directory.
+OutputPath = Annotated[str, Meta(pattern=limits.INPUT_PATH_PATTERN)]
 
 
 class _Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Base of the hand-written spec Structs."""
+
+
+class FromJob(_Spec):
+    """An input that is an output file of an earlier job (the build -> test chain): the
+    job waits until `from_job` has ended, then takes the file its last run kept at `path`
+    (relative to that run's `/out`). The switchboard puts the file's digest in its place,
+    so a supervisor only ever sees digests."""
+
+    from_job: Id
+    path: OutputPath
+
+
+Inputs = Annotated[dict[InputPath, Digest | FromJob], Meta(max_length=limits.MAX_INPUTS)]
 
 
 class WasmBackend(_Spec, tag="wasm", tag_field="kind"):
@@ -230,8 +244,8 @@ class JobSpec(_Spec):
     restart: RestartPolicy | None = None
     parameters: Annotated[dict[ParameterName, Parameter], Meta(max_length=128)] = {}
     #: Files placed read-only under the job's input directory (`/in`) before it starts:
-    #: path -> digest of an uploaded artifact. A path ending in `/` names a directory the
-    #: artifact (a tar archive) is unpacked into.
+    #: path -> digest of an uploaded artifact, or an earlier job's output file (FromJob).
+    #: A path ending in `/` names a directory the file (a tar archive) is unpacked into.
     inputs: Inputs = {}
     #: Files of the output directory (`/out`) kept after the program ends.
     outputs: Outputs | None = None
@@ -241,3 +255,12 @@ class JobSpec(_Spec):
     def __post_init__(self) -> None:
         if (overlap := input_overlap(self.inputs)) is not None:
             raise ValueError(overlap)
+
+    def input_digests(self) -> dict[str, str]:
+        """The inputs named by digest (path -> digest); a chained input is one once the
+        switchboard has resolved it."""
+        return {path: value for path, value in self.inputs.items() if isinstance(value, str)}
+
+    def chained_inputs(self) -> dict[str, FromJob]:
+        """The inputs still naming an earlier job's output file (path -> reference)."""
+        return {p: value for p, value in self.inputs.items() if isinstance(value, FromJob)}

@@ -493,11 +493,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_spec(path: str) -> JobSpec:
     try:
-        return codec.decode_job_spec(Path(path).read_bytes())
+        spec = codec.decode_job_spec(Path(path).read_bytes())
     except OSError as exc:
         raise SystemExit(f"supervisor: cannot read {path}: {exc}") from None
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:  # names the bad field
         raise SystemExit(f"supervisor: invalid spec {path}: {exc}") from None
+    if chained := spec.chained_inputs():
+        raise SystemExit(
+            f"supervisor: {path}: inputs[{next(iter(chained))!r}] names an earlier job's"
+            " output, which only a switchboard can resolve: give the file's digest instead"
+        )
+    return spec
 
 
 def main(argv: list[str] | None = None) -> int:

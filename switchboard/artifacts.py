@@ -26,14 +26,15 @@ _UPLOAD_PREFIX = ".upload-"
 
 
 def named_artifacts(spec: JobSpec) -> list[tuple[str, str]]:
-    """(field, digest) of every artifact a spec names: its backend's, then its inputs'."""
+    """(field, digest) of every artifact a spec names: its backend's, then its inputs'
+    (those given by digest: an earlier job's output is named once resolved)."""
     named: list[tuple[str, str]] = []
     match spec.backend:
         case WasmBackend(module=module):
             named.append(("backend.module", module))
         case DockerBackend(image_artifact=str(digest)):
             named.append(("backend.image_artifact", digest))
-    named += [(f"inputs[{path!r}]", digest) for path, digest in spec.inputs.items()]
+    named += [(f"inputs[{path!r}]", digest) for path, digest in spec.input_digests().items()]
     return named
 
 

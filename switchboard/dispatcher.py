@@ -95,6 +95,10 @@ class Dispatcher:
         self._placing = asyncio.Lock()
         self._spare: _Spare | None = None
         self._next_wide_pass = 0.0
+        #: Chained jobs may be waiting for others to end: each pass sweeps them
+        #: (switchboard.chains) until a sweep finds none. True at start: the store may
+        #: hold some from before a restart.
+        self._chains_waiting = True
         hub.on_capacity_change(self.wake)
 
     def wake(self) -> None:
@@ -119,7 +123,8 @@ class Dispatcher:
         waits and the slots the last placement left free fit them, they are placed in the
         same transaction and started at once, as the next pass would have placed them: a
         job submitted to an idle switchboard starts without waiting for a pass."""
-        if self._may_place_now():
+        chained = any(spec.chained_inputs() for _, spec in jobs)
+        if not chained and self._may_place_now():
             # Its own task, awaited shielded: once the jobs are stored with their runs,
             # the runs are started even if the request goes away meanwhile.
             placed = asyncio.ensure_future(
@@ -131,6 +136,8 @@ class Dispatcher:
         made = await self.store.create_jobs(
             jobs, actor, max_queued, owner=owner, max_queued_per_owner=max_queued_per_owner
         )
+        if chained:
+            self._chains_waiting = True  # the passes sweep them until none waits
         self.jobs_submitted()
         return made
 
@@ -241,6 +248,8 @@ class Dispatcher:
         self._spare = None
         if self.paused:
             return PassDone(0)  # resuming wakes the dispatcher
+        if self._chains_waiting:
+            await self._sweep_chains()
         ready = self.hub.ready_ids()
         news = self._new_jobs
         self._new_jobs = False
@@ -305,6 +314,18 @@ class Dispatcher:
         metrics.RUNS_PLACED.labels("pass").inc(len(started))
         await self.hub.start_runs(started)
         return PassDone(len(started), more, snapshot.next_backoff_end)
+
+    async def _sweep_chains(self) -> None:
+        """Resolve the chained jobs whose awaited jobs have ended: the resolved join the
+        queue (as new jobs: this pass places them or says why it can't)."""
+        swept = await self.store.resolve_chains()
+        self._chains_waiting = swept.waiting > 0
+        if swept.resolved:
+            self._new_jobs = True
+        metrics.CHAINED_JOBS.labels("resolved").inc(swept.resolved)
+        metrics.CHAINED_JOBS.labels("rejected").inc(swept.rejected)
+        if swept.rejected:
+            log.info("%d chained job(s) rejected: an input they name never came", swept.rejected)
 
     def _fleet_key(self, fleet: list[SupervisorView], writes: int) -> tuple:
         """What of the fleet decides whether a job could ever run, recomputed only after a

@@ -37,6 +37,19 @@ def _parameters(pairs: list[str]) -> dict[str, dict[str, Any]]:
     return parameters
 
 
+def _inputs(pairs: list[str]) -> dict[str, Any]:
+    """`--input PATH=JOB:FILE` (the file job JOB kept at FILE, relative to its /out: a
+    chain) or `--input PATH=sha256:...` (an uploaded artifact)."""
+    inputs: dict[str, Any] = {}
+    for pair in pairs:
+        path, sep, value = pair.partition("=")
+        source, colon, file = value.partition(":")
+        if not sep or not colon or not path or not file:
+            raise ClientError(f"--input wants PATH=JOB:FILE or PATH=sha256:DIGEST, got {pair!r}")
+        inputs[path] = value if source == "sha256" else {"from_job": source, "path": file}
+    return inputs
+
+
 def _exit_code(code: int | None) -> str:
     return f"exit code {code}" if code is not None else "no exit code"
 
@@ -100,10 +113,12 @@ def _copy_run(api: ApiClient, job_id: str, attempt: int) -> None:
 def _submit(args: argparse.Namespace) -> int:
     api = client(args)
     spec = json.loads(Path(args.spec).read_bytes())
+    if (args.param or args.input) and not isinstance(spec, dict):
+        raise ClientError(f"{args.spec}: a job spec is a JSON object")
     if args.param:
-        if not isinstance(spec, dict):
-            raise ClientError(f"{args.spec}: a job spec is a JSON object")
         spec.setdefault("parameters", {}).update(_parameters(args.param))
+    if args.input:
+        spec.setdefault("inputs", {}).update(_inputs(args.input))
     created = api.submit(json.dumps(spec).encode())
     job_id = created["id"]
     if args.json and not args.follow:
@@ -256,6 +271,14 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
     submit = command("submit", "submit a job spec (JSON file)", _submit)
     submit.add_argument("spec")
     submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    submit.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="PATH=JOB:FILE",
+        help="place at /in/PATH the file job JOB kept at FILE (the job waits for JOB to end),"
+        " or PATH=sha256:DIGEST, an uploaded artifact; repeatable",
+    )
     submit.add_argument(
         "--follow",
         action="store_true",

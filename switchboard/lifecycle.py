@@ -225,6 +225,13 @@ def secrets_unreadable(why: str, now: float) -> JobEnd:
     return JobEnd(Phase.REJECTED, reason, AuditEntry("secrets_unreadable", reason, now))
 
 
+def inputs_unavailable(why: str, now: float) -> JobEnd:
+    """A queued job whose inputs name an earlier job's output that never came (see
+    switchboard.chains): it can never run as written."""
+    reason = f"not started: {why}"
+    return JobEnd(Phase.REJECTED, reason, AuditEntry("inputs_unavailable", reason, now))
+
+
 # --- cancel --------------------------------------------------------------------------------
 
 

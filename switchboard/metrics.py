@@ -265,6 +265,14 @@ SPECS_TOO_LARGE = Counter(
     registry=REGISTRY,
 )
 
+CHAINED_JOBS = Counter(
+    "switchboard_chained_jobs_total",
+    "Jobs whose inputs name earlier jobs' output files, once those jobs ended: inputs"
+    " resolved (outcome=resolved) or the job rejected because a file never came"
+    " (outcome=rejected). Those resolved when submitted are not counted.",
+    ["outcome"],
+    registry=REGISTRY,
+)
 RUNS_PLACED = Counter(
     "switchboard_runs_placed_total",
     "Runs given to a supervisor: with the job's submission, when nothing else waited and"
@@ -405,6 +413,8 @@ for _via in ("reconcile", "events", "status"):
     ZOMBIE_RUNS_STOPPED.labels(_via)
 for _via in ("submission", "pass"):
     RUNS_PLACED.labels(_via)
+for _outcome in ("resolved", "rejected"):
+    CHAINED_JOBS.labels(_outcome)
 for _via in ("placement", "reconcile"):
     SECRETS_UNREADABLE.labels(_via)
 for _reason in HTTP_REFUSAL_REASONS:

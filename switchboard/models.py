@@ -8,7 +8,7 @@ interface is switchboard/store/base.py; its refusals, switchboard/store/errors.p
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 
@@ -64,8 +64,11 @@ class JobView(msgspec.Struct):
     exit_code: int | None = None
     reason: str | None = None
     cancel_requested: bool = False
-    #: Set while no registered supervisor could ever run the job, saying why.
+    #: Set while no registered supervisor could ever run the job, or while it waits for
+    #: `waiting_for`, saying why.
     unschedulable: str | None = None
+    #: The earlier job this one waits for: its inputs name that job's output files.
+    waiting_for: str | None = None
     #: The id and name of the token that submitted it (None: submitted before jobs had
     #: owners). Only an operator or admin may cancel or delete another token's job.
     owner: str | None = None
@@ -493,3 +496,12 @@ class PlacementSnapshot(msgspec.Struct, frozen=True):
     queue: list[QueuedJob]
     #: When the earliest job waiting out a restart backoff may run (epoch seconds).
     next_backoff_end: float | None
+
+
+class ChainPass(NamedTuple):
+    """What a sweep of chained jobs did: jobs whose inputs it resolved (now placeable),
+    jobs it rejected (an input that never came), and how many still wait."""
+
+    resolved: int
+    rejected: int
+    waiting: int

@@ -561,6 +561,39 @@ def test_job_page_shows_the_test_report_and_the_files_with_downloads(
     page.set_viewport_size(DESKTOP)
 
 
+def test_a_chained_job_links_the_job_it_waits_for_then_shows_its_tests(
+    open_dashboard, switchboard, supervisor
+):
+    client = switchboard.client()
+    build = submit(
+        client,
+        unique("build"),
+        backend={"kind": "noop", "delay_s": scaled(3), "files": {"build/fw.bin": "image"}},
+        outputs={"paths": ["build/*.bin"], "when": "on_success"},
+    )
+    chained = submit(
+        client,
+        unique("test-on-board"),
+        backend={"kind": "noop", "exit_code": 1, "files": {"reports/junit.xml": JUNIT}},
+        inputs={"fw.bin": {"from_job": build, "path": "build/fw.bin"}},
+        reports={"junit": "reports/*.xml"},
+    )
+    tab = open_dashboard()
+    tab.sign_in(switchboard.admin_token)
+    page = tab.page
+    tab.go(f"#/jobs/{chained}")
+    waiting = page.locator('[data-fact="waiting for"]')
+    expect(waiting).to_contain_text("its output files are this job's inputs")
+    expect(waiting.locator("a")).to_have_attribute("href", f"#/jobs/{build}")
+    # Once the build has ended, the chain runs; its report shows like any other's.
+    counts = page.locator("#tests-counts")
+    expect(counts.locator('[data-result="failed"]')).to_have_text("1 failed", timeout=ms(30))
+    expect(waiting).to_have_count(0)
+    expect(page.locator("#job-history")).to_contain_text("inputs_resolved")
+    expect(page.locator("#job-history")).to_contain_text(f"job {build} 'build/fw.bin'")
+    tab.screenshot("job-chained-1280.png")
+
+
 def test_more_failed_cases_than_a_page_come_on_demand(open_dashboard, switchboard, supervisor):
     failures = "".join(
         f'<testcase name="case_{n:03}"><failure message="broke {n}"/></testcase>' for n in range(60)

@@ -36,7 +36,12 @@ from switchboard.models import (
 )
 from switchboard.sealing import redacted
 from switchboard.state import AppState, app_state
-from switchboard.store.errors import ArtifactMissing, QueueFull, QueueQuotaFull
+from switchboard.store.errors import (
+    ArtifactMissing,
+    InputUnavailable,
+    QueueFull,
+    QueueQuotaFull,
+)
 
 log = logging.getLogger("switchboard.api")
 
@@ -130,6 +135,10 @@ async def _queue(
         field = f"[{exc.index}].{exc.field}" if batch else exc.field
         message = f"{field}: artifact {exc.digest} has not been uploaded"
         raise ApiError(400, "invalid_spec", message, field) from None
+    except InputUnavailable as exc:  # a chained input that can never come
+        field = exc.problem.partition(":")[0]
+        prefix = f"[{exc.index}]." if batch else ""
+        raise ApiError(400, "invalid_spec", prefix + exc.problem, prefix + field) from None
     # The jobs these replace end canceled, and their runs' stops say so.
     await _stop_runs(state, [stop for m in made for stop in m.stops], "canceled")
     return made

@@ -24,6 +24,7 @@ from switchboard.models import (
     ArtifactView,
     Assignment,
     CancelResult,
+    ChainPass,
     Connected,
     ConnectionRecord,
     Counts,
@@ -169,6 +170,12 @@ class Store(abc.ABC):
     async def create_job(self, job_id: str, spec: JobSpec, actor: str = "") -> Submitted:
         (made,) = await self.create_jobs([(job_id, spec)], actor, max_queued=1 << 62)
         return made
+
+    @abc.abstractmethod
+    async def resolve_chains(self, limit: int = 1000) -> ChainPass:
+        """Resolve the inputs of chained jobs whose awaited jobs have ended (at most
+        `limit` of them): placeable once resolved, rejected if an input never came
+        (switchboard.chains)."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> JobView | None: ...

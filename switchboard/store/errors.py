@@ -14,6 +14,17 @@ class ArtifactMissing(Exception):
         self.digest = digest
 
 
+class InputUnavailable(Exception):
+    """A submitted job takes an input from an earlier job that can never give it (no such
+    job, or it ended without keeping the file)."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(problem)
+        #: The job's place in its batch.
+        self.index = index
+        self.problem = problem
+
+
 class BatchOutOfOrder(Exception):
     """A batch of events came to be stored before the batch ahead of it was."""
 

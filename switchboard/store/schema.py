@@ -24,13 +24,13 @@ ACTIVE_PHASES = tuple(p.value for p in Phase if p in ACTIVE)
 ACTIVE_SQL = ",".join("?" * len(ACTIVE_PHASES))
 
 #: Bumped whenever a table changes; a database of another version is refused, not guessed at.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: Older versions this one reaches in place: their changes only added tables, indexes and
 #: triggers, which SCHEMA creates where missing, and the columns of ADDED_COLUMNS. (From 3,
 #: the store also moves secret values out of the stored specs: see
 #: sqlite_secrets.seal_legacy_secrets.) Version 5 added test_reports and test_cases; 6
-#: added run_files, run_files_refused and runs.files_refused_unlisted.
-ADDITIVE_UPGRADES_FROM = frozenset({2, 3, 4, 5})
+#: added run_files, run_files_refused and runs.files_refused_unlisted; 7 jobs.waiting_for.
+ADDITIVE_UPGRADES_FROM = frozenset({2, 3, 4, 5, 6})
 
 #: Columns added to tables that older databases already have (SCHEMA holds them too, for a
 #: new database): table -> [(column, its definition, the statement that fills it in for
@@ -47,7 +47,7 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
         ("files_refused_unlisted", "INTEGER NOT NULL DEFAULT 0", None),
     ],
     "artifacts": [("uploaded_by", "TEXT", None), ("last_used", "REAL", None)],
-    "jobs": [("owner", "TEXT", None)],
+    "jobs": [("owner", "TEXT", None), ("waiting_for", "TEXT", None)],
     "supervisors": [("protocol", "TEXT NOT NULL DEFAULT ''", None)],
 }
 #: Tables added since version 2 that start with rows derived from the others: the version
@@ -141,9 +141,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     -- a restarted job waits in the queue until then (its backoff), and the delay it got
     not_before REAL,
     backoff_s REAL,
+    -- a chained job waits for this job to end (its inputs are that job's output files)
+    waiting_for TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+-- chained jobs waiting, by the job they wait for (switchboard.chains)
+CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (waiting_for) WHERE waiting_for IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_phase ON jobs (phase, priority DESC, seq);
 -- the dispatcher's queue: what some registered supervisor could run, in placement order
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (priority DESC, seq)

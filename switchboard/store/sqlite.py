@@ -29,6 +29,7 @@ from switchboard.models import (
     ArtifactView,
     Assignment,
     CancelResult,
+    ChainPass,
     Connected,
     ConnectionRecord,
     Counts,
@@ -58,8 +59,8 @@ from switchboard.models import (
 )
 from switchboard.sealing import Keyring, split_secrets
 from switchboard.store import sqlite_artifacts as artifacts
+from switchboard.store import sqlite_chains, sqlite_jobs
 from switchboard.store import sqlite_files as files
-from switchboard.store import sqlite_jobs
 from switchboard.store import sqlite_output as output
 from switchboard.store import sqlite_placement as placement
 from switchboard.store import sqlite_retention as retention
@@ -227,11 +228,20 @@ class SQLiteStore(Store):
         max_queued_per_owner: int | None = None,
     ) -> list[Submitted]:
         batch = self._sealed(jobs)
-        return await self._write(
-            lambda conn: sqlite_jobs.insert_jobs(
-                conn, batch, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
+
+        def write(conn: sqlite3.Connection) -> list[Submitted]:
+            return sqlite_chains.insert_with_chains(
+                conn,
+                batch,
+                lambda ready: sqlite_jobs.insert_jobs(
+                    conn, ready, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
+                ),
             )
-        )
+
+        return await self._write(write)
+
+    async def resolve_chains(self, limit: int = 1000) -> ChainPass:
+        return await self._write(lambda conn: sqlite_chains.sweep(conn, limit))
 
     async def create_and_assign(
         self,
@@ -243,6 +253,8 @@ class SQLiteStore(Store):
         owner: str | None = None,
         max_queued_per_owner: int | None = None,
     ) -> tuple[list[Submitted], list[Assignment]]:
+        # Chained jobs wait for their inputs: never placed at submission (Dispatcher.submit).
+        assert not any(spec.chained_inputs() for _, spec in jobs)
         batch = self._sealed(jobs)
         keyring = self._keyring
 

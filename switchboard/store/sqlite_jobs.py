@@ -188,7 +188,7 @@ def cancel_job(
     record_events(conn, job_id, [cancel.event])
     conn.execute(
         "UPDATE jobs SET phase = ?, cancel_requested = 1, reason = ?, updated_at = ?,"
-        " queue_deadline = NULL WHERE id = ?",
+        " queue_deadline = NULL, waiting_for = NULL WHERE id = ?",
         (cancel.phase.value, cancel.reason, now, job_id),
     )
     if not cancel.stop_run:
@@ -203,7 +203,7 @@ def end_queued_job(conn: sqlite3.Connection, job_id: str, end: lifecycle.JobEnd)
     """End a queued job before any run, as the lifecycle decided."""
     conn.execute(
         "UPDATE jobs SET phase = ?, reason = ?, queue_deadline = NULL, unschedulable = NULL,"
-        " not_before = NULL, updated_at = ? WHERE id = ?",
+        " not_before = NULL, waiting_for = NULL, updated_at = ? WHERE id = ?",
         (end.phase.value, end.reason, end.event.at, job_id),
     )
     record_events(conn, job_id, [end.event])
@@ -327,8 +327,8 @@ def expire_queued(conn: sqlite3.Connection, now: float) -> list[str]:
 def load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
     row = conn.execute(
         "SELECT j.id, j.name, j.phase, j.spec, j.created_at, j.updated_at, j.priority,"
-        " j.exit_code, j.reason, j.cancel_requested, j.unschedulable, j.owner, t.name"
-        " FROM jobs j LEFT JOIN tokens t ON t.id = j.owner WHERE j.id = ?",
+        " j.exit_code, j.reason, j.cancel_requested, j.unschedulable, j.owner, t.name,"
+        " j.waiting_for FROM jobs j LEFT JOIN tokens t ON t.id = j.owner WHERE j.id = ?",
         (job_id,),
     ).fetchone()
     if row is None:
@@ -379,6 +379,7 @@ def load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
         unschedulable=row[10],
         owner=row[11],
         owner_name=row[12],
+        waiting_for=row[13],
         runs=runs,
     )
 

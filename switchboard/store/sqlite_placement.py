@@ -89,7 +89,7 @@ def no_job_ready(conn: sqlite3.Connection, now: float) -> bool:
     """True if no queued job waits ready to be placed (the dispatcher's queue is empty)."""
     row = conn.execute(
         "SELECT 1 FROM jobs WHERE phase = 'queued' AND unschedulable IS NULL"
-        " AND (not_before IS NULL OR not_before <= ?) LIMIT 1",
+        " AND waiting_for IS NULL AND (not_before IS NULL OR not_before <= ?) LIMIT 1",
         (now,),
     ).fetchone()
     return row is None
@@ -135,7 +135,7 @@ def queued_jobs(
     rows = conn.execute(
         "SELECT id, seq, priority, spec, queued_at, concurrency_key, unschedulable"
         " FROM jobs WHERE phase = 'queued'"
-        f" AND unschedulable IS {'NOT NULL' if marked else 'NULL'}"
+        f" AND unschedulable IS {'NOT NULL' if marked else 'NULL'} AND waiting_for IS NULL"
         f" AND (not_before IS NULL OR not_before <= ?){page}"
         " ORDER BY priority DESC, seq LIMIT ?",
         (*args, limit),
@@ -187,7 +187,8 @@ _IDS_PER_QUERY = 500
 def set_unschedulable(conn: sqlite3.Connection, reasons: dict[str, str | None]) -> None:
     for job_id, reason in reasons.items():
         conn.execute(
-            "UPDATE jobs SET unschedulable = ? WHERE id = ? AND phase = 'queued'",
+            "UPDATE jobs SET unschedulable = ? WHERE id = ? AND phase = 'queued'"
+            " AND waiting_for IS NULL",  # a chained job's note is its wait (sqlite_chains)
             (reason, job_id),
         )
 

@@ -176,7 +176,10 @@ export function mount(root, ctx, { id }) {
       ...fact("Supervisor", supervisorLink(last ? last.supervisor_id : null)),
       ...fact("Exit code", job.exit_code === null || job.exit_code === undefined ? "—" : String(job.exit_code)),
       ...(job.reason ? fact("Reason", job.reason) : []),
-      ...(job.unschedulable ? fact("Unschedulable", h("span", { class: "warn" }, job.unschedulable)) : []),
+      ...(job.waiting_for
+        ? fact("Waiting for", h("a", { href: `#/jobs/${encodeURIComponent(job.waiting_for)}` }, job.waiting_for),
+          h("span", { class: "muted" }, " to end: its output files are this job's inputs"))
+        : job.unschedulable ? fact("Unschedulable", h("span", { class: "warn" }, job.unschedulable)) : []),
       ...fact("Labels", labelChips(job.spec.labels)),
     );
   }
