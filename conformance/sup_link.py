@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeGuard
+from typing import TypeGuard, get_args
 
 from protocol.exceptions import FrameError
 from protocol.messages import (
@@ -18,10 +18,7 @@ from protocol.messages import (
     FromSupervisor,
     Heartbeat,
     Hello,
-    JobErrorReport,
-    JobExit,
     JobStateChanged,
-    Output,
     StatusReply,
     StatusRequest,
     SupervisorEvent,
@@ -38,7 +35,8 @@ HEARTBEAT_TIMEOUT_S = 10.0
 #: §4 step 1: the hello must come within 10 s of the upgrade.
 HELLO_TIMEOUT_S = 10.0
 
-EVENT_TYPES = (JobStateChanged, JobErrorReport, Output, JobExit)
+#: Every kind of event (protocol.messages' own list: a kind added there is one here).
+EVENT_TYPES: tuple[type, ...] = get_args(SupervisorEvent)
 
 
 class KitFailure(Exception):

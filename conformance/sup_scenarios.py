@@ -20,6 +20,7 @@ from protocol.exceptions import CloseCode
 from protocol.messages import ProtocolErrorMessage
 from protocol.versions import negotiate_version
 
+from . import sup_files
 from .sup_jobs import ack_problems, cut, duplicate, start, status, stopping, timeout
 from .sup_kit import Checks, Kit
 from .sup_link import HEARTBEAT_INTERVAL_S, KitFailure, read_hello
@@ -243,6 +244,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("timeout", ("timeout",), timeout),
     Scenario("status", ("status.held", "status.ended"), status),
     Scenario("ack", ("ack.problems",), ack_problems),
+    Scenario("files", sup_files.ROWS, sup_files.files),
     Scenario(
         "cut",
         (

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import msgspec
 from websockets import Subprotocol
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -26,6 +27,8 @@ from protocol.exceptions import FrameError
 from protocol.messages import FromSupervisor, ServerHeartbeat
 
 PATH = "/ws/supervisor"
+#: Where a supervisor fetches the artifacts a run's inputs name (docs/protocol.md §5.1).
+ARTIFACTS_PATH = "/api/v1/artifacts/"
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,11 @@ class KitServer:
         self._peers: set[Peer] = set()
         self._server: Server | None = None
         self.url = ""
+        #: digest -> the bytes served for it at ARTIFACTS_PATH (a scenario may serve
+        #: bytes of another digest, to see them refused).
+        self.artifacts: dict[str, bytes] = {}
+        #: (digest, the Authorization header) of each artifact request, in order.
+        self.fetches: list[tuple[str, str | None]] = []
 
     async def start(self) -> None:
         self._server = await serve(
@@ -184,6 +192,8 @@ class KitServer:
             peer.abort()
 
     def _record(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.startswith(ARTIFACTS_PATH):
+            return self._artifact(request)
         offered = tuple(
             item.strip()
             for header in request.headers.get_all("Sec-WebSocket-Protocol")
@@ -200,6 +210,19 @@ class KitServer:
         self._pending[connection] = upgrade
         return None
 
+    def _artifact(self, request: Request) -> Response:
+        """An artifact download: plain HTTP on the same port, as a switchboard serves it
+        (never an upgrade: not recorded among them)."""
+        digest = request.path.removeprefix(ARTIFACTS_PATH)
+        authorization = request.headers.get("Authorization")
+        self.fetches.append((digest, authorization))
+        body = self.artifacts.get(digest)
+        if authorization is None:
+            return _response(401, "Unauthorized", b'{"message": "no token"}')
+        if body is None:
+            return _response(404, "Not Found", b'{"message": "no such artifact"}')
+        return _response(200, "OK", body, "application/octet-stream")
+
     async def _handle(self, ws: ServerConnection) -> None:
         peer = Peer(ws, self._pending.pop(ws))
         self._peers.add(peer)
@@ -208,6 +231,13 @@ class KitServer:
             await peer.read_loop()
         finally:
             self._peers.discard(peer)
+
+
+def _response(
+    status: int, reason: str, body: bytes, media_type: str = "application/json"
+) -> Response:
+    headers = Headers({"Content-Type": media_type, "Content-Length": str(len(body))})
+    return Response(status, reason, headers, body)
 
 
 def _select_subprotocol(
