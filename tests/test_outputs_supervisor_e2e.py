@@ -2,7 +2,8 @@
 A WASI program compiled from C writes its JUnit report and a log to /out and fails; the
 supervisor uploads both (each stored byte for byte) and not a file no rule names; a
 connection cut mid-upload is resumed and the file stored once; a busybox container writes
-/out (as a non-root user), and a link to /etc/passwd there is refused, never uploaded."""
+/out (as a non-root user) with a JUnit report that is parsed, and a link to /etc/passwd
+there is refused, never uploaded."""
 
 from __future__ import annotations
 
@@ -169,7 +170,10 @@ def test_an_upload_cut_midway_resumes_and_stores_the_file_once(switchboard, work
 
 
 SCRIPT = (
-    "mkdir -p /out/logs && echo hello > /out/logs/a.log"
+    "mkdir -p /out/logs /out/reports && echo hello > /out/logs/a.log"
+    ' && printf \'<testsuite name="c"><testcase name="in_a_container"/>'
+    '<testcase name="broken"><error message="oops"/></testcase></testsuite>\''
+    " > /out/reports/junit.xml"
     " && ln -s /etc/passwd /out/logs/passwd.log"
     " && id -u > /out/logs/uid.log && exit 3"
 )
@@ -195,9 +199,16 @@ def test_a_container_writes_out_and_a_link_there_is_refused(switchboard, work_di
                 "command": ["sh", "-c", SCRIPT],
             },
             "outputs": {"paths": ["logs/*.log"], "when": "on_failure"},
+            "reports": {"junit": "reports/*.xml"},
         }
         job = wait_job(client, submit(switchboard, spec), timeout=120)
         assert job["phase"] == "failed" and job["runs"][0]["exit_code"] == 3, (job, sup.log())
+        # Its JUnit report, written in the container, is parsed like any other.
+        tests = wait_for(
+            lambda: client.get(f"/api/v1/jobs/{job['id']}").json().get("tests"),
+            "the container's report parsed",
+        )
+        assert (tests["passed"], tests["error"]) == (1, 1), tests
         assert stored(switchboard, b"hello\n")
         assert stored(switchboard, b"1000\n")  # written as the container's non-root user
         passwd = open("/etc/passwd", "rb").read()
