@@ -19,6 +19,7 @@ from typing import BinaryIO, NamedTuple
 
 from protocol.spec import DockerBackend, JobSpec, WasmBackend
 from switchboard import datadir
+from switchboard.disk_writes import ThreadedWriter
 
 #: Temporary upload files older than this are leftovers of a crash: retention removes them.
 STALE_UPLOAD_S = 24 * 3600.0
@@ -78,13 +79,15 @@ class ArtifactFiles:
         size = 0
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_UPLOAD_PREFIX)
         try:
-            with os.fdopen(fd, "wb") as out:
+            with os.fdopen(fd, "wb", buffering=0) as out:
+                # Hashed and written from a thread, a batch at a time (disk_writes).
+                writer = ThreadedWriter(out, hasher)
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > max_bytes:
                         raise TooLarge(f"artifact exceeds {max_bytes} bytes")
-                    hasher.update(chunk)
-                    out.write(chunk)
+                    await writer.write(chunk)
+                await writer.flush()
         except BaseException:
             Path(tmp).unlink(missing_ok=True)  # noqa: ASYNC240 - one quick unlink
             raise

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from switchboard.artifacts import ArtifactFiles, Upload
+from switchboard.disk_writes import ThreadedWriter
 
 _PARTIAL_PREFIX = ".upload-part-"
 _RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19})")
@@ -122,20 +123,24 @@ class PartialUploads:
         than the range is refused whole (the file goes back to `piece.start`)."""
         written = 0
         try:
-            # Unbuffered: each piece of body goes to the page cache as it arrives, so the
-            # file's size is always the bytes held (a HEAD meanwhile, a cut, a crash).
+            # Written behind from a thread (disk_writes), unbuffered: the file's size is the
+            # bytes held but for those still on their way (a HEAD meanwhile may see less;
+            # a piece starting there is refused as busy until this one has ended).
             with path.open("ab", buffering=0) as out:
-                async for chunk in body:
-                    if written + len(chunk) > piece.length:
-                        out.truncate(piece.start)
-                        raise BodyMismatch(
-                            f"the body is longer than the {piece.length} bytes its"
-                            " Content-Range names"
-                        )
-                    view = memoryview(chunk)
-                    while view:  # a raw write may take less than it is given
-                        view = view[out.write(view) or 0 :]
-                    written += len(chunk)
+                writer = ThreadedWriter(out)
+                try:
+                    async for chunk in body:
+                        if written + len(chunk) > piece.length:
+                            await writer.discard()
+                            out.truncate(piece.start)
+                            raise BodyMismatch(
+                                f"the body is longer than the {piece.length} bytes its"
+                                " Content-Range names"
+                            )
+                        await writer.write(chunk)
+                        written += len(chunk)
+                finally:
+                    await writer.flush()  # a body cut short: what came is in its place
         finally:
             # A partial file holding nothing is no upload: it must not count as one.
             if path.exists() and path.stat().st_size == 0:  # noqa: ASYNC240 - one quick stat
