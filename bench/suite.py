@@ -27,7 +27,7 @@ from bench.bed import Bed, testbed
 from bench.dispatch import SINGLE_THREADS
 from bench.stats import Summary, machine
 
-BENCHMARKS = ("latency", "output", "dispatch", "upload", "scale", "wasm", "docker")
+BENCHMARKS = ("latency", "output", "dispatch", "upload", "peer", "scale", "wasm", "docker")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class Sizes:
     sqlite_rows: int = 20000  # job rows per SQLite floor repetition
     wasm_runs: int = 300
     docker_runs: int = 20
+    peer_threads: int = 32  # clients of the closed loop, each submit -> wait in turn
+    peer_seconds: float = 10.0  # per closed-loop repetition
+    peer_trips: int = 300  # idle round trips per repetition
 
 
 QUICK = Sizes(
@@ -69,6 +72,9 @@ QUICK = Sizes(
     sqlite_rows=1000,
     wasm_runs=20,
     docker_runs=3,
+    peer_threads=4,
+    peer_seconds=1.0,
+    peer_trips=20,
 )
 
 
@@ -134,6 +140,17 @@ def run_upload(bed: Bed, sizes: Sizes) -> dict[str, Summary]:
         sizes.upload_reps,
         sizes.backlog_mib * 1024 * 1024,
     )
+
+
+def run_peer(sizes: Sizes) -> dict[str, Summary]:
+    from bench import celery_peer, peer
+
+    try:
+        return peer.measure_peer(
+            sizes.peer_threads, sizes.peer_seconds, sizes.peer_trips, sizes.reps
+        )
+    except celery_peer.PeerMissing as exc:
+        raise Skipped(str(exc)) from None
 
 
 def run_scale(sizes: Sizes) -> dict[str, Summary]:
@@ -297,6 +314,35 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                     "upload_output_alone_mb_s",
                 ),
                 Row("floor_local_copy_mb_s", "floor: local copy of the file, sha256'd"),
+            ],
+        ),
+        (
+            "peer",
+            [
+                Row(
+                    "peer_switchboard_loop_jobs_per_s",
+                    f"submit -> wait, {sizes.peer_threads} clients: switchboard",
+                    "peer_celery_loop_jobs_per_s",
+                    (">=", 3.0, "ratio"),
+                ),
+                Row("peer_switchboard_loop_p50_ms", "  one round trip, p50"),
+                Row("peer_switchboard_loop_cpu_ms_per_job", "  switchboard CPU per job"),
+                Row("peer_celery_loop_jobs_per_s", "peer: Celery + Redis, the same loop"),
+                Row("peer_celery_loop_p50_ms", "  one round trip, p50"),
+                Row(
+                    "peer_switchboard_idle_p50_ms",
+                    "idle submit -> result: switchboard p50",
+                    "peer_celery_idle_p50_ms",
+                    ("<=", 1.0, "ratio"),
+                ),
+                Row(
+                    "peer_switchboard_idle_p99_ms",
+                    "  switchboard p99",
+                    "peer_celery_idle_p99_ms",
+                    ("<=", 15.0, "median"),
+                ),
+                Row("peer_celery_idle_p50_ms", "peer: Celery + Redis idle p50"),
+                Row("peer_celery_idle_p99_ms", "  Celery + Redis p99"),
             ],
         ),
         (
@@ -493,6 +539,7 @@ def run(
             "output": lambda: run_output(bed(), sizes),
             "dispatch": lambda: run_dispatch(bed(), sizes),
             "upload": lambda: run_upload(bed(), sizes),
+            "peer": lambda: run_peer(sizes),
             "scale": lambda: run_scale(sizes),
             "wasm": lambda: run_wasm(sizes),
             "docker": lambda: run_docker(sizes, docker_host),
@@ -500,7 +547,7 @@ def run(
         for name in BENCHMARKS:
             if name not in only:
                 continue
-            if name == "scale" and beds:
+            if name in ("peer", "scale") and beds:
                 stack.close()  # its own switchboard: the shared one goes first
                 beds.clear()
             log(f"bench: {name}...")

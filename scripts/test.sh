@@ -2,7 +2,8 @@
 # Install everything the tests need (venv, packages, WASI toolchain, a Docker engine) and
 # run the suite. The tests start their own private dockerd; nothing here starts a service.
 source "$(dirname "$0")/setup-env.sh"
-apt_install clang lld wasi-libc libclang-rt-14-dev-wasm32 docker.io busybox-static chromium
+apt_install clang lld wasi-libc libclang-rt-14-dev-wasm32 docker.io busybox-static chromium \
+    redis-server  # only for the benchmark's peer row (Celery + Redis)
 python_env test
 
 .venv/bin/ruff check .

@@ -66,6 +66,12 @@ SUITE_RESULTS = {
         "upload_output_during_copy_mb_s",
         "floor_local_copy_mb_s",
     },
+    "peer": {
+        f"peer_{side}_{what}"
+        for side in ("switchboard", "celery")
+        for what in ("loop_jobs_per_s", "loop_p50_ms", "loop_p99_ms", "idle_p50_ms", "idle_p99_ms")
+    }
+    | {"peer_switchboard_loop_cpu_ms_per_job"},
     "scale": {
         "scale_rss_kib_per_conn",
         "scale_cpu_pct",
@@ -92,6 +98,9 @@ GOALS = {
     "dispatch_batch_jobs_per_s",
     "dispatch_single_jobs_per_s",
     "upload_output_during_mb_s",
+    "peer_switchboard_loop_jobs_per_s",
+    "peer_switchboard_idle_p50_ms",
+    "peer_switchboard_idle_p99_ms",
     "scale_rss_kib_per_conn",
     "wasm_start_cached_ms",
     "docker_job_ms",
