@@ -45,7 +45,7 @@ MEMORY_CONNECTIONS = 2000
 #: Leaf frames of a thread that waits rather than works: (file suffix, function).
 IDLE_LEAVES = {
     ("concurrent/futures/thread.py", "_worker"),  # a pool thread waiting for a task
-    ("switchboard/store/sqlite.py", "_Writer.run"),  # the writer waiting for requests
+    ("switchboard/store/sqlite_engine.py", "_Writer.run"),  # the writer waiting for requests
     ("threading.py", "Condition.wait"),
     ("asyncio/runners.py", "Runner.run"),  # inside uvloop's C loop: polling, C-level I/O
 }
