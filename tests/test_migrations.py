@@ -20,10 +20,10 @@ from switchboard.store.migrations import (
 )
 from switchboard.store.schema import BASELINE_VERSION, SCHEMA_VERSION, SchemaMismatch
 from switchboard.store.sqlite import SQLiteStore
+from tests.store_setup import version_5_database
 
 pytestmark = pytest.mark.unit
 
-FIXTURES = Path(__file__).parent / "fixtures"
 SPEC = JobSpec(name="noop", backend=NoopBackend())
 
 
@@ -34,15 +34,6 @@ def _short_names(conn: sqlite3.Connection) -> None:
 
 #: A step past the baseline, for these tests: a column, filled in from another.
 NEXT = Migration(BASELINE_VERSION + 1, "jobs get a short name", _short_names)
-
-
-def version_5_database(path: Path) -> Path:
-    """The database of a data dir the release with schema 5 made (tests/fixtures)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path)
-    conn.executescript((FIXTURES / "datadir_v5.sql").read_text())
-    conn.close()
-    return path
 
 
 def _shape(path: Path) -> dict[str, object]:

@@ -13,7 +13,7 @@ import pytest
 
 from switchboard.store.schema import SCHEMA_VERSION
 from tests.harness import Switchboard, run_cli, start_supervisor, wait_connected, wait_job
-from tests.test_migrations import version_5_database
+from tests.store_setup import version_5_database
 
 pytestmark = pytest.mark.process
 
