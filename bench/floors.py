@@ -30,7 +30,7 @@ from bench.procs import child_channels, raise_fd_limit, spawn_child, stop_child
 from protocol import codec, limits
 from protocol.messages import Heartbeat, Output
 from protocol.spec import JobSpec, NoopBackend
-from switchboard.store.schema import apply_schema
+from switchboard.store.migrations import apply_schema
 
 SYNC = b"sync"
 #: Frames longer than this are counted, not echoed.

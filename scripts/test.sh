@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install everything the tests need (venv, packages, WASI toolchain, a Docker engine) and
-# run the suite. The tests start their own private dockerd; nothing here starts a service.
+# run the suite. The tests start their own private dockerd and PostgreSQL servers; nothing here
+# starts a service.
 source "$(dirname "$0")/setup-env.sh"
 apt_install clang lld wasi-libc libclang-rt-14-dev-wasm32 docker.io busybox-static chromium \
-    redis-server  # only for the benchmark's peer row (Celery + Redis)
+    postgresql redis-server  # redis-server: only for the benchmark's peer row (Celery + Redis)
 python_env test
 
 .venv/bin/ruff check .

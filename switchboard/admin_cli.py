@@ -13,6 +13,7 @@ from switchboard.auth import Role, TokenError, create_token
 from switchboard.cli_output import add_connection_flags, client, show, table, when
 from switchboard.cli_output import run as run_client
 from switchboard.config import Settings
+from switchboard.store.schema import SchemaMismatch
 
 
 def data_dir(value: str | None) -> Path:
@@ -126,6 +127,8 @@ def _token_bootstrap(args: argparse.Namespace) -> int:
         print(asyncio.run(make()))
     except TokenError as exc:
         raise SystemExit(f"switchboard: --supervisor: {exc}") from None
+    except SchemaMismatch as exc:
+        raise SystemExit(f"switchboard: {exc}") from None
     return 0
 
 

@@ -13,6 +13,7 @@ from common import logfmt
 from protocol.spec import MAX_TIMEOUT_S
 from switchboard.admin_cli import add_admin_commands, data_dir
 from switchboard.config import Settings
+from switchboard.db_cli import add_db_commands
 from switchboard.jobs_cli import add_job_commands
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -86,6 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_partial_uploads_per_token=args.max_partial_uploads,
             max_partial_upload_bytes=args.max_partial_upload_bytes,
             retain_artifacts_s=args.retain_artifacts,
+            upgrade_schema=args.upgrade,
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             log_format=args.log_format,
@@ -380,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="how often retention sweeps (default 60 seconds)",
     )
+    serve.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="upgrade a database an older release made before serving it (backing it up"
+        " first; as `switchboard db upgrade`); without it, the switchboard refuses to start"
+        " on one",
+    )
     serve.add_argument("--tls-cert", help="PEM certificate: serve https and wss")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
     serve.add_argument(
@@ -394,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_job_commands(commands)
     add_admin_commands(commands)
+    add_db_commands(commands)
     return parser
 
 

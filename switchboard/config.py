@@ -83,6 +83,9 @@ class Settings(msgspec.Struct):
     retain_artifacts_s: float = 30 * 86400.0
     #: How often retention sweeps.
     retention_interval_s: float = 60.0
+    #: Upgrade a database an older release made at start (backing it up first), instead
+    #: of refusing to start on it (store/migrations.py).
+    upgrade_schema: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: "text" or "json" (common.logfmt).

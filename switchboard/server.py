@@ -10,6 +10,7 @@ import gc
 import logging
 import resource
 import socket
+import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable
 from types import FrameType
@@ -26,6 +27,8 @@ from switchboard.datadir import DataDirError
 from switchboard.http_limits import ConnectionTable, HttpLimits, LimitedHttpProtocol
 from switchboard.sealing import Keyring
 from switchboard.secret_keys import SecretKeyError, load_keyring
+from switchboard.store.migrations import check_version, database_version
+from switchboard.store.schema import SchemaMismatch
 from switchboard.wsprotocol import AbortableWebSocketProtocol
 
 log = logging.getLogger("switchboard")
@@ -150,6 +153,18 @@ def prepare_storage(settings: Settings) -> Keyring:
         raise SystemExit(f"switchboard: {exc}") from None
 
 
+def check_database(settings: Settings) -> None:
+    """Stop with one line, before serving, on a database this code can't serve: one an
+    older release made (unless --upgrade), or a newer one."""
+    path = settings.database_path
+    try:
+        version = database_version(path)
+        if version is not None:
+            check_version(version, path, upgrade=settings.upgrade_schema)
+    except (SchemaMismatch, sqlite3.Error) as exc:
+        raise SystemExit(f"switchboard: {exc}") from None
+
+
 def allow_open_files(settings: Settings) -> None:
     """Raise the soft limit on open files to the hard one: --max-connections (and every
     supervisor's WebSocket) needs a descriptor each, and the default soft limit is often
@@ -172,6 +187,7 @@ def run(settings: Settings) -> None:
     check_tls(settings)
     logfmt.configure(settings.log_format)
     keyring = prepare_storage(settings)
+    check_database(settings)
     allow_open_files(settings)
     gc.freeze()  # the imported code lives as long as the process; don't rescan it
     uvloop.run(serve(settings, keyring))

@@ -61,7 +61,12 @@ KINDS = ("unit", "slow", "process", "docker", "wasm", "browser", "postgres", "be
 #: Kinds that start nothing, so go with no other kind.
 IN_PROCESS = ("unit", "slow")
 #: Fixtures whose use says a test's kind (a module marks what its fixtures don't tell).
-KIND_OF_FIXTURE = {"switchboard": "process", "docker_engine": "docker", "program": "wasm"}
+KIND_OF_FIXTURE = {
+    "switchboard": "process",
+    "docker_engine": "docker",
+    "program": "wasm",
+    "postgres": "postgres",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: an unmarked test is never missed

@@ -103,7 +103,7 @@ async def test_an_older_database_learns_which_jobs_name_which_artifacts(tmp_path
         " PRAGMA user_version = 3;"
     )
     conn.close()
-    upgraded = SQLiteStore(path)
+    upgraded = SQLiteStore(path, upgrade=True)
     await upgraded.open()
     try:
         assert (await upgraded.delete_artifact(module)).needed_by == ["w"]

@@ -80,7 +80,7 @@ async def test_a_version_4_data_dir_opens_and_takes_test_cases(tmp_path):
     conn = sqlite3.connect(path)
     conn.executescript("DROP TABLE test_cases; DROP TABLE test_reports; PRAGMA user_version = 4;")
     conn.close()
-    upgraded = SQLiteStore(path)
+    upgraded = SQLiteStore(path, upgrade=True)
     await upgraded.open()
     try:
         assert (await upgraded.get_job("j1")).phase == Phase.ASSIGNED

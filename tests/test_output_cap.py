@@ -109,7 +109,7 @@ async def test_a_version_3_database_gets_the_output_columns_filled_in(tmp_path):
         " output_truncated; PRAGMA user_version = 3;"
     )
     conn.close()
-    upgraded = SQLiteStore(path, max_run_output=CAP)
+    upgraded = SQLiteStore(path, max_run_output=CAP, upgrade=True)
     await upgraded.open()
     try:
         assert (await upgraded.get_job("j1")).runs[0].output_bytes == 720

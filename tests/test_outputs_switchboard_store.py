@@ -107,7 +107,7 @@ async def test_a_version_5_data_dir_opens_and_takes_files(tmp_path):
         " ALTER TABLE runs DROP COLUMN files_refused_unlisted; PRAGMA user_version = 5;"
     )
     conn.close()
-    upgraded = SQLiteStore(path)
+    upgraded = SQLiteStore(path, upgrade=True)
     await upgraded.open()
     try:
         listing = await upgraded.run_files("j1")

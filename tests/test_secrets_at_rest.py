@@ -457,15 +457,19 @@ async def test_a_version_3_database_has_its_secrets_sealed_at_upgrade(tmp_path: 
     await store.close()
     _make_version_3(path, "queued", "ended")
 
-    with pytest.raises(SchemaMismatch, match="start `switchboard serve` on it once"):
-        await SQLiteStore(path).open()  # no key: the queued job's value can't be sealed
+    # No key: the queued job's value can't be sealed.
+    with pytest.raises(SchemaMismatch, match="upgrade it with `switchboard db upgrade`"):
+        await SQLiteStore(path, upgrade=True).open()
 
     keyring = Keyring.ephemeral()
-    upgraded = SQLiteStore(path, keyring=keyring)
+    upgraded = SQLiteStore(path, keyring=keyring, upgrade=True)
     await upgraded.open()
     try:
+        copies = [name for name in os.listdir(path.parent) if name.endswith(".bak")]
+        assert copies  # made before each try: the database as it was, the value in clear
         for name in os.listdir(path.parent):
-            assert b"s3cret-legacy-value" not in (path.parent / name).read_bytes(), name
+            held = b"s3cret-legacy-value" in (path.parent / name).read_bytes()
+            assert held == (name in copies), name
         for job_id in ("queued", "ended"):
             stored = (await upgraded.get_job(job_id)).spec.parameters
             assert stored["API_KEY"] == Parameter("********", secret=True)

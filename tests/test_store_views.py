@@ -103,7 +103,7 @@ async def test_a_version_2_database_is_upgraded_in_place(tmp_path):
     await old.create_job("kept", SPEC)
     await old.close()
     _downgrade(path, 2)
-    upgraded = SQLiteStore(path)
+    upgraded = SQLiteStore(path, upgrade=True)
     await upgraded.open()
     try:
         assert (await upgraded.get_job("kept")).phase == Phase.QUEUED
@@ -129,7 +129,7 @@ async def test_a_version_3_database_gets_job_owners(tmp_path):
         " ALTER TABLE jobs DROP COLUMN owner; PRAGMA user_version = 3;"
     )
     conn.close()
-    upgraded = SQLiteStore(path)
+    upgraded = SQLiteStore(path, upgrade=True)
     await upgraded.open()
     try:
         assert (await upgraded.get_job("before")).owner is None
@@ -148,4 +148,4 @@ async def test_an_older_database_is_refused_with_a_clear_error(tmp_path):
     await old.close()
     _downgrade(path, 1)
     with pytest.raises(SchemaMismatch, match="schema version 1"):
-        await SQLiteStore(path).open()
+        await SQLiteStore(path, upgrade=True).open()

@@ -1,4 +1,5 @@
-"""The SQLite schema, and the check that a data dir was made by this schema version."""
+"""The SQLite schema at the baseline of the migrations (store/migrations.py), and how a
+database from before the baseline catches up with it."""
 
 from __future__ import annotations
 
@@ -23,14 +24,20 @@ TERMINAL_SQL = ",".join("?" * len(TERMINAL_PHASES))
 ACTIVE_PHASES = tuple(p.value for p in Phase if p in ACTIVE)
 ACTIVE_SQL = ",".join("?" * len(ACTIVE_PHASES))
 
-#: Bumped whenever a table changes; a database of another version is refused, not guessed at.
+#: The version SCHEMA creates: where the numbered migrations (store/migrations.py) start.
+#: SCHEMA is not edited any more; a change to the schema is a new migration.
+BASELINE_VERSION = 6
+#: This code's version: the baseline and every migration past it (a test checks it is
+#: BASELINE_VERSION + len(migrations.MIGRATIONS)). A database of another version is served
+#: only once upgraded (an older one), or not at all (a newer one).
 SCHEMA_VERSION = 7
-#: Older versions this one reaches in place: their changes only added tables, indexes and
-#: triggers, which SCHEMA creates where missing, and the columns of ADDED_COLUMNS. (From 3,
+#: Versions before the baseline that reach it in one step: their changes only added
+#: tables, indexes and triggers, which SCHEMA creates where missing, and the columns of
+#: ADDED_COLUMNS. (From 3,
 #: the store also moves secret values out of the stored specs: see
 #: sqlite_secrets.seal_legacy_secrets.) Version 5 added test_reports and test_cases; 6
-#: added run_files, run_files_refused and runs.files_refused_unlisted; 7 jobs.waiting_for.
-ADDITIVE_UPGRADES_FROM = frozenset({2, 3, 4, 5, 6})
+#: added run_files, run_files_refused and runs.files_refused_unlisted.
+ADDITIVE_UPGRADES_FROM = frozenset({2, 3, 4, 5})
 
 #: Columns added to tables that older databases already have (SCHEMA holds them too, for a
 #: new database): table -> [(column, its definition, the statement that fills it in for
@@ -47,7 +54,7 @@ ADDED_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
         ("files_refused_unlisted", "INTEGER NOT NULL DEFAULT 0", None),
     ],
     "artifacts": [("uploaded_by", "TEXT", None), ("last_used", "REAL", None)],
-    "jobs": [("owner", "TEXT", None), ("waiting_for", "TEXT", None)],
+    "jobs": [("owner", "TEXT", None)],
     "supervisors": [("protocol", "TEXT NOT NULL DEFAULT ''", None)],
 }
 #: Tables added since version 2 that start with rows derived from the others: the version
@@ -141,13 +148,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     -- a restarted job waits in the queue until then (its backoff), and the delay it got
     not_before REAL,
     backoff_s REAL,
-    -- a chained job waits for this job to end (its inputs are that job's output files)
-    waiting_for TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
--- chained jobs waiting, by the job they wait for (switchboard.chains)
-CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (waiting_for) WHERE waiting_for IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_phase ON jobs (phase, priority DESC, seq);
 -- the dispatcher's queue: what some registered supervisor could run, in placement order
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (priority DESC, seq)
@@ -338,36 +341,19 @@ class SchemaMismatch(RuntimeError):
     """The database was made by another version of the switchboard."""
 
 
-def apply_schema(
-    conn: sqlite3.Connection, upgrade: Callable[[sqlite3.Connection, int], None] | None = None
+def catch_up_to_baseline(
+    conn: sqlite3.Connection,
+    version: int,
+    legacy: Callable[[sqlite3.Connection, int], None] | None,
 ) -> None:
-    """Create the tables of a new database, or check an existing one's version and bring
-    it up to this one: `upgrade(conn, old_version)` moves its data, in the transaction
-    that sets the new version (so a failed upgrade is tried again at the next start)."""
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    (tables,) = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()
-    if tables and version != SCHEMA_VERSION and version not in ADDITIVE_UPGRADES_FROM:
-        raise SchemaMismatch(
-            f"the database has schema version {version}, this switchboard needs"
-            f" {SCHEMA_VERSION}: move the data dir aside (or start with a new --data-dir)"
-        )
-    if tables:
-        _add_columns(conn)
-    conn.executescript(SCHEMA)
-    if version == SCHEMA_VERSION:
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for since, fill in FILLED_TABLES.values():
-            if tables and version < since:
-                conn.execute(fill)
-        if tables and upgrade is not None:
-            upgrade(conn, version)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    """In the transaction that records BASELINE_VERSION: fill the tables added since
+    `version` (SCHEMA has created them, and add_columns the columns), and let `legacy`
+    move the data of `version`."""
+    for since, fill in FILLED_TABLES.values():
+        if version < since:
+            conn.execute(fill)
+    if legacy is not None:
+        legacy(conn, version)
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -375,7 +361,7 @@ def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
     return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
-def _add_columns(conn: sqlite3.Connection) -> None:
+def add_columns(conn: sqlite3.Connection) -> None:
     """Give an older database's tables the columns added since (each with its backfill in
     the same transaction, so a crash leaves it before or after, never half done)."""
     for table, columns in ADDED_COLUMNS.items():

@@ -83,7 +83,8 @@ class SQLiteStore(Store):
     store seals them with a key of its own that dies with it (tests; the token bootstrap,
     which stores no jobs), and leaves stored secrets as they are when it opens.
     `max_run_output`: the bytes of output one run may store, all streams together (None:
-    no cap); see EventBatch."""
+    no cap); see EventBatch. `upgrade`: bring a database an older release made up to this
+    schema at open, backing it up first (store/migrations.py); without it, one is refused."""
 
     def __init__(
         self,
@@ -92,8 +93,10 @@ class SQLiteStore(Store):
         readers: int = 4,
         keyring: Keyring | None = None,
         max_run_output: int | None = None,
+        upgrade: bool = False,
     ) -> None:
         self.path = path
+        self._upgrade = upgrade
         self._engine = SQLiteEngine(path, readers)
         self._keyring = keyring or Keyring.ephemeral()
         self._keyring_given = keyring is not None
@@ -108,7 +111,7 @@ class SQLiteStore(Store):
 
     async def open(self) -> None:
         keyring = self._keyring if self._keyring_given else None
-        self._engine.open(lambda conn: upgrade_and_reseal(conn, keyring))
+        self._engine.open(lambda conn: upgrade_and_reseal(conn, keyring, upgrade=self._upgrade))
 
     async def close(self) -> None:
         await self._engine.close()

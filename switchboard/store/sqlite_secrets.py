@@ -22,7 +22,8 @@ from switchboard.sealing import (
     split_secrets,
     with_secrets,
 )
-from switchboard.store.schema import SchemaMismatch, apply_schema
+from switchboard.store.migrations import apply_schema
+from switchboard.store.schema import SchemaMismatch
 
 log = logging.getLogger("switchboard.store")
 
@@ -95,32 +96,38 @@ def seal_legacy_secrets(conn: sqlite3.Connection, keyring: Keyring | None) -> in
             if keyring is None:
                 raise SchemaMismatch(
                     "the database was made by an older switchboard and holds the secret"
-                    " parameters of jobs still to run: start `switchboard serve` on it once"
-                    " to upgrade it"
+                    " parameters of jobs still to run, which only the secret key seals:"
+                    " upgrade it with `switchboard db upgrade` (or `switchboard serve"
+                    " --upgrade`)"
                 )
             store_sealed(conn, job_id, keyring.seal(job_id, values))
         conn.execute("UPDATE jobs SET spec = ? WHERE id = ?", (_encoder.encode(stored), job_id))
     return found
 
 
-def upgrade_and_reseal(conn: sqlite3.Connection, keyring: Keyring | None) -> None:
-    """At open: bring the schema up to date (moving secret values an older version kept in
-    the specs out of them), then seal again with the current key what an older one sealed.
-    Without a keyring, stored secrets are left as they are."""
+def upgrade_and_reseal(
+    conn: sqlite3.Connection, keyring: Keyring | None, *, upgrade: bool = False
+) -> None:
+    """At open: check the schema's version and, if `upgrade`, bring it up to date (moving
+    secret values an older version kept in the specs out of them), then seal again with
+    the current key what an older one sealed. Without a keyring, stored secrets are left
+    as they are."""
     found = 0
 
-    def upgrade(conn: sqlite3.Connection, version: int) -> None:
+    def legacy(conn: sqlite3.Connection, version: int) -> None:
         nonlocal found
         found = seal_legacy_secrets(conn, keyring)
 
     conn.execute("PRAGMA secure_delete=ON")  # the specs rewritten lose their old values
-    apply_schema(conn, upgrade)
+    apply_schema(conn, legacy, upgrade=upgrade)
     if found:
         # Values an older version kept in clear may linger in free pages and the WAL:
-        # rewrite the file once, and empty the WAL.
+        # rewrite the file once, and empty the WAL. (The copy made before the upgrade
+        # still holds them, as the database did: the log says so.)
         log.warning(
             "moved the secret values of %d jobs out of their stored specs; rewriting the"
-            " database once to leave no trace of them",
+            " database once to leave no trace of them (the copy made before the upgrade"
+            " still holds them in clear: delete it once the upgrade is confirmed)",
             found,
         )
         conn.execute("VACUUM")

@@ -1,0 +1,101 @@
+"""`switchboard db ...`: the data dir's database, worked on directly (no server running):
+its schema version, and the upgrade to this release's schema (store/migrations.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+
+from common import logfmt
+from switchboard import datadir
+from switchboard.admin_cli import data_dir
+from switchboard.config import Settings
+from switchboard.datadir import DataDirError
+from switchboard.secret_keys import SecretKeyError, load_keyring
+from switchboard.store.migrations import database_version
+from switchboard.store.schema import SCHEMA_VERSION, SchemaMismatch
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        data_dir=data_dir(args.data_dir),
+        secret_key_file=Path(args.secret_key_file) if args.secret_key_file else None,
+        secret_key=os.environ.get("SWITCHBOARD_SECRET_KEY") or None,
+    )
+
+
+def _version(args: argparse.Namespace) -> int:
+    path = _settings(args).database_path
+    version = database_version(path)
+    if version is None:
+        print(f"{path}: no database yet; this switchboard makes schema version {SCHEMA_VERSION}")
+    elif version == SCHEMA_VERSION:
+        print(f"{path}: schema version {version}, this release's")
+    elif version < SCHEMA_VERSION:
+        print(
+            f"{path}: schema version {version}, older than this release's {SCHEMA_VERSION}:"
+            " `switchboard db upgrade` brings it up to date"
+        )
+    else:
+        print(
+            f"{path}: schema version {version}, newer than this release's {SCHEMA_VERSION}:"
+            " this release can't serve it"
+        )
+    return 0
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    from switchboard.store.sqlite import SQLiteStore
+
+    logfmt.configure("text")
+    settings = _settings(args)
+    path = settings.database_path
+    before = database_version(path)
+    if before is None:
+        raise SystemExit(f"switchboard: no database at {path}: nothing to upgrade")
+    if before == SCHEMA_VERSION:
+        print(f"{path}: already at schema version {SCHEMA_VERSION}")
+        return 0
+    try:
+        datadir.prepare(settings.data_dir)
+        # The key seals the secret values a version-3 database kept in its job specs.
+        store = SQLiteStore(path, keyring=load_keyring(settings), upgrade=True)
+
+        async def upgrade() -> None:
+            await store.open()
+            await store.close()
+
+        asyncio.run(upgrade())
+    except (DataDirError, SecretKeyError, SchemaMismatch) as exc:
+        raise SystemExit(f"switchboard: {exc}") from None
+    print(f"{path}: upgraded from schema version {before} to {SCHEMA_VERSION}")
+    return 0
+
+
+def add_db_commands(commands: argparse._SubParsersAction) -> None:
+    group = commands.add_parser(
+        "db", help="the data dir's database: its schema version, and upgrading it"
+    ).add_subparsers(dest="db_command")
+    group.required = True
+    for name, help, func in [
+        ("version", "the database's schema version and this release's", _version),
+        (
+            "upgrade",
+            "upgrade a database an older release made to this release's schema (stop the"
+            " switchboard first; the database is copied aside before it changes)",
+            _upgrade,
+        ),
+    ]:
+        parser = group.add_parser(name, help=help)
+        parser.add_argument(
+            "--data-dir", help="the switchboard's data dir (default ./switchboard-data)"
+        )
+        parser.add_argument(
+            "--secret-key-file",
+            default=os.environ.get("SWITCHBOARD_SECRET_KEY_FILE"),
+            metavar="PATH",
+            help="the key that seals secret parameter values, as for `serve`",
+        )
+        parser.set_defaults(func=func)

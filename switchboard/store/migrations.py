@@ -1,0 +1,204 @@
+"""Schema migrations of the SQLite store: what brings a data dir made by an older release
+up to this one's SCHEMA_VERSION, and the checks that refuse what can't be served.
+
+A new database is created at the baseline (schema.SCHEMA, version BASELINE_VERSION) and
+then taken through every step of MIGRATIONS, so a new and an upgraded database end in
+the same place by the same path. A change to the schema is a new Migration at the end of
+MIGRATIONS (and SCHEMA_VERSION one higher); SCHEMA itself is never edited again.
+
+An existing database older than this code is upgraded only when asked (`switchboard db
+upgrade`, or `switchboard serve --upgrade`): the file is copied aside first with SQLite's
+backup API, then each step runs in a transaction of its own that also records the version
+it reached, so an interrupted upgrade resumes at the step that did not finish. A database
+newer than this code is refused: an older release can't know what a newer one stored.
+
+Before the baseline, versions 2 to 5 only ever added tables, indexes, triggers and the
+columns of schema.ADDED_COLUMNS: they reach the baseline in one step that adds what is
+missing (schema.catch_up_to_baseline).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from switchboard import datadir
+from switchboard.store import schema
+from switchboard.store.schema import BASELINE_VERSION, SCHEMA_VERSION, SchemaMismatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """The step from version `to - 1` to `to`: `apply` runs inside the transaction that
+    records `to`, and may run SQL or Python (moving data) on the connection."""
+
+    to: int
+    summary: str
+    apply: Callable[[sqlite3.Connection], None]
+
+
+def _chained_jobs(conn: sqlite3.Connection) -> None:
+    # A chained job waits for this job to end (its inputs are that job's output files).
+    # (Added only where missing: a database dressed up as an older one by a test has it.)
+    if "waiting_for" not in {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}:
+        conn.execute("ALTER TABLE jobs ADD COLUMN waiting_for TEXT")
+    # Chained jobs waiting, by the job they wait for (switchboard.chains).
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (waiting_for)"
+        " WHERE waiting_for IS NOT NULL"
+    )
+
+
+#: Every step past the baseline, in order: MIGRATIONS[i] reaches BASELINE_VERSION + i + 1.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        7, "jobs.waiting_for: chained jobs wait for the job they take files from", _chained_jobs
+    ),
+)
+
+#: The oldest version an upgrade reaches; an older file must be made again.
+OLDEST_UPGRADABLE = min(schema.ADDITIVE_UPGRADES_FROM)
+
+
+class SchemaTooNew(SchemaMismatch):
+    """The database was made by a newer switchboard than this one."""
+
+
+class SchemaOutdated(SchemaMismatch):
+    """The database is older than this code and may be upgraded, but was not asked to."""
+
+
+def upgrade_command(path: Path) -> str:
+    """The command that upgrades the data dir holding `path`."""
+    return f"switchboard db upgrade --data-dir {path.parent}"
+
+
+def check_version(
+    version: int, path: Path, *, upgrade: bool, current: int = SCHEMA_VERSION
+) -> None:
+    """Refuse a database of `version` (it has tables) that code at schema version
+    `current` can't serve as it is."""
+    if version > current:
+        raise SchemaTooNew(
+            f"the database {path} has schema version {version}, made by a newer switchboard;"
+            f" this one knows versions up to {current}: run the newer release (or"
+            " restore the backup an upgrade left beside the database)"
+        )
+    if version < OLDEST_UPGRADABLE:
+        raise SchemaMismatch(
+            f"the database has schema version {version}, this switchboard needs"
+            f" {current} and upgrades from {OLDEST_UPGRADABLE} on: move the data dir"
+            " aside (or start with a new --data-dir)"
+        )
+    if version < current and not upgrade:
+        raise SchemaOutdated(
+            f"the database {path} has schema version {version}, this switchboard needs"
+            f" {current}: upgrade it with `{upgrade_command(path)}` (it backs the"
+            " database up first), or start with `switchboard serve --upgrade`"
+        )
+
+
+def database_version(path: Path) -> int | None:
+    """The schema version of the database at `path`, read without changing it (None: no
+    database there yet, or one with no tables)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        (tables,) = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+        ).fetchone()
+    finally:
+        conn.close()
+    return int(version) if tables else None
+
+
+def _path_of(conn: sqlite3.Connection) -> Path:
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main":
+            return Path(file)
+    raise AssertionError("a connection always has a main database")
+
+
+def backup(conn: sqlite3.Connection, version: int) -> Path:
+    """Copy the database beside itself (private, like the data dir) before it is
+    upgraded from `version`; return the copy's path."""
+    path = _path_of(conn)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.schema-{version}.{stamp}.bak")
+    datadir.private_file(target)
+    copy = sqlite3.connect(target)
+    try:
+        conn.backup(copy)
+    finally:
+        copy.close()
+    return target
+
+
+def apply_schema(
+    conn: sqlite3.Connection,
+    legacy: Callable[[sqlite3.Connection, int], None] | None = None,
+    *,
+    upgrade: bool = False,
+    steps: Sequence[Migration] = MIGRATIONS,
+) -> None:
+    """Create the tables of a new database, or check an existing one's version and, when
+    `upgrade` is given, back it up and bring it up to this one. `legacy(conn, version)`
+    moves the data of a version before the baseline, in the step that reaches it.
+    `steps`: the migrations past the baseline (tests give their own)."""
+    current = BASELINE_VERSION + len(steps)
+    for number, step in enumerate(steps, BASELINE_VERSION + 1):
+        assert step.to == number, f"migration to {step.to} where {number} is next"
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    (tables,) = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()
+    if not tables:
+        conn.executescript(schema.SCHEMA)
+        _in_transaction(conn, BASELINE_VERSION, lambda conn: None)
+        for step in steps:
+            _in_transaction(conn, step.to, step.apply)
+        return
+    if version == current:
+        return
+    check_version(version, _path_of(conn), upgrade=upgrade, current=current)
+    copy = backup(conn, version)
+    log.warning(
+        "upgrading the database %s from schema version %d to %d; a copy of it as it was is at %s",
+        _path_of(conn),
+        version,
+        current,
+        copy,
+    )
+    if version < BASELINE_VERSION:
+        schema.add_columns(conn)
+        conn.executescript(schema.SCHEMA)
+        _in_transaction(
+            conn,
+            BASELINE_VERSION,
+            lambda conn: schema.catch_up_to_baseline(conn, version, legacy),
+        )
+        version = BASELINE_VERSION
+    for step in steps[version - BASELINE_VERSION :]:
+        log.info("schema version %d: %s", step.to, step.summary)
+        _in_transaction(conn, step.to, step.apply)
+    log.warning("the database is at schema version %d", current)
+
+
+def _in_transaction(
+    conn: sqlite3.Connection, version: int, apply: Callable[[sqlite3.Connection], None]
+) -> None:
+    """Run `apply` and record `version` in one transaction: both happen or neither."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        apply(conn)
+        conn.execute(f"PRAGMA user_version = {int(version)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
