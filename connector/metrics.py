@@ -20,6 +20,12 @@ RECONNECTS = Counter(
     "Connections to the switchboard established again after the first one.",
     registry=REGISTRY,
 )
+FAILOVERS = Counter(
+    "supervisor_failovers_total",
+    "Times the supervisor turned to the next of its switchboard addresses (several"
+    " --switchboard URLs: replicas of one lab) after the one it used failed.",
+    registry=REGISTRY,
+)
 EVENTS_RESENT = Counter(
     "supervisor_events_resent_total",
     "Events sent again after a reconnect (sent before, never acknowledged).",

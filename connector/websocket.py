@@ -18,7 +18,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 import websockets
@@ -69,7 +69,7 @@ class WebSocketConnector(SupervisorConnector):
     def __init__(
         self,
         supervisor: Supervisor,
-        url: str,
+        url: str | Sequence[str],
         token: str | HostCredentials,
         *,
         supervisor_id: str,
@@ -82,7 +82,12 @@ class WebSocketConnector(SupervisorConnector):
         handshake_timeout_s: float = 10.0,
     ) -> None:
         self.supervisor = supervisor
-        self.url = url
+        #: The switchboard's addresses (replicas of one lab): one at a time is used, the
+        #: next when it fails (see run).
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("a connector needs a switchboard URL")
+        self._url_index = 0
         #: What to present on each attempt (a plain token: that token, always).
         self.credentials = (
             token
@@ -117,6 +122,11 @@ class WebSocketConnector(SupervisorConnector):
         self.sessions = 0
         supervisor.attach(self)
 
+    @property
+    def url(self) -> str:
+        """The address used now (the last connected or being tried)."""
+        return self.urls[self._url_index]
+
     # --- SupervisorConnector ---------------------------------------------------------
 
     async def send_event(self, event: SupervisorEvent) -> None:
@@ -133,6 +143,9 @@ class WebSocketConnector(SupervisorConnector):
         """Connect, and reconnect after every failure, until stop() or a fatal refusal."""
         await self.supervisor.recover()
         delays = self._backoff_factory()
+        #: Addresses that failed since the last backoff wait or the last established
+        #: connection: while some are untried, the next is tried at once (failover).
+        failed_in_round = 0
         while not self._stopping.is_set():
             sessions_before = self.sessions
             try:
@@ -160,10 +173,24 @@ class WebSocketConnector(SupervisorConnector):
                 # The link worked until it broke: back off from the start again, not from
                 # where a run of failed attempts had left the delay.
                 delays = self._backoff_factory()
+                failed_in_round = 0
+            failed_in_round += 1
+            if failed_in_round < len(self.urls):
+                # Another replica of the lab may be up: try it now, not after a backoff
+                # (the hint of the one that failed is about that one).
+                failed = self.url
+                self._url_index = (self._url_index + 1) % len(self.urls)
+                metrics.FAILOVERS.inc()
+                log.warning("%s (%s); trying %s", why, failed, self.url)
+                continue
+            failed_in_round = 0
             # The switchboard's hint (e.g. it is restarting) is a floor under the backoff.
             delay = max(next(delays), self._retry_after or 0.0)
             self._retry_after = None
             log.warning("%s (%s); reconnecting in %.2fs", why, self.url, delay)
+            if len(self.urls) > 1:
+                self._url_index = (self._url_index + 1) % len(self.urls)
+                metrics.FAILOVERS.inc()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
         return 0

@@ -74,24 +74,33 @@ class ArtifactSource(abc.ABC):
 
 
 def switchboard_client(
-    base_url: str,
+    base_url: str | Callable[[], str],
     token: str | Callable[[], str],
     *,
     verify_tls: bool | str | ssl.SSLContext = True,
 ) -> httpx.AsyncClient:
     """An HTTP client for the switchboard's REST API, as a supervisor calls it: every
     request carries the token (`token` may be a function giving the one to use now: a
-    supervisor that enrols switches to its own credential). `verify_tls` is what httpx's
-    `verify` takes: True (the system's CAs), an SSLContext (e.g. one trusting a private
-    CA), or a CA bundle path."""
+    supervisor that enrols switches to its own credential) and goes to `base_url` (which
+    may be a function too: the replica the supervisor is connected to now). `verify_tls`
+    is what httpx's `verify` takes: True (the system's CAs), an SSLContext (e.g. one
+    trusting a private CA), or a CA bundle path."""
     current = token if callable(token) else lambda: token
+    where = base_url if callable(base_url) else None
 
     def authorize(request: httpx.Request) -> httpx.Request:
         request.headers["Authorization"] = f"Bearer {current()}"
+        if where is not None:
+            target = httpx.URL(where())
+            request.url = request.url.copy_with(
+                scheme=target.scheme, host=target.host, port=target.port
+            )
+            request.headers["Host"] = request.url.netloc.decode("ascii")
         return request
 
     return httpx.AsyncClient(
-        base_url=base_url,
+        # A function is asked per request (authorize); until then, a name that goes nowhere.
+        base_url="http://switchboard.invalid" if callable(base_url) else base_url,
         auth=authorize,
         timeout=httpx.Timeout(30.0, connect=10.0),
         verify=verify_tls,
@@ -104,7 +113,7 @@ class HttpArtifactSource(ArtifactSource):
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Callable[[], str],
         token: str | Callable[[], str],
         *,
         verify_tls: bool | str | ssl.SSLContext = True,

@@ -110,6 +110,23 @@ def _ws_url(value: str) -> str:
     return f"{scheme}://{rest}" if "/" in rest else f"{scheme}://{rest}/ws/supervisor"
 
 
+def _switchboard_urls(given: list[str] | None) -> list[str]:
+    """--switchboard URLs (or $SWITCHBOARD_WS_URL's, comma-separated), protocol path filled
+    in, each once, in the order given."""
+    if not given:
+        given = [u for u in os.environ.get("SWITCHBOARD_WS_URL", "").split(",") if u.strip()]
+    if not given:
+        raise SystemExit("supervisor: give the switchboard's URL: --switchboard ws://HOST:PORT")
+    urls = list(dict.fromkeys(_ws_url(u.strip()) for u in given))
+    schemes = {u.partition("://")[0] for u in urls}
+    if len(schemes) > 1:
+        raise SystemExit(
+            f"supervisor: the --switchboard URLs mix {' and '.join(sorted(schemes))}:"
+            " replicas of one switchboard are all TLS or none"
+        )
+    return urls
+
+
 def _tls_context(ca_file: str | None) -> ssl.SSLContext:
     """A client context that verifies the switchboard's certificate and host name against
     `ca_file` (PEM), or against the system's CAs without one. Never unverified."""
@@ -162,7 +179,7 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
 
     link = settings.link
     assert link is not None, "supervisor run has a switchboard to reach"
-    url = link.url
+    url = link.urls[0]
     tls: ssl.SSLContext | None = None
     artifacts_tls: ssl.SSLContext | None = None
     uploads_tls: ssl.SSLContext | None = None
@@ -185,8 +202,13 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
             where = f"{settings.metrics_host}:{settings.metrics_port}"
             raise SystemExit(f"supervisor: cannot serve metrics on {where}: {exc}") from None
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
+
+    def http_base() -> str:
+        # The REST calls (artifacts, uploads) go to the replica connected to now.
+        return _http_base(connector.url)
+
     artifacts = HttpArtifactSource(
-        _http_base(url),
+        http_base if len(link.urls) > 1 else _http_base(url),
         lambda: credentials.current,
         verify_tls=artifacts_tls if artifacts_tls else True,
     )
@@ -194,7 +216,7 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
     # no run's console output waits behind another's upload.
     uploads = SwitchboardSink(
         switchboard_client(
-            _http_base(url),
+            http_base if len(link.urls) > 1 else _http_base(url),
             lambda: credentials.current,
             verify_tls=uploads_tls if uploads_tls else True,
         ),
@@ -213,7 +235,7 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
     )
     connector = WebSocketConnector(
         supervisor,
-        url,
+        link.urls,
         credentials,
         supervisor_id=settings.supervisor_id,
         name=settings.name,
@@ -310,7 +332,7 @@ def build_settings(args: argparse.Namespace) -> SupervisorSettings:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         link=LinkSettings(
-            url=_ws_url(args.switchboard),
+            urls=_switchboard_urls(args.switchboard),
             ca_file=args.ca_file,
             max_backlog_mb=args.max_backlog_mb,
         ),
@@ -418,9 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="connect to a switchboard and run its jobs")
     run.add_argument(
         "--switchboard",
-        default=os.environ.get("SWITCHBOARD_WS_URL"),
-        required="SWITCHBOARD_WS_URL" not in os.environ,
-        help="ws://HOST:PORT, or wss://HOST:PORT for TLS (http:// and https:// work too)",
+        action="append",
+        metavar="URL",
+        help="ws://HOST:PORT, or wss://HOST:PORT for TLS (http:// and https:// work too);"
+        " repeat it for replicas of one switchboard: one is used at a time, the next when"
+        " it fails (or $SWITCHBOARD_WS_URL, several separated by commas)",
     )
     run.add_argument(
         "--ca-file",

@@ -245,8 +245,9 @@ class LinkSettings(msgspec.Struct, frozen=True):
     here: it is read once into the connector's credentials, so that no repr or log of the
     settings can show it."""
 
-    #: ws:// or wss:// URL of the supervisor endpoint.
-    url: str
+    #: ws:// or wss:// URLs of the supervisor endpoint: one switchboard, or several
+    #: replicas serving one lab (tried in turn when the one in use fails).
+    urls: list[str]
     #: CA certificate(s) (PEM) to verify a wss:// switchboard with (None: the system's).
     ca_file: str | None = None
     #: Unacknowledged events kept at most; past that, jobs' output waits (backpressure).

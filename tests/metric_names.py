@@ -3,6 +3,7 @@ both the switchboard's metrics tests (which scrape a supervisor too) and the sup
 
 SUPERVISOR_METRICS = {
     "supervisor_reconnects_total": "counter",
+    "supervisor_failovers_total": "counter",
     "supervisor_events_resent_total": "counter",
     "supervisor_event_problems_total": "counter",
     "supervisor_protocol_errors_total": "counter",

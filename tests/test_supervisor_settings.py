@@ -24,7 +24,7 @@ def test_run_defaults_are_the_settings_defaults(monkeypatch):
     assert got.supervisor_id == got.name == "host-1"
     assert got.work_dir == Path("supervisor-work")
     assert got.wasm == WasmSettings(cache_dir=Path("supervisor-work/wasm-cache"))
-    assert got.link == LinkSettings(url="ws://sb.example:8765/ws/supervisor")
+    assert got.link == LinkSettings(urls=["ws://sb.example:8765/ws/supervisor"])
     defaults = SupervisorSettings(supervisor_id="x", work_dir=Path("w"), wasm=got.wasm)
     for field in ("backend", "max_jobs", "metrics_port", "metrics_host", "labels"):
         assert getattr(got, field) == getattr(defaults, field), field
@@ -44,7 +44,7 @@ def test_flags_env_and_config_file_reach_the_settings(tmp_path, monkeypatch):
     )  # fmt: skip
     assert (got.supervisor_id, got.name) == ("h-2", "Host 2")
     assert got.labels == {"arch": "x86_64"} and got.max_jobs == 7
-    assert got.link == LinkSettings("wss://sb:8443/ws/supervisor", "/etc/lab-ca.pem", 8)
+    assert got.link == LinkSettings(["wss://sb:8443/ws/supervisor"], "/etc/lab-ca.pem", 8)
     assert got.wasm.cache_dir == Path("/var/cache/wasm") and got.wasm.scratch_mb == 5
     assert got.config.docker.allowed_networks == ["none", "bridge"]
     assert got.docker_host == "tcp://e:2375"
