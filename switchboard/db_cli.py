@@ -1,11 +1,13 @@
-"""`switchboard db ...`: the data dir's database, worked on directly (no server running):
-its schema version, and the upgrade to this release's schema (store/migrations.py)."""
+"""`switchboard db ...`: the data dir's database, worked on directly: its schema version,
+the upgrade to this release's schema (store/migrations.py; no server running), and a
+backup of the data dir (while one serves it: switchboard/backup.py)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import sqlite3
 from pathlib import Path
 
 from common import logfmt
@@ -74,9 +76,36 @@ def _upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    from switchboard.backup import backup_data_dir
+
+    settings = _settings(args)
+    path = settings.database_path
+    if database_version(path) is None:
+        raise SystemExit(f"switchboard: no database at {path}: nothing to back up")
+    into = Path(args.to)
+    if into.resolve() == settings.data_dir.resolve():
+        raise SystemExit("switchboard: --to is the data dir itself: back up somewhere else")
+    try:
+        done = backup_data_dir(path, settings.artifacts_dir, into)
+    except (OSError, sqlite3.Error) as exc:
+        raise SystemExit(f"switchboard: backup into {into} failed: {exc}") from None
+    print(
+        f"{into}: database {done.database_bytes} bytes; artifacts: {done.artifacts_copied}"
+        f" copied, {done.artifacts_kept} already there"
+    )
+    for digest in done.missing:
+        print(f"artifact {digest} was removed (retention) before it could be copied")
+    print(
+        "not copied: the secret key (keep it apart; back it up on its own). Serve the copy"
+        f" with `switchboard serve --data-dir {into}` and that key."
+    )
+    return 0
+
+
 def add_db_commands(commands: argparse._SubParsersAction) -> None:
     group = commands.add_parser(
-        "db", help="the data dir's database: its schema version, and upgrading it"
+        "db", help="the data dir's database: its schema version, upgrading it, backing it up"
     ).add_subparsers(dest="db_command")
     group.required = True
     for name, help, func in [
@@ -86,6 +115,12 @@ def add_db_commands(commands: argparse._SubParsersAction) -> None:
             "upgrade a database an older release made to this release's schema (stop the"
             " switchboard first; the database is copied aside before it changes)",
             _upgrade,
+        ),
+        (
+            "backup",
+            "copy the data dir (database and artifacts, not the secret key) into --to DIR,"
+            " a data dir a switchboard can serve; safe while the switchboard runs",
+            _backup,
         ),
     ]:
         parser = group.add_parser(name, help=help)
@@ -98,4 +133,6 @@ def add_db_commands(commands: argparse._SubParsersAction) -> None:
             metavar="PATH",
             help="the key that seals secret parameter values, as for `serve`",
         )
+        if name == "backup":
+            parser.add_argument("--to", required=True, metavar="DIR", help="the copy's data dir")
         parser.set_defaults(func=func)
