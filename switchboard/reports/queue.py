@@ -7,6 +7,7 @@ run's files, so a refused report is visible where the file is listed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Iterable
 
@@ -30,49 +31,56 @@ class ReportQueue:
         self.store = store
         self.artifacts = artifacts
         self.max_bytes = max_bytes
-        self._slots = asyncio.Semaphore(CONCURRENCY)
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Reports waiting, oldest first; at most CONCURRENCY workers take them in turn
+        #: (a backlog of thousands costs a list entry each, not a task each).
+        self._pending: collections.deque[PendingReport] = collections.deque()
+        self._workers: set[asyncio.Task[None]] = set()
 
     def submit(self, reports: Iterable[PendingReport]) -> None:
         """Parse and store these reports in the background."""
-        for report in reports:
-            task = asyncio.create_task(self._ingest(report), name="report")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._pending.extend(reports)
+        while self._pending and len(self._workers) < CONCURRENCY:
+            task = asyncio.create_task(self._work(), name="reports")
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
 
     async def drain(self) -> None:
         """Wait for every report submitted so far (tests, shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._workers:
+            await asyncio.gather(*list(self._workers), return_exceptions=True)
 
     def stop(self) -> None:
-        for task in list(self._tasks):
+        self._pending.clear()  # still pending in the store: the next start takes them up
+        for task in list(self._workers):
             task.cancel()
 
+    async def _work(self) -> None:
+        while self._pending:
+            await self._ingest(self._pending.popleft())
+
     async def _ingest(self, report: PendingReport) -> None:
-        async with self._slots:
-            try:
-                data = await asyncio.to_thread(self._read, report.digest)
-                status: ReportStatus = "refused"
-                error: str | None = "its artifact is no longer stored"
-                if data is not None:
-                    outcome = await store_report(
-                        self.store,
-                        report.job_id,
-                        report.attempt,
-                        report.path,
-                        data,
-                        max_bytes=self.max_bytes,
-                    )
-                    if outcome.refused is None:
-                        status, error = "stored", None
-                    else:
-                        error = outcome.refused
-                await self.store.set_report_status(
-                    report.job_id, report.attempt, report.path, status, error
+        try:
+            data = await asyncio.to_thread(self._read, report.digest)
+            status: ReportStatus = "refused"
+            error: str | None = "its artifact is no longer stored"
+            if data is not None:
+                outcome = await store_report(
+                    self.store,
+                    report.job_id,
+                    report.attempt,
+                    report.path,
+                    data,
+                    max_bytes=self.max_bytes,
                 )
-            except Exception:  # one report must never stop the others
-                log.exception("JUnit report %r of job %s failed", report.path, report.job_id)
+                if outcome.refused is None:
+                    status, error = "stored", None
+                else:
+                    error = outcome.refused
+            await self.store.set_report_status(
+                report.job_id, report.attempt, report.path, status, error
+            )
+        except Exception:  # one report must never stop the others
+            log.exception("JUnit report %r of job %s failed", report.path, report.job_id)
 
     def _read(self, digest: str) -> bytes | None:
         """The artifact's bytes, at most one past the cap (enough for the parser to refuse
