@@ -60,6 +60,11 @@ class Cluster:
         path = self.root / "server.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
+    def new_database(self, name: str) -> str:
+        """A new empty database `name` (a test's own); its libpq URI."""
+        self.psql(f'CREATE DATABASE "{name}"')
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
+
     def psql(self, sql: str) -> str:
         """Run `sql` with psql on the cluster's socket; its output, unaligned."""
         done = subprocess.run(
