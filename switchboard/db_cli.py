@@ -4,7 +4,6 @@ its schema version, and the upgrade to this release's schema (store/migrations.p
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from switchboard.admin_cli import data_dir
 from switchboard.config import Settings
 from switchboard.datadir import DataDirError
 from switchboard.secret_keys import SecretKeyError, load_keyring
-from switchboard.store.migrations import database_version
+from switchboard.store.migrations import check_version, database_version
 from switchboard.store.schema import SCHEMA_VERSION, SchemaMismatch
 
 
@@ -47,27 +46,23 @@ def _version(args: argparse.Namespace) -> int:
 
 
 def _upgrade(args: argparse.Namespace) -> int:
-    from switchboard.store.sqlite import SQLiteStore
+    from switchboard.upgrading import upgrade  # the store: only this command needs it
 
     logfmt.configure("text")
     settings = _settings(args)
     path = settings.database_path
-    before = database_version(path)
-    if before is None:
-        raise SystemExit(f"switchboard: no database at {path}: nothing to upgrade")
-    if before == SCHEMA_VERSION:
-        print(f"{path}: already at schema version {SCHEMA_VERSION}")
-        return 0
     try:
         datadir.prepare(settings.data_dir)
-        # The key seals the secret values a version-3 database kept in its job specs.
-        store = SQLiteStore(path, keyring=load_keyring(settings), upgrade=True)
-
-        async def upgrade() -> None:
-            await store.open()
-            await store.close()
-
-        asyncio.run(upgrade())
+        with datadir.hold(settings.data_dir, exclusive=True):
+            before = database_version(path)
+            if before is None:
+                raise SystemExit(f"switchboard: no database at {path}: nothing to upgrade")
+            if before == SCHEMA_VERSION:
+                print(f"{path}: already at schema version {SCHEMA_VERSION}")
+                return 0
+            check_version(before, path, upgrade=True)
+            # The key seals the secret values a version-3 database kept in its job specs.
+            upgrade(path, load_keyring(settings))
     except (DataDirError, SecretKeyError, SchemaMismatch) as exc:
         raise SystemExit(f"switchboard: {exc}") from None
     print(f"{path}: upgraded from schema version {before} to {SCHEMA_VERSION}")
