@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 from pathlib import Path
 
 from common import logfmt
@@ -27,7 +28,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _version(args: argparse.Namespace) -> int:
     path = _settings(args).database_path
-    version = database_version(path)
+    try:
+        version = database_version(path)
+    except sqlite3.Error as exc:
+        raise SystemExit(f"switchboard: cannot read {path}: {exc}") from None
     if version is None:
         print(f"{path}: no database yet; this switchboard makes schema version {SCHEMA_VERSION}")
     elif version == SCHEMA_VERSION:
@@ -65,6 +69,8 @@ def _upgrade(args: argparse.Namespace) -> int:
             upgrade(path, load_keyring(settings))
     except (DataDirError, SecretKeyError, SchemaMismatch) as exc:
         raise SystemExit(f"switchboard: {exc}") from None
+    except sqlite3.Error as exc:
+        raise SystemExit(f"switchboard: cannot upgrade {path}: {exc}") from None
     print(f"{path}: upgraded from schema version {before} to {SCHEMA_VERSION}")
     return 0
 

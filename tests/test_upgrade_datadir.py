@@ -154,3 +154,14 @@ def test_no_upgrade_while_a_switchboard_serves_the_data_dir(tmp_path):
         server.stop()
     done = run_cli("-m", "switchboard", "db", "upgrade", "--data-dir", str(server.data_dir))
     assert "already at schema version" in done.stdout.decode()
+
+
+def test_a_file_that_is_no_database_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "switchboard.sqlite3").write_bytes(b"not a database at all, but long enough\n" * 4)
+    for command in ("version", "upgrade"):
+        done = run_cli(*("-m", "switchboard", "db", command, "--data-dir", str(data)), check=False)
+        assert done.returncode != 0
+        assert "file is not a database" in done.stderr.decode()
+        assert "Traceback" not in done.stderr.decode()
