@@ -102,7 +102,6 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         settings.database_path,
         keyring=keyring,
         max_run_output=settings.max_run_output_bytes or None,
-        upgrade=settings.upgrade_schema,
     )
     hub = Hub(store, settings)
     changes = Changes(store)

@@ -9,10 +9,12 @@ every right on everything in it (one stat per entry; symbolic links in it are le
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import stat
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger("switchboard")
 
@@ -79,6 +81,38 @@ def prepare(data_dir: Path) -> int:
             tightened,
         )
     return tightened
+
+
+#: The file a serving switchboard holds a shared lock on, and an upgrade an exclusive one.
+LOCK_FILE = "switchboard.lock"
+
+
+class DataDirBusy(DataDirError):
+    """A switchboard is serving the data dir, and what was asked needs it alone."""
+
+
+def hold(data_dir: Path, *, exclusive: bool) -> IO[bytes]:
+    """Lock the data dir for as long as the returned file stays open (the kernel lets go
+    when the process ends, however it ends): shared by every switchboard serving it,
+    exclusive for an upgrade, which must not change the database under one."""
+    path = data_dir / LOCK_FILE
+    private_file(path)
+    held = open(path, "rb")
+    try:
+        fcntl.flock(held, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.close()
+        if exclusive:
+            raise DataDirBusy(
+                f"a switchboard is serving the data dir {data_dir}: stop it first"
+            ) from None
+        raise DataDirBusy(f"the data dir {data_dir} is being upgraded") from None
+    return held
+
+
+def share(held: IO[bytes]) -> None:
+    """Turn an exclusive hold into a shared one (the upgrade is done: serve)."""
+    fcntl.flock(held, fcntl.LOCK_SH)
 
 
 def _raise(exc: OSError) -> None:

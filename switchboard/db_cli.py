@@ -5,7 +5,6 @@ backup of the data dir (while one serves it: switchboard/backup.py)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sqlite3
 from pathlib import Path
@@ -16,7 +15,7 @@ from switchboard.admin_cli import data_dir
 from switchboard.config import Settings
 from switchboard.datadir import DataDirError
 from switchboard.secret_keys import SecretKeyError, load_keyring
-from switchboard.store.migrations import database_version
+from switchboard.store.migrations import check_version, database_version
 from switchboard.store.schema import SCHEMA_VERSION, SchemaMismatch
 
 
@@ -30,7 +29,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _version(args: argparse.Namespace) -> int:
     path = _settings(args).database_path
-    version = database_version(path)
+    try:
+        version = database_version(path)
+    except sqlite3.Error as exc:
+        raise SystemExit(f"switchboard: cannot read {path}: {exc}") from None
     if version is None:
         print(f"{path}: no database yet; this switchboard makes schema version {SCHEMA_VERSION}")
     elif version == SCHEMA_VERSION:
@@ -49,29 +51,27 @@ def _version(args: argparse.Namespace) -> int:
 
 
 def _upgrade(args: argparse.Namespace) -> int:
-    from switchboard.store.sqlite import SQLiteStore
+    from switchboard.upgrading import upgrade  # the store: only this command needs it
 
     logfmt.configure("text")
     settings = _settings(args)
     path = settings.database_path
-    before = database_version(path)
-    if before is None:
-        raise SystemExit(f"switchboard: no database at {path}: nothing to upgrade")
-    if before == SCHEMA_VERSION:
-        print(f"{path}: already at schema version {SCHEMA_VERSION}")
-        return 0
     try:
         datadir.prepare(settings.data_dir)
-        # The key seals the secret values a version-3 database kept in its job specs.
-        store = SQLiteStore(path, keyring=load_keyring(settings), upgrade=True)
-
-        async def upgrade() -> None:
-            await store.open()
-            await store.close()
-
-        asyncio.run(upgrade())
+        with datadir.hold(settings.data_dir, exclusive=True):
+            before = database_version(path)
+            if before is None:
+                raise SystemExit(f"switchboard: no database at {path}: nothing to upgrade")
+            if before == SCHEMA_VERSION:
+                print(f"{path}: already at schema version {SCHEMA_VERSION}")
+                return 0
+            check_version(before, path, upgrade=True)
+            # The key seals the secret values a version-3 database kept in its job specs.
+            upgrade(path, load_keyring(settings))
     except (DataDirError, SecretKeyError, SchemaMismatch) as exc:
         raise SystemExit(f"switchboard: {exc}") from None
+    except sqlite3.Error as exc:
+        raise SystemExit(f"switchboard: cannot upgrade {path}: {exc}") from None
     print(f"{path}: upgraded from schema version {before} to {SCHEMA_VERSION}")
     return 0
 

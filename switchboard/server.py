@@ -14,6 +14,7 @@ import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable
 from types import FrameType
+from typing import IO
 
 import uvicorn
 import uvloop
@@ -27,8 +28,8 @@ from switchboard.datadir import DataDirError
 from switchboard.http_limits import ConnectionTable, HttpLimits, LimitedHttpProtocol
 from switchboard.sealing import Keyring
 from switchboard.secret_keys import SecretKeyError, load_keyring
-from switchboard.store.migrations import check_version, database_version
 from switchboard.store.schema import SchemaMismatch
+from switchboard.upgrading import prepare_to_serve
 from switchboard.wsprotocol import AbortableWebSocketProtocol
 
 log = logging.getLogger("switchboard")
@@ -153,15 +154,12 @@ def prepare_storage(settings: Settings) -> Keyring:
         raise SystemExit(f"switchboard: {exc}") from None
 
 
-def check_database(settings: Settings) -> None:
-    """Stop with one line, before serving, on a database this code can't serve: one an
-    older release made (unless --upgrade), or a newer one."""
-    path = settings.database_path
+def hold_database(settings: Settings, keyring: Keyring) -> IO[bytes]:
+    """Hold the data dir and check (or, with --upgrade, upgrade) its database before
+    serving, or stop with one line saying what is wrong."""
     try:
-        version = database_version(path)
-        if version is not None:
-            check_version(version, path, upgrade=settings.upgrade_schema)
-    except (SchemaMismatch, sqlite3.Error) as exc:
+        return prepare_to_serve(settings, keyring)
+    except (DataDirError, SchemaMismatch, sqlite3.Error) as exc:
         raise SystemExit(f"switchboard: {exc}") from None
 
 
@@ -187,7 +185,7 @@ def run(settings: Settings) -> None:
     check_tls(settings)
     logfmt.configure(settings.log_format)
     keyring = prepare_storage(settings)
-    check_database(settings)
-    allow_open_files(settings)
-    gc.freeze()  # the imported code lives as long as the process; don't rescan it
-    uvloop.run(serve(settings, keyring))
+    with hold_database(settings, keyring):  # held while serving
+        allow_open_files(settings)
+        gc.freeze()  # the imported code lives as long as the process; don't rescan it
+        uvloop.run(serve(settings, keyring))

@@ -4,6 +4,7 @@ disk, WASI programs compiled from C. And the kinds of test: every test has one o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -103,10 +104,9 @@ _SPAWNERS = [
 ]
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
-    """A unit or slow test (its fixtures included) starts no process: one that does is
-    marked with the wrong kind."""
+@contextlib.contextmanager
+def _no_process(item: pytest.Item) -> Iterator[None]:
+    """While it lasts, a unit or slow test that starts a process fails."""
     if not any(item.get_closest_marker(kind) for kind in IN_PROCESS):
         yield
         return
@@ -122,3 +122,28 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     finally:
         for owner, name, original in saved:
             setattr(owner, name, original)
+
+
+# A unit or slow test (its fixtures included) starts no process: one that does is marked
+# with the wrong kind.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with _no_process(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with _no_process(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    if nextitem is None:
+        # The session's last test also ends the session's fixtures (a private Docker
+        # engine, a PostgreSQL cluster), which stop processes of their own: not its doing.
+        yield
+        return
+    with _no_process(item):
+        yield

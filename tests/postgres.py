@@ -23,8 +23,10 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,11 @@ class Cluster:
     def log(self) -> str:
         path = self.root / "server.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def new_database(self, name: str) -> str:
+        """A new empty database `name` (a test's own); its libpq URI."""
+        self.psql(f'CREATE DATABASE "{name}"')
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
 
     def psql(self, sql: str) -> str:
         """Run `sql` with psql on the cluster's socket; its output, unaligned."""
@@ -159,15 +166,29 @@ def private_cluster(*, durable: bool = True) -> Iterator[Cluster]:
             raise RuntimeError(f"the PostgreSQL server did not start:\n{log}")
         yield Cluster(root=root, socket_dir=socket_dir, port=port, user=user)
     finally:
-        if started:
-            subprocess.run(
-                _as_owner([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                capture_output=True,
-                timeout=120,
-                check=False,
-            )
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(socket_dir, ignore_errors=True)
+        try:
+            if started:
+                _stop(data)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _stop(data: Path) -> None:
+    """Stop the server: SIGINT is its fast shutdown (what `pg_ctl -m fast stop` sends),
+    sent from here so that stopping needs no process of its own; then wait for it."""
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if not (data / "postmaster.pid").exists():
+            return  # it has shut down (its parent, init, reaps it)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session", name="postgres")

@@ -14,7 +14,12 @@ pytestmark = pytest.mark.slow
 
 CONFTEST = """
 import pytest
-from tests.conftest import pytest_collection_modifyitems, pytest_runtest_protocol
+from tests.conftest import (
+    pytest_collection_modifyitems,
+    pytest_runtest_call,
+    pytest_runtest_setup,
+    pytest_runtest_teardown,
+)
 
 @pytest.fixture
 def switchboard():  # stands for the real one, which starts a process
@@ -95,3 +100,31 @@ def test_a_unit_or_slow_test_that_starts_a_process_fails(suite: pytest.Pytester,
     # Named by the inner test: the outer unit test's own guard would name itself.
     for name in ("test_runs_a_command", "test_forks"):
         result.stdout.fnmatch_lines([f"*::{name} may not start a process: mark it process*"])
+
+
+def test_the_last_test_may_end_session_fixtures_that_stop_processes(
+    suite: pytest.Pytester,
+) -> None:
+    """The session's last test, unit though it is, also ends the session's fixtures: a
+    private engine or cluster stops its processes then, and that is allowed."""
+    suite.makepyfile(
+        """
+        import subprocess
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def engine():
+            yield
+            try:
+                subprocess.run(["true"], check=True)
+            except AssertionError as refused:  # by the outer test's guard, not the inner's
+                assert "test_pure_and_last" not in str(refused)
+
+        @pytest.mark.process
+        def test_uses_it(engine): pass
+
+        @pytest.mark.unit
+        def test_pure_and_last(): pass
+        """
+    )
+    suite.runpytest_inprocess().assert_outcomes(passed=2)

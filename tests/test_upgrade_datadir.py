@@ -135,3 +135,33 @@ def test_a_database_from_a_newer_release_is_refused(tmp_path):
     assert upgrade.returncode != 0
     assert "made by a newer switchboard" in upgrade.stderr.decode()
     assert _version(db) == SCHEMA_VERSION + 1 and not list(data.glob("*.bak"))
+
+
+def test_no_upgrade_while_a_switchboard_serves_the_data_dir(tmp_path):
+    server = Switchboard(tmp_path / "data")
+    try:
+        for command in (
+            ("db", "upgrade", "--data-dir", str(server.data_dir)),
+            ("serve", "--port", "0", "--data-dir", str(server.data_dir), "--upgrade"),
+        ):
+            refused = run_cli("-m", "switchboard", *command, check=False, timeout=60)
+            assert refused.returncode != 0, command
+            said = refused.stderr.decode()
+            assert f"a switchboard is serving the data dir {server.data_dir}: stop it" in said
+        # It serves on, as before.
+        assert server.client().get("/api/v1/health").status_code == 200
+    finally:
+        server.stop()
+    done = run_cli("-m", "switchboard", "db", "upgrade", "--data-dir", str(server.data_dir))
+    assert "already at schema version" in done.stdout.decode()
+
+
+def test_a_file_that_is_no_database_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "switchboard.sqlite3").write_bytes(b"not a database at all, but long enough\n" * 4)
+    for command in ("version", "upgrade"):
+        done = run_cli(*("-m", "switchboard", "db", command, "--data-dir", str(data)), check=False)
+        assert done.returncode != 0
+        assert "file is not a database" in done.stderr.decode()
+        assert "Traceback" not in done.stderr.decode()

@@ -1,0 +1,100 @@
+"""The PostgreSQL engine under a store, as sqlite_engine.py is under the SQLite
+store: connections and transactions, nothing of jobs. Not yet used by a store a user can
+start (tests/test_postgres_engine.py checks it on a private cluster).
+
+The driver is asyncpg (chosen by bench/pg_driver.py: docs/performance.md, "PostgreSQL
+driver"). A bounded pool of connections serves every request; `write` runs a function of
+a connection inside a transaction and returns once it is committed, so whatever a caller
+acknowledges on the strength of it is durable (with the server's synchronous_commit, on by
+default). Unlike SQLite's one writer, writes run side by side: row locks (and
+`FOR UPDATE SKIP LOCKED` where writers would race for the same row) keep them apart.
+`read` runs in a read-only transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from switchboard.store.postgres_schema import apply_schema
+
+T = TypeVar("T")
+# What a request's function gets: a pooled connection (generic in asyncpg's stubs only).
+if TYPE_CHECKING:
+    Connection: TypeAlias = PoolConnectionProxy[Any]
+else:
+    Connection = PoolConnectionProxy
+
+
+class PostgresEngine:
+    """One database: `dsn` is a libpq URI. `max_connections` bounds the pool (a request
+    beyond it waits for a connection); `statement_timeout_s` ends any one statement that
+    runs longer, so a stuck query can't hold a connection forever."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_connections: int = 1,
+        max_connections: int = 10,
+        statement_timeout_s: float = 30.0,
+    ) -> None:
+        self.dsn = dsn
+        self._min = min_connections
+        self._max = max_connections
+        self._timeout = statement_timeout_s
+        self._pool: asyncpg.Pool[Any] | None = None
+        #: Called after each write has committed (the live feed wakes on them).
+        self._write_listeners: list[Callable[[], None]] = []
+
+    async def open(self) -> None:
+        """Connect, then create the schema or check its version (store/postgres_schema)."""
+        pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=self._min,
+            max_size=self._max,
+            command_timeout=self._timeout,
+            server_settings={"statement_timeout": str(int(self._timeout * 1000))},
+        )
+        try:
+            async with pool.acquire() as conn:
+                await apply_schema(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def write(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run `fn` in a transaction; its value once committed (its error, rolled back)."""
+        assert self._pool is not None, "store is not open"
+        async with self._pool.acquire() as conn, conn.transaction():
+            value = await fn(conn)
+        for listener in self._write_listeners:
+            listener()
+        return value
+
+    async def read(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run `fn` in a read-only transaction (one snapshot for all its statements)."""
+        assert self._pool is not None, "store is not open"
+        async with (
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            return await fn(conn)
+
+    def on_write(self, listener: Callable[[], None]) -> None:
+        self._write_listeners.append(listener)
+
+    @property
+    def connections(self) -> int:
+        """Connections the pool holds now (open, idle or in use)."""
+        assert self._pool is not None, "store is not open"
+        return self._pool.get_size()
