@@ -202,9 +202,9 @@ def test_profile_summary_leaves_out_waiting_threads() -> None:
         "thread (1): MainThread;Runner.run (/x/lib/python3.11/asyncio/runners.py:118) 50",
         "thread (1): MainThread;Runner.run (/x/lib/python3.11/asyncio/runners.py:118);"
         "_read_loop (/w/switchboard/sessions.py:148) 30",
-        "thread (2): sqlite-writer;run (/w/switchboard/store/sqlite.py:123);"
+        "thread (2): sqlite-writer;run (/w/switchboard/store/sqlite_engine.py:123);"
         "_set_run_phase (/w/switchboard/store/sqlite.py:881) 15",
-        "thread (2): sqlite-writer;_Writer.run (/w/switchboard/store/sqlite.py:123) 40",
+        "thread (2): sqlite-writer;_Writer.run (/w/switchboard/store/sqlite_engine.py:60) 40",
         "thread (3): sqlite-read_0;_worker (/x/lib/python3.11/concurrent/futures/thread.py:81) 9",
         "",
     ]
