@@ -244,6 +244,9 @@ class SQLiteStore(Store):
         return await self._write(write)
 
     async def resolve_chains(self, limit: int = 1000) -> ChainPass:
+        due, waiting = await self._read(sqlite_chains.waiting)
+        if not due:
+            return ChainPass(0, 0, waiting)
         return await self._write(lambda conn: sqlite_chains.sweep(conn, limit))
 
     async def create_and_assign(

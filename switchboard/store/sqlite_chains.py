@@ -109,6 +109,16 @@ _DUE = (
 )
 
 
+def waiting(conn: sqlite3.Connection) -> tuple[bool, int]:
+    """Whether a sweep has work (a waiting job whose awaited job has ended or is gone),
+    and how many jobs wait: a read, so that passes while a long job runs write nothing."""
+    due = conn.execute(_DUE, (*TERMINAL_PHASES, 1)).fetchone() is not None
+    (count,) = conn.execute(
+        "SELECT count(*) FROM jobs WHERE waiting_for IS NOT NULL AND phase = 'queued'"
+    ).fetchone()
+    return due, count
+
+
 def sweep(conn: sqlite3.Connection, limit: int) -> ChainPass:
     """Resolve (or reject) the waiting jobs whose awaited job has ended."""
     resolved = rejected = 0
@@ -133,7 +143,4 @@ def sweep(conn: sqlite3.Connection, limit: int) -> ChainPass:
         )
         _note_resolved(conn, job_id, spec, resolution.spec)
         resolved += 1
-    (waiting,) = conn.execute(
-        "SELECT count(*) FROM jobs WHERE waiting_for IS NOT NULL AND phase = 'queued'"
-    ).fetchone()
-    return ChainPass(resolved, rejected, waiting)
+    return ChainPass(resolved, rejected, waiting(conn)[1])
