@@ -85,12 +85,10 @@ class JobWaiters:
                         del self._waiting[job_id]
 
     async def wait(self, future: asyncio.Future[None], timeout_s: float) -> None:
-        """Until `future` is done or `timeout_s` passed (one timer, no task)."""
-        if timeout_s <= 0 or future.done():
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await future
+        """Until `future` is done or `timeout_s` passed (one timer, no task); the future
+        is left as it is, so it may be waited for again."""
+        if timeout_s > 0 and not future.done():
+            await asyncio.wait([future], timeout=timeout_s)
 
     def close(self) -> None:
         """The server is stopping: every waiter answers now, later ones at once."""
@@ -123,16 +121,17 @@ class JobWaiters:
                 await asyncio.sleep(POLL_S)
 
     async def _pass(self) -> None:
+        # The mark moves only once the pass is done: a pass that fails is read again.
         if self._rev is None:
             # (Re)starting the watch: the mark first, then a look at every waited-for
             # job, so an ending stored before the mark is seen by the look, later by the log.
-            self._rev = await self.store.latest_job_change()
+            rev = await self.store.latest_job_change()
             candidates = list(self._waiting)
         else:
             changes = await self.store.job_changes(self._rev, CHANGES_PER_PASS)
             if not changes:
                 return
-            self._rev = changes[-1].rev
+            rev = changes[-1].rev
             deleted = {c.job_id for c in changes if c.deleted and c.job_id in self._waiting}
             self._wake(deleted)  # its request answers 404 (or leaves it out of a list)
             candidates = list({c.job_id for c in changes if c.job_id in self._waiting})
@@ -141,3 +140,4 @@ class JobWaiters:
             where = JobFilter(phases=_TERMINAL, ids=chunk, limit=len(chunk))
             ended = await self.store.list_jobs(where)
             self._wake(summary.id for _, summary in ended)
+        self._rev = rev

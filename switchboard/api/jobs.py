@@ -24,6 +24,9 @@ from switchboard.api.security import actor, require
 from switchboard.auth import Permission, allows
 from switchboard.ids import new_job_id
 from switchboard.models import (
+    BatchCreated,
+    CancelAccepted,
+    JobCreated,
     JobEvent,
     JobFilter,
     JobPage,
@@ -56,26 +59,6 @@ MAX_LABEL_FILTERS = 32
 
 _LABEL_TERM = re.compile(r"^(!?)([^=!]+)(?:(!?=)(.*))?$", re.DOTALL)
 _LABEL_KEY = re.compile(limits.LABEL_KEY_PATTERN)
-
-
-class JobCreated(msgspec.Struct):
-    """A submitted job: `queued`, or `rejected` when its concurrency policy dropped it.
-    With `?wait=`, `job` is the job as GET /api/v1/jobs/{id} shows it once it ended, or
-    when the wait was over (its phase says which)."""
-
-    id: str
-    phase: str
-    reason: str | None = None
-    job: JobView | None = None
-
-
-class BatchCreated(msgspec.Struct):
-    jobs: list[JobCreated]
-
-
-class CancelAccepted(msgspec.Struct):
-    id: str
-    phase: str
 
 
 #: `wait`: seconds a request may wait for jobs to end (at most --max-wait, default 60).
