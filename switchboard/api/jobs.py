@@ -62,7 +62,14 @@ _LABEL_KEY = re.compile(limits.LABEL_KEY_PATTERN)
 
 
 #: `wait`: seconds a request may wait for jobs to end (at most --max-wait, default 60).
-WaitSeconds = Annotated[float | None, Parameter(ge=0)]
+WaitSeconds = Annotated[
+    float | None,
+    Parameter(
+        ge=0,
+        description="Seconds to wait for the job(s) to end before answering (at most the"
+        " switchboard's --max-wait, default 60; longer is a 400)",
+    ),
+]
 _TERMINAL = sorted(p.value for p in TERMINAL)
 
 
@@ -315,7 +322,10 @@ class JobController(Controller):
         owner: Annotated[str | None, Parameter(min_length=1, max_length=64)] = None,
         cursor: Annotated[str | None, Parameter(max_length=64)] = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
-        ids: list[str] | None = None,
+        ids: Annotated[
+            list[str] | None,
+            Parameter(description="Only these jobs (comma-separated or repeated, at most 500)"),
+        ] = None,
         wait: WaitSeconds = None,
     ) -> JobPage:
         """Jobs, newest first. Filters combine (all must hold): `phase` (repeatable: any
