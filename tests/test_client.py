@@ -180,8 +180,8 @@ def test_job_wait_command_exits_with_the_jobs_code(client, switchboard):
         stuck.cancel()
 
 
-def test_submit_retries_while_the_queue_is_full(tmp_path):
-    server = Switchboard(tmp_path / "data", extra_args=("--max-queued", "1"))
+def test_submit_retries_while_the_queue_is_full_and_waits_fit_a_short_max_wait(tmp_path):
+    server = Switchboard(tmp_path / "data", extra_args=("--max-queued", "1", "--max-wait", "1"))
     try:
         with Client(server.url, server.admin_token, retry=Retry(attempts=100, max_s=0.1)) as api:
             first = api.submit(
@@ -195,6 +195,13 @@ def test_submit_retries_while_the_queue_is_full(tmp_path):
             first.cancel()
             thread.join(scaled(30))
             assert out and out[0].created.phase == "queued"
+            out[0].cancel()
+            # Waits over a second are refused here (400): the client asks for shorter ones.
+            stuck = JobSpec(name="c", backend=NoopBackend(), selector=Selector(**NOWHERE))
+            with pytest.raises(WaitTimeout) as timed_out:  # not BadRequest
+                api.run(stuck, timeout=1.5)
+            assert timed_out.value.job is not None
+            assert timed_out.value.job.phase is Phase.QUEUED
     finally:
         server.stop()
 

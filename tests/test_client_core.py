@@ -11,7 +11,14 @@ import pytest
 
 from protocol.spec import JobSpec, NoopBackend, Parameter
 from switchboard.client import ApiError, BadRequest, NotFound, Retry, TooManyRequests
-from switchboard.client.core import Deadline, refusal, retry_after_s, spec_body
+from switchboard.client.core import (
+    Completion,
+    Deadline,
+    WaitSlice,
+    refusal,
+    retry_after_s,
+    spec_body,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -72,3 +79,49 @@ def test_deadline_slices():
     short = Deadline(0.5)
     assert 0 < short.slice(60) <= 0.5
     assert Deadline(0).over()
+
+
+def test_a_shorter_max_wait_halves_the_waits_asked_for():
+    slices = WaitSlice()
+    too_long = refusal(
+        "GET", "/x", 400, b'{"error":"invalid_request","message":"m","field":"wait"}'
+    )
+    assert isinstance(too_long, BadRequest)
+    slices.shorten(too_long, 60)
+    assert slices.s == 30
+    slices.shorten(too_long, 1.5)
+    assert slices.s == 0.75
+    other = refusal("GET", "/x", 400, b'{"error":"invalid_request","message":"m","field":"ids"}')
+    assert isinstance(other, BadRequest)
+    with pytest.raises(BadRequest):
+        slices.shorten(other, 60)
+    with pytest.raises(BadRequest):
+        slices.shorten(too_long, 0.5)  # no shorter wait worth asking for
+
+
+class _Job:
+    def __init__(self, job_id: str) -> None:
+        self.id = job_id
+        self.summary = None
+
+
+def test_more_than_500_jobs_are_waited_for_500_at_a_time_in_turn():
+    jobs = [_Job(f"{i:024x}") for i in range(1200)]
+    completion = Completion(jobs, Deadline(None))
+    named = []
+    for _ in range(4):
+        params, timeout_s = completion.next_request(60)
+        assert params["wait"] == 1.0  # a round each, so no job waits long unseen
+        assert timeout_s > 1.0
+        named.append(params["ids"].split(","))
+    assert [len(ids) for ids in named] == [500, 500, 200, 500]
+    assert named[3] == named[0]
+    ended = (
+        b'{"items": [{"id": "%s", "name": "n", "phase": "succeeded", "priority": 0,'
+        % (jobs[3].id.encode())
+        + b' "created_at": 1, "updated_at": 2}]}'
+    )
+    assert completion.ended(ended) == [jobs[3]]
+    assert jobs[3].summary is not None and jobs[3].summary.phase == "succeeded"
+    one = Completion(jobs[:10], Deadline(None))
+    assert one.next_request(60)[0]["wait"] == 60  # all in one request: the whole slice

@@ -17,14 +17,13 @@ import httpx
 
 from switchboard.client import core
 from switchboard.client.core import Deadline, Params, Retry, SpecLike
-from switchboard.client.errors import BadRequest, ConnectionFailed, WaitTimeout
+from switchboard.client.errors import BadRequest, ConnectionFailed
 from switchboard.client.settings import settings
 from switchboard.models import (
     ArtifactStored,
     BatchCreated,
     CancelAccepted,
     JobCreated,
-    JobPage,
     JobSummary,
     JobView,
 )
@@ -48,7 +47,7 @@ class AsyncClient:
         found = settings(url, token, ca_file, token_file)
         self.url = found.url
         self.retry = retry or Retry()
-        self._wait_slice = core.WAIT_SLICE_S
+        self._slice = core.WaitSlice()
         self._http = httpx.AsyncClient(
             base_url=self.url,
             headers={"Authorization": f"Bearer {found.token}"},
@@ -135,15 +134,20 @@ class AsyncClient:
         """Submit and wait in one request (then more, if it runs longer): see Client.run."""
         deadline = Deadline(timeout)
         body = core.spec_body(spec, params)
-        wait = deadline.slice(self._wait_slice)
-        response = await self.request(
-            "POST",
-            "/api/v1/jobs",
-            params={"wait": wait},
-            content=body,
-            headers=core.JSON_BODY,
-            timeout_s=wait + core.WAIT_MARGIN_S,
-        )
+        while True:
+            wait = deadline.slice(self._slice.s)
+            try:
+                response = await self.request(
+                    "POST",
+                    "/api/v1/jobs",
+                    params={"wait": wait},
+                    content=body,
+                    headers=core.JSON_BODY,
+                    timeout_s=wait + core.WAIT_MARGIN_S,
+                )
+                break
+            except BadRequest as exc:  # (a refused wait stores no job)
+                self._slice.shorten(exc, wait)
         created = core.decode(JobCreated, response.content)
         job = created.job
         if job is None or not core.ended(job):
@@ -181,52 +185,40 @@ class AsyncClient:
         return core.checked(await self._wait(job_id, Deadline(timeout), None), check)
 
     async def _wait(self, job_id: str, deadline: Deadline, last: JobView | None) -> JobView:
+        waiting = core.JobWaiting(job_id, deadline, last)
         while True:
-            if deadline.over():
-                raise WaitTimeout(job_id, last, deadline.timeout_s or 0.0)
-            wait = deadline.slice(self._wait_slice)
+            params, timeout_s = waiting.next_request(self._slice.s)
+            try:
+                response = await self.request(
+                    "GET", waiting.path, params=params, timeout_s=timeout_s, deadline=deadline
+                )
+            except ConnectionFailed:
+                raise waiting.timed_out() from None
+            except BadRequest as exc:
+                self._slice.shorten(exc, params["wait"])
+                continue
+            if (job := waiting.answered(response.content)) is not None:
+                return job
+
+    async def as_completed(
+        self, jobs: Iterable[AsyncJob], timeout: float | None = None
+    ) -> AsyncIterator[AsyncJob]:
+        """Each job as it ends (`summary` set), as `Client.as_completed`."""
+        completion = core.Completion(jobs, Deadline(timeout))
+        while completion.pending:
+            params, timeout_s = completion.next_request(self._slice.s)
             try:
                 response = await self.request(
                     "GET",
-                    f"/api/v1/jobs/{job_id}",
-                    params={"wait": wait},
-                    timeout_s=wait + core.WAIT_MARGIN_S,
-                    deadline=deadline,
+                    "/api/v1/jobs",
+                    params=params,
+                    timeout_s=timeout_s,
+                    deadline=completion.deadline,
                 )
-            except ConnectionFailed:
-                raise WaitTimeout(job_id, last, deadline.timeout_s or 0.0) from None
             except BadRequest as exc:
-                if exc.field != "wait" or self._wait_slice <= 1:
-                    raise
-                self._wait_slice /= 2
+                self._slice.shorten(exc, params["wait"])
                 continue
-            last = core.decode(JobView, response.content)
-            if core.ended(last):
-                return last
-
-    async def as_completed(
-        self,
-        jobs: Iterable[AsyncJob],
-        timeout: float | None = None,
-    ) -> AsyncIterator[AsyncJob]:
-        """Each job as it ends (`summary` set), waiting for up to 500 per request."""
-        deadline = Deadline(timeout)
-        pending = {job.id: job for job in jobs}
-        while pending:
-            if deadline.over():
-                raise WaitTimeout(next(iter(pending)), None, deadline.timeout_s or 0.0)
-            ids = list(pending)[: core.MAX_WAIT_IDS]
-            wait = deadline.slice(self._wait_slice)
-            response = await self.request(
-                "GET",
-                "/api/v1/jobs",
-                params={"ids": ",".join(ids), "wait": wait},
-                timeout_s=wait + core.WAIT_MARGIN_S,
-                deadline=deadline,
-            )
-            for summary in core.decode(JobPage, response.content).items:
-                job = pending.pop(summary.id)
-                job.summary = summary
+            for job in completion.ended(response.content):
                 yield job
 
     async def cancel(self, job_id: str) -> CancelAccepted:

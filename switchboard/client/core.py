@@ -7,17 +7,17 @@ from __future__ import annotations
 import email.utils
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 import msgspec
 
 from protocol.spec import JobSpec, Parameter
 from protocol.state import TERMINAL
-from switchboard.client.errors import ApiError, JobFailed, api_error
-from switchboard.models import JobView
+from switchboard.client.errors import ApiError, BadRequest, JobFailed, WaitTimeout, api_error
+from switchboard.models import JobPage, JobSummary, JobView
 
 T = TypeVar("T")
 
@@ -32,6 +32,9 @@ WAIT_MARGIN_S = 10.0
 #: Jobs one listing may wait for, and one batch may hold (the switchboard's limits).
 MAX_WAIT_IDS = 500
 MAX_BATCH = 1000
+#: With more jobs pending than one listing may wait for, each 500 are waited for in turn
+#: this long, so a job ending outside the current 500 is seen within a round.
+ROUND_S = 1.0
 
 JSON_BODY = {"content-type": "application/json"}
 #: Following a stream: its bytes may be minutes apart (the run's own pace), so no read
@@ -150,6 +153,87 @@ class Deadline:
 
     def slice(self, most: float) -> float:
         return max(0.0, min(self.left(), most))
+
+
+class WaitSlice:
+    """The longest wait a client asks of the switchboard in one request: a minute, or half
+    of what a switchboard with a shorter --max-wait last refused."""
+
+    def __init__(self) -> None:
+        self.s = WAIT_SLICE_S
+
+    def shorten(self, refused: BadRequest, asked_s: float) -> None:
+        """After a 400 to a wait of `asked_s`: ask for half as long from now on, or raise it
+        if it is not about the wait."""
+        if refused.field != "wait" or asked_s <= 0.5:
+            raise refused
+        self.s = asked_s / 2
+
+
+class JobWaiting:
+    """One job's wait: the next request, and what its answer means."""
+
+    def __init__(self, job_id: str, deadline: Deadline, last: JobView | None) -> None:
+        self.path = f"/api/v1/jobs/{job_id}"
+        self.job_id = job_id
+        self.deadline = deadline
+        self.last = last
+
+    def next_request(self, most_s: float) -> tuple[dict[str, Any], float]:
+        """Its params and timeout; WaitTimeout once the deadline passed."""
+        if self.deadline.over():
+            raise self.timed_out()
+        wait = self.deadline.slice(most_s)
+        return {"wait": wait}, wait + WAIT_MARGIN_S
+
+    def answered(self, content: bytes) -> JobView | None:
+        """The job if it ended."""
+        self.last = decode(JobView, content)
+        return self.last if ended(self.last) else None
+
+    def timed_out(self) -> WaitTimeout:
+        return WaitTimeout(self.job_id, self.last, self.deadline.timeout_s or 0.0)
+
+
+class HasSummary(Protocol):
+    id: str
+    summary: JobSummary | None
+
+
+J = TypeVar("J", bound=HasSummary)
+
+
+class Completion(Generic[J]):
+    """as_completed's bookkeeping: the jobs not seen ending yet, which of them the next
+    waiting request names and for how long, and what its answer ended."""
+
+    def __init__(self, jobs: Iterable[J], deadline: Deadline) -> None:
+        self.pending = {job.id: job for job in jobs}
+        self.deadline = deadline
+        self._turn = 0
+
+    def next_request(self, most_s: float) -> tuple[dict[str, Any], float]:
+        """The listing's params and its timeout; WaitTimeout once the deadline passed."""
+        if self.deadline.over():
+            raise WaitTimeout(next(iter(self.pending)), None, self.deadline.timeout_s or 0.0)
+        ids = list(self.pending)
+        windows = -(-len(ids) // MAX_WAIT_IDS)
+        start = self._turn % windows * MAX_WAIT_IDS
+        self._turn += 1
+        wait = self.deadline.slice(most_s if windows == 1 else min(most_s, ROUND_S))
+        return {"ids": ",".join(ids[start : start + MAX_WAIT_IDS]), "wait": wait}, (
+            wait + WAIT_MARGIN_S
+        )
+
+    def ended(self, content: bytes) -> list[J]:
+        """The jobs the answer lists (they ended), each with its summary."""
+        found = []
+        for summary in decode(JobPage, content).items:
+            job = self.pending.pop(summary.id, None)
+            if job is not None:
+                job.summary = summary
+                found.append(job)
+        return found
 
 
 def chunks(items: list[T], size: int) -> list[list[T]]:

@@ -16,7 +16,6 @@ from switchboard.client.core import Deadline, Params, Retry, SpecLike
 from switchboard.client.errors import (
     BadRequest,
     ConnectionFailed,
-    WaitTimeout,
 )
 from switchboard.client.settings import settings
 from switchboard.models import (
@@ -24,7 +23,6 @@ from switchboard.models import (
     BatchCreated,
     CancelAccepted,
     JobCreated,
-    JobPage,
     JobSummary,
     JobView,
 )
@@ -51,7 +49,7 @@ class Client:
         found = settings(url, token, ca_file, token_file)
         self.url = found.url
         self.retry = retry or Retry()
-        self._wait_slice = core.WAIT_SLICE_S
+        self._slice = core.WaitSlice()
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {found.token}"},
@@ -175,15 +173,20 @@ class Client:
         it had not ended after `timeout` seconds (None: no limit)."""
         deadline = Deadline(timeout)
         body = core.spec_body(spec, params)
-        wait = deadline.slice(self._wait_slice)
-        response = self.request(
-            "POST",
-            "/api/v1/jobs",
-            params={"wait": wait},
-            content=body,
-            headers=core.JSON_BODY,
-            timeout_s=wait + core.WAIT_MARGIN_S,
-        )
+        while True:
+            wait = deadline.slice(self._slice.s)
+            try:
+                response = self.request(
+                    "POST",
+                    "/api/v1/jobs",
+                    params={"wait": wait},
+                    content=body,
+                    headers=core.JSON_BODY,
+                    timeout_s=wait + core.WAIT_MARGIN_S,
+                )
+                break
+            except BadRequest as exc:  # (a refused wait stores no job)
+                self._slice.shorten(exc, wait)
         created = core.decode(JobCreated, response.content)
         job = created.job
         if job is None or not core.ended(job):
@@ -215,51 +218,40 @@ class Client:
         return core.checked(self._wait(job_id, Deadline(timeout), None), check)
 
     def _wait(self, job_id: str, deadline: Deadline, last: JobView | None) -> JobView:
+        waiting = core.JobWaiting(job_id, deadline, last)
         while True:
-            if deadline.over():
-                raise WaitTimeout(job_id, last, deadline.timeout_s or 0.0)
-            wait = deadline.slice(self._wait_slice)
+            params, timeout_s = waiting.next_request(self._slice.s)
+            try:
+                response = self.request(
+                    "GET", waiting.path, params=params, timeout_s=timeout_s, deadline=deadline
+                )
+            except ConnectionFailed:
+                raise waiting.timed_out() from None
+            except BadRequest as exc:
+                self._slice.shorten(exc, params["wait"])
+                continue
+            if (job := waiting.answered(response.content)) is not None:
+                return job
+
+    def as_completed(self, jobs: Iterable[Job], timeout: float | None = None) -> Iterator[Job]:
+        """Each job as it ends (its `summary` set: phase, exit code), in the order they end:
+        one request waits for up to 500 of them (more: each 500 in turn, a second each).
+        WaitTimeout if some had not ended after `timeout` seconds."""
+        completion = core.Completion(jobs, Deadline(timeout))
+        while completion.pending:
+            params, timeout_s = completion.next_request(self._slice.s)
             try:
                 response = self.request(
                     "GET",
-                    f"/api/v1/jobs/{job_id}",
-                    params={"wait": wait},
-                    timeout_s=wait + core.WAIT_MARGIN_S,
-                    deadline=deadline,
+                    "/api/v1/jobs",
+                    params=params,
+                    timeout_s=timeout_s,
+                    deadline=completion.deadline,
                 )
-            except ConnectionFailed:
-                raise WaitTimeout(job_id, last, deadline.timeout_s or 0.0) from None
             except BadRequest as exc:
-                if exc.field != "wait" or self._wait_slice <= 1:
-                    raise
-                self._wait_slice /= 2  # a switchboard with a shorter --max-wait
+                self._slice.shorten(exc, params["wait"])
                 continue
-            last = core.decode(JobView, response.content)
-            if core.ended(last):
-                return last
-
-    def as_completed(self, jobs: Iterable[Job], timeout: float | None = None) -> Iterator[Job]:
-        """Each job as it ends (its `summary` set: phase, exit code), in the order they end,
-        waiting for up to 500 at a time in one request. WaitTimeout if some had not ended
-        after `timeout` seconds."""
-        deadline = Deadline(timeout)
-        pending = {job.id: job for job in jobs}
-        while pending:
-            if deadline.over():
-                raise WaitTimeout(next(iter(pending)), None, deadline.timeout_s or 0.0)
-            ids = list(pending)[: core.MAX_WAIT_IDS]
-            wait = deadline.slice(self._wait_slice)
-            response = self.request(
-                "GET",
-                "/api/v1/jobs",
-                params={"ids": ",".join(ids), "wait": wait},
-                timeout_s=wait + core.WAIT_MARGIN_S,
-                deadline=deadline,
-            )
-            for summary in core.decode(JobPage, response.content).items:
-                job = pending.pop(summary.id)
-                job.summary = summary
-                yield job
+            yield from completion.ended(response.content)
 
     def cancel(self, job_id: str) -> CancelAccepted:
         response = self.request("POST", f"/api/v1/jobs/{job_id}/cancel")
