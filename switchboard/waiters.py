@@ -134,7 +134,10 @@ class JobWaiters:
             rev = changes[-1].rev
             deleted = {c.job_id for c in changes if c.deleted and c.job_id in self._waiting}
             self._wake(deleted)  # its request answers 404 (or leaves it out of a list)
-            candidates = list({c.job_id for c in changes if c.job_id in self._waiting})
+            if changes[0].rev > self._rev + 1:  # the log was pruned past the mark
+                candidates = list(self._waiting)
+            else:
+                candidates = list({c.job_id for c in changes if c.job_id in self._waiting})
         for start in range(0, len(candidates), LOOKUP_CHUNK):
             chunk = candidates[start : start + LOOKUP_CHUNK]
             where = JobFilter(phases=_TERMINAL, ids=chunk, limit=len(chunk))
