@@ -239,18 +239,18 @@ def _cpu_seconds(pid: int) -> float:
 
 def test_a_thousand_waiters_are_cheap(tmp_path):
     """1000 requests wait on 1000 queued jobs: while they wait the switchboard does next to
-    nothing; when the jobs end (their queue timeout, all at once) every waiter is answered."""
+    nothing; as the jobs end (canceled one by one) every waiter is answered."""
     count = 1000
     server = Switchboard(tmp_path / "data", extra_args=("--max-connections", str(count + 100)))
     try:
         with server.client() as client:
-            body = [spec(f"many-{i}", selector=NOWHERE, queue_timeout_s=4) for i in range(count)]
+            body = [spec(f"many-{i}", selector=NOWHERE) for i in range(count)]
             made = client.post("/api/v1/jobs/batch", json=body, timeout=60)
             assert made.status_code == 201, made.text
             ids = [job["id"] for job in made.json()["jobs"]]
 
             async def wait_all() -> list[dict[str, Any]]:
-                limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+                limits = httpx.Limits(max_connections=count)
                 headers = {"Authorization": f"Bearer {server.admin_token}"}
                 async with httpx.AsyncClient(
                     base_url=server.url, headers=headers, limits=limits, timeout=90
@@ -269,10 +269,14 @@ def test_a_thousand_waiters_are_cheap(tmp_path):
             cpu, wall = _cpu_seconds(pid) - cpu, time.monotonic() - wall
             print(f"\n{count} waiters: switchboard CPU {cpu:.3f}s over {wall:.2f}s")
             assert cpu < 0.25 * wall
+            # (From another client: one pool holding a thousand waiting requests is slow to
+            # take more, on the client's side.)
+            for job_id in ids:
+                assert client.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 202
             thread.join(scaled(60))
             jobs = out[0]
             assert len(jobs) == count
-            assert {job["phase"] for job in jobs} == {"timed_out"}
+            assert {job["phase"] for job in jobs} == {"canceled"}
             assert _waiters(client) == 0
     finally:
         server.stop()
