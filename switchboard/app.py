@@ -44,6 +44,7 @@ from switchboard.sealing import Keyring
 from switchboard.state import AppState
 from switchboard.store.base import Store
 from switchboard.store.sqlite import SQLiteStore
+from switchboard.waiters import JobWaiters
 
 VERSION = "0.1.0"
 
@@ -116,6 +117,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         artifacts=artifact_files,
         live=LiveFeed(store, hub, changes),
         changes=changes,
+        waiters=JobWaiters(store, changes),
     )
 
     @contextlib.asynccontextmanager
@@ -128,6 +130,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             asyncio.create_task(state.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(keep_time(store, settings, hub), name="clock"),
             asyncio.create_task(state.live.run(), name="live feed"),
+            asyncio.create_task(state.waiters.run(), name="job waiters"),
             asyncio.create_task(hub.keep_heartbeats(), name="heartbeats"),
             asyncio.create_task(
                 Retention(store, state.artifacts, settings).run(), name="retention"
@@ -137,6 +140,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         try:
             yield
         finally:
+            state.waiters.close()  # (uvicorn closed them already when it was signalled)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

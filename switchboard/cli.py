@@ -76,6 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
             body_timeout_s=args.body_timeout,
             keep_alive_s=args.keep_alive,
             max_connections=args.max_connections,
+            max_wait_s=args.max_wait,
             max_run_output_bytes=args.max_run_output,
             max_run_files=args.max_run_files,
             max_run_file_bytes=args.max_run_file_bytes,
@@ -296,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="most HTTP connections open at once, not counting supervisors' WebSockets;"
         " beyond it a new one gets 503 unless it replaces a slow request head or an idle"
         " connection (default 1000)",
+    )
+    serve.add_argument(
+        "--max-wait",
+        type=_positive(float),
+        default=DEFAULTS.max_wait_s,
+        metavar="SECONDS",
+        help="longest `?wait=` a request for jobs to end may ask for; longer gets 400 (default 60)",
     )
     serve.add_argument(
         "--max-run-output",

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from switchboard.client import ApiClient, ClientError
+from switchboard.client import Client, ClientError
 
 #: Exit status for "the command itself failed" (as opposed to a job's own exit code).
 EXIT_ERROR = 2
@@ -35,8 +35,8 @@ def add_connection_flags(parser: argparse.ArgumentParser, *, json_flag: bool = T
         parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
 
 
-def client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(args.url, args.token, args.ca_file, args.token_file)
+def client(args: argparse.Namespace) -> Client:
+    return Client(args.url, args.token, ca_file=args.ca_file, token_file=args.token_file)
 
 
 def when(epoch: float | None) -> str:

@@ -61,6 +61,9 @@ class Settings(msgspec.Struct):
     body_timeout_s: float = 30.0
     keep_alive_s: float = 5.0
     max_connections: int = 1000
+    #: The longest a request may wait for jobs to end (`?wait=` on the jobs API); a longer
+    #: wait is refused (400). A waiting request holds its connection that long.
+    max_wait_s: float = 60.0
     #: Bytes of output one run may store, all streams together: the stream that crosses
     #: it is cut there with a note saying so, the rest dropped (0: no cap).
     max_run_output_bytes: int = 64 * 1024 * 1024

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from protocol.globs import is_relative_path
 from switchboard.cli_output import table
-from switchboard.client import ApiClient, ClientError
+from switchboard.client import Client, ClientError
 
 
 def files_table(listing: dict[str, Any]) -> str:
@@ -51,7 +51,7 @@ def tests_line(tests: dict[str, Any] | None) -> str | None:
 REPORTS_WAIT_S = 60.0
 
 
-def reports_parsed(api: ApiClient, job_id: str) -> dict[str, Any]:
+def reports_parsed(api: Client, job_id: str) -> dict[str, Any]:
     """The files of an ended job's latest run, once none of its reports is still waiting
     to be parsed (they are parsed after the run's files are stored), or after
     REPORTS_WAIT_S."""
@@ -76,7 +76,7 @@ def target(into: Path, path: str) -> Path:
     return where
 
 
-def download(api: ApiClient, job_id: str, listing: dict[str, Any], into: Path) -> int:
+def download(api: Client, job_id: str, listing: dict[str, Any], into: Path) -> int:
     """Download every kept file of the run in `listing` under `into`; the number written.
     Each is written to a temporary file, checked against its digest, then renamed."""
     into.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from protocol.state import TERMINAL
 from switchboard.cli_output import add_connection_flags, client, show, table, when
 from switchboard.cli_output import run as run_client
-from switchboard.client import ApiClient, ClientError
+from switchboard.client import Client, ClientError, WaitTimeout
 from switchboard.job_files import download, files_table, reports_parsed, tests_line
 
 
@@ -54,11 +56,14 @@ def _exit_code(code: int | None) -> str:
     return f"exit code {code}" if code is not None else "no exit code"
 
 
+#: `job wait`'s exit status when the job had not ended within --timeout (2 is a refusal).
+EXIT_WAIT_TIMEOUT = 3
+
 #: While a followed job waits in the queue, say so this often (seconds).
 PROGRESS_EVERY_S = 10.0
 
 
-def _follow(api: ApiClient, job_id: str) -> dict[str, Any]:
+def _follow(api: Client, job_id: str) -> dict[str, Any]:
     """Copy each run's stdout and stderr live to ours until the job ends (a job restarted by
     its policy has several runs); return the final job. While it waits for a run, say so on
     stderr now and then, and at once if no supervisor could ever take it."""
@@ -66,7 +71,7 @@ def _follow(api: ApiClient, job_id: str) -> dict[str, Any]:
     waiting_since = time.monotonic()
     told = ("", 0.0)
     while True:
-        job = api.job(job_id)
+        job = api.get(f"/api/v1/jobs/{job_id}")
         latest = job["runs"][-1]["attempt"] if job["runs"] else 0
         if latest > followed:
             if followed:
@@ -87,7 +92,7 @@ def _follow(api: ApiClient, job_id: str) -> dict[str, Any]:
         time.sleep(0.2)
 
 
-def _copy_run(api: ApiClient, job_id: str, attempt: int) -> None:
+def _copy_run(api: Client, job_id: str, attempt: int) -> None:
     errors: list[Exception] = []
 
     def copy(stream: str, out: Any) -> None:
@@ -119,8 +124,9 @@ def _submit(args: argparse.Namespace) -> int:
         spec.setdefault("parameters", {}).update(_parameters(args.param))
     if args.input:
         spec.setdefault("inputs", {}).update(_inputs(args.input))
-    created = api.submit(json.dumps(spec).encode())
-    job_id = created["id"]
+    submitted = api.submit(json.dumps(spec).encode())
+    created = msgspec.to_builtins(submitted.created)
+    job_id = submitted.id
     if args.json and not args.follow:
         print(json.dumps(created, indent=2))
     elif not args.follow:
@@ -137,7 +143,7 @@ def _submit(args: argparse.Namespace) -> int:
     ended = _exit_code(code)
     print(f"job {job_id} ended {job['phase']} ({ended})", file=sys.stderr)
     listing = reports_parsed(api, job_id)
-    job = api.job(job_id)  # its tests, once its reports are parsed
+    job = api.get(f"/api/v1/jobs/{job_id}")  # its tests, once its reports are parsed
     summary = tests_line(job.get("tests"))
     if summary is not None:
         print(summary, file=sys.stderr)
@@ -210,7 +216,7 @@ def _show(args: argparse.Namespace) -> int:
             lines.append(f"  {summary}")
         return "\n".join(lines)
 
-    show(args, client(args).job(args.job_id), human)
+    show(args, client(args).get(f"/api/v1/jobs/{args.job_id}"), human)
     return 0
 
 
@@ -236,8 +242,23 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait(args: argparse.Namespace) -> int:
+    """Wait for the job to end without polling (the switchboard answers when it does), then
+    exit with its exit code as `submit --follow` does; 3 if it had not ended in time."""
+    try:
+        job = client(args).wait(args.job_id, args.timeout, check=False)
+    except WaitTimeout as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return EXIT_WAIT_TIMEOUT
+    shown = msgspec.to_builtins(job)
+    if args.json:
+        print(json.dumps(shown, indent=2))
+    print(f"job {job.id} ended {job.phase.value} ({_exit_code(job.exit_code)})", file=sys.stderr)
+    return exit_status(shown)
+
+
 def _cancel(args: argparse.Namespace) -> int:
-    result = client(args).cancel(args.job_id)
+    result = msgspec.to_builtins(client(args).cancel(args.job_id))
     show(args, result, lambda r: f"job {r['id']}: {r['phase']}")
     return 0
 
@@ -318,6 +339,15 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
         "--download",
         metavar="DIR",
         help="write every kept file under DIR, byte-exact, paths kept (never outside DIR)",
+    )
+
+    wait = command("wait", "wait for a job to end; exit with its exit code", _wait)
+    wait.add_argument("job_id")
+    wait.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up after this long (exit 3); default: wait as long as it takes",
     )
 
     cancel = command("cancel", "cancel a job", _cancel)

@@ -273,6 +273,21 @@ CHAINED_JOBS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+#: Why a `?wait=` request was refused (400): a wait over the maximum, more job ids than
+#: one request may wait for, or a listing's wait with no `ids`.
+WAIT_REFUSAL_REASONS = ("wait_too_long", "too_many_ids", "no_ids")
+WAIT_REFUSALS = Counter(
+    "switchboard_wait_refusals_total",
+    "Requests to wait for jobs (`?wait=` on the jobs API) refused with 400, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+JOB_WAITERS = Gauge(
+    "switchboard_job_waiters",
+    "Requests waiting for a job to end (`?wait=` on the jobs API) now.",
+    registry=REGISTRY,
+)
+
 RUNS_PLACED = Counter(
     "switchboard_runs_placed_total",
     "Runs given to a supervisor: with the job's submission, when nothing else waited and"
@@ -421,6 +436,8 @@ for _reason in HTTP_REFUSAL_REASONS:
     HTTP_REFUSALS.labels(_reason)
 for _reason in ("queue_full", "token_quota"):
     SUBMISSIONS_REFUSED.labels(_reason)
+for _reason in WAIT_REFUSAL_REASONS:
+    WAIT_REFUSALS.labels(_reason)
 for _reason in CUT_REASONS:
     SESSIONS_CUT.labels(_reason)
 for _close in PROTOCOL_ERROR_CODES:

@@ -82,6 +82,26 @@ class JobView(msgspec.Struct):
     files: FilesSummary | None = None
 
 
+class JobCreated(msgspec.Struct):
+    """A submitted job: `queued`, or `rejected` when its concurrency policy dropped it.
+    With `?wait=`, `job` is the job as GET /api/v1/jobs/{id} shows it once it ended, or
+    when the wait was over (its phase says which)."""
+
+    id: str
+    phase: str
+    reason: str | None = None
+    job: JobView | None = None
+
+
+class BatchCreated(msgspec.Struct):
+    jobs: list[JobCreated]
+
+
+class CancelAccepted(msgspec.Struct):
+    id: str
+    phase: str
+
+
 class FilesSummary(msgspec.Struct, frozen=True):
     """A run's output files counted: kept, their bytes, and refused."""
 
@@ -403,6 +423,13 @@ class Submitted(msgspec.Struct, frozen=True):
     phase: str
     reason: str | None = None
     stops: list[RunOnSupervisor] = []
+
+
+class ArtifactStored(msgspec.Struct):
+    """An uploaded artifact: its content digest (`sha256:...`) and size."""
+
+    digest: str
+    size: int
 
 
 class ArtifactView(msgspec.Struct, frozen=True):

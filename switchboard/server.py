@@ -46,8 +46,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, which first ends the dashboards' endless event streams when told to
-    stop (it waits for open responses to finish before shutting the app down), and lets
+    """uvicorn's server, which first ends the dashboards' endless event streams and answers
+    the requests waiting for jobs when told to stop (it waits for open responses to finish
+    before shutting the app down), and lets
     the supervisors hear why before it closes their connections (uvicorn would close them
     with 1012 and no word; the protocol says protocol_error 1013 with retry_after_s)."""
 
@@ -104,7 +105,7 @@ async def serve(settings: Settings, keyring: Keyring) -> None:
     state = app.state.switchboard
     server = _Server(
         config,
-        on_exit=state.live.close,
+        on_exit=state.close_streams,
         before_shutdown=functools.partial(goodbye_to_supervisors, state.hub),
     )
     sock = bind(settings.host, settings.port)

@@ -14,6 +14,7 @@ from switchboard.dispatcher import Dispatcher
 from switchboard.hub import Hub
 from switchboard.live import LiveFeed
 from switchboard.store.base import Store
+from switchboard.waiters import JobWaiters
 
 
 @dataclass
@@ -25,6 +26,12 @@ class AppState:
     artifacts: ArtifactFiles
     live: LiveFeed
     changes: Changes
+    waiters: JobWaiters
+
+    def close_streams(self) -> None:
+        """The server is stopping: end the dashboards' event streams, answer the waiters."""
+        self.live.close()
+        self.waiters.close()
 
 
 def app_state(connection: ASGIConnection[Any, Any, Any, Any]) -> AppState:

@@ -67,7 +67,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     """A switchboard that has seen a supervisor (stopped again) and has ended jobs, and an
     admin token of its own for the fuzzer."""
     work = tmp_path_factory.mktemp("fuzz")
-    server = Switchboard(work / "data")
+    # A short --max-wait: a generated `?wait=` on a job that never ends answers soon.
+    server = Switchboard(work / "data", extra_args=("--max-wait", "0.5"))
     supervisor = start_supervisor(server, work, name=SUPERVISOR, backend="noop")
     try:
         with server.client() as client:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import quote
 
-import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi.spec import (
@@ -30,14 +29,10 @@ from switchboard.api.errors import ApiError, error_responses
 from switchboard.api.security import actor, require
 from switchboard.artifacts import TooLarge
 from switchboard.auth import Permission, allows
+from switchboard.models import ArtifactStored
 from switchboard.state import app_state
 
 log = logging.getLogger("switchboard.api")
-
-
-class ArtifactStored(msgspec.Struct):
-    digest: str
-    size: int
 
 
 @dataclass

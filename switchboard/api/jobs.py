@@ -6,6 +6,7 @@ import base64
 import binascii
 import logging
 import re
+import time
 from typing import Annotated
 
 import msgspec
@@ -16,13 +17,16 @@ from protocol import codec, limits
 from protocol.exceptions import MessageTooBig
 from protocol.messages import INT64_MAX, StopJob, StopReason
 from protocol.spec import JobSpec
-from protocol.state import Phase
+from protocol.state import TERMINAL, Phase
 from switchboard import metrics
 from switchboard.api.errors import ApiError, error_responses, invalid_spec
 from switchboard.api.security import actor, require
 from switchboard.auth import Permission, allows
 from switchboard.ids import new_job_id
 from switchboard.models import (
+    BatchCreated,
+    CancelAccepted,
+    JobCreated,
     JobEvent,
     JobFilter,
     JobPage,
@@ -42,6 +46,7 @@ from switchboard.store.errors import (
     QueueFull,
     QueueQuotaFull,
 )
+from switchboard.waiters import MAX_WAIT_IDS
 
 log = logging.getLogger("switchboard.api")
 
@@ -61,21 +66,67 @@ _LABEL_TERM = re.compile(r"^(!?)([^=!]+)(?:(!?=)(.*))?$", re.DOTALL)
 _LABEL_KEY = re.compile(limits.LABEL_KEY_PATTERN)
 
 
-class JobCreated(msgspec.Struct):
-    """A submitted job: `queued`, or `rejected` when its concurrency policy dropped it."""
+#: `wait`: seconds a request may wait for jobs to end (at most --max-wait, default 60).
+WaitSeconds = Annotated[
+    float | None,
+    Parameter(
+        ge=0,
+        description="Seconds to wait for the job(s) to end before answering (at most the"
+        " switchboard's --max-wait, default 60; longer is a 400)",
+    ),
+]
+_TERMINAL = sorted(p.value for p in TERMINAL)
 
-    id: str
-    phase: str
-    reason: str | None = None
+
+def _wait_s(state: AppState, wait: float | None) -> float:
+    """The wait asked for, checked against the switchboard's maximum (refused past it)."""
+    if wait is None:
+        return 0.0
+    most = state.settings.max_wait_s
+    if wait > most:
+        metrics.WAIT_REFUSALS.labels("wait_too_long").inc()
+        log.info("refused a wait of %gs (the most is %gs)", wait, most)
+        raise ApiError(
+            400, "invalid_request", f"wait: at most {most:g} seconds, not {wait:g}", "wait"
+        )
+    return wait
 
 
-class BatchCreated(msgspec.Struct):
-    jobs: list[JobCreated]
+def _wait_ids(raw: list[str] | None, wait: float | None) -> list[str]:
+    """`ids`, repeated or comma-separated, each once; at most MAX_WAIT_IDS, and given if
+    the listing waits."""
+    ids = list(dict.fromkeys(i for text in raw or [] for i in text.split(",") if i))
+    reason = None
+    if len(ids) > MAX_WAIT_IDS:
+        reason, message = "too_many_ids", f"ids: at most {MAX_WAIT_IDS}, not {len(ids)}"
+    elif wait is not None and not ids:
+        reason, message = "no_ids", "ids: a listing waits only for the jobs `ids` names"
+    if reason is not None:
+        metrics.WAIT_REFUSALS.labels(reason).inc()
+        log.info("refused a job listing: %s", message)
+        raise ApiError(400, "invalid_request", message, "ids")
+    return ids
 
 
-class CancelAccepted(msgspec.Struct):
-    id: str
-    phase: str
+async def _until_ended(state: AppState, job_id: str, wait_s: float) -> JobView:
+    """The job once it is in a terminal phase, or as it is after `wait_s` (or at once when
+    the switchboard is stopping). 404 if there is no such job (or it is deleted)."""
+    if wait_s <= 0:
+        return await job_or_404(state, job_id)
+    deadline = time.monotonic() + wait_s
+    with state.waiters.registered([job_id]) as woken:
+        job = await job_or_404(state, job_id)
+        if job.phase in TERMINAL:
+            return job
+        await state.waiters.wait(woken, deadline - time.monotonic())
+    return await job_or_404(state, job_id)
+
+
+async def _shown(state: AppState, job: JobView) -> JobView:
+    """The job as GET /api/v1/jobs/{id} shows it: secrets replaced, tests and files counted."""
+    tests = await state.store.test_summary(job.id)
+    files = await state.store.files_summary(job.id)
+    return msgspec.structs.replace(job, spec=redacted(job.spec), tests=tests, files=files)
 
 
 async def job_or_404(state: AppState, job_id: str) -> JobView:
@@ -222,11 +273,14 @@ class JobController(Controller):
         status_code=201,
         responses=error_responses(413, 429),
     )
-    async def submit(self, request: Request, data: JobSpec) -> JobCreated:
+    async def submit(self, request: Request, data: JobSpec, wait: WaitSeconds = None) -> JobCreated:
         """Queue a job. Artifacts it names (Wasm modules, image tarballs) must have been
         uploaded first. A job whose concurrency policy is `drop_if_running` and whose key
-        is taken is recorded as `rejected` (still 201: the record exists)."""
+        is taken is recorded as `rejected` (still 201: the record exists).
+        With `wait` (seconds, at most --max-wait, default 60), answer once the job ended
+        or the wait is over, with the job itself in `job`."""
         state = app_state(request)
+        wait_s = _wait_s(state, wait)
         # Litestar's own parse (which feeds `data` and the OpenAPI schema) is lenient
         # ("5" passes for 5.0); a spec is typed by people, so check it strictly too.
         try:
@@ -234,7 +288,13 @@ class JobController(Controller):
         except msgspec.ValidationError as exc:
             raise invalid_spec(exc) from None
         (made,) = await _queue(state, [data], request)
-        return JobCreated(made.id, made.phase, made.reason)
+        if wait is None:
+            return JobCreated(made.id, made.phase, made.reason)
+        try:
+            job = await _shown(state, await _until_ended(state, made.id, wait_s))
+        except ApiError:  # deleted while it was waited for (it had ended): no job to show
+            job = None
+        return JobCreated(made.id, made.phase, made.reason, job)
 
     @post(
         "/batch",
@@ -271,15 +331,33 @@ class JobController(Controller):
         owner: Annotated[str | None, Parameter(min_length=1, max_length=64)] = None,
         cursor: Annotated[str | None, Parameter(max_length=64)] = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+        ids: Annotated[
+            list[str] | None,
+            Parameter(description="Only these jobs (comma-separated or repeated, at most 500)"),
+        ] = None,
+        wait: WaitSeconds = None,
     ) -> JobPage:
         """Jobs, newest first. Filters combine (all must hold): `phase` (repeatable: any
         of them), `label` (repeatable, at most 32: `key=value`, `key!=value`, `key`, `!key`),
         `supervisor` (had a run there), `created_after`/`created_before` (epoch seconds),
         `q` (the name contains it, ignoring case, or the id starts with it), `owner` (the
         id of the token that submitted it, or `me`: the calling token).
-        A full page carries `next_cursor`; pass it as `cursor` for the next page."""
+        A full page carries `next_cursor`; pass it as `cursor` for the next page.
+        `ids` (repeatable or comma-separated, at most 500): only these jobs, all on one
+        page. With `wait` (seconds, at most --max-wait) and `ids`: only those of them that
+        ended, answered as soon as one has, or when the wait is over (maybe none)."""
+        state = app_state(request)
+        wait_s = _wait_s(state, wait)
+        job_ids = _wait_ids(ids, wait)
+        phases = {p.value for p in phase or []}
+        if wait is not None:
+            phases = phases & set(_TERMINAL) if phases else set(_TERMINAL)
+            if not phases:  # only phases that never end: nothing to wait for
+                return JobPage([])
+        if job_ids:
+            limit = max(limit, len(job_ids))
         where = JobFilter(
-            phases=sorted({p.value for p in phase or []}),
+            phases=sorted(phases),
             labels=_label_terms(label or []),
             supervisor_id=supervisor,
             created_after=created_after,
@@ -287,20 +365,28 @@ class JobController(Controller):
             before_seq=_seq_of(cursor) if cursor else None,
             text=q,
             owner=request.state.token.id if owner == "me" else owner,
+            ids=job_ids,
             limit=limit,
         )
-        rows = await app_state(request).store.list_jobs(where)
-        next_cursor = _cursor(rows[-1][0]) if len(rows) == limit else None
+        rows = await state.store.list_jobs(where)
+        deadline = time.monotonic() + wait_s
+        while not rows and time.monotonic() < deadline and not state.waiters.closed:
+            # (A wake for a job deleted meanwhile finds nothing: wait on for the others.)
+            with state.waiters.registered(job_ids) as woken:
+                rows = await state.store.list_jobs(where)
+                if not rows:
+                    await state.waiters.wait(woken, deadline - time.monotonic())
+                    rows = await state.store.list_jobs(where)
+        next_cursor = _cursor(rows[-1][0]) if len(rows) == limit and not job_ids else None
         return JobPage([summary for _, summary in rows], next_cursor)
 
     @get("/{job_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
-    async def show(self, request: Request, job_id: str) -> JobView:
-        """The job with all its runs; secret parameter values are replaced."""
+    async def show(self, request: Request, job_id: str, wait: WaitSeconds = None) -> JobView:
+        """The job with all its runs; secret parameter values are replaced. With `wait`
+        (seconds, at most --max-wait, default 60): answer as soon as the job is in a
+        terminal phase, or when the wait is over, with the job as it is then."""
         state = app_state(request)
-        job = await job_or_404(state, job_id)
-        tests = await state.store.test_summary(job_id)
-        files = await state.store.files_summary(job_id)
-        return msgspec.structs.replace(job, spec=redacted(job.spec), tests=tests, files=files)
+        return await _shown(state, await _until_ended(state, job_id, _wait_s(state, wait)))
 
     @get("/{job_id:str}/runs", guards=require(Permission.VIEW), responses=error_responses(404))
     async def runs(self, request: Request, job_id: str) -> list[RunView]:

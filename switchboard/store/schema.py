@@ -230,7 +230,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS output_by_run ON output (job_id, attempt, stre
 -- finished-per-minute and recent failures
 CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (updated_at)
     WHERE phase IN ({TERMINAL_LITERALS});
--- Every change a job list would show, in commit order, for the live feed (pruned by it).
+-- Every change a job list would show, in commit order, for the live feed (pruned by it)
+-- and the requests waiting for jobs to end (switchboard/waiters.py).
 CREATE TABLE IF NOT EXISTS job_changes (
     rev INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,

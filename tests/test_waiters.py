@@ -1,0 +1,88 @@
+"""switchboard.waiters on a real SQLite store (on disk, no process): a waiter is woken by
+the ending of its job, whichever path stored it, and only by an ending; the watch started
+after an ending was stored still finds it; closing answers every waiter; a thousand
+waiters are woken by one pass each time something ends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from protocol.spec import JobSpec, NoopBackend
+from switchboard.changes import Changes
+from switchboard.store.sqlite import SQLiteStore
+from switchboard.waiters import JobWaiters
+
+pytestmark = pytest.mark.unit
+
+SPEC = JobSpec(name="w", backend=NoopBackend())
+
+
+@pytest.fixture
+async def waiters(store: SQLiteStore) -> AsyncIterator[JobWaiters]:
+    found = JobWaiters(store, Changes(store))
+    task = asyncio.create_task(found.run())
+    yield found
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_an_ending_wakes_its_waiter_and_nothing_else_does(store, waiters):
+    await store.create_job("a", SPEC)
+    await store.create_job("b", SPEC)
+    with waiters.registered(["a"]) as woken:
+        assert waiters.count == 1
+        await store.request_cancel("b")  # another job's ending
+        await store.create_job("c", SPEC)  # a write about something else
+        await waiters.wait(woken, 0.3)
+        assert not woken.done()
+        await store.request_cancel("a")
+        await waiters.wait(woken, 5)
+        assert woken.done()
+    assert waiters.count == 0
+
+
+async def test_an_ending_stored_before_the_watch_started_is_found(store, waiters):
+    await store.create_job("a", SPEC)
+    await asyncio.sleep(0.05)  # the loop sleeps: nobody waits
+    with waiters.registered(["a"]) as woken:
+        # Ended after the request read it, before the loop took its mark.
+        await store.request_cancel("a")
+        await waiters.wait(woken, 5)
+        assert woken.done()
+
+
+async def test_a_wait_ends_with_its_timeout(store, waiters):
+    await store.create_job("a", SPEC)
+    with waiters.registered(["a"]) as woken:
+        await asyncio.wait_for(waiters.wait(woken, 0.1), 5)
+        assert not woken.done()
+
+
+async def test_close_answers_every_waiter_and_later_ones_at_once(store, waiters):
+    await store.create_job("a", SPEC)
+    with waiters.registered(["a"]) as woken:
+        waiters.close()
+        assert woken.done()
+    with waiters.registered(["a"]) as later:
+        assert later.done()
+
+
+async def test_many_waiters_one_listing_of_many_jobs(store, waiters):
+    ids = [f"j{i}" for i in range(1000)]
+    for job_id in ids:
+        await store.create_job(job_id, SPEC)
+    with contextlib.ExitStack() as stack:
+        woken = [stack.enter_context(waiters.registered([job_id])) for job_id in ids]
+        many = stack.enter_context(waiters.registered(ids[:500]))
+        await store.request_cancel("j7")
+        await waiters.wait(woken[7], 5)
+        await waiters.wait(many, 5)
+        assert woken[7].done() and many.done()
+        assert sum(f.done() for f in woken) == 1
+        assert waiters.count == 1001
+    assert waiters.count == 0
