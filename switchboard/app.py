@@ -17,6 +17,7 @@ from common import logfmt
 from protocol.exceptions import CloseCode
 from protocol.messages import StopJob
 from switchboard.api.artifacts import ArtifactController
+from switchboard.api.devices import DeviceController
 from switchboard.api.dispatch import DispatchController
 from switchboard.api.errors import EXCEPTION_HANDLERS
 from switchboard.api.files import FilesController
@@ -155,6 +156,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             OutputController,
             FilesController,
             SupervisorController,
+            DeviceController,
             TokenController,
             DispatchController,
             artifacts,

@@ -13,6 +13,7 @@ from common import logfmt
 from protocol.spec import MAX_TIMEOUT_S
 from switchboard.admin_cli import add_admin_commands, data_dir
 from switchboard.config import Settings
+from switchboard.device_cli import add_device_commands
 from switchboard.jobs_cli import add_job_commands
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -394,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_job_commands(commands)
     add_admin_commands(commands)
+    add_device_commands(commands)
     return parser
 
 

@@ -35,6 +35,7 @@ import msgspec
 from protocol import limits
 from protocol.messages import minor_needed
 from protocol.spec import JobSpec, Selector
+from switchboard.health import OUT_OF_SERVICE, placeable
 from switchboard.models import QueuedJob
 
 #: Far beyond any real wait; bounds the aging term (see the module docstring).
@@ -252,3 +253,86 @@ def unsatisfiable_reason(spec: JobSpec, fleet: Sequence[FleetMember]) -> str | N
             f" that could run it speak at most {limits.PROTOCOL_MAJOR}.{best}"
         )
     return None
+
+
+# --- devices (the hardware lab, docs/lab.md) --------------------------------------------
+# A supervisor that declares devices (protocol 1.4) offers each class it declares as many
+# times as it has devices of that class that are placeable (switchboard.health) and held
+# by no active run; the run placed gets named devices (`grant`). A class a supervisor
+# declares no device of is counted as before, from the resources of its hello.
+
+
+class LabDevice(msgspec.Struct, frozen=True):
+    """A device as placement sees it."""
+
+    id: str
+    supervisor_id: str
+    class_: str
+    health: str
+    #: An active run holds it.
+    held: bool = False
+
+
+def free_devices(devices: Iterable[LabDevice]) -> dict[str, dict[str, int]]:
+    """supervisor id -> {class: devices of it that may be given a run now}; every class a
+    supervisor declares is there, 0 when none is free."""
+    free: dict[str, dict[str, int]] = {}
+    for d in devices:
+        counts = free.setdefault(d.supervisor_id, {})
+        counts[d.class_] = counts.get(d.class_, 0) + (placeable(d.health) and not d.held)
+    return free
+
+
+def grant(wanted: dict[str, int], devices: Sequence[LabDevice]) -> list[str] | None:
+    """The devices to give a run wanting `wanted` ({class: count}) on a supervisor whose
+    inventory is `devices`: for each class it declares devices of, that many placeable
+    free ones (lowest ids first, so decisions are reproducible); classes it declares none
+    of are not granted by name. None if some class has too few free now."""
+    chosen: list[str] = []
+    for cls, n in sorted(wanted.items()):
+        of_class = sorted((d for d in devices if d.class_ == cls), key=lambda d: d.id)
+        if not of_class:
+            continue
+        free = [d.id for d in of_class if placeable(d.health) and not d.held]
+        if len(free) < n:
+            return None
+        chosen += free[:n]
+    return chosen
+
+
+def device_refusal(
+    spec: JobSpec, devices: Sequence[LabDevice], fleet: Sequence[FleetMember]
+) -> str | None:
+    """Why no device could *ever* serve a job (it is refused at submit), or None.
+
+    Only a lab answers (a switchboard some supervisor has declared devices to): there a
+    class that no device has and no supervisor offers as a plain resource is a mistake,
+    not something to wait for. A job is refused when no one supervisor has, for every
+    class it asks for, that many devices that are not retired (or the resource count in
+    its hello, for a class it declares no device of). Devices that are bad or in
+    maintenance count: an operator may bring them back, and the job waits for that."""
+    if not devices or not spec.resources:
+        return None
+    by_host: dict[str, dict[str, int]] = {}
+    for d in devices:
+        counts = by_host.setdefault(d.supervisor_id, {})
+        counts[d.class_] = counts.get(d.class_, 0) + (d.health not in OUT_OF_SERVICE)
+    classes = {d.class_ for d in devices}
+    offered = {m.id: m.resources for m in fleet}
+    for cls in sorted(spec.resources):
+        if cls not in classes and not any(cls in r for r in offered.values()):
+            known = ", ".join(sorted(classes))
+            return f"no device of class {cls!r} is in the lab (its classes: {known})"
+
+    def serves(host: str) -> bool:
+        declared = by_host.get(host, {})
+        plain = offered.get(host, {})
+        return all(
+            (declared[cls] if cls in declared else plain.get(cls, 0)) >= n
+            for cls, n in spec.resources.items()
+        )
+
+    if any(serves(host) for host in by_host.keys() | offered.keys()):
+        return None
+    wanted = ", ".join(f"{n} {cls!r}" for cls, n in sorted(spec.resources.items()))
+    return f"no supervisor has {wanted} device(s) that are not retired"

@@ -18,6 +18,7 @@ from protocol.messages import STREAMS, Ack, Hello, JobStateChanged, Output, Stop
 from protocol.spec import BACKEND_KINDS, JobSpec, NoopBackend
 from protocol.state import TERMINAL, Phase
 from protocol.versions import supported_versions
+from switchboard.health import HEALTH_STATES
 from tests.faults import FaultyProxy
 from tests.harness import (
     Switchboard,
@@ -71,6 +72,9 @@ SWITCHBOARD_METRICS = {
     "switchboard_test_cases_total": "counter",
     "switchboard_reports_refused_total": "counter",
     "switchboard_output_files_total": "counter",
+    "switchboard_devices": "gauge",
+    "switchboard_device_health_changes_total": "counter",
+    "switchboard_device_declarations_refused_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -101,6 +105,7 @@ LABEL_VALUES: dict[str, set[str]] = {
         "token_revoked",
         "queue_full",
         "token_quota",
+        "no_device",
         "heartbeat_timeout",
         "send_timeout",
         "outbox_full",
@@ -114,6 +119,9 @@ LABEL_VALUES: dict[str, set[str]] = {
         "digest_mismatch",
     },
     "route": {"live", "follow", "events"},
+    "health": set(HEALTH_STATES),
+    # A device's class is the lab's own word, as bounded as its inventory.
+    "class": {"simboard"},
     "what": {"job", "output", "artifact"},
     "why": {
         "too_large",

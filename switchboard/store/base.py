@@ -27,6 +27,7 @@ from switchboard.models import (
     Connected,
     ConnectionRecord,
     Counts,
+    DeviceView,
     Enrolment,
     EventsApplied,
     Expired,
@@ -51,6 +52,7 @@ from switchboard.models import (
     TestResult,
     TokenView,
 )
+from switchboard.scheduler import LabDevice
 
 
 class Store(abc.ABC):
@@ -393,6 +395,37 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_operator_labels(self, supervisor_id: str, labels: dict[str, str]) -> bool:
         """Replace a supervisor's operator labels; False if it is unknown."""
+
+    # the hardware lab (docs/lab.md)
+    @abc.abstractmethod
+    async def list_devices(
+        self,
+        *,
+        class_: str | None = None,
+        health: str | None = None,
+        supervisor_id: str | None = None,
+    ) -> list[DeviceView]:
+        """The lab's devices (those of one class, health or supervisor), by id."""
+
+    @abc.abstractmethod
+    async def get_device(self, device_id: str) -> DeviceView | None:
+        """A device with its latest health changes, newest first."""
+
+    @abc.abstractmethod
+    async def set_device_health(
+        self, device_id: str, health: str, actor: str, reason: str
+    ) -> DeviceView | None:
+        """Set a device's health (switchboard.health says which may be set), kept in its
+        history with `actor` and `reason`; None if there is no such device. Counted as a
+        supervisor write: what may be placed where changes."""
+
+    @abc.abstractmethod
+    async def lab_devices(self) -> list[LabDevice]:
+        """Every device as placement sees it (health, held or not)."""
+
+    @abc.abstractmethod
+    async def device_counts(self) -> dict[tuple[str, str], int]:
+        """(health, class) -> how many devices."""
 
     @abc.abstractmethod
     def apply_events(

@@ -24,13 +24,14 @@ ACTIVE_PHASES = tuple(p.value for p in Phase if p in ACTIVE)
 ACTIVE_SQL = ",".join("?" * len(ACTIVE_PHASES))
 
 #: Bumped whenever a table changes; a database of another version is refused, not guessed at.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: Older versions this one reaches in place: their changes only added tables, indexes and
 #: triggers, which SCHEMA creates where missing, and the columns of ADDED_COLUMNS. (From 3,
 #: the store also moves secret values out of the stored specs: see
 #: sqlite_secrets.seal_legacy_secrets.) Version 5 added test_reports and test_cases; 6
-#: added run_files, run_files_refused and runs.files_refused_unlisted.
-ADDITIVE_UPGRADES_FROM = frozenset({2, 3, 4, 5})
+#: added run_files, run_files_refused and runs.files_refused_unlisted; 7 the hardware lab's
+#: tables (DEVICES_SCHEMA).
+ADDITIVE_UPGRADES_FROM = frozenset({2, 3, 4, 5, 6})
 
 #: Columns added to tables that older databases already have (SCHEMA holds them too, for a
 #: new database): table -> [(column, its definition, the statement that fills it in for
@@ -329,6 +330,51 @@ CREATE TABLE IF NOT EXISTS run_files_refused (
 ) WITHOUT ROWID;
 """
 
+#: Version 7: the hardware lab (docs/lab.md). New tables only, kept together so that they
+#: become one migration.
+DEVICES_SCHEMA = """
+-- Every device a supervisor declares (its hello's inventory), with its health. `health`:
+-- unknown, good, bad, maintenance, looping, retired. The last health check: its result
+-- ('pass' or 'fail'), when, and the job that ran it.
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    supervisor_id TEXT NOT NULL,
+    class TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}',
+    console INTEGER NOT NULL DEFAULT 0,
+    power INTEGER NOT NULL DEFAULT 0,
+    health TEXT NOT NULL DEFAULT 'unknown',
+    health_reason TEXT NOT NULL DEFAULT '',
+    health_at REAL NOT NULL,
+    check_result TEXT,
+    check_at REAL,
+    check_job TEXT,
+    first_seen REAL NOT NULL,
+    last_declared REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS devices_by_supervisor ON devices (supervisor_id, class);
+-- Every change of a device's health: who made it (an operator's token, or a job), and why.
+CREATE TABLE IF NOT EXISTS device_health_history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    health_from TEXT,
+    health_to TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    job_id TEXT
+);
+CREATE INDEX IF NOT EXISTS device_health_by_device ON device_health_history (device_id, seq);
+-- The devices granted to each run: a device's holder is the active run among its rows.
+CREATE TABLE IF NOT EXISTS run_devices (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, attempt, device_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS run_devices_by_device ON run_devices (device_id, job_id, attempt);
+"""
+
 
 class SchemaMismatch(RuntimeError):
     """The database was made by another version of the switchboard."""
@@ -350,6 +396,7 @@ def apply_schema(
     if tables:
         _add_columns(conn)
     conn.executescript(SCHEMA)
+    conn.executescript(DEVICES_SCHEMA)
     if version == SCHEMA_VERSION:
         return
     conn.execute("BEGIN IMMEDIATE")

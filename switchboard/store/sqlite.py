@@ -21,6 +21,7 @@ import msgspec
 from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import Phase
+from switchboard import scheduler
 from switchboard.event_checks import seq_gap
 from switchboard.models import (
     ActiveRun,
@@ -32,6 +33,7 @@ from switchboard.models import (
     Connected,
     ConnectionRecord,
     Counts,
+    DeviceView,
     Enrolment,
     EventsApplied,
     Expired,
@@ -58,6 +60,7 @@ from switchboard.models import (
 )
 from switchboard.sealing import Keyring, split_secrets
 from switchboard.store import sqlite_artifacts as artifacts
+from switchboard.store import sqlite_devices as lab
 from switchboard.store import sqlite_files as files
 from switchboard.store import sqlite_jobs
 from switchboard.store import sqlite_output as output
@@ -306,6 +309,7 @@ class SQLiteStore(Store):
                     busy_keys=placement.busy_keys(conn),
                     queue=placement.queued_jobs(conn, limit) if limit > 0 else [],
                     next_backoff_end=placement.next_backoff_end(conn),
+                    devices_free=scheduler.free_devices(lab.lab_devices(conn)),
                 )
             finally:
                 conn.execute("COMMIT")
@@ -546,6 +550,34 @@ class SQLiteStore(Store):
         return await self._write_supervisor(
             lambda conn: supervisors.set_operator_labels(conn, supervisor_id, labels)
         )
+
+    # --- the hardware lab ------------------------------------------------------------
+
+    async def list_devices(
+        self,
+        *,
+        class_: str | None = None,
+        health: str | None = None,
+        supervisor_id: str | None = None,
+    ) -> list[DeviceView]:
+        return await self._read(lambda conn: lab.list_devices(conn, class_, health, supervisor_id))
+
+    async def get_device(self, device_id: str) -> DeviceView | None:
+        return await self._read(lambda conn: lab.get_device(conn, device_id))
+
+    async def set_device_health(
+        self, device_id: str, health: str, actor: str, reason: str
+    ) -> DeviceView | None:
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: lab.set_health(conn, device_id, health, actor, reason, now)
+        )
+
+    async def lab_devices(self) -> list[scheduler.LabDevice]:
+        return await self._read(lambda conn: lab.lab_devices(conn))
+
+    async def device_counts(self) -> dict[tuple[str, str], int]:
+        return await self._read(lab.health_counts)
 
     # --- the dashboard's views -------------------------------------------------------
 

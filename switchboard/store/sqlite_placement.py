@@ -21,6 +21,7 @@ from protocol.state import Phase
 from switchboard import lifecycle, metrics
 from switchboard.models import ActiveRun, Assignment, Counts, QueuedJob
 from switchboard.sealing import Keyring, SecretsUnreadable
+from switchboard.store import sqlite_devices
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
 from switchboard.store.sqlite_jobs import end_queued_job
 from switchboard.store.sqlite_runs import record_phase
@@ -31,17 +32,23 @@ log = logging.getLogger("switchboard.store")
 _spec_decoder = msgspec.json.Decoder(JobSpec)
 
 
-def active_run(row: tuple, keyring: Keyring) -> ActiveRun:
+def active_run(row: tuple, keyring: Keyring, conn: sqlite3.Connection) -> ActiveRun:
     """A run a supervisor holds. One still `assigned` may need its StartJob again, so its
-    secret values are opened (or why they can't be is noted); the others' are left shut."""
+    secret values are opened (or why they can't be is noted), and its devices read; the
+    others' are left shut."""
     job_id, attempt, phase, cancel_requested, raw, sealed = row
     spec, unreadable = _spec_decoder.decode(raw), None
+    devices: tuple[str, ...] = ()
     if phase == Phase.ASSIGNED:
         try:
             spec = spec_to_start(job_id, spec, sealed, keyring)
         except SecretsUnreadable as exc:
             unreadable = str(exc)
-    return ActiveRun(job_id, attempt, Phase(phase), bool(cancel_requested), spec, unreadable)
+        if spec.resources:
+            devices = sqlite_devices.run_devices(conn, job_id, attempt)
+    return ActiveRun(
+        job_id, attempt, Phase(phase), bool(cancel_requested), spec, unreadable, devices
+    )
 
 
 def assign_run(
@@ -64,6 +71,9 @@ def assign_run(
         reject_unreadable(conn, job_id, str(exc), now)
         return None
     attempt = row[0] + 1
+    granted = sqlite_devices.grant(conn, job_id, attempt, supervisor_id, spec)
+    if granted is None:
+        return None  # its devices were taken, or went bad, since the plan: it waits
     conn.execute(
         "UPDATE jobs SET phase = 'assigned', attempts = ?, updated_at = ?,"
         " queue_deadline = NULL, unschedulable = NULL WHERE id = ?",
@@ -75,7 +85,7 @@ def assign_run(
         (job_id, attempt, supervisor_id, now),
     )
     record_phase(conn, job_id, attempt, Phase.ASSIGNED, None, None, now)
-    return Assignment(job_id, attempt, supervisor_id, spec)
+    return Assignment(job_id, attempt, supervisor_id, spec, tuple(granted))
 
 
 def reject_unreadable(conn: sqlite3.Connection, job_id: str, why: str, now: float) -> None:
@@ -159,7 +169,7 @@ def active_runs(conn: sqlite3.Connection, supervisor_id: str, keyring: Keyring) 
         f" WHERE r.supervisor_id = ? AND r.phase IN ({ACTIVE_SQL})",
         (supervisor_id, *ACTIVE_PHASES),
     ).fetchall()
-    return [active_run(row, keyring) for row in rows]
+    return [active_run(row, keyring, conn) for row in rows]
 
 
 def active_run_refs(

@@ -1,0 +1,247 @@
+"""The hardware lab in the SQLite store: the devices supervisors declare, their health and
+its history, and the devices granted to each run (docs/lab.md).
+
+Every function takes the open connection and runs inside the caller's transaction. What
+may be placed where is decided by switchboard.scheduler and switchboard.health; this
+module reads the facts they need and writes their answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Sequence
+
+import msgspec
+
+from protocol.messages import DeviceInfo
+from protocol.spec import JobSpec
+from switchboard import scheduler
+from switchboard.models import DeviceView, HealthChange
+from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
+
+log = logging.getLogger("switchboard.store")
+
+#: Health changes one device's view shows (newest first).
+HISTORY_SHOWN = 100
+
+#: The run holding each device now (an active run among those it was granted to).
+_HOLDERS = (
+    "SELECT rd.device_id, rd.job_id || '#' || rd.attempt FROM run_devices rd"
+    " JOIN runs r ON r.job_id = rd.job_id AND r.attempt = rd.attempt"
+    f" WHERE r.phase IN ({ACTIVE_SQL})"
+)
+
+
+def record_inventory(
+    conn: sqlite3.Connection, supervisor_id: str, devices: Sequence[DeviceInfo], now: float
+) -> list[str]:
+    """Make the supervisor's devices those its hello declares: new ones start `unknown`
+    (in the history), known ones keep their health, ones it no longer declares leave the
+    inventory (their history stays). A device id another supervisor declares already is
+    not taken: the ids refused that way are returned."""
+    owners = dict(
+        conn.execute(
+            f"SELECT id, supervisor_id FROM devices WHERE id IN ({', '.join('?' * len(devices))})",
+            [d.id for d in devices],
+        ).fetchall()
+        if devices
+        else []
+    )
+    refused, kept = [], []
+    for device in devices:
+        owner = owners.get(device.id)
+        if owner is not None and owner != supervisor_id:
+            refused.append(device.id)
+            continue
+        kept.append(device.id)
+        if owner is None:
+            conn.execute(
+                "INSERT INTO devices (id, supervisor_id, class, labels, console, power,"
+                " health_at, first_seen, last_declared) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    device.id,
+                    supervisor_id,
+                    device.class_,
+                    json.dumps(device.labels),
+                    int(device.console),
+                    int(device.power),
+                    now,
+                    now,
+                    now,
+                ),
+            )
+            _history(
+                conn, device.id, now, None, "unknown", f"supervisor {supervisor_id}", "declared"
+            )
+        else:
+            conn.execute(
+                "UPDATE devices SET class = ?, labels = ?, console = ?, power = ?,"
+                " last_declared = ? WHERE id = ?",
+                (
+                    device.class_,
+                    json.dumps(device.labels),
+                    int(device.console),
+                    int(device.power),
+                    now,
+                    device.id,
+                ),
+            )
+    gone = [
+        row[0]
+        for row in conn.execute("SELECT id FROM devices WHERE supervisor_id = ?", (supervisor_id,))
+        if row[0] not in set(kept)
+    ]
+    for device_id in gone:
+        conn.execute("DELETE FROM devices WHERE id = ?", (device_id,))
+        log.info("device %s left the inventory of %s", device_id, supervisor_id)
+    return refused
+
+
+def _history(
+    conn: sqlite3.Connection,
+    device_id: str,
+    now: float,
+    before: str | None,
+    after: str,
+    actor: str,
+    reason: str,
+    job_id: str | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO device_health_history (device_id, at, health_from, health_to, actor,"
+        " reason, job_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (device_id, now, before, after, actor, reason, job_id),
+    )
+
+
+def set_health(
+    conn: sqlite3.Connection,
+    device_id: str,
+    health: str,
+    actor: str,
+    reason: str,
+    now: float,
+    job_id: str | None = None,
+) -> DeviceView | None:
+    """Set a device's health, kept in its history with who and why (the same health again
+    changes nothing); None if there is no such device."""
+    row = conn.execute("SELECT health FROM devices WHERE id = ?", (device_id,)).fetchone()
+    if row is None:
+        return None
+    if row[0] != health:
+        conn.execute(
+            "UPDATE devices SET health = ?, health_reason = ?, health_at = ? WHERE id = ?",
+            (health, reason, now, device_id),
+        )
+        _history(conn, device_id, now, row[0], health, actor, reason, job_id)
+    return get_device(conn, device_id)
+
+
+_COLUMNS = (
+    "id, class, supervisor_id, labels, console, power, health, health_reason, health_at,"
+    " check_result, check_at, check_job, first_seen, last_declared"
+)
+
+
+def _view(row: tuple, holders: dict[str, str]) -> DeviceView:
+    return DeviceView(
+        id=row[0],
+        class_=row[1],
+        supervisor_id=row[2],
+        labels=json.loads(row[3]),
+        console=bool(row[4]),
+        power=bool(row[5]),
+        health=row[6],
+        health_reason=row[7],
+        health_at=row[8],
+        check_result=row[9],
+        check_at=row[10],
+        check_job=row[11],
+        holder=holders.get(row[0]),
+        first_seen=row[12],
+        last_declared=row[13],
+    )
+
+
+def _holders(conn: sqlite3.Connection) -> dict[str, str]:
+    return dict(conn.execute(_HOLDERS, ACTIVE_PHASES).fetchall())
+
+
+def list_devices(
+    conn: sqlite3.Connection,
+    class_: str | None = None,
+    health: str | None = None,
+    supervisor_id: str | None = None,
+) -> list[DeviceView]:
+    terms, args = [], []
+    for column, value in (("class", class_), ("health", health), ("supervisor_id", supervisor_id)):
+        if value is not None:
+            terms.append(f"{column} = ?")
+            args.append(value)
+    where = f" WHERE {' AND '.join(terms)}" if terms else ""
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM devices{where} ORDER BY id", args).fetchall()
+    holders = _holders(conn) if rows else {}
+    return [_view(row, holders) for row in rows]
+
+
+def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceView | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM devices WHERE id = ?", (device_id,)).fetchone()
+    if row is None:
+        return None
+    holder = conn.execute(_HOLDERS + " AND rd.device_id = ?", (*ACTIVE_PHASES, device_id))
+    view = _view(row, dict(holder.fetchall()))
+    changes = conn.execute(
+        "SELECT at, health_to, actor, reason, health_from, job_id FROM device_health_history"
+        " WHERE device_id = ? ORDER BY seq DESC LIMIT ?",
+        (device_id, HISTORY_SHOWN),
+    )
+    return msgspec.structs.replace(view, history=[HealthChange(*c) for c in changes])
+
+
+def lab_devices(
+    conn: sqlite3.Connection, supervisor_id: str | None = None
+) -> list[scheduler.LabDevice]:
+    """Every device (of one supervisor) as placement sees it."""
+    where, args = ("WHERE supervisor_id = ?", [supervisor_id]) if supervisor_id else ("", [])
+    rows = conn.execute(f"SELECT id, supervisor_id, class, health FROM devices {where}", args)
+    devices = rows.fetchall()
+    if not devices:
+        return []
+    held = _holders(conn)
+    return [scheduler.LabDevice(i, s, c, h, i in held) for i, s, c, h in devices]
+
+
+def grant(
+    conn: sqlite3.Connection, job_id: str, attempt: int, supervisor_id: str, spec: JobSpec
+) -> list[str] | None:
+    """Grant the run the devices of its supervisor that it asks for (scheduler.grant) and
+    record them; None (nothing recorded) if too few are free now."""
+    if not spec.resources:
+        return []
+    devices = lab_devices(conn, supervisor_id)
+    if not devices:
+        return []
+    chosen = scheduler.grant(spec.resources, devices)
+    if chosen is None:
+        return None
+    conn.executemany(
+        "INSERT INTO run_devices (job_id, attempt, device_id) VALUES (?, ?, ?)",
+        [(job_id, attempt, device_id) for device_id in chosen],
+    )
+    return chosen
+
+
+def run_devices(conn: sqlite3.Connection, job_id: str, attempt: int) -> tuple[str, ...]:
+    rows = conn.execute(
+        "SELECT device_id FROM run_devices WHERE job_id = ? AND attempt = ? ORDER BY device_id",
+        (job_id, attempt),
+    )
+    return tuple(r[0] for r in rows)
+
+
+def health_counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+    """(health, class) -> how many devices (for the metrics)."""
+    rows = conn.execute("SELECT health, class, count(*) FROM devices GROUP BY health, class")
+    return {(h, c): n for h, c, n in rows}

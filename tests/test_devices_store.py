@@ -1,0 +1,123 @@
+"""The lab's devices in the SQLite store (on disk): the inventory each supervisor's hello
+declares, health and its history, the devices granted to runs and who holds what."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from protocol.messages import DeviceInfo, Hello, RunRef
+from protocol.spec import JobSpec, NoopBackend
+from protocol.state import Phase
+from switchboard.store.schema import SCHEMA_VERSION
+from switchboard.store.sqlite import SQLiteStore
+
+pytestmark = pytest.mark.unit
+
+V14 = ["1.4", "1.3"]
+
+
+def _hello(sup: str, *ids: str, versions: list[str] = V14, cls: str = "simboard") -> Hello:
+    devices = [DeviceInfo(id=i, class_=cls, labels={"slot": i[-1]}, console=True) for i in ids]
+    return Hello(supervisor_id=sup, name=sup, versions=versions, devices=devices)
+
+
+def _spec(n: int = 1) -> JobSpec:
+    return JobSpec(name="flash", backend=NoopBackend(), resources={"simboard": n})
+
+
+async def test_the_inventory_is_what_the_last_hello_declares(store: SQLiteStore) -> None:
+    await store.supervisor_connected(_hello("h1", "board-a", "board-b"))
+    listed = await store.list_devices()
+    assert [(d.id, d.class_, d.supervisor_id, d.health) for d in listed] == [
+        ("board-a", "simboard", "h1", "unknown"),
+        ("board-b", "simboard", "h1", "unknown"),
+    ]
+    assert listed[0].labels == {"slot": "a"} and listed[0].console and not listed[0].power
+    await store.set_device_health("board-a", "maintenance", "op (t1)", "re-soldering")
+    # Declared again: known devices keep their health; one no longer declared leaves.
+    await store.supervisor_connected(_hello("h1", "board-a", "board-c"))
+    listed = await store.list_devices()
+    assert [(d.id, d.health) for d in listed] == [
+        ("board-a", "maintenance"),
+        ("board-c", "unknown"),
+    ]
+    # A 1.3 hello says nothing of devices: the inventory stays.
+    await store.supervisor_connected(_hello("h1", versions=["1.3"]))
+    assert len(await store.list_devices()) == 2
+    # Another host declaring a device id that is taken does not get it.
+    connected = await store.supervisor_connected(_hello("h2", "board-a", "board-d"))
+    assert connected.devices_refused == ("board-a",)
+    hosts = {d.id: d.supervisor_id for d in await store.list_devices()}
+    assert hosts == {"board-a": "h1", "board-c": "h1", "board-d": "h2"}
+    # Filters.
+    assert [d.id for d in await store.list_devices(supervisor_id="h2")] == ["board-d"]
+    assert [d.id for d in await store.list_devices(health="maintenance")] == ["board-a"]
+    assert await store.list_devices(class_="nrf52840dk") == []
+    assert await store.device_counts() == {
+        ("maintenance", "simboard"): 1,
+        ("unknown", "simboard"): 2,
+    }
+
+
+async def test_every_change_of_health_is_in_the_history(store: SQLiteStore) -> None:
+    await store.supervisor_connected(_hello("h1", "board-a"))
+    await store.set_device_health("board-a", "bad", "alice (t1)", "no UART output")
+    await store.set_device_health("board-a", "bad", "alice (t1)", "still")  # no change
+    view = await store.set_device_health("board-a", "good", "bob (t2)", "cable replaced")
+    assert view is not None and view.health == "good" and view.health_reason == "cable replaced"
+    assert [(c.from_, c.to, c.actor, c.reason) for c in view.history] == [
+        ("bad", "good", "bob (t2)", "cable replaced"),
+        ("unknown", "bad", "alice (t1)", "no UART output"),
+        (None, "unknown", "supervisor h1", "declared"),
+    ]
+    assert await store.set_device_health("nope", "bad", "x", "y") is None
+    assert await store.get_device("nope") is None
+
+
+async def test_runs_are_granted_placeable_free_devices_and_hold_them(store: SQLiteStore) -> None:
+    await store.supervisor_connected(_hello("h1", "board-a", "board-b", "board-c"))
+    await store.set_device_health("board-a", "bad", "op", "fails selftest")
+    await store.set_device_health("board-c", "retired", "op", "end of life")
+    await store.create_jobs([("j1", _spec()), ("j2", _spec())], "ci", 10)
+    [first] = await store.assign([("j1", "h1")])
+    assert first.devices == ("board-b",)  # never the bad one
+    # The only good board is held: the second job is not placed (it stays queued).
+    assert await store.assign([("j2", "h1")]) == []
+    assert (await store.get_job("j2")).phase == "queued"  # type: ignore[union-attr]
+    assert (await store.get_device("board-b")).holder == "j1#1"  # type: ignore[union-attr]
+    [active] = await store.active_runs("h1")
+    assert active.devices == ("board-b",)  # an assigned run's StartJob is sent with them
+    free = (await store.placement_snapshot(lambda fleet: 0)).devices_free
+    assert free == {"h1": {"simboard": 0}}
+    # The run ends: the board is free again, for the next job.
+    await store.end_run(RunRef("j1", 1), Phase.LOST.value, "gone")
+    assert (await store.get_device("board-b")).holder is None  # type: ignore[union-attr]
+    [second] = await store.assign([("j2", "h1")])
+    assert second.devices == ("board-b",)
+
+
+async def test_a_version_6_data_dir_gets_the_lab_tables(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    old = SQLiteStore(path)
+    await old.open()
+    await old.create_jobs([("j1", _spec())], "ci", 10)
+    await old.close()
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "DROP TABLE devices; DROP TABLE device_health_history; DROP TABLE run_devices;"
+        " PRAGMA user_version = 6;"
+    )
+    conn.close()
+    upgraded = SQLiteStore(path)
+    await upgraded.open()
+    try:
+        await upgraded.supervisor_connected(_hello("h1", "board-a"))
+        [run] = await upgraded.assign([("j1", "h1")])
+        assert run.devices == ("board-a",)
+    finally:
+        await upgraded.close()
+    (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
+    assert version == SCHEMA_VERSION == 7
