@@ -33,6 +33,7 @@ from switchboard.api.tokens import TokenController
 from switchboard.api.uploads import UploadController
 from switchboard.artifacts import ArtifactFiles
 from switchboard.changes import Changes
+from switchboard.checks import HealthChecks
 from switchboard.config import Settings
 from switchboard.dashboard import dashboard_routes
 from switchboard.dispatcher import Dispatcher
@@ -103,6 +104,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         settings.database_path,
         keyring=keyring,
         max_run_output=settings.max_run_output_bytes or None,
+        checked_classes=frozenset(settings.health_checks),
     )
     hub = Hub(store, settings)
     changes = Changes(store)
@@ -134,6 +136,10 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
                 Retention(store, state.artifacts, settings).run(), name="retention"
             ),
             asyncio.create_task(hub.keep_send_deadlines(), name="send deadlines"),
+            asyncio.create_task(
+                HealthChecks(store, state.dispatcher, settings.health_checks).run(),
+                name="health checks",
+            ),
         ]
         try:
             yield

@@ -267,7 +267,9 @@ class Dispatcher:
         fleet = snapshot.fleet
         key = self._fleet_key(fleet, writes)
         fleet_changed = key is not self._last_fleet
-        candidates = _candidates(fleet, ready, snapshot.resources_in_use, snapshot.devices_free)
+        candidates = _candidates(
+            fleet, ready, snapshot.resources_in_use, snapshot.devices_free, snapshot.checks
+        )
         if not candidates and not news and not fleet_changed:
             self._spare = _Spare(writes, [], snapshot.busy_keys)
             return PassDone(0, backoff_end=snapshot.next_backoff_end)
@@ -363,6 +365,7 @@ def _candidates(
     ready: set[str],
     in_use: dict[str, dict[str, int]],
     devices_free: dict[str, dict[str, int]],
+    checks: dict[str, frozenset[str]],
 ) -> list[Candidate]:
     """Connected, undrained supervisors with a free slot, and what they have free now: of
     a device class it declares, the devices that may be given a run now (healthy, not
@@ -383,6 +386,7 @@ def _candidates(
                 resources=resources,
                 running=s.running,
                 minor=minor_of(s.protocol),
+                checks=checks.get(s.id, frozenset()),
             )
         )
     return candidates

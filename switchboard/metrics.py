@@ -264,6 +264,13 @@ DEVICE_HEALTH_CHANGES = Counter(
     ["health"],
     registry=REGISTRY,
 )
+HEALTH_CHECKS = Counter(
+    "switchboard_health_checks_total",
+    "Health checks of devices that ended: passed (the device is good), failed (bad), or"
+    " ended by an infrastructure error (unknown: it is checked again).",
+    ["result"],
+    registry=REGISTRY,
+)
 DEVICES_REFUSED = Counter(
     "switchboard_device_declarations_refused_total",
     "Devices a supervisor's hello declared that were not taken into the inventory: another"
@@ -431,6 +438,8 @@ for _reason in HTTP_REFUSAL_REASONS:
     HTTP_REFUSALS.labels(_reason)
 for _health in HEALTH_STATES:
     DEVICE_HEALTH_CHANGES.labels(_health)
+for _result in ("pass", "fail", "error"):
+    HEALTH_CHECKS.labels(_result)
 for _reason in ("queue_full", "token_quota", "no_device"):
     SUBMISSIONS_REFUSED.labels(_reason)
 for _reason in CUT_REASONS:

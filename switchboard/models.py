@@ -288,6 +288,8 @@ class DeviceView(msgspec.Struct):
     check_job: str | None = None
     #: The run holding it now, as "JOB#ATTEMPT" (None: free).
     holder: str | None = None
+    #: Its health-check job that has not ended yet (it serves nothing else until then).
+    checking: str | None = None
     first_seen: float = 0.0
     #: The last time its supervisor declared it (its last hello).
     last_declared: float = 0.0
@@ -320,6 +322,8 @@ class QueuedJob(msgspec.Struct, frozen=True):
     concurrency_key: str | None = None
     #: Why no registered supervisor could run it, as last noted on the job (None: it could).
     unschedulable: str | None = None
+    #: The device it checks, for a health-check job (docs/lab.md).
+    device: str | None = None
 
 
 class Assignment(msgspec.Struct, frozen=True):
@@ -545,3 +549,5 @@ class PlacementSnapshot(msgspec.Struct, frozen=True):
     #: Per supervisor that declares devices, {class: devices of it free to be given a run}
     #: (scheduler.free_devices).
     devices_free: dict[str, dict[str, int]] = {}
+    #: Per supervisor, its devices whose health check may start now.
+    checks: dict[str, frozenset[str]] = {}

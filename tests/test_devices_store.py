@@ -121,3 +121,76 @@ async def test_a_version_6_data_dir_gets_the_lab_tables(tmp_path: Path) -> None:
         await upgraded.close()
     (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
     assert version == SCHEMA_VERSION == 7
+
+
+async def test_a_check_runs_before_any_other_job_and_decides_the_health(
+    store: SQLiteStore,
+) -> None:
+    await store.supervisor_connected(_hello("h1", "board-a", "board-b"))
+    check = JobSpec(name="check", backend=NoopBackend(), resources={"simboard": 1}, priority=5)
+    await store.create_checks([("c-a", check, "board-a"), ("c-b", check, "board-b")], "sb")
+    facts = {f.id: f for f in await store.device_facts()}
+    assert facts["board-a"].checking and facts["board-b"].checking
+    assert (await store.get_device("board-a")).checking == "c-a"  # type: ignore[union-attr]
+    # A regular job gets neither board while they wait for their checks...
+    await store.create_jobs([("j1", _spec())], "ci", 10)
+    assert await store.assign([("j1", "h1")]) == []
+    snapshot = await store.placement_snapshot(lambda fleet: 10)
+    assert snapshot.devices_free == {"h1": {"simboard": 0}}
+    assert snapshot.checks == {"h1": frozenset({"board-a", "board-b"})}
+    assert {j.id: j.device for j in snapshot.queue} == {
+        "c-a": "board-a",
+        "c-b": "board-b",
+        "j1": None,
+    }
+    # ...and each check gets exactly its own board.
+    [run_a] = await store.assign([("c-a", "h1")])
+    [run_b] = await store.assign([("c-b", "h1")])
+    assert (run_a.devices, run_b.devices) == (("board-a",), ("board-b",))
+    await store.end_run(RunRef("c-a", 1), Phase.LOST.value, "host gone")
+    await store.request_cancel("c-b")
+    await store.end_run(RunRef("c-b", 1), Phase.CANCELED.value, "canceled")
+    done = sorted(await store.finish_checks())
+    assert done == [("board-a", "c-a", "error", "unknown"), ("board-b", "c-b", "fail", "bad")]
+    a = await store.get_device("board-a")
+    assert a is not None and a.checking is None and a.check_result == "error"
+    assert a.check_job == "c-a" and a.health == "unknown"  # unchanged: no history row
+    b = await store.get_device("board-b")
+    assert b is not None and b.health == "bad" and b.check_result == "fail"
+    assert (b.history[0].actor, b.history[0].job_id) == ("health check", "c-b")
+    assert b.history[0].reason == "health check failed (canceled)"
+    # The checked board (unknown, placeable) takes the waiting job; the bad one never.
+    [run] = await store.assign([("j1", "h1")])
+    assert run.devices == ("board-a",)
+    assert await store.finish_checks() == []
+
+
+async def test_a_run_lost_with_its_host_puts_its_board_in_doubt(store: SQLiteStore) -> None:
+    await store.supervisor_connected(_hello("h1", "board-a"))
+    await store.set_device_health("board-a", "good", "op", "checked by hand")
+    await store.create_jobs([("j1", _spec())], "ci", 10)
+    await store.assign([("j1", "h1")])
+    await store.end_run(RunRef("j1", 1), Phase.LOST.value, "host gone")
+    assert await store.devices_after_lost_runs() == ["board-a"]
+    device = await store.get_device("board-a")
+    assert device is not None and device.health == "unknown"
+    assert device.history[0].reason == "run of job j1 lost with its host"
+    assert await store.devices_after_lost_runs() == []
+    # Runs since the last check are counted (checks left out).
+    [facts] = await store.device_facts()
+    assert facts.runs_since_check == 1
+
+
+async def test_a_board_of_a_checked_class_waits_for_its_first_check(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db.sqlite3", checked_classes=frozenset({"simboard"}))
+    await store.open()
+    try:
+        await store.supervisor_connected(_hello("h1", "board-a"))
+        await store.create_jobs([("j1", _spec())], "ci", 10)
+        # No check job queued yet, and still the board serves no job while unknown.
+        assert await store.assign([("j1", "h1")]) == []
+        await store.set_device_health("board-a", "good", "op", "checked by hand")
+        [run] = await store.assign([("j1", "h1")])
+        assert run.devices == ("board-a",)
+    finally:
+        await store.close()

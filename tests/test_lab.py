@@ -11,22 +11,35 @@ import pytest
 from protocol.exceptions import JobError, JobErrorKind
 from protocol.messages import DeviceInfo
 from protocol.spec import JobSpec, NoopBackend
+from protocol.state import Phase
 from supervisor.backends.devices import Devices, inventory
 from supervisor.config import ConfigError, parse_config
 from switchboard import health
+from switchboard.models import QueuedJob
 from switchboard.scheduler import (
+    Candidate,
     FleetMember,
     LabDevice,
+    awaiting_checks,
     device_refusal,
     free_devices,
     grant,
+    plan,
 )
 
 pytestmark = pytest.mark.unit
 
 
-def _dev(id_: str, health_: str = "good", *, host: str = "h1", cls: str = "nrf", held=False):
-    return LabDevice(id_, host, cls, health_, held)
+def _dev(
+    id_: str,
+    health_: str = "good",
+    *,
+    host: str = "h1",
+    cls: str = "nrf",
+    held: bool = False,
+    checking: bool = False,
+) -> LabDevice:
+    return LabDevice(id_, host, cls, health_, held, checking)
 
 
 def _spec(**resources: int) -> JobSpec:
@@ -161,3 +174,85 @@ def test_a_run_gets_exactly_the_devices_it_was_granted(tmp_path: Path) -> None:
     # Without a grant (an older switchboard) it picks a free one, as before.
     plugged.add("/dev/ttyACM0")
     assert [d.name for d in devices.allocate("run-3", {"simboard": 1})] == ["board-a"]
+
+
+# --- health checks ------------------------------------------------------------------------
+
+CHECK = health.HealthCheck(spec=JobSpec(name="selftest", backend=NoopBackend()), after_runs=3)
+
+
+def _facts(**fields: object) -> health.DeviceFacts:
+    base: dict[str, object] = {"id": "a", "class_": "nrf", "health": "good", "check_at": 1000.0}
+    base.update(fields, check_result=fields.get("check_result", "pass"))
+    return health.DeviceFacts(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "now", "due"),
+    [
+        ({"health": "unknown", "check_at": None}, 1000.0, "its health is unknown"),
+        ({"health": "unknown"}, 1001.0, "its health is unknown"),
+        ({}, 1000.0 + 86400, "its last check is older than 86400 s"),
+        ({}, 1001.0, None),
+        ({"runs_since_check": 3}, 1001.0, "3 runs since its last check"),
+        ({"health": "looping", "runs_since_check": 1}, 1001.0, "it is looping"),
+        ({"health": "looping"}, 1001.0, None),
+        # A check is under way; or nobody may use the device: no check.
+        ({"health": "unknown", "checking": True}, 1001.0, None),
+        ({"health": "bad", "check_at": None}, 1001.0, None),
+        ({"health": "maintenance", "check_at": None}, 1001.0, None),
+        ({"health": "retired", "check_at": None}, 1001.0, None),
+        # After an infrastructure error, the next check waits a minute.
+        ({"health": "unknown", "check_result": "error"}, 1030.0, None),
+        ({"health": "unknown", "check_result": "error"}, 1061.0, "its health is unknown"),
+    ],
+)
+def test_when_a_device_needs_its_check(fields: dict, now: float, due: str | None) -> None:
+    got = health.check_due(_facts(**fields), CHECK, now)
+    assert got == due or (due is not None and got is not None and got.startswith(due))
+
+
+@pytest.mark.parametrize(
+    ("phase", "result", "after"),
+    [
+        (Phase.SUCCEEDED, "pass", "good"),
+        (Phase.FAILED, "fail", "bad"),
+        (Phase.TIMED_OUT, "fail", "bad"),
+        (Phase.CANCELED, "fail", "bad"),
+        (Phase.LOST, "error", "unknown"),
+        (Phase.REJECTED, "error", "unknown"),
+        (Phase.EXHAUSTED, "error", "unknown"),
+    ],
+)
+def test_a_checks_ending_decides_the_health(phase: Phase, result: str, after: str) -> None:
+    assert health.check_outcome(phase) == (result, after)
+
+
+def test_a_lost_run_puts_its_devices_in_doubt() -> None:
+    assert health.after_run("good", Phase.LOST) == "unknown"
+    assert health.after_run("looping", Phase.LOST) == "unknown"
+    assert health.after_run("good", Phase.FAILED) is None  # the job's fault, not the board's
+    assert health.after_run("maintenance", Phase.LOST) is None
+
+
+def test_a_check_gets_its_device_and_other_jobs_do_not() -> None:
+    devices = [_dev("a", "unknown", checking=True), _dev("b")]
+    assert grant({"nrf": 1}, devices) == ["b"]
+    assert grant({"nrf": 1}, devices, check="a") == ["a"]
+    assert grant({"nrf": 1}, [_dev("a", held=True)], check="a") is None
+    assert free_devices(devices) == {"h1": {"nrf": 1}}
+    assert awaiting_checks([*devices, _dev("c", "maintenance", checking=True)]) == {
+        "h1": frozenset({"a"})
+    }
+
+
+def test_placement_puts_a_check_where_its_device_is() -> None:
+    spec = _spec(nrf=1)
+    check = QueuedJob("check", 2, 100, spec, device="a")
+    regular = QueuedJob("regular", 1, 0, spec)
+    here = Candidate("h1", ["noop"], {}, free=2, resources={"nrf": 0}, checks=frozenset({"a"}))
+    there = Candidate("h2", ["noop"], {}, free=2, resources={"nrf": 1})
+    assert plan([regular, check], [here, there], now=0.0) == [("check", "h1"), ("regular", "h2")]
+    # Once its check has started, its device takes no second one.
+    again = QueuedJob("check-2", 3, 100, spec, device="a")
+    assert plan([check, again], [here], now=0.0) == [("check", "h1")]

@@ -75,6 +75,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_devices": "gauge",
     "switchboard_device_health_changes_total": "counter",
     "switchboard_device_declarations_refused_total": "counter",
+    "switchboard_health_checks_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -87,7 +88,10 @@ LABEL_VALUES: dict[str, set[str]] = {
     "outcome": _OUTCOMES | {"other", "kept", "refused", "not_uploaded", "invalid_path"},
     "kind": {k.value for k in JobErrorKind},
     "cache": {"wasm_module", "docker_image", "input"},
-    "result": {"hit", "miss", "passed", "failed", "error", "skipped", "kept", "refused"},
+    "result": {
+        *("hit", "miss", "passed", "failed", "error", "skipped", "kept", "refused"),
+        *("pass", "fail"),
+    },
     "limit": {"image_unpacked", "wasm_scratch", "inputs"},
     "reason": {
         "header_too_large",

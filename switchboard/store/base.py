@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import Phase
+from switchboard.health import DeviceFacts
 from switchboard.models import (
     ActiveRun,
     ArtifactAdded,
@@ -426,6 +427,25 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def device_counts(self) -> dict[tuple[str, str], int]:
         """(health, class) -> how many devices."""
+
+    @abc.abstractmethod
+    async def device_facts(self) -> list[DeviceFacts]:
+        """What deciding which devices need a health check looks at, for every device."""
+
+    @abc.abstractmethod
+    async def create_checks(self, checks: Sequence[tuple[str, JobSpec, str]], actor: str) -> None:
+        """Queue health-check jobs, (job id, spec, the device it checks) each, in one
+        transaction: from then on the device waits for its check and serves nothing else."""
+
+    @abc.abstractmethod
+    async def finish_checks(self) -> list[tuple[str, str, str, str]]:
+        """Give each device whose check job has ended the health its ending says
+        (health.check_outcome); (device, job, result, health) for each."""
+
+    @abc.abstractmethod
+    async def devices_after_lost_runs(self) -> list[str]:
+        """Put the devices held by regular runs lost since their health was set in doubt
+        (health.after_run); the ids of those changed."""
 
     @abc.abstractmethod
     def apply_events(

@@ -373,6 +373,16 @@ CREATE TABLE IF NOT EXISTS run_devices (
     PRIMARY KEY (job_id, attempt, device_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS run_devices_by_device ON run_devices (device_id, job_id, attempt);
+-- The health-check jobs of devices: a check is pending until `result` is written ('pass',
+-- 'fail' or 'error') once its job has ended.
+CREATE TABLE IF NOT EXISTS device_checks (
+    job_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    result TEXT,
+    ended_at REAL
+);
+CREATE INDEX IF NOT EXISTS device_checks_pending ON device_checks (device_id) WHERE result IS NULL;
 """
 
 

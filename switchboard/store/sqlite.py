@@ -23,6 +23,7 @@ from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import scheduler
 from switchboard.event_checks import seq_gap
+from switchboard.health import DeviceFacts
 from switchboard.models import (
     ActiveRun,
     ArtifactAdded,
@@ -94,12 +95,16 @@ class SQLiteStore(Store):
         readers: int = 4,
         keyring: Keyring | None = None,
         max_run_output: int | None = None,
+        checked_classes: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
         self._engine = SQLiteEngine(path, readers)
         self._keyring = keyring or Keyring.ephemeral()
         self._keyring_given = keyring is not None
         self.max_run_output = max_run_output
+        #: The device classes that have a health check: their devices of unknown health
+        #: wait for it (sqlite_devices.lab_devices).
+        self.checked_classes = checked_classes
         #: Bumped by every write to a supervisor's record (see Store.supervisor_writes).
         self.supervisor_writes = 0
         #: (supervisor_writes, the listing it was read at): see list_supervisors.
@@ -247,7 +252,7 @@ class SQLiteStore(Store):
         max_queued_per_owner: int | None = None,
     ) -> tuple[list[Submitted], list[Assignment]]:
         batch = self._sealed(jobs)
-        keyring = self._keyring
+        keyring, checked = self._keyring, self.checked_classes
 
         def write(conn: sqlite3.Connection) -> tuple[list[Submitted], list[Assignment]]:
             clear = placement.no_job_ready(conn, time.time())  # before the insert: older jobs
@@ -260,7 +265,9 @@ class SQLiteStore(Store):
                 for submitted in made:
                     supervisor_id = placements.get(submitted.id)
                     if supervisor_id is not None and submitted.phase == Phase.QUEUED.value:
-                        run = placement.assign_run(conn, submitted.id, supervisor_id, now, keyring)
+                        run = placement.assign_run(
+                            conn, submitted.id, supervisor_id, now, keyring, checked
+                        )
                         if run is not None:
                             assigned.append(run)
             return made, assigned
@@ -303,13 +310,15 @@ class SQLiteStore(Store):
             try:
                 fleet = self._fleet_views(conn)
                 limit = queue_limit(fleet)
+                devices = lab.lab_devices(conn, checked=self.checked_classes) if fleet else []
                 return PlacementSnapshot(
                     fleet=fleet,
                     resources_in_use=placement.resources_in_use(conn) if fleet else {},
                     busy_keys=placement.busy_keys(conn),
                     queue=placement.queued_jobs(conn, limit) if limit > 0 else [],
                     next_backoff_end=placement.next_backoff_end(conn),
-                    devices_free=scheduler.free_devices(lab.lab_devices(conn)),
+                    devices_free=scheduler.free_devices(devices),
+                    checks=scheduler.awaiting_checks(devices),
                 )
             finally:
                 conn.execute("COMMIT")
@@ -331,12 +340,12 @@ class SQLiteStore(Store):
         return await self._read(lambda conn: placement.queued_jobs(conn, limit, after, marked))
 
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
-        keyring = self._keyring
+        keyring, checked = self._keyring, self.checked_classes
 
         def write(conn: sqlite3.Connection) -> list[Assignment]:
             now = time.time()
             made = (
-                placement.assign_run(conn, job_id, supervisor_id, now, keyring)
+                placement.assign_run(conn, job_id, supervisor_id, now, keyring, checked)
                 for job_id, supervisor_id in pairs
             )
             return [run for run in made if run is not None]
@@ -578,6 +587,36 @@ class SQLiteStore(Store):
 
     async def device_counts(self) -> dict[tuple[str, str], int]:
         return await self._read(lab.health_counts)
+
+    async def device_facts(self) -> list[DeviceFacts]:
+        return await self._read(lab.device_facts)
+
+    async def create_checks(self, checks: Sequence[tuple[str, JobSpec, str]], actor: str) -> None:
+        batch = self._sealed([(job_id, spec) for job_id, spec, _ in checks])
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> None:
+            # Not held to the queue's limits: there is at most one check per device.
+            sqlite_jobs.insert_jobs(conn, batch, actor, max_queued=2**62)
+            lab.start_checks(conn, [(job_id, device) for job_id, _, device in checks], now)
+
+        await self._write_supervisor(write)
+
+    # The health-check loop asks these twice a second: a read says whether there is
+    # anything to write, so an idle lab costs no write (and no supervisor write, which
+    # would spoil the dispatcher's spare slots).
+
+    async def finish_checks(self) -> list[tuple[str, str, str, str]]:
+        if not await self._read(lab.checks_to_finish):
+            return []
+        now = time.time()
+        return await self._write_supervisor(lambda conn: lab.finish_checks(conn, now))
+
+    async def devices_after_lost_runs(self) -> list[str]:
+        if not await self._read(lab.lost_holders):
+            return []
+        now = time.time()
+        return await self._write_supervisor(lambda conn: lab.runs_lost(conn, now))
 
     # --- the dashboard's views -------------------------------------------------------
 

@@ -12,14 +12,16 @@ import json
 import logging
 import sqlite3
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 import msgspec
 
 from protocol.messages import DeviceInfo
 from protocol.spec import JobSpec
-from switchboard import scheduler
+from protocol.state import Phase
+from switchboard import health, scheduler
 from switchboard.models import DeviceView, HealthChange
-from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
+from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_PHASES, TERMINAL_SQL
 
 log = logging.getLogger("switchboard.store")
 
@@ -145,7 +147,7 @@ _COLUMNS = (
 )
 
 
-def _view(row: tuple, holders: dict[str, str]) -> DeviceView:
+def _view(row: tuple, holders: dict[str, str], checks: dict[str, str]) -> DeviceView:
     return DeviceView(
         id=row[0],
         class_=row[1],
@@ -160,6 +162,7 @@ def _view(row: tuple, holders: dict[str, str]) -> DeviceView:
         check_at=row[10],
         check_job=row[11],
         holder=holders.get(row[0]),
+        checking=checks.get(row[0]),
         first_seen=row[12],
         last_declared=row[13],
     )
@@ -167,6 +170,14 @@ def _view(row: tuple, holders: dict[str, str]) -> DeviceView:
 
 def _holders(conn: sqlite3.Connection) -> dict[str, str]:
     return dict(conn.execute(_HOLDERS, ACTIVE_PHASES).fetchall())
+
+
+def _pending_checks(conn: sqlite3.Connection, device_id: str | None = None) -> dict[str, str]:
+    """device id -> its check job that has not ended."""
+    sql = "SELECT device_id, job_id FROM device_checks WHERE result IS NULL"
+    if device_id is not None:
+        return dict(conn.execute(sql + " AND device_id = ?", (device_id,)).fetchall())
+    return dict(conn.execute(sql).fetchall())
 
 
 def list_devices(
@@ -183,7 +194,8 @@ def list_devices(
     where = f" WHERE {' AND '.join(terms)}" if terms else ""
     rows = conn.execute(f"SELECT {_COLUMNS} FROM devices{where} ORDER BY id", args).fetchall()
     holders = _holders(conn) if rows else {}
-    return [_view(row, holders) for row in rows]
+    checks = _pending_checks(conn) if rows else {}
+    return [_view(row, holders, checks) for row in rows]
 
 
 def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceView | None:
@@ -191,7 +203,7 @@ def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceView | None:
     if row is None:
         return None
     holder = conn.execute(_HOLDERS + " AND rd.device_id = ?", (*ACTIVE_PHASES, device_id))
-    view = _view(row, dict(holder.fetchall()))
+    view = _view(row, dict(holder.fetchall()), _pending_checks(conn, device_id))
     changes = conn.execute(
         "SELECT at, health_to, actor, reason, health_from, job_id FROM device_health_history"
         " WHERE device_id = ? ORDER BY seq DESC LIMIT ?",
@@ -200,30 +212,61 @@ def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceView | None:
     return msgspec.structs.replace(view, history=[HealthChange(*c) for c in changes])
 
 
+#: Devices with a check job that has not ended (they wait for it, and serve nothing else).
+_CHECKING = (
+    "SELECT DISTINCT device_id FROM device_checks INDEXED BY device_checks_pending"
+    " WHERE result IS NULL"
+)
+
+
 def lab_devices(
-    conn: sqlite3.Connection, supervisor_id: str | None = None
+    conn: sqlite3.Connection,
+    supervisor_id: str | None = None,
+    checked: AbstractSet[str] = frozenset(),
 ) -> list[scheduler.LabDevice]:
-    """Every device (of one supervisor) as placement sees it."""
+    """Every device (of one supervisor) as placement sees it. A device of a `checked`
+    class (one with a health check) whose health is unknown waits for its check, whether
+    or not its check job has been queued yet."""
     where, args = ("WHERE supervisor_id = ?", [supervisor_id]) if supervisor_id else ("", [])
     rows = conn.execute(f"SELECT id, supervisor_id, class, health FROM devices {where}", args)
     devices = rows.fetchall()
     if not devices:
         return []
     held = _holders(conn)
-    return [scheduler.LabDevice(i, s, c, h, i in held) for i, s, c, h in devices]
+    checking = {row[0] for row in conn.execute(_CHECKING)}
+    return [
+        scheduler.LabDevice(
+            i, s, c, h, i in held, i in checking or (c in checked and h == "unknown")
+        )
+        for i, s, c, h in devices
+    ]
+
+
+def checked_device(conn: sqlite3.Connection, job_id: str) -> str | None:
+    """The device a health-check job checks (None: it is no check)."""
+    row = conn.execute("SELECT device_id FROM device_checks WHERE job_id = ?", (job_id,))
+    found = row.fetchone()
+    return found[0] if found else None
 
 
 def grant(
-    conn: sqlite3.Connection, job_id: str, attempt: int, supervisor_id: str, spec: JobSpec
+    conn: sqlite3.Connection,
+    job_id: str,
+    attempt: int,
+    supervisor_id: str,
+    spec: JobSpec,
+    checked: AbstractSet[str] = frozenset(),
 ) -> list[str] | None:
-    """Grant the run the devices of its supervisor that it asks for (scheduler.grant) and
-    record them; None (nothing recorded) if too few are free now."""
+    """Grant the run the devices of its supervisor that it asks for (scheduler.grant; a
+    health check, the device it checks) and record them; None (nothing recorded) if they
+    are not free now."""
     if not spec.resources:
         return []
-    devices = lab_devices(conn, supervisor_id)
+    devices = lab_devices(conn, supervisor_id, checked)
     if not devices:
         return []
-    chosen = scheduler.grant(spec.resources, devices)
+    checks = checked_device(conn, job_id)
+    chosen = scheduler.grant(spec.resources, devices, checks)
     if chosen is None:
         return None
     conn.executemany(
@@ -239,6 +282,93 @@ def run_devices(conn: sqlite3.Connection, job_id: str, attempt: int) -> tuple[st
         (job_id, attempt),
     )
     return tuple(r[0] for r in rows)
+
+
+def device_facts(conn: sqlite3.Connection) -> list[health.DeviceFacts]:
+    """What deciding which devices need a check looks at, for every device."""
+    checking = {row[0] for row in conn.execute(_CHECKING)}
+    rows = conn.execute(
+        "SELECT d.id, d.class, d.health, d.check_at, d.check_result,"
+        " (SELECT count(*) FROM run_devices rd JOIN runs r"
+        "  ON r.job_id = rd.job_id AND r.attempt = rd.attempt"
+        "  WHERE rd.device_id = d.id AND r.created_at > coalesce(d.check_at, 0)"
+        "  AND rd.job_id NOT IN (SELECT job_id FROM device_checks WHERE device_id = d.id))"
+        " FROM devices d"
+    )
+    return [
+        health.DeviceFacts(i, c, h, at, result, i in checking, n) for i, c, h, at, result, n in rows
+    ]
+
+
+def start_checks(conn: sqlite3.Connection, checks: Sequence[tuple[str, str]], now: float) -> None:
+    """Record check jobs just inserted: (job id, the device it checks)."""
+    conn.executemany(
+        "INSERT INTO device_checks (job_id, device_id, created_at) VALUES (?, ?, ?)",
+        [(job_id, device_id, now) for job_id, device_id in checks],
+    )
+
+
+#: Pending checks whose job has ended, or is gone.
+_ENDED_CHECKS = (
+    "SELECT c.job_id, c.device_id, j.phase FROM device_checks c"
+    " LEFT JOIN jobs j ON j.id = c.job_id"
+    f" WHERE c.result IS NULL AND (j.phase IS NULL OR j.phase IN ({TERMINAL_SQL}))"
+)
+#: Devices held by a regular run lost since their health was last set.
+_LOST_HOLDERS = (
+    "SELECT DISTINCT d.id, d.health, rd.job_id FROM devices d"
+    " JOIN run_devices rd ON rd.device_id = d.id"
+    " JOIN runs r ON r.job_id = rd.job_id AND r.attempt = rd.attempt"
+    " WHERE r.phase = 'lost' AND r.ended_at >= d.health_at"
+    f" AND d.health IN ({', '.join(repr(h) for h in sorted(health.PLACEABLE - {'unknown'}))})"
+    " AND rd.job_id NOT IN (SELECT job_id FROM device_checks)"
+)
+
+
+def checks_to_finish(conn: sqlite3.Connection) -> bool:
+    """Some health check has ended (a cheap read: finish_checks writes only if so)."""
+    return conn.execute(_ENDED_CHECKS + " LIMIT 1", TERMINAL_PHASES).fetchone() is not None
+
+
+def lost_holders(conn: sqlite3.Connection) -> bool:
+    """Some device is held by a lost run and not yet in doubt (see runs_lost)."""
+    return conn.execute(_LOST_HOLDERS + " LIMIT 1").fetchone() is not None
+
+
+def finish_checks(conn: sqlite3.Connection, now: float) -> list[tuple[str, str, str, str]]:
+    """Give each device whose check job has ended the health its ending says
+    (health.check_outcome), in its history with the job; (device, job, result, health) for
+    each. A check whose job is gone (deleted) ends as an error."""
+    rows = conn.execute(_ENDED_CHECKS, TERMINAL_PHASES).fetchall()
+    done = []
+    for job_id, device_id, phase in rows:
+        result, after = health.check_outcome(Phase(phase or Phase.LOST))
+        conn.execute(
+            "UPDATE device_checks SET result = ?, ended_at = ? WHERE job_id = ?",
+            (result, now, job_id),
+        )
+        conn.execute(
+            "UPDATE devices SET check_result = ?, check_at = ?, check_job = ? WHERE id = ?",
+            (result, now, job_id, device_id),
+        )
+        why = f"health check {result}ed" if result != "error" else "health check not run"
+        set_health(conn, device_id, after, "health check", f"{why} ({phase})", now, job_id)
+        done.append((device_id, job_id, result, after))
+    return done
+
+
+def runs_lost(conn: sqlite3.Connection, now: float) -> list[str]:
+    """Devices held by a regular run that was lost since their health was last set: their
+    state is in doubt (health.after_run); the ids of those changed."""
+    rows = conn.execute(_LOST_HOLDERS).fetchall()
+    changed = []
+    for device_id, current, job_id in rows:
+        after = health.after_run(current, Phase.LOST)
+        if after is not None:
+            reason = f"run of job {job_id} lost with its host"
+            set_health(conn, device_id, after, "switchboard", reason, now, job_id)
+            changed.append(device_id)
+    return changed
 
 
 def health_counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:

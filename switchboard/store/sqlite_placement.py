@@ -12,6 +12,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Collection
+from collections.abc import Set as AbstractSet
 
 import msgspec
 
@@ -52,7 +53,12 @@ def active_run(row: tuple, keyring: Keyring, conn: sqlite3.Connection) -> Active
 
 
 def assign_run(
-    conn: sqlite3.Connection, job_id: str, supervisor_id: str, now: float, keyring: Keyring
+    conn: sqlite3.Connection,
+    job_id: str,
+    supervisor_id: str,
+    now: float,
+    keyring: Keyring,
+    checked: AbstractSet[str] = frozenset(),
 ) -> Assignment | None:
     """The job's next run, on that supervisor, with its secret values opened for the
     StartJob; None if the job is no longer queued, or if its secret values can't be
@@ -71,7 +77,7 @@ def assign_run(
         reject_unreadable(conn, job_id, str(exc), now)
         return None
     attempt = row[0] + 1
-    granted = sqlite_devices.grant(conn, job_id, attempt, supervisor_id, spec)
+    granted = sqlite_devices.grant(conn, job_id, attempt, supervisor_id, spec, checked)
     if granted is None:
         return None  # its devices were taken, or went bad, since the plan: it waits
     conn.execute(
@@ -143,14 +149,18 @@ def queued_jobs(
         page = " AND (priority < ? OR (priority = ? AND seq > ?))"
         args += [after[0], after[0], after[1]]
     rows = conn.execute(
-        "SELECT id, seq, priority, spec, queued_at, concurrency_key, unschedulable"
+        "SELECT id, seq, priority, spec, queued_at, concurrency_key, unschedulable,"
+        " (SELECT device_id FROM device_checks c WHERE c.job_id = jobs.id)"
         " FROM jobs WHERE phase = 'queued'"
         f" AND unschedulable IS {'NOT NULL' if marked else 'NULL'}"
         f" AND (not_before IS NULL OR not_before <= ?){page}"
         " ORDER BY priority DESC, seq LIMIT ?",
         (*args, limit),
     ).fetchall()
-    return [QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3]), r[4], r[5], r[6]) for r in rows]
+    return [
+        QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3]), r[4], r[5], r[6], r[7])
+        for r in rows
+    ]
 
 
 def next_backoff_end(conn: sqlite3.Connection) -> float | None:
