@@ -121,11 +121,16 @@ _RESULTS = {
 }
 
 
-def check_outcome(phase: Phase) -> tuple[str, str]:
-    """(the check's result, the health it gives) for a check job that ended in `phase`:
-    pass -> good, fail -> bad, an infrastructure error (lost, rejected, exhausted) ->
-    unknown, so that another check runs before any other job."""
+def check_outcome(phase: Phase, current: str) -> tuple[str, str]:
+    """(the check's result, the health it gives) for a check job that ended in `phase` on
+    a device whose health is `current`: pass -> good, fail -> bad, an infrastructure error
+    (lost, rejected, exhausted) -> unknown, so that another check runs before any other
+    job. A looping device stays looping whatever the result (its checks go on after every
+    run), and one an operator took out of service while its check ran (bad, maintenance,
+    retired) stays so: the result is only recorded."""
     result = _RESULTS.get(phase, "error")
+    if current == "looping" or current in HELD_BACK | OUT_OF_SERVICE:
+        return result, current
     return result, {"pass": "good", "fail": "bad"}.get(result, "unknown")
 
 

@@ -44,9 +44,11 @@ async def test_the_inventory_is_what_the_last_hello_declares(store: SQLiteStore)
         ("board-a", "maintenance"),
         ("board-c", "unknown"),
     ]
-    # A 1.3 hello says nothing of devices: the inventory stays.
-    await store.supervisor_connected(_hello("h1", versions=["1.3"]))
-    assert len(await store.list_devices()) == 2
+    # A 1.3 hello declares no devices (its supervisor can't be granted any): none stay.
+    await store.supervisor_connected(_hello("h1", "board-a", versions=["1.3"]))
+    assert await store.list_devices() == []
+    await store.supervisor_connected(_hello("h1", "board-a", "board-c"))
+    await store.set_device_health("board-a", "maintenance", "op (t1)", "re-soldering")
     # Another host declaring a device id that is taken does not get it.
     connected = await store.supervisor_connected(_hello("h2", "board-a", "board-d"))
     assert connected.devices_refused == ("board-a",)

@@ -225,7 +225,11 @@ def test_when_a_device_needs_its_check(fields: dict, now: float, due: str | None
     ],
 )
 def test_a_checks_ending_decides_the_health(phase: Phase, result: str, after: str) -> None:
-    assert health.check_outcome(phase) == (result, after)
+    assert health.check_outcome(phase, "unknown") == (result, after)
+    assert health.check_outcome(phase, "good")[1] == after
+    # Looping stays looping; an operator's bad, maintenance or retired stays.
+    for kept in ("looping", "bad", "maintenance", "retired"):
+        assert health.check_outcome(phase, kept) == (result, kept)
 
 
 def test_a_lost_run_puts_its_devices_in_doubt() -> None:

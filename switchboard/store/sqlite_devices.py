@@ -342,7 +342,14 @@ def finish_checks(conn: sqlite3.Connection, now: float) -> list[tuple[str, str, 
     rows = conn.execute(_ENDED_CHECKS, TERMINAL_PHASES).fetchall()
     done = []
     for job_id, device_id, phase in rows:
-        result, after = health.check_outcome(Phase(phase or Phase.LOST))
+        found = conn.execute("SELECT health FROM devices WHERE id = ?", (device_id,)).fetchone()
+        if found is None:  # it left the inventory meanwhile
+            conn.execute(
+                "UPDATE device_checks SET result = 'error', ended_at = ? WHERE job_id = ?",
+                (now, job_id),
+            )
+            continue
+        result, after = health.check_outcome(Phase(phase or Phase.LOST), found[0])
         conn.execute(
             "UPDATE device_checks SET result = ?, ended_at = ? WHERE job_id = ?",
             (result, now, job_id),

@@ -62,9 +62,10 @@ def connected(
         " VALUES (?, ?, ?)",
         (hello.supervisor_id, session, now),
     )
-    refused: list[str] = []
-    if minor_of(version) >= DEVICES_MINOR:  # an older hello says nothing of devices
-        refused = sqlite_devices.record_inventory(conn, hello.supervisor_id, hello.devices, now)
+    # A hello older than 1.4 declares no devices, and its supervisor can't be granted any:
+    # it has none in the inventory (it counts its resources as before).
+    devices = hello.devices if minor_of(version) >= DEVICES_MINOR else []
+    refused = sqlite_devices.record_inventory(conn, hello.supervisor_id, devices, now)
     return Connected(session, last_seq, tuple(refused))
 
 
