@@ -196,3 +196,18 @@ async def test_a_board_of_a_checked_class_waits_for_its_first_check(tmp_path: Pa
         assert run.devices == ("board-a",)
     finally:
         await store.close()
+
+
+async def test_a_board_that_leaves_the_inventory_takes_its_queued_check_with_it(
+    store: SQLiteStore,
+) -> None:
+    await store.supervisor_connected(_hello("h1", "board-a", "board-b"))
+    check = JobSpec(name="check", backend=NoopBackend(), resources={"simboard": 1})
+    await store.create_checks([("c-a", check, "board-a")], "sb")
+    await store.supervisor_connected(_hello("h1", "board-b"))  # board-a unplugged for good
+    job = await store.get_job("c-a")
+    assert job is not None and job.phase == "canceled"
+    assert job.reason is not None and "board-a left the inventory" in job.reason
+    assert await store.finish_checks() == []  # nothing to give a health to
+    [left] = await store.device_facts()
+    assert left.id == "board-b" and not left.checking

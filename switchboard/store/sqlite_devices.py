@@ -22,6 +22,7 @@ from protocol.state import Phase
 from switchboard import health, scheduler
 from switchboard.models import DeviceView, HealthChange
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_PHASES, TERMINAL_SQL
+from switchboard.store.sqlite_jobs import cancel_job
 
 log = logging.getLogger("switchboard.store")
 
@@ -98,6 +99,15 @@ def record_inventory(
     for device_id in gone:
         conn.execute("DELETE FROM devices WHERE id = ?", (device_id,))
         log.info("device %s left the inventory of %s", device_id, supervisor_id)
+        # Its check, if still queued, could never be placed: it ends now.
+        waiting = conn.execute(
+            "SELECT c.job_id FROM device_checks c JOIN jobs j ON j.id = c.job_id"
+            " WHERE c.device_id = ? AND c.result IS NULL AND j.phase = 'queued'",
+            (device_id,),
+        ).fetchall()
+        for (job_id,) in waiting:
+            why = f"its device {device_id} left the inventory"
+            cancel_job(conn, job_id, f"supervisor {supervisor_id}", why)
     return refused
 
 
