@@ -137,7 +137,12 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             ),
             asyncio.create_task(hub.keep_send_deadlines(), name="send deadlines"),
             asyncio.create_task(
-                HealthChecks(store, state.dispatcher, settings.health_checks).run(),
+                HealthChecks(
+                    store,
+                    state.dispatcher,
+                    settings.health_checks,
+                    default_timeout_s=settings.default_run_timeout_s,
+                ).run(),
                 name="health checks",
             ),
         ]

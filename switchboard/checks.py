@@ -26,15 +26,19 @@ ACTOR = "switchboard (health check)"
 CHECK_LABEL = "switchboard.check"
 
 
-def check_spec(check: HealthCheck, device: DeviceFacts) -> JobSpec:
+def check_spec(
+    check: HealthCheck, device: DeviceFacts, default_timeout_s: float | None = None
+) -> JobSpec:
     """The job that checks `device`: the class's spec, asking for one device of its class,
-    named and labelled after the device."""
+    named and labelled after the device, with the switchboard's default run timeout if it
+    gives none (a hung board must not hold its check, and so itself, for ever)."""
     spec = check.spec
     return msgspec.structs.replace(
         spec,
         name=f"health check of {device.id}",
         resources={device.class_: 1},
         labels={**spec.labels, CHECK_LABEL: device.id},
+        timeout_s=spec.timeout_s if spec.timeout_s is not None else default_timeout_s,
     )
 
 
@@ -44,11 +48,14 @@ class HealthChecks:
         store: Store,
         dispatcher: Dispatcher,
         checks: dict[str, HealthCheck],
+        *,
+        default_timeout_s: float | None = None,
         period_s: float = 0.5,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.checks = checks
+        self.default_timeout_s = default_timeout_s
         self.period_s = period_s
 
     async def run(self) -> None:
@@ -77,7 +84,8 @@ class HealthChecks:
                 check = self.checks.get(facts.class_)
                 why = check_due(facts, check, now) if check is not None else None
                 if check is not None and why is not None:
-                    due.append((new_job_id(), check_spec(check, facts), facts.id))
+                    spec = check_spec(check, facts, self.default_timeout_s)
+                    due.append((new_job_id(), spec, facts.id))
                     log.info("device %s needs its health check: %s", facts.id, why)
             if due:
                 await self.store.create_checks(due, ACTOR)

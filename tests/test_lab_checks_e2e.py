@@ -72,6 +72,7 @@ def test_boards_are_checked_first_and_a_failed_check_keeps_jobs_away(lab) -> Non
     check = client.get(f"/api/v1/jobs/{checks['board-a']}").json()
     assert check["name"] == "health check of board-a"
     assert check["spec"]["labels"] == {"switchboard.check": "board-a"}
+    assert check["spec"]["timeout_s"] == 3600.0  # the switchboard's default run timeout
     assert client.post(f"/api/v1/jobs/{checks['board-a']}/cancel").status_code == 202
     bad = wait_for(
         lambda: (d := _device(client, "board-a"))["health"] == "bad" and d, "board-a bad"
