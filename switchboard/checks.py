@@ -1,7 +1,8 @@
 """Health checks of the lab's devices (docs/lab.md): a loop that, every half second, gives
 each device whose check job has ended the health it says, puts in doubt the devices whose
-run was lost with its host, and queues a check job for each device that needs one
-(health.check_due). Placement then gives the check its device ahead of any other job."""
+run was lost with its host or refused for want of them, and queues a check job for each
+device that needs one (health.check_due). Placement then gives the check its device ahead
+of any other job."""
 
 from __future__ import annotations
 
@@ -75,7 +76,9 @@ class HealthChecks:
             changed = True
         for device in await self.store.devices_after_lost_runs():
             metrics.DEVICE_HEALTH_CHANGES.labels("unknown").inc()
-            log.warning("device %s: its run was lost with its host: health unknown", device)
+            log.warning(
+                "device %s: a run it was granted was lost or refused: health unknown", device
+            )
             changed = True
         if self.checks:
             now = time.time()

@@ -134,10 +134,22 @@ def check_outcome(phase: Phase, current: str) -> tuple[str, str]:
     return result, {"pass": "good", "fail": "bad"}.get(result, "unknown")
 
 
-def after_run(health: str, phase: Phase) -> str | None:
+#: Why a run granted a device may end without the device being the job's fault: its host
+#: was lost, or its supervisor could not give it the device (unplugged, or held by a run
+#: the switchboard thought ended).
+DOUBT_PHASES = (Phase.LOST,)
+DOUBT_ERRORS = ("max_concurrent_jobs",)
+
+
+def in_doubt(phase: Phase, error_kind: str | None) -> bool:
+    """A run that held a device ended by an infrastructure error (see DOUBT_PHASES)."""
+    return phase in DOUBT_PHASES or (phase == Phase.REJECTED and error_kind in DOUBT_ERRORS)
+
+
+def after_run(health: str, phase: Phase, error_kind: str | None = None) -> str | None:
     """The health a device takes when a regular run that held it ended in `phase` (None:
-    unchanged): an infrastructure error (the run was lost with its host) leaves its state in
-    doubt, so a check runs before its next job."""
-    if phase == Phase.LOST and health in PLACEABLE and health != "unknown":
+    unchanged): an infrastructure error (in_doubt) leaves its state in doubt, so a check
+    runs before its next job."""
+    if in_doubt(phase, error_kind) and health in PLACEABLE and health != "unknown":
         return "unknown"
     return None

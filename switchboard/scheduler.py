@@ -312,19 +312,25 @@ def awaiting_checks(devices: Iterable[LabDevice]) -> dict[str, frozenset[str]]:
 
 
 def grant(
-    wanted: dict[str, int], devices: Sequence[LabDevice], check: str | None = None
+    wanted: dict[str, int],
+    devices: Sequence[LabDevice],
+    check: str | None = None,
+    avoid: AbstractSet[str] = frozenset(),
 ) -> list[str] | None:
     """The devices to give a run wanting `wanted` ({class: count}) on a supervisor whose
     inventory is `devices`: for each class it declares devices of, that many free ones
-    (lowest ids first, so decisions are reproducible); classes it declares none of are not
-    granted by name. A health check (`check`: the device it checks) gets that device alone,
-    whatever its health. None if they are not free now."""
+    (lowest ids first, so decisions are reproducible, those in `avoid` last: the job's
+    previous run was refused with them, e.g. one was unplugged); classes it declares none
+    of are not granted by name. A health check (`check`: the device it checks) gets that
+    device alone, whatever its health. None if they are not free now."""
     if check is not None:
         mine = [d for d in devices if d.id == check and not d.held]
         return [check] if mine else None
     chosen: list[str] = []
     for cls, n in sorted(wanted.items()):
-        of_class = sorted((d for d in devices if d.class_ == cls), key=lambda d: d.id)
+        of_class = sorted(
+            (d for d in devices if d.class_ == cls), key=lambda d: (d.id in avoid, d.id)
+        )
         if not of_class:
             continue
         free = [d.id for d in of_class if _free(d)]

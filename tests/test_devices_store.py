@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol.messages import DeviceInfo, Hello, RunRef
+from protocol.exceptions import JobErrorKind
+from protocol.messages import DeviceInfo, Hello, JobErrorReport, JobStateChanged, RunRef
 from protocol.spec import JobSpec, NoopBackend
 from protocol.state import Phase
 from switchboard.store.schema import SCHEMA_VERSION
@@ -211,3 +212,30 @@ async def test_a_board_that_leaves_the_inventory_takes_its_queued_check_with_it(
     assert await store.finish_checks() == []  # nothing to give a health to
     [left] = await store.device_facts()
     assert left.id == "board-b" and not left.checking
+
+
+async def test_a_job_refused_for_want_of_its_board_goes_to_another(store: SQLiteStore) -> None:
+    await store.supervisor_connected(_hello("h1", "board-a", "board-b"))
+    for board in ("board-a", "board-b"):
+        await store.set_device_health(board, "good", "op", "checked")
+    await store.create_jobs([("j1", _spec())], "ci", 10)
+    [first] = await store.assign([("j1", "h1")])
+    assert first.devices == ("board-a",)
+    # Its supervisor can't give it board-a (unplugged): refused, as busy.
+    refusal = JobErrorReport(
+        seq=1,
+        job_id="j1",
+        attempt=1,
+        kind=JobErrorKind.MAX_CONCURRENT_JOBS,
+        description="device 'board-a' granted: not present on the host (/dev/ttyACM0)",
+    )
+    rejected = JobStateChanged(seq=2, job_id="j1", attempt=1, phase=Phase.REJECTED)
+    await store.apply_events("h1", [refusal, rejected])
+    assert (await store.get_job("j1")).phase == "queued"  # type: ignore[union-attr]
+    # Its next run gets the other board, and board-a's health is in doubt.
+    [second] = await store.assign([("j1", "h1")])
+    assert (second.attempt, second.devices) == (2, ("board-b",))
+    assert await store.devices_after_lost_runs() == ["board-a"]
+    a = await store.get_device("board-a")
+    assert a is not None and a.health == "unknown"
+    assert a.history[0].reason == "run of job j1 refused: max_concurrent_jobs"

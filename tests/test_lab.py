@@ -74,6 +74,9 @@ def test_grant_takes_the_lowest_free_ids_all_or_none() -> None:
     assert grant({"nrf": 3}, devices) is None
     # A class the host declares no device of is no named grant (a plain resource).
     assert grant({"gpu": 1}, devices) == []
+    # Those its previous run was refused with come last, not never.
+    assert grant({"nrf": 1}, devices, avoid={"b"}) == ["c"]
+    assert grant({"nrf": 2}, devices, avoid={"b"}) == ["c", "b"]
 
 
 def test_a_job_no_device_could_ever_serve_is_refused() -> None:
@@ -234,6 +237,9 @@ def test_a_checks_ending_decides_the_health(phase: Phase, result: str, after: st
 
 def test_a_lost_run_puts_its_devices_in_doubt() -> None:
     assert health.after_run("good", Phase.LOST) == "unknown"
+    # Refused by its supervisor for want of the device (unplugged): in doubt too.
+    assert health.after_run("good", Phase.REJECTED, "max_concurrent_jobs") == "unknown"
+    assert health.after_run("good", Phase.REJECTED, "image_not_found") is None
     assert health.after_run("looping", Phase.LOST) == "unknown"
     assert health.after_run("good", Phase.FAILED) is None  # the job's fault, not the board's
     assert health.after_run("maintenance", Phase.LOST) is None

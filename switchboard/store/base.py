@@ -444,8 +444,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def devices_after_lost_runs(self) -> list[str]:
-        """Put the devices held by regular runs lost since their health was set in doubt
-        (health.after_run); the ids of those changed."""
+        """Put in doubt (health.after_run) the devices granted to regular runs that ended by
+        an infrastructure error since their health was set: lost with their host, or
+        refused because their supervisor could not give them the device; the ids of those
+        changed."""
 
     @abc.abstractmethod
     def apply_events(

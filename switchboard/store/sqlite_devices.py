@@ -276,7 +276,15 @@ def grant(
     if not devices:
         return []
     checks = checked_device(conn, job_id)
-    chosen = scheduler.grant(spec.resources, devices, checks)
+    # The devices its last run was refused with are its last choice (scheduler.grant).
+    before = conn.execute(
+        "SELECT rd.device_id FROM run_devices rd JOIN runs r"
+        " ON r.job_id = rd.job_id AND r.attempt = rd.attempt"
+        " WHERE rd.job_id = ? AND rd.attempt = ? AND r.phase = 'rejected'",
+        (job_id, attempt - 1),
+    )
+    avoid = {row[0] for row in before}
+    chosen = scheduler.grant(spec.resources, devices, checks, avoid)
     if chosen is None:
         return None
     conn.executemany(
@@ -324,12 +332,15 @@ _ENDED_CHECKS = (
     " LEFT JOIN jobs j ON j.id = c.job_id"
     f" WHERE c.result IS NULL AND (j.phase IS NULL OR j.phase IN ({TERMINAL_SQL}))"
 )
-#: Devices held by a regular run lost since their health was last set.
+#: Devices granted to a regular run that ended in doubt (health.in_doubt) since their
+#: health was last set.
 _LOST_HOLDERS = (
-    "SELECT DISTINCT d.id, d.health, rd.job_id FROM devices d"
+    "SELECT DISTINCT d.id, d.health, rd.job_id, r.phase, r.error_kind FROM devices d"
     " JOIN run_devices rd ON rd.device_id = d.id"
     " JOIN runs r ON r.job_id = rd.job_id AND r.attempt = rd.attempt"
-    " WHERE r.phase = 'lost' AND r.ended_at >= d.health_at"
+    f" WHERE (r.phase IN ({', '.join(repr(p.value) for p in health.DOUBT_PHASES)})"
+    f" OR (r.phase = 'rejected' AND r.error_kind IN ({', '.join(map(repr, health.DOUBT_ERRORS))})))"
+    " AND r.ended_at >= d.health_at"
     f" AND d.health IN ({', '.join(repr(h) for h in sorted(health.PLACEABLE - {'unknown'}))})"
     " AND rd.job_id NOT IN (SELECT job_id FROM device_checks)"
 )
@@ -375,14 +386,19 @@ def finish_checks(conn: sqlite3.Connection, now: float) -> list[tuple[str, str, 
 
 
 def runs_lost(conn: sqlite3.Connection, now: float) -> list[str]:
-    """Devices held by a regular run that was lost since their health was last set: their
-    state is in doubt (health.after_run); the ids of those changed."""
+    """Devices granted to a regular run that ended in doubt since their health was last
+    set (lost with its host, or refused: its supervisor could not give it the device):
+    their state is in doubt (health.after_run); the ids of those changed."""
     rows = conn.execute(_LOST_HOLDERS).fetchall()
     changed = []
-    for device_id, current, job_id in rows:
-        after = health.after_run(current, Phase.LOST)
-        if after is not None:
-            reason = f"run of job {job_id} lost with its host"
+    for device_id, current, job_id, phase, error_kind in rows:
+        after = health.after_run(current, Phase(phase), error_kind)
+        if after is not None and device_id not in changed:
+            reason = (
+                f"run of job {job_id} lost with its host"
+                if phase == Phase.LOST
+                else f"run of job {job_id} refused: {error_kind}"
+            )
             set_health(conn, device_id, after, "switchboard", reason, now, job_id)
             changed.append(device_id)
     return changed
