@@ -18,6 +18,7 @@ import msgspec
 from protocol.exceptions import JobErrorKind
 from protocol.limits import MAX_FILES_PER_EVENT, clip_message
 from protocol.messages import (
+    DeviceInfo,
     HeldRun,
     JobErrorReport,
     JobExit,
@@ -42,6 +43,8 @@ class Capabilities(msgspec.Struct, frozen=True):
     labels: dict[str, str] = {}
     resources: dict[str, int] = {}
     max_jobs: int = 1
+    #: The host's devices (protocol 1.4): its inventory.
+    devices: list[DeviceInfo] = []
 
 
 class Supervisor(abc.ABC):

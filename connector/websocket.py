@@ -266,6 +266,7 @@ class WebSocketConnector(SupervisorConnector):
             last_seq=self.backlog.last_seq,
             software=SOFTWARE,
             credential_sha256=attempt.credential_sha256,
+            devices=caps.devices,
         )
         await ws.send(connection.send(hello), text=True)  # type: ignore[arg-type]
         raw = await asyncio.wait_for(_receive(ws), self._handshake_timeout)

@@ -13,6 +13,7 @@ got `str` - at `$.seq`").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 import msgspec
@@ -92,12 +93,17 @@ def decode_job_spec(data: bytes | str) -> JobSpec:
 
 
 def encode_start_job(
-    job_id: str, attempt: int, spec: JobSpec, collect_limits: CollectLimits | None = None
+    job_id: str,
+    attempt: int,
+    spec: JobSpec,
+    collect_limits: CollectLimits | None = None,
+    devices: Sequence[str] = (),
 ) -> bytes:
-    """The encoded StartJob of a run (with `collect_limits` if it keeps files);
+    """The encoded StartJob of a run (with `collect_limits` if it keeps files, and the
+    `devices` granted to it);
     MessageTooBig if it is over the frame limit (no supervisor would take it: it must
     never be sent)."""
-    frame = encode(start_job(job_id, attempt, spec, collect_limits))
+    frame = encode(start_job(job_id, attempt, spec, collect_limits, devices))
     if len(frame) > limits.MAX_FRAME_BYTES:
         raise MessageTooBig("the job's start_job message", len(frame), limits.MAX_FRAME_BYTES)
     return frame

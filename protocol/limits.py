@@ -11,7 +11,7 @@ import re
 #: Major version, carried in the WebSocket subprotocol name. A change here breaks peers.
 PROTOCOL_MAJOR = 1
 #: Highest minor version this code speaks. Minors only add optional fields and messages.
-PROTOCOL_MINOR = 3
+PROTOCOL_MINOR = 4
 #: The one subprotocol a supervisor offers and the switchboard accepts.
 SUBPROTOCOL = f"switchboard.v{PROTOCOL_MAJOR}"
 
@@ -56,6 +56,8 @@ OUTPUT_PATH_MAX_LEN = 1024
 MAX_FILES_PER_EVENT = 500
 #: A bare SHA-256 in lowercase hex (the digest of a credential a supervisor enrols).
 SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$(?!\n)"
+#: Most devices one supervisor may declare (hello.devices), and grant one run (start_job.devices).
+MAX_DEVICES = 512
 #: Free-text fields (status messages, error descriptions) are cut to this many characters.
 MESSAGE_MAX_LEN = 4096
 

@@ -18,6 +18,7 @@ break an older supervisor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import msgspec
@@ -79,6 +80,18 @@ class SupervisorMessage(msgspec.Struct, tag_field="type", omit_defaults=True):
     """Base of every message a supervisor sends."""
 
 
+class DeviceInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """(1.4) One device of the host, as its supervisor's config declares it: its id
+    (unique in the lab), its class (what jobs ask for in `resources`), its labels, and
+    whether it has a serial console and power commands."""
+
+    id: Id
+    class_: Id = msgspec.field(name="class")
+    labels: Labels = {}
+    console: bool = False
+    power: bool = False
+
+
 class Hello(SupervisorMessage, tag="hello"):
     """First message of every connection."""
 
@@ -97,6 +110,9 @@ class Hello(SupervisorMessage, tag="hello"):
     #: (1.1) SHA-256, lowercase hex, of the credential this supervisor enrols with: read
     #: only when the connection's token is a registration token (docs/auth.md).
     credential_sha256: Annotated[str, Meta(pattern=limits.SHA256_HEX_PATTERN)] | None = None
+    #: (1.4) The host's devices (its inventory): the switchboard keeps their health and
+    #: grants them to runs by id (`start_job.devices`).
+    devices: Annotated[list[DeviceInfo], Meta(max_length=limits.MAX_DEVICES)] = []
 
 
 class Event(SupervisorMessage):
@@ -268,6 +284,9 @@ class StartJob(SwitchboardMessage, tag="start_job"):
     collect: Annotated[list[CollectRule], Meta(max_length=limits.MAX_OUTPUT_GLOBS)] = []
     #: (1.3) The most the run may keep; absent: CollectLimits' defaults.
     collect_limits: CollectLimits | None = None
+    #: (1.4) The devices granted to the run, by id (of the classes in `resources`): the
+    #: supervisor gives it exactly these. Empty: it picks free ones itself.
+    devices: Annotated[list[Id], Meta(max_length=limits.MAX_DEVICES)] = []
 
 
 def collect_rules(spec: JobSpec) -> list[CollectRule]:
@@ -282,12 +301,16 @@ def collect_rules(spec: JobSpec) -> list[CollectRule]:
 
 
 def start_job(
-    job_id: str, attempt: int, spec: JobSpec, collect_limits: CollectLimits | None = None
+    job_id: str,
+    attempt: int,
+    spec: JobSpec,
+    collect_limits: CollectLimits | None = None,
+    devices: Sequence[str] = (),
 ) -> StartJob:
     """The StartJob of run (`job_id`, `attempt`) of a job with this spec: what of the spec
     a supervisor needs, with the switchboard's `collect_limits` for a run that keeps
-    files. (The one place a spec becomes a StartJob: `minor_needed` says which
-    supervisors may be sent it.)"""
+    files and the `devices` granted to it. (The one place a spec becomes a StartJob:
+    `minor_needed` says which supervisors may be sent it.)"""
     if chained := spec.chained_inputs():
         path = next(iter(chained))
         raise ValueError(
@@ -309,6 +332,7 @@ def start_job(
         ],
         collect=collect,
         collect_limits=collect_limits if collect else None,
+        devices=list(devices),
     )
 
 

@@ -45,6 +45,9 @@ ACK_PROBLEMS_MINOR = 2
 #: The minor version that added files: `start_job.inputs`, `start_job.collect` and the
 #: `files` event (docs/protocol.md §5).
 FILES_MINOR = 3
+#: The minor version that added the device inventory: `hello.devices` and
+#: `start_job.devices` (docs/protocol.md §5, docs/lab.md).
+DEVICES_MINOR = 4
 
 
 def minor_of(version: str) -> int:

@@ -34,6 +34,7 @@ from supervisor.artifacts import (
     switchboard_client,
 )
 from supervisor.backends.base import Backend
+from supervisor.backends.devices import Devices, inventory
 from supervisor.config import (
     ConfigError,
     InputSettings,
@@ -227,7 +228,12 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
         backend,
         max_jobs=settings.max_jobs,
         labels=settings.labels,
-        resources=backend.resource_counts(),
+        # Its devices count as resources whatever the backend, as the protocol says.
+        resources={
+            **Devices(settings.config.devices).resource_counts(),
+            **backend.resource_counts(),
+        },
+        devices=inventory(settings.config.devices),
         work_dir=settings.work_dir,
         outputs=uploads,
         outputs_limits=_output_limits(settings),

@@ -58,15 +58,41 @@ class _Table(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Base of the config tables."""
 
 
+class ConsoleConfig(_Table, frozen=True):  # type: ignore[misc]  # msgspec allows this
+    """A device's serial console."""
+
+    #: The tty on the host, e.g. /dev/serial/by-id/usb-SEGGER_J-Link_000683012345-if00.
+    path: AbsPath
+    baud: Annotated[int, Meta(ge=50, le=16_000_000)] = 115200
+
+
+#: A command line, one argument per item (no shell), with the device's fields substituted.
+CommandLine = Annotated[
+    list[Annotated[str, Meta(max_length=4096)]], Meta(min_length=1, max_length=256)
+]
+
+
+class PowerConfig(_Table, frozen=True):  # type: ignore[misc]  # msgspec allows this
+    """Command lines run on the host to switch a device's power (docs/lab.md): each item
+    may name the device's fields, `{id}`, `{class}`, `{path}`, `{console}` and
+    `{labels[KEY]}`. Exit status 0 is success; `status` prints `on` or `off`."""
+
+    on: CommandLine | None = None
+    off: CommandLine | None = None
+    cycle: CommandLine | None = None
+    status: CommandLine | None = None
+
+
 class DeviceConfig(_Table, frozen=True):  # type: ignore[misc]  # msgspec allows this
     """One host device that jobs can be given, exclusively, as a unit of `resource`."""
 
-    #: Unique name (shown to jobs and in logs), e.g. "nrf52840dk-0".
+    #: Unique name (shown to jobs and in logs), e.g. "nrf52840dk-0"; the device's id in
+    #: the switchboard's inventory, unique in the lab.
     name: Id
     #: The device node (or directory of nodes, e.g. /dev/bus/usb/001) on the host. A udev
     #: symlink such as /dev/serial/by-id/... is fine: the engine resolves it.
     path: AbsPath
-    #: The resource class it counts towards (what jobs ask for in `resources`).
+    #: Its class: the resource it counts towards (what jobs ask for in `resources`).
     resource: Id
     #: Where the job sees it; default: the same path as on the host.
     container_path: AbsPath | None = None
@@ -74,10 +100,42 @@ class DeviceConfig(_Table, frozen=True):  # type: ignore[misc]  # msgspec allows
     permissions: Annotated[str, Meta(pattern=r"^(?=.)r?w?m?$")] = "rwm"
     #: Free-form facts about the device (serial number, probe id...), passed to the job.
     labels: Labels = {}
+    #: Its serial console, if it has one.
+    console: ConsoleConfig | None = None
+    #: How to switch its power, if the host can.
+    power: PowerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.power is not None:
+            for action in POWER_ACTIONS:
+                argv = getattr(self.power, action)
+                if argv is not None:
+                    try:
+                        self.command(argv)
+                    except (KeyError, IndexError, ValueError) as exc:
+                        raise ValueError(
+                            f"power.{action} of {self.name!r} names an unknown field {exc}"
+                            " (fields: {id}, {class}, {path}, {console}, {labels[KEY]})"
+                        ) from None
 
     @property
     def target(self) -> str:
         return self.container_path or self.path
+
+    def command(self, argv: list[str]) -> list[str]:
+        """A power command line with this device's fields substituted."""
+        fields = {
+            "id": self.name,
+            "class": self.resource,
+            "path": self.path,
+            "console": self.console.path if self.console is not None else "",
+            "labels": self.labels,
+        }
+        return [arg.format_map(fields) for arg in argv]
+
+
+#: What a device's power commands may do.
+POWER_ACTIONS = ("on", "off", "cycle", "status")
 
 
 #: Limits of containers whose spec sets none, unless the config says otherwise (or has a

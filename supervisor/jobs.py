@@ -18,7 +18,16 @@ from pathlib import Path
 
 from connector.base import Capabilities, Supervisor
 from protocol.exceptions import JobError, JobErrorKind
-from protocol.messages import CollectLimits, HeldRun, RefusedFile, RunRef, StartJob, StopJob, Stream
+from protocol.messages import (
+    CollectLimits,
+    DeviceInfo,
+    HeldRun,
+    RefusedFile,
+    RunRef,
+    StartJob,
+    StopJob,
+    Stream,
+)
 from protocol.state import InvalidTransition, Phase, check_transition, is_terminal
 from supervisor.backends.base import Backend, Outcome, RunContext
 from supervisor.inputs import InputCache, place_inputs, remove_run_dir
@@ -76,6 +85,7 @@ class BackendSupervisor(Supervisor):
         max_jobs: int = 1,
         labels: dict[str, str] | None = None,
         resources: dict[str, int] | None = None,
+        devices: list[DeviceInfo] | None = None,
         work_dir: Path | None = None,
         inputs: InputCache | None = None,
         inputs_max_bytes: int = 4096 * 1024 * 1024,
@@ -93,6 +103,7 @@ class BackendSupervisor(Supervisor):
         self.max_jobs = max_jobs
         self.labels = dict(labels or {})
         self.resources = dict(resources or {})
+        self.devices = list(devices or [])
         self.work_dir = work_dir or Path.cwd() / "supervisor-work"
         self._runs: dict[RunRef, _Run] = {}
         self._ended: OrderedDict[RunRef, Phase] = OrderedDict()
@@ -107,6 +118,7 @@ class BackendSupervisor(Supervisor):
             labels=self.labels,
             resources=self.resources,
             max_jobs=self.max_jobs,
+            devices=self.devices,
         )
 
     def held_runs(self) -> list[HeldRun]:

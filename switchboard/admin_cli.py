@@ -20,7 +20,7 @@ def data_dir(value: str | None) -> Path:
     return Path(value or os.environ.get("SWITCHBOARD_DATA_DIR", "switchboard-data"))
 
 
-def _labels(labels: dict[str, str]) -> str:
+def labels_text(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
 
 
@@ -33,7 +33,7 @@ def _supervisor_rows(supervisors: list[dict[str, Any]]) -> str:
             "drained" if s["drained"] else "active",
             f"{s['running']}/{s['max_jobs']}",
             ",".join(s["backends"]) or "-",
-            _labels(s["labels"]),
+            labels_text(s["labels"]),
         )
         for s in supervisors
     ]
@@ -171,7 +171,7 @@ def _dispatch(path: str) -> Any:
     return act
 
 
-def _group(commands: argparse._SubParsersAction, name: str, help: str) -> Any:
+def command_group(commands: argparse._SubParsersAction, name: str, help: str) -> Any:
     group = commands.add_parser(name, help=help).add_subparsers(dest=f"{name}_command")
     group.required = True
 
@@ -185,7 +185,7 @@ def _group(commands: argparse._SubParsersAction, name: str, help: str) -> Any:
 
 
 def add_admin_commands(commands: argparse._SubParsersAction) -> None:
-    supervisor = _group(commands, "supervisor", "list, drain and label supervisors")
+    supervisor = command_group(commands, "supervisor", "list, drain and label supervisors")
     supervisor("list", "every supervisor the switchboard knows", _supervisor_list)
     for name, help, func in [
         ("show", "one supervisor", _supervisor_show),
@@ -205,7 +205,7 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
     label.add_argument("supervisor_id")
     label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
 
-    token = _group(commands, "token", "create, list and revoke tokens")
+    token = command_group(commands, "token", "create, list and revoke tokens")
     create = token("create", "create a token and print it (shown once)", _token_create)
     create.add_argument("--role", required=True, choices=[r.value for r in Role])
     create.add_argument("--name", help="a label to recognise the token by")
@@ -218,7 +218,7 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
     revoke = token("revoke", "revoke a token; its connections are closed", _token_revoke)
     revoke.add_argument("token_id")
 
-    dispatch = _group(commands, "dispatch", "pause or resume placing jobs")
+    dispatch = command_group(commands, "dispatch", "pause or resume placing jobs")
     dispatch("status", "whether dispatch runs, and how many jobs wait", _dispatch(""))
     dispatch("pause", "place no new jobs (running ones go on)", _dispatch("pause"))
     dispatch("resume", "place jobs again", _dispatch("resume"))

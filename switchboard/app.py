@@ -17,6 +17,7 @@ from common import logfmt
 from protocol.exceptions import CloseCode
 from protocol.messages import StopJob
 from switchboard.api.artifacts import ArtifactController
+from switchboard.api.devices import DeviceController
 from switchboard.api.dispatch import DispatchController
 from switchboard.api.errors import EXCEPTION_HANDLERS
 from switchboard.api.files import FilesController
@@ -32,6 +33,7 @@ from switchboard.api.tokens import TokenController
 from switchboard.api.uploads import UploadController
 from switchboard.artifacts import ArtifactFiles
 from switchboard.changes import Changes
+from switchboard.checks import HealthChecks
 from switchboard.config import Settings
 from switchboard.dashboard import dashboard_routes
 from switchboard.dispatcher import Dispatcher
@@ -103,6 +105,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         settings.database_path,
         keyring=keyring,
         max_run_output=settings.max_run_output_bytes or None,
+        checked_classes=frozenset(settings.health_checks),
     )
     hub = Hub(store, settings)
     changes = Changes(store)
@@ -136,6 +139,15 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
                 Retention(store, state.artifacts, settings).run(), name="retention"
             ),
             asyncio.create_task(hub.keep_send_deadlines(), name="send deadlines"),
+            asyncio.create_task(
+                HealthChecks(
+                    store,
+                    state.dispatcher,
+                    settings.health_checks,
+                    default_timeout_s=settings.default_run_timeout_s,
+                ).run(),
+                name="health checks",
+            ),
         ]
         try:
             yield
@@ -159,6 +171,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             OutputController,
             FilesController,
             SupervisorController,
+            DeviceController,
             TokenController,
             DispatchController,
             artifacts,

@@ -12,8 +12,10 @@ from pathlib import Path
 from common import logfmt
 from protocol.spec import MAX_TIMEOUT_S
 from switchboard.admin_cli import add_admin_commands, data_dir
-from switchboard.config import Settings
+from switchboard.config import HealthChecksError, Settings, load_health_checks
 from switchboard.db_cli import add_db_commands
+from switchboard.device_cli import add_device_commands
+from switchboard.health import HealthCheck
 from switchboard.jobs_cli import add_job_commands
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -96,9 +98,19 @@ def _serve(args: argparse.Namespace) -> int:
             # The key itself only ever from the environment: a flag would show it to every
             # local user (command lines are public).
             secret_key=os.environ.get("SWITCHBOARD_SECRET_KEY") or None,
+            health_checks=_health_checks(args.health_checks),
         )
     )
     return 0
+
+
+def _health_checks(path: str | None) -> dict[str, HealthCheck]:
+    if path is None:
+        return {}
+    try:
+        return load_health_checks(Path(path))
+    except HealthChecksError as exc:
+        raise SystemExit(f"switchboard: --health-checks: {exc}") from None
 
 
 def _count(text: str) -> int:
@@ -406,12 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the key that seals secret parameter values (default: DATA_DIR.key beside the"
         " data dir, made at the first start; or the key itself in SWITCHBOARD_SECRET_KEY)",
     )
+    serve.add_argument(
+        "--health-checks",
+        default=os.environ.get("SWITCHBOARD_HEALTH_CHECKS"),
+        metavar="FILE",
+        help="TOML: the health-check job of each device class (docs/lab.md)",
+    )
     logfmt.add_argument(serve, "SWITCHBOARD_LOG_FORMAT")
     serve.set_defaults(func=_serve)
 
     add_job_commands(commands)
     add_admin_commands(commands)
     add_db_commands(commands)
+    add_device_commands(commands)
     return parser
 
 

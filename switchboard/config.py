@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import msgspec
 
 from protocol.messages import CollectLimits
+from protocol.spec import Id
+from switchboard.health import HealthCheck
 
 
 class Settings(msgspec.Struct):
@@ -98,6 +101,8 @@ class Settings(msgspec.Struct):
     secret_key_file: Path | None = None
     #: The key itself, from the environment only (SWITCHBOARD_SECRET_KEY), never a flag.
     secret_key: str | None = None
+    #: Device class -> its health check (--health-checks FILE; docs/lab.md).
+    health_checks: dict[str, HealthCheck] = {}
 
     @property
     def collect_limits(self) -> CollectLimits:
@@ -115,3 +120,19 @@ class Settings(msgspec.Struct):
     @property
     def artifacts_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+
+class HealthChecksError(ValueError):
+    """The --health-checks file is unreadable or wrong; the message names the file and key."""
+
+
+def load_health_checks(path: Path) -> dict[str, HealthCheck]:
+    """The health checks of a TOML file: one table per device class (docs/lab.md)."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise HealthChecksError(f"{path}: {exc}") from None
+    try:
+        return msgspec.convert(raw, dict[Id, HealthCheck])
+    except msgspec.ValidationError as exc:
+        raise HealthChecksError(f"{path}: {exc}") from None

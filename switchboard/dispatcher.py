@@ -276,7 +276,9 @@ class Dispatcher:
         fleet = snapshot.fleet
         key = self._fleet_key(fleet, writes)
         fleet_changed = key is not self._last_fleet
-        candidates = _candidates(fleet, ready, snapshot.resources_in_use)
+        candidates = _candidates(
+            fleet, ready, snapshot.resources_in_use, snapshot.devices_free, snapshot.checks
+        )
         if not candidates and not news and not fleet_changed:
             self._spare = _Spare(writes, [], snapshot.busy_keys)
             return PassDone(0, backoff_end=snapshot.next_backoff_end)
@@ -380,23 +382,32 @@ class Dispatcher:
 
 
 def _candidates(
-    fleet: list[SupervisorView], ready: set[str], in_use: dict[str, dict[str, int]]
+    fleet: list[SupervisorView],
+    ready: set[str],
+    in_use: dict[str, dict[str, int]],
+    devices_free: dict[str, dict[str, int]],
+    checks: dict[str, frozenset[str]],
 ) -> list[Candidate]:
-    """Connected, undrained supervisors with a free slot, and what they have free now."""
+    """Connected, undrained supervisors with a free slot, and what they have free now: of
+    a device class it declares, the devices that may be given a run now (healthy, not
+    held); of other resources, its hello's count less what its active runs hold."""
     candidates = []
     for s in fleet:
         if s.id not in ready or s.drained or s.running >= s.max_jobs:
             continue
         held = in_use.get(s.id, {})
+        resources = {k: n - held.get(k, 0) for k, n in s.resources.items()}
+        resources.update(devices_free.get(s.id, {}))
         candidates.append(
             Candidate(
                 id=s.id,
                 backends=s.backends,
                 labels=s.labels,
                 free=s.max_jobs - s.running,
-                resources={k: n - held.get(k, 0) for k, n in s.resources.items()},
+                resources=resources,
                 running=s.running,
                 minor=minor_of(s.protocol),
+                checks=checks.get(s.id, frozenset()),
             )
         )
     return candidates

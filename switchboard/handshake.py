@@ -97,6 +97,14 @@ async def admit(
             token.id,
             admission.enrol.token_id,
         )
+    if connected.devices_refused:
+        # Two hosts claim one device id: the first keeps it (docs/lab.md).
+        metrics.DEVICES_REFUSED.inc(len(connected.devices_refused))
+        log.warning(
+            "supervisor %s declares devices another supervisor declares already, not taken: %s",
+            hello.supervisor_id,
+            ", ".join(connected.devices_refused),
+        )
     return Admitted(protocol, hello, admission.token_ids, admission.enrol is not None, connected)
 
 

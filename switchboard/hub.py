@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from litestar import WebSocket
 
@@ -106,7 +106,12 @@ class Hub:
         self._capacity_listener()
 
     async def start_frame(
-        self, job_id: str, attempt: int, spec: JobSpec, minor: int | None = None
+        self,
+        job_id: str,
+        attempt: int,
+        spec: JobSpec,
+        minor: int | None = None,
+        devices: Sequence[str] = (),
     ) -> bytes | None:
         """A run's encoded StartJob (protocol.codec builds and measures it) for a
         connection that negotiated protocol 1.`minor` (None: not connected, not checked).
@@ -122,7 +127,9 @@ class Hub:
                     f"its supervisor now speaks protocol {limits.PROTOCOL_MAJOR}.{minor}; the"
                     f" job's {files_asked(spec)} need {limits.PROTOCOL_MAJOR}.{needed}"
                 )
-            return codec.encode_start_job(job_id, attempt, spec, self.settings.collect_limits)
+            return codec.encode_start_job(
+                job_id, attempt, spec, self.settings.collect_limits, devices
+            )
         except (MessageTooBig, ValueError) as error:
             metrics.RUNS_UNDELIVERABLE.inc()
             log.error("run %s#%d cannot be sent: %s", job_id, attempt, error)
@@ -137,7 +144,7 @@ class Hub:
         for run in runs:
             connection = self._connections.get(run.supervisor_id)
             minor = connection.minor if connection is not None else None
-            frame = await self.start_frame(run.job_id, run.attempt, run.spec, minor)
+            frame = await self.start_frame(run.job_id, run.attempt, run.spec, minor, run.devices)
             if frame is not None and connection is not None and connection.ready:
                 connection.start(RunRef(run.job_id, run.attempt), frame)
 

@@ -24,6 +24,7 @@ from protocol.exceptions import ProblemCode
 from protocol.messages import STREAMS, Output
 from protocol.spec import BACKEND_KINDS
 from protocol.state import TERMINAL, Phase
+from switchboard.health import HEALTH_STATES
 
 log = logging.getLogger("switchboard.metrics")
 
@@ -244,10 +245,36 @@ ZOMBIE_RUNS_STOPPED = Counter(
 
 SUBMISSIONS_REFUSED = Counter(
     "switchboard_submissions_refused_total",
-    "Job submissions (a job or a batch) refused with 429: the queue holds --max-queued"
+    "Job submissions (a job or a batch) refused: with 429, the queue holds --max-queued"
     " jobs (reason=queue_full), or the submitting token has --max-queued-per-token queued"
-    " (reason=token_quota).",
+    " (reason=token_quota); with 400, no device of the lab could ever serve a job"
+    " (reason=no_device).",
     ["reason"],
+    registry=REGISTRY,
+)
+DEVICES = Gauge(
+    "switchboard_devices",
+    "Devices of the lab's inventory by health and class (docs/lab.md).",
+    ["health", "class"],
+    registry=REGISTRY,
+)
+DEVICE_HEALTH_CHANGES = Counter(
+    "switchboard_device_health_changes_total",
+    "Changes of a device's health, by the health it was given.",
+    ["health"],
+    registry=REGISTRY,
+)
+HEALTH_CHECKS = Counter(
+    "switchboard_health_checks_total",
+    "Health checks of devices that ended: passed (the device is good), failed (bad), or"
+    " ended by an infrastructure error (unknown: it is checked again).",
+    ["result"],
+    registry=REGISTRY,
+)
+DEVICES_REFUSED = Counter(
+    "switchboard_device_declarations_refused_total",
+    "Devices a supervisor's hello declared that were not taken into the inventory: another"
+    " supervisor declares a device of that id.",
     registry=REGISTRY,
 )
 RUNS_UNDELIVERABLE = Counter(
@@ -434,7 +461,11 @@ for _via in ("placement", "reconcile"):
     SECRETS_UNREADABLE.labels(_via)
 for _reason in HTTP_REFUSAL_REASONS:
     HTTP_REFUSALS.labels(_reason)
-for _reason in ("queue_full", "token_quota"):
+for _health in HEALTH_STATES:
+    DEVICE_HEALTH_CHANGES.labels(_health)
+for _result in ("pass", "fail", "error"):
+    HEALTH_CHECKS.labels(_result)
+for _reason in ("queue_full", "token_quota", "no_device"):
     SUBMISSIONS_REFUSED.labels(_reason)
 for _reason in WAIT_REFUSAL_REASONS:
     WAIT_REFUSALS.labels(_reason)

@@ -49,6 +49,8 @@ class RunView(msgspec.Struct):
     #: The streams cut at the switchboard's per-run output cap: each ends with a line
     #: saying so, and what the program wrote after it was dropped.
     output_truncated: list[str] = []
+    #: The devices granted to the run (the hardware lab, docs/lab.md).
+    devices: list[str] = []
 
 
 class JobView(msgspec.Struct):
@@ -275,6 +277,49 @@ class SupervisorView(msgspec.Struct):
     protocol: str = ""
 
 
+class HealthChange(msgspec.Struct, frozen=True):
+    """One change of a device's health (docs/lab.md): from what to what, when, who made
+    it (`actor`: a token's name, a supervisor, or the switchboard) and why, and the job
+    that caused it, if one did."""
+
+    at: float
+    to: str
+    actor: str
+    reason: str = ""
+    #: None: the device was first declared.
+    from_: str | None = msgspec.field(default=None, name="from")
+    job_id: str | None = None
+
+
+class DeviceView(msgspec.Struct):
+    """A device of the lab's inventory as the switchboard knows it."""
+
+    id: str
+    #: Its class: the resource jobs ask for.
+    class_: str = msgspec.field(name="class")
+    #: The supervisor (host) that declares it.
+    supervisor_id: str
+    labels: dict[str, str] = {}
+    console: bool = False
+    power: bool = False
+    health: str = "unknown"
+    health_reason: str = ""
+    health_at: float = 0.0
+    #: The last health check: "pass" or "fail", when, and the job that ran it.
+    check_result: str | None = None
+    check_at: float | None = None
+    check_job: str | None = None
+    #: The run holding it now, as "JOB#ATTEMPT" (None: free).
+    holder: str | None = None
+    #: Its health-check job that has not ended yet (it serves nothing else until then).
+    checking: str | None = None
+    first_seen: float = 0.0
+    #: The last time its supervisor declared it (its last hello).
+    last_declared: float = 0.0
+    #: Newest first (only in a single device's view).
+    history: list[HealthChange] = []
+
+
 class TokenView(msgspec.Struct):
     """A token as listed (never its secret)."""
 
@@ -300,6 +345,8 @@ class QueuedJob(msgspec.Struct, frozen=True):
     concurrency_key: str | None = None
     #: Why no registered supervisor could run it, as last noted on the job (None: it could).
     unschedulable: str | None = None
+    #: The device it checks, for a health-check job (docs/lab.md).
+    device: str | None = None
 
 
 class Assignment(msgspec.Struct, frozen=True):
@@ -310,6 +357,8 @@ class Assignment(msgspec.Struct, frozen=True):
     supervisor_id: str
     #: With its secret values, for the StartJob.
     spec: JobSpec
+    #: The devices granted to the run (hardware lab; docs/lab.md), by id.
+    devices: tuple[str, ...] = ()
 
 
 class ActiveRun(msgspec.Struct, frozen=True):
@@ -323,6 +372,8 @@ class ActiveRun(msgspec.Struct, frozen=True):
     spec: JobSpec
     #: Why those values could not be opened (then `spec` holds them replaced).
     secrets_unreadable: str | None = None
+    #: The devices granted to the run, by id.
+    devices: tuple[str, ...] = ()
 
 
 class SupervisorCounts(msgspec.Struct):
@@ -383,6 +434,8 @@ class Connected(msgspec.Struct, frozen=True):
 
     session: int
     last_seq: int
+    #: Devices of its hello not taken into the inventory: another supervisor declares them.
+    devices_refused: tuple[str, ...] = ()
 
 
 class EventsApplied(msgspec.Struct, frozen=True):
@@ -523,6 +576,11 @@ class PlacementSnapshot(msgspec.Struct, frozen=True):
     queue: list[QueuedJob]
     #: When the earliest job waiting out a restart backoff may run (epoch seconds).
     next_backoff_end: float | None
+    #: Per supervisor that declares devices, {class: devices of it free to be given a run}
+    #: (scheduler.free_devices).
+    devices_free: dict[str, dict[str, int]] = {}
+    #: Per supervisor, its devices whose health check may start now.
+    checks: dict[str, frozenset[str]] = {}
 
 
 class ChainPass(NamedTuple):

@@ -35,6 +35,7 @@ import msgspec
 from protocol import limits
 from protocol.messages import minor_needed
 from protocol.spec import JobSpec, Selector
+from switchboard.health import OUT_OF_SERVICE, placeable
 from switchboard.models import QueuedJob
 
 #: Far beyond any real wait; bounds the aging term (see the module docstring).
@@ -54,6 +55,8 @@ class Candidate(msgspec.Struct):
     running: int = 0
     #: The minor of the protocol version its connection negotiated.
     minor: int = limits.PROTOCOL_MINOR
+    #: Its devices whose health check may start now (awaiting_checks).
+    checks: frozenset[str] = frozenset()
 
 
 class FleetMember(msgspec.Struct):
@@ -104,12 +107,17 @@ def _has_resources(have: dict[str, int], want: dict[str, int]) -> bool:
 
 
 def _fits(job: QueuedJob, sup: Candidate) -> bool:
-    # Cheapest checks first: this runs for every (job, supervisor) pair in a pass.
+    # Cheapest checks first: this runs for every (job, supervisor) pair in a pass. A health
+    # check goes where its device is, and needs that device only.
     return (
         sup.free > 0
         and job.spec.backend.kind in sup.backends
         and minor_needed(job.spec) <= sup.minor
-        and _has_resources(sup.resources, job.spec.resources)
+        and (
+            job.device in sup.checks
+            if job.device is not None
+            else _has_resources(sup.resources, job.spec.resources)
+        )
         and selector_matches(job.spec.selector, sup.labels)
     )
 
@@ -149,7 +157,7 @@ def plan(
             copied.add(best.id)
             at = pool.index(best)
             best = pool[at] = msgspec.structs.replace(best, resources=dict(best.resources))
-        spend(best, job.spec)
+        spend(best, job.spec, job.device)
         if best.free <= 0:
             pool.remove(best)
         if key is not None:
@@ -175,10 +183,14 @@ def place_one(
     return next((s.id for s in supervisors if _fits(job, s)), None)
 
 
-def spend(supervisor: Candidate, spec: JobSpec) -> None:
-    """Take one slot and the resources `spec` asks for from `supervisor` (in place)."""
+def spend(supervisor: Candidate, spec: JobSpec, check: str | None = None) -> None:
+    """Take one slot and the resources `spec` asks for from `supervisor` (in place); a
+    health check (`check`: its device) takes that device instead."""
     supervisor.free -= 1
     supervisor.running += 1
+    if check is not None:
+        supervisor.checks = supervisor.checks - {check}
+        return
     for name, n in spec.resources.items():
         supervisor.resources[name] = supervisor.resources.get(name, 0) - n
 
@@ -193,7 +205,8 @@ def remaining(
     pool = {s.id: msgspec.structs.replace(s, resources=dict(s.resources)) for s in supervisors}
     by_id = {job.id: job for job in jobs}
     for job_id, supervisor_id in decisions:
-        spend(pool[supervisor_id], by_id[job_id].spec)
+        job = by_id[job_id]
+        spend(pool[supervisor_id], job.spec, job.device)
     return list(pool.values())
 
 
@@ -252,3 +265,114 @@ def unsatisfiable_reason(spec: JobSpec, fleet: Sequence[FleetMember]) -> str | N
             f" that could run it speak at most {limits.PROTOCOL_MAJOR}.{best}"
         )
     return None
+
+
+# --- devices (the hardware lab, docs/lab.md) --------------------------------------------
+# A supervisor that declares devices (protocol 1.4) offers each class it declares as many
+# times as it has devices of that class that are placeable (switchboard.health) and held
+# by no active run; the run placed gets named devices (`grant`). A class a supervisor
+# declares no device of is counted as before, from the resources of its hello.
+
+
+class LabDevice(msgspec.Struct, frozen=True):
+    """A device as placement sees it."""
+
+    id: str
+    supervisor_id: str
+    class_: str
+    health: str
+    #: An active run holds it.
+    held: bool = False
+    #: It waits for its health check, and serves no other job until that has ended.
+    checking: bool = False
+
+
+def _free(device: LabDevice) -> bool:
+    return placeable(device.health) and not device.held and not device.checking
+
+
+def free_devices(devices: Iterable[LabDevice]) -> dict[str, dict[str, int]]:
+    """supervisor id -> {class: devices of it that may be given a run now}; every class a
+    supervisor declares is there, 0 when none is free."""
+    free: dict[str, dict[str, int]] = {}
+    for d in devices:
+        counts = free.setdefault(d.supervisor_id, {})
+        counts[d.class_] = counts.get(d.class_, 0) + _free(d)
+    return free
+
+
+def awaiting_checks(devices: Iterable[LabDevice]) -> dict[str, frozenset[str]]:
+    """supervisor id -> its devices whose health check may start now (waiting for it, not
+    held, not in maintenance or retired)."""
+    found: dict[str, set[str]] = {}
+    for d in devices:
+        if d.checking and not d.held and d.health not in OUT_OF_SERVICE | {"maintenance"}:
+            found.setdefault(d.supervisor_id, set()).add(d.id)
+    return {host: frozenset(ids) for host, ids in found.items()}
+
+
+def grant(
+    wanted: dict[str, int],
+    devices: Sequence[LabDevice],
+    check: str | None = None,
+    avoid: AbstractSet[str] = frozenset(),
+) -> list[str] | None:
+    """The devices to give a run wanting `wanted` ({class: count}) on a supervisor whose
+    inventory is `devices`: for each class it declares devices of, that many free ones
+    (lowest ids first, so decisions are reproducible, those in `avoid` last: the job's
+    previous run was refused with them, e.g. one was unplugged); classes it declares none
+    of are not granted by name. A health check (`check`: the device it checks) gets that
+    device alone, whatever its health. None if they are not free now."""
+    if check is not None:
+        mine = [d for d in devices if d.id == check and not d.held]
+        return [check] if mine else None
+    chosen: list[str] = []
+    for cls, n in sorted(wanted.items()):
+        of_class = sorted(
+            (d for d in devices if d.class_ == cls), key=lambda d: (d.id in avoid, d.id)
+        )
+        if not of_class:
+            continue
+        free = [d.id for d in of_class if _free(d)]
+        if len(free) < n:
+            return None
+        chosen += free[:n]
+    return chosen
+
+
+def device_refusal(
+    spec: JobSpec, devices: Sequence[LabDevice], fleet: Sequence[FleetMember]
+) -> str | None:
+    """Why no device could *ever* serve a job (it is refused at submit), or None.
+
+    Only a lab answers (a switchboard some supervisor has declared devices to): there a
+    class that no device has and no supervisor offers as a plain resource is a mistake,
+    not something to wait for. A job is refused when no one supervisor has, for every
+    class it asks for, that many devices that are not retired (or the resource count in
+    its hello, for a class it declares no device of). Devices that are bad or in
+    maintenance count: an operator may bring them back, and the job waits for that."""
+    if not devices or not spec.resources:
+        return None
+    by_host: dict[str, dict[str, int]] = {}
+    for d in devices:
+        counts = by_host.setdefault(d.supervisor_id, {})
+        counts[d.class_] = counts.get(d.class_, 0) + (d.health not in OUT_OF_SERVICE)
+    classes = {d.class_ for d in devices}
+    offered = {m.id: m.resources for m in fleet}
+    for cls in sorted(spec.resources):
+        if cls not in classes and not any(cls in r for r in offered.values()):
+            known = ", ".join(sorted(classes))
+            return f"no device of class {cls!r} is in the lab (its classes: {known})"
+
+    def serves(host: str) -> bool:
+        declared = by_host.get(host, {})
+        plain = offered.get(host, {})
+        return all(
+            (declared[cls] if cls in declared else plain.get(cls, 0)) >= n
+            for cls, n in spec.resources.items()
+        )
+
+    if any(serves(host) for host in by_host.keys() | offered.keys()):
+        return None
+    wanted = ", ".join(f"{n} {cls!r}" for cls, n in sorted(spec.resources.items()))
+    return f"no supervisor has {wanted} device(s) that are not retired"

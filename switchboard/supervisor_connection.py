@@ -81,7 +81,12 @@ class Fleet(Protocol):
     async def stored_run_refs(self, supervisor_id: str) -> set[RunRef]: ...
 
     async def start_frame(
-        self, job_id: str, attempt: int, spec: JobSpec, minor: int | None = None
+        self,
+        job_id: str,
+        attempt: int,
+        spec: JobSpec,
+        minor: int | None = None,
+        devices: Sequence[str] = (),
     ) -> bytes | None: ...
 
 
@@ -519,6 +524,8 @@ class SupervisorConnection:
                 metrics.SECRETS_UNREADABLE.labels("reconcile").inc()
                 log.warning("run %s#%d rejected: %s", run.job_id, run.attempt, reason)
             return
-        frame = await self.fleet.start_frame(run.job_id, run.attempt, run.spec, self.minor)
+        frame = await self.fleet.start_frame(
+            run.job_id, run.attempt, run.spec, self.minor, run.devices
+        )
         if frame is not None:
             self.start(RunRef(run.job_id, run.attempt), frame)

@@ -16,6 +16,7 @@ import pytest
 import websockets
 
 from conformance.sb_scenarios import SCENARIOS
+from protocol import limits
 from tests.harness import REPO, Switchboard, _env, scaled, token_file_for
 
 pytestmark = pytest.mark.process
@@ -114,7 +115,8 @@ async def test_a_wrong_switchboard_fails_the_kit(tmp_path):
     table = rows(stdout)
     assert kit.returncode == 1, stdout + err.decode()
     assert table["handshake.welcome"][0] == "FAIL"
-    assert "version '1.0', not '1.3'" in table["handshake.welcome"][1]
+    newest = f"{limits.PROTOCOL_MAJOR}.{limits.PROTOCOL_MINOR}"
+    assert f"version '1.0', not '{newest}'" in table["handshake.welcome"][1]
     assert table["handshake.session"] == ("FAIL", "session 1 then 1")
     assert table["handshake.unsupported_version"][0] == "FAIL"
     assert table["handshake.wrong_token"] == ("FAIL", "a made-up token was let in")

@@ -505,6 +505,33 @@ async def test_device_passthrough_is_exclusive(
     assert host.backend.devices.holder("nrf52840dk-0") is None
 
 
+async def test_a_run_gets_the_device_it_was_granted(
+    make_host: MakeHost, docker_engine: Engine, tmp_path: Path
+) -> None:
+    """A switchboard that keeps the lab's inventory names the device (start_job.devices):
+    the container gets that one, not the first free one; one that is unplugged is refused
+    as busy, with no container."""
+    nodes = [stand_in_device(tmp_path / "dev" / f"ttyFAKE{i}") for i in range(2)]
+    config = parse_config(
+        "\n".join(
+            f'[[devices]]\nname = "board-{i}"\npath = "{node}"\nresource = "simboard"\n'
+            for i, node in enumerate(nodes)
+        )
+    )
+    host = await make_host(config=config)
+    board = {"simboard": 1}
+    script = sh('echo "$SWITCHBOARD_DEVICES_JSON"')
+    assert await host.run("granted", script, resources=board, devices=["board-1"]) == "succeeded"
+    granted = json.loads(host.events.output("granted"))
+    assert [(d["name"], d["path"]) for d in granted] == [("board-1", str(nodes[1]))]
+    nodes[0].unlink()  # board-0 unplugged
+    with pytest.raises(JobError) as refused:
+        await host.start("unplugged", sh("true"), resources=board, devices=["board-0"])
+    assert refused.value.kind == JobErrorKind.MAX_CONCURRENT_JOBS
+    assert "device 'board-0' granted: not present on the host" in refused.value.description
+    assert containers_of(docker_engine, "unplugged") == []
+
+
 def test_device_allocation_rules(tmp_path: Path) -> None:
     plugged = {"a0", "a1", "b0"}
     devices = Devices(

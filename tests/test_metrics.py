@@ -18,6 +18,7 @@ from protocol.messages import STREAMS, Ack, Hello, JobStateChanged, Output, Stop
 from protocol.spec import BACKEND_KINDS, JobSpec, NoopBackend
 from protocol.state import TERMINAL, Phase
 from protocol.versions import supported_versions
+from switchboard.health import HEALTH_STATES
 from tests.faults import FaultyProxy
 from tests.harness import (
     Switchboard,
@@ -74,6 +75,10 @@ SWITCHBOARD_METRICS = {
     "switchboard_test_cases_total": "counter",
     "switchboard_reports_refused_total": "counter",
     "switchboard_output_files_total": "counter",
+    "switchboard_devices": "gauge",
+    "switchboard_device_health_changes_total": "counter",
+    "switchboard_device_declarations_refused_total": "counter",
+    "switchboard_health_checks_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -86,7 +91,10 @@ LABEL_VALUES: dict[str, set[str]] = {
     "outcome": _OUTCOMES | {"other", "kept", "refused", "not_uploaded", "invalid_path", "resolved"},
     "kind": {k.value for k in JobErrorKind},
     "cache": {"wasm_module", "docker_image", "input"},
-    "result": {"hit", "miss", "passed", "failed", "error", "skipped", "kept", "refused"},
+    "result": {
+        *("hit", "miss", "passed", "failed", "error", "skipped", "kept", "refused"),
+        *("pass", "fail"),
+    },
     "limit": {"image_unpacked", "wasm_scratch", "inputs"},
     "reason": {
         "header_too_large",
@@ -104,6 +112,7 @@ LABEL_VALUES: dict[str, set[str]] = {
         "token_revoked",
         "queue_full",
         "token_quota",
+        "no_device",
         "heartbeat_timeout",
         "send_timeout",
         "outbox_full",
@@ -120,6 +129,9 @@ LABEL_VALUES: dict[str, set[str]] = {
         "no_ids",
     },
     "route": {"live", "follow", "events"},
+    "health": set(HEALTH_STATES),
+    # A device's class is the lab's own word, as bounded as its inventory.
+    "class": {"simboard"},
     "what": {"job", "output", "artifact"},
     "why": {
         "too_large",

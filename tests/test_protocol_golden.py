@@ -23,6 +23,7 @@ from protocol.messages import (
     Ack,
     CollectLimits,
     CollectRule,
+    DeviceInfo,
     FromSupervisor,
     FromSwitchboard,
     Heartbeat,
@@ -97,6 +98,32 @@ SUPERVISOR_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
             b'{"type":"hello","supervisor_id":"host-07","name":"host-07","versions":["1.1","1.0"]'
             b',"credential_sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00'
             b'a08"}'
+        ),
+    ),
+    (
+        # 1.4: the host's devices, its inventory (docs/lab.md).
+        Hello(
+            supervisor_id="lab-host-3",
+            name="lab-host-3",
+            versions=["1.4", "1.3", "1.2", "1.1", "1.0"],
+            backends=["docker"],
+            resources={"nrf52840dk": 2},
+            devices=[
+                DeviceInfo(
+                    id="nrf-1",
+                    class_="nrf52840dk",
+                    labels={"serial": "000683012345"},
+                    console=True,
+                    power=True,
+                ),
+                DeviceInfo(id="nrf-2", class_="nrf52840dk"),
+            ],
+        ),
+        (
+            b'{"type":"hello","supervisor_id":"lab-host-3","name":"lab-host-3","versions":["1.4","1'
+            b'.3","1.2","1.1","1.0"],"backends":["docker"],"resources":{"nrf52840dk":2},"devices":['
+            b'{"id":"nrf-1","class":"nrf52840dk","labels":{"serial":"000683012345"},"console":true,'
+            b'"power":true},{"id":"nrf-2","class":"nrf52840dk"}]}'
         ),
     ),
     (
@@ -334,6 +361,20 @@ SWITCHBOARD_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
             b'"flasher:1"},"inputs":[{"path":"zephyr.bin","digest":"sha256:ababababababababababababa'
             b'bababababababababababababababababababab"},{"path":"tests","digest":"sha256:cdcdcdcdcdc'
             b'dcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd","unpack":true}]}'
+        ),
+    ),
+    (
+        # (1.4) the device granted to the run, by id.
+        StartJob(
+            job_id="flash-8",
+            attempt=1,
+            backend=DockerBackend(image="flasher:1"),
+            resources={"nrf52840dk": 1},
+            devices=["nrf-1"],
+        ),
+        (
+            b'{"type":"start_job","job_id":"flash-8","attempt":1,"backend":{"kind":"docker","image":'
+            b'"flasher:1"},"resources":{"nrf52840dk":1},"devices":["nrf-1"]}'
         ),
     ),
     (

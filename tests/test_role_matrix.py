@@ -20,7 +20,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from protocol import codec, limits
-from protocol.messages import Hello, Welcome
+from protocol.messages import DeviceInfo, Hello, Welcome
 from protocol.versions import supported_versions
 from switchboard.config import Settings
 from tests.harness import Switchboard, scaled
@@ -76,6 +76,10 @@ EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     ("PUT", "/api/v1/supervisors/{supervisor_id}/labels"): frozenset({ADMIN, OPERATOR}),
     ("POST", "/api/v1/supervisors/{supervisor_id}/token"): frozenset({ADMIN}),
     ("POST", "/api/v1/supervisors/{supervisor_id}/unenroll"): frozenset({ADMIN}),
+    # devices (the hardware lab)
+    ("GET", "/api/v1/devices"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("GET", "/api/v1/devices/{device_id}"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("PUT", "/api/v1/devices/{device_id}/health"): frozenset({ADMIN, OPERATOR}),
     # tokens
     ("GET", "/api/v1/tokens"): frozenset({ADMIN}),
     ("POST", "/api/v1/tokens"): frozenset({ADMIN}),
@@ -106,6 +110,8 @@ SCHEMA_ROUTES = ("/schema/openapi.json", "/schema/openapi.yaml", "/schema", "/sc
 
 #: The supervisor record the supervisor routes act on (registered by a real handshake).
 SUPERVISOR_ID = "matrix-sup"
+#: The one device SUPERVISOR_ID declares.
+DEVICE_ID = "matrix-board"
 #: The id the `supervisor` caller's token is bound to (another one: the cells that rotate
 #: and unenroll SUPERVISOR_ID revoke its tokens).
 CREDENTIAL_ID = "matrix-host"
@@ -238,6 +244,21 @@ class World:
                         if t["supervisor_id"] == SUPERVISOR_ID
                     ],
                 )
+            case "PUT", "/api/v1/devices/{device_id}/health":
+                # A health not set before (each cell its own reason), put back after.
+                path = template.replace("{device_id}", DEVICE_ID)
+                return Call(
+                    path,
+                    json={"health": "maintenance", "reason": f"matrix {tag}"},
+                    state=lambda: self.admin.get(f"/api/v1/devices/{DEVICE_ID}").json()["health"],
+                    cleanup=[
+                        lambda: self.admin.put(
+                            path, json={"health": "unknown", "reason": "matrix: back"}
+                        )
+                    ],
+                )
+            case "GET", "/api/v1/devices/{device_id}":
+                return Call(template.replace("{device_id}", DEVICE_ID))
             case "POST", "/api/v1/tokens":
                 return Call(
                     template,
@@ -314,7 +335,10 @@ def _register_supervisor(switchboard: Switchboard, token: str) -> None:
             subprotocols=[websockets.Subprotocol(limits.SUBPROTOCOL)],
         ) as ws:
             hello = Hello(
-                supervisor_id=SUPERVISOR_ID, name=SUPERVISOR_ID, versions=supported_versions()
+                supervisor_id=SUPERVISOR_ID,
+                name=SUPERVISOR_ID,
+                versions=supported_versions(),
+                devices=[DeviceInfo(id=DEVICE_ID, class_="simboard")],
             )
             await ws.send(codec.encode(hello), text=True)
             reply = codec.decode_from_switchboard(await ws.recv(decode=False))

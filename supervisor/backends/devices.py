@@ -12,6 +12,11 @@ Refusals, as JobError kinds the switchboard understands:
 - every device of the class is held by other runs, or unplugged: max_concurrent_jobs (the job
   may be placed again, here later or elsewhere).
 
+A switchboard that keeps the lab's inventory (protocol 1.4) names the devices it grants a
+run (`start_job.devices`): the run gets exactly those. One this host doesn't have (its
+config changed), held by another run or unplugged is refused as max_concurrent_jobs, so the
+job is placed again with the inventory this host reports when it reconnects.
+
 All methods run on the event loop (no locking); nothing here blocks except the `os.stat` of
 the device nodes being allocated.
 """
@@ -23,6 +28,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 
 from protocol.exceptions import JobError, JobErrorKind
+from protocol.messages import DeviceInfo
 from supervisor.config import DeviceConfig
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,20 @@ log = logging.getLogger(__name__)
 
 def _present(device: DeviceConfig) -> bool:
     return os.path.exists(device.path)
+
+
+def inventory(devices: Iterable[DeviceConfig]) -> list[DeviceInfo]:
+    """The devices of a config as a Hello declares them (protocol 1.4)."""
+    return [
+        DeviceInfo(
+            id=d.name,
+            class_=d.resource,
+            labels=d.labels,
+            console=d.console is not None,
+            power=d.power is not None,
+        )
+        for d in devices
+    ]
 
 
 class Devices:
@@ -74,8 +94,11 @@ class Devices:
     def holder(self, name: str) -> str | None:
         return self._holder.get(name)
 
-    def allocate(self, owner: str, wanted: Mapping[str, int]) -> list[DeviceConfig]:
-        """Give `owner` the devices `wanted` asks for ({resource class: count}), all or none.
+    def allocate(
+        self, owner: str, wanted: Mapping[str, int], named: Iterable[str] = ()
+    ) -> list[DeviceConfig]:
+        """Give `owner` the devices `wanted` asks for ({resource class: count}), all or none:
+        exactly the `named` ones if the switchboard granted some, else free ones.
 
         Asking again for an owner that already holds devices returns those (idempotent).
         Raises JobError (see the module docstring) when the request can't be met now.
@@ -83,6 +106,9 @@ class Devices:
         held = self.held_by(owner)
         if held:
             return held
+        names = list(named)
+        if names:
+            return self._allocate_named(owner, names)
         if not wanted:
             return []
         counts = self.resource_counts()
@@ -118,6 +144,25 @@ class Devices:
         for device in chosen:
             self._holder[device.name] = owner
         log.debug("devices %s -> %s", [d.name for d in chosen], owner)
+        return chosen
+
+    def _allocate_named(self, owner: str, names: list[str]) -> list[DeviceConfig]:
+        chosen = []
+        for name in names:
+            device = self._devices.get(name)
+            if device is None:
+                why = "this host has no such device (its config changed?)"
+            elif self._holder.get(name) not in (None, owner):
+                why = "held by another run"
+            elif not self._present(device):
+                why = f"not present on the host ({device.path})"
+            else:
+                chosen.append(device)
+                continue
+            raise JobError(JobErrorKind.MAX_CONCURRENT_JOBS, f"device {name!r} granted: {why}")
+        for device in chosen:
+            self._holder[device.name] = owner
+        log.debug("devices %s -> %s (granted)", names, owner)
         return chosen
 
     def reserve(self, owner: str, names: Iterable[str]) -> list[DeviceConfig]:

@@ -158,7 +158,9 @@ class DockerBackend(Backend):
         BackendSupervisor.start_job, before the run is held. run() uses the reservation."""
         spec = docker_spec(start)
         limits_for(spec, self.settings, self._engine.cpus)
-        self.devices.allocate(_owner(RunRef(start.job_id, start.attempt)), start.resources)
+        self.devices.allocate(
+            _owner(RunRef(start.job_id, start.attempt)), start.resources, start.devices
+        )
 
     async def run(self, ctx: RunContext) -> Outcome:
         if self._closed:
@@ -171,7 +173,7 @@ class DockerBackend(Backend):
             limits_ = limits_for(spec, self.settings, self._engine.cpus)
             devices: list[DeviceConfig] = []
             if ctx.start.resources:
-                devices = self.devices.allocate(owner, ctx.start.resources)
+                devices = self.devices.allocate(owner, ctx.start.resources, ctx.start.devices)
                 await ctx.stage("allocating", ", ".join(f"{d.name} ({d.path})" for d in devices))
             image = await ctx.unless_stopped(self._images.resolve(ctx, spec))
             if image is None:

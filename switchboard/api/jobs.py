@@ -38,6 +38,7 @@ from switchboard.models import (
     TestCasePage,
     TestResult,
 )
+from switchboard.scheduler import FleetMember, device_refusal
 from switchboard.sealing import redacted
 from switchboard.state import AppState, app_state
 from switchboard.store.errors import (
@@ -159,6 +160,27 @@ def _check_size(spec: JobSpec, where: str = "") -> None:
         raise ApiError(400, "invalid_spec", message, where.rstrip(".") or None) from None
 
 
+async def _check_devices(state: AppState, specs: list[JobSpec], batch: bool) -> None:
+    """A job that no device of the lab could ever serve is refused now, with the reason,
+    rather than queued for ever (scheduler.device_refusal)."""
+    if not any(spec.resources for spec in specs):
+        return
+    devices = await state.store.lab_devices()
+    if not devices:
+        return
+    fleet = [
+        FleetMember(s.id, s.backends, s.labels, s.resources, s.max_jobs)
+        for s in await state.store.list_supervisors()
+    ]
+    for index, spec in enumerate(specs):
+        reason = device_refusal(spec, devices, fleet)
+        if reason is not None:
+            field = f"[{index}].resources" if batch else "resources"
+            metrics.SUBMISSIONS_REFUSED.labels("no_device").inc()
+            log.info("refused a job: %s: %s", field, reason)
+            raise ApiError(400, "unsatisfiable", f"{field}: {reason}", field)
+
+
 async def _queue(
     state: AppState, specs: list[JobSpec], request: Request, *, batch: bool = False
 ) -> list[Submitted]:
@@ -168,6 +190,7 @@ async def _queue(
     jobs = [(new_job_id(), _with_run_timeout(spec, default_s)) for spec in specs]
     for index, (_, spec) in enumerate(jobs):
         _check_size(spec, f"[{index}]." if batch else "")
+    await _check_devices(state, [spec for _, spec in jobs], batch)
     token = request.state.token
     try:
         made = await state.dispatcher.submit(

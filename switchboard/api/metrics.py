@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from protocol.state import Phase
 from switchboard.hub import Hub
 from switchboard.metrics import (
+    DEVICES,
     JOBS,
     QUEUE_DEPTH,
     QUEUE_STATES,
@@ -59,6 +60,14 @@ async def refresh(store: Store, hub: Hub) -> None:
             for state in QUEUE_STATES:
                 QUEUE_DEPTH.labels(state).set(counts.queued.get(state, 0))
             _drained = frozenset(counts.drained)
+        try:
+            devices = await store.device_counts()
+        except Exception:
+            log.exception("metrics: reading the device counts from the store failed")
+        else:
+            DEVICES.clear()  # a class may have left the lab
+            for (health, cls), n in devices.items():
+                DEVICES.labels(health, cls).set(n)
     draining = sum(1 for i in hub.connected_ids() if i in _drained)
     SUPERVISORS_CONNECTED.labels("connected").set(hub.connected_count() - draining)
     SUPERVISORS_CONNECTED.labels("draining").set(draining)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import Phase
+from switchboard.health import DeviceFacts
 from switchboard.models import (
     ActiveRun,
     ArtifactAdded,
@@ -28,6 +29,7 @@ from switchboard.models import (
     Connected,
     ConnectionRecord,
     Counts,
+    DeviceView,
     Enrolment,
     EventsApplied,
     Expired,
@@ -52,6 +54,7 @@ from switchboard.models import (
     TestResult,
     TokenView,
 )
+from switchboard.scheduler import LabDevice
 
 
 class Store(abc.ABC):
@@ -400,6 +403,58 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_operator_labels(self, supervisor_id: str, labels: dict[str, str]) -> bool:
         """Replace a supervisor's operator labels; False if it is unknown."""
+
+    # the hardware lab (docs/lab.md)
+    @abc.abstractmethod
+    async def list_devices(
+        self,
+        *,
+        class_: str | None = None,
+        health: str | None = None,
+        supervisor_id: str | None = None,
+    ) -> list[DeviceView]:
+        """The lab's devices (those of one class, health or supervisor), by id."""
+
+    @abc.abstractmethod
+    async def get_device(self, device_id: str) -> DeviceView | None:
+        """A device with its latest health changes, newest first."""
+
+    @abc.abstractmethod
+    async def set_device_health(
+        self, device_id: str, health: str, actor: str, reason: str
+    ) -> DeviceView | None:
+        """Set a device's health (switchboard.health says which may be set), kept in its
+        history with `actor` and `reason`; None if there is no such device. Counted as a
+        supervisor write: what may be placed where changes."""
+
+    @abc.abstractmethod
+    async def lab_devices(self) -> list[LabDevice]:
+        """Every device as placement sees it (health, held or not)."""
+
+    @abc.abstractmethod
+    async def device_counts(self) -> dict[tuple[str, str], int]:
+        """(health, class) -> how many devices."""
+
+    @abc.abstractmethod
+    async def device_facts(self) -> list[DeviceFacts]:
+        """What deciding which devices need a health check looks at, for every device."""
+
+    @abc.abstractmethod
+    async def create_checks(self, checks: Sequence[tuple[str, JobSpec, str]], actor: str) -> None:
+        """Queue health-check jobs, (job id, spec, the device it checks) each, in one
+        transaction: from then on the device waits for its check and serves nothing else."""
+
+    @abc.abstractmethod
+    async def finish_checks(self) -> list[tuple[str, str, str, str]]:
+        """Give each device whose check job has ended the health its ending says
+        (health.check_outcome); (device, job, result, health) for each."""
+
+    @abc.abstractmethod
+    async def devices_after_lost_runs(self) -> list[str]:
+        """Put in doubt (health.after_run) the devices granted to regular runs that ended by
+        an infrastructure error since their health was set: lost with their host, or
+        refused because their supervisor could not give them the device; the ids of those
+        changed."""
 
     @abc.abstractmethod
     def apply_events(

@@ -55,10 +55,76 @@ def _chained_jobs(conn: sqlite3.Connection) -> None:
     )
 
 
+#: Version 8: the hardware lab (docs/lab.md), new tables only ("if not exists": a database
+#: dressed up as an older one by a test has them).
+HARDWARE_LAB = """
+-- Every device a supervisor declares (its hello's inventory), with its health. `health`:
+-- unknown, good, bad, maintenance, looping, retired. The last health check: its result
+-- ('pass' or 'fail'), when, and the job that ran it.
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    supervisor_id TEXT NOT NULL,
+    class TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}',
+    console INTEGER NOT NULL DEFAULT 0,
+    power INTEGER NOT NULL DEFAULT 0,
+    health TEXT NOT NULL DEFAULT 'unknown',
+    health_reason TEXT NOT NULL DEFAULT '',
+    health_at REAL NOT NULL,
+    check_result TEXT,
+    check_at REAL,
+    check_job TEXT,
+    first_seen REAL NOT NULL,
+    last_declared REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS devices_by_supervisor ON devices (supervisor_id, class);
+-- Every change of a device's health: who made it (an operator's token, or a job), and why.
+CREATE TABLE IF NOT EXISTS device_health_history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    health_from TEXT,
+    health_to TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    job_id TEXT
+);
+CREATE INDEX IF NOT EXISTS device_health_by_device ON device_health_history (device_id, seq);
+-- The devices granted to each run: a device's holder is the active run among its rows.
+CREATE TABLE IF NOT EXISTS run_devices (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, attempt, device_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS run_devices_by_device ON run_devices (device_id, job_id, attempt);
+-- The health-check jobs of devices: a check is pending until `result` is written ('pass',
+-- 'fail' or 'error') once its job has ended.
+CREATE TABLE IF NOT EXISTS device_checks (
+    job_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    result TEXT,
+    ended_at REAL
+);
+CREATE INDEX IF NOT EXISTS device_checks_pending ON device_checks (device_id) WHERE result IS NULL;
+"""
+
+
+def _hardware_lab(conn: sqlite3.Connection) -> None:
+    # One statement at a time: executescript would commit the step's transaction first.
+    for statement in HARDWARE_LAB.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 #: Every step past the baseline, in order: MIGRATIONS[i] reaches BASELINE_VERSION + i + 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         7, "jobs.waiting_for: chained jobs wait for the job they take files from", _chained_jobs
+    ),
+    Migration(
+        8, "the hardware lab: devices, their health history, checks, runs' devices", _hardware_lab
     ),
 )
 

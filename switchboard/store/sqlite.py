@@ -21,7 +21,9 @@ import msgspec
 from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import Phase
+from switchboard import scheduler
 from switchboard.event_checks import seq_gap
+from switchboard.health import DeviceFacts
 from switchboard.models import (
     ActiveRun,
     ArtifactAdded,
@@ -33,6 +35,7 @@ from switchboard.models import (
     Connected,
     ConnectionRecord,
     Counts,
+    DeviceView,
     Enrolment,
     EventsApplied,
     Expired,
@@ -60,6 +63,7 @@ from switchboard.models import (
 from switchboard.sealing import Keyring, split_secrets
 from switchboard.store import sqlite_artifacts as artifacts
 from switchboard.store import sqlite_chains, sqlite_jobs
+from switchboard.store import sqlite_devices as lab
 from switchboard.store import sqlite_files as files
 from switchboard.store import sqlite_output as output
 from switchboard.store import sqlite_placement as placement
@@ -94,6 +98,7 @@ class SQLiteStore(Store):
         keyring: Keyring | None = None,
         max_run_output: int | None = None,
         upgrade: bool = False,
+        checked_classes: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
         self._upgrade = upgrade
@@ -101,6 +106,9 @@ class SQLiteStore(Store):
         self._keyring = keyring or Keyring.ephemeral()
         self._keyring_given = keyring is not None
         self.max_run_output = max_run_output
+        #: The device classes that have a health check: their devices of unknown health
+        #: wait for it (sqlite_devices.lab_devices).
+        self.checked_classes = checked_classes
         #: Bumped by every write to a supervisor's record (see Store.supervisor_writes).
         self.supervisor_writes = 0
         #: (supervisor_writes, the listing it was read at): see list_supervisors.
@@ -262,7 +270,7 @@ class SQLiteStore(Store):
         # Chained jobs wait for their inputs: never placed at submission (Dispatcher.submit).
         assert not any(spec.chained_inputs() for _, spec in jobs)
         batch = self._sealed(jobs)
-        keyring = self._keyring
+        keyring, checked = self._keyring, self.checked_classes
 
         def write(conn: sqlite3.Connection) -> tuple[list[Submitted], list[Assignment]]:
             clear = placement.no_job_ready(conn, time.time())  # before the insert: older jobs
@@ -275,7 +283,9 @@ class SQLiteStore(Store):
                 for submitted in made:
                     supervisor_id = placements.get(submitted.id)
                     if supervisor_id is not None and submitted.phase == Phase.QUEUED.value:
-                        run = placement.assign_run(conn, submitted.id, supervisor_id, now, keyring)
+                        run = placement.assign_run(
+                            conn, submitted.id, supervisor_id, now, keyring, checked
+                        )
                         if run is not None:
                             assigned.append(run)
             return made, assigned
@@ -318,12 +328,15 @@ class SQLiteStore(Store):
             try:
                 fleet = self._fleet_views(conn)
                 limit = queue_limit(fleet)
+                devices = lab.lab_devices(conn, checked=self.checked_classes) if fleet else []
                 return PlacementSnapshot(
                     fleet=fleet,
                     resources_in_use=placement.resources_in_use(conn) if fleet else {},
                     busy_keys=placement.busy_keys(conn),
                     queue=placement.queued_jobs(conn, limit) if limit > 0 else [],
                     next_backoff_end=placement.next_backoff_end(conn),
+                    devices_free=scheduler.free_devices(devices),
+                    checks=scheduler.awaiting_checks(devices),
                 )
             finally:
                 conn.execute("COMMIT")
@@ -345,12 +358,12 @@ class SQLiteStore(Store):
         return await self._read(lambda conn: placement.queued_jobs(conn, limit, after, marked))
 
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
-        keyring = self._keyring
+        keyring, checked = self._keyring, self.checked_classes
 
         def write(conn: sqlite3.Connection) -> list[Assignment]:
             now = time.time()
             made = (
-                placement.assign_run(conn, job_id, supervisor_id, now, keyring)
+                placement.assign_run(conn, job_id, supervisor_id, now, keyring, checked)
                 for job_id, supervisor_id in pairs
             )
             return [run for run in made if run is not None]
@@ -564,6 +577,64 @@ class SQLiteStore(Store):
         return await self._write_supervisor(
             lambda conn: supervisors.set_operator_labels(conn, supervisor_id, labels)
         )
+
+    # --- the hardware lab ------------------------------------------------------------
+
+    async def list_devices(
+        self,
+        *,
+        class_: str | None = None,
+        health: str | None = None,
+        supervisor_id: str | None = None,
+    ) -> list[DeviceView]:
+        return await self._read(lambda conn: lab.list_devices(conn, class_, health, supervisor_id))
+
+    async def get_device(self, device_id: str) -> DeviceView | None:
+        return await self._read(lambda conn: lab.get_device(conn, device_id))
+
+    async def set_device_health(
+        self, device_id: str, health: str, actor: str, reason: str
+    ) -> DeviceView | None:
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: lab.set_health(conn, device_id, health, actor, reason, now)
+        )
+
+    async def lab_devices(self) -> list[scheduler.LabDevice]:
+        return await self._read(lambda conn: lab.lab_devices(conn))
+
+    async def device_counts(self) -> dict[tuple[str, str], int]:
+        return await self._read(lab.health_counts)
+
+    async def device_facts(self) -> list[DeviceFacts]:
+        return await self._read(lab.device_facts)
+
+    async def create_checks(self, checks: Sequence[tuple[str, JobSpec, str]], actor: str) -> None:
+        batch = self._sealed([(job_id, spec) for job_id, spec, _ in checks])
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> None:
+            # Not held to the queue's limits: there is at most one check per device.
+            sqlite_jobs.insert_jobs(conn, batch, actor, max_queued=2**62)
+            lab.start_checks(conn, [(job_id, device) for job_id, _, device in checks], now)
+
+        await self._write_supervisor(write)
+
+    # The health-check loop asks these twice a second: a read says whether there is
+    # anything to write, so an idle lab costs no write (and no supervisor write, which
+    # would spoil the dispatcher's spare slots).
+
+    async def finish_checks(self) -> list[tuple[str, str, str, str]]:
+        if not await self._read(lab.checks_to_finish):
+            return []
+        now = time.time()
+        return await self._write_supervisor(lambda conn: lab.finish_checks(conn, now))
+
+    async def devices_after_lost_runs(self) -> list[str]:
+        if not await self._read(lab.lost_holders):
+            return []
+        now = time.time()
+        return await self._write_supervisor(lambda conn: lab.runs_lost(conn, now))
 
     # --- the dashboard's views -------------------------------------------------------
 

@@ -339,6 +339,12 @@ def load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
         (job_id,),
     ):
         phases.setdefault(attempt, []).append(PhaseEntry(Phase(phase), at, stage, message))
+    devices: dict[int, list[str]] = {}
+    for attempt, device_id in conn.execute(
+        "SELECT attempt, device_id FROM run_devices WHERE job_id = ? ORDER BY device_id",
+        (job_id,),
+    ):
+        devices.setdefault(attempt, []).append(device_id)
     runs = [
         RunView(
             attempt=r[0],
@@ -357,6 +363,7 @@ def load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
             phases=phases.get(r[0], []),
             output_bytes=r[13],
             output_truncated=r[14].split(",") if r[14] else [],
+            devices=devices.get(r[0], []),
         )
         for r in conn.execute(
             "SELECT attempt, supervisor_id, phase, created_at, stage, message, exit_code, signal,"
@@ -405,6 +412,7 @@ def delete_job(conn: sqlite3.Connection, job_id: str) -> str:
         # the links keeping its output files' artifacts (retention takes them after)
         "run_files",
         "run_files_refused",
+        "run_devices",
     ):
         conn.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
     conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))

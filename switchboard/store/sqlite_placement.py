@@ -12,6 +12,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Collection
+from collections.abc import Set as AbstractSet
 
 import msgspec
 
@@ -21,6 +22,7 @@ from protocol.state import Phase
 from switchboard import lifecycle, metrics
 from switchboard.models import ActiveRun, Assignment, Counts, QueuedJob
 from switchboard.sealing import Keyring, SecretsUnreadable
+from switchboard.store import sqlite_devices
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
 from switchboard.store.sqlite_jobs import end_queued_job
 from switchboard.store.sqlite_runs import record_phase
@@ -31,21 +33,32 @@ log = logging.getLogger("switchboard.store")
 _spec_decoder = msgspec.json.Decoder(JobSpec)
 
 
-def active_run(row: tuple, keyring: Keyring) -> ActiveRun:
+def active_run(row: tuple, keyring: Keyring, conn: sqlite3.Connection) -> ActiveRun:
     """A run a supervisor holds. One still `assigned` may need its StartJob again, so its
-    secret values are opened (or why they can't be is noted); the others' are left shut."""
+    secret values are opened (or why they can't be is noted), and its devices read; the
+    others' are left shut."""
     job_id, attempt, phase, cancel_requested, raw, sealed = row
     spec, unreadable = _spec_decoder.decode(raw), None
+    devices: tuple[str, ...] = ()
     if phase == Phase.ASSIGNED:
         try:
             spec = spec_to_start(job_id, spec, sealed, keyring)
         except SecretsUnreadable as exc:
             unreadable = str(exc)
-    return ActiveRun(job_id, attempt, Phase(phase), bool(cancel_requested), spec, unreadable)
+        if spec.resources:
+            devices = sqlite_devices.run_devices(conn, job_id, attempt)
+    return ActiveRun(
+        job_id, attempt, Phase(phase), bool(cancel_requested), spec, unreadable, devices
+    )
 
 
 def assign_run(
-    conn: sqlite3.Connection, job_id: str, supervisor_id: str, now: float, keyring: Keyring
+    conn: sqlite3.Connection,
+    job_id: str,
+    supervisor_id: str,
+    now: float,
+    keyring: Keyring,
+    checked: AbstractSet[str] = frozenset(),
 ) -> Assignment | None:
     """The job's next run, on that supervisor, with its secret values opened for the
     StartJob; None if the job is no longer queued, or if its secret values can't be
@@ -64,6 +77,9 @@ def assign_run(
         reject_unreadable(conn, job_id, str(exc), now)
         return None
     attempt = row[0] + 1
+    granted = sqlite_devices.grant(conn, job_id, attempt, supervisor_id, spec, checked)
+    if granted is None:
+        return None  # its devices were taken, or went bad, since the plan: it waits
     conn.execute(
         "UPDATE jobs SET phase = 'assigned', attempts = ?, updated_at = ?,"
         " queue_deadline = NULL, unschedulable = NULL WHERE id = ?",
@@ -75,7 +91,7 @@ def assign_run(
         (job_id, attempt, supervisor_id, now),
     )
     record_phase(conn, job_id, attempt, Phase.ASSIGNED, None, None, now)
-    return Assignment(job_id, attempt, supervisor_id, spec)
+    return Assignment(job_id, attempt, supervisor_id, spec, tuple(granted))
 
 
 def reject_unreadable(conn: sqlite3.Connection, job_id: str, why: str, now: float) -> None:
@@ -133,14 +149,18 @@ def queued_jobs(
         page = " AND (priority < ? OR (priority = ? AND seq > ?))"
         args += [after[0], after[0], after[1]]
     rows = conn.execute(
-        "SELECT id, seq, priority, spec, queued_at, concurrency_key, unschedulable"
+        "SELECT id, seq, priority, spec, queued_at, concurrency_key, unschedulable,"
+        " (SELECT device_id FROM device_checks c WHERE c.job_id = jobs.id)"
         " FROM jobs WHERE phase = 'queued'"
         f" AND unschedulable IS {'NOT NULL' if marked else 'NULL'} AND waiting_for IS NULL"
         f" AND (not_before IS NULL OR not_before <= ?){page}"
         " ORDER BY priority DESC, seq LIMIT ?",
         (*args, limit),
     ).fetchall()
-    return [QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3]), r[4], r[5], r[6]) for r in rows]
+    return [
+        QueuedJob(r[0], r[1], r[2], _spec_decoder.decode(r[3]), r[4], r[5], r[6], r[7])
+        for r in rows
+    ]
 
 
 def next_backoff_end(conn: sqlite3.Connection) -> float | None:
@@ -159,7 +179,7 @@ def active_runs(conn: sqlite3.Connection, supervisor_id: str, keyring: Keyring) 
         f" WHERE r.supervisor_id = ? AND r.phase IN ({ACTIVE_SQL})",
         (supervisor_id, *ACTIVE_PHASES),
     ).fetchall()
-    return [active_run(row, keyring) for row in rows]
+    return [active_run(row, keyring, conn) for row in rows]
 
 
 def active_run_refs(

@@ -10,8 +10,9 @@ import json
 import sqlite3
 
 from protocol.messages import Hello
-from protocol.versions import negotiate_version
+from protocol.versions import DEVICES_MINOR, minor_of, negotiate_version
 from switchboard.models import Connected, ConnectionRecord, Enrolment, SupervisorView
+from switchboard.store import sqlite_devices
 from switchboard.store.errors import ConnectRefused
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
 from switchboard.store.sqlite_tokens import enrol, token_valid
@@ -34,6 +35,8 @@ def connected(
         " ON CONFLICT (id) DO NOTHING",
         (hello.supervisor_id, hello.name, now),
     )
+    # What the handshake negotiated (the same function, the same answer).
+    version = negotiate_version(hello.versions)
     conn.execute(
         "UPDATE supervisors SET name = ?, labels = ?, backends = ?, resources = ?,"
         " max_jobs = ?, software = ?, protocol = ?, session = session + 1, connected = 1,"
@@ -45,8 +48,7 @@ def connected(
             json.dumps(hello.resources),
             hello.max_jobs,
             hello.software,
-            # What the handshake negotiated (the same function, the same answer).
-            negotiate_version(hello.versions),
+            version,
             now,
             now,
             hello.supervisor_id,
@@ -60,7 +62,11 @@ def connected(
         " VALUES (?, ?, ?)",
         (hello.supervisor_id, session, now),
     )
-    return Connected(session, last_seq)
+    # A hello older than 1.4 declares no devices, and its supervisor can't be granted any:
+    # it has none in the inventory (it counts its resources as before).
+    devices = hello.devices if minor_of(version) >= DEVICES_MINOR else []
+    refused = sqlite_devices.record_inventory(conn, hello.supervisor_id, devices, now)
+    return Connected(session, last_seq, tuple(refused))
 
 
 def disconnected(
