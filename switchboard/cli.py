@@ -99,6 +99,9 @@ def _serve(args: argparse.Namespace) -> int:
             # local user (command lines are public).
             secret_key=os.environ.get("SWITCHBOARD_SECRET_KEY") or None,
             health_checks=_health_checks(args.health_checks),
+            reservation_ttl_s=args.reservation_ttl,
+            lease_default_s=args.lease_default,
+            lease_max_s=args.lease_max,
         )
     )
     return 0
@@ -423,6 +426,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SWITCHBOARD_HEALTH_CHECKS"),
         metavar="FILE",
         help="TOML: the health-check job of each device class (docs/lab.md)",
+    )
+    serve.add_argument(
+        "--reservation-ttl",
+        type=_positive(float),
+        default=DEFAULTS.reservation_ttl_s,
+        metavar="SECONDS",
+        help="a waiting reservation its client stops refreshing expires after this (default 60)",
+    )
+    serve.add_argument(
+        "--lease-default",
+        type=_positive(float),
+        default=DEFAULTS.lease_default_s,
+        metavar="SECONDS",
+        help="how long a reservation's lease lasts unless it asks (default 3600)",
+    )
+    serve.add_argument(
+        "--lease-max",
+        type=_positive(float),
+        default=DEFAULTS.lease_max_s,
+        metavar="SECONDS",
+        help="the longest a lease may last from its grant, extensions included (default 28800)",
     )
     logfmt.add_argument(serve, "SWITCHBOARD_LOG_FORMAT")
     serve.set_defaults(func=_serve)
