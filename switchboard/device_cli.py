@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 from switchboard.admin_cli import command_group, labels_text
-from switchboard.cli_output import client, show, table, when
+from switchboard.cli_output import client, duration, show, table, when
 from switchboard.health import HEALTH_STATES
 
 
@@ -177,8 +177,6 @@ def add_device_commands(commands: argparse._SubParsersAction) -> None:
     set_health.add_argument("device_id")
     set_health.add_argument("health", choices=HEALTH_STATES)
     set_health.add_argument("--reason", required=True, help="why (kept in its history)")
-    from switchboard.cli import duration  # (the CLI's module imports this one)
-
     reserve = device(
         "reserve", "reserve devices: all of them at once, for a lease that ends by itself", _reserve
     )
