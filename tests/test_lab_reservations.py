@@ -269,3 +269,20 @@ def test_bad_requests_get_a_clear_400(lab: httpx.Client, switchboard: Switchboar
     metrics = httpx.get(f"{switchboard.url}/metrics").text
     assert 'switchboard_reservation_refusals_total{reason="invalid_request"}' in metrics
     assert 'switchboard_reservations{state="expired"}' in metrics
+
+
+def test_a_job_queued_again_after_its_reservation_ended_is_canceled(lab: httpx.Client):
+    held = _held(lab, _reserve(lab, count=1)["id"])
+    spec = {
+        "name": "flaky",
+        "backend": {"kind": "noop", "delay_s": 1.0, "exit_code": 1},
+        "resources": {"simboard": 1},
+        "reservation": held["id"],
+        "restart": {"policy": "on_failure", "max_restarts": 5},
+    }
+    job_id = lab.post("/api/v1/jobs", json=spec).json()["id"]
+    wait_for(lambda: lab.get(f"/api/v1/jobs/{job_id}").json()["phase"] == "running", "running")
+    _release(lab, held["id"])  # its run goes on; the restart after it could never be placed
+    job = wait_job(lab, job_id)
+    assert job["phase"] == "canceled", job
+    assert f"its reservation {held['id']} has released" in job["reason"], job

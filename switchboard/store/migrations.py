@@ -143,7 +143,17 @@ CREATE TABLE IF NOT EXISTS reservation_devices (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS reservation_devices_by_device
     ON reservation_devices (device_id, reservation_id);
+-- Queued jobs naming a reservation (the spec's `reservation`, copied): canceled when it ends.
+CREATE INDEX IF NOT EXISTS jobs_queued_by_reservation ON jobs (reservation)
+    WHERE reservation IS NOT NULL AND phase = 'queued';
 """
+
+
+def _reservations(conn: sqlite3.Connection) -> None:
+    # (Added only where missing: a database dressed up as an older one by a test has it.)
+    if "reservation" not in {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}:
+        conn.execute("ALTER TABLE jobs ADD COLUMN reservation TEXT")
+    _statements(RESERVATIONS)(conn)
 
 
 def _statements(script: str) -> Callable[[sqlite3.Connection], None]:
@@ -168,7 +178,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "the hardware lab: devices, their health history, checks, runs' devices",
         _statements(HARDWARE_LAB),
     ),
-    Migration(9, "reservations of devices, with leases", _statements(RESERVATIONS)),
+    Migration(9, "reservations of devices, with leases; jobs.reservation", _reservations),
 )
 
 #: The oldest version an upgrade reaches; an older file must be made again.

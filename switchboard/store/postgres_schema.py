@@ -118,6 +118,9 @@ CREATE TABLE reservation_devices (
     PRIMARY KEY (reservation_id, device_id)
 );
 CREATE INDEX reservation_devices_by_device ON reservation_devices (device_id, reservation_id);
+ALTER TABLE jobs ADD COLUMN reservation TEXT;
+CREATE INDEX jobs_queued_by_reservation ON jobs (reservation)
+    WHERE reservation IS NOT NULL AND phase = 'queued';
 """,
     ),
 )

@@ -166,11 +166,14 @@ def _end(conn: sqlite3.Connection, reservation_id: str, state: str, why: str, no
         (state, now, why, reservation_id),
     )
     waiting = conn.execute(
-        "SELECT id FROM jobs WHERE phase = 'queued' AND json_extract(spec, '$.reservation') = ?",
-        (reservation_id,),
+        "SELECT id FROM jobs WHERE reservation = ? AND phase = 'queued'", (reservation_id,)
     ).fetchall()
     for (job_id,) in waiting:
-        cancel_job(conn, job_id, "switchboard", f"reservation {reservation_id} has {state}: {why}")
+        _cancel(conn, job_id, reservation_id, state)
+
+
+def _cancel(conn: sqlite3.Connection, job_id: str, reservation_id: str, state: str) -> None:
+    cancel_job(conn, job_id, "switchboard", f"its reservation {reservation_id} has {state}")
 
 
 def release(
@@ -198,6 +201,13 @@ _REVOKED = (
     " JOIN tokens t ON t.id = r.owner"
     " WHERE r.state IN ('waiting', 'held') AND t.revoked_at IS NOT NULL LIMIT ?"
 )
+#: Jobs queued again (a restart) after the reservation they name ended: they could never run.
+_ORPHANS = (
+    "SELECT j.id, r.id, r.state FROM jobs j INDEXED BY jobs_queued_by_reservation"
+    " JOIN reservations r ON r.id = j.reservation"
+    " WHERE j.reservation IS NOT NULL AND j.phase = 'queued'"
+    " AND r.state IN ('released', 'expired') LIMIT ?"
+)
 _WAITING = (
     "SELECT id, count, class, selector, priority, created_at FROM reservations"
     " WHERE state = 'waiting' ORDER BY priority DESC, created_at LIMIT ?"
@@ -223,7 +233,12 @@ def sweep_due(
 ) -> bool:
     """Some reservation is to be ended or granted now (a read: an idle lab writes
     nothing)."""
-    for sql, args in ((_EXPIRED_WAITING, (now, 1)), (_EXPIRED_LEASES, (now, 1)), (_REVOKED, (1,))):
+    for sql, args in (
+        (_EXPIRED_WAITING, (now, 1)),
+        (_EXPIRED_LEASES, (now, 1)),
+        (_REVOKED, (1,)),
+        (_ORPHANS, (1,)),
+    ):
         if conn.execute(sql, args).fetchone() is not None:
             return True
     return bool(_grants(conn, 1000, checked)[0])
@@ -233,8 +248,9 @@ def sweep(
     conn: sqlite3.Connection, now: float, limit: int, checked: AbstractSet[str] = frozenset()
 ) -> Sweep:
     """One pass, at most `limit` reservations of each kind: expire the waiting ones not
-    refreshed in time and the held ones whose lease has ended, release those whose
-    token was revoked, then grant the waiting ones that may have all their devices now
+    refreshed in time and the held ones whose lease has ended, release those whose token
+    was revoked, cancel the jobs queued again (a restart) naming one that has ended, then
+    grant the waiting ones that may have all their devices now
     (scheduler.grant_reservations), in that order, so devices freed are granted at once."""
     ended: list[Ended] = []
     more = False
@@ -249,6 +265,10 @@ def sweep(
         for reservation_id, state, why in rows:
             _end(conn, reservation_id, state, why, now)
             ended.append(Ended(reservation_id, state, why))
+    orphans = conn.execute(_ORPHANS, (limit,)).fetchall()
+    more = more or len(orphans) >= limit
+    for job_id, reservation_id, state in orphans:
+        _cancel(conn, job_id, reservation_id, state)
     grants, created = _grants(conn, limit, checked)
     granted: list[tuple[str, float]] = []
     for reservation_id, chosen in grants:
