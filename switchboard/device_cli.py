@@ -22,7 +22,7 @@ def _rows(devices: list[dict[str, Any]]) -> str:
             d["class"],
             d["supervisor_id"],
             d["health"],
-            d["holder"] or "-",
+            d["holder"] or d.get("reservation") or "-",
             labels_text(d["labels"]),
         )
         for d in devices
@@ -45,6 +45,7 @@ def _detail(d: dict[str, Any]) -> str:
         ("reason", d["health_reason"] or "-"),
         ("last check", check),
         ("holder", d["holder"] or "-"),
+        ("reserved", d.get("reservation") or "-"),
     ]
     lines = [f"{name + ':':12} {value}" for name, value in facts]
     history = [

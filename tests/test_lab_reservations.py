@@ -27,8 +27,9 @@ from tests.harness import (
     wait_for,
     wait_job,
 )
+from tests.scrape import sample_value_or_zero
 from tests.simboard import SimBoard
-from tests.test_lab_e2e import _config
+from tests.test_lab_e2e import _cli, _config
 
 pytestmark = pytest.mark.process
 
@@ -119,6 +120,9 @@ def test_a_held_lease_runs_only_its_holders_jobs(lab: httpx.Client, switchboard:
         [mine] = held["devices"]
         other = "board-b" if mine == "board-a" else "board-a"
         assert admin.get(f"/api/v1/devices/{mine}").json()["reservation"] == made["id"]
+        assert made["id"] in _cli(switchboard, "list") and made["id"] in _cli(
+            switchboard, "show", mine
+        )
         # The holder's jobs run on its board; everyone else's go to the other one.
         ours = [_job(holder, f"mine-{i}", made["id"]).json()["id"] for i in range(2)]
         theirs = [_job(admin, f"theirs-{i}").json()["id"] for i in range(4)]
@@ -269,6 +273,8 @@ def test_bad_requests_get_a_clear_400(lab: httpx.Client, switchboard: Switchboar
     metrics = httpx.get(f"{switchboard.url}/metrics").text
     assert 'switchboard_reservation_refusals_total{reason="invalid_request"}' in metrics
     assert 'switchboard_reservations{state="expired"}' in metrics
+    # Every grant of this module's tests observed how long it waited.
+    assert sample_value_or_zero(metrics, "switchboard_reservation_wait_seconds_count") >= 5
 
 
 def test_a_job_queued_again_after_its_reservation_ended_is_canceled(lab: httpx.Client):

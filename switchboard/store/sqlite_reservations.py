@@ -208,16 +208,18 @@ _ORPHANS = (
     " WHERE j.reservation IS NOT NULL AND j.phase = 'queued'"
     " AND r.state IN ('released', 'expired') LIMIT ?"
 )
+#: Waiting ones still refreshed (one past its TTL is never granted, even when a limit
+#: has left it for the next pass to expire).
 _WAITING = (
     "SELECT id, count, class, selector, priority, created_at FROM reservations"
-    " WHERE state = 'waiting' ORDER BY priority DESC, created_at LIMIT ?"
+    " WHERE state = 'waiting' AND expires_at > ? ORDER BY priority DESC, created_at LIMIT ?"
 )
 
 
 def _grants(
-    conn: sqlite3.Connection, limit: int, checked: AbstractSet[str]
+    conn: sqlite3.Connection, now: float, limit: int, checked: AbstractSet[str]
 ) -> tuple[list[tuple[str, list[str]]], dict[str, float]]:
-    rows = conn.execute(_WAITING, (limit,)).fetchall()
+    rows = conn.execute(_WAITING, (now, limit)).fetchall()
     if not rows:
         return [], {}
     waiting = [
@@ -241,7 +243,7 @@ def sweep_due(
     ):
         if conn.execute(sql, args).fetchone() is not None:
             return True
-    return bool(_grants(conn, 1000, checked)[0])
+    return bool(_grants(conn, now, 1000, checked)[0])
 
 
 def sweep(
@@ -269,7 +271,7 @@ def sweep(
     more = more or len(orphans) >= limit
     for job_id, reservation_id, state in orphans:
         _cancel(conn, job_id, reservation_id, state)
-    grants, created = _grants(conn, limit, checked)
+    grants, created = _grants(conn, now, limit, checked)
     granted: list[tuple[str, float]] = []
     for reservation_id, chosen in grants:
         conn.execute(
