@@ -251,6 +251,9 @@ class JobSpec(_Spec):
     outputs: Outputs | None = None
     #: Test reports among the output files.
     reports: Reports | None = None
+    #: The held reservation whose devices the job runs on (docs/lab.md): only jobs naming
+    #: it are given them. The switchboard's alone: no StartJob carries it.
+    reservation: Id | None = None
 
     def __post_init__(self) -> None:
         if (overlap := input_overlap(self.inputs)) is not None:

@@ -27,6 +27,7 @@ from switchboard.api.metrics import metrics
 from switchboard.api.openapi import schema_plugins
 from switchboard.api.output import OutputController
 from switchboard.api.request import SwitchboardRequest
+from switchboard.api.reservations import ReservationController
 from switchboard.api.supervisors import SupervisorController
 from switchboard.api.system import health, ready
 from switchboard.api.tokens import TokenController
@@ -41,6 +42,7 @@ from switchboard.hub import Hub
 from switchboard.live import LiveFeed
 from switchboard.metrics import RUNS_LOST
 from switchboard.reports.queue import ReportQueue
+from switchboard.reservations import ReservationSweep
 from switchboard.retention import Retention
 from switchboard.sealing import Keyring
 from switchboard.state import AppState
@@ -148,6 +150,15 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
                 ).run(),
                 name="health checks",
             ),
+            asyncio.create_task(
+                ReservationSweep(
+                    store,
+                    state.dispatcher,
+                    period_s=settings.reservation_sweep_s,
+                    limit=settings.reservation_sweep_limit,
+                ).run(),
+                name="reservations",
+            ),
         ]
         try:
             yield
@@ -172,6 +183,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             FilesController,
             SupervisorController,
             DeviceController,
+            ReservationController,
             TokenController,
             DispatchController,
             artifacts,

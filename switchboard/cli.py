@@ -12,6 +12,7 @@ from pathlib import Path
 from common import logfmt
 from protocol.spec import MAX_TIMEOUT_S
 from switchboard.admin_cli import add_admin_commands, data_dir
+from switchboard.cli_output import duration
 from switchboard.config import HealthChecksError, Settings, load_health_checks
 from switchboard.db_cli import add_db_commands
 from switchboard.device_cli import add_device_commands
@@ -32,17 +33,6 @@ def byte_size(text: str) -> int:
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1048576, 512K, 64M, 10G)")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-
-
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def duration(text: str) -> float:
-    """Seconds, optionally with a unit: 90 (seconds), 90s, 15m, 12h, 30d."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90, 15m, 12h, 30d)")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 def _interval(text: str) -> float:
@@ -99,6 +89,9 @@ def _serve(args: argparse.Namespace) -> int:
             # local user (command lines are public).
             secret_key=os.environ.get("SWITCHBOARD_SECRET_KEY") or None,
             health_checks=_health_checks(args.health_checks),
+            reservation_ttl_s=args.reservation_ttl,
+            lease_default_s=args.lease_default,
+            lease_max_s=args.lease_max,
         )
     )
     return 0
@@ -423,6 +416,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SWITCHBOARD_HEALTH_CHECKS"),
         metavar="FILE",
         help="TOML: the health-check job of each device class (docs/lab.md)",
+    )
+    serve.add_argument(
+        "--reservation-ttl",
+        type=_positive(float),
+        default=DEFAULTS.reservation_ttl_s,
+        metavar="SECONDS",
+        help="a waiting reservation its client stops refreshing expires after this (default 60)",
+    )
+    serve.add_argument(
+        "--lease-default",
+        type=_positive(float),
+        default=DEFAULTS.lease_default_s,
+        metavar="SECONDS",
+        help="how long a reservation's lease lasts unless it asks (default 3600)",
+    )
+    serve.add_argument(
+        "--lease-max",
+        type=_positive(float),
+        default=DEFAULTS.lease_max_s,
+        metavar="SECONDS",
+        help="the longest a lease may last from its grant, extensions included (default 28800)",
     )
     logfmt.add_argument(serve, "SWITCHBOARD_LOG_FORMAT")
     serve.set_defaults(func=_serve)

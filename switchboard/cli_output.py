@@ -6,11 +6,23 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from switchboard.client import Client, ClientError
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """Seconds, optionally with a unit: 90 (seconds), 90s, 15m, 12h, 30d."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90, 15m, 12h, 30d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
 
 #: Exit status for "the command itself failed" (as opposed to a job's own exit code).
 EXIT_ERROR = 2

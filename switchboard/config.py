@@ -101,6 +101,16 @@ class Settings(msgspec.Struct):
     secret_key_file: Path | None = None
     #: The key itself, from the environment only (SWITCHBOARD_SECRET_KEY), never a flag.
     secret_key: str | None = None
+    #: Reservations of devices (docs/lab.md): a waiting one its client has not refreshed
+    #: for this long expires; a lease lasts `lease_default_s` unless asked otherwise, and
+    #: never more than `lease_max_s` from its grant (extensions included).
+    reservation_ttl_s: float = 60.0
+    lease_default_s: float = 3600.0
+    lease_max_s: float = 8 * 3600.0
+    #: How often the reservation sweep runs, and the most reservations of each kind
+    #: (expired, released, granted) one pass handles.
+    reservation_sweep_s: float = 0.5
+    reservation_sweep_limit: int = 500
     #: Device class -> its health check (--health-checks FILE; docs/lab.md).
     health_checks: dict[str, HealthCheck] = {}
 

@@ -277,7 +277,12 @@ class Dispatcher:
         key = self._fleet_key(fleet, writes)
         fleet_changed = key is not self._last_fleet
         candidates = _candidates(
-            fleet, ready, snapshot.resources_in_use, snapshot.devices_free, snapshot.checks
+            fleet,
+            ready,
+            snapshot.resources_in_use,
+            snapshot.devices_free,
+            snapshot.checks,
+            snapshot.devices_reserved,
         )
         if not candidates and not news and not fleet_changed:
             self._spare = _Spare(writes, [], snapshot.busy_keys)
@@ -387,10 +392,12 @@ def _candidates(
     in_use: dict[str, dict[str, int]],
     devices_free: dict[str, dict[str, int]],
     checks: dict[str, frozenset[str]],
+    reserved: dict[str, dict[str, dict[str, int]]] | None = None,
 ) -> list[Candidate]:
     """Connected, undrained supervisors with a free slot, and what they have free now: of
     a device class it declares, the devices that may be given a run now (healthy, not
-    held); of other resources, its hello's count less what its active runs hold."""
+    held, not reserved; those a reservation holds, for the jobs naming it); of other
+    resources, its hello's count less what its active runs hold."""
     candidates = []
     for s in fleet:
         if s.id not in ready or s.drained or s.running >= s.max_jobs:
@@ -408,6 +415,7 @@ def _candidates(
                 running=s.running,
                 minor=minor_of(s.protocol),
                 checks=checks.get(s.id, frozenset()),
+                reserved=(reserved or {}).get(s.id, {}),
             )
         )
     return candidates

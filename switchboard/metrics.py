@@ -271,6 +271,28 @@ HEALTH_CHECKS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+#: The states of a reservation of devices (docs/lab.md).
+RESERVATION_STATES = ("waiting", "held", "released", "expired")
+RESERVATIONS = Gauge(
+    "switchboard_reservations",
+    "Reservations of devices by state (docs/lab.md): waiting, held, released, expired.",
+    ["state"],
+    registry=REGISTRY,
+)
+RESERVATION_WAIT_SECONDS = Histogram(
+    "switchboard_reservation_wait_seconds",
+    "How long a reservation waited, from being asked for to being granted its devices.",
+    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600),
+    registry=REGISTRY,
+)
+RESERVATION_REFUSALS = Counter(
+    "switchboard_reservation_refusals_total",
+    "Reservation requests refused: 400 invalid_request (an unknown class, a count or lease"
+    " out of range, nothing in the lab could serve it), 403 forbidden (release, extend"
+    " or use by a token that is neither the holder nor an operator).",
+    ["reason"],
+    registry=REGISTRY,
+)
 DEVICES_REFUSED = Counter(
     "switchboard_device_declarations_refused_total",
     "Devices a supervisor's hello declared that were not taken into the inventory: another"
@@ -465,6 +487,10 @@ for _health in HEALTH_STATES:
     DEVICE_HEALTH_CHANGES.labels(_health)
 for _result in ("pass", "fail", "error"):
     HEALTH_CHECKS.labels(_result)
+for _state in RESERVATION_STATES:
+    RESERVATIONS.labels(_state)
+for _reason in ("invalid_request", "forbidden"):
+    RESERVATION_REFUSALS.labels(_reason)
 for _reason in ("queue_full", "token_quota", "no_device"):
     SUBMISSIONS_REFUSED.labels(_reason)
 for _reason in WAIT_REFUSAL_REASONS:

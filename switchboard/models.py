@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 import msgspec
 
 from protocol.messages import EventProblem, RunRef
-from protocol.spec import JobSpec
+from protocol.spec import JobSpec, Selector
 from protocol.state import Phase
 
 
@@ -313,11 +313,58 @@ class DeviceView(msgspec.Struct):
     holder: str | None = None
     #: Its health-check job that has not ended yet (it serves nothing else until then).
     checking: str | None = None
+    #: The held reservation it belongs to (only jobs naming it are given it).
+    reservation: str | None = None
     first_seen: float = 0.0
     #: The last time its supervisor declared it (its last hello).
     last_declared: float = 0.0
     #: Newest first (only in a single device's view).
     history: list[HealthChange] = []
+
+
+class ReservationView(msgspec.Struct):
+    """A reservation of devices (docs/lab.md): waiting -> held -> released or expired."""
+
+    id: str
+    state: str
+    #: Who asked: the token's name and id.
+    actor: str
+    #: The token that asked (the holder: it, or an operator, may release and extend).
+    owner: str | None
+    count: int
+    #: The devices' class (None: any), and a selector over their labels.
+    class_: str | None = msgspec.field(name="class", default=None)
+    selector: Selector = msgspec.field(default_factory=Selector)
+    priority: int = 0
+    #: How long the lease lasts once granted.
+    duration_s: float = 0.0
+    created_at: float = 0.0
+    refreshed_at: float = 0.0
+    granted_at: float | None = None
+    #: Waiting: when it expires unless refreshed; held: when the lease ends.
+    expires_at: float = 0.0
+    ended_at: float | None = None
+    end_reason: str = ""
+    #: The devices it holds (or held), by id.
+    devices: list[str] = []
+
+
+class ReservationEnded(NamedTuple):
+    """A reservation a sweep ended: its id, the state it ended in, and why."""
+
+    id: str
+    state: str
+    reason: str
+
+
+class ReservationSweep(NamedTuple):
+    """What one pass over the reservations did."""
+
+    ended: list[ReservationEnded]
+    #: (reservation id, seconds it waited) for each granted.
+    granted: list[tuple[str, float]]
+    #: True if a limit cut the pass short (the next pass goes on at once).
+    more: bool
 
 
 class TokenView(msgspec.Struct):
@@ -581,6 +628,9 @@ class PlacementSnapshot(msgspec.Struct, frozen=True):
     devices_free: dict[str, dict[str, int]] = {}
     #: Per supervisor, its devices whose health check may start now.
     checks: dict[str, frozenset[str]] = {}
+    #: Per supervisor, reservation -> {class: its devices there free for a run}
+    #: (scheduler.reserved_devices).
+    devices_reserved: dict[str, dict[str, dict[str, int]]] = {}
 
 
 class ChainPass(NamedTuple):

@@ -57,6 +57,9 @@ class Candidate(msgspec.Struct):
     minor: int = limits.PROTOCOL_MINOR
     #: Its devices whose health check may start now (awaiting_checks).
     checks: frozenset[str] = frozenset()
+    #: Reservation id -> {class: its devices here free for a run} (reserved_devices): a
+    #: job naming the reservation takes these; no other job may.
+    reserved: dict[str, dict[str, int]] = {}
 
 
 class FleetMember(msgspec.Struct):
@@ -106,19 +109,35 @@ def _has_resources(have: dict[str, int], want: dict[str, int]) -> bool:
     return all(have.get(name, 0) >= n for name, n in want.items())
 
 
+def _has_devices(job: QueuedJob, sup: Candidate) -> bool:
+    """A health check needs its device; a job naming a reservation goes only where the
+    reservation holds devices, and takes the classes the reservation holds from it."""
+    if job.device is not None:
+        return job.device in sup.checks
+    reservation = job.spec.reservation
+    if reservation is None:
+        return _has_resources(sup.resources, job.spec.resources)
+    mine = sup.reserved.get(reservation)
+    return mine is not None and _has_resources({**sup.resources, **mine}, job.spec.resources)
+
+
 def _fits(job: QueuedJob, sup: Candidate) -> bool:
-    # Cheapest checks first: this runs for every (job, supervisor) pair in a pass. A health
-    # check goes where its device is, and needs that device only.
+    # Cheapest checks first: this runs for every (job, supervisor) pair in a pass.
     return (
         sup.free > 0
         and job.spec.backend.kind in sup.backends
         and minor_needed(job.spec) <= sup.minor
-        and (
-            job.device in sup.checks
-            if job.device is not None
-            else _has_resources(sup.resources, job.spec.resources)
-        )
+        and _has_devices(job, sup)
         and selector_matches(job.spec.selector, sup.labels)
+    )
+
+
+def _own_copy(sup: Candidate) -> Candidate:
+    """A copy whose counts may be spent without touching the original."""
+    return msgspec.structs.replace(
+        sup,
+        resources=dict(sup.resources),
+        reserved={r: dict(counts) for r, counts in sup.reserved.items()},
     )
 
 
@@ -141,7 +160,11 @@ def plan(
     pool = [s for s in supervisors if s.free > 0]
     copied: set[str] = set()
     taken = set(busy_keys)
-    ranked = sorted(jobs, key=lambda j: (-effective_priority(j, now, aging_s), j.seq))
+    # Jobs naming a reservation skip the queue: its devices wait for them alone.
+    ranked = sorted(
+        jobs,
+        key=lambda j: (j.spec.reservation is None, -effective_priority(j, now, aging_s), j.seq),
+    )
     decisions: list[tuple[str, str]] = []
     for job in ranked:
         if not pool:
@@ -156,7 +179,7 @@ def plan(
         if best.id not in copied:
             copied.add(best.id)
             at = pool.index(best)
-            best = pool[at] = msgspec.structs.replace(best, resources=dict(best.resources))
+            best = pool[at] = _own_copy(best)
         spend(best, job.spec, job.device)
         if best.free <= 0:
             pool.remove(best)
@@ -191,8 +214,10 @@ def spend(supervisor: Candidate, spec: JobSpec, check: str | None = None) -> Non
     if check is not None:
         supervisor.checks = supervisor.checks - {check}
         return
+    mine = supervisor.reserved.get(spec.reservation) if spec.reservation is not None else None
     for name, n in spec.resources.items():
-        supervisor.resources[name] = supervisor.resources.get(name, 0) - n
+        counts = mine if mine is not None and name in mine else supervisor.resources
+        counts[name] = counts.get(name, 0) - n
 
 
 def remaining(
@@ -202,7 +227,7 @@ def remaining(
 ) -> list[Candidate]:
     """Copies of `supervisors` less the slots and resources `decisions` (from `plan` over
     `jobs`) spent: what a further `plan` over more jobs may still use."""
-    pool = {s.id: msgspec.structs.replace(s, resources=dict(s.resources)) for s in supervisors}
+    pool = {s.id: _own_copy(s) for s in supervisors}
     by_id = {job.id: job for job in jobs}
     for job_id, supervisor_id in decisions:
         job = by_id[job_id]
@@ -285,20 +310,35 @@ class LabDevice(msgspec.Struct, frozen=True):
     held: bool = False
     #: It waits for its health check, and serves no other job until that has ended.
     checking: bool = False
+    #: The held reservation it belongs to (its jobs alone may be given it).
+    reserved: str | None = None
+    labels: dict[str, str] = {}
 
 
 def _free(device: LabDevice) -> bool:
+    """May be given a run now (by a job its reservation allows: see grant)."""
     return placeable(device.health) and not device.held and not device.checking
 
 
 def free_devices(devices: Iterable[LabDevice]) -> dict[str, dict[str, int]]:
-    """supervisor id -> {class: devices of it that may be given a run now}; every class a
-    supervisor declares is there, 0 when none is free."""
+    """supervisor id -> {class: devices of it that may be given a run now, reserved ones
+    left out}; every class a supervisor declares is there, 0 when none is free."""
     free: dict[str, dict[str, int]] = {}
     for d in devices:
         counts = free.setdefault(d.supervisor_id, {})
-        counts[d.class_] = counts.get(d.class_, 0) + _free(d)
+        counts[d.class_] = counts.get(d.class_, 0) + (_free(d) and d.reserved is None)
     return free
+
+
+def reserved_devices(devices: Iterable[LabDevice]) -> dict[str, dict[str, dict[str, int]]]:
+    """supervisor id -> reservation id -> {class: its devices there that may be given a
+    run of a job naming it now}; a class it holds is there, 0 when none is free."""
+    found: dict[str, dict[str, dict[str, int]]] = {}
+    for d in devices:
+        if d.reserved is not None:
+            counts = found.setdefault(d.supervisor_id, {}).setdefault(d.reserved, {})
+            counts[d.class_] = counts.get(d.class_, 0) + _free(d)
+    return found
 
 
 def awaiting_checks(devices: Iterable[LabDevice]) -> dict[str, frozenset[str]]:
@@ -306,7 +346,9 @@ def awaiting_checks(devices: Iterable[LabDevice]) -> dict[str, frozenset[str]]:
     held, not in maintenance or retired)."""
     found: dict[str, set[str]] = {}
     for d in devices:
-        if d.checking and not d.held and d.health not in OUT_OF_SERVICE | {"maintenance"}:
+        # A reserved device is its holder's: its check waits for the lease to end.
+        idle = not d.held and d.reserved is None
+        if d.checking and idle and d.health not in OUT_OF_SERVICE | {"maintenance"}:
             found.setdefault(d.supervisor_id, set()).add(d.id)
     return {host: frozenset(ids) for host, ids in found.items()}
 
@@ -316,15 +358,18 @@ def grant(
     devices: Sequence[LabDevice],
     check: str | None = None,
     avoid: AbstractSet[str] = frozenset(),
+    reservation: str | None = None,
 ) -> list[str] | None:
     """The devices to give a run wanting `wanted` ({class: count}) on a supervisor whose
     inventory is `devices`: for each class it declares devices of, that many free ones
     (lowest ids first, so decisions are reproducible, those in `avoid` last: the job's
     previous run was refused with them, e.g. one was unplugged); classes it declares none
     of are not granted by name. A health check (`check`: the device it checks) gets that
-    device alone, whatever its health. None if they are not free now."""
+    device alone, whatever its health. A device a reservation holds goes only to a job
+    naming it (`reservation`), which takes the classes its reservation holds from it and
+    no other device of them. None if they are not free now."""
     if check is not None:
-        mine = [d for d in devices if d.id == check and not d.held]
+        mine = [d for d in devices if d.id == check and not d.held and d.reserved is None]
         return [check] if mine else None
     chosen: list[str] = []
     for cls, n in sorted(wanted.items()):
@@ -333,7 +378,9 @@ def grant(
         )
         if not of_class:
             continue
-        free = [d.id for d in of_class if _free(d)]
+        mine = [d for d in of_class if reservation is not None and d.reserved == reservation]
+        pool = mine or [d for d in of_class if d.reserved is None]
+        free = [d.id for d in pool if _free(d)]
         if len(free) < n:
             return None
         chosen += free[:n]
@@ -376,3 +423,69 @@ def device_refusal(
         return None
     wanted = ", ".join(f"{n} {cls!r}" for cls, n in sorted(spec.resources.items()))
     return f"no supervisor has {wanted} device(s) that are not retired"
+
+
+# --- reservations (docs/lab.md) ----------------------------------------------------------
+
+
+class ReservationWanted(msgspec.Struct, frozen=True):
+    """What a waiting reservation asks for: `count` devices of `class_` (None: any class)
+    whose labels satisfy `selector`."""
+
+    id: str
+    count: int
+    class_: str | None = None
+    selector: Selector = msgspec.field(default_factory=Selector)
+    priority: int = 0
+    created_at: float = 0.0
+
+
+def _reservable(d: LabDevice) -> bool:
+    return _free(d) and d.reserved is None
+
+
+def reservation_matches(wanted: ReservationWanted, device: LabDevice) -> bool:
+    """The device is of the class and labels the reservation asks for (free or not)."""
+    return (wanted.class_ is None or device.class_ == wanted.class_) and selector_matches(
+        wanted.selector, device.labels
+    )
+
+
+def grant_reservations(
+    waiting: Sequence[ReservationWanted], devices: Sequence[LabDevice]
+) -> list[tuple[str, list[str]]]:
+    """(reservation id, its devices) for the waiting reservations that may be granted now:
+    considered by (-priority, created_at), each granted all the devices it asks for (the
+    lowest free ids that match) or none, never some: a reservation that can't have all
+    of them waits, holding nothing. The inputs are not modified."""
+    taken: set[str] = set()
+    granted = []
+    for wanted in sorted(waiting, key=lambda w: (-w.priority, w.created_at, w.id)):
+        free = sorted(
+            d.id
+            for d in devices
+            if d.id not in taken and _reservable(d) and reservation_matches(wanted, d)
+        )
+        if len(free) >= wanted.count:
+            chosen = free[: wanted.count]
+            taken.update(chosen)
+            granted.append((wanted.id, chosen))
+    return granted
+
+
+def reservation_refusal(wanted: ReservationWanted, devices: Sequence[LabDevice]) -> str | None:
+    """Why no inventory could serve a reservation (refused when asked: 400), or None.
+    Devices that are bad or in maintenance count (an operator may bring them back)."""
+    classes = {d.class_ for d in devices}
+    if wanted.class_ is not None and wanted.class_ not in classes:
+        known = ", ".join(sorted(classes)) or "none"
+        return f"no device of class {wanted.class_!r} is in the lab (its classes: {known})"
+    serving = [
+        d for d in devices if d.health not in OUT_OF_SERVICE and reservation_matches(wanted, d)
+    ]
+    if len(serving) < wanted.count:
+        what = f"of class {wanted.class_!r}" if wanted.class_ else "in the lab"
+        if wanted.selector.match_labels or wanted.selector.match_expressions:
+            what += f" matching {describe_selector(wanted.selector)}"
+        return f"{wanted.count} device(s) asked for, but only {len(serving)} {what} are not retired"
+    return None

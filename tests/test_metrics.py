@@ -79,6 +79,9 @@ SWITCHBOARD_METRICS = {
     "switchboard_device_health_changes_total": "counter",
     "switchboard_device_declarations_refused_total": "counter",
     "switchboard_health_checks_total": "counter",
+    "switchboard_reservations": "gauge",
+    "switchboard_reservation_wait_seconds": "histogram",
+    "switchboard_reservation_refusals_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -86,7 +89,10 @@ LABEL_VALUES: dict[str, set[str]] = {
     "via": {"grace_period", "reconcile", "events", "submission", "pass", "placement", "status"},
     "stream": set(STREAMS),
     "phase": {p.value for p in Phase},
-    "state": {"ready", "backoff", "unschedulable", "connected", "draining"},
+    "state": {
+        *("ready", "backoff", "unschedulable", "connected", "draining"),
+        *("waiting", "held", "released", "expired"),
+    },
     "backend": {*BACKEND_KINDS, "other"},
     "outcome": _OUTCOMES | {"other", "kept", "refused", "not_uploaded", "invalid_path", "resolved"},
     "kind": {k.value for k in JobErrorKind},
@@ -127,6 +133,7 @@ LABEL_VALUES: dict[str, set[str]] = {
         "wait_too_long",
         "too_many_ids",
         "no_ids",
+        "forbidden",
     },
     "route": {"live", "follow", "events"},
     "health": set(HEALTH_STATES),

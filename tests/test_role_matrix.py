@@ -80,6 +80,16 @@ EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     ("GET", "/api/v1/devices"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("GET", "/api/v1/devices/{device_id}"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("PUT", "/api/v1/devices/{device_id}/health"): frozenset({ADMIN, OPERATOR}),
+    # reservations of devices: whoever submits jobs reserves; on a reservation another
+    # token (the admin's) holds, only an operator acts (its holder may: test_lab_reservations)
+    ("POST", "/api/v1/reservations"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
+    ("GET", "/api/v1/reservations"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("GET", "/api/v1/reservations/{reservation_id}"): frozenset(
+        {ADMIN, OPERATOR, SUBMITTER, VIEWER}
+    ),
+    ("DELETE", "/api/v1/reservations/{reservation_id}"): frozenset({ADMIN, OPERATOR}),
+    ("POST", "/api/v1/reservations/{reservation_id}/refresh"): frozenset({ADMIN, OPERATOR}),
+    ("POST", "/api/v1/reservations/{reservation_id}/extend"): frozenset({ADMIN, OPERATOR}),
     # tokens
     ("GET", "/api/v1/tokens"): frozenset({ADMIN}),
     ("POST", "/api/v1/tokens"): frozenset({ADMIN}),
@@ -170,6 +180,17 @@ class World:
     def tokens(self) -> list[dict[str, Any]]:
         return self.admin.get("/api/v1/tokens").json()
 
+    def reservations(self, tag: str) -> list[str]:
+        """The open reservations a cell tagged `tag` made."""
+        return [
+            r["id"]
+            for r in self.admin.get("/api/v1/reservations").json()
+            if tag in str(r["selector"])
+        ]
+
+    def release(self, reservation_id: str) -> None:
+        self.admin.delete(f"/api/v1/reservations/{reservation_id}")
+
     def paused(self) -> bool:
         return self.admin.get("/api/v1/dispatch").json()["paused"]
 
@@ -259,6 +280,32 @@ class World:
                 )
             case "GET", "/api/v1/devices/{device_id}":
                 return Call(template.replace("{device_id}", DEVICE_ID))
+            case "POST", "/api/v1/reservations":
+                return Call(
+                    template,
+                    json=_reservation(tag),
+                    state=lambda: self.reservations(tag),
+                    cleanup=[lambda: [self.release(r) for r in self.reservations(tag)]],
+                )
+            case "GET", "/api/v1/reservations":
+                return Call(template)
+            case _ if template.startswith("/api/v1/reservations/{reservation_id}"):
+                made = self.admin.post("/api/v1/reservations", json=_reservation(tag))
+                assert made.status_code == 201, made.text
+                reservation = made.json()["id"]
+                path = f"/api/v1/reservations/{reservation}"
+                return Call(
+                    template.replace("{reservation_id}", reservation),
+                    json={"by_s": 60} if template.endswith("/extend") else None,
+                    state=None
+                    if method == "GET"
+                    else lambda: {
+                        k: v
+                        for k, v in self.admin.get(path).json().items()
+                        if k in ("state", "refreshed_at", "duration_s", "expires_at")
+                    },
+                    cleanup=[lambda: self.release(reservation)],
+                )
             case "POST", "/api/v1/tokens":
                 return Call(
                     template,
@@ -319,6 +366,12 @@ class World:
         # Everything else only reads: the shared ended job (so a follow ends at once) and
         # the shared supervisor record.
         return Call(sup if "{supervisor_id}" in template else job)
+
+
+def _reservation(tag: str) -> dict[str, Any]:
+    """A reservation of the matrix's device, told apart by its selector."""
+    expression = {"key": "matrix", "operator": "NotIn", "values": [tag]}
+    return {"class": "simboard", "selector": {"match_expressions": [expression]}, "for_s": 60}
 
 
 def _spec(tag: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from protocol.spec import JobSpec
 from protocol.state import TERMINAL, Phase
 from switchboard import metrics
 from switchboard.api.errors import ApiError, error_responses, invalid_spec
+from switchboard.api.reservations import refuse as refuse_reservation
 from switchboard.api.security import actor, require
 from switchboard.auth import Permission, allows
 from switchboard.ids import new_job_id
@@ -181,6 +182,26 @@ async def _check_devices(state: AppState, specs: list[JobSpec], batch: bool) -> 
             raise ApiError(400, "unsatisfiable", f"{field}: {reason}", field)
 
 
+async def _check_reservations(
+    state: AppState, specs: list[JobSpec], request: Request, batch: bool
+) -> None:
+    """A job naming a reservation must name one not ended, that the submitting token
+    holds (or the token is an operator's): only its holder's jobs run on its devices."""
+    token = request.state.token
+    for index, spec in enumerate(specs):
+        if spec.reservation is None:
+            continue
+        field = f"[{index}].reservation" if batch else "reservation"
+        found = await state.store.get_reservation(spec.reservation)
+        if found is None or found.state not in ("waiting", "held"):
+            why = "is unknown" if found is None else f"has {found.state}"
+            raise refuse_reservation(400, f"{field}: reservation {spec.reservation} {why}", field)
+        if found.owner != token.id and not allows(token.role, Permission.OPERATE):
+            raise refuse_reservation(
+                403, f"{field}: reservation {spec.reservation} is held by {found.actor}", field
+            )
+
+
 async def _queue(
     state: AppState, specs: list[JobSpec], request: Request, *, batch: bool = False
 ) -> list[Submitted]:
@@ -191,6 +212,7 @@ async def _queue(
     for index, (_, spec) in enumerate(jobs):
         _check_size(spec, f"[{index}]." if batch else "")
     await _check_devices(state, [spec for _, spec in jobs], batch)
+    await _check_reservations(state, [spec for _, spec in jobs], request, batch)
     token = request.state.token
     try:
         made = await state.dispatcher.submit(

@@ -17,6 +17,8 @@ from switchboard.metrics import (
     QUEUE_DEPTH,
     QUEUE_STATES,
     REGISTRY,
+    RESERVATION_STATES,
+    RESERVATIONS,
     SUPERVISORS_CONNECTED,
 )
 from switchboard.state import app_state
@@ -68,6 +70,13 @@ async def refresh(store: Store, hub: Hub) -> None:
             DEVICES.clear()  # a class may have left the lab
             for (health, cls), n in devices.items():
                 DEVICES.labels(health, cls).set(n)
+        try:
+            reservations = await store.reservation_counts()
+        except Exception:
+            log.exception("metrics: reading the reservation counts from the store failed")
+        else:
+            for state in RESERVATION_STATES:
+                RESERVATIONS.labels(state).set(reservations.get(state, 0))
     draining = sum(1 for i in hub.connected_ids() if i in _drained)
     SUPERVISORS_CONNECTED.labels("connected").set(hub.connected_count() - draining)
     SUPERVISORS_CONNECTED.labels("draining").set(draining)

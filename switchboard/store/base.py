@@ -44,6 +44,8 @@ from switchboard.models import (
     PlacementSnapshot,
     QueuedJob,
     ReportStatus,
+    ReservationSweep,
+    ReservationView,
     RunFile,
     RunFiles,
     Submitted,
@@ -54,7 +56,7 @@ from switchboard.models import (
     TestResult,
     TokenView,
 )
-from switchboard.scheduler import LabDevice
+from switchboard.scheduler import LabDevice, ReservationWanted
 
 
 class Store(abc.ABC):
@@ -455,6 +457,58 @@ class Store(abc.ABC):
         an infrastructure error since their health was set: lost with their host, or
         refused because their supervisor could not give them the device; the ids of those
         changed."""
+
+    # reservations of devices (docs/lab.md)
+    @abc.abstractmethod
+    async def create_reservation(
+        self,
+        reservation_id: str,
+        wanted: ReservationWanted,
+        duration_s: float,
+        owner: str | None,
+        actor: str,
+        ttl_s: float,
+    ) -> ReservationView | str:
+        """A new waiting reservation by token `owner`, expiring `ttl_s` from now unless
+        refreshed; why not (a string) if no inventory could ever serve it
+        (scheduler.reservation_refusal)."""
+
+    @abc.abstractmethod
+    async def get_reservation(self, reservation_id: str) -> ReservationView | None:
+        """A reservation, whatever its state."""
+
+    @abc.abstractmethod
+    async def list_reservations(self, owner: str | None = None) -> list[ReservationView]:
+        """The reservations not ended (those of one token), oldest first."""
+
+    @abc.abstractmethod
+    async def refresh_reservation(
+        self, reservation_id: str, ttl_s: float
+    ) -> ReservationView | None:
+        """Its client is still there: a waiting one expires `ttl_s` from now."""
+
+    @abc.abstractmethod
+    async def extend_reservation(
+        self, reservation_id: str, by_s: float, max_s: float
+    ) -> ReservationView | str | None:
+        """Lengthen its lease by `by_s`, never past `max_s` from its grant (why not: a
+        string); None if unknown."""
+
+    @abc.abstractmethod
+    async def release_reservation(self, reservation_id: str, why: str) -> ReservationView | None:
+        """Release it now: its devices are free, queued jobs naming it are canceled.
+        Counted as a supervisor write: what may be placed where changes."""
+
+    @abc.abstractmethod
+    async def sweep_reservations(self, limit: int) -> ReservationSweep:
+        """One pass, at most `limit` of each kind: expire the waiting reservations not
+        refreshed in time and the leases that ended, release those whose token was
+        revoked, grant the waiting ones that may have all their devices now (all or
+        none). Writes nothing when there is nothing to do."""
+
+    @abc.abstractmethod
+    async def reservation_counts(self) -> dict[str, int]:
+        """state -> how many reservations."""
 
     @abc.abstractmethod
     def apply_events(

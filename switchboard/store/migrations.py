@@ -111,11 +111,61 @@ CREATE INDEX IF NOT EXISTS device_checks_pending ON device_checks (device_id) WH
 """
 
 
-def _hardware_lab(conn: sqlite3.Connection) -> None:
-    # One statement at a time: executescript would commit the step's transaction first.
-    for statement in HARDWARE_LAB.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+#: Version 9: reservations of the lab's devices, with leases (docs/lab.md).
+RESERVATIONS = """
+-- A reservation of devices: `state` waiting -> held -> released or expired. `expires_at`:
+-- while waiting, when it expires unless its client refreshes it, while held, when its
+-- lease ends. `owner`: the token that asked (its revocation releases the reservation).
+CREATE TABLE IF NOT EXISTS reservations (
+    id TEXT PRIMARY KEY,
+    owner TEXT,
+    actor TEXT NOT NULL,
+    class TEXT,
+    selector TEXT NOT NULL DEFAULT '{}',
+    count INTEGER NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    duration_s REAL NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    refreshed_at REAL NOT NULL,
+    granted_at REAL,
+    expires_at REAL NOT NULL,
+    ended_at REAL,
+    end_reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS reservations_open ON reservations (state, expires_at)
+    WHERE state IN ('waiting', 'held');
+-- The devices a reservation was granted (it holds them while its state is 'held').
+CREATE TABLE IF NOT EXISTS reservation_devices (
+    reservation_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (reservation_id, device_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reservation_devices_by_device
+    ON reservation_devices (device_id, reservation_id);
+-- Queued jobs naming a reservation (the spec's `reservation`, copied): canceled when it ends.
+CREATE INDEX IF NOT EXISTS jobs_queued_by_reservation ON jobs (reservation)
+    WHERE reservation IS NOT NULL AND phase = 'queued';
+"""
+
+
+def _reservations(conn: sqlite3.Connection) -> None:
+    # (Added only where missing: a database dressed up as an older one by a test has it.)
+    if "reservation" not in {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}:
+        conn.execute("ALTER TABLE jobs ADD COLUMN reservation TEXT")
+    _statements(RESERVATIONS)(conn)
+
+
+def _statements(script: str) -> Callable[[sqlite3.Connection], None]:
+    """A step running `script`'s statements (no `;` inside its comments)."""
+
+    def apply(conn: sqlite3.Connection) -> None:
+        # One statement at a time: executescript would commit the step's transaction first.
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+
+    return apply
 
 
 #: Every step past the baseline, in order: MIGRATIONS[i] reaches BASELINE_VERSION + i + 1.
@@ -124,8 +174,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         7, "jobs.waiting_for: chained jobs wait for the job they take files from", _chained_jobs
     ),
     Migration(
-        8, "the hardware lab: devices, their health history, checks, runs' devices", _hardware_lab
+        8,
+        "the hardware lab: devices, their health history, checks, runs' devices",
+        _statements(HARDWARE_LAB),
     ),
+    Migration(9, "reservations of devices, with leases; jobs.reservation", _reservations),
 )
 
 #: The oldest version an upgrade reaches; an older file must be made again.

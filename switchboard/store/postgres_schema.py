@@ -90,6 +90,39 @@ CREATE TABLE device_checks (
 CREATE INDEX device_checks_pending ON device_checks (device_id) WHERE result IS NULL;
 """,
     ),
+    (
+        9,
+        """
+CREATE TABLE reservations (
+    id TEXT PRIMARY KEY,
+    owner TEXT,
+    actor TEXT NOT NULL,
+    class TEXT,
+    selector JSONB NOT NULL DEFAULT '{}',
+    count INTEGER NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    duration_s DOUBLE PRECISION NOT NULL,
+    state TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    refreshed_at DOUBLE PRECISION NOT NULL,
+    granted_at DOUBLE PRECISION,
+    expires_at DOUBLE PRECISION NOT NULL,
+    ended_at DOUBLE PRECISION,
+    end_reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX reservations_open ON reservations (state, expires_at)
+    WHERE state IN ('waiting', 'held');
+CREATE TABLE reservation_devices (
+    reservation_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (reservation_id, device_id)
+);
+CREATE INDEX reservation_devices_by_device ON reservation_devices (device_id, reservation_id);
+ALTER TABLE jobs ADD COLUMN reservation TEXT;
+CREATE INDEX jobs_queued_by_reservation ON jobs (reservation)
+    WHERE reservation IS NOT NULL AND phase = 'queued';
+""",
+    ),
 )
 
 SCHEMA = f"""

@@ -50,6 +50,8 @@ from switchboard.models import (
     PlacementSnapshot,
     QueuedJob,
     ReportStatus,
+    ReservationSweep,
+    ReservationView,
     RunFile,
     RunFiles,
     Submitted,
@@ -67,6 +69,7 @@ from switchboard.store import sqlite_devices as lab
 from switchboard.store import sqlite_files as files
 from switchboard.store import sqlite_output as output
 from switchboard.store import sqlite_placement as placement
+from switchboard.store import sqlite_reservations as reservations
 from switchboard.store import sqlite_retention as retention
 from switchboard.store import sqlite_runs as runs
 from switchboard.store import sqlite_supervisors as supervisors
@@ -337,6 +340,7 @@ class SQLiteStore(Store):
                     next_backoff_end=placement.next_backoff_end(conn),
                     devices_free=scheduler.free_devices(devices),
                     checks=scheduler.awaiting_checks(devices),
+                    devices_reserved=scheduler.reserved_devices(devices),
                 )
             finally:
                 conn.execute("COMMIT")
@@ -635,6 +639,68 @@ class SQLiteStore(Store):
             return []
         now = time.time()
         return await self._write_supervisor(lambda conn: lab.runs_lost(conn, now))
+
+    # --- reservations of devices --------------------------------------------------------
+
+    async def create_reservation(
+        self,
+        reservation_id: str,
+        wanted: scheduler.ReservationWanted,
+        duration_s: float,
+        owner: str | None,
+        actor: str,
+        ttl_s: float,
+    ) -> ReservationView | str:
+        now = time.time()
+
+        def write(conn: sqlite3.Connection) -> ReservationView | str:
+            refusal = scheduler.reservation_refusal(wanted, lab.lab_devices(conn))
+            if refusal is not None:
+                return refusal
+            return reservations.create(
+                conn, reservation_id, wanted, duration_s, owner, actor, ttl_s, now
+            )
+
+        return await self._write(write)
+
+    async def get_reservation(self, reservation_id: str) -> ReservationView | None:
+        return await self._read(lambda conn: reservations.get(conn, reservation_id))
+
+    async def list_reservations(self, owner: str | None = None) -> list[ReservationView]:
+        return await self._read(lambda conn: reservations.list_open(conn, owner))
+
+    async def refresh_reservation(
+        self, reservation_id: str, ttl_s: float
+    ) -> ReservationView | None:
+        now = time.time()
+        return await self._write(
+            lambda conn: reservations.refresh(conn, reservation_id, ttl_s, now)
+        )
+
+    async def extend_reservation(
+        self, reservation_id: str, by_s: float, max_s: float
+    ) -> ReservationView | str | None:
+        now = time.time()
+        return await self._write(
+            lambda conn: reservations.extend(conn, reservation_id, by_s, max_s, now)
+        )
+
+    async def release_reservation(self, reservation_id: str, why: str) -> ReservationView | None:
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: reservations.release(conn, reservation_id, why, now)
+        )
+
+    async def sweep_reservations(self, limit: int) -> ReservationSweep:
+        now, checked = time.time(), self.checked_classes
+        if not await self._read(lambda conn: reservations.sweep_due(conn, now, checked)):
+            return ReservationSweep([], [], False)
+        return await self._write_supervisor(
+            lambda conn: reservations.sweep(conn, now, limit, checked)
+        )
+
+    async def reservation_counts(self) -> dict[str, int]:
+        return await self._read(reservations.counts)
 
     # --- the dashboard's views -------------------------------------------------------
 

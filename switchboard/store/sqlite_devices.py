@@ -29,6 +29,12 @@ log = logging.getLogger("switchboard.store")
 #: Health changes one device's view shows (newest first).
 HISTORY_SHOWN = 100
 
+#: Held reservations' devices: device id -> reservation id.
+_RESERVED = (
+    "SELECT rd.device_id, rd.reservation_id FROM reservation_devices rd"
+    " JOIN reservations r ON r.id = rd.reservation_id WHERE r.state = 'held'"
+)
+
 #: The run holding each device now (an active run among those it was granted to).
 _HOLDERS = (
     "SELECT rd.device_id, rd.job_id || '#' || rd.attempt FROM run_devices rd"
@@ -157,7 +163,9 @@ _COLUMNS = (
 )
 
 
-def _view(row: tuple, holders: dict[str, str], checks: dict[str, str]) -> DeviceView:
+def _view(
+    row: tuple, holders: dict[str, str], checks: dict[str, str], reserved: dict[str, str]
+) -> DeviceView:
     return DeviceView(
         id=row[0],
         class_=row[1],
@@ -173,6 +181,7 @@ def _view(row: tuple, holders: dict[str, str], checks: dict[str, str]) -> Device
         check_job=row[11],
         holder=holders.get(row[0]),
         checking=checks.get(row[0]),
+        reservation=reserved.get(row[0]),
         first_seen=row[12],
         last_declared=row[13],
     )
@@ -205,7 +214,8 @@ def list_devices(
     rows = conn.execute(f"SELECT {_COLUMNS} FROM devices{where} ORDER BY id", args).fetchall()
     holders = _holders(conn) if rows else {}
     checks = _pending_checks(conn) if rows else {}
-    return [_view(row, holders, checks) for row in rows]
+    reserved = dict(conn.execute(_RESERVED).fetchall()) if rows else {}
+    return [_view(row, holders, checks, reserved) for row in rows]
 
 
 def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceView | None:
@@ -213,7 +223,8 @@ def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceView | None:
     if row is None:
         return None
     holder = conn.execute(_HOLDERS + " AND rd.device_id = ?", (*ACTIVE_PHASES, device_id))
-    view = _view(row, dict(holder.fetchall()), _pending_checks(conn, device_id))
+    reserved = dict(conn.execute(_RESERVED + " AND rd.device_id = ?", (device_id,)).fetchall())
+    view = _view(row, dict(holder.fetchall()), _pending_checks(conn, device_id), reserved)
     changes = conn.execute(
         "SELECT at, health_to, actor, reason, health_from, job_id FROM device_health_history"
         " WHERE device_id = ? ORDER BY seq DESC LIMIT ?",
@@ -238,17 +249,27 @@ def lab_devices(
     class (one with a health check) whose health is unknown waits for its check, whether
     or not its check job has been queued yet."""
     where, args = ("WHERE supervisor_id = ?", [supervisor_id]) if supervisor_id else ("", [])
-    rows = conn.execute(f"SELECT id, supervisor_id, class, health FROM devices {where}", args)
+    rows = conn.execute(
+        f"SELECT id, supervisor_id, class, health, labels FROM devices {where}", args
+    )
     devices = rows.fetchall()
     if not devices:
         return []
     held = _holders(conn)
     checking = {row[0] for row in conn.execute(_CHECKING)}
+    reserved = dict(conn.execute(_RESERVED).fetchall())
     return [
         scheduler.LabDevice(
-            i, s, c, h, i in held, i in checking or (c in checked and h == "unknown")
+            i,
+            s,
+            c,
+            h,
+            i in held,
+            i in checking or (c in checked and h == "unknown"),
+            reserved.get(i),
+            json.loads(labels),
         )
-        for i, s, c, h in devices
+        for i, s, c, h, labels in devices
     ]
 
 
@@ -284,7 +305,7 @@ def grant(
         (job_id, attempt - 1),
     )
     avoid = {row[0] for row in before}
-    chosen = scheduler.grant(spec.resources, devices, checks, avoid)
+    chosen = scheduler.grant(spec.resources, devices, checks, avoid, spec.reservation)
     if chosen is None:
         return None
     conn.executemany(

@@ -147,8 +147,8 @@ def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str, owner: str | 
             stops.append(RunOnSupervisor(holder, result.attempt, result.supervisor_id))
     conn.execute(
         "INSERT INTO jobs (id, name, spec, phase, priority, labels, resources, concurrency_key,"
-        " timeout_s, queued_at, queue_deadline, reason, created_at, updated_at, owner)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " timeout_s, queued_at, queue_deadline, reason, created_at, updated_at, owner,"
+        " reservation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             job_id,
             spec.name,
@@ -165,6 +165,7 @@ def _insert_job(conn: sqlite3.Connection, job: NewJob, actor: str, owner: str | 
             now,
             now,
             owner,
+            spec.reservation,
         ),
     )
     if job.sealed is not None and start.keep_secrets:
