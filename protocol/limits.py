@@ -39,6 +39,10 @@ DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$(?!\n)"
 INPUT_PATH_PATTERN = (
     r"^(?!(?:.*/)?\.{1,2}(?![^/]))(?!.*//)[A-Za-z0-9._+-][A-Za-z0-9._+/-]{0,255}$(?!\n)"
 )
+#: The digest of no bytes at all. An upload can't carry an empty file (a piece has at
+#: least one byte): a switchboard always holds this artifact instead, so a supervisor
+#: lists an empty output file under it without uploading anything.
+EMPTY_DIGEST = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 #: Most inputs one job may name.
 MAX_INPUTS = 64
 #: Output globs (relative to the run's output directory): components of letters, digits,

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from protocol.limits import EMPTY_DIGEST
 from protocol.spec import DockerBackend, JobSpec, WasmBackend
 from switchboard import datadir
 from switchboard.disk_writes import ThreadedWriter
@@ -56,6 +57,9 @@ class ArtifactFiles:
         self.root = root
         datadir.private_dir(root)
         datadir.private_dir(root / "sha256")  # files in it are made 0600 (mkstemp)
+        # The artifact of no bytes is always there (empty output files are listed under
+        # it, never uploaded; the store holds its row from migration 10 on).
+        datadir.private_file(self.path(EMPTY_DIGEST))
 
     def path(self, digest: str) -> Path:
         algorithm, _, hexdigest = digest.partition(":")

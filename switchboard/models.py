@@ -554,7 +554,8 @@ class ArtifactAdded(msgspec.Struct, frozen=True):
 
 class ArtifactDeleted(msgspec.Struct, frozen=True):
     """What a delete found: "deleted", "absent", "in_use" (refused: `needed_by` names
-    jobs that have not ended and name it), or "used_lately" (retention's delete only)."""
+    jobs that have not ended and name it), "always_kept" (the empty artifact, refused), or
+    "used_lately" (retention's delete only)."""
 
     outcome: str
     needed_by: list[str] = []

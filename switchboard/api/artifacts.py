@@ -131,6 +131,10 @@ class ArtifactController(Controller):
                 f"role {token.role!r} may delete only artifacts its own token uploaded",
             )
         deleted = await state.store.delete_artifact(digest)
+        if deleted.outcome == "always_kept":
+            message = f"artifact {digest} holds no bytes: it is always kept (empty files)"
+            _refused("in_use", f"delete refused: {message}")
+            raise ApiError(409, "artifact_in_use", message)
         if deleted.outcome == "in_use":
             jobs = ", ".join(deleted.needed_by)
             message = (

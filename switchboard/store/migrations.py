@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.limits import EMPTY_DIGEST
 from switchboard import datadir
 from switchboard.store import schema
 from switchboard.store.schema import BASELINE_VERSION, SCHEMA_VERSION, SchemaMismatch
@@ -168,6 +169,15 @@ def _statements(script: str) -> Callable[[sqlite3.Connection], None]:
     return apply
 
 
+def _empty_artifact(conn: sqlite3.Connection) -> None:
+    # The artifact of no bytes, always stored: an empty output file is listed under it,
+    # never uploaded (protocol.limits.EMPTY_DIGEST). Its file: artifacts.ArtifactFiles.
+    conn.execute(
+        "INSERT OR IGNORE INTO artifacts (digest, size, created_at) VALUES (?, 0, ?)",
+        (EMPTY_DIGEST, time.time()),
+    )
+
+
 #: Every step past the baseline, in order: MIGRATIONS[i] reaches BASELINE_VERSION + i + 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -179,6 +189,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _statements(HARDWARE_LAB),
     ),
     Migration(9, "reservations of devices, with leases; jobs.reservation", _reservations),
+    Migration(10, "the empty artifact, always stored (empty output files)", _empty_artifact),
 )
 
 #: The oldest version an upgrade reaches; an older file must be made again.

@@ -51,21 +51,21 @@ class PostgresEngine:
         self._write_listeners: list[Callable[[], None]] = []
 
     async def open(self) -> None:
-        """Connect, then create the schema or check its version (store/postgres_schema)."""
-        pool = await asyncpg.create_pool(
+        """Create the schema or check its version (store/postgres_schema), then connect
+        the pool. The schema is made on a connection of its own, without the pool's
+        statement timeout: creating it may take longer than any one request should."""
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await apply_schema(conn)
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
             self.dsn,
             min_size=self._min,
             max_size=self._max,
             command_timeout=self._timeout,
             server_settings={"statement_timeout": str(int(self._timeout * 1000))},
         )
-        try:
-            async with pool.acquire() as conn:
-                await apply_schema(conn)
-        except BaseException:
-            await pool.close()
-            raise
-        self._pool = pool
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from protocol.limits import EMPTY_DIGEST
 from switchboard.store.schema import (
     BASELINE_VERSION,
     SCHEMA_VERSION,
@@ -122,6 +123,11 @@ ALTER TABLE jobs ADD COLUMN reservation TEXT;
 CREATE INDEX jobs_queued_by_reservation ON jobs (reservation)
     WHERE reservation IS NOT NULL AND phase = 'queued';
 """,
+    ),
+    (
+        10,
+        "INSERT INTO artifacts (digest, size, created_at)"
+        f" VALUES ('{EMPTY_DIGEST}', 0, extract(epoch FROM now())) ON CONFLICT DO NOTHING;",
     ),
 )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
+from protocol.limits import EMPTY_DIGEST
 from switchboard.models import ArtifactAdded, ArtifactDeleted, ArtifactView
 from switchboard.store.schema import TERMINAL_LITERALS, TERMINAL_PHASES, TERMINAL_SQL
 
@@ -68,6 +69,8 @@ _UNUSED_SINCE = (
     f" AND (j.phase NOT IN ({TERMINAL_LITERALS})"
     " OR j.updated_at >= :since))"
     " AND NOT EXISTS (SELECT 1 FROM run_files rf WHERE rf.digest = a.digest)"
+    # The empty artifact is always kept (protocol.limits.EMPTY_DIGEST; migration 10).
+    f" AND a.digest != '{EMPTY_DIGEST}'"
 )
 
 
@@ -89,6 +92,8 @@ def delete_artifact(
     since then)."""
     if get_artifact(conn, digest) is None:
         return ArtifactDeleted("absent")
+    if digest == EMPTY_DIGEST:
+        return ArtifactDeleted("always_kept")
     needed_by = _needed_by(conn, digest)
     if needed_by:
         return ArtifactDeleted("in_use", needed_by)
