@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from protocol import codec
+from protocol.limits import EMPTY_DIGEST
 from protocol.messages import (
     Ack,
     Event,
@@ -377,7 +378,8 @@ async def _follow_and_download(switchboard: Switchboard, tmp_path: Path) -> None
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(SPEC))
     out = tmp_path / "files"
-    files = {"reports/junit.xml": JUNIT, "out.bin": os.urandom(1000)}
+    # An empty file is listed under the digest of no bytes, never uploaded.
+    files = {"reports/junit.xml": JUNIT, "out.bin": os.urandom(1000), "empty.log": b""}
     connection = ("--url", switchboard.url, "--token", switchboard.admin_token)
     async with ScriptedSupervisor(switchboard, "files-3") as sup:
         cli = await asyncio.create_subprocess_exec(
@@ -393,7 +395,8 @@ async def _follow_and_download(switchboard: Switchboard, tmp_path: Path) -> None
         key = {"job_id": start.job_id, "attempt": start.attempt}
         await sup.send(lambda s: JobStateChanged(seq=s, phase=Phase.RUNNING, **key))
         listed = [
-            OutputFile(path=p, size=len(d), digest=await sup.upload(d)) for p, d in files.items()
+            OutputFile(path=p, size=len(d), digest=await sup.upload(d) if d else EMPTY_DIGEST)
+            for p, d in files.items()
         ]
         await sup.send(lambda s: JobFiles(seq=s, files=listed, **key))
         await sup.send(lambda s: JobExit(seq=s, exit_code=0, **key))
@@ -408,7 +411,7 @@ async def _follow_and_download(switchboard: Switchboard, tmp_path: Path) -> None
         assert (out / path).read_bytes() == data
     shown = run_cli(*("-m", "switchboard", "job", "show", start.job_id, *connection))
     text = shown.stdout.decode()
-    assert "files of run 1: 2 kept" in text and "tests: 3" in text, text
+    assert "files of run 1: 3 kept" in text and "tests: 3" in text, text
 
 
 def test_retention_keeps_a_kept_file_until_its_job_goes(tmp_path):
