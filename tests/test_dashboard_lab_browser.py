@@ -4,7 +4,8 @@ real switchboard and two real supervisors whose config files declare simulated b
 its history and the operators' health control, following changes live without a reload,
 and the devices on the supervisor and job pages.
 
-Screenshots (list and device page, at 1280 px and 375 px) go to $TEST_ARTIFACTS."""
+Screenshots (list and device page at 1280 px and 375 px, a supervisor's and a job's page
+with their devices) go to $TEST_ARTIFACTS."""
 
 from __future__ import annotations
 
@@ -193,6 +194,7 @@ def test_supervisor_and_job_pages_show_their_devices(open_dashboard, lab, tokens
     card = page.locator("#supervisor-devices")
     expect(card.locator("tr[data-device=nrf-1] [data-health]")).to_have_text("unknown")
     expect(card.locator("tr[data-device]")).to_have_count(1)
+    tab.screenshot("supervisor-devices.png")
     tab.go("#/devices")
     holder = page.locator("#devices-table tr[data-device=nrf-1] .col-holder")
     expect(holder).to_have_text("—")
@@ -214,6 +216,7 @@ def test_supervisor_and_job_pages_show_their_devices(open_dashboard, lab, tokens
     tab.go(f"#/jobs/{job_id}")
     expect(page.locator("#job-facts [data-fact=devices] a")).to_have_text("nrf-1")
     expect(page.locator("#job-runs .run-devices a")).to_have_attribute("href", "#/devices/nrf-1")
+    tab.screenshot("job-devices.png")
     page.click("#job-facts [data-fact=devices] a")
     expect(page.locator("#device-facts [data-fact=host]")).to_have_text("nrf-host")
 
