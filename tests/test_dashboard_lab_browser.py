@@ -28,6 +28,8 @@ pytestmark = pytest.mark.browser
 browser = dashboard.browser
 open_dashboard = dashboard.open_dashboard
 PHONE = dashboard.PHONE
+#: What a change may take to show live (the feed looks at devices at most once a second).
+LIVE_MS = dashboard.ms(10)
 
 HOSTS = {"lab-host": ("simboard", ("board-a", "board-b")), "nrf-host": ("nrf52840dk", ("nrf-1",))}
 
@@ -156,21 +158,22 @@ def test_an_operator_sets_maintenance_and_every_page_follows_live(
     expect(page.locator("#set-health-error")).to_be_hidden()
     # The other tab's list follows: the badge and the counts.
     row = lister.page.locator("#devices-table tr[data-device=board-a]")
-    expect(row.locator("[data-health]")).to_have_text("maintenance")
-    expect(lister.page.locator("#devices-counts [data-count=maintenance] .count")).to_have_text("1")
-    expect(lister.page.locator("#devices-counts [data-count=unknown] .count")).to_have_text("2")
+    expect(row.locator("[data-health]")).to_have_text("maintenance", timeout=LIVE_MS)
+    counts = lister.page.locator("#devices-counts")
+    expect(counts.locator("[data-count=maintenance] .count")).to_have_text("1", timeout=LIVE_MS)
+    expect(counts.locator("[data-count=unknown] .count")).to_have_text("2")
 
     # A change made elsewhere (the API, another operator) reaches the open device page.
     changed = lab.put(
         "/api/v1/devices/board-a/health", json={"health": "good", "reason": "reflashed"}
     )
     assert changed.status_code == 200, changed.text
-    expect(page.locator("#device-health [data-health]")).to_have_text("good")
+    expect(page.locator("#device-health [data-health]")).to_have_text("good", timeout=LIVE_MS)
     expect(page.locator("#device-history tbody tr")).to_have_count(3)
     expect(page.locator("#device-history tbody tr").first.locator(".col-reason")).to_have_text(
         "reflashed"
     )
-    expect(row.locator("[data-health]")).to_have_text("good")
+    expect(row.locator("[data-health]")).to_have_text("good", timeout=LIVE_MS)
     for page_ in (page, lister.page):
         assert page_.evaluate("window.notReloaded") is True
 
@@ -201,17 +204,17 @@ def test_supervisor_and_job_pages_show_their_devices(open_dashboard, lab, tokens
 
     spec = {
         "name": "flash",
-        "backend": {"kind": "noop", "delay_s": 3},
+        "backend": {"kind": "noop", "delay_s": 5},
         "resources": {"nrf52840dk": 1},
     }
     submitted = lab.post("/api/v1/jobs", json=spec)
     assert submitted.status_code == 201, submitted.text
     job_id = submitted.json()["id"]
     # While it runs the list names its run as the holder, then frees the board.
-    expect(holder.locator("a")).to_have_attribute("href", f"#/jobs/{job_id}")
+    expect(holder.locator("a")).to_have_attribute("href", f"#/jobs/{job_id}", timeout=LIVE_MS)
     expect(holder).to_contain_text("run 1")
     assert wait_job(lab, job_id)["phase"] == "succeeded"
-    expect(holder).to_have_text("—")
+    expect(holder).to_have_text("—", timeout=LIVE_MS)
 
     tab.go(f"#/jobs/{job_id}")
     expect(page.locator("#job-facts [data-fact=devices] a")).to_have_text("nrf-1")
