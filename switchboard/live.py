@@ -2,10 +2,11 @@
 the store into events, and every open dashboard (GET /api/v1/live) gets them.
 
 The loop reads the store's job change log (filled by triggers, so no code path that changes
-a job can forget to tell) soon after each write, looks at supervisors once a second, and
-recomputes the overview when either changed. Work grows with the rate of change, not with
-the number of jobs stored or of dashboards open: each change is read once and its event
-encoded once.
+a job can forget to tell) soon after each write, looks at supervisors and the lab's devices
+at most once a second when a job or a supervisor's record changed (a device's health and
+holder change with those), and recomputes the overview when either changed. Work grows
+with the rate of change, not with the number of jobs stored or of dashboards open: each
+change is read once and its event encoded once.
 
 A dashboard that reads too slowly is not allowed to grow the server's memory: past
 SUBSCRIBER_QUEUE waiting events its queue is dropped and replaced by one `resync` event,
@@ -50,7 +51,7 @@ OVERVIEW_FAILURES = 10
 
 
 class LiveEvent(NamedTuple):
-    kind: str  # job, job_deleted, supervisor, overview, heartbeats, resync
+    kind: str  # job, job_deleted, supervisor, device, device_removed, overview, heartbeats, resync
     data: str  # JSON
 
 
@@ -108,6 +109,9 @@ class LiveFeed:
         self._rev = 0
         self._supervisors: dict[str, bytes] = {}
         self._supervisor_writes = -1
+        #: A pass over supervisors and devices is due (something changed since the last).
+        self._fleet_due = True
+        self._devices: dict[str, bytes] = {}
         self._overview = b""
         self._closed = False
 
@@ -151,11 +155,16 @@ class LiveFeed:
                 jobs_changed = await self._jobs()
                 supervisors_changed = False
                 # Their load changes with jobs, the rest with a write to their record.
+                # Device writes are supervisor writes; a device's holder changes with a job.
+                # Remembered until the pass runs: the last change of a burst is not lost.
                 touched = jobs_changed or self.store.supervisor_writes != self._supervisor_writes
-                if now >= next_supervisors and touched:
+                self._fleet_due = self._fleet_due or touched
+                if now >= next_supervisors and self._fleet_due:
                     next_supervisors = now + SUPERVISORS_EVERY_S
+                    self._fleet_due = False
                     self._supervisor_writes = self.store.supervisor_writes
                     supervisors_changed = await self._supervisors_pass()
+                    await self._devices_pass()
                 if (jobs_changed or supervisors_changed) and self.subscribers:
                     next_overview = min(next_overview, now + SUPERVISORS_EVERY_S)
                 if now >= next_overview:
@@ -196,6 +205,17 @@ class LiveFeed:
                 changed = True
                 self._publish("supervisor", msgspec.json.encode(with_last_heard(view, self.hub)))
         return changed
+
+    async def _devices_pass(self) -> None:
+        listed = await self.store.list_devices()
+        for view in listed:
+            encoded = msgspec.json.encode(view)
+            if self._devices.get(view.id) != encoded:
+                self._devices[view.id] = encoded
+                self._publish("device", encoded)
+        for device_id in self._devices.keys() - {view.id for view in listed}:
+            del self._devices[device_id]  # its supervisor no longer declares it
+            self._publish("device_removed", msgspec.json.encode({"id": device_id}))
 
     def _heartbeats_pass(self) -> None:
         # Kept out of `supervisor` events (heartbeats would be most of their traffic): one

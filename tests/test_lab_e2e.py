@@ -22,6 +22,7 @@ from tests.harness import (
     wait_job,
 )
 from tests.simboard import SimBoard
+from tests.test_live_api import EventStream
 
 pytestmark = pytest.mark.process
 
@@ -32,8 +33,9 @@ def _toml_list(argv: list[str]) -> str:
     return json.dumps(argv)  # a JSON array of strings is a TOML array
 
 
-def _config(boards: dict[str, SimBoard]) -> str:
-    """A host's description of its boards, as a lab admin writes it (docs/lab.md)."""
+def _config(boards: dict[str, SimBoard], resource: str = "simboard") -> str:
+    """A host's description of its boards (all of class `resource`), as a lab admin
+    writes it (docs/lab.md)."""
     tables = []
     for name, board in boards.items():
         power = ", ".join(
@@ -44,7 +46,7 @@ def _config(boards: dict[str, SimBoard]) -> str:
             f"""[[devices]]
 name = "{name}"
 path = "{board.tty}"
-resource = "simboard"
+resource = "{resource}"
 labels = {{ slot = "{name[-1]}" }}
 console = {{ path = "{board.tty}", baud = 115200 }}
 power = {{ {power} }}
@@ -165,3 +167,17 @@ def test_a_job_no_board_could_ever_serve_is_refused_at_submit(lab) -> None:
     metrics = httpx.get(f"{client.base_url}/metrics").text
     assert 'switchboard_submissions_refused_total{reason="no_device"} 3.0' in metrics
     assert 'switchboard_devices{class="simboard",health="good"} 2.0' in metrics
+
+
+def test_the_live_feed_tells_of_a_change_of_health(lab, switchboard: Switchboard) -> None:
+    client, _ = lab
+    stream = EventStream(switchboard)
+    try:
+        client.put("/api/v1/devices/board-b/health", json={"health": "looping", "reason": "flaky"})
+        event = stream.expect(
+            lambda kind, data: kind == "device" and data["health"] == "looping", "looping"
+        )
+        assert (event["id"], event["health_reason"], event["history"]) == ("board-b", "flaky", [])
+    finally:
+        stream.close()
+        client.put("/api/v1/devices/board-b/health", json={"health": "good", "reason": "done"})

@@ -83,7 +83,10 @@ async def _events(feed: LiveFeed) -> AsyncGenerator[ServerSentEventMessage | Non
 )
 async def live(request: Request) -> ServerSentEvent:
     """Everything that changes, as it changes: `job` (a JobSummary), `job_deleted`
-    (`{"id"}`), `supervisor` (a SupervisorView), `overview` (an Overview), `heartbeats`
+    (`{"id"}`), `supervisor` (a SupervisorView), `device` (a DeviceView without its
+    history: its health, last check or holder changed, or it was declared),
+    `device_removed` (`{"id"}`: its supervisor no longer declares it), `overview` (an
+    Overview), `heartbeats`
     (every 5 s: `{"at", "last_heard": {supervisor id: epoch seconds}}` for the connected
     ones) and `resync` (this stream fell behind and dropped events: refetch). Comments keep
     it open. A stream whose token is revoked ends within seconds, with a `revoked` event

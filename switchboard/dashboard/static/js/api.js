@@ -77,6 +77,10 @@ export class Api {
     return (await this.fetch(path, { method: "POST", body, signal })).json();
   }
 
+  async put(path, body, signal) {
+    return (await this.fetch(path, { method: "PUT", body, signal })).json();
+  }
+
   /** Fetch bytes with the token and hand them to the browser as a file download. */
   async download(path, query, filename) {
     const blob = await (await this.fetch(path, { query })).blob();

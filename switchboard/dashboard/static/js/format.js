@@ -43,6 +43,15 @@ export function stateBadge(state) {
   return h("span", { class: `badge tone-${tone}`, "data-state": state }, state);
 }
 
+/** A device's health (docs/lab.md), in the order an operator meets them. */
+export const HEALTHS = ["good", "unknown", "looping", "bad", "maintenance", "retired"];
+const HEALTH_TONE = { good: "good", unknown: "neutral", looping: "starting", bad: "bad", maintenance: "stopping", retired: "waiting" };
+
+export function healthBadge(health, reason = "") {
+  const tone = HEALTH_TONE[health] || "neutral";
+  return h("span", { class: `badge tone-${tone}`, "data-health": health, title: reason || null }, health);
+}
+
 function pad(n) {
   return String(n).padStart(2, "0");
 }

@@ -3,6 +3,8 @@ import { Api, ApiError, tokenStore } from "./api.js";
 import { h } from "./dom.js";
 import { tickTimes } from "./format.js";
 import { Live } from "./live.js";
+import * as deviceView from "./views/device.js";
+import * as devicesView from "./views/devices.js";
 import * as jobView from "./views/job.js";
 import * as jobsView from "./views/jobs.js";
 import * as loginView from "./views/login.js";
@@ -80,6 +82,7 @@ function route(parts) {
   if (extra !== undefined) return [null, {}];
   if (section === undefined) return [overviewView, {}, "overview"];
   if (section === "jobs") return id === undefined ? [jobsView, {}, "jobs"] : [jobView, { id }, "jobs"];
+  if (section === "devices") return id === undefined ? [devicesView, {}, "devices"] : [deviceView, { id }, "devices"];
   if (section === "supervisors") {
     return id === undefined ? [supervisorsView, {}, "supervisors"] : [supervisorView, { id }, "supervisors"];
   }

@@ -1,6 +1,6 @@
-// Pieces the views share: job tables, load bars, error banners, batched re-rendering.
+// Pieces the views share: job and device tables, load bars, error banners, batched re-rendering.
 import { fill, h } from "../dom.js";
-import { labelChips, phaseBadge, relTime, shortId } from "../format.js";
+import { healthBadge, labelChips, phaseBadge, relTime, shortId } from "../format.js";
 
 /** Coalesce many calls into one run of `fn` shortly after (live events come in bursts). */
 export function batched(fn, delayMs = 30) {
@@ -184,4 +184,124 @@ export class JobTable {
 
 export function section(title, ...children) {
   return h("section", { class: "card" }, h("h2", {}, title), ...children);
+}
+
+export function deviceLink(id) {
+  return h("a", { href: `#/devices/${encodeURIComponent(id)}`, class: "device-link" }, id);
+}
+
+/** A run as the API names it, "JOB#ATTEMPT", linked to its job. */
+export function runLink(run) {
+  const hash = run.lastIndexOf("#");
+  const job = hash === -1 ? run : run.slice(0, hash);
+  const attempt = hash === -1 ? "" : ` run ${run.slice(hash + 1)}`;
+  return h("a", { href: `#/jobs/${encodeURIComponent(job)}`, class: "run-link", title: run }, shortId(job), attempt);
+}
+
+/** The last health check: its result, when, and the job that ran it (or the one running). */
+export function lastCheck(device) {
+  const parts = [];
+  if (device.check_result) {
+    const tone = { pass: "good", fail: "bad" }[device.check_result] || "neutral";
+    parts.push(h("span", { class: `badge tone-${tone}`, "data-check": device.check_result }, device.check_result), " ", relTime(device.check_at));
+    if (device.check_job) parts.push(" ", runLink(device.check_job));
+  }
+  if (device.checking) parts.push(parts.length ? " · " : "", "checking now: ", runLink(device.checking));
+  return parts.length ? h("span", { class: "check" }, parts) : h("span", { class: "muted" }, "never checked");
+}
+
+/** Who holds it: the run it was granted to (free: —). */
+export function holder(device) {
+  return device.holder ? runLink(device.holder) : h("span", { class: "muted" }, "—");
+}
+
+const DEVICE_COLUMNS = {
+  id: ["Device", (d) => deviceLink(d.id)],
+  class: ["Class", (d) => h("code", {}, d.class)],
+  host: ["Host", (d) => supervisorLink(d.supervisor_id)],
+  health: ["Health", (d) => healthBadge(d.health, d.health_reason)],
+  check: ["Last check", (d) => lastCheck(d)],
+  holder: ["Holder", (d) => holder(d)],
+  labels: ["Labels", (d) => labelChips(d.labels)],
+};
+
+/** A table of devices by id; a live event replaces just its device's row. */
+export class DeviceTable {
+  constructor(columns, emptyText = "No devices.") {
+    this.columns = columns;
+    this.devices = new Map();
+    this.rows = new Map();
+    this.tbody = h("tbody");
+    this.empty = h("p", { class: "muted empty" }, emptyText);
+    this.table = h(
+      "table",
+      { class: "table devices-table" },
+      h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col", class: `col-${c}` }, DEVICE_COLUMNS[c][0])))),
+      this.tbody,
+    );
+    this.el = h("div", { class: "table-wrap" }, this.table, this.empty);
+    this.updateEmpty();
+  }
+
+  makeRow(device) {
+    return h(
+      "tr",
+      { "data-device": device.id, "data-health": device.health },
+      this.columns.map((c) => h("td", { "data-label": DEVICE_COLUMNS[c][0], class: `col-${c}` }, DEVICE_COLUMNS[c][1](device))),
+    );
+  }
+
+  set(devices) {
+    this.devices.clear();
+    this.rows.clear();
+    for (const device of devices) {
+      this.devices.set(device.id, device);
+      this.rows.set(device.id, this.makeRow(device));
+    }
+    fill(this.tbody, ...this.rows.values());
+    this.updateEmpty();
+  }
+
+  /** Show `device` (in id order), replacing its row if shown. */
+  put(device) {
+    const before = this.devices.get(device.id);
+    const row = this.makeRow(device);
+    this.devices.set(device.id, device);
+    const old = this.rows.get(device.id);
+    this.rows.set(device.id, row);
+    if (old) {
+      old.replaceWith(row);
+    } else {
+      const next = [...this.rows.keys()].filter((id) => id > device.id).sort()[0];
+      if (next) this.rows.get(next).before(row);
+      else this.tbody.append(row);
+    }
+    if (!before || before.health !== device.health) {
+      row.classList.add("changed");
+      setTimeout(() => row.classList.remove("changed"), 1200);
+    }
+    this.updateEmpty();
+  }
+
+  remove(id) {
+    const row = this.rows.get(id);
+    if (!row) return;
+    row.remove();
+    this.rows.delete(id);
+    this.devices.delete(id);
+    this.updateEmpty();
+  }
+
+  has(id) {
+    return this.rows.has(id);
+  }
+
+  get size() {
+    return this.rows.size;
+  }
+
+  updateEmpty() {
+    this.empty.hidden = this.rows.size > 0;
+    this.table.hidden = this.rows.size === 0;
+  }
 }

@@ -3,7 +3,7 @@
 // and output files, and cancel.
 import { fill, h } from "../dom.js";
 import { TERMINAL, absTime, clockTime, duration, labelChips, phaseBadge, relTime } from "../format.js";
-import { ViewLife, batched, errorBanner, section, supervisorLink } from "./common.js";
+import { ViewLife, batched, deviceLink, errorBanner, section, supervisorLink } from "./common.js";
 import { StreamConsole } from "./output.js";
 import { JobResults } from "./results.js";
 
@@ -174,6 +174,7 @@ export function mount(root, ctx, { id }) {
       ...fact("Submitted by", job.owner ? h("span", { title: `token ${job.owner}` }, job.owner_name || job.owner) : "—"),
       ...fact("Updated", relTime(job.updated_at)),
       ...fact("Supervisor", supervisorLink(last ? last.supervisor_id : null)),
+      ...(last && last.devices && last.devices.length ? fact("Devices", devicesOf(last)) : []),
       ...fact("Exit code", job.exit_code === null || job.exit_code === undefined ? "—" : String(job.exit_code)),
       ...(job.reason ? fact("Reason", job.reason) : []),
       ...(job.waiting_for
@@ -182,6 +183,11 @@ export function mount(root, ctx, { id }) {
         : job.unschedulable ? fact("Unschedulable", h("span", { class: "warn" }, job.unschedulable)) : []),
       ...fact("Labels", labelChips(job.spec.labels)),
     );
+  }
+
+  /** The devices a run was granted, each linked to its page. */
+  function devicesOf(run) {
+    return h("span", { class: "run-devices" }, run.devices.flatMap((d, i) => (i ? [", ", deviceLink(d)] : [deviceLink(d)])));
   }
 
   function renderRuns() {
@@ -206,6 +212,7 @@ export function mount(root, ctx, { id }) {
             phaseBadge(run.phase),
             run.exit_code !== null && run.exit_code !== undefined ? h("span", { class: "muted" }, ` exit ${run.exit_code}`) : null,
             took !== null ? h("span", { class: "muted" }, ` · ran ${duration(took)}`) : null,
+            run.devices && run.devices.length ? [h("span", { class: "muted" }, " · devices "), devicesOf(run)] : null,
           ),
           h(
             "ol",

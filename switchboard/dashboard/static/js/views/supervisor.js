@@ -1,8 +1,8 @@
-// One supervisor: labels, resources, backends, current and recent runs, last heartbeat,
-// connection history, and drain / resume for operators.
+// One supervisor: labels, resources, backends, the devices it declares, current and recent
+// runs, last heartbeat, connection history, and drain / resume for operators.
 import { fill, h } from "../dom.js";
 import { ACTIVE, absTime, duration, labelChips, relTime, stateBadge, supervisorState } from "../format.js";
-import { JobTable, ViewLife, bar, batched, errorBanner, section } from "./common.js";
+import { DeviceTable, JobTable, ViewLife, bar, batched, errorBanner, section } from "./common.js";
 
 export function mount(root, ctx, { id }) {
   const errors = errorBanner();
@@ -19,6 +19,10 @@ export function mount(root, ctx, { id }) {
   const current = new JobTable(["name", "phase", "priority", "created", "updated"], "No runs here now.");
   const recent = new JobTable(["name", "phase", "outcome", "attempts", "updated"], "No runs yet.");
   const connections = h("div", { id: "supervisor-connections" });
+  const devices = new DeviceTable(["id", "class", "health", "check", "holder"]);
+  const devicesCard = section("Devices", devices.el, h("p", { class: "small" }, h("a", { href: `#/devices?host=${encodeURIComponent(id)}` }, "In the devices list →")));
+  devicesCard.id = "supervisor-devices";
+  devicesCard.hidden = true; // shown once it declares a device
   current.el.id = "supervisor-current";
   recent.el.id = "supervisor-recent";
 
@@ -28,6 +32,7 @@ export function mount(root, ctx, { id }) {
     errors,
     h("section", { class: "card" }, facts),
     h("div", { class: "grid-2" }, section("Labels", labels), section("Resources", resources)),
+    devicesCard,
     section("Current runs", current.el),
     section("Recent runs", recent.el, h("p", { class: "small" }, h("a", { href: `#/jobs?supervisor=${encodeURIComponent(id)}` }, "All jobs that ran here →"))),
     section("Connections", connections),
@@ -133,6 +138,13 @@ export function mount(root, ctx, { id }) {
     if (latest) recent.set(latest.items);
   }
 
+  async function loadDevices() {
+    const list = await life.run(ctx.api.get("devices", { host: id }, life.signal));
+    if (!list) return;
+    devices.set(list);
+    devicesCard.hidden = list.length === 0;
+  }
+
   async function loadConnections() {
     const list = await life.run(ctx.api.get(`${path}/connections`, {}, life.signal));
     if (list) renderConnections(list);
@@ -145,6 +157,7 @@ export function mount(root, ctx, { id }) {
     renderSupervisor();
     loadRuns();
     loadConnections();
+    loadDevices();
   }
 
   // A busy supervisor changes jobs many times a second: refetch its lists at most twice a second.
@@ -174,6 +187,13 @@ export function mount(root, ctx, { id }) {
           sup = { ...sup, last_seen: heard };
           renderSupervisor();
         }
+      } else if (type === "device" && (data.supervisor_id === id || devices.has(data.id))) {
+        if (data.supervisor_id === id) devices.put(data);
+        else devices.remove(data.id);
+        devicesCard.hidden = devices.size === 0;
+      } else if (type === "device_removed") {
+        devices.remove(data.id);
+        devicesCard.hidden = devices.size === 0;
       } else if (type === "job_deleted") {
         current.remove(data.id);
         recent.remove(data.id);
