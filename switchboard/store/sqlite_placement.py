@@ -7,7 +7,6 @@ Every function takes the open connection and runs inside the caller's transactio
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import time
@@ -21,6 +20,7 @@ from protocol.state import Phase
 from switchboard import lifecycle, metrics
 from switchboard.models import ActiveRun, Assignment, Counts, QueuedJob
 from switchboard.sealing import Keyring, SecretsUnreadable
+from switchboard.store import records
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
 from switchboard.store.sqlite_jobs import end_queued_job
 from switchboard.store.sqlite_runs import record_phase
@@ -115,9 +115,7 @@ RESOURCES_IN_USE = (
 def resources_in_use(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     used: dict[str, dict[str, int]] = {}
     for supervisor_id, resources in conn.execute(RESOURCES_IN_USE, ACTIVE_PHASES):
-        held = used.setdefault(supervisor_id, {})
-        for name, count in json.loads(resources).items():
-            held[name] = held.get(name, 0) + count
+        records.add_resources(used, supervisor_id, resources)
     return used
 
 

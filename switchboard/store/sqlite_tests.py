@@ -14,13 +14,13 @@ import sqlite3
 from collections.abc import Sequence
 
 from switchboard.models import (
-    TEST_RESULTS,
     StoredTestCase,
     TestCase,
     TestCasePage,
     TestCounts,
     TestResult,
 )
+from switchboard.store import records
 
 #: Test cases one write transaction stores or deletes.
 CASES_PER_WRITE = 2000
@@ -51,9 +51,7 @@ def begin_report(
         is None
     ):
         return None
-    by = dict.fromkeys(TEST_RESULTS, 0)
-    for case in cases:
-        by[case.result] += 1
+    by = records.report_counts(cases)
     cursor = conn.execute(
         "INSERT INTO test_reports (job_id, attempt, report, passed, failed, error, skipped)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -138,7 +136,7 @@ def test_summary(conn: sqlite3.Connection, job_id: str) -> TestCounts | None:
         " WHERE job_id = ? AND attempt = ? AND complete = 1",
         (job_id, attempt),
     ).fetchone()
-    return TestCounts(passed, failed, error, skipped, passed + failed + error + skipped)
+    return records.test_counts(passed, failed, error, skipped)
 
 
 def test_cases(
