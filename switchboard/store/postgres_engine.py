@@ -29,6 +29,11 @@ else:
     Connection = PoolConnectionProxy
 
 
+def affected(status: str) -> int:
+    """The rows a statement changed, from its command status ("UPDATE 3")."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 class PostgresEngine:
     """One database: `dsn` is a libpq URI. `max_connections` bounds the pool (a request
     beyond it waits for a connection); `statement_timeout_s` ends any one statement that
