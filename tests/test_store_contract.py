@@ -1,10 +1,12 @@
 """The store contract: what every implementation of switchboard.store.base.Store must do.
 
-Each test runs against every store in STORES (SQLite today; a PostgreSQL store joins the
-list and must pass the same tests). The tests speak only the Store interface: no SQL, no
-private method, nothing of how a store keeps its rows. The rules they see applied are
-switchboard.lifecycle's (restarts, busy retries, cancels, concurrency): a store must write
-what those rules decide, not decide anything itself.
+Each test runs against the SQLite store here, and against the PostgreSQL store in
+tests/test_store_contract_postgres.py (the same tests, imported there with a `store`
+fixture of its own: that module is of the `postgres` kind, this one `unit`). The tests
+speak only the Store interface: no SQL, no private method, nothing of how a store keeps
+its rows. The rules they see applied are switchboard.lifecycle's (restarts, busy retries,
+cancels, concurrency): a store must write what those rules decide, not decide anything
+itself.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -38,10 +40,6 @@ from switchboard.store.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.unit
 
-#: Every store implementation: a name, and how to make one over a fresh directory.
-STORES: dict[str, Callable[[Path], Store]] = {
-    "sqlite": lambda tmp: SQLiteStore(tmp / "db.sqlite3"),
-}
 
 SPEC = JobSpec(name="t", backend=NoopBackend())
 DIGEST = "sha256:" + "ab" * 32
@@ -62,9 +60,9 @@ def state(seq: int, phase: Phase, job: str = "j1", attempt: int = 1, **kw) -> Jo
     return JobStateChanged(seq=seq, job_id=job, attempt=attempt, phase=phase, **kw)
 
 
-@pytest.fixture(params=sorted(STORES))
-async def store(request, tmp_path):
-    made = STORES[request.param](tmp_path)
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    made = SQLiteStore(tmp_path / "db.sqlite3")
     await made.open()
     yield made
     await made.close()

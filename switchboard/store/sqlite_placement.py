@@ -79,10 +79,15 @@ def assign_run(
 
 
 def reject_unreadable(conn: sqlite3.Connection, job_id: str, why: str, now: float) -> None:
+    end_queued_job(conn, job_id, unreadable_end(job_id, why, now))
+
+
+def unreadable_end(job_id: str, why: str, now: float) -> lifecycle.JobEnd:
+    """How a job whose secret values can't be opened ends at placement (counted, logged)."""
     end = lifecycle.secrets_unreadable(why, now)
-    end_queued_job(conn, job_id, end)
     metrics.secrets_unreadable("placement")
     log.warning("job %s rejected: %s", job_id, end.reason)
+    return end
 
 
 def no_job_ready(conn: sqlite3.Connection, now: float) -> bool:

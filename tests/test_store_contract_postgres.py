@@ -1,0 +1,72 @@
+"""The store contract (tests/test_store_contract.py) on the PostgreSQL store: the same
+tests, imported, with a `store` on the private cluster of the session (tests/postgres.py).
+One database for the module, emptied before each test (TRUNCATE is quicker than a new
+database)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from protocol.messages import Output
+from switchboard.store.postgres import PostgresStore
+from tests.postgres import (
+    Cluster,
+    postgres_fixture,  # noqa: F401 - one cluster per session
+)
+from tests.test_store_contract import *  # noqa: F403 - the contract's tests, run here again
+from tests.test_store_contract import SPEC, hello
+
+pytestmark = pytest.mark.postgres
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def database(postgres: Cluster) -> str:
+    return postgres.new_database(f"contract_{next(_names)}")
+
+
+async def _empty(dsn: str) -> None:
+    """Every table of the store emptied, its ids restarted; the schema's version kept."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND tablename != 'switchboard_schema'"
+        )
+        if tables:
+            names = ", ".join(f'"{row[0]}"' for row in tables)
+            await conn.execute(f"TRUNCATE {names} RESTART IDENTITY")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def store(database: str) -> AsyncIterator[PostgresStore]:
+    await _empty(database)
+    made = PostgresStore(database, max_connections=4)
+    await made.open()
+    yield made
+    await made.close()
+
+
+async def test_batches_of_one_supervisor_are_stored_in_the_order_handed_over(store):
+    """apply_events hands each batch over when called: many at once, on a pool whose
+    transactions run side by side, are still stored in order (each after_seq holds)."""
+    await store.create_job("j1", SPEC)
+    await store.supervisor_connected(hello())
+    [run] = await store.assign([("j1", "s1")])
+
+    def chunk(seq: int) -> Output:
+        return Output(
+            seq=seq, job_id="j1", attempt=run.attempt, stream="stdout", offset=seq - 1, data=b"x"
+        )
+
+    batches = [store.apply_events("s1", [chunk(n)], n - 1) for n in range(1, 41)]
+    applied = [await batch for batch in batches]
+    assert [a.stored_seq for a in applied] == list(range(1, 41))
+    assert await store.read_output("j1", run.attempt, "stdout") == b"x" * 40
