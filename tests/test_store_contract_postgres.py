@@ -70,3 +70,26 @@ async def test_batches_of_one_supervisor_are_stored_in_the_order_handed_over(sto
     applied = [await batch for batch in batches]
     assert [a.stored_seq for a in applied] == list(range(1, 41))
     assert await store.read_output("j1", run.attempt, "stdout") == b"x" * 40
+
+
+async def test_the_change_log_waits_for_a_change_that_may_still_commit(store, database):
+    """A rev drawn by a transaction still running is not passed over by a reader that
+    sees a later one; once that transaction ends, committed or rolled back, it is."""
+    for job_id in ("a", "b", "c"):
+        await store.create_job(job_id, SPEC)
+    start = await store.latest_job_change()
+    slow = await asyncpg.connect(database)
+    try:
+        for outcome, later in (("COMMIT", "b"), ("ROLLBACK", "c")):
+            await slow.execute("BEGIN")
+            # Draws a rev (the job_updated trigger) and holds it uncommitted.
+            await slow.execute("UPDATE jobs SET unschedulable = 'x' WHERE id = 'a'")
+            await store.request_cancel(later)  # a later rev, committed
+            assert await store.job_changes(start, 100) == []  # waits at the missing rev
+            await slow.execute(outcome)
+            changes = await store.job_changes(start, 100)
+            wanted = ["a", later] if outcome == "COMMIT" else [later]
+            assert [c.job_id for c in changes] == wanted
+            start = changes[-1].rev
+    finally:
+        await slow.close()

@@ -107,6 +107,8 @@ class PostgresStore(Store):
         self._tokens = TokenCache()
         #: Per supervisor, the lock its event batches take in the order they are handed over.
         self._batches: dict[str, asyncio.Lock] = {}
+        #: Gaps in the job change log a reader waits on (postgres_views.job_changes).
+        self._change_gaps: dict[int, frozenset[str]] = {}
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -603,7 +605,9 @@ class PostgresStore(Store):
     # --- the dashboard's views -------------------------------------------------------
 
     async def job_changes(self, after_rev: int, limit: int) -> list[JobChange]:
-        return await self._read(lambda conn: views.job_changes(conn, after_rev, limit))
+        return await self._read(
+            lambda conn: views.job_changes(conn, after_rev, limit, self._change_gaps)
+        )
 
     async def latest_job_change(self) -> int:
         return await self._read(views.latest_job_change)

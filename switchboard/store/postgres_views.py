@@ -6,6 +6,8 @@ deletes. Every function runs inside the caller's transaction.
 
 from __future__ import annotations
 
+import itertools
+
 from switchboard.models import JobChange, JobFilter, Overview, QueueDepth, SupervisorCounts
 from switchboard.store import records
 from switchboard.store.postgres_engine import Connection
@@ -16,18 +18,63 @@ from switchboard.store.sqlite_views import FAILURES
 # --- the job change log ---------------------------------------------------------------
 
 
-async def job_changes(conn: Connection, after_rev: int, limit: int) -> list[JobChange]:
+# Revs come from a sequence, drawn when a job changes, not when its transaction commits:
+# with writers side by side, rev 8 may be seen before rev 7 commits. A reader that moved
+# past 7 would never see it. So a reader stops at a missing rev while a transaction that
+# was running when the gap was first seen still runs (it may hold that rev); once all of
+# those have ended, the rev was rolled back (or pruned) and is passed over.
+
+#: The transactions running in the reader's snapshot.
+_IN_FLIGHT = (
+    "SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) x"
+)
+
+
+async def _in_flight(conn: Connection) -> frozenset[str]:
+    return frozenset(await conn.fetchval(_IN_FLIGHT))
+
+
+async def job_changes(
+    conn: Connection, after_rev: int, limit: int, gaps: dict[int, frozenset[str]]
+) -> list[JobChange]:
+    """Changes after `after_rev` up to the first gap that may still fill. `gaps`: the
+    caller's memory of the gaps seen (first missing rev -> transactions running then)."""
     rows = await conn.fetch(
         "SELECT rev, job_id, deleted FROM job_changes WHERE rev > $1 ORDER BY rev LIMIT $2",
         after_rev,
         limit,
     )
-    return [JobChange(rev, job_id, bool(deleted)) for rev, job_id, deleted in rows]
+    running = await _in_flight(conn) if rows else frozenset()
+    changes, expected = [], after_rev + 1
+    for rev, job_id, deleted in rows:
+        if rev != expected:
+            holders = gaps.setdefault(expected, running)
+            if holders & running:
+                break  # may still commit: read from here next time
+            del gaps[expected]
+        changes.append(JobChange(rev, job_id, bool(deleted)))
+        expected = rev + 1
+    return changes
 
 
 async def latest_job_change(conn: Connection) -> int:
-    rev: int = await conn.fetchval("SELECT coalesce(max(rev), 0) FROM job_changes")
-    return rev
+    """Where a new follower starts: the newest rev, or the last before a gap in the
+    newest thousand while other transactions run (one of them may fill it: a change
+    read twice does no harm, one missed does)."""
+    revs = [
+        row[0]
+        for row in await conn.fetch(
+            "SELECT rev FROM job_changes"
+            " WHERE rev > (SELECT coalesce(max(rev), 0) FROM job_changes) - 1000 ORDER BY rev"
+        )
+    ]
+    if not revs:
+        return 0
+    if await _in_flight(conn):
+        for before, after in itertools.pairwise(revs):
+            if after != before + 1:
+                return int(before)
+    return int(revs[-1])
 
 
 async def prune_job_changes(conn: Connection, keep: int) -> None:
