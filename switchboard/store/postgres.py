@@ -25,7 +25,7 @@ from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import metrics
-from switchboard.event_checks import seq_gap
+from switchboard.event_checks import fresh_events
 from switchboard.models import (
     ActiveRun,
     ArtifactAdded,
@@ -61,7 +61,7 @@ from switchboard.models import (
     TestResult,
     TokenView,
 )
-from switchboard.sealing import Keyring, split_secrets
+from switchboard.sealing import Keyring
 from switchboard.store import postgres_artifacts as artifacts
 from switchboard.store import postgres_chains as chains
 from switchboard.store import postgres_files as files
@@ -74,9 +74,9 @@ from switchboard.store import postgres_views as views
 from switchboard.store.base import Store
 from switchboard.store.errors import BatchOutOfOrder
 from switchboard.store.postgres_engine import Connection, PostgresEngine
-from switchboard.store.sqlite_jobs import NewJob
+from switchboard.store.sqlite_jobs import new_jobs
 from switchboard.store.sqlite_secrets import log_resealed, sealed_again
-from switchboard.store.sqlite_tests import CASES_PER_WRITE
+from switchboard.store.sqlite_tests import add_report
 from switchboard.store.token_cache import TokenCache
 
 T = TypeVar("T")
@@ -252,15 +252,6 @@ class PostgresStore(Store):
 
     # --- jobs ------------------------------------------------------------------------
 
-    def _sealed(self, batch: Sequence[tuple[str, JobSpec]]) -> list[NewJob]:
-        """The jobs as they are written: secret values out of the specs, sealed."""
-        made = []
-        for job_id, spec in batch:
-            stored, values = split_secrets(spec)
-            sealed = self._keyring.seal(job_id, values) if values else None
-            made.append(NewJob(job_id, stored, sealed))
-        return made
-
     async def create_jobs(
         self,
         jobs: Sequence[tuple[str, JobSpec]],
@@ -270,7 +261,7 @@ class PostgresStore(Store):
         owner: str | None = None,
         max_queued_per_owner: int | None = None,
     ) -> list[Submitted]:
-        batch = self._sealed(jobs)
+        batch = new_jobs(self._keyring, jobs)
 
         async def write(conn: Connection) -> list[Submitted]:
             return await chains.insert_with_chains(
@@ -297,7 +288,7 @@ class PostgresStore(Store):
         max_queued_per_owner: int | None = None,
     ) -> tuple[list[Submitted], list[Assignment]]:
         assert not any(spec.chained_inputs() for _, spec in jobs)
-        batch = self._sealed(jobs)
+        batch = new_jobs(self._keyring, jobs)
         keyring = self._keyring
 
         async def write(conn: Connection) -> tuple[list[Submitted], list[Assignment]]:
@@ -435,12 +426,7 @@ class PostgresStore(Store):
                     f" (stored: {stored}): the batch after them is not stored either"
                 )
             batch = runs.EventBatch(conn, supervisor_id, self.max_run_output)
-            for event in events:
-                if event.seq <= stored:
-                    continue  # already stored: a resend after a reconnect
-                gap = seq_gap(stored, event.seq)
-                if gap is not None:
-                    batch.problems.append(gap)
+            for event in fresh_events(stored, events, batch.problems):
                 stored = event.seq
                 await batch.apply(event)
             await batch.finish()
@@ -467,30 +453,7 @@ class PostgresStore(Store):
     async def add_test_cases(
         self, job_id: str, attempt: int, report_path: str, cases: Sequence[TestCase]
     ) -> bool:
-        # In short transactions, as the SQLite store (sqlite_tests.py): listed and counted
-        # once the last has marked the report complete.
-        report_id = await self._write(
-            lambda conn: tests.begin_report(conn, job_id, attempt, report_path, cases)
-        )
-        if report_id is None:
-            return False
-        step = CASES_PER_WRITE
-        for start in range(0, len(cases), step):
-            chunk = cases[start : start + step]
-
-            async def add(conn: Connection, chunk: Sequence[TestCase] = chunk) -> None:
-                await tests.add_cases(conn, job_id, attempt, report_path, report_id, chunk)
-
-            await self._write(add)
-        replaced = await self._write(lambda conn: tests.finish_report(conn, report_id))
-        for gone in [report_id] if replaced is None else replaced:
-
-            async def drop(conn: Connection, gone: int = gone) -> int:
-                return await tests.drop_replaced(conn, gone, step)
-
-            while await self._write(drop):
-                pass
-        return replaced is not None
+        return await add_report(self._write, tests, job_id, attempt, report_path, cases)
 
     async def test_cases(
         self,

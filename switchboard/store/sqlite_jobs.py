@@ -28,6 +28,7 @@ from switchboard.models import (
     RunOnSupervisor,
     Submitted,
 )
+from switchboard.sealing import Keyring, split_secrets
 from switchboard.store import records
 from switchboard.store.errors import ArtifactMissing, QueueFull, QueueQuotaFull
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_PHASES, TERMINAL_SQL
@@ -71,6 +72,16 @@ class NewJob(NamedTuple):
     id: str
     spec: JobSpec
     sealed: bytes | None
+
+
+def new_jobs(keyring: Keyring, batch: Sequence[tuple[str, JobSpec]]) -> list[NewJob]:
+    """The jobs as they are written: secret values out of the specs, sealed."""
+    made = []
+    for job_id, spec in batch:
+        stored, values = split_secrets(spec)
+        sealed = keyring.seal(job_id, values) if values else None
+        made.append(NewJob(job_id, stored, sealed))
+    return made
 
 
 def _record_artifacts(conn: sqlite3.Connection, index: int, job_id: str, spec: JobSpec) -> None:

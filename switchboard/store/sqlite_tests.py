@@ -11,7 +11,9 @@ only once finish_report has marked its row complete, all at once.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from types import ModuleType
+from typing import Any
 
 from switchboard.models import (
     StoredTestCase,
@@ -37,6 +39,45 @@ CASES_PAGE_OF_RESULT = (
     f"SELECT {_COLUMNS} FROM test_cases WHERE job_id = ? AND attempt = ? AND result = ?"
     f" AND id > ? AND report_id IN ({_COMPLETE}) ORDER BY id LIMIT ?"
 )
+
+
+#: A store's write: runs a function of a connection in a transaction, its value once
+#: committed (the function's value may be awaitable: the PostgreSQL store awaits it).
+Write = Callable[[Callable[[Any], Any]], Awaitable[Any]]
+
+
+async def add_report(
+    write: Write,
+    family: ModuleType,
+    job_id: str,
+    attempt: int,
+    report: str,
+    cases: Sequence[TestCase],
+) -> bool:
+    """Store.add_test_cases for either store: `family` is the store's module of these
+    functions (this one, or postgres_tests), `write` its transaction. In short
+    transactions: the cases are listed, and counted, once the last has marked the report
+    complete; then the rows of an older copy (or, if the job was deleted meanwhile, this
+    one's) are dropped a few at a time."""
+    report_id = await write(lambda conn: family.begin_report(conn, job_id, attempt, report, cases))
+    if report_id is None:
+        return False
+    step = CASES_PER_WRITE
+    for start in range(0, len(cases), step):
+
+        def add(conn: Any, chunk: Sequence[TestCase] = cases[start : start + step]) -> Any:
+            return family.add_cases(conn, job_id, attempt, report, report_id, chunk)
+
+        await write(add)
+    replaced = await write(lambda conn: family.finish_report(conn, report_id))
+    for gone in [report_id] if replaced is None else replaced:
+
+        def drop(conn: Any, gone: int = gone) -> Any:
+            return family.drop_replaced(conn, gone, step)
+
+        while await write(drop):
+            pass
+    return replaced is not None
 
 
 def begin_report(
