@@ -5,6 +5,7 @@ database)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 
@@ -12,6 +13,7 @@ import asyncpg
 import pytest
 
 from protocol.messages import Output
+from switchboard.store.errors import QueueFull
 from switchboard.store.postgres import PostgresStore
 from tests.postgres import (
     Cluster,
@@ -93,3 +95,16 @@ async def test_the_change_log_waits_for_a_change_that_may_still_commit(store, da
             start = changes[-1].rev
     finally:
         await slow.close()
+
+
+async def test_submissions_side_by_side_never_overfill_the_queue(store):
+    """The SQLite store counts the queue in its one writer; on PostgreSQL, submissions run
+    side by side on the pool and must still never take more places than there are."""
+    results = await asyncio.gather(
+        *(store.create_jobs([(f"q{i}", SPEC)], "", max_queued=10) for i in range(30)),
+        return_exceptions=True,
+    )
+    made = [r for r in results if not isinstance(r, BaseException)]
+    assert len(made) == 10
+    assert all(isinstance(r, QueueFull) for r in results if isinstance(r, BaseException))
+    assert await store.queue_length() == 10

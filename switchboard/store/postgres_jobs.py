@@ -85,7 +85,9 @@ async def insert_jobs(
     max_per_owner: int | None = None,
 ) -> list[Submitted]:
     """Insert jobs owned by token `owner` (all or none: the caller's transaction rolls
-    back on QueueFull or ArtifactMissing)."""
+    back on QueueFull or ArtifactMissing). Submissions count the queue one at a time (a
+    lock held until commit), so two side by side can't both take its last places."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('switchboard queue'))")
     queued = await conn.fetchval("SELECT count(*) FROM jobs WHERE phase = 'queued'")
     if queued + len(jobs) > max_queued:
         raise QueueFull(f"{queued} jobs are queued; the switchboard takes at most {max_queued}")
