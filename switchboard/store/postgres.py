@@ -123,7 +123,9 @@ class PostgresStore(Store):
     async def _write(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
         """One transaction; the metrics it staged count once it has committed."""
         with metrics.staged_in_task():
+            started = time.perf_counter()
             value = await self._engine.write(fn)
+            metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.staged_commit()
         return value
 
