@@ -231,9 +231,10 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument(
         "--database",
         type=database_arg,
+        default=os.environ.get("SWITCHBOARD_DATABASE") or None,
         metavar="URI",
         help="write it straight into this PostgreSQL database instead (the first admin"
-        " token of a switchboard serving it)",
+        " token of a switchboard serving it; env SWITCHBOARD_DATABASE)",
     )
     token("list", "every token (never the secrets)", _token_list)
     revoke = token("revoke", "revoke a token; its connections are closed", _token_revoke)

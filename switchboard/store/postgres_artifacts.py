@@ -15,7 +15,7 @@ from switchboard.store.sqlite_artifacts import NEEDED_BY_SHOWN
 
 
 async def stored_artifact_bytes(conn: Connection) -> int:
-    total: int = await conn.fetchval("SELECT coalesce(sum(size), 0) FROM artifacts")
+    total: int = await conn.fetchval("SELECT coalesce(sum(size), 0)::bigint FROM artifacts")
     return total
 
 

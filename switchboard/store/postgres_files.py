@@ -170,7 +170,8 @@ async def files_summary(conn: Connection, job_id: str) -> FilesSummary | None:
         return None
     row = await conn.fetchrow(
         "SELECT (SELECT count(*) FROM run_files WHERE job_id = $1 AND attempt = $2),"
-        " (SELECT coalesce(sum(size), 0) FROM run_files WHERE job_id = $1 AND attempt = $2),"
+        " (SELECT coalesce(sum(size), 0)::bigint FROM run_files"
+        "  WHERE job_id = $1 AND attempt = $2),"
         " (SELECT count(*) FROM run_files_refused WHERE job_id = $1 AND attempt = $2)"
         " + (SELECT files_refused_unlisted FROM runs WHERE job_id = $1 AND attempt = $2)",
         job_id,

@@ -103,13 +103,14 @@ async def test_summary(conn: Connection, job_id: str) -> TestCounts | None:
     if attempt is None:
         return None
     row = await conn.fetchrow(
-        "SELECT sum(passed), sum(failed), sum(error), sum(skipped) FROM test_reports"
+        "SELECT sum(passed)::bigint, sum(failed)::bigint, sum(error)::bigint,"
+        " sum(skipped)::bigint FROM test_reports"
         " WHERE job_id = $1 AND attempt = $2 AND complete = 1",
         job_id,
         attempt,
     )
     assert row is not None  # aggregates always give a row
-    return records.test_counts(*(int(n) for n in row))
+    return records.test_counts(*row)
 
 
 async def test_cases(

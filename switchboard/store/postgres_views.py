@@ -145,7 +145,7 @@ async def set_dispatch_paused(conn: Connection, paused: bool) -> None:
 
 
 async def stored_output_bytes(conn: Connection) -> int:
-    total: int = await conn.fetchval("SELECT coalesce(sum(output_bytes), 0) FROM runs")
+    total: int = await conn.fetchval("SELECT coalesce(sum(output_bytes), 0)::bigint FROM runs")
     return total
 
 
