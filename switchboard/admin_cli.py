@@ -13,11 +13,20 @@ from switchboard.auth import Role, TokenError, create_token
 from switchboard.cli_output import add_connection_flags, client, show, table, when
 from switchboard.cli_output import run as run_client
 from switchboard.config import Settings
+from switchboard.store.choice import database_uri
 from switchboard.store.schema import SchemaMismatch
 
 
 def data_dir(value: str | None) -> Path:
     return Path(value or os.environ.get("SWITCHBOARD_DATA_DIR", "switchboard-data"))
+
+
+def database_arg(text: str) -> str:
+    """An argparse type: a PostgreSQL URI (store.choice.database_uri)."""
+    try:
+        return database_uri(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def labels_text(labels: dict[str, str]) -> str:
@@ -99,7 +108,7 @@ def _supervisor_unenroll(args: argparse.Namespace) -> int:
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    if args.data_dir:
+    if args.data_dir or args.database:
         # Bootstrap: no server and no token yet, so write the first one into the database.
         return _token_bootstrap(args)
     body = {"role": args.role, "name": args.name or "", "supervisor_id": args.supervisor}
@@ -108,12 +117,12 @@ def _token_create(args: argparse.Namespace) -> int:
 
 
 def _token_bootstrap(args: argparse.Namespace) -> int:
-    from switchboard.store.sqlite import SQLiteStore
+    from switchboard.store.choice import make_store
 
-    settings = Settings(data_dir=data_dir(args.data_dir))
+    settings = Settings(data_dir=data_dir(args.data_dir), database=args.database)
 
     async def make() -> str:
-        store = SQLiteStore(settings.database_path)
+        store = make_store(settings)
         await store.open()
         try:
             made = await create_token(
@@ -123,11 +132,16 @@ def _token_bootstrap(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
+    refused: tuple[type[Exception], ...] = (SchemaMismatch,)
+    if args.database:
+        import asyncpg  # what a database may refuse or fail with (only when one is named)
+
+        refused += (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)
     try:
         print(asyncio.run(make()))
     except TokenError as exc:
         raise SystemExit(f"switchboard: --supervisor: {exc}") from None
-    except SchemaMismatch as exc:
+    except refused as exc:
         raise SystemExit(f"switchboard: {exc}") from None
     return 0
 
@@ -213,6 +227,14 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument(
         "--data-dir",
         help="write it straight into this server data dir instead (the first admin token)",
+    )
+    create.add_argument(
+        "--database",
+        type=database_arg,
+        default=os.environ.get("SWITCHBOARD_DATABASE") or None,
+        metavar="URI",
+        help="write it straight into this PostgreSQL database instead (the first admin"
+        " token of a switchboard serving it; env SWITCHBOARD_DATABASE)",
     )
     token("list", "every token (never the secrets)", _token_list)
     revoke = token("revoke", "revoke a token; its connections are closed", _token_revoke)

@@ -47,7 +47,7 @@ from switchboard.retention import Retention
 from switchboard.sealing import Keyring
 from switchboard.state import AppState
 from switchboard.store.base import Store
-from switchboard.store.sqlite import SQLiteStore
+from switchboard.store.choice import make_store
 from switchboard.waiters import JobWaiters
 
 VERSION = "0.1.0"
@@ -103,12 +103,7 @@ async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
 
 def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
     """`keyring` seals secret parameter values (server.py loads it from the settings)."""
-    store = SQLiteStore(
-        settings.database_path,
-        keyring=keyring,
-        max_run_output=settings.max_run_output_bytes or None,
-        checked_classes=frozenset(settings.health_checks),
-    )
+    store = make_store(settings, keyring)
     hub = Hub(store, settings)
     changes = Changes(store)
     artifact_files = ArtifactFiles(settings.artifacts_dir)

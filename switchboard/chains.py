@@ -41,6 +41,14 @@ def sources_of(spec: JobSpec) -> list[str]:
     return list(dict.fromkeys(ref.from_job for ref in spec.chained_inputs().values()))
 
 
+def wanted_files(spec: JobSpec) -> dict[str, set[str]]:
+    """The output files a chained spec takes, by the job whose run kept them."""
+    wanted: dict[str, set[str]] = {}
+    for ref in spec.chained_inputs().values():
+        wanted.setdefault(ref.from_job, set()).add(ref.path)
+    return wanted
+
+
 def waiting_reason(job_id: str) -> str:
     """The `unschedulable` note a chained job carries while it waits."""
     return f"waiting for job {job_id} to end (its output files are this job's inputs)"

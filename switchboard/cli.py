@@ -11,7 +11,7 @@ from pathlib import Path
 
 from common import logfmt
 from protocol.spec import MAX_TIMEOUT_S
-from switchboard.admin_cli import add_admin_commands, data_dir
+from switchboard.admin_cli import add_admin_commands, data_dir, database_arg
 from switchboard.cli_output import duration
 from switchboard.config import HealthChecksError, Settings, load_health_checks
 from switchboard.db_cli import add_db_commands
@@ -51,6 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             data_dir=data_dir(args.data_dir),
+            database=args.database,
             heartbeat_interval_s=args.heartbeat_interval,
             heartbeat_timeout_s=args.heartbeat_timeout,
             status_every_heartbeats=args.status_every,
@@ -171,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=int(os.environ.get("SWITCHBOARD_PORT", DEFAULTS.port))
     )
     serve.add_argument("--data-dir", help="database and artifacts (default ./switchboard-data)")
+    serve.add_argument(
+        "--database",
+        type=database_arg,
+        default=os.environ.get("SWITCHBOARD_DATABASE") or None,
+        metavar="URI",
+        help="keep the records in this PostgreSQL database (postgresql://user@host/db)"
+        " instead of the data dir's SQLite file; artifacts stay in the data dir"
+        " (env SWITCHBOARD_DATABASE)",
+    )
     serve.add_argument(
         "--heartbeat-interval",
         type=float,

@@ -16,6 +16,9 @@ class Settings(msgspec.Struct):
     host: str = "127.0.0.1"
     port: int = 8765
     data_dir: Path = Path("switchboard-data")
+    #: A PostgreSQL database (libpq URI) to keep the records in instead of the data dir's
+    #: SQLite file. Artifacts stay in the data dir either way.
+    database: str | None = None
     #: How often each side sends a heartbeat, and how long silence may last.
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 20.0

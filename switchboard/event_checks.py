@@ -8,6 +8,8 @@ Every event is acknowledged whatever happens to it: resending it would change no
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 from protocol.exceptions import JobErrorKind, ProblemCode
 from protocol.messages import (
     EventProblem,
@@ -16,6 +18,21 @@ from protocol.messages import (
     SupervisorEvent,
 )
 from protocol.state import SUPERVISOR_REPORTABLE, Phase, can_transition, is_terminal
+
+
+def fresh_events(
+    stored_seq: int, events: Sequence[SupervisorEvent], problems: list[EventProblem]
+) -> Iterator[SupervisorEvent]:
+    """The events of a batch to store, in order: those past `stored_seq` (the others are
+    resends after a reconnect, stored already); a skipped number is noted in `problems`."""
+    for event in events:
+        if event.seq <= stored_seq:
+            continue
+        gap = seq_gap(stored_seq, event.seq)
+        if gap is not None:
+            problems.append(gap)
+        stored_seq = event.seq
+        yield event
 
 
 def seq_gap(stored_seq: int, seq: int) -> EventProblem | None:

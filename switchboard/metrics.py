@@ -14,9 +14,11 @@ histograms once that transaction commits, so a rolled-back change is never count
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -551,21 +553,44 @@ class _Staged(threading.local):
 
 
 _staged = _Staged()
+#: A task's own staging list (see `staged_in_task`); None: the thread's.
+_task_staged: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar(
+    "staged", default=None
+)
+
+
+def _staging() -> list[Callable[[], None]]:
+    items = _task_staged.get()
+    return _staged.items if items is None else items
+
+
+@contextlib.contextmanager
+def staged_in_task() -> Iterator[None]:
+    """Stage what this block observes apart from everything else on the thread: for a
+    store whose transactions interleave on the event loop (PostgreSQL), where the thread's
+    list would mix them. The block calls staged_commit once its transaction committed;
+    what it staged otherwise is forgotten when it ends."""
+    token = _task_staged.set([])
+    try:
+        yield
+    finally:
+        _task_staged.reset(token)
 
 
 def staged_mark() -> int:
     """Where the current request of a transaction starts (see `staged_drop`)."""
-    return len(_staged.items)
+    return len(_staging())
 
 
 def staged_drop(mark: int = 0) -> None:
     """Forget what was staged since `mark`: that part of the transaction was undone."""
-    del _staged.items[mark:]
+    del _staging()[mark:]
 
 
 def staged_commit() -> None:
     """The transaction committed: make what it staged count."""
-    items, _staged.items = _staged.items, []
+    items = _staging()[:]
+    _staging().clear()
     for observe in items:
         try:
             observe()
@@ -575,20 +600,20 @@ def staged_commit() -> None:
 
 def run_running(kind: str, waited_s: float) -> None:
     """Stage a run reaching running after `waited_s` in the queue."""
-    _staged.items.append(
+    _staging().append(
         lambda: DISPATCH_LATENCY.labels(backend_label(kind)).observe(max(0.0, waited_s))
     )
 
 
 def secrets_unreadable(via: str) -> None:
     """Stage a job rejected because its secret values can't be opened."""
-    _staged.items.append(lambda: SECRETS_UNREADABLE.labels(via).inc())
+    _staging().append(lambda: SECRETS_UNREADABLE.labels(via).inc())
 
 
 def run_ended(kind: str, phase: Phase, duration_s: float) -> None:
     """Stage a run's end."""
     outcome = phase.value if phase in TERMINAL else OTHER
-    _staged.items.append(
+    _staging().append(
         lambda: RUN_DURATION.labels(backend_label(kind), outcome).observe(max(0.0, duration_s))
     )
 
@@ -600,9 +625,9 @@ def output_truncated(stream: str, dropped: int) -> None:
         OUTPUT_TRUNCATED.labels(stream).inc()
         OUTPUT_DROPPED_BYTES.labels(stream).inc(dropped)
 
-    _staged.items.append(observe)
+    _staging().append(observe)
 
 
 def output_dropped(stream: str, dropped: int) -> None:
     """Stage output dropped because its stream was cut at the output cap."""
-    _staged.items.append(lambda: OUTPUT_DROPPED_BYTES.labels(stream).inc(dropped))
+    _staging().append(lambda: OUTPUT_DROPPED_BYTES.labels(stream).inc(dropped))

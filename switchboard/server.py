@@ -164,6 +164,27 @@ def hold_database(settings: Settings, keyring: Keyring) -> IO[bytes]:
         raise SystemExit(f"switchboard: {exc}") from None
 
 
+def check_database(settings: Settings) -> None:
+    """With --database: reach the PostgreSQL database and create or check its schema
+    before serving, or stop with one line saying what is wrong."""
+    if settings.database is None:
+        return
+    import asyncpg
+
+    from switchboard.store.postgres_engine import reach
+
+    try:
+        asyncio.run(reach(settings.database))
+    except (
+        OSError,
+        ValueError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        SchemaMismatch,
+    ) as exc:
+        raise SystemExit(f"switchboard: --database: {exc}") from None
+
+
 def allow_open_files(settings: Settings) -> None:
     """Raise the soft limit on open files to the hard one: --max-connections (and every
     supervisor's WebSocket) needs a descriptor each, and the default soft limit is often
@@ -187,6 +208,7 @@ def run(settings: Settings) -> None:
     logfmt.configure(settings.log_format)
     keyring = prepare_storage(settings)
     with hold_database(settings, keyring):  # held while serving
+        check_database(settings)
         allow_open_files(settings)
         gc.freeze()  # the imported code lives as long as the process; don't rescan it
         uvloop.run(serve(settings, keyring))

@@ -37,7 +37,9 @@ def prepare_to_serve(settings: Settings, keyring: Keyring) -> IO[bytes]:
     path = settings.database_path
     held = datadir.hold(settings.data_dir, exclusive=settings.upgrade_schema)
     try:
-        version = database_version(path)
+        # On PostgreSQL (--database) the data dir holds artifacts only: the database's
+        # schema is created or checked as the store opens (store/postgres_schema.py).
+        version = None if settings.database else database_version(path)
         if version is not None and version != SCHEMA_VERSION:
             check_version(version, path, upgrade=settings.upgrade_schema)
             upgrade(path, keyring)

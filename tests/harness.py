@@ -101,10 +101,19 @@ class Process:
 
 
 class Switchboard:
-    """A switchboard server process with its own data dir, and tokens for it."""
+    """A switchboard server process with its own data dir, and tokens for it. With
+    `database` (a PostgreSQL URI) it keeps its records there (`serve --database`)."""
 
-    def __init__(self, data_dir: Path, port: int = 0, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 0,
+        extra_args: tuple[str, ...] = (),
+        *,
+        database: str | None = None,
+    ) -> None:
         self.data_dir = data_dir
+        self.database = database
         self.extra_args = extra_args
         self.starts = 0
         self.port = port
@@ -122,6 +131,7 @@ class Switchboard:
                 str(self.port),
                 "--data-dir",
                 str(self.data_dir),
+                *self._store_args(),
                 *self.extra_args,
             ],
             self.data_dir.parent / f"{self.data_dir.name}.{self.starts}.log",
@@ -155,9 +165,13 @@ class Switchboard:
         bound = ("--supervisor", supervisor_id) if supervisor_id else ()
         done = run_cli(
             *("-m", "switchboard", "token", "create", "--role", role),
-            *("--data-dir", str(self.data_dir), *bound),
+            *self._store_args() if self.database else ("--data-dir", str(self.data_dir)),
+            *bound,
         )
         return done.stdout.decode().strip()
+
+    def _store_args(self) -> tuple[str, ...]:
+        return ("--database", self.database) if self.database else ()
 
     def client(
         self, token: str | None = None, *, verify: ssl.SSLContext | bool = True

@@ -29,6 +29,21 @@ else:
     Connection = PoolConnectionProxy
 
 
+async def reach(dsn: str) -> None:
+    """Connect to `dsn` and create or check the schema there, then let go: before serving,
+    so a wrong URI or an unreachable server is said at once. Raises OSError,
+    asyncpg.PostgresError, asyncpg.InterfaceError, ValueError (a malformed URI),
+    SchemaMismatch."""
+    engine = PostgresEngine(dsn, min_connections=1, max_connections=1)
+    await engine.open()
+    await engine.close()
+
+
+def affected(status: str) -> int:
+    """The rows a statement changed, from its command status ("UPDATE 3")."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 class PostgresEngine:
     """One database: `dsn` is a libpq URI. `max_connections` bounds the pool (a request
     beyond it waits for a connection); `statement_timeout_s` ends any one statement that

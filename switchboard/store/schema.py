@@ -23,6 +23,8 @@ TERMINAL_PHASES = tuple(p.value for p in Phase if p in TERMINAL)
 TERMINAL_SQL = ",".join("?" * len(TERMINAL_PHASES))
 ACTIVE_PHASES = tuple(p.value for p in Phase if p in ACTIVE)
 ACTIVE_SQL = ",".join("?" * len(ACTIVE_PHASES))
+#: The active phases written out (PostgreSQL's queries, which bind no lists).
+ACTIVE_LITERALS = sql_literals(ACTIVE)
 
 #: The version SCHEMA creates: where the numbered migrations (store/migrations.py) start.
 #: SCHEMA is not edited any more; a change to the schema is a new migration.

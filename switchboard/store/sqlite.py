@@ -22,7 +22,7 @@ from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import scheduler
-from switchboard.event_checks import seq_gap
+from switchboard.event_checks import fresh_events
 from switchboard.health import DeviceFacts
 from switchboard.models import (
     ActiveRun,
@@ -62,7 +62,7 @@ from switchboard.models import (
     TestResult,
     TokenView,
 )
-from switchboard.sealing import Keyring, split_secrets
+from switchboard.sealing import Keyring
 from switchboard.store import sqlite_artifacts as artifacts
 from switchboard.store import sqlite_chains, sqlite_jobs
 from switchboard.store import sqlite_devices as lab
@@ -80,6 +80,7 @@ from switchboard.store.base import Store
 from switchboard.store.errors import BatchOutOfOrder
 from switchboard.store.sqlite_engine import SQLiteEngine
 from switchboard.store.sqlite_secrets import upgrade_and_reseal
+from switchboard.store.sqlite_tests import add_report
 from switchboard.store.token_cache import TokenCache
 
 T = TypeVar("T")
@@ -223,15 +224,6 @@ class SQLiteStore(Store):
 
     # --- jobs ------------------------------------------------------------------------
 
-    def _sealed(self, batch: Sequence[tuple[str, JobSpec]]) -> list[sqlite_jobs.NewJob]:
-        """The jobs as they are written: secret values out of the specs, sealed."""
-        made = []
-        for job_id, spec in batch:
-            stored, values = split_secrets(spec)
-            sealed = self._keyring.seal(job_id, values) if values else None
-            made.append(sqlite_jobs.NewJob(job_id, stored, sealed))
-        return made
-
     async def create_jobs(
         self,
         jobs: Sequence[tuple[str, JobSpec]],
@@ -241,7 +233,7 @@ class SQLiteStore(Store):
         owner: str | None = None,
         max_queued_per_owner: int | None = None,
     ) -> list[Submitted]:
-        batch = self._sealed(jobs)
+        batch = sqlite_jobs.new_jobs(self._keyring, jobs)
 
         def write(conn: sqlite3.Connection) -> list[Submitted]:
             return sqlite_chains.insert_with_chains(
@@ -272,7 +264,7 @@ class SQLiteStore(Store):
     ) -> tuple[list[Submitted], list[Assignment]]:
         # Chained jobs wait for their inputs: never placed at submission (Dispatcher.submit).
         assert not any(spec.chained_inputs() for _, spec in jobs)
-        batch = self._sealed(jobs)
+        batch = sqlite_jobs.new_jobs(self._keyring, jobs)
         keyring, checked = self._keyring, self.checked_classes
 
         def write(conn: sqlite3.Connection) -> tuple[list[Submitted], list[Assignment]]:
@@ -399,12 +391,7 @@ class SQLiteStore(Store):
                     f" (stored: {stored}): the batch after them is not stored either"
                 )
             batch = runs.EventBatch(conn, supervisor_id, self.max_run_output)
-            for event in events:
-                if event.seq <= stored:
-                    continue  # already stored: a resend after a reconnect
-                gap = seq_gap(stored, event.seq)
-                if gap is not None:
-                    batch.problems.append(gap)
+            for event in fresh_events(stored, events, batch.problems):
                 stored = event.seq
                 batch.apply(event)
             batch.finish()
@@ -428,31 +415,7 @@ class SQLiteStore(Store):
     async def add_test_cases(
         self, job_id: str, attempt: int, report_path: str, cases: Sequence[TestCase]
     ) -> bool:
-        # In short transactions (sqlite_tests.py): the cases are listed, and counted, once
-        # the last one has marked the report complete.
-        report_id = await self._write(
-            lambda conn: tests.begin_report(conn, job_id, attempt, report_path, cases)
-        )
-        if report_id is None:
-            return False
-        step = tests.CASES_PER_WRITE
-        for start in range(0, len(cases), step):
-            chunk = cases[start : start + step]
-
-            def add(conn: sqlite3.Connection, chunk: Sequence[TestCase] = chunk) -> None:
-                tests.add_cases(conn, job_id, attempt, report_path, report_id, chunk)
-
-            await self._write(add)
-        replaced = await self._write(lambda conn: tests.finish_report(conn, report_id))
-        # A job deleted meanwhile: drop what this call stored. Else the older copy's cases.
-        for gone in [report_id] if replaced is None else replaced:
-
-            def drop(conn: sqlite3.Connection, gone: int = gone) -> int:
-                return tests.drop_replaced(conn, gone, step)
-
-            while await self._write(drop):
-                pass
-        return replaced is not None
+        return await add_report(self._write, tests, job_id, attempt, report_path, cases)
 
     async def test_cases(
         self,
@@ -614,7 +577,7 @@ class SQLiteStore(Store):
         return await self._read(lab.device_facts)
 
     async def create_checks(self, checks: Sequence[tuple[str, JobSpec, str]], actor: str) -> None:
-        batch = self._sealed([(job_id, spec) for job_id, spec, _ in checks])
+        batch = sqlite_jobs.new_jobs(self._keyring, [(job_id, spec) for job_id, spec, _ in checks])
         now = time.time()
 
         def write(conn: sqlite3.Connection) -> None:

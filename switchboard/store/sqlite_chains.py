@@ -27,11 +27,8 @@ _spec_decoder = msgspec.json.Decoder(JobSpec)
 
 
 def _sources(conn: sqlite3.Connection, spec: JobSpec) -> dict[str, chains.Source | None]:
-    wanted: dict[str, set[str]] = {}
-    for ref in spec.chained_inputs().values():
-        wanted.setdefault(ref.from_job, set()).add(ref.path)
     sources: dict[str, chains.Source | None] = {}
-    for job_id, paths in wanted.items():
+    for job_id, paths in chains.wanted_files(spec).items():
         row = conn.execute("SELECT phase, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             sources[job_id] = None

@@ -10,7 +10,7 @@ import sqlite3
 import msgspec
 
 from protocol import globs
-from protocol.messages import JobFiles
+from protocol.messages import JobFiles, OutputFile
 from switchboard.models import (
     FilesSummary,
     PendingReport,
@@ -37,10 +37,13 @@ _facts_decoder = msgspec.json.Decoder(_ReportFacts)
 def report_globs(conn: sqlite3.Connection, job_id: str) -> list[str]:
     """The job's `reports.junit` globs (none: it names no reports)."""
     row = conn.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if row is None:
-        return []
+    return [] if row is None else globs_of_spec(row[0])
+
+
+def globs_of_spec(spec: bytes) -> list[str]:
+    """A stored spec's `reports.junit` globs, read without decoding the rest."""
     try:
-        reports = _facts_decoder.decode(row[0]).reports
+        reports = _facts_decoder.decode(spec).reports
     except msgspec.DecodeError:
         return []
     if reports is None:
@@ -60,6 +63,35 @@ class FilesStored(msgspec.Struct):
     reports: list[PendingReport] = []
 
 
+def refusal(
+    result: FilesStored,
+    key: tuple[str, int],
+    file: OutputFile,
+    size: int | None,
+    junit: list[str],
+) -> tuple[str | None, ReportStatus | None]:
+    """Whether a listed file is kept: why not (noted in `result`), or (None, its report
+    status: "pending" if it is one of the spec's `junit` reports, noted in `result`).
+    `size`: the stored artifact's of its digest (None: never uploaded)."""
+    if not globs.is_relative_path(file.path):
+        # The wire gives it only a length: one that could lead out of a directory it is
+        # downloaded into is never kept.
+        result.invalid.append(file.path)
+        return "not a relative path (empty, `.` or `..` parts)", None
+    reason = None
+    if size is None:
+        reason = f"listed as {file.digest}, which was never uploaded: not kept"
+    elif size != file.size:
+        reason = f"listed as {file.size} bytes, its artifact {file.digest} has {size}"
+    if reason is not None:
+        result.not_uploaded.append(file.path)
+        return reason, None
+    if junit and globs.matches_any(file.path, junit):
+        result.reports.append(PendingReport(*key, file.path, file.digest))
+        return None, "pending"
+    return None, None
+
+
 def store_files(conn: sqlite3.Connection, event: JobFiles, junit: list[str]) -> FilesStored:
     """Link the run to each file the event lists (a file listed again replaces its older
     row), and record the refused ones; a file whose digest is not a stored artifact of
@@ -67,26 +99,11 @@ def store_files(conn: sqlite3.Connection, event: JobFiles, junit: list[str]) -> 
     key = (event.job_id, event.attempt)
     result = FilesStored(refused=len(event.refused) + event.refused_unlisted)
     for file in event.files:
-        if not globs.is_relative_path(file.path):
-            # The wire gives it only a length: one that could lead out of a directory it is
-            # downloaded into is never kept.
-            result.invalid.append(file.path)
-            _refuse(conn, key, file.path, "not a relative path (empty, `.` or `..` parts)")
-            continue
         row = conn.execute("SELECT size FROM artifacts WHERE digest = ?", (file.digest,)).fetchone()
-        reason = None
-        if row is None:
-            reason = f"listed as {file.digest}, which was never uploaded: not kept"
-        elif row[0] != file.size:
-            reason = f"listed as {file.size} bytes, its artifact {file.digest} has {row[0]}"
+        reason, report = refusal(result, key, file, row[0] if row else None, junit)
         if reason is not None:
-            result.not_uploaded.append(file.path)
             _refuse(conn, key, file.path, reason)
             continue
-        report: ReportStatus | None = None
-        if junit and globs.matches_any(file.path, junit):
-            report = "pending"
-            result.reports.append(PendingReport(*key, file.path, file.digest))
         conn.execute(
             "INSERT OR REPLACE INTO run_files"
             " (job_id, attempt, path, digest, size, media_type, report, report_error)"

@@ -25,11 +25,11 @@ from switchboard.models import (
     JobFilter,
     JobSummary,
     JobView,
-    PhaseEntry,
     RunOnSupervisor,
-    RunView,
     Submitted,
 )
+from switchboard.sealing import Keyring, split_secrets
+from switchboard.store import records
 from switchboard.store.errors import ArtifactMissing, QueueFull, QueueQuotaFull
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_PHASES, TERMINAL_SQL
 from switchboard.store.sqlite_secrets import store_sealed
@@ -72,6 +72,16 @@ class NewJob(NamedTuple):
     id: str
     spec: JobSpec
     sealed: bytes | None
+
+
+def new_jobs(keyring: Keyring, batch: Sequence[tuple[str, JobSpec]]) -> list[NewJob]:
+    """The jobs as they are written: secret values out of the specs, sealed."""
+    made = []
+    for job_id, spec in batch:
+        stored, values = split_secrets(spec)
+        sealed = keyring.seal(job_id, values) if values else None
+        made.append(NewJob(job_id, stored, sealed))
+    return made
 
 
 def _record_artifacts(conn: sqlite3.Connection, index: int, job_id: str, spec: JobSpec) -> None:
@@ -254,62 +264,28 @@ def list_jobs(conn: sqlite3.Connection, where: JobFilter) -> list[tuple[int, Job
         pattern = where.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         clauses.append("(j.name LIKE ? ESCAPE '\\' OR j.id LIKE ? ESCAPE '\\')")
         args.extend((f"%{pattern}%", f"{pattern}%"))
-    sql = (
-        "SELECT j.seq, j.id, j.name, j.phase, j.priority, j.created_at, j.updated_at, j.labels,"
-        " j.attempts, (SELECT supervisor_id FROM runs r WHERE r.job_id = j.id"
-        "  AND r.attempt = j.attempts), j.exit_code, j.reason, j.unschedulable, j.owner"
-        " FROM jobs j"
-    )
+    sql = f"SELECT {records.SUMMARY_COLUMNS} FROM jobs j"
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
     sql += " ORDER BY j.seq DESC LIMIT ?"
     args.append(where.limit)
-    return [
-        (
-            r[0],
-            JobSummary(
-                id=r[1],
-                name=r[2],
-                phase=Phase(r[3]),
-                priority=r[4],
-                created_at=r[5],
-                updated_at=r[6],
-                labels=json.loads(r[7]),
-                attempts=r[8],
-                supervisor_id=r[9],
-                exit_code=r[10],
-                reason=r[11],
-                unschedulable=r[12],
-                owner=r[13],
-            ),
-        )
-        for r in conn.execute(sql, args)
-    ]
+    return [records.job_summary(r) for r in conn.execute(sql, args)]
 
 
 def job_events(conn: sqlite3.Connection, job_id: str) -> list[JobEvent] | None:
     """The job's own events and its runs' phase changes, in time order."""
     if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
         return None
-    events = [
-        JobEvent(at=r[0], kind=r[1], message=r[2], attempt=r[3], actor=r[4])
-        for r in conn.execute(
-            "SELECT at, kind, message, attempt, actor FROM job_events WHERE job_id = ? ORDER BY id",
+    return records.job_events(
+        conn.execute(
+            f"SELECT {records.EVENT_COLUMNS} FROM job_events WHERE job_id = ? ORDER BY id",
             (job_id,),
-        )
-    ]
-    for attempt, phase, stage, message, at in conn.execute(
-        "SELECT attempt, phase, stage, message, at FROM run_phases WHERE job_id = ? ORDER BY id",
-        (job_id,),
-    ):
-        text = f"run {attempt}: {phase}"
-        if stage:
-            text += f" ({stage})"
-        if message:
-            text += f": {message}"
-        events.append(JobEvent(at=at, kind="run_phase", message=text, attempt=attempt))
-    events.sort(key=lambda e: e.at)  # stable: same-instant entries keep their order
-    return events
+        ),
+        conn.execute(
+            f"SELECT {records.PHASE_COLUMNS} FROM run_phases WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        ),
+    )
 
 
 def expire_queued(conn: sqlite3.Connection, now: float) -> list[str]:
@@ -327,68 +303,26 @@ def expire_queued(conn: sqlite3.Connection, now: float) -> list[str]:
 
 def load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
     row = conn.execute(
-        "SELECT j.id, j.name, j.phase, j.spec, j.created_at, j.updated_at, j.priority,"
-        " j.exit_code, j.reason, j.cancel_requested, j.unschedulable, j.owner, t.name,"
-        " j.waiting_for FROM jobs j LEFT JOIN tokens t ON t.id = j.owner WHERE j.id = ?",
+        f"SELECT {records.JOB_COLUMNS} FROM jobs j LEFT JOIN tokens t ON t.id = j.owner"
+        " WHERE j.id = ?",
         (job_id,),
     ).fetchone()
     if row is None:
         return None
-    phases: dict[int, list[PhaseEntry]] = {}
-    for attempt, phase, stage, message, at in conn.execute(
-        "SELECT attempt, phase, stage, message, at FROM run_phases WHERE job_id = ? ORDER BY id",
-        (job_id,),
-    ):
-        phases.setdefault(attempt, []).append(PhaseEntry(Phase(phase), at, stage, message))
-    devices: dict[int, list[str]] = {}
-    for attempt, device_id in conn.execute(
-        "SELECT attempt, device_id FROM run_devices WHERE job_id = ? ORDER BY device_id",
-        (job_id,),
-    ):
-        devices.setdefault(attempt, []).append(device_id)
-    runs = [
-        RunView(
-            attempt=r[0],
-            supervisor_id=r[1],
-            phase=Phase(r[2]),
-            created_at=r[3],
-            stage=r[4],
-            message=r[5],
-            exit_code=r[6],
-            signal=r[7],
-            reason=r[8],
-            error_kind=r[9],
-            error=r[10],
-            started_at=r[11],
-            ended_at=r[12],
-            phases=phases.get(r[0], []),
-            output_bytes=r[13],
-            output_truncated=r[14].split(",") if r[14] else [],
-            devices=devices.get(r[0], []),
-        )
-        for r in conn.execute(
-            "SELECT attempt, supervisor_id, phase, created_at, stage, message, exit_code, signal,"
-            " reason, error_kind, error, started_at, ended_at, output_bytes, output_truncated"
-            " FROM runs WHERE job_id = ? ORDER BY attempt",
+    return records.job_view(
+        row,
+        conn.execute(
+            f"SELECT {records.RUN_COLUMNS} FROM runs WHERE job_id = ? ORDER BY attempt",
             (job_id,),
-        )
-    ]
-    return JobView(
-        id=row[0],
-        name=row[1],
-        phase=Phase(row[2]),
-        spec=_spec_decoder.decode(row[3]),
-        created_at=row[4],
-        updated_at=row[5],
-        priority=row[6],
-        exit_code=row[7],
-        reason=row[8],
-        cancel_requested=bool(row[9]),
-        unschedulable=row[10],
-        owner=row[11],
-        owner_name=row[12],
-        waiting_for=row[13],
-        runs=runs,
+        ),
+        conn.execute(
+            f"SELECT {records.PHASE_COLUMNS} FROM run_phases WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        ),
+        conn.execute(
+            "SELECT attempt, device_id FROM run_devices WHERE job_id = ? ORDER BY device_id",
+            (job_id,),
+        ),
     )
 
 

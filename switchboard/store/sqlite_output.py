@@ -9,6 +9,7 @@ import sqlite3
 
 from protocol.limits import MAX_OUTPUT_CHUNK
 from protocol.messages import Output, Stream
+from switchboard.store import records
 
 #: Ends a stream cut at the per-run output cap (the only bytes of a stream the program
 #: did not write; OUTPUT_CUT_NOTE.format(cap=...)).
@@ -41,9 +42,4 @@ def read_output(
         # No stored chunk is longer than MAX_OUTPUT_CHUNK: a lower bound for the index.
         (job_id, attempt, stream, stop, start - MAX_OUTPUT_CHUNK - 1, start),
     ).fetchall()
-    parts = []
-    for offset, data in rows:
-        lo = max(start - offset, 0)
-        hi = min(stop - offset, len(data))
-        parts.append(data[lo:hi])
-    return b"".join(parts)
+    return records.output_range(rows, start, stop)

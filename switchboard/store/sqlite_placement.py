@@ -7,11 +7,10 @@ Every function takes the open connection and runs inside the caller's transactio
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from collections.abc import Set as AbstractSet
 
 import msgspec
@@ -22,7 +21,7 @@ from protocol.state import Phase
 from switchboard import lifecycle, metrics
 from switchboard.models import ActiveRun, Assignment, Counts, QueuedJob
 from switchboard.sealing import Keyring, SecretsUnreadable
-from switchboard.store import sqlite_devices
+from switchboard.store import records, sqlite_devices
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
 from switchboard.store.sqlite_jobs import end_queued_job
 from switchboard.store.sqlite_runs import record_phase
@@ -33,10 +32,14 @@ log = logging.getLogger("switchboard.store")
 _spec_decoder = msgspec.json.Decoder(JobSpec)
 
 
-def active_run(row: tuple, keyring: Keyring, conn: sqlite3.Connection) -> ActiveRun:
+def active_run(
+    row: tuple,
+    keyring: Keyring,
+    devices_of: Callable[[str, int], tuple[str, ...]] = lambda job_id, attempt: (),
+) -> ActiveRun:
     """A run a supervisor holds. One still `assigned` may need its StartJob again, so its
-    secret values are opened (or why they can't be is noted), and its devices read; the
-    others' are left shut."""
+    secret values are opened (or why they can't be is noted), and its devices read
+    (`devices_of(job_id, attempt)`); the others' are left shut."""
     job_id, attempt, phase, cancel_requested, raw, sealed = row
     spec, unreadable = _spec_decoder.decode(raw), None
     devices: tuple[str, ...] = ()
@@ -46,7 +49,7 @@ def active_run(row: tuple, keyring: Keyring, conn: sqlite3.Connection) -> Active
         except SecretsUnreadable as exc:
             unreadable = str(exc)
         if spec.resources:
-            devices = sqlite_devices.run_devices(conn, job_id, attempt)
+            devices = devices_of(job_id, attempt)
     return ActiveRun(
         job_id, attempt, Phase(phase), bool(cancel_requested), spec, unreadable, devices
     )
@@ -95,10 +98,15 @@ def assign_run(
 
 
 def reject_unreadable(conn: sqlite3.Connection, job_id: str, why: str, now: float) -> None:
+    end_queued_job(conn, job_id, unreadable_end(job_id, why, now))
+
+
+def unreadable_end(job_id: str, why: str, now: float) -> lifecycle.JobEnd:
+    """How a job whose secret values can't be opened ends at placement (counted, logged)."""
     end = lifecycle.secrets_unreadable(why, now)
-    end_queued_job(conn, job_id, end)
     metrics.secrets_unreadable("placement")
     log.warning("job %s rejected: %s", job_id, end.reason)
+    return end
 
 
 def no_job_ready(conn: sqlite3.Connection, now: float) -> bool:
@@ -131,9 +139,7 @@ RESOURCES_IN_USE = (
 def resources_in_use(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     used: dict[str, dict[str, int]] = {}
     for supervisor_id, resources in conn.execute(RESOURCES_IN_USE, ACTIVE_PHASES):
-        held = used.setdefault(supervisor_id, {})
-        for name, count in json.loads(resources).items():
-            held[name] = held.get(name, 0) + count
+        records.add_resources(used, supervisor_id, resources)
     return used
 
 
@@ -179,7 +185,10 @@ def active_runs(conn: sqlite3.Connection, supervisor_id: str, keyring: Keyring) 
         f" WHERE r.supervisor_id = ? AND r.phase IN ({ACTIVE_SQL})",
         (supervisor_id, *ACTIVE_PHASES),
     ).fetchall()
-    return [active_run(row, keyring, conn) for row in rows]
+    return [
+        active_run(row, keyring, lambda j, a: sqlite_devices.run_devices(conn, j, a))
+        for row in rows
+    ]
 
 
 def active_run_refs(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from switchboard.store import records
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_PHASES, TERMINAL_SQL
 from switchboard.store.sqlite_jobs import record_event
 
@@ -53,9 +54,7 @@ def drop_output(conn: sqlite3.Connection, job_id: str, max_rows: int, reason: st
         " RETURNING attempt, length(data)",
         (job_id, max_rows),
     ).fetchall()
-    freed: dict[int, int] = {}
-    for attempt, size in deleted:
-        freed[attempt] = freed.get(attempt, 0) + size
+    freed = records.freed_by_attempt(deleted)
     for attempt, size in freed.items():
         conn.execute(
             "UPDATE runs SET output_bytes = max(output_bytes - ?, 0)"

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgspec
 
@@ -34,13 +36,14 @@ from switchboard import lifecycle, metrics
 from switchboard.models import PendingReport, RunOnSupervisor
 from switchboard.store import sqlite_files
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
+from switchboard.store.sqlite_files import FilesStored
 from switchboard.store.sqlite_jobs import record_events
 from switchboard.store.sqlite_output import OUTPUT_CUT_NOTE, stored_length
 
 log = logging.getLogger("switchboard.store")
 
 #: set_run_phase's default: the job takes the run's stored exit code.
-_FROM_RUN = object()
+FROM_RUN = object()
 
 
 def record_phase(
@@ -74,7 +77,7 @@ class _SpecFacts(msgspec.Struct):
 _facts_decoder = msgspec.json.Decoder(_SpecFacts)
 
 
-def _observe_run(
+def observe_run(
     phase: Phase,
     at: float,
     spec: bytes,
@@ -106,6 +109,38 @@ def _observe_run(
     return facts
 
 
+#: All a phase change needs of its run and job, in one read (the writer's busiest path);
+#: the caller adds which run.
+CHANGE_FACTS = (
+    "SELECT j.attempts, j.cancel_requested, j.restarts, j.backoff_s, j.spec,"
+    " r.error_kind, r.exit_code, r.error,"
+    " r.created_at, r.started_at, j.queued_at, j.not_before,"
+    " (SELECT ended_at FROM runs p WHERE p.job_id = r.job_id AND p.attempt = r.attempt - 1)"
+    " FROM runs r JOIN jobs j ON j.id = r.job_id"
+)
+
+
+def after_change(
+    row: Sequence[Any],
+    attempt: int,
+    phase: Phase,
+    message: str | None,
+    at: float,
+    started_at: float | None,
+) -> lifecycle.JobUpdate | None:
+    """What the job becomes after its run's change (a row of CHANGE_FACTS), as
+    switchboard.lifecycle decides; the run's metrics staged."""
+    attempts, cancel_requested, restarts, backoff_s, spec_json = row[:5]
+    error_kind, error = row[5], row[7]
+    spec = observe_run(phase, at, spec_json, tuple(row[8:13]), started_at)
+    return lifecycle.after_run_change(
+        lifecycle.RunChange(attempt, phase, at, message, error_kind, error),
+        lifecycle.JobAtRunChange(
+            attempts, bool(cancel_requested), restarts, backoff_s, spec.restart if spec else None
+        ),
+    )
+
+
 def set_run_phase(
     conn: sqlite3.Connection,
     job_id: str,
@@ -116,7 +151,7 @@ def set_run_phase(
     at: float,
     *,
     started_at: float | None = None,
-    exit_code: int | object | None = _FROM_RUN,
+    exit_code: int | object | None = FROM_RUN,
     run_message: bool = True,
 ) -> None:
     """Move a run (already checked) to `phase`, and its job to what switchboard.lifecycle
@@ -146,33 +181,21 @@ def set_run_phase(
     # All this change needs of the run and its job, in one read (this is the writer's
     # busiest path).
     row = conn.execute(
-        "SELECT j.attempts, j.cancel_requested, j.restarts, j.backoff_s, j.spec,"
-        " r.error_kind, r.exit_code, r.error,"
-        " r.created_at, r.started_at, j.queued_at, j.not_before,"
-        " (SELECT ended_at FROM runs p WHERE p.job_id = r.job_id AND p.attempt = r.attempt - 1)"
-        " FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = ? AND r.attempt = ?",
-        (job_id, attempt),
+        CHANGE_FACTS + " WHERE r.job_id = ? AND r.attempt = ?", (job_id, attempt)
     ).fetchone()
     if row is None:
         return
-    attempts, cancel_requested, restarts, backoff_s, spec_json = row[:5]
-    error_kind, run_exit_code, error = row[5:8]
-    spec = _observe_run(phase, at, spec_json, row[8:13], started_at)
-    update = lifecycle.after_run_change(
-        lifecycle.RunChange(attempt, phase, at, message, error_kind, error),
-        lifecycle.JobAtRunChange(
-            attempts, bool(cancel_requested), restarts, backoff_s, spec.restart if spec else None
-        ),
-    )
+    update = after_change(row, attempt, phase, message, at, started_at)
     if update is None:
         return
+    run_exit_code = row[6]
     record_events(conn, job_id, update.events)
     conn.execute(
         "UPDATE jobs SET phase = ?, exit_code = ?, reason = coalesce(?, reason), updated_at = ?,"
         " restarts = ?, backoff_s = ?, not_before = ? WHERE id = ?",
         (
             update.phase.value,
-            run_exit_code if exit_code is _FROM_RUN else exit_code,
+            run_exit_code if exit_code is FROM_RUN else exit_code,
             update.reason,
             time.time(),
             update.restarts,
@@ -184,7 +207,7 @@ def set_run_phase(
 
 
 @dataclass
-class _Run:
+class RunState:
     """A run as this batch has left it so far."""
 
     phase: Phase
@@ -198,7 +221,7 @@ class _Run:
 
 
 @dataclass
-class _Pending:
+class PendingChange:
     """A run's latest phase change in this batch, not yet written to its row and job."""
 
     event: JobStateChanged
@@ -207,6 +230,114 @@ class _Pending:
     exit_code: int | None
     #: When the run reached running, if a change this one replaced was that.
     started_at: float | None = None
+
+
+def next_change(
+    replaced: PendingChange | None, event: JobStateChanged, run: RunState
+) -> PendingChange:
+    """A run's phase change held back in its batch; `replaced`: the one it replaces."""
+    started_at = None
+    if replaced is not None:
+        change = replaced.event
+        started_at = replaced.at if change.phase == Phase.RUNNING else replaced.started_at
+    return PendingChange(event, event.at or time.time(), run.exit_code, started_at)
+
+
+class BatchLog(Protocol):
+    """What an event batch collects as it goes (EventBatch; the PostgreSQL store's too)."""
+
+    supervisor_id: str
+    output_cap: int | None
+    problems: list[EventProblem]
+    unwanted: list[RunRef]
+
+
+def admit(batch: BatchLog, run: RunState | None, event: SupervisorEvent) -> bool:
+    """Whether `event` is to be applied to `run` (None: no such run); if not, the problem
+    is noted and, where the supervisor may still hold the run, it is marked unwanted."""
+    key = RunRef(event.job_id, event.attempt)
+    if run is None or run.supervisor_id != batch.supervisor_id:
+        batch.problems.append(checks.unknown_run(event, exists=run is not None))
+        batch.unwanted.append(key)
+        return False
+    if is_terminal(run.phase):
+        if checks.is_repeat_refusal(event):
+            return False  # the answer to a StartJob repeated after the end: the record stands
+        problem = checks.after_end(event, run.phase)
+        if problem is not None:
+            # A supervisor still reporting on it may still hold it: stop it there.
+            batch.problems.append(problem)
+            batch.unwanted.append(key)
+            return False
+    return True
+
+
+def dropped(batch: BatchLog, event: Output) -> None:
+    """Output of a stream already cut at the cap: dropped, and said so."""
+    assert batch.output_cap is not None
+    metrics.output_dropped(event.stream, len(event.data))
+    batch.problems.append(checks.output_capped(event.seq, batch.output_cap, 0, len(event.data)))
+
+
+def new_output(
+    batch: BatchLog, run: RunState, event: Output, length: int
+) -> tuple[int, bytes] | None:
+    """What of `event` to store (offset, bytes), given the `length` its stream has stored
+    and the run's cap (the run's counts are updated as if stored); None: nothing."""
+    cap = batch.output_cap
+    if event.offset > length:
+        batch.problems.append(checks.output_gap(event.seq, length, event.offset))
+        return None
+    if event.offset + len(event.data) <= length:
+        return None  # sent again (a re-adopted run replays its output from the start)
+    # Only what is new: a chunk sent again may overlap what is stored.
+    offset, data = length, event.data[length - event.offset :]
+    if cap is not None and run.output_bytes + len(data) > cap:
+        # The cap is crossed: keep what fits, then say where and why the stream stops.
+        kept = data[: max(cap - run.output_bytes, 0)]
+        metrics.output_truncated(event.stream, len(data) - len(kept))
+        batch.problems.append(checks.output_capped(event.seq, cap, len(kept), len(data)))
+        data = kept + OUTPUT_CUT_NOTE.format(cap=cap).encode()
+        run.truncated.append(event.stream)
+    run.output_bytes += len(data)
+    run.output_changed = True
+    return offset, data
+
+
+def run_state(row: Sequence[Any] | None) -> RunState | None:
+    """A run as a batch finds it, from its (phase, supervisor_id, exit_code, output_bytes,
+    output_truncated); None: no such run."""
+    if row is None:
+        return None
+    return RunState(Phase(row[0]), row[1], row[2], row[3], row[4].split(",") if row[4] else [])
+
+
+def count_files(batch: BatchLog, event: JobFiles, stored: FilesStored) -> None:
+    """Count and log what storing a `files` event kept and refused."""
+    metrics.OUTPUT_FILES.labels("kept").inc(stored.kept)
+    metrics.OUTPUT_FILES.labels("refused").inc(stored.refused)
+    if stored.invalid:
+        metrics.OUTPUT_FILES.labels("invalid_path").inc(len(stored.invalid))
+        log.warning(
+            "run %s#%d of supervisor %s listed %d output file(s) under a path that is"
+            " not relative, not kept: %r",
+            event.job_id,
+            event.attempt,
+            batch.supervisor_id,
+            len(stored.invalid),
+            stored.invalid[:5],
+        )
+    if stored.not_uploaded:
+        # Not a wire problem (no code says it): the run shows it with its files.
+        metrics.OUTPUT_FILES.labels("not_uploaded").inc(len(stored.not_uploaded))
+        log.warning(
+            "run %s#%d of supervisor %s listed %d output file(s) never uploaded, not kept: %s",
+            event.job_id,
+            event.attempt,
+            batch.supervisor_id,
+            len(stored.not_uploaded),
+            ", ".join(stored.not_uploaded[:5]),
+        )
 
 
 class EventBatch:
@@ -231,39 +362,26 @@ class EventBatch:
         #: What went wrong with events of this batch (switchboard.event_checks).
         self.problems: list[EventProblem] = []
         #: (job id, attempt) -> the run as of this batch; None: no such run.
-        self._runs: dict[tuple[str, int], _Run | None] = {}
-        self._pending: dict[tuple[str, int], _Pending] = {}
+        self._runs: dict[tuple[str, int], RunState | None] = {}
+        self._pending: dict[tuple[str, int], PendingChange] = {}
         #: Test reports among the files this batch kept, to parse once it is stored.
         self.reports: list[PendingReport] = []
 
     def apply(self, event: SupervisorEvent) -> None:
         key = (event.job_id, event.attempt)
         if key not in self._runs:
-            row = self.conn.execute(
-                "SELECT phase, supervisor_id, exit_code, output_bytes, output_truncated"
-                " FROM runs WHERE job_id = ? AND attempt = ?",
-                key,
-            ).fetchone()
-            self._runs[key] = (
-                _Run(Phase(row[0]), row[1], row[2], row[3], row[4].split(",") if row[4] else [])
-                if row is not None
-                else None
+            self._runs[key] = run_state(
+                self.conn.execute(
+                    "SELECT phase, supervisor_id, exit_code, output_bytes, output_truncated"
+                    " FROM runs WHERE job_id = ? AND attempt = ?",
+                    key,
+                ).fetchone()
             )
         run = self._runs[key]
-        if run is None or run.supervisor_id != self.supervisor_id:
-            self.problems.append(checks.unknown_run(event, exists=run is not None))
-            self.unwanted.append(RunRef(*key))
+        if not admit(self, run, event):
             return
+        assert run is not None
         phase = run.phase
-        if is_terminal(phase):
-            if checks.is_repeat_refusal(event):
-                return  # the answer to a StartJob repeated after the end: the record stands
-            problem = checks.after_end(event, phase)
-            if problem is not None:
-                # A supervisor still reporting on it may still hold it: stop it there.
-                self.problems.append(problem)
-                self.unwanted.append(RunRef(*key))
-                return
         conn = self.conn
         match event:
             case Output():
@@ -290,15 +408,13 @@ class EventBatch:
                 run.phase = event.phase
                 self._change(key, event, run)
 
-    def _change(self, key: tuple[str, int], event: JobStateChanged, run: _Run) -> None:
-        started_at = None
+    def _change(self, key: tuple[str, int], event: JobStateChanged, run: RunState) -> None:
         replaced = self._pending.pop(key, None)
         if replaced is not None:
             # Replaced before anyone could see it: into the history only.
             change = replaced.event
             record_phase(self.conn, *key, change.phase, change.stage, change.message, replaced.at)
-            started_at = replaced.at if change.phase == Phase.RUNNING else replaced.started_at
-        pending = _Pending(event, event.at or time.time(), run.exit_code, started_at)
+        pending = next_change(replaced, event, run)
         if is_terminal(event.phase):
             self._write(key, pending, run_message=True)  # nothing follows a terminal phase
             self.ended.append(RunRef(*key))
@@ -329,62 +445,22 @@ class EventBatch:
         junit = sqlite_files.report_globs(self.conn, event.job_id)
         stored = sqlite_files.store_files(self.conn, event, junit)
         self.reports += stored.reports
-        metrics.OUTPUT_FILES.labels("kept").inc(stored.kept)
-        metrics.OUTPUT_FILES.labels("refused").inc(stored.refused)
-        if stored.invalid:
-            metrics.OUTPUT_FILES.labels("invalid_path").inc(len(stored.invalid))
-            log.warning(
-                "run %s#%d of supervisor %s listed %d output file(s) under a path that is"
-                " not relative, not kept: %r",
-                event.job_id,
-                event.attempt,
-                self.supervisor_id,
-                len(stored.invalid),
-                stored.invalid[:5],
-            )
-        if stored.not_uploaded:
-            # Not a wire problem (no code says it): the run shows it with its files.
-            metrics.OUTPUT_FILES.labels("not_uploaded").inc(len(stored.not_uploaded))
-            log.warning(
-                "run %s#%d of supervisor %s listed %d output file(s) never uploaded, not kept: %s",
-                event.job_id,
-                event.attempt,
-                self.supervisor_id,
-                len(stored.not_uploaded),
-                ", ".join(stored.not_uploaded[:5]),
-            )
+        count_files(self, event, stored)
 
-    def _output(self, run: _Run, event: Output) -> None:
-        stream = event.stream
-        cap = self.output_cap
-        if stream in run.truncated:
-            assert cap is not None
-            metrics.output_dropped(stream, len(event.data))
-            self.problems.append(checks.output_capped(event.seq, cap, 0, len(event.data)))
+    def _output(self, run: RunState, event: Output) -> None:
+        if event.stream in run.truncated:
+            dropped(self, event)
             return
-        length = stored_length(self.conn, event)
-        if event.offset > length:
-            self.problems.append(checks.output_gap(event.seq, length, event.offset))
+        chunk = new_output(self, run, event, stored_length(self.conn, event))
+        if chunk is None:
             return
-        if event.offset + len(event.data) <= length:
-            return  # sent again (a re-adopted run replays its output from the start)
-        # Only what is new: a chunk sent again may overlap what is stored.
-        offset, data = length, event.data[length - event.offset :]
-        if cap is not None and run.output_bytes + len(data) > cap:
-            # The cap is crossed: keep what fits, then say where and why the stream stops.
-            kept = data[: max(cap - run.output_bytes, 0)]
-            metrics.output_truncated(stream, len(data) - len(kept))
-            self.problems.append(checks.output_capped(event.seq, cap, len(kept), len(data)))
-            data = kept + OUTPUT_CUT_NOTE.format(cap=cap).encode()
-            run.truncated.append(stream)
+        offset, data = chunk
         self.conn.execute(
             "INSERT INTO output (job_id, attempt, stream, offset, data) VALUES (?, ?, ?, ?, ?)",
-            (event.job_id, event.attempt, stream, offset, data),
+            (event.job_id, event.attempt, event.stream, offset, data),
         )
-        run.output_bytes += len(data)
-        run.output_changed = True
 
-    def _write(self, key: tuple[str, int], pending: _Pending, *, run_message: bool) -> None:
+    def _write(self, key: tuple[str, int], pending: PendingChange, *, run_message: bool) -> None:
         change = pending.event
         set_run_phase(
             self.conn,

@@ -50,6 +50,33 @@ def spec_to_start(
     return with_secrets(spec, keyring.unseal(job_id, sealed))
 
 
+def sealed_again(
+    keyring: Keyring, job_id: str, sealed: bytes, unreadable: Counter[str]
+) -> bytes | None:
+    """A job's values sealed again with the current key; None, counted in `unreadable` by
+    the id of the key that sealed them, if no key of the keyring opens them."""
+    try:
+        values = keyring.unseal(job_id, sealed)
+    except SecretsUnreadable:
+        unreadable[blob_key_id(sealed).hex()] += 1
+        return None
+    return keyring.seal(job_id, values)
+
+
+def log_resealed(resealed: int, unreadable: Counter[str]) -> None:
+    """Say what sealing again at open did."""
+    if resealed:
+        log.info("sealed the secret values of %d jobs again with the current key", resealed)
+    if unreadable:
+        log.warning(
+            "%d jobs hold secret values sealed with a key this switchboard does not have"
+            " (key ids %s): they will be rejected when placed; start the switchboard with"
+            " the key file they were sealed with to run them",
+            sum(unreadable.values()),
+            ", ".join(sorted(unreadable)),
+        )
+
+
 def reseal(conn: sqlite3.Connection, keyring: Keyring) -> tuple[int, Counter[str]]:
     """Seal again with the current key every job's values sealed with an older key of the
     keyring (so the older key can be retired after one start). Returns how many were
@@ -62,16 +89,10 @@ def reseal(conn: sqlite3.Connection, keyring: Keyring) -> tuple[int, Counter[str
             (after, keyring.current_id, _PAGE),
         ).fetchall()
         for job_id, sealed in rows:
-            try:
-                values = keyring.unseal(job_id, sealed)
-            except SecretsUnreadable:
-                unreadable[blob_key_id(sealed).hex()] += 1
-                continue
-            conn.execute(
-                "UPDATE job_secrets SET sealed = ? WHERE job_id = ?",
-                (keyring.seal(job_id, values), job_id),
-            )
-            resealed += 1
+            again = sealed_again(keyring, job_id, sealed, unreadable)
+            if again is not None:
+                conn.execute("UPDATE job_secrets SET sealed = ? WHERE job_id = ?", (again, job_id))
+                resealed += 1
         if len(rows) < _PAGE:
             return resealed, unreadable
         after = rows[-1][0]
@@ -141,13 +162,4 @@ def upgrade_and_reseal(
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    if resealed:
-        log.info("sealed the secret values of %d jobs again with the current key", resealed)
-    if unreadable:
-        log.warning(
-            "%d jobs hold secret values sealed with a key this switchboard does not have"
-            " (key ids %s): they will be rejected when placed; start the switchboard with"
-            " the key file they were sealed with to run them",
-            sum(unreadable.values()),
-            ", ".join(sorted(unreadable)),
-        )
+    log_resealed(resealed, unreadable)

@@ -12,7 +12,7 @@ import sqlite3
 from protocol.messages import Hello
 from protocol.versions import DEVICES_MINOR, minor_of, negotiate_version
 from switchboard.models import Connected, ConnectionRecord, Enrolment, SupervisorView
-from switchboard.store import sqlite_devices
+from switchboard.store import records, sqlite_devices
 from switchboard.store.errors import ConnectRefused
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL
 from switchboard.store.sqlite_tokens import enrol, token_valid
@@ -134,36 +134,10 @@ def load_supervisors(
 ) -> list[SupervisorView]:
     if counts is None:
         counts = running_counts(conn)
-    sql = (
-        "SELECT id, name, connected, labels, backends, resources, max_jobs, session,"
-        " software, connected_at, last_seen, drained, operator_labels, protocol FROM supervisors"
-    )
+    sql = f"SELECT {records.SUPERVISOR_COLUMNS} FROM supervisors"
     rows = (
         conn.execute(sql + " WHERE id = ?", (only,))
         if only is not None
         else conn.execute(sql + " ORDER BY id")
     ).fetchall()
-    found = []
-    for r in rows:
-        advertised, operator_labels = json.loads(r[3]), json.loads(r[12])
-        found.append(
-            SupervisorView(
-                id=r[0],
-                name=r[1],
-                connected=bool(r[2]),
-                labels={**advertised, **operator_labels},
-                operator_labels=operator_labels,
-                advertised_labels=advertised,
-                drained=bool(r[11]),
-                backends=json.loads(r[4]),
-                resources=json.loads(r[5]),
-                max_jobs=r[6],
-                running=counts.get(r[0], 0),
-                session=r[7],
-                software=r[8],
-                connected_at=r[9],
-                last_seen=r[10],
-                protocol=r[13],
-            )
-        )
-    return found
+    return [records.supervisor_view(r, counts) for r in rows]

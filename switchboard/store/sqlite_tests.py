@@ -11,16 +11,18 @@ only once finish_report has marked its row complete, all at once.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from types import ModuleType
+from typing import Any
 
 from switchboard.models import (
-    TEST_RESULTS,
     StoredTestCase,
     TestCase,
     TestCasePage,
     TestCounts,
     TestResult,
 )
+from switchboard.store import records
 
 #: Test cases one write transaction stores or deletes.
 CASES_PER_WRITE = 2000
@@ -39,6 +41,45 @@ CASES_PAGE_OF_RESULT = (
 )
 
 
+#: A store's write: runs a function of a connection in a transaction, its value once
+#: committed (the function's value may be awaitable: the PostgreSQL store awaits it).
+Write = Callable[[Callable[[Any], Any]], Awaitable[Any]]
+
+
+async def add_report(
+    write: Write,
+    family: ModuleType,
+    job_id: str,
+    attempt: int,
+    report: str,
+    cases: Sequence[TestCase],
+) -> bool:
+    """Store.add_test_cases for either store: `family` is the store's module of these
+    functions (this one, or postgres_tests), `write` its transaction. In short
+    transactions: the cases are listed, and counted, once the last has marked the report
+    complete; then the rows of an older copy (or, if the job was deleted meanwhile, this
+    one's) are dropped a few at a time."""
+    report_id = await write(lambda conn: family.begin_report(conn, job_id, attempt, report, cases))
+    if report_id is None:
+        return False
+    step = CASES_PER_WRITE
+    for start in range(0, len(cases), step):
+
+        def add(conn: Any, chunk: Sequence[TestCase] = cases[start : start + step]) -> Any:
+            return family.add_cases(conn, job_id, attempt, report, report_id, chunk)
+
+        await write(add)
+    replaced = await write(lambda conn: family.finish_report(conn, report_id))
+    for gone in [report_id] if replaced is None else replaced:
+
+        def drop(conn: Any, gone: int = gone) -> Any:
+            return family.drop_replaced(conn, gone, step)
+
+        while await write(drop):
+            pass
+    return replaced is not None
+
+
 def begin_report(
     conn: sqlite3.Connection, job_id: str, attempt: int, report: str, cases: Sequence[TestCase]
 ) -> int | None:
@@ -51,9 +92,7 @@ def begin_report(
         is None
     ):
         return None
-    by = dict.fromkeys(TEST_RESULTS, 0)
-    for case in cases:
-        by[case.result] += 1
+    by = records.report_counts(cases)
     cursor = conn.execute(
         "INSERT INTO test_reports (job_id, attempt, report, passed, failed, error, skipped)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -138,7 +177,7 @@ def test_summary(conn: sqlite3.Connection, job_id: str) -> TestCounts | None:
         " WHERE job_id = ? AND attempt = ? AND complete = 1",
         (job_id, attempt),
     ).fetchone()
-    return TestCounts(passed, failed, error, skipped, passed + failed + error + skipped)
+    return records.test_counts(passed, failed, error, skipped)
 
 
 def test_cases(

@@ -7,13 +7,13 @@ import sqlite3
 
 from protocol.state import Phase
 from switchboard.models import (
-    FinishedMinute,
     JobChange,
     JobFilter,
     Overview,
     QueueDepth,
     SupervisorCounts,
 )
+from switchboard.store import records
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_LITERALS
 from switchboard.store.sqlite_jobs import list_jobs
 
@@ -66,11 +66,7 @@ def overview(conn: sqlite3.Connection, now: float, minutes: int, failures: int) 
             (first_minute,),
         )
     }
-    finished = []
-    for i in range(minutes):
-        minute = first_minute + 60 * i
-        succeeded, failed = ended.get(int(minute), (0, 0))
-        finished.append(FinishedMinute(minute, succeeded, failed))
+    finished = records.finished_minutes(ended, first_minute, minutes)
     recent = list_jobs(conn, JobFilter(phases=[p.value for p in FAILURES], limit=failures))
     return Overview(
         supervisors=SupervisorCounts(online, offline, draining),

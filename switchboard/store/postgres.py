@@ -1,0 +1,676 @@
+"""The PostgreSQL store: the Store interface over postgres_engine.py, for a lab that
+outgrows one SQLite file (docs/deployment.md, "PostgreSQL").
+
+As the SQLite store does, each method hands a function of a record family's module
+(postgres_jobs, postgres_chains, postgres_runs, postgres_placement, postgres_supervisors,
+postgres_artifacts, postgres_files, postgres_tests, postgres_views) to a write or a read.
+Unlike SQLite's one writer, every request is its own transaction and writes run side by
+side: rows are locked where two writers could race for them, a supervisor's row before its
+runs' and jobs' rows. A supervisor's event batches are still stored in the order they are
+handed over (apply_events).
+
+Artifact bytes stay in the data dir of the switchboard that took them (not yet shared
+between replicas); the database keeps the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import TypeVar
+
+from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
+from protocol.spec import JobSpec
+from protocol.state import Phase
+from switchboard import metrics
+from switchboard.event_checks import fresh_events
+from switchboard.health import DeviceFacts
+from switchboard.models import (
+    ActiveRun,
+    ArtifactAdded,
+    ArtifactDeleted,
+    ArtifactView,
+    Assignment,
+    CancelResult,
+    ChainPass,
+    Connected,
+    ConnectionRecord,
+    Counts,
+    DeviceView,
+    Enrolment,
+    EventsApplied,
+    Expired,
+    FilesSummary,
+    JobChange,
+    JobEvent,
+    JobFilter,
+    JobSummary,
+    JobView,
+    Overview,
+    PendingReport,
+    PlacementSnapshot,
+    QueuedJob,
+    ReportStatus,
+    ReservationSweep,
+    ReservationView,
+    RunFile,
+    RunFiles,
+    Submitted,
+    SupervisorView,
+    TestCase,
+    TestCasePage,
+    TestCounts,
+    TestResult,
+    TokenView,
+)
+from switchboard.scheduler import LabDevice, ReservationWanted
+from switchboard.sealing import Keyring
+from switchboard.store import postgres_artifacts as artifacts
+from switchboard.store import postgres_chains as chains
+from switchboard.store import postgres_files as files
+from switchboard.store import postgres_jobs as jobs_sql
+from switchboard.store import postgres_placement as placement
+from switchboard.store import postgres_runs as runs
+from switchboard.store import postgres_supervisors as supervisors
+from switchboard.store import postgres_tests as tests
+from switchboard.store import postgres_views as views
+from switchboard.store.base import Store
+from switchboard.store.errors import BatchOutOfOrder
+from switchboard.store.postgres_engine import Connection, PostgresEngine
+from switchboard.store.sqlite_jobs import new_jobs
+from switchboard.store.sqlite_secrets import log_resealed, sealed_again
+from switchboard.store.sqlite_tests import add_report
+from switchboard.store.token_cache import TokenCache
+
+T = TypeVar("T")
+
+#: Sealed secrets read at a time when sealing them again at open.
+_RESEAL_PAGE = 1000
+
+
+class PostgresStore(Store):
+    """`dsn`: a libpq URI (postgresql://user@host/db). `keyring` and `max_run_output` as
+    for SQLiteStore. The schema is created in an empty database, and a database of another
+    version refused (store/postgres_schema.py)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        keyring: Keyring | None = None,
+        max_run_output: int | None = None,
+        max_connections: int = 10,
+    ) -> None:
+        self.dsn = dsn
+        self._engine = PostgresEngine(dsn, max_connections=max_connections)
+        self._keyring = keyring or Keyring.ephemeral()
+        self._keyring_given = keyring is not None
+        self.max_run_output = max_run_output
+        self.supervisor_writes = 0
+        self._tokens = TokenCache()
+        #: Per supervisor, the lock its event batches take in the order they are handed over.
+        self._batches: dict[str, asyncio.Lock] = {}
+        #: Gaps in the job change log a reader waits on (postgres_views.job_changes).
+        self._change_gaps: dict[int, frozenset[str]] = {}
+
+    # --- plumbing --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._engine.open()
+        if self._keyring_given:
+            await self._reseal()
+
+    async def close(self) -> None:
+        await self._engine.close()
+
+    async def _write(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """One transaction; the metrics it staged count once it has committed."""
+        with metrics.staged_in_task():
+            started = time.perf_counter()
+            value = await self._engine.write(fn)
+            metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
+            metrics.staged_commit()
+        return value
+
+    async def _read(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        return await self._engine.read(fn)
+
+    def on_write(self, listener: Callable[[], None]) -> None:
+        self._engine.on_write(listener)
+
+    async def _write_supervisor(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        try:
+            return await self._write(fn)
+        finally:
+            self.supervisor_writes += 1
+
+    async def _write_credentials(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        self._tokens.forget()
+        try:
+            return await self._write(fn)
+        finally:
+            self._tokens.forget()
+
+    async def _reseal(self) -> None:
+        """Seal again with the current key what an older key of the keyring sealed, a page
+        per transaction (sqlite_secrets.reseal)."""
+        keyring = self._keyring
+        resealed, unreadable, after = 0, Counter[str](), ""
+
+        async def page(conn: Connection) -> int:
+            nonlocal resealed, after
+            rows = await conn.fetch(
+                "SELECT job_id, sealed FROM job_secrets WHERE job_id > $1"
+                ' AND substring(sealed from 2 for 8) != $2 ORDER BY job_id COLLATE "C"'
+                " LIMIT $3 FOR UPDATE SKIP LOCKED",
+                after,
+                keyring.current_id,
+                _RESEAL_PAGE,
+            )
+            for job_id, sealed in rows:
+                again = sealed_again(keyring, job_id, sealed, unreadable)
+                if again is not None:
+                    await conn.execute(
+                        "UPDATE job_secrets SET sealed = $1 WHERE job_id = $2", again, job_id
+                    )
+                    resealed += 1
+            if rows:
+                after = rows[-1][0]
+            return len(rows)
+
+        while await self._write(page) == _RESEAL_PAGE:
+            pass
+        log_resealed(resealed, unreadable)
+
+    # --- tokens ----------------------------------------------------------------------
+
+    async def add_token(
+        self,
+        token_id: str,
+        role: str,
+        name: str,
+        digest: bytes,
+        supervisor_id: str | None = None,
+        *,
+        replace_bound: bool = False,
+    ) -> None:
+        now = time.time()
+
+        async def write(conn: Connection) -> None:
+            await supervisors.add_token(
+                conn, token_id, role, name, digest, supervisor_id, replace_bound, now
+            )
+
+        await (self._write_credentials if replace_bound else self._write)(write)
+
+    async def find_token(self, digest: bytes) -> TokenView | None:
+        cached = self._tokens.get(digest)
+        if cached is not None:
+            return cached
+        generation = self._tokens.generation
+        token = await self._read(lambda conn: supervisors.find_token(conn, digest))
+        if token is not None:
+            self._tokens.put(digest, token, generation)
+        return token
+
+    async def list_tokens(self) -> list[TokenView]:
+        return await self._read(supervisors.list_tokens)
+
+    async def revoke_token(self, token_id: str) -> bool:
+        now = time.time()
+        return await self._write_credentials(
+            lambda conn: supervisors.revoke_token(conn, token_id, now)
+        )
+
+    # --- switchboard-wide state ------------------------------------------------------
+
+    async def dispatch_paused(self) -> bool:
+        return await self._read(views.dispatch_paused)
+
+    async def set_dispatch_paused(self, paused: bool) -> None:
+        await self._write(lambda conn: views.set_dispatch_paused(conn, paused))
+
+    # --- artifacts -------------------------------------------------------------------
+
+    async def add_artifact(
+        self, digest: str, size: int, uploaded_by: str | None = None, quota: int | None = None
+    ) -> ArtifactAdded:
+        return await self._write(
+            lambda conn: artifacts.add_artifact(conn, digest, size, uploaded_by, quota)
+        )
+
+    async def get_artifact(self, digest: str) -> ArtifactView | None:
+        return await self._read(lambda conn: artifacts.get_artifact(conn, digest))
+
+    async def delete_artifact(
+        self, digest: str, *, unused_before: float | None = None
+    ) -> ArtifactDeleted:
+        return await self._write(
+            lambda conn: artifacts.delete_artifact(conn, digest, unused_before)
+        )
+
+    async def unused_artifacts(self, unused_before: float, limit: int) -> list[str]:
+        return await self._read(lambda conn: artifacts.unused_artifacts(conn, unused_before, limit))
+
+    async def stored_artifact_bytes(self) -> int:
+        return await self._read(artifacts.stored_artifact_bytes)
+
+    # --- jobs ------------------------------------------------------------------------
+
+    async def create_jobs(
+        self,
+        jobs: Sequence[tuple[str, JobSpec]],
+        actor: str,
+        max_queued: int,
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
+    ) -> list[Submitted]:
+        batch = new_jobs(self._keyring, jobs)
+
+        async def write(conn: Connection) -> list[Submitted]:
+            return await chains.insert_with_chains(
+                conn,
+                batch,
+                lambda ready: jobs_sql.insert_jobs(
+                    conn, ready, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
+                ),
+            )
+
+        return await self._write(write)
+
+    async def resolve_chains(self, limit: int = 1000) -> ChainPass:
+        return await self._write(lambda conn: chains.sweep(conn, limit))
+
+    async def create_and_assign(
+        self,
+        jobs: Sequence[tuple[str, JobSpec]],
+        actor: str,
+        max_queued: int,
+        placements: dict[str, str],
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
+    ) -> tuple[list[Submitted], list[Assignment]]:
+        assert not any(spec.chained_inputs() for _, spec in jobs)
+        batch = new_jobs(self._keyring, jobs)
+        keyring = self._keyring
+
+        async def write(conn: Connection) -> tuple[list[Submitted], list[Assignment]]:
+            clear = await placement.no_job_ready(conn, time.time())  # before: older jobs
+            made = await jobs_sql.insert_jobs(
+                conn, batch, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
+            )
+            assigned = []
+            if clear:
+                now = time.time()
+                for submitted in made:
+                    supervisor_id = placements.get(submitted.id)
+                    if supervisor_id is not None and submitted.phase == Phase.QUEUED.value:
+                        run = await placement.assign_run(
+                            conn, submitted.id, supervisor_id, now, keyring
+                        )
+                        if run is not None:
+                            assigned.append(run)
+            return made, assigned
+
+        return await self._write(write)
+
+    async def get_job(self, job_id: str) -> JobView | None:
+        return await self._read(lambda conn: jobs_sql.load_job(conn, job_id))
+
+    async def list_jobs(self, where: JobFilter) -> list[tuple[int, JobSummary]]:
+        return await self._read(lambda conn: jobs_sql.list_jobs(conn, where))
+
+    async def job_events(self, job_id: str) -> list[JobEvent] | None:
+        return await self._read(lambda conn: jobs_sql.job_events(conn, job_id))
+
+    async def delete_job(self, job_id: str) -> str:
+        return await self._write(lambda conn: jobs_sql.delete_job(conn, job_id))
+
+    async def request_cancel(self, job_id: str, actor: str = "") -> CancelResult | None:
+        return await self._write(lambda conn: jobs_sql.cancel_job(conn, job_id, actor))
+
+    async def expire(self, run_grace_s: float) -> Expired:
+        now = time.time()
+
+        async def write(conn: Connection) -> Expired:
+            ended = await jobs_sql.expire_queued(conn, now)
+            return Expired(await runs.expire_runs(conn, run_grace_s, now), ended)
+
+        return await self._write(write)
+
+    # --- placement -------------------------------------------------------------------
+
+    async def placement_snapshot(
+        self, queue_limit: Callable[[list[SupervisorView]], int]
+    ) -> PlacementSnapshot:
+        # One read-only transaction: a pass sees a single snapshot of the store.
+        async def read(conn: Connection) -> PlacementSnapshot:
+            fleet = await supervisors.load_supervisors(conn, None)
+            limit = queue_limit(fleet)
+            return PlacementSnapshot(
+                fleet=fleet,
+                resources_in_use=await placement.resources_in_use(conn) if fleet else {},
+                busy_keys=await placement.busy_keys(conn),
+                queue=await placement.queued_jobs(conn, limit) if limit > 0 else [],
+                next_backoff_end=await placement.next_backoff_end(conn),
+            )
+
+        return await self._read(read)
+
+    async def set_unschedulable(self, reasons: dict[str, str | None]) -> None:
+        await self._write(lambda conn: placement.set_unschedulable(conn, reasons))
+
+    async def queue_length(self) -> int:
+        return await self._read(placement.queue_length)
+
+    async def counts(self) -> Counts:
+        return await self._read(placement.counts)
+
+    async def queued_jobs(
+        self, limit: int, *, after: tuple[int, int] | None = None, marked: bool = False
+    ) -> list[QueuedJob]:
+        return await self._read(lambda conn: placement.queued_jobs(conn, limit, after, marked))
+
+    async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
+        keyring = self._keyring
+
+        async def write(conn: Connection) -> list[Assignment]:
+            now = time.time()
+            made = []
+            # Supervisors' rows are locked in id order (as each assignment takes them), so
+            # two replicas assigning to the same supervisors never wait on each other in a
+            # circle.
+            for supervisor_id in sorted({s for _, s in pairs}):
+                await conn.execute(
+                    "SELECT 1 FROM supervisors WHERE id = $1 FOR UPDATE", supervisor_id
+                )
+            for job_id, supervisor_id in pairs:
+                run = await placement.assign_run(conn, job_id, supervisor_id, now, keyring)
+                if run is not None:
+                    made.append(run)
+            return made
+
+        return await self._write(write)
+
+    # --- runs and their output -------------------------------------------------------
+
+    async def run_phase(self, job_id: str, attempt: int) -> Phase | None:
+        return await self._read(lambda conn: runs.run_phase(conn, job_id, attempt))
+
+    async def read_output(
+        self, job_id: str, attempt: int, stream: Stream, start: int = 0, end: int | None = None
+    ) -> bytes:
+        return await self._read(
+            lambda conn: runs.read_output(conn, job_id, attempt, stream, start, end)
+        )
+
+    def apply_events(
+        self, supervisor_id: str, events: Sequence[SupervisorEvent], after_seq: int = 0
+    ) -> asyncio.Task[EventsApplied]:
+        # Started now: the task takes the supervisor's lock before anything else, and the
+        # lock wakes waiters in order, so batches are stored in the order handed over.
+        lock = self._batches.setdefault(supervisor_id, asyncio.Lock())
+        return asyncio.ensure_future(self._apply(lock, supervisor_id, events, after_seq))
+
+    async def _apply(
+        self,
+        lock: asyncio.Lock,
+        supervisor_id: str,
+        events: Sequence[SupervisorEvent],
+        after_seq: int,
+    ) -> EventsApplied:
+        async def write(conn: Connection) -> EventsApplied:
+            stored = await conn.fetchval(
+                "SELECT last_seq FROM supervisors WHERE id = $1 FOR UPDATE", supervisor_id
+            )
+            if stored < after_seq:
+                raise BatchOutOfOrder(
+                    f"events of {supervisor_id} up to seq {after_seq} are not stored"
+                    f" (stored: {stored}): the batch after them is not stored either"
+                )
+            batch = runs.EventBatch(conn, supervisor_id, self.max_run_output)
+            for event in fresh_events(stored, events, batch.problems):
+                stored = event.seq
+                await batch.apply(event)
+            await batch.finish()
+            await conn.execute(
+                "UPDATE supervisors SET last_seq = $1, last_seen = $2 WHERE id = $3",
+                stored,
+                time.time(),
+                supervisor_id,
+            )
+            return EventsApplied(stored, batch.ended, batch.unwanted, batch.problems, batch.reports)
+
+        async with lock:
+            return await self._write(write)
+
+    async def end_run(self, key: RunRef, phase: str, message: str) -> bool:
+        return await self._write(lambda conn: runs.end_run(conn, key, Phase(phase), message))
+
+    async def lose_runs(self, grace_s: float) -> list[RunRef]:
+        now = time.time()
+        return await self._write(lambda conn: runs.lose_runs(conn, grace_s, now))
+
+    # --- test reports ----------------------------------------------------------------
+
+    async def add_test_cases(
+        self, job_id: str, attempt: int, report_path: str, cases: Sequence[TestCase]
+    ) -> bool:
+        return await add_report(self._write, tests, job_id, attempt, report_path, cases)
+
+    async def test_cases(
+        self,
+        job_id: str,
+        *,
+        result: TestResult | None = None,
+        attempt: int | None = None,
+        limit: int = 100,
+        after: int | None = None,
+    ) -> TestCasePage | None:
+        return await self._read(
+            lambda conn: tests.test_cases(conn, job_id, result, attempt, limit, after)
+        )
+
+    async def test_summary(self, job_id: str) -> TestCounts | None:
+        return await self._read(lambda conn: tests.test_summary(conn, job_id))
+
+    # --- output files ----------------------------------------------------------------
+
+    async def run_files(self, job_id: str, attempt: int | None = None) -> RunFiles | None:
+        return await self._read(lambda conn: files.run_files(conn, job_id, attempt))
+
+    async def run_file(
+        self, job_id: str, path: str, attempt: int | None = None
+    ) -> tuple[int, RunFile] | None:
+        return await self._read(lambda conn: files.run_file(conn, job_id, attempt, path))
+
+    async def files_summary(self, job_id: str) -> FilesSummary | None:
+        return await self._read(lambda conn: files.files_summary(conn, job_id))
+
+    async def pending_reports(self, limit: int = 10_000) -> list[PendingReport]:
+        return await self._read(lambda conn: files.pending_reports(conn, limit))
+
+    async def set_report_status(
+        self, job_id: str, attempt: int, path: str, status: ReportStatus, error: str | None
+    ) -> None:
+        await self._write(lambda conn: files.set_report(conn, job_id, attempt, path, status, error))
+
+    # --- retention -------------------------------------------------------------------
+
+    async def stored_output_bytes(self) -> int:
+        return await self._read(views.stored_output_bytes)
+
+    async def ended_jobs(
+        self, *, ended_before: float | None = None, with_output: bool = False, limit: int
+    ) -> list[str]:
+        return await self._read(
+            lambda conn: views.ended_jobs(conn, ended_before, with_output, limit)
+        )
+
+    async def drop_output(self, job_id: str, max_rows: int, reason: str | None = None) -> int:
+        return await self._write(lambda conn: views.drop_output(conn, job_id, max_rows, reason))
+
+    # --- supervisors -----------------------------------------------------------------
+
+    async def supervisor_connected(
+        self, hello: Hello, *, token_id: str | None = None, enrol: Enrolment | None = None
+    ) -> Connected:
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: supervisors.connected(conn, hello, token_id, enrol, now)
+        )
+
+    async def unenroll(self, supervisor_id: str) -> list[str] | None:
+        now = time.time()
+        return await self._write_credentials(
+            lambda conn: supervisors.unenroll(conn, supervisor_id, now)
+        )
+
+    async def active_runs(self, supervisor_id: str) -> list[ActiveRun]:
+        keyring = self._keyring
+        return await self._read(lambda conn: placement.active_runs(conn, supervisor_id, keyring))
+
+    async def active_run_refs(self, supervisor_ids: Collection[str]) -> dict[str, set[RunRef]]:
+        ids = list(supervisor_ids)
+        return await self._read(lambda conn: placement.active_run_refs(conn, ids))
+
+    async def supervisor_disconnected(
+        self, supervisor_id: str, session: int, reason: str = "disconnected"
+    ) -> None:
+        now = time.time()
+        await self._write_supervisor(
+            lambda conn: supervisors.disconnected(conn, supervisor_id, session, now, reason)
+        )
+
+    async def forget_connections(self) -> None:
+        now = time.time()
+        await self._write_supervisor(lambda conn: supervisors.forget_connections(conn, now))
+
+    async def list_supervisors(self) -> list[SupervisorView]:
+        return await self._read(lambda conn: supervisors.load_supervisors(conn, None))
+
+    async def get_supervisor(self, supervisor_id: str) -> SupervisorView | None:
+        found = await self._read(lambda conn: supervisors.load_supervisors(conn, supervisor_id))
+        return found[0] if found else None
+
+    async def connection_records(self, supervisor_id: str, limit: int) -> list[ConnectionRecord]:
+        return await self._read(
+            lambda conn: supervisors.connection_records(conn, supervisor_id, limit)
+        )
+
+    async def set_drained(self, supervisor_id: str, drained: bool) -> bool:
+        return await self._write_supervisor(
+            lambda conn: supervisors.set_drained(conn, supervisor_id, drained)
+        )
+
+    async def set_operator_labels(self, supervisor_id: str, labels: dict[str, str]) -> bool:
+        return await self._write_supervisor(
+            lambda conn: supervisors.set_operator_labels(conn, supervisor_id, labels)
+        )
+
+    # --- the dashboard's views -------------------------------------------------------
+
+    async def job_changes(self, after_rev: int, limit: int) -> list[JobChange]:
+        return await self._read(
+            lambda conn: views.job_changes(conn, after_rev, limit, self._change_gaps)
+        )
+
+    async def latest_job_change(self) -> int:
+        return await self._read(views.latest_job_change)
+
+    async def prune_job_changes(self, keep: int) -> None:
+        await self._write(lambda conn: views.prune_job_changes(conn, keep))
+
+    async def overview(self, now: float, minutes: int, failures: int) -> Overview:
+        return await self._read(lambda conn: views.overview(conn, now, minutes, failures))
+
+    # --- the hardware lab: not kept on PostgreSQL yet ----------------------------------
+    #
+    # This store keeps no device inventory yet (docs/deployment.md, "PostgreSQL"): its
+    # supervisors' devices count as plain resources, as a supervisor older than protocol
+    # 1.4 declares them (each supervisor picks free ones itself), no health is kept and no
+    # check runs, and a reservation is refused saying why. The answers below are that
+    # state, read truthfully: an empty inventory.
+
+    async def list_devices(
+        self,
+        *,
+        class_: str | None = None,
+        health: str | None = None,
+        supervisor_id: str | None = None,
+    ) -> list[DeviceView]:
+        return []
+
+    async def get_device(self, device_id: str) -> DeviceView | None:
+        return None
+
+    async def set_device_health(
+        self, device_id: str, health: str, actor: str, reason: str
+    ) -> DeviceView | None:
+        return None  # no such device: the inventory is empty
+
+    async def lab_devices(self) -> list[LabDevice]:
+        return []
+
+    async def device_counts(self) -> dict[tuple[str, str], int]:
+        return {}
+
+    async def device_facts(self) -> list[DeviceFacts]:
+        return []
+
+    async def create_checks(self, checks: Sequence[tuple[str, JobSpec, str]], actor: str) -> None:
+        # Checks are made only for devices of the inventory (device_facts), which is empty.
+        assert not checks, "no device, no check"
+
+    async def finish_checks(self) -> list[tuple[str, str, str, str]]:
+        return []
+
+    async def devices_after_lost_runs(self) -> list[str]:
+        return []
+
+    async def create_reservation(
+        self,
+        reservation_id: str,
+        wanted: ReservationWanted,
+        duration_s: float,
+        owner: str | None,
+        actor: str,
+        ttl_s: float,
+    ) -> ReservationView | str:
+        return NO_LAB_ON_POSTGRES
+
+    async def get_reservation(self, reservation_id: str) -> ReservationView | None:
+        return None
+
+    async def list_reservations(self, owner: str | None = None) -> list[ReservationView]:
+        return []
+
+    async def refresh_reservation(
+        self, reservation_id: str, ttl_s: float
+    ) -> ReservationView | None:
+        return None
+
+    async def extend_reservation(
+        self, reservation_id: str, by_s: float, max_s: float
+    ) -> ReservationView | str | None:
+        return None
+
+    async def release_reservation(self, reservation_id: str, why: str) -> ReservationView | None:
+        return None
+
+    async def sweep_reservations(self, limit: int) -> ReservationSweep:
+        return ReservationSweep([], [], False)
+
+    async def reservation_counts(self) -> dict[str, int]:
+        return {}
+
+
+#: Why a reservation is refused on this store (a 400 says it).
+NO_LAB_ON_POSTGRES = (
+    "this switchboard keeps its state in PostgreSQL, which holds no device inventory yet:"
+    " reservations need the embedded SQLite store for now"
+)
