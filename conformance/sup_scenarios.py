@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from protocol import codec, limits
 from protocol.exceptions import CloseCode
-from protocol.messages import ProtocolErrorMessage
-from protocol.versions import negotiate_version
+from protocol.messages import Power, PowerResult, ProtocolErrorMessage
+from protocol.versions import POWER_MINOR, negotiate_version
 
 from . import sup_files
 from .sup_jobs import ack_problems, cut, duplicate, start, status, stopping, timeout
@@ -104,6 +104,34 @@ async def heartbeat(kit: Kit, checks: Checks) -> None:
     )
     await link.status(2)
     checks.add("heartbeat.tolerated", True, "the kit's heartbeats every 1 s: connection kept")
+
+
+#: A device id no supervisor the kit starts declares.
+NO_SUCH_DEVICE = "cf-no-such-board"
+
+
+async def power(kit: Kit, checks: Checks) -> None:
+    """(1.5) A `power` for a device the host does not have is answered, not ok, with why."""
+    link = await kit.connected()
+    if link.minor < POWER_MINOR:
+        checks.add("power.answer", True, f"n/a: {link.welcome.version} has no power")
+        return
+    await link.peer.send(Power(request_id=91, device_id=NO_SUCH_DEVICE, action="status"))
+    answer = await link.expect(
+        lambda m: isinstance(m, PowerResult) and m.request_id == 91,
+        5.0,
+        "power_result answering power 91",
+    )
+    assert isinstance(answer, PowerResult)
+    problems = []
+    if answer.ok:
+        problems.append(f"ok for a device it never declared ({NO_SUCH_DEVICE})")
+    if not answer.reason:
+        problems.append("no reason given")
+    await link.status(92)  # and the connection carries on
+    checks.require(
+        "power.answer", problems, f"power_result 91: ok {answer.ok}, reason {answer.reason!r}"
+    )
 
 
 #: (row, message, close code §10 gives for it); None: a second welcome.
@@ -244,6 +272,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("timeout", ("timeout",), timeout),
     Scenario("status", ("status.held", "status.ended"), status),
     Scenario("ack", ("ack.problems",), ack_problems),
+    Scenario("power", ("power.answer",), power),
     Scenario("files", sup_files.ROWS, sup_files.files),
     Scenario(
         "cut",

@@ -26,6 +26,8 @@ from protocol.messages import (
     JobStateChanged,
     Output,
     OutputFile,
+    Power,
+    PowerResult,
     RefusedFile,
     RunRef,
     StartJob,
@@ -84,6 +86,14 @@ class Supervisor(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop every run (each gets `grace_s`) and release resources."""
+
+    async def power(self, request: Power) -> PowerResult:
+        """(1.5) Run a device's power command and say how it went; a supervisor with no
+        power switches refuses every one."""
+        return PowerResult(
+            request_id=request.request_id,
+            reason=f"device {request.device_id} has no power commands on this host",
+        )
 
 
 class SupervisorConnector(abc.ABC):

@@ -24,7 +24,12 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.client import ClientProtocol
-from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    InvalidStatus,
+)
 
 from protocol import frames, limits
 from protocol.connection import Acknowledged, Connection, Goodbye, Role
@@ -34,6 +39,7 @@ from protocol.messages import (
     HeldRun,
     Hello,
     JobStateChanged,
+    Power,
     ProtocolErrorMessage,
     RunRef,
     StartJob,
@@ -59,6 +65,9 @@ log = logging.getLogger("connector.websocket")
 SOFTWARE = "switchboard-supervisor/0.1"
 #: Events held before the first Welcome at most; past that, reporting waits for it.
 MAX_UNNUMBERED = 4096
+#: Seconds a power_result may take to go out before it is given up (the switchboard's
+#: caller then times out).
+POWER_SEND_TIMEOUT_S = 10.0
 
 
 class ConnectorFatalError(Exception):
@@ -336,6 +345,8 @@ class WebSocketConnector(SupervisorConnector):
                     self._spawn(self._start(start))
                 case StopJob() as stop:
                     self._spawn(self.supervisor.stop_job(stop))
+                case Power() as request:
+                    self._spawn(self._power(ws, connection, request))
                 case StatusRequest() as request:
                     # Queued behind the events reported so far (the writer sends it).
                     connection.status_reply(request, self.supervisor.held_runs())
@@ -397,6 +408,16 @@ class WebSocketConnector(SupervisorConnector):
             # A refusal is reported as the error, then the run's end: `rejected`.
             await self.report_job_error(run, exc.kind, exc.description)
             await self.update_job_state(run, Phase.REJECTED, message=str(exc))
+
+    async def _power(self, ws: ClientConnection, connection: Connection, request: Power) -> None:
+        """Run a power command in the background and answer with its result: not an event
+        (not numbered, not resent), so it goes straight out, with a deadline; lost with
+        the connection, the switchboard's caller times out."""
+        result = await self.supervisor.power(request)
+        frame = connection.send(result)
+        if frame is not None:
+            with contextlib.suppress(TimeoutError, ConnectionClosed):
+                await asyncio.wait_for(ws.send(frame, text=True), POWER_SEND_TIMEOUT_S)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -11,7 +11,7 @@ import re
 #: Major version, carried in the WebSocket subprotocol name. A change here breaks peers.
 PROTOCOL_MAJOR = 1
 #: Highest minor version this code speaks. Minors only add optional fields and messages.
-PROTOCOL_MINOR = 4
+PROTOCOL_MINOR = 5
 #: The one subprotocol a supervisor offers and the switchboard accepts.
 SUBPROTOCOL = f"switchboard.v{PROTOCOL_MAJOR}"
 
@@ -64,6 +64,8 @@ SHA256_HEX_PATTERN = r"^[0-9a-f]{64}$(?!\n)"
 MAX_DEVICES = 512
 #: Free-text fields (status messages, error descriptions) are cut to this many characters.
 MESSAGE_MAX_LEN = 4096
+#: (1.5) The most of a power command's output a `power_result` carries, in characters.
+POWER_OUTPUT_MAX_LEN = 4096
 
 _ID_RE = re.compile(ID_PATTERN)
 _DIGEST_RE = re.compile(DIGEST_PATTERN)

@@ -212,6 +212,23 @@ class StatusReply(SupervisorMessage, tag="status"):
     running: Seq = 0
 
 
+#: What a device's power command does (docs/lab.md "Power").
+PowerAction = Literal["on", "off", "cycle", "status"]
+POWER_ACTIONS: tuple[PowerAction, ...] = ("on", "off", "cycle", "status")
+
+
+class PowerResult(SupervisorMessage, tag="power_result"):
+    """(1.5) Answer to a Power request: whether the command ran and exited 0, its exit
+    status (None: it did not run, or was killed past its deadline), its output (stdout
+    and stderr together, cut to POWER_OUTPUT_MAX_LEN) and, when not ok, why."""
+
+    request_id: Seq
+    ok: bool = False
+    exit_code: Int64 | None = None
+    output: Annotated[str, Meta(max_length=limits.POWER_OUTPUT_MAX_LEN)] = ""
+    reason: Text = ""
+
+
 class Heartbeat(SupervisorMessage, tag="heartbeat"):
     """Sent every `heartbeat_interval_s` (from the Welcome) by both sides."""
 
@@ -380,6 +397,15 @@ class StatusRequest(SwitchboardMessage, tag="status_request"):
     request_id: Seq
 
 
+class Power(SwitchboardMessage, tag="power"):
+    """(1.5) Run one of a device's power commands; the supervisor answers with a
+    PowerResult of the same `request_id`."""
+
+    request_id: Seq
+    device_id: Id
+    action: PowerAction
+
+
 class ServerHeartbeat(SwitchboardMessage, tag="heartbeat"):
     """The switchboard's heartbeat (same shape as the supervisor's)."""
 
@@ -408,11 +434,19 @@ FromSupervisor = (
     | JobExit
     | JobFiles
     | StatusReply
+    | PowerResult
     | Heartbeat
     | ProtocolErrorMessage
 )
 FromSwitchboard = (
-    Welcome | StartJob | StopJob | Ack | StatusRequest | ServerHeartbeat | ProtocolErrorMessage
+    Welcome
+    | StartJob
+    | StopJob
+    | Ack
+    | StatusRequest
+    | Power
+    | ServerHeartbeat
+    | ProtocolErrorMessage
 )
 SupervisorEvent = JobStateChanged | JobErrorReport | Output | JobExit | JobFiles
 
@@ -452,6 +486,7 @@ LenientFromSwitchboard = (
     | StopJob
     | Ack
     | StatusRequest
+    | Power
     | ServerHeartbeat
     | ProtocolErrorMessage
 )

@@ -48,6 +48,9 @@ FILES_MINOR = 3
 #: The minor version that added the device inventory: `hello.devices` and
 #: `start_job.devices` (docs/protocol.md §5, docs/lab.md).
 DEVICES_MINOR = 4
+#: The minor version that added power control: the `power` request and its
+#: `power_result` answer (docs/protocol.md §5, docs/lab.md).
+POWER_MINOR = 5
 
 
 def minor_of(version: str) -> int:

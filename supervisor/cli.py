@@ -48,6 +48,7 @@ from supervisor.config import (
 from supervisor.inputs import InputCache
 from supervisor.jobs import BackendSupervisor
 from supervisor.outputs import DirectorySink, ListingSink, OutputSink, SwitchboardSink
+from supervisor.power import PowerSwitches
 
 log = logging.getLogger("supervisor")
 
@@ -237,6 +238,7 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
         work_dir=settings.work_dir,
         outputs=uploads,
         outputs_limits=_output_limits(settings),
+        power=PowerSwitches(settings.config.devices),
         **_inputs(artifacts, settings),
     )
     connector = WebSocketConnector(

@@ -22,6 +22,8 @@ from protocol.messages import (
     CollectLimits,
     DeviceInfo,
     HeldRun,
+    Power,
+    PowerResult,
     RefusedFile,
     RunRef,
     StartJob,
@@ -42,6 +44,7 @@ from supervisor.outputs import (
     make_out_dir,
     rules_for,
 )
+from supervisor.power import PowerSwitches
 
 log = logging.getLogger("supervisor.jobs")
 
@@ -91,8 +94,11 @@ class BackendSupervisor(Supervisor):
         inputs_max_bytes: int = 4096 * 1024 * 1024,
         outputs: OutputSink | None = None,
         outputs_limits: CollectLimits | None = None,
+        power: PowerSwitches | None = None,
     ) -> None:
         self.backend = backend
+        #: The host's power switches (None: it has none, every power request is refused).
+        self.power_switches = power
         #: Where runs' inputs come from (None: this supervisor refuses runs with inputs).
         self.inputs = inputs
         self.inputs_max_bytes = inputs_max_bytes
@@ -120,6 +126,11 @@ class BackendSupervisor(Supervisor):
             max_jobs=self.max_jobs,
             devices=self.devices,
         )
+
+    async def power(self, request: Power) -> PowerResult:
+        if self.power_switches is None:
+            return await super().power(request)
+        return await self.power_switches.run(request)
 
     def held_runs(self) -> list[HeldRun]:
         return [HeldRun(r.ref.job_id, r.ref.attempt, r.phase) for r in self._runs.values()]

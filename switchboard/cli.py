@@ -93,6 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
             reservation_ttl_s=args.reservation_ttl,
             lease_default_s=args.lease_default,
             lease_max_s=args.lease_max,
+            power_timeout_s=args.power_timeout,
         )
     )
     return 0
@@ -447,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.lease_max_s,
         metavar="SECONDS",
         help="the longest a lease may last from its grant, extensions included (default 28800)",
+    )
+    serve.add_argument(
+        "--power-timeout",
+        type=_positive(float),
+        default=DEFAULTS.power_timeout_s,
+        metavar="SECONDS",
+        help="how long a power call waits for the device's host to answer (default 40)",
     )
     logfmt.add_argument(serve, "SWITCHBOARD_LOG_FORMAT")
     serve.set_defaults(func=_serve)

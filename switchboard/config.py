@@ -108,6 +108,9 @@ class Settings(msgspec.Struct):
     #: for this long expires; a lease lasts `lease_default_s` unless asked otherwise, and
     #: never more than `lease_max_s` from its grant (extensions included).
     reservation_ttl_s: float = 60.0
+    #: How long a power call waits for its supervisor's answer (its host kills the
+    #: command at 30 s) before the caller gets 504.
+    power_timeout_s: float = 40.0
     lease_default_s: float = 3600.0
     lease_max_s: float = 8 * 3600.0
     #: How often the reservation sweep runs, and the most reservations of each kind

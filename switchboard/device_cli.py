@@ -1,6 +1,6 @@
-"""`switchboard device list|show|set-health|reserve|reservations|extend|release`: the
-lab's devices and their reservations (docs/lab.md), each command one REST call (`reserve
---wait` refreshes its reservation until it is held)."""
+"""`switchboard device list|show|set-health|power|reserve|reservations|extend|release`:
+the lab's devices and their reservations (docs/lab.md), each command one REST call
+(`reserve --wait` refreshes its reservation until it is held)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+from protocol.messages import POWER_ACTIONS
 from switchboard.admin_cli import command_group, labels_text
 from switchboard.cli_output import client, duration, show, table, when
 from switchboard.health import HEALTH_STATES
@@ -54,6 +55,12 @@ def _detail(d: dict[str, Any]) -> str:
     ]
     if history:
         lines += ["", table(history, ["WHEN", "FROM", "TO", "BY", "JOB", "WHY"])]
+    calls = [
+        (when(c["at"]), c["action"], c["result"], c["actor"], c.get("job_id"), c["reason"])
+        for c in d.get("power_history", [])
+    ]
+    if calls:
+        lines += ["", table(calls, ["WHEN", "POWER", "RESULT", "BY", "JOB", "WHY"])]
     return "\n".join(lines)
 
 
@@ -78,6 +85,22 @@ def _set_health(args: argparse.Namespace) -> int:
     body = {"health": args.health, "reason": args.reason}
     show(args, client(args).put(f"{_path(args.device_id)}/health", body), _detail)
     return 0
+
+
+def _power_answer(a: dict[str, Any]) -> str:
+    status = "-" if a["exit_code"] is None else str(a["exit_code"])
+    lines = [f"power {a['action']} of {a['device_id']}: {a['result']} (exit status {status})"]
+    if a["reason"]:
+        lines.append(a["reason"])
+    if a["output"]:
+        lines.append(a["output"].rstrip("\n"))
+    return "\n".join(lines)
+
+
+def _power(args: argparse.Namespace) -> int:
+    answer = client(args).post(f"{_path(args.device_id)}/power", {"action": args.action})
+    show(args, answer, _power_answer)
+    return 0 if answer["ok"] else 1
 
 
 def _reservation_rows(found: list[dict[str, Any]]) -> str:
@@ -178,6 +201,11 @@ def add_device_commands(commands: argparse._SubParsersAction) -> None:
     set_health.add_argument("device_id")
     set_health.add_argument("health", choices=HEALTH_STATES)
     set_health.add_argument("--reason", required=True, help="why (kept in its history)")
+    power = device(
+        "power", "run a device's power command on its host (operators, its lease holder)", _power
+    )
+    power.add_argument("device_id")
+    power.add_argument("action", choices=POWER_ACTIONS)
     reserve = device(
         "reserve", "reserve devices: all of them at once, for a lease that ends by itself", _reserve
     )

@@ -20,9 +20,17 @@ from litestar import WebSocket
 
 from protocol import codec, limits
 from protocol.exceptions import CloseCode, MessageTooBig
-from protocol.messages import RunRef, ServerHeartbeat, StopJob, minor_needed
+from protocol.messages import (
+    PowerAction,
+    PowerResult,
+    RunRef,
+    ServerHeartbeat,
+    StopJob,
+    minor_needed,
+)
 from protocol.spec import JobSpec
 from protocol.state import Phase
+from protocol.versions import POWER_MINOR
 from switchboard import handshake, metrics
 from switchboard.coalesce import CoalescedRead
 from switchboard.config import Settings
@@ -31,7 +39,7 @@ from switchboard.models import Assignment, PendingReport
 from switchboard.outbox import Outbox
 from switchboard.scheduler import files_asked
 from switchboard.store.base import Store
-from switchboard.supervisor_connection import SupervisorConnection
+from switchboard.supervisor_connection import PowerUnavailable, SupervisorConnection
 
 log = logging.getLogger("switchboard.hub")
 
@@ -147,6 +155,24 @@ class Hub:
             frame = await self.start_frame(run.job_id, run.attempt, run.spec, minor, run.devices)
             if frame is not None and connection is not None and connection.ready:
                 connection.start(RunRef(run.job_id, run.attempt), frame)
+
+    def power(
+        self, supervisor_id: str, device_id: str, action: PowerAction
+    ) -> asyncio.Future[PowerResult | None] | str:
+        """Send a power request to the supervisor of the device: the future of its answer
+        (None if the connection ends first), or why it can't be sent."""
+        connection = self._connections.get(supervisor_id)
+        if connection is None:
+            return f"supervisor {supervisor_id} is not connected"
+        if connection.minor < POWER_MINOR:
+            return (
+                f"supervisor {supervisor_id} speaks protocol {limits.PROTOCOL_MAJOR}."
+                f"{connection.minor}: power needs {limits.PROTOCOL_MAJOR}.{POWER_MINOR}"
+            )
+        try:
+            return connection.power(device_id, action)
+        except PowerUnavailable as busy:
+            return str(busy)
 
     def send_stop(self, supervisor_id: str, stop: StopJob) -> None:
         """Queue a StopJob for the supervisor; never waits on its socket."""

@@ -295,6 +295,20 @@ RESERVATION_REFUSALS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+POWER_CALLS = Counter(
+    "switchboard_power_calls_total",
+    "Power calls on devices (docs/lab.md), by action and result: ok, failed (the command"
+    " failed or was killed past its deadline), no_power, not_connected, timed_out.",
+    ["action", "result"],
+    registry=REGISTRY,
+)
+POWER_REFUSALS = Counter(
+    "switchboard_power_refusals_total",
+    "Power requests refused before reaching a supervisor: 400 invalid_request (an"
+    " unknown action), 403 forbidden (neither an operator nor the device's lease holder).",
+    ["reason"],
+    registry=REGISTRY,
+)
 DEVICES_REFUSED = Counter(
     "switchboard_device_declarations_refused_total",
     "Devices a supervisor's hello declared that were not taken into the inventory: another"

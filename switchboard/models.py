@@ -291,6 +291,26 @@ class HealthChange(msgspec.Struct, frozen=True):
     job_id: str | None = None
 
 
+class PowerCall(msgspec.Struct, frozen=True):
+    """One power command asked for a device (docs/lab.md "Power"): when, by whom, which
+    action and how it went (`result`: one of POWER_RESULTS), the command's exit status,
+    why it did not succeed, and the run holding the device then, if one did."""
+
+    at: float
+    actor: str
+    action: str
+    result: str
+    exit_code: int | None = None
+    reason: str = ""
+    job_id: str | None = None
+
+
+#: How a power call went: the command succeeded, ran and failed (or was killed past its
+#: deadline on the host), the device has no command for it, its supervisor is not
+#: connected (or too old for power), or no answer came in time.
+POWER_RESULTS = ("ok", "failed", "no_power", "not_connected", "timed_out")
+
+
 class DeviceView(msgspec.Struct):
     """A device of the lab's inventory as the switchboard knows it."""
 
@@ -320,6 +340,8 @@ class DeviceView(msgspec.Struct):
     last_declared: float = 0.0
     #: Newest first (only in a single device's view).
     history: list[HealthChange] = []
+    #: Its latest power calls, newest first (only in a single device's view).
+    power_history: list[PowerCall] = []
 
 
 class ReservationView(msgspec.Struct):

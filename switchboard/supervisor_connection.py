@@ -34,6 +34,9 @@ from protocol.messages import (
     Event,
     HeldRun,
     Hello,
+    Power,
+    PowerAction,
+    PowerResult,
     ProtocolErrorMessage,
     RunRef,
     StatusReply,
@@ -62,6 +65,8 @@ EVENT_QUEUE = 4096
 MAX_BATCH = 1024
 #: Batches of one connection handed to the store and not yet acknowledged, at most.
 WRITES_IN_FLIGHT = 2
+#: Power requests of one connection waiting for their answer, at most.
+POWER_IN_FLIGHT = 16
 
 
 class Fleet(Protocol):
@@ -88,6 +93,11 @@ class Fleet(Protocol):
         minor: int | None = None,
         devices: Sequence[str] = (),
     ) -> bytes | None: ...
+
+
+class PowerUnavailable(Exception):
+    """A power request can't be sent on this connection: it is closing, or too many
+    power requests to it are unanswered."""
 
 
 class _Inbox:
@@ -149,6 +159,9 @@ class SupervisorConnection:
         "_beats",
         "_events",
         "_last_heard",
+        "_power_id",
+        "_power_over",
+        "_powering",
         "_room",
         "_writes",
         "closed_because",
@@ -199,6 +212,12 @@ class SupervisorConnection:
         self._writes: list[_Write] = []
         self._acknowledger: asyncio.Task[None] | None = None
         self._room: asyncio.Future[None] | None = None
+        #: Power requests sent and not answered yet, by request id (None until the first:
+        #: most connections never send one).
+        self._powering: dict[int, asyncio.Future[PowerResult | None]] | None = None
+        self._power_id = 0
+        #: True once no answer can come any more (the connection is over).
+        self._power_over = False
 
     @property
     def minor(self) -> int:
@@ -222,6 +241,36 @@ class SupervisorConnection:
 
     def stop(self, stop: StopJob) -> None:
         self.outbox.stop(RunRef(stop.job_id, stop.attempt), self.protocol.send(stop))
+
+    def power(self, device_id: str, action: PowerAction) -> asyncio.Future[PowerResult | None]:
+        """Send a power request; the future gets its answer, or None if the connection
+        ends first. Raises PowerUnavailable while POWER_IN_FLIGHT are unanswered, or once
+        the connection is closing. The caller waits with its own deadline and cancels the
+        future past it (it is then forgotten here)."""
+        pending = self._powering if self._powering is not None else {}
+        if self.outbox.closed or self._power_over:
+            raise PowerUnavailable(f"the connection of {self.id} is closing")
+        if len(pending) >= POWER_IN_FLIGHT:
+            raise PowerUnavailable(f"{POWER_IN_FLIGHT} power requests to {self.id} are unanswered")
+        self._powering = pending
+        self._power_id += 1
+        request_id = self._power_id
+        answer: asyncio.Future[PowerResult | None] = asyncio.get_running_loop().create_future()
+        pending[request_id] = answer
+        answer.add_done_callback(lambda _: pending.pop(request_id, None))
+        self.send(Power(request_id=request_id, device_id=device_id, action=action))
+        return answer
+
+    def _powered(self, result: PowerResult) -> None:
+        answer = (self._powering or {}).get(result.request_id)
+        if answer is not None and not answer.done():
+            answer.set_result(result)
+
+    def _power_lost(self) -> None:
+        self._power_over = True
+        for answer in list((self._powering or {}).values()):
+            if not answer.done():
+                answer.set_result(None)
 
     def request_status(self) -> None:
         """Ask the supervisor which runs it holds (the reply is reconciled when it comes)."""
@@ -301,6 +350,7 @@ class SupervisorConnection:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self._power_lost()  # no answer comes any more: their callers are told now
             # Store what was received before the connection went away.
             await self._drain_events()
             # The goodbye, if the switchboard ended the connection; otherwise the socket
@@ -325,6 +375,8 @@ class SupervisorConnection:
                     await self._events.put(event)
                 case StatusReply():
                     await self._status_due()
+                case PowerResult() as result:
+                    self._powered(result)
                 case Goodbye() as goodbye:
                     self._protocol_error(goodbye.code, goodbye.reason)
                     self.outbox.close(goodbye)

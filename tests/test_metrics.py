@@ -14,11 +14,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protocol import codec
 from protocol.exceptions import JobErrorKind, ProblemCode
-from protocol.messages import STREAMS, Ack, Hello, JobStateChanged, Output, StopJob
+from protocol.messages import (
+    POWER_ACTIONS,
+    STREAMS,
+    Ack,
+    Hello,
+    JobStateChanged,
+    Output,
+    StopJob,
+)
 from protocol.spec import BACKEND_KINDS, JobSpec, NoopBackend
 from protocol.state import TERMINAL, Phase
 from protocol.versions import supported_versions
 from switchboard.health import HEALTH_STATES
+from switchboard.models import POWER_RESULTS
 from tests.faults import FaultyProxy
 from tests.harness import (
     Switchboard,
@@ -82,6 +91,8 @@ SWITCHBOARD_METRICS = {
     "switchboard_reservations": "gauge",
     "switchboard_reservation_wait_seconds": "histogram",
     "switchboard_reservation_refusals_total": "counter",
+    "switchboard_power_calls_total": "counter",
+    "switchboard_power_refusals_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -100,7 +111,9 @@ LABEL_VALUES: dict[str, set[str]] = {
     "result": {
         *("hit", "miss", "passed", "failed", "error", "skipped", "kept", "refused"),
         *("pass", "fail"),
+        *POWER_RESULTS,
     },
+    "action": set(POWER_ACTIONS),
     "limit": {"image_unpacked", "wasm_scratch", "inputs"},
     "reason": {
         "header_too_large",

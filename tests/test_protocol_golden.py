@@ -36,6 +36,8 @@ from protocol.messages import (
     JobStateChanged,
     Output,
     OutputFile,
+    Power,
+    PowerResult,
     ProtocolErrorMessage,
     RefusedFile,
     ServerHeartbeat,
@@ -255,6 +257,23 @@ SUPERVISOR_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
         b'{"type":"status","request_id":0}',
     ),
     (
+        # 1.5: a power command's answer.
+        PowerResult(request_id=7, ok=True, exit_code=0, output="on\n"),
+        b'{"type":"power_result","request_id":7,"ok":true,"exit_code":0,"output":"on\\n"}',
+    ),
+    (
+        PowerResult(
+            request_id=8,
+            output="relay busy",
+            reason="power command exited with status 1",
+            exit_code=1,
+        ),
+        (
+            b'{"type":"power_result","request_id":8,"exit_code":1,"output":"relay busy",'
+            b'"reason":"power command exited with status 1"}'
+        ),
+    ),
+    (
         Heartbeat(at=1767225605.0),
         b'{"type":"heartbeat","at":1767225605.0}',
     ),
@@ -396,6 +415,11 @@ SWITCHBOARD_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
     (
         StatusRequest(request_id=3),
         b'{"type":"status_request","request_id":3}',
+    ),
+    (
+        # 1.5: run a device's power command.
+        Power(request_id=7, device_id="nrf-1", action="cycle"),
+        b'{"type":"power","request_id":7,"device_id":"nrf-1","action":"cycle"}',
     ),
     (
         ServerHeartbeat(at=1767225605.5),

@@ -35,6 +35,8 @@ from protocol.messages import (
     JobStateChanged,
     Output,
     OutputFile,
+    Power,
+    PowerResult,
     ProtocolErrorMessage,
     RefusedFile,
     ServerHeartbeat,
@@ -202,6 +204,14 @@ SUPERVISOR_MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
         runs=st.lists(held_runs, max_size=5),
         running=st.integers(0, 100_000),
     ),
+    PowerResult: st.builds(
+        PowerResult,
+        request_id=st.integers(0, INT64_MAX),
+        ok=st.booleans(),
+        exit_code=st.none() | st.integers(-(2**63), INT64_MAX),
+        output=st.text(max_size=limits.POWER_OUTPUT_MAX_LEN),
+        reason=texts,
+    ),
     Heartbeat: st.builds(Heartbeat, at=finite),
     ProtocolErrorMessage: st.builds(
         ProtocolErrorMessage, code=st.sampled_from([int(c) for c in CloseCode]), reason=texts
@@ -250,6 +260,12 @@ SWITCHBOARD_MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
         ),
     ),
     StatusRequest: st.builds(StatusRequest, request_id=st.integers(0, INT64_MAX)),
+    Power: st.builds(
+        Power,
+        request_id=st.integers(0, INT64_MAX),
+        device_id=ids,
+        action=st.sampled_from(["on", "off", "cycle", "status"]),
+    ),
     ServerHeartbeat: st.builds(ServerHeartbeat, at=finite),
     ProtocolErrorMessage: SUPERVISOR_MESSAGES[ProtocolErrorMessage],
 }

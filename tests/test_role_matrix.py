@@ -80,6 +80,9 @@ EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     ("GET", "/api/v1/devices"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("GET", "/api/v1/devices/{device_id}"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("PUT", "/api/v1/devices/{device_id}/health"): frozenset({ADMIN, OPERATOR}),
+    # power: operators, and the holder of the lease the device belongs to (a submitter
+    # holding none is refused: test_lab_power)
+    ("POST", "/api/v1/devices/{device_id}/power"): frozenset({ADMIN, OPERATOR}),
     # reservations of devices: whoever submits jobs reserves; on a reservation another
     # token (the admin's) holds, only an operator acts (its holder may: test_lab_reservations)
     ("POST", "/api/v1/reservations"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
@@ -280,6 +283,16 @@ class World:
                 )
             case "GET", "/api/v1/devices/{device_id}":
                 return Call(template.replace("{device_id}", DEVICE_ID))
+            case "POST", "/api/v1/devices/{device_id}/power":
+                # It declares no power commands: an allowed call is answered 409 (and kept
+                # in the device's history), a refused one changes nothing.
+                return Call(
+                    template.replace("{device_id}", DEVICE_ID),
+                    json={"action": "status"},
+                    state=lambda: len(
+                        self.admin.get(f"/api/v1/devices/{DEVICE_ID}").json()["power_history"]
+                    ),
+                )
             case "POST", "/api/v1/reservations":
                 return Call(
                     template,

@@ -47,6 +47,8 @@ _DESCRIPTIONS = {
     413: "Body too large",
     416: "The Range asked for starts past the end",
     429: "Too many requests (the queue, or the token's share of it, is full)",
+    503: "A host it needs is not connected",
+    504: "The host did not answer in time",
     507: "The switchboard's storage quota is used up",
 }
 

@@ -42,6 +42,7 @@ from switchboard.models import (
     Overview,
     PendingReport,
     PlacementSnapshot,
+    PowerCall,
     QueuedJob,
     ReportStatus,
     ReservationSweep,
@@ -428,6 +429,11 @@ class Store(abc.ABC):
         """Set a device's health (switchboard.health says which may be set), kept in its
         history with `actor` and `reason`; None if there is no such device. Counted as a
         supervisor write: what may be placed where changes."""
+
+    @abc.abstractmethod
+    async def record_power_call(self, device_id: str, call: PowerCall) -> PowerCall:
+        """Keep a power call in the device's history and, when a run holds the device, in
+        that run's job events (its timeline); the call as kept (with that run's job)."""
 
     @abc.abstractmethod
     async def lab_devices(self) -> list[LabDevice]:

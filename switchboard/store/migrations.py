@@ -178,6 +178,24 @@ def _empty_artifact(conn: sqlite3.Connection) -> None:
     )
 
 
+#: Each power command run on a device (docs/lab.md "Power"): who asked, what, and how it
+#: went, for the device's history.
+POWER_CALLS = """
+CREATE TABLE IF NOT EXISTS device_power_calls (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    result TEXT NOT NULL,
+    exit_code INTEGER,
+    reason TEXT NOT NULL DEFAULT '',
+    job_id TEXT
+);
+CREATE INDEX IF NOT EXISTS device_power_by_device ON device_power_calls (device_id, seq)
+"""
+
+
 #: Every step past the baseline, in order: MIGRATIONS[i] reaches BASELINE_VERSION + i + 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -190,6 +208,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(9, "reservations of devices, with leases; jobs.reservation", _reservations),
     Migration(10, "the empty artifact, always stored (empty output files)", _empty_artifact),
+    Migration(
+        11,
+        "device_power_calls: each power command, for the device's history",
+        _statements(POWER_CALLS),
+    ),
 )
 
 #: The oldest version an upgrade reaches; an older file must be made again.

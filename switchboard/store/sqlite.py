@@ -48,6 +48,7 @@ from switchboard.models import (
     Overview,
     PendingReport,
     PlacementSnapshot,
+    PowerCall,
     QueuedJob,
     ReportStatus,
     ReservationSweep,
@@ -566,6 +567,9 @@ class SQLiteStore(Store):
         return await self._write_supervisor(
             lambda conn: lab.set_health(conn, device_id, health, actor, reason, now)
         )
+
+    async def record_power_call(self, device_id: str, call: PowerCall) -> PowerCall:
+        return await self._write(lambda conn: lab.record_power_call(conn, device_id, call))
 
     async def lab_devices(self) -> list[scheduler.LabDevice]:
         return await self._read(lambda conn: lab.lab_devices(conn))

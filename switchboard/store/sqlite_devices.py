@@ -20,9 +20,9 @@ from protocol.messages import DeviceInfo
 from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import health, scheduler
-from switchboard.models import DeviceView, HealthChange
+from switchboard.models import DeviceView, HealthChange, PowerCall
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_PHASES, TERMINAL_SQL
-from switchboard.store.sqlite_jobs import cancel_job
+from switchboard.store.sqlite_jobs import cancel_job, record_event
 
 log = logging.getLogger("switchboard.store")
 
@@ -33,6 +33,13 @@ HISTORY_SHOWN = 100
 _RESERVED = (
     "SELECT rd.device_id, rd.reservation_id FROM reservation_devices rd"
     " JOIN reservations r ON r.id = rd.reservation_id WHERE r.state = 'held'"
+)
+
+#: The run (job id, attempt) holding a device now.
+_HOLDERS_RUNS = (
+    "SELECT rd.job_id, rd.attempt FROM run_devices rd"
+    " JOIN runs r ON r.job_id = rd.job_id AND r.attempt = rd.attempt"
+    f" WHERE r.phase IN ({ACTIVE_SQL})"
 )
 
 #: The run holding each device now (an active run among those it was granted to).
@@ -230,7 +237,50 @@ def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceView | None:
         " WHERE device_id = ? ORDER BY seq DESC LIMIT ?",
         (device_id, HISTORY_SHOWN),
     )
-    return msgspec.structs.replace(view, history=[HealthChange(*c) for c in changes])
+    history = [HealthChange(*c) for c in changes]
+    calls = conn.execute(
+        "SELECT at, actor, action, result, exit_code, reason, job_id FROM device_power_calls"
+        " WHERE device_id = ? ORDER BY seq DESC LIMIT ?",
+        (device_id, HISTORY_SHOWN),
+    )
+    return msgspec.structs.replace(
+        view, history=history, power_history=[PowerCall(*c) for c in calls]
+    )
+
+
+def record_power_call(conn: sqlite3.Connection, device_id: str, call: PowerCall) -> PowerCall:
+    """Keep a power call in the device's history and, if a run holds the device, in that
+    run's job events (its timeline): the call as kept, with that run's job."""
+    held = conn.execute(
+        _HOLDERS_RUNS + " AND rd.device_id = ?", (*ACTIVE_PHASES, device_id)
+    ).fetchone()
+    if held is not None:
+        job_id, attempt = held
+        call = msgspec.structs.replace(call, job_id=job_id)
+        outcome = (
+            call.result
+            if call.exit_code is None
+            else f"{call.result}, exit status {call.exit_code}"
+        )
+        message = f"power {call.action} of device {device_id}: {outcome}"
+        if call.reason:
+            message += f" ({call.reason})"
+        record_event(conn, job_id, "power", message, attempt=attempt, actor=call.actor, at=call.at)
+    conn.execute(
+        "INSERT INTO device_power_calls (device_id, at, actor, action, result, exit_code,"
+        " reason, job_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            device_id,
+            call.at,
+            call.actor,
+            call.action,
+            call.result,
+            call.exit_code,
+            call.reason,
+            call.job_id,
+        ),
+    )
+    return call
 
 
 #: Devices with a check job that has not ended (they wait for it, and serve nothing else).
