@@ -51,6 +51,7 @@ from switchboard.models import (
     Overview,
     PendingReport,
     PlacementSnapshot,
+    PowerCall,
     QueuedJob,
     ReportStatus,
     ReservationSweep,
@@ -612,6 +613,26 @@ class PostgresStore(Store):
         self, device_id: str, health: str, actor: str, reason: str
     ) -> DeviceView | None:
         return None  # no such device: the inventory is empty
+
+    async def record_power_call(self, device_id: str, call: PowerCall) -> PowerCall:
+        # Kept in the device's power history; no run holds a device here (none is granted
+        # without an inventory), so no job's timeline gets it.
+        async def write(conn: Connection) -> PowerCall:
+            await conn.execute(
+                "INSERT INTO device_power_calls (device_id, at, actor, action, result,"
+                " exit_code, reason, job_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                device_id,
+                call.at,
+                call.actor,
+                call.action,
+                call.result,
+                call.exit_code,
+                call.reason,
+                call.job_id,
+            )
+            return call
+
+        return await self._write(write)
 
     async def lab_devices(self) -> list[LabDevice]:
         return []
