@@ -23,7 +23,7 @@ from protocol import codec, limits
 from protocol.messages import DeviceInfo, Hello, Welcome
 from protocol.versions import supported_versions
 from switchboard.config import Settings
-from tests.harness import Switchboard, scaled
+from tests.harness import Switchboard, scaled, wait_for
 
 ADMIN, OPERATOR, SUBMITTER, VIEWER, SUPERVISOR = (
     "admin",
@@ -307,6 +307,12 @@ class World:
                 assert made.status_code == 201, made.text
                 reservation = made.json()["id"]
                 path = f"/api/v1/reservations/{reservation}"
+                # Held before the call: the sweep granting it meanwhile would look like a
+                # change the call made (the matrix's cells hold the board one at a time).
+                wait_for(
+                    lambda: self.admin.get(path).json()["state"] == "held",
+                    f"reservation {reservation} granted",
+                )
                 return Call(
                     template.replace("{reservation_id}", reservation),
                     json={"by_s": 60} if template.endswith("/extend") else None,
