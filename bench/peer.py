@@ -26,7 +26,7 @@ SLOTS_PER_SUPERVISOR = 8
 
 
 @contextlib.contextmanager
-def _switchboard() -> Iterator[tuple[Switchboard, dict[str, str]]]:
+def switchboard() -> Iterator[tuple[Switchboard, dict[str, str]]]:
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
         server = Switchboard(Path(tmp) / "data")
         supervisors = []
@@ -74,7 +74,7 @@ def measure_peer(threads: int, seconds: float, trips: int, reps: int) -> dict[st
                 figures.setdefault(f"{prefix}_{key}", []).append(value)
                 units[f"{prefix}_{key}"] = unit
 
-    with celery_peer.peer() as (python, work, celery_env), _switchboard() as (server, env):
+    with celery_peer.peer() as (python, work, celery_env), switchboard() as (server, env):
         pid = server.process.proc.pid
         for _ in range(reps):
             note("celery_loop", celery_peer.run_driver(python, work, celery_env, loop_args))
