@@ -14,6 +14,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Collection, Sequence
 
+import msgspec
+
 from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import Phase
@@ -182,6 +184,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> JobView | None: ...
+
+    async def get_job_detail(self, job_id: str) -> JobView | None:
+        """The job with `tests` and `files` filled in (test_summary, files_summary), as
+        GET /api/v1/jobs/{id} shows it; a store may read them in one go."""
+        job = await self.get_job(job_id)
+        if job is None:
+            return None
+        tests = await self.test_summary(job_id)
+        files = await self.files_summary(job_id)
+        return msgspec.structs.replace(job, tests=tests, files=files)
 
     @abc.abstractmethod
     async def list_jobs(self, where: JobFilter) -> list[tuple[int, JobSummary]]:

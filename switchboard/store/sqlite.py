@@ -295,6 +295,19 @@ class SQLiteStore(Store):
     async def get_job(self, job_id: str) -> JobView | None:
         return await self._read(lambda conn: sqlite_jobs.load_job(conn, job_id))
 
+    async def get_job_detail(self, job_id: str) -> JobView | None:
+        def read(conn: sqlite3.Connection) -> JobView | None:  # one hop to the read pool
+            job = sqlite_jobs.load_job(conn, job_id)
+            if job is None:
+                return None
+            job_tests, job_files = (
+                tests.test_summary(conn, job_id),
+                files.files_summary(conn, job_id),
+            )
+            return msgspec.structs.replace(job, tests=job_tests, files=job_files)
+
+        return await self._read(read)
+
     async def list_jobs(self, where: JobFilter) -> list[tuple[int, JobSummary]]:
         return await self._read(lambda conn: sqlite_jobs.list_jobs(conn, where))
 
