@@ -158,7 +158,16 @@ def _peer(seconds: float, gil: bool, raw: Path) -> None:
     from bench import peer
 
     with peer.switchboard() as (server, env):
-        driver = [sys.executable, "-m", "bench.sb_driver", "loop", "--seconds", str(seconds + 5)]
+        driver = [
+            sys.executable,
+            "-m",
+            "bench.sb_driver",
+            "--via",
+            "stdlib",
+            "loop",
+            "--seconds",
+            str(seconds + 5),
+        ]
         loop = subprocess.Popen(driver, env=env, stdout=subprocess.DEVNULL)
         try:
             time.sleep(3)  # past the start-up transient
