@@ -654,6 +654,19 @@ class SQLiteStore(Store):
     async def job_changes(self, after_rev: int, limit: int) -> list[JobChange]:
         return await self._read(lambda conn: views.job_changes(conn, after_rev, limit))
 
+    async def ended_among_changes(
+        self,
+        after_rev: int,
+        limit: int,
+        among: Callable[[list[JobChange]], list[str]],
+    ) -> tuple[list[JobChange], list[str]]:
+        def read(conn: sqlite3.Connection) -> tuple[list[JobChange], list[str]]:
+            changes = views.job_changes(conn, after_rev, limit)
+            ids = among(changes) if changes else []
+            return changes, sqlite_jobs.ended_among(conn, ids) if ids else []
+
+        return await self._read(read)  # one hop to the read pool
+
     async def latest_job_change(self) -> int:
         return await self._read(views.latest_job_change)
 
