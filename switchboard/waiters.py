@@ -129,8 +129,8 @@ class JobWaiters:
             candidates = list(self._waiting)
         else:
             # The changes and the waited-for jobs among them that ended, in one read: who
-            # waits is taken now; those who come while it reads are woken by the changes
-            # alone (a wake is a hint), else an ending read here would pass them by.
+            # waits is taken now; those who come while it reads are looked up after it,
+            # else an ending read here would pass them by.
             after, wanted = self._rev, frozenset(self._waiting)
 
             def among(changes: list[JobChange]) -> list[str]:
@@ -141,12 +141,13 @@ class JobWaiters:
             changes, ended = await self.store.ended_among_changes(after, CHANGES_PER_PASS, among)
             if not changes:
                 return
-            deleted = {c.job_id for c in changes if c.deleted}
-            late = {c.job_id for c in changes if c.job_id not in wanted}
             # A deleted job's request answers 404 (or leaves it out of a list).
-            self._wake(deleted | late | set(ended))
-            self._rev = changes[-1].rev
-            return
+            self._wake({c.job_id for c in changes if c.deleted} | set(ended))
+            rev = changes[-1].rev
+            # Waiters that came during the read, for jobs among the changes: looked up now.
+            candidates = list(
+                {c.job_id for c in changes if c.job_id in self._waiting and c.job_id not in wanted}
+            )
         for start in range(0, len(candidates), LOOKUP_CHUNK):
             chunk = candidates[start : start + LOOKUP_CHUNK]
             where = JobFilter(phases=_TERMINAL, ids=chunk, limit=len(chunk))
