@@ -5,6 +5,8 @@ LOAD is one of:
   batch    no-op jobs submitted in batches of 500, 100 simulated supervisors (4 slots each)
   single   no-op jobs submitted one POST at a time from 4 threads, same fleet
   latency  one no-op job at a time on the idle system, same fleet
+  peer     the peer part's closed loop: 32 client threads, each submitting a no-op job and
+           waiting for it (bench.sb_driver), four real noop supervisors
   output   one job streaming stdout as fast as it can, one live follower
   scale    5,000 idle connected supervisors, heartbeats every 5 s
   memory   not py-spy: the switchboard runs under tracemalloc; Python memory allocated
@@ -39,7 +41,7 @@ from bench.bed import NOOP, Bed, testbed
 from bench.fleet import PARAM_OUTPUT_BYTES
 from bench.output import Follower
 
-LOADS = ("batch", "single", "latency", "output", "scale", "memory")
+LOADS = ("batch", "single", "latency", "peer", "output", "scale", "memory")
 #: Connections the memory load adds between its two snapshots.
 MEMORY_CONNECTIONS = 2000
 #: Leaf frames of a thread that waits rather than works: (file suffix, function).
@@ -144,12 +146,45 @@ def _output(bed: Bed, stop: threading.Event, seconds: float) -> None:
     stop.wait()
 
 
+def _record(pid: int, seconds: float, gil: bool, raw: Path) -> None:
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    command = [pyspy, "record", "--pid", str(pid), "--duration", str(int(seconds))]
+    command += ["--rate", "250", "--format", "raw", "--threads", "-o", str(raw)]
+    subprocess.run([*command, *(["--gil"] if gil else [])], check=True, capture_output=True)
+
+
+def _peer(seconds: float, gil: bool, raw: Path) -> None:
+    """The closed loop of the peer part against its switchboard, recorded meanwhile."""
+    from bench import peer
+
+    with peer.switchboard() as (server, env):
+        driver = [
+            sys.executable,
+            "-m",
+            "bench.sb_driver",
+            "--via",
+            "stdlib",
+            "loop",
+            "--seconds",
+            str(seconds + 5),
+        ]
+        loop = subprocess.Popen(driver, env=env, stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(3)  # past the start-up transient
+            _record(server.process.proc.pid, seconds, gil, raw)
+        finally:
+            loop.wait(60)
+
+
 def run(load: str, seconds: float, gil: bool, out: Path, top: int) -> str:
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(pyspy).exists():
         raise SystemExit("bench.profile: py-spy is missing (`.venv/bin/pip install py-spy`)")
     out.mkdir(parents=True, exist_ok=True)
     raw = out / f"{load}{'-gil' if gil else ''}.txt"
+    if load == "peer":
+        _peer(seconds, gil, raw)
+        return summarize(raw.read_text().splitlines()).report(top) + f"\nraw samples: {raw}"
     with testbed() as bed:
         stop = threading.Event()
         loads: dict[str, Callable[[], None]] = {
@@ -165,9 +200,7 @@ def run(load: str, seconds: float, gil: bool, out: Path, top: int) -> str:
         worker = threading.Thread(target=loads.get(load, stop.wait), daemon=True)
         worker.start()
         time.sleep(3)  # past the start-up transient
-        command = [pyspy, "record", "--pid", str(bed.pid), "--duration", str(int(seconds))]
-        command += ["--rate", "250", "--format", "raw", "--threads", "-o", str(raw)]
-        subprocess.run([*command, *(["--gil"] if gil else [])], check=True, capture_output=True)
+        _record(bed.pid, seconds, gil, raw)
         stop.set()
         worker.join(30)
     return summarize(raw.read_text().splitlines()).report(top) + f"\nraw samples: {raw}"

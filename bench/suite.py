@@ -53,6 +53,8 @@ class Sizes:
     peer_threads: int = 32  # clients of the closed loop, each submit -> wait in turn
     peer_seconds: float = 10.0  # per closed-loop repetition
     peer_trips: int = 300  # idle round trips per repetition
+    peer_waiters: int = 1000  # clients waiting at once, each on a job that does not end
+    peer_waiters_window_s: float = 5.0  # CPU measured over this, once per repetition
 
 
 QUICK = Sizes(
@@ -75,6 +77,8 @@ QUICK = Sizes(
     peer_threads=4,
     peer_seconds=1.0,
     peer_trips=20,
+    peer_waiters=50,
+    peer_waiters_window_s=0.5,
 )
 
 
@@ -147,7 +151,12 @@ def run_peer(sizes: Sizes) -> dict[str, Summary]:
 
     try:
         return peer.measure_peer(
-            sizes.peer_threads, sizes.peer_seconds, sizes.peer_trips, sizes.reps
+            sizes.peer_threads,
+            sizes.peer_seconds,
+            sizes.peer_trips,
+            sizes.reps,
+            sizes.peer_waiters,
+            sizes.peer_waiters_window_s,
         )
     except celery_peer.PeerMissing as exc:
         raise Skipped(str(exc)) from None
@@ -343,6 +352,33 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                 ),
                 Row("peer_celery_idle_p50_ms", "peer: Celery + Redis idle p50"),
                 Row("peer_celery_idle_p99_ms", "  Celery + Redis p99"),
+                Row(
+                    "peer_client_loop_jobs_per_s",
+                    "submit -> wait via the client library (Client.run)",
+                    "peer_switchboard_loop_jobs_per_s",
+                ),
+                Row("peer_client_loop_cpu_ms_per_job", "  switchboard CPU per job"),
+                Row(
+                    "peer_client_idle_p50_ms",
+                    "  idle p50 via the client library",
+                    "peer_celery_idle_p50_ms",
+                ),
+                Row("peer_client_idle_p99_ms", "  idle p99 via the client library"),
+                Row(
+                    "peer_waiters_cpu_pct",
+                    f"{sizes.peer_waiters} clients waiting: switchboard CPU",
+                    "peer_waiters_idle_cpu_pct",
+                ),
+                Row(
+                    "peer_waiters_cost_cpu_pct",
+                    "  what the waiting costs (less the idle switchboard)",
+                    None,
+                    ("<=", 1.0, "median"),
+                ),
+                Row("peer_waiters_rss_mib", "  switchboard RSS"),
+                Row("peer_waiters_rss_kib_per_waiter", "  RSS per waiting client"),
+                Row("peer_waiters_idle_cpu_pct", "  the same switchboard idle, no waiters: CPU"),
+                Row("peer_waiters_idle_rss_mib", "  RSS"),
             ],
         ),
         (

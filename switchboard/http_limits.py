@@ -19,6 +19,9 @@ is that protocol with the missing limits (docs/server.md):
 - a response sent before its request's body was read (a refusal by the API) ends the
   connection: the rest of the body is not read and thrown away.
 
+A response's head is written with its body (one write, one TCP segment for a small
+response, instead of uvicorn's two): see `_HeadWithBody`.
+
 The idle keep-alive timeout is uvicorn's own (`timeout_keep_alive`). A connection upgraded
 to a WebSocket (a supervisor) leaves all of this at the upgrade: it is no longer counted,
 and its liveness is the protocol's heartbeats.
@@ -184,6 +187,43 @@ class ConnectionTable:
         metrics.HTTP_CONNECTIONS.set(self.open)
 
 
+class _HeadWithBody:
+    """The transport as one response sees it: its first write (the head) is held until
+    the next (the body's first piece, which an app sends right after it) and both go out
+    as one write, or until the end of the loop's turn if no body comes in it (a stream).
+    Everything else is the transport's."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._first = True
+
+    def write(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            self._held = data
+            self._loop.call_soon(self.flush)
+        elif self._held is not None:
+            head, self._held = self._held, None
+            self._transport.write(head + data)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            head, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class LimitedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits above (see the module's docstring).
     Passed to uvicorn's Config as `http=functools.partial(LimitedHttpProtocol, table=...)`."""
@@ -303,6 +343,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.phase = Phase.BODY
         self._last_body = self.loop.time()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # this request's (not upgraded)
+            cycle.transport = _HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         self._last_body = self.loop.time()
@@ -350,6 +393,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             reason, "refused %s (%s): %s", client, reason, detail or refusal.message
         )
         cycle = self.cycle
+        if cycle is not None and isinstance(cycle.transport, _HeadWithBody):
+            cycle.transport.flush()  # a head held is sent, as it would have been
         answer = refusal.status is not None and (
             cycle is None or cycle.response_complete or not cycle.response_started
         )

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from protocol.state import TERMINAL
 from switchboard import metrics
 from switchboard.changes import Changes
-from switchboard.models import JobFilter
+from switchboard.models import JobChange, JobFilter
 from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.waiters")
@@ -128,19 +128,29 @@ class JobWaiters:
             rev = await self.store.latest_job_change()
             candidates = list(self._waiting)
         else:
-            changes = await self.store.job_changes(self._rev, CHANGES_PER_PASS)
+            # The changes and the waited-for jobs among them that ended, in one read: who
+            # waits is taken now; those who come while it reads are looked up after it,
+            # else an ending read here would pass them by.
+            after, wanted = self._rev, frozenset(self._waiting)
+
+            def among(changes: list[JobChange]) -> list[str]:
+                if changes[0].rev > after + 1:  # the log was pruned past the mark
+                    return list(wanted)
+                return list({c.job_id for c in changes if c.job_id in wanted})
+
+            changes, ended = await self.store.ended_among_changes(after, CHANGES_PER_PASS, among)
             if not changes:
                 return
+            # A deleted job's request answers 404 (or leaves it out of a list).
+            self._wake({c.job_id for c in changes if c.deleted} | set(ended))
             rev = changes[-1].rev
-            deleted = {c.job_id for c in changes if c.deleted and c.job_id in self._waiting}
-            self._wake(deleted)  # its request answers 404 (or leaves it out of a list)
-            if changes[0].rev > self._rev + 1:  # the log was pruned past the mark
-                candidates = list(self._waiting)
-            else:
-                candidates = list({c.job_id for c in changes if c.job_id in self._waiting})
+            # Waiters that came during the read, for jobs among the changes: looked up now.
+            candidates = list(
+                {c.job_id for c in changes if c.job_id in self._waiting and c.job_id not in wanted}
+            )
         for start in range(0, len(candidates), LOOKUP_CHUNK):
             chunk = candidates[start : start + LOOKUP_CHUNK]
             where = JobFilter(phases=_TERMINAL, ids=chunk, limit=len(chunk))
-            ended = await self.store.list_jobs(where)
-            self._wake(summary.id for _, summary in ended)
+            found = await self.store.list_jobs(where)
+            self._wake(summary.id for _, summary in found)
         self._rev = rev

@@ -455,3 +455,19 @@ def test_rate_limited_log_says_how_many_lines_it_left_out(caplog):
         "refused b",
         "refused c (and 4 more like it since the last such line)",
     ]
+
+
+def test_a_streamed_response_head_is_not_held_for_its_body(server):
+    """A stream whose first piece is a while coming still gets its head at once (the
+    head is held for the body only within the loop's turn; see test_http_head_with_body)."""
+    with _open(server) as sock:
+        request = (
+            "GET /api/v1/live HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {server.admin_token}\r\n\r\n"
+        )
+        sock.sendall(request.encode())
+        sock.settimeout(scaled(5))
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        assert _status(received) == 200, received[:200]

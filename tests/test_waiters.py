@@ -86,3 +86,44 @@ async def test_many_waiters_one_listing_of_many_jobs(store, waiters):
         assert sum(f.done() for f in woken) == 1
         assert waiters.count == 1001
     assert waiters.count == 0
+
+
+async def _late_waiter(store, waiters, change) -> bool:
+    """A waiter for "b" registered while the pass reads the changes, `change` among them
+    (while another waiter keeps the watch on): whether it is woken."""
+    await store.create_job("a", SPEC)
+    await store.create_job("b", SPEC)
+    real = store.ended_among_changes
+    late: list[asyncio.Future[None]] = []
+    with contextlib.ExitStack() as stack:
+
+        async def reading(*args, **kwargs):  # the request of b comes during the read
+            found = await real(*args, **kwargs)
+            if not late:
+                late.append(stack.enter_context(waiters.registered(["b"])))
+            return found
+
+        with waiters.registered(["a"]):
+            await store.create_job("c", SPEC)  # the watch is on, its mark taken
+            await asyncio.sleep(0.1)
+            store.ended_among_changes = reading
+            await change()
+            for _ in range(50):
+                if late:
+                    break
+                await asyncio.sleep(0.01)
+            assert late
+            await waiters.wait(late[0], 0.5)  # (well short of the loop's POLL_S)
+            return late[0].done()
+
+
+async def test_a_waiter_that_came_while_the_changes_were_read_is_woken(store, waiters):
+    """The pass reads the changes and which waited-for jobs among them ended in one go,
+    for the waiters of the moment: one registered meanwhile, whose job's ending is among
+    the changes read, is looked up after it (the mark moves past that ending)..."""
+    assert await _late_waiter(store, waiters, lambda: store.request_cancel("b"))
+
+
+async def test_a_waiter_that_came_while_the_changes_were_read_is_not_woken_for_less(store, waiters):
+    """... and only if its job ended: a change that is no ending wakes nobody."""
+    assert not await _late_waiter(store, waiters, lambda: store.set_unschedulable({"b": "no"}))

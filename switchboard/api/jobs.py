@@ -111,24 +111,27 @@ def _wait_ids(raw: list[str] | None, wait: float | None) -> list[str]:
 
 
 async def _until_ended(state: AppState, job_id: str, wait_s: float) -> JobView:
-    """The job once it is in a terminal phase, or as it is after `wait_s` (or at once when
-    the switchboard is stopping). 404 if there is no such job (or it is deleted)."""
+    """The job as GET /api/v1/jobs/{id} shows it (`_shown_or_404`) once it is in a terminal
+    phase, or as it is after `wait_s` (or at once when the switchboard is stopping). 404
+    if there is no such job (or it is deleted)."""
     if wait_s <= 0:
-        return await job_or_404(state, job_id)
+        return await _shown_or_404(state, job_id)
     deadline = time.monotonic() + wait_s
     with state.waiters.registered([job_id]) as woken:
-        job = await job_or_404(state, job_id)
+        job = await _shown_or_404(state, job_id)
         if job.phase in TERMINAL:
             return job
         await state.waiters.wait(woken, deadline - time.monotonic())
-    return await job_or_404(state, job_id)
+    return await _shown_or_404(state, job_id)
 
 
-async def _shown(state: AppState, job: JobView) -> JobView:
-    """The job as GET /api/v1/jobs/{id} shows it: secrets replaced, tests and files counted."""
-    tests = await state.store.test_summary(job.id)
-    files = await state.store.files_summary(job.id)
-    return msgspec.structs.replace(job, spec=redacted(job.spec), tests=tests, files=files)
+async def _shown_or_404(state: AppState, job_id: str) -> JobView:
+    """The job as GET /api/v1/jobs/{id} shows it: secrets replaced, tests and files
+    counted (one read of the store)."""
+    job = await state.store.get_job_detail(job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    return msgspec.structs.replace(job, spec=redacted(job.spec))
 
 
 async def job_or_404(state: AppState, job_id: str) -> JobView:
@@ -203,12 +206,22 @@ async def _check_reservations(
 
 
 async def _queue(
-    state: AppState, specs: list[JobSpec], request: Request, *, batch: bool = False
+    state: AppState,
+    specs: list[JobSpec],
+    request: Request,
+    *,
+    batch: bool = False,
+    ids: list[str] | None = None,
 ) -> list[Submitted]:
-    """Store the jobs (all or none) through the dispatcher, owned by the request's token;
-    stop the runs they replace. A `batch`'s errors name the spec by its index."""
+    """Store the jobs (all or none) through the dispatcher, owned by the request's token,
+    under `ids` (new ones unless given); stop the runs they replace. A `batch`'s errors
+    name the spec by its index."""
     default_s = state.settings.default_run_timeout_s
-    jobs = [(new_job_id(), _with_run_timeout(spec, default_s)) for spec in specs]
+    ids = ids or [new_job_id() for _ in specs]
+    jobs = [
+        (job_id, _with_run_timeout(spec, default_s))
+        for job_id, spec in zip(ids, specs, strict=True)
+    ]
     for index, (_, spec) in enumerate(jobs):
         _check_size(spec, f"[{index}]." if batch else "")
     await _check_devices(state, [spec for _, spec in jobs], batch)
@@ -332,11 +345,19 @@ class JobController(Controller):
             data = codec.decode_job_spec(await request.body())
         except msgspec.ValidationError as exc:
             raise invalid_spec(exc) from None
-        (made,) = await _queue(state, [data], request)
         if wait is None:
+            (made,) = await _queue(state, [data], request)
             return JobCreated(made.id, made.phase, made.reason)
+        # Waiting for a job from before it exists: any ending it has is one the waiters
+        # see (so the job need not be read before the wait, as a GET's must).
+        job_id = new_job_id()
+        deadline = time.monotonic() + wait_s
+        with state.waiters.registered([job_id]) as woken:
+            (made,) = await _queue(state, [data], request, ids=[job_id])
+            if made.phase not in _TERMINAL:
+                await state.waiters.wait(woken, deadline - time.monotonic())
         try:
-            job = await _shown(state, await _until_ended(state, made.id, wait_s))
+            job: JobView | None = await _shown_or_404(state, made.id)
         except ApiError:  # deleted while it was waited for (it had ended): no job to show
             job = None
         return JobCreated(made.id, made.phase, made.reason, job)
@@ -431,7 +452,7 @@ class JobController(Controller):
         (seconds, at most --max-wait, default 60): answer as soon as the job is in a
         terminal phase, or when the wait is over, with the job as it is then."""
         state = app_state(request)
-        return await _shown(state, await _until_ended(state, job_id, _wait_s(state, wait)))
+        return await _until_ended(state, job_id, _wait_s(state, wait))
 
     @get("/{job_id:str}/runs", guards=require(Permission.VIEW), responses=error_responses(404))
     async def runs(self, request: Request, job_id: str) -> list[RunView]:

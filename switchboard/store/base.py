@@ -14,9 +14,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Collection, Sequence
 
+import msgspec
+
 from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
-from protocol.state import Phase
+from protocol.state import TERMINAL, Phase
 from switchboard.health import DeviceFacts
 from switchboard.models import (
     ActiveRun,
@@ -58,6 +60,10 @@ from switchboard.models import (
     TokenView,
 )
 from switchboard.scheduler import LabDevice, ReservationWanted
+
+#: Jobs looked up per query by ended_among_changes.
+LOOKUP_CHUNK = 500
+_TERMINAL = sorted(p.value for p in TERMINAL)
 
 
 class Store(abc.ABC):
@@ -185,6 +191,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> JobView | None: ...
+
+    async def get_job_detail(self, job_id: str) -> JobView | None:
+        """The job with `tests` and `files` filled in (test_summary, files_summary), as
+        GET /api/v1/jobs/{id} shows it; a store may read them in one go."""
+        job = await self.get_job(job_id)
+        if job is None:
+            return None
+        tests = await self.test_summary(job_id)
+        files = await self.files_summary(job_id)
+        return msgspec.structs.replace(job, tests=tests, files=files)
 
     @abc.abstractmethod
     async def list_jobs(self, where: JobFilter) -> list[tuple[int, JobSummary]]:
@@ -382,6 +398,24 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def job_changes(self, after_rev: int, limit: int) -> list[JobChange]:
         """Changes to jobs committed after `after_rev`, oldest first."""
+
+    async def ended_among_changes(
+        self,
+        after_rev: int,
+        limit: int,
+        among: Callable[[list[JobChange]], list[str]],
+    ) -> tuple[list[JobChange], list[str]]:
+        """The changes job_changes returns, and of the jobs `among` names from them (a
+        pure function, called once with the changes, if there are any), those in a
+        terminal phase now. A store may answer both in one read."""
+        changes = await self.job_changes(after_rev, limit)
+        ids = among(changes) if changes else []
+        ended = []
+        for start in range(0, len(ids), LOOKUP_CHUNK):
+            chunk = ids[start : start + LOOKUP_CHUNK]
+            where = JobFilter(phases=_TERMINAL, ids=chunk, limit=len(chunk))
+            ended += [summary.id for _, summary in await self.list_jobs(where)]
+        return changes, ended
 
     @abc.abstractmethod
     async def latest_job_change(self) -> int:

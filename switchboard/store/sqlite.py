@@ -291,6 +291,19 @@ class SQLiteStore(Store):
     async def get_job(self, job_id: str) -> JobView | None:
         return await self._read(lambda conn: sqlite_jobs.load_job(conn, job_id))
 
+    async def get_job_detail(self, job_id: str) -> JobView | None:
+        def read(conn: sqlite3.Connection) -> JobView | None:  # one hop to the read pool
+            job = sqlite_jobs.load_job(conn, job_id)
+            if job is None:
+                return None
+            job_tests, job_files = (
+                tests.test_summary(conn, job_id),
+                files.files_summary(conn, job_id),
+            )
+            return msgspec.structs.replace(job, tests=job_tests, files=job_files)
+
+        return await self._read(read)
+
     async def list_jobs(self, where: JobFilter) -> list[tuple[int, JobSummary]]:
         return await self._read(lambda conn: sqlite_jobs.list_jobs(conn, where))
 
@@ -673,6 +686,19 @@ class SQLiteStore(Store):
 
     async def job_changes(self, after_rev: int, limit: int) -> list[JobChange]:
         return await self._read(lambda conn: views.job_changes(conn, after_rev, limit))
+
+    async def ended_among_changes(
+        self,
+        after_rev: int,
+        limit: int,
+        among: Callable[[list[JobChange]], list[str]],
+    ) -> tuple[list[JobChange], list[str]]:
+        def read(conn: sqlite3.Connection) -> tuple[list[JobChange], list[str]]:
+            changes = views.job_changes(conn, after_rev, limit)
+            ids = among(changes) if changes else []
+            return changes, sqlite_jobs.ended_among(conn, ids) if ids else []
+
+        return await self._read(read)  # one hop to the read pool
 
     async def latest_job_change(self) -> int:
         return await self._read(views.latest_job_change)
