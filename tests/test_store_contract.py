@@ -25,8 +25,10 @@ from protocol.messages import Hello, JobErrorReport, JobExit, JobStateChanged, O
 from protocol.spec import (
     Backoff,
     Concurrency,
+    FromJob,
     JobSpec,
     NoopBackend,
+    Outputs,
     Parameter,
     RestartPolicy,
     WasmBackend,
@@ -487,3 +489,24 @@ async def test_a_large_report_is_stored_whole_and_replaced_whole(store):
     assert await store.add_test_cases("j1", 1, "big.xml", many[:3])
     assert (await store.test_summary("j1")).total == 3
     assert [c.name for c in (await store.test_cases("j1", limit=10)).items] == ["t0", "t1", "t2"]
+
+
+async def test_a_chained_job_waits_then_is_rejected_when_its_file_never_came(store):
+    build = JobSpec(name="build", backend=NoopBackend(), outputs=Outputs(paths=["*.bin"]))
+    chained = JobSpec(
+        name="test",
+        backend=NoopBackend(),
+        inputs={"fw.bin": FromJob(from_job="b1", path="fw.bin")},
+    )
+    await store.create_job("b1", build)
+    await store.create_job("t1", chained)
+    assert [j.id for j in await store.queued_jobs(10)] == ["b1"]  # t1 waits, unplaced
+    writes: list[None] = []
+    store.on_write(lambda: writes.append(None))
+    assert await store.resolve_chains() == (0, 0, 1)
+    assert writes == []  # nothing due: a read
+    await store.request_cancel("b1")
+    assert await store.resolve_chains() == (0, 1, 0)
+    job = await store.get_job("t1")
+    assert job is not None and job.phase == Phase.REJECTED
+    assert job.reason is not None and "without keeping a file 'fw.bin'" in job.reason

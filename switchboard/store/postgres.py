@@ -283,6 +283,9 @@ class PostgresStore(Store):
         return await self._write(write)
 
     async def resolve_chains(self, limit: int = 1000) -> ChainPass:
+        due, waiting = await self._read(chains.waiting)
+        if not due:
+            return ChainPass(0, 0, waiting)
         return await self._write(lambda conn: chains.sweep(conn, limit))
 
     async def create_and_assign(

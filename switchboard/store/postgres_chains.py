@@ -102,6 +102,16 @@ _DUE = (
 )
 
 
+async def waiting(conn: Connection) -> tuple[bool, int]:
+    """sqlite_chains.waiting: whether a sweep has work, and how many jobs wait (a read, so
+    passes while a long job runs write nothing)."""
+    due = await conn.fetchval(_DUE.removesuffix(" FOR UPDATE OF w SKIP LOCKED"), 1)
+    count = await conn.fetchval(
+        "SELECT count(*) FROM jobs WHERE waiting_for IS NOT NULL AND phase = 'queued'"
+    )
+    return due is not None, int(count)
+
+
 async def sweep(conn: Connection, limit: int) -> ChainPass:
     """Resolve (or reject) the waiting jobs whose awaited job has ended."""
     resolved = rejected = 0
@@ -128,7 +138,4 @@ async def sweep(conn: Connection, limit: int) -> ChainPass:
         )
         await _note_resolved(conn, job_id, spec, resolution.spec)
         resolved += 1
-    waiting = await conn.fetchval(
-        "SELECT count(*) FROM jobs WHERE waiting_for IS NOT NULL AND phase = 'queued'"
-    )
-    return ChainPass(resolved, rejected, waiting)
+    return ChainPass(resolved, rejected, (await waiting(conn))[1])
