@@ -164,6 +164,26 @@ def set_health(
     return get_device(conn, device_id)
 
 
+def recovery_health(
+    conn: sqlite3.Connection,
+    device_id: str,
+    check_job: str,
+    health: str,
+    actor: str,
+    reason: str,
+    now: float,
+) -> bool:
+    """Set a device's health for its recovery, with the failed check `check_job`, only if it
+    is still `bad` from that check (nobody changed it since); whether it was set."""
+    row = conn.execute(
+        "SELECT health, check_job FROM devices WHERE id = ?", (device_id,)
+    ).fetchone()
+    if row is None or row[0] != "bad" or row[1] != check_job:
+        return False
+    set_health(conn, device_id, health, actor, reason, now, check_job)
+    return True
+
+
 _COLUMNS = (
     "id, class, supervisor_id, labels, console, power, health, health_reason, health_at,"
     " check_result, check_at, check_job, first_seen, last_declared"
