@@ -54,6 +54,11 @@ class Recoveries:
         self._tasks[device_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(device_id, None))
 
+    @property
+    def under_way(self) -> frozenset[str]:
+        """The devices whose recovery step is running now."""
+        return frozenset(self._tasks)
+
     async def _recover(self, device_id: str, job_id: str, result: str, health: str) -> None:
         try:
             await self._steps(device_id, job_id, result, health)
