@@ -156,6 +156,11 @@ def test_a_board_that_a_power_cycle_fixes_is_recovered(lab) -> None:
         "ok",
         failed_check,
     )
+    # The failed check's timeline says its board was cycled for it.
+    events = client.get(f"/api/v1/jobs/{failed_check}/events").json()
+    [power] = [e for e in events if e["kind"] == "power"]
+    assert power["message"] == "power cycle of device board-a: ok, exit status 0"
+    assert power["actor"] == "switchboard (recovery)"
 
 
 def test_a_board_still_failing_after_its_attempts_goes_to_maintenance(lab) -> None:
