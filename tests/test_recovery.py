@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from switchboard import recovery
+from switchboard.config import HealthChecksError, load_health_checks
 from switchboard.recovery import Step, after_check, after_power, cycles_after
 
 pytestmark = pytest.mark.unit
@@ -53,3 +56,16 @@ def test_a_passed_check_ends_the_series() -> None:
     assert cycles_after("fail", 2) == 2
     assert cycles_after("error", 1) == 1
     assert recovery.ACTOR == "switchboard (recovery)"
+
+
+def test_the_checks_file_takes_recovery_attempts_and_refuses_bad_ones(tmp_path: Path) -> None:
+    path = tmp_path / "checks.toml"
+    spec = 'spec = { name = "selftest", backend = { kind = "noop" } }'
+    path.write_text(f"[simboard]\nrecovery_attempts = 3\n{spec}\n")
+    assert load_health_checks(path)["simboard"].recovery_attempts == 3
+    path.write_text(f"[simboard]\n{spec}\n")
+    assert load_health_checks(path)["simboard"].recovery_attempts is None
+    for bad in ("0", "11", '"twice"'):
+        path.write_text(f"[simboard]\nrecovery_attempts = {bad}\n{spec}\n")
+        with pytest.raises(HealthChecksError, match=r"recovery_attempts"):
+            load_health_checks(path)
