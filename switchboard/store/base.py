@@ -465,6 +465,15 @@ class Store(abc.ABC):
         supervisor write: what may be placed where changes."""
 
     @abc.abstractmethod
+    async def recovery_health(
+        self, device_id: str, check_job: str, health: str, actor: str, reason: str
+    ) -> bool:
+        """Set the health of a device in recovery (switchboard.recovery), kept in its history
+        with `actor`, `reason` and the failed check `check_job`, only if nothing changed it
+        since that check: it is still `bad` and its last check is still `check_job` (an
+        operator's word wins). Whether it was set; a supervisor write."""
+
+    @abc.abstractmethod
     async def record_power_call(self, device_id: str, call: PowerCall) -> PowerCall:
         """Keep a power call in the device's history and, when a run holds the device, in
         that run's job events (its timeline); the call as kept (with that run's job)."""

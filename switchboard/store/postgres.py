@@ -617,6 +617,11 @@ class PostgresStore(Store):
     ) -> DeviceView | None:
         return None  # no such device: the inventory is empty
 
+    async def recovery_health(
+        self, device_id: str, check_job: str, health: str, actor: str, reason: str
+    ) -> bool:
+        return False  # no such device: the inventory is empty
+
     async def record_power_call(self, device_id: str, call: PowerCall) -> PowerCall:
         # Kept in the device's power history; no run holds a device here (none is granted
         # without an inventory), so no job's timeline gets it.

@@ -581,6 +581,14 @@ class SQLiteStore(Store):
             lambda conn: lab.set_health(conn, device_id, health, actor, reason, now)
         )
 
+    async def recovery_health(
+        self, device_id: str, check_job: str, health: str, actor: str, reason: str
+    ) -> bool:
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: lab.recovery_health(conn, device_id, check_job, health, actor, reason, now)
+        )
+
     async def record_power_call(self, device_id: str, call: PowerCall) -> PowerCall:
         return await self._write(lambda conn: lab.record_power_call(conn, device_id, call))
 

@@ -164,6 +164,26 @@ def set_health(
     return get_device(conn, device_id)
 
 
+def recovery_health(
+    conn: sqlite3.Connection,
+    device_id: str,
+    check_job: str,
+    health: str,
+    actor: str,
+    reason: str,
+    now: float,
+) -> bool:
+    """Set a device's health for its recovery, with the failed check `check_job`, only if it
+    is still `bad` from that check (nobody changed it since); whether it was set."""
+    row = conn.execute(
+        "SELECT health, check_job FROM devices WHERE id = ?", (device_id,)
+    ).fetchone()
+    if row is None or row[0] != "bad" or row[1] != check_job:
+        return False
+    set_health(conn, device_id, health, actor, reason, now, check_job)
+    return True
+
+
 _COLUMNS = (
     "id, class, supervisor_id, labels, console, power, health, health_reason, health_at,"
     " check_result, check_at, check_job, first_seen, last_declared"
@@ -249,11 +269,18 @@ def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceView | None:
 
 
 def record_power_call(conn: sqlite3.Connection, device_id: str, call: PowerCall) -> PowerCall:
-    """Keep a power call in the device's history and, if a run holds the device, in that
-    run's job events (its timeline): the call as kept, with that run's job."""
+    """Keep a power call in the device's history and in a job's events (its timeline): the
+    run holding the device, if one does, else the job the call was made for (`job_id`: the
+    failed check a recovery cycles the device after), if it is still there. The call as
+    kept, with that job."""
     held = conn.execute(
         _HOLDERS_RUNS + " AND rd.device_id = ?", (*ACTIVE_PHASES, device_id)
     ).fetchone()
+    if held is None and call.job_id is not None:
+        held = conn.execute(
+            "SELECT job_id, max(attempt) FROM runs WHERE job_id = ? GROUP BY job_id",
+            (call.job_id,),
+        ).fetchone()
     if held is not None:
         job_id, attempt = held
         call = msgspec.structs.replace(call, job_id=job_id)
