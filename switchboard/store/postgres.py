@@ -66,13 +66,22 @@ from switchboard.models import (
     TestResult,
     TokenView,
 )
-from switchboard.scheduler import LabDevice, ReservationWanted
+from switchboard.scheduler import (
+    LabDevice,
+    ReservationWanted,
+    awaiting_checks,
+    free_devices,
+    reservation_refusal,
+    reserved_devices,
+)
 from switchboard.sealing import Keyring
 from switchboard.store import postgres_artifacts as artifacts
 from switchboard.store import postgres_chains as chains
+from switchboard.store import postgres_devices as lab
 from switchboard.store import postgres_files as files
 from switchboard.store import postgres_jobs as jobs_sql
 from switchboard.store import postgres_placement as placement
+from switchboard.store import postgres_reservations as reservations
 from switchboard.store import postgres_runs as runs
 from switchboard.store import postgres_supervisors as supervisors
 from switchboard.store import postgres_tests as tests
@@ -103,8 +112,12 @@ class PostgresStore(Store):
         keyring: Keyring | None = None,
         max_run_output: int | None = None,
         max_connections: int = 10,
+        checked_classes: frozenset[str] = frozenset(),
     ) -> None:
         self.dsn = dsn
+        #: Device classes with a health check (switchboard.checks): an `unknown` device
+        #: of one waits for its check (postgres_devices.lab_devices).
+        self.checked_classes = checked_classes
         self._engine = PostgresEngine(dsn, max_connections=max_connections)
         self._keyring = keyring or Keyring.ephemeral()
         self._keyring_given = keyring is not None
@@ -300,7 +313,7 @@ class PostgresStore(Store):
     ) -> tuple[list[Submitted], list[Assignment]]:
         assert not any(spec.chained_inputs() for _, spec in jobs)
         batch = new_jobs(self._keyring, jobs)
-        keyring = self._keyring
+        keyring, checked = self._keyring, self.checked_classes
 
         async def write(conn: Connection) -> tuple[list[Submitted], list[Assignment]]:
             clear = await placement.no_job_ready(conn, time.time())  # before: older jobs
@@ -314,7 +327,7 @@ class PostgresStore(Store):
                     supervisor_id = placements.get(submitted.id)
                     if supervisor_id is not None and submitted.phase == Phase.QUEUED.value:
                         run = await placement.assign_run(
-                            conn, submitted.id, supervisor_id, now, keyring
+                            conn, submitted.id, supervisor_id, now, keyring, checked
                         )
                         if run is not None:
                             assigned.append(run)
@@ -355,12 +368,16 @@ class PostgresStore(Store):
         async def read(conn: Connection) -> PlacementSnapshot:
             fleet = await supervisors.load_supervisors(conn, None)
             limit = queue_limit(fleet)
+            devices = await lab.lab_devices(conn, checked=self.checked_classes) if fleet else []
             return PlacementSnapshot(
                 fleet=fleet,
                 resources_in_use=await placement.resources_in_use(conn) if fleet else {},
                 busy_keys=await placement.busy_keys(conn),
                 queue=await placement.queued_jobs(conn, limit) if limit > 0 else [],
                 next_backoff_end=await placement.next_backoff_end(conn),
+                devices_free=free_devices(devices),
+                checks=awaiting_checks(devices),
+                devices_reserved=reserved_devices(devices),
             )
 
         return await self._read(read)
@@ -380,7 +397,7 @@ class PostgresStore(Store):
         return await self._read(lambda conn: placement.queued_jobs(conn, limit, after, marked))
 
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
-        keyring = self._keyring
+        keyring, checked = self._keyring, self.checked_classes
 
         async def write(conn: Connection) -> list[Assignment]:
             now = time.time()
@@ -393,7 +410,7 @@ class PostgresStore(Store):
                     "SELECT 1 FROM supervisors WHERE id = $1 FOR UPDATE", supervisor_id
                 )
             for job_id, supervisor_id in pairs:
-                run = await placement.assign_run(conn, job_id, supervisor_id, now, keyring)
+                run = await placement.assign_run(conn, job_id, supervisor_id, now, keyring, checked)
                 if run is not None:
                     made.append(run)
             return made
@@ -592,13 +609,7 @@ class PostgresStore(Store):
     async def overview(self, now: float, minutes: int, failures: int) -> Overview:
         return await self._read(lambda conn: views.overview(conn, now, minutes, failures))
 
-    # --- the hardware lab: not kept on PostgreSQL yet ----------------------------------
-    #
-    # This store keeps no device inventory yet (docs/deployment.md, "PostgreSQL"): its
-    # supervisors' devices count as plain resources, as a supervisor older than protocol
-    # 1.4 declares them (each supervisor picks free ones itself), no health is kept and no
-    # check runs, and a reservation is refused saying why. The answers below are that
-    # state, read truthfully: an empty inventory.
+    # --- the hardware lab ------------------------------------------------------------
 
     async def list_devices(
         self,
@@ -607,59 +618,66 @@ class PostgresStore(Store):
         health: str | None = None,
         supervisor_id: str | None = None,
     ) -> list[DeviceView]:
-        return []
+        return await self._read(lambda conn: lab.list_devices(conn, class_, health, supervisor_id))
 
     async def get_device(self, device_id: str) -> DeviceView | None:
-        return None
+        return await self._read(lambda conn: lab.get_device(conn, device_id))
 
     async def set_device_health(
         self, device_id: str, health: str, actor: str, reason: str
     ) -> DeviceView | None:
-        return None  # no such device: the inventory is empty
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: lab.set_health(conn, device_id, health, actor, reason, now)
+        )
 
     async def recovery_health(
         self, device_id: str, check_job: str, health: str, actor: str, reason: str
     ) -> bool:
-        return False  # no such device: the inventory is empty
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: lab.recovery_health(conn, device_id, check_job, health, actor, reason, now)
+        )
 
     async def record_power_call(self, device_id: str, call: PowerCall) -> PowerCall:
-        # Kept in the device's power history; no run holds a device here (none is granted
-        # without an inventory), so no job's timeline gets it.
-        async def write(conn: Connection) -> PowerCall:
-            await conn.execute(
-                "INSERT INTO device_power_calls (device_id, at, actor, action, result,"
-                " exit_code, reason, job_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                device_id,
-                call.at,
-                call.actor,
-                call.action,
-                call.result,
-                call.exit_code,
-                call.reason,
-                call.job_id,
-            )
-            return call
-
-        return await self._write(write)
+        return await self._write(lambda conn: lab.record_power_call(conn, device_id, call))
 
     async def lab_devices(self) -> list[LabDevice]:
-        return []
+        return await self._read(lambda conn: lab.lab_devices(conn))
 
     async def device_counts(self) -> dict[tuple[str, str], int]:
-        return {}
+        return await self._read(lab.health_counts)
 
     async def device_facts(self) -> list[DeviceFacts]:
-        return []
+        return await self._read(lab.device_facts)
 
     async def create_checks(self, checks: Sequence[tuple[str, JobSpec, str]], actor: str) -> None:
-        # Checks are made only for devices of the inventory (device_facts), which is empty.
-        assert not checks, "no device, no check"
+        batch = new_jobs(self._keyring, [(job_id, spec) for job_id, spec, _ in checks])
+        now = time.time()
+
+        async def write(conn: Connection) -> None:
+            # Not held to the queue's limits: there is at most one check per device.
+            await jobs_sql.insert_jobs(conn, batch, actor, max_queued=2**62)
+            await lab.start_checks(conn, [(job_id, device) for job_id, _, device in checks], now)
+
+        await self._write_supervisor(write)
+
+    # The health-check loop asks these twice a second: a read says whether there is
+    # anything to write, so an idle lab costs no write.
 
     async def finish_checks(self) -> list[tuple[str, str, str, str]]:
-        return []
+        if not await self._read(lab.checks_to_finish):
+            return []
+        now = time.time()
+        return await self._write_supervisor(lambda conn: lab.finish_checks(conn, now))
 
     async def devices_after_lost_runs(self) -> list[str]:
-        return []
+        if not await self._read(lab.lost_holders):
+            return []
+        now = time.time()
+        return await self._write_supervisor(lambda conn: lab.runs_lost(conn, now))
+
+    # --- reservations of devices --------------------------------------------------------
 
     async def create_reservation(
         self,
@@ -670,36 +688,53 @@ class PostgresStore(Store):
         actor: str,
         ttl_s: float,
     ) -> ReservationView | str:
-        return NO_LAB_ON_POSTGRES
+        now = time.time()
+
+        async def write(conn: Connection) -> ReservationView | str:
+            refusal = reservation_refusal(wanted, await lab.lab_devices(conn))
+            if refusal is not None:
+                return refusal
+            return await reservations.create(
+                conn, reservation_id, wanted, duration_s, owner, actor, ttl_s, now
+            )
+
+        return await self._write(write)
 
     async def get_reservation(self, reservation_id: str) -> ReservationView | None:
-        return None
+        return await self._read(lambda conn: reservations.get(conn, reservation_id))
 
     async def list_reservations(self, owner: str | None = None) -> list[ReservationView]:
-        return []
+        return await self._read(lambda conn: reservations.list_open(conn, owner))
 
     async def refresh_reservation(
         self, reservation_id: str, ttl_s: float
     ) -> ReservationView | None:
-        return None
+        now = time.time()
+        return await self._write(
+            lambda conn: reservations.refresh(conn, reservation_id, ttl_s, now)
+        )
 
     async def extend_reservation(
         self, reservation_id: str, by_s: float, max_s: float
     ) -> ReservationView | str | None:
-        return None
+        now = time.time()
+        return await self._write(
+            lambda conn: reservations.extend(conn, reservation_id, by_s, max_s, now)
+        )
 
     async def release_reservation(self, reservation_id: str, why: str) -> ReservationView | None:
-        return None
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: reservations.release(conn, reservation_id, why, now)
+        )
 
     async def sweep_reservations(self, limit: int) -> ReservationSweep:
-        return ReservationSweep([], [], False)
+        now, checked = time.time(), self.checked_classes
+        if not await self._read(lambda conn: reservations.sweep_due(conn, now, checked)):
+            return ReservationSweep([], [], False)
+        return await self._write_supervisor(
+            lambda conn: reservations.sweep(conn, now, limit, checked)
+        )
 
     async def reservation_counts(self) -> dict[str, int]:
-        return {}
-
-
-#: Why a reservation is refused on this store (a 400 says it).
-NO_LAB_ON_POSTGRES = (
-    "this switchboard keeps its state in PostgreSQL, which holds no device inventory yet:"
-    " reservations need the embedded SQLite store for now"
-)
+        return await self._read(reservations.counts)
