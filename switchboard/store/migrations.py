@@ -196,6 +196,43 @@ CREATE INDEX IF NOT EXISTS device_power_by_device ON device_power_calls (device_
 """
 
 
+#: Version 12: devices asked for one by one (run_devices.role, .pos: the grant's order)
+#: and job groups (docs/lab.md, "Job groups").
+JOB_GROUPS = """
+ALTER TABLE run_devices ADD COLUMN role TEXT;
+ALTER TABLE run_devices ADD COLUMN pos INTEGER NOT NULL DEFAULT 0;
+-- The group whose placement a queued job waits for (all its roles at once), NULL once
+-- placed, and for every job of no group.
+ALTER TABLE jobs ADD COLUMN gang TEXT;
+CREATE INDEX IF NOT EXISTS jobs_gang ON jobs (gang) WHERE gang IS NOT NULL;
+-- Job groups, placed all or none: `stop_reason` says why its roles were stopped (an
+-- essential role failed), `ended_at` when its last role ended.
+CREATE TABLE IF NOT EXISTS job_groups (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    owner TEXT,
+    actor TEXT NOT NULL DEFAULT '',
+    priority INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    placed_at REAL,
+    ended_at REAL,
+    stop_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS job_groups_open ON job_groups (created_at) WHERE ended_at IS NULL;
+CREATE INDEX IF NOT EXISTS job_groups_by_time ON job_groups (created_at);
+-- Each group's roles, in the order given, each one job.
+CREATE TABLE IF NOT EXISTS group_roles (
+    group_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    job_id TEXT NOT NULL,
+    essential INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (group_id, role)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS group_roles_by_job ON group_roles (job_id)
+"""
+
+
 #: Every step past the baseline, in order: MIGRATIONS[i] reaches BASELINE_VERSION + i + 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -212,6 +249,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         11,
         "device_power_calls: each power command, for the device's history",
         _statements(POWER_CALLS),
+    ),
+    Migration(
+        12,
+        "devices asked for one by one (run_devices.role), job groups placed all or none",
+        _statements(JOB_GROUPS),
     ),
 )
 
