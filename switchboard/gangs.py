@@ -17,10 +17,13 @@ from collections.abc import Set as AbstractSet
 
 import msgspec
 
+from protocol import limits
 from protocol.spec import JobSpec
 from protocol.state import TERMINAL, Phase
-from switchboard.models import QueuedJob
-from switchboard.scheduler import Candidate, by_load, copy_of, fits, spend
+from protocol.versions import minor_of
+from switchboard.health import OUT_OF_SERVICE
+from switchboard.models import QueuedJob, SupervisorView
+from switchboard.scheduler import Candidate, LabDevice, by_load, copy_of, fits, spend
 
 #: Placements one group's fitting may try before it gives up for this pass (a group whose
 #: roles fit many hosts each finds an answer in a few; this bounds a hopeless search).
@@ -147,3 +150,37 @@ def refusal(roles: Sequence[RoleNeed], supervisors: Sequence[Candidate]) -> str 
     if fit_group(roles, supervisors) is None:
         return "the roles can't all be placed at once, even with the whole lab free"
     return None
+
+
+def whole_lab(fleet: Sequence[SupervisorView], devices: Sequence[LabDevice]) -> list[Candidate]:
+    """Every registered supervisor as it would be with nothing running and every device
+    of it not retired free (what `refusal` asks of): a group that can't be placed on
+    this can never be. Devices that are bad or in maintenance count, as for a job: an
+    operator may bring them back."""
+    by_host: dict[str, list[LabDevice]] = {}
+    for d in devices:
+        if d.health not in OUT_OF_SERVICE:
+            free = msgspec.structs.replace(
+                d, health="good", held=False, checking=False, reserved=None
+            )
+            by_host.setdefault(d.supervisor_id, []).append(free)
+    found = []
+    for s in fleet:
+        mine = by_host.get(s.id, [])
+        counts: dict[str, int] = {}
+        for d in mine:
+            counts[d.class_] = counts.get(d.class_, 0) + 1
+        declared = {d.class_ for d in devices if d.supervisor_id == s.id}
+        resources = {k: n for k, n in s.resources.items() if k not in declared}
+        found.append(
+            Candidate(
+                id=s.id,
+                backends=s.backends,
+                labels=s.labels,
+                free=s.max_jobs,
+                resources={**resources, **counts, **{c: 0 for c in declared - counts.keys()}},
+                minor=minor_of(s.protocol) if s.protocol else limits.PROTOCOL_MINOR,
+                lab=mine,
+            )
+        )
+    return found
