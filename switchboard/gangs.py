@@ -122,16 +122,17 @@ def to_stop(roles: Sequence[RoleState], group_id: str) -> Stop | None:
 
 def group_state(roles: Sequence[RoleState], stop_reason: str | None) -> str:
     """A group's state from its roles': `waiting` while a role waits for the group's
-    placement, `running` once placed, `stopping` when an essential role failed and
-    others have not yet ended; once every role has ended, `succeeded` if every essential
-    role succeeded, `failed` if one failed (or stopped the group), else `canceled`."""
+    placement, `running` once placed, `stopping` when an essential role ended without
+    succeeding and others have not yet ended; once every role has ended, `succeeded` if
+    every essential role succeeded, `failed` if one failed (failed, timed out, lost,
+    rejected, exhausted), else `canceled` (one was canceled, or deleted)."""
     ended = all(r.phase is None or r.phase in TERMINAL for r in roles)
     if ended:
         essential = [r for r in roles if r.essential]
         if all(r.phase is _SUCCEEDED for r in essential):
             return "succeeded"
         bad = [r for r in essential if r.phase not in (_SUCCEEDED, Phase.CANCELED, None)]
-        return "failed" if stop_reason is not None or bad else "canceled"
+        return "failed" if bad else "canceled"
     if stop_reason is not None:
         return "stopping"
     if any(r.held for r in roles):
