@@ -485,8 +485,14 @@ def device_refusal(
         ):
             known = ", ".join(sorted(classes))
             return f"no device of class {cls!r} is in the lab (its classes: {known})"
-    hosts = {d.supervisor_id for d in devices} | offered.keys()
-    if any(_could_serve(spec, host, in_service, offered.get(host, {})) for host in hosts):
+    declared: dict[str, set[str]] = {}
+    for d in devices:
+        declared.setdefault(d.supervisor_id, set()).add(d.class_)
+    hosts = declared.keys() | offered.keys()
+    if any(
+        _could_serve(spec, host, in_service, declared.get(host, set()), offered.get(host, {}))
+        for host in hosts
+    ):
         return None
     if spec.devices:
         return (
@@ -498,18 +504,25 @@ def device_refusal(
 
 
 def _could_serve(
-    spec: JobSpec, host: str, devices: Sequence[LabDevice], plain: dict[str, int]
+    spec: JobSpec,
+    host: str,
+    devices: Sequence[LabDevice],
+    declared: AbstractSet[str],
+    plain: dict[str, int],
 ) -> bool:
-    """The host could serve the job if all its devices not retired were free."""
+    """The host could serve the job if all its devices not retired (`devices`) were free;
+    `declared`: the classes it declares devices of (retired ones too), `plain`: the
+    resource counts of its hello."""
     mine = [
         msgspec.structs.replace(d, health="good", held=False, checking=False, reserved=None)
         for d in devices
         if d.supervisor_id == host
     ]
-    declared = {d.class_ for d in mine}
     if any(plain.get(cls, 0) < n for cls, n in spec.resources.items() if cls not in declared):
         return False
     by_name = {cls: n for cls, n in spec.resources.items() if cls in declared}
+    if any(sum(d.class_ == cls for d in mine) < n for cls, n in by_name.items()):
+        return False  # (grant leaves out a class with no device here: all retired)
     return grant(by_name, mine, entries=spec.devices) is not None
 
 
