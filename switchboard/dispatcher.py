@@ -50,6 +50,8 @@ MIN_FIRST_PAGE = 32
 #: At least this often a pass reads a whole window anyway: the queue is read in priority
 #: order, and an old low-priority job that aging has lifted must be seen to be placed.
 WIDE_PASS_EVERY_S = 1.0
+#: How often a pass looks for job groups when it knows of none open.
+GROUPS_LOOK_EVERY_S = 5.0
 #: Safety-net period between passes when nothing wakes the dispatcher.
 IDLE_PERIOD_S = 5.0
 
@@ -105,6 +107,7 @@ class Dispatcher:
         #: Job groups may be open (waiting to be placed, or running): each pass places
         #: and sweeps them until a sweep finds none. True at start, as for chains.
         self._groups_open = True
+        self._next_groups_look = 0.0
         hub.on_capacity_change(self.wake)
 
     def wake(self) -> None:
@@ -252,7 +255,10 @@ class Dispatcher:
     async def dispatch_once(self) -> PassDone:
         """One pass. The caller holds `_placing`."""
         self._spare = None
-        if self._groups_open:
+        # Open groups are swept every pass; when none is known, a look now and then (a
+        # group may have been submitted through another replica).
+        if self._groups_open or time.monotonic() >= self._next_groups_look:
+            self._next_groups_look = time.monotonic() + GROUPS_LOOK_EVERY_S
             await self._sweep_groups()
         if self.paused:
             return PassDone(0)  # resuming wakes the dispatcher
