@@ -5,8 +5,12 @@ essential role's failure stops, a group's state)."""
 
 from __future__ import annotations
 
+import itertools
+
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.spec import DeviceWanted, JobSpec, NoopBackend, Selector
 from protocol.state import Phase
@@ -231,3 +235,17 @@ def test_a_group_the_lab_could_never_hold_is_refused() -> None:
     assert gangs.refusal(stm, lab) == "role 's' fits no supervisor of the lab, even with all free"
     retired = [msgspec.structs.replace(d, health="retired") for d in LAB]
     assert gangs.refusal(roles, gangs.whole_lab(fleet, retired)) is not None
+
+
+_slots = st.lists(st.lists(st.sampled_from("abcdef"), max_size=4, unique=True), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_slots)
+def test_match_finds_a_choice_whenever_one_exists(slots: list[list[str]]) -> None:
+    found = match(slots)
+    possible = any(len(set(choice)) == len(choice) for choice in itertools.product(*slots))
+    assert (found is not None) == possible
+    if found is not None:
+        assert len(set(found)) == len(found)
+        assert all(device in slot for device, slot in zip(found, slots, strict=True))
