@@ -23,6 +23,7 @@ from switchboard.api.devices import DeviceController
 from switchboard.api.dispatch import DispatchController
 from switchboard.api.errors import EXCEPTION_HANDLERS
 from switchboard.api.files import FilesController
+from switchboard.api.groups import GroupController
 from switchboard.api.jobs import JobController
 from switchboard.api.live import live, me, overview
 from switchboard.api.metrics import metrics
@@ -197,6 +198,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             SupervisorController,
             DeviceController,
             ReservationController,
+            GroupController,
             TokenController,
             DispatchController,
             artifacts,

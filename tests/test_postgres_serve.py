@@ -40,6 +40,16 @@ def test_a_job_runs_on_a_switchboard_serving_postgresql(tmp_path, postgres: Clus
         refused = client.post("/api/v1/reservations", json={"class": "nrf52840dk"})
         assert refused.status_code == 400, refused.text
         assert "PostgreSQL" in refused.json()["message"], refused.text
+        # Devices one by one need the inventory: refused too. A job group is placed whole.
+        one_by_one = {**spec, "devices": [{"class": "nrf52840dk"}]}
+        refused = client.post("/api/v1/jobs", json=one_by_one)
+        assert refused.status_code == 400 and refused.json()["field"] == "devices"
+        roles = [{"role": r, "spec": {**spec, "name": r}} for r in ("a", "b")]
+        group = client.post("/api/v1/groups", json={"name": "g", "roles": roles}).json()
+        for role in group["roles"]:
+            assert wait_job(client, role["job_id"])["phase"] == "succeeded"
+        shown = client.get(f"/api/v1/groups/{group['id']}").json()
+        assert shown["state"] == "succeeded" and shown["placed_at"] is not None
 
         server.restart()
         client = server.client()

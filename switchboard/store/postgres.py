@@ -26,6 +26,7 @@ from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import metrics
 from switchboard.event_checks import fresh_events
+from switchboard.gangs import RoleNeed
 from switchboard.health import DeviceFacts
 from switchboard.models import (
     ActiveRun,
@@ -43,6 +44,9 @@ from switchboard.models import (
     EventsApplied,
     Expired,
     FilesSummary,
+    GroupSpec,
+    GroupSweep,
+    GroupView,
     JobChange,
     JobEvent,
     JobFilter,
@@ -79,6 +83,7 @@ from switchboard.store import postgres_artifacts as artifacts
 from switchboard.store import postgres_chains as chains
 from switchboard.store import postgres_devices as lab
 from switchboard.store import postgres_files as files
+from switchboard.store import postgres_groups as groups
 from switchboard.store import postgres_jobs as jobs_sql
 from switchboard.store import postgres_placement as placement
 from switchboard.store import postgres_reservations as reservations
@@ -89,6 +94,7 @@ from switchboard.store import postgres_views as views
 from switchboard.store.base import Store
 from switchboard.store.errors import BatchOutOfOrder
 from switchboard.store.postgres_engine import Connection, PostgresEngine
+from switchboard.store.sqlite_groups import NotAllPlaced
 from switchboard.store.sqlite_jobs import new_jobs
 from switchboard.store.sqlite_secrets import log_resealed, sealed_again
 from switchboard.store.sqlite_tests import add_report
@@ -678,6 +684,73 @@ class PostgresStore(Store):
         return await self._write_supervisor(lambda conn: lab.runs_lost(conn, now))
 
     # --- reservations of devices --------------------------------------------------------
+
+    # --- job groups ------------------------------------------------------------------
+
+    keeps_inventory = False
+
+    async def create_group(
+        self,
+        group_id: str,
+        group: GroupSpec,
+        job_ids: Sequence[str],
+        actor: str,
+        max_queued: int,
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
+    ) -> GroupView:
+        batch = new_jobs(
+            self._keyring, [(i, r.spec) for i, r in zip(job_ids, group.roles, strict=True)]
+        )
+        roles = [(r.role, r.essential, job) for r, job in zip(group.roles, batch, strict=True)]
+
+        async def write(conn: Connection) -> GroupView:
+            now = time.time()
+            await groups.create_group(
+                conn,
+                group_id,
+                group.name,
+                group.priority,
+                roles,
+                actor,
+                max_queued,
+                now,
+                owner=owner,
+                max_per_owner=max_queued_per_owner,
+            )
+            found = await groups.get_group(conn, group_id)
+            assert found is not None
+            return found
+
+        return await self._write(write)
+
+    async def get_group(self, group_id: str) -> GroupView | None:
+        return await self._read(lambda conn: groups.get_group(conn, group_id))
+
+    async def list_groups(self, limit: int = 100) -> list[GroupView]:
+        return await self._read(lambda conn: groups.list_groups(conn, limit))
+
+    async def waiting_groups(self, limit: int = 100) -> list[tuple[str, list[RoleNeed]]]:
+        return await self._read(lambda conn: groups.waiting_groups(conn, limit))
+
+    async def assign_group(
+        self, group_id: str, pairs: Sequence[tuple[str, str]]
+    ) -> list[Assignment]:
+        keyring = self._keyring
+
+        async def write(conn: Connection) -> list[Assignment]:
+            return await groups.assign_group(conn, group_id, pairs, time.time(), keyring)
+
+        try:
+            return await self._write(write)
+        except NotAllPlaced:
+            return []  # rolled back: nothing is held
+
+    async def sweep_groups(self, limit: int = 500) -> GroupSweep:
+        if not await self._read(groups.groups_to_sweep):
+            return GroupSweep([], [], await self._read(groups.groups_open))
+        return await self._write(lambda conn: groups.sweep(conn, time.time(), limit))
 
     async def create_reservation(
         self,

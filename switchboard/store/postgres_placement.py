@@ -81,7 +81,8 @@ async def no_job_ready(conn: Connection, now: float) -> bool:
     """True if no queued job waits ready to be placed."""
     row = await conn.fetchval(
         "SELECT 1 FROM jobs WHERE phase = 'queued' AND unschedulable IS NULL"
-        " AND waiting_for IS NULL AND (not_before IS NULL OR not_before <= $1) LIMIT 1",
+        " AND waiting_for IS NULL AND gang IS NULL"
+        " AND (not_before IS NULL OR not_before <= $1) LIMIT 1",
         now,
     )
     return row is None
@@ -118,6 +119,7 @@ async def queued_jobs(
         " (SELECT device_id FROM device_checks c WHERE c.job_id = jobs.id)"
         " FROM jobs WHERE phase = 'queued'"
         f" AND unschedulable IS {'NOT NULL' if marked else 'NULL'} AND waiting_for IS NULL"
+        " AND gang IS NULL"
         f" AND (not_before IS NULL OR not_before <= $1){page}"
         " ORDER BY priority DESC, seq LIMIT $2",
         *args,

@@ -368,11 +368,11 @@ def grant(
     """Grant the run the devices of its supervisor that it asks for (scheduler.grant; a
     health check, the device it checks) and record them; None (nothing recorded) if they
     are not free now."""
-    if not spec.resources:
+    if not spec.resources and not spec.devices:
         return []
     devices = lab_devices(conn, supervisor_id, checked)
     if not devices:
-        return []
+        return None if spec.devices else []
     checks = checked_device(conn, job_id)
     # The devices its last run was refused with are its last choice (scheduler.grant).
     before = conn.execute(
@@ -382,19 +382,26 @@ def grant(
         (job_id, attempt - 1),
     )
     avoid = {row[0] for row in before}
-    chosen = scheduler.grant(spec.resources, devices, checks, avoid, spec.reservation)
+    entries = [] if checks is not None else spec.devices
+    chosen = scheduler.grant(spec.resources, devices, checks, avoid, spec.reservation, entries)
     if chosen is None:
         return None
+    # The entries' devices come last, in their order: each with its role, if it has one.
+    roles = [None] * (len(chosen) - len(entries)) + [e.role for e in entries]
     conn.executemany(
-        "INSERT INTO run_devices (job_id, attempt, device_id) VALUES (?, ?, ?)",
-        [(job_id, attempt, device_id) for device_id in chosen],
+        "INSERT INTO run_devices (job_id, attempt, device_id, role, pos) VALUES (?, ?, ?, ?, ?)",
+        [
+            (job_id, attempt, d, role, pos)
+            for pos, (d, role) in enumerate(zip(chosen, roles, strict=True))
+        ],
     )
     return chosen
 
 
 def run_devices(conn: sqlite3.Connection, job_id: str, attempt: int) -> tuple[str, ...]:
     rows = conn.execute(
-        "SELECT device_id FROM run_devices WHERE job_id = ? AND attempt = ? ORDER BY device_id",
+        "SELECT device_id FROM run_devices WHERE job_id = ? AND attempt = ?"
+        " ORDER BY pos, device_id",
         (job_id, attempt),
     )
     return tuple(r[0] for r in rows)
