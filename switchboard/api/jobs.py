@@ -170,20 +170,8 @@ async def check_devices(
 ) -> None:
     """A job that no device of the lab could ever serve is refused now, with the reason,
     rather than queued for ever (scheduler.device_refusal); `prefix(index)` begins the
-    field a refusal names (`[2].` in a batch). A store that keeps no inventory refuses
-    devices asked for one by one (it could only count them by class)."""
+    field a refusal names (`[2].` in a batch)."""
     if not any(spec.resources or spec.devices for spec in specs):
-        return
-    if not state.store.keeps_inventory:
-        for index, spec in enumerate(specs):
-            if spec.devices:
-                field = f"{prefix(index)}devices"
-                message = (
-                    f"{field}: this switchboard keeps its state in PostgreSQL, which holds no"
-                    " device inventory yet: devices asked for one by one need the embedded"
-                    " SQLite store for now"
-                )
-                raise ApiError(400, "invalid_spec", message, field)
         return
     devices = await state.store.lab_devices()
     if not devices:

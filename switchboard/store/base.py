@@ -564,9 +564,6 @@ class Store(abc.ABC):
         """state -> how many reservations."""
 
     # job groups (docs/lab.md, "Job groups")
-    #: False for a store that keeps no device inventory (jobs asking for devices one by
-    #: one are refused at submit there).
-    keeps_inventory: bool = True
 
     @abc.abstractmethod
     async def create_group(

@@ -384,6 +384,7 @@ class PostgresStore(Store):
                 devices_free=free_devices(devices),
                 checks=awaiting_checks(devices),
                 devices_reserved=reserved_devices(devices),
+                lab=devices,
             )
 
         return await self._read(read)
@@ -649,7 +650,8 @@ class PostgresStore(Store):
         return await self._write(lambda conn: lab.record_power_call(conn, device_id, call))
 
     async def lab_devices(self) -> list[LabDevice]:
-        return await self._read(lambda conn: lab.lab_devices(conn))
+        checked = self.checked_classes
+        return await self._read(lambda conn: lab.lab_devices(conn, checked=checked))
 
     async def device_counts(self) -> dict[tuple[str, str], int]:
         return await self._read(lab.health_counts)
@@ -686,8 +688,6 @@ class PostgresStore(Store):
     # --- reservations of devices --------------------------------------------------------
 
     # --- job groups ------------------------------------------------------------------
-
-    keeps_inventory = False
 
     async def create_group(
         self,
@@ -737,10 +737,10 @@ class PostgresStore(Store):
     async def assign_group(
         self, group_id: str, pairs: Sequence[tuple[str, str]]
     ) -> list[Assignment]:
-        keyring = self._keyring
+        keyring, checked = self._keyring, self.checked_classes
 
         async def write(conn: Connection) -> list[Assignment]:
-            return await groups.assign_group(conn, group_id, pairs, time.time(), keyring)
+            return await groups.assign_group(conn, group_id, pairs, time.time(), keyring, checked)
 
         try:
             return await self._write(write)

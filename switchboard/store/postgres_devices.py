@@ -369,11 +369,11 @@ async def grant(
     """Grant the run the devices of its supervisor it asks for (scheduler.grant) and
     record them; None (nothing recorded) if they are not free now. The caller holds the
     supervisor's row lock, so no other writer grants its devices meanwhile."""
-    if not spec.resources:
+    if not spec.resources and not spec.devices:
         return []
     devices = await lab_devices(conn, supervisor_id, checked)
     if not devices:
-        return []
+        return None if spec.devices else []
     checks = await conn.fetchval("SELECT device_id FROM device_checks WHERE job_id = $1", job_id)
     # The devices its last run was refused with are its last choice (scheduler.grant).
     before = await conn.fetch(
@@ -384,12 +384,19 @@ async def grant(
         attempt - 1,
     )
     avoid = {row[0] for row in before}
-    chosen = scheduler.grant(spec.resources, devices, checks, avoid, spec.reservation)
+    entries = [] if checks is not None else spec.devices
+    chosen = scheduler.grant(spec.resources, devices, checks, avoid, spec.reservation, entries)
     if chosen is None:
         return None
+    # The entries' devices come last, in their order: each with its role, if it has one.
+    roles = [None] * (len(chosen) - len(entries)) + [e.role for e in entries]
     await conn.executemany(
-        "INSERT INTO run_devices (job_id, attempt, device_id) VALUES ($1, $2, $3)",
-        [(job_id, attempt, device_id) for device_id in chosen],
+        "INSERT INTO run_devices (job_id, attempt, device_id, role, pos)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        [
+            (job_id, attempt, d, role, pos)
+            for pos, (d, role) in enumerate(zip(chosen, roles, strict=True))
+        ],
     )
     return chosen
 
@@ -397,7 +404,7 @@ async def grant(
 async def run_devices(conn: Connection, job_id: str, attempt: int) -> tuple[str, ...]:
     rows = await conn.fetch(
         "SELECT device_id FROM run_devices WHERE job_id = $1 AND attempt = $2"
-        ' ORDER BY device_id COLLATE "C"',
+        ' ORDER BY pos, device_id COLLATE "C"',
         job_id,
         attempt,
     )

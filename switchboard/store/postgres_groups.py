@@ -3,14 +3,15 @@ placement all or none, the sweep that stops a group whose essential role failed.
 
 A group is placed with the supervisors' rows locked first, in id order, then each job's
 row claimed (postgres_placement.assign_run), as a single job's placement locks them, so
-replicas placing at once never wait on each other in a circle. This store keeps no device
-inventory: roles' resources are counted as plain resources.
+replicas placing at once never wait on each other in a circle; a supervisor's row lock
+keeps its devices, as for a single job (postgres_devices.grant).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 from protocol.state import Phase
 from switchboard import gangs
@@ -112,13 +113,15 @@ async def assign_group(
     pairs: Sequence[tuple[str, str]],
     now: float,
     keyring: Keyring,
+    checked: AbstractSet[str] = frozenset(),
 ) -> list[Assignment]:
-    """A run for every role, or NotAllPlaced (the caller's transaction rolls back)."""
+    """A run for every role, with its devices, or NotAllPlaced (the caller's transaction
+    rolls back: nothing is held)."""
     for supervisor_id in sorted({s for _, s in pairs}):
         await conn.execute("SELECT 1 FROM supervisors WHERE id = $1 FOR UPDATE", supervisor_id)
     made = []
     for job_id, supervisor_id in pairs:
-        run = await assign_run(conn, job_id, supervisor_id, now, keyring)
+        run = await assign_run(conn, job_id, supervisor_id, now, keyring, checked)
         if run is None:
             raise NotAllPlaced(job_id)
         made.append(run)
@@ -195,6 +198,14 @@ async def _view(conn: Connection, row: Sequence) -> GroupView:
         group_id,
     )
     about = {job_id: (reason, sup) for job_id, reason, sup in details}
+    devices: dict[str, list[str]] = {}
+    for job_id, device_id in await conn.fetch(
+        "SELECT d.job_id, d.device_id FROM run_devices d JOIN group_roles r"
+        " ON r.job_id = d.job_id JOIN jobs j ON j.id = d.job_id AND j.attempts = d.attempt"
+        ' WHERE r.group_id = $1 ORDER BY d.pos, d.device_id COLLATE "C"',
+        group_id,
+    ):
+        devices.setdefault(job_id, []).append(device_id)
     return GroupView(
         id=group_id,
         name=row[1],
@@ -213,6 +224,7 @@ async def _view(conn: Connection, row: Sequence) -> GroupView:
                 phase=r.phase,
                 reason=about.get(r.job_id, (None, None))[0],
                 supervisor_id=about.get(r.job_id, (None, None))[1],
+                devices=devices.get(r.job_id, []),
             )
             for r in roles
         ],

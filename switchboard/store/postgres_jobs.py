@@ -297,8 +297,8 @@ async def load_job(conn: Connection, job_id: str) -> JobView | None:
         ),
         await conn.fetch(_PHASES_OF_JOB, job_id),
         await conn.fetch(
-            "SELECT attempt, device_id FROM run_devices WHERE job_id = $1"
-            ' ORDER BY device_id COLLATE "C"',
+            "SELECT attempt, device_id, role FROM run_devices WHERE job_id = $1"
+            ' ORDER BY attempt, pos, device_id COLLATE "C"',
             job_id,
         ),
     )

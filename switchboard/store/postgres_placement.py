@@ -146,7 +146,7 @@ async def active_runs(conn: Connection, supervisor_id: str, keyring: Keyring) ->
         supervisor_id,
     )
     # Runs still `assigned` may need their StartJob again, with their devices.
-    assigned = [(r[0], r[1]) for r in rows if r[2] == Phase.ASSIGNED]
+    assigned = [(r[0], r[1]) for r in rows if r[2] == Phase.ASSIGNED]  # (active_run)
     devices = {key: await postgres_devices.run_devices(conn, *key) for key in assigned}
     return [active_run(tuple(row), keyring, lambda j, a: devices[(j, a)]) for row in rows]
 
