@@ -25,9 +25,20 @@ import uvloop
 from bench import floors
 from bench.bed import Bed, testbed
 from bench.dispatch import SINGLE_THREADS
+from bench.replicas import FAILOVER_SUPERVISORS
 from bench.stats import Summary, machine
 
-BENCHMARKS = ("latency", "output", "dispatch", "upload", "peer", "scale", "wasm", "docker")
+BENCHMARKS = (
+    "latency",
+    "output",
+    "dispatch",
+    "upload",
+    "peer",
+    "replicas",
+    "scale",
+    "wasm",
+    "docker",
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,8 @@ class Sizes:
     peer_trips: int = 300  # idle round trips per repetition
     peer_waiters: int = 1000  # clients waiting at once, each on a job that does not end
     peer_waiters_window_s: float = 5.0  # CPU measured over this, once per repetition
+    replica_jobs: int = 1000  # per throughput repetition of the replicas part
+    failovers: int = 3  # replica kills of the failover measurement
 
 
 QUICK = Sizes(
@@ -79,6 +92,8 @@ QUICK = Sizes(
     peer_trips=20,
     peer_waiters=50,
     peer_waiters_window_s=0.5,
+    replica_jobs=40,
+    failovers=1,
 )
 
 
@@ -160,6 +175,23 @@ def run_peer(sizes: Sizes) -> dict[str, Summary]:
         )
     except celery_peer.PeerMissing as exc:
         raise Skipped(str(exc)) from None
+
+
+def run_replicas(sizes: Sizes) -> dict[str, Summary]:
+    from bench.replicas import measure_replicas
+    from tests.postgres import missing
+
+    if problem := missing():
+        raise Skipped(f"no PostgreSQL server binaries: {problem}")
+    return measure_replicas(
+        sizes.replica_jobs,
+        sizes.reps,
+        sizes.batch,
+        sizes.supervisors,
+        sizes.max_jobs,
+        sizes.latency_jobs,
+        sizes.failovers,
+    )
 
 
 def run_scale(sizes: Sizes) -> dict[str, Summary]:
@@ -382,6 +414,62 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
             ],
         ),
         (
+            "replicas",
+            [
+                Row(
+                    "replicas_sqlite_single_jobs_per_s",
+                    "single POSTs end to end: one switchboard on SQLite",
+                ),
+                Row("replicas_sqlite_single_cpu_ms_per_job", "  switchboard CPU per job"),
+                Row(
+                    "replicas_pg1_single_jobs_per_s",
+                    "  on PostgreSQL, one replica",
+                    "replicas_sqlite_single_jobs_per_s",
+                ),
+                Row("replicas_pg1_single_cpu_ms_per_job", "  switchboard CPU per job"),
+                Row(
+                    "replicas_pg2_single_jobs_per_s",
+                    "  on PostgreSQL, two replicas",
+                    "replicas_sqlite_single_jobs_per_s",
+                    (">=", 1.0, "ratio"),
+                ),
+                Row("replicas_pg2_single_cpu_ms_per_job", "  replicas' CPU per job"),
+                Row(
+                    "replicas_sqlite_batch_jobs_per_s",
+                    f"batches of {b} end to end: one switchboard on SQLite",
+                ),
+                Row(
+                    "replicas_pg1_batch_jobs_per_s",
+                    "  on PostgreSQL, one replica",
+                    "replicas_sqlite_batch_jobs_per_s",
+                ),
+                Row(
+                    "replicas_pg2_batch_jobs_per_s",
+                    "  on PostgreSQL, two replicas",
+                    "replicas_sqlite_batch_jobs_per_s",
+                ),
+                Row(
+                    "replicas_pg1_idle_succeeded_p50_ms",
+                    "idle: submit -> succeeded stored on PostgreSQL, p50",
+                    None,
+                    ("<=", 5.0, "median"),
+                ),
+                Row(
+                    "replicas_pg1_idle_succeeded_p99_ms",
+                    "  p99",
+                    None,
+                    ("<=", 25.0, "median"),
+                ),
+                Row(
+                    "replicas_failover_reconnected_s",
+                    f"replica killed: its {FAILOVER_SUPERVISORS} supervisors on the other",
+                    None,
+                    ("<=", 5.0, "median"),
+                ),
+                Row("replicas_failover_first_job_s", "  the first job after the kill succeeded"),
+            ],
+        ),
+        (
             "scale",
             [
                 Row(
@@ -576,6 +664,7 @@ def run(
             "dispatch": lambda: run_dispatch(bed(), sizes),
             "upload": lambda: run_upload(bed(), sizes),
             "peer": lambda: run_peer(sizes),
+            "replicas": lambda: run_replicas(sizes),
             "scale": lambda: run_scale(sizes),
             "wasm": lambda: run_wasm(sizes),
             "docker": lambda: run_docker(sizes, docker_host),
@@ -583,7 +672,7 @@ def run(
         for name in BENCHMARKS:
             if name not in only:
                 continue
-            if name in ("peer", "scale") and beds:
+            if name in ("peer", "replicas", "scale") and beds:
                 stack.close()  # its own switchboard: the shared one goes first
                 beds.clear()
             log(f"bench: {name}...")
