@@ -27,7 +27,13 @@ def make_store(settings: Settings, keyring: Keyring | None = None) -> Store:
     if settings.database is not None:
         from switchboard.store.postgres import PostgresStore  # asyncpg only when asked
 
-        return PostgresStore(settings.database, keyring=keyring, max_run_output=max_run_output)
+        return PostgresStore(
+            settings.database,
+            keyring=keyring,
+            max_run_output=max_run_output,
+            replica_id=settings.replica_id,
+            notify=settings.notify,
+        )
     from switchboard.store.sqlite import SQLiteStore
 
     return SQLiteStore(
