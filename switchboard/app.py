@@ -50,6 +50,7 @@ from switchboard.sealing import Keyring
 from switchboard.state import AppState
 from switchboard.store.base import Store
 from switchboard.store.choice import make_store
+from switchboard.store.fencing import Fenced
 from switchboard.waiters import JobWaiters
 
 VERSION = "0.1.0"
@@ -84,6 +85,8 @@ async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
         try:
             lost = await store.lose_runs(settings.lost_after_s)
             expired = await store.expire(settings.run_timeout_grace_s)
+        except Fenced:  # another replica leads now: this work stops here (store.fencing)
+            return
         except Exception:  # keep watching; the next pass retries
             log.exception("checking the clock failed")
             continue
@@ -109,6 +112,8 @@ async def reap_replicas(store: Store, hub: Hub, period_s: float, dead_after_s: f
     while True:
         try:
             reaped = await store.reap_replicas(dead_after_s)
+        except Fenced:  # another replica leads now: this work stops here (store.fencing)
+            return
         except Exception:  # keep watching; the next pass retries
             log.exception("reaping the sessions of silent replicas failed")
             reaped = []

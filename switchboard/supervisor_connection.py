@@ -324,6 +324,10 @@ class SupervisorConnection:
         fenced = fencing.SESSION.set((self.id, self.session)) if self.fleet.store.shared else None
         try:
             await self._serve(stored_seq)
+        except fencing.Fenced as exc:  # while reconciling, before serving: nothing written
+            log.warning("supervisor %s: %s; closing the connection", self.id, exc)
+            self.close(CloseCode.REPLACED, "the session moved to another switchboard")
+            await self.outbox.finish(self.fleet.settings.send_timeout_s)
         finally:
             if fenced is not None:
                 fencing.SESSION.reset(fenced)

@@ -16,6 +16,7 @@ between replicas); the database keeps the index.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import socket
@@ -31,6 +32,7 @@ from switchboard import metrics
 from switchboard.event_checks import fresh_events
 from switchboard.health import DeviceFacts
 from switchboard.lease import Claim
+from switchboard.lograte import RateLimitedLog
 from switchboard.models import (
     ActiveRun,
     ArtifactAdded,
@@ -92,6 +94,10 @@ from switchboard.store.sqlite_tests import add_report
 from switchboard.store.token_cache import TokenCache
 
 T = TypeVar("T")
+
+#: A replica that was superseded may try many writes at once as it wakes: each is counted
+#: (switchboard_fenced_writes_total), one line per kind and interval is logged.
+_fenced_log = RateLimitedLog(logging.getLogger("switchboard.store"))
 
 #: Sealed secrets read at a time when sealing them again at open.
 _RESEAL_PAGE = 1000
@@ -162,6 +168,7 @@ class PostgresStore(Store):
                 value = await self._engine.write(fn)
             except Fenced as refused:
                 metrics.FENCED_WRITES.labels(refused.fence).inc()
+                _fenced_log.warning(refused.fence, "write refused: %s", refused)
                 raise
             metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.staged_commit()

@@ -150,10 +150,20 @@ async def connected(
         replica,
     )
     assert row is not None  # the row was made above
+    session, last_seq = row
     await conn.execute(
         "DELETE FROM supervisor_commands WHERE supervisor_id = $1", hello.supervisor_id
     )
-    session, last_seq = row
+    # A session another replica still holds open ends here: that replica's late
+    # disconnect of it then changes nothing.
+    await conn.execute(
+        "UPDATE supervisor_sessions SET disconnected_at = $1, reason = $2"
+        " WHERE supervisor_id = $3 AND session < $4 AND disconnected_at IS NULL",
+        now,
+        "replaced by a newer connection",
+        hello.supervisor_id,
+        session,
+    )
     await conn.execute(
         "INSERT INTO supervisor_sessions (supervisor_id, session, connected_at)"
         " VALUES ($1, $2, $3) ON CONFLICT (supervisor_id, session) DO UPDATE"
