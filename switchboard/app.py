@@ -192,6 +192,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             dsn=settings.database if settings.notify else None,
             sweep_s=settings.command_sweep_s,
             on_jobs_queued=state.dispatcher.jobs_submitted,
+            on_sweep=state.dispatcher.wake,
         )
 
     @contextlib.asynccontextmanager

@@ -8,7 +8,8 @@ the rows for its supervisors and sends them. It looks when a NOTIFY hint says so
 sweep every `sweep_s` whether hints come or not: they may be lost with the listening
 connection, or off (`serve --no-notify`, behind a pooler in transaction mode, where LISTEN
 does not work). The same channel carries a hint that jobs were queued elsewhere, which
-wakes this replica's dispatcher (it places jobs on the supervisors whose sockets it holds).
+wakes this replica's dispatcher (it places jobs on the supervisors whose sockets it holds);
+without hints, each sweep wakes it instead.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class CommandRelay:
         dsn: str | None,
         sweep_s: float,
         on_jobs_queued: Callable[[], None],
+        on_sweep: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.sockets = sockets
@@ -52,6 +54,7 @@ class CommandRelay:
         self.dsn = dsn
         self.sweep_s = sweep_s
         self.on_jobs_queued = on_jobs_queued
+        self.on_sweep = on_sweep
         self._due = asyncio.Event()
         self._outgoing: list[tuple[str, StopJob]] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -98,6 +101,8 @@ class CommandRelay:
                 except TimeoutError:
                     pass
                 self._due.clear()
+                if self._listener is None:
+                    self.on_sweep()  # no hint says jobs were queued elsewhere: look anyway
                 try:
                     await self.deliver()
                 except Exception:

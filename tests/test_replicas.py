@@ -8,6 +8,7 @@ without NOTIFY (docs/deployment.md, "Several replicas on one PostgreSQL database
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import os
 import signal
@@ -59,16 +60,20 @@ def _leading(replica: Switchboard) -> bool:
 
 
 def _replicas(tmp_path: Path, dsn: str, count: int, *extra: str) -> list[Switchboard]:
-    made: list[Switchboard] = []
-    for name in "abc"[:count]:
-        made.append(
-            Switchboard(
-                tmp_path / f"data-{name}",
-                extra_args=("--replica-id", name, *extra),
-                database=dsn,
-            )
+    """Replicas a, b, c on `dsn`, each with its own data dir and one secret key for all
+    (what one seals, another must open)."""
+    key = tmp_path / "replicas.key"
+    if not key.exists():
+        key.write_text(base64.urlsafe_b64encode(os.urandom(32)).decode() + "\n")
+        key.chmod(0o600)
+    return [
+        Switchboard(
+            tmp_path / f"data-{name}",
+            extra_args=("--replica-id", name, "--secret-key-file", str(key), *extra),
+            database=dsn,
         )
-    return made
+        for name in "abc"[:count]
+    ]
 
 
 def _stop(*processes: Process | Switchboard) -> None:
@@ -79,9 +84,10 @@ def _stop(*processes: Process | Switchboard) -> None:
             process.stop()
 
 
-def test_any_replica_serves_the_whole_lab(tmp_path, postgres: Cluster):
+@pytest.mark.parametrize("extra", [(), ("--no-notify",)])
+def test_any_replica_serves_the_whole_lab(tmp_path, postgres: Cluster, extra):
     dsn = postgres.new_database(f"replicas_{next(_names)}")
-    a, b = _replicas(tmp_path, dsn, 2)
+    a, b = _replicas(tmp_path, dsn, 2, *extra)
     on_a = start_supervisor(a, tmp_path, name="on-a", backend="noop", labels={"at": "a"})
     on_b = start_supervisor(b, tmp_path, name="on-b", backend="noop", labels={"at": "b"})
     try:
@@ -89,7 +95,8 @@ def test_any_replica_serves_the_whole_lab(tmp_path, postgres: Cluster):
         for client in (client_a, client_b):
             wait_connected(client, "on-a")
             wait_connected(client, "on-b")
-        # Submitted through a, placed by b's dispatcher (woken by a's hint) on b's socket.
+        # Submitted through a, placed by b's dispatcher (woken by a's hint, or by its sweep
+        # without hints) on b's socket.
         spec = {
             "name": "across",
             "backend": {"kind": "noop", "output": "from b\n"},
@@ -105,8 +112,8 @@ def test_any_replica_serves_the_whole_lab(tmp_path, postgres: Cluster):
         assert client_b.get(f"/api/v1/jobs/{job['id']}").json()["runs"][0]["supervisor_id"] == (
             "on-b"
         )
-        # Well before b's dispatcher would have looked on its own (every 5 s), unless even
-        # a job submitted through b itself is that slow here.
+        # Well before b's dispatcher would have looked on its own (its safety net, every
+        # 5 s), unless even a job submitted through b itself is that slow here.
         assert took["across"] < max(2.5, 5 * took["here"]), took
         owners = dict(_sql(dsn, "SELECT id, replica FROM supervisors ORDER BY id"))
         assert owners == {"on-a": "a", "on-b": "b"}
