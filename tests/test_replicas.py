@@ -248,3 +248,23 @@ def test_a_cancel_through_another_replica_arrives(tmp_path, postgres: Cluster, e
     # The goal, unless the machine is so slow that even a cancel on the socket's own
     # replica takes a good part of it.
     assert across <= max(goal_s, 5 * here), (here, across)
+
+
+def test_replicas_sharing_a_data_dir_serve_each_other_s_artifacts(tmp_path, postgres: Cluster):
+    # One data dir (on shared storage, across hosts) for all replicas: each reaches it by
+    # its own path here, so that their logs do not mix.
+    dsn = postgres.new_database(f"replicas_{next(_names)}")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o700)
+    for name in "ab":
+        (tmp_path / f"data-{name}").symlink_to(shared)
+    a, b = _replicas(tmp_path, dsn, 2)
+    try:
+        body = os.urandom(4096)
+        stored = a.client().post("/api/v1/artifacts", content=body)
+        assert stored.status_code == 201, stored.text
+        fetched = b.client().get(f"/api/v1/artifacts/{stored.json()['digest']}")
+        assert fetched.status_code == 200, fetched.text
+        assert fetched.content == body
+    finally:
+        _stop(a, b)

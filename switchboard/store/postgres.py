@@ -9,8 +9,10 @@ side: rows are locked where two writers could race for them, a supervisor's row 
 runs' and jobs' rows. A supervisor's event batches are still stored in the order they are
 handed over (apply_events).
 
-Artifact bytes stay in the data dir of the switchboard that took them (not yet shared
-between replicas); the database keeps the index.
+Artifact bytes stay in the data dir (replicas share one); the database keeps the index.
+Several processes may serve one database (docs/deployment.md, "Several replicas"): the
+leader lease, the fences on singleton work's and connections' writes, and the commands
+between replicas are postgres_replicas.py's.
 """
 
 from __future__ import annotations
