@@ -268,3 +268,42 @@ def test_replicas_sharing_a_data_dir_serve_each_other_s_artifacts(tmp_path, post
         assert fetched.content == body
     finally:
         _stop(a, b)
+
+
+def test_runs_survive_their_replica_killed_and_are_adopted_by_another(
+    tmp_path, postgres: Cluster
+):
+    dsn = postgres.new_database(f"replicas_{next(_names)}")
+    a, b = _replicas(tmp_path, dsn, 2, *FAST)
+    sup = start_supervisor(
+        a,
+        tmp_path,
+        name="roams",
+        backend="noop",
+        max_jobs=20,
+        extra_args=("--switchboard", b.ws_url),
+    )
+    try:
+        client_b = b.client()
+        wait_connected(client_b, "roams")
+        assert _sql(dsn, "SELECT replica FROM supervisors")[0][0] == "a"
+        outputs = {}
+        for n in range(20):
+            text = f"run {n}: " + os.urandom(30_000).hex() + "\n"
+            spec = {"name": f"out-{n}", "backend": {"kind": "noop", "output": text, "delay_s": 6}}
+            outputs[client_b.post("/api/v1/jobs", json=spec).json()["id"]] = text.encode()
+        for job_id in outputs:
+            wait_running(client_b, job_id)
+        a.process.kill()  # SIGKILL, with every run going and output perhaps not yet stored
+        wait_for(
+            lambda: _sql(dsn, "SELECT replica FROM supervisors WHERE connected = 1"),
+            "the supervisor connected again",
+        )
+        assert _sql(dsn, "SELECT replica FROM supervisors")[0][0] == "b"
+        for job_id, text in outputs.items():
+            job = wait_job(client_b, job_id, timeout=60)
+            assert job["phase"] == "succeeded", job
+            assert [run["attempt"] for run in job["runs"]] == [1]  # adopted, not run again
+            assert client_b.get(f"/api/v1/jobs/{job_id}/output").content == text
+    finally:
+        _stop(sup, a, b)
