@@ -270,9 +270,7 @@ def test_replicas_sharing_a_data_dir_serve_each_other_s_artifacts(tmp_path, post
         _stop(a, b)
 
 
-def test_runs_survive_their_replica_killed_and_are_adopted_by_another(
-    tmp_path, postgres: Cluster
-):
+def test_runs_survive_their_replica_killed_and_are_adopted_by_another(tmp_path, postgres: Cluster):
     dsn = postgres.new_database(f"replicas_{next(_names)}")
     a, b = _replicas(tmp_path, dsn, 2, *FAST)
     sup = start_supervisor(

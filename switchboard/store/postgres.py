@@ -611,7 +611,10 @@ class PostgresStore(Store):
 
     async def claim_lease(self, ttl_s: float) -> tuple[Claim, dict[str, int] | None]:
         me = self.replica_id
-        return await self._write(lambda conn: replicas.claim_lease(conn, me, ttl_s))
+        # Every replica every few seconds: no reader of jobs is woken for it.
+        return await self._engine.write(
+            lambda conn: replicas.claim_lease(conn, me, ttl_s), quiet=True
+        )
 
     async def leave(self) -> None:
         me = self.replica_id
@@ -627,7 +630,8 @@ class PostgresStore(Store):
 
     async def take_commands(self, supervisor_ids: Collection[str]) -> list[tuple[str, StopJob]]:
         ids = sorted(supervisor_ids)
-        if not ids:
+        # Looked for every second: a read, unless there are some to take.
+        if not ids or not await self._read(lambda conn: replicas.commands_waiting(conn, ids)):
             return []
         return await self._write(lambda conn: replicas.take_commands(conn, ids))
 

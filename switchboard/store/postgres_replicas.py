@@ -148,6 +148,17 @@ async def add_commands(
             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, supervisor_id)
 
 
+async def commands_waiting(conn: Connection, supervisor_ids: Sequence[str]) -> bool:
+    """Whether any command waits for these supervisors."""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM supervisor_commands"
+            " WHERE supervisor_id = ANY($1::text[]))",
+            list(supervisor_ids),
+        )
+    )
+
+
 async def take_commands(
     conn: Connection, supervisor_ids: Sequence[str]
 ) -> list[tuple[str, StopJob]]:
