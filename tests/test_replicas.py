@@ -279,29 +279,50 @@ def test_runs_survive_their_replica_killed_and_are_adopted_by_another(tmp_path, 
         name="roams",
         backend="noop",
         max_jobs=20,
+        labels={"role": "roams"},
         extra_args=("--switchboard", b.ws_url),
     )
+    # One that knows only a: the leader ends its session once a stops answering.
+    stays = start_supervisor(a, tmp_path, name="stays", backend="noop")
     try:
         client_b = b.client()
         wait_connected(client_b, "roams")
-        assert _sql(dsn, "SELECT replica FROM supervisors")[0][0] == "a"
+        wait_connected(client_b, "stays")
+        assert _sql(dsn, "SELECT DISTINCT replica FROM supervisors")[0][0] == "a"
         outputs = {}
         for n in range(20):
             text = f"run {n}: " + os.urandom(30_000).hex() + "\n"
-            spec = {"name": f"out-{n}", "backend": {"kind": "noop", "output": text, "delay_s": 6}}
+            spec = {
+                "name": f"out-{n}",
+                "backend": {"kind": "noop", "output": text, "delay_s": 6},
+                "selector": {"match_labels": {"role": "roams"}},
+            }
             outputs[client_b.post("/api/v1/jobs", json=spec).json()["id"]] = text.encode()
         for job_id in outputs:
             wait_running(client_b, job_id)
         a.process.kill()  # SIGKILL, with every run going and output perhaps not yet stored
         wait_for(
-            lambda: _sql(dsn, "SELECT replica FROM supervisors WHERE connected = 1"),
+            lambda: _sql(dsn, "SELECT replica FROM supervisors WHERE id = 'roams'")[0][0] == "b",
             "the supervisor connected again",
         )
-        assert _sql(dsn, "SELECT replica FROM supervisors")[0][0] == "b"
         for job_id, text in outputs.items():
             job = wait_job(client_b, job_id, timeout=60)
             assert job["phase"] == "succeeded", job
             assert [run["attempt"] for run in job["runs"]] == [1]  # adopted, not run again
             assert client_b.get(f"/api/v1/jobs/{job_id}/output").content == text
+        # b leads once a's lease expires, and ends the session a can no longer hold.
+        wait_for(
+            lambda: not client_b.get("/api/v1/supervisors/stays").json()["connected"],
+            "the session on a reaped",
+            timeout=30,
+        )
+        reason = _sql(
+            dsn,
+            "SELECT reason FROM supervisor_sessions WHERE supervisor_id = 'stays'"
+            " ORDER BY session DESC LIMIT 1",
+        )[0][0]
+        assert reason == "its switchboard replica stopped answering"
+        reaped = sample_value(scrape(f"{b.url}/metrics"), "switchboard_sessions_reaped_total")
+        assert reaped == 1
     finally:
-        _stop(sup, a, b)
+        _stop(stays, sup, a, b)
