@@ -22,6 +22,7 @@ import pytest
 from tests.harness import (
     Process,
     Switchboard,
+    run_cli,
     start_supervisor,
     wait_connected,
     wait_for,
@@ -326,3 +327,27 @@ def test_runs_survive_their_replica_killed_and_are_adopted_by_another(tmp_path, 
         assert reaped == 1
     finally:
         _stop(stays, sup, a, b)
+
+
+def test_a_replica_id_in_use_is_refused(tmp_path, postgres: Cluster):
+    dsn = postgres.new_database(f"replicas_{next(_names)}")
+    (a,) = _replicas(tmp_path, dsn, 1)
+    try:
+        done = run_cli(
+            *("-m", "switchboard", "serve", "--data-dir", str(tmp_path / "other")),
+            *("--database", dsn, "--replica-id", "a", "--port", "0"),
+            check=False,
+            timeout=60,
+        )
+        assert done.returncode == 1
+        said = done.stderr.decode().strip().splitlines()[-1]
+        assert said.startswith("switchboard: replica id 'a' is in use:"), said
+    finally:
+        _stop(a)
+    # Stopped (SIGTERM), it left: the id is free at once.
+    again = Switchboard(
+        tmp_path / "data-a",
+        extra_args=("--replica-id", "a", "--secret-key-file", str(tmp_path / "replicas.key")),
+        database=dsn,
+    )
+    _stop(again)

@@ -77,6 +77,17 @@ async def register(conn: Connection, me: str) -> None:
     )
 
 
+async def last_seen_ago(conn: Connection, replica: str) -> float | None:
+    """Seconds since replica `replica` last renewed its liveness (None: not recorded, or
+    it left)."""
+    ago = await conn.fetchval(
+        "SELECT extract(epoch FROM clock_timestamp())::float8 - last_seen"
+        " FROM switchboard_replicas WHERE id = $1",
+        replica,
+    )
+    return None if ago is None else float(ago)
+
+
 async def reap(conn: Connection, dead_after_s: float, wall_now: float) -> list[str]:
     """End the sessions of replicas silent past `dead_after_s` (or gone, or from before
     replicas were recorded): their supervisors are disconnected, and their grace starts
