@@ -137,6 +137,8 @@ def test_a_killed_leader_is_replaced_within_20_s(tmp_path, postgres: Cluster):
         rest = [r for r in replicas if r is not leader]
         new = wait_for(lambda: [r for r in rest if _leading(r)], "a new leader", timeout=25)
         took = time.monotonic() - killed
+        print(f"a new leader {took:.1f} s after the leader was killed")
+        # The lease's own timing (10 s, claimed every 2 s), not the machine's speed.
         assert took <= 20, took
         assert len(new) == 1
         holder, new_term = _sql(dsn, "SELECT holder, term FROM switchboard_lease")[0]
