@@ -21,8 +21,9 @@ from dataclasses import dataclass
 #: dies is replaced within ttl + one claim period (about 12 s with these).
 LEASE_TTL_S = 10.0
 CLAIM_EVERY_S = 2.0
-#: A holder steps down this long before its lease could expire on the database's clock.
-SAFETY_MARGIN_S = 1.0
+#: A holder steps down this share of its lease before the lease could expire on the
+#: database's clock (1 s of the default 10 s).
+SAFETY_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def release(current: LeaseRow | None, me: str, now: float) -> LeaseRow | None:
 def acting_until(claim_started: float, ttl_s: float = LEASE_TTL_S) -> float:
     """Until when (on the claimant's own monotonic clock, from when its successful claim
     started) a holder may act: before the lease could expire on the database's clock."""
-    return claim_started + ttl_s - SAFETY_MARGIN_S
+    return claim_started + ttl_s * (1 - SAFETY_MARGIN)
 
 
 def replica_dead(last_seen: float, now: float, dead_after_s: float = LEASE_TTL_S) -> bool:

@@ -7,7 +7,7 @@ import pytest
 
 from switchboard.lease import (
     LEASE_TTL_S,
-    SAFETY_MARGIN_S,
+    SAFETY_MARGIN,
     LeaseRow,
     acting_until,
     claim,
@@ -53,8 +53,10 @@ def test_release_expires_only_the_own_lease_and_keeps_the_term():
 
 
 def test_a_holder_acts_only_until_before_its_lease_could_expire():
-    assert acting_until(50.0, ttl_s=10) == 60.0 - SAFETY_MARGIN_S
-    assert acting_until(50.0, ttl_s=10) < 50.0 + 10
+    assert acting_until(50.0, ttl_s=10) == pytest.approx(59.0)
+    for ttl in (0.5, 1.0, 10.0, 60.0):
+        # Short of the lease, by a margin that grows with it, and never gone.
+        assert 50.0 < acting_until(50.0, ttl_s=ttl) == 50.0 + ttl * (1 - SAFETY_MARGIN)
 
 
 def test_a_replica_silent_past_the_timeout_is_dead():

@@ -15,8 +15,10 @@ import pytest
 
 from protocol.messages import StopJob
 from protocol.state import Phase
+from switchboard.leader import Leadership
 from switchboard.store.fencing import LEADER_TERM, SESSION, SessionSuperseded, StaleTerm
 from switchboard.store.postgres import PostgresStore
+from switchboard.store.sqlite import SQLiteStore
 from tests.postgres import (
     Cluster,
     postgres_fixture,  # noqa: F401 - one cluster per session
@@ -168,3 +170,81 @@ async def test_commands_are_left_for_the_replica_holding_the_socket(pair, databa
     await b.send_commands([("s1", stops[0])])
     await b.supervisor_connected(hello("s1"))
     assert await b.take_commands(["s1"]) == []
+
+
+class _Work:
+    """Singleton work that notes the term it runs under, and whether it is running."""
+
+    def __init__(self) -> None:
+        self.terms: list[int | None] = []
+        self.running = False
+
+    async def run(self) -> None:
+        self.running = True
+        self.terms.append(LEADER_TERM.get())
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.running = False
+
+
+async def _until(check, what: str, within_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_singleton_work_runs_on_the_leader_only_and_moves_when_it_dies(pair):
+    a, b = pair
+    work_a, work_b = _Work(), _Work()
+    lead_a = Leadership(a, {"w": work_a.run}, ttl_s=1.0, claim_every_s=0.2)
+    lead_b = Leadership(b, {"w": work_b.run}, ttl_s=1.0, claim_every_s=0.2)
+    run_a = asyncio.create_task(lead_a.run())
+    await _until(lambda: work_a.running, "a leads")
+    run_b = asyncio.create_task(lead_b.run())
+    try:
+        await asyncio.sleep(0.5)
+        assert not work_b.running and lead_b.term is None
+        assert work_a.terms == [1]
+        run_a.cancel()  # a dies (without leaving): its lease lapses
+        await _until(lambda: not work_a.running, "a's work stops with it")
+        await _until(lambda: work_b.running, "b takes over", within_s=1.0 + 0.2 + 2)
+        assert work_b.terms == [2] and lead_b.term == 2
+    finally:
+        run_a.cancel()
+        run_b.cancel()
+        await asyncio.gather(run_a, run_b, return_exceptions=True)
+
+
+async def test_a_leader_that_cannot_renew_steps_down_on_its_own_clock(database):
+    lonely = PostgresStore(database, max_connections=2, replica_id="lonely")
+    await lonely.open()
+    work = _Work()
+    leadership = Leadership(lonely, {"w": work.run}, ttl_s=1.0, claim_every_s=0.2)
+    running = asyncio.create_task(leadership.run())
+    try:
+        await _until(lambda: work.running, "it leads")
+        lost = asyncio.get_running_loop().time()
+        await lonely.close()  # the database is out of reach from now on
+        await _until(lambda: not work.running, "it steps down", within_s=3)
+        # Before its lease could expire on the database's clock (1 s after its last claim).
+        assert asyncio.get_running_loop().time() - lost < 1.0
+        assert leadership.term is None
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_on_a_store_one_process_serves_the_work_runs_at_once_unfenced(tmp_path):
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    work = _Work()
+    running = asyncio.create_task(Leadership(store, {"w": work.run}).run())
+    try:
+        await _until(lambda: work.running, "it runs", within_s=2)
+        assert work.terms == [None]  # nothing to fence: no write of it checks a term
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await store.close()
