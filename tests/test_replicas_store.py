@@ -108,6 +108,10 @@ async def test_runs_go_only_to_supervisors_whose_socket_is_here(pair):
     made = await a.assign([("j1", "s1"), ("j2", "s2")])
     assert [r.job_id for r in made] == ["j1"]
     assert [r.job_id for r in await b.assign([("j2", "s2")])] == ["j2"]
+    # Drained through a, s2 is given nothing more by b, whatever b saw before.
+    await a.create_job("j3", SPEC)
+    assert await a.set_drained("s2", True)
+    assert await b.assign([("j3", "s2")]) == []
 
 
 async def test_a_replica_forgets_only_its_own_connections(pair, database):

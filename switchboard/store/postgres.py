@@ -777,10 +777,12 @@ class PostgresStore(Store):
 async def _lock_owned(conn: Connection, supervisor_ids: set[str], me: str) -> set[str]:
     """Lock the rows of these supervisors (in id order, as each assignment takes them, so
     two replicas assigning never wait on each other in a circle); those whose connection
-    this replica holds. A run is given only to a supervisor whose socket is here: its
-    StartJob is sent on it."""
+    this replica holds, and not drained. A run is given only to a supervisor whose socket
+    is here (its StartJob is sent on it), and never to one drained, even through another
+    replica since this one last looked."""
     rows = await conn.fetch(
-        "SELECT id, replica = $2 AND connected = 1 FROM supervisors WHERE id = ANY($1::text[])"
+        "SELECT id, replica = $2 AND connected = 1 AND drained = 0 FROM supervisors"
+        " WHERE id = ANY($1::text[])"
         ' ORDER BY id COLLATE "C" FOR UPDATE',
         sorted(supervisor_ids),
         me,
