@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 from litestar import Litestar, Router, WebSocket, websocket
 from litestar.datastructures import State
@@ -16,11 +17,13 @@ from litestar.openapi import OpenAPIConfig
 from common import logfmt
 from protocol.exceptions import CloseCode
 from protocol.messages import StopJob
+from switchboard import recovery
 from switchboard.api.artifacts import ArtifactController
 from switchboard.api.devices import DeviceController
 from switchboard.api.dispatch import DispatchController
 from switchboard.api.errors import EXCEPTION_HANDLERS
 from switchboard.api.files import FilesController
+from switchboard.api.groups import GroupController
 from switchboard.api.jobs import JobController
 from switchboard.api.live import live, me, overview
 from switchboard.api.metrics import metrics
@@ -42,6 +45,9 @@ from switchboard.hub import Hub
 from switchboard.leader import Leadership, SingletonWork
 from switchboard.live import LiveFeed
 from switchboard.metrics import RUNS_LOST, SESSIONS_REAPED
+from switchboard.models import DeviceView
+from switchboard.power import PowerAnswer, power
+from switchboard.recoveries import Recoveries
 from switchboard.relay import CommandRelay, Sockets
 from switchboard.reports.queue import ReportQueue
 from switchboard.reservations import ReservationSweep
@@ -73,6 +79,13 @@ async def goodbye_to_supervisors(hub: Hub) -> None:
 async def supervisor_socket(socket: WebSocket) -> None:
     """The supervisor protocol endpoint (docs/protocol.md)."""
     await socket.app.state.switchboard.hub.handle(socket)
+
+
+async def _recovery_cycle(
+    hub: Hub, store: Store, timeout_s: float, device: DeviceView, check_job: str
+) -> PowerAnswer:
+    """A recovery's power cycle (switchboard/recoveries.py), audited with its failed check."""
+    return await power(hub, store, device, "cycle", recovery.ACTOR, timeout_s, job_id=check_job)
 
 
 async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
@@ -139,6 +152,12 @@ def singleton_work(state: AppState, reports: ReportQueue) -> dict[str, Singleton
             state.dispatcher,
             settings.health_checks,
             default_timeout_s=settings.default_run_timeout_s,
+            recoveries=Recoveries(
+                store,
+                settings.health_checks,
+                partial(_recovery_cycle, hub, store, settings.power_timeout_s),
+                state.dispatcher.wake,
+            ),
         ).run,
         "reservations": ReservationSweep(
             store,
@@ -239,6 +258,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             SupervisorController,
             DeviceController,
             ReservationController,
+            GroupController,
             TokenController,
             DispatchController,
             artifacts,

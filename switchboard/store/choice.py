@@ -33,6 +33,7 @@ def make_store(settings: Settings, keyring: Keyring | None = None) -> Store:
             max_run_output=max_run_output,
             replica_id=settings.replica_id,
             notify=settings.notify,
+            checked_classes=frozenset(settings.health_checks),
         )
     from switchboard.store.sqlite import SQLiteStore
 
