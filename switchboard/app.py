@@ -42,11 +42,13 @@ from switchboard.config import Settings
 from switchboard.dashboard import dashboard_routes
 from switchboard.dispatcher import Dispatcher
 from switchboard.hub import Hub
+from switchboard.leader import Leadership, SingletonWork
 from switchboard.live import LiveFeed
-from switchboard.metrics import RUNS_LOST
+from switchboard.metrics import RUNS_LOST, SESSIONS_REAPED
 from switchboard.models import DeviceView
 from switchboard.power import PowerAnswer, power
 from switchboard.recoveries import Recoveries
+from switchboard.relay import CommandRelay, Sockets
 from switchboard.reports.queue import ReportQueue
 from switchboard.reservations import ReservationSweep
 from switchboard.retention import Retention
@@ -54,6 +56,7 @@ from switchboard.sealing import Keyring
 from switchboard.state import AppState
 from switchboard.store.base import Store
 from switchboard.store.choice import make_store
+from switchboard.store.fencing import Fenced
 from switchboard.waiters import JobWaiters
 
 VERSION = "0.1.0"
@@ -95,6 +98,8 @@ async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
         try:
             lost = await store.lose_runs(settings.lost_after_s)
             expired = await store.expire(settings.run_timeout_grace_s)
+        except Fenced:  # another replica leads now: this work stops here (store.fencing)
+            return
         except Exception:  # keep watching; the next pass retries
             log.exception("checking the clock failed")
             continue
@@ -112,6 +117,65 @@ async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
             log.info("jobs past their queue timeout: %s", ", ".join(expired.jobs))
         if lost or expired.runs or expired.jobs:
             hub.wake_dispatcher()
+
+
+async def reap_replicas(store: Store, hub: Hub, period_s: float, dead_after_s: float) -> None:
+    """The leader ends the sessions of replicas that stopped answering (their supervisors
+    reconnect elsewhere; their runs wait out the grace as any disconnected one's)."""
+    while True:
+        try:
+            reaped = await store.reap_replicas(dead_after_s)
+        except Fenced:  # another replica leads now: this work stops here (store.fencing)
+            return
+        except Exception:  # keep watching; the next pass retries
+            log.exception("reaping the sessions of silent replicas failed")
+            reaped = []
+        if reaped:
+            SESSIONS_REAPED.inc(len(reaped))
+            log.warning(
+                "sessions of a switchboard replica that stopped answering ended: %s",
+                ", ".join(reaped),
+            )
+            hub.wake_dispatcher()
+        await asyncio.sleep(period_s)
+
+
+def singleton_work(state: AppState, reports: ReportQueue) -> dict[str, SingletonWork]:
+    """The work that runs once for the whole lab: on the replica holding the leader lease
+    (switchboard.leader), or, on a store one process serves, here for good."""
+    store, settings, hub = state.store, state.settings, state.hub
+    work: dict[str, SingletonWork] = {
+        "clock": lambda: keep_time(store, settings, hub),
+        "retention": Retention(store, state.artifacts, settings).run,
+        "health checks": HealthChecks(
+            store,
+            state.dispatcher,
+            settings.health_checks,
+            default_timeout_s=settings.default_run_timeout_s,
+            recoveries=Recoveries(
+                store,
+                settings.health_checks,
+                partial(_recovery_cycle, hub, store, settings.power_timeout_s),
+                state.dispatcher.wake,
+            ),
+        ).run,
+        "reservations": ReservationSweep(
+            store,
+            state.dispatcher,
+            period_s=settings.reservation_sweep_s,
+            limit=settings.reservation_sweep_limit,
+        ).run,
+    }
+    if store.shared:
+        work["replica reaper"] = lambda: reap_replicas(
+            store, hub, claim_period(settings), settings.leader_lease_s
+        )
+    return work
+
+
+def claim_period(settings: Settings) -> float:
+    """How often replicas claim the leader lease: a fifth of it, every 2 s at most."""
+    return min(settings.leader_claim_s, settings.leader_lease_s / 5)
 
 
 def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
@@ -133,6 +197,23 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         waiters=JobWaiters(store, changes),
     )
 
+    leadership = Leadership(
+        store,
+        singleton_work(state, reports),
+        ttl_s=settings.leader_lease_s,
+        claim_every_s=claim_period(settings),
+        on_owned=hub.drop_disowned,
+    )
+    if store.shared:
+        hub.relay = CommandRelay(
+            store,
+            Sockets(lambda: list(hub.connected_ids()), hub.stop_here),
+            dsn=settings.database if settings.notify else None,
+            sweep_s=settings.command_sweep_s,
+            on_jobs_queued=state.dispatcher.jobs_submitted,
+            on_sweep=state.dispatcher.wake,
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await store.open()
@@ -141,39 +222,14 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         reports.submit(await store.pending_reports())
         background = [
             asyncio.create_task(state.dispatcher.run(), name="dispatcher"),
-            asyncio.create_task(keep_time(store, settings, hub), name="clock"),
+            asyncio.create_task(leadership.run(), name="leadership"),
             asyncio.create_task(state.live.run(), name="live feed"),
             asyncio.create_task(state.waiters.run(), name="job waiters"),
             asyncio.create_task(hub.keep_heartbeats(), name="heartbeats"),
-            asyncio.create_task(
-                Retention(store, state.artifacts, settings).run(), name="retention"
-            ),
             asyncio.create_task(hub.keep_send_deadlines(), name="send deadlines"),
-            asyncio.create_task(
-                HealthChecks(
-                    store,
-                    state.dispatcher,
-                    settings.health_checks,
-                    default_timeout_s=settings.default_run_timeout_s,
-                    recoveries=Recoveries(
-                        store,
-                        settings.health_checks,
-                        partial(_recovery_cycle, hub, store, settings.power_timeout_s),
-                        state.dispatcher.wake,
-                    ),
-                ).run(),
-                name="health checks",
-            ),
-            asyncio.create_task(
-                ReservationSweep(
-                    store,
-                    state.dispatcher,
-                    period_s=settings.reservation_sweep_s,
-                    limit=settings.reservation_sweep_limit,
-                ).run(),
-                name="reservations",
-            ),
         ]
+        if hub.relay is not None:
+            background.append(asyncio.create_task(hub.relay.run(), name="commands in"))
         try:
             yield
         finally:
@@ -183,6 +239,10 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             await asyncio.gather(*background, return_exceptions=True)
             reports.stop()
             await goodbye_to_supervisors(hub)  # a backstop: any connected since the first
+            try:
+                await store.leave()  # another replica leads at once, not a lease later
+            except Exception:
+                log.exception("releasing the leader lease failed (it expires on its own)")
             await store.close()
 
     artifacts = Router(

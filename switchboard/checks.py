@@ -20,6 +20,7 @@ from switchboard.health import DeviceFacts, HealthCheck, check_due
 from switchboard.ids import new_job_id
 from switchboard.recoveries import Recoveries
 from switchboard.store.base import Store
+from switchboard.store.fencing import Fenced
 
 log = logging.getLogger("switchboard.checks")
 
@@ -69,6 +70,8 @@ class HealthChecks:
                 await asyncio.sleep(self.period_s)
                 try:
                     await self.once()
+                except Fenced:  # another replica leads now: this work stops (store.fencing)
+                    return
                 except Exception:  # keep checking; the next pass retries
                     log.exception("a health-check pass failed")
         finally:

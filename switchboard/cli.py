@@ -53,6 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             data_dir=data_dir(args.data_dir),
             database=args.database,
+            replica_id=args.replica_id,
+            notify=not args.no_notify,
+            leader_lease_s=args.leader_lease,
             heartbeat_interval_s=args.heartbeat_interval,
             heartbeat_timeout_s=args.heartbeat_timeout,
             status_every_heartbeats=args.status_every,
@@ -182,6 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the records in this PostgreSQL database (postgresql://user@host/db)"
         " instead of the data dir's SQLite file; artifacts stay in the data dir"
         " (env SWITCHBOARD_DATABASE)",
+    )
+    serve.add_argument(
+        "--replica-id",
+        default=os.environ.get("SWITCHBOARD_REPLICA_ID") or None,
+        metavar="ID",
+        help="with --database: this switchboard's name among the replicas serving the"
+        " database (default: host, pid and a random part; give a stable one so a restart"
+        " forgets its own connections at once; env SWITCHBOARD_REPLICA_ID)",
+    )
+    serve.add_argument(
+        "--no-notify",
+        action="store_true",
+        help="with --database: send no NOTIFY hints to other replicas and listen for none"
+        " (behind PgBouncer in transaction mode); commands left for this replica's"
+        " supervisors and jobs queued elsewhere are then found by a sweep each second",
+    )
+    serve.add_argument(
+        "--leader-lease",
+        type=_positive(float),
+        default=DEFAULTS.leader_lease_s,
+        metavar="SECONDS",
+        help="with --database: how long the leader lease lasts unless renewed (claimed every"
+        " 2 s; a dead leader is replaced within this plus 2 s; default %(default)s)",
     )
     serve.add_argument(
         "--heartbeat-interval",

@@ -19,6 +19,17 @@ class Settings(msgspec.Struct):
     #: A PostgreSQL database (libpq URI) to keep the records in instead of the data dir's
     #: SQLite file. Artifacts stay in the data dir either way.
     database: str | None = None
+    #: Several replicas on one PostgreSQL database (docs/deployment.md, "Several
+    #: replicas"): this process's replica id (None: host, pid and a random part), whether
+    #: to send and listen for NOTIFY hints (off behind a pooler in transaction mode:
+    #: commands and new jobs are then found by a sweep), how long the leader lease lasts
+    #: unless renewed and how often replicas claim it, and how often a replica looks for
+    #: commands left for the supervisors it holds.
+    replica_id: str | None = None
+    notify: bool = True
+    leader_lease_s: float = 10.0
+    leader_claim_s: float = 2.0
+    command_sweep_s: float = 1.0
     #: How often each side sends a heartbeat, and how long silence may last.
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 20.0

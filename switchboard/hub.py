@@ -37,6 +37,7 @@ from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
 from switchboard.models import Assignment, PendingReport
 from switchboard.outbox import Outbox
+from switchboard.relay import CommandRelay
 from switchboard.scheduler import files_asked
 from switchboard.store.base import Store
 from switchboard.supervisor_connection import PowerUnavailable, SupervisorConnection
@@ -64,6 +65,9 @@ class Hub:
         #: What the store believes each supervisor holds, for status checks: one read per
         #: burst of them, not one per supervisor.
         self._stored_runs = CoalescedRead(store.active_run_refs)
+        #: Where StopJobs for supervisors whose sockets other replicas hold go (None: one
+        #: process serves the store, every socket is here).
+        self.relay: CommandRelay | None = None
 
     # --- what others may ask ------------------------------------------------------------
 
@@ -175,11 +179,33 @@ class Hub:
             return str(busy)
 
     def send_stop(self, supervisor_id: str, stop: StopJob) -> None:
-        """Queue a StopJob for the supervisor; never waits on its socket."""
-        connection = self._connections.get(supervisor_id)
-        if connection is not None:
-            connection.stop(stop)
+        """Queue a StopJob for the supervisor; never waits on its socket. A supervisor
+        connected to another replica gets it through that replica (switchboard.relay)."""
+        if not self.stop_here(supervisor_id, stop) and self.relay is not None:
+            self.relay.send(supervisor_id, stop)
         # Otherwise reconciliation stops it when the supervisor is back.
+
+    def stop_here(self, supervisor_id: str, stop: StopJob) -> bool:
+        """Queue a StopJob if the supervisor's socket is here; False if it is not."""
+        connection = self._connections.get(supervisor_id)
+        if connection is None:
+            return False
+        connection.stop(stop)
+        return True
+
+    def drop_disowned(self, owned: dict[str, int], as_of: float) -> None:
+        """The store gives this replica the sessions `owned` (supervisor id -> session), as
+        read from monotonic time `as_of` on: close each connection here admitted before
+        then whose session it no longer gives (its supervisor connected to another replica,
+        or the leader took this replica for dead). Whatever it would write is refused."""
+        for connection in list(self._connections.values()):
+            if owned.get(connection.id) != connection.session and connection.opened_at < as_of:
+                log.warning(
+                    "supervisor %s: session %d is no longer this replica's; closing it",
+                    connection.id,
+                    connection.session,
+                )
+                connection.close(CloseCode.REPLACED, "the session moved to another switchboard")
 
     # --- timers for all connections ------------------------------------------------------
 

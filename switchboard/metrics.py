@@ -120,6 +120,44 @@ SUPERVISORS_CONNECTED = Gauge(
     registry=REGISTRY,
 )
 
+# --- replicas on one database (docs/deployment.md, "Several replicas") ------------------
+
+LEADER = Gauge(
+    "switchboard_leader",
+    "1 while this switchboard holds the leader lease and runs the singleton work"
+    " (timeouts, lost hosts, retention, sweeps); 0 while another replica does. Always 1"
+    " on SQLite.",
+    registry=REGISTRY,
+)
+LEASE_CHANGES = Counter(
+    "switchboard_lease_changes_total",
+    "Times this switchboard took the leader lease (change=gained) or stopped holding it"
+    " (change=lost: another replica took it, or it could not renew in time).",
+    ["change"],
+    registry=REGISTRY,
+)
+FENCED_WRITES = Counter(
+    "switchboard_fenced_writes_total",
+    "Writes refused because this replica was superseded: singleton work under a lease"
+    " term that has ended (fence=term), or a supervisor connection's write after its"
+    " session moved on (fence=session).",
+    ["fence"],
+    registry=REGISTRY,
+)
+SUPERVISOR_COMMANDS = Counter(
+    "switchboard_supervisor_commands_total",
+    "StopJobs for a supervisor whose socket another replica holds: left in the database"
+    " for it (step=queued), or taken from there and sent on a socket held here"
+    " (step=delivered).",
+    ["step"],
+    registry=REGISTRY,
+)
+SESSIONS_REAPED = Counter(
+    "switchboard_sessions_reaped_total",
+    "Supervisor sessions the leader ended because the replica holding them stopped answering.",
+    registry=REGISTRY,
+)
+
 # --- HTTP connections -----------------------------------------------------------------
 
 #: Why a connection was refused or closed by a limit (switchboard.http_limits).
@@ -496,6 +534,12 @@ STORE_COMMIT_SECONDS = Histogram(
 # instead of nothing. (Histograms get theirs when first observed.)
 for _via in ("grace_period", "reconcile", "status"):
     RUNS_LOST.labels(_via)
+for _change in ("gained", "lost"):
+    LEASE_CHANGES.labels(_change)
+for _fence in ("term", "session"):
+    FENCED_WRITES.labels(_fence)
+for _step in ("queued", "delivered"):
+    SUPERVISOR_COMMANDS.labels(_step)
 for _via in ("reconcile", "events", "status"):
     ZOMBIE_RUNS_STOPPED.labels(_via)
 for _via in ("submission", "pass", "group"):

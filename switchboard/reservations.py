@@ -15,6 +15,7 @@ from switchboard import metrics
 from switchboard.dispatcher import Dispatcher
 from switchboard.ids import new_job_id
 from switchboard.store.base import Store
+from switchboard.store.fencing import Fenced
 
 log = logging.getLogger("switchboard.reservations")
 
@@ -40,6 +41,8 @@ class ReservationSweep:
                 await asyncio.sleep(self.period_s)
             try:
                 more = await self.once()
+            except Fenced:  # another replica leads now: this work stops (store.fencing)
+                return
             except Exception:  # keep sweeping; the next pass retries
                 more = False
                 log.exception("a reservation pass failed")

@@ -27,6 +27,7 @@ from switchboard import metrics
 from switchboard.artifacts import ArtifactFiles
 from switchboard.config import Settings
 from switchboard.store.base import Store
+from switchboard.store.fencing import Fenced
 
 log = logging.getLogger("switchboard.retention")
 
@@ -59,6 +60,8 @@ class Retention:
             await asyncio.sleep(self.settings.retention_interval_s)
             try:
                 await self.sweep()
+            except Fenced:  # another replica leads now: this work stops (store.fencing)
+                return
             except Exception:  # keep sweeping; the next pass retries
                 log.exception("retention sweep failed")
 

@@ -175,6 +175,8 @@ def check_database(settings: Settings) -> None:
 
     try:
         asyncio.run(reach(settings.database))
+        if settings.replica_id is not None:
+            check_replica_id(settings.database, settings.replica_id, settings.leader_lease_s)
     except (
         OSError,
         ValueError,
@@ -183,6 +185,29 @@ def check_database(settings: Settings) -> None:
         SchemaMismatch,
     ) as exc:
         raise SystemExit(f"switchboard: --database: {exc}") from None
+
+
+def check_replica_id(dsn: str, replica_id: str, alive_s: float) -> None:
+    """Refuse to serve as a replica id another running switchboard renews: two processes
+    under one id would both hold its lease and its connections."""
+    import asyncpg
+
+    from switchboard.store.postgres_replicas import last_seen_ago
+
+    async def ask() -> float | None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await last_seen_ago(conn, replica_id)
+        finally:
+            await conn.close()
+
+    ago = asyncio.run(ask())
+    if ago is not None and ago <= alive_s:
+        raise SystemExit(
+            f"switchboard: replica id {replica_id!r} is in use: a switchboard serving the"
+            f" database under it was alive {ago:.1f} s ago; give each replica its own"
+            f" --replica-id (one that died is free {alive_s:g} s after it was last seen)"
+        )
 
 
 def allow_open_files(settings: Settings) -> None:

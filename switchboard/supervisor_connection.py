@@ -52,6 +52,7 @@ from switchboard.lograte import RateLimitedLog
 from switchboard.models import ActiveRun, EventsApplied, PendingReport
 from switchboard.outbox import Outbox
 from switchboard.reconcile import Action, Decision, drift, reconcile
+from switchboard.store import fencing
 from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.connections")
@@ -170,6 +171,7 @@ class SupervisorConnection:
         "hello",
         "id",
         "last_heard_at",
+        "opened_at",
         "outbox",
         "protocol",
         "ready",
@@ -202,6 +204,8 @@ class SupervisorConnection:
         self._events = _Inbox(EVENT_QUEUE)
         self._beats = 0
         self._last_heard = time.monotonic()
+        #: When the connection was admitted (monotonic clock).
+        self.opened_at = self._last_heard
         #: Wall-clock time of the last frame received, for people (the dashboard).
         self.last_heard_at = time.time()
         #: Why the switchboard closed this connection (None: the supervisor's side ended it).
@@ -315,6 +319,20 @@ class SupervisorConnection:
     # --- serving --------------------------------------------------------------------
 
     async def serve(self, stored_seq: int) -> None:
+        # Every write for this connection, in this task and those it starts, is fenced by
+        # its session where replicas share the store (store.fencing).
+        fenced = fencing.SESSION.set((self.id, self.session)) if self.fleet.store.shared else None
+        try:
+            await self._serve(stored_seq)
+        except fencing.Fenced as exc:  # while reconciling, before serving: nothing written
+            log.warning("supervisor %s: %s; closing the connection", self.id, exc)
+            self.close(CloseCode.REPLACED, "the session moved to another switchboard")
+            await self.outbox.finish(self.fleet.settings.send_timeout_s)
+        finally:
+            if fenced is not None:
+                fencing.SESSION.reset(fenced)
+
+    async def _serve(self, stored_seq: int) -> None:
         settings = self.fleet.settings
         self.outbox.send(
             self.protocol.welcome(
@@ -420,6 +438,11 @@ class SupervisorConnection:
         except Exception as exc:
             if self._room is not None and not self._room.done():
                 self._room.set_exception(exc)
+            if isinstance(exc, fencing.Fenced):
+                # Another replica holds the supervisor now: this one writes nothing more.
+                log.warning("supervisor %s: %s; closing the connection", self.id, exc)
+                self.close(CloseCode.REPLACED, "the session moved to another switchboard")
+                return
             log.error("supervisor %s: storing its events failed", self.id, exc_info=exc)
             self.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:

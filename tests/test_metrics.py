@@ -94,6 +94,11 @@ SWITCHBOARD_METRICS = {
     "switchboard_reservation_refusals_total": "counter",
     "switchboard_power_calls_total": "counter",
     "switchboard_power_refusals_total": "counter",
+    "switchboard_leader": "gauge",
+    "switchboard_lease_changes_total": "counter",
+    "switchboard_fenced_writes_total": "counter",
+    "switchboard_supervisor_commands_total": "counter",
+    "switchboard_sessions_reaped_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -118,6 +123,9 @@ LABEL_VALUES: dict[str, set[str]] = {
         *POWER_RESULTS,
     },
     "action": set(POWER_ACTIONS),
+    "change": {"gained", "lost"},
+    "fence": {"term", "session"},
+    "step": {"queued", "delivered"},
     "limit": {"image_unpacked", "wasm_scratch", "inputs"},
     "reason": {
         "header_too_large",

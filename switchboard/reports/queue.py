@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 from collections.abc import Iterable
 
@@ -40,7 +41,9 @@ class ReportQueue:
         """Parse and store these reports in the background."""
         self._pending.extend(reports)
         while self._pending and len(self._workers) < CONCURRENCY:
-            task = asyncio.create_task(self._work(), name="reports")
+            # A context of its own: not the submitting connection's (store.fencing), whose
+            # session fences that connection's writes only.
+            task = asyncio.create_task(self._work(), name="reports", context=contextvars.Context())
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)
 

@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 
 import msgspec
 
-from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
+from protocol.messages import Hello, RunRef, StopJob, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import TERMINAL, Phase
 from switchboard.gangs import RoleNeed
 from switchboard.health import DeviceFacts
+from switchboard.lease import Claim
 from switchboard.models import (
     ActiveRun,
     ArtifactAdded,
@@ -74,6 +75,12 @@ class Store(abc.ABC):
     #: Grows with every change to a supervisor's record (connect, disconnect, drain, labels):
     #: a reader of supervisors can tell nothing changed without reading them all.
     supervisor_writes: int = 0
+    #: True if several switchboard processes may serve this store at once (replicas on
+    #: PostgreSQL: docs/deployment.md, "Several replicas"); False: this process alone
+    #: (SQLite), which then holds the leader lease for good and needs no commands.
+    shared: bool = False
+    #: This process among the replicas serving the store.
+    replica_id: str = "embedded"
 
     # lifecycle
     @abc.abstractmethod
@@ -384,8 +391,32 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def forget_connections(self) -> None:
-        """At startup of the (only) switchboard process: no supervisor is connected yet, and
-        every one's grace period starts now."""
+        """At startup of a switchboard process: none of the connections this process (its
+        replica id) is recorded as holding is connected, and their grace period starts
+        now. On a store one process serves, that is every connection."""
+
+    # replicas sharing the store (a store one process serves needs none of these)
+    async def claim_lease(self, ttl_s: float) -> tuple[Claim, dict[str, int] | None]:
+        """Renew this replica's liveness and claim the leader lease (switchboard.lease);
+        with it, the sessions this replica owns (supervisor id -> session; None: not
+        tracked). A store one process serves: held for good, term 0."""
+        return Claim(True, 0, None), None
+
+    async def leave(self) -> None:
+        """This replica stops: release the lease if it holds it, and stop counting it."""
+
+    async def reap_replicas(self, dead_after_s: float) -> list[str]:
+        """Disconnect the supervisors whose replica has been silent past `dead_after_s`
+        (the leader's work); their ids."""
+        return []
+
+    async def send_commands(self, commands: Sequence[tuple[str, StopJob]]) -> None:
+        """Leave StopJobs for the replicas holding these supervisors' sockets."""
+        raise NotImplementedError("one process serves this store: it holds every socket")
+
+    async def take_commands(self, supervisor_ids: Collection[str]) -> list[tuple[str, StopJob]]:
+        """Take the commands left for these supervisors (whose sockets this replica holds)."""
+        return []
 
     @abc.abstractmethod
     async def lose_runs(self, grace_s: float) -> list[RunRef]:

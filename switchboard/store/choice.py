@@ -31,6 +31,8 @@ def make_store(settings: Settings, keyring: Keyring | None = None) -> Store:
             settings.database,
             keyring=keyring,
             max_run_output=max_run_output,
+            replica_id=settings.replica_id,
+            notify=settings.notify,
             checked_classes=frozenset(settings.health_checks),
         )
     from switchboard.store.sqlite import SQLiteStore

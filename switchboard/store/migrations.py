@@ -245,6 +245,46 @@ def _job_groups(conn: sqlite3.Connection) -> None:
     _statements(JOB_GROUPS)(conn)
 
 
+#: Version 14: what several replicas on one PostgreSQL database share (docs/deployment.md,
+#: "Several replicas"): the leader lease, the replicas alive, the replica holding each
+#: supervisor's connection, commands for a supervisor whose socket another replica holds.
+#: One process serves an SQLite file: it leaves them empty (they are kept so that both
+#: stores have one schema).
+REPLICAS = """
+CREATE TABLE IF NOT EXISTS switchboard_lease (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    term INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS switchboard_replicas (
+    id TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS supervisor_commands (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    supervisor_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS supervisor_commands_by_supervisor
+    ON supervisor_commands (supervisor_id, seq)
+"""
+
+
+def _replicas(conn: sqlite3.Connection) -> None:
+    if "replica" not in {row[1] for row in conn.execute("PRAGMA table_info(supervisors)")}:
+        conn.execute("ALTER TABLE supervisors ADD COLUMN replica TEXT")
+    _statements(REPLICAS)(conn)
+
+
+def _reserved(conn: sqlite3.Connection) -> None:
+    """A version number taken by a change developed alongside; it changes nothing here."""
+
+
 #: Every step past the baseline, in order: MIGRATIONS[i] reaches BASELINE_VERSION + i + 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -266,6 +306,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         12,
         "devices asked for one by one (run_devices.role), job groups placed all or none",
         _job_groups,
+    ),
+    Migration(13, "reserved", _reserved),
+    Migration(
+        14,
+        "replicas on one database: the leader lease, replicas, supervisors.replica, commands",
+        _replicas,
     ),
 )
 

@@ -9,25 +9,33 @@ side: rows are locked where two writers could race for them, a supervisor's row 
 runs' and jobs' rows. A supervisor's event batches are still stored in the order they are
 handed over (apply_events).
 
-Artifact bytes stay in the data dir of the switchboard that took them (not yet shared
-between replicas); the database keeps the index.
+Artifact bytes stay in the data dir (replicas share one); the database keeps the index.
+Several processes may serve one database (docs/deployment.md, "Several replicas"): the
+leader lease, the fences on singleton work's and connections' writes, and the commands
+between replicas are postgres_replicas.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import secrets
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeVar
 
-from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
+from protocol.messages import Hello, RunRef, StopJob, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import metrics
 from switchboard.event_checks import fresh_events
 from switchboard.gangs import RoleNeed
 from switchboard.health import DeviceFacts
+from switchboard.lease import Claim
+from switchboard.lograte import RateLimitedLog
 from switchboard.models import (
     ActiveRun,
     ArtifactAdded,
@@ -86,6 +94,7 @@ from switchboard.store import postgres_files as files
 from switchboard.store import postgres_groups as groups
 from switchboard.store import postgres_jobs as jobs_sql
 from switchboard.store import postgres_placement as placement
+from switchboard.store import postgres_replicas as replicas
 from switchboard.store import postgres_reservations as reservations
 from switchboard.store import postgres_runs as runs
 from switchboard.store import postgres_supervisors as supervisors
@@ -93,6 +102,7 @@ from switchboard.store import postgres_tests as tests
 from switchboard.store import postgres_views as views
 from switchboard.store.base import Store
 from switchboard.store.errors import BatchOutOfOrder
+from switchboard.store.fencing import CHANNEL, JOBS_QUEUED, LEADER_TERM, SESSION, Fenced
 from switchboard.store.postgres_engine import Connection, PostgresEngine
 from switchboard.store.sqlite_groups import NotAllPlaced
 from switchboard.store.sqlite_jobs import new_jobs
@@ -102,6 +112,10 @@ from switchboard.store.token_cache import TokenCache
 
 T = TypeVar("T")
 
+#: A replica that was superseded may try many writes at once as it wakes: each is counted
+#: (switchboard_fenced_writes_total), one line per kind and interval is logged.
+_fenced_log = RateLimitedLog(logging.getLogger("switchboard.store"))
+
 #: Sealed secrets read at a time when sealing them again at open.
 _RESEAL_PAGE = 1000
 
@@ -109,7 +123,12 @@ _RESEAL_PAGE = 1000
 class PostgresStore(Store):
     """`dsn`: a libpq URI (postgresql://user@host/db). `keyring` and `max_run_output` as
     for SQLiteStore. The schema is created in an empty database, and a database of another
-    version refused (store/postgres_schema.py)."""
+    version refused (store/postgres_schema.py). Several processes may serve one database
+    (docs/deployment.md, "Several replicas"): `replica_id` names this one (default: host,
+    pid and a random part, so a restart is a new replica), `notify` sends NOTIFY hints to
+    the others (off behind a pooler in transaction mode)."""
+
+    shared = True
 
     def __init__(
         self,
@@ -118,9 +137,15 @@ class PostgresStore(Store):
         keyring: Keyring | None = None,
         max_run_output: int | None = None,
         max_connections: int = 10,
+        replica_id: str | None = None,
+        notify: bool = True,
         checked_classes: frozenset[str] = frozenset(),
     ) -> None:
         self.dsn = dsn
+        self.replica_id = replica_id or (
+            f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        )
+        self.notify = notify
         #: Device classes with a health check (switchboard.checks): an `unknown` device
         #: of one waits for its check (postgres_devices.lab_devices).
         self.checked_classes = checked_classes
@@ -146,10 +171,26 @@ class PostgresStore(Store):
         await self._engine.close()
 
     async def _write(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        """One transaction; the metrics it staged count once it has committed."""
+        """One transaction; the metrics it staged count once it has committed. Singleton
+        work's writes and a connection's are fenced (store.fencing): refused, raising
+        Fenced, once the lease term or the session they run under has moved on."""
+        term, session = LEADER_TERM.get(), SESSION.get()
+        if term is not None or session is not None:
+            unfenced = fn
+
+            async def fenced(conn: Connection) -> T:
+                await replicas.fence(conn, term, session)
+                return await unfenced(conn)
+
+            fn = fenced
         with metrics.staged_in_task():
             started = time.perf_counter()
-            value = await self._engine.write(fn)
+            try:
+                value = await self._engine.write(fn)
+            except Fenced as refused:
+                metrics.FENCED_WRITES.labels(refused.fence).inc()
+                _fenced_log.warning(refused.fence, "write refused: %s", refused)
+                raise
             metrics.STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.staged_commit()
         return value
@@ -289,15 +330,19 @@ class PostgresStore(Store):
         max_queued_per_owner: int | None = None,
     ) -> list[Submitted]:
         batch = new_jobs(self._keyring, jobs)
+        notify = self.notify
 
         async def write(conn: Connection) -> list[Submitted]:
-            return await chains.insert_with_chains(
+            made = await chains.insert_with_chains(
                 conn,
                 batch,
                 lambda ready: jobs_sql.insert_jobs(
                     conn, ready, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
                 ),
             )
+            if notify and made:
+                await _jobs_queued(conn)
+            return made
 
         return await self._write(write)
 
@@ -320,6 +365,7 @@ class PostgresStore(Store):
         assert not any(spec.chained_inputs() for _, spec in jobs)
         batch = new_jobs(self._keyring, jobs)
         keyring, checked = self._keyring, self.checked_classes
+        me, notify = self.replica_id, self.notify
 
         async def write(conn: Connection) -> tuple[list[Submitted], list[Assignment]]:
             clear = await placement.no_job_ready(conn, time.time())  # before: older jobs
@@ -327,16 +373,19 @@ class PostgresStore(Store):
                 conn, batch, actor, max_queued, owner=owner, max_per_owner=max_queued_per_owner
             )
             assigned = []
-            if clear:
+            if clear and placements:
                 now = time.time()
+                owned = await _lock_owned(conn, set(placements.values()), me)
                 for submitted in made:
                     supervisor_id = placements.get(submitted.id)
-                    if supervisor_id is not None and submitted.phase == Phase.QUEUED.value:
+                    if supervisor_id in owned and submitted.phase == Phase.QUEUED.value:
                         run = await placement.assign_run(
                             conn, submitted.id, supervisor_id, now, keyring, checked
                         )
                         if run is not None:
                             assigned.append(run)
+            if notify and len(assigned) < len(made):
+                await _jobs_queued(conn)
             return made, assigned
 
         return await self._write(write)
@@ -404,7 +453,7 @@ class PostgresStore(Store):
         return await self._read(lambda conn: placement.queued_jobs(conn, limit, after, marked))
 
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
-        keyring, checked = self._keyring, self.checked_classes
+        keyring, checked, me = self._keyring, self.checked_classes, self.replica_id
 
         async def write(conn: Connection) -> list[Assignment]:
             now = time.time()
@@ -412,11 +461,10 @@ class PostgresStore(Store):
             # Supervisors' rows are locked in id order (as each assignment takes them), so
             # two replicas assigning to the same supervisors never wait on each other in a
             # circle.
-            for supervisor_id in sorted({s for _, s in pairs}):
-                await conn.execute(
-                    "SELECT 1 FROM supervisors WHERE id = $1 FOR UPDATE", supervisor_id
-                )
+            owned = await _lock_owned(conn, {s for _, s in pairs}, me)
             for job_id, supervisor_id in pairs:
+                if supervisor_id not in owned:
+                    continue  # its connection is another replica's now
                 run = await placement.assign_run(conn, job_id, supervisor_id, now, keyring, checked)
                 if run is not None:
                     made.append(run)
@@ -549,7 +597,7 @@ class PostgresStore(Store):
     ) -> Connected:
         now = time.time()
         return await self._write_supervisor(
-            lambda conn: supervisors.connected(conn, hello, token_id, enrol, now)
+            lambda conn: supervisors.connected(conn, hello, token_id, enrol, now, self.replica_id)
         )
 
     async def unenroll(self, supervisor_id: str) -> list[str] | None:
@@ -576,7 +624,41 @@ class PostgresStore(Store):
 
     async def forget_connections(self) -> None:
         now = time.time()
-        await self._write_supervisor(lambda conn: supervisors.forget_connections(conn, now))
+        me = self.replica_id
+
+        async def write(conn: Connection) -> None:
+            await replicas.register(conn, me)
+            await supervisors.forget_connections(conn, now, me)
+
+        await self._write_supervisor(write)
+
+    # --- replicas on one database ------------------------------------------------------
+
+    async def claim_lease(self, ttl_s: float) -> tuple[Claim, dict[str, int] | None]:
+        me = self.replica_id
+        # Every replica every few seconds: no reader of jobs is woken for it.
+        return await self._engine.write(
+            lambda conn: replicas.claim_lease(conn, me, ttl_s), quiet=True
+        )
+
+    async def leave(self) -> None:
+        me = self.replica_id
+        await self._write(lambda conn: replicas.leave(conn, me))
+
+    async def reap_replicas(self, dead_after_s: float) -> list[str]:
+        now = time.time()
+        return await self._write_supervisor(lambda conn: replicas.reap(conn, dead_after_s, now))
+
+    async def send_commands(self, commands: Sequence[tuple[str, StopJob]]) -> None:
+        now, notify = time.time(), self.notify
+        await self._write(lambda conn: replicas.add_commands(conn, commands, now, notify))
+
+    async def take_commands(self, supervisor_ids: Collection[str]) -> list[tuple[str, StopJob]]:
+        ids = sorted(supervisor_ids)
+        # Looked for every second: a read, unless there are some to take.
+        if not ids or not await self._read(lambda conn: replicas.commands_waiting(conn, ids)):
+            return []
+        return await self._write(lambda conn: replicas.take_commands(conn, ids))
 
     async def list_supervisors(self) -> list[SupervisorView]:
         return await self._read(lambda conn: supervisors.load_supervisors(conn, None))
@@ -737,9 +819,13 @@ class PostgresStore(Store):
     async def assign_group(
         self, group_id: str, pairs: Sequence[tuple[str, str]]
     ) -> list[Assignment]:
-        keyring, checked = self._keyring, self.checked_classes
+        keyring, checked, me = self._keyring, self.checked_classes, self.replica_id
 
         async def write(conn: Connection) -> list[Assignment]:
+            supervisor_ids = {s for _, s in pairs}
+            if await _lock_owned(conn, supervisor_ids, me) != supervisor_ids:
+                # All or none: a host of it is another replica's now (or drained).
+                raise NotAllPlaced(group_id)
             return await groups.assign_group(conn, group_id, pairs, time.time(), keyring, checked)
 
         try:
@@ -811,3 +897,25 @@ class PostgresStore(Store):
 
     async def reservation_counts(self) -> dict[str, int]:
         return await self._read(reservations.counts)
+
+
+async def _lock_owned(conn: Connection, supervisor_ids: set[str], me: str) -> set[str]:
+    """Lock the rows of these supervisors (in id order, as each assignment takes them, so
+    two replicas assigning never wait on each other in a circle); those whose connection
+    this replica holds, and not drained. A run is given only to a supervisor whose socket
+    is here (its StartJob is sent on it), and never to one drained, even through another
+    replica since this one last looked."""
+    rows = await conn.fetch(
+        "SELECT id, replica = $2 AND connected = 1 AND drained = 0 FROM supervisors"
+        " WHERE id = ANY($1::text[])"
+        ' ORDER BY id COLLATE "C" FOR UPDATE',
+        sorted(supervisor_ids),
+        me,
+    )
+    return {r[0] for r in rows if r[1]}
+
+
+async def _jobs_queued(conn: Connection) -> None:
+    """Tell the other replicas (when this commits) that jobs wait: their dispatchers place
+    them on the supervisors they hold."""
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, JOBS_QUEUED)

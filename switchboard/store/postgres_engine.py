@@ -87,13 +87,16 @@ class PostgresEngine:
             await self._pool.close()
             self._pool = None
 
-    async def write(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run `fn` in a transaction; its value once committed (its error, rolled back)."""
+    async def write(self, fn: Callable[[Connection], Awaitable[T]], *, quiet: bool = False) -> T:
+        """Run `fn` in a transaction; its value once committed (its error, rolled back).
+        `quiet`: a write no reader of jobs cares about (the replicas' lease and liveness),
+        which wakes no write listener."""
         assert self._pool is not None, "store is not open"
         async with self._pool.acquire() as conn, conn.transaction():
             value = await fn(conn)
-        for listener in self._write_listeners:
-            listener()
+        if not quiet:
+            for listener in self._write_listeners:
+                listener()
         return value
 
     async def read(self, fn: Callable[[Connection], Awaitable[T]]) -> T:

@@ -106,10 +106,18 @@ async def unenroll(conn: Connection, supervisor_id: str, now: float) -> list[str
 
 
 async def connected(
-    conn: Connection, hello: Hello, token_id: str | None, enrolment: Enrolment | None, now: float
+    conn: Connection,
+    hello: Hello,
+    token_id: str | None,
+    enrolment: Enrolment | None,
+    now: float,
+    replica: str,
 ) -> Connected:
-    """Record a (re)connect: a new session generation, the connection's start. The
-    supervisor's row is locked first (created if new), as in every write for it."""
+    """Record a (re)connect: a new session generation (the epoch every write for the
+    connection checks), the connection's start, and `replica`, the switchboard process
+    holding its socket. Commands left for the supervisor are dropped: the reconcile that
+    follows settles what they said. The supervisor's row is locked first (created if
+    new), as in every write for it."""
     await conn.execute(
         "INSERT INTO supervisors (id, name, first_seen) VALUES ($1, $2, $3)"
         " ON CONFLICT (id) DO NOTHING",
@@ -129,7 +137,8 @@ async def connected(
     row = await conn.fetchrow(
         "UPDATE supervisors SET name = $1, labels = $2, backends = $3, resources = $4,"
         " max_jobs = $5, software = $6, protocol = $7, session = session + 1, connected = 1,"
-        " connected_at = $8, last_seen = $8 WHERE id = $9 RETURNING session, last_seq",
+        " connected_at = $8, last_seen = $8, replica = $10 WHERE id = $9"
+        " RETURNING session, last_seq",
         hello.name,
         json.dumps(hello.labels),
         json.dumps(hello.backends),
@@ -139,9 +148,23 @@ async def connected(
         version,
         now,
         hello.supervisor_id,
+        replica,
     )
     assert row is not None  # the row was made above
     session, last_seq = row
+    await conn.execute(
+        "DELETE FROM supervisor_commands WHERE supervisor_id = $1", hello.supervisor_id
+    )
+    # A session another replica still holds open ends here: that replica's late
+    # disconnect of it then changes nothing.
+    await conn.execute(
+        "UPDATE supervisor_sessions SET disconnected_at = $1, reason = $2"
+        " WHERE supervisor_id = $3 AND session < $4 AND disconnected_at IS NULL",
+        now,
+        "replaced by a newer connection",
+        hello.supervisor_id,
+        session,
+    )
     await conn.execute(
         "INSERT INTO supervisor_sessions (supervisor_id, session, connected_at)"
         " VALUES ($1, $2, $3) ON CONFLICT (supervisor_id, session) DO UPDATE"
@@ -175,17 +198,26 @@ async def disconnected(
     )
 
 
-async def forget_connections(conn: Connection, now: float) -> None:
-    """No supervisor is connected (the only switchboard starts): grace starts now."""
-    await conn.execute(
-        "UPDATE supervisors SET connected = 0, last_seen = $1 WHERE connected = 1", now
-    )
-    await conn.execute(
-        "UPDATE supervisor_sessions SET disconnected_at = $1, reason = $2"
-        " WHERE disconnected_at IS NULL",
+async def forget_connections(conn: Connection, now: float, replica: str) -> None:
+    """Replica `replica` starts: none of the connections recorded as its own is (a
+    replica id given again across a restart); their grace starts now. Other replicas'
+    connections are theirs: those of a replica that died are reaped by the leader
+    (postgres_replicas.reap)."""
+    rows = await conn.fetch(
+        "UPDATE supervisors SET connected = 0, last_seen = $1 WHERE connected = 1"
+        " AND replica = $2 RETURNING id, session",
         now,
-        "the switchboard restarted",
+        replica,
     )
+    for supervisor_id, session in rows:
+        await conn.execute(
+            "UPDATE supervisor_sessions SET disconnected_at = $1, reason = $2"
+            " WHERE supervisor_id = $3 AND session = $4 AND disconnected_at IS NULL",
+            now,
+            "the switchboard restarted",
+            supervisor_id,
+            session,
+        )
 
 
 async def connection_records(
