@@ -130,8 +130,15 @@ def _group_view(client: httpx.Client, group_id: str) -> dict[str, Any]:
 
 
 def _wait_group(client: httpx.Client, group_id: str, timeout: float = 30) -> dict[str, Any]:
+    """Until the group has ended: its state says so as soon as its roles have, and its
+    `ended_at` once the groups' sweep has closed it."""
+
+    def ended() -> bool:
+        group = _group_view(client, group_id)
+        return group["state"] in ("succeeded", "failed", "canceled") and bool(group["ended_at"])
+
     wait_for(
-        lambda: _group_view(client, group_id)["state"] in ("succeeded", "failed", "canceled"),
+        ended,
         f"group {group_id} ended",
         timeout=timeout,
     )

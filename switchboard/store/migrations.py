@@ -281,10 +281,6 @@ def _replicas(conn: sqlite3.Connection) -> None:
     _statements(REPLICAS)(conn)
 
 
-def _reserved(conn: sqlite3.Connection) -> None:
-    """A version number taken by a change developed alongside; it changes nothing here."""
-
-
 #: Every step past the baseline, in order: MIGRATIONS[i] reaches BASELINE_VERSION + i + 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -307,9 +303,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         "devices asked for one by one (run_devices.role), job groups placed all or none",
         _job_groups,
     ),
-    Migration(13, "reserved", _reserved),
     Migration(
-        14,
+        13,
         "replicas on one database: the leader lease, replicas, supervisors.replica, commands",
         _replicas,
     ),

@@ -206,8 +206,7 @@ CREATE TABLE group_roles (
 CREATE UNIQUE INDEX group_roles_by_job ON group_roles (job_id);
 """,
     ),
-    (13, "SELECT 1;"),  # reserved: a change developed alongside
-    (14, REPLICAS),
+    (13, REPLICAS),
 )
 
 SCHEMA = f"""
