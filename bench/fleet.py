@@ -46,6 +46,7 @@ from protocol import codec, limits
 from protocol.exceptions import JobErrorKind
 from protocol.messages import (
     Ack,
+    DeviceInfo,
     Event,
     Heartbeat,
     HeldRun,
@@ -76,6 +77,8 @@ PARAM_BACKLOG = "BENCH_BACKLOG_BYTES"
 BACKLOG_BYTES = SEND_WINDOW_BYTES
 #: Connections opened at once: the switchboard's listen backlog is 2048.
 WAVE = 250
+#: The class of the boards members declare (`connect(devices=N)`).
+DEVICE_CLASS = "simboard"
 OPEN_TIMEOUT_S = 120.0
 SOFTWARE = "switchboard-bench-fleet/0.1"
 #: The bytes every output chunk carries (not compressible, not that it matters: no deflate).
@@ -101,10 +104,12 @@ class RunMarks:
 class Member:
     """One supervisor connection."""
 
-    def __init__(self, fleet: Fleet, supervisor_id: str, max_jobs: int) -> None:
+    def __init__(self, fleet: Fleet, supervisor_id: str, max_jobs: int, devices: int = 0) -> None:
         self.fleet = fleet
         self.id = supervisor_id
         self.max_jobs = max_jobs
+        #: Boards it declares (class DEVICE_CLASS), for placement's grants to be watched.
+        self.devices = [f"{supervisor_id}-board-{n}" for n in range(devices)]
         self.ws: ClientConnection | None = None
         self.seq = 0
         self.acked = 0
@@ -137,6 +142,7 @@ class Member:
             versions=supported_versions(),
             backends=["noop"],
             max_jobs=self.max_jobs,
+            devices=[DeviceInfo(id=d, class_=DEVICE_CLASS) for d in self.devices],
             runs=[HeldRun(j, a, p) for j, (a, p) in self.held.items()],
             last_seq=self.seq,
             software=SOFTWARE,
@@ -274,7 +280,14 @@ class Member:
         if job_id in self.held:
             return  # a repeat: the run goes on
         fleet.runs[job_id] = RunMarks(time.monotonic(), self.id)
+        fleet.starts += 1
         spec = start.backend
+        if len(self.held) >= self.max_jobs:
+            fleet.over_capacity += 1  # placement gave this supervisor more than its slots
+        for device in start.devices:
+            holder = fleet.device_holders.get(device)
+            if (holder is not None and holder != job_id) or device not in self.devices:
+                fleet.double_grants += 1  # a board already held, or none of this host's
         if not isinstance(spec, NoopBackend) or len(self.held) >= self.max_jobs:
             kind = (
                 JobErrorKind.IMAGE_NOT_COMPATIBLE
@@ -286,6 +299,9 @@ class Member:
             await self._state(job_id, attempt, Phase.REJECTED, message=kind.value)
             self.held.pop(job_id, None)
             return
+        granted = list(start.devices)
+        for device in granted:
+            fleet.device_holders.setdefault(device, job_id)
         try:
             await self._state(job_id, attempt, Phase.INITIALIZING, stage="accepted")
             await self._state(job_id, attempt, Phase.RUNNING)
@@ -306,6 +322,9 @@ class Member:
             await self._state(job_id, attempt, end)
         finally:
             self.held.pop(job_id, None)
+            for device in granted:
+                if fleet.device_holders.get(device) == job_id:
+                    del fleet.device_holders[device]
 
     async def _stream(self, job_id: str, attempt: int, size: int, backlog: int) -> None:
         """`size` bytes of stdout, chunk after chunk, at most `backlog` bytes unacknowledged."""
@@ -341,6 +360,13 @@ class Fleet:
         self.disconnects = 0
         self.errors: list[str] = []
         self.closing = False
+        #: StartJobs received; those beyond a supervisor's slots; boards granted while
+        #: another run held them (or not the supervisor's own).
+        self.starts = 0
+        self.over_capacity = 0
+        self.double_grants = 0
+        #: board -> the job holding it now.
+        self.device_holders: dict[str, str] = {}
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._held: dict[str, asyncio.Event] = {}
         #: Supervisor ids handed out so far, per prefix.
@@ -349,13 +375,20 @@ class Fleet:
         self.notify: Any = lambda kind, job_id: None
 
     async def connect(
-        self, url: str, token: str, count: int, prefix: str = "fleet", max_jobs: int = 1
+        self,
+        url: str,
+        token: str,
+        count: int,
+        prefix: str = "fleet",
+        max_jobs: int = 1,
+        devices: int = 0,
     ) -> dict[str, float]:
-        """Open `count` more supervisor connections, WAVE at a time; returns how long it took."""
+        """Open `count` more supervisor connections, WAVE at a time, each declaring
+        `devices` boards; returns how long it took."""
         started = time.monotonic()
         first = self._named.get(prefix, 0)
         self._named[prefix] = first + count
-        fresh = [Member(self, f"{prefix}-{first + i:04d}", max_jobs) for i in range(count)]
+        fresh = [Member(self, f"{prefix}-{first + i:04d}", max_jobs, devices) for i in range(count)]
         for i in range(0, count, WAVE):
             wave = fresh[i : i + WAVE]
             await asyncio.gather(*(m.open(url, token) for m in wave))
@@ -389,6 +422,9 @@ class Fleet:
             "disconnects": self.disconnects,
             "errors": self.errors[-5:],
             "error_count": len(self.errors),
+            "starts": self.starts,
+            "over_capacity": self.over_capacity,
+            "double_grants": self.double_grants,
         }
 
     def reset_runs(self) -> None:

@@ -18,7 +18,8 @@ pytestmark = [
     pytest.mark.process,
     pytest.mark.docker,
     pytest.mark.wasm,
-    pytest.mark.timeout(300),
+    pytest.mark.postgres,
+    pytest.mark.timeout(500),
 ]
 
 #: What each benchmark of `python -m bench` reports, its floors included.
@@ -85,6 +86,18 @@ SUITE_RESULTS = {
         "peer_waiters_idle_rss_mib",
         "peer_waiters_rss_kib_per_waiter",
     },
+    "replicas": {
+        f"replicas_{store}_{mode}_{what}"
+        for store in ("sqlite", "pg1", "pg2")
+        for mode in ("single", "batch")
+        for what in ("jobs_per_s", "cpu_ms_per_job")
+    }
+    | {
+        "replicas_pg1_idle_succeeded_p50_ms",
+        "replicas_pg1_idle_succeeded_p99_ms",
+        "replicas_failover_reconnected_s",
+        "replicas_failover_first_job_s",
+    },
     "scale": {
         "scale_rss_kib_per_conn",
         "scale_cpu_pct",
@@ -117,6 +130,10 @@ GOALS = {
     "peer_switchboard_idle_p50_ms",
     "peer_switchboard_idle_p99_ms",
     "peer_waiters_cost_cpu_pct",
+    "replicas_pg2_single_jobs_per_s",
+    "replicas_pg1_idle_succeeded_p50_ms",
+    "replicas_pg1_idle_succeeded_p99_ms",
+    "replicas_failover_reconnected_s",
     "scale_rss_kib_per_conn",
     "wasm_start_cached_ms",
     "docker_job_ms",
@@ -128,7 +145,7 @@ def _suite(tmp: Path, *args: str) -> tuple[dict[str, Any], str]:
     done = run_cli(
         *("-m", "bench", "--quick", "--json", str(saved), "--markdown", str(table), *args),
         check=False,
-        timeout=scaled(240),
+        timeout=scaled(400),
     )
     assert done.returncode == 0, done.stderr.decode()[-4000:]
     data = json.loads(saved.read_text())
