@@ -17,6 +17,7 @@ from common import logfmt
 from protocol.exceptions import CloseCode
 from protocol.messages import StopJob
 from switchboard.api.artifacts import ArtifactController
+from switchboard.api.device_console import device_console
 from switchboard.api.devices import DeviceController
 from switchboard.api.dispatch import DispatchController
 from switchboard.api.errors import EXCEPTION_HANDLERS
@@ -190,6 +191,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             live,
             metrics,
             supervisor_socket,
+            device_console,
             *dashboard_routes(),
         ],
         lifespan=[lifespan],

@@ -93,6 +93,9 @@ SWITCHBOARD_METRICS = {
     "switchboard_reservation_refusals_total": "counter",
     "switchboard_power_calls_total": "counter",
     "switchboard_power_refusals_total": "counter",
+    "switchboard_console_refusals_total": "counter",
+    "switchboard_console_sessions": "gauge",
+    "switchboard_console_sessions_ended_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -147,6 +150,7 @@ LABEL_VALUES: dict[str, set[str]] = {
         "too_many_ids",
         "no_ids",
         "forbidden",
+        *("not_found", "no_console", "unavailable", "client", "supervisor", "too_slow"),
     },
     "route": {"live", "follow", "events"},
     "health": set(HEALTH_STATES),

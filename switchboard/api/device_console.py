@@ -1,0 +1,223 @@
+"""A device's serial console, attached interactively (docs/lab.md "Serial console"): a
+WebSocket at `/api/v1/devices/{id}/console` relayed to the device's supervisor (protocol
+1.6 `console_attach` / `console_input` / `console_data`).
+
+Who: operators and admins, and the holder of the reservation the device belongs to; any
+other token gets `403` (counted in `switchboard_console_refusals_total`, logged once). A
+refusal is an HTTP answer to the upgrade, with the API's error body.
+
+On the socket, the switchboard sends text messages, each a JSON object: first
+`{"type": "attached", "device", "supervisor", "job"}` (`job`: the run holding the device,
+if any), then `{"type": "data", "offset", "data"}` (base64 of the bytes the console
+printed, `offset` counting the console's bytes since its supervisor opened it, so a gap
+shows) and, last, `{"type": "closed", "reason"}` before the close. The client sends
+binary (or text) messages: bytes to write to the console, at most MAX_INPUT_BYTES each
+(best effort: what the tty does not take at once is dropped). A client that does not
+keep up (more than console_relay.BUFFER_BYTES waiting, or a send past the switchboard's
+send timeout) is dropped with a reason; it never holds up the supervisor's connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from typing import Protocol
+
+import msgspec
+from litestar import WebSocket, websocket
+from litestar.exceptions import WebSocketDisconnect
+
+from protocol.limits import MAX_CONSOLE_INPUT
+from switchboard import metrics
+from switchboard.auth import Permission, Role, allows, authenticate
+from switchboard.console_relay import ConsoleRelay
+from switchboard.lograte import RateLimitedLog
+from switchboard.models import DeviceView
+from switchboard.state import AppState, app_state
+
+log = logging.getLogger("switchboard.api.console")
+_refusal_log = RateLimitedLog(log)
+
+#: Largest message a client may send (bytes to write to the console); it is sent on in
+#: pieces of the protocol's console_input cap. Longer: the session is closed (1009).
+MAX_INPUT_BYTES = 64 * 1024
+#: Close codes the switchboard ends a session with (besides 1000 when the client leaves).
+CLOSE_ENDED = 4000  # the supervisor ended it (or its connection ended)
+CLOSE_TOO_SLOW = 4005  # the client did not keep up
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, error: str, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message, self.reason = status, error, message, reason
+
+
+@websocket("/api/v1/devices/{device_id:str}/console")
+async def device_console(socket: WebSocket, device_id: str) -> None:
+    """Attach to the device's serial console (see the module docstring)."""
+    state = app_state(socket)
+    try:
+        device = await _allowed(state, socket, device_id)
+        relay = ConsoleRelay()
+        attached = state.hub.attach_console(device.supervisor_id, device_id, relay)
+        if isinstance(attached, str):
+            raise _Refused(503, "not_connected", attached, "unavailable")
+    except _Refused as refused:
+        metrics.CONSOLE_REFUSALS.labels(refused.reason).inc()
+        _refusal_log.warning(
+            refused.reason,
+            "refused a console of %s (%d): %s",
+            device_id,
+            refused.status,
+            refused.message,
+        )
+        await _answer(socket, refused)
+        return
+    connection, session = attached
+    who = socket.state.token
+    metrics.CONSOLE_SESSIONS.inc()
+    log.info("console of %s attached by %s (%s)", device_id, who.name, who.id)
+    ended = "client"
+    try:
+        await socket.accept()
+        hello = {
+            "type": "attached",
+            "device": device_id,
+            "supervisor": device.supervisor_id,
+            "job": device.holder,
+        }
+        await socket.send_text(msgspec.json.encode(hello).decode())
+        ended = await _relay(socket, relay, connection, session, state.settings.send_timeout_s)
+    finally:
+        connection.detach_console(session)
+        metrics.CONSOLE_SESSIONS.dec()
+        metrics.CONSOLE_SESSIONS_ENDED.labels(ended).inc()
+        log.info("console of %s detached (%s): %s", device_id, ended, relay.ended or "client left")
+
+
+async def _allowed(state: AppState, socket: WebSocket, device_id: str) -> DeviceView:
+    token = await authenticate(state.store, socket.headers.get("authorization"))
+    if token is None:
+        raise _Refused(
+            401, "unauthorized", "a valid token is required (Authorization: Bearer)", "forbidden"
+        )
+    if token.role == Role.SUPERVISOR or not allows(token.role, Permission.VIEW):
+        raise _Refused(
+            403, "forbidden", f"role {token.role!r} may not attach a console", "forbidden"
+        )
+    socket.state.token = token
+    device = await state.store.get_device(device_id)
+    if device is None:
+        raise _Refused(404, "not_found", f"no device {device_id!r}", "not_found")
+    if not allows(token.role, Permission.OPERATE):
+        lease = (
+            await state.store.get_reservation(device.reservation)
+            if device.reservation is not None
+            else None
+        )
+        if lease is None or lease.owner != token.id:
+            raise _Refused(
+                403,
+                "forbidden",
+                f"console of device {device_id}: only an operator or the holder of its lease"
+                + (f" ({lease.actor})" if lease is not None else " (it has none)"),
+                "forbidden",
+            )
+    if not device.console:
+        raise _Refused(409, "no_console", f"device {device_id} declares no console", "no_console")
+    return device
+
+
+async def _answer(socket: WebSocket, refused: _Refused) -> None:
+    """Refuse the upgrade with an HTTP answer (the API's error body)."""
+    body = msgspec.json.encode({"error": refused.error, "message": refused.message})
+    await socket.send(
+        {
+            "type": "websocket.http.response.start",
+            "status": refused.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await socket.send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+
+
+async def _relay(
+    socket: WebSocket,
+    relay: ConsoleRelay,
+    connection: _Connection,
+    session: int,
+    send_timeout_s: float,
+) -> str:
+    """Carry the session both ways until one side ends it; who ended it."""
+    reader = asyncio.create_task(_read_input(socket, connection, session))
+    writer = asyncio.create_task(_write_output(socket, relay, send_timeout_s))
+    try:
+        done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (reader, writer):
+            task.cancel()
+        await asyncio.gather(reader, writer, return_exceptions=True)
+    if writer in done and not writer.cancelled() and writer.exception() is None:
+        why = writer.result()
+        code = CLOSE_TOO_SLOW if relay.ended_by != "supervisor" else CLOSE_ENDED
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                socket.send_text(msgspec.json.encode({"type": "closed", "reason": why}).decode()),
+                send_timeout_s,
+            )
+            await asyncio.wait_for(socket.close(code, why[:120]), send_timeout_s)
+        return "too_slow" if code == CLOSE_TOO_SLOW else "supervisor"
+    if reader in done and not reader.cancelled() and reader.result() is not None:
+        with contextlib.suppress(Exception):
+            await socket.close(1009, reader.result())
+    return "client"
+
+
+class _Connection(Protocol):
+    """What the relay needs of the supervisor's connection."""
+
+    def console_input(self, session: int, data: bytes) -> None: ...
+
+
+async def _read_input(socket: WebSocket, connection: _Connection, session: int) -> str | None:
+    """Hand the client's bytes to the supervisor until it leaves (None) or sends a message
+    over MAX_INPUT_BYTES (why)."""
+    while True:
+        try:
+            message = await socket.receive()
+        except WebSocketDisconnect:
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        raw = message.get("bytes")
+        text = message.get("text")
+        data: bytes = raw if isinstance(raw, bytes) else str(text or "").encode()
+        if len(data) > MAX_INPUT_BYTES:
+            return f"input messages are at most {MAX_INPUT_BYTES} bytes"
+        for start in range(0, len(data), MAX_CONSOLE_INPUT):
+            connection.console_input(session, data[start : start + MAX_CONSOLE_INPUT])
+
+
+async def _write_output(socket: WebSocket, relay: ConsoleRelay, send_timeout_s: float) -> str:
+    """Send the console's bytes to the client as they come; why the session ended."""
+    while True:
+        pieces = await relay.take()
+        if pieces is None:
+            return relay.ended or "ended"
+        for offset, data in pieces:
+            message = {"type": "data", "offset": offset, "data": base64.b64encode(data).decode()}
+            try:
+                await asyncio.wait_for(
+                    socket.send_text(msgspec.json.encode(message).decode()), send_timeout_s
+                )
+            except TimeoutError:
+                relay.ended, relay.ended_by = (
+                    f"the client took over {send_timeout_s:g} s to take a message",
+                    "too_slow",
+                )
+                return relay.ended
