@@ -28,10 +28,13 @@ class ConsoleRelay:
         #: closed the session or its connection ended) or "too_slow" (the client).
         self.ended: str | None = None
         self.ended_by = ""
+        #: While set, what comes is dropped (the client is shown a run's stored stream,
+        #: which carries the same bytes).
+        self.paused = False
 
     def feed(self, offset: int, data: bytes) -> None:
         """Bytes [offset, offset + len) of the device's console (never waits)."""
-        if self.ended is not None:
+        if self.ended is not None or self.paused:
             return
         if self._size + len(data) > self._buffer_bytes:
             self._end(f"the client fell behind: {self._buffer_bytes} bytes not taken", "too_slow")

@@ -205,7 +205,9 @@ def _ws_url(switchboard: Switchboard) -> str:
     return f"{switchboard.ws_url}/api/v1/devices/{DEVICE}/console"
 
 
-async def _attach_and_ping(switchboard: Switchboard, token: str) -> tuple[dict, bytes]:
+async def _attach_and_ping(
+    switchboard: Switchboard, token: str
+) -> tuple[dict, bytes, set[str | None]]:
     async with websockets.connect(
         _ws_url(switchboard), additional_headers={"Authorization": f"Bearer {token}"}
     ) as ws:
@@ -213,23 +215,50 @@ async def _attach_and_ping(switchboard: Switchboard, token: str) -> tuple[dict, 
         await ws.send(b"ping\r")
         seen = b""
         offsets = []
+        jobs = set()
         deadline = time.monotonic() + 20
         while b"pong" not in seen:
             message = json.loads(await asyncio.wait_for(ws.recv(), deadline - time.monotonic()))
             assert message["type"] == "data", message
+            jobs.add(message["job"])
             offsets.append((message["offset"], len(base64.b64decode(message["data"]))))
             seen += base64.b64decode(message["data"])
         # Consecutive pieces continue each other: nothing was lost between them.
         for (offset, size), (next_offset, _) in itertools.pairwise(offsets):
             assert next_offset == offset + size
-        return hello, seen
+        return hello, seen, jobs
 
 
 def test_an_operator_attaches_and_the_board_answers(lab: Lab, switchboard: Switchboard) -> None:
-    hello, seen = asyncio.run(_attach_and_ping(switchboard, switchboard.admin_token))
+    hello, seen, jobs = asyncio.run(_attach_and_ping(switchboard, switchboard.admin_token))
     assert hello["type"] == "attached" and hello["device"] == DEVICE
-    assert hello["supervisor"] == HOST
+    assert hello["supervisor"] == HOST and hello["job"] is None
     assert b"pong\r\n> " in seen
+    assert jobs == {None}  # live from the supervisor: no run holds the board
+
+
+def test_while_a_run_holds_the_board_the_session_shows_its_stream(
+    lab: Lab, switchboard: Switchboard
+) -> None:
+    """The attached session is fed from the run's stored stream: the same bytes, with
+    the run's offsets; the answer to what was typed is in the run's stream too."""
+    client = lab.client
+    job_id = client.post(
+        "/api/v1/jobs",
+        json={
+            "name": "holds the board while attached",
+            "backend": {"kind": "noop", "delay_s": 600},
+            "resources": {"simboard": 1},
+        },
+    ).json()["id"]
+    try:
+        wait_running(client, job_id)
+        hello, seen, jobs = asyncio.run(_attach_and_ping(switchboard, switchboard.admin_token))
+        assert hello["job"] == f"{job_id}#1" and jobs == {f"{job_id}#1"}
+        assert b"pong\r\n" in seen
+        wait_for(lambda: b"pong\r\n" in lab.stream(job_id), "the answer in the run's stream")
+    finally:
+        client.post(f"/api/v1/jobs/{job_id}/cancel")
 
 
 def test_the_lease_holder_attaches_with_the_cli_and_others_get_403(

@@ -8,8 +8,10 @@ refusal is an HTTP answer to the upgrade, with the API's error body.
 
 On the socket, the switchboard sends text messages, each a JSON object: first
 `{"type": "attached", "device", "supervisor", "job"}` (`job`: the run holding the device,
-if any), then `{"type": "data", "offset", "data"}` (base64 of the bytes the console
-printed, `offset` counting the console's bytes since its supervisor opened it, so a gap
+`JOB#ATTEMPT`, if any), then `{"type": "data", "job", "offset", "data"}` (base64 of the
+bytes the console printed; while a run holds the device they come from its stored stream
+`console:<device>` and `offset` is in that stream, else live from the supervisor and
+`offset` counts the console's bytes since the supervisor opened it: either way a gap
 shows) and, last, `{"type": "closed", "reason"}` before the close. The client sends
 binary (or text) messages: bytes to write to the console, at most MAX_INPUT_BYTES each
 (best effort: what the tty does not take at once is dropped). A client that does not
@@ -23,14 +25,16 @@ import asyncio
 import base64
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
-from protocol.limits import MAX_CONSOLE_INPUT
+from protocol.limits import MAX_CONSOLE_INPUT, console_stream
 from switchboard import metrics
+from switchboard.api.output import READ_BYTES, _Piece, _pieces
 from switchboard.auth import Permission, Role, allows, authenticate
 from switchboard.console_relay import ConsoleRelay
 from switchboard.lograte import RateLimitedLog
@@ -89,7 +93,8 @@ async def device_console(socket: WebSocket, device_id: str) -> None:
             "job": device.holder,
         }
         await socket.send_text(msgspec.json.encode(hello).decode())
-        ended = await _relay(socket, relay, connection, session, state.settings.send_timeout_s)
+        source = _Source(state, device_id, device.holder, relay)
+        ended = await _relay(socket, source, connection, session, state.settings.send_timeout_s)
     finally:
         connection.detach_console(session)
         metrics.CONSOLE_SESSIONS.dec()
@@ -146,16 +151,62 @@ async def _answer(socket: WebSocket, refused: _Refused) -> None:
     await socket.send({"type": "websocket.http.response.body", "body": body, "more_body": False})
 
 
+class _Source:
+    """Where the client's output comes from: while a run holds the device, the run's
+    stored stream `console:<device>` (from what is stored when attaching: it survives
+    cuts of the supervisor's link as the stream does); otherwise, and once that run has
+    ended, the console live from the supervisor (the relay)."""
+
+    def __init__(
+        self, state: AppState, device_id: str, holder: str | None, relay: ConsoleRelay
+    ) -> None:
+        self.state = state
+        self.stream = console_stream(device_id)
+        self.holder = holder
+        self.relay = relay
+        relay.paused = holder is not None  # the run's stream carries the same bytes
+
+    async def pieces(self) -> AsyncIterator[tuple[str | None, int, bytes]]:
+        """(run, offset, data): offsets in the run's stream while `run` (`JOB#ATTEMPT`)
+        is given, in the console's since its supervisor opened it otherwise."""
+        job_id, _, attempt_text = (self.holder or "").rpartition("#")
+        if job_id and attempt_text.isdigit():
+            attempt = int(attempt_text)
+            offset = await _stored_length(self.state, job_id, attempt, self.stream)
+            async for piece in _pieces(self.state, job_id, self.stream, attempt, offset):
+                if self.relay.ended is not None:
+                    return  # the session is over (its supervisor's link, too slow)
+                if isinstance(piece, _Piece):
+                    yield self.holder, piece.offset, piece.data
+                elif piece is not None:  # the run ended: the console goes on live
+                    break
+        self.relay.paused = False
+        while (taken := await self.relay.take()) is not None:
+            for offset, data in taken:
+                yield None, offset, data
+
+
+async def _stored_length(state: AppState, job_id: str, attempt: int, stream: str) -> int:
+    """How many bytes of the run's stream are stored now (read a piece at a time)."""
+    size = 0
+    while True:
+        piece = await state.store.read_output(job_id, attempt, stream, size, size + READ_BYTES)
+        size += len(piece)
+        if len(piece) < READ_BYTES:
+            return size
+
+
 async def _relay(
     socket: WebSocket,
-    relay: ConsoleRelay,
+    source: _Source,
     connection: _Connection,
     session: int,
     send_timeout_s: float,
 ) -> str:
     """Carry the session both ways until one side ends it; who ended it."""
+    relay = source.relay
     reader = asyncio.create_task(_read_input(socket, connection, session))
-    writer = asyncio.create_task(_write_output(socket, relay, send_timeout_s))
+    writer = asyncio.create_task(_write_output(socket, source, send_timeout_s))
     try:
         done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -203,21 +254,26 @@ async def _read_input(socket: WebSocket, connection: _Connection, session: int) 
             connection.console_input(session, data[start : start + MAX_CONSOLE_INPUT])
 
 
-async def _write_output(socket: WebSocket, relay: ConsoleRelay, send_timeout_s: float) -> str:
+async def _write_output(socket: WebSocket, source: _Source, send_timeout_s: float) -> str:
     """Send the console's bytes to the client as they come; why the session ended."""
-    while True:
-        pieces = await relay.take()
-        if pieces is None:
-            return relay.ended or "ended"
-        for offset, data in pieces:
-            message = {"type": "data", "offset": offset, "data": base64.b64encode(data).decode()}
-            try:
-                await asyncio.wait_for(
-                    socket.send_text(msgspec.json.encode(message).decode()), send_timeout_s
-                )
-            except TimeoutError:
-                relay.ended, relay.ended_by = (
-                    f"the client took over {send_timeout_s:g} s to take a message",
-                    "too_slow",
-                )
-                return relay.ended
+    relay = source.relay
+    async for job, offset, data in source.pieces():
+        if relay.ended is not None:
+            break
+        message = {
+            "type": "data",
+            "job": job,
+            "offset": offset,
+            "data": base64.b64encode(data).decode(),
+        }
+        try:
+            await asyncio.wait_for(
+                socket.send_text(msgspec.json.encode(message).decode()), send_timeout_s
+            )
+        except TimeoutError:
+            relay.ended, relay.ended_by = (
+                f"the client took over {send_timeout_s:g} s to take a message",
+                "too_slow",
+            )
+            break
+    return relay.ended or "ended"
