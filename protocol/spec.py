@@ -36,6 +36,10 @@ InputPath = Annotated[str, Meta(pattern=limits.INPUT_PATH_PATTERN)]
 OutputPath = Annotated[str, Meta(pattern=limits.INPUT_PATH_PATTERN)]
 
 
+#: Devices one job may ask for one by one (`devices`).
+MAX_DEVICES_WANTED = 16
+
+
 class _Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Base of the hand-written spec Structs."""
 
@@ -149,6 +153,26 @@ class Selector(_Spec):
     match_expressions: Annotated[list[LabelExpression], Meta(max_length=32)] = []
 
 
+RoleName = Annotated[str, Meta(pattern=limits.LABEL_KEY_PATTERN, max_length=63)]
+
+
+class DeviceWanted(_Spec):
+    """One device a job asks for by name (the hardware lab, docs/lab.md): of `class`
+    and/or whose labels satisfy `selector`; `role` says what it is to the job (`dut`,
+    `meter`...). Every device of a job's `devices` is granted on one host, all or none,
+    each a different device."""
+
+    class_: Id | None = msgspec.field(default=None, name="class")
+    selector: Selector = msgspec.field(default_factory=Selector)
+    role: RoleName | None = None
+
+    def __post_init__(self) -> None:
+        if self.class_ is None and not (
+            self.selector.match_labels or self.selector.match_expressions
+        ):
+            raise ValueError("a device asked for needs a `class`, a `selector`, or both")
+
+
 class Parameter(_Spec):
     """A named value handed to the job (as an environment variable). Secret ones are never
     returned by the API, logged or shown."""
@@ -254,10 +278,29 @@ class JobSpec(_Spec):
     #: The held reservation whose devices the job runs on (docs/lab.md): only jobs naming
     #: it are given them. The switchboard's alone: no StartJob carries it.
     reservation: Id | None = None
+    #: Devices asked for one by one, each by class and/or a label selector, all granted
+    #: on one host (docs/lab.md, "Several boards in one job"); with `resources`' device
+    #: classes besides.
+    devices: Annotated[list[DeviceWanted], Meta(max_length=MAX_DEVICES_WANTED)] = []
 
     def __post_init__(self) -> None:
         if (overlap := input_overlap(self.inputs)) is not None:
             raise ValueError(overlap)
+        roles = [d.role for d in self.devices if d.role is not None]
+        if len(set(roles)) != len(roles):
+            raise ValueError("devices: two devices have the same role")
+
+    def classes_wanted(self) -> dict[str, int]:
+        """{class: count} of everything the job asks for by class: its `resources` and
+        its `devices` that name a class (a device asked for by selector alone is not
+        counted here: only the grant looks at labels)."""
+        if not self.devices:
+            return self.resources
+        counts = dict(self.resources)
+        for wanted in self.devices:
+            if wanted.class_ is not None:
+                counts[wanted.class_] = counts.get(wanted.class_, 0) + 1
+        return counts
 
     def input_digests(self) -> dict[str, str]:
         """The inputs named by digest (path -> digest); a chained input is one once the

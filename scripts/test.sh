@@ -11,7 +11,15 @@ python_env test
 .venv/bin/lint-imports  # the package arrows: pyproject.toml [tool.importlinter]
 .venv/bin/mypy  # the type check: pyproject.toml [tool.mypy]
 set +e
-.venv/bin/python -m pytest "$@"
+# Two workers, each taking whole test modules (a module's fixtures start one switchboard,
+# engine or cluster per worker): most tests wait on processes and sockets, so two at a time
+# fill both cores. SWITCHBOARD_TEST_WORKERS=0 runs them one at a time.
+workers="${SWITCHBOARD_TEST_WORKERS:-2}"
+if [ "$workers" = 0 ]; then
+    .venv/bin/python -m pytest "$@"
+else
+    .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
+fi
 status=$?
 set -e
 if [ "$status" = 5 ]; then

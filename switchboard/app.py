@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 from litestar import Litestar, Router, WebSocket, websocket
 from litestar.datastructures import State
@@ -16,12 +17,14 @@ from litestar.openapi import OpenAPIConfig
 from common import logfmt
 from protocol.exceptions import CloseCode
 from protocol.messages import StopJob
+from switchboard import recovery
 from switchboard.api.artifacts import ArtifactController
 from switchboard.api.device_console import device_console
 from switchboard.api.devices import DeviceController
 from switchboard.api.dispatch import DispatchController
 from switchboard.api.errors import EXCEPTION_HANDLERS
 from switchboard.api.files import FilesController
+from switchboard.api.groups import GroupController
 from switchboard.api.jobs import JobController
 from switchboard.api.live import live, me, overview
 from switchboard.api.metrics import metrics
@@ -42,6 +45,9 @@ from switchboard.dispatcher import Dispatcher
 from switchboard.hub import Hub
 from switchboard.live import LiveFeed
 from switchboard.metrics import RUNS_LOST
+from switchboard.models import DeviceView
+from switchboard.power import PowerAnswer, power
+from switchboard.recoveries import Recoveries
 from switchboard.reports.queue import ReportQueue
 from switchboard.reservations import ReservationSweep
 from switchboard.retention import Retention
@@ -71,6 +77,13 @@ async def goodbye_to_supervisors(hub: Hub) -> None:
 async def supervisor_socket(socket: WebSocket) -> None:
     """The supervisor protocol endpoint (docs/protocol.md)."""
     await socket.app.state.switchboard.hub.handle(socket)
+
+
+async def _recovery_cycle(
+    hub: Hub, store: Store, timeout_s: float, device: DeviceView, check_job: str
+) -> PowerAnswer:
+    """A recovery's power cycle (switchboard/recoveries.py), audited with its failed check."""
+    return await power(hub, store, device, "cycle", recovery.ACTOR, timeout_s, job_id=check_job)
 
 
 async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
@@ -143,6 +156,12 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
                     state.dispatcher,
                     settings.health_checks,
                     default_timeout_s=settings.default_run_timeout_s,
+                    recoveries=Recoveries(
+                        store,
+                        settings.health_checks,
+                        partial(_recovery_cycle, hub, store, settings.power_timeout_s),
+                        state.dispatcher.wake,
+                    ),
                 ).run(),
                 name="health checks",
             ),
@@ -180,6 +199,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             SupervisorController,
             DeviceController,
             ReservationController,
+            GroupController,
             TokenController,
             DispatchController,
             artifacts,

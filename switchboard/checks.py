@@ -2,7 +2,8 @@
 each device whose check job has ended the health it says, puts in doubt the devices whose
 run was lost with its host or refused for want of them, and queues a check job for each
 device that needs one (health.check_due). Placement then gives the check its device ahead
-of any other job."""
+of any other job. A device whose check failed is recovered, if its class says so
+(switchboard/recoveries.py: power cycles, each a task of its own)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from switchboard import metrics
 from switchboard.dispatcher import Dispatcher
 from switchboard.health import DeviceFacts, HealthCheck, check_due
 from switchboard.ids import new_job_id
+from switchboard.recoveries import Recoveries
 from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.checks")
@@ -52,20 +54,26 @@ class HealthChecks:
         *,
         default_timeout_s: float | None = None,
         period_s: float = 0.5,
+        recoveries: Recoveries | None = None,
     ) -> None:
         self.store = store
+        self.recoveries = recoveries
         self.dispatcher = dispatcher
         self.checks = checks
         self.default_timeout_s = default_timeout_s
         self.period_s = period_s
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.period_s)
-            try:
-                await self.once()
-            except Exception:  # keep checking; the next pass retries
-                log.exception("a health-check pass failed")
+        try:
+            while True:
+                await asyncio.sleep(self.period_s)
+                try:
+                    await self.once()
+                except Exception:  # keep checking; the next pass retries
+                    log.exception("a health-check pass failed")
+        finally:
+            if self.recoveries is not None:
+                await self.recoveries.close()
 
     async def once(self) -> None:
         changed = False
@@ -73,6 +81,8 @@ class HealthChecks:
             metrics.HEALTH_CHECKS.labels(result).inc()
             metrics.DEVICE_HEALTH_CHANGES.labels(health).inc()
             log.info("device %s: health check %s %s: %s", device, job_id, result, health)
+            if self.recoveries is not None:
+                self.recoveries.after_check(device, job_id, result, health)
             changed = True
         for device in await self.store.devices_after_lost_runs():
             metrics.DEVICE_HEALTH_CHANGES.labels("unknown").inc()

@@ -16,6 +16,7 @@ from switchboard.cli_output import duration
 from switchboard.config import HealthChecksError, Settings, load_health_checks
 from switchboard.db_cli import add_db_commands
 from switchboard.device_cli import add_device_commands
+from switchboard.group_cli import add_group_commands
 from switchboard.health import HealthCheck
 from switchboard.jobs_cli import add_job_commands
 
@@ -463,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_admin_commands(commands)
     add_db_commands(commands)
     add_device_commands(commands)
+    add_group_commands(commands)
     return parser
 
 

@@ -17,15 +17,18 @@ import logging
 import time
 from typing import NamedTuple
 
+from protocol.messages import StopJob
 from protocol.spec import JobSpec
 from protocol.versions import minor_of
-from switchboard import metrics
+from switchboard import gangs, metrics
 from switchboard.hub import Hub
 from switchboard.models import Assignment, QueuedJob, Submitted, SupervisorView
 from switchboard.scheduler import (
     Candidate,
     FleetMember,
+    LabDevice,
     by_load,
+    copy_of,
     place_one,
     plan,
     remaining,
@@ -47,6 +50,8 @@ MIN_FIRST_PAGE = 32
 #: At least this often a pass reads a whole window anyway: the queue is read in priority
 #: order, and an old low-priority job that aging has lifted must be seen to be placed.
 WIDE_PASS_EVERY_S = 1.0
+#: How often a pass looks for job groups when it knows of none open.
+GROUPS_LOOK_EVERY_S = 5.0
 #: Safety-net period between passes when nothing wakes the dispatcher.
 IDLE_PERIOD_S = 5.0
 
@@ -99,6 +104,10 @@ class Dispatcher:
         #: (switchboard.chains) until a sweep finds none. True at start: the store may
         #: hold some from before a restart.
         self._chains_waiting = True
+        #: Job groups may be open (waiting to be placed, or running): each pass places
+        #: and sweeps them until a sweep finds none. True at start, as for chains.
+        self._groups_open = True
+        self._next_groups_look = 0.0
         hub.on_capacity_change(self.wake)
 
     def wake(self) -> None:
@@ -246,6 +255,11 @@ class Dispatcher:
     async def dispatch_once(self) -> PassDone:
         """One pass. The caller holds `_placing`."""
         self._spare = None
+        # Open groups are swept every pass; when none is known, a look now and then (a
+        # group may have been submitted through another replica).
+        if self._groups_open or time.monotonic() >= self._next_groups_look:
+            self._next_groups_look = time.monotonic() + GROUPS_LOOK_EVERY_S
+            await self._sweep_groups()
         if self.paused:
             return PassDone(0)  # resuming wakes the dispatcher
         if self._chains_waiting:
@@ -283,7 +297,10 @@ class Dispatcher:
             snapshot.devices_free,
             snapshot.checks,
             snapshot.devices_reserved,
+            snapshot.lab,
         )
+        if candidates and self._groups_open:
+            candidates = await self._place_groups(candidates, snapshot.busy_keys)
         if not candidates and not news and not fleet_changed:
             self._spare = _Spare(writes, [], snapshot.busy_keys)
             return PassDone(0, backoff_end=snapshot.next_backoff_end)
@@ -321,6 +338,45 @@ class Dispatcher:
         metrics.RUNS_PLACED.labels("pass").inc(len(started))
         await self.hub.start_runs(started)
         return PassDone(len(started), more, snapshot.next_backoff_end)
+
+    def groups_submitted(self) -> None:
+        """A job group is queued: place it when all its roles fit at once."""
+        self._groups_open = True
+        self._wake.set()
+
+    async def _sweep_groups(self) -> None:
+        """Stop the groups an essential role of which ended without succeeding (their
+        other roles' runs are stopped)."""
+        swept = await self.store.sweep_groups()
+        self._groups_open = swept.open
+        for run in swept.stops:
+            stop = StopJob(job_id=run.job_id, attempt=run.attempt, reason="canceled")
+            self.hub.send_stop(run.supervisor_id, stop)
+        if swept.stopped:
+            metrics.GROUPS_STOPPED.inc(len(swept.stopped))
+
+    async def _place_groups(
+        self, candidates: list[Candidate], busy: frozenset[str]
+    ) -> list[Candidate]:
+        """Place the waiting groups that fit now, each all or none (gangs.fit_group, then
+        one transaction), before the queue of single jobs; the candidates less what they
+        took."""
+        pool = {c.id: copy_of(c) for c in candidates}
+        started: list[Assignment] = []
+        for group_id, roles in await self.store.waiting_groups():
+            pairs = gangs.fit_group(roles, list(pool.values()), busy) if roles else None
+            if pairs is None:
+                continue
+            assigned = await self.store.assign_group(group_id, pairs)
+            for run in assigned:
+                spend(pool[run.supervisor_id], run.spec)
+            if assigned:
+                log.info("group %s placed: %d run(s)", group_id, len(assigned))
+            started += assigned
+        if started:
+            metrics.RUNS_PLACED.labels("group").inc(len(started))
+            await self.hub.start_runs(started)
+        return [c for c in pool.values() if c.free > 0]
 
     async def _sweep_chains(self) -> None:
         """Resolve the chained jobs whose awaited jobs have ended: the resolved join the
@@ -393,12 +449,16 @@ def _candidates(
     devices_free: dict[str, dict[str, int]],
     checks: dict[str, frozenset[str]],
     reserved: dict[str, dict[str, dict[str, int]]] | None = None,
+    lab: list[LabDevice] | None = None,
 ) -> list[Candidate]:
     """Connected, undrained supervisors with a free slot, and what they have free now: of
     a device class it declares, the devices that may be given a run now (healthy, not
     held, not reserved; those a reservation holds, for the jobs naming it); of other
     resources, its hello's count less what its active runs hold."""
     candidates = []
+    by_host: dict[str, list[LabDevice]] = {}
+    for device in lab or ():
+        by_host.setdefault(device.supervisor_id, []).append(device)
     for s in fleet:
         if s.id not in ready or s.drained or s.running >= s.max_jobs:
             continue
@@ -416,6 +476,7 @@ def _candidates(
                 minor=minor_of(s.protocol),
                 checks=checks.get(s.id, frozenset()),
                 reserved=(reserved or {}).get(s.id, {}),
+                lab=by_host.get(s.id, []),
             )
         )
     return candidates

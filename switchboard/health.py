@@ -70,6 +70,10 @@ class HealthCheck(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: Run it again after this many runs on the device since its last check (None: never
     #: for that reason).
     after_runs: Annotated[int, Meta(ge=1)] | None = None
+    #: After a failed check, power-cycle the device (if it has power commands) and check it
+    #: again, up to this many times in a row; still failing: maintenance (switchboard/
+    #: recovery.py). None: a failed check leaves the device bad, for an operator.
+    recovery_attempts: Annotated[int, Meta(ge=1, le=10)] | None = None
 
 
 #: After a check that ended by an infrastructure error, the next waits this long (so a

@@ -362,6 +362,12 @@ CHAINED_JOBS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+GROUPS_STOPPED = Counter(
+    "switchboard_groups_stopped_total",
+    "Job groups stopped because an essential role ended without succeeding (their other"
+    " roles canceled).",
+    registry=REGISTRY,
+)
 #: Why a `?wait=` request was refused (400): a wait over the maximum, more job ids than
 #: one request may wait for, or a listing's wait with no `ids`.
 WAIT_REFUSAL_REASONS = ("wait_too_long", "too_many_ids", "no_ids")
@@ -380,7 +386,8 @@ JOB_WAITERS = Gauge(
 RUNS_PLACED = Counter(
     "switchboard_runs_placed_total",
     "Runs given to a supervisor: with the job's submission, when nothing else waited and"
-    " a slot was known free (via=submission), or by a dispatch pass (via=pass).",
+    " a slot was known free (via=submission), by a dispatch pass (via=pass), or as a role"
+    " of a job group placed all at once (via=group).",
     ["via"],
     registry=REGISTRY,
 )
@@ -515,7 +522,7 @@ for _via in ("grace_period", "reconcile", "status"):
     RUNS_LOST.labels(_via)
 for _via in ("reconcile", "events", "status"):
     ZOMBIE_RUNS_STOPPED.labels(_via)
-for _via in ("submission", "pass"):
+for _via in ("submission", "pass", "group"):
     RUNS_PLACED.labels(_via)
 for _outcome in ("resolved", "rejected"):
     CHAINED_JOBS.labels(_outcome)

@@ -8,12 +8,13 @@ interface is switchboard/store/base.py; its refusals, switchboard/store/errors.p
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
+from msgspec import Meta
 
 from protocol.messages import EventProblem, RunRef
-from protocol.spec import JobSpec, Selector
+from protocol.spec import JobSpec, Name, RoleName, Selector
 from protocol.state import Phase
 
 
@@ -49,8 +50,11 @@ class RunView(msgspec.Struct):
     #: The streams cut at the switchboard's per-run output cap: each ends with a line
     #: saying so, and what the program wrote after it was dropped.
     output_truncated: list[str] = []
-    #: The devices granted to the run (the hardware lab, docs/lab.md).
+    #: The devices granted to the run (the hardware lab, docs/lab.md), in the order its
+    #: StartJob names them.
     devices: list[str] = []
+    #: Role -> device, for the devices its spec's `devices` asked for with a role.
+    device_roles: dict[str, str] = {}
 
 
 class JobView(msgspec.Struct):
@@ -71,6 +75,8 @@ class JobView(msgspec.Struct):
     unschedulable: str | None = None
     #: The earlier job this one waits for: its inputs name that job's output files.
     waiting_for: str | None = None
+    #: The job group it is a role of (GET /api/v1/groups/{id}), if any.
+    group: str | None = None
     #: The id and name of the token that submitted it (None: submitted before jobs had
     #: owners). Only an operator or admin may cancel or delete another token's job.
     owner: str | None = None
@@ -342,6 +348,72 @@ class DeviceView(msgspec.Struct):
     history: list[HealthChange] = []
     #: Its latest power calls, newest first (only in a single device's view).
     power_history: list[PowerCall] = []
+
+
+#: Roles one job group may have.
+MAX_GROUP_ROLES = 16
+
+
+class GroupRoleSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One role of a job group: its name, its job's spec, and whether the group stops
+    when it ends without succeeding (`essential`)."""
+
+    role: RoleName
+    spec: JobSpec
+    essential: bool = True
+
+
+class GroupSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A job group as submitted (POST /api/v1/groups): roles placed all or none."""
+
+    name: Name
+    roles: Annotated[list[GroupRoleSpec], Meta(min_length=1, max_length=MAX_GROUP_ROLES)]
+    #: Waiting groups are placed by priority (higher first), then age.
+    priority: Annotated[int, Meta(ge=-1000, le=1000)] = 0
+
+    def __post_init__(self) -> None:
+        names = [r.role for r in self.roles]
+        if len(set(names)) != len(names):
+            raise ValueError("two roles have the same name")
+
+
+class GroupRoleView(msgspec.Struct):
+    """A role of a group: its job as it is now (phase None: the job was deleted)."""
+
+    role: str
+    job_id: str
+    essential: bool
+    phase: Phase | None = None
+    reason: str | None = None
+    supervisor_id: str | None = None
+    devices: list[str] = []
+
+
+class GroupView(msgspec.Struct):
+    """A job group as the API shows it; `state` is derived from its roles (gangs.py)."""
+
+    id: str
+    name: str
+    state: str
+    created_at: float
+    priority: int = 0
+    #: When all its roles were placed (None: still waiting).
+    placed_at: float | None = None
+    #: When its last role ended.
+    ended_at: float | None = None
+    #: Why its roles were stopped (an essential role ended without succeeding).
+    reason: str | None = None
+    owner: str | None = None
+    roles: list[GroupRoleView] = []
+
+
+class GroupSweep(NamedTuple):
+    """What a sweep of the open groups did: runs to stop (their jobs were canceled),
+    the groups stopped with why, and whether some group is still open."""
+
+    stops: list[RunOnSupervisor]
+    stopped: list[tuple[str, str]]
+    open: bool
 
 
 class ReservationView(msgspec.Struct):
@@ -654,6 +726,9 @@ class PlacementSnapshot(msgspec.Struct, frozen=True):
     #: Per supervisor, reservation -> {class: its devices there free for a run}
     #: (scheduler.reserved_devices).
     devices_reserved: dict[str, dict[str, dict[str, int]]] = {}
+    #: Every device (scheduler.LabDevice; typed loosely: the scheduler imports this
+    #: module), for jobs asking for devices one by one and for job groups.
+    lab: list[Any] = []
 
 
 class ChainPass(NamedTuple):

@@ -45,9 +45,12 @@ async def power(
     action: PowerAction,
     who: str,
     timeout_s: float,
+    job_id: str | None = None,
 ) -> PowerAnswer:
     """Have the device's supervisor run its `action` command and wait at most `timeout_s`
-    for the answer; the call is audited whatever came of it."""
+    for the answer; the call is audited whatever came of it, with the job it was made for
+    (`job_id`: a failed health check the switchboard recovers from), or the run holding the
+    device then."""
     answer = await _ask(hub, device, action, timeout_s)
     call = PowerCall(
         at=time.time(),
@@ -56,6 +59,7 @@ async def power(
         result=answer.result,
         exit_code=answer.exit_code,
         reason=answer.reason,
+        job_id=job_id,
     )
     kept = await store.record_power_call(device.id, call)
     metrics.POWER_CALLS.labels(action, answer.result).inc()

@@ -34,7 +34,7 @@ import msgspec
 
 from protocol import limits
 from protocol.messages import minor_needed
-from protocol.spec import JobSpec, Selector
+from protocol.spec import DeviceWanted, JobSpec, Selector
 from switchboard.health import OUT_OF_SERVICE, placeable
 from switchboard.models import QueuedJob
 
@@ -60,6 +60,9 @@ class Candidate(msgspec.Struct):
     #: Reservation id -> {class: its devices here free for a run} (reserved_devices): a
     #: job naming the reservation takes these; no other job may.
     reserved: dict[str, dict[str, int]] = {}
+    #: Its devices (LabDevice), for a job asking for devices one by one (`devices`): only
+    #: the grant itself can tell whether their labels fit.
+    lab: list[LabDevice] = []
 
 
 class FleetMember(msgspec.Struct):
@@ -114,11 +117,20 @@ def _has_devices(job: QueuedJob, sup: Candidate) -> bool:
     reservation holds devices, and takes the classes the reservation holds from it."""
     if job.device is not None:
         return job.device in sup.checks
-    reservation = job.spec.reservation
+    spec = job.spec
+    reservation = spec.reservation
+    wanted = spec.classes_wanted()
     if reservation is None:
-        return _has_resources(sup.resources, job.spec.resources)
-    mine = sup.reserved.get(reservation)
-    return mine is not None and _has_resources({**sup.resources, **mine}, job.spec.resources)
+        counted = _has_resources(sup.resources, wanted)
+    else:
+        mine = sup.reserved.get(reservation)
+        counted = mine is not None and _has_resources({**sup.resources, **mine}, wanted)
+    return counted and (not spec.devices or _granted(spec, sup) is not None)
+
+
+def _granted(spec: JobSpec, sup: Candidate) -> list[str] | None:
+    """The devices a job asking for devices one by one would be granted there now."""
+    return grant(spec.resources, sup.lab, None, frozenset(), spec.reservation, spec.devices)
 
 
 def _fits(job: QueuedJob, sup: Candidate) -> bool:
@@ -138,6 +150,7 @@ def _own_copy(sup: Candidate) -> Candidate:
         sup,
         resources=dict(sup.resources),
         reserved={r: dict(counts) for r, counts in sup.reserved.items()},
+        lab=list(sup.lab),
     )
 
 
@@ -214,8 +227,13 @@ def spend(supervisor: Candidate, spec: JobSpec, check: str | None = None) -> Non
     if check is not None:
         supervisor.checks = supervisor.checks - {check}
         return
+    if spec.devices and supervisor.lab:
+        taken = set(_granted(spec, supervisor) or ())
+        supervisor.lab = [
+            msgspec.structs.replace(d, held=True) if d.id in taken else d for d in supervisor.lab
+        ]
     mine = supervisor.reserved.get(spec.reservation) if spec.reservation is not None else None
-    for name, n in spec.resources.items():
+    for name, n in spec.classes_wanted().items():
         counts = mine if mine is not None and name in mine else supervisor.resources
         counts[name] = counts.get(name, 0) - n
 
@@ -359,19 +377,23 @@ def grant(
     check: str | None = None,
     avoid: AbstractSet[str] = frozenset(),
     reservation: str | None = None,
+    entries: Sequence[DeviceWanted] = (),
 ) -> list[str] | None:
-    """The devices to give a run wanting `wanted` ({class: count}) on a supervisor whose
-    inventory is `devices`: for each class it declares devices of, that many free ones
-    (lowest ids first, so decisions are reproducible, those in `avoid` last: the job's
-    previous run was refused with them, e.g. one was unplugged); classes it declares none
-    of are not granted by name. A health check (`check`: the device it checks) gets that
-    device alone, whatever its health. A device a reservation holds goes only to a job
-    naming it (`reservation`), which takes the classes its reservation holds from it and
-    no other device of them. None if they are not free now."""
+    """The devices to give a run wanting `wanted` ({class: count}) and `entries` (its
+    spec's `devices`, one each) on a supervisor whose inventory is `devices`: for each
+    class it declares devices of, that many free ones (lowest ids first, so decisions are
+    reproducible, those in `avoid` last: the job's previous run was refused with them,
+    e.g. one was unplugged); classes it declares none of are not granted by name. Then,
+    for each entry in order, a free device of its class and labels, every one a different
+    device (`match`): the classes' devices first, the entries' after, in that order. A
+    health check (`check`: the device it checks) gets that device alone, whatever its
+    health. A device a reservation holds goes only to a job naming it (`reservation`),
+    which takes the classes its reservation holds from it and no other device of them.
+    None if they are not all free now (nothing is granted then)."""
     if check is not None:
         mine = [d for d in devices if d.id == check and not d.held and d.reserved is None]
         return [check] if mine else None
-    chosen: list[str] = []
+    slots: list[list[str]] = []
     for cls, n in sorted(wanted.items()):
         of_class = sorted(
             (d for d in devices if d.class_ == cls), key=lambda d: (d.id in avoid, d.id)
@@ -383,7 +405,58 @@ def grant(
         free = [d.id for d in pool if _free(d)]
         if len(free) < n:
             return None
-        chosen += free[:n]
+        slots += [free] * n
+    for entry in entries:
+        fits = sorted(
+            (
+                d
+                for d in devices
+                if _free(d) and d.reserved in (None, reservation) and device_matches(entry, d)
+            ),
+            key=lambda d: (d.reserved is None, d.id in avoid, d.id),
+        )
+        if not fits:
+            return None
+        slots.append([d.id for d in fits])
+    return match(slots)
+
+
+def device_matches(entry: DeviceWanted, device: LabDevice) -> bool:
+    """The device is of the entry's class (if it names one) and its labels satisfy the
+    entry's selector (free or not)."""
+    return (entry.class_ is None or device.class_ == entry.class_) and selector_matches(
+        entry.selector, device.labels
+    )
+
+
+def match(slots: Sequence[Sequence[str]]) -> list[str] | None:
+    """One different device for every slot (its candidates, in order of preference), or
+    None if there is no such choice. Each slot takes its first candidate not yet taken
+    when there is one (so plain counts get the lowest ids, in order); otherwise the slots
+    before it are moved along (augmenting paths, bipartite matching), so an answer is
+    found whenever one exists."""
+    owner: dict[str, int] = {}
+    chosen: list[str] = [""] * len(slots)
+
+    def augment(slot: int, seen: set[str]) -> bool:
+        for device in slots[slot]:
+            if device in seen:
+                continue
+            seen.add(device)
+            other = owner.get(device)
+            if other is None or augment(other, seen):
+                owner[device] = slot
+                chosen[slot] = device
+                return True
+        return False
+
+    for slot, candidates in enumerate(slots):
+        direct = next((d for d in candidates if d not in owner), None)
+        if direct is not None:
+            owner[direct] = slot
+            chosen[slot] = direct
+        elif not augment(slot, set()):
+            return None
     return chosen
 
 
@@ -396,33 +469,71 @@ def device_refusal(
     class that no device has and no supervisor offers as a plain resource is a mistake,
     not something to wait for. A job is refused when no one supervisor has, for every
     class it asks for, that many devices that are not retired (or the resource count in
-    its hello, for a class it declares no device of). Devices that are bad or in
-    maintenance count: an operator may bring them back, and the job waits for that."""
-    if not devices or not spec.resources:
+    its hello, for a class it declares no device of), and for every entry of its
+    `devices` one more device of its class and labels that is not retired. Devices that
+    are bad or in maintenance count: an operator may bring them back, and the job waits
+    for that."""
+    if not devices or not (spec.resources or spec.devices):
         return None
-    by_host: dict[str, dict[str, int]] = {}
-    for d in devices:
-        counts = by_host.setdefault(d.supervisor_id, {})
-        counts[d.class_] = counts.get(d.class_, 0) + (d.health not in OUT_OF_SERVICE)
+    in_service = [d for d in devices if d.health not in OUT_OF_SERVICE]
     classes = {d.class_ for d in devices}
     offered = {m.id: m.resources for m in fleet}
-    for cls in sorted(spec.resources):
-        if cls not in classes and not any(cls in r for r in offered.values()):
+    asked = sorted(set(spec.resources) | {e.class_ for e in spec.devices if e.class_})
+    for cls in asked:
+        if cls not in classes and (
+            cls not in spec.resources or not any(cls in r for r in offered.values())
+        ):
             known = ", ".join(sorted(classes))
             return f"no device of class {cls!r} is in the lab (its classes: {known})"
-
-    def serves(host: str) -> bool:
-        declared = by_host.get(host, {})
-        plain = offered.get(host, {})
-        return all(
-            (declared[cls] if cls in declared else plain.get(cls, 0)) >= n
-            for cls, n in spec.resources.items()
-        )
-
-    if any(serves(host) for host in by_host.keys() | offered.keys()):
+    declared: dict[str, set[str]] = {}
+    for d in devices:
+        declared.setdefault(d.supervisor_id, set()).add(d.class_)
+    hosts = declared.keys() | offered.keys()
+    if any(
+        _could_serve(spec, host, in_service, declared.get(host, set()), offered.get(host, {}))
+        for host in hosts
+    ):
         return None
+    if spec.devices:
+        return (
+            "no supervisor has devices that are not retired for all it asks for: "
+            + describe_wanted(spec)
+        )
     wanted = ", ".join(f"{n} {cls!r}" for cls, n in sorted(spec.resources.items()))
     return f"no supervisor has {wanted} device(s) that are not retired"
+
+
+def _could_serve(
+    spec: JobSpec,
+    host: str,
+    devices: Sequence[LabDevice],
+    declared: AbstractSet[str],
+    plain: dict[str, int],
+) -> bool:
+    """The host could serve the job if all its devices not retired (`devices`) were free;
+    `declared`: the classes it declares devices of (retired ones too), `plain`: the
+    resource counts of its hello."""
+    mine = [
+        msgspec.structs.replace(d, health="good", held=False, checking=False, reserved=None)
+        for d in devices
+        if d.supervisor_id == host
+    ]
+    if any(plain.get(cls, 0) < n for cls, n in spec.resources.items() if cls not in declared):
+        return False
+    by_name = {cls: n for cls, n in spec.resources.items() if cls in declared}
+    if any(sum(d.class_ == cls for d in mine) < n for cls, n in by_name.items()):
+        return False  # (grant leaves out a class with no device here: all retired)
+    return grant(by_name, mine, entries=spec.devices) is not None
+
+
+def describe_wanted(spec: JobSpec) -> str:
+    """What a job asks for, for people: `2 'nrf' and nrf (dut), ppk2 (meter, probe=1)`."""
+    parts = [f"{n} {cls!r}" for cls, n in sorted(spec.resources.items())]
+    for entry in spec.devices:
+        about = [t for t in (entry.role, describe_selector(entry.selector)) if t]
+        what = entry.class_ or "any class"
+        parts.append(f"{what} ({', '.join(about)})" if about else what)
+    return " and ".join(parts)
 
 
 # --- reservations (docs/lab.md) ----------------------------------------------------------
@@ -489,3 +600,13 @@ def reservation_refusal(wanted: ReservationWanted, devices: Sequence[LabDevice])
             what += f" matching {describe_selector(wanted.selector)}"
         return f"{wanted.count} device(s) asked for, but only {len(serving)} {what} are not retired"
     return None
+
+
+def fits(job: QueuedJob, supervisor: Candidate) -> bool:
+    """`plan`'s test of whether a job fits on a supervisor now (for job groups)."""
+    return _fits(job, supervisor)
+
+
+def copy_of(supervisor: Candidate) -> Candidate:
+    """A copy whose slots and resources may be spent without touching the original."""
+    return _own_copy(supervisor)

@@ -9,8 +9,9 @@ that owns a pseudo-terminal (its tty path is linked at DIR/tty, like a udev syml
 - `on` boots it: a few lines of boot log, then the prompt `> `. At the prompt `ping`
   answers `pong`, `run-tests` prints a few test lines and `tests: N passed`, `selftest` (the
   health check) prints `selftest: ok`, or `selftest: FAIL ...` when the board is made to
-  fail its check (`--fail-check`, or `fail-check on` on the power socket), and anything
-  else `unknown command: ...`.
+  fail its check (`--fail-check`, or `fail-check on` on the power socket; `fail-check
+  until-boot`: a fault its next boot clears, as a power cycle clears a wedged radio), and
+  anything else `unknown command: ...`.
 - `off` powers it down, `cycle` is off then on, `status` answers `on` or `off`.
 - `chatter on` makes it print a numbered line (with bytes that are not UTF-8) every
   CHATTER_S, whatever its power, until `chatter off`: a console that keeps talking.
@@ -24,7 +25,7 @@ Serve a board::
 Drive its power (what a lab's power command lines call; exit status 0 on success)::
 
     python -m tests.simboard power --dir /tmp/board-a on|off|cycle|status
-    python -m tests.simboard power --dir /tmp/board-a fail-check on|off
+    python -m tests.simboard power --dir /tmp/board-a fail-check on|off|until-boot
 
 `SimBoard` below starts one as a child process and waits until it is ready.
 """
@@ -75,6 +76,8 @@ class Board:
     def __init__(self, fail_check: bool = False) -> None:
         self.on = False
         self.fail_check = fail_check
+        #: The failure lasts until the next boot only.
+        self.fault_until_boot = False
         self.boots = 0
         self.chatter = False
         self.chatted = 0
@@ -96,8 +99,9 @@ class Board:
                 return "ok", self._boot()
             case ["status"]:
                 return ("on" if self.on else "off"), b""
-            case ["fail-check", ("on" | "off") as flag]:
-                self.fail_check = flag == "on"
+            case ["fail-check", ("on" | "off" | "until-boot") as flag]:
+                self.fail_check = flag != "off"
+                self.fault_until_boot = flag == "until-boot"
                 return "ok", b""
             case ["chatter", ("on" | "off") as flag]:
                 self.chatter = flag == "on"
@@ -107,6 +111,8 @@ class Board:
     def _boot(self) -> bytes:
         self.on = True
         self.boots += 1
+        if self.fault_until_boot:
+            self.fail_check = self.fault_until_boot = False
         return "".join(f"{line}\r\n" for line in BOOT_LOG).encode() + PROMPT
 
     def console_input(self, data: bytes) -> bytes:

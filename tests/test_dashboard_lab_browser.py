@@ -23,6 +23,7 @@ from tests.harness import (
     Switchboard,
     start_supervisor,
     wait_connected,
+    wait_for,
     wait_job,
     wait_running,
 )
@@ -258,3 +259,84 @@ def test_the_device_pages_fit_a_phone(open_dashboard, lab, tokens) -> None:
     tab.go("#/devices")
     expect(page.locator("#devices-table tbody tr")).to_have_count(3)
     tab.screenshot("devices-desktop.png")
+
+
+def test_an_operator_switches_power_and_sees_the_answer_and_the_history(
+    open_dashboard, lab, tokens
+) -> None:
+    tab = open_dashboard()
+    page = tab.page
+    tab.sign_in(tokens["operator"])
+    tab.go("#/devices/board-b")
+    expect(page.locator("#device-power-history")).to_contain_text("No power calls yet.")
+    buttons = page.locator("#device-power [data-power]")
+    expect(buttons).to_have_count(4)
+    page.click("#device-power [data-power=cycle]")
+    result = page.locator("#power-result")
+    expect(result).to_have_attribute("data-result", "ok", timeout=dashboard.ms(30))
+    expect(result).to_contain_text("power cycle of board-b: ok (exit status 0)")
+    page.click("#device-power [data-power=status]")
+    expect(result).to_contain_text("power status of board-b: ok", timeout=dashboard.ms(30))
+    expect(result.locator(".power-output")).to_have_text("on\n")
+    # Both calls are in its power history, newest first, with who made them.
+    rows = page.locator("#device-power-history tbody tr")
+    expect(rows).to_have_count(2, timeout=LIVE_MS)
+    expect(rows.first).to_have_attribute("data-action", "status")
+    expect(rows.nth(1)).to_have_attribute("data-action", "cycle")
+    expect(rows.nth(1).locator(".col-result")).to_have_text("ok, exit status 0")
+    expect(rows.first.locator(".col-actor")).to_contain_text("operator")
+    tab.screenshot("device-power.png")
+
+    # Off, and the board says so.
+    page.click("#device-power [data-power=off]")
+    expect(result).to_contain_text("power off of board-b: ok", timeout=dashboard.ms(30))
+    page.click("#device-power [data-power=status]")
+    expect(result.locator(".power-output")).to_have_text("off\n", timeout=dashboard.ms(30))
+    expect(rows).to_have_count(4, timeout=LIVE_MS)
+    assert len(tab.api_requests("devices/board-b/power")) == 4
+
+
+def test_only_operators_and_the_lease_holder_get_power_buttons(
+    open_dashboard, lab, switchboard, tokens
+) -> None:
+    viewer = open_dashboard()
+    viewer.sign_in(tokens["viewer"])
+    viewer.go("#/devices/board-b")
+    # The history is anyone's to read; the buttons are not.
+    expect(viewer.page.locator("#device-power-history tbody tr").first).to_be_visible()
+    expect(viewer.page.locator("#device-power")).to_be_empty()
+
+    submitter = switchboard.create_token("submitter")
+    client = switchboard.client(submitter)
+    try:
+        asked = client.post(
+            "/api/v1/reservations", json={"class": "nrf52840dk", "count": 1, "for_s": 600}
+        )
+        assert asked.status_code == 201, asked.text
+        lease = asked.json()["id"]
+        wait_for(
+            lambda: client.get(f"/api/v1/reservations/{lease}").json()["state"] == "held",
+            "the lease held",
+        )
+        tab = open_dashboard()
+        page = tab.page
+        tab.sign_in(submitter)
+        tab.go("#/devices/nrf-1")
+        expect(page.locator("#device-power [data-power]")).to_have_count(4)
+        page.click("#device-power [data-power=on]")
+        expect(page.locator("#power-result")).to_contain_text(
+            "power on of nrf-1: ok", timeout=dashboard.ms(30)
+        )
+        # A board that is not its lease's: no buttons (and the API says 403).
+        tab.go("#/devices/board-a")
+        expect(page.locator("#device-history tbody tr").first).to_be_visible()
+        expect(page.locator("#device-power")).to_be_empty()
+        refused = client.post("/api/v1/devices/board-a/power", json={"action": "status"})
+        assert refused.status_code == 403
+        # Once the lease is released, its holder loses the buttons too.
+        assert client.delete(f"/api/v1/reservations/{lease}").status_code in (200, 204)
+        tab.go("#/devices/nrf-1")
+        expect(page.locator("#device-power-history tbody tr").first).to_be_visible()
+        expect(page.locator("#device-power")).to_be_empty()
+    finally:
+        client.close()

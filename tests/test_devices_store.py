@@ -239,3 +239,35 @@ async def test_a_job_refused_for_want_of_its_board_goes_to_another(store: SQLite
     a = await store.get_device("board-a")
     assert a is not None and a.health == "unknown"
     assert a.history[0].reason == "run of job j1 refused: max_concurrent_jobs"
+
+
+async def test_a_recovery_sets_the_health_only_of_a_board_still_bad_from_its_check(
+    store: SQLiteStore,
+) -> None:
+    await store.supervisor_connected(_hello("h1", "board-a", "board-b"))
+    check = JobSpec(name="check", backend=NoopBackend(), resources={"simboard": 1})
+    await store.create_checks([("c-a", check, "board-a"), ("c-b", check, "board-b")], "sb")
+    for job, board in (("c-a", "board-a"), ("c-b", "board-b")):
+        [run] = await store.assign([(job, "h1")])
+        assert run.devices == (board,)
+        await store.end_run(RunRef(job, 1), Phase.FAILED.value, "selftest failed")
+    assert len(await store.finish_checks()) == 2
+    # An operator takes board-b meanwhile: the recovery leaves it alone.
+    await store.set_device_health("board-b", "maintenance", "op (t1)", "looking at it")
+    actor = "switchboard (recovery)"
+    assert await store.recovery_health("board-a", "c-a", "unknown", actor, "cycled")
+    assert not await store.recovery_health("board-b", "c-b", "unknown", actor, "cycled")
+    assert not await store.recovery_health("board-a", "c-a", "maintenance", actor, "again")
+    assert not await store.recovery_health("board-x", "c-a", "unknown", actor, "none such")
+    a = await store.get_device("board-a")
+    assert a is not None and a.health == "unknown"
+    change = a.history[0]
+    assert (change.from_, change.to, change.actor, change.reason, change.job_id) == (
+        "bad",
+        "unknown",
+        actor,
+        "cycled",
+        "c-a",
+    )
+    b = await store.get_device("board-b")
+    assert b is not None and b.health == "maintenance"

@@ -41,7 +41,7 @@ from supervisor.artifacts import MemoryArtifactSource as MemoryArtifacts
 from supervisor.backends.devices import Devices
 from supervisor.backends.docker import DockerBackend
 from supervisor.backends.docker_images import ARTIFACT_REPOSITORY
-from supervisor.backends.docker_policy import LABEL_START, LABEL_SUPERVISOR
+from supervisor.backends.docker_policy import LABEL_START, LABEL_SUPERVISOR, pseudo_terminals
 from supervisor.backends.docker_streams import demux as _demux
 from supervisor.config import (
     ConfigError,
@@ -59,6 +59,7 @@ from tests.docker_engine import (
 )
 from tests.docker_engine import saved_image as save_image
 from tests.recording import RecordingConnector
+from tests.simboard import SimBoard
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -530,6 +531,30 @@ async def test_a_run_gets_the_device_it_was_granted(
     assert refused.value.kind == JobErrorKind.MAX_CONCURRENT_JOBS
     assert "device 'board-0' granted: not present on the host" in refused.value.description
     assert containers_of(docker_engine, "unplugged") == []
+
+
+async def test_a_pseudo_terminal_device_is_bind_mounted_and_answers(
+    make_host: MakeHost, docker_engine: Engine, tmp_path: Path
+) -> None:
+    """A device whose node is a pty (a simulated board's console; a serial line bridged by
+    socat) cannot be opened through a node the engine makes in the container (the kernel
+    finds a pty through its own devpts: EIO): it is bind-mounted, and the job talks to the
+    board through it."""
+    with SimBoard(tmp_path / "board") as board:
+        board.power("on")
+        config = parse_config(
+            f'[[devices]]\nname = "sim-0"\npath = "{board.tty}"\nresource = "simboard"\n'
+            'container_path = "/dev/ttyACM0"\n'
+        )
+        host = await make_host(config=config)
+        script = sh(
+            'exec 3<>"$SWITCHBOARD_DEVICE_SIMBOARD"; printf "ping\\r" >&3; '
+            'while read -t 5 -r line <&3; do case "$line" in *pong*) echo pong; exit 0;; '
+            "esac; done; exit 1"
+        )
+        assert await host.run("ping", script, resources={"simboard": 1}) == "succeeded"
+        assert host.events.output("ping") == b"pong\n"
+        assert pseudo_terminals(config.devices) == {"sim-0": board.pts}
 
 
 def test_device_allocation_rules(tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ SWITCHBOARD_METRICS = {
     "switchboard_zombie_runs_stopped_total": "counter",
     "switchboard_runs_placed_total": "counter",
     "switchboard_chained_jobs_total": "counter",
+    "switchboard_groups_stopped_total": "counter",
     "switchboard_secrets_unreadable_total": "counter",
     "switchboard_submissions_refused_total": "counter",
     "switchboard_wait_refusals_total": "counter",
@@ -100,7 +101,10 @@ SWITCHBOARD_METRICS = {
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
 LABEL_VALUES: dict[str, set[str]] = {
-    "via": {"grace_period", "reconcile", "events", "submission", "pass", "placement", "status"},
+    "via": {
+        *("grace_period", "reconcile", "events", "submission", "pass", "placement", "status"),
+        "group",
+    },
     "stream": set(STREAMS),
     "phase": {p.value for p in Phase},
     "state": {

@@ -34,12 +34,19 @@ def test_a_job_runs_on_a_switchboard_serving_postgresql(tmp_path, postgres: Clus
         output = f"/api/v1/jobs/{job['id']}/output"
         assert client.get(output).content == b"kept in PostgreSQL\n"
         assert not (data / "switchboard.sqlite3").exists()
-        # No device inventory on PostgreSQL yet: an empty list, and a reservation is
-        # refused saying why.
+        # The lab's inventory is in the database too (tests/test_lab_*_postgres.py): this
+        # supervisor declares no device, so a reservation of a board is refused saying so.
         assert client.get("/api/v1/devices").json() == []
         refused = client.post("/api/v1/reservations", json={"class": "nrf52840dk"})
         assert refused.status_code == 400, refused.text
-        assert "PostgreSQL" in refused.json()["message"], refused.text
+        assert "nrf52840dk" in refused.json()["message"], refused.text
+        # A job group is placed whole.
+        roles = [{"role": r, "spec": {**spec, "name": r}} for r in ("a", "b")]
+        group = client.post("/api/v1/groups", json={"name": "g", "roles": roles}).json()
+        for role in group["roles"]:
+            assert wait_job(client, role["job_id"])["phase"] == "succeeded"
+        shown = client.get(f"/api/v1/groups/{group['id']}").json()
+        assert shown["state"] == "succeeded" and shown["placed_at"] is not None
 
         server.restart()
         client = server.client()

@@ -83,6 +83,10 @@ EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     # power: operators, and the holder of the lease the device belongs to (a submitter
     # holding none is refused: test_lab_power)
     ("POST", "/api/v1/devices/{device_id}/power"): frozenset({ADMIN, OPERATOR}),
+    # job groups: whoever submits jobs submits a group
+    ("POST", "/api/v1/groups"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
+    ("GET", "/api/v1/groups"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
+    ("GET", "/api/v1/groups/{group_id}"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     # reservations of devices: whoever submits jobs reserves; on a reservation another
     # token (the admin's) holds, only an operator acts (its holder may: test_lab_reservations)
     ("POST", "/api/v1/reservations"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
@@ -221,6 +225,14 @@ class World:
                 )
             case "GET", "/api/v1/jobs":
                 return Call(template, params={"limit": "1"})
+            case "POST", "/api/v1/groups":
+                return Call(template, json=_group(tag), state=lambda: self.tagged_jobs(tag))
+            case "GET", "/api/v1/groups":
+                return Call(template, params={"limit": "1"})
+            case "GET", "/api/v1/groups/{group_id}":
+                made = self.admin.post("/api/v1/groups", json=_group(tag))
+                assert made.status_code == 201, made.text
+                return Call(template.replace("{group_id}", made.json()["id"]))
             case "POST", "/api/v1/supervisors/{supervisor_id}/drain":
                 return Call(
                     sup,
@@ -395,6 +407,11 @@ def _reservation(tag: str) -> dict[str, Any]:
 
 def _spec(tag: str) -> dict[str, Any]:
     return {"name": f"matrix-{tag}", "labels": {"matrix": tag}, "backend": {"kind": "noop"}}
+
+
+def _group(tag: str) -> dict[str, Any]:
+    """A job group of two roles, its jobs tagged as a single job's are."""
+    return {"name": f"matrix-{tag}", "roles": [{"role": r, "spec": _spec(tag)} for r in "ab"]}
 
 
 def _register_supervisor(switchboard: Switchboard, token: str) -> None:

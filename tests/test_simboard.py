@@ -47,6 +47,15 @@ def test_health_check_can_be_made_to_fail(tmp_path: Path) -> None:
             assert board.power("fail-check off") == "ok"
             console.send("selftest")
             assert b"selftest: ok" in console.read_until(b"> ")
+            # A fault that its next boot clears (a power cycle brings it back).
+            assert board.power("fail-check until-boot") == "ok"
+            console.send("selftest")
+            assert b"selftest: FAIL" in console.read_until(b"> ")
+            assert board.power("cycle") == "ok"
+            console.read_until(b"simboard ready")
+            console.read_until(b"> ")
+            console.send("selftest")
+            assert b"selftest: ok" in console.read_until(b"> ")
         finally:
             console.close()
 

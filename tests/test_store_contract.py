@@ -35,7 +35,14 @@ from protocol.spec import (
 )
 from protocol.state import Phase
 from switchboard.lifecycle import BUSY_RETRY_S
-from switchboard.models import Enrolment, JobFilter, TestCase, TestCounts
+from switchboard.models import (
+    Enrolment,
+    GroupRoleSpec,
+    GroupSpec,
+    JobFilter,
+    TestCase,
+    TestCounts,
+)
 from switchboard.sealing import REDACTED
 from switchboard.store.base import Store
 from switchboard.store.errors import ArtifactMissing, ConnectRefused, QueueFull
@@ -529,3 +536,84 @@ async def test_a_chained_job_waits_then_is_rejected_when_its_file_never_came(sto
     job = await store.get_job("t1")
     assert job is not None and job.phase == Phase.REJECTED
     assert job.reason is not None and "without keeping a file 'fw.bin'" in job.reason
+
+
+# --- job groups: held, placed all or none, stopped by an essential role ---------------------
+
+
+def _group(*roles: tuple[str, bool]) -> GroupSpec:
+    return GroupSpec(
+        name="rig",
+        roles=[
+            GroupRoleSpec(role=name, spec=SPEC, essential=essential) for name, essential in roles
+        ],
+    )
+
+
+async def test_a_group_waits_held_out_of_the_queue_until_placed_whole(store):
+    made = await store.create_group(
+        "g1", _group(("dut", True), ("meter", False)), ["j1", "j2"], "alice", 10, owner="tok"
+    )
+    assert (made.id, made.state, made.owner) == ("g1", "waiting", "tok")
+    assert [(r.role, r.job_id, r.essential, r.phase) for r in made.roles] == [
+        ("dut", "j1", True, Phase.QUEUED),
+        ("meter", "j2", False, Phase.QUEUED),
+    ]
+    assert (await store.get_job("j1")).group == "g1"
+    await store.supervisor_connected(hello())
+    snapshot = await store.placement_snapshot(lambda fleet: 10)
+    assert snapshot.queue == []  # held for the group: never placed alone
+    [(group_id, needs)] = await store.waiting_groups()
+    assert group_id == "g1" and [(n.role, n.job_id, n.essential) for n in needs] == [
+        ("dut", "j1", True),
+        ("meter", "j2", False),
+    ]
+    # One run can't be had (its job is no longer queued): nothing at all is written.
+    assert await store.assign_group("g1", [("j1", "s1"), ("gone", "s1")]) == []
+    assert (await store.get_job("j1")).phase == Phase.QUEUED
+    assert (await store.get_supervisor("s1")).running == 0
+    runs = await store.assign_group("g1", [("j1", "s1"), ("j2", "s1")])
+    assert [(r.job_id, r.supervisor_id) for r in runs] == [("j1", "s1"), ("j2", "s1")]
+    assert await store.waiting_groups() == []
+    shown = await store.get_group("g1")
+    assert shown.state == "running" and shown.placed_at is not None
+    assert [g.id for g in await store.list_groups()] == ["g1"]
+    assert await store.get_group("nope") is None
+
+
+async def test_an_essential_roles_failure_cancels_the_others(store):
+    await store.create_group("g1", _group(("dut", True), ("meter", True)), ["j1", "j2"], "a", 10)
+    await store.supervisor_connected(hello())
+    await store.assign_group("g1", [("j1", "s1"), ("j2", "s1")])
+    await store.apply_events("s1", [state(1, Phase.RUNNING, "j1"), state(2, Phase.RUNNING, "j2")])
+    swept = await store.sweep_groups()
+    assert swept.stops == [] and swept.stopped == [] and swept.open
+    await store.apply_events("s1", [state(3, Phase.FAILED, "j1")])
+    swept = await store.sweep_groups()
+    assert [(s.job_id, s.supervisor_id) for s in swept.stops] == [("j2", "s1")]
+    assert swept.stopped == [("g1", "essential role 'dut' of group g1 ended failed")]
+    group = await store.get_group("g1")
+    assert group.state == "stopping" and "'dut'" in group.reason
+    assert (await store.sweep_groups()).stops == []  # stopped once
+    await store.apply_events("s1", [state(4, Phase.CANCELED, "j2")])
+    swept = await store.sweep_groups()
+    assert not swept.open
+    ended = await store.get_group("g1")
+    assert ended.state == "failed" and ended.ended_at is not None
+    assert "essential role 'dut'" in (await store.get_job("j2")).reason
+
+
+async def test_a_waiting_groups_essential_role_canceled_cancels_the_rest(store):
+    await store.create_group("g1", _group(("a", True), ("b", False)), ["j1", "j2"], "a", 10)
+    await store.request_cancel("j1")
+    swept = await store.sweep_groups()
+    assert swept.stops == [] and not swept.open
+    assert (await store.get_job("j2")).phase == Phase.CANCELED
+    assert (await store.get_group("g1")).state == "canceled"
+    assert await store.waiting_groups() == []
+
+
+async def test_a_group_counts_against_the_queue_all_or_none(store):
+    with pytest.raises(QueueFull):
+        await store.create_group("g1", _group(("a", True), ("b", True)), ["j1", "j2"], "a", 1)
+    assert await store.get_group("g1") is None and await store.get_job("j1") is None

@@ -81,6 +81,7 @@ from supervisor.backends.docker_policy import (
     docker_spec,
     labels_for,
     limits_for,
+    pseudo_terminals,
     user_for,
 )
 from supervisor.backends.docker_streams import ContainerOutput, Ended, Pipe, socket_pipe
@@ -300,10 +301,11 @@ class DockerBackend(Backend):
     ) -> str:
         api = await self._engine.client()
         gids = await self._engine.call(device_groups, devices) if devices else []
+        ptys = await self._engine.call(pseudo_terminals, devices) if devices else {}
         inputs = ctx.work_dir / IN_DIR if ctx.start.inputs else None
         outputs = ctx.work_dir / OUT_DIR if ctx.start.collect else None
         options = container_options(
-            spec, self.settings, ctx.env, devices, gids, limits, inputs, outputs
+            spec, self.settings, ctx.env, devices, gids, limits, inputs, outputs, ptys
         )
         host_config = api.create_host_config(**options.host_config)
         labels = labels_for(self.supervisor_id, ctx.run, ctx.start, devices)

@@ -28,7 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import stat
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,11 +143,16 @@ def container_options(
     limits: dict[str, Any],
     inputs: Path | None = None,
     outputs: Path | None = None,
+    ptys: Mapping[str, str] | None = None,
 ) -> ContainerOptions:
     """The container's environment and host config: `job_env` is the job's parameters,
     `device_gids` the groups owning the `devices` (device_groups), `limits` limits_for's,
     `inputs` the run's input directory on the host (bind-mounted read-only at INPUTS),
-    `outputs` its output directory (bind-mounted writable at OUTPUTS)."""
+    `outputs` its output directory (bind-mounted writable at OUTPUTS), `ptys` the devices
+    that are pseudo-terminals, by name, with their resolved paths (pseudo_terminals): those
+    are bind-mounted rather than created in the container (a pty opens only through the
+    devpts it lives in)."""
+    ptys = ptys or {}
     env = {**spec.env, **job_env}
     tmpfs = None
     read_only = spec.read_only_rootfs or s.read_only_rootfs
@@ -154,6 +160,7 @@ def container_options(
         tmpfs = {SCRATCH: f"rw,exec,nosuid,nodev,mode=1777,size={s.scratch_mb}m"}
         env.setdefault("TMPDIR", SCRATCH)
     group_add: list[str] = []
+    pty_mounts = [(ptys[d.name], d.target) for d in devices if d.name in ptys]
     if devices:
         env.update(device_env(devices))
         group_add = [str(g) for g in device_gids if g != 0]
@@ -165,9 +172,10 @@ def container_options(
         security_opt=["no-new-privileges"],
         read_only=read_only,
         tmpfs=tmpfs,
-        devices=[f"{d.path}:{d.target}:{d.permissions}" for d in devices] or None,
+        devices=[f"{d.path}:{d.target}:{d.permissions}" for d in devices if d.name not in ptys]
+        or None,
         group_add=group_add or None,
-        mounts=_mounts(inputs, outputs),
+        mounts=_mounts(inputs, outputs, pty_mounts),
         init=s.init,
         log_config=docker.types.LogConfig(
             type="local",
@@ -178,10 +186,13 @@ def container_options(
     return ContainerOptions(env=env, host_config=host_config)
 
 
-def _mounts(inputs: Path | None, outputs: Path | None) -> list[docker.types.Mount] | None:
-    """The run's input directory, read-only at INPUTS, and its output directory, writable
-    at OUTPUTS (the engine wants absolute paths)."""
-    mounts = []
+def _mounts(
+    inputs: Path | None, outputs: Path | None, ptys: list[tuple[str, str]]
+) -> list[docker.types.Mount] | None:
+    """The run's input directory, read-only at INPUTS, its output directory, writable at
+    OUTPUTS (the engine wants absolute paths), and its pseudo-terminals, each (host path,
+    container path)."""
+    mounts = [docker.types.Mount(target, source, type="bind") for source, target in ptys]
     if inputs is not None:
         mounts.append(
             docker.types.Mount(INPUTS, str(inputs.resolve()), type="bind", read_only=True)
@@ -237,6 +248,30 @@ def device_env(devices: list[DeviceConfig]) -> dict[str, str]:
         separators=(",", ":"),
     )
     return env
+
+
+#: The character-device majors of pseudo-terminal slaves (Linux: UNIX98_PTY_SLAVE_MAJOR and
+#: the seven after it).
+PTY_SLAVE_MAJORS = range(136, 144)
+
+
+def pseudo_terminals(devices: Iterable[DeviceConfig]) -> dict[str, str]:
+    """The devices whose node is a pseudo-terminal slave (a serial line bridged from the
+    network by socat or ser2net, a simulated board), by name, with the path their symlinks
+    lead to. The engine makes a device node in the container for the others; a pty opened
+    through such a node fails (EIO: the kernel finds a pty through the devpts instance its
+    node is in), so these are bind-mounted instead; Docker's default device rules let a
+    container use ptys. Blocks on os.stat: call it from a worker thread."""
+    found: dict[str, str] = {}
+    for device in devices:
+        real = os.path.realpath(device.path)
+        try:
+            st = os.stat(real)
+        except OSError:
+            continue  # the engine will say what's wrong
+        if stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in PTY_SLAVE_MAJORS:
+            found[device.name] = real
+    return found
 
 
 def device_groups(devices: Iterable[DeviceConfig]) -> list[int]:

@@ -7,6 +7,7 @@ import binascii
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 import msgspec
@@ -141,7 +142,7 @@ async def job_or_404(state: AppState, job_id: str) -> JobView:
     return job
 
 
-def _with_run_timeout(spec: JobSpec, default_s: float | None) -> JobSpec:
+def with_run_timeout(spec: JobSpec, default_s: float | None) -> JobSpec:
     """The spec, with the switchboard's default run timeout if it names none (written into
     the stored spec: the job shows the limit it runs under, and every run gets it)."""
     if spec.timeout_s is not None or default_s is None:
@@ -149,7 +150,7 @@ def _with_run_timeout(spec: JobSpec, default_s: float | None) -> JobSpec:
     return msgspec.structs.replace(spec, timeout_s=default_s)
 
 
-def _check_size(spec: JobSpec, where: str = "") -> None:
+def check_size(spec: JobSpec, where: str = "") -> None:
     """A spec whose StartJob would be over the frame limit could never be sent to a
     supervisor: refuse it now, naming the limit."""
     try:
@@ -164,10 +165,13 @@ def _check_size(spec: JobSpec, where: str = "") -> None:
         raise ApiError(400, "invalid_spec", message, where.rstrip(".") or None) from None
 
 
-async def _check_devices(state: AppState, specs: list[JobSpec], batch: bool) -> None:
+async def check_devices(
+    state: AppState, specs: list[JobSpec], prefix: Callable[[int], str]
+) -> None:
     """A job that no device of the lab could ever serve is refused now, with the reason,
-    rather than queued for ever (scheduler.device_refusal)."""
-    if not any(spec.resources for spec in specs):
+    rather than queued for ever (scheduler.device_refusal); `prefix(index)` begins the
+    field a refusal names (`[2].` in a batch)."""
+    if not any(spec.resources or spec.devices for spec in specs):
         return
     devices = await state.store.lab_devices()
     if not devices:
@@ -179,7 +183,7 @@ async def _check_devices(state: AppState, specs: list[JobSpec], batch: bool) -> 
     for index, spec in enumerate(specs):
         reason = device_refusal(spec, devices, fleet)
         if reason is not None:
-            field = f"[{index}].resources" if batch else "resources"
+            field = prefix(index) + ("devices" if spec.devices else "resources")
             metrics.SUBMISSIONS_REFUSED.labels("no_device").inc()
             log.info("refused a job: %s: %s", field, reason)
             raise ApiError(400, "unsatisfiable", f"{field}: {reason}", field)
@@ -219,12 +223,13 @@ async def _queue(
     default_s = state.settings.default_run_timeout_s
     ids = ids or [new_job_id() for _ in specs]
     jobs = [
-        (job_id, _with_run_timeout(spec, default_s))
-        for job_id, spec in zip(ids, specs, strict=True)
+        (job_id, with_run_timeout(spec, default_s)) for job_id, spec in zip(ids, specs, strict=True)
     ]
     for index, (_, spec) in enumerate(jobs):
-        _check_size(spec, f"[{index}]." if batch else "")
-    await _check_devices(state, [spec for _, spec in jobs], batch)
+        check_size(spec, f"[{index}]." if batch else "")
+    await check_devices(
+        state, [spec for _, spec in jobs], lambda index: f"[{index}]." if batch else ""
+    )
     await _check_reservations(state, [spec for _, spec in jobs], request, batch)
     token = request.state.token
     try:

@@ -19,6 +19,7 @@ import msgspec
 from protocol.messages import Hello, RunRef, Stream, SupervisorEvent
 from protocol.spec import JobSpec
 from protocol.state import TERMINAL, Phase
+from switchboard.gangs import RoleNeed
 from switchboard.health import DeviceFacts
 from switchboard.models import (
     ActiveRun,
@@ -36,6 +37,9 @@ from switchboard.models import (
     EventsApplied,
     Expired,
     FilesSummary,
+    GroupSpec,
+    GroupSweep,
+    GroupView,
     JobChange,
     JobEvent,
     JobFilter,
@@ -465,6 +469,15 @@ class Store(abc.ABC):
         supervisor write: what may be placed where changes."""
 
     @abc.abstractmethod
+    async def recovery_health(
+        self, device_id: str, check_job: str, health: str, actor: str, reason: str
+    ) -> bool:
+        """Set the health of a device in recovery (switchboard.recovery), kept in its history
+        with `actor`, `reason` and the failed check `check_job`, only if nothing changed it
+        since that check: it is still `bad` and its last check is still `check_job` (an
+        operator's word wins). Whether it was set; a supervisor write."""
+
+    @abc.abstractmethod
     async def record_power_call(self, device_id: str, call: PowerCall) -> PowerCall:
         """Keep a power call in the device's history and, when a run holds the device, in
         that run's job events (its timeline); the call as kept (with that run's job)."""
@@ -549,6 +562,51 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def reservation_counts(self) -> dict[str, int]:
         """state -> how many reservations."""
+
+    # job groups (docs/lab.md, "Job groups")
+
+    @abc.abstractmethod
+    async def create_group(
+        self,
+        group_id: str,
+        group: GroupSpec,
+        job_ids: Sequence[str],
+        actor: str,
+        max_queued: int,
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
+    ) -> GroupView:
+        """Queue a group's jobs (one per role, under `job_ids`, all or none: QueueFull,
+        QueueQuotaFull), held for the group's placement (the queue of single jobs leaves
+        them out)."""
+
+    @abc.abstractmethod
+    async def get_group(self, group_id: str) -> GroupView | None:
+        """A group with its roles' jobs as they are now."""
+
+    @abc.abstractmethod
+    async def list_groups(self, limit: int = 100) -> list[GroupView]:
+        """The newest groups first."""
+
+    @abc.abstractmethod
+    async def waiting_groups(self, limit: int = 100) -> list[tuple[str, list[RoleNeed]]]:
+        """The groups waiting to be placed, by priority then age, each with its roles
+        still queued."""
+
+    @abc.abstractmethod
+    async def assign_group(
+        self, group_id: str, pairs: Sequence[tuple[str, str]]
+    ) -> list[Assignment]:
+        """A run for every (job id, supervisor id) of the group, with its devices, in one
+        transaction; none at all (an empty list, nothing written) if one can't be had:
+        supervisors' and devices' rows are looked at before the jobs'."""
+
+    @abc.abstractmethod
+    async def sweep_groups(self, limit: int = 500) -> GroupSweep:
+        """Stop the groups an essential role of which ended without succeeding (their
+        other jobs canceled: the runs to stop are returned), close those whose roles
+        have all ended. Writes nothing when there is nothing to do."""
 
     @abc.abstractmethod
     def apply_events(

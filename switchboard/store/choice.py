@@ -27,7 +27,12 @@ def make_store(settings: Settings, keyring: Keyring | None = None) -> Store:
     if settings.database is not None:
         from switchboard.store.postgres import PostgresStore  # asyncpg only when asked
 
-        return PostgresStore(settings.database, keyring=keyring, max_run_output=max_run_output)
+        return PostgresStore(
+            settings.database,
+            keyring=keyring,
+            max_run_output=max_run_output,
+            checked_classes=frozenset(settings.health_checks),
+        )
     from switchboard.store.sqlite import SQLiteStore
 
     return SQLiteStore(

@@ -196,6 +196,55 @@ CREATE INDEX IF NOT EXISTS device_power_by_device ON device_power_calls (device_
 """
 
 
+#: Version 12: devices asked for one by one (run_devices.role, .pos: the grant's order)
+#: and job groups (docs/lab.md, "Job groups").
+#: The columns it adds: run_devices.role and .pos (the grant's order), and jobs.gang: the
+#: group whose placement a queued job waits for (all its roles at once), NULL once placed
+#: and for every job of no group.
+JOB_GROUP_COLUMNS = (
+    ("run_devices", "role", "TEXT"),
+    ("run_devices", "pos", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "gang", "TEXT"),
+)
+JOB_GROUPS = """
+CREATE INDEX IF NOT EXISTS jobs_gang ON jobs (gang) WHERE gang IS NOT NULL;
+-- Job groups, placed all or none: `stop_reason` says why its roles were stopped (an
+-- essential role failed), `ended_at` when its last role ended.
+CREATE TABLE IF NOT EXISTS job_groups (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    owner TEXT,
+    actor TEXT NOT NULL DEFAULT '',
+    priority INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    placed_at REAL,
+    ended_at REAL,
+    stop_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS job_groups_open ON job_groups (created_at) WHERE ended_at IS NULL;
+CREATE INDEX IF NOT EXISTS job_groups_by_time ON job_groups (created_at);
+-- Each group's roles, in the order given, each one job.
+CREATE TABLE IF NOT EXISTS group_roles (
+    group_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    job_id TEXT NOT NULL,
+    essential INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (group_id, role)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS group_roles_by_job ON group_roles (job_id)
+"""
+
+
+def _job_groups(conn: sqlite3.Connection) -> None:
+    # (Columns added only where missing: a database dressed up as an older one by a test
+    # has them.)
+    for table, column, definition in JOB_GROUP_COLUMNS:
+        if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    _statements(JOB_GROUPS)(conn)
+
+
 #: Every step past the baseline, in order: MIGRATIONS[i] reaches BASELINE_VERSION + i + 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -212,6 +261,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         11,
         "device_power_calls: each power command, for the device's history",
         _statements(POWER_CALLS),
+    ),
+    Migration(
+        12,
+        "devices asked for one by one (run_devices.role), job groups placed all or none",
+        _job_groups,
     ),
 )
 

@@ -26,6 +26,7 @@ from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import metrics
 from switchboard.event_checks import fresh_events
+from switchboard.gangs import RoleNeed
 from switchboard.health import DeviceFacts
 from switchboard.models import (
     ActiveRun,
@@ -43,6 +44,9 @@ from switchboard.models import (
     EventsApplied,
     Expired,
     FilesSummary,
+    GroupSpec,
+    GroupSweep,
+    GroupView,
     JobChange,
     JobEvent,
     JobFilter,
@@ -66,13 +70,23 @@ from switchboard.models import (
     TestResult,
     TokenView,
 )
-from switchboard.scheduler import LabDevice, ReservationWanted
+from switchboard.scheduler import (
+    LabDevice,
+    ReservationWanted,
+    awaiting_checks,
+    free_devices,
+    reservation_refusal,
+    reserved_devices,
+)
 from switchboard.sealing import Keyring
 from switchboard.store import postgres_artifacts as artifacts
 from switchboard.store import postgres_chains as chains
+from switchboard.store import postgres_devices as lab
 from switchboard.store import postgres_files as files
+from switchboard.store import postgres_groups as groups
 from switchboard.store import postgres_jobs as jobs_sql
 from switchboard.store import postgres_placement as placement
+from switchboard.store import postgres_reservations as reservations
 from switchboard.store import postgres_runs as runs
 from switchboard.store import postgres_supervisors as supervisors
 from switchboard.store import postgres_tests as tests
@@ -80,6 +94,7 @@ from switchboard.store import postgres_views as views
 from switchboard.store.base import Store
 from switchboard.store.errors import BatchOutOfOrder
 from switchboard.store.postgres_engine import Connection, PostgresEngine
+from switchboard.store.sqlite_groups import NotAllPlaced
 from switchboard.store.sqlite_jobs import new_jobs
 from switchboard.store.sqlite_secrets import log_resealed, sealed_again
 from switchboard.store.sqlite_tests import add_report
@@ -103,8 +118,12 @@ class PostgresStore(Store):
         keyring: Keyring | None = None,
         max_run_output: int | None = None,
         max_connections: int = 10,
+        checked_classes: frozenset[str] = frozenset(),
     ) -> None:
         self.dsn = dsn
+        #: Device classes with a health check (switchboard.checks): an `unknown` device
+        #: of one waits for its check (postgres_devices.lab_devices).
+        self.checked_classes = checked_classes
         self._engine = PostgresEngine(dsn, max_connections=max_connections)
         self._keyring = keyring or Keyring.ephemeral()
         self._keyring_given = keyring is not None
@@ -300,7 +319,7 @@ class PostgresStore(Store):
     ) -> tuple[list[Submitted], list[Assignment]]:
         assert not any(spec.chained_inputs() for _, spec in jobs)
         batch = new_jobs(self._keyring, jobs)
-        keyring = self._keyring
+        keyring, checked = self._keyring, self.checked_classes
 
         async def write(conn: Connection) -> tuple[list[Submitted], list[Assignment]]:
             clear = await placement.no_job_ready(conn, time.time())  # before: older jobs
@@ -314,7 +333,7 @@ class PostgresStore(Store):
                     supervisor_id = placements.get(submitted.id)
                     if supervisor_id is not None and submitted.phase == Phase.QUEUED.value:
                         run = await placement.assign_run(
-                            conn, submitted.id, supervisor_id, now, keyring
+                            conn, submitted.id, supervisor_id, now, keyring, checked
                         )
                         if run is not None:
                             assigned.append(run)
@@ -355,12 +374,17 @@ class PostgresStore(Store):
         async def read(conn: Connection) -> PlacementSnapshot:
             fleet = await supervisors.load_supervisors(conn, None)
             limit = queue_limit(fleet)
+            devices = await lab.lab_devices(conn, checked=self.checked_classes) if fleet else []
             return PlacementSnapshot(
                 fleet=fleet,
                 resources_in_use=await placement.resources_in_use(conn) if fleet else {},
                 busy_keys=await placement.busy_keys(conn),
                 queue=await placement.queued_jobs(conn, limit) if limit > 0 else [],
                 next_backoff_end=await placement.next_backoff_end(conn),
+                devices_free=free_devices(devices),
+                checks=awaiting_checks(devices),
+                devices_reserved=reserved_devices(devices),
+                lab=devices,
             )
 
         return await self._read(read)
@@ -380,7 +404,7 @@ class PostgresStore(Store):
         return await self._read(lambda conn: placement.queued_jobs(conn, limit, after, marked))
 
     async def assign(self, pairs: Sequence[tuple[str, str]]) -> list[Assignment]:
-        keyring = self._keyring
+        keyring, checked = self._keyring, self.checked_classes
 
         async def write(conn: Connection) -> list[Assignment]:
             now = time.time()
@@ -393,7 +417,7 @@ class PostgresStore(Store):
                     "SELECT 1 FROM supervisors WHERE id = $1 FOR UPDATE", supervisor_id
                 )
             for job_id, supervisor_id in pairs:
-                run = await placement.assign_run(conn, job_id, supervisor_id, now, keyring)
+                run = await placement.assign_run(conn, job_id, supervisor_id, now, keyring, checked)
                 if run is not None:
                     made.append(run)
             return made
@@ -592,13 +616,7 @@ class PostgresStore(Store):
     async def overview(self, now: float, minutes: int, failures: int) -> Overview:
         return await self._read(lambda conn: views.overview(conn, now, minutes, failures))
 
-    # --- the hardware lab: not kept on PostgreSQL yet ----------------------------------
-    #
-    # This store keeps no device inventory yet (docs/deployment.md, "PostgreSQL"): its
-    # supervisors' devices count as plain resources, as a supervisor older than protocol
-    # 1.4 declares them (each supervisor picks free ones itself), no health is kept and no
-    # check runs, and a reservation is refused saying why. The answers below are that
-    # state, read truthfully: an empty inventory.
+    # --- the hardware lab ------------------------------------------------------------
 
     async def list_devices(
         self,
@@ -607,54 +625,132 @@ class PostgresStore(Store):
         health: str | None = None,
         supervisor_id: str | None = None,
     ) -> list[DeviceView]:
-        return []
+        return await self._read(lambda conn: lab.list_devices(conn, class_, health, supervisor_id))
 
     async def get_device(self, device_id: str) -> DeviceView | None:
-        return None
+        return await self._read(lambda conn: lab.get_device(conn, device_id))
 
     async def set_device_health(
         self, device_id: str, health: str, actor: str, reason: str
     ) -> DeviceView | None:
-        return None  # no such device: the inventory is empty
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: lab.set_health(conn, device_id, health, actor, reason, now)
+        )
+
+    async def recovery_health(
+        self, device_id: str, check_job: str, health: str, actor: str, reason: str
+    ) -> bool:
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: lab.recovery_health(conn, device_id, check_job, health, actor, reason, now)
+        )
 
     async def record_power_call(self, device_id: str, call: PowerCall) -> PowerCall:
-        # Kept in the device's power history; no run holds a device here (none is granted
-        # without an inventory), so no job's timeline gets it.
-        async def write(conn: Connection) -> PowerCall:
-            await conn.execute(
-                "INSERT INTO device_power_calls (device_id, at, actor, action, result,"
-                " exit_code, reason, job_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                device_id,
-                call.at,
-                call.actor,
-                call.action,
-                call.result,
-                call.exit_code,
-                call.reason,
-                call.job_id,
+        return await self._write(lambda conn: lab.record_power_call(conn, device_id, call))
+
+    async def lab_devices(self) -> list[LabDevice]:
+        checked = self.checked_classes
+        return await self._read(lambda conn: lab.lab_devices(conn, checked=checked))
+
+    async def device_counts(self) -> dict[tuple[str, str], int]:
+        return await self._read(lab.health_counts)
+
+    async def device_facts(self) -> list[DeviceFacts]:
+        return await self._read(lab.device_facts)
+
+    async def create_checks(self, checks: Sequence[tuple[str, JobSpec, str]], actor: str) -> None:
+        batch = new_jobs(self._keyring, [(job_id, spec) for job_id, spec, _ in checks])
+        now = time.time()
+
+        async def write(conn: Connection) -> None:
+            # Not held to the queue's limits: there is at most one check per device.
+            await jobs_sql.insert_jobs(conn, batch, actor, max_queued=2**62)
+            await lab.start_checks(conn, [(job_id, device) for job_id, _, device in checks], now)
+
+        await self._write_supervisor(write)
+
+    # The health-check loop asks these twice a second: a read says whether there is
+    # anything to write, so an idle lab costs no write.
+
+    async def finish_checks(self) -> list[tuple[str, str, str, str]]:
+        if not await self._read(lab.checks_to_finish):
+            return []
+        now = time.time()
+        return await self._write_supervisor(lambda conn: lab.finish_checks(conn, now))
+
+    async def devices_after_lost_runs(self) -> list[str]:
+        if not await self._read(lab.lost_holders):
+            return []
+        now = time.time()
+        return await self._write_supervisor(lambda conn: lab.runs_lost(conn, now))
+
+    # --- reservations of devices --------------------------------------------------------
+
+    # --- job groups ------------------------------------------------------------------
+
+    async def create_group(
+        self,
+        group_id: str,
+        group: GroupSpec,
+        job_ids: Sequence[str],
+        actor: str,
+        max_queued: int,
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
+    ) -> GroupView:
+        batch = new_jobs(
+            self._keyring, [(i, r.spec) for i, r in zip(job_ids, group.roles, strict=True)]
+        )
+        roles = [(r.role, r.essential, job) for r, job in zip(group.roles, batch, strict=True)]
+
+        async def write(conn: Connection) -> GroupView:
+            now = time.time()
+            await groups.create_group(
+                conn,
+                group_id,
+                group.name,
+                group.priority,
+                roles,
+                actor,
+                max_queued,
+                now,
+                owner=owner,
+                max_per_owner=max_queued_per_owner,
             )
-            return call
+            found = await groups.get_group(conn, group_id)
+            assert found is not None
+            return found
 
         return await self._write(write)
 
-    async def lab_devices(self) -> list[LabDevice]:
-        return []
+    async def get_group(self, group_id: str) -> GroupView | None:
+        return await self._read(lambda conn: groups.get_group(conn, group_id))
 
-    async def device_counts(self) -> dict[tuple[str, str], int]:
-        return {}
+    async def list_groups(self, limit: int = 100) -> list[GroupView]:
+        return await self._read(lambda conn: groups.list_groups(conn, limit))
 
-    async def device_facts(self) -> list[DeviceFacts]:
-        return []
+    async def waiting_groups(self, limit: int = 100) -> list[tuple[str, list[RoleNeed]]]:
+        return await self._read(lambda conn: groups.waiting_groups(conn, limit))
 
-    async def create_checks(self, checks: Sequence[tuple[str, JobSpec, str]], actor: str) -> None:
-        # Checks are made only for devices of the inventory (device_facts), which is empty.
-        assert not checks, "no device, no check"
+    async def assign_group(
+        self, group_id: str, pairs: Sequence[tuple[str, str]]
+    ) -> list[Assignment]:
+        keyring, checked = self._keyring, self.checked_classes
 
-    async def finish_checks(self) -> list[tuple[str, str, str, str]]:
-        return []
+        async def write(conn: Connection) -> list[Assignment]:
+            return await groups.assign_group(conn, group_id, pairs, time.time(), keyring, checked)
 
-    async def devices_after_lost_runs(self) -> list[str]:
-        return []
+        try:
+            return await self._write(write)
+        except NotAllPlaced:
+            return []  # rolled back: nothing is held
+
+    async def sweep_groups(self, limit: int = 500) -> GroupSweep:
+        if not await self._read(groups.groups_to_sweep):
+            return GroupSweep([], [], await self._read(groups.groups_open))
+        return await self._write(lambda conn: groups.sweep(conn, time.time(), limit))
 
     async def create_reservation(
         self,
@@ -665,36 +761,53 @@ class PostgresStore(Store):
         actor: str,
         ttl_s: float,
     ) -> ReservationView | str:
-        return NO_LAB_ON_POSTGRES
+        now = time.time()
+
+        async def write(conn: Connection) -> ReservationView | str:
+            refusal = reservation_refusal(wanted, await lab.lab_devices(conn))
+            if refusal is not None:
+                return refusal
+            return await reservations.create(
+                conn, reservation_id, wanted, duration_s, owner, actor, ttl_s, now
+            )
+
+        return await self._write(write)
 
     async def get_reservation(self, reservation_id: str) -> ReservationView | None:
-        return None
+        return await self._read(lambda conn: reservations.get(conn, reservation_id))
 
     async def list_reservations(self, owner: str | None = None) -> list[ReservationView]:
-        return []
+        return await self._read(lambda conn: reservations.list_open(conn, owner))
 
     async def refresh_reservation(
         self, reservation_id: str, ttl_s: float
     ) -> ReservationView | None:
-        return None
+        now = time.time()
+        return await self._write(
+            lambda conn: reservations.refresh(conn, reservation_id, ttl_s, now)
+        )
 
     async def extend_reservation(
         self, reservation_id: str, by_s: float, max_s: float
     ) -> ReservationView | str | None:
-        return None
+        now = time.time()
+        return await self._write(
+            lambda conn: reservations.extend(conn, reservation_id, by_s, max_s, now)
+        )
 
     async def release_reservation(self, reservation_id: str, why: str) -> ReservationView | None:
-        return None
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: reservations.release(conn, reservation_id, why, now)
+        )
 
     async def sweep_reservations(self, limit: int) -> ReservationSweep:
-        return ReservationSweep([], [], False)
+        now, checked = time.time(), self.checked_classes
+        if not await self._read(lambda conn: reservations.sweep_due(conn, now, checked)):
+            return ReservationSweep([], [], False)
+        return await self._write_supervisor(
+            lambda conn: reservations.sweep(conn, now, limit, checked)
+        )
 
     async def reservation_counts(self) -> dict[str, int]:
-        return {}
-
-
-#: Why a reservation is refused on this store (a 400 says it).
-NO_LAB_ON_POSTGRES = (
-    "this switchboard keeps its state in PostgreSQL, which holds no device inventory yet:"
-    " reservations need the embedded SQLite store for now"
-)
+        return await self._read(reservations.counts)

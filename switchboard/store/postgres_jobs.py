@@ -137,8 +137,9 @@ async def _insert_job(conn: Connection, job: NewJob, actor: str, owner: str | No
             stops.append(RunOnSupervisor(holder, result.attempt, result.supervisor_id))
     await conn.execute(
         "INSERT INTO jobs (id, name, spec, phase, priority, labels, resources, concurrency_key,"
-        " timeout_s, queued_at, queue_deadline, reason, created_at, updated_at, owner)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        " timeout_s, queued_at, queue_deadline, reason, created_at, updated_at, owner,"
+        " reservation)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         job_id,
         spec.name,
         _encoder.encode(spec),
@@ -154,6 +155,7 @@ async def _insert_job(conn: Connection, job: NewJob, actor: str, owner: str | No
         now,
         now,
         owner,
+        spec.reservation,
     )
     if job.sealed is not None and start.keep_secrets:
         await conn.execute(
@@ -294,6 +296,11 @@ async def load_job(conn: Connection, job_id: str) -> JobView | None:
             f"SELECT {records.RUN_COLUMNS} FROM runs WHERE job_id = $1 ORDER BY attempt", job_id
         ),
         await conn.fetch(_PHASES_OF_JOB, job_id),
+        await conn.fetch(
+            "SELECT attempt, device_id, role FROM run_devices WHERE job_id = $1"
+            ' ORDER BY attempt, pos, device_id COLLATE "C"',
+            job_id,
+        ),
     )
 
 
@@ -309,6 +316,7 @@ _JOB_TABLES = (
     # the links keeping its output files' artifacts (retention takes them after)
     "run_files",
     "run_files_refused",
+    "run_devices",
 )
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
+from collections.abc import Set as AbstractSet
 
 from protocol.messages import RunRef
 from protocol.state import Phase
 from switchboard.models import ActiveRun, Assignment, Counts, QueuedJob
 from switchboard.sealing import Keyring, SecretsUnreadable
-from switchboard.store import records
+from switchboard.store import postgres_devices, records
 from switchboard.store.postgres_engine import Connection
 from switchboard.store.postgres_jobs import end_queued_job
 from switchboard.store.postgres_runs import record_phase
@@ -26,11 +27,17 @@ from switchboard.store.sqlite_secrets import spec_to_start
 
 
 async def assign_run(
-    conn: Connection, job_id: str, supervisor_id: str, now: float, keyring: Keyring
+    conn: Connection,
+    job_id: str,
+    supervisor_id: str,
+    now: float,
+    keyring: Keyring,
+    checked: AbstractSet[str] = frozenset(),
 ) -> Assignment | None:
     """The job's next run, on that supervisor, with its secret values opened for the
-    StartJob; None if the job is no longer queued (or another writer holds it), or if its
-    secret values can't be opened (it is rejected)."""
+    StartJob and its devices granted; None if the job is no longer queued (or another
+    writer holds it), if its devices are not free now, or if its secret values can't be
+    opened (it is rejected)."""
     await conn.execute("SELECT 1 FROM supervisors WHERE id = $1 FOR UPDATE", supervisor_id)
     row = await conn.fetchrow(
         "SELECT j.attempts, j.spec, s.sealed FROM jobs j"
@@ -47,6 +54,10 @@ async def assign_run(
         await end_queued_job(conn, job_id, unreadable_end(job_id, str(exc), now))
         return None
     attempt = row[0] + 1
+    # The supervisor's row lock (above) keeps its devices: no other writer grants them now.
+    granted = await postgres_devices.grant(conn, job_id, attempt, supervisor_id, spec, checked)
+    if granted is None:
+        return None  # its devices were taken, or went bad, since the plan: it waits
     await conn.execute(
         "UPDATE jobs SET phase = 'assigned', attempts = $1, updated_at = $2,"
         " queue_deadline = NULL, unschedulable = NULL WHERE id = $3",
@@ -63,14 +74,15 @@ async def assign_run(
         now,
     )
     await record_phase(conn, job_id, attempt, Phase.ASSIGNED, None, None, now)
-    return Assignment(job_id, attempt, supervisor_id, spec)
+    return Assignment(job_id, attempt, supervisor_id, spec, tuple(granted))
 
 
 async def no_job_ready(conn: Connection, now: float) -> bool:
     """True if no queued job waits ready to be placed."""
     row = await conn.fetchval(
         "SELECT 1 FROM jobs WHERE phase = 'queued' AND unschedulable IS NULL"
-        " AND waiting_for IS NULL AND (not_before IS NULL OR not_before <= $1) LIMIT 1",
+        " AND waiting_for IS NULL AND gang IS NULL"
+        " AND (not_before IS NULL OR not_before <= $1) LIMIT 1",
         now,
     )
     return row is None
@@ -103,14 +115,18 @@ async def queued_jobs(
         page = " AND (priority < $3 OR (priority = $3 AND seq > $4))"
         args += [after[0], after[1]]
     rows = await conn.fetch(
-        "SELECT id, seq, priority, spec, queued_at, concurrency_key, unschedulable"
+        "SELECT id, seq, priority, spec, queued_at, concurrency_key, unschedulable,"
+        " (SELECT device_id FROM device_checks c WHERE c.job_id = jobs.id)"
         " FROM jobs WHERE phase = 'queued'"
         f" AND unschedulable IS {'NOT NULL' if marked else 'NULL'} AND waiting_for IS NULL"
+        " AND gang IS NULL"
         f" AND (not_before IS NULL OR not_before <= $1){page}"
         " ORDER BY priority DESC, seq LIMIT $2",
         *args,
     )
-    return [QueuedJob(r[0], r[1], r[2], records.decode_spec(r[3]), r[4], r[5], r[6]) for r in rows]
+    return [
+        QueuedJob(r[0], r[1], r[2], records.decode_spec(r[3]), r[4], r[5], r[6], r[7]) for r in rows
+    ]
 
 
 async def next_backoff_end(conn: Connection) -> float | None:
@@ -129,7 +145,10 @@ async def active_runs(conn: Connection, supervisor_id: str, keyring: Keyring) ->
         f" WHERE r.supervisor_id = $1 AND r.phase IN ({ACTIVE_LITERALS})",
         supervisor_id,
     )
-    return [active_run(tuple(row), keyring) for row in rows]
+    # Runs still `assigned` may need their StartJob again, with their devices.
+    assigned = [(r[0], r[1]) for r in rows if r[2] == Phase.ASSIGNED]  # (active_run)
+    devices = {key: await postgres_devices.run_devices(conn, *key) for key in assigned}
+    return [active_run(tuple(row), keyring, lambda j, a: devices[(j, a)]) for row in rows]
 
 
 async def active_run_refs(

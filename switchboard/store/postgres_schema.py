@@ -146,6 +146,37 @@ CREATE TABLE device_power_calls (
 CREATE INDEX device_power_by_device ON device_power_calls (device_id, seq);
 """,
     ),
+    (
+        12,
+        """
+ALTER TABLE run_devices ADD COLUMN role TEXT;
+ALTER TABLE run_devices ADD COLUMN pos BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN gang TEXT;
+CREATE INDEX jobs_gang ON jobs (gang) WHERE gang IS NOT NULL;
+CREATE TABLE job_groups (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    owner TEXT,
+    actor TEXT NOT NULL DEFAULT '',
+    priority BIGINT NOT NULL DEFAULT 0,
+    created_at DOUBLE PRECISION NOT NULL,
+    placed_at DOUBLE PRECISION,
+    ended_at DOUBLE PRECISION,
+    stop_reason TEXT
+);
+CREATE INDEX job_groups_open ON job_groups (created_at) WHERE ended_at IS NULL;
+CREATE INDEX job_groups_by_time ON job_groups (created_at);
+CREATE TABLE group_roles (
+    group_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    pos BIGINT NOT NULL,
+    job_id TEXT NOT NULL,
+    essential INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (group_id, role)
+);
+CREATE UNIQUE INDEX group_roles_by_job ON group_roles (job_id);
+""",
+    ),
 )
 
 SCHEMA = f"""

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 
 from protocol.messages import Hello
-from protocol.versions import negotiate_version
+from protocol.versions import DEVICES_MINOR, minor_of, negotiate_version
 from switchboard.models import Connected, ConnectionRecord, Enrolment, SupervisorView, TokenView
-from switchboard.store import records
+from switchboard.store import postgres_devices, records
 from switchboard.store.errors import ConnectRefused
 from switchboard.store.postgres_engine import Connection, affected
 from switchboard.store.schema import ACTIVE_LITERALS
@@ -124,6 +124,8 @@ async def connected(
         raise ConnectRefused("token_revoked")
     if enrolment is not None:
         await _enrol(conn, hello.supervisor_id, enrolment, now)
+    # What the handshake negotiated (the same function, the same answer).
+    version = negotiate_version(hello.versions)
     row = await conn.fetchrow(
         "UPDATE supervisors SET name = $1, labels = $2, backends = $3, resources = $4,"
         " max_jobs = $5, software = $6, protocol = $7, session = session + 1, connected = 1,"
@@ -134,8 +136,7 @@ async def connected(
         json.dumps(hello.resources),
         hello.max_jobs,
         hello.software,
-        # What the handshake negotiated (the same function, the same answer).
-        negotiate_version(hello.versions),
+        version,
         now,
         hello.supervisor_id,
     )
@@ -149,7 +150,10 @@ async def connected(
         session,
         now,
     )
-    return Connected(session, last_seq)
+    # A hello older than 1.4 declares no devices, and its supervisor can't be granted any.
+    devices = hello.devices if minor_of(version) >= DEVICES_MINOR else []
+    refused = await postgres_devices.record_inventory(conn, hello.supervisor_id, devices, now)
+    return Connected(session, last_seq, tuple(refused))
 
 
 async def disconnected(

@@ -71,7 +71,7 @@ def job_summary(r: Row) -> tuple[int, JobSummary]:
 JOB_COLUMNS = (
     "j.id, j.name, j.phase, j.spec, j.created_at, j.updated_at, j.priority,"
     " j.exit_code, j.reason, j.cancel_requested, j.unschedulable, j.owner, t.name,"
-    " j.waiting_for"
+    " j.waiting_for, (SELECT g.group_id FROM group_roles g WHERE g.job_id = j.id)"
 )
 #: The columns of a run (load_job), in attempt order.
 RUN_COLUMNS = (
@@ -86,13 +86,17 @@ def job_view(
     row: Row, run_rows: Iterable[Row], phase_rows: Iterable[Row], device_rows: Iterable[Row] = ()
 ) -> JobView:
     """A job from a row of JOB_COLUMNS, its runs' rows (RUN_COLUMNS), their phase history
-    (PHASE_COLUMNS) and the devices granted to them ((attempt, device id) rows)."""
+    (PHASE_COLUMNS) and the devices granted to them ((attempt, device id, role) rows, in
+    the order granted)."""
     phases: dict[int, list[PhaseEntry]] = {}
     for attempt, phase, stage, message, at in phase_rows:
         phases.setdefault(attempt, []).append(PhaseEntry(Phase(phase), at, stage, message))
     devices: dict[int, list[str]] = {}
-    for attempt, device_id in device_rows:
+    roles: dict[int, dict[str, str]] = {}
+    for attempt, device_id, role in device_rows:
         devices.setdefault(attempt, []).append(device_id)
+        if role is not None:
+            roles.setdefault(attempt, {})[role] = device_id
     runs = [
         RunView(
             attempt=r[0],
@@ -112,6 +116,7 @@ def job_view(
             output_bytes=r[13],
             output_truncated=r[14].split(",") if r[14] else [],
             devices=devices.get(r[0], []),
+            device_roles=roles.get(r[0], {}),
         )
         for r in run_rows
     ]
@@ -130,6 +135,7 @@ def job_view(
         owner=row[11],
         owner_name=row[12],
         waiting_for=row[13],
+        group=row[14],
         runs=runs,
     )
 

@@ -23,6 +23,7 @@ from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import scheduler
 from switchboard.event_checks import fresh_events
+from switchboard.gangs import RoleNeed
 from switchboard.health import DeviceFacts
 from switchboard.models import (
     ActiveRun,
@@ -40,6 +41,9 @@ from switchboard.models import (
     EventsApplied,
     Expired,
     FilesSummary,
+    GroupSpec,
+    GroupSweep,
+    GroupView,
     JobChange,
     JobEvent,
     JobFilter,
@@ -65,7 +69,7 @@ from switchboard.models import (
 )
 from switchboard.sealing import Keyring
 from switchboard.store import sqlite_artifacts as artifacts
-from switchboard.store import sqlite_chains, sqlite_jobs
+from switchboard.store import sqlite_chains, sqlite_groups, sqlite_jobs
 from switchboard.store import sqlite_devices as lab
 from switchboard.store import sqlite_files as files
 from switchboard.store import sqlite_output as output
@@ -347,6 +351,7 @@ class SQLiteStore(Store):
                     devices_free=scheduler.free_devices(devices),
                     checks=scheduler.awaiting_checks(devices),
                     devices_reserved=scheduler.reserved_devices(devices),
+                    lab=devices,
                 )
             finally:
                 conn.execute("COMMIT")
@@ -581,11 +586,20 @@ class SQLiteStore(Store):
             lambda conn: lab.set_health(conn, device_id, health, actor, reason, now)
         )
 
+    async def recovery_health(
+        self, device_id: str, check_job: str, health: str, actor: str, reason: str
+    ) -> bool:
+        now = time.time()
+        return await self._write_supervisor(
+            lambda conn: lab.recovery_health(conn, device_id, check_job, health, actor, reason, now)
+        )
+
     async def record_power_call(self, device_id: str, call: PowerCall) -> PowerCall:
         return await self._write(lambda conn: lab.record_power_call(conn, device_id, call))
 
     async def lab_devices(self) -> list[scheduler.LabDevice]:
-        return await self._read(lambda conn: lab.lab_devices(conn))
+        checked = self.checked_classes
+        return await self._read(lambda conn: lab.lab_devices(conn, checked=checked))
 
     async def device_counts(self) -> dict[tuple[str, str], int]:
         return await self._read(lab.health_counts)
@@ -621,6 +635,71 @@ class SQLiteStore(Store):
         return await self._write_supervisor(lambda conn: lab.runs_lost(conn, now))
 
     # --- reservations of devices --------------------------------------------------------
+
+    # --- job groups ------------------------------------------------------------------
+
+    async def create_group(
+        self,
+        group_id: str,
+        group: GroupSpec,
+        job_ids: Sequence[str],
+        actor: str,
+        max_queued: int,
+        *,
+        owner: str | None = None,
+        max_queued_per_owner: int | None = None,
+    ) -> GroupView:
+        batch = sqlite_jobs.new_jobs(
+            self._keyring, [(i, r.spec) for i, r in zip(job_ids, group.roles, strict=True)]
+        )
+        roles = [(r.role, r.essential, job) for r, job in zip(group.roles, batch, strict=True)]
+
+        def write(conn: sqlite3.Connection) -> GroupView:
+            now = time.time()
+            sqlite_groups.create_group(
+                conn,
+                group_id,
+                group.name,
+                group.priority,
+                roles,
+                actor,
+                max_queued,
+                now,
+                owner=owner,
+                max_per_owner=max_queued_per_owner,
+            )
+            found = sqlite_groups.get_group(conn, group_id)
+            assert found is not None
+            return found
+
+        return await self._write(write)
+
+    async def get_group(self, group_id: str) -> GroupView | None:
+        return await self._read(lambda conn: sqlite_groups.get_group(conn, group_id))
+
+    async def list_groups(self, limit: int = 100) -> list[GroupView]:
+        return await self._read(lambda conn: sqlite_groups.list_groups(conn, limit))
+
+    async def waiting_groups(self, limit: int = 100) -> list[tuple[str, list[RoleNeed]]]:
+        return await self._read(lambda conn: sqlite_groups.waiting_groups(conn, limit))
+
+    async def assign_group(
+        self, group_id: str, pairs: Sequence[tuple[str, str]]
+    ) -> list[Assignment]:
+        keyring, checked = self._keyring, self.checked_classes
+
+        def write(conn: sqlite3.Connection) -> list[Assignment]:
+            return sqlite_groups.assign_group(conn, group_id, pairs, time.time(), keyring, checked)
+
+        try:
+            return await self._write(write)
+        except sqlite_groups.NotAllPlaced:
+            return []  # rolled back: nothing is held
+
+    async def sweep_groups(self, limit: int = 500) -> GroupSweep:
+        if not await self._read(sqlite_groups.groups_to_sweep):
+            return GroupSweep([], [], await self._read(sqlite_groups.groups_open))
+        return await self._write(lambda conn: sqlite_groups.sweep(conn, time.time(), limit))
 
     async def create_reservation(
         self,

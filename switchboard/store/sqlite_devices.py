@@ -164,6 +164,26 @@ def set_health(
     return get_device(conn, device_id)
 
 
+def recovery_health(
+    conn: sqlite3.Connection,
+    device_id: str,
+    check_job: str,
+    health: str,
+    actor: str,
+    reason: str,
+    now: float,
+) -> bool:
+    """Set a device's health for its recovery, with the failed check `check_job`, only if it
+    is still `bad` from that check (nobody changed it since); whether it was set."""
+    row = conn.execute(
+        "SELECT health, check_job FROM devices WHERE id = ?", (device_id,)
+    ).fetchone()
+    if row is None or row[0] != "bad" or row[1] != check_job:
+        return False
+    set_health(conn, device_id, health, actor, reason, now, check_job)
+    return True
+
+
 _COLUMNS = (
     "id, class, supervisor_id, labels, console, power, health, health_reason, health_at,"
     " check_result, check_at, check_job, first_seen, last_declared"
@@ -249,11 +269,18 @@ def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceView | None:
 
 
 def record_power_call(conn: sqlite3.Connection, device_id: str, call: PowerCall) -> PowerCall:
-    """Keep a power call in the device's history and, if a run holds the device, in that
-    run's job events (its timeline): the call as kept, with that run's job."""
+    """Keep a power call in the device's history and in a job's events (its timeline): the
+    run holding the device, if one does, else the job the call was made for (`job_id`: the
+    failed check a recovery cycles the device after), if it is still there. The call as
+    kept, with that job."""
     held = conn.execute(
         _HOLDERS_RUNS + " AND rd.device_id = ?", (*ACTIVE_PHASES, device_id)
     ).fetchone()
+    if held is None and call.job_id is not None:
+        held = conn.execute(
+            "SELECT job_id, max(attempt) FROM runs WHERE job_id = ? GROUP BY job_id",
+            (call.job_id,),
+        ).fetchone()
     if held is not None:
         job_id, attempt = held
         call = msgspec.structs.replace(call, job_id=job_id)
@@ -341,11 +368,11 @@ def grant(
     """Grant the run the devices of its supervisor that it asks for (scheduler.grant; a
     health check, the device it checks) and record them; None (nothing recorded) if they
     are not free now."""
-    if not spec.resources:
+    if not spec.resources and not spec.devices:
         return []
     devices = lab_devices(conn, supervisor_id, checked)
     if not devices:
-        return []
+        return None if spec.devices else []
     checks = checked_device(conn, job_id)
     # The devices its last run was refused with are its last choice (scheduler.grant).
     before = conn.execute(
@@ -355,19 +382,26 @@ def grant(
         (job_id, attempt - 1),
     )
     avoid = {row[0] for row in before}
-    chosen = scheduler.grant(spec.resources, devices, checks, avoid, spec.reservation)
+    entries = [] if checks is not None else spec.devices
+    chosen = scheduler.grant(spec.resources, devices, checks, avoid, spec.reservation, entries)
     if chosen is None:
         return None
+    # The entries' devices come last, in their order: each with its role, if it has one.
+    roles = [None] * (len(chosen) - len(entries)) + [e.role for e in entries]
     conn.executemany(
-        "INSERT INTO run_devices (job_id, attempt, device_id) VALUES (?, ?, ?)",
-        [(job_id, attempt, device_id) for device_id in chosen],
+        "INSERT INTO run_devices (job_id, attempt, device_id, role, pos) VALUES (?, ?, ?, ?, ?)",
+        [
+            (job_id, attempt, d, role, pos)
+            for pos, (d, role) in enumerate(zip(chosen, roles, strict=True))
+        ],
     )
     return chosen
 
 
 def run_devices(conn: sqlite3.Connection, job_id: str, attempt: int) -> tuple[str, ...]:
     rows = conn.execute(
-        "SELECT device_id FROM run_devices WHERE job_id = ? AND attempt = ? ORDER BY device_id",
+        "SELECT device_id FROM run_devices WHERE job_id = ? AND attempt = ?"
+        " ORDER BY pos, device_id",
         (job_id, attempt),
     )
     return tuple(r[0] for r in rows)

@@ -336,7 +336,8 @@ def load_job(conn: sqlite3.Connection, job_id: str) -> JobView | None:
             (job_id,),
         ),
         conn.execute(
-            "SELECT attempt, device_id FROM run_devices WHERE job_id = ? ORDER BY device_id",
+            "SELECT attempt, device_id, role FROM run_devices WHERE job_id = ?"
+            " ORDER BY attempt, pos, device_id",
             (job_id,),
         ),
     )

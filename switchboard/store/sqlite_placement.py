@@ -48,7 +48,7 @@ def active_run(
             spec = spec_to_start(job_id, spec, sealed, keyring)
         except SecretsUnreadable as exc:
             unreadable = str(exc)
-        if spec.resources:
+        if spec.resources or spec.devices:
             devices = devices_of(job_id, attempt)
     return ActiveRun(
         job_id, attempt, Phase(phase), bool(cancel_requested), spec, unreadable, devices
@@ -113,7 +113,8 @@ def no_job_ready(conn: sqlite3.Connection, now: float) -> bool:
     """True if no queued job waits ready to be placed (the dispatcher's queue is empty)."""
     row = conn.execute(
         "SELECT 1 FROM jobs WHERE phase = 'queued' AND unschedulable IS NULL"
-        " AND waiting_for IS NULL AND (not_before IS NULL OR not_before <= ?) LIMIT 1",
+        " AND waiting_for IS NULL AND gang IS NULL"
+        " AND (not_before IS NULL OR not_before <= ?) LIMIT 1",
         (now,),
     ).fetchone()
     return row is None
@@ -159,6 +160,7 @@ def queued_jobs(
         " (SELECT device_id FROM device_checks c WHERE c.job_id = jobs.id)"
         " FROM jobs WHERE phase = 'queued'"
         f" AND unschedulable IS {'NOT NULL' if marked else 'NULL'} AND waiting_for IS NULL"
+        " AND gang IS NULL"
         f" AND (not_before IS NULL OR not_before <= ?){page}"
         " ORDER BY priority DESC, seq LIMIT ?",
         (*args, limit),

@@ -1,5 +1,6 @@
 // One device: what it is, its health with the history of every change (who or which job,
-// when, why), and for operators a control to set its health with a reason.
+// when, why), its power calls, for operators a control to set its health with a reason,
+// and for operators and the holder of its lease its power buttons.
 import { fill, h } from "../dom.js";
 import { HEALTHS, healthBadge, labelChips, relTime } from "../format.js";
 import { ViewLife, batched, errorBanner, holder, lastCheck, runLink, section, supervisorLink } from "./common.js";
@@ -14,6 +15,8 @@ export function mount(root, ctx, { id }) {
   const facts = h("dl", { class: "facts", id: "device-facts" });
   const history = h("div", { id: "device-history" });
   const control = h("div", { id: "device-control" });
+  const powerControl = h("div", { id: "device-power" });
+  const powerHistory = h("div", { id: "device-power-history" });
 
   root.append(
     h("p", { class: "crumbs" }, h("a", { href: "#/devices" }, "Devices"), " / ", h("span", { class: "id" }, id)),
@@ -21,7 +24,9 @@ export function mount(root, ctx, { id }) {
     errors,
     h("section", { class: "card" }, facts),
     control,
+    powerControl,
     section("Health history", history),
+    section("Power history", powerHistory),
   );
 
   // ---- set health (operators only: the API refuses anyone else) ---------------------------
@@ -74,6 +79,100 @@ export function mount(root, ctx, { id }) {
     }
   }
 
+  // ---- power (operators, and the holder of the lease the device belongs to) --------------
+  const powerResult = h("div", { id: "power-result", class: "power-result", role: "status" });
+  powerResult.hidden = true;
+  const powerButtons = ["on", "off", "cycle", "status"].map((action) => {
+    const button = h("button", { type: "button", class: "button", "data-power": action }, action === "status" ? "Status" : `Power ${action}`);
+    button.addEventListener("click", () => switchPower(action));
+    return button;
+  });
+  const powerCard = section(
+    "Power",
+    h("div", { class: "power-buttons" }, powerButtons),
+    powerResult,
+    h("p", { class: "muted small" }, "Runs the device's command on its host; every call is kept below and, while a run holds the device, in its timeline."),
+  );
+  let leaseOwner = { id: undefined, owner: null }; // the reservation looked up last, and its holder
+
+  async function mayPower() {
+    if (!device.power) return false;
+    if (ctx.can("operate")) return true;
+    if (!device.reservation) return false;
+    if (leaseOwner.id !== device.reservation) {
+      const lease = await life.run(ctx.api.get(`reservations/${encodeURIComponent(device.reservation)}`, {}, life.signal));
+      if (!lease) return false;
+      leaseOwner = { id: device.reservation, owner: lease.state === "held" ? lease.owner : null };
+    }
+    return leaseOwner.owner !== null && leaseOwner.owner === ctx.me.id;
+  }
+
+  async function renderPowerControl() {
+    const allowed = await mayPower();
+    if (!life.alive) return;
+    if (allowed && !powerControl.firstChild) fill(powerControl, powerCard);
+    else if (!allowed && powerControl.firstChild) fill(powerControl);
+  }
+
+  async function switchPower(action) {
+    for (const button of powerButtons) button.disabled = true;
+    powerResult.hidden = false;
+    powerResult.dataset.result = "pending";
+    fill(powerResult, h("p", {}, `power ${action} of ${id}…`));
+    try {
+      const answer = await ctx.api.post(`${path}/power`, { action }, life.signal);
+      powerResult.dataset.result = answer.result;
+      const status = answer.exit_code === null || answer.exit_code === undefined ? "" : ` (exit status ${answer.exit_code})`;
+      fill(
+        powerResult,
+        h("p", { class: "power-line" }, `power ${action} of ${id}: `, h("strong", {}, answer.ok ? "ok" : answer.result), status, answer.reason ? ` — ${answer.reason}` : ""),
+        answer.output ? h("pre", { class: "power-output" }, answer.output) : null,
+      );
+    } catch (error) {
+      if (!life.alive || error.name === "AbortError") return;
+      powerResult.dataset.result = "error";
+      fill(powerResult, h("p", { class: "form-error" }, `power ${action} of ${id}: ${error.message}`));
+    } finally {
+      for (const button of powerButtons) button.disabled = false;
+    }
+    scheduleLoad(); // its power history has the call
+  }
+
+  function renderPowerHistory(calls) {
+    if (!calls.length) {
+      fill(powerHistory, h("p", { class: "muted empty" }, device.power ? "No power calls yet." : "It has no power commands."));
+      return;
+    }
+    fill(powerHistory,
+      h(
+        "table",
+        { class: "table history-table power-table" },
+        h("thead", {}, h("tr", {}, ["When", "Who", "Action", "Result", "Job"].map((t) => h("th", { scope: "col" }, t)))),
+        h(
+          "tbody",
+          {},
+          calls.map((c) =>
+            h(
+              "tr",
+              { "data-action": c.action, "data-result": c.result },
+              h("td", { "data-label": "When" }, relTime(c.at)),
+              h("td", { "data-label": "Who", class: "col-actor" }, c.actor),
+              h("td", { "data-label": "Action", class: "col-action" }, c.action),
+              h(
+                "td",
+                { "data-label": "Result", class: "col-result" },
+                c.result,
+                c.exit_code === null || c.exit_code === undefined ? "" : `, exit status ${c.exit_code}`,
+                c.reason ? h("span", { class: "muted" }, ` (${c.reason})`) : "",
+              ),
+              h("td", { "data-label": "Job" }, c.job_id ? runLink(c.job_id) : h("span", { class: "muted" }, "—")),
+            ),
+          ),
+        ),
+      ),
+    );
+  }
+
   // ---- the device ---------------------------------------------------------------------------
   function render() {
     fill(badge, healthBadge(device.health, device.health_reason));
@@ -91,6 +190,8 @@ export function mount(root, ctx, { id }) {
       ...fact("Last declared", relTime(device.last_declared)),
     );
     renderHistory(device.history || []);
+    renderPowerHistory(device.power_history || []);
+    renderPowerControl();
   }
 
   function renderHistory(changes) {

@@ -1,0 +1,35 @@
+"""Health checks end to end (tests/test_lab_checks_e2e.py) on a switchboard serving
+PostgreSQL: the same tests, imported, with the module's switchboard on a database of the
+private cluster (tests/postgres.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import Switchboard
+from tests.postgres import (
+    Cluster,
+    postgres_fixture,  # noqa: F401 - one cluster per session
+)
+from tests.test_lab_checks_e2e import *  # noqa: F403 - the tests, run here again
+from tests.test_lab_checks_e2e import CHECKS
+
+pytestmark = [pytest.mark.postgres, pytest.mark.process]
+
+
+@pytest.fixture(scope="module")
+def switchboard(
+    tmp_path_factory: pytest.TempPathFactory, postgres: Cluster
+) -> Iterator[Switchboard]:
+    root = tmp_path_factory.mktemp("checks")
+    checks = root / "checks.toml"
+    checks.write_text(CHECKS)
+    server = Switchboard(
+        root / "data",
+        database=postgres.new_database("lab_checks"),
+        extra_args=("--health-checks", str(checks)),
+    )
+    yield server
+    server.stop()
