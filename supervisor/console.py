@@ -18,6 +18,12 @@ What a console prints goes to:
 
 Bytes the board prints while nothing reads the tty (the supervisor is down) stay in the
 tty's buffer only as far as the kernel keeps them.
+
+A device whose node (`path`) is its console itself (a Docker job given the board's
+serial port, as in docs/lab.md's worked example) is the job's while its run holds it: the
+supervisor closes the console for the run (two readers would steal each other's bytes)
+and opens it again when the run ends. That run has no console stream; its program's own
+output says what it read.
 """
 
 from __future__ import annotations
@@ -149,6 +155,10 @@ class Port:
         assert device.console is not None
         self.device_id = device.name
         self.path = device.console.path
+        #: The device node given to runs is this very tty: a run holding it owns the port.
+        self.is_device_node = _same_file(device.path, device.console.path)
+        #: The run that owns the port now (it is closed meanwhile), if any.
+        self.yielded_to: RunRef | None = None
         self.baud = device.console.baud
         self.fd = -1
         #: Bytes read since the supervisor started (the offsets attached sessions see).
@@ -162,7 +172,7 @@ class Port:
         self._closed = False
 
     def open(self) -> None:
-        if self._closed or self.fd >= 0:
+        if self._closed or self.fd >= 0 or self.yielded_to is not None:
             return
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
@@ -245,9 +255,35 @@ class Port:
             os.close(self.fd)
             self.fd = -1
 
+    def yield_to(self, run: RunRef) -> None:
+        """The run's program gets the port: close it until `take_back`."""
+        self.yielded_to = run
+        self._shut()
+        log.info(
+            "console of %s: its tty is the device node of run %s#%d, which has it until it ends",
+            self.device_id,
+            run.job_id,
+            run.attempt,
+        )
+
+    def take_back(self, run: RunRef) -> None:
+        if self.yielded_to == run:
+            self.yielded_to = None
+            self.open()
+
     def close(self) -> None:
         self._closed = True
         self._shut()
+
+
+def _same_file(a: str, b: str) -> bool:
+    """True if the two paths name one file (links followed), or are one path."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 class Consoles:
@@ -258,6 +294,8 @@ class Consoles:
         self.spool_root = spool_root
         self.ports: dict[str, Port] = {}
         self._spools: dict[RunRef, list[Spool]] = {}
+        #: Ports closed while a run's program has them (their tty is its device node).
+        self._yielded: dict[RunRef, list[Port]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def open(self) -> None:
@@ -275,6 +313,10 @@ class Consoles:
         for device_id in devices:
             port = self.ports.get(device_id)
             if port is None:
+                continue
+            if port.is_device_node:
+                port.yield_to(run)
+                self._yielded.setdefault(run, []).append(port)
                 continue
             if port.spool is not None and port.spool.run != run:
                 log.warning(
@@ -294,6 +336,8 @@ class Consoles:
     async def release(self, run: RunRef, delivered: Delivered) -> None:
         """The run has ended: stop capturing for it and hand the rest of its consoles to
         the connector (before its exit is reported); the spools go once acknowledged."""
+        for port in self._yielded.pop(run, []):
+            port.take_back(run)
         spools = self._spools.pop(run, [])
         for spool in spools:
             port = self.ports.get(spool.device_id)
@@ -362,6 +406,12 @@ class Consoles:
         port = self.ports.get(device_id)
         if port is None:
             return f"device {device_id} has no console on this host"
+        if port.yielded_to is not None:
+            run = port.yielded_to
+            return (
+                f"the console of {device_id} is the device node of run {run.job_id}#"
+                f"{run.attempt}: its program has the port until the run ends"
+            )
         port.listeners[key] = listener
         return None
 

@@ -257,6 +257,36 @@ async def test_a_console_that_cannot_be_opened_is_tried_again(tmp_path: Path) ->
         board.close()
 
 
+async def test_a_console_that_is_the_runs_device_node_is_the_jobs_while_it_runs(
+    board: Board, tmp_path: Path
+) -> None:
+    """Its tty is the node the job is given: two readers would steal each other's bytes,
+    so the supervisor lets go of it for the run, and takes it back after."""
+    device = DeviceConfig(
+        name="board-1",
+        path=board.path,
+        resource="simboard",
+        console=ConsoleConfig(path=board.path),
+    )
+    consoles = Consoles([device], tmp_path / "console")
+    consoles.open()
+    sent = Sent()
+    try:
+        port = consoles.ports["board-1"]
+        assert port.fd >= 0
+        consoles.claim(RUN, ["board-1"], sent.send)
+        assert port.fd < 0
+        refused = consoles.attach("board-1", object(), lambda o, d: None)
+        assert refused is not None and "job-1#1" in refused
+        await board.print(b"for the job\r\n")
+        await asyncio.sleep(0.1)
+        assert sent.chunks == [] and not (tmp_path / "console" / "job-1.1").exists()
+        await consoles.release(RUN, sent.wait_delivered)
+        assert port.fd >= 0 and consoles.attach("board-1", object(), lambda o, d: None) is None
+    finally:
+        await consoles.close()
+
+
 class _Host(Supervisor):
     """A supervisor whose one console is fed by the test."""
 

@@ -47,9 +47,11 @@ DEVICE = "board-c"
 
 
 def _config(board: SimBoard) -> str:
+    # Its device node is not its console (a probe's other interface, as on a J-Link): the
+    # supervisor reads the console while a run holds the board.
     return f"""[[devices]]
 name = "{DEVICE}"
-path = "{board.tty}"
+path = "/dev/null"
 resource = "simboard"
 console = {{ path = "{board.tty}", baud = 115200 }}
 """
