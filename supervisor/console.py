@@ -336,8 +336,8 @@ class Consoles:
     async def release(self, run: RunRef, delivered: Delivered) -> None:
         """The run has ended: stop capturing for it and hand the rest of its consoles to
         the connector (before its exit is reported); the spools go once acknowledged."""
-        for port in self._yielded.pop(run, []):
-            port.take_back(run)
+        for lent in self._yielded.pop(run, []):
+            lent.take_back(run)
         spools = self._spools.pop(run, [])
         for spool in spools:
             port = self.ports.get(spool.device_id)
