@@ -56,7 +56,7 @@ def lab(
             mine = {name: SimBoard(root / name) for name in names}
             boards.extend(mine.values())
             config = root / f"{host}.toml"
-            config.write_text(_config(mine, resource, node="/dev/null"))
+            config.write_text(_config(mine, resource, node_apart=True))
             supervisors.append(
                 start_supervisor(
                     switchboard,

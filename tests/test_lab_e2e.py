@@ -34,13 +34,13 @@ def _toml_list(argv: list[str]) -> str:
 
 
 def _config(
-    boards: dict[str, SimBoard], resource: str = "simboard", *, node: str | None = None
+    boards: dict[str, SimBoard], resource: str = "simboard", *, node_apart: bool = False
 ) -> str:
     """A host's description of its boards (all of class `resource`), as a lab admin
-    writes it (docs/lab.md). Each board's device node is its console's tty, unless `node`
-    names another (a probe's interface apart from the console, as on a J-Link: then the
-    supervisor reads the console while a run holds the board, docs/lab.md "Serial
-    console")."""
+    writes it (docs/lab.md). Each board's device node is its console's tty, or with
+    `node_apart` another path (a probe's interface apart from the console, as on a J-Link;
+    nothing opens it in a noop run): then the supervisor reads the console while a run
+    holds the board (docs/lab.md "Serial console")."""
     tables = []
     for name, board in boards.items():
         power = ", ".join(
@@ -50,7 +50,7 @@ def _config(
         tables.append(
             f"""[[devices]]
 name = "{name}"
-path = "{node or board.tty}"
+path = "{board.dir / "probe" if node_apart else board.tty}"
 resource = "{resource}"
 labels = {{ slot = "{name[-1]}" }}
 console = {{ path = "{board.tty}", baud = 115200 }}
