@@ -51,6 +51,9 @@ SPOOL_DIR = "console"
 REOPEN_S = 1.0
 #: Bytes read from a tty at once.
 READ_BYTES = 64 * 1024
+#: The most one run's spool of one console keeps on disk: past it, what the console
+#: prints is dropped (logged once), as the switchboard's own output cap would drop it.
+MAX_SPOOL_BYTES = 1024**3
 
 #: Sends bytes [offset, offset + len) of a run's stream (the connector's send_output).
 SendOutput = Callable[[RunRef, str, int, bytes], Awaitable[None]]
@@ -87,6 +90,8 @@ class Spool:
         #: Bytes in the file (all of them sent again from 0 after a restart).
         self.size = os.fstat(self._fd).st_size
         self.sent = 0
+        #: Past MAX_SPOOL_BYTES: what comes is dropped.
+        self.full = False
         self._send = send
         #: Awaited before the first send (an ended run's spool waits for the Welcome).
         self._ready = ready
@@ -100,6 +105,17 @@ class Spool:
 
     def append(self, data: bytes) -> None:
         """Keep bytes read from the console (a local append: it does not wait on anyone)."""
+        if self.size + len(data) > MAX_SPOOL_BYTES:
+            if not self.full:
+                self.full = True
+                log.warning(
+                    "console of %s: run %s#%d has %d bytes spooled: dropping the rest",
+                    self.device_id,
+                    self.run.job_id,
+                    self.run.attempt,
+                    self.size,
+                )
+            return
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
