@@ -25,7 +25,8 @@ class ConsoleRelay:
         self._size = 0
         self._wake = asyncio.Event()
         #: Why the session ended (None: it goes on), and whose doing: "supervisor" (it
-        #: closed the session or its connection ended) or "too_slow" (the client).
+        #: closed the session or its connection ended), "too_slow" (the client), or
+        #: "revoked" (the client may no longer attach).
         self.ended: str | None = None
         self.ended_by = ""
         #: While set, what comes is dropped (the client is shown a run's stored stream,
@@ -46,6 +47,10 @@ class ConsoleRelay:
     def closed(self, reason: str) -> None:
         """The supervisor ended the session, or its connection ended."""
         self._end(reason, "supervisor")
+
+    def end(self, reason: str, by: str) -> None:
+        """End the session: `by` says whose doing (metrics.CONSOLE_END_REASONS)."""
+        self._end(reason, by)
 
     def _end(self, reason: str, by: str) -> None:
         if self.ended is None:

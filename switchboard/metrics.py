@@ -306,8 +306,9 @@ POWER_CALLS = Counter(
 #: Why an attach to a device's console is refused (docs/lab.md "Serial console").
 CONSOLE_REFUSAL_REASONS = ("forbidden", "not_found", "no_console", "unavailable")
 #: Who ended an attached console session: the client left, the supervisor ended it (or
-#: its connection ended), or the client did not keep up and was dropped.
-CONSOLE_END_REASONS = ("client", "supervisor", "too_slow")
+#: its connection ended), the client did not keep up and was dropped, or it may no longer
+#: attach (its token revoked, the lease it attached by ended).
+CONSOLE_END_REASONS = ("client", "supervisor", "too_slow", "revoked")
 CONSOLE_REFUSALS = Counter(
     "switchboard_console_refusals_total",
     "Console attaches refused: forbidden (401/403), not_found (no such device), no_console"
@@ -322,7 +323,8 @@ CONSOLE_SESSIONS = Gauge(
 )
 CONSOLE_SESSIONS_ENDED = Counter(
     "switchboard_console_sessions_ended_total",
-    "Console sessions ended, by who ended them: client, supervisor, too_slow (dropped).",
+    "Console sessions ended, by who ended them: client, supervisor, too_slow (dropped),"
+    " revoked (the client may no longer attach).",
     ["reason"],
     registry=REGISTRY,
 )

@@ -319,3 +319,45 @@ def test_the_lease_holder_attaches_with_the_cli_and_others_get_403(
     finally:
         as_holder.delete(f"/api/v1/reservations/{reservation['id']}")
         as_holder.close()
+
+
+def test_a_session_ends_when_its_lease_does(lab: Lab, switchboard: Switchboard) -> None:
+    """The holder attached by its lease: once the lease is released, the session ends
+    within seconds (4403, saying why), counted."""
+    holder = switchboard.create_token("submitter")
+    as_holder = httpx.Client(
+        base_url=switchboard.url, headers={"Authorization": f"Bearer {holder}"}
+    )
+    reservation = as_holder.post(
+        "/api/v1/reservations", json={"class": "simboard", "count": 1, "for_s": 600}
+    ).json()
+    path = f"/api/v1/reservations/{reservation['id']}"
+    wait_for(lambda: as_holder.get(path).json()["state"] == "held", "the board granted")
+
+    async def attached_until_released() -> tuple[int | None, str, list[dict]]:
+        async with websockets.connect(
+            _ws_url(switchboard), additional_headers={"Authorization": f"Bearer {holder}"}
+        ) as ws:
+            said = [json.loads(await ws.recv())]
+            assert said[0]["type"] == "attached"
+            await asyncio.to_thread(as_holder.delete, path)
+            try:
+                while True:
+                    said.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
+            except websockets.ConnectionClosed:
+                pass
+            return ws.close_code, ws.close_reason or "", said
+
+    try:
+        code, reason, said = asyncio.run(attached_until_released())
+    finally:
+        as_holder.delete(path)
+        as_holder.close()
+    assert code == 4403, (code, reason, said)
+    assert said[-1]["type"] == "closed" and "holder of its lease" in said[-1]["reason"]
+    ended = sample_value(
+        httpx.get(f"{switchboard.url}/metrics").text,
+        "switchboard_console_sessions_ended_total",
+        reason="revoked",
+    )
+    assert ended >= 1

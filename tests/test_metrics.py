@@ -155,6 +155,7 @@ LABEL_VALUES: dict[str, set[str]] = {
         "no_ids",
         "forbidden",
         *("not_found", "no_console", "unavailable", "client", "supervisor", "too_slow"),
+        "revoked",
     },
     "route": {"live", "follow", "events"},
     "health": set(HEALTH_STATES),

@@ -16,7 +16,9 @@ shows) and, last, `{"type": "closed", "reason"}` before the close. The client se
 binary (or text) messages: bytes to write to the console, at most MAX_INPUT_BYTES each
 (best effort: what the tty does not take at once is dropped). A client that does not
 keep up (more than console_relay.BUFFER_BYTES waiting, or a send past the switchboard's
-send timeout) is dropped with a reason; it never holds up the supervisor's connection.
+send timeout) is dropped with a reason; it never holds up the supervisor's connection. Its
+right to attach is looked at again every RECHECK_S: a token revoked or a lease ended ends
+the session (4403).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Protocol
 
 import msgspec
 from litestar import WebSocket, websocket
@@ -50,6 +52,10 @@ MAX_INPUT_BYTES = 64 * 1024
 #: Close codes the switchboard ends a session with (besides 1000 when the client leaves).
 CLOSE_ENDED = 4000  # the supervisor ended it (or its connection ended)
 CLOSE_TOO_SLOW = 4005  # the client did not keep up
+CLOSE_REVOKED = 4403  # the client may no longer attach (token revoked, lease ended)
+_CLOSE_CODES = {"supervisor": CLOSE_ENDED, "too_slow": CLOSE_TOO_SLOW, "revoked": CLOSE_REVOKED}
+#: How often an attached client's right to the console is looked at again.
+RECHECK_S = 1.0
 
 
 class _Refused(Exception):
@@ -94,12 +100,31 @@ async def device_console(socket: WebSocket, device_id: str) -> None:
         }
         await socket.send_text(msgspec.json.encode(hello).decode())
         source = _Source(state, device_id, device.holder, relay)
-        ended = await _relay(socket, source, connection, session, state.settings.send_timeout_s)
+
+        async def watch() -> None:
+            await _watch(state, socket, device_id, relay)
+
+        ended = await _relay(
+            socket, source, connection, session, state.settings.send_timeout_s, watch
+        )
     finally:
         connection.detach_console(session)
         metrics.CONSOLE_SESSIONS.dec()
         metrics.CONSOLE_SESSIONS_ENDED.labels(ended).inc()
         log.info("console of %s detached (%s): %s", device_id, ended, relay.ended or "client left")
+
+
+async def _watch(state: AppState, socket: WebSocket, device_id: str, relay: ConsoleRelay) -> None:
+    """Return once the client may no longer attach (its token revoked, the lease it
+    attached by ended): the session is ended with why."""
+    while relay.ended is None:
+        await asyncio.sleep(RECHECK_S)
+        try:
+            await _allowed(state, socket, device_id)
+        except _Refused as refused:
+            relay.end(f"no longer allowed: {refused.message}", "revoked")
+            log.info("console of %s: %s", device_id, refused.message)
+            return
 
 
 async def _allowed(state: AppState, socket: WebSocket, device_id: str) -> DeviceView:
@@ -202,27 +227,34 @@ async def _relay(
     connection: _Connection,
     session: int,
     send_timeout_s: float,
+    watch: Callable[[], Coroutine[Any, Any, None]],
 ) -> str:
-    """Carry the session both ways until one side ends it; who ended it."""
+    """Carry the session both ways until one side ends it (or the caller may no longer
+    attach, `watch`); who ended it."""
     relay = source.relay
     reader = asyncio.create_task(_read_input(socket, connection, session))
     writer = asyncio.create_task(_write_output(socket, source, send_timeout_s))
+    watcher = asyncio.create_task(watch())
     try:
-        done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({reader, writer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if watcher in done:
+            relay.ended_by = "revoked"
+            await asyncio.wait({writer}, timeout=1.0)  # it ends at its next piece or tick
+            done = {writer}
     finally:
-        for task in (reader, writer):
+        for task in (reader, writer, watcher):
             task.cancel()
-        await asyncio.gather(reader, writer, return_exceptions=True)
-    if writer in done and not writer.cancelled() and writer.exception() is None:
-        why = writer.result()
-        code = CLOSE_TOO_SLOW if relay.ended_by != "supervisor" else CLOSE_ENDED
+        await asyncio.gather(reader, writer, watcher, return_exceptions=True)
+    if writer in done and relay.ended is not None:
+        why = relay.ended
+        code = _CLOSE_CODES.get(relay.ended_by, CLOSE_TOO_SLOW)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
                 socket.send_text(msgspec.json.encode({"type": "closed", "reason": why}).decode()),
                 send_timeout_s,
             )
             await asyncio.wait_for(socket.close(code, why[:120]), send_timeout_s)
-        return "too_slow" if code == CLOSE_TOO_SLOW else "supervisor"
+        return relay.ended_by if relay.ended_by in _CLOSE_CODES else "too_slow"
     if reader in done and not reader.cancelled() and reader.result() is not None:
         with contextlib.suppress(Exception):
             await socket.close(1009, reader.result())
