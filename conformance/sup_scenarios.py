@@ -17,8 +17,14 @@ from dataclasses import dataclass
 
 from protocol import codec, limits
 from protocol.exceptions import CloseCode
-from protocol.messages import Power, PowerResult, ProtocolErrorMessage
-from protocol.versions import POWER_MINOR, negotiate_version
+from protocol.messages import (
+    ConsoleAttach,
+    ConsoleClosed,
+    Power,
+    PowerResult,
+    ProtocolErrorMessage,
+)
+from protocol.versions import CONSOLE_MINOR, POWER_MINOR, negotiate_version
 
 from . import sup_files
 from .sup_jobs import ack_problems, cut, duplicate, start, status, stopping, timeout
@@ -132,6 +138,25 @@ async def power(kit: Kit, checks: Checks) -> None:
     checks.require(
         "power.answer", problems, f"power_result 91: ok {answer.ok}, reason {answer.reason!r}"
     )
+
+
+async def console(kit: Kit, checks: Checks) -> None:
+    """(1.6) A `console_attach` for a device the host does not have is refused with a
+    `console_closed` of that session saying why."""
+    link = await kit.connected()
+    if link.minor < CONSOLE_MINOR:
+        checks.add("console.refused", True, f"n/a: {link.welcome.version} has no console")
+        return
+    await link.peer.send(ConsoleAttach(session=93, device_id=NO_SUCH_DEVICE))
+    answer = await link.expect(
+        lambda m: isinstance(m, ConsoleClosed) and m.session == 93,
+        5.0,
+        "console_closed of session 93",
+    )
+    assert isinstance(answer, ConsoleClosed)
+    problems = [] if answer.reason else ["no reason given"]
+    await link.status(94)  # and the connection carries on
+    checks.require("console.refused", problems, f"console_closed 93: {answer.reason!r}")
 
 
 #: (row, message, close code §10 gives for it); None: a second welcome.
@@ -273,6 +298,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("status", ("status.held", "status.ended"), status),
     Scenario("ack", ("ack.problems",), ack_problems),
     Scenario("power", ("power.answer",), power),
+    Scenario("console", ("console.refused",), console),
     Scenario("files", sup_files.ROWS, sup_files.files),
     Scenario(
         "cut",

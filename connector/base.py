@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -87,6 +88,21 @@ class Supervisor(abc.ABC):
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop every run (each gets `grace_s`) and release resources."""
 
+    def attach_console(
+        self, device_id: str, key: object, listener: Callable[[int, bytes], None]
+    ) -> str | None:
+        """(1.6) Call `listener(offset, data)` with what the device's serial console prints
+        from now on, until detach_console(device_id, key); returns why not (None: done)."""
+        return f"device {device_id} has no console on this host"
+
+    def detach_console(self, device_id: str, key: object) -> None:
+        """(1.6) Stop calling the listener attached under `key`."""
+
+    def write_console(self, device_id: str, data: bytes) -> int:
+        """(1.6) Write to the device's console what it takes now (best effort): how many
+        bytes it took."""
+        return 0
+
     async def power(self, request: Power) -> PowerResult:
         """(1.5) Run a device's power command and say how it went; a supervisor with no
         power switches refuses every one."""
@@ -111,6 +127,10 @@ class SupervisorConnector(abc.ABC):
         is still unacknowledged: that wait is the backpressure on a job's output."""
 
     # The report methods a supervisor calls; each builds one event.
+
+    async def delivered(self) -> None:
+        """Wait until every event reported so far is acknowledged (a connector that
+        keeps no backlog: at once)."""
 
     async def update_job_state(
         self,

@@ -35,6 +35,9 @@ from protocol import frames, limits
 from protocol.connection import Acknowledged, Connection, Goodbye, Role
 from protocol.exceptions import CloseCode, FrameError, JobError
 from protocol.messages import (
+    ConsoleAttach,
+    ConsoleDetach,
+    ConsoleInput,
     Heartbeat,
     HeldRun,
     Hello,
@@ -46,6 +49,7 @@ from protocol.messages import (
     StatusRequest,
     StopJob,
     SupervisorEvent,
+    SupervisorMessage,
     Welcome,
 )
 from protocol.sequencing import EventBacklog
@@ -55,6 +59,7 @@ from protocol.versions import supported_versions
 from . import metrics
 from .backoff import Verdict, backoff, classify, is_unauthorized
 from .base import Supervisor, SupervisorConnector
+from .console_sessions import ConsoleSessions
 from .credentials import Attempt, HostCredentials, NoCredential
 
 #: Unacknowledged bytes a connection may have on the wire (see WebSocketConnector).
@@ -147,6 +152,14 @@ class WebSocketConnector(SupervisorConnector):
         self.backlog.report(event)
         metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
         self._new_event.set()
+
+    async def delivered(self) -> None:
+        """Wait for the first Welcome, then until every event reported so far is
+        acknowledged (across reconnects)."""
+        await self._welcomed.wait()
+        target = self.backlog.last_seq
+        async with self._room:
+            await self._room.wait_for(lambda: self.backlog.acknowledged_through(target))
 
     async def run(self) -> int:
         """Connect, and reconnect after every failure, until stop() or a fatal refusal."""
@@ -296,7 +309,15 @@ class WebSocketConnector(SupervisorConnector):
         writer = asyncio.create_task(self._write_loop(ws, connection))
         beat = asyncio.create_task(self._heartbeat_loop(ws, connection, welcome, last_heard))
         stopper = asyncio.create_task(self._stopping.wait())
-        reader = asyncio.create_task(self._read_loop(ws, connection, last_heard))
+
+        async def send(message: SupervisorMessage) -> None:
+            frame = connection.send(message)
+            if frame is not None:
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(frame, text=True)
+
+        consoles = ConsoleSessions(self.supervisor, send)
+        reader = asyncio.create_task(self._read_loop(ws, connection, last_heard, consoles))
         try:
             done, _ = await asyncio.wait(
                 {writer, beat, stopper, reader}, return_when=asyncio.FIRST_COMPLETED
@@ -307,12 +328,17 @@ class WebSocketConnector(SupervisorConnector):
                 if task is not stopper and not task.cancelled() and task.exception():
                     raise task.exception()  # type: ignore[misc]
         finally:
+            consoles.close()
             for task in (writer, beat, stopper, reader):
                 task.cancel()
             await asyncio.gather(writer, beat, stopper, reader, return_exceptions=True)
 
     async def _read_loop(
-        self, ws: ClientConnection, connection: Connection, last_heard: list[float]
+        self,
+        ws: ClientConnection,
+        connection: Connection,
+        last_heard: list[float],
+        consoles: ConsoleSessions,
     ) -> None:
         while True:
             try:
@@ -347,6 +373,12 @@ class WebSocketConnector(SupervisorConnector):
                     self._spawn(self.supervisor.stop_job(stop))
                 case Power() as request:
                     self._spawn(self._power(ws, connection, request))
+                case ConsoleAttach() as attach:
+                    consoles.attach(attach)
+                case ConsoleInput(session=session, data=data):
+                    consoles.write(session, data)
+                case ConsoleDetach(session=session):
+                    consoles.detach(session)
                 case StatusRequest() as request:
                     # Queued behind the events reported so far (the writer sends it).
                     connection.status_reply(request, self.supervisor.held_runs())

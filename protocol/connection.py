@@ -33,21 +33,28 @@ import msgspec
 
 from . import codec
 from .exceptions import CloseCode, FrameError, SwitchboardProtocolError
+from .limits import console_device
 from .messages import (
     Ack,
+    ConsoleAttach,
+    ConsoleClosed,
+    ConsoleData,
+    ConsoleDetach,
+    ConsoleInput,
     Event,
     EventProblem,
     FromSupervisor,
     FromSwitchboard,
     HeldRun,
     Hello,
+    Output,
     ProtocolErrorMessage,
     StatusReply,
     StatusRequest,
     Welcome,
 )
 from .sequencing import EventBacklog, InboundSequence
-from .versions import ACK_PROBLEMS_MINOR, minor_of, negotiate_version
+from .versions import ACK_PROBLEMS_MINOR, CONSOLE_MINOR, minor_of, negotiate_version
 
 
 class Role(enum.StrEnum):
@@ -104,6 +111,9 @@ def _row(sender: Role, cells: dict[str, Rule], otherwise: Rule) -> dict[str, Rul
     assert not unknown, f"{sender} sends no {unknown}"
     return {kind: cells.get(kind, otherwise) for kind in KINDS[sender]}
 
+
+#: The messages of the interactive console (1.6): refused on an older connection.
+_CONSOLE_MESSAGES = (ConsoleAttach, ConsoleInput, ConsoleDetach, ConsoleData, ConsoleClosed)
 
 _GIVES_UP = Allow(State.CLOSED)  # a protocol_error: its sender closes next
 _FIRST_HELLO = Refuse(CloseCode.HANDSHAKE_FAILED, "the first message must be hello")
@@ -273,6 +283,8 @@ class Connection:
             return self.fail(rule.code, rule.reason)
         if isinstance(rule, Drop):
             return None
+        if (too_new := self._too_new(message)) is not None:
+            return self.fail(CloseCode.INVALID_PAYLOAD, too_new)
         self._enter(rule)
         match message:
             case Event(seq=seq):
@@ -304,6 +316,23 @@ class Connection:
                 self._reply, self._reply_upto = message, self._received_seq
                 self._touched = set()
         return message
+
+    def _too_new(self, message: msgspec.Struct) -> str | None:
+        """Why `message` may not come on this connection: it is of a protocol minor
+        newer than the one negotiated (None: it may)."""
+        if self.version is None or self._speaks(CONSOLE_MINOR):
+            return None
+        if isinstance(message, Output) and console_device(message.stream) is not None:
+            return (
+                f"output stream {message.stream!r}: device console streams need protocol"
+                f" 1.{CONSOLE_MINOR}, this connection speaks {self.version}"
+            )
+        if isinstance(message, _CONSOLE_MESSAGES):
+            return (
+                f"{_KIND[type(message)]} needs protocol 1.{CONSOLE_MINOR},"
+                f" this connection speaks {self.version}"
+            )
+        return None
 
     def may_send(self, kind: str) -> bool:
         """True if this side may send a message of `kind` now; False once closed (what is

@@ -11,7 +11,7 @@ import re
 #: Major version, carried in the WebSocket subprotocol name. A change here breaks peers.
 PROTOCOL_MAJOR = 1
 #: Highest minor version this code speaks. Minors only add optional fields and messages.
-PROTOCOL_MINOR = 5
+PROTOCOL_MINOR = 6
 #: The one subprotocol a supervisor offers and the switchboard accepts.
 SUBPROTOCOL = f"switchboard.v{PROTOCOL_MAJOR}"
 
@@ -66,8 +66,17 @@ MAX_DEVICES = 512
 MESSAGE_MAX_LEN = 4096
 #: (1.5) The most of a power command's output a `power_result` carries, in characters.
 POWER_OUTPUT_MAX_LEN = 4096
+#: An output stream's name: `stdout`, `stderr`, `console` (backend messages), or (1.6)
+#: `console:<device id>`, the serial console of a device granted to the run.
+STREAM_PATTERN = r"^(?:stdout|stderr|console|console:[A-Za-z0-9][A-Za-z0-9._-]{0,63})$(?!\n)"
+#: The prefix of a device console's stream name (1.6).
+CONSOLE_STREAM_PREFIX = "console:"
+#: (1.6) The most bytes one `console_data` carries, and one `console_input`.
+MAX_CONSOLE_DATA = 64 * 1024
+MAX_CONSOLE_INPUT = 4096
 
 _ID_RE = re.compile(ID_PATTERN)
+_STREAM_RE = re.compile(STREAM_PATTERN)
 _DIGEST_RE = re.compile(DIGEST_PATTERN)
 _INPUT_PATH_RE = re.compile(INPUT_PATH_PATTERN)
 
@@ -75,6 +84,23 @@ _INPUT_PATH_RE = re.compile(INPUT_PATH_PATTERN)
 def is_valid_id(value: str) -> bool:
     """True if `value` follows the identifier grammar."""
     return bool(_ID_RE.match(value))
+
+
+def is_valid_stream(value: str) -> bool:
+    """True if `value` follows the stream name grammar (STREAM_PATTERN)."""
+    return bool(_STREAM_RE.match(value))
+
+
+def console_stream(device_id: str) -> str:
+    """The name of a device console's stream (1.6): `console:<device id>`."""
+    return CONSOLE_STREAM_PREFIX + device_id
+
+
+def console_device(stream: str) -> str | None:
+    """The device whose console `stream` is (`console:nrf-1` -> `nrf-1`), else None."""
+    if stream.startswith(CONSOLE_STREAM_PREFIX):
+        return stream[len(CONSOLE_STREAM_PREFIX) :]
+    return None
 
 
 def is_valid_digest(value: str) -> bool:

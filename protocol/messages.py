@@ -52,10 +52,13 @@ Seq = Annotated[int, Meta(ge=0, le=INT64_MAX)]
 #: An event's own number: the first event a supervisor ever numbers is 1.
 EventSeq = Annotated[int, Meta(ge=1, le=INT64_MAX)]
 Attempt = Annotated[int, Meta(ge=1, le=INT64_MAX)]
-Stream = Literal["stdout", "stderr", "console"]
+#: An output stream: `stdout`, `stderr`, `console` (backend messages) or (1.6)
+#: `console:<device id>`, the serial console of a device granted to the run.
+Stream = Annotated[str, Meta(pattern=limits.STREAM_PATTERN)]
 Text = Annotated[str, Meta(max_length=limits.MESSAGE_MAX_LEN)]
 
-STREAMS: tuple[Stream, ...] = ("stdout", "stderr", "console")
+#: The streams every run has (a run holding devices with consoles has one more each).
+STREAMS: tuple[str, ...] = ("stdout", "stderr", "console")
 
 
 class RunRef(msgspec.Struct, frozen=True):
@@ -226,6 +229,24 @@ class PowerResult(SupervisorMessage, tag="power_result"):
     ok: bool = False
     exit_code: Int64 | None = None
     output: Annotated[str, Meta(max_length=limits.POWER_OUTPUT_MAX_LEN)] = ""
+    reason: Text = ""
+
+
+class ConsoleData(SupervisorMessage, tag="console_data"):
+    """(1.6) Bytes read from a device's serial console for an attached session: `offset`
+    counts the bytes of that console read since the supervisor opened it, so a gap shows.
+    Not an event (no `seq`, not resent): a session ends with its connection."""
+
+    session: Seq
+    offset: Seq
+    data: Annotated[bytes, Meta(max_length=limits.MAX_CONSOLE_DATA)]
+
+
+class ConsoleClosed(SupervisorMessage, tag="console_closed"):
+    """(1.6) The supervisor ended an attached session (or refused to start it), and why:
+    no such device or console here, the console can't be opened, the session fell behind."""
+
+    session: Seq
     reason: Text = ""
 
 
@@ -406,6 +427,29 @@ class Power(SwitchboardMessage, tag="power"):
     action: PowerAction
 
 
+class ConsoleAttach(SwitchboardMessage, tag="console_attach"):
+    """(1.6) Start sending what a device's serial console prints, as `console_data` of
+    this `session` (numbered by the switchboard, per connection), until `console_detach`
+    or the connection ends."""
+
+    session: Seq
+    device_id: Id
+
+
+class ConsoleInput(SwitchboardMessage, tag="console_input"):
+    """(1.6) Bytes to write to the serial console of an attached session's device (best
+    effort: what can't be written at once is dropped)."""
+
+    session: Seq
+    data: Annotated[bytes, Meta(max_length=limits.MAX_CONSOLE_INPUT)]
+
+
+class ConsoleDetach(SwitchboardMessage, tag="console_detach"):
+    """(1.6) End an attached session (a repeat, or an unknown session, is harmless)."""
+
+    session: Seq
+
+
 class ServerHeartbeat(SwitchboardMessage, tag="heartbeat"):
     """The switchboard's heartbeat (same shape as the supervisor's)."""
 
@@ -435,6 +479,8 @@ FromSupervisor = (
     | JobFiles
     | StatusReply
     | PowerResult
+    | ConsoleData
+    | ConsoleClosed
     | Heartbeat
     | ProtocolErrorMessage
 )
@@ -445,6 +491,9 @@ FromSwitchboard = (
     | Ack
     | StatusRequest
     | Power
+    | ConsoleAttach
+    | ConsoleInput
+    | ConsoleDetach
     | ServerHeartbeat
     | ProtocolErrorMessage
 )
@@ -487,6 +536,9 @@ LenientFromSwitchboard = (
     | Ack
     | StatusRequest
     | Power
+    | ConsoleAttach
+    | ConsoleInput
+    | ConsoleDetach
     | ServerHeartbeat
     | ProtocolErrorMessage
 )

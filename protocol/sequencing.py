@@ -94,6 +94,10 @@ class EventBacklog:
             dropped += 1
         return dropped
 
+    def acknowledged_through(self, seq: int) -> bool:
+        """True once every event numbered up to `seq` is acknowledged (forgotten)."""
+        return not self._items or self._items[0][0] > seq
+
     def resume(self, stored_seq: int) -> None:
         """Apply a Welcome's `last_seq`: forget what is stored, continue numbering after it
         (the events held until the first Welcome are numbered now, in order)."""

@@ -51,6 +51,11 @@ DEVICES_MINOR = 4
 #: The minor version that added power control: the `power` request and its
 #: `power_result` answer (docs/protocol.md §5, docs/lab.md).
 POWER_MINOR = 5
+#: The minor version that added the serial console: output streams named
+#: `console:<device id>`, and the interactive attach messages (`console_attach`,
+#: `console_input`, `console_detach`, `console_data`, `console_closed`) (docs/protocol.md
+#: §5, §6.2, docs/lab.md "Serial console").
+CONSOLE_MINOR = 6
 
 
 def minor_of(version: str) -> int:

@@ -45,6 +45,7 @@ from supervisor.config import (
     default_of,
     load_config,
 )
+from supervisor.console import SPOOL_DIR, Consoles
 from supervisor.inputs import InputCache
 from supervisor.jobs import BackendSupervisor
 from supervisor.outputs import DirectorySink, ListingSink, OutputSink, SwitchboardSink
@@ -239,6 +240,7 @@ async def _run(settings: SupervisorSettings, credentials: HostCredentials) -> in
         outputs=uploads,
         outputs_limits=_output_limits(settings),
         power=PowerSwitches(settings.config.devices),
+        consoles=Consoles(settings.config.devices, settings.work_dir / SPOOL_DIR),
         **_inputs(artifacts, settings),
     )
     connector = WebSocketConnector(

@@ -32,6 +32,7 @@ from protocol.messages import (
 )
 from protocol.state import InvalidTransition, Phase, check_transition, is_terminal
 from supervisor.backends.base import Backend, Outcome, RunContext
+from supervisor.console import Consoles, Listener
 from supervisor.inputs import InputCache, place_inputs, remove_run_dir
 from supervisor.metrics import RUNNING_JOBS, job_error, output_files, run_ended
 from supervisor.output import OutputPump
@@ -95,8 +96,11 @@ class BackendSupervisor(Supervisor):
         outputs: OutputSink | None = None,
         outputs_limits: CollectLimits | None = None,
         power: PowerSwitches | None = None,
+        consoles: Consoles | None = None,
     ) -> None:
         self.backend = backend
+        #: The host's serial consoles (None: it has none).
+        self.consoles = consoles
         #: The host's power switches (None: it has none, every power request is refused).
         self.power_switches = power
         #: Where runs' inputs come from (None: this supervisor refuses runs with inputs).
@@ -132,11 +136,34 @@ class BackendSupervisor(Supervisor):
             return await super().power(request)
         return await self.power_switches.run(request)
 
+    def attach_console(self, device_id: str, key: object, listener: Listener) -> str | None:
+        if self.consoles is None:
+            return super().attach_console(device_id, key, listener)
+        return self.consoles.attach(device_id, key, listener)
+
+    def detach_console(self, device_id: str, key: object) -> None:
+        if self.consoles is not None:
+            self.consoles.detach(device_id, key)
+
+    def write_console(self, device_id: str, data: bytes) -> int:
+        return self.consoles.write(device_id, data) if self.consoles is not None else 0
+
+    async def _send_console(self, run: RunRef, stream: Stream, offset: int, data: bytes) -> None:
+        assert self.connector is not None
+        await self.connector.send_output(run, stream, offset, data)
+
+    async def _delivered(self) -> None:
+        assert self.connector is not None
+        await self.connector.delivered()
+
     def held_runs(self) -> list[HeldRun]:
         return [HeldRun(r.ref.job_id, r.ref.attempt, r.phase) for r in self._runs.values()]
 
     async def recover(self) -> None:
         await self.backend.prepare()
+        if self.consoles is not None:
+            self.consoles.open()
+        adopted: dict[RunRef, StartJob] = {}
         for start in await self.backend.recover():
             ref = RunRef(start.job_id, start.attempt)
             if ref in self._runs:
@@ -148,10 +175,17 @@ class BackendSupervisor(Supervisor):
             self._runs[ref] = run
             RUNNING_JOBS.set(len(self._runs))
             self._idle.clear()
+            adopted[ref] = start
             run.task = asyncio.get_running_loop().create_task(
                 self._drive(run, resume=True), name=f"resumed run {ref}"
             )
             log.info("re-adopted run %s#%d", ref.job_id, ref.attempt)
+        if self.consoles is not None:
+            # What the consoles printed before the restart is on disk: a re-adopted run's
+            # stream goes on, an ended run's is sent once connected.
+            self.consoles.recover(set(adopted), self._send_console, self._delivered)
+            for ref, start in adopted.items():
+                self.consoles.claim(ref, start.devices, self._send_console)
 
     async def start_job(self, start: StartJob) -> None:
         ref = RunRef(start.job_id, start.attempt)
@@ -167,6 +201,9 @@ class BackendSupervisor(Supervisor):
         self._runs[ref] = run
         RUNNING_JOBS.set(len(self._runs))
         self._idle.clear()
+        if self.consoles is not None:
+            # From now on its devices' consoles are the run's streams `console:<device>`.
+            self.consoles.claim(ref, start.devices, self._send_console)
         run.task = asyncio.get_running_loop().create_task(self._drive(run), name=f"run {ref}")
 
     def _admit(self, ref: RunRef, start: StartJob) -> None:
@@ -210,6 +247,8 @@ class BackendSupervisor(Supervisor):
         for run in list(self._runs.values()):
             if run.task is not None:
                 run.task.cancel()
+        if self.consoles is not None:
+            await self.consoles.close()
         await self.backend.close()
 
     async def wait_idle(self) -> None:
@@ -279,6 +318,9 @@ class BackendSupervisor(Supervisor):
             run.program_ended = True
         try:
             await output.close()
+            if self.consoles is not None:
+                # Its consoles' last bytes go before its end is reported.
+                await self.consoles.release(ref, self._delivered)
             if error is not None:
                 job_error(error.kind)
                 await connector.report_job_error(ref, error.kind, error.description)

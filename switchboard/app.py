@@ -19,6 +19,7 @@ from protocol.exceptions import CloseCode
 from protocol.messages import StopJob
 from switchboard import recovery
 from switchboard.api.artifacts import ArtifactController
+from switchboard.api.device_console import device_console
 from switchboard.api.devices import DeviceController
 from switchboard.api.dispatch import DispatchController
 from switchboard.api.errors import EXCEPTION_HANDLERS
@@ -270,6 +271,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
             live,
             metrics,
             supervisor_socket,
+            device_console,
             *dashboard_routes(),
         ],
         lifespan=[lifespan],

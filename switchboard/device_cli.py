@@ -1,4 +1,4 @@
-"""`switchboard device list|show|set-health|power|reserve|reservations|extend|release`:
+"""`switchboard device list|show|set-health|power|console|reserve|reservations|extend|release`:
 the lab's devices and their reservations (docs/lab.md), each command one REST call
 (`reserve --wait` refreshes its reservation until it is held)."""
 
@@ -13,6 +13,7 @@ from urllib.parse import quote
 from protocol.messages import POWER_ACTIONS
 from switchboard.admin_cli import command_group, labels_text
 from switchboard.cli_output import client, duration, show, table, when
+from switchboard.console_cli import add_console_command
 from switchboard.health import HEALTH_STATES
 
 
@@ -206,6 +207,7 @@ def add_device_commands(commands: argparse._SubParsersAction) -> None:
     )
     power.add_argument("device_id")
     power.add_argument("action", choices=POWER_ACTIONS)
+    add_console_command(device)
     reserve = device(
         "reserve", "reserve devices: all of them at once, for a lease that ends by itself", _reserve
     )

@@ -40,7 +40,7 @@ from switchboard.outbox import Outbox
 from switchboard.relay import CommandRelay
 from switchboard.scheduler import files_asked
 from switchboard.store.base import Store
-from switchboard.supervisor_connection import PowerUnavailable, SupervisorConnection
+from switchboard.supervisor_connection import ConsolePeer, PowerUnavailable, SupervisorConnection
 
 log = logging.getLogger("switchboard.hub")
 
@@ -177,6 +177,19 @@ class Hub:
             return connection.power(device_id, action)
         except PowerUnavailable as busy:
             return str(busy)
+
+    def attach_console(
+        self, supervisor_id: str, device_id: str, peer: ConsolePeer
+    ) -> tuple[SupervisorConnection, int] | str:
+        """Attach `peer` to the device's console through its supervisor: the connection
+        and the session's number (detach through them), or why it can't be done."""
+        connection = self._connections.get(supervisor_id)
+        if connection is None:
+            return f"supervisor {supervisor_id} is not connected"
+        session = connection.attach_console(device_id, peer)
+        if isinstance(session, str):
+            return session
+        return connection, session
 
     def send_stop(self, supervisor_id: str, stop: StopJob) -> None:
         """Queue a StopJob for the supervisor; never waits on its socket. A supervisor

@@ -63,7 +63,7 @@ EXIT_WAIT_TIMEOUT = 3
 PROGRESS_EVERY_S = 10.0
 
 
-def _follow(api: Client, job_id: str) -> dict[str, Any]:
+def _follow(api: Client, job_id: str, stream: str | None = None) -> dict[str, Any]:
     """Copy each run's stdout and stderr live to ours until the job ends (a job restarted by
     its policy has several runs); return the final job. While it waits for a run, say so on
     stderr now and then, and at once if no supervisor could ever take it."""
@@ -76,7 +76,7 @@ def _follow(api: Client, job_id: str) -> dict[str, Any]:
         if latest > followed:
             if followed:
                 print(f"--- run {latest} ---", file=sys.stderr, flush=True)
-            _copy_run(api, job_id, latest)
+            _copy_run(api, job_id, latest, stream)
             followed = latest
             waiting_since = time.monotonic()
             continue
@@ -92,7 +92,8 @@ def _follow(api: Client, job_id: str) -> dict[str, Any]:
         time.sleep(0.2)
 
 
-def _copy_run(api: Client, job_id: str, attempt: int) -> None:
+def _copy_run(api: Client, job_id: str, attempt: int, stream: str | None = None) -> None:
+    """Copy a run's stdout and stderr to ours, or only `stream` (to our stdout)."""
     errors: list[Exception] = []
 
     def copy(stream: str, out: Any) -> None:
@@ -103,10 +104,10 @@ def _copy_run(api: Client, job_id: str, attempt: int) -> None:
         except ClientError as exc:
             errors.append(exc)
 
-    threads = [
-        threading.Thread(target=copy, args=("stdout", sys.stdout.buffer), daemon=True),
-        threading.Thread(target=copy, args=("stderr", sys.stderr.buffer), daemon=True),
-    ]
+    pairs = [("stdout", sys.stdout.buffer), ("stderr", sys.stderr.buffer)]
+    if stream is not None:
+        pairs = [(stream, sys.stdout.buffer)]
+    threads = [threading.Thread(target=copy, args=pair, daemon=True) for pair in pairs]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -236,7 +237,10 @@ def _events(args: argparse.Namespace) -> int:
 def _logs(args: argparse.Namespace) -> int:
     api = client(args)
     if args.follow:
-        return exit_status(_follow(api, args.job_id))
+        return exit_status(_follow(api, args.job_id, args.stream))
+    if args.stream is not None:
+        sys.stdout.buffer.write(api.output(args.job_id, args.stream))
+        return 0
     sys.stdout.buffer.write(api.output(args.job_id, "stdout"))
     sys.stderr.buffer.write(api.output(args.job_id, "stderr"))
     return 0
@@ -331,6 +335,12 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
     logs = command("logs", "a job's output", _logs)
     logs.add_argument("job_id")
     logs.add_argument("--follow", action="store_true")
+    logs.add_argument(
+        "--stream",
+        metavar="NAME",
+        help="only this stream, to stdout: stdout, stderr, console, or console:DEVICE (the"
+        " serial console of a device the run held); default: stdout and stderr",
+    )
 
     files = command("files", "a job's output files (its latest run's), and download them", _files)
     files.add_argument("job_id")

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from protocol.exceptions import ProblemCode
+from protocol.limits import console_device
 from protocol.messages import STREAMS, Output
 from protocol.spec import BACKEND_KINDS
 from protocol.state import TERMINAL, Phase
@@ -340,6 +341,31 @@ POWER_CALLS = Counter(
     ["action", "result"],
     registry=REGISTRY,
 )
+#: Why an attach to a device's console is refused (docs/lab.md "Serial console").
+CONSOLE_REFUSAL_REASONS = ("forbidden", "not_found", "no_console", "unavailable")
+#: Who ended an attached console session: the client left, the supervisor ended it (or
+#: its connection ended), the client did not keep up and was dropped, or it may no longer
+#: attach (its token revoked, the lease it attached by ended).
+CONSOLE_END_REASONS = ("client", "supervisor", "too_slow", "revoked")
+CONSOLE_REFUSALS = Counter(
+    "switchboard_console_refusals_total",
+    "Console attaches refused: forbidden (401/403), not_found (no such device), no_console"
+    " (409), unavailable (503: its supervisor is not connected or speaks no 1.6).",
+    ["reason"],
+    registry=REGISTRY,
+)
+CONSOLE_SESSIONS = Gauge(
+    "switchboard_console_sessions",
+    "Console sessions attached now.",
+    registry=REGISTRY,
+)
+CONSOLE_SESSIONS_ENDED = Counter(
+    "switchboard_console_sessions_ended_total",
+    "Console sessions ended, by who ended them: client, supervisor, too_slow (dropped),"
+    " revoked (the client may no longer attach).",
+    ["reason"],
+    registry=REGISTRY,
+)
 POWER_REFUSALS = Counter(
     "switchboard_power_refusals_total",
     "Power requests refused before reaching a supervisor: 400 invalid_request (an"
@@ -596,17 +622,27 @@ for _state in SUPERVISOR_STATES:
     SUPERVISORS_CONNECTED.labels(_state)
 for _reason in SUPERVISOR_REFUSAL_REASONS:
     SUPERVISOR_REFUSALS.labels(_reason)
+for _reason in CONSOLE_REFUSAL_REASONS:
+    CONSOLE_REFUSALS.labels(_reason)
+for _reason in CONSOLE_END_REASONS:
+    CONSOLE_SESSIONS_ENDED.labels(_reason)
 
 
 def backend_label(kind: str) -> str:
     return kind if kind in BACKEND_KINDS else OTHER
 
 
+def stream_label(stream: str) -> str:
+    """The `stream` label of an output stream: a device's console (`console:<device>`)
+    counts as `console`, so the label has three values whatever the lab."""
+    return "console" if console_device(stream) is not None else stream
+
+
 def count_output(events: Iterable[object]) -> None:
     """Count the bytes of the output events among `events` (just stored)."""
     for event in events:
         if isinstance(event, Output):
-            OUTPUT_BYTES.labels(event.stream).inc(len(event.data))
+            OUTPUT_BYTES.labels(stream_label(event.stream)).inc(len(event.data))
 
 
 # --- observations staged inside a store transaction ------------------------------------
@@ -687,12 +723,12 @@ def output_truncated(stream: str, dropped: int) -> None:
     """Stage a stream cut at the output cap, and the bytes of its chunk left out."""
 
     def observe() -> None:
-        OUTPUT_TRUNCATED.labels(stream).inc()
-        OUTPUT_DROPPED_BYTES.labels(stream).inc(dropped)
+        OUTPUT_TRUNCATED.labels(stream_label(stream)).inc()
+        OUTPUT_DROPPED_BYTES.labels(stream_label(stream)).inc(dropped)
 
     _staging().append(observe)
 
 
 def output_dropped(stream: str, dropped: int) -> None:
     """Stage output dropped because its stream was cut at the output cap."""
-    _staging().append(lambda: OUTPUT_DROPPED_BYTES.labels(stream).inc(dropped))
+    _staging().append(lambda: OUTPUT_DROPPED_BYTES.labels(stream_label(stream)).inc(dropped))

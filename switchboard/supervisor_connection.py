@@ -30,10 +30,17 @@ from litestar import WebSocket
 from protocol import frames
 from protocol.connection import Connection, Goodbye
 from protocol.exceptions import CloseCode
+from protocol.limits import console_device
 from protocol.messages import (
+    ConsoleAttach,
+    ConsoleClosed,
+    ConsoleData,
+    ConsoleDetach,
+    ConsoleInput,
     Event,
     HeldRun,
     Hello,
+    Output,
     Power,
     PowerAction,
     PowerResult,
@@ -45,7 +52,7 @@ from protocol.messages import (
 )
 from protocol.spec import JobSpec
 from protocol.state import Phase
-from protocol.versions import minor_of
+from protocol.versions import CONSOLE_MINOR, minor_of
 from switchboard import metrics, wsprotocol
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
@@ -68,6 +75,19 @@ MAX_BATCH = 1024
 WRITES_IN_FLIGHT = 2
 #: Power requests of one connection waiting for their answer, at most.
 POWER_IN_FLIGHT = 16
+#: Attached console sessions of one connection, at most.
+CONSOLE_SESSIONS = 64
+#: Runs whose granted devices one connection remembers (to check console streams).
+GRANTS_KEPT = 256
+
+
+class ConsolePeer(Protocol):
+    """An attached console client (switchboard.console_relay): told what the supervisor
+    sends for its session. Neither call may wait."""
+
+    def feed(self, offset: int, data: bytes) -> None: ...
+
+    def closed(self, reason: str) -> None: ...
 
 
 class Fleet(Protocol):
@@ -158,7 +178,10 @@ class SupervisorConnection:
     __slots__ = (
         "_acknowledger",
         "_beats",
+        "_console_id",
+        "_consoles",
         "_events",
+        "_grants",
         "_last_heard",
         "_power_id",
         "_power_over",
@@ -222,6 +245,11 @@ class SupervisorConnection:
         self._power_id = 0
         #: True once no answer can come any more (the connection is over).
         self._power_over = False
+        #: Attached console sessions by number (None until the first).
+        self._consoles: dict[int, ConsolePeer] | None = None
+        self._console_id = 0
+        #: The devices granted to runs whose console streams came (None until the first).
+        self._grants: dict[RunRef, frozenset[str]] | None = None
 
     @property
     def minor(self) -> int:
@@ -275,6 +303,77 @@ class SupervisorConnection:
         for answer in list((self._powering or {}).values()):
             if not answer.done():
                 answer.set_result(None)
+
+    def attach_console(self, device_id: str, peer: ConsolePeer) -> int | str:
+        """Start an attached console session of the device: its number, or why not. What
+        the supervisor sends for it goes to `peer`."""
+        if self.minor < CONSOLE_MINOR:
+            return (
+                f"supervisor {self.id} speaks protocol 1.{self.minor}:"
+                f" the console needs 1.{CONSOLE_MINOR}"
+            )
+        if self.outbox.closed or self._power_over:
+            return f"the connection of {self.id} is closing"
+        sessions = self._consoles if self._consoles is not None else {}
+        if len(sessions) >= CONSOLE_SESSIONS:
+            return f"{CONSOLE_SESSIONS} console sessions of {self.id} are attached already"
+        self._consoles = sessions
+        self._console_id += 1
+        sessions[self._console_id] = peer
+        self.send(ConsoleAttach(session=self._console_id, device_id=device_id))
+        return self._console_id
+
+    def console_input(self, session: int, data: bytes) -> None:
+        if self._consoles is not None and session in self._consoles:
+            self.send(ConsoleInput(session=session, data=data))
+
+    def detach_console(self, session: int) -> None:
+        if self._consoles is not None and self._consoles.pop(session, None) is not None:
+            self.send(ConsoleDetach(session=session))
+
+    def _console_said(self, message: ConsoleData | ConsoleClosed) -> None:
+        peer = (self._consoles or {}).get(message.session)
+        if peer is None:
+            return  # detached meanwhile
+        if isinstance(message, ConsoleData):
+            peer.feed(message.offset, message.data)
+        else:
+            assert self._consoles is not None
+            del self._consoles[message.session]
+            peer.closed(message.reason or "the supervisor ended the session")
+
+    def _consoles_over(self) -> None:
+        sessions, self._consoles = self._consoles or {}, None
+        for peer in sessions.values():
+            peer.closed(f"the connection of supervisor {self.id} ended")
+
+    async def _console_refusal(self, event: Output) -> str | None:
+        """Why an output event's `console:<device>` stream may not come: its device was
+        not granted to its run (None: it was, or the run is unknown, which the store
+        tells the supervisor as for any event)."""
+        device = console_device(event.stream)
+        if device is None:
+            return None
+        run = RunRef(event.job_id, event.attempt)
+        grants = self._grants if self._grants is not None else {}
+        granted = grants.get(run)
+        if granted is None:
+            job = await self.fleet.store.get_job(event.job_id)
+            found = [r for r in (job.runs if job is not None else []) if r.attempt == run.attempt]
+            if not found:
+                return None
+            granted = frozenset(found[0].devices)
+            if len(grants) >= GRANTS_KEPT:
+                grants.pop(next(iter(grants)))
+            grants[run] = granted
+            self._grants = grants
+        if device in granted:
+            return None
+        return (
+            f"output stream {event.stream!r} of run {event.job_id}#{event.attempt}: device"
+            f" {device!r} was not granted to the run"
+            f" (granted: {', '.join(sorted(granted)) or 'none'})"
+        )
 
     def request_status(self) -> None:
         """Ask the supervisor which runs it holds (the reply is reconciled when it comes)."""
@@ -369,6 +468,7 @@ class SupervisorConnection:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._power_lost()  # no answer comes any more: their callers are told now
+            self._consoles_over()
             # Store what was received before the connection went away.
             await self._drain_events()
             # The goodbye, if the switchboard ended the connection; otherwise the socket
@@ -389,8 +489,17 @@ class SupervisorConnection:
             self._last_heard = time.monotonic()
             self.last_heard_at = time.time()
             match frames.receive(self.protocol, wsprotocol.message_data(message)):
+                case Output() as event if console_device(event.stream) is not None:
+                    refusal = await self._console_refusal(event)
+                    if refusal is not None:
+                        self._protocol_error(CloseCode.INVALID_PAYLOAD, refusal)
+                        self.close(CloseCode.INVALID_PAYLOAD, refusal)
+                        return
+                    await self._events.put(event)
                 case Event() as event:
                     await self._events.put(event)
+                case ConsoleData() | ConsoleClosed() as said:
+                    self._console_said(said)
                 case StatusReply():
                     await self._status_due()
                 case PowerResult() as result:

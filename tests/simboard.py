@@ -13,6 +13,10 @@ that owns a pseudo-terminal (its tty path is linked at DIR/tty, like a udev syml
   until-boot`: a fault its next boot clears, as a power cycle clears a wedged radio), and
   anything else `unknown command: ...`.
 - `off` powers it down, `cycle` is off then on, `status` answers `on` or `off`.
+- `chatter on` makes it print a numbered line (with bytes that are not UTF-8) every
+  CHATTER_S, whatever its power, until `chatter off`: a console that keeps talking.
+- Every byte it writes to its console is also appended to DIR/console.out, so a test can
+  compare what a reader of the console got with what the board wrote.
 
 Serve a board::
 
@@ -39,6 +43,7 @@ import sys
 import termios
 import time
 import tty
+from collections.abc import Callable
 from pathlib import Path
 
 #: What the board prints when it boots, one line at a time.
@@ -53,6 +58,16 @@ PROMPT = b"> "
 MAX_LINE = 4096
 #: Longest power command (and its answer) on the socket.
 MAX_COMMAND = 256
+#: Seconds between two lines of a chattering board.
+CHATTER_S = 0.01
+#: What the board has written to its console, under its directory.
+RECORD = "console.out"
+
+
+def chatter_line(n: int) -> bytes:
+    """The `n`th line a chattering board prints: numbered, with two bytes that are not
+    UTF-8 and an escape sequence, as real consoles print."""
+    return f"tick {n:06d} ".encode() + b"\xff\xfe \x1b[1mok\x1b[0m\r\n"
 
 
 class Board:
@@ -64,6 +79,8 @@ class Board:
         #: The failure lasts until the next boot only.
         self.fault_until_boot = False
         self.boots = 0
+        self.chatter = False
+        self.chatted = 0
         self._line = bytearray()
 
     def power(self, command: str) -> tuple[str, bytes]:
@@ -85,6 +102,9 @@ class Board:
             case ["fail-check", ("on" | "off" | "until-boot") as flag]:
                 self.fail_check = flag != "off"
                 self.fault_until_boot = flag == "until-boot"
+                return "ok", b""
+            case ["chatter", ("on" | "off") as flag]:
+                self.chatter = flag == "on"
                 return "ok", b""
         return f"error: unknown command {command!r}", b""
 
@@ -159,20 +179,32 @@ def serve(directory: Path, fail_check: bool = False) -> None:
     sel = selectors.DefaultSelector()
     sel.register(master, selectors.EVENT_READ, "console")
     sel.register(listener, selectors.EVENT_READ, "power")
+    record = open(directory / RECORD, "ab", buffering=0)  # closed below
+
+    def write(data: bytes) -> None:
+        record.write(data[: _write_all(master, data)])
+
     # The slave stays open here: a reader closing its end never hangs the line up.
     print(f"ready {os.ttyname(slave)}", flush=True)
+    next_line = time.monotonic()
     try:
         while not stopping:
-            for key, _ in sel.select(timeout=0.5):
+            timeout = max(0.0, next_line - time.monotonic()) if board.chatter else 0.5
+            for key, _ in sel.select(timeout=timeout):
                 if key.data == "console":
                     try:
                         data = os.read(master, 4096)
                     except (BlockingIOError, InterruptedError):
                         continue
-                    _write_all(master, board.console_input(data))
+                    write(board.console_input(data))
                 else:
-                    _power_request(listener, board, master)
+                    _power_request(listener, board, write)
+            if board.chatter and time.monotonic() >= next_line:
+                board.chatted += 1
+                write(chatter_line(board.chatted))
+                next_line = time.monotonic() + CHATTER_S
     finally:
+        record.close()
         sel.close()
         listener.close()
         for path in (sock_path, link):
@@ -182,7 +214,8 @@ def serve(directory: Path, fail_check: bool = False) -> None:
         os.close(slave)
 
 
-def _power_request(listener: socket.socket, board: Board, master: int) -> None:
+def _power_request(listener: socket.socket, board: Board, write: Callable[[bytes], None]) -> None:
+    """Answer one power-socket command (what the console prints because of it first)."""
     conn, _ = listener.accept()
     with conn:
         conn.settimeout(2.0)
@@ -191,20 +224,21 @@ def _power_request(listener: socket.socket, board: Board, master: int) -> None:
         except OSError:
             return
         answer, printed = board.power(command)
-        _write_all(master, printed)
+        write(printed)
         with contextlib.suppress(OSError):
             conn.sendall(answer.encode() + b"\n")
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> int:
     """Write to the console; what nobody reads past the pty's buffer is dropped, as a UART
-    with no listener drops it."""
-    while data:
+    with no listener drops it. How many bytes were written."""
+    done = 0
+    while done < len(data):
         try:
-            n = os.write(fd, data)
+            done += os.write(fd, data[done:])
         except BlockingIOError:
-            return
-        data = data[n:]
+            break
+    return done
 
 
 def power(directory: Path, command: str, timeout: float = 5.0) -> str:
@@ -247,6 +281,10 @@ class SimBoard:
 
     def power(self, command: str) -> str:
         return power(self.dir, command)
+
+    def written(self) -> bytes:
+        """Every byte the board has written to its console so far."""
+        return (self.dir / RECORD).read_bytes()
 
     def power_argv(self, command: str) -> list[str]:
         """The command line that drives this board's power (for a supervisor's config)."""

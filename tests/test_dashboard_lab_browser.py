@@ -2,7 +2,8 @@
 real switchboard and two real supervisors whose config files declare simulated boards
 (tests/simboard.py): the list with its counts and the API's filters, a device's page with
 its history and the operators' health control, following changes live without a reload,
-and the devices on the supervisor and job pages.
+and the devices on the supervisor and job pages (a granted board's serial console is a
+stream tab of the job's output).
 
 Screenshots (list and device page at 1280 px and 375 px, a supervisor's and a job's page
 with their devices) go to $TEST_ARTIFACTS."""
@@ -24,6 +25,7 @@ from tests.harness import (
     wait_connected,
     wait_for,
     wait_job,
+    wait_running,
 )
 from tests.simboard import SimBoard
 from tests.test_lab_e2e import _config
@@ -54,7 +56,7 @@ def lab(
             mine = {name: SimBoard(root / name) for name in names}
             boards.extend(mine.values())
             config = root / f"{host}.toml"
-            config.write_text(_config(mine, resource))
+            config.write_text(_config(mine, resource, node_apart=True))
             supervisors.append(
                 start_supervisor(
                     switchboard,
@@ -220,12 +222,20 @@ def test_supervisor_and_job_pages_show_their_devices(open_dashboard, lab, tokens
     # While it runs the list names its run as the holder, then frees the board.
     expect(holder.locator("a")).to_have_attribute("href", f"#/jobs/{job_id}", timeout=LIVE_MS)
     expect(holder).to_contain_text("run 1")
+    # Switched on while the run holds it, the board's boot log is the run's console.
+    wait_running(lab, job_id)
+    assert lab.post("/api/v1/devices/nrf-1/power", json={"action": "on"}).json()["ok"]
     assert wait_job(lab, job_id)["phase"] == "succeeded"
     expect(holder).to_have_text("—", timeout=LIVE_MS)
 
     tab.go(f"#/jobs/{job_id}")
     expect(page.locator("#job-facts [data-fact=devices] a")).to_have_text("nrf-1")
     expect(page.locator("#job-runs .run-devices a")).to_have_attribute("href", "#/devices/nrf-1")
+    # The board's serial console is one more output stream of the run, in its own tab.
+    page.click('.output .tab[data-stream="console:nrf-1"]')
+    console = page.locator('pre.console[data-stream="console:nrf-1"]')
+    expect(console).to_contain_text("simboard ready")
+    expect(console).to_contain_text("SimBoard bootloader v1.2")
     tab.screenshot("job-devices.png")
     page.click("#job-facts [data-fact=devices] a")
     expect(page.locator("#device-facts [data-fact=host]")).to_have_text("nrf-host")

@@ -33,9 +33,14 @@ def _toml_list(argv: list[str]) -> str:
     return json.dumps(argv)  # a JSON array of strings is a TOML array
 
 
-def _config(boards: dict[str, SimBoard], resource: str = "simboard") -> str:
+def _config(
+    boards: dict[str, SimBoard], resource: str = "simboard", *, node_apart: bool = False
+) -> str:
     """A host's description of its boards (all of class `resource`), as a lab admin
-    writes it (docs/lab.md)."""
+    writes it (docs/lab.md). Each board's device node is its console's tty, or with
+    `node_apart` another path (a probe's interface apart from the console, as on a J-Link;
+    nothing opens it in a noop run): then the supervisor reads the console while a run
+    holds the board (docs/lab.md "Serial console")."""
     tables = []
     for name, board in boards.items():
         power = ", ".join(
@@ -45,7 +50,7 @@ def _config(boards: dict[str, SimBoard], resource: str = "simboard") -> str:
         tables.append(
             f"""[[devices]]
 name = "{name}"
-path = "{board.tty}"
+path = "{board.dir / "probe" if node_apart else board.tty}"
 resource = "{resource}"
 labels = {{ slot = "{name[-1]}" }}
 console = {{ path = "{board.tty}", baud = 115200 }}

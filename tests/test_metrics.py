@@ -99,6 +99,9 @@ SWITCHBOARD_METRICS = {
     "switchboard_fenced_writes_total": "counter",
     "switchboard_supervisor_commands_total": "counter",
     "switchboard_sessions_reaped_total": "counter",
+    "switchboard_console_refusals_total": "counter",
+    "switchboard_console_sessions": "gauge",
+    "switchboard_console_sessions_ended_total": "counter",
 }
 _OUTCOMES = {p.value for p in TERMINAL}
 #: Every label a metric may carry, with every value it may take (bounded: no ids).
@@ -159,6 +162,8 @@ LABEL_VALUES: dict[str, set[str]] = {
         "too_many_ids",
         "no_ids",
         "forbidden",
+        *("not_found", "no_console", "unavailable", "client", "supervisor", "too_slow"),
+        "revoked",
     },
     "route": {"live", "follow", "events"},
     "health": set(HEALTH_STATES),

@@ -33,6 +33,11 @@ from protocol.connection import (
 from protocol.exceptions import CloseCode
 from protocol.messages import (
     Ack,
+    ConsoleAttach,
+    ConsoleClosed,
+    ConsoleData,
+    ConsoleDetach,
+    ConsoleInput,
     Heartbeat,
     HeldRun,
     Hello,
@@ -68,7 +73,7 @@ HELLO_, WELCOME_, EST, CLOSED = (
 # One message of each kind each side sends.
 SAMPLES = {
     SUP: {
-        "hello": Hello(supervisor_id="h", name="h", versions=["1.1"]),
+        "hello": Hello(supervisor_id="h", name="h", versions=["1.6"]),
         "state": JobStateChanged(seq=1, job_id="j", attempt=1, phase=Phase.RUNNING),
         "error": JobErrorReport(seq=1, job_id="j", attempt=1, kind="internal_error"),
         "output": Output(seq=1, job_id="j", attempt=1, stream="stdout", offset=0, data=b"x"),
@@ -76,16 +81,21 @@ SAMPLES = {
         "files": JobFiles(seq=1, job_id="j", attempt=1),
         "status": StatusReply(request_id=1),
         "power_result": PowerResult(request_id=1, ok=True, exit_code=0),
+        "console_data": ConsoleData(session=1, offset=0, data=b"> "),
+        "console_closed": ConsoleClosed(session=1, reason="gone"),
         "heartbeat": Heartbeat(at=1.0),
         "protocol_error": ProtocolErrorMessage(code=1011, reason="bye"),
     },
     SB: {
-        "welcome": Welcome(version="1.1", session=1, last_seq=0),
+        "welcome": Welcome(version="1.6", session=1, last_seq=0),
         "start_job": StartJob(job_id="j", attempt=1, backend=NoopBackend()),
         "stop_job": StopJob(job_id="j", attempt=1),
         "ack": Ack(seq=0),
         "status_request": StatusRequest(request_id=1),
         "power": Power(request_id=1, device_id="board-1", action="status"),
+        "console_attach": ConsoleAttach(session=1, device_id="board-1"),
+        "console_input": ConsoleInput(session=1, data=b"ping\r"),
+        "console_detach": ConsoleDetach(session=1),
         "heartbeat": ServerHeartbeat(at=1.0),
         "protocol_error": ProtocolErrorMessage(code=1011, reason="bye"),
     },
@@ -196,6 +206,33 @@ def test_sending(state: State, sender: Role, kind: str) -> None:
         assert conn.send(SAMPLES[sender][kind]) == codec.encode(SAMPLES[sender][kind])
 
 
+@pytest.mark.parametrize("version", ["1.0", "1.5"])
+def test_console_messages_and_streams_need_1_6(version: str) -> None:
+    """A device console's output stream and the console messages are 1.6: a peer that
+    negotiated less may not send them (protocol_error 1007, naming the version)."""
+    console_output = Output(
+        seq=1, job_id="j", attempt=1, stream="console:board-1", offset=0, data=b"x"
+    )
+    for sent in (console_output, SAMPLES[SUP]["console_data"], SAMPLES[SUP]["console_closed"]):
+        conn = Connection(SB)
+        conn.receive(codec.encode(Hello(supervisor_id="h", name="h", versions=[version])))
+        conn.welcome(
+            session=1, stored_seq=0, heartbeat_interval_s=5, heartbeat_timeout_s=20, enrolled=False
+        )
+        goodbye = conn.receive(codec.encode(sent))
+        assert isinstance(goodbye, Goodbye) and goodbye.code == CloseCode.INVALID_PAYLOAD
+        assert "1.6" in goodbye.reason and version in goodbye.reason, goodbye.reason
+    for sent in (SAMPLES[SB]["console_attach"], SAMPLES[SB]["console_input"]):
+        conn = Connection(SUP, backlog=EventBacklog())
+        conn.send(Hello(supervisor_id="h", name="h", versions=[version]))
+        conn.receive(codec.encode(Welcome(version=version, session=1, last_seq=0)))
+        goodbye = conn.receive(codec.encode(sent))
+        assert isinstance(goodbye, Goodbye) and goodbye.code == CloseCode.INVALID_PAYLOAD
+    # The same on 1.6, and plain streams on any version, are accepted.
+    conn = _switchboard_side(EST)
+    assert conn.receive(codec.encode(console_output)) == console_output
+
+
 def test_a_bad_frame_is_a_protocol_error_and_the_close_in_any_live_state() -> None:
     for state in (HELLO_, WELCOME_, EST):
         conn = _switchboard_side(state)
@@ -227,7 +264,8 @@ def test_fail_once_and_the_close_reason_fits_a_close_frame() -> None:
         (["1.3", "1.2"], "1.3"),
         (["1.4", "1.3"], "1.4"),
         (["1.5", "1.4"], "1.5"),
-        (["1.9", "junk"], "1.5"),
+        (["1.6", "1.5"], "1.6"),
+        (["1.9", "junk"], "1.6"),
         (["2.0"], None),
     ],
 )

@@ -41,6 +41,7 @@ NAMED_STRINGS = {
     (limits.INPUT_PATH_PATTERN, None, None): "input-path",
     (limits.OUTPUT_GLOB_PATTERN, None, 256): "output-glob",
     (limits.SHA256_HEX_PATTERN, None, None): "sha256-hex",
+    (limits.STREAM_PATTERN, None, None): "stream",
     (mi.type_info(ParameterName).pattern, None, None): "param-name",  # type: ignore[attr-defined]
     (r"^[A-Z_]{1,32}$", None, None): "capability",
     (None, None, limits.MESSAGE_MAX_LEN): "text",

@@ -23,6 +23,11 @@ from protocol.messages import (
     Ack,
     CollectLimits,
     CollectRule,
+    ConsoleAttach,
+    ConsoleClosed,
+    ConsoleData,
+    ConsoleDetach,
+    ConsoleInput,
     DeviceInfo,
     FromSupervisor,
     FromSwitchboard,
@@ -179,6 +184,13 @@ SUPERVISOR_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
         ),
     ),
     (
+        Output(seq=10, job_id="j", attempt=1, stream="console:nrf-1", offset=7, data=b"> "),
+        (
+            b'{"type":"output","seq":10,"job_id":"j","attempt":1,"stream":"console:nrf-1","offset'
+            b'":7,"data":"PiA="}'
+        ),
+    ),
+    (
         Output(seq=8, job_id="j", attempt=1, stream="console", offset=0, data=b""),
         (
             b'{"type":"output","seq":8,"job_id":"j","attempt":1,"stream":"console","offset":0,"data'
@@ -258,6 +270,21 @@ SUPERVISOR_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
     ),
     (
         # 1.5: a power command's answer.
+        ConsoleData(session=3, offset=4096, data=b"pong\r\n> "),
+        b'{"type":"console_data","session":3,"offset":4096,"data":"cG9uZw0KPiA="}',
+    ),
+    (
+        ConsoleClosed(session=3, reason="device nrf-9 has no console on this host"),
+        (
+            b'{"type":"console_closed","session":3,'
+            b'"reason":"device nrf-9 has no console on this host"}'
+        ),
+    ),
+    (
+        ConsoleClosed(session=4),
+        b'{"type":"console_closed","session":4}',
+    ),
+    (
         PowerResult(request_id=7, ok=True, exit_code=0, output="on\n"),
         b'{"type":"power_result","request_id":7,"ok":true,"exit_code":0,"output":"on\\n"}',
     ),
@@ -420,6 +447,18 @@ SWITCHBOARD_GOLDENS: list[tuple[msgspec.Struct, bytes]] = [
         # 1.5: run a device's power command.
         Power(request_id=7, device_id="nrf-1", action="cycle"),
         b'{"type":"power","request_id":7,"device_id":"nrf-1","action":"cycle"}',
+    ),
+    (
+        ConsoleAttach(session=3, device_id="nrf-1"),
+        b'{"type":"console_attach","session":3,"device_id":"nrf-1"}',
+    ),
+    (
+        ConsoleInput(session=3, data=b"ping\r"),
+        b'{"type":"console_input","session":3,"data":"cGluZw0="}',
+    ),
+    (
+        ConsoleDetach(session=3),
+        b'{"type":"console_detach","session":3}',
     ),
     (
         ServerHeartbeat(at=1767225605.5),

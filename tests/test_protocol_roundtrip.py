@@ -12,6 +12,7 @@ from __future__ import annotations
 import string
 import typing
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,11 @@ from protocol.messages import (
     EXIT_REASONS,
     STREAMS,
     Ack,
+    ConsoleAttach,
+    ConsoleClosed,
+    ConsoleData,
+    ConsoleDetach,
+    ConsoleInput,
     EventProblem,
     FromSupervisor,
     FromSwitchboard,
@@ -88,6 +94,8 @@ label_values = st.text(max_size=limits.LABEL_VALUE_MAX_LEN)
 labels = st.dictionaries(label_keys, label_values, max_size=6)
 resources = st.dictionaries(ids, st.integers(1, 1024), max_size=6)
 seqs = st.integers(0, INT64_MAX)
+#: Output streams: the three every run has, and (1.6) a device's console.
+streams = st.sampled_from(STREAMS) | st.builds(limits.console_stream, ids)
 event_seqs = st.integers(1, INT64_MAX)  # an event's seq starts at 1 (protocol 1.2)
 attempts = st.integers(1, INT64_MAX)
 names = st.text(min_size=1, max_size=limits.NAME_MAX_LEN)
@@ -163,7 +171,7 @@ SUPERVISOR_MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
         seq=event_seqs,
         job_id=ids,
         attempt=attempts,
-        stream=st.sampled_from(STREAMS),
+        stream=streams,
         offset=st.integers(0, INT64_MAX),
         data=st.binary(max_size=2048),
     ),
@@ -212,6 +220,13 @@ SUPERVISOR_MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
         output=st.text(max_size=limits.POWER_OUTPUT_MAX_LEN),
         reason=texts,
     ),
+    ConsoleData: st.builds(
+        ConsoleData,
+        session=seqs,
+        offset=st.integers(0, INT64_MAX),
+        data=st.binary(max_size=4096),
+    ),
+    ConsoleClosed: st.builds(ConsoleClosed, session=seqs, reason=texts),
     Heartbeat: st.builds(Heartbeat, at=finite),
     ProtocolErrorMessage: st.builds(
         ProtocolErrorMessage, code=st.sampled_from([int(c) for c in CloseCode]), reason=texts
@@ -266,6 +281,11 @@ SWITCHBOARD_MESSAGES: dict[type, st.SearchStrategy[typing.Any]] = {
         device_id=ids,
         action=st.sampled_from(["on", "off", "cycle", "status"]),
     ),
+    ConsoleAttach: st.builds(ConsoleAttach, session=seqs, device_id=ids),
+    ConsoleInput: st.builds(
+        ConsoleInput, session=seqs, data=st.binary(max_size=limits.MAX_CONSOLE_INPUT)
+    ),
+    ConsoleDetach: st.builds(ConsoleDetach, session=seqs),
     ServerHeartbeat: st.builds(ServerHeartbeat, at=finite),
     ProtocolErrorMessage: SUPERVISOR_MESSAGES[ProtocolErrorMessage],
 }
@@ -355,15 +375,51 @@ def test_job_specs_round_trip(spec: JobSpec) -> None:
 
 
 @FAST
-@given(st.binary(max_size=4096), st.sampled_from(STREAMS), st.integers(0, INT64_MAX))
+@given(st.binary(max_size=4096), streams, st.integers(0, INT64_MAX))
 def test_output_bytes_survive_exactly(data: bytes, stream: str, offset: int) -> None:
-    message = Output(seq=1, job_id="j", attempt=1, stream=stream, offset=offset, data=data)  # type: ignore[arg-type]
+    message = Output(seq=1, job_id="j", attempt=1, stream=stream, offset=offset, data=data)
     frame = codec.encode(message)
     frame.decode("ascii")  # raw bytes never leak into the JSON text
     decoded = codec.decode_from_supervisor(frame)
     assert isinstance(decoded, Output)
     assert decoded.data == data
     assert decoded.offset == offset
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        "console:",
+        "console:-x",
+        "console:a/b",
+        "console:" + "a" * 65,
+        "stdout\n",
+        "console:nrf-1\n",
+        "Console:nrf-1",
+        "debug",
+        "",
+    ],
+)
+def test_a_stream_name_outside_the_grammar_is_refused(stream: str) -> None:
+    """`stream` is stdout, stderr, console or console:<device id>: anything else is an
+    invalid message (1007) naming the field."""
+    frame = (
+        b'{"type":"output","seq":1,"job_id":"j","attempt":1,"stream":'
+        + msgspec.json.encode(stream)
+        + b',"offset":0,"data":""}'
+    )
+    with pytest.raises(FrameError) as refused:
+        codec.decode_from_supervisor(frame)
+    assert refused.value.code == CloseCode.INVALID_PAYLOAD and "$.stream" in refused.value.reason
+    assert not limits.is_valid_stream(stream)
+
+
+def test_stream_names_of_device_consoles() -> None:
+    assert limits.console_stream("nrf-1") == "console:nrf-1"
+    assert limits.console_device("console:nrf-1") == "nrf-1"
+    assert limits.console_device("console") is None and limits.console_device("stdout") is None
+    for stream in ("stdout", "stderr", "console", "console:nrf-1", "console:" + "a" * 64):
+        assert limits.is_valid_stream(stream), stream
 
 
 @settings(FAST, max_examples=5)

@@ -618,6 +618,24 @@ async def test_only_supervisor_tokens_open_the_supervisor_socket(world: World, c
     assert refused.value.response.status_code == 401
 
 
+@pytest.mark.parametrize("caller", CALLERS)
+async def test_a_devices_console_is_for_operators_and_its_lease_holder(world: World, caller: str):
+    """The console WebSocket (not in the OpenAPI document either): operators and admins
+    get past the guard (to 409: the matrix's device declares no console), a submitter
+    holding no lease on it, a viewer and a supervisor get 403, no token or a wrong one
+    401. The lease holder's own cell is test_lab_console_e2e's."""
+    token = world.clients[caller].headers.get("authorization")
+    with pytest.raises(InvalidStatus) as refused:
+        async with websockets.connect(
+            f"{world.switchboard.ws_url}/api/v1/devices/{DEVICE_ID}/console",
+            additional_headers={"Authorization": token} if token else {},
+            open_timeout=scaled(10),
+        ):
+            pass
+    expected = {ADMIN: 409, OPERATOR: 409, NO_TOKEN: 401, BOGUS_TOKEN: 401}.get(caller, 403)
+    assert refused.value.response.status_code == expected, refused.value.response.body
+
+
 def test_a_registration_token_fetches_no_artifact(world: World):
     """A registration token may be shared by a whole fleet: it enrols, and nothing else. The
     artifacts a host fetches take its own credential (the `supervisor` column above)."""

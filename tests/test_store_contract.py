@@ -162,6 +162,25 @@ async def test_a_run_and_its_history(store):
     assert await store.job_events("nope") is None
 
 
+async def test_a_device_consoles_stream_is_stored_like_stdout(store):
+    """`console:<device>` (protocol 1.6) is one more stream: its own offsets, its own
+    bytes, resends ignored, overlaps trimmed."""
+    await _running(store)
+    stream = "console:board-1"
+    await store.apply_events(
+        "s1",
+        [
+            Output(seq=2, job_id="j1", attempt=1, stream=stream, offset=0, data=b"boot\xff"),
+            Output(seq=3, job_id="j1", attempt=1, stream="stdout", offset=0, data=b"out"),
+            Output(seq=4, job_id="j1", attempt=1, stream=stream, offset=3, data=b"t\xff> "),
+        ],
+    )
+    assert await store.read_output("j1", 1, stream) == b"boot\xff> "
+    assert await store.read_output("j1", 1, stream, 4, 6) == b"\xff>"
+    assert await store.read_output("j1", 1, "stdout") == b"out"
+    assert await store.read_output("j1", 1, "console:board-2") == b""
+
+
 async def test_active_run_refs_name_what_each_supervisor_holds(store):
     assert await store.active_run_refs([]) == {}
     assert await store.active_run_refs(["s1"]) == {"s1": set()}

@@ -13,8 +13,8 @@ from litestar import Controller, Request, get
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 
+from protocol.limits import is_valid_stream
 from protocol.messages import INT64_MAX
-from protocol.messages import Stream as OutputStream
 from protocol.state import Phase, is_terminal
 from switchboard.api.errors import ApiError, error_responses
 from switchboard.api.jobs import job_or_404
@@ -22,6 +22,10 @@ from switchboard.api.security import require
 from switchboard.api.streams import TICK_S, revoked_event, until_revoked
 from switchboard.auth import Permission
 from switchboard.state import AppState, app_state
+
+#: Which stream: `stdout`, `stderr`, `console`, or `console:<device>` (a device's serial
+#: console, when the run held the device).
+OutputStream = str
 
 #: Query parameters of the output routes: which run (default: the latest), which byte.
 Attempt = Annotated[int | None, Parameter(ge=1, le=INT64_MAX)]
@@ -44,6 +48,16 @@ async def _stored(
         if len(data) < stop - start:
             return  # the end of what is stored
         start = stop
+
+
+def _check_stream(stream: str) -> None:
+    if not is_valid_stream(stream):
+        raise ApiError(
+            400,
+            "invalid_request",
+            "stream: stdout, stderr, console or console:<device id>",
+            "stream",
+        )
 
 
 class _Piece(NamedTuple):
@@ -196,6 +210,7 @@ class OutputController(Controller):
         """Bytes [start, end) of a run's stream as stored so far (the latest run unless
         `attempt` is given), exactly as the program wrote them. Sent as they are read, a
         piece at a time: any size costs the switchboard the same memory."""
+        _check_stream(stream)
         state = app_state(request)
         job = await job_or_404(state, job_id)
         if attempt is None:
@@ -228,6 +243,7 @@ class OutputController(Controller):
         `attempt`, the latest run when the request arrives (waiting for one if the job is
         still queued). It also ends, within seconds, if its token is revoked: a follower
         that wants to know how the run ended asks for the job (and then gets its 401)."""
+        _check_stream(stream)
         state = app_state(request)
         await job_or_404(state, job_id)
         pieces = _pieces(state, job_id, stream, attempt, start)
@@ -255,6 +271,7 @@ class OutputController(Controller):
         or a `revoked` event (the API's error body) if the token is revoked meanwhile.
         Each output event's id is `attempt:offset`, so an EventSource that reconnects
         resumes where it stopped (Last-Event-ID wins over `attempt` and `start`)."""
+        _check_stream(stream)
         resume = _resume_point(request.headers.get("last-event-id"))
         state = app_state(request)
         await job_or_404(state, job_id)

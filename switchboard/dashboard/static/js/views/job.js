@@ -9,6 +9,14 @@ import { JobResults } from "./results.js";
 
 const STREAMS = ["stdout", "stderr"];
 
+// Every run's streams, and a device's serial console for each device a run of the job
+// was granted (its stream `console:<device>`, docs/lab.md "Serial console").
+function streamsOf(job) {
+  const devices = new Set();
+  for (const run of job ? job.runs : []) for (const d of run.devices || []) devices.add(d);
+  return [...STREAMS, ...[...devices].sort().map((d) => `console:${d}`)];
+}
+
 function safeFileName(text) {
   return text.replace(/[^A-Za-z0-9._-]+/g, "_").slice(0, 80) || "job";
 }
@@ -19,7 +27,7 @@ export function mount(root, ctx, { id }) {
   let job = null;
   let followLatest = true; // the console shows the latest run, switching when a new one starts
   let active = "stdout";
-  let consoles = null; // {stdout: StreamConsole, stderr: StreamConsole}
+  let consoles = null; // stream name → StreamConsole (stdout, stderr, console:<device>…)
   let cancelStep = "idle"; // idle → confirm → sending
 
   const title = h("h1", { class: "job-title" }, id);
@@ -56,10 +64,10 @@ export function mount(root, ctx, { id }) {
     if (consoles) for (const c of Object.values(consoles)) c.stop();
     const settled = () => job !== null && TERMINAL.has(job.phase) && job.runs.length === 0;
     consoles = {};
-    for (const stream of STREAMS) {
+    for (const stream of streamsOf(job)) {
       consoles[stream] = new StreamConsole(ctx.api, id, stream, attempt, { isSettled: settled, onChange: renderOutputHead });
     }
-    showStream(active);
+    showStream(active in consoles ? active : "stdout");
   }
 
   function showStream(stream) {
@@ -75,7 +83,7 @@ export function mount(root, ctx, { id }) {
   function renderOutputHead() {
     if (!consoles) return;
     fill(tabs,
-      ...STREAMS.map((stream) => {
+      ...Object.keys(consoles).map((stream) => {
         const tab = h(
           "button",
           { type: "button", role: "tab", class: "tab", "data-stream": stream, "aria-selected": String(stream === active) },
@@ -101,7 +109,7 @@ export function mount(root, ctx, { id }) {
       ctx.api.download(
         `jobs/${encodeURIComponent(id)}/output`,
         { stream: active, attempt },
-        `${safeFileName(job ? job.name : id)}-${id}-run${attempt}.${active}.log`,
+        `${safeFileName(job ? job.name : id)}-${id}-run${attempt}.${active.replace(":", "-")}.log`,
       ),
     );
     download.disabled = false;
@@ -265,6 +273,9 @@ export function mount(root, ctx, { id }) {
       const latest = latestAttempt();
       const shown = consoles[active].attempt;
       if (latest !== null && shown !== null && latest > shown) makeConsoles(latest); // a new run began
+    }
+    if (streamsOf(job).join() !== Object.keys(consoles).join()) {
+      makeConsoles(consoles[active].attempt); // a run was granted a device: its console's tab
     }
     renderOutputHead();
     results.update(job);
