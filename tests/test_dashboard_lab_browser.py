@@ -3,14 +3,16 @@ real switchboard and two real supervisors whose config files declare simulated b
 (tests/simboard.py): the list with its counts and the API's filters, a device's page with
 its history and the operators' health control, following changes live without a reload,
 and the devices on the supervisor and job pages (a granted board's serial console is a
-stream tab of the job's output).
+stream tab of the job's output), and the reservations: who holds what until when, on the
+list and on a device's page.
 
 Screenshots (list and device page at 1280 px and 375 px, a supervisor's and a job's page
-with their devices) go to $TEST_ARTIFACTS."""
+with their devices, the reservations waiting and held) go to $TEST_ARTIFACTS."""
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -340,3 +342,116 @@ def test_only_operators_and_the_lease_holder_get_power_buttons(
         expect(page.locator("#device-power")).to_be_empty()
     finally:
         client.close()
+
+
+def _local(ts: float) -> str:
+    """A time as the dashboard writes it (the browser runs in this machine's time zone)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _held(client: httpx.Client, lease_id: str) -> dict:
+    def state() -> dict | None:
+        found = client.get(f"/api/v1/reservations/{lease_id}").json()
+        return found if found["state"] == "held" else None
+
+    return wait_for(state, f"{lease_id} held")
+
+
+def test_reservations_show_who_holds_what_until_when_and_go_when_released(
+    open_dashboard, lab, switchboard, tokens
+) -> None:
+    lister = open_dashboard()
+    page = lister.page
+    lister.sign_in(tokens["viewer"])
+    lister.go("#/devices")
+    card = page.locator("#reservations")
+    expect(card).to_contain_text("No device is reserved or waited for.")
+    viewer = open_dashboard()
+    viewer.sign_in(tokens["viewer"])
+    viewer.go("#/devices/board-a")
+    expect(viewer.page.locator("#device-facts [data-fact=class]")).to_have_text("simboard")
+    line = viewer.page.locator("#device-reserved")
+    expect(line).to_be_hidden()
+    for page_ in (page, viewer.page):
+        page_.evaluate("window.notReloaded = true")
+
+    me = switchboard.client(switchboard.create_token("submitter"))
+    try:
+        who = me.get("/api/v1/me").json()
+        holder = f"{who['name']} ({who['id']})"
+        # One holds board-b, so one for both boards waits, holding nothing.
+        first = me.post(
+            "/api/v1/reservations",
+            json={"selector": {"match_labels": {"slot": "b"}}, "count": 1, "for_s": 600},
+        ).json()
+        first_held = _held(me, first["id"])
+        both = {
+            "class": "simboard",
+            "count": 2,
+            "for_s": 900,
+            "selector": {
+                "match_expressions": [{"key": "slot", "operator": "In", "values": ["a", "b"]}]
+            },
+        }
+        asked = me.post("/api/v1/reservations", json=both)
+        assert asked.status_code == 201, asked.text
+        second = asked.json()
+        assert second["actor"] == holder
+
+        rows = card.locator("tr[data-reservation]")
+        expect(rows).to_have_count(2, timeout=LIVE_MS)
+        # Oldest first, as the API lists them.
+        assert rows.evaluate_all("rows => rows.map(r => r.dataset.reservation)") == [
+            first["id"],
+            second["id"],
+        ]
+        row1 = card.locator(f"tr[data-reservation='{first['id']}']")
+        expect(row1).to_have_attribute("data-state", "held")
+        expect(row1.locator(".col-holder")).to_have_text(holder)
+        expect(row1.locator(".col-wants")).to_contain_text("1 × any device")
+        expect(row1.locator(".col-wants .chip")).to_have_text("slot=b")
+        expect(row1.locator(".col-devices a")).to_have_text(["board-b"])
+        expect(row1.locator(".col-until time")).to_contain_text(_local(first_held["expires_at"]))
+        row2 = card.locator(f"tr[data-reservation='{second['id']}']")
+        expect(row2).to_have_attribute("data-state", "waiting")
+        expect(row2.locator(".col-holder")).to_have_text(holder)
+        expect(row2.locator(".col-wants")).to_contain_text("2 × simboard")
+        expect(row2.locator(".col-wants .chip")).to_have_text("slot In a,b")
+        expect(row2.locator(".col-devices")).to_have_text("—")
+        waiting_until = me.get(f"/api/v1/reservations/{second['id']}").json()["expires_at"]
+        expect(row2.locator(".col-until")).to_contain_text("unless refreshed")
+        expect(row2.locator(".col-until time")).to_contain_text(_local(waiting_until))
+        lister.screenshot("reservations-waiting.png")
+
+        # The first released, both boards are free at once: the second is granted them.
+        released = me.delete(f"/api/v1/reservations/{first['id']}")
+        assert released.status_code in (200, 204), released.text
+        held = _held(me, second["id"])
+        expect(row1).to_have_count(0, timeout=LIVE_MS)
+        expect(row2).to_have_attribute("data-state", "held", timeout=LIVE_MS)
+        expect(row2.locator(".col-devices a")).to_have_text(["board-a", "board-b"])
+        expect(row2.locator(".col-devices a").first).to_have_attribute("href", "#/devices/board-a")
+        expect(row2.locator(".col-until time")).to_contain_text(_local(held["expires_at"]))
+        expect(row2.locator(".col-until")).not_to_contain_text("unless refreshed")
+        lister.screenshot("reservations-held.png")
+        page.set_viewport_size(PHONE)
+        assert not lister.overflows()
+        lister.screenshot("reservations-phone.png")
+
+        # The open device page says who holds the board until when.
+        expect(line).to_be_visible(timeout=LIVE_MS)
+        expect(line).to_contain_text(
+            f"Reserved: {second['id']} by {holder} until {_local(held['expires_at'])}"
+        )
+        viewer.screenshot("device-reserved.png")
+
+        # Released: gone from the list and from the device page, neither reloaded.
+        released = me.delete(f"/api/v1/reservations/{second['id']}")
+        assert released.status_code in (200, 204), released.text
+        expect(row2).to_have_count(0, timeout=LIVE_MS)
+        expect(card).to_contain_text("No device is reserved or waited for.")
+        expect(line).to_be_hidden(timeout=LIVE_MS)
+        for page_ in (page, viewer.page):
+            assert page_.evaluate("window.notReloaded") is True
+    finally:
+        me.close()

@@ -1,9 +1,11 @@
 // One device: what it is, its health with the history of every change (who or which job,
 // when, why), its power calls, for operators a control to set its health with a reason,
-// and for operators and the holder of its lease its power buttons.
+// and for operators and the holder of its lease its power buttons; while a held reservation
+// has it, who holds it until when.
 import { fill, h } from "../dom.js";
 import { HEALTHS, healthBadge, labelChips, relTime } from "../format.js";
 import { ViewLife, batched, errorBanner, holder, lastCheck, runLink, section, supervisorLink } from "./common.js";
+import { POLL_MS, reservedLine } from "./reservations.js";
 
 export function mount(root, ctx, { id }) {
   const errors = errorBanner();
@@ -13,6 +15,8 @@ export function mount(root, ctx, { id }) {
 
   const badge = h("span", { id: "device-health" });
   const facts = h("dl", { class: "facts", id: "device-facts" });
+  const reserved = h("p", { class: "banner reserved", id: "device-reserved", role: "status" });
+  reserved.hidden = true;
   const history = h("div", { id: "device-history" });
   const control = h("div", { id: "device-control" });
   const powerControl = h("div", { id: "device-power" });
@@ -22,6 +26,7 @@ export function mount(root, ctx, { id }) {
     h("p", { class: "crumbs" }, h("a", { href: "#/devices" }, "Devices"), " / ", h("span", { class: "id" }, id)),
     h("div", { class: "page-head" }, h("div", { class: "title-line" }, h("h1", {}, id), badge)),
     errors,
+    reserved,
     h("section", { class: "card" }, facts),
     control,
     powerControl,
@@ -93,23 +98,28 @@ export function mount(root, ctx, { id }) {
     powerResult,
     h("p", { class: "muted small" }, "Runs the device's command on its host; every call is kept below and, while a run holds the device, in its timeline."),
   );
-  let leaseOwner = { id: undefined, owner: null }; // the reservation looked up last, and its holder
+  let leaseSeq = 0;
 
-  async function mayPower() {
-    if (!device.power) return false;
-    if (ctx.can("operate")) return true;
-    if (!device.reservation) return false;
-    if (leaseOwner.id !== device.reservation) {
-      const lease = await life.run(ctx.api.get(`reservations/${encodeURIComponent(device.reservation)}`, {}, life.signal));
-      if (!lease) return false;
-      leaseOwner = { id: device.reservation, owner: lease.state === "held" ? lease.owner : null };
-    }
-    return leaseOwner.owner !== null && leaseOwner.owner === ctx.me.id;
+  /** The reservation the device belongs to (looked up again at each load), or null. */
+  async function currentLease() {
+    if (!device.reservation) return null;
+    return life.run(ctx.api.get(`reservations/${encodeURIComponent(device.reservation)}`, {}, life.signal));
   }
 
-  async function renderPowerControl() {
-    const allowed = await mayPower();
-    if (!life.alive) return;
+  function mayPower(lease) {
+    if (!device.power) return false;
+    if (ctx.can("operate")) return true;
+    return lease !== null && lease.state === "held" && lease.owner !== null && lease.owner === ctx.me.id;
+  }
+
+  async function renderLease() {
+    const seq = ++leaseSeq;
+    const lease = await currentLease();
+    if (!life.alive || seq !== leaseSeq) return;
+    const line = reservedLine(lease);
+    fill(reserved, ...line);
+    reserved.hidden = line.length === 0;
+    const allowed = mayPower(lease);
     if (allowed && !powerControl.firstChild) fill(powerControl, powerCard);
     else if (!allowed && powerControl.firstChild) fill(powerControl);
   }
@@ -191,7 +201,7 @@ export function mount(root, ctx, { id }) {
     );
     renderHistory(device.history || []);
     renderPowerHistory(device.power_history || []);
-    renderPowerControl();
+    renderLease();
   }
 
   function renderHistory(changes) {
@@ -232,7 +242,12 @@ export function mount(root, ctx, { id }) {
   }
 
   const scheduleLoad = batched(load, 100);
-  life.onEnd(() => scheduleLoad.cancel());
+  // An extended lease moves its end with no device event: look again now and then.
+  const leaseTimer = setInterval(() => device && device.reservation && renderLease(), POLL_MS);
+  life.onEnd(() => {
+    scheduleLoad.cancel();
+    clearInterval(leaseTimer);
+  });
   load();
 
   return {

@@ -1,8 +1,10 @@
 // The lab's devices: counts by health, filters by class, health and host (the API's own
-// filters), and rows that follow each device's health, check and holder live.
+// filters), and rows that follow each device's health, check and holder live; under
+// them, the reservations waiting or held.
 import { fill, h } from "../dom.js";
 import { HEALTHS } from "../format.js";
 import { DeviceTable, ViewLife, batched, errorBanner } from "./common.js";
+import { ReservationsCard } from "./reservations.js";
 
 export function mount(root, ctx, { params }) {
   const errors = errorBanner();
@@ -26,6 +28,7 @@ export function mount(root, ctx, { params }) {
   const table = new DeviceTable(["id", "class", "host", "health", "check", "holder", "labels"], "No devices match.");
   table.el.id = "devices-table";
   health.value = filter.health;
+  const reservations = new ReservationsCard(ctx, life);
 
   root.append(
     h("h1", {}, "Devices"),
@@ -33,6 +36,7 @@ export function mount(root, ctx, { params }) {
     h("form", { class: "filters", id: "devices-filters", role: "search" }, klass, health, host, clear),
     errors,
     h("section", { class: "card flush" }, table.el),
+    reservations.el,
   );
 
   function inScope(device) {
@@ -129,6 +133,7 @@ export function mount(root, ctx, { params }) {
     title: "Devices",
     unmount: () => life.end(),
     onLive(type, data) {
+      reservations.onLive(type, data);
       if (type === "device") {
         if (inScope(data)) scope.set(data.id, data);
         else scope.delete(data.id);
