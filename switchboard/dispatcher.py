@@ -29,6 +29,7 @@ from switchboard.scheduler import (
     LabDevice,
     by_load,
     copy_of,
+    in_service_devices,
     place_one,
     plan,
     remaining,
@@ -288,7 +289,7 @@ class Dispatcher:
         if wide:
             self._next_wide_pass = time.monotonic() + WIDE_PASS_EVERY_S
         fleet = snapshot.fleet
-        key = self._fleet_key(fleet, writes)
+        key = self._fleet_key(fleet, writes, snapshot.lab)
         fleet_changed = key is not self._last_fleet
         candidates = _candidates(
             fleet,
@@ -333,7 +334,7 @@ class Dispatcher:
             limit = QUEUE_WINDOW
             jobs = await self.store.queued_jobs(limit, after=(jobs[-1].priority, jobs[-1].seq))
         self._spare = _Spare(writes, sorted(candidates, key=by_load), frozenset(busy))
-        await self._note_unschedulable(waiting, fleet, key)
+        await self._note_unschedulable(waiting, fleet, key, snapshot.lab)
         started = await self.store.assign(decisions) if decisions else []
         metrics.RUNS_PLACED.labels("pass").inc(len(started))
         await self.hub.start_runs(started)
@@ -390,16 +391,21 @@ class Dispatcher:
         if swept.rejected:
             log.info("%d chained job(s) rejected: an input they name never came", swept.rejected)
 
-    def _fleet_key(self, fleet: list[SupervisorView], writes: int) -> tuple:
-        """What of the fleet decides whether a job could ever run, recomputed only after a
-        supervisor write; an unchanged fleet keeps the same key object (compared by `is`)."""
+    def _fleet_key(
+        self, fleet: list[SupervisorView], writes: int, lab: list[LabDevice] | None = None
+    ) -> tuple:
+        """What of the fleet decides whether a job could ever run (its devices in service
+        among it), recomputed only after a supervisor write; an unchanged fleet keeps the
+        same key object (compared by `is`)."""
         if writes != self._key_writes:
+            devices = in_service_devices(lab or ())
             key = tuple(
                 (
                     s.id,
                     tuple(sorted(s.labels.items())),
                     tuple(s.backends),
                     tuple(s.resources.items()),
+                    tuple(sorted(devices.get(s.id, {}).items())),
                     s.protocol,
                 )
                 for s in fleet
@@ -410,9 +416,15 @@ class Dispatcher:
         return self._key
 
     async def _note_unschedulable(
-        self, waiting: list[QueuedJob], fleet: list[SupervisorView], key: tuple
+        self,
+        waiting: list[QueuedJob],
+        fleet: list[SupervisorView],
+        key: tuple,
+        lab: list[LabDevice] | None = None,
     ) -> None:
-        """Say on each waiting job whether no registered supervisor could ever run it."""
+        """Say on each waiting job whether no registered supervisor could ever run it. Of
+        a class a supervisor declares devices of, it offers its devices not retired (as
+        placement counts them), whatever its hello's resources say."""
         self._last_fleet = key
         members: list[FleetMember] | None = None
         reasons: dict[str, str | None] = {}
@@ -421,12 +433,13 @@ class Dispatcher:
                 continue
             self._checked[job.id] = key
             if members is None:
+                devices = in_service_devices(lab or ())
                 members = [
                     FleetMember(
                         id=s.id,
                         backends=s.backends,
                         labels=s.labels,
-                        resources=s.resources,
+                        resources={**s.resources, **devices.get(s.id, {})},
                         max_jobs=s.max_jobs,
                         minor=minor_of(s.protocol),
                     )
