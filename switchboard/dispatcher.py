@@ -55,6 +55,11 @@ WIDE_PASS_EVERY_S = 1.0
 GROUPS_LOOK_EVERY_S = 5.0
 #: Safety-net period between passes when nothing wakes the dispatcher.
 IDLE_PERIOD_S = 5.0
+#: The same on a store replicas share (Store.shared): what another replica does may free
+#: a place for a job here without a hint (a job requeued, or a chained one resolved, by
+#: it; a board its sweeps bring back or release; a note of its cleared), and each replica
+#: places only on its own supervisors, so none must wait for the others to be woken.
+SHARED_IDLE_PERIOD_S = 1.0
 
 
 class PassDone(NamedTuple):
@@ -236,13 +241,14 @@ class Dispatcher:
             self.running = False
 
     async def _loop(self) -> None:
-        pause = IDLE_PERIOD_S
+        idle = SHARED_IDLE_PERIOD_S if self.store.shared else IDLE_PERIOD_S
+        pause = idle
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), pause)
             self._wake.clear()
             try:
-                pause = IDLE_PERIOD_S
+                pause = idle
                 async with self._placing:
                     done = await self.dispatch_once()
                 if done.more:

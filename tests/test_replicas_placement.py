@@ -27,7 +27,7 @@ from tests.postgres import (
 pytestmark = [pytest.mark.postgres, pytest.mark.process, pytest.mark.timeout(600)]
 
 #: Jobs in all (the contract asks 10,000; SWITCHBOARD_PLACEMENT_JOBS changes it).
-JOBS = int(os.environ.get("SWITCHBOARD_PLACEMENT_JOBS", "4000"))
+JOBS = int(os.environ.get("SWITCHBOARD_PLACEMENT_JOBS", "10000"))
 SUPERVISORS = 100
 SLOTS = 2
 BOARDS = 2
@@ -61,12 +61,26 @@ async def _database_facts(dsn: str) -> tuple[int, int, dict[str, int]]:
         await conn.close()
 
 
-def test_three_replicas_never_double_book(tmp_path: Path, postgres: Cluster) -> None:
-    dsn = postgres.new_database("placement")
+async def _key_overlaps(dsn: str) -> int:
+    """Pairs of runs of one concurrency key that were active at the same time."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        overlaps: int = await conn.fetchval(
+            "SELECT count(*) FROM runs ra JOIN jobs ja ON ja.id = ra.job_id"
+            " JOIN jobs jb ON jb.concurrency_key = ja.concurrency_key AND jb.id > ja.id"
+            " JOIN runs rb ON rb.job_id = jb.id"
+            " WHERE ra.created_at < rb.ended_at AND rb.created_at < ra.ended_at"
+        )
+        return overlaps
+    finally:
+        await conn.close()
+
+
+def _replicas(tmp_path: Path, dsn: str) -> list[Switchboard]:
     key = tmp_path / "replicas.key"
     key.write_text(base64.urlsafe_b64encode(os.urandom(32)).decode() + "\n")
     key.chmod(0o600)
-    replicas = [
+    return [
         Switchboard(
             tmp_path / f"data-{name}",
             database=dsn,
@@ -74,6 +88,11 @@ def test_three_replicas_never_double_book(tmp_path: Path, postgres: Cluster) -> 
         )
         for name in "abc"
     ]
+
+
+def test_three_replicas_never_double_book(tmp_path: Path, postgres: Cluster) -> None:
+    dsn = postgres.new_database("placement")
+    replicas = _replicas(tmp_path, dsn)
     fleet = FleetProcess()
     try:
         token = replicas[0].create_token("supervisor")
@@ -106,6 +125,48 @@ def test_three_replicas_never_double_book(tmp_path: Path, postgres: Cluster) -> 
         twice, shared, phases = asyncio.run(_database_facts(dsn))
         assert twice == 0 and shared == 0, (twice, shared)
         assert phases == {"succeeded": JOBS}, phases
+    finally:
+        fleet.close()
+        for replica in replicas:
+            replica.stop()
+
+
+def test_three_replicas_run_one_job_of_a_key_at_a_time(tmp_path: Path, postgres: Cluster) -> None:
+    """Jobs of a few concurrency keys, submitted through all three replicas at once: each
+    replica places on its own supervisors, and no two jobs of one key ever run together."""
+    dsn = postgres.new_database("keys")
+    replicas = _replicas(tmp_path, dsn)
+    fleet = FleetProcess()
+    jobs, keys = 600, 20
+    try:
+        token = replicas[0].create_token("supervisor")
+        for n, replica in enumerate(replicas):
+            fleet.call(
+                "connect",
+                url=f"{replica.ws_url}/ws/supervisor",
+                token=token,
+                count=6,
+                prefix=f"{'abc'[n]}-host",
+                max_jobs=SLOTS,
+            )
+        apis = [Api(r.port, r.admin_token) for r in replicas]
+
+        def submit(n: int) -> str:
+            spec = {
+                "name": f"k{n}",
+                "backend": {"kind": "noop"},
+                "concurrency": {"key": f"key-{n % keys}"},
+            }
+            return str(apis[n % len(apis)].call("POST", "/api/v1/jobs", spec)["id"])
+
+        with ThreadPoolExecutor(len(apis) * 2) as pool:
+            assert len(set(pool.map(submit, range(jobs)))) == jobs
+        fleet.call("wait_done", count=jobs, limit_s=scaled(200), timeout_s=scaled(250))
+        counters = fleet.call("counters")
+        assert counters["error_count"] == 0 and counters["starts"] == jobs, counters
+        assert asyncio.run(_key_overlaps(dsn)) == 0
+        _, _, phases = asyncio.run(_database_facts(dsn))
+        assert phases == {"succeeded": jobs}, phases
     finally:
         fleet.close()
         for replica in replicas:
