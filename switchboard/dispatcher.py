@@ -29,6 +29,7 @@ from switchboard.scheduler import (
     LabDevice,
     by_load,
     copy_of,
+    in_service_devices,
     place_one,
     plan,
     remaining,
@@ -54,6 +55,11 @@ WIDE_PASS_EVERY_S = 1.0
 GROUPS_LOOK_EVERY_S = 5.0
 #: Safety-net period between passes when nothing wakes the dispatcher.
 IDLE_PERIOD_S = 5.0
+#: The same on a store replicas share (Store.shared): what another replica does may free
+#: a place for a job here without a hint (a job requeued, or a chained one resolved, by
+#: it; a board its sweeps bring back or release; a note of its cleared), and each replica
+#: places only on its own supervisors, so none must wait for the others to be woken.
+SHARED_IDLE_PERIOD_S = 1.0
 
 
 class PassDone(NamedTuple):
@@ -235,13 +241,14 @@ class Dispatcher:
             self.running = False
 
     async def _loop(self) -> None:
-        pause = IDLE_PERIOD_S
+        idle = SHARED_IDLE_PERIOD_S if self.store.shared else IDLE_PERIOD_S
+        pause = idle
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), pause)
             self._wake.clear()
             try:
-                pause = IDLE_PERIOD_S
+                pause = idle
                 async with self._placing:
                     done = await self.dispatch_once()
                 if done.more:
@@ -288,7 +295,7 @@ class Dispatcher:
         if wide:
             self._next_wide_pass = time.monotonic() + WIDE_PASS_EVERY_S
         fleet = snapshot.fleet
-        key = self._fleet_key(fleet, writes)
+        key = self._fleet_key(fleet, writes, snapshot.lab)
         fleet_changed = key is not self._last_fleet
         candidates = _candidates(
             fleet,
@@ -333,7 +340,7 @@ class Dispatcher:
             limit = QUEUE_WINDOW
             jobs = await self.store.queued_jobs(limit, after=(jobs[-1].priority, jobs[-1].seq))
         self._spare = _Spare(writes, sorted(candidates, key=by_load), frozenset(busy))
-        await self._note_unschedulable(waiting, fleet, key)
+        await self._note_unschedulable(waiting, fleet, key, snapshot.lab)
         started = await self.store.assign(decisions) if decisions else []
         metrics.RUNS_PLACED.labels("pass").inc(len(started))
         await self.hub.start_runs(started)
@@ -390,16 +397,21 @@ class Dispatcher:
         if swept.rejected:
             log.info("%d chained job(s) rejected: an input they name never came", swept.rejected)
 
-    def _fleet_key(self, fleet: list[SupervisorView], writes: int) -> tuple:
-        """What of the fleet decides whether a job could ever run, recomputed only after a
-        supervisor write; an unchanged fleet keeps the same key object (compared by `is`)."""
+    def _fleet_key(
+        self, fleet: list[SupervisorView], writes: int, lab: list[LabDevice] | None = None
+    ) -> tuple:
+        """What of the fleet decides whether a job could ever run (its devices in service
+        among it), recomputed only after a supervisor write; an unchanged fleet keeps the
+        same key object (compared by `is`)."""
         if writes != self._key_writes:
+            devices = in_service_devices(lab or ())
             key = tuple(
                 (
                     s.id,
                     tuple(sorted(s.labels.items())),
                     tuple(s.backends),
                     tuple(s.resources.items()),
+                    tuple(sorted(devices.get(s.id, {}).items())),
                     s.protocol,
                 )
                 for s in fleet
@@ -410,9 +422,15 @@ class Dispatcher:
         return self._key
 
     async def _note_unschedulable(
-        self, waiting: list[QueuedJob], fleet: list[SupervisorView], key: tuple
+        self,
+        waiting: list[QueuedJob],
+        fleet: list[SupervisorView],
+        key: tuple,
+        lab: list[LabDevice] | None = None,
     ) -> None:
-        """Say on each waiting job whether no registered supervisor could ever run it."""
+        """Say on each waiting job whether no registered supervisor could ever run it. Of
+        a class a supervisor declares devices of, it offers its devices not retired (as
+        placement counts them), whatever its hello's resources say."""
         self._last_fleet = key
         members: list[FleetMember] | None = None
         reasons: dict[str, str | None] = {}
@@ -421,12 +439,13 @@ class Dispatcher:
                 continue
             self._checked[job.id] = key
             if members is None:
+                devices = in_service_devices(lab or ())
                 members = [
                     FleetMember(
                         id=s.id,
                         backends=s.backends,
                         labels=s.labels,
-                        resources=s.resources,
+                        resources={**s.resources, **devices.get(s.id, {})},
                         max_jobs=s.max_jobs,
                         minor=minor_of(s.protocol),
                     )

@@ -338,6 +338,17 @@ def _free(device: LabDevice) -> bool:
     return placeable(device.health) and not device.held and not device.checking
 
 
+def in_service_devices(devices: Iterable[LabDevice]) -> dict[str, dict[str, int]]:
+    """supervisor id -> {class: its devices of it that are not retired}: what it could
+    ever offer of a class it declares devices of (busy, bad or in maintenance ones count:
+    they may serve again), whatever the resources of its hello say of that class."""
+    counts: dict[str, dict[str, int]] = {}
+    for d in devices:
+        mine = counts.setdefault(d.supervisor_id, {})
+        mine[d.class_] = mine.get(d.class_, 0) + (d.health not in OUT_OF_SERVICE)
+    return counts
+
+
 def free_devices(devices: Iterable[LabDevice]) -> dict[str, dict[str, int]]:
     """supervisor id -> {class: devices of it that may be given a run now, reserved ones
     left out}; every class a supervisor declares is there, 0 when none is free."""

@@ -17,8 +17,10 @@ from switchboard.models import QueuedJob
 from switchboard.scheduler import (
     Candidate,
     FleetMember,
+    LabDevice,
     describe_selector,
     effective_priority,
+    in_service_devices,
     plan,
     selector_matches,
     unsatisfiable_reason,
@@ -304,3 +306,22 @@ def test_describe_selector_uses_the_cli_label_syntax():
     assert describe_selector(selector) == (
         "arch=arm, os=linux, board in (a, b), zone notin (eu), gpu, !flaky"
     )
+
+
+def test_in_service_devices_counts_what_a_host_could_ever_offer():
+    devices = [
+        LabDevice("b1", "s1", "board", "good", held=True),
+        LabDevice("b2", "s1", "board", "bad"),
+        LabDevice("b3", "s1", "board", "retired"),
+        LabDevice("p1", "s2", "probe", "maintenance", reserved="r1"),
+        LabDevice("p2", "s2", "probe", "retired"),
+    ]
+    assert in_service_devices(devices) == {"s1": {"board": 2}, "s2": {"probe": 1}}
+    # What the dispatcher gives unsatisfiable_reason: a host declaring boards as devices
+    # only (no hello resources) could run a job asking for one.
+    counts = in_service_devices(devices)
+    member = FleetMember(
+        id="s1", backends=["noop"], labels={}, resources={**counts["s1"]}, max_jobs=1
+    )
+    assert unsatisfiable_reason(spec(resources={"board": 2}), [member]) is None
+    assert unsatisfiable_reason(spec(resources={"board": 3}), [member]) is not None

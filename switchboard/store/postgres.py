@@ -374,8 +374,8 @@ class PostgresStore(Store):
             )
             assigned = []
             if clear and placements:
-                now = time.time()
                 owned = await _lock_owned(conn, set(placements.values()), me)
+                now = time.time()  # (after the locks: see assign)
                 for submitted in made:
                     supervisor_id = placements.get(submitted.id)
                     if supervisor_id in owned and submitted.phase == Phase.QUEUED.value:
@@ -456,12 +456,15 @@ class PostgresStore(Store):
         keyring, checked, me = self._keyring, self.checked_classes, self.replica_id
 
         async def write(conn: Connection) -> list[Assignment]:
-            now = time.time()
             made = []
             # Supervisors' rows are locked in id order (as each assignment takes them), so
             # two replicas assigning to the same supervisors never wait on each other in a
             # circle.
             owned = await _lock_owned(conn, {s for _, s in pairs}, me)
+            # The runs' time is read once the locks are held: a run that ended on these
+            # supervisors meanwhile (its events hold the supervisor's row) ended before it,
+            # so a device it gave back is never recorded as held by two runs at once.
+            now = time.time()
             for job_id, supervisor_id in pairs:
                 if supervisor_id not in owned:
                     continue  # its connection is another replica's now

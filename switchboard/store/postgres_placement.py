@@ -4,7 +4,10 @@ dispatch pass reads and the runs it creates.
 Replicas may place at once: a run is created with the supervisor's row locked first, then
 the job's row claimed with FOR UPDATE SKIP LOCKED (a job another replica is placing is
 left out, as one no longer queued is), so no job gets two runs and the lock order is the
-same everywhere (supervisor, then job).
+same everywhere (supervisor, then job). A job of a concurrency key also takes the key's
+transaction lock, without waiting (another replica placing a job of the key now: it
+waits for a later pass), and is placed only if no other job of the key is active: two
+replicas never run two jobs of one key at once.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ async def assign_run(
     except SecretsUnreadable as exc:
         await end_queued_job(conn, job_id, unreadable_end(job_id, str(exc), now))
         return None
+    if spec.concurrency is not None and not await _key_free(conn, job_id, spec.concurrency.key):
+        return None  # another job of its key runs, or is being placed: it waits
     attempt = row[0] + 1
     # The supervisor's row lock (above) keeps its devices: no other writer grants them now.
     granted = await postgres_devices.grant(conn, job_id, attempt, supervisor_id, spec, checked)
@@ -75,6 +80,28 @@ async def assign_run(
     )
     await record_phase(conn, job_id, attempt, Phase.ASSIGNED, None, None, now)
     return Assignment(job_id, attempt, supervisor_id, spec, tuple(granted))
+
+
+#: The first key of the transaction locks on concurrency keys (pg_advisory_xact_lock's
+#: two-int form; the second is the key's hash).
+_KEY_LOCKS = 0x5B0C
+
+
+async def _key_free(conn: Connection, job_id: str, key: str) -> bool:
+    """This transaction holds the concurrency key's lock (not waiting for it: a writer
+    placing a job of the key holds it until it commits) and no other job of the key is
+    active."""
+    if not await conn.fetchval(
+        "SELECT pg_try_advisory_xact_lock($1, hashtext($2))", _KEY_LOCKS, key
+    ):
+        return False
+    busy = await conn.fetchval(
+        "SELECT 1 FROM jobs WHERE concurrency_key = $1 AND id != $2"
+        f" AND phase IN ({ACTIVE_LITERALS}) LIMIT 1",
+        key,
+        job_id,
+    )
+    return busy is None
 
 
 async def no_job_ready(conn: Connection, now: float) -> bool:
