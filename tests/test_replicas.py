@@ -273,6 +273,10 @@ def test_replicas_sharing_a_data_dir_serve_each_other_s_artifacts(tmp_path, post
         _stop(a, b)
 
 
+#: Runs going, each with 60 KB of output, when their replica is killed.
+RUNS_AT_KILL = 50
+
+
 def test_runs_survive_their_replica_killed_and_are_adopted_by_another(tmp_path, postgres: Cluster):
     dsn = postgres.new_database(f"replicas_{next(_names)}")
     a, b = _replicas(tmp_path, dsn, 2, *FAST)
@@ -281,7 +285,7 @@ def test_runs_survive_their_replica_killed_and_are_adopted_by_another(tmp_path, 
         tmp_path,
         name="roams",
         backend="noop",
-        max_jobs=20,
+        max_jobs=RUNS_AT_KILL,
         labels={"role": "roams"},
         extra_args=("--switchboard", b.ws_url),
     )
@@ -293,11 +297,11 @@ def test_runs_survive_their_replica_killed_and_are_adopted_by_another(tmp_path, 
         wait_connected(client_b, "stays")
         assert _sql(dsn, "SELECT DISTINCT replica FROM supervisors")[0][0] == "a"
         outputs = {}
-        for n in range(20):
+        for n in range(RUNS_AT_KILL):
             text = f"run {n}: " + os.urandom(30_000).hex() + "\n"
             spec = {
                 "name": f"out-{n}",
-                "backend": {"kind": "noop", "output": text, "delay_s": 6},
+                "backend": {"kind": "noop", "output": text, "delay_s": 10},
                 "selector": {"match_labels": {"role": "roams"}},
             }
             outputs[client_b.post("/api/v1/jobs", json=spec).json()["id"]] = text.encode()
