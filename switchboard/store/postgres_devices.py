@@ -22,18 +22,15 @@ from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import health, scheduler
 from switchboard.models import DeviceView, HealthChange, PowerCall
+from switchboard.store import records
 from switchboard.store.postgres_engine import Connection
 from switchboard.store.postgres_jobs import _INSERT_EVENT, cancel_job
 from switchboard.store.schema import ACTIVE_LITERALS, TERMINAL_LITERALS
-from switchboard.store.sqlite_devices import HISTORY_SHOWN
+from switchboard.store.sqlite_devices import _LOST_HOLDERS, _RESERVED, HISTORY_SHOWN
 
 log = logging.getLogger("switchboard.store")
 
-#: Held reservations' devices: device id -> reservation id.
-_RESERVED = (
-    "SELECT rd.device_id, rd.reservation_id FROM reservation_devices rd"
-    " JOIN reservations r ON r.id = rd.reservation_id WHERE r.state = 'held'"
-)
+_COLUMNS = records.DEVICE_COLUMNS
 #: The run holding each device now: (device, job, attempt) of an active run granted it.
 _HOLDERS = (
     "SELECT rd.device_id, rd.job_id, rd.attempt FROM run_devices rd"
@@ -42,11 +39,6 @@ _HOLDERS = (
 )
 #: Devices with a check job that has not ended (they wait for it, and serve nothing else).
 _CHECKING = "SELECT DISTINCT device_id FROM device_checks WHERE result IS NULL"
-
-_COLUMNS = (
-    "id, class, supervisor_id, labels, console, power, health, health_reason, health_at,"
-    " check_result, check_at, check_job, first_seen, last_declared"
-)
 
 
 async def record_inventory(
@@ -167,30 +159,6 @@ async def set_health(
     return await get_device(conn, device_id)
 
 
-def _view(
-    row: Sequence, holders: dict[str, str], checks: dict[str, str], reserved: dict[str, str]
-) -> DeviceView:
-    return DeviceView(
-        id=row[0],
-        class_=row[1],
-        supervisor_id=row[2],
-        labels=json.loads(row[3]),
-        console=bool(row[4]),
-        power=bool(row[5]),
-        health=row[6],
-        health_reason=row[7],
-        health_at=row[8],
-        check_result=row[9],
-        check_at=row[10],
-        check_job=row[11],
-        holder=holders.get(row[0]),
-        checking=checks.get(row[0]),
-        reservation=reserved.get(row[0]),
-        first_seen=row[12],
-        last_declared=row[13],
-    )
-
-
 async def _holders(conn: Connection, device_id: str | None = None) -> dict[str, str]:
     """device id -> "job#attempt" of the run holding it."""
     if device_id is None:
@@ -235,14 +203,14 @@ async def list_devices(
         await _pending_checks(conn),
         await _reserved(conn),
     )
-    return [_view(row, holders, checks, reserved) for row in rows]
+    return [records.device_view(row, holders, checks, reserved) for row in rows]
 
 
 async def get_device(conn: Connection, device_id: str) -> DeviceView | None:
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM devices WHERE id = $1", device_id)
     if row is None:
         return None
-    view = _view(
+    view = records.device_view(
         row,
         await _holders(conn, device_id),
         await _pending_checks(conn, device_id),
@@ -440,18 +408,6 @@ _ENDED_CHECKS = (
     "SELECT c.job_id, c.device_id, j.phase FROM device_checks c"
     " LEFT JOIN jobs j ON j.id = c.job_id"
     f" WHERE c.result IS NULL AND (j.phase IS NULL OR j.phase IN ({TERMINAL_LITERALS}))"
-)
-#: Devices granted to a regular run that ended in doubt (health.in_doubt) since their
-#: health was last set.
-_LOST_HOLDERS = (
-    "SELECT DISTINCT d.id, d.health, rd.job_id, r.phase, r.error_kind FROM devices d"
-    " JOIN run_devices rd ON rd.device_id = d.id"
-    " JOIN runs r ON r.job_id = rd.job_id AND r.attempt = rd.attempt"
-    f" WHERE (r.phase IN ({', '.join(repr(p.value) for p in health.DOUBT_PHASES)})"
-    f" OR (r.phase = 'rejected' AND r.error_kind IN ({', '.join(map(repr, health.DOUBT_ERRORS))})))"
-    " AND r.ended_at >= d.health_at"
-    f" AND d.health IN ({', '.join(repr(h) for h in sorted(health.PLACEABLE - {'unknown'}))})"
-    " AND rd.job_id NOT IN (SELECT job_id FROM device_checks)"
 )
 
 

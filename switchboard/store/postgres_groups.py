@@ -17,7 +17,6 @@ from protocol.state import Phase
 from switchboard import gangs
 from switchboard.models import (
     Assignment,
-    GroupRoleView,
     GroupSweep,
     GroupView,
     RunOnSupervisor,
@@ -33,6 +32,8 @@ from switchboard.store.sqlite_groups import NotAllPlaced
 from switchboard.store.sqlite_jobs import NewJob
 
 log = logging.getLogger("switchboard.store")
+
+_COLUMNS = records.GROUP_COLUMNS
 
 
 async def create_group(
@@ -185,59 +186,31 @@ async def sweep(conn: Connection, now: float, limit: int) -> GroupSweep:
     return GroupSweep(stops, stopped, await groups_open(conn))
 
 
-_GROUP_COLUMNS = "id, name, created_at, priority, placed_at, ended_at, stop_reason, owner"
-
-
 async def _view(conn: Connection, row: Sequence) -> GroupView:
     group_id = row[0]
-    roles = await _role_states(conn, group_id)
     details = await conn.fetch(
         "SELECT r.job_id, j.reason, (SELECT supervisor_id FROM runs u WHERE u.job_id = j.id"
         " AND u.attempt = j.attempts) FROM group_roles r JOIN jobs j ON j.id = r.job_id"
         " WHERE r.group_id = $1",
         group_id,
     )
-    about = {job_id: (reason, sup) for job_id, reason, sup in details}
-    devices: dict[str, list[str]] = {}
-    for job_id, device_id in await conn.fetch(
+    devices = await conn.fetch(
         "SELECT d.job_id, d.device_id FROM run_devices d JOIN group_roles r"
         " ON r.job_id = d.job_id JOIN jobs j ON j.id = d.job_id AND j.attempts = d.attempt"
         ' WHERE r.group_id = $1 ORDER BY d.pos, d.device_id COLLATE "C"',
         group_id,
-    ):
-        devices.setdefault(job_id, []).append(device_id)
-    return GroupView(
-        id=group_id,
-        name=row[1],
-        state=gangs.group_state(roles, row[6]),
-        created_at=row[2],
-        priority=row[3],
-        placed_at=row[4],
-        ended_at=row[5],
-        reason=row[6],
-        owner=row[7],
-        roles=[
-            GroupRoleView(
-                role=r.role,
-                job_id=r.job_id,
-                essential=r.essential,
-                phase=r.phase,
-                reason=about.get(r.job_id, (None, None))[0],
-                supervisor_id=about.get(r.job_id, (None, None))[1],
-                devices=devices.get(r.job_id, []),
-            )
-            for r in roles
-        ],
     )
+    return records.group_view(row, await _role_states(conn, group_id), details, devices)
 
 
 async def get_group(conn: Connection, group_id: str) -> GroupView | None:
-    row = await conn.fetchrow(f"SELECT {_GROUP_COLUMNS} FROM job_groups WHERE id = $1", group_id)
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM job_groups WHERE id = $1", group_id)
     return None if row is None else await _view(conn, row)
 
 
 async def list_groups(conn: Connection, limit: int) -> list[GroupView]:
     rows = await conn.fetch(
-        f"SELECT {_GROUP_COLUMNS} FROM job_groups ORDER BY created_at DESC, id LIMIT $1", limit
+        f"SELECT {_COLUMNS} FROM job_groups ORDER BY created_at DESC, id LIMIT $1",
+        limit,
     )
     return [await _view(conn, row) for row in rows]

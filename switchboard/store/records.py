@@ -13,15 +13,20 @@ from typing import Any
 
 import msgspec
 
-from protocol.spec import JobSpec
+from protocol.spec import JobSpec, Selector
 from protocol.state import Phase
+from switchboard import gangs
 from switchboard.models import (
     TEST_RESULTS,
+    DeviceView,
     FinishedMinute,
+    GroupRoleView,
+    GroupView,
     JobEvent,
     JobSummary,
     JobView,
     PhaseEntry,
+    ReservationView,
     RunView,
     SupervisorView,
     TestCase,
@@ -31,6 +36,7 @@ from switchboard.models import (
 Row = Sequence[Any]
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
+_selector_decoder = msgspec.json.Decoder(Selector)
 
 
 def decode_spec(raw: bytes) -> JobSpec:
@@ -238,3 +244,105 @@ def finished_minutes(
         succeeded, failed = ended.get(int(minute), (0, 0))
         finished.append(FinishedMinute(minute, succeeded, failed))
     return finished
+
+
+# --- the hardware lab ----------------------------------------------------------------
+
+DEVICE_COLUMNS = (
+    "id, class, supervisor_id, labels, console, power, health, health_reason, health_at,"
+    " check_result, check_at, check_job, first_seen, last_declared"
+)
+
+
+def device_view(
+    row: Row, holders: dict[str, str], checks: dict[str, str], reserved: dict[str, str]
+) -> DeviceView:
+    """A device from a row of DEVICE_COLUMNS, with the run holding it ("job#attempt"), its
+    pending check job and the held reservation it belongs to, each by device id."""
+    return DeviceView(
+        id=row[0],
+        class_=row[1],
+        supervisor_id=row[2],
+        labels=json.loads(row[3]),
+        console=bool(row[4]),
+        power=bool(row[5]),
+        health=row[6],
+        health_reason=row[7],
+        health_at=row[8],
+        check_result=row[9],
+        check_at=row[10],
+        check_job=row[11],
+        holder=holders.get(row[0]),
+        checking=checks.get(row[0]),
+        reservation=reserved.get(row[0]),
+        first_seen=row[12],
+        last_declared=row[13],
+    )
+
+
+RESERVATION_COLUMNS = (
+    "id, state, actor, owner, count, class, selector, priority, duration_s, created_at,"
+    " refreshed_at, granted_at, expires_at, ended_at, end_reason"
+)
+
+
+def reservation_view(row: Row, devices: Iterable[Row]) -> ReservationView:
+    """A reservation from a row of RESERVATION_COLUMNS and its (device id,) rows."""
+    return ReservationView(
+        id=row[0],
+        state=row[1],
+        actor=row[2],
+        owner=row[3],
+        count=row[4],
+        class_=row[5],
+        selector=_selector_decoder.decode(row[6]),
+        priority=row[7],
+        duration_s=row[8],
+        created_at=row[9],
+        refreshed_at=row[10],
+        granted_at=row[11],
+        expires_at=row[12],
+        ended_at=row[13],
+        end_reason=row[14],
+        devices=[d for (d,) in devices],
+    )
+
+
+GROUP_COLUMNS = "id, name, created_at, priority, placed_at, ended_at, stop_reason, owner"
+
+
+def group_view(
+    row: Row,
+    roles: Sequence[gangs.RoleState],
+    details: Iterable[Row],
+    device_rows: Iterable[Row],
+) -> GroupView:
+    """A group from a row of GROUP_COLUMNS, its roles' states, (job id, reason, supervisor
+    id) of each role's job and (job id, device id) of their devices, in grant order."""
+    about = {job_id: (reason, sup) for job_id, reason, sup in details}
+    devices: dict[str, list[str]] = {}
+    for job_id, device_id in device_rows:
+        devices.setdefault(job_id, []).append(device_id)
+    return GroupView(
+        id=row[0],
+        name=row[1],
+        state=gangs.group_state(roles, row[6]),
+        created_at=row[2],
+        priority=row[3],
+        placed_at=row[4],
+        ended_at=row[5],
+        reason=row[6],
+        owner=row[7],
+        roles=[
+            GroupRoleView(
+                role=r.role,
+                job_id=r.job_id,
+                essential=r.essential,
+                phase=r.phase,
+                reason=about.get(r.job_id, (None, None))[0],
+                supervisor_id=about.get(r.job_id, (None, None))[1],
+                devices=devices.get(r.job_id, []),
+            )
+            for r in roles
+        ],
+    )

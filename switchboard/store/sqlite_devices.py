@@ -21,10 +21,13 @@ from protocol.spec import JobSpec
 from protocol.state import Phase
 from switchboard import health, scheduler
 from switchboard.models import DeviceView, HealthChange, PowerCall
+from switchboard.store import records
 from switchboard.store.schema import ACTIVE_PHASES, ACTIVE_SQL, TERMINAL_PHASES, TERMINAL_SQL
 from switchboard.store.sqlite_jobs import cancel_job, record_event
 
 log = logging.getLogger("switchboard.store")
+
+_COLUMNS = records.DEVICE_COLUMNS
 
 #: Health changes one device's view shows (newest first).
 HISTORY_SHOWN = 100
@@ -184,36 +187,6 @@ def recovery_health(
     return True
 
 
-_COLUMNS = (
-    "id, class, supervisor_id, labels, console, power, health, health_reason, health_at,"
-    " check_result, check_at, check_job, first_seen, last_declared"
-)
-
-
-def _view(
-    row: tuple, holders: dict[str, str], checks: dict[str, str], reserved: dict[str, str]
-) -> DeviceView:
-    return DeviceView(
-        id=row[0],
-        class_=row[1],
-        supervisor_id=row[2],
-        labels=json.loads(row[3]),
-        console=bool(row[4]),
-        power=bool(row[5]),
-        health=row[6],
-        health_reason=row[7],
-        health_at=row[8],
-        check_result=row[9],
-        check_at=row[10],
-        check_job=row[11],
-        holder=holders.get(row[0]),
-        checking=checks.get(row[0]),
-        reservation=reserved.get(row[0]),
-        first_seen=row[12],
-        last_declared=row[13],
-    )
-
-
 def _holders(conn: sqlite3.Connection) -> dict[str, str]:
     return dict(conn.execute(_HOLDERS, ACTIVE_PHASES).fetchall())
 
@@ -242,7 +215,7 @@ def list_devices(
     holders = _holders(conn) if rows else {}
     checks = _pending_checks(conn) if rows else {}
     reserved = dict(conn.execute(_RESERVED).fetchall()) if rows else {}
-    return [_view(row, holders, checks, reserved) for row in rows]
+    return [records.device_view(row, holders, checks, reserved) for row in rows]
 
 
 def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceView | None:
@@ -251,7 +224,9 @@ def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceView | None:
         return None
     holder = conn.execute(_HOLDERS + " AND rd.device_id = ?", (*ACTIVE_PHASES, device_id))
     reserved = dict(conn.execute(_RESERVED + " AND rd.device_id = ?", (device_id,)).fetchall())
-    view = _view(row, dict(holder.fetchall()), _pending_checks(conn, device_id), reserved)
+    view = records.device_view(
+        row, dict(holder.fetchall()), _pending_checks(conn, device_id), reserved
+    )
     changes = conn.execute(
         "SELECT at, health_to, actor, reason, health_from, job_id FROM device_health_history"
         " WHERE device_id = ? ORDER BY seq DESC LIMIT ?",

@@ -18,7 +18,6 @@ from protocol.state import Phase
 from switchboard import gangs
 from switchboard.models import (
     Assignment,
-    GroupRoleView,
     GroupSweep,
     GroupView,
     RunOnSupervisor,
@@ -31,6 +30,8 @@ from switchboard.store.sqlite_jobs import NewJob, cancel_job, insert_jobs
 from switchboard.store.sqlite_placement import assign_run
 
 log = logging.getLogger("switchboard.store")
+
+_COLUMNS = records.GROUP_COLUMNS
 
 
 class NotAllPlaced(Exception):
@@ -182,62 +183,32 @@ def sweep(conn: sqlite3.Connection, now: float, limit: int) -> GroupSweep:
     return GroupSweep(stops, stopped, groups_open(conn))
 
 
-_GROUP_COLUMNS = "id, name, created_at, priority, placed_at, ended_at, stop_reason, owner"
-
-
 def _view(conn: sqlite3.Connection, row: tuple) -> GroupView:
     group_id = row[0]
-    roles = _role_states(conn, group_id)
     details = conn.execute(
         "SELECT r.job_id, j.reason, (SELECT supervisor_id FROM runs u WHERE u.job_id = j.id"
         " AND u.attempt = j.attempts) FROM group_roles r JOIN jobs j ON j.id = r.job_id"
         " WHERE r.group_id = ?",
         (group_id,),
     )
-    about = {job_id: (reason, sup) for job_id, reason, sup in details}
-    devices: dict[str, list[str]] = {}
-    for job_id, device_id in conn.execute(
+    devices = conn.execute(
         "SELECT d.job_id, d.device_id FROM run_devices d JOIN group_roles r"
         " ON r.job_id = d.job_id JOIN jobs j ON j.id = d.job_id AND j.attempts = d.attempt"
         " WHERE r.group_id = ? ORDER BY d.pos, d.device_id",
         (group_id,),
-    ):
-        devices.setdefault(job_id, []).append(device_id)
-    return GroupView(
-        id=group_id,
-        name=row[1],
-        state=gangs.group_state(roles, row[6]),
-        created_at=row[2],
-        priority=row[3],
-        placed_at=row[4],
-        ended_at=row[5],
-        reason=row[6],
-        owner=row[7],
-        roles=[
-            GroupRoleView(
-                role=r.role,
-                job_id=r.job_id,
-                essential=r.essential,
-                phase=r.phase,
-                reason=about.get(r.job_id, (None, None))[0],
-                supervisor_id=about.get(r.job_id, (None, None))[1],
-                devices=devices.get(r.job_id, []),
-            )
-            for r in roles
-        ],
     )
+    return records.group_view(row, _role_states(conn, group_id), details, devices)
 
 
 def get_group(conn: sqlite3.Connection, group_id: str) -> GroupView | None:
-    row = conn.execute(
-        f"SELECT {_GROUP_COLUMNS} FROM job_groups WHERE id = ?", (group_id,)
-    ).fetchone()
+    row = conn.execute(f"SELECT {_COLUMNS} FROM job_groups WHERE id = ?", (group_id,)).fetchone()
     return None if row is None else _view(conn, row)
 
 
 def list_groups(conn: sqlite3.Connection, limit: int) -> list[GroupView]:
     """The newest groups first."""
     rows = conn.execute(
-        f"SELECT {_GROUP_COLUMNS} FROM job_groups ORDER BY created_at DESC, id LIMIT ?", (limit,)
+        f"SELECT {_COLUMNS} FROM job_groups ORDER BY created_at DESC, id LIMIT ?",
+        (limit,),
     ).fetchall()
     return [_view(conn, row) for row in rows]

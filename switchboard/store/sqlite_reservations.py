@@ -20,18 +20,16 @@ from switchboard import scheduler
 from switchboard.models import ReservationEnded as Ended
 from switchboard.models import ReservationSweep as Sweep
 from switchboard.models import ReservationView
-from switchboard.store import sqlite_devices
+from switchboard.store import records, sqlite_devices
 from switchboard.store.sqlite_jobs import cancel_job
 
 log = logging.getLogger("switchboard.store")
 
+_COLUMNS = records.RESERVATION_COLUMNS
+
 #: The states of a reservation that has not ended.
 OPEN = ("waiting", "held")
 
-_COLUMNS = (
-    "id, state, actor, owner, count, class, selector, priority, duration_s, created_at,"
-    " refreshed_at, granted_at, expires_at, ended_at, end_reason"
-)
 
 _selector = msgspec.json.Decoder(Selector)
 
@@ -41,24 +39,7 @@ def _view(conn: sqlite3.Connection, row: tuple) -> ReservationView:
         "SELECT device_id FROM reservation_devices WHERE reservation_id = ? ORDER BY device_id",
         (row[0],),
     )
-    return ReservationView(
-        id=row[0],
-        state=row[1],
-        actor=row[2],
-        owner=row[3],
-        count=row[4],
-        class_=row[5],
-        selector=_selector.decode(row[6]),
-        priority=row[7],
-        duration_s=row[8],
-        created_at=row[9],
-        refreshed_at=row[10],
-        granted_at=row[11],
-        expires_at=row[12],
-        ended_at=row[13],
-        end_reason=row[14],
-        devices=[d for (d,) in devices],
-    )
+    return records.reservation_view(row, devices)
 
 
 def create(
