@@ -108,3 +108,25 @@ async def test_submissions_side_by_side_never_overfill_the_queue(store):
     assert len(made) == 10
     assert all(isinstance(r, QueueFull) for r in results if isinstance(r, BaseException))
     assert await store.queue_length() == 10
+
+
+async def test_far_from_the_limit_submissions_do_not_wait_for_each_other(store, database):
+    """Far from the queue's limit a submission takes the queue's lock shared, so one still
+    committing (here: a transaction holding it shared) does not hold the next up; near the
+    limit it counts alone, waiting for those in flight, so its count is exact."""
+    other = await asyncpg.connect(database)
+    try:
+        async with other.transaction():
+            await other.execute(
+                "SELECT pg_advisory_xact_lock_shared(hashtext('switchboard queue'))"
+            )
+            made = await asyncio.wait_for(
+                store.create_jobs([("far", SPEC)], "", max_queued=5000), timeout=10
+            )
+            assert [m.id for m in made] == ["far"]
+            near = asyncio.ensure_future(store.create_jobs([("near", SPEC)], "", max_queued=1001))
+            await asyncio.sleep(0.5)
+            assert not near.done()  # it waits for the submission in flight
+        assert [m.id for m in await asyncio.wait_for(near, timeout=10)] == ["near"]
+    finally:
+        await other.close()

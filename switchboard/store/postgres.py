@@ -170,11 +170,15 @@ class PostgresStore(Store):
     async def close(self) -> None:
         await self._engine.close()
 
-    async def _write(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+    async def _write(
+        self, fn: Callable[[Connection], Awaitable[T]], *, checks_session: bool = False
+    ) -> T:
         """One transaction; the metrics it staged count once it has committed. Singleton
         work's writes and a connection's are fenced (store.fencing): refused, raising
-        Fenced, once the lease term or the session they run under has moved on."""
-        term, session = LEADER_TERM.get(), SESSION.get()
+        Fenced, once the lease term or the session they run under has moved on.
+        `checks_session`: `fn` locks the supervisor's row itself and checks the session
+        there (replicas.check_session), saving a round trip on the hottest writes."""
+        term, session = LEADER_TERM.get(), None if checks_session else SESSION.get()
         if term is not None or session is not None:
             unfenced = fn
 
@@ -502,10 +506,19 @@ class PostgresStore(Store):
         events: Sequence[SupervisorEvent],
         after_seq: int,
     ) -> EventsApplied:
+        session = SESSION.get()
+        if session is not None and session[0] != supervisor_id:
+            session = None  # not this supervisor's connection: _write fences as usual
+
         async def write(conn: Connection) -> EventsApplied:
-            stored = await conn.fetchval(
-                "SELECT last_seq FROM supervisors WHERE id = $1 FOR UPDATE", supervisor_id
+            row = await conn.fetchrow(
+                "SELECT last_seq, session, connected FROM supervisors WHERE id = $1 FOR UPDATE",
+                supervisor_id,
             )
+            if session is not None:
+                replicas.check_session(session, row)
+            assert row is not None, "a connected supervisor has its row"
+            stored = row["last_seq"]
             if stored < after_seq:
                 raise BatchOutOfOrder(
                     f"events of {supervisor_id} up to seq {after_seq} are not stored"
@@ -525,7 +538,7 @@ class PostgresStore(Store):
             return EventsApplied(stored, batch.ended, batch.unwanted, batch.problems, batch.reports)
 
         async with lock:
-            return await self._write(write)
+            return await self._write(write, checks_session=session is not None)
 
     async def end_run(self, key: RunRef, phase: str, message: str) -> bool:
         return await self._write(lambda conn: runs.end_run(conn, key, Phase(phase), message))

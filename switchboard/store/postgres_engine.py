@@ -44,6 +44,14 @@ def affected(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+async def _keep_session(conn: Any) -> None:
+    """What a connection needs back in the pool: nothing. asyncpg's default reset (advisory
+    unlock, UNLISTEN, RESET ALL) is a round trip at every release, for session state the
+    store never leaves: its locks are transaction-scoped, it sets nothing, and it LISTENs
+    on a connection of its own. A connection that broke mid-transaction is dropped by the
+    pool, and `transaction()` rolls back what failed."""
+
+
 class PostgresEngine:
     """One database: `dsn` is a libpq URI. `max_connections` bounds the pool (a request
     beyond it waits for a connection); `statement_timeout_s` ends any one statement that
@@ -80,6 +88,7 @@ class PostgresEngine:
             max_size=self._max,
             command_timeout=self._timeout,
             server_settings={"statement_timeout": str(int(self._timeout * 1000))},
+            reset=_keep_session,
         )
 
     async def close(self) -> None:

@@ -75,6 +75,27 @@ async def note_artifact_use(conn: Connection, job_id: str, digest: str, now: flo
     return True
 
 
+#: How close to a queue limit submissions count the queue one at a time: within a tenth
+#: of it, or within this many jobs of it, whichever is more. Further from it, submissions
+#: side by side could together pass the limit only by having more than that in flight at
+#: once (docs/deployment.md, "PostgreSQL").
+EXACT_WITHIN_JOBS = 1000
+
+
+def _near_limit(queued: int, adding: int, limit: int) -> bool:
+    return queued + adding > limit - max(limit // 10, EXACT_WITHIN_JOBS)
+
+
+async def _queue_counts(conn: Connection, owner: str | None) -> tuple[int, int]:
+    """The jobs queued, and those of them `owner`'s (0 without an owner)."""
+    row = await conn.fetchrow(
+        "SELECT count(*), count(*) FILTER (WHERE owner = $1) FROM jobs WHERE phase = 'queued'",
+        owner,
+    )
+    assert row is not None  # an aggregate always has its row
+    return row[0], row[1]
+
+
 async def insert_jobs(
     conn: Connection,
     jobs: list[NewJob],
@@ -85,21 +106,26 @@ async def insert_jobs(
     max_per_owner: int | None = None,
 ) -> list[Submitted]:
     """Insert jobs owned by token `owner` (all or none: the caller's transaction rolls
-    back on QueueFull or ArtifactMissing). Submissions count the queue one at a time (a
-    lock held until commit), so two side by side can't both take its last places."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('switchboard queue'))")
-    queued = await conn.fetchval("SELECT count(*) FROM jobs WHERE phase = 'queued'")
+    back on QueueFull or ArtifactMissing). Near a queue limit, submissions count the queue
+    one at a time (an exclusive lock held until commit), so two side by side can't both
+    take its last places; further from it they go side by side under a shared lock (which
+    the exclusive one waits for), so their commits share a WAL flush instead of each
+    waiting for the one before it."""
+    queued, mine = await _queue_counts(conn, owner)
+    if _near_limit(queued, len(jobs), max_queued) or (
+        max_per_owner is not None and _near_limit(mine, len(jobs), max_per_owner)
+    ):
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('switchboard queue'))")
+        queued, mine = await _queue_counts(conn, owner)
+    else:
+        await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext('switchboard queue'))")
     if queued + len(jobs) > max_queued:
         raise QueueFull(f"{queued} jobs are queued; the switchboard takes at most {max_queued}")
-    if owner is not None and max_per_owner is not None:
-        mine = await conn.fetchval(
-            "SELECT count(*) FROM jobs WHERE owner = $1 AND phase = 'queued'", owner
+    if owner is not None and max_per_owner is not None and mine + len(jobs) > max_per_owner:
+        raise QueueQuotaFull(
+            f"this token has {mine} jobs queued; one token may have at most"
+            f" {max_per_owner} (the switchboard's --max-queued-per-token)"
         )
-        if mine + len(jobs) > max_per_owner:
-            raise QueueQuotaFull(
-                f"this token has {mine} jobs queued; one token may have at most"
-                f" {max_per_owner} (the switchboard's --max-queued-per-token)"
-            )
     made = []
     now = time.time()
     for index, job in enumerate(jobs):

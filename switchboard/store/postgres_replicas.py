@@ -8,6 +8,7 @@ replicas' liveness are the database's clock, so replicas' clocks need not agree.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from protocol.messages import StopJob
 from switchboard import lease
@@ -128,15 +129,21 @@ async def fence(conn: Connection, term: int | None, session: tuple[str, int] | N
         if held is None:
             raise StaleTerm(f"lease term {term} has ended: another replica leads")
     if session is not None:
-        supervisor_id, number = session
         row = await conn.fetchrow(
-            "SELECT session, connected FROM supervisors WHERE id = $1 FOR UPDATE", supervisor_id
+            "SELECT session, connected FROM supervisors WHERE id = $1 FOR UPDATE", session[0]
         )
-        if row is None or row[0] != number or row[1] != 1:
-            raise SessionSuperseded(
-                f"session {number} of supervisor {supervisor_id} is over"
-                " (it connected again, or its replica was taken for dead)"
-            )
+        check_session(session, row)
+
+
+def check_session(session: tuple[str, int], row: Any) -> None:
+    """Refuse (raising) a connection's write unless its supervisor's locked row (`row`:
+    its `session` and `connected` columns, None if it is gone) is still that session's."""
+    supervisor_id, number = session
+    if row is None or row["session"] != number or row["connected"] != 1:
+        raise SessionSuperseded(
+            f"session {number} of supervisor {supervisor_id} is over"
+            " (it connected again, or its replica was taken for dead)"
+        )
 
 
 async def add_commands(
