@@ -17,6 +17,7 @@ import base64
 import contextlib
 import os
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,10 +29,10 @@ from bench.bed import NOOP, Bed, testbed
 from bench.dispatch import BATCH_THREADS, SINGLE_THREADS, measure_latency
 from bench.e2e import Api
 from bench.fleet import FleetProcess
-from bench.procs import cpu_seconds, raise_fd_limit
+from bench.procs import cpu_seconds, raise_fd_limit, tree_cpu_seconds
 from bench.stats import Summary
 from tests.harness import Process, Switchboard, start_supervisor
-from tests.postgres import Cluster, private_cluster
+from tests.postgres import PG_BIN, Cluster, private_cluster
 
 #: Real supervisor processes of the failover measurement, each with both addresses.
 FAILOVER_SUPERVISORS = 6
@@ -55,12 +56,18 @@ def _secret_key(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def replicas(cluster: Cluster, count: int, *extra: str) -> Iterator[list[Replica]]:
-    """`count` replicas on a new database of `cluster`, one secret key for all."""
+def replicas(
+    cluster: Cluster, count: int, *extra: str, settings: dict[str, str] | None = None
+) -> Iterator[list[Replica]]:
+    """`count` replicas on a new database of `cluster`, one secret key for all;
+    `settings`: PostgreSQL settings of that database (its sessions start with them)."""
     raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="sb-bench-pg-") as tmp:
         root = Path(tmp)
-        dsn = cluster.new_database(f"bench_{os.getpid()}_{time.monotonic_ns()}")
+        name = f"bench_{os.getpid()}_{time.monotonic_ns()}"
+        dsn = cluster.new_database(name)
+        for setting, value in (settings or {}).items():
+            cluster.psql(f'ALTER DATABASE "{name}" SET {setting} = {value}')
         key = _secret_key(root)
         made: list[Replica] = []
         try:
@@ -100,16 +107,25 @@ def _connect_fleet(fleet: FleetProcess, targets: list[Replica], total: int, max_
         time.sleep(0.05)
 
 
+def _server_pid(cluster: Cluster) -> int:
+    """The PostgreSQL server's first process (the postmaster: every backend its child)."""
+    return int((cluster.root / "data" / "postmaster.pid").read_text().split()[0])
+
+
 def _throughput_once(
     targets: list[Replica],
     fleet: FleetProcess,
     pool: ThreadPoolExecutor,
     n_jobs: int,
     batch: int | None,
+    server: int | None = None,
 ) -> dict[str, float]:
+    """jobs/s and the replicas' CPU per job; with `server` (the PostgreSQL server's
+    pid), that server's CPU per job too."""
     fleet.call("reset_runs")
     pids = [r.pid for r in targets]
     cpu_before = sum(cpu_seconds(pid) for pid in pids)
+    server_before = tree_cpu_seconds(server) if server is not None else 0.0
     started = time.monotonic()
 
     def one(index: int) -> list[str]:
@@ -127,11 +143,20 @@ def _throughput_once(
     if any(m["phase"] != "succeeded" or m["done_acked"] is None for m in marks.values()):
         raise RuntimeError("a no-op job did not succeed")
     last = max(m["done_acked"] for m in marks.values())
-    return {"jobs_per_s": n_jobs / (last - started), "cpu_ms_per_job": cpu / n_jobs * 1000}
+    out = {"jobs_per_s": n_jobs / (last - started), "cpu_ms_per_job": cpu / n_jobs * 1000}
+    if server is not None:
+        out["server_cpu_ms_per_job"] = (tree_cpu_seconds(server) - server_before) / n_jobs * 1000
+    return out
 
 
 def _throughput(
-    name: str, targets: list[Replica], fleet: FleetProcess, n_jobs: int, reps: int, batch: int
+    name: str,
+    targets: list[Replica],
+    fleet: FleetProcess,
+    n_jobs: int,
+    reps: int,
+    batch: int,
+    server: int | None = None,
 ) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     with (
@@ -141,7 +166,8 @@ def _throughput(
         _throughput_once(targets, fleet, batches, min(n_jobs, 100), batch)  # warm-up
         for _ in range(reps):
             for mode, pool, size in (("batch", batches, batch), ("single", singles, None)):
-                for key, value in _throughput_once(targets, fleet, pool, n_jobs, size).items():
+                once = _throughput_once(targets, fleet, pool, n_jobs, size, server)
+                for key, value in once.items():
                     out.setdefault(f"replicas_{name}_{mode}_{key}", []).append(value)
     return out
 
@@ -223,20 +249,31 @@ def measure_replicas(
     failovers: int,
 ) -> dict[str, Summary]:
     results: dict[str, list[float]] = _sqlite(n_jobs, reps, batch, supervisors, max_jobs)
-    latency: dict[str, Summary] = {}
+    latency: dict[str, dict[str, Summary]] = {}
     with private_cluster(durable=True) as cluster:
+        results["floor_pg_wal_flush_ms"] = [_wal_flush_ms(cluster) for _ in range(reps)]
+        server = _server_pid(cluster)
         for count in (1, 2):
             with replicas(cluster, count) as targets:
                 fleet = FleetProcess()
                 try:
                     _connect_fleet(fleet, targets, supervisors, max_jobs)
-                    results |= _throughput(f"pg{count}", targets, fleet, n_jobs, reps, batch)
+                    results |= _throughput(
+                        f"pg{count}", targets, fleet, n_jobs, reps, batch, server
+                    )
                     if count == 1:
-                        token = targets[0].switchboard.create_token("supervisor")
-                        bed = _postgres_bed(targets[0], fleet, token)
-                        latency = measure_latency(bed, latency_jobs, reps)
+                        latency["pg1"] = _idle(targets[0], fleet, latency_jobs, reps)
                 finally:
                     fleet.close()
+        # The same idle round trip with commits that don't wait for the WAL flush (an
+        # operator's choice, docs/deployment.md): what the rest of the path costs.
+        with replicas(cluster, 1, settings={"synchronous_commit": "off"}) as targets:
+            fleet = FleetProcess()
+            try:
+                _connect_fleet(fleet, targets, 4, max_jobs)
+                latency["pg1_async"] = _idle(targets[0], fleet, latency_jobs, reps)
+            finally:
+                fleet.close()
         with tempfile.TemporaryDirectory(prefix="sb-bench-fo-") as work:
             for _ in range(failovers):
                 for key, value in _failover(cluster, Path(work)).items():
@@ -246,6 +283,30 @@ def measure_replicas(
         key: Summary.of(values, next((u for k, u in units.items() if key.endswith(k)), "ms"))
         for key, values in results.items()
     }
-    for name in ("succeeded_p50_ms", "succeeded_p99_ms"):
-        out[f"replicas_pg1_idle_{name}"] = latency[f"latency_{name}"]
+    for bed, summaries in latency.items():
+        for name in ("succeeded_p50_ms", "succeeded_p99_ms"):
+            out[f"replicas_{bed}_idle_{name}"] = summaries[f"latency_{name}"]
     return out
+
+
+def _idle(replica: Replica, fleet: FleetProcess, n_jobs: int, reps: int) -> dict[str, Summary]:
+    token = replica.switchboard.create_token("supervisor")
+    return measure_latency(_postgres_bed(replica, fleet, token), n_jobs, reps)
+
+
+def _wal_flush_ms(cluster: Cluster) -> float:
+    """What one flush of the WAL takes on the cluster's disk: PostgreSQL's own
+    pg_test_fsync, its fdatasync of one 8 kB write (Linux's default wal_sync_method),
+    in ms. A durable commit waits for one; an idle job's path has three in a row."""
+    done = subprocess.run(
+        [str(PG_BIN / "pg_test_fsync"), "-s", "1", "-f", str(cluster.root / "fsync.probe")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    for line in done.stdout.splitlines():
+        words = line.split()
+        if words[:1] == ["fdatasync"] and "usecs/op" in words:
+            return float(words[words.index("usecs/op") - 1]) / 1000
+    raise RuntimeError(f"pg_test_fsync said nothing of fdatasync:\n{done.stdout}")

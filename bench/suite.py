@@ -427,6 +427,7 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                     "replicas_sqlite_single_jobs_per_s",
                 ),
                 Row("replicas_pg1_single_cpu_ms_per_job", "  switchboard CPU per job"),
+                Row("replicas_pg1_single_server_cpu_ms_per_job", "  PostgreSQL's CPU per job"),
                 Row(
                     "replicas_pg2_single_jobs_per_s",
                     "  on PostgreSQL, two replicas",
@@ -434,6 +435,7 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                     (">=", 1.0, "ratio"),
                 ),
                 Row("replicas_pg2_single_cpu_ms_per_job", "  replicas' CPU per job"),
+                Row("replicas_pg2_single_server_cpu_ms_per_job", "  PostgreSQL's CPU per job"),
                 Row(
                     "replicas_sqlite_batch_jobs_per_s",
                     f"batches of {b} end to end: one switchboard on SQLite",
@@ -448,10 +450,11 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                     "  on PostgreSQL, two replicas",
                     "replicas_sqlite_batch_jobs_per_s",
                 ),
+                Row("floor_pg_wal_flush_ms", "one WAL flush on this disk (pg_test_fsync)"),
                 Row(
                     "replicas_pg1_idle_succeeded_p50_ms",
                     "idle: submit -> succeeded stored on PostgreSQL, p50",
-                    None,
+                    "floor_pg_wal_flush_ms",
                     ("<=", 5.0, "median"),
                 ),
                 Row(
@@ -460,6 +463,12 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                     None,
                     ("<=", 25.0, "median"),
                 ),
+                Row(
+                    "replicas_pg1_async_idle_succeeded_p50_ms",
+                    "  the same, commits not waiting for the flush, p50",
+                    "floor_pg_wal_flush_ms",
+                ),
+                Row("replicas_pg1_async_idle_succeeded_p99_ms", "  p99"),
                 Row(
                     "replicas_failover_reconnected_s",
                     f"replica killed: its {FAILOVER_SUPERVISORS} supervisors on the other",

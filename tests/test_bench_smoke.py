@@ -92,9 +92,14 @@ SUITE_RESULTS = {
         for mode in ("single", "batch")
         for what in ("jobs_per_s", "cpu_ms_per_job")
     }
+    | {f"replicas_{store}_single_server_cpu_ms_per_job" for store in ("pg1", "pg2")}
+    | {f"replicas_{store}_batch_server_cpu_ms_per_job" for store in ("pg1", "pg2")}
     | {
+        "floor_pg_wal_flush_ms",
         "replicas_pg1_idle_succeeded_p50_ms",
         "replicas_pg1_idle_succeeded_p99_ms",
+        "replicas_pg1_async_idle_succeeded_p50_ms",
+        "replicas_pg1_async_idle_succeeded_p99_ms",
         "replicas_failover_reconnected_s",
         "replicas_failover_first_job_s",
     },
