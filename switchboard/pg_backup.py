@@ -60,15 +60,19 @@ def _major(pg_dump: str) -> int | None:
 
 def find_pg_dump(server_major: int) -> str:
     """A pg_dump that can dump a server of `server_major` (its own major version or newer):
-    $SWITCHBOARD_PG_BIN's, then Debian's for that version, then the one on PATH. Raises
-    PgBackupError saying what is missing."""
-    candidates = []
-    if os.environ.get("SWITCHBOARD_PG_BIN"):
-        candidates.append(str(Path(os.environ["SWITCHBOARD_PG_BIN"]) / "pg_dump"))
-    candidates.append(str(Path(DEBIAN_PG_BIN.format(major=server_major)) / "pg_dump"))
-    on_path = shutil.which("pg_dump")
-    if on_path:
-        candidates.append(on_path)
+    the one in $SWITCHBOARD_PG_BIN if that is set (alone: an explicit choice), else
+    Debian's for that version, else the one on PATH. Raises PgBackupError saying what is
+    missing or too old."""
+    chosen = os.environ.get("SWITCHBOARD_PG_BIN")
+    if chosen:
+        places = [chosen]
+        candidates = [str(Path(chosen) / "pg_dump")]
+    else:
+        places = [DEBIAN_PG_BIN.format(major=server_major), "PATH"]
+        candidates = [str(Path(places[0]) / "pg_dump")]
+        on_path = shutil.which("pg_dump")
+        if on_path:
+            candidates.append(on_path)
     too_old = []
     for candidate in candidates:
         if not Path(candidate).exists():
@@ -81,12 +85,13 @@ def find_pg_dump(server_major: int) -> str:
         raise PgBackupError(
             f"the PostgreSQL server is version {server_major}, and pg_dump must be that"
             f" version or newer: found only {', '.join(too_old)}; install"
-            f" postgresql-client-{server_major} (or set SWITCHBOARD_PG_BIN to its bin dir)"
+            f" postgresql-client-{server_major} (or set SWITCHBOARD_PG_BIN to the directory"
+            " of a pg_dump that is)"
         )
     raise PgBackupError(
-        f"pg_dump is missing (looked in $SWITCHBOARD_PG_BIN,"
-        f" {DEBIAN_PG_BIN.format(major=server_major)} and PATH): install"
-        f" postgresql-client-{server_major}"
+        f"pg_dump is missing (looked in {' and '.join(places)}): install"
+        f" postgresql-client-{server_major} (or set SWITCHBOARD_PG_BIN to the directory of"
+        " its pg_dump)"
     )
 
 
