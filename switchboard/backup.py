@@ -52,6 +52,14 @@ def backup_data_dir(database: Path, artifacts: Path, into: Path) -> BackupDone:
     for stale in (target.with_name(target.name + "-wal"), target.with_name(target.name + "-shm")):
         stale.unlink(missing_ok=True)
     done.database_bytes = target.stat().st_size
+    copy_artifacts(named, artifacts, into, done)
+    return done
+
+
+def copy_artifacts(named: list[str], artifacts: Path, into: Path, done: BackupDone) -> None:
+    """Copy the artifacts `named` (digests) from the artifacts dir `artifacts` into the
+    data dir `into`, counting them in `done`: those already there are kept, those gone
+    (retention removed them since the database was read) listed as missing."""
     for digest in named:
         algorithm, _, hexdigest = digest.partition(":")
         have = artifacts / algorithm / hexdigest
@@ -68,4 +76,3 @@ def backup_data_dir(database: Path, artifacts: Path, into: Path) -> BackupDone:
         part.chmod(0o600)
         part.replace(want)  # a file under its digest's name is always whole
         done.artifacts_copied += 1
-    return done

@@ -166,7 +166,8 @@ def hold_database(settings: Settings, keyring: Keyring) -> IO[bytes]:
 
 def check_database(settings: Settings) -> None:
     """With --database: reach the PostgreSQL database and create or check its schema
-    before serving, or stop with one line saying what is wrong."""
+    (with --upgrade, upgrade it: store/postgres_migrations.py) before serving, or stop
+    with one line saying what is wrong."""
     if settings.database is None:
         return
     import asyncpg
@@ -174,7 +175,7 @@ def check_database(settings: Settings) -> None:
     from switchboard.store.postgres_engine import reach
 
     try:
-        asyncio.run(reach(settings.database))
+        asyncio.run(reach(settings.database, upgrade=settings.upgrade_schema))
         if settings.replica_id is not None:
             check_replica_id(settings.database, settings.replica_id, settings.leader_lease_s)
     except (

@@ -15,8 +15,9 @@ import pytest
 
 from switchboard.store.migrations import MIGRATIONS
 from switchboard.store.migrations import apply_schema as sqlite_schema
+from switchboard.store.postgres_migrations import apply_schema
 from switchboard.store.postgres_schema import MIGRATIONS as PG_MIGRATIONS
-from switchboard.store.postgres_schema import POSTGRES_BASELINE, apply_schema
+from switchboard.store.postgres_schema import POSTGRES_BASELINE
 from switchboard.store.schema import BASELINE_VERSION, SCHEMA_VERSION, SchemaMismatch
 from tests.postgres import (
     Cluster,
@@ -37,7 +38,7 @@ async def database(postgres: Cluster) -> str:
 @pytest.fixture
 async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(database)
-    await apply_schema(connection)
+    await apply_schema(connection, database)
     yield connection
     await connection.close()
 
@@ -119,11 +120,11 @@ async def test_the_version_is_recorded_and_checked(database):
     first, second = await asyncpg.connect(database), await asyncpg.connect(database)
     try:
         # Two switchboards starting at once: one creates the schema, the other finds it.
-        await asyncio.gather(apply_schema(first), apply_schema(second))
+        await asyncio.gather(apply_schema(first, database), apply_schema(second, database))
         assert await first.fetchval("SELECT version FROM switchboard_schema") == SCHEMA_VERSION
         await first.execute("UPDATE switchboard_schema SET version = version + 1")
         with pytest.raises(SchemaMismatch, match=f"schema version {SCHEMA_VERSION + 1}"):
-            await apply_schema(second)
+            await apply_schema(second, database)
     finally:
         await first.close()
         await second.close()

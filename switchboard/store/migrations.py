@@ -30,6 +30,7 @@ from protocol.limits import EMPTY_DIGEST
 from switchboard import datadir
 from switchboard.store import schema
 from switchboard.store.schema import BASELINE_VERSION, SCHEMA_VERSION, SchemaMismatch
+from switchboard.store.uri import shown_uri
 
 log = logging.getLogger(__name__)
 
@@ -322,33 +323,67 @@ class SchemaOutdated(SchemaMismatch):
     """The database is older than this code and may be upgraded, but was not asked to."""
 
 
-def upgrade_command(path: Path) -> str:
-    """The command that upgrades the data dir holding `path`."""
-    return f"switchboard db upgrade --data-dir {path.parent}"
+def database_name(database: Path | str) -> str:
+    """How messages name a database: an SQLite file's path, or a PostgreSQL URI (a str,
+    its password left out)."""
+    if isinstance(database, Path):
+        return f"database {database}"
+    return f"PostgreSQL database {shown_uri(database)}"
+
+
+def upgrade_command(database: Path | str) -> str:
+    """The command that upgrades the database of the data dir holding `database` (a
+    Path), or the PostgreSQL database `database` names (a URI)."""
+    if isinstance(database, Path):
+        return f"switchboard db upgrade --data-dir {database.parent}"
+    return f"switchboard db upgrade --database {shown_uri(database)}"
 
 
 def check_version(
-    version: int, path: Path, *, upgrade: bool, current: int = SCHEMA_VERSION
+    version: int,
+    database: Path | str,
+    *,
+    upgrade: bool,
+    current: int = SCHEMA_VERSION,
+    oldest: int = OLDEST_UPGRADABLE,
 ) -> None:
     """Refuse a database of `version` (it has tables) that code at schema version
-    `current` can't serve as it is."""
+    `current` can't serve as it is: the rule for both stores. `database`: the SQLite
+    file's path, or a PostgreSQL URI (see database_name); `oldest`: the oldest version
+    its store upgrades from."""
+    name = database_name(database)
+    sqlite = isinstance(database, Path)
     if version > current:
-        raise SchemaTooNew(
-            f"the database {path} has schema version {version}, made by a newer switchboard;"
-            f" this one knows versions up to {current}: run the newer release (or"
-            " restore the backup an upgrade left beside the database)"
+        restore = (
+            "restore the backup an upgrade left beside the database"
+            if sqlite
+            else "restore the backup made before its upgrade"
         )
-    if version < OLDEST_UPGRADABLE:
+        raise SchemaTooNew(
+            f"the {name} has schema version {version}, made by a newer switchboard;"
+            f" this one knows versions up to {current}: run the newer release (or"
+            f" {restore})"
+        )
+    if version < oldest:
         raise SchemaMismatch(
             f"the database has schema version {version}, this switchboard needs"
-            f" {current} and upgrades from {OLDEST_UPGRADABLE} on: move the data dir"
-            " aside (or start with a new --data-dir)"
+            f" {current} and upgrades from {oldest} on: "
+            + (
+                "move the data dir aside (or start with a new --data-dir)"
+                if sqlite
+                else "serve a new database"
+            )
         )
     if version < current and not upgrade:
+        backed_up = (
+            "it backs the database up first"
+            if sqlite
+            else "back it up first: `switchboard db backup --database`"
+        )
         raise SchemaOutdated(
-            f"the database {path} has schema version {version}, this switchboard needs"
-            f" {current}: upgrade it with `{upgrade_command(path)}` (it backs the"
-            " database up first), or start with `switchboard serve --upgrade`"
+            f"the {name} has schema version {version}, this switchboard needs"
+            f" {current}: upgrade it with `{upgrade_command(database)}` ({backed_up}),"
+            " or start with `switchboard serve --upgrade`"
         )
 
 

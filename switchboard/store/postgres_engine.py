@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from switchboard.store.postgres_schema import apply_schema
+from switchboard.store.postgres_migrations import apply_schema
 
 T = TypeVar("T")
 # What a request's function gets: a pooled connection (generic in asyncpg's stubs only).
@@ -29,12 +29,13 @@ else:
     Connection = PoolConnectionProxy
 
 
-async def reach(dsn: str) -> None:
-    """Connect to `dsn` and create or check the schema there, then let go: before serving,
-    so a wrong URI or an unreachable server is said at once. Raises OSError,
+async def reach(dsn: str, *, upgrade: bool = False) -> None:
+    """Connect to `dsn` and create or check the schema there (with `upgrade`, bring an
+    older one up to date: store/postgres_migrations.py), then let go: before serving, so a
+    wrong URI or an unreachable server is said at once. Raises OSError,
     asyncpg.PostgresError, asyncpg.InterfaceError, ValueError (a malformed URI),
     SchemaMismatch."""
-    engine = PostgresEngine(dsn, min_connections=1, max_connections=1)
+    engine = PostgresEngine(dsn, min_connections=1, max_connections=1, upgrade=upgrade)
     await engine.open()
     await engine.close()
 
@@ -55,7 +56,8 @@ async def _keep_session(conn: Any) -> None:
 class PostgresEngine:
     """One database: `dsn` is a libpq URI. `max_connections` bounds the pool (a request
     beyond it waits for a connection); `statement_timeout_s` ends any one statement that
-    runs longer, so a stuck query can't hold a connection forever."""
+    runs longer, so a stuck query can't hold a connection forever. `upgrade`: bring a
+    database an older release made up to this one's schema as it opens."""
 
     def __init__(
         self,
@@ -64,8 +66,10 @@ class PostgresEngine:
         min_connections: int = 1,
         max_connections: int = 10,
         statement_timeout_s: float = 30.0,
+        upgrade: bool = False,
     ) -> None:
         self.dsn = dsn
+        self._upgrade = upgrade
         self._min = min_connections
         self._max = max_connections
         self._timeout = statement_timeout_s
@@ -74,12 +78,12 @@ class PostgresEngine:
         self._write_listeners: list[Callable[[], None]] = []
 
     async def open(self) -> None:
-        """Create the schema or check its version (store/postgres_schema), then connect
+        """Create the schema or check its version (store/postgres_migrations), then connect
         the pool. The schema is made on a connection of its own, without the pool's
         statement timeout: creating it may take longer than any one request should."""
         conn = await asyncpg.connect(self.dsn)
         try:
-            await apply_schema(conn)
+            await apply_schema(conn, self.dsn, upgrade=self._upgrade)
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(

@@ -16,21 +16,17 @@ What changed in translation, and why:
   is not commit order across concurrent writers: the live feed must not read past a rev
   whose transaction may still commit (the store's job, not the schema's).
 
-The version lives in switchboard_schema (PostgreSQL has no user_version); a database of
-another version is refused as SQLite's are (store/migrations.py).
+The version lives in switchboard_schema (PostgreSQL has no user_version). Creating a
+database, checking its version and upgrading it: store/postgres_migrations.py.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
 
 from protocol.limits import EMPTY_DIGEST
-from switchboard.store.schema import (
-    BASELINE_VERSION,
-    SCHEMA_VERSION,
-    TERMINAL_LITERALS,
-    SchemaMismatch,
-)
+from switchboard.store.schema import BASELINE_VERSION, TERMINAL_LITERALS
 
 #: The version SCHEMA creates: the same as the SQLite baseline's.
 POSTGRES_BASELINE = BASELINE_VERSION
@@ -64,9 +60,13 @@ CREATE TABLE supervisor_commands (
 CREATE INDEX supervisor_commands_by_supervisor ON supervisor_commands (supervisor_id, seq);
 """
 
+#: A step: its SQL statements, or a function of the (asyncpg) connection that runs SQL and
+#: moves data; either runs inside the transaction that records the version it reaches.
+Step: TypeAlias = str | Callable[[Any], Awaitable[None]]
+
 #: The steps past the baseline, paired with SQLite's (store/migrations.py MIGRATIONS, the
-#: same `to` in the same order; tests/test_postgres_schema.py checks): (to, statements).
-MIGRATIONS: tuple[tuple[int, str], ...] = (
+#: same `to` in the same order; tests/test_postgres_schema.py checks): (to, step).
+MIGRATIONS: tuple[tuple[int, Step], ...] = (
     (
         7,
         "ALTER TABLE jobs ADD COLUMN waiting_for TEXT;"
@@ -446,27 +446,3 @@ CREATE TRIGGER job_secrets_dropped_at_end AFTER UPDATE OF phase ON jobs
 CREATE TRIGGER job_secrets_dropped_with_job AFTER DELETE ON jobs
     FOR EACH ROW EXECUTE FUNCTION drop_job_secrets();
 """
-
-
-async def apply_schema(conn: Any) -> None:
-    """Create the tables of a new database (an asyncpg connection's), or check that an
-    existing one is at this version. `conn`: an asyncpg Connection."""
-    async with conn.transaction():
-        # One switchboard at a time creates the schema: others wait here, then see it.
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('switchboard schema'))")
-        exists = await conn.fetchval("SELECT to_regclass('switchboard_schema') IS NOT NULL")
-        if not exists:
-            # A new database is made as SQLite's are: the baseline, then every step.
-            await conn.execute(SCHEMA)
-            for _, statements in MIGRATIONS:
-                await conn.execute(statements)
-            await conn.execute(
-                "INSERT INTO switchboard_schema (version) VALUES ($1)", SCHEMA_VERSION
-            )
-            return
-        version = await conn.fetchval("SELECT version FROM switchboard_schema")
-    if version != SCHEMA_VERSION:
-        raise SchemaMismatch(
-            f"the PostgreSQL database has schema version {version}, this switchboard"
-            f" knows {SCHEMA_VERSION} only: run the release that made it"
-        )
