@@ -16,7 +16,7 @@ from litestar.openapi import OpenAPIConfig
 
 from common import logfmt
 from protocol.exceptions import CloseCode
-from protocol.messages import StopJob
+from protocol.messages import PowerAction, StopJob
 from switchboard import recovery
 from switchboard.api.artifacts import ArtifactController
 from switchboard.api.device_console import device_console
@@ -46,8 +46,8 @@ from switchboard.hub import Hub
 from switchboard.leader import Leadership, SingletonWork
 from switchboard.live import LiveFeed
 from switchboard.metrics import RUNS_LOST, SESSIONS_REAPED
-from switchboard.models import DeviceView
-from switchboard.power import PowerAnswer, power
+from switchboard.models import DeviceView, PowerReply
+from switchboard.power import PowerAnswer, ask_here, power
 from switchboard.recoveries import Recoveries
 from switchboard.relay import CommandRelay, Sockets
 from switchboard.reports.queue import ReportQueue
@@ -87,6 +87,13 @@ async def _recovery_cycle(
 ) -> PowerAnswer:
     """A recovery's power cycle (switchboard/recoveries.py), audited with its failed check."""
     return await power(hub, store, device, "cycle", recovery.ACTOR, timeout_s, job_id=check_job)
+
+
+async def _power_here(
+    hub: Hub, timeout_s: float, supervisor_id: str, device_id: str, action: PowerAction
+) -> PowerReply | None:
+    """A power request another replica left for a socket here (switchboard.relay)."""
+    return await ask_here(hub, supervisor_id, device_id, action, timeout_s)
 
 
 async def keep_time(store: Store, settings: Settings, hub: Hub) -> None:
@@ -208,7 +215,12 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
     if store.shared:
         hub.relay = CommandRelay(
             store,
-            Sockets(lambda: list(hub.connected_ids()), hub.stop_here),
+            Sockets(
+                lambda: list(hub.connected_ids()),
+                hub.stop_here,
+                hub.start_stored,
+                partial(_power_here, hub, settings.power_timeout_s),
+            ),
             dsn=settings.database if settings.notify else None,
             sweep_s=settings.command_sweep_s,
             on_jobs_queued=state.dispatcher.jobs_submitted,

@@ -306,8 +306,24 @@ class Dispatcher:
             snapshot.devices_reserved,
             snapshot.lab,
         )
-        if candidates and self._groups_open:
-            candidates = await self._place_groups(candidates, snapshot.busy_keys)
+        if self._groups_open:
+            # A group may take hosts connected to other replicas too (their StartJobs go
+            # there as commands); what is left here places the single jobs.
+            elsewhere = {s.id for s in fleet if s.connected and not self.hub.holds(s.id)}
+            hosts = candidates
+            if elsewhere and self.store.shared:
+                hosts = _candidates(
+                    fleet,
+                    ready | elsewhere,
+                    snapshot.resources_in_use,
+                    snapshot.devices_free,
+                    snapshot.checks,
+                    snapshot.devices_reserved,
+                    snapshot.lab,
+                )
+            if hosts:
+                left = await self._place_groups(hosts, snapshot.busy_keys)
+                candidates = [c for c in left if c.id in ready]
         if not candidates and not news and not fleet_changed:
             self._spare = _Spare(writes, [], snapshot.busy_keys)
             return PassDone(0, backoff_end=snapshot.next_backoff_end)
@@ -367,7 +383,9 @@ class Dispatcher:
     ) -> list[Candidate]:
         """Place the waiting groups that fit now, each all or none (gangs.fit_group, then
         one transaction), before the queue of single jobs; the candidates less what they
-        took."""
+        took. On a store replicas share, the candidates include supervisors connected to
+        other replicas: the StartJobs of runs placed there go to those replicas as commands
+        (written in the placement's transaction)."""
         pool = {c.id: copy_of(c) for c in candidates}
         started: list[Assignment] = []
         for group_id, roles in await self.store.waiting_groups():
@@ -382,7 +400,9 @@ class Dispatcher:
             started += assigned
         if started:
             metrics.RUNS_PLACED.labels("group").inc(len(started))
-            await self.hub.start_runs(started)
+            elsewhere = sum(1 for run in started if not self.hub.holds(run.supervisor_id))
+            metrics.SUPERVISOR_COMMANDS.labels("start", "queued").inc(elsewhere)
+            await self.hub.start_runs(r for r in started if self.hub.holds(r.supervisor_id))
         return [c for c in pool.values() if c.free > 0]
 
     async def _sweep_chains(self) -> None:

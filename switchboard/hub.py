@@ -77,6 +77,10 @@ class Hub:
     def connected_ids(self) -> Iterator[str]:
         return iter(self._connections)
 
+    def holds(self, supervisor_id: str) -> bool:
+        """Whether the supervisor's socket is here (on this replica)."""
+        return supervisor_id in self._connections
+
     def is_ready(self, supervisor_id: str) -> bool:
         """Connected, and reconciled: it may be given new runs."""
         connection = self._connections.get(supervisor_id)
@@ -159,6 +163,20 @@ class Hub:
             frame = await self.start_frame(run.job_id, run.attempt, run.spec, minor, run.devices)
             if frame is not None and connection is not None and connection.ready:
                 connection.start(RunRef(run.job_id, run.attempt), frame)
+
+    async def start_stored(self, supervisor_id: str, job_id: str, attempt: int) -> bool:
+        """Send the StartJob of a stored run still `assigned` to a supervisor whose socket
+        is here and ready (another replica placed it: switchboard.relay); False if not
+        sent. A supervisor not ready yet gets it from its reconcile, one not connected
+        here when it reconnects (its run waits as any disconnected supervisor's do)."""
+        connection = self._connections.get(supervisor_id)
+        if connection is None or not connection.ready:
+            return False
+        for run in await self.store.active_runs(supervisor_id):
+            if (run.job_id, run.attempt) == (job_id, attempt) and run.phase == Phase.ASSIGNED:
+                await connection.resend(run)
+                return True
+        return False
 
     def power(
         self, supervisor_id: str, device_id: str, action: PowerAction

@@ -147,10 +147,11 @@ FENCED_WRITES = Counter(
 )
 SUPERVISOR_COMMANDS = Counter(
     "switchboard_supervisor_commands_total",
-    "StopJobs for a supervisor whose socket another replica holds: left in the database"
-    " for it (step=queued), or taken from there and sent on a socket held here"
-    " (step=delivered).",
-    ["step"],
+    "Commands for a supervisor whose socket another replica holds (command=stop: a"
+    " StopJob; start: a job group's StartJob; power: a power request): left in the"
+    " database for it (step=queued), taken from there and sent on a socket held here"
+    " (step=delivered), and for power, its answer written back (step=answered).",
+    ["command", "step"],
     registry=REGISTRY,
 )
 SESSIONS_REAPED = Counter(
@@ -564,8 +565,13 @@ for _change in ("gained", "lost"):
     LEASE_CHANGES.labels(_change)
 for _fence in ("term", "session"):
     FENCED_WRITES.labels(_fence)
-for _step in ("queued", "delivered"):
-    SUPERVISOR_COMMANDS.labels(_step)
+for _command, _steps in (
+    ("stop", ("queued", "delivered")),
+    ("start", ("queued", "delivered")),
+    ("power", ("queued", "delivered", "answered")),
+):
+    for _step in _steps:
+        SUPERVISOR_COMMANDS.labels(_command, _step)
 for _via in ("reconcile", "events", "status"):
     ZOMBIE_RUNS_STOPPED.labels(_via)
 for _via in ("submission", "pass", "group"):

@@ -317,6 +317,39 @@ class PowerCall(msgspec.Struct, frozen=True):
 POWER_RESULTS = ("ok", "failed", "no_power", "not_connected", "timed_out")
 
 
+class PowerReply(msgspec.Struct, frozen=True):
+    """What became of a power request sent to a supervisor (`result`: one of
+    POWER_RESULTS): whether its command exited 0, its exit status and output, and why not.
+    Also what a replica holding the supervisor's socket writes back for another that asked
+    (switchboard.relay)."""
+
+    result: str
+    ok: bool = False
+    exit_code: int | None = None
+    output: str = ""
+    reason: str = ""
+
+
+#: The kinds of command one replica leaves for the replica holding a supervisor's socket.
+COMMAND_KINDS = ("stop", "start", "power")
+
+
+class SupervisorCommand(msgspec.Struct, frozen=True):
+    """A command left for the replica holding a supervisor's socket (switchboard.relay):
+    a StopJob (`stop`: the run and why), the StartJob of a stored run (`start`: the run),
+    or a power request (`power`: the device and action; its answer is written back under
+    `seq` for the replica that asked)."""
+
+    seq: int
+    supervisor_id: str
+    kind: str
+    job_id: str = ""
+    attempt: int = 0
+    reason: str = ""
+    device_id: str = ""
+    action: str = ""
+
+
 class DeviceView(msgspec.Struct):
     """A device of the lab's inventory as the switchboard knows it."""
 

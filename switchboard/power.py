@@ -4,6 +4,9 @@ a deadline, and every call, however it went, is kept in the device's history and
 a run holds the device, in that run's timeline.
 
 The wait is the caller's own (one REST request): nothing that serves everyone awaits it.
+When the supervisor's socket is on another replica (several on one database), the
+request goes to that replica as a command and its answer comes back the same way
+(switchboard.relay), within the same timeout; the call is audited here, once.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import msgspec
 from protocol.messages import PowerAction
 from switchboard import metrics
 from switchboard.hub import Hub
-from switchboard.models import DeviceView, PowerCall
+from switchboard.models import DeviceView, PowerCall, PowerReply
 from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.power")
@@ -75,26 +78,55 @@ async def power(
 
 
 async def _ask(hub: Hub, device: DeviceView, action: PowerAction, timeout_s: float) -> PowerAnswer:
-    def not_done(result: str, reason: str) -> PowerAnswer:
-        return PowerAnswer(device.id, action, result, reason=reason)
-
     if not device.power:
-        return not_done("no_power", f"device {device.id} has no power commands")
-    sent = hub.power(device.supervisor_id, device.id, action)
+        return PowerAnswer(
+            device.id, action, "no_power", reason=f"device {device.id} has no power commands"
+        )
+    reply = await ask_supervisor(hub, device.supervisor_id, device.id, action, timeout_s)
+    return PowerAnswer(
+        device.id,
+        action,
+        reply.result,
+        ok=reply.ok,
+        exit_code=reply.exit_code,
+        output=reply.output,
+        reason=reply.reason,
+    )
+
+
+async def ask_supervisor(
+    hub: Hub, supervisor_id: str, device_id: str, action: PowerAction, timeout_s: float
+) -> PowerReply:
+    """Send the power request on the supervisor's socket, here or (through the database)
+    on the replica holding it, and wait at most `timeout_s` for the answer."""
+    reply = await ask_here(hub, supervisor_id, device_id, action, timeout_s)
+    if reply is not None:
+        return reply
+    if hub.relay is not None:
+        return await hub.relay.ask_power(supervisor_id, device_id, action, timeout_s)
+    return PowerReply("not_connected", reason=f"supervisor {supervisor_id} is not connected")
+
+
+async def ask_here(
+    hub: Hub, supervisor_id: str, device_id: str, action: PowerAction, timeout_s: float
+) -> PowerReply | None:
+    """Send the power request on the supervisor's socket if it is here and wait at most
+    `timeout_s` for the answer; None if the socket is not here."""
+    if not hub.holds(supervisor_id):
+        return None
+    sent = hub.power(supervisor_id, device_id, action)
     if isinstance(sent, str):
-        return not_done("not_connected", sent)
+        return PowerReply("not_connected", reason=sent)
     try:
         # Shielded: a timeout cancels only the wait; the future is dropped just after.
         reply = await asyncio.wait_for(asyncio.shield(sent), timeout_s)
     except TimeoutError:
-        return not_done("timed_out", f"no answer from {device.supervisor_id} in {timeout_s:g} s")
+        return PowerReply("timed_out", reason=f"no answer from {supervisor_id} in {timeout_s:g} s")
     finally:
         sent.cancel()  # answered or not, forget it (its entry leaves the connection's table)
     if reply is None:
-        return not_done("not_connected", f"supervisor {device.supervisor_id} disconnected")
-    return PowerAnswer(
-        device.id,
-        action,
+        return PowerReply("not_connected", reason=f"supervisor {supervisor_id} disconnected")
+    return PowerReply(
         "ok" if reply.ok else "failed",
         ok=reply.ok,
         exit_code=reply.exit_code,

@@ -1,9 +1,14 @@
 """Commands between switchboard replicas sharing one database.
 
-A StopJob (a cancel, a timeout) may be decided by any replica, but only the replica
-holding the supervisor's socket can send it. When the socket is not here, the command is
-left in the database as a row (Store.send_commands); the replica holding the socket takes
-the rows for its supervisors and sends them. It looks when a NOTIFY hint says some wait
+A StopJob (a cancel, a timeout), the StartJob of a job group's run, or a power request may
+be decided by any replica, but only the replica holding the supervisor's socket can send
+it. When the socket is not here, the command is left in the database as a row
+(Store.send_commands, the group's placement, Store.ask_power); the replica holding the
+socket takes the rows for its supervisors and sends them: a StopJob as it is, a StartJob
+built from the stored run (a supervisor not ready yet gets it from its reconcile), a power
+request on its own task, whose answer is written back on the row for the replica that
+asked. That one waits for it (at most the power timeout), woken by a hint naming the row
+and looking every REPLY_SWEEP_S without one. It looks when a NOTIFY hint says some wait
 (the hint names the supervisor, never the command; many hints wake one look), and on a
 sweep every `sweep_s` whether hints come or not: they may be lost with the listening
 connection, or off (`serve --no-notify`, behind a pooler in transaction mode, where LISTEN
@@ -15,26 +20,58 @@ without hints, each sweep wakes it instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
-from protocol.messages import StopJob
+import msgspec
+
+from protocol.messages import PowerAction, StopJob, StopReason
 from switchboard import metrics
+from switchboard.models import PowerReply, SupervisorCommand
 from switchboard.store.base import Store
-from switchboard.store.fencing import CHANNEL, JOBS_QUEUED
+from switchboard.store.fencing import ANSWERED, CHANNEL, JOBS_QUEUED
 
 log = logging.getLogger("switchboard.relay")
+
+#: How often a replica waiting for the answer to a power request it left looks for it,
+#: hint or not (a hint wakes it at once).
+REPLY_SWEEP_S = 0.25
+
+#: Sends the StartJob of a stored run (supervisor, job, attempt) on a socket held here:
+#: whether it went (a supervisor not ready yet gets it from its reconcile).
+StartStored = Callable[[str, str, int], Awaitable[bool]]
+#: Runs a device's power command through a supervisor whose socket is here (supervisor,
+#: device, action) and waits for its answer; None if the socket is not here.
+PowerHere = Callable[[str, str, PowerAction], Awaitable[PowerReply | None]]
+
+
+async def _nothing_started(supervisor_id: str, job_id: str, attempt: int) -> bool:
+    return False
+
+
+async def _no_power(supervisor_id: str, device_id: str, action: PowerAction) -> None:
+    return None
 
 
 class Sockets:
     """What the relay needs of the hub: which supervisors' sockets are here, and sending
-    a StopJob on one of them."""
+    a StopJob, a stored run's StartJob or a power request on one of them."""
 
-    def __init__(self, connected: Callable[[], list[str]], stop: Callable[[str, StopJob], bool]):
+    def __init__(
+        self,
+        connected: Callable[[], list[str]],
+        stop: Callable[[str, StopJob], bool],
+        start: StartStored = _nothing_started,
+        power: PowerHere = _no_power,
+    ):
         self.connected = connected
         self.stop = stop
+        self.start = start
+        self.power = power
 
 
 class CommandRelay:
@@ -60,6 +97,10 @@ class CommandRelay:
         self._flushing: asyncio.Task[None] | None = None
         self._listener: Any = None
         self._listen_failing = False
+        #: Power requests left for other replicas, by seq: set when a hint says answered.
+        self._answers: dict[int, asyncio.Event] = {}
+        #: Power requests taken for sockets here, each on its own task.
+        self._powering: set[asyncio.Task[None]] = set()
 
     # --- leaving commands for other replicas ---------------------------------------------
 
@@ -85,9 +126,44 @@ class CommandRelay:
                     # run's cancel or timeout is stored); said once per failed batch.
                     log.exception("leaving %d StopJobs for other replicas failed", len(batch))
                     continue
-                metrics.SUPERVISOR_COMMANDS.labels("queued").inc(len(batch))
+                metrics.SUPERVISOR_COMMANDS.labels("stop", "queued").inc(len(batch))
         finally:
             self._flushing = None
+
+    async def ask_power(
+        self, supervisor_id: str, device_id: str, action: PowerAction, timeout_s: float
+    ) -> PowerReply:
+        """Have the replica holding the supervisor's socket run the device's power command
+        and wait at most `timeout_s` for its answer (the row is dropped whatever came of
+        it: a request not yet taken when the wait ends is never sent)."""
+        seq = await self.store.ask_power(supervisor_id, device_id, action)
+        if seq is None:
+            return PowerReply(
+                "not_connected", reason=f"supervisor {supervisor_id} is not connected"
+            )
+        metrics.SUPERVISOR_COMMANDS.labels("power", "queued").inc()
+        answered = self._answers[seq] = asyncio.Event()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                there, answer = await self.store.power_answer(seq)
+                if answer is not None:
+                    return msgspec.json.decode(answer, type=PowerReply)
+                if not there:  # (not dropped by anyone else while it waits)
+                    return PowerReply("not_connected", reason="the power request was dropped")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return PowerReply(
+                        "timed_out", reason=f"no answer from {supervisor_id} in {timeout_s:g} s"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(answered.wait(), min(left, REPLY_SWEEP_S))
+                answered.clear()
+        finally:
+            del self._answers[seq]
+            # Shielded: a caller that goes away still leaves no request behind.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.forget_command(seq))
 
     # --- taking the commands left for the sockets here -------------------------------------
 
@@ -110,6 +186,8 @@ class CommandRelay:
                 if self._listener is not None and self._listener.is_closed():
                     self._listener = None  # listen again on the next turn
         finally:
+            for task in list(self._powering):
+                task.cancel()
             if self._listener is not None:
                 await self._listener.close(timeout=2)
 
@@ -119,10 +197,42 @@ class CommandRelay:
         if not here:
             return 0
         taken = await self.store.take_commands(here)
-        for supervisor_id, stop in taken:
-            if self.sockets.stop(supervisor_id, stop):
-                metrics.SUPERVISOR_COMMANDS.labels("delivered").inc()
+        for command in taken:
+            if command.kind == "stop":
+                reason = cast(StopReason, command.reason)  # (written from a StopJob)
+                stop = StopJob(job_id=command.job_id, attempt=command.attempt, reason=reason)
+                if self.sockets.stop(command.supervisor_id, stop):
+                    metrics.SUPERVISOR_COMMANDS.labels("stop", "delivered").inc()
+            elif command.kind == "start":
+                sent = await self.sockets.start(
+                    command.supervisor_id, command.job_id, command.attempt
+                )
+                if sent:
+                    metrics.SUPERVISOR_COMMANDS.labels("start", "delivered").inc()
+            elif command.kind == "power":
+                task = asyncio.create_task(
+                    self._power(command), name=f"power {command.action} of {command.device_id}"
+                )
+                self._powering.add(task)
+                task.add_done_callback(self._powering.discard)
+            else:  # written by a newer switchboard: said once per command
+                log.warning("a command of unknown kind %r dropped", command.kind)
         return len(taken)
+
+    async def _power(self, command: SupervisorCommand) -> None:
+        """Run a power request taken for a socket here and write its answer back."""
+        action: PowerAction = command.action  # type: ignore[assignment]  # (written by ask_power)
+        try:
+            reply = await self.sockets.power(command.supervisor_id, command.device_id, action)
+            if reply is None:
+                reason = f"supervisor {command.supervisor_id} is no longer connected here"
+                reply = PowerReply("not_connected", reason=reason)
+            else:
+                metrics.SUPERVISOR_COMMANDS.labels("power", "delivered").inc()
+            if await self.store.answer_power(command.seq, msgspec.json.encode(reply).decode()):
+                metrics.SUPERVISOR_COMMANDS.labels("power", "answered").inc()
+        except Exception:  # the asker times out: its call is audited as such
+            log.exception("answering power request %d of another replica failed", command.seq)
 
     async def _listen(self) -> None:
         import asyncpg  # only with a PostgreSQL store
@@ -143,5 +253,10 @@ class CommandRelay:
     def _hint(self, connection: Any, pid: int, channel: str, payload: object) -> None:
         if payload == JOBS_QUEUED:
             self.on_jobs_queued()
+        elif isinstance(payload, str) and payload.startswith(ANSWERED):
+            seq = payload[len(ANSWERED) :]
+            answered = self._answers.get(int(seq)) if seq.isdigit() else None
+            if answered is not None:
+                answered.set()
         else:
             self._due.set()

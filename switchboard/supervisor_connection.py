@@ -617,7 +617,7 @@ class SupervisorConnection:
         known = {(d.job_id, d.attempt) for d in decisions}
         for run in await store.active_runs(self.id):
             if run.phase == Phase.ASSIGNED and (run.job_id, run.attempt) not in known:
-                await self._resend(run)
+                await self.resend(run)
         self.fleet.wake_dispatcher()
 
     async def _status_due(self) -> None:
@@ -680,7 +680,7 @@ class SupervisorConnection:
                     pass
                 case Action.RESEND:
                     assert decision.run is not None
-                    await self._resend(decision.run)
+                    await self.resend(decision.run)
                 case Action.STOP:
                     self.stop(
                         StopJob(job_id=decision.job_id, attempt=decision.attempt, reason="canceled")
@@ -697,7 +697,7 @@ class SupervisorConnection:
                     if ended and decision.action is Action.FINALIZE_LOST:
                         metrics.RUNS_LOST.labels(via).inc()
 
-    async def _resend(self, run: ActiveRun) -> None:
+    async def resend(self, run: ActiveRun) -> None:
         """(Re)send an assigned run's StartJob (queued: never waiting on the socket). A
         run whose secret values this switchboard can't open (sealed under another key) is
         ended instead."""

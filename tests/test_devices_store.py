@@ -20,9 +20,11 @@ pytestmark = pytest.mark.unit
 V14 = ["1.4", "1.3"]
 
 
-def _hello(sup: str, *ids: str, versions: list[str] = V14, cls: str = "simboard") -> Hello:
+def _hello(
+    sup: str, *ids: str, versions: list[str] = V14, cls: str = "simboard", max_jobs: int = 1
+) -> Hello:
     devices = [DeviceInfo(id=i, class_=cls, labels={"slot": i[-1]}, console=True) for i in ids]
-    return Hello(supervisor_id=sup, name=sup, versions=versions, devices=devices)
+    return Hello(supervisor_id=sup, name=sup, versions=versions, devices=devices, max_jobs=max_jobs)
 
 
 def _spec(n: int = 1) -> JobSpec:
@@ -129,7 +131,8 @@ async def test_a_version_7_data_dir_gets_the_lab_tables(tmp_path: Path) -> None:
 async def test_a_check_runs_before_any_other_job_and_decides_the_health(
     store: SQLiteStore,
 ) -> None:
-    await store.supervisor_connected(_hello("h1", "board-a", "board-b"))
+    # Two slots: both checks run at once (a store counts a host's free slots).
+    await store.supervisor_connected(_hello("h1", "board-a", "board-b", max_jobs=2))
     check = JobSpec(name="check", backend=NoopBackend(), resources={"simboard": 1}, priority=5)
     await store.create_checks([("c-a", check, "board-a"), ("c-b", check, "board-b")], "sb")
     facts = {f.id: f for f in await store.device_facts()}

@@ -128,7 +128,8 @@ LABEL_VALUES: dict[str, set[str]] = {
     "action": set(POWER_ACTIONS),
     "change": {"gained", "lost"},
     "fence": {"term", "session"},
-    "step": {"queued", "delivered"},
+    "step": {"queued", "delivered", "answered"},
+    "command": {"stop", "start", "power"},
     "limit": {"image_unpacked", "wasm_scratch", "inputs"},
     "reason": {
         "header_too_large",

@@ -229,7 +229,10 @@ def _cancel_latencies(tmp_path: Path, dsn: str, extra: tuple[str, ...], count: i
                     time.sleep(0.01)
                 latencies[where].append(time.monotonic() - started)
         delivered = sample_value(
-            scrape(f"{a.url}/metrics"), "switchboard_supervisor_commands_total", step="delivered"
+            scrape(f"{a.url}/metrics"),
+            "switchboard_supervisor_commands_total",
+            command="stop",
+            step="delivered",
         )
         assert delivered == count
         return latencies

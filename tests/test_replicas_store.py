@@ -167,13 +167,53 @@ async def test_commands_are_left_for_the_replica_holding_the_socket(pair, databa
         await listener.close()
     assert await b.take_commands(["s2"]) == []
     taken = await a.take_commands(["s1"])
-    assert taken == [("s1", stop) for stop in stops]
+    assert [(c.supervisor_id, c.kind, c.job_id, c.attempt, c.reason) for c in taken] == [
+        ("s1", "stop", stop.job_id, stop.attempt, stop.reason) for stop in stops
+    ]
     assert await a.take_commands(["s1"]) == []
     # Commands left for a supervisor are dropped when it connects again: its reconcile
     # settles what they said.
     await b.send_commands([("s1", stops[0])])
     await b.supervisor_connected(hello("s1"))
     assert await b.take_commands(["s1"]) == []
+
+
+async def test_a_power_request_is_answered_through_its_row(pair, database):
+    a, b = pair
+    # Not connected anywhere: nothing to leave it for.
+    assert await b.ask_power("s1", "board-1", "cycle") is None
+    await a.supervisor_connected(hello("s1"))
+    seq = await b.ask_power("s1", "board-1", "cycle")
+    assert seq is not None
+    assert await b.power_answer(seq) == (True, None)
+    # A reconnect keeps it (the replica the supervisor is on now takes it)...
+    await a.supervisor_connected(hello("s1"))
+    (taken,) = await a.take_commands(["s1"])
+    assert (taken.seq, taken.kind, taken.device_id, taken.action) == (
+        seq,
+        "power",
+        "board-1",
+        "cycle",
+    )
+    # ...taken once: it stays, for its answer, but is not taken again.
+    assert await a.take_commands(["s1"]) == []
+    hints: list[str] = []
+    listener = await asyncpg.connect(database)
+    await listener.add_listener("switchboard", lambda *args: hints.append(args[3]))
+    try:
+        assert await a.answer_power(seq, '{"result": "ok", "ok": true}')
+        for _ in range(50):
+            if hints:
+                break
+            await asyncio.sleep(0.02)
+        assert hints == [f"={seq}"]
+    finally:
+        await listener.close()
+    assert await b.power_answer(seq) == (True, '{"result": "ok", "ok": true}')
+    await b.forget_command(seq)
+    assert await b.power_answer(seq) == (False, None)
+    # An answer for an asker that gave up goes nowhere.
+    assert not await a.answer_power(seq, '{"result": "ok"}')
 
 
 class _Work:

@@ -57,6 +57,7 @@ from switchboard.models import (
     RunFile,
     RunFiles,
     Submitted,
+    SupervisorCommand,
     SupervisorView,
     TestCase,
     TestCasePage,
@@ -414,9 +415,26 @@ class Store(abc.ABC):
         """Leave StopJobs for the replicas holding these supervisors' sockets."""
         raise NotImplementedError("one process serves this store: it holds every socket")
 
-    async def take_commands(self, supervisor_ids: Collection[str]) -> list[tuple[str, StopJob]]:
-        """Take the commands left for these supervisors (whose sockets this replica holds)."""
+    async def take_commands(self, supervisor_ids: Collection[str]) -> list[SupervisorCommand]:
+        """Take the commands left for these supervisors (whose sockets this replica holds):
+        StopJobs and StartJobs once, power requests marked taken (answer_power)."""
         return []
+
+    async def ask_power(self, supervisor_id: str, device_id: str, action: str) -> int | None:
+        """Leave a power request for the replica holding the supervisor's socket: the seq
+        its answer comes under (power_answer); None if the supervisor is not connected."""
+        raise NotImplementedError("one process serves this store: it holds every socket")
+
+    async def answer_power(self, seq: int, answer: str) -> bool:
+        """Write the answer (JSON) to power request `seq`; False if nobody waits for it."""
+        raise NotImplementedError("one process serves this store: it holds every socket")
+
+    async def power_answer(self, seq: int) -> tuple[bool, str | None]:
+        """Whether power request `seq` is still there, and its answer once written."""
+        raise NotImplementedError("one process serves this store: it holds every socket")
+
+    async def forget_command(self, seq: int) -> None:
+        """Drop power request `seq` (answered, or given up on)."""
 
     @abc.abstractmethod
     async def lose_runs(self, grace_s: float) -> list[RunRef]:

@@ -20,9 +20,12 @@ from __future__ import annotations
 import contextvars
 
 #: The NOTIFY channel replicas hint each other on: payloads are hints (the id of a
-#: supervisor with commands waiting, or JOBS_QUEUED), never the commands themselves.
+#: supervisor with commands waiting, JOBS_QUEUED, or ANSWERED and a command's seq), never
+#: the commands themselves.
 CHANNEL = "switchboard"
 JOBS_QUEUED = "+jobs"
+#: A hint that the answer to a power command was written: this prefix, then its seq.
+ANSWERED = "="
 
 #: The lease term singleton work runs under (None: not singleton work).
 LEADER_TERM: contextvars.ContextVar[int | None] = contextvars.ContextVar(

@@ -282,6 +282,26 @@ def _replicas(conn: sqlite3.Connection) -> None:
     _statements(REPLICAS)(conn)
 
 
+#: Version 14: commands between replicas carry more than StopJobs: a `kind` (stop; start:
+#: send the stored run's StartJob; power: run a device's power command and write back
+#: the answer), a power command's device and action, when it was taken, and its answer
+#: (JSON) for the replica that asked (docs/deployment.md, "Commands between replicas").
+COMMAND_COLUMNS = (
+    ("kind", "TEXT NOT NULL DEFAULT 'stop'"),
+    ("device_id", "TEXT"),
+    ("action", "TEXT"),
+    ("taken_at", "REAL"),
+    ("answer", "TEXT"),
+)
+
+
+def _command_kinds(conn: sqlite3.Connection) -> None:
+    have = {row[1] for row in conn.execute("PRAGMA table_info(supervisor_commands)")}
+    for column, definition in COMMAND_COLUMNS:
+        if column not in have:
+            conn.execute(f"ALTER TABLE supervisor_commands ADD COLUMN {column} {definition}")
+
+
 #: Every step past the baseline, in order: MIGRATIONS[i] reaches BASELINE_VERSION + i + 1.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -308,6 +328,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         13,
         "replicas on one database: the leader lease, replicas, supervisors.replica, commands",
         _replicas,
+    ),
+    Migration(
+        14,
+        "commands between replicas: start and power (with its answer) besides stop",
+        _command_kinds,
     ),
 )
 

@@ -71,6 +71,7 @@ from switchboard.models import (
     RunFile,
     RunFiles,
     Submitted,
+    SupervisorCommand,
     SupervisorView,
     TestCase,
     TestCasePage,
@@ -378,16 +379,21 @@ class PostgresStore(Store):
             )
             assigned = []
             if clear and placements:
-                owned = await _lock_owned(conn, set(placements.values()), me)
+                slots = await _lock_owned(conn, set(placements.values()), me)
                 now = time.time()  # (after the locks: see assign)
                 for submitted in made:
                     supervisor_id = placements.get(submitted.id)
-                    if supervisor_id in owned and submitted.phase == Phase.QUEUED.value:
+                    if (
+                        supervisor_id is not None
+                        and slots.get(supervisor_id, 0) > 0
+                        and submitted.phase == Phase.QUEUED.value
+                    ):
                         run = await placement.assign_run(
                             conn, submitted.id, supervisor_id, now, keyring, checked
                         )
                         if run is not None:
                             assigned.append(run)
+                            slots[supervisor_id] -= 1
             if notify and len(assigned) < len(made):
                 await _jobs_queued(conn)
             return made, assigned
@@ -464,17 +470,18 @@ class PostgresStore(Store):
             # Supervisors' rows are locked in id order (as each assignment takes them), so
             # two replicas assigning to the same supervisors never wait on each other in a
             # circle.
-            owned = await _lock_owned(conn, {s for _, s in pairs}, me)
+            slots = await _lock_owned(conn, {s for _, s in pairs}, me)
             # The runs' time is read once the locks are held: a run that ended on these
             # supervisors meanwhile (its events hold the supervisor's row) ended before it,
             # so a device it gave back is never recorded as held by two runs at once.
             now = time.time()
             for job_id, supervisor_id in pairs:
-                if supervisor_id not in owned:
-                    continue  # its connection is another replica's now
+                if slots.get(supervisor_id, 0) <= 0:
+                    continue  # its connection is another replica's now, or its slots are
                 run = await placement.assign_run(conn, job_id, supervisor_id, now, keyring, checked)
                 if run is not None:
                     made.append(run)
+                    slots[supervisor_id] -= 1
             return made
 
         return await self._write(write)
@@ -669,12 +676,29 @@ class PostgresStore(Store):
         now, notify = time.time(), self.notify
         await self._write(lambda conn: replicas.add_commands(conn, commands, now, notify))
 
-    async def take_commands(self, supervisor_ids: Collection[str]) -> list[tuple[str, StopJob]]:
+    async def take_commands(self, supervisor_ids: Collection[str]) -> list[SupervisorCommand]:
         ids = sorted(supervisor_ids)
         # Looked for every second: a read, unless there are some to take.
         if not ids or not await self._read(lambda conn: replicas.commands_waiting(conn, ids)):
             return []
-        return await self._write(lambda conn: replicas.take_commands(conn, ids))
+        now = time.time()
+        return await self._write(lambda conn: replicas.take_commands(conn, ids, now))
+
+    async def ask_power(self, supervisor_id: str, device_id: str, action: str) -> int | None:
+        now, notify = time.time(), self.notify
+        return await self._write(
+            lambda conn: replicas.ask_power(conn, supervisor_id, device_id, action, now, notify)
+        )
+
+    async def answer_power(self, seq: int, answer: str) -> bool:
+        notify = self.notify
+        return await self._write(lambda conn: replicas.answer_power(conn, seq, answer, notify))
+
+    async def power_answer(self, seq: int) -> tuple[bool, str | None]:
+        return await self._read(lambda conn: replicas.power_answer(conn, seq))
+
+    async def forget_command(self, seq: int) -> None:
+        await self._write(lambda conn: replicas.forget_command(conn, seq))
 
     async def list_supervisors(self) -> list[SupervisorView]:
         return await self._read(lambda conn: supervisors.load_supervisors(conn, None))
@@ -835,14 +859,28 @@ class PostgresStore(Store):
     async def assign_group(
         self, group_id: str, pairs: Sequence[tuple[str, str]]
     ) -> list[Assignment]:
-        keyring, checked, me = self._keyring, self.checked_classes, self.replica_id
+        keyring, checked = self._keyring, self.checked_classes
+        me, notify = self.replica_id, self.notify
 
         async def write(conn: Connection) -> list[Assignment]:
+            # Its hosts may be connected to any replica: a StartJob for a socket held by
+            # another goes to it as a command, in this transaction.
             supervisor_ids = {s for _, s in pairs}
-            if await _lock_owned(conn, supervisor_ids, me) != supervisor_ids:
-                # All or none: a host of it is another replica's now (or drained).
+            here = await placement.lock_hosts(conn, supervisor_ids, me)
+            slots = await placement.free_slots(conn, here)
+            wanted = Counter(s for _, s in pairs)
+            if here.keys() != supervisor_ids or any(slots[s] < n for s, n in wanted.items()):
+                # All or none: a host of it went away (or was drained), or its slots were
+                # taken since the pass looked.
                 raise NotAllPlaced(group_id)
-            return await groups.assign_group(conn, group_id, pairs, time.time(), keyring, checked)
+            now = time.time()
+            made = await groups.assign_group(conn, group_id, pairs, now, keyring, checked)
+            elsewhere = [
+                (r.supervisor_id, r.job_id, r.attempt) for r in made if not here[r.supervisor_id]
+            ]
+            if elsewhere:
+                await replicas.add_starts(conn, elsewhere, now, notify)
+            return made
 
         try:
             return await self._write(write)
@@ -915,20 +953,15 @@ class PostgresStore(Store):
         return await self._read(reservations.counts)
 
 
-async def _lock_owned(conn: Connection, supervisor_ids: set[str], me: str) -> set[str]:
-    """Lock the rows of these supervisors (in id order, as each assignment takes them, so
-    two replicas assigning never wait on each other in a circle); those whose connection
-    this replica holds, and not drained. A run is given only to a supervisor whose socket
-    is here (its StartJob is sent on it), and never to one drained, even through another
-    replica since this one last looked."""
-    rows = await conn.fetch(
-        "SELECT id, replica = $2 AND connected = 1 AND drained = 0 FROM supervisors"
-        " WHERE id = ANY($1::text[])"
-        ' ORDER BY id COLLATE "C" FOR UPDATE',
-        sorted(supervisor_ids),
-        me,
-    )
-    return {r[0] for r in rows if r[1]}
+async def _lock_owned(conn: Connection, supervisor_ids: set[str], me: str) -> dict[str, int]:
+    """Lock the rows of these supervisors (placement.lock_hosts); of those whose connection
+    this replica holds, and not drained, the free slots. A job's run is given only to a
+    supervisor whose socket is here (its StartJob is sent on it), never to one drained,
+    even through another replica since this one last looked, and never past its slots
+    (another replica may have given it a job group's run since this one looked)."""
+    hosts = await placement.lock_hosts(conn, supervisor_ids, me)
+    owned = [s for s, here in hosts.items() if here]
+    return await placement.free_slots(conn, owned) if owned else {}
 
 
 async def _jobs_queued(conn: Connection) -> None:

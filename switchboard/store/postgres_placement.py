@@ -8,6 +8,11 @@ same everywhere (supervisor, then job). A job of a concurrency key also takes th
 transaction lock, without waiting (another replica placing a job of the key now: it
 waits for a later pass), and is placed only if no other job of the key is active: two
 replicas never run two jobs of one key at once.
+
+A job group's roles may be placed on supervisors whose sockets other replicas hold
+(`lock_hosts`): their StartJobs go as commands (postgres_replicas.add_starts). Since a
+supervisor's slots may then be taken by two replicas, every placement counts them under
+the supervisor's row lock (`free_slots`), not only from the pass's snapshot.
 """
 
 from __future__ import annotations
@@ -27,6 +32,30 @@ from switchboard.store.postgres_runs import record_phase
 from switchboard.store.schema import ACTIVE_LITERALS
 from switchboard.store.sqlite_placement import active_run, unreadable_end
 from switchboard.store.sqlite_secrets import spec_to_start
+
+
+async def lock_hosts(conn: Connection, supervisor_ids: Collection[str], me: str) -> dict[str, bool]:
+    """Lock the rows of these supervisors in id order (as every placement takes them, so
+    two replicas placing never wait on each other in a circle): of those connected to
+    some replica and not drained, whether their socket is on replica `me`."""
+    rows = await conn.fetch(
+        "SELECT id, replica = $2, connected = 1 AND replica IS NOT NULL AND drained = 0"
+        ' FROM supervisors WHERE id = ANY($1::text[]) ORDER BY id COLLATE "C" FOR UPDATE',
+        sorted(supervisor_ids),
+        me,
+    )
+    return {r[0]: bool(r[1]) for r in rows if r[2]}
+
+
+async def free_slots(conn: Connection, supervisor_ids: Collection[str]) -> dict[str, int]:
+    """The free slots of these supervisors now (their max_jobs less their active runs);
+    the caller holds their rows' locks, so no other placement takes any meanwhile."""
+    rows = await conn.fetch(
+        "SELECT s.id, s.max_jobs - (SELECT count(*) FROM runs r WHERE r.supervisor_id = s.id"
+        f" AND r.phase IN ({ACTIVE_LITERALS})) FROM supervisors s WHERE s.id = ANY($1::text[])",
+        list(supervisor_ids),
+    )
+    return {r[0]: int(r[1]) for r in rows}
 
 
 async def assign_run(

@@ -1,8 +1,9 @@
 """Several switchboard replicas on one PostgreSQL database: the leader lease, the
 replicas' liveness, the fences on their writes, and the commands one replica leaves for
-another (docs/deployment.md, "Several replicas"). The decisions are switchboard.lease's;
-every function runs inside the caller's transaction. Times of the lease and of the
-replicas' liveness are the database's clock, so replicas' clocks need not agree.
+another (stop, start, power, and the answer to a power request written back;
+docs/deployment.md, "Several replicas"). The decisions are switchboard.lease's; every
+function runs inside the caller's transaction. Times of the lease and of the replicas'
+liveness are the database's clock, so replicas' clocks need not agree.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 
 from protocol.messages import StopJob
 from switchboard import lease
-from switchboard.store.fencing import CHANNEL, SessionSuperseded, StaleTerm
+from switchboard.models import SupervisorCommand
+from switchboard.store.fencing import ANSWERED, CHANNEL, SessionSuperseded, StaleTerm
 from switchboard.store.postgres_engine import Connection
 
 _NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
@@ -162,32 +164,130 @@ async def add_commands(
             now,
         )
     if notify:
-        for supervisor_id in sorted({s for s, _ in commands}):
-            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, supervisor_id)
+        await _hint(conn, {s for s, _ in commands})
+
+
+async def add_starts(
+    conn: Connection, runs: Sequence[tuple[str, str, int]], now: float, notify: bool
+) -> None:
+    """Have the replicas holding these supervisors' sockets send the StartJobs of the
+    stored runs (supervisor id, job id, attempt), in the caller's transaction (the one
+    creating the runs)."""
+    await conn.executemany(
+        "INSERT INTO supervisor_commands (supervisor_id, kind, job_id, attempt, reason,"
+        " created_at) VALUES ($1, 'start', $2, $3, '', $4)",
+        [(supervisor_id, job_id, attempt, now) for supervisor_id, job_id, attempt in runs],
+    )
+    if notify:
+        await _hint(conn, {s for s, _, _ in runs})
+
+
+#: A power request whose asker has not taken its answer by then is dropped (the asker
+#: was stopped while it waited: nobody reads it).
+_POWER_KEPT_S = 3600.0
+
+
+async def ask_power(
+    conn: Connection, supervisor_id: str, device_id: str, action: str, now: float, notify: bool
+) -> int | None:
+    """Leave a power request for the replica holding the supervisor's socket: its seq, to
+    wait for the answer under; None if the supervisor is not connected to any replica."""
+    connected = await conn.fetchval(
+        "SELECT connected = 1 AND replica IS NOT NULL FROM supervisors WHERE id = $1",
+        supervisor_id,
+    )
+    if not connected:
+        return None
+    await conn.execute(
+        "DELETE FROM supervisor_commands WHERE kind = 'power' AND created_at < $1",
+        now - _POWER_KEPT_S,
+    )
+    seq: int = await conn.fetchval(
+        "INSERT INTO supervisor_commands (supervisor_id, kind, job_id, attempt, reason,"
+        " device_id, action, created_at) VALUES ($1, 'power', '', 0, '', $2, $3, $4)"
+        " RETURNING seq",
+        supervisor_id,
+        device_id,
+        action,
+        now,
+    )
+    if notify:
+        await _hint(conn, {supervisor_id})
+    return seq
+
+
+async def answer_power(conn: Connection, seq: int, answer: str, notify: bool) -> bool:
+    """Write the answer to power request `seq` (JSON) for the replica that asked; False if
+    it no longer waits for it (it gave up)."""
+    done = await conn.fetchval(
+        "UPDATE supervisor_commands SET answer = $1 WHERE seq = $2 AND kind = 'power'"
+        " RETURNING seq",
+        answer,
+        seq,
+    )
+    if done is not None and notify:
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{ANSWERED}{seq}")
+    return done is not None
+
+
+async def power_answer(conn: Connection, seq: int) -> tuple[bool, str | None]:
+    """Whether power request `seq` is still there, and its answer if written."""
+    row = await conn.fetchrow("SELECT answer FROM supervisor_commands WHERE seq = $1", seq)
+    return (False, None) if row is None else (True, row[0])
+
+
+async def forget_command(conn: Connection, seq: int) -> None:
+    await conn.execute("DELETE FROM supervisor_commands WHERE seq = $1", seq)
+
+
+async def _hint(conn: Connection, supervisor_ids: set[str]) -> None:
+    """A hint per supervisor on CHANNEL, sent when the transaction commits."""
+    for supervisor_id in sorted(supervisor_ids):
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, supervisor_id)
 
 
 async def commands_waiting(conn: Connection, supervisor_ids: Sequence[str]) -> bool:
-    """Whether any command waits for these supervisors."""
+    """Whether any command not yet taken waits for these supervisors."""
     return bool(
         await conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM supervisor_commands"
-            " WHERE supervisor_id = ANY($1::text[]))",
+            " WHERE supervisor_id = ANY($1::text[]) AND taken_at IS NULL)",
             list(supervisor_ids),
         )
     )
 
 
 async def take_commands(
-    conn: Connection, supervisor_ids: Sequence[str]
-) -> list[tuple[str, StopJob]]:
-    """The commands waiting for these supervisors, oldest first, taken (deleted)."""
+    conn: Connection, supervisor_ids: Sequence[str], now: float
+) -> list[SupervisorCommand]:
+    """The commands waiting for these supervisors, oldest first, taken: StopJobs and
+    StartJobs deleted, power requests marked taken (their answer is written on them)."""
+    ids = list(supervisor_ids)
     rows = await conn.fetch(
         "DELETE FROM supervisor_commands WHERE seq IN (SELECT seq FROM supervisor_commands"
-        " WHERE supervisor_id = ANY($1::text[]) FOR UPDATE SKIP LOCKED)"
-        " RETURNING seq, supervisor_id, job_id, attempt, reason",
-        list(supervisor_ids),
+        " WHERE supervisor_id = ANY($1::text[]) AND kind != 'power' AND taken_at IS NULL"
+        " FOR UPDATE SKIP LOCKED)"
+        " RETURNING seq, supervisor_id, kind, job_id, attempt, reason, device_id, action",
+        ids,
+    )
+    rows += await conn.fetch(
+        "UPDATE supervisor_commands SET taken_at = $2 WHERE seq IN (SELECT seq FROM"
+        " supervisor_commands WHERE supervisor_id = ANY($1::text[]) AND kind = 'power'"
+        " AND taken_at IS NULL FOR UPDATE SKIP LOCKED)"
+        " RETURNING seq, supervisor_id, kind, job_id, attempt, reason, device_id, action",
+        ids,
+        now,
     )
     return [
-        (r[1], StopJob(job_id=r[2], attempt=r[3], reason=r[4]))
+        SupervisorCommand(
+            seq=r[0],
+            supervisor_id=r[1],
+            kind=r[2],
+            job_id=r[3],
+            attempt=r[4],
+            reason=r[5],
+            device_id=r[6] or "",
+            action=r[7] or "",
+        )
         for r in sorted(rows, key=lambda r: r[0])
     ]

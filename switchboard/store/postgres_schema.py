@@ -64,6 +64,16 @@ CREATE INDEX supervisor_commands_by_supervisor ON supervisor_commands (superviso
 #: moves data; either runs inside the transaction that records the version it reaches.
 Step: TypeAlias = str | Callable[[Any], Awaitable[None]]
 
+#: Version 14: commands between replicas carry a kind (stop, start, power), a power
+#: command's device and action, when it was taken and its answer (store/migrations.py).
+COMMAND_KINDS = """
+ALTER TABLE supervisor_commands ADD COLUMN kind TEXT NOT NULL DEFAULT 'stop';
+ALTER TABLE supervisor_commands ADD COLUMN device_id TEXT;
+ALTER TABLE supervisor_commands ADD COLUMN action TEXT;
+ALTER TABLE supervisor_commands ADD COLUMN taken_at DOUBLE PRECISION;
+ALTER TABLE supervisor_commands ADD COLUMN answer TEXT;
+"""
+
 #: The steps past the baseline, paired with SQLite's (store/migrations.py MIGRATIONS, the
 #: same `to` in the same order; tests/test_postgres_schema.py checks): (to, step).
 MIGRATIONS: tuple[tuple[int, Step], ...] = (
@@ -207,6 +217,7 @@ CREATE UNIQUE INDEX group_roles_by_job ON group_roles (job_id);
 """,
     ),
     (13, REPLICAS),
+    (14, COMMAND_KINDS),
 )
 
 SCHEMA = f"""

@@ -152,8 +152,11 @@ async def connected(
     )
     assert row is not None  # the row was made above
     session, last_seq = row
+    # Its reconcile settles the StopJobs and StartJobs left for it; a power request not
+    # yet answered is still wanted: the replica it connected to takes it.
     await conn.execute(
-        "DELETE FROM supervisor_commands WHERE supervisor_id = $1", hello.supervisor_id
+        "DELETE FROM supervisor_commands WHERE supervisor_id = $1 AND kind != 'power'",
+        hello.supervisor_id,
     )
     # A session another replica still holds open ends here: that replica's late
     # disconnect of it then changes nothing.
