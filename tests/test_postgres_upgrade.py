@@ -210,11 +210,13 @@ async def test_upgraders_and_starters_take_turns(postgres):
     try:
         # Two upgraders at once: the step runs once; a switchboard of the next release
         # starting meanwhile waits for them and then serves the version they reached.
-        await asyncio.gather(
-            apply_schema(first, dsn, upgrade=True, steps=steps),
-            apply_schema(second, dsn, upgrade=True, steps=steps),
-            apply_schema(starter, dsn, steps=steps),
-        )
+        upgrading = [
+            asyncio.ensure_future(apply_schema(conn, dsn, upgrade=True, steps=steps))
+            for conn in (first, second)
+        ]
+        while not ran:  # the step runs (under the schema's lock): now a switchboard starts
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*upgrading, apply_schema(starter, dsn, steps=steps))
         assert ran == ["step"]
         assert await schema_version(first) == SCHEMA_VERSION + 1
         assert [r[0] for r in await first.fetch("SELECT priority FROM jobs")] == [1, 1]
