@@ -197,22 +197,24 @@ def start_supervisor(
     max_jobs: int = 4,
     labels: dict[str, str] | None = None,
     url: str | None = None,
+    urls: tuple[str, ...] = (),
     extra_args: tuple[str, ...] = (),
     token_file: Path | None = None,
 ) -> Process:
-    """Start a supervisor process; `url` overrides the switchboard's (e.g. a proxy's).
+    """Start a supervisor process; `url` overrides the switchboard's (e.g. a proxy's), and
+    `urls` gives several in its place (`--switchboard` each: replicas, in this order).
     Without `token_file` it gets a new registration token (in a file), so it enrols as
     `name` on its first start and connects with the credential it keeps in its work dir
     from then on."""
     if token_file is None:
         registration = switchboard.create_token("supervisor")
         token_file = token_file_for(work / f"{name}.registration", registration)
+    addresses = urls or (url or switchboard.ws_url,)
     args = [
         "-m",
         "supervisor",
         "run",
-        "--switchboard",
-        url or switchboard.ws_url,
+        *(arg for address in addresses for arg in ("--switchboard", address)),
         "--token-file",
         str(token_file),
         "--name",

@@ -11,35 +11,9 @@ import pytest
 
 from tests.faults import FaultyProxy
 from tests.harness import Switchboard, start_supervisor, wait_connected, wait_job, wait_running
-from tests.wasi import compile_c
+from tests.wasi import STREAM_OUT, compile_c, stream_pattern
 
 pytestmark = pytest.mark.wasm
-
-#: `stream_out CHUNKS BYTES MS`: CHUNKS times, writes BYTES of a deterministic binary pattern
-#: to stdout, then sleeps MS milliseconds.
-STREAM_OUT = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-
-int main(int argc, char **argv) {
-    long chunks = atol(argv[1]), size = atol(argv[2]), ms = atol(argv[3]);
-    unsigned char *buf = malloc(size);
-    struct timespec pause = {ms / 1000, (ms % 1000) * 1000000L};
-    unsigned long long pos = 0;
-    for (long c = 0; c < chunks; c++) {
-        for (long i = 0; i < size; i++, pos++) buf[i] = (unsigned char)(pos * 31 + (pos >> 9));
-        fwrite(buf, 1, size, stdout);
-        fflush(stdout);
-        nanosleep(&pause, NULL);
-    }
-    return 0;
-}
-"""
-
-
-def pattern(n: int) -> bytes:
-    return bytes((p * 31 + (p >> 9)) & 0xFF for p in range(n))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +77,8 @@ def test_twenty_cuts_during_twenty_megabytes(switchboard, proxy, work_dir, tmp_p
         assert job["phase"] == "succeeded", job
         stdout = client.get(f"/api/v1/jobs/{job_id}/output").content
         assert len(stdout) == chunks * size
-        assert hashlib.sha256(stdout).digest() == hashlib.sha256(pattern(chunks * size)).digest()
+        expected = stream_pattern(chunks * size)
+        assert hashlib.sha256(stdout).digest() == hashlib.sha256(expected).digest()
         phases = _phases(job)
         assert phases[0] == "assigned" and phases[-2:] == ["running", "succeeded"]
         assert phases.count("running") == 1 and phases.count("succeeded") == 1

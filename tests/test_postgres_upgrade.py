@@ -189,12 +189,16 @@ async def _version(dsn: str) -> int | None:
         await conn.close()
 
 
-def _next_step(ran: list[str], name: str, pause_s: float = 0.0):
+def _next_step(
+    ran: list[str], name: str, pause_s: float = 0.0, started: asyncio.Event | None = None
+):
     """A step past this release, a function of the connection: a data move (with a
-    pause, so that others come while it runs)."""
+    pause, so that others come while it runs; `started` set as it begins)."""
 
     async def step(conn) -> None:
         ran.append(name)
+        if started is not None:
+            started.set()
         await conn.execute("SELECT pg_sleep($1)", pause_s)
         await conn.execute("UPDATE jobs SET priority = priority + 1")
 
@@ -205,7 +209,8 @@ async def test_upgraders_and_starters_take_turns(postgres):
     dsn = await _previous_release(postgres)
     await _upgrade(dsn)
     ran: list[str] = []
-    steps = (*MIGRATIONS, _next_step(ran, "step", pause_s=1.0))
+    started = asyncio.Event()
+    steps = (*MIGRATIONS, _next_step(ran, "step", pause_s=1.0, started=started))
     first, second, starter = [await asyncpg.connect(dsn) for _ in range(3)]
     try:
         # Two upgraders at once: the step runs once; a switchboard of the next release
@@ -214,8 +219,7 @@ async def test_upgraders_and_starters_take_turns(postgres):
             asyncio.ensure_future(apply_schema(conn, dsn, upgrade=True, steps=steps))
             for conn in (first, second)
         ]
-        while not ran:  # the step runs (under the schema's lock): now a switchboard starts
-            await asyncio.sleep(0.01)
+        await started.wait()  # the step runs (under the schema's lock): a switchboard starts
         await asyncio.gather(*upgrading, apply_schema(starter, dsn, steps=steps))
         assert ran == ["step"]
         assert await schema_version(first) == SCHEMA_VERSION + 1

@@ -7,20 +7,15 @@ without NOTIFY (docs/deployment.md, "Several replicas on one PostgreSQL database
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import itertools
 import os
 import signal
 import time
 from pathlib import Path
 
-import asyncpg
-import httpx
 import pytest
 
 from tests.harness import (
-    Process,
     Switchboard,
     run_cli,
     start_supervisor,
@@ -33,62 +28,18 @@ from tests.postgres import (
     Cluster,
     postgres_fixture,  # noqa: F401 - one cluster per session
 )
+from tests.replicas import FAST, leading, replica_id, sql, start_replicas, stop
 from tests.scrape import sample_value, scrape
 
 pytestmark = pytest.mark.postgres
 
 _names = itertools.count()
-#: Quick heartbeats, so a supervisor notices a paused replica in seconds.
-FAST = ("--heartbeat-interval", "0.5", "--heartbeat-timeout", "3")
-
-
-def _sql(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await conn.fetch(query, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
-
-
-def _leading(replica: Switchboard) -> bool:
-    try:
-        return sample_value(scrape(f"{replica.url}/metrics"), "switchboard_leader") == 1
-    except (httpx.HTTPError, AssertionError):
-        return False
-
-
-def _replicas(tmp_path: Path, dsn: str, count: int, *extra: str) -> list[Switchboard]:
-    """Replicas a, b, c on `dsn`, each with its own data dir and one secret key for all
-    (what one seals, another must open)."""
-    key = tmp_path / "replicas.key"
-    if not key.exists():
-        key.write_text(base64.urlsafe_b64encode(os.urandom(32)).decode() + "\n")
-        key.chmod(0o600)
-    return [
-        Switchboard(
-            tmp_path / f"data-{name}",
-            extra_args=("--replica-id", name, "--secret-key-file", str(key), *extra),
-            database=dsn,
-        )
-        for name in "abc"[:count]
-    ]
-
-
-def _stop(*processes: Process | Switchboard) -> None:
-    for process in processes:
-        if isinstance(process, Switchboard):
-            process = process.process
-        if process.proc.poll() is None:
-            process.stop()
 
 
 @pytest.mark.parametrize("extra", [(), ("--no-notify",)])
 def test_any_replica_serves_the_whole_lab(tmp_path, postgres: Cluster, extra):
     dsn = postgres.new_database(f"replicas_{next(_names)}")
-    a, b = _replicas(tmp_path, dsn, 2, *extra)
+    a, b = start_replicas(tmp_path, dsn, 2, *extra)
     on_a = start_supervisor(a, tmp_path, name="on-a", backend="noop", labels={"at": "a"})
     on_b = start_supervisor(b, tmp_path, name="on-b", backend="noop", labels={"at": "b"})
     try:
@@ -116,48 +67,48 @@ def test_any_replica_serves_the_whole_lab(tmp_path, postgres: Cluster, extra):
         # Well before b's dispatcher would have looked on its own (its safety net, every
         # 5 s), unless even a job submitted through b itself is that slow here.
         assert took["across"] < max(2.5, 5 * took["here"]), took
-        owners = dict(_sql(dsn, "SELECT id, replica FROM supervisors ORDER BY id"))
+        owners = dict(sql(dsn, "SELECT id, replica FROM supervisors ORDER BY id"))
         assert owners == {"on-a": "a", "on-b": "b"}
         # One replica leads.
-        assert wait_for(lambda: [_leading(a), _leading(b)].count(True) == 1, "one leader")
+        assert wait_for(lambda: [leading(a), leading(b)].count(True) == 1, "one leader")
     finally:
-        _stop(on_a, on_b, a, b)
+        stop(on_a, on_b, a, b)
 
 
 def test_a_killed_leader_is_replaced_within_20_s(tmp_path, postgres: Cluster):
     dsn = postgres.new_database(f"replicas_{next(_names)}")
-    replicas = _replicas(tmp_path, dsn, 3)
+    replicas = start_replicas(tmp_path, dsn, 3)
     try:
-        leaders = wait_for(lambda: [r for r in replicas if _leading(r)], "a leader")
+        leaders = wait_for(lambda: [r for r in replicas if leading(r)], "a leader")
         assert len(leaders) == 1
         leader = leaders[0]
-        (term,) = _sql(dsn, "SELECT term FROM switchboard_lease")[0]
+        (term,) = sql(dsn, "SELECT term FROM switchboard_lease")[0]
         leader.process.kill()  # SIGKILL: its lease is left to expire
         killed = time.monotonic()
         rest = [r for r in replicas if r is not leader]
-        new = wait_for(lambda: [r for r in rest if _leading(r)], "a new leader", timeout=25)
+        new = wait_for(lambda: [r for r in rest if leading(r)], "a new leader", timeout=25)
         took = time.monotonic() - killed
         print(f"a new leader {took:.1f} s after the leader was killed")
         # The lease's own timing (10 s, claimed every 2 s), not the machine's speed.
         assert took <= 20, took
         assert len(new) == 1
-        holder, new_term = _sql(dsn, "SELECT holder, term FROM switchboard_lease")[0]
+        holder, new_term = sql(dsn, "SELECT holder, term FROM switchboard_lease")[0]
         assert new_term == term + 1
-        assert holder == new[0].extra_args[1]
+        assert holder == replica_id(new[0])
         # Only ever one leader from then on (none of the others claims a lease held).
         for _ in range(10):
-            assert [_leading(r) for r in rest].count(True) == 1
+            assert [leading(r) for r in rest].count(True) == 1
             time.sleep(0.3)
         gained = sample_value(scrape(f"{new[0].url}/metrics"), "switchboard_lease_changes_total")
         assert gained == 1
     finally:
-        _stop(*replicas)
+        stop(*replicas)
 
 
 def test_a_paused_replica_writes_nothing_for_the_sessions_it_lost(tmp_path, postgres: Cluster):
     dsn = postgres.new_database(f"replicas_{next(_names)}")
     a = Switchboard(tmp_path / "data-a", extra_args=("--replica-id", "a", *FAST), database=dsn)
-    wait_for(lambda: _leading(a), "a leads")
+    wait_for(lambda: leading(a), "a leads")
     (b,) = [Switchboard(tmp_path / "data-b", extra_args=("--replica-id", "b", *FAST), database=dsn)]
     sup = start_supervisor(
         a, tmp_path, name="roams", backend="noop", extra_args=("--switchboard", b.ws_url)
@@ -168,27 +119,25 @@ def test_a_paused_replica_writes_nothing_for_the_sessions_it_lost(tmp_path, post
         spec = {"name": "long", "backend": {"kind": "noop", "delay_s": 300}}
         job_id = client_b.post("/api/v1/jobs", json=spec).json()["id"]
         wait_running(client_b, job_id)
-        (first,) = _sql(dsn, "SELECT session FROM supervisors WHERE id = 'roams'")[0]
+        (first,) = sql(dsn, "SELECT session FROM supervisors WHERE id = 'roams'")[0]
 
         os.kill(a.process.proc.pid, signal.SIGSTOP)
         try:
             # The supervisor hears nothing, turns to b; b leads once a's lease expires and
             # reaps nothing of a's that moved (the supervisor did).
-            wait_for(lambda: _leading(b), "b leads", timeout=25)
+            wait_for(lambda: leading(b), "b leads", timeout=25)
             wait_for(
-                lambda: (
-                    _sql(dsn, "SELECT replica FROM supervisors WHERE id = 'roams'")[0][0] == "b"
-                ),
+                lambda: sql(dsn, "SELECT replica FROM supervisors WHERE id = 'roams'")[0][0] == "b",
                 "the supervisor on b",
             )
         finally:
             os.kill(a.process.proc.pid, signal.SIGCONT)
-        wait_for(lambda: not _leading(a), "a steps down")
+        wait_for(lambda: not leading(a), "a steps down")
         time.sleep(3)  # a catches up with what it missed (its closes, its sweeps)
 
-        row = _sql(dsn, "SELECT session, connected, replica FROM supervisors WHERE id = 'roams'")[0]
+        row = sql(dsn, "SELECT session, connected, replica FROM supervisors WHERE id = 'roams'")[0]
         assert tuple(row) == (first + 1, 1, "b")
-        history = _sql(
+        history = sql(
             dsn,
             "SELECT session, reason FROM supervisor_sessions WHERE supervisor_id = 'roams'"
             " ORDER BY session",
@@ -204,13 +153,13 @@ def test_a_paused_replica_writes_nothing_for_the_sessions_it_lost(tmp_path, post
         assert client_a.post(f"/api/v1/jobs/{job_id}/cancel").status_code < 300
         assert wait_job(client_a, job_id, timeout=10)["phase"] == "canceled"
     finally:
-        _stop(sup, a, b)
+        stop(sup, a, b)
 
 
 def _cancel_latencies(tmp_path: Path, dsn: str, extra: tuple[str, ...], count: int) -> dict:
     """Seconds from a cancel to its job's end, for `count` running jobs of a supervisor on
     replica a: canceled through a itself (the floor) and through b."""
-    a, b = _replicas(tmp_path, dsn, 2, *extra)
+    a, b = start_replicas(tmp_path, dsn, 2, *extra)
     sup = start_supervisor(a, tmp_path, name="busy", backend="noop", max_jobs=2 * count)
     try:
         client_a, client_b = a.client(), b.client()
@@ -237,7 +186,7 @@ def _cancel_latencies(tmp_path: Path, dsn: str, extra: tuple[str, ...], count: i
         assert delivered == count
         return latencies
     finally:
-        _stop(sup, a, b)
+        stop(sup, a, b)
 
 
 def _p99(values: list[float]) -> float:
@@ -257,14 +206,8 @@ def test_a_cancel_through_another_replica_arrives(tmp_path, postgres: Cluster, e
 
 
 def test_replicas_sharing_a_data_dir_serve_each_other_s_artifacts(tmp_path, postgres: Cluster):
-    # One data dir (on shared storage, across hosts) for all replicas: each reaches it by
-    # its own path here, so that their logs do not mix.
     dsn = postgres.new_database(f"replicas_{next(_names)}")
-    shared = tmp_path / "shared"
-    shared.mkdir(mode=0o700)
-    for name in "ab":
-        (tmp_path / f"data-{name}").symlink_to(shared)
-    a, b = _replicas(tmp_path, dsn, 2)
+    a, b = start_replicas(tmp_path, dsn, 2, shared_data=True)
     try:
         body = os.urandom(4096)
         stored = a.client().post("/api/v1/artifacts", content=body)
@@ -273,7 +216,7 @@ def test_replicas_sharing_a_data_dir_serve_each_other_s_artifacts(tmp_path, post
         assert fetched.status_code == 200, fetched.text
         assert fetched.content == body
     finally:
-        _stop(a, b)
+        stop(a, b)
 
 
 #: Runs going, each with 60 KB of output, when their replica is killed.
@@ -282,7 +225,7 @@ RUNS_AT_KILL = 50
 
 def test_runs_survive_their_replica_killed_and_are_adopted_by_another(tmp_path, postgres: Cluster):
     dsn = postgres.new_database(f"replicas_{next(_names)}")
-    a, b = _replicas(tmp_path, dsn, 2, *FAST)
+    a, b = start_replicas(tmp_path, dsn, 2, *FAST)
     sup = start_supervisor(
         a,
         tmp_path,
@@ -298,7 +241,7 @@ def test_runs_survive_their_replica_killed_and_are_adopted_by_another(tmp_path, 
         client_b = b.client()
         wait_connected(client_b, "roams")
         wait_connected(client_b, "stays")
-        assert _sql(dsn, "SELECT DISTINCT replica FROM supervisors")[0][0] == "a"
+        assert sql(dsn, "SELECT DISTINCT replica FROM supervisors")[0][0] == "a"
         outputs = {}
         for n in range(RUNS_AT_KILL):
             text = f"run {n}: " + os.urandom(30_000).hex() + "\n"
@@ -312,7 +255,7 @@ def test_runs_survive_their_replica_killed_and_are_adopted_by_another(tmp_path, 
             wait_running(client_b, job_id)
         a.process.kill()  # SIGKILL, with every run going and output perhaps not yet stored
         wait_for(
-            lambda: _sql(dsn, "SELECT replica FROM supervisors WHERE id = 'roams'")[0][0] == "b",
+            lambda: sql(dsn, "SELECT replica FROM supervisors WHERE id = 'roams'")[0][0] == "b",
             "the supervisor connected again",
         )
         for job_id, text in outputs.items():
@@ -326,7 +269,7 @@ def test_runs_survive_their_replica_killed_and_are_adopted_by_another(tmp_path, 
             "the session on a reaped",
             timeout=30,
         )
-        reason = _sql(
+        reason = sql(
             dsn,
             "SELECT reason FROM supervisor_sessions WHERE supervisor_id = 'stays'"
             " ORDER BY session DESC LIMIT 1",
@@ -335,12 +278,12 @@ def test_runs_survive_their_replica_killed_and_are_adopted_by_another(tmp_path, 
         reaped = sample_value(scrape(f"{b.url}/metrics"), "switchboard_sessions_reaped_total")
         assert reaped == 1
     finally:
-        _stop(stays, sup, a, b)
+        stop(stays, sup, a, b)
 
 
 def test_a_replica_id_in_use_is_refused(tmp_path, postgres: Cluster):
     dsn = postgres.new_database(f"replicas_{next(_names)}")
-    (a,) = _replicas(tmp_path, dsn, 1)
+    (a,) = start_replicas(tmp_path, dsn, 1)
     try:
         done = run_cli(
             *("-m", "switchboard", "serve", "--data-dir", str(tmp_path / "other")),
@@ -352,11 +295,11 @@ def test_a_replica_id_in_use_is_refused(tmp_path, postgres: Cluster):
         said = done.stderr.decode().strip().splitlines()[-1]
         assert said.startswith("switchboard: replica id 'a' is in use:"), said
     finally:
-        _stop(a)
+        stop(a)
     # Stopped (SIGTERM), it left: the id is free at once.
     again = Switchboard(
         tmp_path / "data-a",
         extra_args=("--replica-id", "a", "--secret-key-file", str(tmp_path / "replicas.key")),
         database=dsn,
     )
-    _stop(again)
+    stop(again)

@@ -350,3 +350,32 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
+
+#: `stream_out CHUNKS BYTES MS`: CHUNKS times, writes BYTES of a deterministic binary pattern
+#: to stdout, then sleeps MS milliseconds.
+STREAM_OUT = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+int main(int argc, char **argv) {
+    long chunks = atol(argv[1]), size = atol(argv[2]), ms = atol(argv[3]);
+    unsigned char *buf = malloc(size);
+    struct timespec pause = {ms / 1000, (ms % 1000) * 1000000L};
+    unsigned long long pos = 0;
+    for (long c = 0; c < chunks; c++) {
+        for (long i = 0; i < size; i++, pos++) buf[i] = (unsigned char)(pos * 31 + (pos >> 9));
+        fwrite(buf, 1, size, stdout);
+        fflush(stdout);
+        nanosleep(&pause, NULL);
+    }
+    return 0;
+}
+"""
+
+
+def stream_pattern(n: int) -> bytes:
+    """The first `n` bytes STREAM_OUT writes: byte p is (p * 31 + (p >> 9)) mod 256, so each
+    512-byte block k is one of 256 blocks (k mod 256)."""
+    blocks = [bytes((i * 31 + k) & 0xFF for i in range(512)) for k in range(256)]
+    return b"".join(blocks[k & 0xFF] for k in range(n // 512 + 1))[:n]

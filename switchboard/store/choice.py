@@ -34,6 +34,7 @@ def make_store(settings: Settings, keyring: Keyring | None = None) -> Store:
             replica_id=settings.replica_id,
             notify=settings.notify,
             checked_classes=frozenset(settings.health_checks),
+            lease_ttl_s=settings.leader_lease_s,
         )
     from switchboard.store.sqlite import SQLiteStore
 

@@ -34,7 +34,7 @@ from switchboard import metrics
 from switchboard.event_checks import fresh_events
 from switchboard.gangs import RoleNeed
 from switchboard.health import DeviceFacts
-from switchboard.lease import Claim
+from switchboard.lease import LEASE_TTL_S, Claim
 from switchboard.lograte import RateLimitedLog
 from switchboard.models import (
     ActiveRun,
@@ -127,7 +127,10 @@ class PostgresStore(Store):
     version refused (store/postgres_schema.py). Several processes may serve one database
     (docs/deployment.md, "Several replicas"): `replica_id` names this one (default: host,
     pid and a random part, so a restart is a new replica), `notify` sends NOTIFY hints to
-    the others (off behind a pooler in transaction mode)."""
+    the others (off behind a pooler in transaction mode). `lease_ttl_s`: the leader lease's
+    (switchboard.lease); a transaction left idle for half of it is ended by the server, so
+    that a replica paused in the middle of one does not hold the lease row's lock, which a
+    takeover waits for, past the lease."""
 
     shared = True
 
@@ -141,6 +144,7 @@ class PostgresStore(Store):
         replica_id: str | None = None,
         notify: bool = True,
         checked_classes: frozenset[str] = frozenset(),
+        lease_ttl_s: float = LEASE_TTL_S,
     ) -> None:
         self.dsn = dsn
         self.replica_id = replica_id or (
@@ -150,7 +154,9 @@ class PostgresStore(Store):
         #: Device classes with a health check (switchboard.checks): an `unknown` device
         #: of one waits for its check (postgres_devices.lab_devices).
         self.checked_classes = checked_classes
-        self._engine = PostgresEngine(dsn, max_connections=max_connections)
+        self._engine = PostgresEngine(
+            dsn, max_connections=max_connections, idle_in_transaction_s=lease_ttl_s / 2
+        )
         self._keyring = keyring or Keyring.ephemeral()
         self._keyring_given = keyring is not None
         self.max_run_output = max_run_output

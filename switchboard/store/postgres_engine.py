@@ -56,7 +56,10 @@ async def _keep_session(conn: Any) -> None:
 class PostgresEngine:
     """One database: `dsn` is a libpq URI. `max_connections` bounds the pool (a request
     beyond it waits for a connection); `statement_timeout_s` ends any one statement that
-    runs longer, so a stuck query can't hold a connection forever. `upgrade`: bring a
+    runs longer, so a stuck query can't hold a connection forever; `idle_in_transaction_s`
+    ends (on the server) the session of a transaction left waiting that long for its next
+    statement, so a process paused or cut off in the middle of one can't hold its locks
+    (the lease row's, a supervisor's row) for as long as it is gone. `upgrade`: bring a
     database an older release made up to this one's schema as it opens."""
 
     def __init__(
@@ -66,6 +69,7 @@ class PostgresEngine:
         min_connections: int = 1,
         max_connections: int = 10,
         statement_timeout_s: float = 30.0,
+        idle_in_transaction_s: float = 5.0,
         upgrade: bool = False,
     ) -> None:
         self.dsn = dsn
@@ -73,6 +77,7 @@ class PostgresEngine:
         self._min = min_connections
         self._max = max_connections
         self._timeout = statement_timeout_s
+        self._idle_in_transaction = idle_in_transaction_s
         self._pool: asyncpg.Pool[Any] | None = None
         #: Called after each write has committed (the live feed wakes on them).
         self._write_listeners: list[Callable[[], None]] = []
@@ -91,7 +96,12 @@ class PostgresEngine:
             min_size=self._min,
             max_size=self._max,
             command_timeout=self._timeout,
-            server_settings={"statement_timeout": str(int(self._timeout * 1000))},
+            server_settings={
+                "statement_timeout": str(int(self._timeout * 1000)),
+                "idle_in_transaction_session_timeout": str(
+                    max(1, int(self._idle_in_transaction * 1000))
+                ),
+            },
             reset=_keep_session,
         )
 
