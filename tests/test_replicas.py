@@ -253,14 +253,16 @@ def test_a_cancel_through_another_replica_arrives(tmp_path, postgres: Cluster, e
     assert across <= max(goal_s, 5 * here), (here, across)
 
 
-def test_replicas_sharing_a_data_dir_serve_each_other_s_artifacts(tmp_path, postgres: Cluster):
-    # One data dir (on shared storage, across hosts) for all replicas: each reaches it by
-    # its own path here, so that their logs do not mix.
+@pytest.mark.parametrize("shared", [False, True], ids=["own-data-dirs", "shared-data-dir"])
+def test_replicas_serve_each_other_s_artifacts(tmp_path, postgres: Cluster, shared):
+    # The bytes are in the database: each replica may have a data dir of its own (more in
+    # test_replicas_artifacts.py), or all one, on shared storage across hosts (each reaches
+    # it by its own path here, so that their logs do not mix), as before schema 14.
     dsn = postgres.new_database(f"replicas_{next(_names)}")
-    shared = tmp_path / "shared"
-    shared.mkdir(mode=0o700)
-    for name in "ab":
-        (tmp_path / f"data-{name}").symlink_to(shared)
+    if shared:
+        (tmp_path / "shared").mkdir(mode=0o700)
+        for name in "ab":
+            (tmp_path / f"data-{name}").symlink_to(tmp_path / "shared")
     a, b = _replicas(tmp_path, dsn, 2)
     try:
         body = os.urandom(4096)

@@ -308,6 +308,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "replicas on one database: the leader lease, replicas, supervisors.replica, commands",
         _replicas,
     ),
+    Migration(
+        14,
+        "artifact bytes in the database on PostgreSQL (artifact_chunks); SQLite's stay files",
+        lambda conn: None,
+    ),
 )
 
 #: The oldest version an upgrade reaches; an older file must be made again.

@@ -64,6 +64,19 @@ CREATE TABLE supervisor_commands (
 CREATE INDEX supervisor_commands_by_supervisor ON supervisor_commands (supervisor_id, seq);
 """
 
+#: Version 14: artifact bytes in the database, in chunks of about 1 MiB, so replicas need
+#: no shared data dir (store/postgres_chunks.py). SQLite's step changes nothing: its
+#: artifacts stay files beside the database.
+ARTIFACT_CHUNKS = """
+CREATE TABLE artifact_chunks (
+    digest TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (digest, seq)
+);
+ALTER TABLE artifact_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+"""
+
 #: The steps past the baseline, paired with SQLite's (store/migrations.py MIGRATIONS, the
 #: same `to` in the same order; tests/test_postgres_schema.py checks): (to, statements).
 MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -207,6 +220,7 @@ CREATE UNIQUE INDEX group_roles_by_job ON group_roles (job_id);
 """,
     ),
     (13, REPLICAS),
+    (14, ARTIFACT_CHUNKS),
 )
 
 SCHEMA = f"""
