@@ -145,6 +145,8 @@ class PostgresBlobs:
             if not await self._fill(digest, stored.size):
                 return None
             file = self.files.open(digest)
+            if file is None:  # deleted meanwhile (retention here does not wait for reads)
+                return None
             self.cache.used(digest, stored.size)
         await self._trim(keep=digest)
         if self.cache.total > self.cap and self.cache.drop(digest):

@@ -240,7 +240,7 @@ def test_each_replica_keeps_its_cache_under_its_cap_least_recently_read_first(
     tmp_path, postgres: Cluster
 ):
     dsn = postgres.new_database(f"replica_artifacts_{next(_names)}")
-    (a,) = _replicas(tmp_path, dsn, 1)
+    (a,) = _replicas(tmp_path, dsn, 1, "--artifacts-quota", "5M")
     b = _replica(tmp_path, dsn, "b", "--artifact-cache", "3M")
     try:
         bodies = [os.urandom(MIB + 200_000) for _ in range(3)]
@@ -257,6 +257,13 @@ def test_each_replica_keeps_its_cache_under_its_cap_least_recently_read_first(
         # Evicted is not gone: read again, from the chunks.
         assert client.get(f"/api/v1/artifacts/{second}").content == bodies[1]
         assert _cache(b, "miss") == 4
+        # An upload past the quota leaves no chunk behind (they are written first).
+        over = os.urandom(2 * MIB)
+        refused = a.client().post("/api/v1/artifacts", content=over)
+        assert refused.status_code == 507, refused.text
+        left = _sql(dsn, "DELETE FROM artifact_chunks WHERE digest = $1", _digest(over))
+        assert left == "DELETE 0"
+        assert not _cached(a, _digest(over)).exists()
     finally:
         _stop(a, b)
 

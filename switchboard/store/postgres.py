@@ -327,10 +327,13 @@ class PostgresStore(Store):
         self, digest: str, size: int, uploaded_by: str | None, quota: int | None, path: Path
     ) -> ArtifactAdded:
         """add_artifact, with the bytes of `path` (whole, hashing to `digest`) stored in
-        the same transaction."""
-        return await self._write(
-            lambda conn: chunks.add_with_chunks(conn, digest, size, uploaded_by, quota, path)
-        )
+        the same transaction ("full": neither)."""
+        try:
+            return await self._write(
+                lambda conn: chunks.add_with_chunks(conn, digest, size, uploaded_by, quota, path)
+            )
+        except chunks.QuotaFull as full:
+            return full.added
 
     async def artifact_has_bytes(self, digest: str, size: int) -> bool:
         return await self._read(lambda conn: chunks.has_chunks(conn, digest, size))

@@ -26,6 +26,15 @@ from switchboard.store.postgres_engine import Connection, affected
 CHUNK_BYTES = 1024 * 1024
 
 
+class QuotaFull(Exception):
+    """The upload is past the quota: raised to roll back the chunks written before the
+    index said so; `added` is the refusal."""
+
+    def __init__(self, added: ArtifactAdded) -> None:
+        super().__init__(added.outcome)
+        self.added = added
+
+
 class NotTheDigest(Exception):
     """A file's bytes hash to another digest than the one it was to be stored under."""
 
@@ -70,11 +79,14 @@ async def add_with_chunks(
     as chunks unless the database holds them (the same bytes again). The chunks are
     written before the index row, so that the quota's lock (held to the commit) is not
     held while they are; the index row is checked again once it is locked, since a
-    deletion may have taken the chunks meanwhile."""
+    deletion may have taken the chunks meanwhile. QuotaFull (all rolled back) past the
+    quota."""
     if not await has_chunks(conn, digest, size):
         await _write_chunks(conn, digest, path)
     added = await artifacts.add_artifact(conn, digest, size, uploaded_by, quota)
-    if added.outcome != "full" and not await has_chunks(conn, digest, size):
+    if added.outcome == "full":
+        raise QuotaFull(added)
+    if not await has_chunks(conn, digest, size):
         await _write_chunks(conn, digest, path)  # the row is ours now: no deletion races
     return added
 
