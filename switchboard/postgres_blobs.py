@@ -41,6 +41,9 @@ from switchboard.store.postgres_chunks import NotTheDigest
 log = logging.getLogger("switchboard.artifacts")
 _once = RateLimitedLog(log)
 _FILL_PREFIX = ".upload-cache-"  # retention's sweep of `.upload-*` removes a crash's
+#: Fills at once: each holds one of the store's pooled connections (a read transaction)
+#: while its chunks come, so that many misses at once leave the pool to other requests.
+FILLS_AT_ONCE = 3
 
 
 class CacheIndex:
@@ -89,6 +92,7 @@ class PostgresBlobs:
         self.cache = CacheIndex(files)
         #: Digests whose bytes the database is known to hold (a cached file of one may go).
         self._in_database: set[str] = {EMPTY_DIGEST}
+        self._fills = asyncio.Semaphore(FILLS_AT_ONCE)
         #: One fill (or import) of a digest at a time.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -190,7 +194,12 @@ class PostgresBlobs:
                     written += len(data)
                     await asyncio.to_thread(_write, out, hasher, data)
 
-                chunks = await self.store.read_artifact_bytes(digest, write)
+                try:
+                    async with self._fills:
+                        chunks = await self.store.read_artifact_bytes(digest, write)
+                except LookupError as exc:  # a chunk missing in the middle: never served
+                    log.error("artifact %s: %s", digest, exc)
+                    return False
             if chunks == 0 and size > 0:
                 _once.warning(
                     "no_chunks",
