@@ -36,7 +36,7 @@ from switchboard.api.supervisors import SupervisorController
 from switchboard.api.system import health, ready
 from switchboard.api.tokens import TokenController
 from switchboard.api.uploads import UploadController
-from switchboard.artifacts import ArtifactFiles
+from switchboard.artifact_blobs import make_blobs, sweep_uploads
 from switchboard.changes import Changes
 from switchboard.checks import HealthChecks
 from switchboard.config import Settings
@@ -191,15 +191,15 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
     store = make_store(settings, keyring)
     hub = Hub(store, settings)
     changes = Changes(store)
-    artifact_files = ArtifactFiles(settings.artifacts_dir)
-    reports = ReportQueue(store, artifact_files)
+    artifact_blobs = make_blobs(store, settings)
+    reports = ReportQueue(store, artifact_blobs)
     hub.on_reports(reports.submit)
     state = AppState(
         settings=settings,
         store=store,
         hub=hub,
         dispatcher=Dispatcher(store, hub, aging_s=settings.aging_s),
-        artifacts=artifact_files,
+        artifacts=artifact_blobs,
         live=LiveFeed(store, hub, changes),
         changes=changes,
         waiters=JobWaiters(store, changes),
@@ -243,6 +243,9 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         ]
         if hub.relay is not None:
             background.append(asyncio.create_task(hub.relay.run(), name="commands in"))
+        if store.shared:  # each replica's own data dir (retention sweeps the leader's)
+            sweep = sweep_uploads(artifact_blobs.files, settings.retention_interval_s)
+            background.append(asyncio.create_task(sweep, name="upload leftovers"))
         try:
             yield
         finally:

@@ -82,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_output_bytes=args.max_output_bytes,
             retention_interval_s=args.retention_interval,
             artifacts_quota_bytes=args.artifacts_quota,
+            artifact_cache_bytes=args.artifact_cache,
             max_partial_uploads_per_token=args.max_partial_uploads,
             max_partial_upload_bytes=args.max_partial_upload_bytes,
             retain_artifacts_s=args.retain_artifacts,
@@ -401,6 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="all artifacts together may take this much (e.g. 20G, the default; 0: no "
         "quota): an upload past it gets 507",
+    )
+    serve.add_argument(
+        "--artifact-cache",
+        type=byte_size,
+        default=DEFAULTS.artifact_cache_bytes,
+        metavar="BYTES",
+        help="with --database: the artifact bytes this replica caches in its data dir (e.g. "
+        "10G, the default; 0: none kept past a read); the least recently read go first",
     )
     serve.add_argument(
         "--max-partial-uploads",

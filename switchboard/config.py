@@ -17,7 +17,7 @@ class Settings(msgspec.Struct):
     port: int = 8765
     data_dir: Path = Path("switchboard-data")
     #: A PostgreSQL database (libpq URI) to keep the records in instead of the data dir's
-    #: SQLite file. Artifacts stay in the data dir either way.
+    #: SQLite file; artifacts' bytes are then in it too, and the data dir caches them.
     database: str | None = None
     #: Several replicas on one PostgreSQL database (docs/deployment.md, "Several
     #: replicas"): this process's replica id (None: host, pid and a random part), whether
@@ -50,6 +50,9 @@ class Settings(msgspec.Struct):
     hello_timeout_s: float = 10.0
     #: Largest artifact upload (Wasm modules, image tarballs).
     max_artifact_bytes: int = 1024 * 1024 * 1024
+    #: On PostgreSQL, the bytes of artifact files this replica caches in its data dir
+    #: (the least recently read go past it; 0: none kept past a read).
+    artifact_cache_bytes: int = 10 * 1024**3
     #: Resumable uploads (PUT /api/v1/uploads/{digest}): the partial uploads one token may
     #: have open at once, and the bytes all partial uploads together may hold on disk.
     max_partial_uploads_per_token: int = 16

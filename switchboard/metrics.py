@@ -478,6 +478,31 @@ ARTIFACTS_REFUSED = Counter(
     registry=REGISTRY,
 )
 
+#: A replica's cache of artifact bytes on PostgreSQL (switchboard.postgres_blobs): reads
+#: served from its data dir (hit) or fetched from the database's chunks first (miss);
+#: files evicted to stay under --artifact-cache (why=cap) or because the artifact was
+#: deleted (why=deleted); the bytes the cache holds.
+ARTIFACT_CACHE = Counter(
+    "switchboard_artifact_cache_total",
+    "Artifact reads on a switchboard serving PostgreSQL: served from this replica's cache"
+    " (result=hit), or fetched from the database's chunks into it first (result=miss).",
+    ["result"],
+    registry=REGISTRY,
+)
+CACHE_EVICTIONS = ("cap", "deleted")
+ARTIFACT_CACHE_EVICTIONS = Counter(
+    "switchboard_artifact_cache_evictions_total",
+    "Artifact files this replica's cache let go: to stay under --artifact-cache (why=cap),"
+    " or because the artifact was deleted (why=deleted).",
+    ["why"],
+    registry=REGISTRY,
+)
+ARTIFACT_CACHE_BYTES = Gauge(
+    "switchboard_artifact_cache_bytes",
+    "Bytes of artifact files this replica's cache holds (PostgreSQL only).",
+    registry=REGISTRY,
+)
+
 UPLOAD_REFUSAL_REASONS = (
     "invalid_request",
     "too_large",
@@ -610,6 +635,10 @@ for _why in ARTIFACT_REFUSALS:
     ARTIFACTS_REFUSED.labels(_why)
 for _reason in UPLOAD_REFUSAL_REASONS:
     UPLOAD_REFUSALS.labels(_reason)
+for _result in ("hit", "miss"):
+    ARTIFACT_CACHE.labels(_result)
+for _why in CACHE_EVICTIONS:
+    ARTIFACT_CACHE_EVICTIONS.labels(_why)
 for _what in RETAINED:
     RETENTION_REMOVED.labels(_what)
 for _result in TEST_RESULTS:

@@ -660,7 +660,7 @@ class ArtifactStored(msgspec.Struct):
 
 
 class ArtifactView(msgspec.Struct, frozen=True):
-    """An artifact as the store indexes it (the bytes are files: switchboard.artifacts)."""
+    """An artifact as the store indexes it (the bytes: switchboard.artifact_blobs)."""
 
     digest: str
     size: int

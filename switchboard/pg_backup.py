@@ -6,10 +6,11 @@ The database is dumped by PostgreSQL's own `pg_dump`, in its custom format, to
 DIR/switchboard.pgdump (restored with `pg_restore` into an empty database). Its snapshot
 is one this module's transaction exported: the artifacts that snapshot names are read in
 it, so the dump and the list of artifacts to copy are of one moment, however long the
-dump takes, and the switchboards serving the database go on meanwhile. Then the
-artifacts' files are copied from the data dir (the database holds only their index) into
-DIR/artifacts, as for an SQLite data dir (switchboard/backup.py): DIR is then the data
-dir a switchboard serves the restored database with. The secret key is not copied.
+dump takes, and the switchboards serving the database go on meanwhile. The artifacts'
+bytes are in the database (artifact_chunks), so in the dump; only those an upgrade from
+before schema version 15 left without chunks (their bytes still a file of a data dir)
+are copied from the data dir into DIR/artifacts, as for an SQLite data dir
+(switchboard/backup.py). The secret key is not copied.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def _split_password(dsn: str) -> tuple[str, str | None]:
 
 async def backup_postgres(dsn: str, artifacts: Path, into: Path) -> PgBackupDone:
     """Dump the database `dsn` names into `into`/DUMP_NAME and copy the artifacts it names
-    from `artifacts` into `into`. Raises PgBackupError, and what reaching the database
-    raises (OSError, asyncpg's errors)."""
+    without their bytes from `artifacts` into `into`. Raises PgBackupError, and what
+    reaching the database raises (OSError, asyncpg's errors)."""
     done = PgBackupDone()
     conn = await asyncpg.connect(dsn)
     try:
@@ -130,7 +131,14 @@ async def backup_postgres(dsn: str, artifacts: Path, into: Path) -> PgBackupDone
                 raise PgBackupError(
                     f"no switchboard schema in {shown_uri(dsn)}: nothing to back up"
                 )
-            named = [r[0] for r in await conn.fetch("SELECT digest FROM artifacts")]
+            # Those whose bytes are in no chunk (indexed before schema version 15).
+            named = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT digest FROM artifacts a WHERE NOT EXISTS"
+                    " (SELECT 1 FROM artifact_chunks c WHERE c.digest = a.digest)"
+                )
+            ]
             datadir.private_dir(into)
             target = into / DUMP_NAME
             partial = target.with_name(target.name + ".partial")

@@ -7,7 +7,7 @@ Every --retention-interval, one sweep:
 2. while the output all runs store together exceeds --max-output-bytes, removes the output
    of the ended jobs that ended first, a whole job at a time (the job's record stays, and its
    events say the output was removed). Output of runs still active is never touched;
-3. deletes the artifacts (index and file) that no queued or running job names and that
+3. deletes the artifacts (index and bytes) that no queued or running job names and that
    nobody has uploaded or named in a job for --retain-artifacts, and the temporary files
    of uploads a crash cut short.
 
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from switchboard import metrics
-from switchboard.artifacts import ArtifactFiles
+from switchboard.artifact_blobs import ArtifactBlobs
 from switchboard.config import Settings
 from switchboard.store.base import Store
 from switchboard.store.fencing import Fenced
@@ -48,9 +48,9 @@ class Swept:
 
 
 class Retention:
-    def __init__(self, store: Store, files: ArtifactFiles, settings: Settings) -> None:
+    def __init__(self, store: Store, blobs: ArtifactBlobs, settings: Settings) -> None:
         self.store = store
-        self.files = files
+        self.blobs = blobs
         self.settings = settings
         #: The output cap can't be met (active runs hold more): said once, not every sweep.
         self._told_over_cap = False
@@ -75,7 +75,7 @@ class Retention:
         metrics.STORED_BYTES.labels("output").set(stored)
         if self.settings.retain_artifacts_s > 0:
             await self._expire_artifacts(time.time() - self.settings.retain_artifacts_s, swept)
-        self.files.remove_stale_uploads()
+        self.blobs.files.remove_stale_uploads()
         metrics.STORED_BYTES.labels("artifact").set(await self.store.stored_artifact_bytes())
         if swept.artifacts:
             log.info(
@@ -115,7 +115,7 @@ class Retention:
                 # Checked again where submissions are stored: a job naming it since wins.
                 found = await self.store.delete_artifact(digest, unused_before=unused_before)
                 if found.outcome == "deleted":
-                    self.files.remove(digest)
+                    await self.blobs.forget(digest)
                     deleted += 1
                     metrics.RETENTION_REMOVED.labels("artifact").inc()
             swept.artifacts += deleted

@@ -7,7 +7,7 @@ from typing import Any
 
 from litestar.connection import ASGIConnection
 
-from switchboard.artifacts import ArtifactFiles
+from switchboard.artifact_blobs import ArtifactBlobs
 from switchboard.changes import Changes
 from switchboard.config import Settings
 from switchboard.dispatcher import Dispatcher
@@ -23,7 +23,7 @@ class AppState:
     store: Store
     hub: Hub
     dispatcher: Dispatcher
-    artifacts: ArtifactFiles
+    artifacts: ArtifactBlobs
     live: LiveFeed
     changes: Changes
     waiters: JobWaiters

@@ -81,6 +81,9 @@ SWITCHBOARD_METRICS = {
     "switchboard_retention_removed_total": "counter",
     "switchboard_stored_bytes": "gauge",
     "switchboard_artifact_refusals_total": "counter",
+    "switchboard_artifact_cache_total": "counter",
+    "switchboard_artifact_cache_evictions_total": "counter",
+    "switchboard_artifact_cache_bytes": "gauge",
     "switchboard_upload_refusals_total": "counter",
     "switchboard_test_cases_total": "counter",
     "switchboard_reports_refused_total": "counter",
@@ -172,6 +175,8 @@ LABEL_VALUES: dict[str, set[str]] = {
     "class": {"simboard"},
     "what": {"job", "output", "artifact"},
     "why": {
+        "cap",
+        "deleted",
         "too_large",
         "quota",
         "in_use",

@@ -69,6 +69,8 @@ async def test_the_tables_columns_indexes_and_triggers_are_sqlite_s(conn, tmp_pa
     ):
         columns.setdefault(table, set()).add(column)
     assert columns.pop("switchboard_schema") == {"version", "only_row"}  # user_version
+    # Artifact bytes: files beside an SQLite database, chunks in a PostgreSQL one.
+    assert columns.pop("artifact_chunks") == {"digest", "seq", "data"}
     assert columns == tables
     own_indexes = (  # not those behind a constraint (primary keys, UNIQUE)
         "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"

@@ -205,9 +205,13 @@ def test_a_cancel_through_another_replica_arrives(tmp_path, postgres: Cluster, e
     assert across <= max(goal_s, 5 * here), (here, across)
 
 
-def test_replicas_sharing_a_data_dir_serve_each_other_s_artifacts(tmp_path, postgres: Cluster):
+@pytest.mark.parametrize("shared", [False, True], ids=["own-data-dirs", "shared-data-dir"])
+def test_replicas_serve_each_other_s_artifacts(tmp_path, postgres: Cluster, shared):
+    # The bytes are in the database: each replica may have a data dir of its own (more in
+    # test_replicas_artifacts.py), or all one, on shared storage across hosts, as before
+    # schema 15.
     dsn = postgres.new_database(f"replicas_{next(_names)}")
-    a, b = start_replicas(tmp_path, dsn, 2, shared_data=True)
+    a, b = start_replicas(tmp_path, dsn, 2, shared_data=shared)
     try:
         body = os.urandom(4096)
         stored = a.client().post("/api/v1/artifacts", content=body)

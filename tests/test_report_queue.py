@@ -11,6 +11,7 @@ import pytest
 from protocol.messages import JobFiles, OutputFile
 from protocol.spec import JobSpec, NoopBackend, Reports
 from protocol.state import Phase
+from switchboard.artifact_blobs import FileBlobs
 from switchboard.artifacts import ArtifactFiles
 from switchboard.reports.queue import CONCURRENCY, ReportQueue
 from tests.store_setup import HELLO, state
@@ -38,7 +39,7 @@ async def test_a_backlog_is_worked_by_a_few_workers(store, tmp_path):
         ],
     )
     assert len(applied.reports) == count
-    queue = ReportQueue(store, ArtifactFiles(tmp_path / "artifacts"))
+    queue = ReportQueue(store, FileBlobs(store, ArtifactFiles(tmp_path / "artifacts")))
     most = 0
     before = len(asyncio.all_tasks())
     queue.submit(applied.reports)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from protocol.state import Phase
+from switchboard.artifact_blobs import FileBlobs
 from switchboard.artifacts import ArtifactFiles
 from switchboard.config import Settings
 from switchboard.retention import Retention
@@ -75,7 +76,7 @@ async def test_a_sweep_removes_the_output_of_the_jobs_that_ended_first(store, tm
     for job_id in ("first", "second", "third", "fourth"):
         seq = await _ended_job(store, job_id, 3, seq)
     settings = Settings(retain_jobs_s=0, max_output_bytes=7 * CHUNK)
-    retention = Retention(store, ArtifactFiles(tmp_path / "artifacts"), settings)
+    retention = Retention(store, FileBlobs(store, ArtifactFiles(tmp_path / "artifacts")), settings)
     swept = await retention.sweep()
     # 12 pieces stored, 7 allowed: the first two jobs' output goes, whole.
     assert (swept.jobs, swept.outputs, swept.output_bytes) == (0, 2, 6 * CHUNK)
@@ -94,7 +95,9 @@ async def test_a_sweep_deletes_jobs_ended_longer_ago_than_kept(store, tmp_path):
     assert await store.ended_jobs(ended_before=ended["new"], limit=10) == ["old"]
 
     settings = Settings(retain_jobs_s=1e-9, max_output_bytes=0)
-    swept = await Retention(store, ArtifactFiles(tmp_path / "artifacts"), settings).sweep()
+    swept = await Retention(
+        store, FileBlobs(store, ArtifactFiles(tmp_path / "artifacts")), settings
+    ).sweep()
     assert swept.jobs == 2
     assert await store.get_job("old") is None and await store.get_job("new") is None
     assert _rows(store, "old") == 0

@@ -77,7 +77,7 @@ class ArtifactController(Controller):
                 raise ApiError(400, "invalid_request", "the artifact is empty")
             quota = state.settings.artifacts_quota_bytes or None
             token = request.state.token
-            added = await state.store.add_artifact(upload.digest, upload.size, token.id, quota)
+            added = await state.artifacts.keep(upload, token.id, quota)
             if added.outcome == "full":
                 message = (
                     f"the artifacts stored take {added.stored_bytes} of the {quota} bytes"
@@ -86,7 +86,6 @@ class ArtifactController(Controller):
                 )
                 _refused("quota", f"upload of {upload.digest} refused: {message}")
                 raise ApiError(507, "insufficient_storage", message)
-            state.artifacts.keep(upload)
         finally:
             state.artifacts.discard(upload)  # nothing left to discard once kept
         return ArtifactStored(upload.digest, upload.size)
@@ -101,7 +100,7 @@ class ArtifactController(Controller):
         """The artifact's bytes; a `Range: bytes=START-END` asks for a part (206), one
         starting past the end gets 416."""
         _check_digest(digest)
-        file = app_state(request).artifacts.open(digest)
+        file = await app_state(request).artifacts.open(digest)
         if file is None:
             raise ApiError(404, "not_found", f"no artifact {digest}")
         return download(file, request.headers.get("range"), "application/octet-stream")
@@ -122,7 +121,7 @@ class ArtifactController(Controller):
         token = request.state.token
         artifact = await state.store.get_artifact(digest)
         if artifact is None:
-            state.artifacts.remove(digest)  # a file the index forgot (a crash): goes too
+            await state.artifacts.forget(digest)  # a file the index forgot (a crash): goes too
             return
         if not allows(token.role, Permission.OPERATE) and artifact.uploaded_by != token.id:
             raise ApiError(
@@ -143,7 +142,7 @@ class ArtifactController(Controller):
             )
             _refused("in_use", f"delete refused: {message}")
             raise ApiError(409, "artifact_in_use", message)
-        state.artifacts.remove(digest)
+        await state.artifacts.forget(digest)
         log.info("artifact %s deleted by %s", digest, actor(request))
 
 

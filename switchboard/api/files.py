@@ -51,7 +51,7 @@ class FilesController(Controller):
         if found is None:
             raise ApiError(404, "not_found", f"job {job_id!r} has no output file {path!r}")
         _, file = found
-        opened = state.artifacts.open(file.digest)
+        opened = await state.artifacts.open(file.digest)
         if opened is None:  # the index and the files disagree (a crash, a hand): say so
             raise ApiError(404, "not_found", f"output file {path!r} is no longer stored")
         return download(

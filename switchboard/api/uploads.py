@@ -136,12 +136,12 @@ class UploadController(Controller):
             piece = parse_content_range(content_range)
         except ValueError as exc:
             return _refuse("invalid_request", 400, str(exc))
-        partials = partial_uploads(state.artifacts)
+        partials = partial_uploads(state.artifacts.files)
         path = partials.path(token.id, digest)
         upload = await _standing(state, token.id, digest)
         if upload.stored:
             # The same bytes again are not stored twice: nothing to read, counted as a use.
-            await state.store.add_artifact(digest, upload.offset, token.id)
+            await state.artifacts.used(digest, upload.offset, token.id)
             partials.discard(path)
             return Response(upload, headers=_headers(upload))
         if partials.busy(path):
@@ -170,9 +170,10 @@ class UploadController(Controller):
 async def _standing(state: AppState, token_id: str, digest: str) -> UploadState:
     """Stored (in the index, and its file there), or what this token's partial holds."""
     stored = await state.store.get_artifact(digest)
-    if stored is not None and state.artifacts.exists(digest):
+    if stored is not None and await state.artifacts.exists(digest):
         return UploadState(digest, stored.size, stored=True)
-    return UploadState(digest, partial_uploads(state.artifacts).held(token_id, digest), False)
+    held = partial_uploads(state.artifacts.files).held(token_id, digest)
+    return UploadState(digest, held, False)
 
 
 async def _check_room(
@@ -251,7 +252,7 @@ async def _receive(
             )
             return _refuse("digest_mismatch", 422, message, 0)
         quota = state.settings.artifacts_quota_bytes or None
-        added = await state.store.add_artifact(digest, complete.size, token.id, quota)
+        added = await state.artifacts.keep(complete, token.id, quota)
         if added.outcome == "full":
             message = (
                 f"the artifacts stored take {added.stored_bytes} of the {quota} bytes allowed;"
@@ -259,7 +260,6 @@ async def _receive(
                 " raise --artifacts-quota"
             )
             return _refuse("quota", 507, message, 0)
-        state.artifacts.keep(complete)
     finally:
         partials.discard(path)  # nothing left to discard once kept
     log.info("artifact %s (%d bytes) uploaded in pieces by %s", digest, held, actor(request))

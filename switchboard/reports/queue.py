@@ -12,7 +12,7 @@ import contextvars
 import logging
 from collections.abc import Iterable
 
-from switchboard.artifacts import ArtifactFiles
+from switchboard.artifact_blobs import ArtifactBlobs
 from switchboard.models import PendingReport, ReportStatus
 from switchboard.reports.ingest import store_report
 from switchboard.reports.junit import MAX_REPORT_BYTES
@@ -27,7 +27,7 @@ CONCURRENCY = 2
 
 class ReportQueue:
     def __init__(
-        self, store: Store, artifacts: ArtifactFiles, max_bytes: int = MAX_REPORT_BYTES
+        self, store: Store, artifacts: ArtifactBlobs, max_bytes: int = MAX_REPORT_BYTES
     ) -> None:
         self.store = store
         self.artifacts = artifacts
@@ -63,7 +63,7 @@ class ReportQueue:
 
     async def _ingest(self, report: PendingReport) -> None:
         try:
-            data = await asyncio.to_thread(self._read, report.digest)
+            data = await self._read(report.digest)
             status: ReportStatus = "refused"
             error: str | None = "its artifact is no longer stored"
             if data is not None:
@@ -85,11 +85,11 @@ class ReportQueue:
         except Exception:  # one report must never stop the others
             log.exception("JUnit report %r of job %s failed", report.path, report.job_id)
 
-    def _read(self, digest: str) -> bytes | None:
+    async def _read(self, digest: str) -> bytes | None:
         """The artifact's bytes, at most one past the cap (enough for the parser to refuse
         it as too large without holding a huge file in memory)."""
-        file = self.artifacts.open(digest)
+        file = await self.artifacts.open(digest)
         if file is None:
             return None
         with file:
-            return file.read(self.max_bytes + 1)
+            return await asyncio.to_thread(file.read, self.max_bytes + 1)

@@ -127,7 +127,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_dispatch_paused(self, paused: bool) -> None: ...
 
-    # artifacts (bytes live beside the database; the store keeps the index)
+    # artifacts (the index; their bytes: switchboard.artifact_blobs)
     @abc.abstractmethod
     async def add_artifact(
         self, digest: str, size: int, uploaded_by: str | None = None, quota: int | None = None

@@ -334,6 +334,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "commands between replicas: start and power (with its answer) besides stop",
         _command_kinds,
     ),
+    Migration(
+        15,
+        "artifact bytes in the database on PostgreSQL (artifact_chunks); SQLite's stay files",
+        lambda conn: None,
+    ),
 )
 
 #: The oldest version an upgrade reaches; an older file must be made again.

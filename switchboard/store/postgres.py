@@ -9,7 +9,8 @@ side: rows are locked where two writers could race for them, a supervisor's row 
 runs' and jobs' rows. A supervisor's event batches are still stored in the order they are
 handed over (apply_events).
 
-Artifact bytes stay in the data dir (replicas share one); the database keeps the index.
+Artifact bytes are in the database too, in chunks (postgres_chunks): replicas share no
+data dir; each keeps a cache of them in its own (switchboard.artifact_blobs).
 Several processes may serve one database (docs/deployment.md, "Several replicas"): the
 leader lease, the fences on singleton work's and connections' writes, and the commands
 between replicas are postgres_replicas.py's.
@@ -25,6 +26,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from protocol.messages import Hello, RunRef, StopJob, Stream, SupervisorEvent
@@ -90,6 +92,7 @@ from switchboard.scheduler import (
 from switchboard.sealing import Keyring
 from switchboard.store import postgres_artifacts as artifacts
 from switchboard.store import postgres_chains as chains
+from switchboard.store import postgres_chunks as chunks
 from switchboard.store import postgres_devices as lab
 from switchboard.store import postgres_files as files
 from switchboard.store import postgres_groups as groups
@@ -328,6 +331,34 @@ class PostgresStore(Store):
 
     async def stored_artifact_bytes(self) -> int:
         return await self._read(artifacts.stored_artifact_bytes)
+
+    # --- artifact bytes (postgres_chunks; switchboard.artifact_blobs uses these) ------
+
+    async def add_artifact_bytes(
+        self, digest: str, size: int, uploaded_by: str | None, quota: int | None, path: Path
+    ) -> ArtifactAdded:
+        """add_artifact, with the bytes of `path` (whole, hashing to `digest`) stored in
+        the same transaction ("full": neither)."""
+        try:
+            return await self._write(
+                lambda conn: chunks.add_with_chunks(conn, digest, size, uploaded_by, quota, path)
+            )
+        except chunks.QuotaFull as full:
+            return full.added
+
+    async def artifact_has_bytes(self, digest: str, size: int) -> bool:
+        return await self._read(lambda conn: chunks.has_chunks(conn, digest, size))
+
+    async def import_artifact_bytes(self, digest: str, path: Path) -> bool:
+        return await self._write(lambda conn: chunks.import_chunks(conn, digest, path))
+
+    async def read_artifact_bytes(
+        self, digest: str, write: Callable[[bytes], Awaitable[None]]
+    ) -> int:
+        return await self._read(lambda conn: chunks.read_chunks(conn, digest, write))
+
+    async def touch_artifact(self, digest: str) -> bool:
+        return await self._write(lambda conn: chunks.touch(conn, digest, time.time()))
 
     # --- jobs ------------------------------------------------------------------------
 

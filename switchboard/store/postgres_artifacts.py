@@ -1,6 +1,6 @@
 """The artifacts index of the PostgreSQL store (sqlite_artifacts.py's SQL, translated):
-what is stored, who uploaded it, which jobs name it. The bytes stay in the data dir of
-the switchboard that took the upload. Every function runs inside the caller's
+what is stored, who uploaded it, which jobs name it. The bytes are chunks beside the
+index (postgres_chunks.py), deleted with it. Every function runs inside the caller's
 transaction.
 """
 
@@ -108,4 +108,5 @@ async def delete_artifact(
         if unused is None:
             return ArtifactDeleted("used_lately")
     await conn.execute("DELETE FROM artifacts WHERE digest = $1", digest)
+    await conn.execute("DELETE FROM artifact_chunks WHERE digest = $1", digest)
     return ArtifactDeleted("deleted")

@@ -74,6 +74,19 @@ ALTER TABLE supervisor_commands ADD COLUMN taken_at DOUBLE PRECISION;
 ALTER TABLE supervisor_commands ADD COLUMN answer TEXT;
 """
 
+#: Version 15: artifact bytes in the database, in chunks of about 1 MiB, so replicas need
+#: no shared data dir (store/postgres_chunks.py). SQLite's step changes nothing: its
+#: artifacts stay files beside the database.
+ARTIFACT_CHUNKS = """
+CREATE TABLE artifact_chunks (
+    digest TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (digest, seq)
+);
+ALTER TABLE artifact_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+"""
+
 #: The steps past the baseline, paired with SQLite's (store/migrations.py MIGRATIONS, the
 #: same `to` in the same order; tests/test_postgres_schema.py checks): (to, step).
 MIGRATIONS: tuple[tuple[int, Step], ...] = (
@@ -218,6 +231,7 @@ CREATE UNIQUE INDEX group_roles_by_job ON group_roles (job_id);
     ),
     (13, REPLICAS),
     (14, COMMAND_KINDS),
+    (15, ARTIFACT_CHUNKS),
 )
 
 SCHEMA = f"""
