@@ -31,6 +31,9 @@ from switchboard.backup import BackupDone, copy_artifacts
 from switchboard.store.postgres_migrations import schema_version
 from switchboard.store.uri import shown_uri
 
+#: The schema version from which artifacts' bytes are in the database.
+ARTIFACT_CHUNKS_VERSION = 15
+
 #: The dump's name in the backup's directory.
 DUMP_NAME = "switchboard.pgdump"
 #: Where Debian installs each major version's programs.
@@ -131,14 +134,15 @@ async def backup_postgres(dsn: str, artifacts: Path, into: Path) -> PgBackupDone
                 raise PgBackupError(
                     f"no switchboard schema in {shown_uri(dsn)}: nothing to back up"
                 )
-            # Those whose bytes are in no chunk (indexed before schema version 15).
-            named = [
-                r[0]
-                for r in await conn.fetch(
-                    "SELECT digest FROM artifacts a WHERE NOT EXISTS"
-                    " (SELECT 1 FROM artifact_chunks c WHERE c.digest = a.digest)"
-                )
-            ]
+            # Those whose bytes are in no chunk (indexed before schema version 15; the
+            # empty one has none, and needs none); before 15, all of them.
+            no_chunks = (
+                " WHERE size > 0 AND NOT EXISTS"
+                " (SELECT 1 FROM artifact_chunks c WHERE c.digest = a.digest)"
+                if version >= ARTIFACT_CHUNKS_VERSION
+                else ""
+            )
+            named = [r[0] for r in await conn.fetch("SELECT digest FROM artifacts a" + no_chunks)]
             datadir.private_dir(into)
             target = into / DUMP_NAME
             partial = target.with_name(target.name + ".partial")

@@ -24,9 +24,9 @@ from tests.postgres import (
     Cluster,
     postgres_fixture,  # noqa: F401 - one cluster per session
 )
+from tests.replicas import start_replicas, stop
 from tests.scrape import sample_value, scrape
 from tests.test_outputs_supervisor_e2e import LOG, WRITE_OUTPUTS
-from tests.test_replicas import _replicas, _stop
 from tests.wasi import compile_c
 
 pytestmark = pytest.mark.postgres
@@ -90,7 +90,7 @@ def test_a_module_uploaded_through_one_replica_runs_on_a_supervisor_of_another(
     tmp_path, postgres: Cluster
 ):
     dsn = postgres.new_database(f"replica_artifacts_{next(_names)}")
-    a, b = _replicas(tmp_path, dsn, 2)
+    a, b = start_replicas(tmp_path, dsn, 2)
     sup = start_supervisor(b, tmp_path, name="on-b", backend="wasm")
     try:
         assert a.data_dir != b.data_dir and not b.data_dir.is_symlink()
@@ -120,7 +120,7 @@ def test_a_module_uploaded_through_one_replica_runs_on_a_supervisor_of_another(
         assert _cached(a, _digest(LOG)).read_bytes() == LOG
     finally:
         sup.stop()
-        _stop(*(r for r in (a, b) if r is not None))
+        stop(*(r for r in (a, b) if r is not None))
 
 
 def _pattern(size: int) -> Iterator[bytes]:
@@ -139,7 +139,7 @@ def test_a_large_artifact_streams_through_both_replicas_with_bounded_memory(
         hasher.update(piece)
     digest = "sha256:" + hasher.hexdigest()
     dsn = postgres.new_database(f"replica_artifacts_{next(_names)}")
-    a, b = _replicas(tmp_path, dsn, 2)
+    a, b = start_replicas(tmp_path, dsn, 2)
     try:
         pid_a, pid_b = a.process.proc.pid, b.process.proc.pid
         # A few small requests first, so the peaks below are the big artifact's only.
@@ -180,11 +180,11 @@ def test_a_large_artifact_streams_through_both_replicas_with_bounded_memory(
         assert part.content == whole.content[5:21]
         assert (_cache(b, "miss"), _cache(b, "hit")) == (2, 2)
     finally:
-        _stop(*(r for r in (a, b) if r is not None))
+        stop(*(r for r in (a, b) if r is not None))
 
 
 def _replica(tmp_path: Path, dsn: str, name: str, *extra: str) -> Switchboard:
-    """One more replica beside those of _replicas (the same secret key)."""
+    """One more replica beside those of start_replicas (the same secret key)."""
     key = tmp_path / "replicas.key"
     return Switchboard(
         tmp_path / f"data-{name}",
@@ -205,13 +205,13 @@ def test_an_artifact_retention_deletes_on_one_replica_is_not_served_by_another(
 ):
     dsn = postgres.new_database(f"replica_artifacts_{next(_names)}")
     retention = ("--retain-artifacts", "4s", "--retention-interval", "0.5")
-    (a,) = _replicas(tmp_path, dsn, 1, *retention)
+    (a,) = start_replicas(tmp_path, dsn, 1, *retention)
     b = None
     try:
         wait_for(lambda: _leading(a), "a leads (retention runs there)")
         b = _replica(tmp_path, dsn, "b", *retention)
     except BaseException:
-        _stop(a)
+        stop(a)
         raise
     try:
         body = os.urandom(100_000)
@@ -233,14 +233,14 @@ def test_an_artifact_retention_deletes_on_one_replica_is_not_served_by_another(
         assert _evicted(b, "deleted") == 1
         assert _sql(dsn, "DELETE FROM artifact_chunks WHERE digest = $1", digest) == "DELETE 0"
     finally:
-        _stop(*(r for r in (a, b) if r is not None))
+        stop(*(r for r in (a, b) if r is not None))
 
 
 def test_each_replica_keeps_its_cache_under_its_cap_least_recently_read_first(
     tmp_path, postgres: Cluster
 ):
     dsn = postgres.new_database(f"replica_artifacts_{next(_names)}")
-    (a,) = _replicas(tmp_path, dsn, 1, "--artifacts-quota", "5M")
+    (a,) = start_replicas(tmp_path, dsn, 1, "--artifacts-quota", "5M")
     b = _replica(tmp_path, dsn, "b", "--artifact-cache", "3M")
     try:
         bodies = [os.urandom(MIB + 200_000) for _ in range(3)]
@@ -265,7 +265,7 @@ def test_each_replica_keeps_its_cache_under_its_cap_least_recently_read_first(
         assert left == "DELETE 0"
         assert not _cached(a, _digest(over)).exists()
     finally:
-        _stop(a, b)
+        stop(a, b)
 
 
 def test_an_artifact_indexed_without_chunks_is_imported_by_the_replica_holding_its_file(
@@ -274,7 +274,7 @@ def test_an_artifact_indexed_without_chunks_is_imported_by_the_replica_holding_i
     # As a database upgraded from schema version 13 has them: the index row, and the bytes
     # only as a file in the data dir of the replica that took the upload.
     dsn = postgres.new_database(f"replica_artifacts_{next(_names)}")
-    a, b = _replicas(tmp_path, dsn, 2)
+    a, b = start_replicas(tmp_path, dsn, 2)
     try:
         body = os.urandom(3 * MIB + 5)
         digest = _upload(a, body)
@@ -294,4 +294,4 @@ def test_an_artifact_indexed_without_chunks_is_imported_by_the_replica_holding_i
         assert not _cached(a, other).exists()
         assert "is not its bytes" in a.process.log()
     finally:
-        _stop(a, b)
+        stop(a, b)
