@@ -187,11 +187,11 @@ def test_twenty_cuts_fail_over_between_replicas(tmp_path, postgres: Cluster, str
         assert cuts // 2 < sum(sessions) <= cuts + 1 and min(sessions) >= cuts // 4, sessions
         assert failovers >= cuts, failovers
         # Every event the supervisor numbered was stored once, by one replica or the other,
-        # though many were sent again after the cuts.
+        # though some were usually sent again after the cuts (how many depends on where
+        # each cut fell: none, if every one fell when all had been acknowledged).
         stored = _events_stored(replicas)
         last_seq = _last_seq(dsn, "cut-me")
         assert stored == last_seq, (stored, last_seq)
-        assert resent > 0
         (history,) = sql(
             dsn, "SELECT count(*) FROM supervisor_sessions WHERE supervisor_id = 'cut-me'"
         )[0]
