@@ -81,11 +81,18 @@ async def set_run_phase(
     decides (sqlite_runs.set_run_phase)."""
     if phase == Phase.RUNNING:
         started_at = at
-    await conn.execute(
-        "UPDATE runs SET phase = $1, stage = $2, message = coalesce($3, message),"
-        " started_at = coalesce($4, started_at),"
+    # One round trip: the run's change, its history row, and what the job's rules need
+    # (the job's row locked). The facts are read from the snapshot before the change,
+    # which changes none of them but the run's start, made good below.
+    row = await conn.fetchrow(
+        "WITH changed AS (UPDATE runs SET phase = $1, stage = $2,"
+        " message = coalesce($3, message), started_at = coalesce($4, started_at),"
         " ended_at = CASE WHEN $5 THEN $6 ELSE ended_at END"
-        " WHERE job_id = $7 AND attempt = $8",
+        " WHERE job_id = $7 AND attempt = $8),"
+        " recorded AS (INSERT INTO run_phases (job_id, attempt, phase, stage, message, at)"
+        " VALUES ($7, $8, $1, $2, $9, $6)) "
+        + CHANGE_FACTS
+        + " WHERE r.job_id = $7 AND r.attempt = $8 FOR UPDATE OF j",
         phase.value,
         stage,
         message if run_message else None,
@@ -94,13 +101,12 @@ async def set_run_phase(
         at,
         job_id,
         attempt,
-    )
-    await record_phase(conn, job_id, attempt, phase, stage, message, at)
-    row = await conn.fetchrow(
-        CHANGE_FACTS + " WHERE r.job_id = $1 AND r.attempt = $2 FOR UPDATE OF j", job_id, attempt
+        message,
     )
     if row is None:
         return
+    if started_at is not None:  # the run's start as the change wrote it
+        row = (*row[:9], started_at, *row[10:])
     update = after_change(row, attempt, phase, message, at, started_at)
     if update is None:
         return
