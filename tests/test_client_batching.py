@@ -45,9 +45,12 @@ def test_one_batch_in_flight_takes_all_pending_then_the_rest():
     assert first.settled() == "a" and first.job_id == "a"
     assert first.settled() is None  # taken
     assert subs.take() == [second, third]  # all that came meanwhile, in one
-    subs.sent([second, third], ["b", "c"])
+    fourth = call()
+    subs.add(fourth)
+    # Woken: the batch's calls, and the oldest pending (it sends the next batch).
+    assert subs.sent([second, third], ["b", "c"]) == [second, third, fourth]
     assert (second.job_id, third.job_id) == ("b", "c")
-    assert subs.take() == []
+    assert subs.take() == [fourth]
 
 
 def test_a_batch_holds_at_most_1000():
@@ -86,7 +89,8 @@ def test_a_wait_names_every_job_no_request_names():
     d = call("d")
     waits.add(d)
     assert waits.take(d, 0.0) == ["d"]  # its job is named by none: it asks
-    waits.answered(["a", "b", "c"], [view("b")])
+    # Woken: b (its job ended), and a and c (no request names their jobs now), not d.
+    assert waits.answered(["a", "b", "c"], [view("b")]) == [b, a, c]
     assert b.settled() == view("b")
     assert "b" not in waits.waiting
     # a and c ask again: whoever looks first names both.

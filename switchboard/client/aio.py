@@ -64,9 +64,7 @@ class AsyncClient:
         # run()'s natural batching (switchboard.client.batching).
         self._runs = 0
         self._submissions = batching.Submissions()
-        self._submitted = asyncio.Condition()
         self._waits = batching.Waits()
-        self._waited = asyncio.Condition()
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -152,7 +150,8 @@ class AsyncClient:
         try:
             if alone:
                 return core.checked(await self._run_alone(body, deadline), check)
-            return core.checked(await self._run_joined(Call(body, deadline)), check)
+            call = Call(body, deadline, wake=asyncio.Event())
+            return core.checked(await self._run_joined(call), check)
         finally:
             self._runs -= 1
 
@@ -195,13 +194,12 @@ class AsyncClient:
         """As Client._submit_joined: the call's job id once a batch holding it was sent."""
         self._submissions.add(call)
         while True:
-            async with self._submitted:
-                while (result := call.settled()) is None:
-                    if batch := self._submissions.take():
-                        break
-                    await self._submitted.wait()
-                else:
-                    return result
+            while (result := call.settled()) is None:
+                if batch := self._submissions.take():
+                    break
+                await _woken(call.wake, None)
+            else:
+                return result
             outcome: list[str] | ClientError | batching.Alone = ConnectionFailed(
                 "the batch holding this job was not sent"
             )
@@ -214,26 +212,22 @@ class AsyncClient:
             except ClientError as exc:
                 outcome = batching.batch_failed(exc)
             finally:
-                self._submissions.sent(batch, outcome)
-                async with self._submitted:
-                    self._submitted.notify_all()
+                for woken in self._submissions.sent(batch, outcome):
+                    woken.wake.set()
 
     async def _wait_joined(self, call: Call) -> batching.Result:
         """As Client._wait_joined: the call's job once it ended, asked for with others'."""
         self._waits.add(call)
         try:
             while True:
-                async with self._waited:
-                    while (result := call.settled()) is None and not call.deadline.over():
-                        if ids := self._waits.take(call, time.monotonic()):
-                            break
-                        await _woken(
-                            self._waited, self._waits.pause_s(call.deadline, time.monotonic())
-                        )
-                    else:
-                        if result is not None:
-                            return result
-                        ids = []
+                while (result := call.settled()) is None and not call.deadline.over():
+                    if ids := self._waits.take(call, time.monotonic()):
+                        break
+                    await _woken(call.wake, self._waits.pause_s(call.deadline, time.monotonic()))
+                else:
+                    if result is not None:
+                        return result
+                    ids = []
                 if not ids:
                     raise await self._timed_out(call)
                 await self._ask_ended(call, ids)
@@ -263,9 +257,8 @@ class AsyncClient:
         except ClientError as exc:
             outcome = batching.wait_failed(exc)
         finally:
-            self._waits.answered(ids, outcome)
-            async with self._waited:
-                self._waited.notify_all()
+            for woken in self._waits.answered(ids, outcome):
+                woken.wake.set()
 
     async def _timed_out(self, call: Call) -> WaitTimeout:
         """WaitTimeout, with the job as it is now if a quick look finds it."""
@@ -421,12 +414,14 @@ class AsyncJob:
         return self.client.follow(self.id, stream, attempt)
 
 
-async def _woken(condition: asyncio.Condition, timeout_s: float | None) -> None:
-    """Until `condition` is notified, or `timeout_s` passed."""
+async def _woken(event: asyncio.Event, timeout_s: float | None) -> None:
+    """Until `event` is set (then cleared for the next time), or `timeout_s` passed. No
+    await comes between a call's look and this: a set made meanwhile is not missed."""
     try:
-        await asyncio.wait_for(condition.wait(), timeout_s)
+        await asyncio.wait_for(event.wait(), timeout_s)
     except TimeoutError:
         pass
+    event.clear()
 
 
 async def _read(path: Path) -> AsyncIterator[bytes]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 from switchboard.client.core import MAX_BATCH, MAX_WAIT_IDS, Deadline
 from switchboard.client.errors import ApiError, ClientError, NotFound
@@ -51,12 +51,14 @@ Result = Union[str, JobView, ClientError, Alone]  # noqa: UP007 - a runtime alia
 @dataclass(eq=False)
 class Call:
     """One `run()` that joined others: its spec's JSON, its deadline, its job's id once
-    submitted, and what settled its current part (None: not yet)."""
+    submitted, what settled its current part (None: not yet), and how the client wakes
+    it (its own condition or event: an answer wakes only the calls it concerns)."""
 
     body: bytes
     deadline: Deadline
     job_id: str = ""
     result: Result | None = None
+    wake: Any = None
 
     def settled(self) -> Result | None:
         """Its result, taken (the next part starts unsettled)."""
@@ -97,8 +99,9 @@ class Submissions:
         self.sending = True
         return batch
 
-    def sent(self, batch: list[Call], outcome: list[str] | ClientError | Alone) -> None:
-        """The batch's answer: each call's job id (in order), or what befell all."""
+    def sent(self, batch: list[Call], outcome: list[str] | ClientError | Alone) -> list[Call]:
+        """The batch's answer: each call's job id (in order), or what befell all. The
+        calls to wake: the batch's, and the oldest pending (it sends the next batch)."""
         self.sending = False
         if isinstance(outcome, list):
             for call, job_id in zip(batch, outcome, strict=True):
@@ -107,6 +110,7 @@ class Submissions:
         else:
             for call in batch:
                 call.result = outcome
+        return batch + self.pending[:1]
 
 
 class Waits:
@@ -162,17 +166,24 @@ class Waits:
         most = min(deadline.left(), math.inf if retry is None else retry)
         return None if most == math.inf else most
 
-    def answered(self, ids: list[str], outcome: list[JobView] | ClientError | Alone | None) -> None:
+    def answered(
+        self, ids: list[str], outcome: list[JobView] | ClientError | Alone | None
+    ) -> list[Call]:
         """The request for `ids` is back: the ended jobs settle their calls (an error or
         ALONE settles all it named; None: nothing). The rest are named by none now: their
-        calls ask again."""
+        calls ask again. The calls to wake: those settled, and those no request names
+        (the first to look asks for all of them; the others find their job named)."""
         self.in_flight -= 1
         self.covered.difference_update(ids)
+        woken = []
         if isinstance(outcome, list):
             for job in outcome:
                 if (call := self.waiting.pop(job.id, None)) is not None:
                     call.result = job
+                    woken.append(call)
         elif outcome is not None:
             for job_id in ids:
                 if (call := self.waiting.pop(job_id, None)) is not None:
                     call.result = outcome
+                    woken.append(call)
+        return woken + [c for i, c in self.waiting.items() if i not in self.covered]

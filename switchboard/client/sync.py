@@ -72,9 +72,7 @@ class Client:
         self._lock = threading.Lock()
         self._runs = 0
         self._submissions = batching.Submissions()
-        self._submitted = threading.Condition(self._lock)
         self._waits = batching.Waits()
-        self._waited = threading.Condition(self._lock)
 
     def close(self) -> None:
         self._http.close()
@@ -200,7 +198,8 @@ class Client:
         try:
             if alone:
                 return core.checked(self._run_alone(body, deadline), check)
-            return core.checked(self._run_joined(Call(body, deadline)), check)
+            call = Call(body, deadline, wake=threading.Condition(self._lock))
+            return core.checked(self._run_joined(call), check)
         finally:
             with self._lock:
                 self._runs -= 1
@@ -250,7 +249,7 @@ class Client:
                 while (result := call.settled()) is None:
                     if batch := self._submissions.take():
                         break
-                    self._submitted.wait()
+                    call.wake.wait()
                 else:
                     return result
             outcome: list[str] | ClientError | batching.Alone = ConnectionFailed(
@@ -266,8 +265,8 @@ class Client:
                 outcome = batching.batch_failed(exc)
             finally:
                 with self._lock:
-                    self._submissions.sent(batch, outcome)
-                    self._submitted.notify_all()
+                    for woken in self._submissions.sent(batch, outcome):
+                        woken.wake.notify()
 
     def _wait_joined(self, call: Call) -> batching.Result:
         """The call's job once it ended, asked for with other calls' jobs; or an error,
@@ -280,7 +279,7 @@ class Client:
                     while (result := call.settled()) is None and not call.deadline.over():
                         if ids := self._waits.take(call, time.monotonic()):
                             break
-                        self._waited.wait(self._waits.pause_s(call.deadline, time.monotonic()))
+                        call.wake.wait(self._waits.pause_s(call.deadline, time.monotonic()))
                     else:
                         if result is not None:
                             return result
@@ -317,8 +316,8 @@ class Client:
             outcome = batching.wait_failed(exc)
         finally:
             with self._lock:
-                self._waits.answered(ids, outcome)
-                self._waited.notify_all()
+                for woken in self._waits.answered(ids, outcome):
+                    woken.wake.notify()
 
     def _timed_out(self, call: Call) -> WaitTimeout:
         """WaitTimeout, with the job as it is now if a quick look finds it."""
