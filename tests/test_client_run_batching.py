@@ -1,7 +1,8 @@
 """run()'s natural batching against a real switchboard and a noop supervisor: many threads
 (or tasks) sharing one client each get their own job's result, through far fewer
 requests than jobs; a bad spec among them fails only its caller; each caller's timeout
-holds while the others' jobs go on; a coalesced job can be canceled. (The pure part:
+holds while the others' jobs go on; a coalesced job can be canceled; joined waits outlive
+a switchboard killed under them. (The pure part:
 tests/test_client_batching.py.)"""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from protocol.spec import JobSpec, NoopBackend
+from protocol.spec import JobSpec, NoopBackend, Selector
 from protocol.state import Phase
 from switchboard.client import AsyncClient, BadRequest, Client, JobFailed, WaitTimeout
 from tests.harness import Process, Switchboard, scaled, start_supervisor, wait_connected, wait_for
@@ -230,3 +231,48 @@ def test_async_runs_gathered_share_requests(switchboard, supervisor):
             await client.cancel(timed_out.job_id)
 
     asyncio.run(main())
+
+
+def test_joined_waits_outlive_a_switchboard_killed_under_them(tmp_path):
+    """The switchboard is killed while joined calls wait: each asks again until it is back
+    (within its own timeout) and gets its own job; none hangs."""
+    server = Switchboard(tmp_path / "data")
+    nowhere = Selector(match_labels={"placement": "nowhere"})
+    try:
+        with Client(server.url, server.admin_token) as api:
+
+            def queued(name: str) -> Callable[[], Any]:
+                spec = JobSpec(
+                    name=name, backend=NoopBackend(), selector=nowhere, queue_timeout_s=3
+                )
+                return lambda: api.run(spec, timeout=60, check=False)
+
+            # The anchor goes alone (its POST ?wait= is not asked again once sent); the
+            # others join it.
+            anchor: list[Any] = []
+            first = threading.Thread(target=lambda: _catch(anchor, queued("anchor")))
+            first.start()
+            time.sleep(0.3)
+            started = time.monotonic()
+            results: list[Any] = []
+            joined = threading.Thread(
+                target=lambda: results.extend(in_threads([queued(f"j{i}") for i in range(5)]))
+            )
+            joined.start()
+            time.sleep(1)  # their batch is stored; they wait
+            server.kill_and_restart()
+            joined.join(scaled(60))
+            first.join(scaled(60))
+            assert [r.name for r in results] == [f"j{i}" for i in range(5)], results
+            assert all(r.phase is Phase.TIMED_OUT for r in results)  # their queue timeout
+            assert time.monotonic() - started < scaled(30)
+            assert anchor, "the anchor's call did not end"
+    finally:
+        server.stop()
+
+
+def _catch(out: list[Any], call: Callable[[], Any]) -> None:
+    try:
+        out.append(call())
+    except Exception as exc:  # the test looks at it
+        out.append(exc)
