@@ -3,9 +3,10 @@ no-op job and waiting for its result) and the idle round trip, against a switchb
 (a real `switchboard serve`, four real noop supervisors) and against Celery + Redis
 (bench.celery_peer), in the same run, repetitions alternating so both share the
 machine's moods. Each driver is a process of its own, so neither side's figures carry
-the other's client. The switchboard's loop runs twice: with stdlib http.client (the
-cheapest client: the switchboard's figures) and with the client library (`Client.run`:
-what a user writes). Then many clients wait at once, each on a job that does not end
+the other's client. The switchboard's loop runs twice: with the client library (one
+`Client` shared by the threads, `Client.run`: what a user writes; concurrent calls share
+requests) and with stdlib http.client (each trip alone in one request: the switchboard's
+cost for a lone job). Then many clients wait at once, each on a job that does not end
 (it waits for a supervisor that never comes): the switchboard's CPU and RSS with them
 waiting, beside the same switchboard idle without them."""
 

@@ -5,8 +5,9 @@ LOAD is one of:
   batch    no-op jobs submitted in batches of 500, 100 simulated supervisors (4 slots each)
   single   no-op jobs submitted one POST at a time from 4 threads, same fleet
   latency  one no-op job at a time on the idle system, same fleet
-  peer     the peer part's closed loop: 32 client threads, each submitting a no-op job and
-           waiting for it (bench.sb_driver), four real noop supervisors
+  peer     the peer part's closed loop: 32 client threads sharing one Client, each
+           submitting a no-op job and waiting for it (bench.sb_driver --via client),
+           four real noop supervisors
   output   one job streaming stdout as fast as it can, one live follower
   scale    5,000 idle connected supervisors, heartbeats every 5 s
   memory   not py-spy: the switchboard runs under tracemalloc; Python memory allocated
@@ -163,7 +164,7 @@ def _peer(seconds: float, gil: bool, raw: Path) -> None:
             "-m",
             "bench.sb_driver",
             "--via",
-            "stdlib",
+            "client",
             "loop",
             "--seconds",
             str(seconds + 5),

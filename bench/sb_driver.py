@@ -1,19 +1,20 @@
 """The closed loop's driver against a switchboard: `python -m bench.sb_driver [--via W]
 loop|idle ...` (bench.closed_loop's command line), with SWITCHBOARD_URL and
 SWITCHBOARD_TOKEN in the environment. A round trip submits a no-op job and waits for its
-end in the same request (`POST /api/v1/jobs?wait=`), one client per thread:
+end:
 
-- `--via client` (the default): the Python client library, `Client.run` (httpx, one
-  kept-alive connection per client), as a user of the switchboard would write it;
-- `--via stdlib`: stdlib http.client on a keep-alive connection, the same requests: the
-  cheapest client there is, to tell the client's cost from the switchboard's.
+- `--via client` (the default): the Python client library, `Client.run`, one `Client`
+  shared by every thread, as a user of the switchboard would write it (as Celery's app is
+  shared): calls made at once share requests (a batch submission, one wait for many);
+- `--via stdlib`: stdlib http.client on a keep-alive connection per thread, each trip in
+  one request (`POST /api/v1/jobs?wait=`): the switchboard's cost for a job submitted and
+  waited for alone.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -44,12 +45,9 @@ def _stdlib() -> Callable[[], None]:
 
 
 def _client() -> Callable[[], None]:
-    local = threading.local()
+    client = Client()  # the environment's url and token
 
     def round_trip() -> None:
-        client = getattr(local, "client", None)
-        if client is None:
-            client = local.client = Client()  # the environment's url and token
         client.run(NOOP)  # JobFailed unless it succeeded
 
     return round_trip

@@ -411,10 +411,11 @@ GROUPS_STOPPED = Counter(
 )
 #: Why a `?wait=` request was refused (400): a wait over the maximum, more job ids than
 #: one request may wait for, or a listing's wait with no `ids`.
-WAIT_REFUSAL_REASONS = ("wait_too_long", "too_many_ids", "no_ids")
+WAIT_REFUSAL_REASONS = ("wait_too_long", "too_many_ids", "no_ids", "unknown_ids")
 WAIT_REFUSALS = Counter(
     "switchboard_wait_refusals_total",
-    "Requests to wait for jobs (`?wait=` on the jobs API) refused with 400, by reason.",
+    "Requests to wait for jobs (`?wait=` on the jobs API) refused (400, or 404 for unknown"
+    " ids), by reason.",
     ["reason"],
     registry=REGISTRY,
 )

@@ -131,7 +131,7 @@ GOALS = {
     "dispatch_batch_jobs_per_s",
     "dispatch_single_jobs_per_s",
     "upload_output_during_mb_s",
-    "peer_switchboard_loop_jobs_per_s",
+    "peer_client_loop_jobs_per_s",
     "peer_switchboard_idle_p50_ms",
     "peer_switchboard_idle_p99_ms",
     "peer_waiters_cost_cpu_pct",

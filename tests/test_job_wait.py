@@ -172,6 +172,87 @@ def test_wait_for_many_lists_those_that_ended(client):
             client.post(f"/api/v1/jobs/{job_id}/cancel")
 
 
+def test_ended_answers_full_views_of_those_that_ended(client):
+    quick = submit(client, spec(backend={"delay_s": 0.3, "exit_code": 4}))
+    slow = submit(client, spec(backend={"delay_s": 120}))
+    try:
+        response, took = waited(client, "/api/v1/jobs/ended", ids=f"{slow},{quick}", wait=60)
+        assert response.status_code == 200, response.text
+        (job,) = response.json()
+        assert took < 30
+        # The whole job, as GET /api/v1/jobs/{id} shows it.
+        assert job == client.get(f"/api/v1/jobs/{quick}").json()
+        assert job["phase"] == "failed" and job["exit_code"] == 4
+        assert job["runs"][0]["exit_code"] == 4
+        # None ended yet: the wait is over with an empty list; without wait, at once.
+        response, took = waited(client, "/api/v1/jobs/ended", ids=slow, wait=0.5)
+        assert response.json() == [] and took >= 0.5
+        assert client.get("/api/v1/jobs/ended", params={"ids": slow}).json() == []
+        # A cancel answers at once.
+        thread, out = in_thread(
+            lambda: client.get("/api/v1/jobs/ended", params={"ids": slow, "wait": 60})
+        )
+        wait_for(lambda: _waiters(client) >= 1, "the request to wait")
+        client.post(f"/api/v1/jobs/{slow}/cancel")
+        thread.join(scaled(10))
+        assert [job["phase"] for job in out[0].json()] == ["canceled"]
+    finally:
+        client.post(f"/api/v1/jobs/{slow}/cancel")
+
+
+def test_ended_refuses_bad_waits_and_names_unknown_jobs(client, switchboard):
+    url = f"{switchboard.url}/metrics"
+    before = scrape(url)
+    job_id = submit(client, spec())
+    path = "/api/v1/jobs/ended"
+    too_long = client.get(path, params={"ids": job_id, "wait": 61})
+    assert too_long.status_code == 400
+    assert too_long.json()["field"] == "wait"
+    no_ids = client.get(path, params={"wait": 1})
+    assert no_ids.status_code == 400
+    assert no_ids.json() == {
+        "error": "invalid_request",
+        "message": "ids: a wait is only for the jobs `ids` names",
+        "field": "ids",
+    }
+    assert client.get(path).status_code == 400
+    many = ",".join(f"{i:024x}" for i in range(501))
+    assert client.get(path, params={"ids": many}).status_code == 400
+    unknown = "000000000000000000000000"
+    missing = client.get(path, params={"ids": f"{job_id},{unknown}", "wait": 5})
+    assert missing.status_code == 404
+    assert missing.json() == {
+        "error": "not_found",
+        "message": f"ids: no job {unknown!r}",
+        "field": "ids",
+    }
+    after = scrape(url)
+
+    def grew(reason: str) -> float:
+        name = "switchboard_wait_refusals_total"
+        return sample_value(after, name, reason=reason) - sample_value_or_zero(
+            before, name, reason=reason
+        )
+
+    assert grew("wait_too_long") == 1
+    assert grew("no_ids") == 2
+    assert grew("too_many_ids") == 1
+    assert grew("unknown_ids") == 1
+
+
+def test_ended_answers_404_for_a_deleted_job(client):
+    job_id = submit(client, spec(backend={"delay_s": 120}))
+    other = submit(client, spec(backend={"delay_s": 120}))
+    try:
+        client.post(f"/api/v1/jobs/{other}/cancel")
+        waited(client, f"/api/v1/jobs/{other}", wait=30)  # (a running one ends once stopped)
+        assert client.delete(f"/api/v1/jobs/{other}").status_code == 204
+        gone = client.get("/api/v1/jobs/ended", params={"ids": f"{job_id},{other}", "wait": 5})
+        assert gone.status_code == 404 and other in gone.json()["message"]
+    finally:
+        client.post(f"/api/v1/jobs/{job_id}/cancel")
+
+
 def test_bad_waits_are_refused(client, switchboard):
     url = f"{switchboard.url}/metrics"
     before = scrape(url)

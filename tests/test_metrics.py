@@ -165,6 +165,7 @@ LABEL_VALUES: dict[str, set[str]] = {
         "wait_too_long",
         "too_many_ids",
         "no_ids",
+        "unknown_ids",
         "forbidden",
         *("not_found", "no_console", "unavailable", "client", "supervisor", "too_slow"),
         "revoked",

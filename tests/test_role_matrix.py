@@ -51,6 +51,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str] | str] = {
     ("GET", "/api/v1/jobs"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("POST", "/api/v1/jobs"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
     ("POST", "/api/v1/jobs/batch"): frozenset({ADMIN, OPERATOR, SUBMITTER}),
+    ("GET", "/api/v1/jobs/ended"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("GET", "/api/v1/jobs/{job_id}"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
     ("DELETE", "/api/v1/jobs/{job_id}"): frozenset({ADMIN, OPERATOR}),  # own: OWN_JOB
     ("GET", "/api/v1/jobs/{job_id}/runs"): frozenset({ADMIN, OPERATOR, SUBMITTER, VIEWER}),
@@ -225,6 +226,8 @@ class World:
                 )
             case "GET", "/api/v1/jobs":
                 return Call(template, params={"limit": "1"})
+            case "GET", "/api/v1/jobs/ended":
+                return Call(template, params={"ids": self.ended_job})
             case "POST", "/api/v1/groups":
                 return Call(template, json=_group(tag), state=lambda: self.tagged_jobs(tag))
             case "GET", "/api/v1/groups":

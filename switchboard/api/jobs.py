@@ -95,20 +95,33 @@ def _wait_s(state: AppState, wait: float | None) -> float:
     return wait
 
 
-def _wait_ids(raw: list[str] | None, wait: float | None) -> list[str]:
+def _wait_ids(raw: list[str] | None, required: bool) -> list[str]:
     """`ids`, repeated or comma-separated, each once; at most MAX_WAIT_IDS, and given if
-    the listing waits."""
+    `required` (a wait)."""
     ids = list(dict.fromkeys(i for text in raw or [] for i in text.split(",") if i))
     reason = None
     if len(ids) > MAX_WAIT_IDS:
         reason, message = "too_many_ids", f"ids: at most {MAX_WAIT_IDS}, not {len(ids)}"
-    elif wait is not None and not ids:
-        reason, message = "no_ids", "ids: a listing waits only for the jobs `ids` names"
+    elif required and not ids:
+        reason, message = "no_ids", "ids: a wait is only for the jobs `ids` names"
     if reason is not None:
         metrics.WAIT_REFUSALS.labels(reason).inc()
-        log.info("refused a job listing: %s", message)
+        log.info("refused a wait for jobs: %s", message)
         raise ApiError(400, "invalid_request", message, "ids")
     return ids
+
+
+async def _ended_or_404(state: AppState, job_ids: list[str]) -> list[JobView]:
+    """Those of the jobs that ended, each as GET /api/v1/jobs/{id} shows it (one read of
+    the store); 404 naming the ids of jobs that do not exist (or were deleted)."""
+    ended, missing = await state.store.ended_job_details(job_ids)
+    if missing:
+        metrics.WAIT_REFUSALS.labels("unknown_ids").inc()
+        named = ", ".join(repr(job_id) for job_id in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        log.info("refused a wait for jobs: no job %s%s", named, more)
+        raise ApiError(404, "not_found", f"ids: no job {named}{more}", "ids")
+    return [msgspec.structs.replace(job, spec=redacted(job.spec)) for job in ended]
 
 
 async def _until_ended(state: AppState, job_id: str, wait_s: float) -> JobView:
@@ -419,7 +432,7 @@ class JobController(Controller):
         ended, answered as soon as one has, or when the wait is over (maybe none)."""
         state = app_state(request)
         wait_s = _wait_s(state, wait)
-        job_ids = _wait_ids(ids, wait)
+        job_ids = _wait_ids(ids, wait is not None)
         phases = {p.value for p in phase or []}
         if wait is not None:
             phases = phases & set(_TERMINAL) if phases else set(_TERMINAL)
@@ -450,6 +463,33 @@ class JobController(Controller):
                     rows = await state.store.list_jobs(where)
         next_cursor = _cursor(rows[-1][0]) if len(rows) == limit and not job_ids else None
         return JobPage([summary for _, summary in rows], next_cursor)
+
+    @get("/ended", guards=require(Permission.VIEW), responses=error_responses(404))
+    async def ended(
+        self,
+        request: Request,
+        ids: Annotated[
+            list[str] | None,
+            Parameter(description="The jobs (comma-separated or repeated, at most 500)"),
+        ] = None,
+        wait: WaitSeconds = None,
+    ) -> list[JobView]:
+        """Those of the jobs `ids` names that ended, each in full as GET
+        /api/v1/jobs/{id} shows it, in no set order. With `wait` (seconds, at most
+        --max-wait): answered as soon as one has ended, or when the wait is over (maybe
+        none). 404 if one of them does not exist (or was deleted), naming it."""
+        state = app_state(request)
+        wait_s = _wait_s(state, wait)
+        job_ids = _wait_ids(ids, True)
+        if wait_s <= 0:
+            return await _ended_or_404(state, job_ids)
+        deadline = time.monotonic() + wait_s
+        while True:  # register, then read: an ending after the read wakes the wait
+            with state.waiters.registered(job_ids) as woken:
+                ended = await _ended_or_404(state, job_ids)
+                if ended or time.monotonic() >= deadline or state.waiters.closed:
+                    return ended
+                await state.waiters.wait(woken, deadline - time.monotonic())
 
     @get("/{job_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
     async def show(self, request: Request, job_id: str, wait: WaitSeconds = None) -> JobView:

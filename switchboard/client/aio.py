@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 
-from switchboard.client import core
+from switchboard.client import batching, core
+from switchboard.client.batching import ALONE, Call
 from switchboard.client.core import Deadline, Params, Retry, SpecLike
-from switchboard.client.errors import BadRequest, ConnectionFailed
+from switchboard.client.errors import BadRequest, ClientError, ConnectionFailed, WaitTimeout
 from switchboard.client.settings import settings
 from switchboard.models import (
     ArtifactStored,
@@ -31,7 +34,8 @@ from switchboard.models import (
 
 class AsyncClient:
     """A switchboard's REST API for asyncio, over one connection pool; settings, retries
-    and errors as `Client`'s."""
+    and errors as `Client`'s. `run()` calls made at once (asyncio.gather, many tasks)
+    share requests, as `Client.run`'s from many threads."""
 
     def __init__(
         self,
@@ -53,8 +57,14 @@ class AsyncClient:
             headers={"Authorization": f"Bearer {found.token}"},
             timeout=timeout_s,
             verify=found.ca_file or True,
-            limits=httpx.Limits(max_connections=max_connections),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
         )
+        # run()'s natural batching (switchboard.client.batching).
+        self._runs = 0
+        self._submissions = batching.Submissions()
+        self._waits = batching.Waits()
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -131,9 +141,21 @@ class AsyncClient:
         *,
         check: bool = True,
     ) -> JobView:
-        """Submit and wait in one request (then more, if it runs longer): see Client.run."""
+        """Submit and wait: the ended job (see Client.run). Alone, in one request; calls
+        made while others are in flight share requests."""
         deadline = Deadline(timeout)
         body = core.spec_body(spec, params)
+        alone = self._runs == 0
+        self._runs += 1
+        try:
+            if alone:
+                return core.checked(await self._run_alone(body, deadline), check)
+            call = Call(body, deadline, wake=asyncio.Event())
+            return core.checked(await self._run_joined(call), check)
+        finally:
+            self._runs -= 1
+
+    async def _run_alone(self, body: bytes, deadline: Deadline) -> JobView:
         while True:
             wait = deadline.slice(self._slice.s)
             try:
@@ -152,7 +174,100 @@ class AsyncClient:
         job = created.job
         if job is None or not core.ended(job):
             job = await self._wait(created.id, deadline, job)
-        return core.checked(job, check)
+        return job
+
+    async def _run_joined(self, call: Call) -> JobView:
+        submitted = await self._submit_joined(call)
+        if isinstance(submitted, ClientError):
+            raise submitted
+        if submitted is ALONE:
+            return await self._run_alone(call.body, call.deadline)
+        waited = await self._wait_joined(call)
+        if isinstance(waited, ClientError):
+            raise waited
+        if waited is ALONE:
+            return await self._wait(call.job_id, call.deadline, None)
+        assert isinstance(waited, JobView)
+        return waited
+
+    async def _submit_joined(self, call: Call) -> batching.Result:
+        """As Client._submit_joined: the call's job id once a batch holding it was sent."""
+        self._submissions.add(call)
+        while True:
+            while (result := call.settled()) is None:
+                if batch := self._submissions.take():
+                    break
+                await _woken(call.wake, None)
+            else:
+                return result
+            outcome: list[str] | ClientError | batching.Alone = ConnectionFailed(
+                "the batch holding this job was not sent"
+            )
+            try:
+                content = b"[" + b",".join(c.body for c in batch) + b"]"
+                response = await self.request(
+                    "POST", "/api/v1/jobs/batch", content=content, headers=core.JSON_BODY
+                )
+                outcome = [made.id for made in core.decode(BatchCreated, response.content).jobs]
+            except ClientError as exc:
+                outcome = batching.batch_failed(exc)
+            finally:
+                for woken in self._submissions.sent(batch, outcome):
+                    woken.wake.set()
+
+    async def _wait_joined(self, call: Call) -> batching.Result:
+        """As Client._wait_joined: the call's job once it ended, asked for with others'."""
+        self._waits.add(call)
+        try:
+            while True:
+                while (result := call.settled()) is None and not call.deadline.over():
+                    if ids := self._waits.take(call, time.monotonic()):
+                        break
+                    await _woken(call.wake, self._waits.pause_s(call.deadline, time.monotonic()))
+                else:
+                    if result is not None:
+                        return result
+                    ids = []
+                if not ids:
+                    raise await self._timed_out(call)
+                await self._ask_ended(call, ids)
+        finally:
+            self._waits.leave(call)
+
+    async def _ask_ended(self, call: Call, ids: list[str]) -> None:
+        """As Client._ask_ended: one request for the jobs `ids` names."""
+        outcome: list[JobView] | ClientError | batching.Alone | None = None
+        wait = call.deadline.slice(self._slice.s)
+        try:
+            response = await self.request(
+                "GET",
+                "/api/v1/jobs/ended",
+                params={"ids": ",".join(ids), "wait": wait},
+                timeout_s=wait + core.WAIT_MARGIN_S,
+                deadline=call.deadline,
+            )
+            outcome = core.decode(list[JobView], response.content)
+        except ConnectionFailed:
+            pass  # (asked again until the deadline: each call's own deadline now)
+        except BadRequest as exc:
+            if exc.field != "wait":
+                outcome = exc
+            else:
+                self._slice.shorten(exc, wait)
+        except ClientError as exc:
+            outcome = batching.wait_failed(exc)
+        finally:
+            for woken in self._waits.answered(ids, outcome):
+                woken.wake.set()
+
+    async def _timed_out(self, call: Call) -> WaitTimeout:
+        """WaitTimeout, with the job as it is now if a quick look finds it."""
+        try:
+            response = await self._http.get(f"/api/v1/jobs/{call.job_id}", timeout=core.LOOK_S)
+            last = core.decode(JobView, response.content) if response.is_success else None
+        except (httpx.HTTPError, msgspec.DecodeError):
+            last = None
+        return WaitTimeout(call.job_id, last, call.deadline.timeout_s or 0.0)
 
     async def submit_many(
         self, specs: Iterable[SpecLike], params: Params | None = None
@@ -297,6 +412,16 @@ class AsyncJob:
 
     def follow(self, stream: str = "stdout", attempt: int | None = None) -> AsyncIterator[bytes]:
         return self.client.follow(self.id, stream, attempt)
+
+
+async def _woken(event: asyncio.Event, timeout_s: float | None) -> None:
+    """Until `event` is set (then cleared for the next time), or `timeout_s` passed. No
+    await comes between a call's look and this: a set made meanwhile is not missed."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except TimeoutError:
+        pass
+    event.clear()
 
 
 async def _read(path: Path) -> AsyncIterator[bytes]:

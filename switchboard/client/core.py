@@ -29,6 +29,8 @@ RETRY_STATUSES = frozenset({429, 503})
 WAIT_SLICE_S = 60.0
 #: How much longer than its wait a waiting request may take to be answered.
 WAIT_MARGIN_S = 10.0
+#: How long a quick look at a job may take (a timed-out wait's last sight of it).
+LOOK_S = 5.0
 #: Jobs one listing may wait for, and one batch may hold (the switchboard's limits).
 MAX_WAIT_IDS = 500
 MAX_BATCH = 1000

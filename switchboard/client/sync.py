@@ -4,18 +4,23 @@
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
+import msgspec
 
-from switchboard.client import core
+from switchboard.client import batching, core
+from switchboard.client.batching import ALONE, Call
 from switchboard.client.core import Deadline, Params, Retry, SpecLike
 from switchboard.client.errors import (
     BadRequest,
+    ClientError,
     ConnectionFailed,
+    WaitTimeout,
 )
 from switchboard.client.settings import settings
 from switchboard.models import (
@@ -34,7 +39,10 @@ class Client:
     `url`, `token` and `ca_file` (or `token_file`) default to the environment
     (SWITCHBOARD_URL, SWITCHBOARD_TOKEN / SWITCHBOARD_TOKEN_FILE, SWITCHBOARD_CA_FILE), else
     the config file, as the CLI's. A request refused with 429 or 503, or that could not
-    connect, is asked again as `retry` says; a wait asks again until its timeout."""
+    connect, is asked again as `retry` says; a wait asks again until its timeout.
+
+    One client may be shared by many threads (it is the fast way: `run()` calls made at
+    once share requests, see `run`); `max_connections` bounds its requests at once."""
 
     def __init__(
         self,
@@ -45,6 +53,7 @@ class Client:
         token_file: str | None = None,
         timeout_s: float = 30.0,
         retry: Retry | None = None,
+        max_connections: int = 100,
     ) -> None:
         found = settings(url, token, ca_file, token_file)
         self.url = found.url
@@ -55,7 +64,15 @@ class Client:
             headers={"Authorization": f"Bearer {found.token}"},
             timeout=timeout_s,
             verify=found.ca_file or True,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
         )
+        # run()'s natural batching (switchboard.client.batching), under one lock.
+        self._lock = threading.Lock()
+        self._runs = 0
+        self._submissions = batching.Submissions()
+        self._waits = batching.Waits()
 
     def close(self) -> None:
         self._http.close()
@@ -168,11 +185,26 @@ class Client:
         *,
         check: bool = True,
     ) -> JobView:
-        """Submit and wait in one request (then more, if it runs longer): the ended job.
-        Raises JobFailed if it did not succeed (unless `check` is false), WaitTimeout if
-        it had not ended after `timeout` seconds (None: no limit)."""
+        """Submit and wait: the ended job. Raises JobFailed if it did not succeed (unless
+        `check` is false), WaitTimeout if it had not ended after `timeout` seconds (None:
+        no limit). Alone, one request submits and waits (then more, if it runs longer);
+        calls made while others are in flight (from other threads) share requests: their
+        submissions go as one batch, their waits as one request for many jobs."""
         deadline = Deadline(timeout)
         body = core.spec_body(spec, params)
+        with self._lock:
+            alone = self._runs == 0
+            self._runs += 1
+        try:
+            if alone:
+                return core.checked(self._run_alone(body, deadline), check)
+            call = Call(body, deadline, wake=threading.Condition(self._lock))
+            return core.checked(self._run_joined(call), check)
+        finally:
+            with self._lock:
+                self._runs -= 1
+
+    def _run_alone(self, body: bytes, deadline: Deadline) -> JobView:
         while True:
             wait = deadline.slice(self._slice.s)
             try:
@@ -191,7 +223,110 @@ class Client:
         job = created.job
         if job is None or not core.ended(job):
             job = self._wait(created.id, deadline, job)
-        return core.checked(job, check)
+        return job
+
+    def _run_joined(self, call: Call) -> JobView:
+        submitted = self._submit_joined(call)
+        if isinstance(submitted, ClientError):
+            raise submitted
+        if submitted is ALONE:
+            return self._run_alone(call.body, call.deadline)
+        waited = self._wait_joined(call)
+        if isinstance(waited, ClientError):
+            raise waited
+        if waited is ALONE:
+            return self._wait(call.job_id, call.deadline, None)
+        assert isinstance(waited, JobView)
+        return waited
+
+    def _submit_joined(self, call: Call) -> batching.Result:
+        """The call's job id once a batch holding it was sent (by whichever call found
+        none in flight: maybe this one), or what befell the batch."""
+        with self._lock:
+            self._submissions.add(call)
+        while True:
+            with self._lock:
+                while (result := call.settled()) is None:
+                    if batch := self._submissions.take():
+                        break
+                    call.wake.wait()
+                else:
+                    return result
+            outcome: list[str] | ClientError | batching.Alone = ConnectionFailed(
+                "the batch holding this job was not sent"
+            )
+            try:
+                content = b"[" + b",".join(c.body for c in batch) + b"]"
+                response = self.request(
+                    "POST", "/api/v1/jobs/batch", content=content, headers=core.JSON_BODY
+                )
+                outcome = [made.id for made in core.decode(BatchCreated, response.content).jobs]
+            except ClientError as exc:
+                outcome = batching.batch_failed(exc)
+            finally:
+                with self._lock:
+                    for woken in self._submissions.sent(batch, outcome):
+                        woken.wake.notify()
+
+    def _wait_joined(self, call: Call) -> batching.Result:
+        """The call's job once it ended, asked for with other calls' jobs; or an error,
+        or ALONE (wait alone). WaitTimeout after its own deadline."""
+        with self._lock:
+            self._waits.add(call)
+        try:
+            while True:
+                with self._lock:
+                    while (result := call.settled()) is None and not call.deadline.over():
+                        if ids := self._waits.take(call, time.monotonic()):
+                            break
+                        call.wake.wait(self._waits.pause_s(call.deadline, time.monotonic()))
+                    else:
+                        if result is not None:
+                            return result
+                        ids = []
+                if not ids:
+                    raise self._timed_out(call)
+                self._ask_ended(call, ids)
+        finally:
+            with self._lock:
+                self._waits.leave(call)
+
+    def _ask_ended(self, call: Call, ids: list[str]) -> None:
+        """One request for the jobs `ids` names, as long as `call`'s deadline allows:
+        what it answers settles their calls."""
+        outcome: list[JobView] | ClientError | batching.Alone | None = None
+        wait = call.deadline.slice(self._slice.s)
+        try:
+            response = self.request(
+                "GET",
+                "/api/v1/jobs/ended",
+                params={"ids": ",".join(ids), "wait": wait},
+                timeout_s=wait + core.WAIT_MARGIN_S,
+                deadline=call.deadline,
+            )
+            outcome = core.decode(list[JobView], response.content)
+        except ConnectionFailed:
+            pass  # (asked again until the deadline: each call's own deadline now)
+        except BadRequest as exc:
+            if exc.field != "wait":
+                outcome = exc
+            else:
+                self._slice.shorten(exc, wait)
+        except ClientError as exc:
+            outcome = batching.wait_failed(exc)
+        finally:
+            with self._lock:
+                for woken in self._waits.answered(ids, outcome):
+                    woken.wake.notify()
+
+    def _timed_out(self, call: Call) -> WaitTimeout:
+        """WaitTimeout, with the job as it is now if a quick look finds it."""
+        try:
+            response = self._http.get(f"/api/v1/jobs/{call.job_id}", timeout=core.LOOK_S)
+            last = core.decode(JobView, response.content) if response.is_success else None
+        except (httpx.HTTPError, msgspec.DecodeError):
+            last = None
+        return WaitTimeout(call.job_id, last, call.deadline.timeout_s or 0.0)
 
     def submit_many(self, specs: Iterable[SpecLike], params: Params | None = None) -> list[Job]:
         """Queue several jobs, in batches of 1000 (each batch all or none), in order."""

@@ -214,6 +214,17 @@ class Store(abc.ABC):
         files = await self.files_summary(job_id)
         return msgspec.structs.replace(job, tests=tests, files=files)
 
+    async def ended_job_details(self, job_ids: list[str]) -> tuple[list[JobView], list[str]]:
+        """Of the jobs (at most LOOKUP_CHUNK), those in a terminal phase as get_job_detail
+        shows them, and the ids of those that do not exist; a store may read it in one go."""
+        where = JobFilter(ids=job_ids, limit=len(job_ids))
+        phases = {summary.id: summary.phase for _, summary in await self.list_jobs(where)}
+        ended = []
+        for job_id, phase in phases.items():
+            if phase in TERMINAL and (job := await self.get_job_detail(job_id)) is not None:
+                ended.append(job)
+        return ended, [job_id for job_id in job_ids if job_id not in phases]
+
     @abc.abstractmethod
     async def list_jobs(self, where: JobFilter) -> list[tuple[int, JobSummary]]:
         """Jobs matching `where`, newest first, each with its seq (for the cursor)."""

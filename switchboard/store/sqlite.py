@@ -83,6 +83,7 @@ from switchboard.store import sqlite_tokens as tokens
 from switchboard.store import sqlite_views as views
 from switchboard.store.base import Store
 from switchboard.store.errors import BatchOutOfOrder
+from switchboard.store.schema import TERMINAL_PHASES
 from switchboard.store.sqlite_engine import SQLiteEngine
 from switchboard.store.sqlite_secrets import upgrade_and_reseal
 from switchboard.store.sqlite_tests import add_report
@@ -296,17 +297,16 @@ class SQLiteStore(Store):
         return await self._read(lambda conn: sqlite_jobs.load_job(conn, job_id))
 
     async def get_job_detail(self, job_id: str) -> JobView | None:
-        def read(conn: sqlite3.Connection) -> JobView | None:  # one hop to the read pool
-            job = sqlite_jobs.load_job(conn, job_id)
-            if job is None:
-                return None
-            job_tests, job_files = (
-                tests.test_summary(conn, job_id),
-                files.files_summary(conn, job_id),
-            )
-            return msgspec.structs.replace(job, tests=job_tests, files=job_files)
+        return await self._read(lambda conn: _job_detail(conn, job_id))  # one hop
 
-        return await self._read(read)
+    async def ended_job_details(self, job_ids: list[str]) -> tuple[list[JobView], list[str]]:
+        def read(conn: sqlite3.Connection) -> tuple[list[JobView], list[str]]:
+            phases = sqlite_jobs.phases_of(conn, job_ids)
+            ended = [_job_detail(conn, i) for i, p in phases.items() if p in TERMINAL_PHASES]
+            missing = [job_id for job_id in job_ids if job_id not in phases]
+            return [job for job in ended if job is not None], missing
+
+        return await self._read(read)  # one hop to the read pool
 
     async def list_jobs(self, where: JobFilter) -> list[tuple[int, JobSummary]]:
         return await self._read(lambda conn: sqlite_jobs.list_jobs(conn, where))
@@ -787,3 +787,12 @@ class SQLiteStore(Store):
 
     async def overview(self, now: float, minutes: int, failures: int) -> Overview:
         return await self._read(lambda conn: views.overview(conn, now, minutes, failures))
+
+
+def _job_detail(conn: sqlite3.Connection, job_id: str) -> JobView | None:
+    """The job with its test and file counts, as GET /api/v1/jobs/{id} shows it."""
+    job = sqlite_jobs.load_job(conn, job_id)
+    if job is None:
+        return None
+    job_tests, job_files = tests.test_summary(conn, job_id), files.files_summary(conn, job_id)
+    return msgspec.structs.replace(job, tests=job_tests, files=job_files)
