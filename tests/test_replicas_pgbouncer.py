@@ -3,7 +3,8 @@ private PgBouncer, tests/pgbouncer.py, before the private cluster of tests/postg
 5 server connections per database): with `--database-pooler` two replicas run jobs end
 to end, a cancel through the other replica arrives (the sweep: no NOTIFY), a killed
 leader is replaced, and nothing in their logs speaks of prepared statements; without it
-the start is refused, saying to set it (docs/deployment.md, "PgBouncer")."""
+the start is refused, saying to set it; and, roughly, what it costs in no-op jobs per
+second against a direct connection (docs/deployment.md, "PgBouncer")."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,53 @@ def test_an_upgrade_through_the_pooler_is_refused(tmp_path, bouncer: Bouncer, po
     said = _serve_refused(tmp_path, pooled, "--database-pooler", "--upgrade")
     assert "--upgrade is refused with --database-pooler" in said, said
     assert "server's own address" in said, said
+
+
+#: No-op jobs per measured run, and the threads submitting them.
+MEASURED_JOBS = 300
+SUBMITTERS = 4
+
+
+def _jobs_per_s(tmp_path: Path, name: str, dsn: str) -> float:
+    """No-op jobs per second through one switchboard on `dsn` with one supervisor
+    (MEASURED_JOBS, submitted by SUBMITTERS threads, from the first submission to the
+    last one done)."""
+    server = Switchboard(tmp_path / f"data-{name}", database=dsn)
+    sup = start_supervisor(server, tmp_path, name=f"sup-{name}", backend="noop", max_jobs=8)
+    try:
+        wait_connected(server.client(), f"sup-{name}")
+        spec = {"name": "noop", "backend": {"kind": "noop"}}
+
+        def submit(count: int) -> list[str]:
+            with server.client() as client:
+                return [client.post("/api/v1/jobs", json=spec).json()["id"] for _ in range(count)]
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(SUBMITTERS) as pool:
+            batches = list(pool.map(submit, [MEASURED_JOBS // SUBMITTERS] * SUBMITTERS))
+        with server.client() as client:
+            for job_id in itertools.chain.from_iterable(batches):
+                assert wait_job(client, job_id)["phase"] == "succeeded"
+        return MEASURED_JOBS / (time.monotonic() - started)
+    finally:
+        stop(sup, server)
+
+
+def test_what_the_pooler_costs(tmp_path, postgres: Cluster, bouncer: Bouncer, monkeypatch):
+    """Rough: no-op jobs per second through PgBouncer (transaction mode, --database-pooler)
+    against a direct connection, in the same run, and --database-pooler on a direct
+    connection (what the lost statement cache costs without the hop); docs/deployment.md
+    quotes the ratios."""
+    direct, _ = _database(postgres, bouncer)
+    uncached, _ = _database(postgres, bouncer)
+    _, pooled = _database(postgres, bouncer)
+    rate_direct = _jobs_per_s(tmp_path, "direct", direct)
+    monkeypatch.setenv("SWITCHBOARD_DATABASE_POOLER", "1")
+    rate_uncached = _jobs_per_s(tmp_path, "uncached", uncached)
+    rate_pooled = _jobs_per_s(tmp_path, "pooled", pooled)
+    print(
+        f"{MEASURED_JOBS} no-op jobs: direct {rate_direct:.0f}/s, direct with"
+        f" --database-pooler {rate_uncached:.0f}/s ({rate_uncached / rate_direct:.2f}),"
+        f" through PgBouncer {rate_pooled:.0f}/s ({rate_pooled / rate_direct:.2f} of direct)"
+    )
+    assert rate_pooled / rate_direct > 0.25, (rate_direct, rate_pooled)
