@@ -4,7 +4,7 @@
 # starts a service.
 source "$(dirname "$0")/setup-env.sh"
 apt_install clang lld wasi-libc libclang-rt-14-dev-wasm32 docker.io busybox-static chromium \
-    postgresql redis-server  # redis-server: only for the benchmark's peer row (Celery + Redis)
+    postgresql pgbouncer redis-server  # redis-server: only for the benchmark's peer row (Celery + Redis)
 python_env test
 
 .venv/bin/ruff check .

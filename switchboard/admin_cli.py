@@ -29,6 +29,17 @@ def database_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def env_flag(name: str) -> bool:
+    """A yes/no environment variable (1, true, yes, on; 0, false, no, off or unset);
+    anything else stops with one line."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"switchboard: {name}={value!r}: give 1 or 0 (true/false, yes/no, on/off)")
+
+
 def labels_text(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
 
@@ -119,7 +130,11 @@ def _token_create(args: argparse.Namespace) -> int:
 def _token_bootstrap(args: argparse.Namespace) -> int:
     from switchboard.store.choice import make_store
 
-    settings = Settings(data_dir=data_dir(args.data_dir), database=args.database)
+    settings = Settings(
+        data_dir=data_dir(args.data_dir),
+        database=args.database,
+        database_pooler=bool(args.database and args.database_pooler),
+    )
 
     async def make() -> str:
         store = make_store(settings)
@@ -235,6 +250,13 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> None:
         metavar="URI",
         help="write it straight into this PostgreSQL database instead (the first admin"
         " token of a switchboard serving it; env SWITCHBOARD_DATABASE)",
+    )
+    create.add_argument(
+        "--database-pooler",
+        action="store_true",
+        default=env_flag("SWITCHBOARD_DATABASE_POOLER"),
+        help="with --database: the URI goes through a pooler in transaction mode (as"
+        " `serve --database-pooler`; env SWITCHBOARD_DATABASE_POOLER=1)",
     )
     token("list", "every token (never the secrets)", _token_list)
     revoke = token("revoke", "revoke a token; its connections are closed", _token_revoke)

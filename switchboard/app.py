@@ -221,7 +221,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
                 hub.start_stored,
                 partial(_power_here, hub, settings.power_timeout_s),
             ),
-            dsn=settings.database if settings.notify else None,
+            dsn=settings.database if settings.notify and not settings.database_pooler else None,
             sweep_s=settings.command_sweep_s,
             on_jobs_queued=state.dispatcher.jobs_submitted,
             on_sweep=state.dispatcher.wake,

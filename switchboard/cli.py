@@ -11,7 +11,7 @@ from pathlib import Path
 
 from common import logfmt
 from protocol.spec import MAX_TIMEOUT_S
-from switchboard.admin_cli import add_admin_commands, data_dir, database_arg
+from switchboard.admin_cli import add_admin_commands, data_dir, database_arg, env_flag
 from switchboard.cli_output import duration
 from switchboard.config import HealthChecksError, Settings, load_health_checks
 from switchboard.db_cli import add_db_commands
@@ -44,8 +44,28 @@ def _interval(text: str) -> float:
     return seconds
 
 
+def _check_pooler(args: argparse.Namespace) -> None:
+    """--database-pooler needs --database, and an upgrade needs the server itself."""
+    if not args.database_pooler:
+        return
+    if args.database is None:
+        raise SystemExit(
+            "switchboard: --database-pooler (SWITCHBOARD_DATABASE_POOLER) needs --database:"
+            " it says how the PostgreSQL URI is reached"
+        )
+    if args.upgrade:
+        raise SystemExit(
+            "switchboard: --upgrade is refused with --database-pooler: a schema upgrade"
+            " takes several transactions under one session's lock; run `switchboard db"
+            " upgrade --database URI` with the PostgreSQL server's own address, then start"
+            " the replicas through the pooler"
+        )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from switchboard.server import run
+
+    _check_pooler(args)
 
     run(
         Settings(
@@ -54,7 +74,8 @@ def _serve(args: argparse.Namespace) -> int:
             data_dir=data_dir(args.data_dir),
             database=args.database,
             replica_id=args.replica_id,
-            notify=not args.no_notify,
+            notify=not (args.no_notify or args.database_pooler),
+            database_pooler=args.database_pooler,
             leader_lease_s=args.leader_lease,
             heartbeat_interval_s=args.heartbeat_interval,
             heartbeat_timeout_s=args.heartbeat_timeout,
@@ -201,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --database: send no NOTIFY hints to other replicas and listen for none"
         " (behind PgBouncer in transaction mode); commands left for this replica's"
         " supervisors and jobs queued elsewhere are then found by a sweep each second",
+    )
+    serve.add_argument(
+        "--database-pooler",
+        action="store_true",
+        default=env_flag("SWITCHBOARD_DATABASE_POOLER"),
+        help="with --database: the URI reaches PostgreSQL through a pooler in transaction"
+        " mode (PgBouncer's pool_mode = transaction): no prepared statements kept across"
+        " transactions, the timeouts set in each transaction, --no-notify implied, and no"
+        " --upgrade (upgrade with the server's own address; env"
+        " SWITCHBOARD_DATABASE_POOLER=1)",
     )
     serve.add_argument(
         "--leader-lease",

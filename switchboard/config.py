@@ -27,6 +27,10 @@ class Settings(msgspec.Struct):
     #: commands left for the supervisors it holds.
     replica_id: str | None = None
     notify: bool = True
+    #: `database` reaches PostgreSQL through a pooler in transaction mode (PgBouncer):
+    #: no prepared statements kept, timeouts set per transaction, no NOTIFY hints
+    #: (`notify` is then off), no schema upgrade (store/postgres_engine.py).
+    database_pooler: bool = False
     leader_lease_s: float = 10.0
     leader_claim_s: float = 2.0
     command_sweep_s: float = 1.0

@@ -172,12 +172,23 @@ def check_database(settings: Settings) -> None:
         return
     import asyncpg
 
-    from switchboard.store.postgres_engine import reach
+    from switchboard.store.postgres_engine import POOLER_HINT, reach
 
     try:
-        asyncio.run(reach(settings.database, upgrade=settings.upgrade_schema))
+        asyncio.run(
+            reach(
+                settings.database,
+                upgrade=settings.upgrade_schema,
+                pooled=settings.database_pooler,
+            )
+        )
         if settings.replica_id is not None:
-            check_replica_id(settings.database, settings.replica_id, settings.leader_lease_s)
+            check_replica_id(
+                settings.database,
+                settings.replica_id,
+                settings.leader_lease_s,
+                pooled=settings.database_pooler,
+            )
     except (
         OSError,
         ValueError,
@@ -185,20 +196,23 @@ def check_database(settings: Settings) -> None:
         asyncpg.InterfaceError,
         SchemaMismatch,
     ) as exc:
-        raise SystemExit(f"switchboard: --database: {exc}") from None
+        hint = ""
+        if "unsupported startup parameter" in str(exc) and not settings.database_pooler:
+            hint = f" ({POOLER_HINT})"
+        raise SystemExit(f"switchboard: --database: {exc}{hint}") from None
 
 
-def check_replica_id(dsn: str, replica_id: str, alive_s: float) -> None:
+def check_replica_id(dsn: str, replica_id: str, alive_s: float, *, pooled: bool = False) -> None:
     """Refuse to serve as a replica id another running switchboard renews: two processes
     under one id would both hold its lease and its connections."""
-    import asyncpg
-
+    from switchboard.store.postgres_engine import connect
     from switchboard.store.postgres_replicas import last_seen_ago
 
     async def ask() -> float | None:
-        conn = await asyncpg.connect(dsn)
+        conn = await connect(dsn, pooled=pooled)
         try:
-            return await last_seen_ago(conn, replica_id)
+            async with conn.transaction():  # one server session, behind a pooler too
+                return await last_seen_ago(conn, replica_id)
         finally:
             await conn.close()
 

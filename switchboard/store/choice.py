@@ -35,6 +35,7 @@ def make_store(settings: Settings, keyring: Keyring | None = None) -> Store:
             notify=settings.notify,
             checked_classes=frozenset(settings.health_checks),
             lease_ttl_s=settings.leader_lease_s,
+            pooled=settings.database_pooler,
         )
     from switchboard.store.sqlite import SQLiteStore
 

@@ -130,7 +130,8 @@ class PostgresStore(Store):
     version refused (store/postgres_schema.py). Several processes may serve one database
     (docs/deployment.md, "Several replicas"): `replica_id` names this one (default: host,
     pid and a random part, so a restart is a new replica), `notify` sends NOTIFY hints to
-    the others (off behind a pooler in transaction mode). `lease_ttl_s`: the leader lease's
+    the others (off behind a pooler in transaction mode: `pooled`, store/postgres_engine.py,
+    which also turns it off). `lease_ttl_s`: the leader lease's
     (switchboard.lease); a transaction left idle for half of it is ended by the server, so
     that a replica paused in the middle of one does not hold the lease row's lock, which a
     takeover waits for, past the lease."""
@@ -148,17 +149,21 @@ class PostgresStore(Store):
         notify: bool = True,
         checked_classes: frozenset[str] = frozenset(),
         lease_ttl_s: float = LEASE_TTL_S,
+        pooled: bool = False,
     ) -> None:
         self.dsn = dsn
         self.replica_id = replica_id or (
             f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         )
-        self.notify = notify
+        self.notify = notify and not pooled
         #: Device classes with a health check (switchboard.checks): an `unknown` device
         #: of one waits for its check (postgres_devices.lab_devices).
         self.checked_classes = checked_classes
         self._engine = PostgresEngine(
-            dsn, max_connections=max_connections, idle_in_transaction_s=lease_ttl_s / 2
+            dsn,
+            max_connections=max_connections,
+            idle_in_transaction_s=lease_ttl_s / 2,
+            pooled=pooled,
         )
         self._keyring = keyring or Keyring.ephemeral()
         self._keyring_given = keyring is not None

@@ -12,6 +12,12 @@ waits, then finds the version the upgrade reached (refusing it if that is newer 
 knows). An upgrade is refused while a replica serving the database renews its liveness
 (switchboard_replicas): stop them all first.
 
+Through a pooler in transaction mode (`pooled`: `serve --database-pooler`), a session
+lock would stay with whichever server session ran it: there the schema is checked, or a
+new one created, in one transaction under the same lock taken for that transaction alone,
+and an upgrade (several transactions) is refused: `switchboard db upgrade` goes to the
+server directly.
+
 Unlike SQLite's, a PostgreSQL database is not copied aside before an upgrade: back it up
 with `switchboard db backup --database` (switchboard/pg_backup.py) first.
 """
@@ -47,15 +53,30 @@ class ReplicasServing(SchemaMismatch):
     """An upgrade refused: switchboards are serving the database."""
 
 
+class UpgradeThroughPooler(SchemaMismatch):
+    """An upgrade refused: asked through a pooler in transaction mode."""
+
+
+_WAITING = (
+    "another switchboard is creating, checking or upgrading the database's schema:"
+    " waiting for it to finish"
+)
+
+
 @asynccontextmanager
-async def schema_lock(conn: Any) -> AsyncIterator[None]:
+async def schema_lock(conn: Any, *, pooled: bool = False) -> AsyncIterator[None]:
     """Hold the schema's advisory lock (session-level: across the transactions of an
-    upgrade's steps); say so once if another holder makes this one wait."""
+    upgrade's steps); say so once if another holder makes this one wait. `pooled`: in a
+    transaction of its own, for that transaction (the block runs inside it)."""
+    if pooled:
+        async with conn.transaction():
+            if not await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({_LOCK_KEY})"):
+                log.warning(_WAITING)
+                await conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+            yield
+        return
     if not await conn.fetchval(f"SELECT pg_try_advisory_lock({_LOCK_KEY})"):
-        log.warning(
-            "another switchboard is creating, checking or upgrading the database's schema:"
-            " waiting for it to finish"
-        )
+        log.warning(_WAITING)
         await conn.execute(f"SELECT pg_advisory_lock({_LOCK_KEY})")
     try:
         yield
@@ -100,15 +121,24 @@ async def apply_schema(
     upgrade: bool = False,
     steps: Sequence[tuple[int, Step]] = MIGRATIONS,
     replica_alive_s: float = REPLICA_ALIVE_S,
+    pooled: bool = False,
 ) -> None:
     """Create the tables of a new database (`conn`: an asyncpg connection to `dsn`, which
     names it in messages), or check an existing one's version and, with `upgrade`, bring
     it up to this one step by step. Raises SchemaMismatch (SchemaTooNew, SchemaOutdated,
-    ReplicasServing). `steps`: the migrations past the baseline (tests give their own)."""
+    ReplicasServing, UpgradeThroughPooler). `steps`: the migrations past the baseline
+    (tests give their own). `pooled`: `conn` goes through a pooler in transaction mode
+    (the module's docstring)."""
+    if upgrade and pooled:
+        raise UpgradeThroughPooler(
+            f"the schema of {shown_uri(dsn)} is not upgraded through a pooler in"
+            " transaction mode (--database-pooler): run `switchboard db upgrade --database"
+            " URI` with the PostgreSQL server's own address, then start the replicas"
+        )
     current = POSTGRES_BASELINE + len(steps)
     for number, (to, _) in enumerate(steps, POSTGRES_BASELINE + 1):
         assert to == number, f"migration to {to} where {number} is next"
-    async with schema_lock(conn):
+    async with schema_lock(conn, pooled=pooled):
         version = await schema_version(conn)
         if version is None:
             # A new database is made as SQLite's are: the baseline, then every step.
