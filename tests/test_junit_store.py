@@ -138,4 +138,7 @@ async def test_storing_a_large_report_never_holds_the_writer_long(store):
     assert await storing
     assert (await store.test_summary("j1")).total == 100_000
     assert len(waits) >= 10, (waits, took)
-    assert max(waits) < max(took / 5, 0.05), (max(waits), took)
+    # Each wait is one chunk of the report's writes at most; one may also take a pause of
+    # a machine shared with other work, so the second longest is the one held to it.
+    second_longest = sorted(waits)[-2]
+    assert second_longest < max(took / 5, 0.05), (sorted(waits)[-3:], took)
