@@ -17,6 +17,7 @@ import base64
 import contextlib
 import os
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -24,6 +25,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import asyncpg
+import uvloop
 
 from bench.bed import NOOP, Bed, testbed
 from bench.dispatch import BATCH_THREADS, SINGLE_THREADS, measure_latency
@@ -252,6 +256,7 @@ def measure_replicas(
     latency: dict[str, dict[str, Summary]] = {}
     with private_cluster(durable=True) as cluster:
         results["floor_pg_wal_flush_ms"] = [_wal_flush_ms(cluster) for _ in range(reps)]
+        results["floor_pg_round_trip_ms"] = [_round_trip_ms(cluster.dsn) for _ in range(reps)]
         server = _server_pid(cluster)
         for count in (1, 2):
             with replicas(cluster, count) as targets:
@@ -292,6 +297,28 @@ def measure_replicas(
 def _idle(replica: Replica, fleet: FleetProcess, n_jobs: int, reps: int) -> dict[str, Summary]:
     token = replica.switchboard.create_token("supervisor")
     return measure_latency(_postgres_bed(replica, fleet, token), n_jobs, reps)
+
+
+def _round_trip_ms(dsn: str, n: int = 1000) -> float:
+    """One statement's round trip to the server (`SELECT 1` on a connection of asyncpg on
+    uvloop, as the store's), median of `n`, in ms: what each statement of a transaction
+    costs in waiting, before any work."""
+
+    async def measure() -> float:
+        conn = await asyncpg.connect(dsn)
+        try:
+            times = []
+            for _ in range(n // 10):
+                await conn.fetchval("SELECT 1")  # warm-up
+            for _ in range(n):
+                began = time.perf_counter()
+                await conn.fetchval("SELECT 1")
+                times.append(time.perf_counter() - began)
+            return statistics.median(times) * 1000
+        finally:
+            await conn.close()
+
+    return uvloop.run(measure())
 
 
 def _wal_flush_ms(cluster: Cluster) -> float:

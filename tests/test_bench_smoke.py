@@ -96,6 +96,7 @@ SUITE_RESULTS = {
     | {f"replicas_{store}_batch_server_cpu_ms_per_job" for store in ("pg1", "pg2")}
     | {
         "floor_pg_wal_flush_ms",
+        "floor_pg_round_trip_ms",
         "replicas_pg1_idle_succeeded_p50_ms",
         "replicas_pg1_idle_succeeded_p99_ms",
         "replicas_pg1_async_idle_succeeded_p50_ms",
