@@ -21,6 +21,7 @@ from litestar.openapi.spec import (
     RequestBody,
     Schema,
 )
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from protocol.limits import is_valid_digest
@@ -96,7 +97,7 @@ class ArtifactController(Controller):
         media_type="application/octet-stream",
         responses=error_responses(404, 416),
     )
-    async def fetch(self, request: Request, digest: str) -> Stream:
+    async def fetch(self, request: Request, digest: FromPath[str]) -> Stream:
         """The artifact's bytes; a `Range: bytes=START-END` asks for a part (206), one
         starting past the end gets 416."""
         _check_digest(digest)
@@ -111,7 +112,7 @@ class ArtifactController(Controller):
         status_code=204,
         responses=error_responses(409),
     )
-    async def remove(self, request: Request, digest: str) -> None:
+    async def remove(self, request: Request, digest: FromPath[str]) -> None:
         """Delete an artifact. Operators and admins may delete any; a submitter only those
         its own token uploaded. 409 while a job that has not ended names it (cancel the job
         or let it end first), or while a job that kept it as an output file exists.

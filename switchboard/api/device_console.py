@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
+from litestar.params import FromPath
 
 from protocol.limits import MAX_CONSOLE_INPUT, console_stream
 from switchboard import metrics
@@ -65,7 +66,7 @@ class _Refused(Exception):
 
 
 @websocket("/api/v1/devices/{device_id:str}/console")
-async def device_console(socket: WebSocket, device_id: str) -> None:
+async def device_console(socket: WebSocket, device_id: FromPath[str]) -> None:
     """Attach to the device's serial console (see the module docstring)."""
     state = app_state(socket)
     try:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, get, post, put
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from protocol.messages import POWER_ACTIONS, PowerAction
 from switchboard import health, metrics, power
@@ -63,9 +63,9 @@ class DeviceController(Controller):
     async def list_devices(
         self,
         request: Request,
-        class_: Annotated[str | None, Parameter(query="class")] = None,
-        health_: Annotated[str | None, Parameter(query="health")] = None,
-        host: Annotated[str | None, Parameter(query="host")] = None,
+        class_: Annotated[str | None, QueryParameter(name="class")] = None,
+        health_: Annotated[str | None, QueryParameter(name="health")] = None,
+        host: Annotated[str | None, QueryParameter(name="host")] = None,
     ) -> list[DeviceView]:
         """Every device the supervisors declare, by id: of one `class`, in one `health`,
         on one `host` (supervisor id), if given. Without its history."""
@@ -75,7 +75,7 @@ class DeviceController(Controller):
         )
 
     @get("/{device_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
-    async def show(self, request: Request, device_id: str) -> DeviceView:
+    async def show(self, request: Request, device_id: FromPath[str]) -> DeviceView:
         """A device with its latest health changes (at most 100), newest first."""
         view = await app_state(request).store.get_device(device_id)
         if view is None:
@@ -87,7 +87,9 @@ class DeviceController(Controller):
         guards=require(Permission.OPERATE),
         responses=error_responses(404),
     )
-    async def set_health(self, request: Request, device_id: str, data: SetHealth) -> DeviceView:
+    async def set_health(
+        self, request: Request, device_id: FromPath[str], data: JSONBody[SetHealth]
+    ) -> DeviceView:
         """Set the device's health (any of unknown, good, bad, maintenance, looping,
         retired), with a reason. A device that is bad, in maintenance or retired gets no
         job; the change is kept in its history with the token that made it."""
@@ -122,7 +124,7 @@ class DeviceController(Controller):
         status_code=200,
     )
     async def switch_power(
-        self, request: Request, device_id: str, data: PowerRequest
+        self, request: Request, device_id: FromPath[str], data: JSONBody[PowerRequest]
     ) -> power.PowerAnswer:
         """Run one of the device's power commands (`on`, `off`, `cycle`, `status`) on its
         host and answer how it went: for operators and the holder of the lease the device

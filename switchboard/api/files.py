@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from litestar import Controller, Request, get
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from switchboard.api.artifacts import download
@@ -20,7 +21,9 @@ class FilesController(Controller):
     tags = ["jobs"]  # noqa: RUF012 - Litestar reads it as a plain list
 
     @get("/{job_id:str}/files", guards=require(Permission.VIEW), responses=error_responses(404))
-    async def files(self, request: Request, job_id: str, attempt: Attempt = None) -> RunFiles:
+    async def files(
+        self, request: Request, job_id: FromPath[str], attempt: Attempt = None
+    ) -> RunFiles:
         """The output files of one run: the job's latest run that has any, or run
         `attempt`. Each kept file has its path, size, digest and media type, and for a
         JUnit report named by the spec what became of it (`report`: pending, stored,
@@ -40,7 +43,7 @@ class FilesController(Controller):
         responses=error_responses(404, 416),
     )
     async def file(
-        self, request: Request, job_id: str, path: str, attempt: Attempt = None
+        self, request: Request, job_id: FromPath[str], path: FromPath[str], attempt: Attempt = None
     ) -> Stream:
         """One output file's bytes (of the latest run that has files, or run `attempt`),
         with its media type; a `Range: bytes=START-END` asks for a part (206), one

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, get, post
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from switchboard import gangs, metrics
 from switchboard.api.errors import ApiError, error_responses, invalid_spec
@@ -92,7 +92,7 @@ class GroupController(Controller):
         status_code=201,
         responses=error_responses(413, 429),
     )
-    async def submit(self, request: Request, data: GroupSpec) -> GroupView:
+    async def submit(self, request: Request, data: JSONBody[GroupSpec]) -> GroupView:
         """Queue a job group: a job per role, placed all at once when every role fits
         (each on its own host if need be), never some of them. A role marked essential
         (the default) that ends without succeeding stops the others."""
@@ -139,13 +139,13 @@ class GroupController(Controller):
     async def list_groups(
         self,
         request: Request,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_LIST)] = DEFAULT_LIST,
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_LIST)] = DEFAULT_LIST,
     ) -> list[GroupView]:
         """The newest groups first, each with its roles and state."""
         return await app_state(request).store.list_groups(limit)
 
     @get("/{group_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
-    async def show(self, request: Request, group_id: str) -> GroupView:
+    async def show(self, request: Request, group_id: FromPath[str]) -> GroupView:
         """A group: its state (derived from its roles'), and each role's job as it is."""
         found = await app_state(request).store.get_group(group_id)
         if found is None:

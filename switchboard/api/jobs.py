@@ -12,7 +12,7 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, delete, get, post
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from protocol import codec, limits
 from protocol.exceptions import MessageTooBig
@@ -72,7 +72,7 @@ _LABEL_KEY = re.compile(limits.LABEL_KEY_PATTERN)
 #: `wait`: seconds a request may wait for jobs to end (at most --max-wait, default 60).
 WaitSeconds = Annotated[
     float | None,
-    Parameter(
+    QueryParameter(
         ge=0,
         description="Seconds to wait for the job(s) to end before answering (at most the"
         " switchboard's --max-wait, default 60; longer is a 400)",
@@ -349,7 +349,9 @@ class JobController(Controller):
         status_code=201,
         responses=error_responses(413, 429),
     )
-    async def submit(self, request: Request, data: JobSpec, wait: WaitSeconds = None) -> JobCreated:
+    async def submit(
+        self, request: Request, data: JSONBody[JobSpec], wait: WaitSeconds = None
+    ) -> JobCreated:
         """Queue a job. Artifacts it names (Wasm modules, image tarballs) must have been
         uploaded first. A job whose concurrency policy is `drop_if_running` and whose key
         is taken is recorded as `rejected` (still 201: the record exists).
@@ -386,7 +388,7 @@ class JobController(Controller):
         status_code=201,
         responses=error_responses(413, 429),
     )
-    async def submit_batch(self, request: Request, data: list[JobSpec]) -> BatchCreated:
+    async def submit_batch(self, request: Request, data: JSONBody[list[JobSpec]]) -> BatchCreated:
         """Queue several jobs at once, all or none, in the given order (at most 1000)."""
         state = app_state(request)
         try:
@@ -406,18 +408,22 @@ class JobController(Controller):
     async def list_jobs(
         self,
         request: Request,
-        phase: list[Phase] | None = None,
-        label: list[str] | None = None,
-        supervisor: Annotated[str | None, Parameter(max_length=limits.ID_MAX_LEN)] = None,
-        created_after: float | None = None,
-        created_before: float | None = None,
-        q: Annotated[str | None, Parameter(min_length=1, max_length=limits.NAME_MAX_LEN)] = None,
-        owner: Annotated[str | None, Parameter(min_length=1, max_length=64)] = None,
-        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+        phase: FromQuery[list[Phase] | None] = None,
+        label: FromQuery[list[str] | None] = None,
+        supervisor: Annotated[str | None, QueryParameter(max_length=limits.ID_MAX_LEN)] = None,
+        created_after: FromQuery[float | None] = None,
+        created_before: FromQuery[float | None] = None,
+        q: Annotated[
+            str | None, QueryParameter(min_length=1, max_length=limits.NAME_MAX_LEN)
+        ] = None,
+        owner: Annotated[str | None, QueryParameter(min_length=1, max_length=64)] = None,
+        cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
         ids: Annotated[
             list[str] | None,
-            Parameter(description="Only these jobs (comma-separated or repeated, at most 500)"),
+            QueryParameter(
+                description="Only these jobs (comma-separated or repeated, at most 500)"
+            ),
         ] = None,
         wait: WaitSeconds = None,
     ) -> JobPage:
@@ -470,7 +476,7 @@ class JobController(Controller):
         request: Request,
         ids: Annotated[
             list[str] | None,
-            Parameter(description="The jobs (comma-separated or repeated, at most 500)"),
+            QueryParameter(description="The jobs (comma-separated or repeated, at most 500)"),
         ] = None,
         wait: WaitSeconds = None,
     ) -> list[JobView]:
@@ -492,7 +498,9 @@ class JobController(Controller):
                 await state.waiters.wait(woken, deadline - time.monotonic())
 
     @get("/{job_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
-    async def show(self, request: Request, job_id: str, wait: WaitSeconds = None) -> JobView:
+    async def show(
+        self, request: Request, job_id: FromPath[str], wait: WaitSeconds = None
+    ) -> JobView:
         """The job with all its runs; secret parameter values are replaced. With `wait`
         (seconds, at most --max-wait, default 60): answer as soon as the job is in a
         terminal phase, or when the wait is over, with the job as it is then."""
@@ -500,7 +508,7 @@ class JobController(Controller):
         return await _until_ended(state, job_id, _wait_s(state, wait))
 
     @get("/{job_id:str}/runs", guards=require(Permission.VIEW), responses=error_responses(404))
-    async def runs(self, request: Request, job_id: str) -> list[RunView]:
+    async def runs(self, request: Request, job_id: FromPath[str]) -> list[RunView]:
         """Every run (attempt) of the job, oldest first, each with its timing, supervisor,
         outcome and phase history."""
         return (await job_or_404(app_state(request), job_id)).runs
@@ -509,11 +517,11 @@ class JobController(Controller):
     async def tests(
         self,
         request: Request,
-        job_id: str,
-        result: TestResult | None = None,
-        attempt: Annotated[int | None, Parameter(ge=1, le=INT64_MAX)] = None,
-        after: Annotated[int | None, Parameter(ge=0, le=INT64_MAX)] = None,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_TEST_PAGE)] = DEFAULT_TEST_PAGE,
+        job_id: FromPath[str],
+        result: FromQuery[TestResult | None] = None,
+        attempt: Annotated[int | None, QueryParameter(ge=1, le=INT64_MAX)] = None,
+        after: Annotated[int | None, QueryParameter(ge=0, le=INT64_MAX)] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_TEST_PAGE)] = DEFAULT_TEST_PAGE,
     ) -> TestCasePage:
         """The test cases of one run's JUnit reports, in report order: the job's latest
         run that has a report, or run `attempt`; only those whose `result` is given
@@ -527,7 +535,7 @@ class JobController(Controller):
         return page
 
     @get("/{job_id:str}/events", guards=require(Permission.VIEW), responses=error_responses(404))
-    async def events(self, request: Request, job_id: str) -> list[JobEvent]:
+    async def events(self, request: Request, job_id: FromPath[str]) -> list[JobEvent]:
         """The job's audit trail: submission, cancel requests (and by whom), restarts,
         timeouts, and every phase change of every run, in time order."""
         events = await app_state(request).store.job_events(job_id)
@@ -541,7 +549,7 @@ class JobController(Controller):
         status_code=202,
         responses=error_responses(404),
     )
-    async def cancel(self, request: Request, job_id: str) -> CancelAccepted:
+    async def cancel(self, request: Request, job_id: FromPath[str]) -> CancelAccepted:
         """Cancel: a queued job ends at once, a running one is stopped (idempotent). A
         submitter may cancel only the jobs its own token submitted (else 403)."""
         await _check_owner(request, job_id, "cancel")
@@ -560,7 +568,7 @@ class JobController(Controller):
         status_code=204,
         responses=error_responses(409),
     )
-    async def remove(self, request: Request, job_id: str) -> None:
+    async def remove(self, request: Request, job_id: FromPath[str]) -> None:
         """Delete an ended job with its runs, output and events. Deleting a job that is
         already gone succeeds too; a job still queued or running is a 409 (cancel first).
         A submitter may delete only the jobs its own token submitted (else 403)."""

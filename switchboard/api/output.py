@@ -10,7 +10,7 @@ from typing import Annotated, NamedTuple
 
 import msgspec
 from litestar import Controller, Request, get
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 
 from protocol.limits import is_valid_stream
@@ -28,8 +28,8 @@ from switchboard.state import AppState, app_state
 OutputStream = str
 
 #: Query parameters of the output routes: which run (default: the latest), which byte.
-Attempt = Annotated[int | None, Parameter(ge=1, le=INT64_MAX)]
-Offset = Annotated[int, Parameter(ge=0, le=INT64_MAX)]
+Attempt = Annotated[int | None, QueryParameter(ge=1, le=INT64_MAX)]
+Offset = Annotated[int, QueryParameter(ge=0, le=INT64_MAX)]
 
 #: Output is read from the store and sent at most this much at a time, so a reader of a
 #: huge output costs the switchboard a few of these, not the output's size.
@@ -201,11 +201,11 @@ class OutputController(Controller):
     async def output(
         self,
         request: Request,
-        job_id: str,
-        stream: OutputStream = "stdout",
+        job_id: FromPath[str],
+        stream: FromQuery[OutputStream] = "stdout",
         attempt: Attempt = None,
         start: Offset = 0,
-        end: Offset | None = None,
+        end: FromQuery[Offset | None] = None,
     ) -> Stream:
         """Bytes [start, end) of a run's stream as stored so far (the latest run unless
         `attempt` is given), exactly as the program wrote them. Sent as they are read, a
@@ -233,8 +233,8 @@ class OutputController(Controller):
     async def follow(
         self,
         request: Request,
-        job_id: str,
-        stream: OutputStream = "stdout",
+        job_id: FromPath[str],
+        stream: FromQuery[OutputStream] = "stdout",
         attempt: Attempt = None,
         start: Offset = 0,
     ) -> Stream:
@@ -261,8 +261,8 @@ class OutputController(Controller):
     async def follow_events(
         self,
         request: Request,
-        job_id: str,
-        stream: OutputStream = "stdout",
+        job_id: FromPath[str],
+        stream: FromQuery[OutputStream] = "stdout",
         attempt: Attempt = None,
         start: Offset = 0,
     ) -> ServerSentEvent:

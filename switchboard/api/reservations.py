@@ -12,6 +12,7 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, delete, get, post
+from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 
 from protocol.spec import Id, Selector
@@ -93,7 +94,7 @@ class ReservationController(Controller):
     tags = ["devices"]  # noqa: RUF012 - Litestar reads it as a plain list
 
     @post("/", guards=require(Permission.SUBMIT), responses=error_responses())
-    async def reserve(self, request: Request, data: Reserve) -> ReservationView:
+    async def reserve(self, request: Request, data: JSONBody[Reserve]) -> ReservationView:
         """Ask for devices. The reservation waits until all of them are free (granted all
         at once, never some), then holds them for its lease. While it waits, its client
         refreshes it (`POST .../refresh`) at least every `--reservation-ttl` seconds, or
@@ -126,7 +127,7 @@ class ReservationController(Controller):
         return await app_state(request).store.list_reservations()
 
     @get("/{reservation_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
-    async def show(self, request: Request, reservation_id: str) -> ReservationView:
+    async def show(self, request: Request, reservation_id: FromPath[str]) -> ReservationView:
         """A reservation, whatever its state."""
         found = await app_state(request).store.get_reservation(reservation_id)
         if found is None:
@@ -139,7 +140,7 @@ class ReservationController(Controller):
         responses=error_responses(404),
         status_code=200,
     )
-    async def refresh(self, request: Request, reservation_id: str) -> ReservationView:
+    async def refresh(self, request: Request, reservation_id: FromPath[str]) -> ReservationView:
         """Its client is still there: a waiting reservation expires a TTL from now."""
         await held_by(request, reservation_id)
         state = app_state(request)
@@ -156,7 +157,9 @@ class ReservationController(Controller):
         responses=error_responses(404),
         status_code=200,
     )
-    async def extend(self, request: Request, reservation_id: str, data: Extend) -> ReservationView:
+    async def extend(
+        self, request: Request, reservation_id: FromPath[str], data: JSONBody[Extend]
+    ) -> ReservationView:
         """Lengthen the lease by `by_s`, up to the longest a lease may last from its grant."""
         await held_by(request, reservation_id)
         if not data.by_s > 0:
@@ -180,7 +183,7 @@ class ReservationController(Controller):
         responses=error_responses(404),
         status_code=200,
     )
-    async def release(self, request: Request, reservation_id: str) -> ReservationView:
+    async def release(self, request: Request, reservation_id: FromPath[str]) -> ReservationView:
         """Release it: its devices are free at once; queued jobs naming it are canceled."""
         await held_by(request, reservation_id)
         state = app_state(request)

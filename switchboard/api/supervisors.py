@@ -6,6 +6,7 @@ import logging
 
 import msgspec
 from litestar import Controller, Request, get, post, put
+from litestar.params import FromPath, JSONBody
 
 from protocol.spec import Labels
 from switchboard.api.errors import ApiError, error_responses
@@ -65,7 +66,7 @@ class SupervisorController(Controller):
         return [with_last_heard(view, state.hub) for view in await state.store.list_supervisors()]
 
     @get("/{supervisor_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
-    async def show(self, request: Request, supervisor_id: str) -> SupervisorView:
+    async def show(self, request: Request, supervisor_id: FromPath[str]) -> SupervisorView:
         return await _supervisor_or_404(app_state(request), supervisor_id)
 
     @get(
@@ -73,7 +74,9 @@ class SupervisorController(Controller):
         guards=require(Permission.VIEW),
         responses=error_responses(404),
     )
-    async def connections(self, request: Request, supervisor_id: str) -> list[ConnectionRecord]:
+    async def connections(
+        self, request: Request, supervisor_id: FromPath[str]
+    ) -> list[ConnectionRecord]:
         """The supervisor's latest connections (at most 50), newest first: when each began,
         and when and why it ended."""
         state = app_state(request)
@@ -86,7 +89,7 @@ class SupervisorController(Controller):
         status_code=200,
         responses=error_responses(404),
     )
-    async def drain(self, request: Request, supervisor_id: str) -> SupervisorView:
+    async def drain(self, request: Request, supervisor_id: FromPath[str]) -> SupervisorView:
         """Take no new runs on this supervisor; its current runs finish (idempotent)."""
         return await _set_drained(app_state(request), supervisor_id, True)
 
@@ -96,7 +99,7 @@ class SupervisorController(Controller):
         status_code=200,
         responses=error_responses(404),
     )
-    async def resume(self, request: Request, supervisor_id: str) -> SupervisorView:
+    async def resume(self, request: Request, supervisor_id: FromPath[str]) -> SupervisorView:
         """Let a drained supervisor take runs again (idempotent)."""
         return await _set_drained(app_state(request), supervisor_id, False)
 
@@ -106,7 +109,7 @@ class SupervisorController(Controller):
         responses=error_responses(404, 413),
     )
     async def set_labels(
-        self, request: Request, supervisor_id: str, data: OperatorLabels
+        self, request: Request, supervisor_id: FromPath[str], data: JSONBody[OperatorLabels]
     ) -> SupervisorView:
         """Replace the supervisor's operator labels."""
         state = app_state(request)
@@ -121,7 +124,7 @@ class SupervisorController(Controller):
         status_code=201,
         responses=error_responses(404),
     )
-    async def rotate_token(self, request: Request, supervisor_id: str) -> TokenCreated:
+    async def rotate_token(self, request: Request, supervisor_id: FromPath[str]) -> TokenCreated:
         """A new supervisor token bound to this supervisor; every token bound to it
         before is revoked (and its connection closed). The token is shown only here."""
         state = app_state(request)
@@ -142,7 +145,7 @@ class SupervisorController(Controller):
         status_code=200,
         responses=error_responses(404),
     )
-    async def unenroll(self, request: Request, supervisor_id: str) -> Unenrolled:
+    async def unenroll(self, request: Request, supervisor_id: FromPath[str]) -> Unenrolled:
         """Release the supervisor id: revoke every token bound to it (its enrolled credential
         and any rotated token) and close its connection, so the next registration token that
         presents the id may enrol it. Its jobs and history stay. Idempotent."""

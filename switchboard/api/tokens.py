@@ -6,6 +6,7 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, delete, get, post
+from litestar.params import FromPath, JSONBody
 from msgspec import Meta
 
 from protocol import limits
@@ -43,7 +44,7 @@ class TokenController(Controller):
     @post(
         "/", guards=require(Permission.ADMINISTER), status_code=201, responses=error_responses(413)
     )
-    async def create(self, request: Request, data: TokenRequest) -> TokenCreated:
+    async def create(self, request: Request, data: JSONBody[TokenRequest]) -> TokenCreated:
         try:
             made = await create_token(
                 app_state(request).store, data.role, data.name, supervisor_id=data.supervisor_id
@@ -65,7 +66,7 @@ class TokenController(Controller):
         status_code=204,
         responses=error_responses(404),
     )
-    async def revoke(self, request: Request, token_id: str) -> None:
+    async def revoke(self, request: Request, token_id: FromPath[str]) -> None:
         """Revoke a token at once: requests with it are refused from now on, and a
         supervisor connected with it is disconnected. Revoking twice is fine."""
         state = app_state(request)

@@ -22,7 +22,7 @@ from litestar.openapi.spec import (
     RequestBody,
     Schema,
 )
-from litestar.params import Parameter
+from litestar.params import FromPath, HeaderParameter
 
 from protocol.limits import is_valid_digest
 from switchboard import metrics
@@ -97,7 +97,7 @@ class UploadController(Controller):
     request_max_body_size = None
 
     @head("/{digest:str}", guards=require(Permission.UPLOAD), responses=_responses())
-    async def offset(self, request: Request, digest: str) -> Response[None]:
+    async def offset(self, request: Request, digest: FromPath[str]) -> Response[None]:
         """How many bytes of this upload the switchboard holds for the calling token
         (`Upload-Offset`), and whether the artifact is stored already (`Upload-Stored:
         true`, the offset then being its size). Resume with a PUT from that offset."""
@@ -118,9 +118,9 @@ class UploadController(Controller):
     async def piece(
         self,
         request: Request,
-        digest: str,
+        digest: FromPath[str],
         # Optional here so that its absence is refused like any other bad range (counted).
-        content_range: Annotated[str | None, Parameter(header="Content-Range")] = None,
+        content_range: Annotated[str | None, HeaderParameter(name="Content-Range")] = None,
     ) -> Response[UploadState | UploadRefused]:
         """Append bytes START..END (inclusive) of an upload of TOTAL bytes. START must be
         the bytes held (HEAD says), else 409 with the offset. The piece that completes it
