@@ -184,6 +184,17 @@ def test_deeply_nested_json_body_is_400(switchboard: Switchboard, path: str):
     _no_failure_logged(switchboard)
 
 
+@pytest.mark.parametrize("query", ["start=-1", "end=-1", "attempt=0", "end=x"])
+def test_an_output_range_out_of_bounds_is_400(switchboard: Switchboard, query: str):
+    client = switchboard.client()
+    job_id = client.post("/api/v1/jobs", json={"name": "out", "backend": {"kind": "noop"}}).json()[
+        "id"
+    ]
+    response = client.get(f"/api/v1/jobs/{job_id}/output?{query}")
+    assert response.status_code == 400, (query, response.status_code, response.text)
+    assert query.split("=")[0] in response.text
+
+
 def test_too_many_label_filters_is_400(switchboard: Switchboard):
     client = switchboard.client()
     # 1,100 terms made a query SQLite refuses ("expression tree is too large").

@@ -205,7 +205,7 @@ class OutputController(Controller):
         stream: FromQuery[OutputStream] = "stdout",
         attempt: Attempt = None,
         start: Offset = 0,
-        end: FromQuery[Offset | None] = None,
+        end: Annotated[int | None, QueryParameter(ge=0, le=INT64_MAX)] = None,
     ) -> Stream:
         """Bytes [start, end) of a run's stream as stored so far (the latest run unless
         `attempt` is given), exactly as the program wrote them. Sent as they are read, a
