@@ -450,7 +450,7 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                     "  on PostgreSQL, two replicas",
                     "replicas_sqlite_batch_jobs_per_s",
                 ),
-                Row("floor_pg_wal_flush_ms", "one WAL flush on this disk (pg_test_fsync)"),
+                Row("floor_pg_wal_flush_ms", "one WAL flush on this disk (8 kB + fdatasync)"),
                 Row("floor_pg_round_trip_ms", "one statement's round trip to PostgreSQL"),
                 Row(
                     "replicas_pg1_idle_succeeded_p50_ms",

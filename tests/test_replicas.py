@@ -194,10 +194,14 @@ def _p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-@pytest.mark.parametrize(("extra", "goal_s"), [((), 1.0), (("--no-notify",), 5.0)])
-def test_a_cancel_through_another_replica_arrives(tmp_path, postgres: Cluster, extra, goal_s):
+# Without hints each cancel waits for a sweep (about a second): 20 of them, whose p99 is
+# their longest, keep the test short.
+@pytest.mark.parametrize(("extra", "goal_s", "count"), [((), 1.0, 50), (("--no-notify",), 5.0, 20)])
+def test_a_cancel_through_another_replica_arrives(
+    tmp_path, postgres: Cluster, extra, goal_s, count
+):
     dsn = postgres.new_database(f"replicas_{next(_names)}")
-    latencies = _cancel_latencies(tmp_path, dsn, extra, count=50)
+    latencies = _cancel_latencies(tmp_path, dsn, extra, count=count)
     here, across = _p99(latencies["here"]), _p99(latencies["across"])
     print(f"cancel p99 {extra or 'notify'}: here {here:.3f}s, across {across:.3f}s")
     # The goal, unless the machine is so slow that even a cancel on the socket's own
