@@ -50,7 +50,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httptools
@@ -193,11 +193,19 @@ class _HeadWithBody:
     as one write, or until the end of the loop's turn if no body comes in it (a stream).
     Everything else is the transport's."""
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        close: Callable[[], None] | None = None,
+    ) -> None:
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
         self._first = True
+        #: How the response closes the connection when it says it will (see
+        #: LimitedHttpProtocol._answer_closing); the transport's own close if None.
+        self._close = close or transport.close
 
     def write(self, data: bytes) -> None:
         if self._first:
@@ -218,7 +226,7 @@ class _HeadWithBody:
 
     def close(self) -> None:
         self.flush()
-        self._transport.close()
+        self._close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -345,7 +353,36 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # this request's (not upgraded)
-            cycle.transport = _HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
+            cycle.transport = _HeadWithBody(  # type: ignore[assignment]
+                self.transport, self.loop, self._close_unread
+            )
+            cycle.send = self._answer_closing(cycle, cycle.send)  # type: ignore[method-assign,assignment]
+
+    def _answer_closing(
+        self, cycle: Any, send: Callable[[Any], Awaitable[None]]
+    ) -> Callable[[Any], Awaitable[None]]:
+        """`send` of a request's response, which says `connection: close` when it starts
+        before the request's body has all come (a refusal, surely): the rest of the body
+        is not read, so the connection can't carry another request, and a client that
+        was not told would send its next one on it."""
+
+        async def answer(message: Any) -> None:
+            if message["type"] == "http.response.start" and cycle.more_body:
+                cycle.keep_alive = False  # uvicorn adds the header, and closes after it
+            await send(message)
+
+        return answer
+
+    def _close_unread(self) -> None:
+        """The close a response asked for: lingering, as for a refusal, if its request's
+        body was not all read (the peer may still be sending it: a close at once could
+        reset the connection before the peer read the answer)."""
+        if self.phase is Phase.BODY:
+            self.phase = Phase.REFUSED
+            self._leave()
+            self._close_lingering()
+        else:
+            self.transport.close()
 
     def on_body(self, body: bytes) -> None:
         self._last_body = self.loop.time()

@@ -109,8 +109,9 @@ def test_many_threads_share_requests_and_each_gets_its_own_job(client):
     for thread, result in enumerate(results):
         assert result == [f"t{thread}-{r}" for r in range(rounds)], result
     jobs = threads * rounds
-    # Alone, each job is one request at least (POST ?wait=); together they share.
-    assert len(sent) < jobs / 2, sent
+    # Alone, each job is one request at least (POST ?wait=); together they share: about
+    # 0.4 requests a job on an idle machine, more when a loaded one spreads the calls out.
+    assert len(sent) < jobs * 0.8, sent
     assert any(line == "POST /api/v1/jobs/batch" for line in sent)
     assert any(line == "GET /api/v1/jobs/ended" for line in sent)
 

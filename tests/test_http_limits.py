@@ -438,7 +438,28 @@ def test_a_body_answered_before_it_is_read_is_not_read(capped):
     response = _until_closed(sock, timeout=10)
     sock.close()
     assert _status(response) == 401
+    # It says so: a client that was not told would send its next request on it.
+    assert b"connection: close" in response.split(b"\r\n\r\n", 1)[0].lower()
     assert time.monotonic() - start < scaled(10)  # the timeouts here are a minute
+
+
+def test_a_refusal_before_a_small_body_came_says_the_connection_closes(capped):
+    """The head alone, then (as httpx writes them) the body a moment later: a 403 sent
+    between the two says `connection: close`, and the connection does close, after the
+    answer was read (never a reset, never a next request answered on it)."""
+    viewer = capped.create_token("viewer")
+    sock = _open(capped)
+    sock.sendall(
+        b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {viewer}\r\n".encode()
+        + b"Content-Length: 2\r\n\r\n"
+    )
+    time.sleep(0.3)  # answered meanwhile
+    sock.sendall(b"{}")
+    response = _until_closed(sock, timeout=10)
+    sock.close()
+    assert _status(response) == 403, response
+    assert b"connection: close" in response.split(b"\r\n\r\n", 1)[0].lower()
 
 
 def test_rate_limited_log_says_how_many_lines_it_left_out(caplog):
