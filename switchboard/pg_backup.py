@@ -29,10 +29,11 @@ import asyncpg
 from switchboard import datadir
 from switchboard.backup import BackupDone, copy_artifacts
 from switchboard.store.postgres_migrations import schema_version
+from switchboard.store.postgres_schema import ARTIFACT_CHUNKS, MIGRATIONS
 from switchboard.store.uri import shown_uri
 
 #: The schema version from which artifacts' bytes are in the database.
-ARTIFACT_CHUNKS_VERSION = 15
+ARTIFACT_CHUNKS_VERSION = next(to for to, step in MIGRATIONS if step is ARTIFACT_CHUNKS)
 
 #: The dump's name in the backup's directory.
 DUMP_NAME = "switchboard.pgdump"
