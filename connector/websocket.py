@@ -53,7 +53,7 @@ from protocol.messages import (
     Welcome,
 )
 from protocol.sequencing import EventBacklog
-from protocol.state import Phase
+from protocol.state import Phase, is_terminal
 from protocol.versions import supported_versions
 
 from . import metrics
@@ -70,6 +70,10 @@ log = logging.getLogger("connector.websocket")
 SOFTWARE = "switchboard-supervisor/0.1"
 #: Events held before the first Welcome at most; past that, reporting waits for it.
 MAX_UNNUMBERED = 4096
+#: Seconds a run's progress (a phase that is not its last) waits for company before it
+#: goes out: a short job's phases then travel, and are stored, together with its end
+#: instead of one message and one write each. An event that ends a run goes at once.
+PROGRESS_LINGER_S = 0.002
 #: Seconds a power_result may take to go out before it is given up (the switchboard's
 #: caller then times out).
 POWER_SEND_TIMEOUT_S = 10.0
@@ -118,6 +122,7 @@ class WebSocketConnector(SupervisorConnector):
         self._handshake_timeout = handshake_timeout_s
         self._room = asyncio.Condition()
         self._new_event = asyncio.Event()
+        self._linger: asyncio.TimerHandle | None = None
         self._stopping = asyncio.Event()
         #: Bytes sent on this connection and not yet acknowledged, and the most allowed: the
         #: backlog may hold much more (for a dropped link), but only a window of it travels
@@ -151,6 +156,18 @@ class WebSocketConnector(SupervisorConnector):
             await self._welcomed.wait()
         self.backlog.report(event)
         metrics.BACKLOG_BYTES.set(self.backlog.size_bytes)
+        if isinstance(event, JobStateChanged) and not is_terminal(event.phase):
+            if self._linger is None and not self._new_event.is_set():
+                self._linger = asyncio.get_running_loop().call_later(
+                    PROGRESS_LINGER_S, self._wake_writer
+                )
+        else:
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         self._new_event.set()
 
     async def delivered(self) -> None:

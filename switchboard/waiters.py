@@ -9,8 +9,11 @@ requests waiting. With nobody waiting the loop sleeps and reads nothing.
 
 A request registers before it reads the job, then waits: an ending stored after that read
 is in the change log past the loop's mark, or, if the loop was idle, found by the look at
-every waited-for job the loop takes when it starts watching again. A wake is a hint: the
-request reads the job again and answers with what it finds.
+every waited-for job the loop takes when it starts watching again. A wake carries the
+jobs the pass found ended, each read as GET /api/v1/jobs/{id} shows it in the same read
+as the change log (one read for every request woken, none of its own); a wake without
+its job (deleted, found by the look, shutdown) is a hint: the request reads the job
+again and answers with what it finds.
 
 On shutdown every waiter is woken at once (and later ones do not wait), so each request
 answers with the job's current state before the server closes its connection.
@@ -21,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from protocol.state import TERMINAL
 from switchboard import metrics
 from switchboard.changes import Changes
-from switchboard.models import JobChange, JobFilter
+from switchboard.models import JobChange, JobFilter, JobView
 from switchboard.store.base import Store
 
 log = logging.getLogger("switchboard.waiters")
@@ -42,12 +45,17 @@ LOOKUP_CHUNK = 500
 
 _TERMINAL = sorted(p.value for p in TERMINAL)
 
+#: What a wake carries: the jobs found ended, by id (maybe not all a request waits for,
+#: maybe none).
+Ended = Mapping[str, JobView]
+_NOTHING: Ended = {}
+
 
 class JobWaiters:
     def __init__(self, store: Store, changes: Changes) -> None:
         self.store = store
         self.changes = changes
-        self._waiting: dict[str, set[asyncio.Future[None]]] = {}
+        self._waiting: dict[str, set[asyncio.Future[Ended]]] = {}
         self._count = 0
         #: The last change the loop read; None while it watches nothing.
         self._rev: int | None = None
@@ -60,13 +68,14 @@ class JobWaiters:
         return self._count
 
     @contextlib.contextmanager
-    def registered(self, job_ids: Iterable[str]) -> Iterator[asyncio.Future[None]]:
-        """A future that is done once one of the jobs may have ended, or on shutdown.
-        Register, then read the jobs, then await it (bounded by the request's wait)."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def registered(self, job_ids: Iterable[str]) -> Iterator[asyncio.Future[Ended]]:
+        """A future that is done once one of the jobs may have ended (with those found
+        ended, see `Ended`), or on shutdown. Register, then read the jobs, then await it
+        (bounded by the request's wait)."""
+        future: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
         ids = list(dict.fromkeys(job_ids))
         if self.closed:
-            future.set_result(None)
+            future.set_result(_NOTHING)
         for job_id in ids:
             self._waiting.setdefault(job_id, set()).add(future)
         self._count += 1
@@ -84,11 +93,13 @@ class JobWaiters:
                     if not futures:
                         del self._waiting[job_id]
 
-    async def wait(self, future: asyncio.Future[None], timeout_s: float) -> None:
-        """Until `future` is done or `timeout_s` passed (one timer, no task); the future
-        is left as it is, so it may be waited for again."""
+    async def wait(self, future: asyncio.Future[Ended], timeout_s: float) -> Ended:
+        """Until `future` is done or `timeout_s` passed (one timer, no task): the jobs
+        the wake carried (none if it timed out). The future is left as it is, so it may
+        be waited for again."""
         if timeout_s > 0 and not future.done():
             await asyncio.wait([future], timeout=timeout_s)
+        return future.result() if future.done() else _NOTHING
 
     def close(self) -> None:
         """The server is stopping: every waiter answers now, later ones at once."""
@@ -96,13 +107,15 @@ class JobWaiters:
         for futures in self._waiting.values():
             for future in futures:
                 if not future.done():
-                    future.set_result(None)
+                    future.set_result(_NOTHING)
 
-    def _wake(self, job_ids: Iterable[str]) -> None:
+    def _wake(self, job_ids: Iterable[str], ended: Ended = _NOTHING) -> None:
+        """Wake the requests waiting for any of the jobs; each gets `ended` (those of
+        them it waits for are what it answers with)."""
         for job_id in job_ids:
             for future in self._waiting.get(job_id, ()):
                 if not future.done():
-                    future.set_result(None)
+                    future.set_result(ended)
 
     async def run(self) -> None:
         seen = self.changes.count
@@ -142,7 +155,9 @@ class JobWaiters:
             if not changes:
                 return
             # A deleted job's request answers 404 (or leaves it out of a list).
-            self._wake({c.job_id for c in changes if c.deleted} | set(ended))
+            by_id = {job.id: job for job in ended}
+            self._wake(by_id, by_id)
+            self._wake({c.job_id for c in changes if c.deleted})
             rev = changes[-1].rev
             # Waiters that came during the read, for jobs among the changes: looked up now.
             candidates = list(
@@ -151,6 +166,6 @@ class JobWaiters:
         for start in range(0, len(candidates), LOOKUP_CHUNK):
             chunk = candidates[start : start + LOOKUP_CHUNK]
             where = JobFilter(phases=_TERMINAL, ids=chunk, limit=len(chunk))
-            found = await self.store.list_jobs(where)
-            self._wake(summary.id for _, summary in found)
+            listed = await self.store.list_jobs(where)
+            self._wake(summary.id for _, summary in listed)
         self._rev = rev

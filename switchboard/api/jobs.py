@@ -49,7 +49,7 @@ from switchboard.store.errors import (
     QueueFull,
     QueueQuotaFull,
 )
-from switchboard.waiters import MAX_WAIT_IDS
+from switchboard.waiters import MAX_WAIT_IDS, Ended
 
 log = logging.getLogger("switchboard.api")
 
@@ -121,7 +121,7 @@ async def _ended_or_404(state: AppState, job_ids: list[str]) -> list[JobView]:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         log.info("refused a wait for jobs: no job %s%s", named, more)
         raise ApiError(404, "not_found", f"ids: no job {named}{more}", "ids")
-    return [msgspec.structs.replace(job, spec=redacted(job.spec)) for job in ended]
+    return [_shown(job) for job in ended]
 
 
 async def _until_ended(state: AppState, job_id: str, wait_s: float) -> JobView:
@@ -135,7 +135,9 @@ async def _until_ended(state: AppState, job_id: str, wait_s: float) -> JobView:
         job = await _shown_or_404(state, job_id)
         if job.phase in TERMINAL:
             return job
-        await state.waiters.wait(woken, deadline - time.monotonic())
+        ended = await state.waiters.wait(woken, deadline - time.monotonic())
+    if job_id in ended:  # read by the wake, with the change that ended it
+        return _shown(ended[job_id])
     return await _shown_or_404(state, job_id)
 
 
@@ -145,6 +147,11 @@ async def _shown_or_404(state: AppState, job_id: str) -> JobView:
     job = await state.store.get_job_detail(job_id)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
+    return _shown(job)
+
+
+def _shown(job: JobView) -> JobView:
+    """The job as the API shows it: secret parameter values replaced."""
     return msgspec.structs.replace(job, spec=redacted(job.spec))
 
 
@@ -372,10 +379,13 @@ class JobController(Controller):
         # see (so the job need not be read before the wait, as a GET's must).
         job_id = new_job_id()
         deadline = time.monotonic() + wait_s
+        ended: Ended = {}
         with state.waiters.registered([job_id]) as woken:
             (made,) = await _queue(state, [data], request, ids=[job_id])
             if made.phase not in _TERMINAL:
-                await state.waiters.wait(woken, deadline - time.monotonic())
+                ended = await state.waiters.wait(woken, deadline - time.monotonic())
+        if job_id in ended:  # read by the wake, with the change that ended it
+            return JobCreated(made.id, made.phase, made.reason, _shown(ended[job_id]))
         try:
             job: JobView | None = await _shown_or_404(state, made.id)
         except ApiError:  # deleted while it was waited for (it had ended): no job to show
@@ -495,7 +505,10 @@ class JobController(Controller):
                 ended = await _ended_or_404(state, job_ids)
                 if ended or time.monotonic() >= deadline or state.waiters.closed:
                     return ended
-                await state.waiters.wait(woken, deadline - time.monotonic())
+                found = await state.waiters.wait(woken, deadline - time.monotonic())
+            # Those the wake read ended (with the change that ended them); else read again.
+            if ended := [_shown(found[i]) for i in dict.fromkeys(job_ids) if i in found]:
+                return ended
 
     @get("/{job_id:str}", guards=require(Permission.VIEW), responses=error_responses(404))
     async def show(

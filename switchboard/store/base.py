@@ -69,7 +69,6 @@ from switchboard.scheduler import LabDevice, ReservationWanted
 
 #: Jobs looked up per query by ended_among_changes.
 LOOKUP_CHUNK = 500
-_TERMINAL = sorted(p.value for p in TERMINAL)
 
 
 class Store(abc.ABC):
@@ -468,17 +467,17 @@ class Store(abc.ABC):
         after_rev: int,
         limit: int,
         among: Callable[[list[JobChange]], list[str]],
-    ) -> tuple[list[JobChange], list[str]]:
+    ) -> tuple[list[JobChange], list[JobView]]:
         """The changes job_changes returns, and of the jobs `among` names from them (a
         pure function, called once with the changes, if there are any), those in a
-        terminal phase now. A store may answer both in one read."""
+        terminal phase now, each as get_job_detail shows it. A store may answer both in
+        one read."""
         changes = await self.job_changes(after_rev, limit)
         ids = among(changes) if changes else []
         ended = []
         for start in range(0, len(ids), LOOKUP_CHUNK):
             chunk = ids[start : start + LOOKUP_CHUNK]
-            where = JobFilter(phases=_TERMINAL, ids=chunk, limit=len(chunk))
-            ended += [summary.id for _, summary in await self.list_jobs(where)]
+            ended += (await self.ended_job_details(chunk))[0]
         return changes, ended
 
     @abc.abstractmethod

@@ -69,7 +69,7 @@ from switchboard.models import (
 )
 from switchboard.sealing import Keyring
 from switchboard.store import sqlite_artifacts as artifacts
-from switchboard.store import sqlite_chains, sqlite_groups, sqlite_jobs
+from switchboard.store import sqlite_chains, sqlite_details, sqlite_groups, sqlite_jobs
 from switchboard.store import sqlite_devices as lab
 from switchboard.store import sqlite_files as files
 from switchboard.store import sqlite_output as output
@@ -302,9 +302,9 @@ class SQLiteStore(Store):
     async def ended_job_details(self, job_ids: list[str]) -> tuple[list[JobView], list[str]]:
         def read(conn: sqlite3.Connection) -> tuple[list[JobView], list[str]]:
             phases = sqlite_jobs.phases_of(conn, job_ids)
-            ended = [_job_detail(conn, i) for i, p in phases.items() if p in TERMINAL_PHASES]
+            ended = [i for i, p in phases.items() if p in TERMINAL_PHASES]
             missing = [job_id for job_id in job_ids if job_id not in phases]
-            return [job for job in ended if job is not None], missing
+            return list(sqlite_details.job_details(conn, ended).values()), missing
 
         return await self._read(read)  # one hop to the read pool
 
@@ -771,11 +771,12 @@ class SQLiteStore(Store):
         after_rev: int,
         limit: int,
         among: Callable[[list[JobChange]], list[str]],
-    ) -> tuple[list[JobChange], list[str]]:
-        def read(conn: sqlite3.Connection) -> tuple[list[JobChange], list[str]]:
+    ) -> tuple[list[JobChange], list[JobView]]:
+        def read(conn: sqlite3.Connection) -> tuple[list[JobChange], list[JobView]]:
             changes = views.job_changes(conn, after_rev, limit)
             ids = among(changes) if changes else []
-            return changes, sqlite_jobs.ended_among(conn, ids) if ids else []
+            ended = sqlite_details.job_details(conn, ids, ended_only=True) if ids else {}
+            return changes, list(ended.values())
 
         return await self._read(read)  # one hop to the read pool
 
@@ -791,8 +792,4 @@ class SQLiteStore(Store):
 
 def _job_detail(conn: sqlite3.Connection, job_id: str) -> JobView | None:
     """The job with its test and file counts, as GET /api/v1/jobs/{id} shows it."""
-    job = sqlite_jobs.load_job(conn, job_id)
-    if job is None:
-        return None
-    job_tests, job_files = tests.test_summary(conn, job_id), files.files_summary(conn, job_id)
-    return msgspec.structs.replace(job, tests=job_tests, files=job_files)
+    return sqlite_details.job_details(conn, [job_id]).get(job_id)

@@ -223,8 +223,11 @@ def run_file(
 def files_summary(conn: sqlite3.Connection, job_id: str) -> FilesSummary | None:
     """The job's latest run with files, counted (None: no run has any)."""
     attempt = _latest_attempt(conn, job_id)
-    if attempt is None:
-        return None
+    return None if attempt is None else counted(conn, job_id, attempt)
+
+
+def counted(conn: sqlite3.Connection, job_id: str, attempt: int) -> FilesSummary:
+    """Run `attempt`'s files: kept (how many, bytes) and refused."""
     count, size = conn.execute(
         "SELECT count(*), coalesce(sum(size), 0) FROM run_files WHERE job_id = ? AND attempt = ?",
         (job_id, attempt),

@@ -301,22 +301,6 @@ def expire_queued(conn: sqlite3.Connection, now: float) -> list[str]:
     return jobs
 
 
-def ended_among(conn: sqlite3.Connection, job_ids: list[str]) -> list[str]:
-    """Those of the jobs that are in a terminal phase."""
-    ended: list[str] = []
-    for start in range(0, len(job_ids), 500):  # (bounded: SQLite's variables per statement)
-        chunk = job_ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        ended += [
-            row[0]
-            for row in conn.execute(
-                f"SELECT id FROM jobs WHERE id IN ({marks}) AND phase IN ({TERMINAL_SQL})",
-                (*chunk, *TERMINAL_PHASES),
-            )
-        ]
-    return ended
-
-
 def phases_of(conn: sqlite3.Connection, job_ids: list[str]) -> dict[str, str]:
     """The phase of each of the jobs that exists (at most 500: SQLite's variables)."""
     marks = ",".join("?" * len(job_ids))
