@@ -16,19 +16,21 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 from litestar import WebSocket
 
 from protocol.connection import Goodbye
 from protocol.messages import RunRef
 from switchboard.config import Settings
-from switchboard.wsprotocol import ABORT_EXTENSION
+from switchboard.wsprotocol import ABORT_EXTENSION, SEND_TEXTS_EXTENSION
 
 log = logging.getLogger("switchboard.outbox")
 
 #: How the outbox asks its connection to end (reason: one of metrics.CUT_REASONS, detail).
 Cut = Callable[[str, str], None]
+#: Bytes of queued messages sent in one write, about (a larger message goes alone).
+WRITE_BYTES = 256 * 1024
 
 
 class Outbox:
@@ -138,23 +140,32 @@ class Outbox:
             self._writing.add(self)
 
     async def _write(self) -> None:
-        """Send the outbox, oldest first, until it is empty. Only the socket's send may
-        wait (uvicorn's waits while the transport's buffer is full): `_send_since` tells
-        the deadline watch how long it has."""
+        """Send the outbox, oldest first, until it is empty: the messages queued by then
+        in one write (up to WRITE_BYTES), the close handshake alone. Only the socket's send
+        may wait (uvicorn's waits while the transport's buffer is full): `_send_since`
+        tells the deadline watch how long it has."""
         items = self._items
+        send_texts = self.socket.scope.get("extensions", {}).get(SEND_TEXTS_EXTENSION)
         try:
             while items:
-                item = items[0]
-                if isinstance(item, bytes):
-                    message: Any = {"type": "websocket.send", "text": item.decode()}
-                else:
-                    message = item  # the close handshake
+                taken = _leading_texts(items) if send_texts is not None else 0
                 self._send_since = time.monotonic()
-                await self.socket.send(message)
+                if taken:
+                    texts = cast(list[bytes], items[:taken])
+                    await send_texts(texts)
+                    del items[:taken]
+                    self._bytes -= sum(map(len, texts))
+                else:
+                    item = items[0]
+                    if isinstance(item, bytes):
+                        message: Any = {"type": "websocket.send", "text": item.decode()}
+                    else:
+                        message = item  # the close handshake
+                    await self.socket.send(message)
+                    del items[0]
+                    if isinstance(item, bytes):
+                        self._bytes -= len(item)
                 self._send_since = None
-                del items[0]
-                if isinstance(item, bytes):
-                    self._bytes -= len(item)
                 if self._starts:
                     self._move_starts()
         except Exception as exc:  # the connection is gone: nothing more can be sent
@@ -212,6 +223,17 @@ class Outbox:
         finally:
             if self._writer is not None:
                 self.abort()
+
+
+def _leading_texts(items: list[bytes | dict[str, Any]]) -> int:
+    """How many of the first items are encoded messages that go in one write: all up to
+    the first that is not one (the close handshake), at least one, about WRITE_BYTES."""
+    size = 0
+    for count, item in enumerate(items):
+        if not isinstance(item, bytes) or (count and size + len(item) > WRITE_BYTES):
+            return count
+        size += len(item)
+    return len(items)
 
 
 def abort(socket: WebSocket) -> bool:

@@ -8,7 +8,10 @@ which also waits for the buffer to drain. A peer that stops reading (a frozen pr
 paused VM) therefore holds both forever. This protocol offers the application one more
 operation in the ASGI scope, `scope["extensions"][ABORT_EXTENSION]()`: abort the transport
 (drop what is buffered, RST), after which the connection ends as if the peer had gone
-(`websocket.disconnect`, and any send blocked on the buffer fails). It also turns the
+(`websocket.disconnect`, and any send blocked on the buffer fails); and one more,
+`scope["extensions"][SEND_TEXTS_EXTENSION](texts)`: send several text messages, already
+UTF-8, in one write to the socket (through ASGI each message is decoded to str, encoded
+again and written alone: a syscall each, and a wake of the peer each). It also turns the
 closing handshake's own timer into an abort, so a close the peer never answers or never
 reads does not leave the socket open.
 
@@ -28,8 +31,10 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from uvicorn.config import Config
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
+from websockets.exceptions import InvalidState
 from websockets.server import ServerProtocol
 
 from protocol import frames
@@ -37,6 +42,10 @@ from protocol.exceptions import CloseCode
 
 #: The scope extension holding the connection's abort (a callable taking no argument).
 ABORT_EXTENSION = "switchboard.abort"
+#: The scope extension sending text messages in one write (an async callable taking a
+#: list of UTF-8 bytes; it waits, as an ASGI send does, while the transport's buffer is
+#: full, and raises uvicorn's ClientDisconnected once the connection is gone).
+SEND_TEXTS_EXTENSION = "switchboard.send_texts"
 #: Set (True) in the `websocket.disconnect` of a connection this layer closed because of
 #: what the peer sent; its `code` and `reason` say why, as the peer was told.
 REFUSED = "switchboard.refused"
@@ -80,6 +89,26 @@ class AbortableWebSocketProtocol(WebSocketsSansIOProtocol):
         scope = getattr(self, "scope", None)
         if scope is not None:  # upgraded: the application's task has not run yet
             scope["extensions"][ABORT_EXTENSION] = self.abort
+            scope["extensions"][SEND_TEXTS_EXTENSION] = self.send_texts
+
+    async def send_texts(self, texts: list[bytes]) -> None:
+        """Send text messages (UTF-8, checked by whoever encoded them) in one write, as
+        uvicorn's send sends one: after the transport's buffer has drained, never once
+        the close was sent."""
+        await self.writable.wait()
+        if (
+            self.disconnected
+            or self.close_sent
+            or not self.handshake_complete
+            or self.initial_response is not None
+        ):
+            raise ClientDisconnected()
+        try:
+            for text in texts:
+                self.conn.send_text(text)
+        except InvalidState:
+            raise ClientDisconnected() from None
+        self.transport.write(b"".join(self.conn.data_to_send()))
 
     def abort(self) -> None:
         """Drop the connection now, with whatever is still buffered for the peer."""
