@@ -227,3 +227,78 @@ async def test_only_a_window_of_the_backlog_travels_unacknowledged(tmp_path):
         connector.stop()
         await asyncio.wait_for(running, 10)
         server.close()
+
+
+async def _recording_switchboard(received: list[tuple[float, object]]):
+    """A switchboard that welcomes, records each event with when it came, and acks it."""
+    import websockets
+
+    from protocol import limits
+    from protocol.messages import Welcome
+
+    async def record(ws) -> None:
+        await ws.recv()
+        await ws.send(codec.encode(Welcome(version="1.0", session=1, last_seq=0)), text=True)
+        async for raw in ws:
+            message = codec.decode_from_supervisor(raw)
+            received.append((asyncio.get_running_loop().time(), message))
+            if message.seq:
+                await ws.send(codec.encode(Ack(seq=message.seq)), text=True)
+
+    return await websockets.serve(
+        record, "127.0.0.1", 0, subprotocols=[websockets.Subprotocol(limits.SUBPROTOCOL)]
+    )
+
+
+@pytest.mark.unit
+async def test_a_runs_progress_goes_out_with_its_end_or_after_the_linger(tmp_path, monkeypatch):
+    """A phase that is not a run's last waits (at most PROGRESS_LINGER_S) for company: a
+    short run's progress travels with its end, which goes at once; progress alone still
+    goes, once the linger is over."""
+    from connector import websocket as connector_module
+    from protocol.messages import JobExit
+
+    linger_s = 0.3  # long enough that the yields below never outlast it
+    monkeypatch.setattr(connector_module, "PROGRESS_LINGER_S", linger_s)
+    received: list[tuple[float, object]] = []
+    server = await _recording_switchboard(received)
+    port = server.sockets[0].getsockname()[1]
+    supervisor = BackendSupervisor(NoopBackend(), work_dir=tmp_path)
+    connector = WebSocketConnector(
+        supervisor, f"ws://127.0.0.1:{port}/ws/supervisor", "sbt_x", supervisor_id="lingering"
+    )
+    loop = asyncio.get_running_loop()
+    running = asyncio.create_task(connector.run())
+    try:
+        await asyncio.wait_for(connector.connected.wait(), 10)
+        run = RunRef("short", 1)
+        await connector.update_job_state(run, Phase.INITIALIZING, stage="accepted")
+        await connector.update_job_state(run, Phase.RUNNING)
+        for _ in range(20):  # the writer gets its turns: without the linger, it would send
+            await asyncio.sleep(0)
+        assert received == []
+        ended_at = loop.time()
+        await connector.report_exit(run, exit_code=0)
+        await connector.update_job_state(run, Phase.SUCCEEDED)
+        await asyncio.wait_for(connector.delivered(), 10)
+        assert [type(m).__name__ for _, m in received] == [
+            "JobStateChanged",
+            "JobStateChanged",
+            "JobExit",
+            "JobStateChanged",
+        ]
+        assert isinstance(received[2][1], JobExit)
+        # All came with the end, well before the linger would have let the first go.
+        assert all(at - ended_at < linger_s for at, _ in received)
+
+        received.clear()
+        alone_at = loop.time()
+        await connector.update_job_state(RunRef("long", 1), Phase.RUNNING)
+        await asyncio.wait_for(connector.delivered(), 10)
+        [(arrived, message)] = received
+        assert isinstance(message, JobStateChanged) and message.phase == Phase.RUNNING
+        assert arrived - alone_at >= linger_s * 0.9  # held for company, then sent alone
+    finally:
+        connector.stop()
+        await asyncio.wait_for(running, 10)
+        server.close()

@@ -21,7 +21,16 @@ import msgspec
 import pytest
 
 from protocol.exceptions import JobErrorKind
-from protocol.messages import Hello, JobErrorReport, JobExit, JobStateChanged, Output, RunRef
+from protocol.messages import (
+    Hello,
+    JobErrorReport,
+    JobExit,
+    JobFiles,
+    JobStateChanged,
+    Output,
+    RefusedFile,
+    RunRef,
+)
 from protocol.spec import (
     Backoff,
     Concurrency,
@@ -488,6 +497,53 @@ async def test_the_summary_is_of_the_latest_run_with_a_report(store):
     assert [c.name for c in (await store.test_cases("j1")).items] == ["a", "b"]
     older = await store.test_cases("j1", attempt=1)
     assert older.attempt == 1 and [(c.name, c.result) for c in older.items] == [("a", "failed")]
+
+
+async def test_jobs_read_together_are_each_as_read_alone(store):
+    """Many jobs read at once (the ended among some, the ended among the changes: what
+    waits answer with) are each what get_job_detail shows: runs, phase history, test and
+    file counts. A job still running is left out; one that does not exist is named."""
+    policy = RestartPolicy(
+        policy="on_failure", max_restarts=1, backoff=Backoff(first_s=0, jitter="none")
+    )
+    mark = await store.latest_job_change()
+    await _running(store, spec=JobSpec(name="r", backend=NoopBackend(), restart=policy))
+    await store.add_test_cases("j1", 1, "r.xml", [_case("a", "failed")])
+    await store.apply_events("s1", [state(2, Phase.FAILED)])
+    await store.assign([("j1", "s1")])
+    await store.apply_events("s1", [state(3, Phase.RUNNING, attempt=2)])
+    await store.add_test_cases("j1", 2, "r.xml", [_case("a"), _case("b", "skipped")])
+    await store.apply_events(
+        "s1",
+        [
+            JobFiles(
+                seq=4,
+                job_id="j1",
+                attempt=2,
+                refused=[RefusedFile(path="core", reason="too big")],
+                refused_unlisted=2,
+            ),
+            JobExit(seq=5, job_id="j1", attempt=2, exit_code=0),
+            state(6, Phase.SUCCEEDED, attempt=2),
+        ],
+    )
+    for job_id in ("j2", "j3"):
+        await store.create_job(job_id, SPEC)
+        await store.assign([(job_id, "s1")])
+    await store.apply_events("s1", [state(7, Phase.FAILED, "j2"), state(8, Phase.RUNNING, "j3")])
+
+    alone = {job_id: await store.get_job_detail(job_id) for job_id in ("j1", "j2")}
+    assert alone["j1"].tests == TestCounts(passed=1, skipped=1, total=2)
+    assert alone["j1"].files is not None and alone["j1"].files.refused == 3
+    assert [len(run.phases) for run in alone["j1"].runs] == [3, 3]
+    ended, missing = await store.ended_job_details(["j3", "j2", "nope", "j1"])
+    assert {job.id: job for job in ended} == alone
+    assert missing == ["nope"]
+    changes, among = await store.ended_among_changes(
+        mark, 1000, lambda changes: sorted({c.job_id for c in changes})
+    )
+    assert {c.job_id for c in changes} == {"j1", "j2", "j3"}
+    assert {job.id: job for job in among} == alone
 
 
 async def test_deleting_a_job_deletes_its_test_cases(store):
