@@ -194,6 +194,8 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
     artifact_blobs = make_blobs(store, settings)
     reports = ReportQueue(store, artifact_blobs)
     hub.on_reports(reports.submit)
+    waiters = JobWaiters(store, changes)
+    hub.on_endings(waiters.is_waited, waiters.found_ended)
     state = AppState(
         settings=settings,
         store=store,
@@ -202,7 +204,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Litestar:
         artifacts=artifact_blobs,
         live=LiveFeed(store, hub, changes),
         changes=changes,
-        waiters=JobWaiters(store, changes),
+        waiters=waiters,
     )
 
     leadership = Leadership(

@@ -35,7 +35,7 @@ from switchboard import handshake, metrics
 from switchboard.coalesce import CoalescedRead
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
-from switchboard.models import Assignment, PendingReport
+from switchboard.models import Assignment, JobView, PendingReport
 from switchboard.outbox import Outbox
 from switchboard.relay import CommandRelay
 from switchboard.scheduler import files_asked
@@ -59,6 +59,10 @@ class Hub:
         self.writing: set[Outbox] = set()
         self._capacity_listener: CapacityListener = lambda: None
         self._report_listener: ReportListener = lambda reports: None
+        #: Whether someone waits for a job (called from the store's writer thread), and
+        #: who hears of the jobs a batch of events ended that someone waits for.
+        self._waited: Callable[[str], bool] = lambda job_id: False
+        self._endings_listener: Callable[[list[JobView]], None] = lambda jobs: None
         #: Refusals anyone who reaches the port can cause, one per attempt: logged once
         #: per interval (the metric counts each).
         self._refusals_log = RateLimitedLog(log)
@@ -117,6 +121,20 @@ class Hub:
     async def stored_run_refs(self, supervisor_id: str) -> set[RunRef]:
         """The runs the store believes `supervisor_id` holds (identities only)."""
         return await self._stored_runs.get(supervisor_id)
+
+    def on_endings(
+        self, waited: Callable[[str], bool], listener: Callable[[list[JobView]], None]
+    ) -> None:
+        """Who waits for jobs to end (switchboard.waiters): asked while events are stored,
+        told of the waited-for jobs they ended."""
+        self._waited = waited
+        self._endings_listener = listener
+
+    def waited(self, job_id: str) -> bool:
+        return self._waited(job_id)
+
+    def jobs_ended(self, jobs: list[JobView]) -> None:
+        self._endings_listener(jobs)
 
     def wake_dispatcher(self) -> None:
         self._capacity_listener()

@@ -625,6 +625,10 @@ class EventsApplied(msgspec.Struct, frozen=True):
     problems: list[EventProblem] = []
     #: Test reports among the output files kept by this batch, to parse.
     reports: list[PendingReport] = []
+    #: Jobs someone waits for (apply_events' `waited`) that this batch ended, each as
+    #: GET /api/v1/jobs/{id} shows it (a store may leave this empty: the waiters' pass
+    #: over the change log finds them too).
+    ended_jobs: list[JobView] = []
 
 
 class CancelResult(msgspec.Struct, frozen=True):

@@ -56,7 +56,7 @@ from protocol.versions import CONSOLE_MINOR, minor_of
 from switchboard import metrics, wsprotocol
 from switchboard.config import Settings
 from switchboard.lograte import RateLimitedLog
-from switchboard.models import ActiveRun, EventsApplied, PendingReport
+from switchboard.models import ActiveRun, EventsApplied, JobView, PendingReport
 from switchboard.outbox import Outbox
 from switchboard.reconcile import Action, Decision, drift, reconcile
 from switchboard.store import fencing
@@ -99,6 +99,10 @@ class Fleet(Protocol):
     writing: set[Outbox]
 
     def is_current(self, connection: SupervisorConnection) -> bool: ...
+
+    def waited(self, job_id: str) -> bool: ...
+
+    def jobs_ended(self, jobs: list[JobView]) -> None: ...
 
     def wake_dispatcher(self) -> None: ...
 
@@ -571,7 +575,9 @@ class SupervisorConnection:
 
     def _hand_to_store(self, batch: list[Event]) -> _Write:
         fresh, after = self.protocol.hand_over(batch)
-        result = self.fleet.store.apply_events(self.id, batch, after_seq=after)
+        result = self.fleet.store.apply_events(
+            self.id, batch, after_seq=after, waited=self.fleet.waited
+        )
         return _Write(batch, fresh, result, time.perf_counter())
 
     async def _acknowledge(self, write: _Write, result: EventsApplied) -> None:
@@ -596,6 +602,8 @@ class SupervisorConnection:
             self.stop(StopJob(job_id=key.job_id, attempt=key.attempt, reason="unwanted"))
         if result.reports:
             self.fleet.reports_stored(result.reports)
+        if result.ended_jobs:
+            self.fleet.jobs_ended(result.ended_jobs)
         if result.ended:
             self.fleet.wake_dispatcher()
         if self.protocol.reconcile_due():

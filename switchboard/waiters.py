@@ -109,6 +109,17 @@ class JobWaiters:
                 if not future.done():
                     future.set_result(_NOTHING)
 
+    def is_waited(self, job_id: str) -> bool:
+        """Whether a request waits for the job (a dict lookup: safe from the store's
+        writer thread, which asks while it stores events)."""
+        return job_id in self._waiting
+
+    def found_ended(self, jobs: list[JobView]) -> None:
+        """Jobs that a write just stored as ended, read by it: their waiters answer with
+        them now (the pass over the change log that follows finds them answered)."""
+        by_id = {job.id: job for job in jobs}
+        self._wake(by_id, by_id)
+
     def _wake(self, job_ids: Iterable[str], ended: Ended = _NOTHING) -> None:
         """Wake the requests waiting for any of the jobs; each gets `ended` (those of
         them it waits for are what it answers with)."""

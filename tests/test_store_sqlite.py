@@ -44,6 +44,38 @@ async def test_lifecycle_and_phases_in_order(store):
     assert await store.read_output("j1", 1, "stdout", 3, 8) == b"lo wo"
 
 
+async def test_a_batch_reads_the_waited_for_jobs_it_ended(store):
+    """The jobs someone waits for that a batch ended come back with it, as GET
+    /api/v1/jobs/{id} shows them (their waiters answer with these); a job nobody waits
+    for, or one a batch did not end, does not."""
+    for job_id in ("j1", "j2", "j3"):
+        await store.create_job(job_id, SPEC)
+    await store.supervisor_connected(HELLO)
+    await store.assign([("j1", "s1"), ("j2", "s1"), ("j3", "s1")])
+    asked: list[str] = []
+
+    def waited(job_id: str) -> bool:
+        asked.append(job_id)
+        return job_id in ("j1", "j3")
+
+    result = await store.apply_events(
+        "s1",
+        [
+            state(1, Phase.RUNNING, "j1"),
+            JobExit(seq=2, job_id="j1", attempt=1, exit_code=3),
+            state(3, Phase.FAILED, "j1"),
+            state(4, Phase.SUCCEEDED, "j2"),
+            state(5, Phase.RUNNING, "j3"),
+        ],
+        waited=waited,
+    )
+    assert sorted(asked) == ["j1", "j2"]  # those it ended
+    [ended] = result.ended_jobs
+    assert ended == await store.get_job_detail("j1")
+    assert ended.phase == Phase.FAILED and ended.exit_code == 3
+    assert (await store.apply_events("s1", [state(6, Phase.SUCCEEDED, "j3")])).ended_jobs == []
+
+
 async def test_resent_events_are_applied_once(store):
     await assigned_job(store)
     batch = [state(1, Phase.RUNNING), out(2, 0, b"abc")]

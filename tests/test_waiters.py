@@ -41,9 +41,26 @@ async def test_an_ending_wakes_its_waiter_and_nothing_else_does(store, waiters):
         await waiters.wait(woken, 0.3)
         assert not woken.done()
         await store.request_cancel("a")
-        await waiters.wait(woken, 5)
+        ended = await waiters.wait(woken, 5)
         assert woken.done()
     assert waiters.count == 0
+    # The wake carries the job as it ended (read with the change log): no read of its own.
+    assert ended["a"] == await store.get_job_detail("a")
+    assert ended["a"].phase == "canceled"
+
+
+async def test_endings_a_write_read_wake_their_waiters_with_them(store, waiters):
+    await store.create_job("a", SPEC)
+    await store.create_job("b", SPEC)
+    assert not waiters.is_waited("a")
+    with waiters.registered(["a"]) as woken:
+        assert waiters.is_waited("a") and not waiters.is_waited("b")
+        # As a batch of events that ended it hands it over (no write here: the pass over
+        # the change log has nothing to wake it for).
+        job = await store.get_job_detail("a")
+        waiters.found_ended([job])
+        assert woken.done() and woken.result() == {"a": job}
+    assert not waiters.is_waited("a")
 
 
 async def test_an_ending_stored_before_the_watch_started_is_found(store, waiters):

@@ -669,14 +669,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def apply_events(
-        self, supervisor_id: str, events: Sequence[SupervisorEvent], after_seq: int = 0
+        self,
+        supervisor_id: str,
+        events: Sequence[SupervisorEvent],
+        after_seq: int = 0,
+        waited: Callable[[str], bool] | None = None,
     ) -> Awaitable[EventsApplied]:
         """Store a batch of a supervisor's events in one transaction, skipping those
         already stored (seq at or below the stored seq). The batch is handed over when
         this is called, not when it is awaited: batches are stored in the order of the
         calls. `after_seq`: the highest seq of the batches handed over before this one;
         if they are not all stored (one failed), this one is refused too
-        (BatchOutOfOrder), so no event is ever skipped."""
+        (BatchOutOfOrder), so no event is ever skipped. `waited`: whether someone waits
+        for a job (safe to call from any thread); the jobs it names that the batch ended
+        may come back in `ended_jobs`, read in the same transaction."""
 
     @abc.abstractmethod
     async def end_run(self, key: RunRef, phase: str, message: str) -> bool:

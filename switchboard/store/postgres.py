@@ -541,8 +541,13 @@ class PostgresStore(Store):
         )
 
     def apply_events(
-        self, supervisor_id: str, events: Sequence[SupervisorEvent], after_seq: int = 0
+        self,
+        supervisor_id: str,
+        events: Sequence[SupervisorEvent],
+        after_seq: int = 0,
+        waited: Callable[[str], bool] | None = None,
     ) -> asyncio.Task[EventsApplied]:
+        # (`waited` is not used: the waiters' pass over the change log finds the endings.)
         # Started now: the task takes the supervisor's lock before anything else, and the
         # lock wakes waiters in order, so batches are stored in the order handed over.
         lock = self._batches.setdefault(supervisor_id, asyncio.Lock())

@@ -398,7 +398,11 @@ class SQLiteStore(Store):
         )
 
     def apply_events(
-        self, supervisor_id: str, events: Sequence[SupervisorEvent], after_seq: int = 0
+        self,
+        supervisor_id: str,
+        events: Sequence[SupervisorEvent],
+        after_seq: int = 0,
+        waited: Callable[[str], bool] | None = None,
     ) -> asyncio.Future[EventsApplied]:
         def write(conn: sqlite3.Connection) -> EventsApplied:
             (stored,) = conn.execute(
@@ -418,7 +422,18 @@ class SQLiteStore(Store):
                 "UPDATE supervisors SET last_seq = ?, last_seen = ? WHERE id = ?",
                 (stored, time.time(), supervisor_id),
             )
-            return EventsApplied(stored, batch.ended, batch.unwanted, batch.problems, batch.reports)
+            # The waited-for jobs it ended, read now: their waiters answer with these,
+            # without a read of their own once this commits.
+            ids = [r.job_id for r in batch.ended if waited is not None and waited(r.job_id)]
+            ended = sqlite_details.job_details(conn, ids, ended_only=True) if ids else {}
+            return EventsApplied(
+                stored,
+                batch.ended,
+                batch.unwanted,
+                batch.problems,
+                batch.reports,
+                list(ended.values()),
+            )
 
         return self._engine.write(write)
 
