@@ -74,9 +74,41 @@ MAX_UNNUMBERED = 4096
 #: goes out: a short job's phases then travel, and are stored, together with its end
 #: instead of one message and one write each. An event that ends a run goes at once.
 PROGRESS_LINGER_S = 0.002
+#: Bytes of frames written at once, about (a larger frame goes alone).
+WRITE_BYTES = 256 * 1024
 #: Seconds a power_result may take to go out before it is given up (the switchboard's
 #: caller then times out).
 POWER_SEND_TIMEOUT_S = 10.0
+
+
+class _Write:
+    """Frames going out in one write to the socket, and the events among them."""
+
+    __slots__ = ("frames", "seqs", "size")
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.seqs: list[int] = []
+        self.size = 0
+
+    def add(self, seq: int | None, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.size += len(frame)
+        if seq is not None:
+            self.seqs.append(seq)
+
+    async def send(self, ws: ClientConnection, connection: Connection) -> None:
+        """Write the frames (text messages, in order) at once, then mark their events sent."""
+        if not self.frames:
+            return
+        async with ws.send_context():
+            for frame in self.frames:
+                ws.protocol.send_text(frame)
+            ws.transport.write(b"".join(ws.protocol.data_to_send()))
+        for seq in self.seqs:
+            if connection.sent(seq):
+                metrics.EVENTS_RESENT.inc()
+        self.frames, self.seqs, self.size = [], [], 0
 
 
 class ConnectorFatalError(Exception):
@@ -404,6 +436,10 @@ class WebSocketConnector(SupervisorConnector):
                     log.warning("switchboard is closing the connection: %s (%d)", reason, code)
                     self._retry_after = wait
 
+    def _window_shut(self, size: int) -> bool:
+        """Whether a frame of `size` bytes must wait for acknowledgements first."""
+        return self._in_flight > 0 and self._in_flight + size > self._send_window
+
     async def _write_loop(self, ws: ClientConnection, connection: Connection) -> None:
         while True:
             batch = connection.outgoing(64)
@@ -411,17 +447,25 @@ class WebSocketConnector(SupervisorConnector):
                 self._new_event.clear()
                 await self._new_event.wait()
                 continue
+            # What may go now goes in one write (a short run's events: one segment, so
+            # the switchboard reads and stores them together); a write waits for the
+            # window only once what came before it has gone.
+            write = _Write()
             for seq, frame in batch:
+                if write.size and write.size + len(frame) > WRITE_BYTES:
+                    await write.send(ws, connection)
                 if seq is None:  # a StatusReply: not an event, not in the send window
-                    await ws.send(frame, text=True)
+                    write.add(None, frame)
                     continue
-                while self._in_flight > 0 and self._in_flight + len(frame) > self._send_window:
+                while self._window_shut(len(frame)):
+                    await write.send(ws, connection)
+                    if not self._window_shut(len(frame)):
+                        break
                     self._window_open.clear()
                     await self._window_open.wait()
-                await ws.send(frame, text=True)
+                write.add(seq, frame)
                 self._in_flight += len(frame)
-                if connection.sent(seq):
-                    metrics.EVENTS_RESENT.inc()
+            await write.send(ws, connection)
 
     async def _heartbeat_loop(
         self,
