@@ -120,6 +120,14 @@ class JobWaiters:
         by_id = {job.id: job for job in jobs}
         self._wake(by_id, by_id)
 
+    def _unanswered(self) -> frozenset[str]:
+        """The jobs some request still waits for (not woken yet)."""
+        return frozenset(
+            job_id
+            for job_id, futures in self._waiting.items()
+            if any(not future.done() for future in futures)
+        )
+
     def _wake(self, job_ids: Iterable[str], ended: Ended = _NOTHING) -> None:
         """Wake the requests waiting for any of the jobs; each gets `ended` (those of
         them it waits for are what it answers with)."""
@@ -155,7 +163,9 @@ class JobWaiters:
             # The changes and the waited-for jobs among them that ended, in one read: who
             # waits is taken now; those who come while it reads are looked up after it,
             # else an ending read here would pass them by.
-            after, wanted = self._rev, frozenset(self._waiting)
+            # (A job whose waiters are all answered, by a write that ended it, is not read
+            # again: they leave once their handlers run.)
+            after, wanted = self._rev, self._unanswered()
 
             def among(changes: list[JobChange]) -> list[str]:
                 if changes[0].rev > after + 1:  # the log was pruned past the mark
@@ -171,8 +181,9 @@ class JobWaiters:
             self._wake({c.job_id for c in changes if c.deleted})
             rev = changes[-1].rev
             # Waiters that came during the read, for jobs among the changes: looked up now.
+            unanswered = self._unanswered()
             candidates = list(
-                {c.job_id for c in changes if c.job_id in self._waiting and c.job_id not in wanted}
+                {c.job_id for c in changes if c.job_id in unanswered and c.job_id not in wanted}
             )
         for start in range(0, len(candidates), LOOKUP_CHUNK):
             chunk = candidates[start : start + LOOKUP_CHUNK]
