@@ -61,6 +61,8 @@ class JobWaiters:
         self._rev: int | None = None
         self._wanted = asyncio.Event()
         self.closed = False
+        #: Jobs writes found ended since the last wake they gave (see found_ended).
+        self._found: dict[str, JobView] = {}
 
     @property
     def count(self) -> int:
@@ -116,9 +118,17 @@ class JobWaiters:
 
     def found_ended(self, jobs: list[JobView]) -> None:
         """Jobs that a write just stored as ended, read by it: their waiters answer with
-        them now (the pass over the change log that follows finds them answered)."""
-        by_id = {job.id: job for job in jobs}
-        self._wake(by_id, by_id)
+        them (the pass over the change log that follows finds them answered). Woken on
+        the loop's next turn, with those of the other writes committed in the same group
+        (their acknowledgements run in one turn): a request waiting for many jobs answers
+        once with all of them, not once per supervisor's batch."""
+        if not self._found:
+            asyncio.get_running_loop().call_soon(self._wake_found)
+        self._found.update((job.id, job) for job in jobs)
+
+    def _wake_found(self) -> None:
+        found, self._found = self._found, {}
+        self._wake(found, found)
 
     def _unanswered(self) -> frozenset[str]:
         """The jobs some request still waits for (not woken yet)."""

@@ -59,8 +59,17 @@ async def test_endings_a_write_read_wake_their_waiters_with_them(store, waiters)
         # the change log has nothing to wake it for).
         job = await store.get_job_detail("a")
         waiters.found_ended([job])
+        await asyncio.sleep(0)  # on the loop's next turn, with those of the same group
         assert woken.done() and woken.result() == {"a": job}
     assert not waiters.is_waited("a")
+    # Two writes of one group: a request waiting for both jobs is woken once, with both.
+    with waiters.registered(["a", "b"]) as woken:
+        jobs = [await store.get_job_detail(job_id) for job_id in ("a", "b")]
+        waiters.found_ended(jobs[:1])
+        waiters.found_ended(jobs[1:])
+        assert not woken.done()
+        await asyncio.sleep(0)
+        assert woken.result() == {"a": jobs[0], "b": jobs[1]}
 
 
 async def test_an_ending_stored_before_the_watch_started_is_found(store, waiters):
