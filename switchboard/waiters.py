@@ -185,9 +185,9 @@ class JobWaiters:
             changes, ended = await self.store.ended_among_changes(after, CHANGES_PER_PASS, among)
             if not changes:
                 return
-            # A deleted job's request answers 404 (or leaves it out of a list).
             by_id = {job.id: job for job in ended}
             self._wake(by_id, by_id)
+            # A deleted job's request answers 404 (or leaves it out of a list).
             self._wake({c.job_id for c in changes if c.deleted})
             rev = changes[-1].rev
             # Waiters that came during the read, for jobs among the changes: looked up now.
